@@ -1,0 +1,113 @@
+"""Flags -> Settings, and the composition root: the only place objects are wired together."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from qwen3vl_webui.config import ATTENTION, DEFAULT_MODEL, PRECISIONS, Settings, SettingsError, env_default, env_name
+from qwen3vl_webui.config import rule_help as _rule
+
+log = logging.getLogger("qwen3vl_webui")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = Settings.__dataclass_fields__
+    p = argparse.ArgumentParser(
+        prog="python app.py",
+        description="Qwen3-VL chat in the browser on one GPU. Every flag can also be set as an environment "
+        "variable QWEN3VL_<NAME> (e.g. QWEN3VL_PRECISION=int4).",
+    )
+
+    def add(flag: str, name: str, help_text: str, **kw: Any) -> None:
+        default = env_default(name, d[name].default)
+        p.add_argument(flag, dest=name, default=default, help=f"{help_text} [env {env_name(name)}; default {default}]", **kw)
+
+    add("--model", "model", f"Hugging Face id or local directory of a Qwen3-VL checkpoint (default {DEFAULT_MODEL})")
+    add("--precision", "precision", _rule("precision"), choices=PRECISIONS)
+    add("--device", "device", "auto, cpu, cuda or cuda:N")
+    add("--attn", "attn", _rule("attn"), choices=ATTENTION)
+    add("--max-concurrency", "max_concurrency", _rule("max_concurrency"), type=int, metavar="N")
+    add("--queue-size", "queue_size", _rule("queue_size"), type=int, metavar="M")
+    add("--max-context", "max_context", _rule("max_context"), type=int, metavar="TOKENS")
+    add("--max-new-tokens", "max_new_tokens", _rule("max_new_tokens"), type=int, metavar="TOKENS")
+    add("--max-files-per-turn", "max_files_per_turn", _rule("max_files_per_turn"), type=int, metavar="N")
+    add("--max-file-mb", "max_file_mb", _rule("max_file_mb"), type=int, metavar="MB")
+    add("--host", "host", "address to listen on (0.0.0.0 for the LAN / containers)")
+    add("--port", "port", _rule("port"), type=int)
+    add("--share", "share", "also open a public gradio.live link", action="store_true")
+    add("--demo", "demo", "start the built-in tiny random-weight model (offline, no download)", action="store_true")
+    add("--cache-dir", "cache_dir", "where the demo checkpoint is written (default: the temp dir)")
+    return p
+
+
+def parse_settings(argv: list[str] | None = None) -> Settings:
+    """Flags and env vars -> Settings; a bad value exits with code 2 and one line naming the valid range."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return Settings(**vars(args))
+    except SettingsError as exc:
+        parser.exit(2, f"error: {exc}\n")
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class App:
+    """Everything `main` starts: the gradio Blocks and the service behind it."""
+
+    demo: Any
+    service: Any
+    settings: Settings
+
+    def launch(self, **overrides: Any) -> Any:
+        from qwen3vl_webui.ui.layout import ASSETS
+
+        s = self.settings
+        self.demo.queue(max_size=s.queue_size, default_concurrency_limit=s.max_concurrency)
+        kwargs: dict[str, Any] = dict(
+            server_name=s.host,
+            server_port=s.port,
+            share=s.share,
+            max_file_size=s.max_file_mb * 1024 * 1024,
+            css_paths=[ASSETS / "style.css"],
+            allowed_paths=[str(ASSETS)],
+            show_error=True,
+        )
+        kwargs.update(overrides)
+        return self.demo.launch(**kwargs)
+
+
+def build_app(settings: Settings, load: bool = True) -> App:
+    """The composition root: scheduler, model manager, service, handlers, UI."""
+    from qwen3vl_webui.engine.manager import ModelManager
+    from qwen3vl_webui.engine.scheduler import Scheduler
+    from qwen3vl_webui.engine.service import ChatService
+    from qwen3vl_webui.telemetry import GenerationStats, GpuProbe
+    from qwen3vl_webui.ui.handlers import Handlers
+    from qwen3vl_webui.ui.layout import build_demo
+
+    scheduler = Scheduler(settings.max_concurrency, settings.queue_size)
+    manager = ModelManager(
+        settings.model, settings.precision, settings.device, settings.attn, scheduler, demo_dir=settings.cache_dir
+    )
+    service = ChatService(manager, scheduler, GenerationStats(), GpuProbe())
+    demo = build_demo(Handlers(service, settings), settings)
+    if load:
+        # In the background: the page (with its status line) is up while weights download and load.
+        manager.load_in_background(use_demo=settings.demo)
+    return App(demo=demo, service=service, settings=settings)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = parse_settings(argv)
+    try:
+        app = build_app(settings)
+    except Exception as exc:  # pragma: no cover - startup failures are printed, not traced
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from exc
+    app.launch()

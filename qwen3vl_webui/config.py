@@ -1,0 +1,102 @@
+"""Settings: defaults, environment variables and validation with errors that name the valid range."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_MODEL = "Qwen/Qwen3-VL-4B-Instruct"
+PRECISIONS = ("auto", "bf16", "fp16", "int8", "int4")
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
+ENV_PREFIX = "QWEN3VL_"
+
+
+class SettingsError(ValueError):
+    """A setting outside its valid range; the message names the setting, the value and the range."""
+
+
+# name -> (valid range or choices, help). The single table that flags, env vars and checks read.
+_RULES: dict[str, tuple[Any, str]] = {
+    "precision": (PRECISIONS, "weights precision; auto picks the best that fits the free VRAM (CPU: fp32)"),
+    "attn": (ATTENTION, "attention kernel (flash_attention_2 needs the flash-attn package)"),
+    "max_concurrency": ((1, 64), "generations running on the GPU at once"),
+    "queue_size": ((0, 1024), "requests allowed to wait before new ones are refused as busy"),
+    "max_context": ((256, 262144), "prompt + answer tokens per request (bounds KV-cache memory)"),
+    "max_new_tokens": ((1, 32768), "upper bound of the answer-length slider"),
+    "port": ((1, 65535), "HTTP port"),
+    "max_files_per_turn": ((1, 64), "images + videos allowed in one message"),
+    "max_file_mb": ((1, 10240), "largest upload accepted, in MB"),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the app is started with; built once by `cli`, validated in `__post_init__`."""
+
+    model: str = DEFAULT_MODEL
+    precision: str = "auto"
+    device: str = "auto"
+    attn: str = "sdpa"
+    max_concurrency: int = 1
+    queue_size: int = 16
+    max_context: int = 16384
+    max_new_tokens: int = 1024
+    host: str = "127.0.0.1"
+    port: int = 7860
+    share: bool = False
+    demo: bool = False
+    max_files_per_turn: int = 8
+    max_file_mb: int = 200
+    cache_dir: str | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        for name, (rule, _) in _RULES.items():
+            check(name, getattr(self, name), rule)
+        if self.max_new_tokens >= self.max_context:
+            raise SettingsError(
+                f"--max-new-tokens must be below --max-context ({self.max_context}), got {self.max_new_tokens}"
+            )
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise SettingsError(f"--device must be one of auto, cpu, cuda, cuda:N; got {self.device!r}")
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def check(name: str, value: Any, rule: Any) -> None:
+    """Raises SettingsError unless `value` is in `rule` (a tuple of choices or an (lo, hi) int range)."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(rule, tuple) and len(rule) == 2 and all(isinstance(x, int) for x in rule):
+        lo, hi = rule
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise SettingsError(f"{flag} must be an integer from {lo} to {hi}, got {value!r}")
+    elif value not in rule:
+        raise SettingsError(f"{flag} must be one of {', '.join(rule)}; got {value!r}")
+
+
+def rule_help(name: str) -> str:
+    rule, text = _RULES[name]
+    if isinstance(rule, tuple) and len(rule) == 2 and all(isinstance(x, int) for x in rule):
+        return f"{text} ({rule[0]}..{rule[1]})"
+    return text
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def env_default(name: str, default: Any) -> Any:
+    """The environment's value for setting `name` (QWEN3VL_NAME), parsed to the type of `default`."""
+    raw = os.environ.get(env_name(name))
+    if raw is None:
+        return default
+    if isinstance(default, bool):
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(default, int):
+        try:
+            return int(raw)
+        except ValueError:
+            raise SettingsError(f"{env_name(name)} must be an integer, got {raw!r}") from None
+    return raw

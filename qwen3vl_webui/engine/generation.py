@@ -1,0 +1,251 @@
+"""Request -> streamed tokens: prompt building under the context cap, generate thread, stop, stats."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from qwen3vl_webui.conversation import Turn, UserMessage, fit_turns
+from qwen3vl_webui.engine.loading import LoadedModel
+from qwen3vl_webui.media import MediaBudget, MediaError, load_image, load_video, media_kind
+from qwen3vl_webui.telemetry import RequestStats
+
+# Seconds the stream reader waits for the next token before giving up on a dead generate thread.
+TOKEN_TIMEOUT_S = 600.0
+
+
+class RequestError(ValueError):
+    """A request the server refuses; str() is the sentence shown to the user."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 512
+    temperature: float = 0.7
+    top_p: float = 0.8
+    top_k: int = 20
+    repetition_penalty: float = 1.05
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_range("temperature", self.temperature, 0.0, 2.0)
+        _check_range("top_p", self.top_p, 0.01, 1.0)
+        _check_range("top_k", self.top_k, 0, 1000)
+        _check_range("repetition_penalty", self.repetition_penalty, 0.5, 2.0)
+        _check_range("max_new_tokens", self.max_new_tokens, 1, 262144)
+        if self.seed is not None:
+            _check_range("seed", self.seed, 0, 2**32 - 1)
+
+
+def _check_range(name: str, value: float, lo: float, hi: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not lo <= value <= hi:
+        raise RequestError(f"{name} must be between {lo} and {hi}, got {value!r}.")
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    message: UserMessage
+    history: list[Turn] = field(default_factory=list)
+    system_prompt: str = ""
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_context: int = 16384
+    media: MediaBudget = field(default_factory=MediaBudget)
+    max_files_per_turn: int = 8
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    inputs: dict[str, Any]
+    tokens: int
+    text_tokens: int
+    image_tokens: int
+    video_tokens: int
+    turns_dropped: int
+
+
+class _MediaCache:
+    """Decoded media by (path, budget): earlier turns' files are not decoded again on every turn."""
+
+    def __init__(self, size: int = 16) -> None:
+        self._size = size
+        self._items: dict[tuple[str, MediaBudget], Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, path: str, budget: MediaBudget) -> tuple[str, Any]:
+        kind = media_kind(path)
+        key = (path, budget)
+        with self._lock:
+            if key in self._items:
+                self._items[key] = self._items.pop(key)  # most recent last
+                return kind, self._items[key]
+        value = load_image(path, budget) if kind == "image" else load_video(path, budget)
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self._size:
+                self._items.pop(next(iter(self._items)))
+        return kind, value
+
+
+def build_prompt(
+    loaded: LoadedModel, request: ChatRequest, media_cache: _MediaCache | None = None
+) -> PreparedPrompt:
+    """Model inputs for the request, whole old turns dropped (oldest first) to fit the context cap."""
+    cache = media_cache or _MediaCache()
+    budget = request.max_context - request.sampling.max_new_tokens
+    if budget <= 0:
+        raise RequestError(
+            f"max new tokens ({request.sampling.max_new_tokens}) must be below max context ({request.max_context})."
+        )
+    if request.message.is_empty:
+        raise RequestError("The message is empty: type a question or attach an image or video.")
+    if len(request.message.files) > request.max_files_per_turn:
+        raise RequestError(
+            f"{len(request.message.files)} files were attached; at most {request.max_files_per_turn} per message."
+        )
+    turns = [*request.history, Turn(request.message, "")]
+    # Decode the current message's media first: a bad file is reported before any token counting.
+    for path in request.message.files:
+        cache.get(path, request.media)
+
+    def encode(kept: list[Turn]) -> dict[str, Any]:
+        return _encode(loaded.processor, kept, request, cache)
+
+    encoded: dict[str, Any] = {}
+
+    def count(kept: list[Turn]) -> int:
+        encoded["inputs"] = encode(kept)
+        return int(encoded["inputs"]["input_ids"].shape[1])
+
+    kept, tokens = fit_turns(turns, count, budget)
+    if tokens > budget:
+        raise RequestError(
+            f"This message needs {tokens:,} prompt tokens, but max context {request.max_context:,} minus "
+            f"{request.sampling.max_new_tokens:,} new tokens leaves {budget:,}. Shorten it, attach less, "
+            "lower the image/video budget or raise max context."
+        )
+    inputs = encoded["inputs"]
+    ids = inputs["input_ids"][0]
+    config = loaded.model.config
+    image = int((ids == config.image_token_id).sum())
+    video = int((ids == config.video_token_id).sum())
+    return PreparedPrompt(inputs, tokens, tokens - image - video, image, video, len(turns) - len(kept))
+
+
+def _encode(processor: Any, turns: list[Turn], request: ChatRequest, cache: _MediaCache) -> dict[str, Any]:
+    messages: list[dict[str, Any]] = []
+    if request.system_prompt.strip():
+        messages.append({"role": "system", "content": [{"type": "text", "text": request.system_prompt}]})
+    metadata: list[dict[str, Any]] = []
+    for turn in turns:
+        content: list[dict[str, Any]] = []
+        for path in turn.user.files:
+            kind, value = cache.get(path, request.media)
+            if kind == "image":
+                content.append({"type": "image", "image": value})
+            else:
+                content.append({"type": "video", "video": value.frames})
+                metadata.append(dict(value.metadata))
+        if turn.user.text:
+            content.append({"type": "text", "text": turn.user.text})
+        messages.append({"role": "user", "content": content})
+        if turn.assistant:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": turn.assistant}]})
+    kwargs: dict[str, Any] = {
+        "images_kwargs": {"size": {"longest_edge": request.media.max_image_pixels, "shortest_edge": 32 * 32}},
+    }
+    if metadata:
+        kwargs.update(video_metadata=metadata, do_sample_frames=False)
+    return processor.apply_chat_template(
+        messages,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        add_generation_prompt=True,
+        processor_kwargs=kwargs,
+    )
+
+
+def stream_generate(
+    loaded: LoadedModel, prompt: PreparedPrompt, sampling: SamplingParams, cancel: threading.Event
+) -> Iterator[tuple[str, RequestStats | None]]:
+    """Yields (text so far, None) as tokens arrive, then (full text, stats). Closing it stops generation."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+    class _Stop(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            # Checked once per decode step: a stop frees the slot within one step.
+            return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    class _CountingStreamer(TextIteratorStreamer):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.new_tokens = 0
+            self.first_token_at: float | None = None
+            self.last_token_at: float | None = None
+
+        def put(self, value: Any) -> None:
+            if not self.next_tokens_are_prompt:
+                now = time.perf_counter()
+                self.first_token_at = self.first_token_at or now
+                self.last_token_at = now
+                self.new_tokens += int(value.numel())
+            super().put(value)
+
+    processor, model = loaded.processor, loaded.model
+    streamer = _CountingStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=TOKEN_TIMEOUT_S)
+    do_sample = sampling.temperature > 0
+    kwargs: dict[str, Any] = dict(
+        **{k: v.to(model.device) if hasattr(v, "to") else v for k, v in prompt.inputs.items()},
+        max_new_tokens=sampling.max_new_tokens,
+        do_sample=do_sample,
+        repetition_penalty=sampling.repetition_penalty,
+        streamer=streamer,
+        stopping_criteria=StoppingCriteriaList([_Stop()]),
+    )
+    if do_sample:
+        kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+    else:  # greedy: silence the checkpoint's sampling defaults instead of warning about them
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
+            with torch.inference_mode():
+                model.generate(**kwargs)
+        except BaseException as exc:  # reported to the reader below
+            failure.append(exc)
+        finally:
+            streamer.end()  # always unblock the reader, also when generate raised
+
+    started = time.perf_counter()
+    thread = threading.Thread(target=run, name="generate", daemon=True)
+    thread.start()
+    text = ""
+    try:
+        for piece in streamer:
+            if piece:
+                text += piece
+                yield text, None
+        thread.join()
+        if failure:
+            raise failure[0]
+        first = streamer.first_token_at or time.perf_counter()
+        stats = RequestStats(
+            prompt_text_tokens=prompt.text_tokens,
+            prompt_image_tokens=prompt.image_tokens,
+            prompt_video_tokens=prompt.video_tokens,
+            new_tokens=streamer.new_tokens,
+            ttft_s=first - started,
+            decode_s=(streamer.last_token_at or first) - first,
+        )
+        yield text, stats
+    finally:
+        cancel.set()
+        thread.join()

@@ -1,0 +1,175 @@
+"""Model + processor loading, precision (bitsandbytes configs), device choice, unloading."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Modules kept in 16-bit when quantizing. transformers replaces its defaults with this list, and
+# "visual" alone would still match nothing under model.visual's Linear names; see FACTS.md.
+SKIP_QUANTIZATION = ["model.visual", "lm_head"]
+PRECISION_LABELS = {
+    "int4": "INT4 (bitsandbytes nf4, bf16 compute)",
+    "int8": "INT8 (bitsandbytes LLM.int8, fp16 compute)",
+    "bf16": "BF16",
+    "fp16": "FP16",
+    "fp32": "FP32 (CPU)",
+}
+
+
+class ModelUnavailable(RuntimeError):
+    """The model could not be fetched or found; the message is one plain sentence."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: Any
+    processor: Any
+    precision: str
+    device: str
+    source: str
+    load_seconds: float
+    weights_bytes: int
+    is_demo: bool
+
+    @property
+    def label(self) -> str:
+        return PRECISION_LABELS.get(self.precision, self.precision)
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelUnavailable(f"--device {requested} was asked for, but no CUDA GPU is visible.")
+    return requested
+
+
+def compute_dtype(precision: str, device: str) -> Any:
+    """The dtype of unquantized weights and activations for `precision` on `device`."""
+    import torch
+
+    if precision == "int8":
+        return torch.float16  # LLM.int8 casts activations to fp16 anyway (one warning per layer otherwise)
+    if precision == "fp16":
+        return torch.float16
+    if precision == "fp32":
+        return torch.float32
+    return torch.bfloat16
+
+
+def quantization_config(precision: str, device: str) -> Any | None:
+    """The BitsAndBytesConfig for int4/int8, None for 16/32-bit."""
+    if precision not in ("int4", "int8"):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if precision == "int4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",  # transformers' default is fp4
+            bnb_4bit_compute_dtype=compute_dtype("int4", device),  # default would be float32
+            bnb_4bit_use_double_quant=True,
+            llm_int8_skip_modules=SKIP_QUANTIZATION,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=SKIP_QUANTIZATION)
+
+
+def locate_checkpoint(source: str, progress: Callable[[str], None] | None = None) -> Path:
+    """A local directory holding `source`: the path itself, the HF cache, or a fresh download."""
+    if Path(source).is_dir():
+        return Path(source)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"]
+    try:
+        return Path(snapshot_download(source, allow_patterns=patterns, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    if progress:
+        progress(f"Downloading {source} from the Hugging Face Hub…")
+    try:
+        return Path(snapshot_download(source, allow_patterns=patterns, tqdm_class=_progress_tqdm(progress)))
+    except Exception as exc:  # offline, DNS, 401/404: one sentence for the user, the detail in the log
+        log.info("download of %s failed: %r", source, exc)
+        raise ModelUnavailable(
+            f"Could not download {source} (no internet connection or no cached copy), so the demo model starts instead."
+        ) from exc
+
+
+def _progress_tqdm(progress: Callable[[str], None] | None) -> Any:
+    """A tqdm class that also reports byte progress to `progress` (the UI status line)."""
+    from tqdm.auto import tqdm
+
+    class _Reporting(tqdm):  # type: ignore[misc,valid-type]
+        def update(self, n: float | None = 1) -> bool | None:
+            out = super().update(n)
+            if progress and self.total:
+                progress(f"Downloading model: {self.n / 1e9:.2f} / {self.total / 1e9:.2f} GB")
+            return out
+
+    return _Reporting
+
+
+def load_model(
+    source: str,
+    precision: str,
+    device: str,
+    attn: str = "sdpa",
+    progress: Callable[[str], None] | None = None,
+) -> LoadedModel:
+    """Loads processor + model exactly as for the real checkpoint (also for the tiny demo one)."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from qwen3vl_webui.testing.tiny_model import is_demo_checkpoint
+
+    path = locate_checkpoint(source, progress)
+    if precision in ("int4", "int8"):
+        import bitsandbytes  # noqa: F401  (fail here with a clear ImportError, not deep inside transformers)
+    if progress:
+        progress(f"Loading {source} in {PRECISION_LABELS.get(precision, precision)} on {device}…")
+    started = time.perf_counter()
+    processor = AutoProcessor.from_pretrained(path)
+    quant = quantization_config(precision, device)
+    model = AutoModelForImageTextToText.from_pretrained(
+        path,
+        dtype=compute_dtype(precision, device),
+        quantization_config=quant,
+        attn_implementation=attn,
+        device_map={"": device} if quant is not None else None,
+    )
+    if quant is None:
+        model.to(device)
+    model.eval()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return LoadedModel(
+        model=model,
+        processor=processor,
+        precision=precision,
+        device=device,
+        source=source,
+        load_seconds=time.perf_counter() - started,
+        weights_bytes=model.get_memory_footprint(),
+        is_demo=is_demo_checkpoint(path),
+    )
+
+
+def release_cached_memory() -> None:
+    """Returns cached GPU memory to the driver once the caller has dropped its references."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

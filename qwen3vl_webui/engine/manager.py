@@ -1,0 +1,197 @@
+"""Owns the loaded model: first load (with demo fallback), precision switch, memory release."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from qwen3vl_webui.engine import loading
+from qwen3vl_webui.engine.loading import LoadedModel, ModelUnavailable
+from qwen3vl_webui.engine.scheduler import Scheduler
+from qwen3vl_webui.telemetry import format_bytes
+
+log = logging.getLogger(__name__)
+
+# Fraction of free VRAM a new precision's weights may take; the rest is for KV cache and activations.
+_SWITCH_HEADROOM = 0.9
+
+
+class SwitchRefused(RuntimeError):
+    """The new precision does not fit (or cannot load); the old model stays loaded."""
+
+
+@dataclass(frozen=True)
+class SwitchReport:
+    old: str
+    new: str
+    vram_before: int
+    vram_after: int
+    seconds: float
+
+    def describe(self) -> str:
+        if self.old == self.new:
+            return f"Already loaded in {self.new}."
+        return (
+            f"Switched {self.old} → {self.new} in {self.seconds:.1f} s; GPU memory in use "
+            f"{format_bytes(self.vram_before)} → {format_bytes(self.vram_after)}."
+        )
+
+
+class ModelManager:
+    """The one place that loads and unloads; readers get the current `LoadedModel` via `current()`."""
+
+    def __init__(
+        self, source: str, precision: str, device: str, attn: str, scheduler: Scheduler, demo_dir: str | None = None
+    ) -> None:
+        self.source = source
+        self.requested_precision = precision
+        self.device_request = device
+        self.attn = attn
+        self.scheduler = scheduler
+        self.demo_dir = demo_dir
+        self.status = "starting"
+        self.notice = ""  # one sentence shown above the chat, e.g. why the demo model runs
+        self._loaded: LoadedModel | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    # -- first load -------------------------------------------------------------------------
+    def load_in_background(self, use_demo: bool) -> threading.Thread:
+        thread = threading.Thread(target=self.load, args=(use_demo,), name="model-load", daemon=True)
+        thread.start()
+        return thread
+
+    def load(self, use_demo: bool = False) -> LoadedModel:
+        try:
+            device = loading.resolve_device(self.device_request)
+            if use_demo:
+                return self._load_demo(device)
+            try:
+                precision = self.resolve_precision(device)
+                return self._set(loading.load_model(self.source, precision, device, self.attn, self._progress))
+            except ModelUnavailable as exc:
+                self.notice = str(exc)
+                log.warning("%s", exc)
+                return self._load_demo(device)
+        except BaseException as exc:
+            self._error = exc
+            self.status = f"Model failed to load: {exc}"
+            self._ready.set()
+            raise
+
+    def _load_demo(self, device: str) -> LoadedModel:
+        from qwen3vl_webui.testing.tiny_model import ensure_demo_checkpoint
+
+        self._progress("Writing the demo model (random weights)…")
+        path = ensure_demo_checkpoint(self.demo_dir)
+        precision = self.requested_precision
+        if precision == "auto":
+            precision = "fp32" if device == "cpu" else "bf16"
+        return self._set(loading.load_model(str(path), precision, device, self.attn, self._progress))
+
+    def _set(self, loaded: LoadedModel) -> LoadedModel:
+        self._loaded = loaded
+        self.status = f"Ready: {loaded.source} · {loaded.label} on {loaded.device} · loaded in {loaded.load_seconds:.1f} s"
+        self._ready.set()
+        log.info("%s", self.status)
+        return loaded
+
+    def _progress(self, message: str) -> None:
+        self.status = message
+        log.info("%s", message)
+
+    def resolve_precision(self, device: str) -> str:
+        """`auto`: bf16 when it fits the free VRAM with room for the cache, else int8, else int4."""
+        if self.requested_precision != "auto":
+            return self.requested_precision
+        if device == "cpu":
+            return "fp32"
+        from qwen3vl_webui import planner
+
+        free = _free_vram(device)
+        shape = planner.ModelShape.qwen3vl_4b()
+        for precision in ("bf16", "int8", "int4"):
+            if planner.weight_bytes(shape, precision) < free * 0.75:
+                return precision
+        return "int4"
+
+    # -- readers ----------------------------------------------------------------------------
+    def wait_ready(self, timeout: float | None = None) -> LoadedModel:
+        if not self._ready.wait(timeout):
+            raise TimeoutError("The model is still loading; try again in a moment.")
+        if self._loaded is None:
+            raise RuntimeError(self.status)
+        return self._loaded
+
+    def current(self) -> LoadedModel | None:
+        return self._loaded
+
+    # -- switching --------------------------------------------------------------------------
+    def switch(self, precision: str, timeout: float | None = 600.0) -> SwitchReport:
+        """Waits for running generations, unloads, frees VRAM, reloads; refuses when it won't fit."""
+        old = self.wait_ready(timeout)
+        if precision == "auto":
+            precision = self.resolve_precision(old.device)
+        if precision == old.precision:
+            used = _used_vram(old.device)
+            return SwitchReport(old.precision, precision, used, used, 0.0)
+        if precision in ("int4", "int8"):
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError as exc:
+                raise SwitchRefused(f"{precision} needs the bitsandbytes package, which is not installed.") from exc
+        self._check_fits(old, precision)
+        previous = old.precision
+        started = time.perf_counter()
+        with self.scheduler.exclusive(timeout):
+            before = _used_vram(old.device)
+            self.status = f"Switching to {precision}: unloading {old.precision}…"
+            source, device = old.source, old.device
+            self._loaded = None
+            del old
+            loading.release_cached_memory()
+            try:
+                loaded = loading.load_model(source, precision, device, self.attn, self._progress)
+            except Exception as exc:
+                log.exception("switch to %s failed; reloading the previous precision", precision)
+                loading.release_cached_memory()
+                self._set(loading.load_model(source, previous, device, self.attn, self._progress))
+                raise SwitchRefused(f"Loading {precision} failed ({exc}); kept {previous}.") from exc
+            self._set(loaded)
+            return SwitchReport(previous, precision, before, _used_vram(device), time.perf_counter() - started)
+
+    def _check_fits(self, old: LoadedModel, precision: str) -> None:
+        if not old.device.startswith("cuda"):
+            return
+        from qwen3vl_webui import planner
+
+        shape = planner.ModelShape.from_config(old.model.config)
+        need = planner.weight_bytes(shape, precision)
+        # The old weights are freed before the new ones load, so they count as available.
+        available = _free_vram(old.device) + old.weights_bytes
+        if need > available * _SWITCH_HEADROOM:
+            raise SwitchRefused(
+                f"{precision} needs about {format_bytes(need)} for weights, but only {format_bytes(available)} "
+                f"would be free; kept {old.precision}."
+            )
+
+    def release_memory(self) -> None:
+        loading.release_cached_memory()
+
+
+def _free_vram(device: str) -> int:
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return int(free)
+
+
+def _used_vram(device: str) -> int:
+    import torch
+
+    if not device.startswith("cuda"):
+        return 0
+    free, total = torch.cuda.mem_get_info(torch.device(device))
+    return int(total - free)

@@ -1,0 +1,120 @@
+"""The gradio Blocks: chat, budget sliders, precision switch, live panel; one concurrency id for GPU work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from qwen3vl_webui.config import Settings
+from qwen3vl_webui.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from qwen3vl_webui.ui.handlers import Handlers
+from qwen3vl_webui.zerogpu import gpu_function
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+GPU_CONCURRENCY_ID = "gpu"
+PRECISION_CHOICES = [("INT4 (nf4)", "int4"), ("INT8 (LLM.int8)", "int8"), ("BF16", "bf16"), ("FP16", "fp16")]
+
+
+def build_demo(handlers: Handlers, settings: Settings) -> gr.Blocks:
+    with gr.Blocks(title="Qwen3-VL WebUI", fill_height=True) as demo:
+        gr.Markdown("## Qwen3-VL WebUI", elem_id="title")
+        status = gr.Markdown("Starting…", elem_id="status")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=2, min_width=320, elem_id="side"):
+                panel = gr.Markdown("", elem_id="panel")
+                inputs, estimate = _budget_controls(settings)
+                sampling = _sampling_controls()
+                _precision_controls(handlers)
+            with gr.Column(scale=3, min_width=420):
+                chatbot = gr.Chatbot(label="Chat", elem_id="chatbot", height=560, buttons=["copy"])
+                textbox = gr.MultimodalTextbox(
+                    file_types=[*IMAGE_EXTENSIONS, *VIDEO_EXTENSIONS],
+                    file_count="multiple",
+                    placeholder="Ask about an image or a video, or just chat…",
+                    sources=["upload"],
+                    elem_id="message",
+                    max_plain_text_length=100_000,
+                )
+                chat = gr.ChatInterface(
+                    fn=gpu_function(handlers.chat),
+                    multimodal=True,
+                    chatbot=chatbot,
+                    textbox=textbox,
+                    additional_inputs=[*sampling, *inputs],
+                    api_name="chat",
+                    api_description="Chat with Qwen3-VL. message = {'text': str, 'files': [file, ...]}; "
+                    "the client keeps the history between calls.",
+                    concurrency_limit=settings.max_concurrency,
+                    fill_height=True,
+                )
+                gr.Examples(
+                    examples=[
+                        [{"text": "Describe this image.", "files": [str(ASSETS / "example.png")]}],
+                        [{"text": "What happens in this video?", "files": [str(ASSETS / "example.mp4")]}],
+                    ],
+                    inputs=[textbox],
+                    label="Examples",
+                )
+        _share_gpu_concurrency(demo, chat, settings.max_concurrency)
+        chatbot.clear(handlers.clear, queue=False, api_visibility="private")
+        for control in inputs:
+            control.change(handlers.estimate, inputs=inputs, outputs=estimate, queue=False, api_visibility="private")
+        timer = gr.Timer(1.0)
+        timer.tick(handlers.panel, outputs=[panel, status], queue=False, api_visibility="private")
+        demo.load(handlers.panel, outputs=[panel, status], queue=False, api_visibility="private")
+        demo.load(handlers.estimate, inputs=inputs, outputs=estimate, queue=False, api_visibility="private")
+    return demo
+
+
+def _budget_controls(settings: Settings) -> tuple[list[Any], gr.Markdown]:
+    with gr.Accordion("Context & media budget", open=True, elem_id="budget"):
+        max_context = gr.Slider(
+            256, settings.max_context, value=settings.max_context, step=256, label="Max context (tokens)",
+            info="Prompt + answer; older turns are dropped, oldest first, to fit.", elem_id="max-context",
+        )  # fmt: skip
+        max_new = gr.Slider(
+            16, settings.max_new_tokens, value=min(512, settings.max_new_tokens), step=16, label="Max new tokens",
+            elem_id="max-new-tokens",
+        )  # fmt: skip
+        image_mp = gr.Slider(0.05, 4.0, value=0.92, step=0.01, label="Max pixels per image (MP)", elem_id="image-mp")
+        fps = gr.Slider(0.25, 4.0, value=2.0, step=0.25, label="Video sampling (fps)", elem_id="video-fps")
+        frames = gr.Slider(2, 128, value=32, step=2, label="Max video frames", elem_id="video-frames")
+        video_mp = gr.Slider(0.5, 32.0, value=7.4, step=0.1, label="Total video pixels (MP)", elem_id="video-mp")
+        estimate = gr.Markdown("", elem_id="estimate")
+    return [max_context, max_new, image_mp, fps, frames, video_mp], estimate
+
+
+def _sampling_controls() -> list[Any]:
+    with gr.Accordion("Sampling & system prompt", open=False):
+        system = gr.Textbox("", label="System prompt", lines=2)
+        temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature (0 = greedy)")
+        top_p = gr.Slider(0.01, 1.0, value=0.8, step=0.01, label="Top-p")
+        top_k = gr.Slider(0, 200, value=20, step=1, label="Top-k (0 = off)")
+        repetition = gr.Slider(0.5, 2.0, value=1.05, step=0.01, label="Repetition penalty")
+        seed = gr.Number(-1, label="Seed (-1 = random)", precision=0)
+    return [system, temperature, top_p, top_k, repetition, seed]
+
+
+def _precision_controls(handlers: Handlers) -> None:
+    with gr.Accordion("Precision", open=False):
+        choice = gr.Dropdown(PRECISION_CHOICES, value="int4", label="Reload the model in", elem_id="precision")
+        apply = gr.Button("Switch precision", elem_id="switch-precision")
+        result = gr.Markdown("")
+    apply.click(
+        handlers.switch, inputs=choice, outputs=result, concurrency_id=GPU_CONCURRENCY_ID, api_name="switch_precision"
+    )
+
+
+def _share_gpu_concurrency(demo: gr.Blocks, chat: gr.ChatInterface, limit: int) -> None:
+    """Puts every event that runs the chat function into one concurrency group.
+
+    ChatInterface gives its UI event and its /chat API event separate groups of `limit` each,
+    which would let 2 × limit generations run at once; one shared id makes the limit global.
+    """
+    for fn in demo.fns.values():
+        if getattr(fn, "concurrency_id", None) == GPU_CONCURRENCY_ID or fn.name in ("_submit_fn", "_stream_fn", "chat"):
+            fn.concurrency_id = GPU_CONCURRENCY_ID
+            fn.concurrency_limit = limit
+    del chat

@@ -1,0 +1,71 @@
+"""Formats the engine's plain-data snapshots as Markdown for the live panel (no gradio, no torch)."""
+
+from __future__ import annotations
+
+from qwen3vl_webui.engine.service import PanelSnapshot
+from qwen3vl_webui.telemetry import format_bytes
+
+DEMO_BANNER = "**demo model: random weights** — answers are gibberish; the app, queue and panel are real."
+
+
+def _opt(value: float | None, fmt: str, unit: str = "") -> str:
+    return "—" if value is None else f"{value:{fmt}}{unit}"
+
+
+def format_panel(snap: PanelSnapshot) -> str:
+    rows: list[tuple[str, str]] = []
+    if snap.gpu is not None:
+        g = snap.gpu
+        rows += [
+            ("GPU", f"{g.name} (#{g.index})"),
+            ("VRAM (NVML)", f"{format_bytes(g.memory_used)} / {format_bytes(g.memory_total)}"),
+            (
+                "this process (torch)",
+                f"alloc {format_bytes(g.torch_allocated)} · reserved {format_bytes(g.torch_reserved)} · "
+                f"peak {format_bytes(g.torch_peak)}",
+            ),
+            (
+                "util · temp · power",
+                f"{_opt(g.utilization_pct, '.0f', '%')} · {_opt(g.temperature_c, '.0f', ' °C')} · "
+                f"{_opt(g.power_w, '.0f', ' W')}",
+            ),
+        ]
+    else:
+        rows.append(("GPU", f"no GPU ({snap.gpu_reason})" if snap.gpu_reason else "no GPU"))
+    s = snap.system
+    rows += [
+        ("CPU · RAM", f"{s.cpu_pct:.0f}% · {format_bytes(s.ram_used)} / {format_bytes(s.ram_total)}"),
+        ("process RSS", format_bytes(s.process_rss)),
+        ("precision", f"{snap.precision or 'loading…'}" + (f" on {snap.device}" if snap.device else "")),
+        (
+            "jobs",
+            f"{snap.queue.running} running / {snap.queue.max_concurrency} slots · {snap.queue.waiting} waiting",
+        ),
+    ]
+    last = snap.last
+    if last is not None:
+        rows += [
+            ("last answer", f"{last.new_tokens} tokens · {last.tokens_per_s:.1f} tok/s · TTFT {last.ttft_s:.2f} s"),
+            (
+                "last prompt",
+                f"{last.prompt_tokens:,} tokens = {last.prompt_text_tokens:,} text + "
+                f"{last.prompt_image_tokens:,} image + {last.prompt_video_tokens:,} video",
+            ),
+            (
+                f"average of {min(snap.requests, 20)}",
+                f"{_opt(snap.rolling_tokens_per_s, '.1f', ' tok/s')} · TTFT {_opt(snap.rolling_ttft_s, '.2f', ' s')}",
+            ),
+        ]
+    else:
+        rows.append(("last answer", "no request yet"))
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return "| | |\n|---|---|\n" + table
+
+
+def format_status(snap: PanelSnapshot) -> str:
+    lines = [f"<span id='model-status'>{snap.status}</span>"]
+    if snap.notice:
+        lines.append(snap.notice)
+    if snap.is_demo:
+        lines.append(DEMO_BANNER)
+    return "  \n".join(lines)
