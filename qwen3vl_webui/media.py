@@ -40,7 +40,10 @@ _FRAMES_FILE = "frames.npy"
 
 
 class MediaError(ValueError):
-    """A user-facing problem with an uploaded file; str() is one plain sentence naming the file (basename only)."""
+    """A user-facing problem with an uploaded file.
+
+    str() is one plain sentence naming the file (basename only).
+    """
 
 
 class _UnusableVideo(Exception):
@@ -65,7 +68,9 @@ class MediaBudget:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"MediaBudget.{f.name} must be a positive number, got {value!r}")
         if self.video_max_frames < 2:
-            raise ValueError(f"MediaBudget.video_max_frames must be >= 2, got {self.video_max_frames}")
+            raise ValueError(
+                f"MediaBudget.video_max_frames must be >= 2, got {self.video_max_frames}"
+            )
         if self.video_total_pixels < 2 * _MIN_SIDE * _MIN_SIDE:
             raise ValueError(
                 f"MediaBudget.video_total_pixels must be >= {2 * _MIN_SIDE * _MIN_SIDE} "
@@ -100,7 +105,7 @@ def media_kind(path: str) -> str:
 
 
 def describe_budget(budget: MediaBudget) -> str:
-    """One line for the UI, e.g. 'images ≤ 0.9 MP · video 2 fps, ≤ 32 frames, ≤ 7.4 MP total'."""
+    """One line for the UI: 'images ≤ 0.9 MP · video 2 fps, ≤ 32 frames, ≤ 7.4 MP total'."""
     return (
         f"images ≤ {_megapixels(budget.max_image_pixels)} MP · video {budget.video_fps:g} fps, "
         f"≤ {budget.frame_cap} frames, ≤ {_megapixels(budget.video_total_pixels)} MP total"
@@ -146,7 +151,9 @@ def _check_image_size(size: tuple[int, int], budget: MediaBudget, name: str) -> 
             f"{_megapixels(budget.max_image_source_pixels)} MP)."
         )
     if max(width, height) > _MAX_ASPECT * min(width, height):
-        raise MediaError(f"{name} is too narrow ({width}×{height} pixels; at most 1:{_MAX_ASPECT}).")
+        raise MediaError(
+            f"{name} is too narrow ({width}×{height} pixels; at most 1:{_MAX_ASPECT})."
+        )
 
 
 def _flatten_to_rgb(im: Image.Image) -> Image.Image:
@@ -197,6 +204,7 @@ def _run_decoder(path: str, budget: MediaBudget, workdir: str, name: str) -> dic
         "fps": budget.video_fps,
         "frame_cap": budget.frame_cap,
         "total_pixels": budget.video_total_pixels,
+        "frame_pixels": budget.max_image_pixels,
         "memory_bytes": budget.video_memory_bytes,
     }
     bootstrap = (
@@ -206,13 +214,22 @@ def _run_decoder(path: str, budget: MediaBudget, workdir: str, name: str) -> dic
         "m._child_main(sys.argv[2])\n"
     )
     # One BLAS thread and two malloc arenas: per-thread reservations would eat RLIMIT_AS.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MALLOC_ARENA_MAX": "2",
+    }
     log_path = os.path.join(workdir, "child.log")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-c", bootstrap, os.path.abspath(__file__), json.dumps(job)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-            cwd=workdir, env=env, start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            cwd=workdir,
+            env=env,
+            start_new_session=True,
         )
     try:
         returncode = proc.wait(timeout=budget.video_timeout_s)
@@ -265,7 +282,9 @@ def _read_clip(workdir: str, result: dict[str, Any], budget: MediaBudget, name: 
     t = frames.shape[0] if frames.ndim == 4 else 0
     ok = (
         frames.dtype == np.uint8
-        and t >= 2 and t % 2 == 0 and frames.shape[3] == 3
+        and t >= 2
+        and t % 2 == 0
+        and frames.shape[3] == 3
         and frames[0, :, :, 0].size * t <= budget.video_total_pixels
         and len(result["metadata"]["frames_indices"]) == t
     )
@@ -310,6 +329,8 @@ def _plain_error(exc: Exception) -> str:
     if isinstance(exc, _UnusableVideo):
         return text
     if type(exc).__module__.startswith("av."):  # FFmpegError; its str() holds the server path
+        if getattr(exc, "errno", None) in (11, 12):  # EAGAIN (no thread), ENOMEM: RLIMIT_AS hit
+            return "out of memory"
         if type(exc).__name__ == "InvalidDataError":
             return "the file is damaged or not a supported video"
         return (getattr(exc, "strerror", None) or "the decoder reported an error").lower()
@@ -335,7 +356,12 @@ def _decode_video(job: dict[str, Any]) -> dict[str, Any]:
     indices = [min(total - 1, max(0, round((t - start) * fps))) for t, _ in picked]
     indices = [max(indices[: i + 1]) for i in range(len(indices))]  # monotone despite VFR jitter
     np.save(os.path.join(job["workdir"], _FRAMES_FILE), np.stack([a for _, a in picked]))
-    metadata = {"fps": fps, "total_num_frames": total, "frames_indices": indices, "duration": duration}
+    metadata = {
+        "fps": fps,
+        "total_num_frames": total,
+        "frames_indices": indices,
+        "duration": duration,
+    }
     return {"metadata": metadata, "sample_fps": len(picked) / duration}
 
 
@@ -405,7 +431,7 @@ def _decode_planned(container: Any, stream: Any, probe: tuple, job: dict[str, An
             last = _next_frame_at(frames, target - tolerance)
             if last is None:
                 break  # the stream ends before its declared duration (truncated file)
-        size = size or _frame_size(last[1], n, job["total_pixels"])
+        size = size or _frame_size(last[1], n, job)
         picked.append((last[0], _to_rgb_array(last[1], size)))
     return picked
 
@@ -452,7 +478,7 @@ def _decode_blind(container: Any, stream: Any, job: dict[str, Any]) -> tuple[lis
         first = t if first is None else first
         last = t
         if not kept or t >= kept[-1][0] + step:
-            size = size or _frame_size(frame, cap, job["total_pixels"])
+            size = size or _frame_size(frame, cap, job)
             kept.append((t, _to_rgb_array(frame, size)))
             if len(kept) > 2 * cap:  # keep memory bounded: thin out and sample half as often
                 kept, step = kept[::2], step * 2
@@ -468,11 +494,12 @@ def _decode_blind(container: Any, stream: Any, job: dict[str, Any]) -> tuple[lis
     return chosen, (fps, first, duration, decoded)
 
 
-def _frame_size(frame: Any, n: int, total_pixels: int) -> tuple[int, int, int]:
-    """(width, height, quarter turns) for one frame so that n frames fit in total_pixels."""
+def _frame_size(frame: Any, n: int, job: dict[str, Any]) -> tuple[int, int, int]:
+    """(width, height, quarter turns) for one frame so that n frames fit in the pixel budget."""
     turns = round((frame.rotation or 0) / 90) % 4  # phone videos carry a display rotation
     width, height = (frame.height, frame.width) if turns % 2 else (frame.width, frame.height)
-    per_frame = total_pixels // n
+    # A short clip's few frames could each be huge; no frame gets more pixels than an image.
+    per_frame = min(job["total_pixels"] // n, job["frame_pixels"])
     scale = min(1.0, math.sqrt(per_frame / (width * height)))
     w = max(_MIN_SIDE, int(width * scale) // _ALIGN * _ALIGN)
     h = max(_MIN_SIDE, int(height * scale) // _ALIGN * _ALIGN)

@@ -135,7 +135,9 @@ def build_model(config: Any, seed: int = 0, dtype: Any = None, device: str = "cp
     return model.eval()
 
 
-def write_checkpoint(path: str | Path, preset: str = "tiny", seed: int = 0, dtype: str | None = None) -> Path:
+def write_checkpoint(
+    path: str | Path, preset: str = "tiny", seed: int = 0, dtype: str | None = None, device: str = "cpu"
+) -> Path:
     """Writes a loadable checkpoint directory (config, safetensors, tokenizer, processor)."""
     import torch
 
@@ -144,7 +146,7 @@ def write_checkpoint(path: str | Path, preset: str = "tiny", seed: int = 0, dtyp
     tokenizer = build_tokenizer()
     processor = build_processor(tokenizer)
     config = build_config(preset, tokenizer)
-    model = build_model(config, seed=seed, dtype=getattr(torch, dtype) if dtype else None)
+    model = build_model(config, seed=seed, dtype=getattr(torch, dtype) if dtype else None, device=device)
     eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
     model.generation_config.eos_token_id = eos
     model.generation_config.pad_token_id = eos[1]
@@ -186,8 +188,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("path")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default=None, help="e.g. bfloat16 for the 4b preset (default float32)")
+    parser.add_argument("--device", default="cpu", help="where the random weights are made (cuda is faster)")
     args = parser.parse_args(argv)
-    print(write_checkpoint(args.path, args.preset, args.seed))
+    print(write_checkpoint(args.path, args.preset, args.seed, args.dtype, args.device))
 
 
 if __name__ == "__main__":

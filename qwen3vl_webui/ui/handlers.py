@@ -117,10 +117,13 @@ class Handlers:
         snap = self.service.snapshot()
         return format_panel(snap), format_status(snap)
 
-    def estimate(self, max_context: int, image_mp: float, fps: float, frames: int, video_mp: float) -> str:
+    def estimate(
+        self, max_context: int, max_new: int, image_mp: float, fps: float, frames: int, video_mp: float
+    ) -> str:
         del fps  # the frame count, not the rate, bounds a clip's tokens
         try:
-            return self.service.estimate(int(max_context), int(image_mp * MEGA), int(frames), int(video_mp * MEGA))
+            line = self.service.estimate(int(max_context), int(image_mp * MEGA), int(frames), int(video_mp * MEGA))
+            return f"Prompt budget {int(max_context) - int(max_new):,} tokens · {line}"
         except Exception as exc:  # an estimate must never break the page
             return f"(no estimate: {exc})"
 
