@@ -46,13 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_settings(argv: list[str] | None = None) -> Settings:
     """Flags and env vars -> Settings; a bad value exits with code 2 and one line naming the valid range."""
-    parser = build_parser()
     try:
+        parser = build_parser()  # env values are parsed here
         args = parser.parse_args(argv)
         return Settings(**vars(args))
     except SettingsError as exc:
-        parser.exit(2, f"error: {exc}\n")
-    raise AssertionError("unreachable")
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 @dataclass

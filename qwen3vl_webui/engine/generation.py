@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,9 +170,17 @@ def _encode(processor: Any, turns: list[Turn], request: ChatRequest, cache: _Med
 
 
 def stream_generate(
-    loaded: LoadedModel, prompt: PreparedPrompt, sampling: SamplingParams, cancel: threading.Event
+    loaded: LoadedModel,
+    prompt: PreparedPrompt,
+    sampling: SamplingParams,
+    cancel: threading.Event,
+    on_cancel: Callable[[RequestStats], None] | None = None,
 ) -> Iterator[tuple[str, RequestStats | None]]:
-    """Yields (text so far, None) as tokens arrive, then (full text, stats). Closing it stops generation."""
+    """Yields (text so far, None) as tokens arrive, then (full text, stats).
+
+    Closing the iterator (or setting `cancel`) stops generation within one decode step; `on_cancel`
+    then gets the stats of what was generated before the stop.
+    """
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
@@ -225,9 +233,22 @@ def stream_generate(
             streamer.end()  # always unblock the reader, also when generate raised
 
     started = time.perf_counter()
+
+    def stats() -> RequestStats:
+        first = streamer.first_token_at or time.perf_counter()
+        return RequestStats(
+            prompt_text_tokens=prompt.text_tokens,
+            prompt_image_tokens=prompt.image_tokens,
+            prompt_video_tokens=prompt.video_tokens,
+            new_tokens=streamer.new_tokens,
+            ttft_s=first - started,
+            decode_s=(streamer.last_token_at or first) - first,
+        )
+
     thread = threading.Thread(target=run, name="generate", daemon=True)
     thread.start()
     text = ""
+    finished = False
     try:
         for piece in streamer:
             if piece:
@@ -236,16 +257,11 @@ def stream_generate(
         thread.join()
         if failure:
             raise failure[0]
-        first = streamer.first_token_at or time.perf_counter()
-        stats = RequestStats(
-            prompt_text_tokens=prompt.text_tokens,
-            prompt_image_tokens=prompt.image_tokens,
-            prompt_video_tokens=prompt.video_tokens,
-            new_tokens=streamer.new_tokens,
-            ttft_s=first - started,
-            decode_s=(streamer.last_token_at or first) - first,
-        )
-        yield text, stats
+        finished = True
+        yield text, stats()
     finally:
+        stopped_early = not finished and not failure
         cancel.set()
         thread.join()
+        if stopped_early and on_cancel is not None:
+            on_cancel(stats())

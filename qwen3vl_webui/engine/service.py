@@ -56,7 +56,7 @@ class ChatService:
                 prompt = build_prompt(loaded, request, self._media)
             except MediaError as exc:
                 raise RequestError(str(exc)) from exc
-            for text, stats in stream_generate(loaded, prompt, request.sampling, cancel):
+            for text, stats in stream_generate(loaded, prompt, request.sampling, cancel, self.stats.record):
                 if stats is not None:
                     self.stats.record(stats)
                 else:

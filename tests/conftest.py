@@ -1,0 +1,66 @@
+"""Shared fixtures: the tiny real Qwen3-VL checkpoint, loaded models, the app served in-process."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+
+def _free_port() -> int:
+    # Port 0 is not a valid --port value, so ask the OS for a free one and hand it over.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quiet_gradio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    # Uploads land in a per-run folder, and gradio must not phone home from a closed network.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio")))
+        env.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight Qwen3-VL written by the project's generator (real classes, processor, template)."""
+    from qwen3vl_webui.testing.tiny_model import ensure_demo_checkpoint
+
+    return ensure_demo_checkpoint(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_checkpoint: Path) -> Any:
+    """The tiny checkpoint loaded through the app's own loader in fp32 on CPU."""
+    from qwen3vl_webui.engine.loading import load_model
+
+    return load_model(str(tiny_checkpoint), "fp32", "cpu")
+
+
+def start_app(cache_dir: Path, *flags: str) -> tuple[Any, str]:
+    """Builds the real app (demo model), launches it without blocking and waits for the model."""
+    from qwen3vl_webui.cli import build_app, parse_settings
+
+    port = _free_port()
+    settings = parse_settings(["--demo", "--host", "127.0.0.1", "--port", str(port), "--cache-dir", str(cache_dir), *flags])
+    app = build_app(settings)
+    app.launch(prevent_thread_lock=True, quiet=True)
+    app.service.manager.wait_ready(120)
+    return app, f"http://127.0.0.1:{port}/"
+
+
+@pytest.fixture(scope="module")
+def demo_app_server(tiny_checkpoint: Path) -> Iterator[tuple[Any, str]]:
+    """Yields (app, url) for the --demo app with default flags; closed afterwards."""
+    app, url = start_app(tiny_checkpoint.parent)
+    try:
+        yield app, url
+    finally:
+        app.demo.close()

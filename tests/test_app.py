@@ -1,0 +1,132 @@
+"""The real gradio app in-process, driven through gradio_client: /chat, history, refusals, queue, panel."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+from pathlib import Path
+
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+
+from qwen3vl_webui.conversation import ERROR_PREFIX
+from tests.conftest import ASSETS, start_app
+
+
+def _client(url: str) -> Client:
+    return Client(url, verbose=False)  # one client = one conversation
+
+
+def test_chat_api_answers_text_and_image_and_keeps_history(demo_app_server) -> None:
+    app, url = demo_app_server
+    client = _client(url)
+    first = client.predict({"text": "Describe this image.", "files": [handle_file(str(ASSETS / "example.png"))]}, api_name="/chat")
+    assert isinstance(first, str) and first and not first.startswith(ERROR_PREFIX)
+    assert app.service.stats.last.prompt_image_tokens > 0
+    tokens_first = app.service.stats.last.prompt_tokens
+    second = client.predict({"text": "And the colours?", "files": []}, api_name="/chat")
+    assert second and not second.startswith(ERROR_PREFIX)
+    # The second prompt carries the first turn (image included), so it is longer.
+    assert app.service.stats.last.prompt_tokens > tokens_first
+    assert app.service.stats.last.prompt_image_tokens > 0
+
+
+def test_video_turn_through_the_api(demo_app_server) -> None:
+    app, url = demo_app_server
+    answer = _client(url).predict(
+        {"text": "What happens?", "files": [handle_file(str(ASSETS / "example.mp4"))]}, api_name="/chat"
+    )
+    assert answer and not answer.startswith(ERROR_PREFIX)
+    assert app.service.stats.last.prompt_video_tokens > 0
+
+
+def test_bad_inputs_get_a_clear_message_and_history_and_server_survive(demo_app_server, tmp_path: Path) -> None:
+    _, url = demo_app_server
+    client = _client(url)
+    assert client.predict({"text": "Hello", "files": []}, api_name="/chat")
+    fake = tmp_path / "fake.png"
+    fake.write_text("not an image at all\n" * 20)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes((ASSETS / "example.mp4").read_bytes()[:2000])
+    cases = {
+        "fake.png": {"text": "what?", "files": [handle_file(str(fake))]},
+        "cut.mp4": {"text": "what?", "files": [handle_file(str(cut))]},
+        "empty": {"text": "", "files": []},
+        "prompt tokens": {"text": "word " * 20000, "files": []},
+    }
+    for fragment, message in cases.items():
+        reply = client.predict(message, api_name="/chat")
+        assert reply.startswith(ERROR_PREFIX) and fragment in reply, (fragment, reply)
+    with pytest.raises(AppError):  # out-of-range slider value: gradio's own range check refuses it
+        client.predict({"text": "hi", "files": []}, temperature=9.0, api_name="/chat")
+    follow_up = client.predict({"text": "Still there?", "files": []}, api_name="/chat")
+    assert follow_up and not follow_up.startswith(ERROR_PREFIX)
+
+
+def test_panel_without_a_gpu_shows_cpu_and_ram(demo_app_server) -> None:
+    app, _ = demo_app_server
+    from qwen3vl_webui.ui.handlers import Handlers
+
+    text, status = Handlers(app.service, app.settings).panel()
+    assert "no GPU" in text and "CPU · RAM" in text and "process RSS" in text
+    assert "FP32 (CPU) on cpu" in text and "Ready:" in status and "demo model: random weights" in status
+
+
+def test_one_concurrency_group_covers_every_gpu_event(demo_app_server) -> None:
+    app, _ = demo_app_server
+    gpu = [fn for fn in app.demo.fns.values() if fn.concurrency_id == "gpu"]
+    names = {fn.name for fn in gpu}
+    assert {"chat", "_submit_fn", "switch"} <= names
+    assert all(fn.concurrency_limit == app.settings.max_concurrency for fn in gpu if fn.name != "switch")
+
+
+def test_stop_from_the_client_frees_the_slot(demo_app_server) -> None:
+    app, url = demo_app_server
+    client = _client(url)
+    app.service.manager.current().model.generation_config.eos_token_id = None
+    job = client.submit({"text": "Tell a very long story.", "files": []}, max_new_tokens=1000, api_name="/chat")
+    deadline = time.monotonic() + 30
+    while app.service.scheduler.state().running == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert app.service.scheduler.state().running == 1
+    job.cancel()
+    deadline = time.monotonic() + 10
+    while app.service.scheduler.state().running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert app.service.scheduler.state().running == 0
+    assert app.service.stats.last.new_tokens < 1000
+
+
+def test_switch_precision_through_the_api(tiny_checkpoint: Path) -> None:
+    app, url = start_app(tiny_checkpoint.parent)
+    try:
+        client = _client(url)
+        report = client.predict("int8", api_name="/switch_precision")
+        assert "Switched fp32 → int8" in report and app.service.manager.current().precision == "int8"
+        assert client.predict({"text": "hi", "files": []}, api_name="/chat")
+    finally:
+        app.demo.close()
+
+
+def test_overload_is_refused_at_once_and_accepted_requests_complete(tiny_checkpoint: Path) -> None:
+    app, url = start_app(tiny_checkpoint.parent, "--max-concurrency", "1", "--queue-size", "2")
+    try:
+        app.service.manager.current().model.generation_config.eos_token_id = None
+
+        def one(i: int) -> str:
+            return _client(url).predict({"text": f"story {i}", "files": []}, max_new_tokens=200, api_name="/chat")
+
+        refused, answers = 0, []
+        with cf.ThreadPoolExecutor(8) as pool:
+            for future in [pool.submit(one, i) for i in range(8)]:
+                try:
+                    answers.append(future.result(timeout=120))
+                except Exception as exc:  # gradio_client raises QueueError / AppError for a full queue
+                    assert "Queue is full" in str(exc) or "busy" in str(exc).lower(), exc
+                    refused += 1
+        assert refused >= 1 and len(answers) >= 1 and refused + len(answers) == 8
+        assert all(a and not a.startswith(ERROR_PREFIX) for a in answers)
+        assert app.service.scheduler.state().peak_running == 1
+    finally:
+        app.demo.close()

@@ -1,0 +1,153 @@
+"""Prompt building under the context cap, streaming, stop, and bad input — on the tiny real model."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from qwen3vl_webui.conversation import Turn, UserMessage
+from qwen3vl_webui.engine.generation import ChatRequest, RequestError, SamplingParams, build_prompt
+from qwen3vl_webui.engine.manager import ModelManager
+from qwen3vl_webui.engine.scheduler import Scheduler
+from qwen3vl_webui.engine.service import ChatService
+from qwen3vl_webui.media import MediaBudget
+from qwen3vl_webui.telemetry import GenerationStats, GpuProbe
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def service(tiny_checkpoint: Path) -> ChatService:
+    scheduler = Scheduler(max_concurrency=1, queue_size=4)
+    manager = ModelManager(str(tiny_checkpoint), "fp32", "cpu", "sdpa", scheduler)
+    manager.load()
+    return ChatService(manager, scheduler, GenerationStats(), GpuProbe())
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> str:
+    path = tmp_path / "photo.png"
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def _answer(service: ChatService, request: ChatRequest) -> list[str]:
+    return list(service.chat(request))
+
+
+def test_text_image_video_and_several_files_become_model_inputs(tiny_loaded, image: str) -> None:
+    video = str(ASSETS / "example.mp4")
+    text = build_prompt(tiny_loaded, ChatRequest(UserMessage("hello"), sampling=GREEDY))
+    assert text.image_tokens == 0 and text.video_tokens == 0 and text.text_tokens == text.tokens > 0
+    img = build_prompt(tiny_loaded, ChatRequest(UserMessage("what?", (image,)), sampling=GREEDY))
+    # Qwen's resize rounds each side to a multiple of 32 (240 -> 256): 8 x 10 merged patches.
+    assert img.image_tokens == 8 * 10 and "pixel_values" in img.inputs
+    both = build_prompt(tiny_loaded, ChatRequest(UserMessage("compare", (image, video, image)), sampling=GREEDY))
+    assert both.image_tokens == 2 * img.image_tokens and both.video_tokens > 0
+    assert tuple(both.inputs["image_grid_thw"].shape) == (2, 3) and tuple(both.inputs["video_grid_thw"].shape) == (1, 3)
+    assert both.inputs["mm_token_type_ids"].shape == both.inputs["input_ids"].shape
+
+
+def test_image_pixel_budget_bounds_image_tokens(tiny_loaded, image: str) -> None:
+    small = MediaBudget(max_image_pixels=128 * 96)
+    prompt = build_prompt(tiny_loaded, ChatRequest(UserMessage("what?", (image,)), sampling=GREEDY, media=small))
+    assert prompt.image_tokens * 32 * 32 <= 128 * 96
+
+
+def test_history_is_trimmed_by_whole_turns_to_the_context_cap(tiny_loaded) -> None:
+    history = [Turn(UserMessage(f"question {i} " + "word " * 60), "answer " * 60) for i in range(6)]
+    full = build_prompt(tiny_loaded, ChatRequest(UserMessage("now?"), history, sampling=GREEDY, max_context=100_000))
+    assert full.turns_dropped == 0
+    capped = ChatRequest(UserMessage("now?"), history, sampling=GREEDY, max_context=full.tokens // 2)
+    trimmed = build_prompt(tiny_loaded, capped)
+    assert 0 < trimmed.turns_dropped < len(history)
+    assert trimmed.tokens <= capped.max_context - GREEDY.max_new_tokens
+    decoded = tiny_loaded.processor.tokenizer.decode(trimmed.inputs["input_ids"][0])
+    assert "question 5" in decoded and "question 0" not in decoded  # oldest dropped first
+
+
+def test_a_single_turn_over_the_cap_is_refused_with_both_numbers(tiny_loaded) -> None:
+    request = ChatRequest(UserMessage("word " * 400), sampling=GREEDY, max_context=300)
+    with pytest.raises(RequestError) as err:
+        build_prompt(tiny_loaded, request)
+    message = str(err.value)
+    needed = build_prompt(tiny_loaded, ChatRequest(UserMessage("word " * 400), sampling=GREEDY)).tokens
+    assert f"needs {needed:,} prompt tokens" in message and "leaves 276" in message
+
+
+def test_streaming_yields_several_growing_updates_and_records_stats(service: ChatService) -> None:
+    request = ChatRequest(UserMessage("Describe a red circle."), sampling=SamplingParams(max_new_tokens=40, temperature=0.0))
+    service.manager.current().model.generation_config.eos_token_id = None  # random weights: force the length
+    updates = _answer(service, request)
+    assert len(updates) >= 5
+    assert all(a != b and b.startswith(a) for a, b in zip(updates, updates[1:]))
+    last = service.stats.last
+    assert last.new_tokens == 40 and last.prompt_text_tokens > 0 and last.ttft_s > 0
+
+
+def test_greedy_with_a_seed_is_reproducible(service: ChatService) -> None:
+    request = ChatRequest(UserMessage("Count to ten."), sampling=SamplingParams(max_new_tokens=12, temperature=0.9, seed=7))
+    assert _answer(service, request)[-1] == _answer(service, request)[-1]
+
+
+def test_stop_ends_generation_early_and_frees_the_slot(service: ChatService) -> None:
+    service.manager.current().model.generation_config.eos_token_id = None
+    request = ChatRequest(UserMessage("Tell a long story."), sampling=SamplingParams(max_new_tokens=2000, temperature=0.0))
+    stream = service.chat(request)
+    next(stream), next(stream)
+    assert service.scheduler.state().running == 1
+    stream.close()  # what gradio does on Stop or a closed tab
+    assert service.scheduler.state().running == 0
+    assert 0 < service.stats.last.new_tokens < 100  # stopped within a few decode steps, not after 2,000
+    assert len(_answer(service, ChatRequest(UserMessage("still there?"), sampling=GREEDY))) >= 1
+
+
+def test_cancel_event_while_waiting_for_a_slot(service: ChatService) -> None:
+    cancel = threading.Event()
+    with service.scheduler.slot():  # occupy the only slot
+        stream = service.chat(ChatRequest(UserMessage("hi"), sampling=GREEDY), cancel)
+        cancel.set()
+        from qwen3vl_webui.engine.scheduler import Cancelled
+
+        with pytest.raises(Cancelled):
+            next(stream)
+    assert service.scheduler.state().running == 0
+
+
+def _bad_files(tmp_path: Path) -> dict[str, str]:
+    text_png = tmp_path / "notes.png"
+    text_png.write_text("this is not an image\n" * 10)
+    corrupt = tmp_path / "corrupt.png"
+    good = tmp_path / "good.png"
+    Image.new("RGB", (64, 64), "red").save(good)
+    corrupt.write_bytes(good.read_bytes()[:60])
+    truncated = tmp_path / "cut.mp4"
+    truncated.write_bytes((ASSETS / "example.mp4").read_bytes()[:1500])
+    unsupported = tmp_path / "doc.pdf"
+    unsupported.write_bytes(b"%PDF-1.4\n")
+    return {"text renamed .png": str(text_png), "corrupt image": str(corrupt), "truncated video": str(truncated),
+            "unsupported type": str(unsupported)}  # fmt: skip
+
+
+def test_bad_input_is_refused_with_a_clear_message_and_the_next_request_works(
+    service: ChatService, tmp_path: Path
+) -> None:
+    history = [Turn(UserMessage("earlier question"), "earlier answer")]
+    for case, path in _bad_files(tmp_path).items():
+        with pytest.raises(RequestError) as err:
+            _answer(service, ChatRequest(UserMessage("what is this?", (path,)), history, sampling=GREEDY))
+        assert Path(path).name in str(err.value), case
+    with pytest.raises(RequestError, match="empty"):
+        _answer(service, ChatRequest(UserMessage("   "), history, sampling=GREEDY))
+    with pytest.raises(RequestError, match="prompt tokens"):
+        _answer(service, ChatRequest(UserMessage("long " * 5000), history, sampling=GREEDY, max_context=2048))
+    with pytest.raises(RequestError, match="temperature must be between"):
+        SamplingParams(temperature=5.0)
+    assert service.scheduler.state().running == 0
+    assert _answer(service, ChatRequest(UserMessage("and now?"), history, sampling=GREEDY))

@@ -1,0 +1,82 @@
+"""The loader: precision -> which modules bitsandbytes quantizes; 4/8-bit really generate on CPU; switching."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen3vl_webui.engine.loading import load_model, quantization_config
+from qwen3vl_webui.engine.manager import ModelManager
+from qwen3vl_webui.engine.scheduler import Scheduler
+
+
+def _linear_types(model: torch.nn.Module, prefix: str) -> set[str]:
+    return {type(m).__name__ for n, m in model.named_modules() if n.startswith(prefix) and "Linear" in type(m).__name__}
+
+
+def _generate(loaded, text: str = "Hello there") -> torch.Tensor:
+    inputs = loaded.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": text}]}],
+        tokenize=True, return_dict=True, return_tensors="pt", add_generation_prompt=True,
+    )  # fmt: skip
+    with torch.inference_mode():
+        out = loaded.model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1] :]
+
+
+def test_int4_config_is_nf4_double_quant_bf16_and_skips_vision_and_head() -> None:
+    cfg = quantization_config("int4", "cuda")
+    assert cfg.load_in_4bit and cfg.bnb_4bit_quant_type == "nf4" and cfg.bnb_4bit_use_double_quant
+    assert cfg.bnb_4bit_compute_dtype == torch.bfloat16
+    assert cfg.llm_int8_skip_modules == ["model.visual", "lm_head"]
+    int8 = quantization_config("int8", "cuda")
+    assert int8.load_in_8bit and int8.llm_int8_skip_modules == ["model.visual", "lm_head"]
+    assert quantization_config("bf16", "cuda") is None
+
+
+@pytest.mark.parametrize(
+    "precision, text_linear, dtype",
+    [("int4", "Linear4bit", torch.bfloat16), ("int8", "Linear8bitLt", torch.float16), ("bf16", "Linear", torch.bfloat16)],
+)
+def test_precision_decides_which_modules_are_quantized(
+    tiny_checkpoint: Path, precision: str, text_linear: str, dtype: torch.dtype
+) -> None:
+    loaded = load_model(str(tiny_checkpoint), precision, "cpu")
+    model = loaded.model
+    assert _linear_types(model, "model.language_model.layers") == {text_linear}
+    assert _linear_types(model, "model.visual") == {"Linear"}  # the vision tower stays 16-bit
+    assert type(model.lm_head).__name__ == "Linear" and model.lm_head.weight.dtype == dtype
+    assert next(model.model.visual.parameters()).dtype == dtype
+    new = _generate(loaded)
+    assert new.shape == (6,) and int(new.max()) < model.config.text_config.vocab_size
+    assert loaded.is_demo and loaded.precision == precision
+
+
+def test_quantized_weights_are_smaller(tiny_checkpoint: Path) -> None:
+    sizes = {p: load_model(str(tiny_checkpoint), p, "cpu").weights_bytes for p in ("fp32", "bf16", "int8", "int4")}
+    assert sizes["int4"] < sizes["int8"] < sizes["bf16"] < sizes["fp32"]
+
+
+def test_missing_model_offline_falls_back_to_the_demo_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    manager = ModelManager("Qwen/Qwen3-VL-4B-Instruct", "auto", "cpu", "sdpa", Scheduler(1, 4), str(tmp_path))
+    loaded = manager.load()
+    assert loaded.is_demo and loaded.device == "cpu" and loaded.precision == "fp32"
+    assert manager.notice.startswith("Could not download Qwen/Qwen3-VL-4B-Instruct")
+    assert manager.notice.count(".") == 1  # one plain sentence
+    assert manager.status.startswith("Ready:")
+
+
+def test_switching_precision_at_runtime_reloads_and_reports(tiny_checkpoint: Path) -> None:
+    manager = ModelManager(str(tiny_checkpoint), "fp32", "cpu", "sdpa", Scheduler(1, 4))
+    before = manager.load()
+    report = manager.switch("int4")
+    after = manager.current()
+    assert (report.old, report.new) == ("fp32", "int4") and "Switched fp32 → int4" in report.describe()
+    assert after is not before and after.precision == "int4"
+    assert _linear_types(after.model, "model.language_model.layers") == {"Linear4bit"}
+    assert _generate(after).shape == (6,)
+    assert manager.switch("int4").describe() == "Already loaded in int4."
