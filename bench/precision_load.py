@@ -54,10 +54,7 @@ def measure(checkpoint: str, precision: str, new_tokens: int) -> dict:
     for _ in range(2):  # the first turn warms up kernels and the allocator; report the second
         torch.cuda.reset_peak_memory_stats()
         prompt = build_prompt(loaded, request)
-        stats = None
-        for _text, stats in stream_generate(loaded, prompt, sampling, threading.Event()):
-            pass
-        runs.append(stats)
+        runs.append(list(stream_generate(loaded, prompt, sampling, threading.Event()))[-1][1])
     stats = runs[-1]
     return dict(
         precision=precision,

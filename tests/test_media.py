@@ -113,7 +113,7 @@ def assert_clip_within_budget(clip, budget: MediaBudget = BUDGET) -> None:
 
 def assert_frames_match_indices(clip, period: int = 100) -> None:
     """Each frame's grey level must be the one written for the index the metadata claims."""
-    for frame, index in zip(clip.frames, clip.metadata["frames_indices"]):
+    for frame, index in zip(clip.frames, clip.metadata["frames_indices"], strict=True):
         h, w, _ = frame.shape
         seen = frame[h // 2 :, w // 2 :].mean()  # away from the marker
         assert abs(seen - level(index, period)) <= 5, (index, seen)

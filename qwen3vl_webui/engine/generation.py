@@ -11,7 +11,7 @@ from typing import Any
 
 from qwen3vl_webui.conversation import Turn, UserMessage, fit_turns
 from qwen3vl_webui.engine.loading import LoadedModel
-from qwen3vl_webui.media import MediaBudget, MediaError, load_image, load_video, media_kind
+from qwen3vl_webui.media import MediaBudget, load_image, load_video, media_kind
 from qwen3vl_webui.telemetry import RequestStats
 
 # Seconds the stream reader waits for the next token before giving up on a dead generate thread.

@@ -12,7 +12,15 @@ from qwen3vl_webui.engine.loading import LoadedModel
 from qwen3vl_webui.engine.manager import ModelManager, SwitchReport
 from qwen3vl_webui.engine.scheduler import QueueState, Scheduler
 from qwen3vl_webui.media import MediaError
-from qwen3vl_webui.telemetry import GenerationStats, GpuProbe, GpuSnapshot, RequestStats, SystemSnapshot, format_bytes, read_system
+from qwen3vl_webui.telemetry import (
+    GenerationStats,
+    GpuProbe,
+    GpuSnapshot,
+    RequestStats,
+    SystemSnapshot,
+    format_bytes,
+    read_system,
+)
 
 # How long a chat waits for the first model load before it is told to come back.
 READY_TIMEOUT_S = 600.0

@@ -31,7 +31,8 @@ def format_panel(snap: PanelSnapshot) -> str:
             ),
         ]
     else:
-        rows.append(("GPU", f"no GPU ({snap.gpu_reason})" if snap.gpu_reason else "no GPU"))
+        reason = snap.gpu_reason or "no GPU"
+        rows.append(("GPU", reason if reason.startswith("no GPU") else f"no GPU ({reason})"))
     s = snap.system
     rows += [
         ("CPU · RAM", f"{s.cpu_pct:.0f}% · {format_bytes(s.ram_used)} / {format_bytes(s.ram_total)}"),
@@ -59,7 +60,7 @@ def format_panel(snap: PanelSnapshot) -> str:
     else:
         rows.append(("last answer", "no request yet"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    return "| | |\n|---|---|\n" + table
+    return "| live | |\n|---|---|\n" + table
 
 
 def format_status(snap: PanelSnapshot) -> str:
