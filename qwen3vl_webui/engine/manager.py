@@ -93,7 +93,8 @@ class ModelManager:
 
     def _set(self, loaded: LoadedModel) -> LoadedModel:
         self._loaded = loaded
-        self.status = f"Ready: {loaded.source} · {loaded.label} on {loaded.device} · loaded in {loaded.load_seconds:.1f} s"
+        name = "demo model (tiny Qwen3-VL)" if loaded.is_demo else loaded.source
+        self.status = f"Ready: {name} · {loaded.label} on {loaded.device} · loaded in {loaded.load_seconds:.1f} s"
         self._ready.set()
         log.info("%s", self.status)
         return loaded
