@@ -35,6 +35,7 @@ def build_demo(handlers: Handlers, settings: Settings) -> gr.Blocks:
                     placeholder="Ask about an image or a video, or just chat…",
                     sources=["upload"],
                     elem_id="message",
+                    stop_btn=True,  # ChatInterface takes its Stop button from a custom textbox
                     max_plain_text_length=100_000,
                 )
                 chat = gr.ChatInterface(
