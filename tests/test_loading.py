@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qwen3vl_webui.engine.loading import load_model, quantization_config
-from qwen3vl_webui.engine.manager import ModelManager
+from qwen3vl_webui.engine.manager import ModelManager, SwitchRefused
 from qwen3vl_webui.engine.scheduler import Scheduler
 
 
@@ -79,4 +79,14 @@ def test_switching_precision_at_runtime_reloads_and_reports(tiny_checkpoint: Pat
     assert after is not before and after.precision == "int4"
     assert _linear_types(after.model, "model.language_model.layers") == {"Linear4bit"}
     assert _generate(after).shape == (6,)
+    assert manager.switch("int4").describe() == "Already loaded in int4."
+
+
+def test_switch_that_would_not_fit_is_refused_and_the_old_model_stays(tiny_checkpoint: Path) -> None:
+    # The tiny model's bf16 weights are ~1.5 MB; pretend only 100 KB beyond the loaded weights is free.
+    manager = ModelManager(str(tiny_checkpoint), "int4", "cpu", "sdpa", Scheduler(1, 4), free_memory=lambda _: 100_000)
+    before = manager.load()
+    with pytest.raises(SwitchRefused, match=r"bf16 needs about .* but only .* would be free; kept int4"):
+        manager.switch("bf16")
+    assert manager.current() is before and _generate(before).shape == (6,)
     assert manager.switch("int4").describe() == "Already loaded in int4."

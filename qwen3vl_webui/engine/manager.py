@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from qwen3vl_webui.engine import loading
@@ -43,7 +44,14 @@ class ModelManager:
     """The one place that loads and unloads; readers get the current `LoadedModel` via `current()`."""
 
     def __init__(
-        self, source: str, precision: str, device: str, attn: str, scheduler: Scheduler, demo_dir: str | None = None
+        self,
+        source: str,
+        precision: str,
+        device: str,
+        attn: str,
+        scheduler: Scheduler,
+        demo_dir: str | None = None,
+        free_memory: Callable[[str], int] | None = None,
     ) -> None:
         self.source = source
         self.requested_precision = precision
@@ -51,6 +59,7 @@ class ModelManager:
         self.attn = attn
         self.scheduler = scheduler
         self.demo_dir = demo_dir
+        self.free_memory = free_memory or free_memory_bytes  # injectable: tests choose how much is free
         self.status = "starting"
         self.notice = ""  # one sentence shown above the chat, e.g. why the demo model runs
         self._loaded: LoadedModel | None = None
@@ -111,7 +120,7 @@ class ModelManager:
             return "fp32"
         from qwen3vl_webui import planner
 
-        free = _free_vram(device)
+        free = self.free_memory(device)
         shape = planner.ModelShape.qwen3vl_4b()
         for precision in ("bf16", "int8", "int4"):
             if planner.weight_bytes(shape, precision) < free * 0.75:
@@ -164,14 +173,12 @@ class ModelManager:
             return SwitchReport(previous, precision, before, _used_vram(device), time.perf_counter() - started)
 
     def _check_fits(self, old: LoadedModel, precision: str) -> None:
-        if not old.device.startswith("cuda"):
-            return
         from qwen3vl_webui import planner
 
         shape = planner.ModelShape.from_config(old.model.config)
         need = planner.weight_bytes(shape, precision)
         # The old weights are freed before the new ones load, so they count as available.
-        available = _free_vram(old.device) + old.weights_bytes
+        available = self.free_memory(old.device) + old.weights_bytes
         if need > available * _SWITCH_HEADROOM:
             raise SwitchRefused(
                 f"{precision} needs about {format_bytes(need)} for weights, but only {format_bytes(available)} "
@@ -182,11 +189,16 @@ class ModelManager:
         loading.release_cached_memory()
 
 
-def _free_vram(device: str) -> int:
-    import torch
+def free_memory_bytes(device: str) -> int:
+    """Free memory where the weights live: the GPU's (CUDA driver) or the machine's available RAM."""
+    if device.startswith("cuda"):
+        import torch
 
-    free, _ = torch.cuda.mem_get_info(torch.device(device))
-    return int(free)
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 def _used_vram(device: str) -> int:
