@@ -90,3 +90,14 @@ def test_switch_that_would_not_fit_is_refused_and_the_old_model_stays(tiny_check
         manager.switch("bf16")
     assert manager.current() is before and _generate(before).shape == (6,)
     assert manager.switch("int4").describe() == "Already loaded in int4."
+
+
+def test_flash_attention_without_the_package_is_refused_clearly(tiny_checkpoint: Path) -> None:
+    import importlib.util
+
+    from qwen3vl_webui.engine.loading import LoadRefused
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    with pytest.raises(LoadRefused, match="needs the flash-attn package"):
+        load_model(str(tiny_checkpoint), "fp32", "cpu", attn="flash_attention_2")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import importlib.util
 import logging
 import time
 from collections.abc import Callable
@@ -26,6 +27,10 @@ PRECISION_LABELS = {
 
 class ModelUnavailable(RuntimeError):
     """The model could not be fetched or found; the message is one plain sentence."""
+
+
+class LoadRefused(RuntimeError):
+    """A load option that cannot work here (e.g. a kernel whose package is missing)."""
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,9 @@ def load_model(
 
     from qwen3vl_webui.testing.tiny_model import is_demo_checkpoint
 
+    if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        # Without the package transformers tries to fetch a kernel from the Hub, which hangs offline.
+        raise LoadRefused("--attn flash_attention_2 needs the flash-attn package; install it or use sdpa.")
     path = locate_checkpoint(source, progress)
     if precision in ("int4", "int8"):
         import bitsandbytes  # noqa: F401  (fail here with a clear ImportError, not deep inside transformers)
