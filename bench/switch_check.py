@@ -42,8 +42,9 @@ def main() -> None:
     service = ChatService(manager, scheduler, GenerationStats(), GpuProbe())
     manager.load()
     request = ChatRequest(UserMessage("Say something."), sampling=SamplingParams(max_new_tokens=16, temperature=0.0))
-    answer = list(service.chat(request))
-    print("int4 answer updates:", len(answer))
+    list(service.chat(request))
+    # Random 4B weights mostly pick ids beyond the tiny tokenizer's vocabulary (empty text): count tokens.
+    print("int4 answer tokens:", service.stats.last.new_tokens)
     print(format_panel(service.snapshot()))
     for target in ("bf16", "int4"):
         report = manager.switch(target)
@@ -60,7 +61,8 @@ def main() -> None:
     except SwitchRefused as exc:
         print("REFUSED as expected:", exc)
     assert manager.current().precision == "int4"
-    print("after refusal, int4 still answers:", len(list(service.chat(request))) > 0)
+    list(service.chat(request))
+    print("after refusal, int4 still answers: tokens =", service.stats.last.new_tokens)
     del filler
 
 

@@ -162,6 +162,7 @@ def load_model(
     model.eval()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+        release_cached_memory()  # quantizing on the GPU leaves transient blocks cached
     return LoadedModel(
         model=model,
         processor=processor,
