@@ -355,9 +355,9 @@ class BatchEngine:
                     break
                 for req in dropped:
                     self._finish_unstarted(req)
+                for req in incoming:
+                    self._prefill_or_fail(req)
                 try:
-                    for req in incoming:
-                        self._prefill(req)
                     self._drop_cancelled()
                     if self._active:
                         self._step()
@@ -462,6 +462,17 @@ class BatchEngine:
             attention_mask=inputs.get("attention_mask"),
         )
         return torch.cat([text, vision]), int(deltas.view(-1)[0])
+
+    def _prefill_or_fail(self, req: _Request) -> None:
+        """A failing prompt (bad media, out of memory) fails its own request only, not the running batch."""
+        try:
+            self._prefill(req)
+        except Exception as exc:
+            if self._active and self._active[-1] is req:
+                self._active.pop()
+                self._pos[len(self._active)] = 0
+                self._delta[len(self._active)] = 0
+            req.out.put(exc)
 
     def _prefill(self, req: _Request) -> None:
         import torch
