@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from qwen3vl_webui.engine import loading
+from qwen3vl_webui.engine.decoders import Decoder, make_decoder
 from qwen3vl_webui.engine.loading import LoadedModel, ModelUnavailable
 from qwen3vl_webui.engine.scheduler import Scheduler
 from qwen3vl_webui.telemetry import format_bytes
@@ -52,6 +53,8 @@ class ModelManager:
         scheduler: Scheduler,
         demo_dir: str | None = None,
         free_memory: Callable[[str], int] | None = None,
+        decoder: str = "generate",
+        max_context: int = 16384,
     ) -> None:
         self.source = source
         self.requested_precision = precision
@@ -60,6 +63,9 @@ class ModelManager:
         self.scheduler = scheduler
         self.demo_dir = demo_dir
         self.free_memory = free_memory or free_memory_bytes  # injectable: tests choose how much is free
+        self.decoder_kind = decoder
+        self.max_context = max_context
+        self.decoder: Decoder | None = None  # made at the first load, once the device is known
         self.status = "starting"
         self.notice = ""  # one sentence shown above the chat, e.g. why the demo model runs
         self._loaded: LoadedModel | None = None
@@ -101,6 +107,12 @@ class ModelManager:
         return self._set(loading.load_model(str(path), precision, device, self.attn, self._progress))
 
     def _set(self, loaded: LoadedModel) -> LoadedModel:
+        if self.decoder is None:
+            self.decoder = make_decoder(
+                self.decoder_kind, loaded.device, self.scheduler.max_concurrency, self.max_context
+            )
+        self._progress(f"Starting the decoder: {self.decoder.name}…")
+        self.decoder.attach(loaded)  # before "Ready": CUDA graphs are captured here, not on a first chat
         self._loaded = loaded
         name = "demo model (tiny Qwen3-VL)" if loaded.is_demo else loaded.source
         self.status = f"Ready: {name} · {loaded.label} on {loaded.device} · loaded in {loaded.load_seconds:.1f} s"
@@ -159,6 +171,8 @@ class ModelManager:
             before = _used_vram(old.device)
             self.status = f"Switching to {precision}: unloading {old.precision}…"
             source, device = old.source, old.device
+            if self.decoder is not None:
+                self.decoder.detach()  # its KV cache and graphs hold GPU memory and the old weights
             self._loaded = None
             del old
             loading.release_cached_memory()

@@ -1,0 +1,126 @@
+"""The two decode paths behind ChatService: plain `generate` per request, or one shared BatchEngine."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+from qwen3vl_webui.engine.generation import PreparedPrompt, SamplingParams, stream_generate
+from qwen3vl_webui.engine.loading import LoadedModel, release_cached_memory
+from qwen3vl_webui.telemetry import RequestStats
+
+log = logging.getLogger(__name__)
+
+DECODERS = ("auto", "generate", "batch")
+Stream = Iterator[tuple[str, "RequestStats | None"]]
+
+
+class Decoder(Protocol):
+    name: str
+
+    def attach(self, loaded: LoadedModel) -> None: ...  # a model was loaded: build what decoding needs
+
+    def detach(self) -> None: ...  # the model is about to be unloaded: free what `attach` built
+
+    def stream(
+        self,
+        loaded: LoadedModel,
+        prompt: PreparedPrompt,
+        sampling: SamplingParams,
+        cancel: threading.Event,
+        on_cancel: Callable[[RequestStats], None] | None = None,
+    ) -> Stream: ...
+
+    def describe(self) -> str: ...
+
+
+class GenerateDecoder:
+    """transformers' `generate` in a thread per request: simple, CPU-bound (~36 ms of Python a step)."""
+
+    name = "generate"
+
+    def attach(self, loaded: LoadedModel) -> None:
+        pass
+
+    def detach(self) -> None:
+        pass
+
+    def stream(self, loaded, prompt, sampling, cancel, on_cancel=None) -> Stream:  # type: ignore[no-untyped-def]
+        return stream_generate(loaded, prompt, sampling, cancel, on_cancel)
+
+    def describe(self) -> str:
+        return "transformers generate (one request per thread)"
+
+
+class BatchDecoder:
+    """One BatchEngine per loaded model: continuous batching, CUDA-graph decode on a GPU.
+
+    Its KV memory is allocated once: `max_context` tokens for each of `max_batch` slots, the slider
+    cap times the concurrency, so the VRAM the sliders allow is reserved up front.
+    """
+
+    name = "batch"
+
+    def __init__(self, max_batch: int, max_context: int) -> None:
+        self.max_batch = max_batch
+        self.max_context = max_context
+        self.engine = None
+        self.fallback: GenerateDecoder | None = None  # used when the engine cannot start
+        self.reason = ""
+
+    def attach(self, loaded: LoadedModel) -> None:
+        from qwen3vl_webui.engine.batching import BatchEngine
+
+        self.detach()
+        budget = self.max_context * self.max_batch
+        try:
+            self.engine = BatchEngine(loaded, max_batch=self.max_batch, token_budget=budget)
+        except Exception as exc:  # e.g. a kernel that cannot be captured: keep serving, eagerly
+            log.warning("batch engine with CUDA graphs failed to start (%s); retrying without graphs", exc)
+            try:
+                self.engine = BatchEngine(loaded, max_batch=self.max_batch, token_budget=budget, cuda_graphs=False)
+                self.reason = f"CUDA graphs off: {exc}"
+            except Exception as exc2:
+                log.warning("batch engine failed to start (%s); using generate", exc2)
+                self.fallback, self.reason = GenerateDecoder(), f"engine off: {exc2}"
+
+    def detach(self) -> None:
+        engine, self.engine = self.engine, None
+        self.fallback, self.reason = None, ""
+        if engine is not None:
+            engine.close()
+            del engine
+            release_cached_memory()
+
+    def stream(self, loaded, prompt, sampling, cancel, on_cancel=None) -> Stream:  # type: ignore[no-untyped-def]
+        if self.fallback is not None:
+            return self.fallback.stream(loaded, prompt, sampling, cancel, on_cancel)
+        if self.engine is None or self.engine.loaded is not loaded:
+            raise RuntimeError("the decode engine is not attached to the loaded model")
+        return self.engine.submit(prompt, sampling, cancel, on_cancel)
+
+    def describe(self) -> str:
+        if self.fallback is not None:
+            return f"transformers generate ({self.reason})"
+        if self.engine is None:
+            return "batch engine (starting)"
+        snap = self.engine.snapshot()
+        graphs = f"graphs {list(snap.graph_buckets)}" if snap.graph_buckets else "no CUDA graphs"
+        extra = f"; {self.reason}" if self.reason else ""
+        return (
+            f"batch engine: {snap.active}/{snap.max_batch} decoding, {snap.waiting} waiting for prefill, "
+            f"{snap.max_len:,} tokens a slot, {graphs}{extra}"
+        )
+
+
+def make_decoder(kind: str, device: str, max_batch: int, max_context: int) -> Decoder:
+    """`auto`: the batch engine on a GPU (outside ZeroGPU, where no worker thread may own the GPU)."""
+    from qwen3vl_webui.zerogpu import on_zero_gpu
+
+    if kind == "auto":
+        kind = "batch" if device.startswith("cuda") and not on_zero_gpu() else "generate"
+    if kind == "batch":
+        return BatchDecoder(max_batch, max_context)
+    return GenerateDecoder()
