@@ -8,7 +8,16 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from qwen3vl_webui.config import ATTENTION, DEFAULT_MODEL, PRECISIONS, Settings, SettingsError, env_default, env_name
+from qwen3vl_webui.config import (
+    ATTENTION,
+    DEFAULT_MODEL,
+    PRECISIONS,
+    WARMUP_MODES,
+    Settings,
+    SettingsError,
+    env_default,
+    env_name,
+)
 from qwen3vl_webui.config import rule_help as _rule
 
 log = logging.getLogger("qwen3vl_webui")
@@ -41,6 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
     add("--share", "share", "also open a public gradio.live link", action="store_true")
     add("--demo", "demo", "start the built-in tiny random-weight model (offline, no download)", action="store_true")
     add("--cache-dir", "cache_dir", "where the demo checkpoint is written (default: the temp dir)")
+    add("--request-timeout", "request_timeout", _rule("request_timeout"), type=int, metavar="SECONDS")
+    add("--grace-seconds", "grace_seconds", _rule("grace_seconds"), type=int, metavar="SECONDS")
+    add("--warmup", "warmup", _rule("warmup"), choices=WARMUP_MODES)
+    # Never echo a password into --help: these two show only where the value comes from.
+    p.add_argument(
+        "--auth", dest="auth", default=env_default("auth", None), metavar="USER:PASSWORD",
+        help=f"require this login for the page and every API route [env {env_name('auth')}; "
+        "a flag is visible in `ps`, prefer the env var or --auth-file]",
+    )  # fmt: skip
+    p.add_argument(
+        "--auth-file", dest="auth_file", default=env_default("auth_file", None), metavar="PATH",
+        help=f"file of user:password lines (# comments allowed) [env {env_name('auth_file')}]",
+    )  # fmt: skip
     return p
 
 
@@ -76,6 +98,8 @@ class App:
             css_paths=[ASSETS / "style.css"],
             allowed_paths=[str(ASSETS)],
             show_error=True,
+            # gradio puts every route but the login page and static assets behind this (see docs/reliability.md).
+            auth=s.credentials() or None,
         )
         kwargs.update(overrides)
         return self.demo.launch(**kwargs)
@@ -83,26 +107,37 @@ class App:
 
 def build_app(settings: Settings, load: bool = True) -> App:
     """The composition root: scheduler, model manager, service, handlers, UI."""
+    from qwen3vl_webui.engine.faults import FaultInjector
     from qwen3vl_webui.engine.manager import ModelManager
     from qwen3vl_webui.engine.scheduler import Scheduler
-    from qwen3vl_webui.engine.service import ChatService
+    from qwen3vl_webui.engine.service import ChatService, Limits
     from qwen3vl_webui.telemetry import GenerationStats, GpuProbe
-    from qwen3vl_webui.ui.handlers import Handlers
-    from qwen3vl_webui.ui.layout import build_demo
+    from qwen3vl_webui.ui.handlers import IMAGE_MP_MAX, MEGA, Handlers
+    from qwen3vl_webui.ui.layout import ASSETS, build_demo
+    from qwen3vl_webui.zerogpu import on_zero_gpu
 
     scheduler = Scheduler(settings.max_concurrency, settings.queue_size)
     manager = ModelManager(
         settings.model, settings.precision, settings.device, settings.attn, scheduler, demo_dir=settings.cache_dir
     )
-    service = ChatService(manager, scheduler, GenerationStats(), GpuProbe())
-    demo = build_demo(Handlers(service, settings), settings)
+    service = ChatService(
+        manager, scheduler, GenerationStats(), GpuProbe(),
+        faults=FaultInjector.from_env(),  # a no-op unless QWEN3VL_FAULTS is set (tests, device checks)
+        request_timeout=float(settings.request_timeout),
+        limits=Limits(settings.max_context, settings.max_new_tokens),
+    )  # fmt: skip
+    demo = build_demo(Handlers(service, settings, file_roots=[ASSETS]), settings)
     if load:
-        # In the background: the page (with its status line) is up while weights download and load.
-        manager.load_in_background(use_demo=settings.demo)
+        # In the background: the page (with its status line) is up while weights download, load and
+        # warm up. On ZeroGPU there is no GPU outside a request, so no warm-up there.
+        warmup = "off" if on_zero_gpu() else settings.warmup
+        service.start_in_background(settings.demo, warmup, int(IMAGE_MP_MAX * MEGA))
     return App(demo=demo, service=service, settings=settings)
 
 
 def main(argv: list[str] | None = None) -> None:
+    from qwen3vl_webui.server import serve
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = parse_settings(argv)
     try:
@@ -110,4 +145,4 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # pragma: no cover - startup failures are printed, not traced
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from exc
-    app.launch()
+    raise SystemExit(serve(app))

@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 DEFAULT_MODEL = "Qwen/Qwen3-VL-4B-Instruct"
 PRECISIONS = ("auto", "bf16", "fp16", "int8", "int4")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
+WARMUP_MODES = ("auto", "full", "quick", "off")
 ENV_PREFIX = "QWEN3VL_"
 
 
@@ -28,6 +30,13 @@ _RULES: dict[str, tuple[Any, str]] = {
     "port": ((1, 65535), "HTTP port"),
     "max_files_per_turn": ((1, 64), "images + videos allowed in one message"),
     "max_file_mb": ((1, 10240), "largest upload accepted, in MB"),
+    "request_timeout": ((0, 86400), "wall-clock seconds one chat request may take, waiting included; 0 = no limit"),
+    "grace_seconds": ((0, 3600), "on SIGTERM, seconds running chats get to finish before they are stopped"),
+    "warmup": (
+        WARMUP_MODES,
+        "start-up warm-up: full = the worst case the sliders allow (lowers max context if it does not fit), "
+        "quick = a short text + image turn, auto = full on a GPU, quick on a CPU",
+    ),
 }
 
 
@@ -50,10 +59,17 @@ class Settings:
     max_files_per_turn: int = 8
     max_file_mb: int = 200
     cache_dir: str | None = field(default=None)
+    request_timeout: int = 600
+    grace_seconds: int = 30
+    warmup: str = "auto"
+    # "user:password"; kept out of repr so settings can be logged.
+    auth: str | None = field(default=None, repr=False)
+    auth_file: str | None = None
 
     def __post_init__(self) -> None:
         for name, (rule, _) in _RULES.items():
             check(name, getattr(self, name), rule)
+        self.credentials()  # validates --auth / --auth-file
         if self.max_new_tokens >= self.max_context:
             raise SettingsError(
                 f"--max-new-tokens must be below --max-context ({self.max_context}), got {self.max_new_tokens}"
@@ -63,6 +79,31 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+    def credentials(self) -> list[tuple[str, str]]:
+        """(user, password) pairs from --auth and --auth-file; empty when the app is open to all."""
+        pairs: list[tuple[str, str]] = []
+        if self.auth:
+            pairs.append(parse_credential(self.auth, "--auth"))
+        if self.auth_file:
+            try:
+                text = Path(self.auth_file).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise SettingsError(f"--auth-file {self.auth_file!r} cannot be read: {exc.strerror}") from None
+            for number, line in enumerate(text.splitlines(), 1):
+                if line.strip() and not line.lstrip().startswith("#"):
+                    pairs.append(parse_credential(line.strip(), f"--auth-file line {number}"))
+            if not pairs:
+                raise SettingsError(f"--auth-file {self.auth_file!r} holds no user:password line")
+        return pairs
+
+
+def parse_credential(text: str, where: str) -> tuple[str, str]:
+    """'user:password' -> (user, password); the error never repeats the password."""
+    user, sep, password = text.partition(":")
+    if not sep or not user.strip() or not password:
+        raise SettingsError(f"{where} must be user:password with both parts non-empty")
+    return user.strip(), password
 
 
 def check(name: str, value: Any, rule: Any) -> None:

@@ -9,6 +9,9 @@ from typing import Any
 # An assistant message that starts with this is a refusal shown to the user, not model output:
 # the turn it answers is left out of the next prompt.
 ERROR_PREFIX = "⚠️ "
+# Shown while a request waits for a GPU slot; a turn left with only this (stopped while waiting)
+# is not an answer either.
+WAIT_PREFIX = "⏳ "
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,7 @@ def parse_history(history: Sequence[dict[str, Any]] | None) -> list[Turn]:
 
     def flush() -> None:
         reply = "".join(answer)
-        if (texts or files) and answer and not reply.startswith(ERROR_PREFIX):
+        if (texts or files) and answer and not reply.startswith((ERROR_PREFIX, WAIT_PREFIX)):
             turns.append(Turn(UserMessage("\n".join(t for t in texts if t), tuple(files)), reply))
 
     for msg in history or []:
@@ -117,3 +120,19 @@ def fit_turns(
         start += 1
         count = count_tokens(turns[start:])
     return turns[start:], count
+
+
+def keep_recent_chars(turns: list[Turn], max_chars: int) -> list[Turn]:
+    """The newest turns whose text adds up to at most `max_chars` characters.
+
+    A cheap first cut before token counting: turns that cannot fit by characters are never
+    tokenized (see generation.CHARS_PER_TOKEN).
+    """
+    total = 0
+    start = len(turns)
+    for i in range(len(turns) - 1, -1, -1):
+        total += len(turns[i].user.text) + len(turns[i].assistant)
+        if total > max_chars:
+            break
+        start = i
+    return turns[start:]

@@ -9,17 +9,30 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from qwen3vl_webui.conversation import Turn, UserMessage, fit_turns
+from qwen3vl_webui.conversation import Turn, UserMessage, fit_turns, keep_recent_chars
+from qwen3vl_webui.engine.faults import FaultInjector
 from qwen3vl_webui.engine.loading import LoadedModel
 from qwen3vl_webui.media import MediaBudget, load_image, load_video, media_kind
 from qwen3vl_webui.telemetry import RequestStats
 
 # Seconds the stream reader waits for the next token before giving up on a dead generate thread.
 TOKEN_TIMEOUT_S = 600.0
+# Real text averages about 4 characters per Qwen token; no realistic text packs 16. A message longer
+# than 16 characters per token of max context cannot fit, so it is refused before the tokenizer
+# reads it (a 1 MB paste costs nothing), and older turns beyond that many characters are not encoded.
+CHARS_PER_TOKEN = 16
 
 
 class RequestError(ValueError):
     """A request the server refuses; str() is the sentence shown to the user."""
+
+
+class RequestTimedOut(RequestError):
+    """The request ran past the server's per-request wall-clock limit; carries the partial answer."""
+
+    def __init__(self, message: str, partial: str = "") -> None:
+        super().__init__(message)
+        self.partial = partial
 
 
 @dataclass(frozen=True)
@@ -106,7 +119,15 @@ def build_prompt(
         raise RequestError(
             f"{len(request.message.files)} files were attached; at most {request.max_files_per_turn} per message."
         )
-    turns = [*request.history, Turn(request.message, "")]
+    max_chars = request.max_context * CHARS_PER_TOKEN
+    chars = len(request.message.text) + len(request.system_prompt)
+    if chars > max_chars:
+        raise RequestError(
+            f"The message is {chars:,} characters long, but max context {request.max_context:,} tokens holds "
+            f"at most about {max_chars:,} characters, so it was not read. Shorten it or attach it in parts."
+        )
+    history = keep_recent_chars(request.history, max_chars - chars)
+    turns = [*history, Turn(request.message, "")]
     # Decode the current message's media first: a bad file is reported before any token counting.
     for path in request.message.files:
         cache.get(path, request.media)
@@ -132,13 +153,24 @@ def build_prompt(
     config = loaded.model.config
     image = int((ids == config.image_token_id).sum())
     video = int((ids == config.video_token_id).sum())
-    return PreparedPrompt(inputs, tokens, tokens - image - video, image, video, len(turns) - len(kept))
+    dropped = len(request.history) + 1 - len(kept)
+    return PreparedPrompt(inputs, tokens, tokens - image - video, image, video, dropped)
+
+
+def as_plain_text(text: str) -> str:
+    """Typed text stays text: `<|im_start|>`, `<|image_pad|>` and the like lose their special meaning.
+
+    The chat template renders to a string that is then tokenized, so without this a user could
+    open a fake system turn or add image placeholders without an image. A zero-width space after
+    `<` makes each such marker ordinary characters; nothing else in the text changes.
+    """
+    return text.replace("<|", "<\u200b|")
 
 
 def _encode(processor: Any, turns: list[Turn], request: ChatRequest, cache: _MediaCache) -> dict[str, Any]:
     messages: list[dict[str, Any]] = []
     if request.system_prompt.strip():
-        messages.append({"role": "system", "content": [{"type": "text", "text": request.system_prompt}]})
+        messages.append({"role": "system", "content": [{"type": "text", "text": as_plain_text(request.system_prompt)}]})
     metadata: list[dict[str, Any]] = []
     for turn in turns:
         content: list[dict[str, Any]] = []
@@ -150,10 +182,10 @@ def _encode(processor: Any, turns: list[Turn], request: ChatRequest, cache: _Med
                 content.append({"type": "video", "video": value.frames})
                 metadata.append(dict(value.metadata))
         if turn.user.text:
-            content.append({"type": "text", "text": turn.user.text})
+            content.append({"type": "text", "text": as_plain_text(turn.user.text)})
         messages.append({"role": "user", "content": content})
         if turn.assistant:
-            messages.append({"role": "assistant", "content": [{"type": "text", "text": turn.assistant}]})
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": as_plain_text(turn.assistant)}]})
     kwargs: dict[str, Any] = {
         "images_kwargs": {"size": {"longest_edge": request.media.max_image_pixels, "shortest_edge": 32 * 32}},
     }
@@ -175,17 +207,21 @@ def stream_generate(
     sampling: SamplingParams,
     cancel: threading.Event,
     on_cancel: Callable[[RequestStats], None] | None = None,
+    faults: FaultInjector | None = None,
 ) -> Iterator[tuple[str, RequestStats | None]]:
     """Yields (text so far, None) as tokens arrive, then (full text, stats).
 
     Closing the iterator (or setting `cancel`) stops generation within one decode step; `on_cancel`
-    then gets the stats of what was generated before the stop.
+    then gets the stats of what was generated before the stop. An exception in `generate` (a CUDA
+    OOM, say) is re-raised here, in the reader's thread. `faults` stages failures for tests.
     """
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
     class _Stop(StoppingCriteria):
         def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            if faults is not None:
+                faults.fire("decode", prompt.tokens)
             # Checked once per decode step: a stop frees the slot within one step.
             return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
 
@@ -225,6 +261,8 @@ def stream_generate(
         try:
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
+            if faults is not None:
+                faults.fire("prefill", prompt.tokens)
             with torch.inference_mode():
                 model.generate(**kwargs)
         except BaseException as exc:  # reported to the reader below

@@ -1,16 +1,30 @@
-"""The engine's face to the UI: chat streams under the scheduler, panel snapshots, precision switch."""
+"""The engine's face to the UI: chat streams under the scheduler, warm-up, OOM recovery, deadlines, drain."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import gc
+import logging
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from qwen3vl_webui import planner
-from qwen3vl_webui.engine.generation import ChatRequest, RequestError, _MediaCache, build_prompt, stream_generate
+from qwen3vl_webui.engine import loading, warmup
+from qwen3vl_webui.engine.faults import FaultInjector
+from qwen3vl_webui.engine.generation import (
+    ChatRequest,
+    RequestError,
+    RequestTimedOut,
+    _MediaCache,
+    build_prompt,
+    stream_generate,
+)
 from qwen3vl_webui.engine.loading import LoadedModel
 from qwen3vl_webui.engine.manager import ModelManager, SwitchReport
-from qwen3vl_webui.engine.scheduler import QueueState, Scheduler
+from qwen3vl_webui.engine.scheduler import Busy, QueueState, Scheduler
 from qwen3vl_webui.media import MediaError
 from qwen3vl_webui.telemetry import (
     GenerationStats,
@@ -22,8 +36,48 @@ from qwen3vl_webui.telemetry import (
     read_system,
 )
 
+log = logging.getLogger(__name__)
+
 # How long a chat waits for the first model load before it is told to come back.
 READY_TIMEOUT_S = 600.0
+# How often a waiting request reports back; between reports gradio may close it (client gone).
+WAIT_REPORT_S = 0.25
+SHUTDOWN_MESSAGE = "The server is shutting down; this message was not run. Please try again in a minute."
+
+
+class ShuttingDown(Busy):
+    """Refused because the server is draining for shutdown."""
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """Yielded by `chat(..., report_waiting=True)` while the request waits (model load or GPU slot)."""
+
+    reason: str
+    waiting: int
+    running: int
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The context caps requests are held to: the flags', lowered by the warm-up if those did not fit."""
+
+    max_context: int
+    max_new_tokens: int
+
+
+@dataclass
+class Counters:
+    """What the service did, for tests, the soak report and the panel. Updated under the service lock."""
+
+    generations_started: int = 0
+    generations_finished: int = 0
+    oom: int = 0
+    timed_out: int = 0
+    refused_shutdown: int = 0
+    memory_releases: int = 0
+    active: int = 0  # generate() calls running right now, counted around the worker itself
+    peak_active: int = 0
 
 
 @dataclass(frozen=True)
@@ -45,31 +99,284 @@ class PanelSnapshot:
     requests: int
 
 
+class _Active:
+    """One chat in flight: its cancel event and, when the server stopped it, why."""
+
+    def __init__(self, cancel: threading.Event) -> None:
+        self.cancel = cancel
+        self.stopped_by: str | None = None
+
+    def stop(self, reason: str) -> None:
+        self.stopped_by = self.stopped_by or reason
+        self.cancel.set()
+
+
+class _SlotRequest:
+    """Waits for a scheduler slot in a helper thread so the chat generator can keep yielding.
+
+    A generator blocked inside `Scheduler.slot` cannot be closed; one that yields `Waiting` every
+    quarter second can, so a client that leaves while waiting is dropped before any GPU work.
+    """
+
+    def __init__(self, scheduler: Scheduler, cancel: threading.Event, timeout: float | None) -> None:
+        self._cm = scheduler.slot(cancel, timeout)
+        self._cancel = cancel
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+        self._held = False
+        threading.Thread(target=self._acquire, name="slot-wait", daemon=True).start()
+
+    def _acquire(self) -> None:
+        try:
+            self._cm.__enter__()
+            self._held = True
+        except BaseException as exc:  # Busy, Cancelled: re-raised in the chat's thread
+            self._error = exc
+        finally:
+            self._done.set()
+
+    def wait(self, seconds: float) -> bool:
+        return self._done.wait(seconds)
+
+    def result(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def release(self) -> None:
+        if not self._done.is_set():
+            self._cancel.set()  # the scheduler notices within 0.1 s
+            self._done.wait()
+        if self._held:
+            self._held = False
+            self._cm.__exit__(None, None, None)
+
+
 class ChatService:
-    def __init__(self, manager: ModelManager, scheduler: Scheduler, stats: GenerationStats, probe: GpuProbe) -> None:
+    def __init__(
+        self,
+        manager: ModelManager,
+        scheduler: Scheduler,
+        stats: GenerationStats,
+        probe: GpuProbe,
+        *,
+        faults: FaultInjector | None = None,
+        request_timeout: float = 0.0,
+        limits: Limits | None = None,
+    ) -> None:
         self.manager = manager
         self.scheduler = scheduler
         self.stats = stats
         self.probe = probe
+        self.faults = faults or FaultInjector()
+        self.request_timeout = request_timeout
+        self.configured_limits = limits or Limits(16384, 1024)
+        self.limits = self.configured_limits
+        self.counters = Counters()
+        self.warmup_note = ""
+        self.warmed = threading.Event()  # cleared while a start-up load + warm-up is pending
+        self.warmed.set()
+        self._fatal: str | None = None
         self._media = _MediaCache()
         self._shape_cache: tuple[int, planner.ModelShape] | None = None
+        self._lock = threading.Lock()
+        self._switch_lock = threading.Lock()
+        self._active: set[_Active] = set()
+        self._draining = threading.Event()
 
-    def chat(self, request: ChatRequest, cancel: threading.Event | None = None) -> Iterator[str]:
-        """Yields the growing answer. Raises RequestError (user's fault) or Busy; closing it stops the GPU work."""
-        cancel = cancel or threading.Event()
-        self.manager.wait_ready(READY_TIMEOUT_S)
-        with self.scheduler.slot(cancel):
-            loaded = self.manager.wait_ready(0)  # after the slot: a precision switch may have happened
+    # -- chat -------------------------------------------------------------------------------
+    def chat(
+        self, request: ChatRequest, cancel: threading.Event | None = None, *, report_waiting: bool = False
+    ) -> Iterator[str | Waiting]:
+        """Yields the growing answer (and, if asked, `Waiting` while queued).
+
+        Raises RequestError (the user's to fix, or an OOM / timeout told as one), Busy or
+        ShuttingDown. Closing it stops the GPU work within one decode step and frees the slot.
+        """
+        active = _Active(cancel or threading.Event())
+        if self._draining.is_set():
+            self._count("refused_shutdown")
+            raise ShuttingDown(SHUTDOWN_MESSAGE)
+        started = time.monotonic()
+        deadline = started + self.request_timeout if self.request_timeout else None
+        with self._lock:
+            self._active.add(active)
+        try:
+            yield from self._wait_ready(started, deadline, report_waiting)
+            if self._fatal:
+                raise RequestError(self._fatal)
+            remaining = None if deadline is None else max(0.01, deadline - time.monotonic())
+            slot = _SlotRequest(self.scheduler, active.cancel, remaining)
             try:
-                prompt = build_prompt(loaded, request, self._media)
-            except MediaError as exc:
-                raise RequestError(str(exc)) from exc
-            for text, stats in stream_generate(loaded, prompt, request.sampling, cancel, self.stats.record):
-                if stats is not None:
-                    self.stats.record(stats)
-                else:
-                    yield text
+                while not slot.wait(WAIT_REPORT_S):
+                    if report_waiting:
+                        state = self.scheduler.state()
+                        reason = "the model reload to finish" if self.manager.current() is None else "a GPU slot"
+                        yield Waiting(reason, state.waiting, state.running)
+                slot.result()
+                if active.stopped_by == "shutdown":
+                    raise ShuttingDown(SHUTDOWN_MESSAGE)
+                yield from self._generate(request, active, deadline)
+            finally:
+                slot.release()
+        finally:
+            with self._lock:
+                self._active.discard(active)
 
+    def _wait_ready(self, started: float, deadline: float | None, report: bool) -> Iterator[Waiting]:
+        while True:
+            try:
+                self.manager.wait_ready(WAIT_REPORT_S)
+                self.warmed.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                return
+            except TimeoutError:
+                limit = started + READY_TIMEOUT_S if deadline is None else min(deadline, started + READY_TIMEOUT_S)
+                if time.monotonic() > limit:
+                    raise
+                if report:
+                    yield Waiting("the model to load", 0, 0)
+
+    def _generate(self, request: ChatRequest, active: _Active, deadline: float | None) -> Iterator[str]:
+        loaded = self.manager.wait_ready(0)  # after the slot: a precision switch may have happened
+        request = self._within_limits(request)
+        try:
+            prompt = build_prompt(loaded, request, self._media)
+        except MediaError as exc:
+            raise RequestError(str(exc)) from exc
+        timer = None
+        if deadline is not None:
+            timer = threading.Timer(max(0.0, deadline - time.monotonic()), active.stop, args=("timeout",))
+            timer.daemon = True
+            timer.start()
+        text, oom = "", None
+        self._generation_began()
+        try:
+            tokens = stream_generate(loaded, prompt, request.sampling, active.cancel, self.stats.record, self.faults)
+            with contextlib.closing(tokens):
+                for text, stats in tokens:
+                    if stats is not None:
+                        self.stats.record(stats)
+                    else:
+                        yield text
+        except Exception as exc:
+            if not _is_cuda_oom(exc):
+                raise
+            oom = _first_line(exc)
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self._generation_ended(finished=oom is None)
+        if oom is not None:  # outside the except block: the traceback (and its tensors) is gone now
+            del loaded
+            self.release_memory()
+            self._count("oom")
+            log.warning("CUDA OOM on a %d-token prompt: %s", prompt.tokens, oom)
+            raise RequestError(
+                f"The GPU ran out of memory on this request ({prompt.tokens:,} prompt tokens + up to "
+                f"{request.sampling.max_new_tokens:,} new); it was stopped and its memory released. Try a shorter "
+                "message, fewer or smaller images and videos, or a lower max context."
+            )
+        if active.stopped_by == "timeout":
+            self._count("timed_out")
+            raise RequestTimedOut(
+                f"Stopped after {self.request_timeout:g} s, the server's per-request limit (--request-timeout).",
+                text,
+            )
+        if active.stopped_by == "shutdown":
+            raise RequestTimedOut("Stopped: the server is shutting down.", text)
+
+    def _within_limits(self, request: ChatRequest) -> ChatRequest:
+        """Holds the request to the warm-up's limits (which may be below the sliders' tops)."""
+        limits = self.limits
+        if request.max_context <= limits.max_context and request.sampling.max_new_tokens <= limits.max_new_tokens:
+            return request
+        sampling = dataclasses.replace(
+            request.sampling, max_new_tokens=min(request.sampling.max_new_tokens, limits.max_new_tokens)
+        )
+        return dataclasses.replace(request, max_context=min(request.max_context, limits.max_context), sampling=sampling)
+
+    def _generation_began(self) -> None:
+        with self._lock:
+            c = self.counters
+            c.generations_started += 1
+            c.active += 1
+            c.peak_active = max(c.peak_active, c.active)
+
+    def _generation_ended(self, finished: bool) -> None:
+        with self._lock:
+            self.counters.active -= 1
+            self.counters.generations_finished += int(finished)
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            setattr(self.counters, name, getattr(self.counters, name) + 1)
+
+    # -- start-up ---------------------------------------------------------------------------
+    def start_in_background(self, use_demo: bool, warmup_mode: str, image_pixels: int) -> threading.Thread:
+        """Loads the model, then warms it up, in a thread: the page is up meanwhile; chats wait for both."""
+        self.warmed.clear()
+        thread = threading.Thread(
+            target=self._start, args=(use_demo, warmup_mode, image_pixels), name="model-load", daemon=True
+        )
+        thread.start()
+        return thread
+
+    def _start(self, use_demo: bool, warmup_mode: str, image_pixels: int) -> None:
+        try:
+            self.manager.load(use_demo)
+        except BaseException:  # the manager records it for the status line and for waiting chats
+            log.exception("model load failed")
+            self.warmed.set()
+            return
+        self.warm_up(warmup_mode, image_pixels)
+
+    def warm_up(self, mode: str, image_pixels: int) -> warmup.WarmupResult | None:
+        """Runs the warm-up while no chat runs; lowers `limits` (and says so) if the caps did not fit."""
+        try:
+            loaded = self.manager.wait_ready(READY_TIMEOUT_S)
+            plan = warmup.resolve_mode(mode, loaded.device)
+            if plan == "off":
+                return None
+            self.warmup_note = "warming up…"
+            with self.scheduler.exclusive():
+                loaded = self.manager.wait_ready(0)
+                result = warmup.run(
+                    loaded, plan, self.configured_limits.max_context, self.configured_limits.max_new_tokens,
+                    self.scheduler.max_concurrency, image_pixels, self.faults, self.release_memory,
+                )  # fmt: skip
+            self.limits = Limits(result.max_context, result.max_new_tokens)
+            self._fatal = result.note if result.failed else None
+            self.warmup_note = result.note
+            log.info("warm-up: %s", result.note)
+            return result
+        except Exception as exc:  # a warm-up must not keep the app from serving
+            log.exception("warm-up failed")
+            self.warmup_note = f"warm-up failed ({type(exc).__name__}: {exc}); limits unchanged"
+            return None
+        finally:
+            self.warmed.set()
+
+    # -- shutdown ---------------------------------------------------------------------------
+    def begin_drain(self) -> None:
+        """From now on new chats are refused; running ones continue."""
+        self._draining.set()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining.is_set()
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._active)
+
+    def stop_all(self, reason: str = "shutdown") -> int:
+        """Stops every chat in flight at its next decode step; returns how many."""
+        with self._lock:
+            active = list(self._active)
+        for item in active:
+            item.stop(reason)
+        return len(active)
+
+    # -- the rest of the UI's needs ---------------------------------------------------------
     def estimate(self, max_context: int, image_pixels: int, video_frames: int, video_total_pixels: int) -> str:
         """One line for beside the sliders: visual tokens per file and the KV cache these caps allow."""
         loaded = self.manager.current()
@@ -95,16 +402,30 @@ class ChatService:
             self._shape_cache = (key, planner.ModelShape.from_config(loaded.model.config))
         return self._shape_cache[1]
 
-    def switch_precision(self, precision: str) -> SwitchReport:
-        return self.manager.switch(precision)
+    def switch_precision(self, precision: str, warmup_mode: str = "off", image_pixels: int = 0) -> SwitchReport:
+        """One switch at a time: a second caller waits, then finds the precision loaded (no double load)."""
+        if self._draining.is_set():
+            raise ShuttingDown(SHUTDOWN_MESSAGE)
+        with self._switch_lock:
+            report = self.manager.switch(precision)
+            if report.old != report.new and warmup_mode != "off":
+                self.warm_up(warmup_mode, image_pixels)
+            return report
 
     def release_memory(self) -> None:
-        self.manager.release_memory()
+        gc.collect()
+        loading.release_cached_memory()
+        self._count("memory_releases")
 
     def snapshot(self) -> PanelSnapshot:
         loaded = self.manager.current()
+        status = self.manager.status
+        if self.warmup_note and loaded is not None:
+            status = f"{status} · {self.warmup_note}"
+        if self._draining.is_set():
+            status = f"Shutting down: finishing {self.in_flight()} running chat(s)."
         return PanelSnapshot(
-            status=self.manager.status,
+            status=status,
             notice=self.manager.notice,
             precision=loaded.label if loaded else None,
             is_demo=bool(loaded and loaded.is_demo),
@@ -118,3 +439,16 @@ class ChatService:
             rolling_ttft_s=self.stats.rolling_ttft_s,
             requests=self.stats.count,
         )
+
+
+def _is_cuda_oom(exc: BaseException) -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a hard dependency of the engine
+        return False
+    return isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

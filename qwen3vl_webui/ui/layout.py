@@ -9,7 +9,7 @@ import gradio as gr
 
 from qwen3vl_webui.config import Settings
 from qwen3vl_webui.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
-from qwen3vl_webui.ui.handlers import Handlers
+from qwen3vl_webui.ui.handlers import IMAGE_MP_MAX, Handlers
 from qwen3vl_webui.zerogpu import gpu_function
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -66,6 +66,7 @@ def build_demo(handlers: Handlers, settings: Settings) -> gr.Blocks:
         timer.tick(handlers.panel, outputs=[panel, status], queue=False, api_visibility="private")
         demo.load(handlers.panel, outputs=[panel, status], queue=False, api_visibility="private")
         demo.load(handlers.estimate, inputs=inputs, outputs=estimate, queue=False, api_visibility="private")
+        demo.load(handlers.context_sliders, outputs=inputs[:2], queue=False, api_visibility="private")
     return demo
 
 
@@ -79,7 +80,7 @@ def _budget_controls(settings: Settings) -> tuple[list[Any], gr.Markdown]:
             16, settings.max_new_tokens, value=min(512, settings.max_new_tokens), step=16, label="Max new tokens",
             elem_id="max-new-tokens",
         )  # fmt: skip
-        image_mp = gr.Slider(0.05, 4.0, value=0.92, step=0.01, label="Max pixels per image (MP)", elem_id="image-mp")
+        image_mp = gr.Slider(0.05, IMAGE_MP_MAX, value=0.92, step=0.01, label="Max pixels per image (MP)", elem_id="image-mp")
         fps = gr.Slider(0.25, 4.0, value=2.0, step=0.25, label="Video sampling (fps)", elem_id="video-fps")
         frames = gr.Slider(2, 128, value=32, step=2, label="Max video frames", elem_id="video-frames")
         video_mp = gr.Slider(0.5, 32.0, value=7.4, step=0.1, label="Total video pixels (MP)", elem_id="video-mp")
