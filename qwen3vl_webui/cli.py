@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--precision", "precision", _rule("precision"), choices=PRECISIONS)
     add("--device", "device", "auto, cpu, cuda or cuda:N")
     add("--attn", "attn", _rule("attn"), choices=ATTENTION)
+    add("--engine", "engine", _rule("engine"), choices=("auto", "generate", "batch"))
     add("--max-concurrency", "max_concurrency", _rule("max_concurrency"), type=int, metavar="N")
     add("--queue-size", "queue_size", _rule("queue_size"), type=int, metavar="M")
     add("--max-context", "max_context", _rule("max_context"), type=int, metavar="TOKENS")
@@ -118,8 +119,9 @@ def build_app(settings: Settings, load: bool = True) -> App:
 
     scheduler = Scheduler(settings.max_concurrency, settings.queue_size)
     manager = ModelManager(
-        settings.model, settings.precision, settings.device, settings.attn, scheduler, demo_dir=settings.cache_dir
-    )
+        settings.model, settings.precision, settings.device, settings.attn, scheduler, demo_dir=settings.cache_dir,
+        decoder=settings.engine, max_context=settings.max_context,
+    )  # fmt: skip
     service = ChatService(
         manager, scheduler, GenerationStats(), GpuProbe(),
         faults=FaultInjector.from_env(),  # a no-op unless QWEN3VL_FAULTS is set (tests, device checks)

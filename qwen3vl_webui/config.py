@@ -30,6 +30,11 @@ _RULES: dict[str, tuple[Any, str]] = {
     "port": ((1, 65535), "HTTP port"),
     "max_files_per_turn": ((1, 64), "images + videos allowed in one message"),
     "max_file_mb": ((1, 10240), "largest upload accepted, in MB"),
+    "engine": (
+        ("auto", "generate", "batch"),
+        "decoder: batch = continuous batching with CUDA-graph decode (one worker owns the GPU), "
+        "generate = transformers generate per request; auto = batch on a GPU, generate on a CPU or ZeroGPU",
+    ),
     "request_timeout": ((0, 86400), "wall-clock seconds one chat request may take, waiting included; 0 = no limit"),
     "grace_seconds": ((0, 3600), "on SIGTERM, seconds running chats get to finish before they are stopped"),
     "warmup": (
@@ -59,6 +64,7 @@ class Settings:
     max_files_per_turn: int = 8
     max_file_mb: int = 200
     cache_dir: str | None = field(default=None)
+    engine: str = "auto"
     request_timeout: int = 600
     grace_seconds: int = 30
     warmup: str = "auto"

@@ -54,3 +54,21 @@ def test_batch_engine_answers_like_generate_and_follows_a_precision_switch(tiny_
         )
     )  # fmt: skip
     assert stats.new_tokens >= 1 and "batch engine" in manager.decoder.describe()
+
+
+def test_the_app_serves_chats_through_the_batch_engine(tiny_checkpoint: Path) -> None:
+    from gradio_client import Client
+
+    from qwen3vl_webui.conversation import ERROR_PREFIX
+    from tests.conftest import start_app
+
+    app, url = start_app(tiny_checkpoint.parent, "--engine", "batch", "--max-concurrency", "2", "--max-context", "2048")
+    try:
+        assert isinstance(app.service.manager.decoder, BatchDecoder)
+        answer = Client(url, verbose=False).predict({"text": "Hello", "files": []}, max_new_tokens=16, api_name="/chat")
+        assert answer and not answer.startswith(ERROR_PREFIX)
+        engine = app.service.manager.decoder.engine
+        assert engine.snapshot().steps > 0 and app.service.stats.last.new_tokens >= 1
+        assert "batch engine" in app.service.snapshot().decoder
+    finally:
+        app.demo.close()

@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
+from qwen3vl_webui.engine.faults import FaultInjector
 from qwen3vl_webui.engine.generation import PreparedPrompt, SamplingParams, stream_generate
 from qwen3vl_webui.engine.loading import LoadedModel, release_cached_memory
 from qwen3vl_webui.telemetry import RequestStats
@@ -31,6 +32,7 @@ class Decoder(Protocol):
         sampling: SamplingParams,
         cancel: threading.Event,
         on_cancel: Callable[[RequestStats], None] | None = None,
+        faults: FaultInjector | None = None,
     ) -> Stream: ...
 
     def describe(self) -> str: ...
@@ -47,8 +49,8 @@ class GenerateDecoder:
     def detach(self) -> None:
         pass
 
-    def stream(self, loaded, prompt, sampling, cancel, on_cancel=None) -> Stream:  # type: ignore[no-untyped-def]
-        return stream_generate(loaded, prompt, sampling, cancel, on_cancel)
+    def stream(self, loaded, prompt, sampling, cancel, on_cancel=None, faults=None) -> Stream:  # type: ignore[no-untyped-def]
+        return stream_generate(loaded, prompt, sampling, cancel, on_cancel, faults)
 
     def describe(self) -> str:
         return "transformers generate (one request per thread)"
@@ -94,9 +96,10 @@ class BatchDecoder:
             del engine
             release_cached_memory()
 
-    def stream(self, loaded, prompt, sampling, cancel, on_cancel=None) -> Stream:  # type: ignore[no-untyped-def]
+    def stream(self, loaded, prompt, sampling, cancel, on_cancel=None, faults=None) -> Stream:  # type: ignore[no-untyped-def]
+        # Fault injection (tests, device checks) hooks generate's path; the engine fails for real.
         if self.fallback is not None:
-            return self.fallback.stream(loaded, prompt, sampling, cancel, on_cancel)
+            return self.fallback.stream(loaded, prompt, sampling, cancel, on_cancel, faults)
         if self.engine is None or self.engine.loaded is not loaded:
             raise RuntimeError("the decode engine is not attached to the loaded model")
         return self.engine.submit(prompt, sampling, cancel, on_cancel)

@@ -20,7 +20,6 @@ from qwen3vl_webui.engine.generation import (
     RequestTimedOut,
     _MediaCache,
     build_prompt,
-    stream_generate,
 )
 from qwen3vl_webui.engine.loading import LoadedModel
 from qwen3vl_webui.engine.manager import ModelManager, SwitchReport
@@ -97,6 +96,7 @@ class PanelSnapshot:
     rolling_tokens_per_s: float | None
     rolling_ttft_s: float | None
     requests: int
+    decoder: str = ""
 
 
 class _Active:
@@ -250,7 +250,10 @@ class ChatService:
         text, oom = "", None
         self._generation_began()
         try:
-            tokens = stream_generate(loaded, prompt, request.sampling, active.cancel, self.stats.record, self.faults)
+            decoder = self.manager.decoder
+            if decoder is None:  # only before the first load finishes; wait_ready above rules it out
+                raise RuntimeError("no decoder attached")
+            tokens = decoder.stream(loaded, prompt, request.sampling, active.cancel, self.stats.record, self.faults)
             with contextlib.closing(tokens):
                 for text, stats in tokens:
                     if stats is not None:
@@ -438,6 +441,7 @@ class ChatService:
             rolling_tokens_per_s=self.stats.rolling_tokens_per_s,
             rolling_ttft_s=self.stats.rolling_ttft_s,
             requests=self.stats.count,
+            decoder=self.manager.decoder.describe() if self.manager.decoder else "",
         )
 
 

@@ -38,6 +38,7 @@ def format_panel(snap: PanelSnapshot) -> str:
         ("CPU · RAM", f"{s.cpu_pct:.0f}% · {format_bytes(s.ram_used)} / {format_bytes(s.ram_total)}"),
         ("process RSS", format_bytes(s.process_rss)),
         ("precision", f"{snap.precision or 'loading…'}" + (f" on {snap.device}" if snap.device else "")),
+        ("decoder", snap.decoder or "—"),
         (
             "jobs",
             f"{snap.queue.running} running / {snap.queue.max_concurrency} slots · {snap.queue.waiting} waiting",
