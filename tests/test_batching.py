@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -161,3 +162,60 @@ def test_a_failing_prompt_fails_alone(loaded, prompts) -> None:
             list(engine.submit_tokens(bad, GREEDY, threading.Event()))
         rest = list(running)
     assert [first, *rest] == reference(loaded, prompts["long"], GREEDY)
+
+
+def test_long_prompt_prefills_in_chunks_and_short_ones_together(loaded, prompts) -> None:
+    long = SamplingParams(max_new_tokens=64, temperature=0.0, repetition_penalty=1.0)
+    chunked = build_prompt(loaded, ChatRequest(UserMessage("Count the objects " * 12), sampling=long))
+    assert chunked.inputs["input_ids"].shape[1] > 64  # two chunks of 64 tokens
+    short = [prompts["text"], prompts["long"], prompts["text"]]
+    expected_long = reference(loaded, chunked, long, eos_token_id=None)
+    expected_short = [reference(loaded, p, GREEDY) for p in short]
+    with BatchEngine(loaded, max_batch=4, token_budget=4 * 512, prefill_chunk=64) as engine:
+        running = engine.submit_tokens(prompts["long"], long, threading.Event())
+        head = [next(running) for _ in range(3)]
+        joining = engine.submit_tokens(chunked, long, threading.Event())  # prefilled between decode steps
+        got_long = list(joining)
+        got_running = head + list(running)
+        forwards = engine._prefill_forwards
+        # Three short prompts (22 + 21 + 22 tokens) queued at once: the first two fit one padded 64-token batch.
+        with engine._cond:  # the worker admits them together (the condition's lock is re-entrant)
+            streams = [engine.submit_tokens(p, GREEDY, threading.Event()) for p in short]
+        got_short = [list(s) for s in streams]
+        batched = engine._prefill_forwards - forwards
+    assert got_long == expected_long
+    assert got_running == reference(loaded, prompts["long"], long, eos_token_id=None)
+    assert got_short == expected_short
+    assert forwards == 1 + 2  # the running prompt, then the long one in two chunks
+    assert batched == 2
+
+
+def test_media_prompts_prefill_vision_then_text_chunks(loaded, prompts) -> None:
+    names = ["image", "video", "mixed"]
+    lengths = {n: prompts[n].inputs["input_ids"].shape[1] for n in names}
+    assert lengths["video"] > 128 and lengths["mixed"] > 128, lengths  # 64-token chunks cut through the visual tokens
+    expected = {n: reference(loaded, prompts[n], GREEDY) for n in names}
+    with BatchEngine(loaded, max_batch=4, token_budget=4 * 1024, prefill_chunk=64) as engine:
+        running = engine.submit_tokens(prompts["long"], GREEDY, threading.Event())
+        first = next(running)
+        streams = {n: engine.submit_tokens(prompts[n], GREEDY, threading.Event()) for n in names}
+        got = {n: list(s) for n, s in streams.items()}
+        rest = list(running)
+        forwards = engine._prefill_forwards
+    assert got == expected
+    assert [first, *rest] == reference(loaded, prompts["long"], GREEDY)
+    # Per media prompt: the vision tower, then ceil(length / 64) text chunks; plus the running text prompt.
+    assert forwards == 1 + sum(1 + -(-lengths[n] // 64) for n in names)
+
+
+@pytest.mark.skipif(not os.environ.get("QWEN3VL_SLOW_TESTS"), reason="compiles with inductor on CPU (~1 min)")
+def test_compiled_decode_equals_eager(loaded, prompts, tmp_path) -> None:
+    names = ["text", "long"]
+    with BatchEngine(loaded, max_batch=2, token_budget=2 * 512, eos_token_ids=()) as engine:
+        eager = [list(engine.submit_tokens(prompts[n], GREEDY, threading.Event())) for n in names]
+    with BatchEngine(
+        loaded, max_batch=2, token_budget=2 * 512, eos_token_ids=(), compile=True, compile_cache_dir=tmp_path
+    ) as engine:
+        assert engine.snapshot().decode_path == "torch.compile (no graphs)", engine.compile_error
+        streams = [engine.submit_tokens(prompts[n], GREEDY, threading.Event()) for n in names]
+        assert [list(s) for s in streams] == eager

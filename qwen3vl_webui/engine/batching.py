@@ -1,7 +1,8 @@
-"""Continuous-batching decode engine: one worker thread, a slot KV cache, CUDA-graph decode steps."""
+"""Continuous-batching decode engine: one worker thread, a slot KV cache, compiled CUDA-graph decode steps."""
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -11,14 +12,20 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from qwen3vl_webui.engine import compiled
 from qwen3vl_webui.engine.generation import PreparedPrompt, RequestError, SamplingParams
 from qwen3vl_webui.engine.loading import LoadedModel
 from qwen3vl_webui.telemetry import RequestStats
+
+log = logging.getLogger(__name__)
 
 # Batch sizes with a captured decode graph; a step of n requests replays the smallest bucket >= n.
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32)
 # KV rows per slot are rounded to this (SDPA's memory-efficient kernel wants 16-aligned masks).
 LEN_ALIGN = 64
+# Prompt tokens one prefill forward may take between two decode steps (about 60 ms of H100 time in bf16):
+# bounds how long a new prompt stalls the running streams.
+PREFILL_CHUNK = 2048
 # How often a waiting reader checks that the worker is still alive.
 POLL_S = 1.0
 
@@ -41,6 +48,8 @@ class EngineSnapshot:
     oldest_wait_s: float
     graph_buckets: tuple[int, ...]
     startup_s: float
+    prefilling: int = 0  # admitted requests whose prompt is still being prefilled (chunk by chunk)
+    decode_path: str = ""  # e.g. "cuda graphs + torch.compile", "cuda graphs", "eager (why)"
 
 
 @dataclass(eq=False)
@@ -69,23 +78,58 @@ class _Request:
         )
 
 
+@dataclass(eq=False)
+class _Prefill:
+    """A request between admission and its first token.
+
+    A long text prompt fills `cache` chunk by chunk; an image/video prompt first runs the vision tower alone
+    (`media`: per kind, the merged embeddings and the deepstack features of all its media), then its text
+    model in chunks, each chunk taking the visual features of the placeholder tokens it holds.
+    """
+
+    req: _Request
+    length: int
+    multimodal: bool
+    cache: Any = None
+    ids: Any = None  # input ids on the device, once chunking started
+    positions: Any = None  # [4, 1, length]: text row + the 3 mrope rows
+    delta: int = 0
+    media: dict[str, tuple[Any, list[Any]]] | None = None
+    done: int = 0  # prompt tokens already in `cache`
+
+    @staticmethod
+    def of(req: _Request) -> _Prefill:
+        inputs = req.prompt.inputs
+        media = inputs.get("pixel_values") is not None or inputs.get("pixel_values_videos") is not None
+        return _Prefill(req, int(inputs["input_ids"].shape[1]), media)
+
+
+@dataclass(frozen=True)
+class _VisualFeatures:
+    """What Qwen3VLModel.forward reads from a precomputed `mm_encoder_outputs` entry (per medium: a tuple)."""
+
+    pooler_output: tuple[Any, ...]
+    deepstack_features: list[tuple[Any, ...]]
+
+
 class _SlotCache:
     """The `past_key_values` of one decode step over slots [0, rows): writes each row at its own position.
 
-    Duck-typed for transformers' attention layers, which only call `update`. Returns the whole slot rows
-    (max_len keys); the 4D mask built from the same positions hides what lies past each row's length.
+    Duck-typed for transformers' attention layers, which only call `update`. Each layer's K (and V) is one flat
+    tensor [slots x kv_heads x max_len, head_dim] written with `index_copy_` on the tensor itself: inductor then
+    updates it in place (a write through a view of a graph input is functionalised into a copy of the whole
+    KV per layer). Returns the [rows, kv_heads, max_len, head_dim] view; the 4D mask hides each row's tail.
     """
 
-    def __init__(self, kv: Any, rows: int, pos: Any) -> None:
-        self._kv, self._rows, self._pos = kv, rows, pos
+    def __init__(self, layers: list[tuple[Any, Any]], shape: tuple[int, int, int, int], rows: int, index: Any) -> None:
+        self._layers, self._shape, self._rows, self._index = layers, shape, rows, index
 
     def update(self, key_states: Any, value_states: Any, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
-        keys = self._kv[layer_idx, 0, : self._rows]
-        values = self._kv[layer_idx, 1, : self._rows]
-        index = self._pos.view(-1, 1, 1, 1).expand_as(key_states)
-        keys.scatter_(2, index, key_states)
-        values.scatter_(2, index, value_states)
-        return keys, values
+        keys, values = self._layers[layer_idx]
+        dim = self._shape[-1]
+        keys.index_copy_(0, self._index, key_states.reshape(-1, dim))  # [rows, heads, 1, dim] -> rows x heads
+        values.index_copy_(0, self._index, value_states.reshape(-1, dim))
+        return keys.view(self._shape)[: self._rows], values.view(self._shape)[: self._rows]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # never consulted: position_ids and the 4D mask are always passed
@@ -145,9 +189,13 @@ class BatchEngine:
     """Serves many generations at once from one worker thread that owns the model.
 
     KV memory is allocated once: `token_budget` tokens split into `max_batch` slots of `max_len` tokens.
-    Requests are prefilled one at a time through the real Qwen3-VL forward (vision tower, deepstack,
-    mrope), then decode together one token per step; they join and leave at step boundaries. On CUDA the
-    decode step is replayed from graphs captured at start-up, one per batch-size bucket.
+    Prompts are prefilled through the real Qwen3-VL forward (vision tower, deepstack, mrope) between decode
+    steps, at most `prefill_chunk` prompt tokens per step (short text prompts batched together, long ones in
+    chunks, an image/video prompt whole), so a new prompt stalls running streams for one forward at most.
+    All running requests decode together one token per step; they join and leave at step boundaries. On
+    CUDA the decode step is compiled by inductor (`compile`) and replayed from graphs captured at start-up,
+    one per batch-size bucket; start-up therefore compiles (~a minute per bucket cold, far less with the
+    on-disk cache in `compile_cache_dir`), and no request ever waits for a compile.
     """
 
     def __init__(
@@ -159,9 +207,14 @@ class BatchEngine:
         cuda_graphs: bool | None = None,
         buckets: Iterable[int] = GRAPH_BUCKETS,
         eos_token_ids: Iterable[int] | None = None,
+        compile: bool | None = None,
+        compile_cache_dir: str | os.PathLike[str] | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if prefill_chunk < LEN_ALIGN:
+            raise ValueError(f"prefill_chunk must be >= {LEN_ALIGN} tokens, got {prefill_chunk}")
         max_len = token_budget // max_batch // LEN_ALIGN * LEN_ALIGN
         if max_len < LEN_ALIGN:
             raise ValueError(
@@ -171,9 +224,14 @@ class BatchEngine:
         self.loaded = loaded
         self.max_batch = max_batch
         self.max_len = max_len
+        self.prefill_chunk = prefill_chunk
         self._device = loaded.device
         on_cuda = str(loaded.device).startswith("cuda")
         self.cuda_graphs = on_cuda if cuda_graphs is None else (cuda_graphs and on_cuda)
+        self.compile = compiled.should_compile(compile, loaded.device, loaded.precision)
+        self.compile_error: str | None = None
+        self.graph_error: str | None = None
+        self._compile_cache_dir = compile_cache_dir
         sizes = sorted({b for b in buckets if b < max_batch} | {max_batch})
         self.buckets = tuple(sizes)
         if eos_token_ids is None:
@@ -183,13 +241,17 @@ class BatchEngine:
         self._tokenizer = loaded.processor.tokenizer
         self._cond = threading.Condition()
         self._waiting: deque[_Request] = deque()
+        self._prefilling: deque[_Prefill] = deque()  # worker-owned: admitted, holding a slot, no token yet
         self._active: list[_Request] = []  # worker-owned; request i lives in KV slot i
         self._closed = False
         self._peak = 0
         self._steps = 0
         self._tokens = 0
         self._startup_s = 0.0
+        self._prefill_forwards = 0
+        self._inflight: tuple[int, Any] | None = None  # (rows, device tokens) of the enqueued decode step
         self._graphs: dict[int, tuple[Any, Any]] = {}
+        self._restore_attention: Callable[[], None] = lambda: None
         self._startup_error: BaseException | None = None
         self._ready = threading.Event()
         # One persistent thread: CUDA graphs and their capture stream are per-thread state.
@@ -246,7 +308,19 @@ class BatchEngine:
             oldest_wait_s=now - oldest,
             graph_buckets=tuple(sorted(self._graphs)),
             startup_s=self._startup_s,
+            prefilling=len(self._prefilling),
+            decode_path=self.decode_path,
         )
+
+    @property
+    def decode_path(self) -> str:
+        """How decode steps run, in words (the live panel shows it)."""
+        if self._graphs:
+            return "cuda graphs + torch.compile" if self.compile else "cuda graphs"
+        if self.compile:
+            return "torch.compile (no graphs)"
+        reasons = [r for r in (self.graph_error, self.compile_error) if r]
+        return "eager" + (f" ({'; '.join(reasons)})" if reasons else "")
 
     def close(self, timeout: float = 60.0) -> None:
         """Stops the worker; running and waiting requests end with EngineClosed. Frees the KV memory."""
@@ -340,9 +414,9 @@ class BatchEngine:
         try:
             with torch.inference_mode():
                 self._allocate()
-                if self.cuda_graphs:
-                    self._capture()
+                self._prepare_decode()
         except BaseException as exc:  # reported by the constructor
+            self._restore_attention()
             self._startup_error = exc
             self._ready.set()
             return
@@ -350,17 +424,21 @@ class BatchEngine:
         self._ready.set()
         with torch.inference_mode():
             while True:
-                incoming, dropped = self._next_work()
-                if incoming is None:
+                admitted, dropped = self._next_work()
+                if admitted is None:
                     break
                 for req in dropped:
                     self._finish_unstarted(req)
-                for req in incoming:
-                    self._prefill_or_fail(req)
+                self._prefilling.extend(_Prefill.of(req) for req in admitted)
+                if self._prefilling:
+                    self._prefill_next()  # at most one forward between two decode steps
                 try:
-                    self._drop_cancelled()
-                    if self._active:
-                        self._step()
+                    if self._inflight is None:
+                        self._drop_cancelled()
+                        if self._active:
+                            self._launch()
+                    if self._inflight is not None:
+                        self._collect()  # launches the following step first when no request leaves
                 except BaseException as exc:  # fail this batch's requests, keep serving the next ones
                     self._fail_active(exc)
         self._shutdown()
@@ -368,7 +446,7 @@ class BatchEngine:
     def _next_work(self) -> tuple[list[_Request] | None, list[_Request]]:
         """Blocks until there is work; returns (requests to admit, cancelled waiting ones), or None on close."""
         with self._cond:
-            while not self._closed and not self._waiting and not self._active:
+            while not self._closed and not self._waiting and not self._active and not self._prefilling:
                 self._cond.wait()
             if self._closed:
                 return None, []
@@ -376,7 +454,7 @@ class BatchEngine:
             for r in dropped:
                 self._waiting.remove(r)
             incoming = []
-            while self._waiting and len(self._active) + len(incoming) < self.max_batch:
+            while self._waiting and len(self._active) + len(self._prefilling) + len(incoming) < self.max_batch:
                 incoming.append(self._waiting.popleft())
             return incoming, dropped
 
@@ -386,63 +464,135 @@ class BatchEngine:
         model = self.loaded.model
         text = model.config.text_config
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        heads = text.num_key_value_heads
         self._lm = model.model.language_model
         self._lm_head = model.lm_head
         self._dtype = self._lm.embed_tokens.weight.dtype
         dev = self._device
-        # One tensor for all layers, K and V: moving a slot (compaction) is one copy, not 2 x layers.
-        self._kv = torch.zeros(
-            text.num_hidden_layers, 2, self.max_batch, text.num_key_value_heads, self.max_len, head_dim,
-            dtype=self._dtype, device=dev,
-        )  # fmt: skip
+        self._kv_shape = (self.max_batch, heads, self.max_len, head_dim)
+        rows = self.max_batch * heads * self.max_len
+        # One K and one V tensor per layer, each flat (see _SlotCache); a slot's rows are [slot, :, :len] of the view.
+        self._kv_layers = [
+            (
+                torch.zeros(rows, head_dim, dtype=self._dtype, device=dev),
+                torch.zeros(rows, head_dim, dtype=self._dtype, device=dev),
+            )
+            for _ in range(text.num_hidden_layers)
+        ]
+        # Flat KV row of (slot, kv head) at position 0.
+        slots = torch.arange(self.max_batch, device=dev).view(-1, 1)
+        self._kv_base = (slots * heads + torch.arange(heads, device=dev).view(1, -1)) * self.max_len
         self._ids = torch.zeros(self.max_batch, 1, dtype=torch.long, device=dev)
         self._pos = torch.zeros(self.max_batch, dtype=torch.long, device=dev)  # next KV write index per slot
         self._delta = torch.zeros(self.max_batch, dtype=torch.long, device=dev)
         self._arange = torch.arange(self.max_len, device=dev)
         self._penalty = torch.ones(self.max_batch, 1, dtype=torch.float32, device=dev)
         self._seen = torch.zeros(self.max_batch, self._lm_head.out_features, dtype=torch.bool, device=dev)
+        self._decode_fn: Callable[[int], Any] = self._forward
+        self.warmup_s: dict[int, float] = {}  # per bucket: compile (if any) + two warm-up steps
 
     def _forward(self, rows: int) -> Any:
         """Logits [rows, vocab] of one decode step over slots [0, rows); only device ops (capturable)."""
         pos = self._pos[:rows]
         rope = (pos + self._delta[:rows]).view(1, rows, 1).expand(3, rows, 1)  # text: the 3 mrope axes agree
         mask = (self._arange.view(1, -1) <= pos.view(-1, 1)).view(rows, 1, 1, self.max_len)
+        index = (self._kv_base[:rows] + pos.view(-1, 1)).view(-1)
         hidden = self._lm(
             input_ids=self._ids[:rows],
             position_ids=rope,
             attention_mask=mask,
-            past_key_values=_SlotCache(self._kv, rows, pos),
+            past_key_values=_SlotCache(self._kv_layers, self._kv_shape, rows, index),
             use_cache=True,
         ).last_hidden_state
         return self._lm_head(hidden[:, -1])
 
-    def _capture(self) -> None:
+    def _prepare_decode(self) -> None:
+        """Compiles (if asked) and warms up every bucket, then captures the graphs: all before the first request."""
+        import torch
+
+        model = self.loaded.model
+        on_cuda = str(self._device).startswith("cuda")
+        if self.cuda_graphs and (blocker := compiled.graph_blocker(model)):
+            log.warning("decode steps run eagerly: %s", blocker)
+            self.graph_error, self.cuda_graphs = blocker, False
+        forward: Callable[[int], Any] = self._forward
+        if self.compile:
+            compiled.use_cache_dir(self._compile_cache_dir)
+            self._restore_attention = compiled.use_packed_decode_attention(model.config.text_config)
+            # bitsandbytes layers break the graph (tensor-subclass weights); the pieces between them still fuse.
+            fullgraph = self.loaded.precision not in ("int4", "int8")
+            forward = compiled.compile_decode(self._forward, len(self.buckets), fullgraph=fullgraph)
+        if not self.compile and not self.cuda_graphs:
+            return  # plain eager: nothing to prepare
+        side = torch.cuda.Stream() if on_cuda else None
+        try:
+            self._warm_up(forward, side)
+        except Exception as exc:
+            if not self.compile:
+                raise
+            # Decoding stays correct uncompiled (graphs only): report it rather than refuse to start.
+            log.warning("torch.compile of the decode step failed; decoding uncompiled: %r", exc)
+            self.compile_error = f"torch.compile failed: {type(exc).__name__}: {str(exc)[:300]}"
+            self.compile = False
+            self._restore_attention()
+            self._restore_attention = lambda: None
+            torch._dynamo.reset()
+            forward = self._forward
+            if self.cuda_graphs:
+                self._warm_up(forward, side)
+        self._decode_fn = forward
+        if self.cuda_graphs:
+            self._capture(forward)
+        for keys, values in self._kv_layers:  # warm-up wrote at position 0 of every slot
+            keys.zero_()
+            values.zero_()
+        self._pos.zero_()
+
+    def _warm_up(self, forward: Callable[[int], Any], stream: Any) -> None:
+        """Two steps per bucket (the first one compiles), off the capture stream as torch.cuda.graph asks."""
+        import contextlib
+
+        import torch
+
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for rows in self.buckets:
+                started = time.perf_counter()
+                for _ in range(2):
+                    forward(rows)
+                if stream is not None:
+                    stream.synchronize()
+                self.warmup_s[rows] = round(time.perf_counter() - started, 2)
+        if stream is not None:
+            torch.cuda.current_stream().wait_stream(stream)
+            torch.cuda.synchronize()
+
+    def _capture(self, forward: Callable[[int], Any]) -> None:
         import torch
 
         pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graph asks
-            for rows in self.buckets:
-                for _ in range(2):
-                    self._forward(rows)
-        torch.cuda.current_stream().wait_stream(side)
+        try:
+            for rows in sorted(self.buckets, reverse=True):  # largest first: the shared pool fits them all
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                    out = forward(rows)
+                self._graphs[rows] = (graph, out)
+        except Exception as exc:
+            log.warning("CUDA graph capture of the decode step failed; decoding without graphs: %r", exc)
+            self._graphs.clear()
+            self.cuda_graphs = False
+            self.graph_error = f"graph capture failed: {type(exc).__name__}: {str(exc)[:300]}"
         torch.cuda.synchronize()
-        for rows in sorted(self.buckets, reverse=True):  # largest first: the shared pool fits them all
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                out = self._forward(rows)
-            self._graphs[rows] = (graph, out)
-        torch.cuda.synchronize()
-        self._kv.zero_()
-        self._pos.zero_()
 
     def _decode_logits(self, n: int) -> Any:
-        if self._graphs:
-            rows = next(b for b in self.buckets if b >= n)
-            graph, out = self._graphs[rows]
-            graph.replay()
-            return out[:n]
+        if self._graphs or self.compile:
+            rows = next(b for b in self.buckets if b >= n)  # compiled code exists for the buckets only
+            if self._graphs:
+                graph, out = self._graphs[rows]
+                graph.replay()
+                return out[:n]
+            return self._decode_fn(rows)[:n]
         return self._forward(n)
 
     def _prompt_positions(self, inputs: dict[str, Any]) -> tuple[Any, int]:
@@ -463,57 +613,184 @@ class BatchEngine:
         )
         return torch.cat([text, vision]), int(deltas.view(-1)[0])
 
-    def _prefill_or_fail(self, req: _Request) -> None:
-        """A failing prompt (bad media, out of memory) fails its own request only, not the running batch."""
-        try:
-            self._prefill(req)
-        except Exception as exc:
-            if self._active and self._active[-1] is req:
-                self._active.pop()
-                self._pos[len(self._active)] = 0
-                self._delta[len(self._active)] = 0
-            req.out.put(exc)
+    # ------------------------------------------------------------------ prefill (worker)
 
-    def _prefill(self, req: _Request) -> None:
-        import torch
+    def _prefill_next(self) -> None:
+        """One prefill forward; a failing prompt (bad media, out of memory) fails its own requests only."""
+        group = self._prefill_group()
+        if not group:
+            return
+        try:
+            results = self._prefill_forward(group)
+        except Exception as exc:
+            for job in group:
+                self._prefilling.remove(job)
+                job.cache = None
+                job.req.out.put(exc)
+            return
+        for job, result in zip(group, results):
+            if result is None:
+                continue  # more chunks to go
+            self._prefilling.remove(job)
+            try:
+                self._activate(job, *result)
+            except Exception as exc:
+                if self._active and self._active[-1] is job.req:
+                    self._active.pop()
+                    self._pos[len(self._active)] = 0
+                    self._delta[len(self._active)] = 0
+                job.req.out.put(exc)
+
+    def _prefill_group(self) -> list[_Prefill]:
+        """The next forward's prompts: short text prompts together up to `prefill_chunk` tokens, else one prompt."""
+        group: list[_Prefill] = []
+        tokens = 0
+        for job in list(self._prefilling):
+            if job.req.cancel.is_set():
+                self._prefilling.remove(job)
+                job.cache = None
+                self._finish_unstarted(job.req)
+                continue
+            short_text = not job.multimodal and job.done == 0 and job.length <= self.prefill_chunk
+            if not group:
+                group.append(job)
+                tokens = job.length
+                if not short_text:
+                    break
+            elif short_text and tokens + job.length <= self.prefill_chunk:
+                group.append(job)
+                tokens += job.length
+            else:
+                break
+        return group
+
+    def _prefill_forward(self, group: list[_Prefill]) -> list[tuple[Any, int, int, Any] | None]:
+        """The model's own forward (as `generate`'s first step) into a private DynamicCache, one piece at a time.
+
+        Per job: None while pieces are left, else (cache, batch row, rope delta, logits [1, vocab]).
+        """
+        self._prefill_forwards += 1
+        job = group[0]
+        if len(group) > 1 or (not job.multimodal and job.length <= self.prefill_chunk):
+            return self._prefill_texts(group)
+        if job.multimodal and job.media is None:
+            self._encode_media(job)
+            return [None]
+        return [self._prefill_chunk(job)]
+
+    def _new_cache(self) -> Any:
         from transformers import DynamicCache
 
+        return DynamicCache(config=self.loaded.model.config.get_text_config(decoder=True))
+
+    def _prefill_texts(self, group: list[_Prefill]) -> list[tuple[Any, int, int, Any] | None]:
+        """Short text prompts in one right-padded batch: one forward instead of len(group)."""
+        import torch
+
+        dev = self._device
+        lengths = [j.length for j in group]
+        width = max(lengths)
+        ids = torch.zeros(len(group), width, dtype=torch.long)
+        mask = torch.zeros(len(group), width, dtype=torch.long)
+        for row, j in enumerate(group):
+            ids[row, : j.length] = j.req.prompt.inputs["input_ids"][0]
+            mask[row, : j.length] = 1
+        positions = torch.arange(width, device=dev).view(1, 1, -1).expand(4, len(group), -1)
+        cache = self._new_cache()
+        out = self.loaded.model.model(
+            input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions, past_key_values=cache,
+            use_cache=True,
+        )  # fmt: skip
+        rows = torch.arange(len(group), device=dev)
+        logits = self._lm_head(out.last_hidden_state[rows, torch.tensor(lengths, device=dev) - 1])
+        return [(cache, row, 0, logits[row : row + 1]) for row in range(len(group))]
+
+    def _encode_media(self, job: _Prefill) -> None:
+        """The vision tower over all of the prompt's images and videos, and the prompt's mrope positions."""
+        import torch
+
+        dev = self._device
+        inputs = {k: v.to(dev) if hasattr(v, "to") else v for k, v in job.req.prompt.inputs.items()}
+        job.positions, job.delta = self._prompt_positions(inputs)
+        job.ids = inputs["input_ids"]
+        job.media = {}
+        model = self.loaded.model.model
+        for kind, pixels, grid in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw")):  # fmt: skip
+            if inputs.get(pixels) is not None:
+                out = model.get_image_features(inputs[pixels], inputs[grid], return_dict=True)  # videos: the same
+                job.media[kind] = (torch.cat(out.pooler_output), [torch.cat(f) for f in out.deepstack_features])
+        job.cache = self._new_cache()
+
+    def _prefill_chunk(self, job: _Prefill) -> tuple[Any, int, int, Any] | None:
+        """The next `prefill_chunk` prompt tokens, attending to the chunks before them."""
+        import torch
+
+        dev = self._device
+        if job.cache is None:  # a long text prompt's first chunk
+            job.cache = self._new_cache()
+            job.ids = job.req.prompt.inputs["input_ids"].to(dev)
+            job.positions = torch.arange(job.length, device=dev).view(1, 1, -1).expand(4, 1, -1)
+        start, end = job.done, min(job.length, job.done + self.prefill_chunk)
+        visual = {}
+        if job.media:
+            config = self.loaded.model.config
+            ids = job.req.prompt.inputs["input_ids"][0]
+            for kind, token in (("image", config.image_token_id), ("video", config.video_token_id)):
+                if kind not in job.media:
+                    continue
+                placeholders = ids == token
+                lo, count = int(placeholders[:start].sum()), int(placeholders[start:end].sum())
+                if count:
+                    embeds, deepstack = job.media[kind]
+                    visual[kind] = _VisualFeatures(
+                        (embeds[lo : lo + count],), [(f[lo : lo + count],) for f in deepstack]
+                    )
+        out = self.loaded.model.model(
+            input_ids=job.ids[:, start:end], position_ids=job.positions[:, :, start:end],
+            past_key_values=job.cache, use_cache=True, mm_encoder_outputs=visual,
+        )  # fmt: skip
+        job.done = end
+        if end < job.length:
+            return None
+        cache, job.cache, job.ids, job.media = job.cache, None, None, None
+        return cache, 0, job.delta, self._lm_head(out.last_hidden_state[:, -1])
+
+    def _activate(self, job: _Prefill, cache: Any, row: int, delta: int, logits: Any) -> None:
+        """Copies the prompt's KV into the next free slot, joins the running batch, emits the first token."""
+        import torch
+
+        req, length = job.req, job.length
         if req.cancel.is_set():
             self._finish_unstarted(req)
             return
-        model = self.loaded.model
-        inputs = {k: v.to(self._device) if hasattr(v, "to") else v for k, v in req.prompt.inputs.items()}
-        positions, delta = self._prompt_positions(inputs)
-        # The prompt runs through the model's own forward into a private DynamicCache (the same path as
-        # `generate`'s first step), then its KV is copied into the request's slot.
-        cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-        out = model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        length = int(inputs["input_ids"].shape[1])
         slot = len(self._active)
         for layer, kv in enumerate(cache.layers):
-            self._kv[layer, 0, slot, :, :length].copy_(kv.keys[0])
-            self._kv[layer, 1, slot, :, :length].copy_(kv.values[0])
-        del cache
+            keys, values = self._kv_layers[layer]
+            keys.view(self._kv_shape)[slot, :, :length].copy_(kv.keys[row, :, :length])
+            values.view(self._kv_shape)[slot, :, :length].copy_(kv.values[row, :, :length])
         req.kv_len, req.delta = length, delta
         self._pos[slot] = length
         self._delta[slot] = delta
         self._penalty[slot] = req.sampling.repetition_penalty
         self._seen[slot] = False
         if req.sampling.repetition_penalty != 1.0:
-            self._seen[slot, inputs["input_ids"][0]] = True
+            self._seen[slot, req.prompt.inputs["input_ids"][0].to(self._device)] = True
         if req.sampling.temperature > 0:
             seed = req.sampling.seed if req.sampling.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
             req.generator = torch.Generator(device=self._device).manual_seed(seed)
         self._active.append(req)
         self._peak = max(self._peak, len(self._active))
-        token = self._choose(out.logits[:, -1].float(), slot, slot + 1)
+        token = self._choose(logits.float(), slot, slot + 1)
         self._ids[slot, 0] = token[0]
         if req.sampling.repetition_penalty != 1.0:
             self._seen[slot, token[0]] = True
         if self._emit(req, int(token[0]), time.perf_counter()):
             self._release(slot)
 
-    def _step(self) -> None:
+    # ------------------------------------------------------------------ decode (worker)
+
+    def _launch(self) -> None:
+        """Enqueues one decode step for the running batch; device work only, no host sync."""
         n = len(self._active)
         logits = self._decode_logits(n).float()
         tokens = self._choose(logits, 0, n)
@@ -521,13 +798,30 @@ class BatchEngine:
         self._pos[:n] += 1
         if any(r.sampling.repetition_penalty != 1.0 for r in self._active):
             self._seen[:n].scatter_(1, tokens.view(n, 1), True)
+        self._inflight = (n, tokens)
+
+    def _collect(self) -> None:
+        """Reads the step in flight; if nobody leaves, the next step is enqueued before the tokens are handed out.
+
+        Handing tokens to readers wakes their threads (GIL), and slots only move (compaction) between steps,
+        so the GPU runs step k+1 while the host emits step k. Requests only join meanwhile (prefill appends a
+        slot past the step's rows), never leave, so rows [0, n) still map to `_active[:n]`.
+        """
+        n, tokens = self._inflight
+        self._inflight = None
+        values = tokens.tolist()
         now = time.perf_counter()
         self._steps += 1
-        done = []
-        for i, (req, token) in enumerate(zip(self._active, tokens.tolist())):
+        reqs = self._active[:n]
+        done = [
+            i for i, (req, token) in enumerate(zip(reqs, values))
+            if token in self._eos or len(req.tokens) + 1 >= req.sampling.max_new_tokens or req.cancel.is_set()
+        ]  # fmt: skip
+        if not done and len(self._active) == n:
+            self._launch()
+        for req, token in zip(reqs, values):
             req.kv_len += 1
-            if self._emit(req, token, now):
-                done.append(i)
+            self._emit(req, token, now)
         for i in reversed(done):  # highest first: moving the last slot down never moves a finished one
             self._release(i)
 
@@ -576,7 +870,10 @@ class BatchEngine:
         last = len(self._active) - 1
         if slot != last:
             moved = self._active[last]
-            self._kv[:, :, slot, :, : moved.kv_len].copy_(self._kv[:, :, last, :, : moved.kv_len])
+            for pair in self._kv_layers:
+                for flat in pair:
+                    view = flat.view(self._kv_shape)
+                    view[slot, :, : moved.kv_len].copy_(view[last, :, : moved.kv_len])
             for buf in (self._ids, self._pos, self._delta, self._penalty, self._seen):
                 buf[slot].copy_(buf[last])
             self._active[slot] = moved
@@ -593,6 +890,7 @@ class BatchEngine:
         req.out.put(req.stats())
 
     def _fail_active(self, exc: BaseException) -> None:
+        self._inflight = None
         for req in self._active:
             req.out.put(exc)
         self._active.clear()
@@ -604,8 +902,11 @@ class BatchEngine:
         with self._cond:
             waiting = list(self._waiting)
             self._waiting.clear()
-        for req in [*self._active, *waiting]:
+        for req in [*self._active, *(job.req for job in self._prefilling), *waiting]:
             req.out.put(closed)
         self._active.clear()
+        self._prefilling.clear()
         self._graphs.clear()
-        self._kv = self._seen = None
+        self._kv_layers = []
+        self._seen = None
+        self._restore_attention()
