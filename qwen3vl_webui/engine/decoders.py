@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Protocol
 
 from qwen3vl_webui.engine.faults import FaultInjector
@@ -65,9 +66,11 @@ class BatchDecoder:
 
     name = "batch"
 
-    def __init__(self, max_batch: int, max_context: int) -> None:
+    def __init__(self, max_batch: int, max_context: int, cache_dir: str | None = None) -> None:
         self.max_batch = max_batch
         self.max_context = max_context
+        # Inductor's compiled decode steps persist here: a restart compiles in seconds, not minutes.
+        self.compile_cache_dir = Path(cache_dir or Path.home() / ".cache" / "qwen3vl-webui") / "inductor"
         self.engine = None
         self.fallback: GenerateDecoder | None = None  # used when the engine cannot start
         self.reason = ""
@@ -78,7 +81,9 @@ class BatchDecoder:
         self.detach()
         budget = self.max_context * self.max_batch
         try:
-            self.engine = BatchEngine(loaded, max_batch=self.max_batch, token_budget=budget)
+            self.engine = BatchEngine(
+                loaded, max_batch=self.max_batch, token_budget=budget, compile_cache_dir=self.compile_cache_dir
+            )
         except Exception as exc:  # e.g. a kernel that cannot be captured: keep serving, eagerly
             log.warning("batch engine with CUDA graphs failed to start (%s); retrying without graphs", exc)
             try:
@@ -118,12 +123,12 @@ class BatchDecoder:
         )
 
 
-def make_decoder(kind: str, device: str, max_batch: int, max_context: int) -> Decoder:
+def make_decoder(kind: str, device: str, max_batch: int, max_context: int, cache_dir: str | None = None) -> Decoder:
     """`auto`: the batch engine on a GPU (outside ZeroGPU, where no worker thread may own the GPU)."""
     from qwen3vl_webui.zerogpu import on_zero_gpu
 
     if kind == "auto":
         kind = "batch" if device.startswith("cuda") and not on_zero_gpu() else "generate"
     if kind == "batch":
-        return BatchDecoder(max_batch, max_context)
+        return BatchDecoder(max_batch, max_context, cache_dir)
     return GenerateDecoder()

@@ -109,9 +109,12 @@ class ModelManager:
     def _set(self, loaded: LoadedModel) -> LoadedModel:
         if self.decoder is None:
             self.decoder = make_decoder(
-                self.decoder_kind, loaded.device, self.scheduler.max_concurrency, self.max_context
+                self.decoder_kind, loaded.device, self.scheduler.max_concurrency, self.max_context, self.demo_dir
             )
-        self._progress(f"Starting the decoder: {self.decoder.name}…")
+        note = " (compiling the decode step: about a minute per batch size on a first start)" if (
+            self.decoder.name == "batch" and loaded.device.startswith("cuda")
+        ) else ""
+        self._progress(f"Starting the decoder: {self.decoder.name}…{note}")
         self.decoder.attach(loaded)  # before "Ready": CUDA graphs are captured here, not on a first chat
         self._loaded = loaded
         name = "demo model (tiny Qwen3-VL)" if loaded.is_demo else loaded.source
