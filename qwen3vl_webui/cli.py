@@ -21,6 +21,7 @@ from qwen3vl_webui.config import (
 from qwen3vl_webui.config import rule_help as _rule
 
 log = logging.getLogger("qwen3vl_webui")
+SESSION_CAPACITY = 1000
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +102,10 @@ class App:
             show_error=True,
             # gradio puts every route but the login page and static assets behind this (see docs/reliability.md).
             auth=s.credentials() or None,
+            # gradio keeps ~85 KB of state per session (the chat history lives there) for its 10,000
+            # most recent sessions: up to ~850 MB that API clients, which never disconnect, fill. A
+            # conversation idle while 1,000 newer ones started loses its server-side history.
+            state_session_capacity=SESSION_CAPACITY,
         )
         kwargs.update(overrides)
         return self.demo.launch(**kwargs)
@@ -138,8 +143,9 @@ def build_app(settings: Settings, load: bool = True) -> App:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from qwen3vl_webui.server import serve
+    from qwen3vl_webui.server import limit_malloc_arenas, serve
 
+    limit_malloc_arenas()  # before any thread starts; see server.py for the measurement
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = parse_settings(argv)
     try:

@@ -218,10 +218,14 @@ def stream_generate(
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+    # A class made per call sits in a reference cycle until the cyclic GC runs, and so does all it
+    # closes over: it must not reach the prompt's tensors (pixels!), only small values.
+    prompt_tokens = prompt.tokens
+
     class _Stop(StoppingCriteria):
         def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
             if faults is not None:
-                faults.fire("decode", prompt.tokens)
+                faults.fire("decode", prompt_tokens)
             # Checked once per decode step: a stop frees the slot within one step.
             return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
 
@@ -262,7 +266,7 @@ def stream_generate(
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
             if faults is not None:
-                faults.fire("prefill", prompt.tokens)
+                faults.fire("prefill", prompt_tokens)
             with torch.inference_mode():
                 model.generate(**kwargs)
         except BaseException as exc:  # reported to the reader below

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import logging
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from qwen3vl_webui import planner
 from qwen3vl_webui.engine import loading, warmup
@@ -308,6 +310,9 @@ class ChatService:
         with self._lock:
             self.counters.active -= 1
             self.counters.generations_finished += int(finished)
+            idle = self.counters.active == 0
+        if idle:
+            _trim_heap()
 
     def _count(self, name: str) -> None:
         with self._lock:
@@ -443,6 +448,39 @@ class ChatService:
             requests=self.stats.count,
             decoder=self.manager.decoder.describe() if self.manager.decoder else "",
         )
+
+
+_TRIM_EVERY_S = 1.0
+_last_trim = [0.0]
+
+
+def _trim_heap() -> None:
+    """Gives freed host memory back to the OS when no generation runs (glibc only; at most once a second).
+
+    Pixels and activations are allocated and freed in many threads (gradio's workers, generate
+    threads); glibc keeps each thread arena's high-water mark, so without this RSS climbs for
+    minutes under image traffic before it levels off.
+    """
+    now = time.monotonic()
+    if now - _last_trim[0] < _TRIM_EVERY_S:
+        return
+    _last_trim[0] = now
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc() -> Any:
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim  # noqa: B018 - glibc has it; musl and macOS do not
+        return libc
+    except (OSError, AttributeError):
+        return None
 
 
 def _is_cuda_oom(exc: BaseException) -> bool:
