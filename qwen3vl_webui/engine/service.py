@@ -347,9 +347,11 @@ class ChatService:
             self.warmup_note = "warming up…"
             with self.scheduler.exclusive():
                 loaded = self.manager.wait_ready(0)
+                decoder = self.manager.decoder
                 result = warmup.run(
                     loaded, plan, self.configured_limits.max_context, self.configured_limits.max_new_tokens,
                     self.scheduler.max_concurrency, image_pixels, self.faults, self.release_memory,
+                    **({"stream": decoder.stream} if decoder is not None else {}),
                 )  # fmt: skip
             self.limits = Limits(result.max_context, result.max_new_tokens)
             self._fatal = result.note if result.failed else None

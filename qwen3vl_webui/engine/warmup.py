@@ -19,6 +19,10 @@ from qwen3vl_webui.engine.generation import PreparedPrompt, SamplingParams, stre
 from qwen3vl_webui.engine.loading import LoadedModel
 from qwen3vl_webui.telemetry import format_bytes
 
+# The decoder's `stream` (generate per request, or the batch engine): the warm-up must measure the
+# path chats take, since the batch engine's KV cache is allocated up front and generate's grows.
+StreamFn = Callable[..., Any]
+
 MIN_CONTEXT = 1024
 _NEW_TOKENS = 2
 _QUICK_IMAGE = (64, 64)
@@ -51,11 +55,12 @@ def run(
     image_pixels: int,
     faults: FaultInjector | None = None,
     release_memory: Callable[[], None] | None = None,
+    stream: StreamFn = stream_generate,
 ) -> WarmupResult:
     """Runs the warm-up (the caller holds the scheduler's exclusive section)."""
     started = time.perf_counter()
     if mode == "quick":
-        _generate_all(loaded, [_prompt(loaded, _QUICK_IMAGE[0] * _QUICK_IMAGE[1], "Hello.", None)], faults)
+        _generate_all(loaded, [_prompt(loaded, _QUICK_IMAGE[0] * _QUICK_IMAGE[1], "Hello.", None)], faults, stream)
         seconds = time.perf_counter() - started
         note = f"warm-up done in {seconds:.1f} s (short text + image turn)"
         return WarmupResult(mode, max_context, max_new_tokens, (max_context,), seconds, None, False, note)
@@ -65,7 +70,7 @@ def run(
     while True:
         tried.append(context)
         try:
-            peak = _worst_case(loaded, context, concurrency, image_pixels, faults)
+            peak = _worst_case(loaded, context, concurrency, image_pixels, faults, stream)
             break
         except Exception as exc:
             if not _is_oom(exc):
@@ -95,8 +100,9 @@ def run(
 
 
 def _worst_case(
-    loaded: LoadedModel, context: int, concurrency: int, image_pixels: int, faults: FaultInjector | None
-) -> int | None:
+    loaded: LoadedModel, context: int, concurrency: int, image_pixels: int, faults: FaultInjector | None,
+    stream: StreamFn,
+) -> int | None:  # fmt: skip
     import torch
 
     cuda = loaded.device.startswith("cuda")
@@ -104,18 +110,20 @@ def _worst_case(
     if cuda:
         torch.cuda.synchronize(loaded.device)
         torch.cuda.reset_peak_memory_stats(loaded.device)
-    _generate_all(loaded, [prompt] * concurrency, faults)
+    _generate_all(loaded, [prompt] * concurrency, faults, stream)
     return int(torch.cuda.max_memory_allocated(loaded.device)) if cuda else None
 
 
-def _generate_all(loaded: LoadedModel, prompts: list[PreparedPrompt], faults: FaultInjector | None) -> None:
+def _generate_all(
+    loaded: LoadedModel, prompts: list[PreparedPrompt], faults: FaultInjector | None, stream: StreamFn
+) -> None:
     """Runs the prompts at the same time, as concurrent chats would; re-raises the first failure."""
     errors: list[BaseException] = []
     sampling = SamplingParams(max_new_tokens=_NEW_TOKENS, temperature=0.0)
 
     def one(prompt: PreparedPrompt) -> None:
         try:
-            for _ in stream_generate(loaded, prompt, sampling, threading.Event(), None, faults):
+            for _ in stream(loaded, prompt, sampling, threading.Event(), None, faults):
                 pass
         except BaseException as exc:
             errors.append(exc)
