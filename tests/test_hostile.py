@@ -555,7 +555,7 @@ def test_20_request_timeout_ends_the_request_with_a_message_and_frees_the_slot(g
     assert "The answer so far:" in reply
     assert 3 <= elapsed < 8 and app.service.counters.timed_out == 1
     assert app.service.scheduler.state().running == 0
-    assert _answered(_chat(client, "A quick one."))
+    assert _answered(_chat(client, "A quick one.", max_new_tokens=16))
 
 
 def test_22_auth_protects_the_page_api_upload_queue_and_files(guarded, tmp_path: Path) -> None:
@@ -580,7 +580,7 @@ def test_22_auth_protects_the_page_api_upload_queue_and_files(guarded, tmp_path:
     with pytest.raises(Exception):  # noqa: B017
         _client(url, auth=(AUTH[0], "wrong"))
     client = _client(url, auth=AUTH)
-    reply = _chat(client, "hello", [image])
+    reply = _chat(client, "hello", [image], max_new_tokens=16)  # well inside this server's 3-second limit
     assert _answered(reply), reply
     assert app.service.stats.last.prompt_image_tokens > 0
 
