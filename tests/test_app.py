@@ -130,3 +130,23 @@ def test_overload_is_refused_at_once_and_accepted_requests_complete(tiny_checkpo
         assert app.service.scheduler.state().peak_running == 1
     finally:
         app.demo.close()
+
+
+def test_panel_counts_requests_waiting_in_the_queue(tiny_checkpoint: Path) -> None:
+    app, url = start_app(tiny_checkpoint.parent, "--max-concurrency", "1", "--queue-size", "4")
+    try:
+        app.service.manager.current().model.generation_config.eos_token_id = None
+        panel = next(fn.fn for fn in app.demo.fns.values() if fn.name == "panel")
+        jobs = [
+            _client(url).submit({"text": f"long {i}", "files": []}, max_new_tokens=1000, api_name="/chat")
+            for i in range(3)
+        ]
+        deadline, seen = time.monotonic() + 30, ""
+        while time.monotonic() < deadline and "1 running / 1 slots · 2 waiting" not in seen:
+            seen = panel()[0]
+            time.sleep(0.1)
+        assert "1 running / 1 slots · 2 waiting" in seen
+        for job in jobs:
+            job.cancel()
+    finally:
+        app.demo.close()

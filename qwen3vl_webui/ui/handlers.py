@@ -134,7 +134,11 @@ class Handlers:
 
     def panel(self) -> tuple[str, str]:
         snap = self.service.snapshot()
-        return format_panel(snap), format_status(snap)
+        return format_panel(snap, self.queued()), format_status(snap)
+
+    def queued(self) -> int:
+        """Requests waiting in gradio's queue; set by the layout once the Blocks exist."""
+        return 0
 
     def estimate(
         self, max_context: int, max_new: int, image_mp: float, fps: float, frames: int, video_mp: float

@@ -62,6 +62,7 @@ def build_demo(handlers: Handlers, settings: Settings) -> gr.Blocks:
         chatbot.clear(handlers.clear, queue=False, api_visibility="private")
         for control in inputs:
             control.change(handlers.estimate, inputs=inputs, outputs=estimate, queue=False, api_visibility="private")
+        handlers.queued = lambda: _gradio_waiting(demo)  # type: ignore[method-assign]
         timer = gr.Timer(1.0)
         timer.tick(handlers.panel, outputs=[panel, status], queue=False, api_visibility="private")
         demo.load(handlers.panel, outputs=[panel, status], queue=False, api_visibility="private")
@@ -120,3 +121,11 @@ def _share_gpu_concurrency(demo: gr.Blocks, chat: gr.ChatInterface, limit: int) 
             fn.concurrency_id = GPU_CONCURRENCY_ID
             fn.concurrency_limit = limit
     del chat
+
+
+def _gradio_waiting(demo: gr.Blocks) -> int:
+    """Events waiting in gradio's queue (its private state, read defensively: 0 if it changes)."""
+    try:
+        return len(demo._queue)
+    except Exception:
+        return 0

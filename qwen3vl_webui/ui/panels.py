@@ -12,7 +12,8 @@ def _opt(value: float | None, fmt: str, unit: str = "") -> str:
     return "—" if value is None else f"{value:{fmt}}{unit}"
 
 
-def format_panel(snap: PanelSnapshot) -> str:
+def format_panel(snap: PanelSnapshot, queued: int = 0) -> str:
+    """`queued`: requests still in gradio's queue, which hands the engine at most its slot count."""
     rows: list[tuple[str, str]] = []
     if snap.gpu is not None:
         g = snap.gpu
@@ -41,7 +42,8 @@ def format_panel(snap: PanelSnapshot) -> str:
         ("decoder", snap.decoder or "—"),
         (
             "jobs",
-            f"{snap.queue.running} running / {snap.queue.max_concurrency} slots · {snap.queue.waiting} waiting",
+            f"{snap.queue.running} running / {snap.queue.max_concurrency} slots · "
+            f"{snap.queue.waiting + queued} waiting",
         ),
     ]
     last = snap.last
