@@ -74,6 +74,21 @@ def write_video(
     out.close()
 
 
+def repeat_video(segment: Path, out_path: Path, seconds: float, times: int) -> None:
+    """Muxes `segment` (`seconds` long) `times` times with shifted timestamps: a long file, no re-encoding."""
+    with av.open(str(segment)) as src, av.open(str(out_path), "w") as out:
+        stream = out.add_stream_from_template(src.streams.video[0])
+        span = round(seconds / src.streams.video[0].time_base)
+        for k in range(times):
+            src.seek(0)
+            for packet in src.demux(video=0):
+                if packet.size:
+                    packet.pts += k * span
+                    packet.dts += k * span
+                    packet.stream = stream
+                    out.mux(packet)
+
+
 def png_header_only(path: Path, width: int, height: int) -> None:
     """A tiny PNG whose header declares width x height, with only a few rows of data."""
 
@@ -368,17 +383,7 @@ def test_long_video_samples_without_decoding_everything(tmp_path: Path) -> None:
     # One hour at 15 fps (54,000 frames): a 10 s segment muxed 360 times with shifted timestamps.
     segment, path = tmp_path / "segment.mp4", tmp_path / "hour.mp4"
     write_video(segment, seconds=10, fps=15, size=(160, 120), options={"g": "15"}, period=150)
-    with av.open(str(segment)) as src, av.open(str(path), "w") as out:
-        stream = out.add_stream_from_template(src.streams.video[0])
-        span = round(10 / src.streams.video[0].time_base)
-        for k in range(360):
-            src.seek(0)
-            for packet in src.demux(video=0):
-                if packet.size:
-                    packet.pts += k * span
-                    packet.dts += k * span
-                    packet.stream = stream
-                    out.mux(packet)
+    repeat_video(segment, path, seconds=10, times=360)
     with av.open(str(segment)) as src:  # this machine's decode rate, to bound a full decode
         start = time.monotonic()
         decoded = sum(1 for _ in src.decode(video=0))
