@@ -56,6 +56,33 @@ def test_batch_engine_answers_like_generate_and_follows_a_precision_switch(tiny_
     assert stats.new_tokens >= 1 and "batch engine" in manager.decoder.describe()
 
 
+def test_the_panel_line_shows_batch_size_and_how_long_the_oldest_request_waits(tiny_checkpoint: Path) -> None:
+    import re
+    import time
+
+    manager = ModelManager(str(tiny_checkpoint), "fp32", "cpu", "sdpa", Scheduler(2, 4), decoder="batch", max_context=512)
+    loaded = manager.load()
+    long = SamplingParams(max_new_tokens=400, temperature=0.0, repetition_penalty=1.0)
+    prompt = build_prompt(loaded, ChatRequest(UserMessage("Hello"), sampling=long))
+    decoder = manager.decoder
+    decoder.max_batch = 1
+    loaded.model.generation_config.eos_token_id = None  # random weights could end the first answer at once
+    decoder.attach(loaded)  # one slot: the second request must wait for the first
+    stop = threading.Event()
+    first = decoder.stream(loaded, prompt, long, stop)
+    next(iter(first))
+    second = decoder.stream(loaded, prompt, long, threading.Event())
+    time.sleep(0.3)
+    line = decoder.describe()
+    stop.set()
+    list(first)
+    second.close()
+    assert "1/1 decoding" in line and "1 waiting" in line, line
+    wait = float(re.search(r"oldest ([0-9.]+) s", line).group(1))
+    assert 0.2 <= wait < 30, line
+    decoder.detach()
+
+
 def test_the_app_serves_chats_through_the_batch_engine(tiny_checkpoint: Path) -> None:
     from gradio_client import Client
 

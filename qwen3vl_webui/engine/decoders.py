@@ -117,9 +117,10 @@ class BatchDecoder:
         snap = self.engine.snapshot()
         graphs = f"graphs {list(snap.graph_buckets)}" if snap.graph_buckets else "no CUDA graphs"
         extra = f"; {self.reason}" if self.reason else ""
+        wait = f" (oldest {snap.oldest_wait_s:.1f} s)" if snap.waiting else ""
         return (
-            f"batch engine: {snap.active}/{snap.max_batch} decoding, {snap.waiting} waiting for prefill, "
-            f"{snap.max_len:,} tokens a slot, {graphs}{extra}"
+            f"batch engine: {snap.active}/{snap.max_batch} decoding, {snap.prefilling} prefilling, "
+            f"{snap.waiting} waiting{wait}, {snap.max_len:,} tokens a slot, {graphs}{extra}"
         )
 
 
