@@ -231,15 +231,19 @@ def run_checks(args: Any) -> None:
         loaded.model.generation_config.eos_token_id = None
         vocab = len(loaded.processor.tokenizer) - 32
         prompts = make_prompts(2, args.prompt_tokens, vocab, seed=1)
-        for graphs in (True, False):
-            label = f"{precision}_{'graphs' if graphs else 'eager'}"
-            with BatchEngine(loaded, max_batch=8, token_budget=8 * 1024, cuda_graphs=graphs) as engine:
+        variants = {"compiled": dict(compile=True, compile_cache_dir=args.cache_dir), "graphs": dict(compile=False),
+                    "eager": dict(compile=False, cuda_graphs=False)}  # fmt: skip
+        for name, kw in variants.items():
+            label = f"{precision}_{name}"
+            with BatchEngine(loaded, max_batch=8, token_budget=8 * 1024, buckets=(1, 8), **kw) as engine:
                 report[label] = [greedy_check(loaded, engine, p, args.check_tokens) for p in prompts]
+                report[f"{label}_path"] = engine.decode_path
             for r in report[label]:
-                print(label, json.dumps({k: v for k, v in r.items() if k != "engine_tokens"}), flush=True)
-        pairs = zip(report[f"{precision}_graphs"], report[f"{precision}_eager"])
-        report[f"{precision}_graphs_equal_eager"] = [a["engine_tokens"] == b["engine_tokens"] for a, b in pairs]
-        print(precision, "graph tokens == eager engine tokens:", report[f"{precision}_graphs_equal_eager"], flush=True)
+                print(label, engine.decode_path, json.dumps({k: v for k, v in r.items() if k != "engine_tokens"}), flush=True)  # fmt: skip
+        for name in ("compiled", "graphs"):
+            pairs = zip(report[f"{precision}_{name}"], report[f"{precision}_eager"])
+            report[f"{precision}_{name}_equal_eager"] = same = [a["engine_tokens"] == b["engine_tokens"] for a, b in pairs]
+            print(precision, f"{name} tokens == eager engine tokens:", same, flush=True)
         del loaded
         torch.cuda.empty_cache()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
