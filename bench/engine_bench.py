@@ -242,7 +242,9 @@ def run_checks(args: Any) -> None:
                 print(label, engine.decode_path, json.dumps({k: v for k, v in r.items() if k != "engine_tokens"}), flush=True)  # fmt: skip
         for name in ("compiled", "graphs"):
             pairs = zip(report[f"{precision}_{name}"], report[f"{precision}_eager"])
-            report[f"{precision}_{name}_equal_eager"] = same = [a["engine_tokens"] == b["engine_tokens"] for a, b in pairs]
+            report[f"{precision}_{name}_equal_eager"] = same = [
+                a["engine_tokens"] == b["engine_tokens"] for a, b in pairs
+            ]
             print(precision, f"{name} tokens == eager engine tokens:", same, flush=True)
         del loaded
         torch.cuda.empty_cache()
