@@ -497,12 +497,15 @@ class BatchEngine:
         rope = (pos + self._delta[:rows]).view(1, rows, 1).expand(3, rows, 1)  # text: the 3 mrope axes agree
         mask = (self._arange.view(1, -1) <= pos.view(-1, 1)).view(rows, 1, 1, self.max_len)
         index = (self._kv_base[:rows] + pos.view(-1, 1)).view(-1)
+        # The decode kernel reads each row's live length instead of the mask (compiled, the mask is dead code).
+        lengths = {"kv_lengths": pos + 1} if self._decode_kernel else {}
         hidden = self._lm(
             input_ids=self._ids[:rows],
             position_ids=rope,
             attention_mask=mask,
             past_key_values=_SlotCache(self._kv_layers, self._kv_shape, rows, index),
             use_cache=True,
+            **lengths,
         ).last_hidden_state
         return self._lm_head(hidden[:, -1])
 
@@ -511,17 +514,29 @@ class BatchEngine:
         import torch
 
         model = self.loaded.model
+        text = model.config.text_config
         on_cuda = str(self._device).startswith("cuda")
         if self.cuda_graphs and (blocker := compiled.graph_blocker(model)):
             log.warning("decode steps run eagerly: %s", blocker)
             self.graph_error, self.cuda_graphs = blocker, False
+        # Decode attention: the split-KV kernel over each row's live length where it runs (CUDA), compiled or not;
+        # else SDPA over the whole slot behind the 4D mask (CPU: exactly as `generate`'s eager path).
+        kernel_blocker = compiled.decode_kernel_blocker(self._device, text, self._dtype)
+        if kernel_blocker is not None and on_cuda:
+            log.warning("decode attention stays on SDPA: %s", kernel_blocker)
+        self._decode_kernel = kernel_blocker is None
+        if self.compile or self._decode_kernel:
+            self._restore_attention = compiled.use_packed_decode_attention(text)
+            self._decode_kernel = self._decode_kernel and text._attn_implementation == compiled.PACKED_DECODE_ATTENTION
+        self.decode_attention = "split-KV triton" if self._decode_kernel else f"sdpa ({kernel_blocker or 'not routed'})"
         forward: Callable[[int], Any] = self._forward
         if self.compile:
             compiled.use_cache_dir(self._compile_cache_dir)
-            self._restore_attention = compiled.use_packed_decode_attention(model.config.text_config)
             # bitsandbytes layers break the graph (tensor-subclass weights); the pieces between them still fuse.
             fullgraph = self.loaded.precision not in ("int4", "int8")
-            forward = compiled.compile_decode(self._forward, len(self.buckets), fullgraph=fullgraph)
+            forward = compiled.compile_decode(
+                self._forward, len(self.buckets), fullgraph=fullgraph, dynamic_batch=compiled.DYNAMIC_BATCH
+            )
         if not self.compile and not self.cuda_graphs:
             return  # plain eager: nothing to prepare
         side = torch.cuda.Stream() if on_cuda else None
@@ -534,8 +549,9 @@ class BatchEngine:
             log.warning("torch.compile of the decode step failed; decoding uncompiled: %r", exc)
             self.compile_error = f"torch.compile failed: {type(exc).__name__}: {str(exc)[:300]}"
             self.compile = False
-            self._restore_attention()
-            self._restore_attention = lambda: None
+            if not self._decode_kernel:  # the packed route was only there for the compiled step
+                self._restore_attention()
+                self._restore_attention = lambda: None
             torch._dynamo.reset()
             forward = self._forward
             if self.cuda_graphs:

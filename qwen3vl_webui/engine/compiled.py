@@ -1,4 +1,4 @@
-"""torch.compile for the decode step: when to compile, inductor's on-disk cache, a GQA-packed decode attention."""
+"""torch.compile for the decode step: when to compile, inductor's on-disk cache, the decode attention route."""
 
 from __future__ import annotations
 
@@ -15,6 +15,13 @@ PACKED_DECODE_ATTENTION = "qwen3vl_webui_sdpa"
 # Inductor's mode: "default" fuses the pointwise/norm/rope kernels around cuBLAS GEMMs. "max-autotune-no-cudagraphs"
 # benchmarks GEMM templates per shape (minutes per bucket) for little gain on decode's skinny GEMMs.
 COMPILE_MODE = "default"
+# Batch buckets > 1 share one compile with a symbolic batch size (dynamo's automatic dynamic shapes: bucket 1
+# compiles static, the next bucket recompiles with the row count symbolic, later buckets reuse it). False: one
+# static compile per bucket. Benchmarks flip it to compare.
+DYNAMIC_BATCH = True
+# On CUDA, one-token decode queries use the split-KV Triton kernel over each row's live length (attention.py)
+# instead of SDPA over the whole slot behind a mask. Benchmarks flip it to compare.
+DECODE_KERNEL = True
 
 
 def default_cache_dir() -> Path:
@@ -59,19 +66,28 @@ def packed_decode_attention(
     is_causal: bool | None = None,
     **kwargs: Any,
 ) -> tuple[Any, None]:
-    """transformers' SDPA attention, except that one-token queries always run GQA-packed.
+    """transformers' SDPA attention, except for one-token queries: the decode kernel, else SDPA GQA-packed.
 
-    transformers packs the 4 query heads of each KV head into the query-length axis for a one-token query, so
-    SDPA reads K/V once, but not while dynamo traces (`is_torchdynamo_compiling`): compiled, it materialises
-    `repeat_kv`, 4x the KV bytes per step (at 32 streams x 1k tokens, ~20 GB per step). Everything else is
-    delegated, so prefill and plain `generate` are unchanged.
+    With `kv_lengths` ([rows], keys 0..length-1 live; the batch engine passes it) a one-token query runs
+    `attention.decode_attention`, which reads only each row's live keys and ignores `attention_mask`.
+    Without it, one-token queries still run GQA-packed: transformers packs the 4 query heads of each KV head into
+    the query-length axis, so SDPA reads K/V once, but not while dynamo traces (`is_torchdynamo_compiling`):
+    compiled, it materialises `repeat_kv`, 4x the KV bytes per step (at 32 streams x 1k tokens, ~20 GB per step).
+    Everything else is delegated, so prefill and plain `generate` are unchanged.
     """
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    lengths = kwargs.pop("kv_lengths", None)
     groups = getattr(module, "num_key_value_groups", 1)
+    plain = query.shape[2] == 1 and not dropout and kwargs.get("position_bias") is None
+    if lengths is not None and plain:
+        from qwen3vl_webui.engine.attention import decode_attention
+
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return decode_attention(query, key, value, lengths, scale).transpose(1, 2), None
     per_head_mask = attention_mask is not None and attention_mask.shape[1] != 1
-    if query.shape[2] != 1 or groups == 1 or per_head_mask or dropout or kwargs.get("position_bias") is not None:
+    if not plain or groups == 1 or per_head_mask:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
@@ -86,9 +102,12 @@ def use_packed_decode_attention(text_config: Any) -> Callable[[], None]:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+    from qwen3vl_webui.engine.attention import decode_attention_op
+
     previous = text_config._attn_implementation
     if previous != "sdpa":
         return lambda: None
+    decode_attention_op()  # registered before any trace (dynamo cannot trace a registration)
     AttentionInterface.register(PACKED_DECODE_ATTENTION, packed_decode_attention)
     AttentionMaskInterface.register(PACKED_DECODE_ATTENTION, sdpa_mask)  # prefill masks exactly as for "sdpa"
     text_config._attn_implementation = PACKED_DECODE_ATTENTION
@@ -99,8 +118,16 @@ def use_packed_decode_attention(text_config: Any) -> Callable[[], None]:
     return restore
 
 
-def compile_decode(fn: Callable[[int], Any], buckets: int, fullgraph: bool) -> Callable[[int], Any]:
-    """`fn(rows)` compiled once per distinct `rows` (static shapes: `dynamic=False` never generalises a bucket)."""
+def compile_decode(
+    fn: Callable[[int], Any], buckets: int, fullgraph: bool, dynamic_batch: bool = False
+) -> Callable[[int], Any]:
+    """`fn(rows)` compiled per distinct `rows`, or (`dynamic_batch`) once for 1 and once for every larger `rows`.
+
+    Static (`dynamic=False`) never generalises a bucket. Dynamic (`dynamic=None`, dynamo's automatic dynamic
+    shapes): the first call compiles for its `rows`; the first call with another `rows` recompiles with `rows`
+    symbolic (guarded to >= 2: dynamo specialises sizes 0 and 1), which every later bucket reuses. So call it with
+    the buckets in ascending order, 1 first.
+    """
     import torch
 
     # One dynamo cache entry per bucket; the default limit (8) would silently fall back to eager past it.
@@ -109,7 +136,7 @@ def compile_decode(fn: Callable[[int], Any], buckets: int, fullgraph: bool) -> C
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.6
     if getattr(config, name) < limit:
         setattr(config, name, limit)
-    return torch.compile(fn, mode=COMPILE_MODE, fullgraph=fullgraph, dynamic=False)
+    return torch.compile(fn, mode=COMPILE_MODE, fullgraph=fullgraph, dynamic=None if dynamic_batch else False)
 
 
 def graph_blocker(model: Any) -> str | None:
@@ -121,3 +148,22 @@ def graph_blocker(model: Any) -> str | None:
                 "(`outliers.any()`), which CUDA graph capture forbids"
             )
     return None
+
+
+def decode_kernel_blocker(device: str, text_config: Any, dtype: Any) -> str | None:
+    """Why decode steps cannot use the split-KV Triton attention (attention.py) here, or None.
+
+    It needs CUDA, transformers' SDPA as the text model's attention (the engine routes through
+    `packed_decode_attention`), and a kernel that compiles and matches the torch reference on this GPU.
+    """
+    if not DECODE_KERNEL:
+        return "turned off (compiled.DECODE_KERNEL)"
+    if not str(device).startswith("cuda"):
+        return "not on CUDA"
+    if text_config._attn_implementation not in ("sdpa", PACKED_DECODE_ATTENTION):
+        return f"attention implementation {text_config._attn_implementation!r} is not sdpa"
+    from qwen3vl_webui.engine.attention import kernel_blocker
+
+    heads, kv_heads = text_config.num_attention_heads, text_config.num_key_value_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    return kernel_blocker(device, dtype, heads, kv_heads, head_dim)
