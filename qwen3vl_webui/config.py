@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_MODEL = "Qwen/Qwen3-VL-4B-Instruct"
-PRECISIONS = ("auto", "bf16", "fp16", "int8", "int4")
+PRECISIONS = ("auto", "bf16", "fp16", "int8", "int8wo", "int4")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 WARMUP_MODES = ("auto", "full", "quick", "off")
 ENV_PREFIX = "QWEN3VL_"
@@ -21,7 +21,11 @@ class SettingsError(ValueError):
 
 # name -> (valid range or choices, help). The single table that flags, env vars and checks read.
 _RULES: dict[str, tuple[Any, str]] = {
-    "precision": (PRECISIONS, "weights precision; auto picks the best that fits the free VRAM (CPU: fp32)"),
+    "precision": (
+        PRECISIONS,
+        "weights precision; int8 = bitsandbytes LLM.int8, int8wo = int8 weight-only with bf16 compute (fast with the "
+        "batch engine); auto picks the best that fits the free VRAM (CPU: fp32)",
+    ),
     "attn": (ATTENTION, "attention kernel (flash_attention_2 needs the flash-attn package)"),
     "max_concurrency": ((1, 64), "generations running on the GPU at once"),
     "queue_size": ((0, 1024), "requests allowed to wait before new ones are refused as busy"),

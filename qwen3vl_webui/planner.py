@@ -9,7 +9,7 @@ from typing import Any
 
 from qwen3vl_webui.telemetry import format_bytes
 
-PRECISIONS = ("bf16", "fp16", "fp32", "int8", "int4")
+PRECISIONS = ("bf16", "fp16", "fp32", "int8", "int8wo", "int4")
 
 GIB = 1024**3
 
@@ -23,6 +23,7 @@ GIB = 1024**3
 #   constants (16-entry nf4 code, 256-entry fp32 code of state2, the fp32 offset) are
 #   about 1 KiB per Linear and ignored.
 # - LLM.int8: int8 weights (CB), plus one fp32 scale per output row (SCB).
+# - int8wo (engine/quant.py): the same layout, int8 weights plus one fp32 scale per output row.
 _NF4_BYTES = 0.5
 _NF4_ABSMAX_BYTES = 4 / 64
 _NF4_ABSMAX_BYTES_DQ = 1 / 64 + 4 / (64 * 256)
@@ -186,7 +187,7 @@ def weight_bytes(shape: ModelShape, precision: str, *, double_quant: bool = True
         return 4 * (q + other)
     if precision in ("bf16", "fp16"):
         return 2 * (q + other)
-    if precision == "int8":
+    if precision in ("int8", "int8wo"):
         rows = shape.quantizable_rows or q // shape.hidden_size
         return q + 4 * rows + 2 * other
     absmax = _NF4_ABSMAX_BYTES_DQ if double_quant else _NF4_ABSMAX_BYTES

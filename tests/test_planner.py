@@ -82,7 +82,7 @@ def test_weight_bytes_ordering_and_measurements() -> None:
 
 
 def test_weight_bytes_rejects_unknown_precision() -> None:
-    with pytest.raises(ValueError, match="bf16, fp16, fp32, int8, int4"):
+    with pytest.raises(ValueError, match="bf16, fp16, fp32, int8, int8wo, int4"):
         weight_bytes(SHAPE, "int3")
 
 

@@ -45,14 +45,14 @@ def use_cache_dir(path: str | os.PathLike[str] | None) -> Path:
 
 
 def should_compile(requested: bool | None, device: str, precision: str) -> bool:
-    """None means: on for CUDA bf16/fp16; off on CPU and for bitsandbytes models.
+    """None means: on for CUDA bf16/fp16 and int8wo (its matmul is a custom op); off on CPU and for bitsandbytes models.
 
     nf4 compiles (with graph breaks) and measured 217 tok/s against 130 uncompiled on an H100, but its greedy
     tokens are not yet checked against `generate` there, so it stays opt-in (`compile=True`).
     """
     if requested is not None:
         return requested
-    return str(device).startswith("cuda") and precision in ("bf16", "fp16")
+    return str(device).startswith("cuda") and precision in ("bf16", "fp16", "int8wo")
 
 
 def packed_decode_attention(

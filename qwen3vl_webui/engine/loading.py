@@ -19,6 +19,7 @@ SKIP_QUANTIZATION = ["model.visual", "lm_head"]
 PRECISION_LABELS = {
     "int4": "INT4 (bitsandbytes nf4, bf16 compute)",
     "int8": "INT8 (bitsandbytes LLM.int8, fp16 compute)",
+    "int8wo": "INT8 weight-only (per-channel int8 weights, bf16 compute)",
     "bf16": "BF16",
     "fp16": "FP16",
     "fp32": "FP32 (CPU)",
@@ -46,6 +47,8 @@ class LoadedModel:
 
     @property
     def label(self) -> str:
+        if self.precision == "int8wo" and not str(self.device).startswith("cuda"):
+            return "INT8 weight-only (per-channel int8 weights, fp32 compute on CPU)"
         return PRECISION_LABELS.get(self.precision, self.precision)
 
 
@@ -65,6 +68,9 @@ def compute_dtype(precision: str, device: str) -> Any:
 
     if precision == "int8":
         return torch.float16  # LLM.int8 casts activations to fp16 anyway (one warning per layer otherwise)
+    if precision == "int8wo":
+        # The int8 weights are widened to the activation dtype per matmul; CPUs do fp32 matmuls faster than bf16.
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     if precision == "fp16":
         return torch.float16
     if precision == "fp32":
@@ -73,7 +79,7 @@ def compute_dtype(precision: str, device: str) -> Any:
 
 
 def quantization_config(precision: str, device: str) -> Any | None:
-    """The BitsAndBytesConfig for int4/int8, None for 16/32-bit."""
+    """The BitsAndBytesConfig for int4/int8, None for 16/32-bit and int8wo (quantized by engine/quant.py)."""
     if precision not in ("int4", "int8"):
         return None
     from transformers import BitsAndBytesConfig
@@ -157,6 +163,12 @@ def load_model(
         attn_implementation=attn,
         device_map={"": device} if quant is not None else None,
     )
+    if precision == "int8wo":
+        from qwen3vl_webui.engine import quant as int8wo
+
+        # Loaded on the CPU in 16-bit, each text Linear is quantized straight onto `device` and its 16-bit weight
+        # dropped: the GPU never holds the 16-bit text weights, so a card that fits int8 can load it.
+        int8wo.quantize_text_linears(model, device)
     if quant is None:
         model.to(device)
     model.eval()

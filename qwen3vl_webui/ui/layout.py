@@ -14,7 +14,13 @@ from qwen3vl_webui.zerogpu import gpu_function
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 GPU_CONCURRENCY_ID = "gpu"
-PRECISION_CHOICES = [("INT4 (nf4)", "int4"), ("INT8 (LLM.int8)", "int8"), ("BF16", "bf16"), ("FP16", "fp16")]
+PRECISION_CHOICES = [
+    ("INT4 (nf4)", "int4"),
+    ("INT8 (LLM.int8)", "int8"),
+    ("INT8 weight-only (fast, bf16 compute)", "int8wo"),
+    ("BF16", "bf16"),
+    ("FP16", "fp16"),
+]
 
 
 def build_demo(handlers: Handlers, settings: Settings) -> gr.Blocks:
