@@ -42,6 +42,43 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def start_server(flags: list[str], work: Path, tmpdir: Path | None = None) -> tuple[subprocess.Popen, str, Path]:
+    """`python app.py FLAGS` as a child process on 127.0.0.1 and a free port; uploads and temp files under `work`.
+
+    Returns (process, url, log path); the caller stops it. Fault injection and auth from the environment are left
+    out, so the app serves plainly.
+    """
+    port = _free_port()
+    env = {
+        **os.environ, "GRADIO_TEMP_DIR": str(work / "gradio"), "GRADIO_ANALYTICS_ENABLED": "False",
+        "PYTHONUNBUFFERED": "1", **({"TMPDIR": str(tmpdir)} if tmpdir else {}),
+    }  # fmt: skip
+    env.pop("QWEN3VL_FAULTS", None)
+    env.pop("QWEN3VL_AUTH", None)
+    command = [sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port), *flags]
+    log_path = work / "server.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return server, f"http://127.0.0.1:{port}/", log_path
+
+
+def wait_until_serving(url: str, server: subprocess.Popen, log_path: Path, timeout: float) -> None:
+    """Until the page's API answers (the model may still be loading); raises if the app exits or times out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the app exited with code {server.returncode}; see {log_path}")
+        try:
+            if httpx.get(url + "gradio_api/info", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"the app did not start within {timeout:.0f} s; see {log_path}")
+
+
 def _media(folder: Path) -> dict[str, list[Path]]:
     """Good and bad files to upload: generated images, the example video, a fake PNG, a cut MP4."""
     from PIL import Image
@@ -117,43 +154,23 @@ def run_soak(
     seed: int = 0,
     mix: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    import httpx
     import psutil
 
     work = Path(workdir or tempfile.mkdtemp(prefix="qwen3vl-soak-"))
     server_tmp, uploads = work / "server-tmp", work / "gradio"
     server_tmp.mkdir(parents=True, exist_ok=True)
     media = _media(work / "media")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/"
-    env = {
-        **os.environ, "TMPDIR": str(server_tmp), "GRADIO_TEMP_DIR": str(uploads), "GRADIO_ANALYTICS_ENABLED": "False",
-        "PYTHONUNBUFFERED": "1",
-    }  # fmt: skip
-    env.pop("QWEN3VL_FAULTS", None)
-    env.pop("QWEN3VL_AUTH", None)
-    command = [
-        sys.executable, "app.py", "--demo", "--host", "127.0.0.1", "--port", str(port),
-        "--cache-dir", str(cache_dir or work / "cache"), "--max-concurrency", "2", "--queue-size", str(queue_size),
-        "--max-new-tokens", "256", "--request-timeout", "120", "--grace-seconds", "30",
+    flags = [
+        "--demo", "--cache-dir", str(cache_dir or work / "cache"), "--max-concurrency", "2",
+        "--queue-size", str(queue_size), "--max-new-tokens", "256", "--request-timeout", "120", "--grace-seconds", "30",
     ]  # fmt: skip
-    log_path = work / "server.log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    server, url, log_path = start_server(flags, work, server_tmp)
     proc = psutil.Process(server.pid)
     report: dict[str, Any] = {
         "seconds": seconds, "clients": clients, "queue_size": queue_size, "max_concurrency": 2, "mix": mix or KINDS,
     }  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "gradio_api/info", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        else:
-            raise RuntimeError(f"the app did not start; see {log_path}")
+        wait_until_serving(url, server, log_path, 120)
         tally = Tally()
         warm = random.Random(seed)
         for kind in ("text", "image", "video"):  # one of each first: the baseline includes warm caches

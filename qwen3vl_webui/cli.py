@@ -12,6 +12,7 @@ from qwen3vl_webui.config import (
     ATTENTION,
     DEFAULT_MODEL,
     PRECISIONS,
+    RANDOM_WEIGHTS,
     WARMUP_MODES,
     Settings,
     SettingsError,
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--request-timeout", "request_timeout", _rule("request_timeout"), type=int, metavar="SECONDS")
     add("--grace-seconds", "grace_seconds", _rule("grace_seconds"), type=int, metavar="SECONDS")
     add("--warmup", "warmup", _rule("warmup"), choices=WARMUP_MODES)
+    add("--random-weights", "random_weights", _rule("random_weights"), choices=RANDOM_WEIGHTS)
     # Never echo a password into --help: these two show only where the value comes from.
     p.add_argument(
         "--auth", dest="auth", default=env_default("auth", None), metavar="USER:PASSWORD",
@@ -118,13 +120,16 @@ def build_app(settings: Settings, load: bool = True) -> App:
     from qwen3vl_webui.engine.scheduler import Scheduler
     from qwen3vl_webui.engine.service import ChatService, Limits
     from qwen3vl_webui.telemetry import GenerationStats, GpuProbe
+    from qwen3vl_webui.testing import random_weights
     from qwen3vl_webui.ui.handlers import IMAGE_MP_MAX, MEGA, Handlers
     from qwen3vl_webui.ui.layout import ASSETS, build_demo
     from qwen3vl_webui.zerogpu import on_zero_gpu
 
     scheduler = Scheduler(settings.max_concurrency, settings.queue_size)
+    off = settings.random_weights == "off"  # else benchmarking only: random weights built in memory
+    source = settings.model if off else random_weights.source_for(settings.random_weights)
     manager = ModelManager(
-        settings.model, settings.precision, settings.device, settings.attn, scheduler, demo_dir=settings.cache_dir,
+        source, settings.precision, settings.device, settings.attn, scheduler, demo_dir=settings.cache_dir,
         decoder=settings.engine, max_context=settings.max_context,
     )  # fmt: skip
     service = ChatService(

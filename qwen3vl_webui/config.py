@@ -12,6 +12,7 @@ DEFAULT_MODEL = "Qwen/Qwen3-VL-4B-Instruct"
 PRECISIONS = ("auto", "bf16", "fp16", "int8", "int8wo", "int4")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 WARMUP_MODES = ("auto", "full", "quick", "off")
+RANDOM_WEIGHTS = ("off", "4b", "tiny")
 ENV_PREFIX = "QWEN3VL_"
 
 
@@ -46,6 +47,11 @@ _RULES: dict[str, tuple[Any, str]] = {
         "start-up warm-up: full = the worst case the sliders allow (lowers max context if it does not fit), "
         "quick = a short text + image turn, auto = full on a GPU, quick on a CPU",
     ),
+    "random_weights": (
+        RANDOM_WEIGHTS,
+        "BENCHMARKING ONLY: serve random weights of this architecture (4b = Qwen3-VL-4B-Instruct's), built in "
+        "memory with no download, instead of --model; every answer is random words",
+    ),
 }
 
 
@@ -72,6 +78,7 @@ class Settings:
     request_timeout: int = 600
     grace_seconds: int = 30
     warmup: str = "auto"
+    random_weights: str = "off"
     # "user:password"; kept out of repr so settings can be logged.
     auth: str | None = field(default=None, repr=False)
     auth_file: str | None = None
@@ -83,6 +90,11 @@ class Settings:
         if self.max_new_tokens >= self.max_context:
             raise SettingsError(
                 f"--max-new-tokens must be below --max-context ({self.max_context}), got {self.max_new_tokens}"
+            )
+        if self.random_weights != "off" and (self.demo or self.precision not in ("auto", "bf16", "fp16", "int8wo")):
+            raise SettingsError(
+                f"--random-weights {self.random_weights} builds its weights in memory: it takes --precision auto, "
+                f"bf16, fp16 or int8wo and no --demo; got --precision {self.precision}{' --demo' if self.demo else ''}"
             )
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise SettingsError(f"--device must be one of auto, cpu, cuda, cuda:N; got {self.device!r}")

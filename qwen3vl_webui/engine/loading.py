@@ -143,8 +143,11 @@ def load_model(
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from qwen3vl_webui.testing import random_weights
     from qwen3vl_webui.testing.tiny_model import is_demo_checkpoint
 
+    if random_weights.is_random_source(source):  # --random-weights: benchmarking only, built in memory
+        return random_weights.load_random(source, precision, device, attn, progress)
     if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         # Without the package transformers tries to fetch a kernel from the Hub, which hangs offline.
         raise LoadRefused("--attn flash_attention_2 needs the flash-attn package; install it or use sdpa.")

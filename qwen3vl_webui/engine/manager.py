@@ -13,6 +13,7 @@ from qwen3vl_webui.engine.decoders import Decoder, make_decoder
 from qwen3vl_webui.engine.loading import LoadedModel, ModelUnavailable
 from qwen3vl_webui.engine.scheduler import Scheduler
 from qwen3vl_webui.telemetry import format_bytes
+from qwen3vl_webui.testing import random_weights
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,9 @@ class ModelManager:
             device = loading.resolve_device(self.device_request)
             if use_demo:
                 return self._load_demo(device)
+            if random_weights.is_random_source(self.source):
+                self.notice = random_weights.notice(self.source)
+                log.warning("\n%s\n%s\n%s", "!" * 100, self.notice.replace("**", "").replace("`", ""), "!" * 100)
             try:
                 precision = self.resolve_precision(device)
                 return self._set(loading.load_model(self.source, precision, device, self.attn, self._progress))
@@ -133,6 +137,8 @@ class ModelManager:
             return self.requested_precision
         if device == "cpu":
             return "fp32"
+        if random_weights.is_random_source(self.source):
+            return "bf16"  # built in memory: no quantized path
         from qwen3vl_webui import planner
 
         free = self.free_memory(device)
@@ -162,6 +168,8 @@ class ModelManager:
         if precision == old.precision:
             used = _used_vram(old.device)
             return SwitchReport(old.precision, precision, used, used, 0.0)
+        if random_weights.is_random_source(old.source) and precision not in random_weights.PRECISIONS:
+            raise SwitchRefused(f"--random-weights does not build {precision}; kept {old.precision}.")
         if precision in ("int4", "int8"):
             try:
                 import bitsandbytes  # noqa: F401

@@ -1,0 +1,109 @@
+"""bench/load_test.py against the real app (gradio queue, ChatService, engine), and --random-weights on CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import _free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_test_module() -> Any:
+    spec = importlib.util.spec_from_file_location("load_test", ROOT / "bench" / "load_test.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _check_sane(s: dict[str, Any], issued: int, chats: int) -> None:
+    assert s["chats"] == chats and s["issued"] == issued, s
+    assert s["ok"] + s["refused_busy"] + s["refused"] + s["error"] + s["unfinished"] == issued, s
+    assert s["ok"] >= 1 and s["error"] == 0 and s["unfinished"] == 0, s
+    assert len(s["requests"]) == issued and {r["index"] for r in s["requests"]} == set(range(issued))
+    ok = [r for r in s["requests"] if r["status"] == "ok"]
+    assert s["answer_tokens"] == sum(r["tokens"] for r in ok) > 0
+    t, rate = s["ttft_s"], s["chat_tok_s"]
+    assert 0 < t["min"] <= t["p50"] <= t["p95"] <= t["p99"] <= t["max"], t
+    assert 0 < rate["p5"] <= rate["p50"] <= rate["p95"], rate
+    for r in ok:  # a first output comes after the submit and no later than the last one
+        assert 0 < r["ttft_s"] <= r["duration_s"] and r["decode_s"] >= 0 and r["outputs"] >= 1, r
+    assert 0 < s["total_tok_s"] and s["wall_s"] > 0
+    assert s["prompt_tokens_mean"] == pytest.approx(s["prompt_tokens_target"], abs=2)
+
+
+def test_load_test_drives_the_demo_app_and_counts_answers_and_refusals(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    # One slot and one waiting place: three chats at once must see some "Queue is full" refusals.
+    out = tmp_path / "report.json"
+    code = _load_test_module().main([
+        "--chats", "1,3", "--requests", "6", "--seconds", "120", "--prompt-tokens", "48", "--new-tokens", "32",
+        "--warm-requests", "1", "--workdir", str(tmp_path / "work"), "--json", str(out),
+        "--", "--demo", "--cache-dir", str(tiny_checkpoint.parent), "--max-concurrency", "1", "--queue-size", "1",
+    ])  # fmt: skip
+    report = json.loads(out.read_text())
+    assert code == 0, report
+    assert report["tokenizer"] == "tiny" and report["exit_code"] == 0, report
+    assert report["startup_s"] >= report["first_answer_s"] > 0
+    one, three = report["scenarios"]
+    _check_sane(one, 6, 1)
+    assert one["ok"] == 6 and one["refused_busy"] == 0  # one chat alone never finds the queue full
+    _check_sane(three, 6, 3)
+    assert three["refused_busy"] >= 1, three
+    assert any("Ready: demo model" in line for line in report["server_log"]), report["server_log"]
+
+
+def test_random_weights_app_answers_words_whose_tokens_the_load_test_counts_exactly(tmp_path: Path) -> None:
+    from qwen3vl_webui.cli import build_app, parse_settings
+    from qwen3vl_webui.ui.panels import format_status
+
+    port = _free_port()
+    settings = parse_settings([
+        "--random-weights", "tiny", "--host", "127.0.0.1", "--port", str(port), "--max-concurrency", "2",
+        "--max-context", "1024", "--max-new-tokens", "64", "--warmup", "quick",
+    ])  # fmt: skip
+    app = build_app(settings)
+    app.launch(prevent_thread_lock=True, quiet=True)
+    try:
+        loaded = app.service.manager.wait_ready(120)
+        app.service.warmed.wait(120)
+        status = format_status(app.service.snapshot())
+        assert "Benchmarking only: random weights" in status and "random-weights:tiny" in status
+        assert loaded.source == "random-weights:tiny" and not loaded.is_demo
+        module = _load_test_module()
+        tokenizer = module.load_tokenizer("tiny")
+        report = module.run_scenario(
+            f"http://127.0.0.1:{port}/", 2, tokenizer, requests=4, seconds=120, prompt_tokens=40, new_tokens=24
+        )
+    finally:
+        app.demo.close()
+    _check_sane(report, 4, 2)
+    # No end-of-turn token can be drawn and every answer token re-tokenizes to itself: exactly 24 each.
+    assert report["ok"] == 4 and all(r["tokens"] == 24 for r in report["requests"]), report["requests"]
+    assert app.service.stats.last.new_tokens == 24
+
+
+def test_random_weights_settings_refuse_quantized_precisions_and_demo() -> None:
+    from qwen3vl_webui.config import Settings, SettingsError
+
+    assert Settings(random_weights="4b", precision="bf16").random_weights == "4b"
+    assert Settings(random_weights="4b", precision="int8wo").precision == "int8wo"  # quantized in memory
+    with pytest.raises(SettingsError, match="--random-weights 4b .* --precision int4"):
+        Settings(random_weights="4b", precision="int4")
+    with pytest.raises(SettingsError, match="--demo"):
+        Settings(random_weights="tiny", demo=True)
+    with pytest.raises(SettingsError, match="--random-weights must be one of off, 4b, tiny"):
+        Settings(random_weights="7b")
+
+
+def test_percentiles_interpolate_between_ranks() -> None:
+    percentile = _load_test_module().percentile
+    assert percentile([], 50) is None
+    assert percentile([3.0], 99) == 3.0
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    assert percentile(list(range(101)), 95) == 95
