@@ -150,3 +150,19 @@ def test_panel_counts_requests_waiting_in_the_queue(tiny_checkpoint: Path) -> No
             job.cancel()
     finally:
         app.demo.close()
+
+
+def test_stop_strings_through_the_api(demo_app_server) -> None:
+    _, url = demo_app_server
+    ask = {"text": "Count the objects", "files": []}
+    full = _client(url).predict(ask, temperature=0.0, max_new_tokens=48, api_name="/chat")
+    at = next(
+        i for i in range(6, len(full) - 3)
+        if full[i : i + 3].isascii() and "\\" not in full[i : i + 3] and full.find(full[i : i + 3]) == i
+    )  # fmt: skip
+    stop = full[at : at + 3]
+    cut = _client(url).predict(ask, temperature=0.0, max_new_tokens=48, stop_strings=f"never\n{stop}", api_name="/chat")
+    assert cut == full[:at]
+    many = "\n".join(f"s{i}" for i in range(9))
+    refused = _client(url).predict(ask, stop_strings=many, api_name="/chat")
+    assert refused.startswith(ERROR_PREFIX) and "At most 8 stop strings" in refused

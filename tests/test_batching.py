@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import threading
 from pathlib import Path
@@ -12,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from qwen3vl_webui.conversation import UserMessage
+from qwen3vl_webui.conversation import Turn, UserMessage
 from qwen3vl_webui.engine.batching import BatchEngine, EngineClosed
 from qwen3vl_webui.engine.generation import ChatRequest, PreparedPrompt, RequestError, SamplingParams, build_prompt
 from qwen3vl_webui.engine.loading import LoadedModel, load_model
@@ -171,7 +173,7 @@ def test_long_prompt_prefills_in_chunks_and_short_ones_together(loaded, prompts)
     short = [prompts["text"], prompts["long"], prompts["text"]]
     expected_long = reference(loaded, chunked, long, eos_token_id=None)
     expected_short = [reference(loaded, p, GREEDY) for p in short]
-    with BatchEngine(loaded, max_batch=4, token_budget=4 * 512, prefill_chunk=64) as engine:
+    with BatchEngine(loaded, max_batch=4, token_budget=4 * 512, prefill_chunk=64, prefix_slots=0) as engine:
         running = engine.submit_tokens(prompts["long"], long, threading.Event())
         head = [next(running) for _ in range(3)]
         joining = engine.submit_tokens(chunked, long, threading.Event())  # prefilled between decode steps
@@ -195,7 +197,7 @@ def test_media_prompts_prefill_vision_then_text_chunks(loaded, prompts) -> None:
     lengths = {n: prompts[n].inputs["input_ids"].shape[1] for n in names}
     assert lengths["video"] > 128 and lengths["mixed"] > 128, lengths  # 64-token chunks cut through the visual tokens
     expected = {n: reference(loaded, prompts[n], GREEDY) for n in names}
-    with BatchEngine(loaded, max_batch=4, token_budget=4 * 1024, prefill_chunk=64) as engine:
+    with BatchEngine(loaded, max_batch=4, token_budget=4 * 1024, prefill_chunk=64, prefix_slots=0) as engine:
         running = engine.submit_tokens(prompts["long"], GREEDY, threading.Event())
         first = next(running)
         streams = {n: engine.submit_tokens(prompts[n], GREEDY, threading.Event()) for n in names}
@@ -219,3 +221,265 @@ def test_compiled_decode_equals_eager(loaded, prompts, tmp_path) -> None:
         assert engine.snapshot().decode_path == "torch.compile (no graphs)", engine.compile_error
         streams = [engine.submit_tokens(prompts[n], GREEDY, threading.Event()) for n in names]
         assert [list(s) for s in streams] == eager
+
+
+# ---------------------------------------------------------------- prefix reuse
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _ids(prompt: PreparedPrompt) -> list[int]:
+    return prompt.inputs["input_ids"][0].tolist()
+
+
+@pytest.fixture
+def vision_calls(loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Rows of pixels the vision tower saw, one item per call (images and videos both go through it)."""
+    model = loaded.model.model
+    real = model.get_image_features
+    calls: list[int] = []
+
+    @functools.wraps(real)  # generate picks the arguments it passes by the signature
+    def counting(pixel_values: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(int(pixel_values.shape[0]))
+        return real(pixel_values, *args, **kwargs)
+
+    monkeypatch.setattr(model, "get_image_features", counting)
+    return calls
+
+
+def _image(path: Path, seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (160, 224, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["text", "image", "video"])
+def test_a_follow_up_turn_reuses_the_first_turns_kv_and_answers_like_generate(
+    loaded, kind, vision_calls, tmp_path
+) -> None:
+    files = {"text": (), "image": (_image(tmp_path / "a.png", 5),), "video": (str(ASSETS / "example.mp4"),)}[kind]
+    first = UserMessage("Describe what you see in detail.", files)
+    turn1 = build_prompt(loaded, ChatRequest(first, sampling=GREEDY))
+    with BatchEngine(loaded, max_batch=2, token_budget=2 * 1024) as engine:
+        tokens1 = list(engine.submit_tokens(turn1, GREEDY, threading.Event()))
+        answer = loaded.processor.tokenizer.decode(tokens1, skip_special_tokens=True)
+        assert engine.snapshot().prefix_entries == 1 and len(vision_calls) == (0 if kind == "text" else 1)
+        history = [Turn(first, answer)]
+        turn2 = build_prompt(loaded, ChatRequest(UserMessage("And what else?"), history, sampling=GREEDY))
+        before = engine.snapshot()
+        got = list(engine.submit_tokens(turn2, GREEDY, threading.Event()))
+        after = engine.snapshot()
+    # The entry holds turn 1's prompt and the answer tokens fed back (all but the last one emitted).
+    kept = _ids(turn1) + tokens1[:-1]
+    reused = _common(kept, _ids(turn2))
+    assert reused >= len(_ids(turn1))  # the whole first prompt, and the answer as far as it re-tokenizes alike
+    assert after.prefix_hits - before.prefix_hits == 1
+    assert after.prefix_tokens_reused - before.prefix_tokens_reused == reused
+    assert after.prefill_tokens - before.prefill_tokens == len(_ids(turn2)) - reused
+    assert len(vision_calls) == (0 if kind == "text" else 1)  # turn 2 did not run the vision tower again
+    assert got == reference(loaded, turn2, GREEDY)
+
+
+def test_regenerate_reuses_all_but_the_last_prompt_token(loaded, prompts, vision_calls) -> None:
+    prompt = prompts["image"]
+    sampled = SamplingParams(max_new_tokens=16, temperature=0.9, seed=1, repetition_penalty=1.0)
+    with BatchEngine(loaded, max_batch=1, token_budget=1024) as engine:
+        list(engine.submit_tokens(prompt, sampled, threading.Event()))
+        before = engine.snapshot()
+        again = list(engine.submit_tokens(prompt, GREEDY, threading.Event()))  # the same history, a new answer
+        after = engine.snapshot()
+    assert after.prefix_tokens_reused - before.prefix_tokens_reused == len(_ids(prompt)) - 1
+    assert after.prefill_tokens - before.prefill_tokens == 1 and len(vision_calls) == 1
+    assert again == reference(loaded, prompt, GREEDY)
+
+
+def test_a_different_image_in_the_same_place_is_not_reused(loaded, vision_calls, tmp_path) -> None:
+    system = "You are a careful assistant who looks closely at every picture before answering."
+    a, b = _image(tmp_path / "a.png", 1), _image(tmp_path / "b.png", 2)  # same size: the same tokens exactly
+    prompt_a, prompt_b = (
+        build_prompt(loaded, ChatRequest(UserMessage("What is this?", (f,)), system_prompt=system, sampling=GREEDY))
+        for f in (a, b)
+    )
+    assert _ids(prompt_a) == _ids(prompt_b)
+    image_start = _ids(prompt_a).index(loaded.model.config.image_token_id)
+    assert image_start >= 16  # the system prompt alone is worth reusing
+    with BatchEngine(loaded, max_batch=2, token_budget=2 * 1024, prefix_slots=2) as engine:
+        list(engine.submit_tokens(prompt_a, GREEDY, threading.Event()))
+        got_b = list(engine.submit_tokens(prompt_b, GREEDY, threading.Event()))
+        after_b = engine.snapshot()
+        got_a = list(engine.submit_tokens(prompt_a, GREEDY, threading.Event()))
+        after_a = engine.snapshot()
+    # b reuses the system prompt only, up to its image; its image goes through the vision tower. Both entries
+    # are kept (neither holds the other), and a again finds its own image: no third vision forward.
+    assert after_b.prefix_tokens_reused == image_start and len(vision_calls) == 2
+    assert after_a.prefix_tokens_reused - after_b.prefix_tokens_reused == len(_ids(prompt_a)) - 1
+    assert after_a.prefix_entries == 2
+    assert got_b == reference(loaded, prompt_b, GREEDY)
+    assert got_a == reference(loaded, prompt_a, GREEDY)
+
+
+def test_a_second_image_after_a_reused_one_runs_the_vision_tower_on_it_alone(loaded, vision_calls, tmp_path) -> None:
+    a, b = _image(tmp_path / "a.png", 1), str(ASSETS / "example.mp4")
+    first = UserMessage("What is this?", (a,))
+    turn1 = build_prompt(loaded, ChatRequest(first, sampling=GREEDY))
+    with BatchEngine(loaded, max_batch=1, token_budget=2048) as engine:
+        tokens1 = list(engine.submit_tokens(turn1, GREEDY, threading.Event()))
+        history = [Turn(first, loaded.processor.tokenizer.decode(tokens1, skip_special_tokens=True))]
+        turn2 = build_prompt(loaded, ChatRequest(UserMessage("And this?", (b,)), history, sampling=GREEDY))
+        got = list(engine.submit_tokens(turn2, GREEDY, threading.Event()))
+        snap = engine.snapshot()
+    assert snap.prefix_hits == 1 and snap.prefix_tokens_reused >= len(_ids(turn1))
+    video_patches = int(turn2.inputs["pixel_values_videos"].shape[0])
+    assert vision_calls == [int(turn1.inputs["pixel_values"].shape[0]), video_patches]  # the video alone
+    assert got == reference(loaded, turn2, GREEDY)
+
+
+def test_the_least_recently_used_entry_is_evicted_when_the_pool_is_full(loaded) -> None:
+    def prompt(text: str) -> PreparedPrompt:
+        return build_prompt(loaded, ChatRequest(UserMessage(text), sampling=GREEDY))
+
+    one, two, three = (prompt(f"{w} topic: tell me everything you know about it") for w in ("First", "Second", "Third"))
+    short = SamplingParams(max_new_tokens=4, temperature=0.0, repetition_penalty=1.0)
+    with BatchEngine(loaded, max_batch=1, token_budget=1024, prefix_slots=2) as engine:
+
+        def run(p: PreparedPrompt) -> int:
+            hits = engine.snapshot().prefix_hits
+            list(engine.submit_tokens(p, short, threading.Event()))
+            return engine.snapshot().prefix_hits - hits
+
+        assert (run(one), run(two)) == (0, 0)
+        assert run(one) == 1  # one is now the most recently used
+        assert run(three) == 0 and engine.snapshot().prefix_evicted == 1  # two made room, not one (older)
+        assert run(one) == 1
+        assert (run(two), run(three)) == (0, 0)  # each pushed out the least recently used: three, then one
+        snap = engine.snapshot()
+    assert snap.prefix_entries == 2 and snap.prefix_evicted == 3
+
+
+def test_reuse_is_off_with_zero_prefix_slots(loaded, prompts) -> None:
+    with BatchEngine(loaded, max_batch=2, token_budget=2 * 512, prefix_slots=0) as engine:
+        assert engine._kv_shape[0] == 2
+        for _ in range(2):
+            list(engine.submit_tokens(prompts["long"], GREEDY, threading.Event()))
+        snap = engine.snapshot()
+    assert snap.prefix_slots == 0 and snap.prefix_hits == 0 and snap.prefix_entries == 0
+    assert snap.prefill_tokens == 2 * len(_ids(prompts["long"]))
+    with BatchEngine(loaded, max_batch=8, token_budget=8 * 128) as engine:
+        assert engine.prefix_slots == 2 and engine._kv_shape[0] == 10  # default: a quarter of the running slots
+    with pytest.raises(ValueError, match="prefix_slots"):
+        BatchEngine(loaded, max_batch=1, token_budget=1024, prefix_slots=-1)
+
+
+def test_out_of_memory_in_a_prefill_drops_the_retained_prefixes_and_retries(loaded) -> None:
+    first = UserMessage("Count the objects " * 6)
+    turn1 = build_prompt(loaded, ChatRequest(first, sampling=GREEDY))
+    layer = loaded.model.model.language_model.layers[1]
+    armed = []
+
+    def fail_once(module: Any, args: Any, kwargs: Any) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if armed and hidden.shape[1] > 1:  # a prefill forward, halfway through the layers
+            armed.clear()
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    with BatchEngine(loaded, max_batch=1, token_budget=1024, prefill_chunk=64) as engine:
+        tokens1 = list(engine.submit_tokens(turn1, GREEDY, threading.Event()))
+        history = [Turn(first, loaded.processor.tokenizer.decode(tokens1, skip_special_tokens=True))]
+        turn2 = build_prompt(loaded, ChatRequest(UserMessage("go on " * 30), history, sampling=GREEDY))
+        assert len(_ids(turn2)) - len(_ids(turn1)) > 64  # a suffix of two chunks, starting mid-prompt
+        handle = layer.register_forward_pre_hook(fail_once, with_kwargs=True)
+        try:
+            stream = engine.submit_tokens(turn2, GREEDY, threading.Event())
+            armed.append(True)
+            got = list(stream)
+        finally:
+            handle.remove()
+        snap = engine.snapshot()
+    assert not armed and snap.prefix_dropped == 1 and snap.prefix_hits == 1
+    assert got == reference(loaded, turn2, GREEDY)  # the half-written chunk was cut back before the retry
+
+
+def test_the_chat_service_sends_history_that_the_engine_reuses(tiny_checkpoint, tmp_path) -> None:
+    from qwen3vl_webui.engine.manager import ModelManager
+    from qwen3vl_webui.engine.scheduler import Scheduler
+    from qwen3vl_webui.engine.service import ChatService
+    from qwen3vl_webui.telemetry import GenerationStats, GpuProbe
+
+    manager = ModelManager(str(tiny_checkpoint), "fp32", "cpu", "sdpa", Scheduler(1, 4), decoder="batch", max_context=2048)
+    manager.load()
+    service = ChatService(manager, manager.scheduler, GenerationStats(), GpuProbe())
+    engine = manager.decoder.engine
+    first = UserMessage("Describe this picture.", (_image(tmp_path / "p.png", 4),))
+    answer = list(service.chat(ChatRequest(first, sampling=GREEDY, max_context=2048)))[-1]
+    request = ChatRequest(UserMessage("Thanks. What else?"), [Turn(first, answer)], sampling=GREEDY, max_context=2048)
+    turn1 = build_prompt(manager.current(), ChatRequest(first, sampling=GREEDY, max_context=2048))
+    list(service.chat(request))
+    snap = engine.snapshot()
+    assert snap.prefix_hits == 1 and snap.prefix_tokens_reused > len(_ids(turn1))
+    from qwen3vl_webui.ui.panels import format_panel
+
+    assert f"1 hits · {snap.prefix_tokens_reused:,} prompt tokens reused" in format_panel(service.snapshot())
+    assert "kept for follow-up turns (1 slot)" in service.estimate(2048, 1_000_000, 8, 4_000_000)
+    # A history too long for the context is trimmed by whole turns: the prompt's start changes, nothing reused
+    # wrongly, and the answer is still generate's.
+    trimmed = dataclasses.replace(request, max_context=turn1.tokens + GREEDY.max_new_tokens)
+    prompt = build_prompt(manager.current(), trimmed)
+    assert prompt.turns_dropped == 1
+    hits = snap.prefix_hits
+    assert list(engine.submit_tokens(prompt, GREEDY, threading.Event())) == reference(manager.current(), prompt, GREEDY)
+    assert engine.snapshot().prefix_hits == hits
+    manager.decoder.detach()  # stops the engine's worker
+
+
+# ---------------------------------------------------------------- stop strings
+
+
+def _stop_case(tokenizer: Any, tokens: list[int], after: int = 6) -> tuple[str, int, str]:
+    """A stop string taken from the answer's own text: (stop, index of the token completing it, text before)."""
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    for i in range(after, len(text) - 3):
+        stop = text[i : i + 3]
+        if stop.isascii() and stop.strip() == stop and text.find(stop) == i:
+            break
+    else:
+        raise AssertionError(f"no usable stop string in {text!r}")
+    end = next(j for j in range(len(tokens)) if stop in tokenizer.decode(tokens[: j + 1], skip_special_tokens=True))
+    return stop, end, text[:i]
+
+
+def test_a_stop_string_ends_the_request_and_is_never_streamed(loaded, prompts) -> None:
+    plain = SamplingParams(max_new_tokens=40, temperature=0.0, repetition_penalty=1.0)
+    expected = reference(loaded, prompts["long"], plain, eos_token_id=None)
+    stop, end, before = _stop_case(loaded.processor.tokenizer, expected)
+    stopping = dataclasses.replace(plain, stop=("never appears", stop))
+    with BatchEngine(loaded, max_batch=2, token_budget=2 * 512, eos_token_ids=()) as engine:
+        tokens = list(engine.submit_tokens(prompts["long"], stopping, threading.Event()))
+        items = list(engine.submit(prompts["long"], stopping, threading.Event()))
+    assert tokens == expected[: end + 1]  # ended at the token that completed the stop string
+    *partial, (final, stats) = items
+    assert final == before and stats.new_tokens == end + 1
+    assert partial and all(final.startswith(t) and stop not in t for t, _ in partial)
+
+
+def test_a_reuse_point_inside_a_video_moves_back_to_the_videos_first_frame(loaded, prompts) -> None:
+    from qwen3vl_webui.engine.prefix import PrefixPool, find_media
+
+    prompt = prompts["mixed"]  # an image, then a video of several frames with timestamps between them
+    config = loaded.model.config
+    media = find_media(prompt.inputs, config.image_token_id, config.video_token_id, 2)
+    image, video = media
+    ids = prompt.inputs["input_ids"][0]
+    assert (image.kind, video.kind) == ("image", "video") and image.end <= video.start
+    assert video.end - video.start > prompt.video_tokens  # the frames' timestamps lie inside the video's span
+    inside = next(i for i in range(video.start, video.end) if ids[i] != config.video_token_id)
+    pool = PrefixPool([0, 1], min_tokens=1)
+    pool.store(ids[: inside + 1], media[:1])  # a prefix that ends between two frames of the video
+    assert pool.match(ids, media)[1] == video.start  # never inside a medium: the whole video is prefilled
+    other = dataclasses.replace(image, digest="another picture")
+    assert pool.match(ids, (other, video))[1] == image.start  # another image in the same place: not reused

@@ -151,3 +151,63 @@ def test_bad_input_is_refused_with_a_clear_message_and_the_next_request_works(
         SamplingParams(temperature=5.0)
     assert service.scheduler.state().running == 0
     assert _answer(service, ChatRequest(UserMessage("and now?"), history, sampling=GREEDY))
+
+
+def test_a_stop_string_ends_generate_at_the_token_that_completes_it_and_is_never_streamed(tiny_loaded) -> None:
+    import dataclasses
+
+    import torch
+
+    from qwen3vl_webui.engine.generation import stream_generate
+
+    plain = SamplingParams(max_new_tokens=40, temperature=0.0, repetition_penalty=1.0)
+    prompt = build_prompt(tiny_loaded, ChatRequest(UserMessage("Count the objects"), sampling=plain))
+    tok = tiny_loaded.processor.tokenizer
+    with torch.inference_mode():
+        out = tiny_loaded.model.generate(**prompt.inputs, do_sample=False, max_new_tokens=40, repetition_penalty=1.0)
+    tokens = out[0, prompt.inputs["input_ids"].shape[1] :].tolist()
+    text = tok.decode(tokens, skip_special_tokens=True)
+    at = next(i for i in range(6, len(text) - 3) if text[i : i + 3].isascii() and text.find(text[i : i + 3]) == i)
+    stop = text[at : at + 3]
+    end = next(j for j in range(len(tokens)) if stop in tok.decode(tokens[: j + 1], skip_special_tokens=True))
+    sampling = dataclasses.replace(plain, stop=(stop, "not in it"))
+    *partial, (final, stats) = list(stream_generate(tiny_loaded, prompt, sampling, threading.Event()))
+    assert final == text[:at] and stats.new_tokens == end + 1 < len(tokens)
+    assert all(final.startswith(t) and stop not in t for t, _ in partial)
+
+
+def test_stop_strings_are_validated_with_a_clear_message() -> None:
+    assert SamplingParams(stop=["END", "\n\n"]).stop == ("END", "\n\n")  # a list is kept as a tuple
+    cases = {
+        "At most 8 stop strings": [f"s{i}" for i in range(9)],
+        "must not be empty": [""],
+        "at most 100 characters": ["x" * 101],
+        "must be a list of strings": "END",
+        "must be text": [3],
+    }
+    for message, stop in cases.items():
+        with pytest.raises(RequestError, match=message):
+            SamplingParams(stop=stop)
+
+
+def test_stop_matching_on_token_bytes_agrees_with_decoded_text(tiny_loaded) -> None:
+    import random
+
+    from qwen3vl_webui.engine.stops import StopMatcher, StopText, TokenBytes, parse_stop_lines
+
+    tok = tiny_loaded.processor.tokenizer
+    token_bytes = TokenBytes(tok)
+    rng = random.Random(0)
+    for _ in range(300):  # any ids, special tokens and split UTF-8 characters included
+        ids = [rng.randrange(len(tok)) for _ in range(rng.randrange(1, 24))]
+        decoded = b"".join(token_bytes(i) for i in ids).decode("utf-8", errors="replace")
+        assert decoded == tok.decode(ids, skip_special_tokens=True)
+    # "é" is two bytes: a stop string completed by the second byte's token ends the answer there.
+    ids = tok.encode("café au lait")
+    matcher = StopMatcher(("é a",), token_bytes)
+    hits = [matcher.push(i) for i in ids]
+    assert hits.index(True) == next(j for j in range(len(ids)) if "é a" in tok.decode(ids[: j + 1]))
+    stops = StopText(("END", "\n\n"))
+    shown = [stops.visible(t) for t in ("The E", "The EN", "The ENX", "a\n", "a\nb", "x END y")]
+    assert shown == ["The ", "The ", "The ENX", "a", "a\nb", "x "]
+    assert parse_stop_lines("END\r\n\n  \n\\n\\n\nback\\\\slash") == ("END", "\n\n", "back\\slash")

@@ -84,11 +84,11 @@ def long_answers(app: Any, step_delay_s: float = 0.0) -> Iterator[None]:
 
 
 def _raw_data(app: Any, message: dict[str, Any], **over: Any) -> list[Any]:
-    """The 14 inputs of the /chat event as a raw HTTP client sends them (the state slot is None)."""
+    """The 15 inputs of the /chat event as a raw HTTP client sends them (the state slot is None)."""
     values = dict(
         system_prompt="", temperature=0.0, top_p=0.8, top_k=20, repetition_penalty=1.05, seed=-1,
         max_context=app.settings.max_context, max_new_tokens=64, image_megapixels=0.92, video_fps=2.0,
-        video_max_frames=32, video_megapixels=7.4,
+        video_max_frames=32, video_megapixels=7.4, stop_strings="",
     )  # fmt: skip
     values.update(over)
     return [message, None, *values.values()]

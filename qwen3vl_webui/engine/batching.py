@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import threading
@@ -15,6 +16,8 @@ from typing import Any
 from qwen3vl_webui.engine import compiled
 from qwen3vl_webui.engine.generation import PreparedPrompt, RequestError, SamplingParams
 from qwen3vl_webui.engine.loading import LoadedModel
+from qwen3vl_webui.engine.prefix import Medium, PrefixPool, find_media
+from qwen3vl_webui.engine.stops import StopMatcher, StopText, TokenBytes
 from qwen3vl_webui.telemetry import RequestStats
 
 log = logging.getLogger(__name__)
@@ -28,6 +31,8 @@ LEN_ALIGN = 64
 PREFILL_CHUNK = 2048
 # How often a waiting reader checks that the worker is still alive.
 POLL_S = 1.0
+# Retained-KV slots per running slot when `prefix_slots` is not given (rounded up, so at least one).
+PREFIX_SHARE = 0.25
 
 
 class EngineClosed(RuntimeError):
@@ -50,6 +55,13 @@ class EngineSnapshot:
     startup_s: float
     prefilling: int = 0  # admitted requests whose prompt is still being prefilled (chunk by chunk)
     decode_path: str = ""  # e.g. "cuda graphs + torch.compile", "cuda graphs", "eager (why)"
+    prefill_tokens: int = 0  # prompt tokens run through prefill forwards (reused ones are not)
+    prefix_slots: int = 0  # KV slots that keep finished requests for reuse (0: reuse off)
+    prefix_entries: int = 0  # of them, holding a finished request now
+    prefix_hits: int = 0  # prompts that started from a retained prefix
+    prefix_tokens_reused: int = 0  # prompt tokens taken from retained KV instead of prefilled
+    prefix_evicted: int = 0  # entries pushed out (least recently used) to keep a newer one
+    prefix_dropped: int = 0  # entries dropped because a prefill ran out of memory
 
 
 @dataclass(eq=False)
@@ -65,6 +77,10 @@ class _Request:
     generator: Any = None
     first_at: float | None = None
     last_at: float | None = None
+    ids: Any = None  # the prompt's token ids, 1-D on the CPU
+    media: tuple[Medium, ...] = ()  # its images and videos (found only when prefix reuse is on)
+    reusable: bool = True  # False: its media could not be told apart, so it neither reuses nor is kept
+    stop: StopMatcher | None = None
 
     def stats(self) -> RequestStats:
         first = self.first_at or time.perf_counter()
@@ -96,6 +112,8 @@ class _Prefill:
     delta: int = 0
     media: dict[str, tuple[Any, list[Any]]] | None = None
     done: int = 0  # prompt tokens already in `cache`
+    base: int = 0  # of them, copied from a retained prefix: the vision tower runs only on media after it
+    retried: bool = False  # already retried once after running out of memory
 
     @staticmethod
     def of(req: _Request) -> _Prefill:
@@ -196,6 +214,12 @@ class BatchEngine:
     CUDA the decode step is compiled by inductor (`compile`) and replayed from graphs captured at start-up,
     one per batch-size bucket; start-up therefore compiles (~a minute per bucket cold, far less with the
     on-disk cache in `compile_cache_dir`), and no request ever waits for a compile.
+
+    Prefix reuse: `prefix_slots` more KV slots (default: a quarter of `max_batch`, at least one; 0 turns it
+    off) keep finished requests' KV (prompt + answer). A new prompt starts from the retained entry sharing
+    its longest token prefix with equal media (same pixels), so a chat's next turn, or a regenerated
+    answer, prefills only what is new, and the vision tower runs only on media after the reused part.
+    Entries are evicted least recently used, and dropped when a prefill runs out of memory.
     """
 
     def __init__(
@@ -210,9 +234,14 @@ class BatchEngine:
         compile: bool | None = None,
         compile_cache_dir: str | os.PathLike[str] | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
+        prefix_slots: int | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if prefix_slots is None:
+            prefix_slots = max(1, math.ceil(max_batch * PREFIX_SHARE))
+        if prefix_slots < 0:
+            raise ValueError(f"prefix_slots must be >= 0 (0 turns prefix reuse off), got {prefix_slots}")
         if prefill_chunk < LEN_ALIGN:
             raise ValueError(f"prefill_chunk must be >= {LEN_ALIGN} tokens, got {prefill_chunk}")
         max_len = token_budget // max_batch // LEN_ALIGN * LEN_ALIGN
@@ -225,6 +254,9 @@ class BatchEngine:
         self.max_batch = max_batch
         self.max_len = max_len
         self.prefill_chunk = prefill_chunk
+        self.prefix_slots = prefix_slots
+        # Pool slots follow the running ones: rows [0, max_batch) of the KV are what decode steps read.
+        self._pool = PrefixPool(range(max_batch, max_batch + prefix_slots))
         self._device = loaded.device
         on_cuda = str(loaded.device).startswith("cuda")
         self.cuda_graphs = on_cuda if cuda_graphs is None else (cuda_graphs and on_cuda)
@@ -239,6 +271,7 @@ class BatchEngine:
             eos_token_ids = [] if eos is None else [eos] if isinstance(eos, int) else eos
         self._eos = frozenset(int(t) for t in eos_token_ids)
         self._tokenizer = loaded.processor.tokenizer
+        self._token_bytes = TokenBytes(self._tokenizer)
         self._cond = threading.Condition()
         self._waiting: deque[_Request] = deque()
         self._prefilling: deque[_Prefill] = deque()  # worker-owned: admitted, holding a slot, no token yet
@@ -249,6 +282,7 @@ class BatchEngine:
         self._tokens = 0
         self._startup_s = 0.0
         self._prefill_forwards = 0
+        self._prefill_tokens = 0
         self._inflight: tuple[int, Any] | None = None  # (rows, device tokens) of the enqueued decode step
         self._graphs: dict[int, tuple[Any, Any]] = {}
         self._restore_attention: Callable[[], None] = lambda: None
@@ -310,6 +344,13 @@ class BatchEngine:
             startup_s=self._startup_s,
             prefilling=len(self._prefilling),
             decode_path=self.decode_path,
+            prefill_tokens=self._prefill_tokens,
+            prefix_slots=self.prefix_slots,
+            prefix_entries=len(self._pool.entries),
+            prefix_hits=self._pool.hits,
+            prefix_tokens_reused=self._pool.tokens_reused,
+            prefix_evicted=self._pool.evicted,
+            prefix_dropped=self._pool.dropped,
         )
 
     @property
@@ -346,6 +387,18 @@ class BatchEngine:
                 f"{self.max_batch} slots holds {self.max_len:,}. Lower max new tokens or the context."
             )
         req = _Request(prompt, sampling, cancel, time.perf_counter())
+        req.ids = prompt.inputs["input_ids"][0].cpu()
+        if sampling.stop:
+            req.stop = StopMatcher(sampling.stop, self._token_bytes)
+        if self._pool and (prompt.image_tokens or prompt.video_tokens):
+            # Hashing the pixels is CPU work: done here, in the caller's thread, not on the GPU worker.
+            config = self.loaded.model.config
+            merge = config.vision_config.spatial_merge_size
+            try:
+                req.media = find_media(prompt.inputs, config.image_token_id, config.video_token_id, merge)
+            except ValueError as exc:  # placeholders that do not fit the grids: the prefill will say so
+                log.warning("prefix reuse off for a prompt: %s", exc)
+                req.reusable = False
         with self._cond:
             if self._closed:
                 raise EngineClosed("The generation engine is closed.")
@@ -383,15 +436,19 @@ class BatchEngine:
         self, req: _Request, on_cancel: Callable[[RequestStats], None] | None
     ) -> Iterator[tuple[str, RequestStats | None]]:
         detok = _Detokenizer(self._tokenizer)
+        stops = StopText(req.sampling.stop) if req.sampling.stop else None
         text = ""
         ended = False
         try:
             for new, stats in self._events(req):
                 if stats is not None:
                     ended = True
-                    yield detok.final(), stats
+                    final = detok.final()
+                    yield (stops.cut(final)[0] if stops is not None else final), stats
                     return
                 grown = detok.add(new)
+                if stops is not None:  # never show a stop string, nor what may be the start of one
+                    grown = stops.visible(grown)
                 if grown != text:
                     text = grown
                     yield text, None
@@ -429,7 +486,7 @@ class BatchEngine:
                     break
                 for req in dropped:
                     self._finish_unstarted(req)
-                self._prefilling.extend(_Prefill.of(req) for req in admitted)
+                self._prefilling.extend(self._admit(req) for req in admitted)
                 if self._prefilling:
                     self._prefill_next()  # at most one forward between two decode steps
                 try:
@@ -469,8 +526,9 @@ class BatchEngine:
         self._lm_head = model.lm_head
         self._dtype = self._lm.embed_tokens.weight.dtype
         dev = self._device
-        self._kv_shape = (self.max_batch, heads, self.max_len, head_dim)
-        rows = self.max_batch * heads * self.max_len
+        # Slots [0, max_batch) hold the running batch, the prefix pool's slots come after them.
+        self._kv_shape = (self.max_batch + self.prefix_slots, heads, self.max_len, head_dim)
+        rows = self._kv_shape[0] * heads * self.max_len
         # One K and one V tensor per layer, each flat (see _SlotCache); a slot's rows are [slot, :, :len] of the view.
         self._kv_layers = [
             (
@@ -631,6 +689,52 @@ class BatchEngine:
 
     # ------------------------------------------------------------------ prefill (worker)
 
+    def _admit(self, req: _Request) -> _Prefill:
+        """A new request's prefill, started from the retained entry sharing the longest usable prefix, if any.
+
+        The entry's KV for that prefix is copied (on the device) into the prefill's own cache at once, so the
+        entry may be evicted meanwhile; the prefill then starts mid-prompt, like a long prompt's next chunk.
+        """
+        job = _Prefill.of(req)
+        if not self._pool or not req.reusable:
+            return job
+        try:
+            entry, reuse = self._pool.match(req.ids, req.media)
+            if entry is None:
+                return job
+            cache = self._new_cache()
+            for layer, (keys, values) in enumerate(self._kv_layers):
+                cache.update(
+                    keys.view(self._kv_shape)[entry.slot, :, :reuse].unsqueeze(0),
+                    values.view(self._kv_shape)[entry.slot, :, :reuse].unsqueeze(0),
+                    layer,
+                )
+        except Exception as exc:  # e.g. out of memory for the copy: prefill it all instead
+            log.warning("prefix reuse skipped: %r", exc)
+            return _Prefill.of(req)
+        job.cache, job.done, job.base = cache, reuse, reuse
+        return job
+
+    def _memory_pressure(self, group: list[_Prefill]) -> None:
+        """A prefill ran out of memory: drops the retained entries and cached blocks; its jobs run once more.
+
+        The jobs restart from their last whole step: a chunk that failed halfway left some layers' caches
+        longer than `done`, so they are cut back.
+        """
+        log.warning("a prefill ran out of memory: dropping %d retained prefixes and retrying", len(self._pool.entries))
+        self._pool.clear()
+        for job in group:
+            job.retried = True
+            if job.cache is not None:
+                for layer in job.cache.layers:
+                    if layer.is_initialized and layer.keys.shape[-2] > job.done:
+                        layer.keys = layer.keys[..., : job.done, :]
+                        layer.values = layer.values[..., : job.done, :]
+        if str(self._device).startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
     def _prefill_next(self) -> None:
         """One prefill forward; a failing prompt (bad media, out of memory) fails its own requests only."""
         group = self._prefill_group()
@@ -639,6 +743,9 @@ class BatchEngine:
         try:
             results = self._prefill_forward(group)
         except Exception as exc:
+            if _is_out_of_memory(exc) and not any(job.retried for job in group):
+                self._memory_pressure(group)  # the same jobs run again next time round
+                return
             for job in group:
                 self._prefilling.remove(job)
                 job.cache = None
@@ -687,11 +794,10 @@ class BatchEngine:
         """
         self._prefill_forwards += 1
         job = group[0]
-        if len(group) > 1 or (not job.multimodal and job.length <= self.prefill_chunk):
+        if len(group) > 1 or (not job.multimodal and job.done == 0 and job.length <= self.prefill_chunk):
             return self._prefill_texts(group)
-        if job.multimodal and job.media is None:
-            self._encode_media(job)
-            return [None]
+        if job.multimodal and job.media is None and self._encode_media(job):
+            return [None]  # the vision tower was this step's forward
         return [self._prefill_chunk(job)]
 
     def _new_cache(self) -> Any:
@@ -717,35 +823,56 @@ class BatchEngine:
             input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions, past_key_values=cache,
             use_cache=True,
         )  # fmt: skip
+        self._prefill_tokens += sum(lengths)
         rows = torch.arange(len(group), device=dev)
         logits = self._lm_head(out.last_hidden_state[rows, torch.tensor(lengths, device=dev) - 1])
         return [(cache, row, 0, logits[row : row + 1]) for row in range(len(group))]
 
-    def _encode_media(self, job: _Prefill) -> None:
-        """The vision tower over all of the prompt's images and videos, and the prompt's mrope positions."""
+    def _encode_media(self, job: _Prefill) -> bool:
+        """The prompt's mrope positions, and the vision tower over its media after the reused prefix (if any).
+
+        Positions come from the whole prompt (a medium's rope positions depend on everything before it);
+        returns whether the vision tower ran (not when every medium lies inside the reused prefix).
+        """
         import torch
 
         dev = self._device
-        inputs = {k: v.to(dev) if hasattr(v, "to") else v for k, v in job.req.prompt.inputs.items()}
-        job.positions, job.delta = self._prompt_positions(inputs)
-        job.ids = inputs["input_ids"]
-        job.media = {}
+        inputs = job.req.prompt.inputs
+        shapes = ("input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw", "attention_mask")
+        job.positions, job.delta = self._prompt_positions(
+            {k: inputs[k].to(dev) for k in shapes if inputs.get(k) is not None}
+        )
+        job.ids = inputs["input_ids"].to(dev)
+        media = {}
         model = self.loaded.model.model
         for kind, pixels, grid in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw")):  # fmt: skip
-            if inputs.get(pixels) is not None:
-                out = model.get_image_features(inputs[pixels], inputs[grid], return_dict=True)  # videos: the same
-                job.media[kind] = (torch.cat(out.pooler_output), [torch.cat(f) for f in out.deepstack_features])
-        job.cache = self._new_cache()
+            if inputs.get(pixels) is None:
+                continue
+            first_row, first = 0, 0
+            if job.base:  # media after the reused prefix are the kind's last ones, in token order
+                fresh = [m for m in job.req.media if m.kind == kind and m.start >= job.base]
+                if not fresh:
+                    continue
+                first_row, first = fresh[0].rows[0], fresh[0].index
+            out = model.get_image_features(
+                inputs[pixels][first_row:].to(dev), inputs[grid][first:].to(dev), return_dict=True
+            )  # videos: the same  # fmt: skip
+            media[kind] = (torch.cat(out.pooler_output), [torch.cat(f) for f in out.deepstack_features])
+        job.media = media  # set last: a failed vision forward leaves the job to be retried whole
+        if job.cache is None:
+            job.cache = self._new_cache()
+        return bool(media)
 
     def _prefill_chunk(self, job: _Prefill) -> tuple[Any, int, int, Any] | None:
         """The next `prefill_chunk` prompt tokens, attending to the chunks before them."""
         import torch
 
         dev = self._device
-        if job.cache is None:  # a long text prompt's first chunk
-            job.cache = self._new_cache()
+        if job.ids is None:  # a text prompt's first chunk
             job.ids = job.req.prompt.inputs["input_ids"].to(dev)
             job.positions = torch.arange(job.length, device=dev).view(1, 1, -1).expand(4, 1, -1)
+        if job.cache is None:
+            job.cache = self._new_cache()
         start, end = job.done, min(job.length, job.done + self.prefill_chunk)
         visual = {}
         if job.media:
@@ -754,8 +881,8 @@ class BatchEngine:
             for kind, token in (("image", config.image_token_id), ("video", config.video_token_id)):
                 if kind not in job.media:
                     continue
-                placeholders = ids == token
-                lo, count = int(placeholders[:start].sum()), int(placeholders[start:end].sum())
+                placeholders = ids == token  # features exist for those after the reused prefix only
+                lo, count = int(placeholders[job.base : start].sum()), int(placeholders[start:end].sum())
                 if count:
                     embeds, deepstack = job.media[kind]
                     visual[kind] = _VisualFeatures(
@@ -766,6 +893,7 @@ class BatchEngine:
             past_key_values=job.cache, use_cache=True, mm_encoder_outputs=visual,
         )  # fmt: skip
         job.done = end
+        self._prefill_tokens += end - start
         if end < job.length:
             return None
         cache, job.cache, job.ids, job.media = job.cache, None, None, None
@@ -800,7 +928,10 @@ class BatchEngine:
         self._ids[slot, 0] = token[0]
         if req.sampling.repetition_penalty != 1.0:
             self._seen[slot, token[0]] = True
-        if self._emit(req, int(token[0]), time.perf_counter()):
+        first = int(token[0])
+        ends = self._ends(req, first)
+        self._emit(req, first, time.perf_counter())
+        if ends:
             self._release(slot)
 
     # ------------------------------------------------------------------ decode (worker)
@@ -829,10 +960,7 @@ class BatchEngine:
         now = time.perf_counter()
         self._steps += 1
         reqs = self._active[:n]
-        done = [
-            i for i, (req, token) in enumerate(zip(reqs, values))
-            if token in self._eos or len(req.tokens) + 1 >= req.sampling.max_new_tokens or req.cancel.is_set()
-        ]  # fmt: skip
+        done = [i for i, (req, token) in enumerate(zip(reqs, values)) if self._ends(req, token)]
         if not done and len(self._active) == n:
             self._launch()
         for req, token in zip(reqs, values):
@@ -870,18 +998,28 @@ class BatchEngine:
             tokens[i] = order[j, choice[0]]
         return tokens
 
-    def _emit(self, req: _Request, token: int, now: float) -> bool:
-        """Hands one token to the reader; True when the request is finished."""
+    def _ends(self, req: _Request, token: int) -> bool:
+        """Whether `token`, the request's next one, is its last: eos, max new tokens, cancel or a stop string.
+
+        Called once per token (the stop matcher keeps the bytes of the last few), before the token is emitted.
+        """
+        stopped = req.stop is not None and req.stop.push(token)
+        return (
+            stopped or token in self._eos or len(req.tokens) + 1 >= req.sampling.max_new_tokens or req.cancel.is_set()
+        )
+
+    def _emit(self, req: _Request, token: int, now: float) -> None:
+        """Hands one token to the reader."""
         req.tokens.append(token)
         req.first_at = req.first_at or now
         req.last_at = now
         self._tokens += 1
         req.out.put(token)
-        return token in self._eos or len(req.tokens) >= req.sampling.max_new_tokens or req.cancel.is_set()
 
     def _release(self, slot: int) -> None:
         """Ends the request in `slot` and moves the last active request into the hole (slots stay dense)."""
         req = self._active[slot]
+        self._retain(req, slot)  # before the reader hears of the end: its next turn finds the entry
         req.out.put(req.stats())
         last = len(self._active) - 1
         if slot != last:
@@ -896,6 +1034,27 @@ class BatchEngine:
         self._active.pop()
         self._pos[last] = 0  # padding rows of a graph bucket write at position 0 of a free slot
         self._delta[last] = 0
+
+    def _retain(self, req: _Request, slot: int) -> None:
+        """Keeps the finished request's KV (prompt + fed-back tokens) in a pool slot for a later prompt."""
+        if not self._pool or not req.reusable or req.kv_len < len(req.ids):
+            return
+        import torch
+
+        length = req.kv_len
+        fed = req.tokens[: length - len(req.ids)]  # the last token emitted has no KV yet
+        ids = torch.cat([req.ids, torch.tensor(fed, dtype=req.ids.dtype)]) if fed else req.ids
+        target = self._pool.store(ids, req.media)
+        if target is None:
+            return
+        try:
+            for pair in self._kv_layers:
+                for flat in pair:
+                    view = flat.view(self._kv_shape)
+                    view[target, :, :length].copy_(view[slot, :, :length])
+        except Exception as exc:  # a lost entry costs a full prefill later, nothing else
+            log.warning("could not keep a finished request's KV: %r", exc)
+            self._pool.forget(target)
 
     def _drop_cancelled(self) -> None:
         for i in reversed(range(len(self._active))):
@@ -923,6 +1082,13 @@ class BatchEngine:
         self._active.clear()
         self._prefilling.clear()
         self._graphs.clear()
+        self._pool.clear()
         self._kv_layers = []
         self._seen = None
         self._restore_attention()
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError)

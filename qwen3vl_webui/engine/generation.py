@@ -12,6 +12,7 @@ from typing import Any
 from qwen3vl_webui.conversation import Turn, UserMessage, fit_turns, keep_recent_chars
 from qwen3vl_webui.engine.faults import FaultInjector
 from qwen3vl_webui.engine.loading import LoadedModel
+from qwen3vl_webui.engine.stops import StopMatcher, StopText, TokenBytes
 from qwen3vl_webui.media import MediaBudget, load_image, load_video, media_kind
 from qwen3vl_webui.telemetry import RequestStats
 
@@ -21,6 +22,9 @@ TOKEN_TIMEOUT_S = 600.0
 # than 16 characters per token of max context cannot fit, so it is refused before the tokenizer
 # reads it (a 1 MB paste costs nothing), and older turns beyond that many characters are not encoded.
 CHARS_PER_TOKEN = 16
+# Stop strings per request: a few short ones, so checking them costs next to nothing per token.
+MAX_STOP_STRINGS = 8
+MAX_STOP_CHARS = 100
 
 
 class RequestError(ValueError):
@@ -43,6 +47,8 @@ class SamplingParams:
     top_k: int = 20
     repetition_penalty: float = 1.05
     seed: int | None = None
+    # The answer ends at the token that completes any of these; the returned text stops before it.
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_range("temperature", self.temperature, 0.0, 2.0)
@@ -52,6 +58,22 @@ class SamplingParams:
         _check_range("max_new_tokens", self.max_new_tokens, 1, 262144)
         if self.seed is not None:
             _check_range("seed", self.seed, 0, 2**32 - 1)
+        object.__setattr__(self, "stop", _check_stop(self.stop))
+
+
+def _check_stop(stop: Any) -> tuple[str, ...]:
+    if isinstance(stop, str) or not isinstance(stop, (list, tuple)):
+        raise RequestError(f"stop must be a list of strings, got {type(stop).__name__}.")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise RequestError(f"At most {MAX_STOP_STRINGS} stop strings are allowed, got {len(stop)}.")
+    for item in stop:
+        if not isinstance(item, str):
+            raise RequestError(f"Stop strings must be text, got {type(item).__name__}.")
+        if not item:
+            raise RequestError("A stop string must not be empty.")
+        if len(item) > MAX_STOP_CHARS:
+            raise RequestError(f"A stop string may be at most {MAX_STOP_CHARS} characters long, got {len(item)}.")
+    return tuple(stop)
 
 
 def _check_range(name: str, value: float, lo: float, hi: float) -> None:
@@ -221,13 +243,20 @@ def stream_generate(
     # A class made per call sits in a reference cycle until the cyclic GC runs, and so does all it
     # closes over: it must not reach the prompt's tensors (pixels!), only small values.
     prompt_tokens = prompt.tokens
+    processor, model = loaded.processor, loaded.model
+    matcher = StopMatcher(sampling.stop, TokenBytes(processor.tokenizer)) if sampling.stop else None
+    stops = StopText(sampling.stop) if sampling.stop else None
 
     class _Stop(StoppingCriteria):
         def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
             if faults is not None:
                 faults.fire("decode", prompt_tokens)
-            # Checked once per decode step: a stop frees the slot within one step.
-            return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+            # Checked once per new token: a stop frees the slot within one step; a stop string ends the
+            # answer at the token that completes it.
+            stop = cancel.is_set()
+            if matcher is not None and not stop:
+                stop = matcher.push(int(input_ids[0, -1]))
+            return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
     class _CountingStreamer(TextIteratorStreamer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -244,7 +273,6 @@ def stream_generate(
                 self.new_tokens += int(value.numel())
             super().put(value)
 
-    processor, model = loaded.processor, loaded.model
     streamer = _CountingStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=TOKEN_TIMEOUT_S)
     do_sample = sampling.temperature > 0
     kwargs: dict[str, Any] = dict(
@@ -289,18 +317,21 @@ def stream_generate(
 
     thread = threading.Thread(target=run, name="generate", daemon=True)
     thread.start()
-    text = ""
+    text, shown = "", ""
     finished = False
     try:
         for piece in streamer:
             if piece:
                 text += piece
-                yield text, None
+                visible = stops.visible(text) if stops is not None else text
+                if visible != shown:
+                    shown = visible
+                    yield shown, None
         thread.join()
         if failure:
             raise failure[0]
         finished = True
-        yield text, stats()
+        yield (stops.cut(text)[0] if stops is not None else text), stats()
     finally:
         stopped_early = not finished and not failure
         cancel.set()

@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qwen3vl_webui import planner
 from qwen3vl_webui.engine import loading, warmup
@@ -36,6 +36,9 @@ from qwen3vl_webui.telemetry import (
     format_bytes,
     read_system,
 )
+
+if TYPE_CHECKING:
+    from qwen3vl_webui.engine.batching import EngineSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +102,7 @@ class PanelSnapshot:
     rolling_ttft_s: float | None
     requests: int
     decoder: str = ""
+    engine: EngineSnapshot | None = None  # the batch engine's figures (prefix reuse), if it decodes
 
 
 class _Active:
@@ -399,12 +403,19 @@ class ChatService:
         frame_px = max(1, video_total_pixels // max(1, video_frames))
         fw = int((frame_px * 16 / 9) ** 0.5)
         video = planner.video_tokens(video_frames, fw, int(fw * 9 / 16), shape, max_pixels=video_total_pixels)
-        kv = planner.kv_bytes_per_token(shape) * max_context
+        per_token = planner.kv_bytes_per_token(shape)
+        kv = per_token * max_context
         slots = self.scheduler.max_concurrency
-        return (
+        line = (
             f"≈ {image:,} tokens per image · ≈ {video:,} per video · KV cache ≤ {format_bytes(kv)} per chat "
             f"({max_context:,} tokens), ≤ {format_bytes(kv * slots)} for {slots} concurrent"
         )
+        engine = getattr(self.manager.decoder, "engine", None)
+        if engine is not None and engine.prefix_slots:  # allocated with the engine, whatever the sliders say
+            pool = per_token * engine.max_len * engine.prefix_slots
+            plural = "s" if engine.prefix_slots != 1 else ""
+            line += f" · + {format_bytes(pool)} kept for follow-up turns ({engine.prefix_slots} slot{plural})"
+        return line
 
     def _shape(self, loaded: LoadedModel) -> planner.ModelShape:
         key = id(loaded.model)
@@ -449,7 +460,12 @@ class ChatService:
             rolling_ttft_s=self.stats.rolling_ttft_s,
             requests=self.stats.count,
             decoder=self.manager.decoder.describe() if self.manager.decoder else "",
+            engine=self._engine_snapshot(),
         )
+
+    def _engine_snapshot(self) -> EngineSnapshot | None:
+        engine = getattr(self.manager.decoder, "engine", None)
+        return engine.snapshot() if engine is not None else None
 
 
 _TRIM_EVERY_S = 1.0

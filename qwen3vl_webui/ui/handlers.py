@@ -16,6 +16,7 @@ from qwen3vl_webui.engine.generation import ChatRequest, RequestError, RequestTi
 from qwen3vl_webui.engine.manager import SwitchRefused
 from qwen3vl_webui.engine.scheduler import Busy, Cancelled
 from qwen3vl_webui.engine.service import ChatService, ShuttingDown, Waiting
+from qwen3vl_webui.engine.stops import parse_stop_lines
 from qwen3vl_webui.media import MediaBudget
 from qwen3vl_webui.ui.panels import format_panel, format_status
 
@@ -52,13 +53,19 @@ class Handlers:
         video_fps: float = 2.0,
         video_max_frames: int = 32,
         video_megapixels: float = 7.4,
+        stop_strings: str = "",
     ) -> Iterator[str]:
-        """Streams the answer to `message` given `history`. Refusals come back as one chat message."""
+        """Streams the answer to `message` given `history`. Refusals come back as one chat message.
+
+        `stop_strings`: one a line (`\\n` for a line break); the answer ends before the first that appears.
+        It comes last so that API clients sending the inputs by position keep working.
+        """
         answered = False
         try:
             request = self._request(
                 message, history, system_prompt, temperature, top_p, top_k, repetition_penalty, seed,
                 max_context, max_new_tokens, image_megapixels, video_fps, video_max_frames, video_megapixels,
+                stop_strings,
             )  # fmt: skip
             with contextlib.closing(self.service.chat(request, report_waiting=True)) as stream:
                 for item in stream:
@@ -90,6 +97,7 @@ class Handlers:
         self, message: Any, history: Any, system_prompt: str, temperature: float, top_p: float, top_k: int,
         repetition_penalty: float, seed: float, max_context: int | None, max_new_tokens: int | None,
         image_megapixels: float, video_fps: float, video_max_frames: int, video_megapixels: float,
+        stop_strings: str | None = "",
     ) -> ChatRequest:  # fmt: skip
         # The flags' caps (the sliders' tops); the service holds requests to the warm-up's lower
         # limits, if it set any, and the status line says so.
@@ -104,6 +112,8 @@ class Handlers:
         _require("video_megapixels", video_megapixels, 0.1, 64.0)
         if seed is not None and seed >= 0:
             seed = _require("seed", seed, 0, 2**32 - 1)
+        if not isinstance(stop_strings, (str, type(None))):
+            raise RequestError("stop_strings must be text: one stop string a line.")
         sampling = SamplingParams(
             max_new_tokens=max_new,
             temperature=_require("temperature", temperature, 0.0, 2.0),
@@ -111,6 +121,7 @@ class Handlers:
             top_k=int(_require("top_k", top_k, 0, 1000)),
             repetition_penalty=_require("repetition_penalty", repetition_penalty, 0.5, 2.0),
             seed=None if seed is None or seed < 0 else int(seed),
+            stop=parse_stop_lines(stop_strings or ""),
         )
         if not isinstance(system_prompt, (str, type(None))):
             raise RequestError("system_prompt must be text.")

@@ -31,7 +31,7 @@ def build_demo(handlers: Handlers, settings: Settings) -> gr.Blocks:
             with gr.Column(scale=2, min_width=320, elem_id="side"):
                 panel = gr.Markdown("", elem_id="panel")
                 inputs, estimate = _budget_controls(settings)
-                sampling = _sampling_controls()
+                sampling, stop = _sampling_controls()
                 _precision_controls(handlers)
             with gr.Column(scale=3, min_width=420):
                 chatbot = gr.Chatbot(label="Chat", elem_id="chatbot", height=560, buttons=["copy"])
@@ -49,7 +49,7 @@ def build_demo(handlers: Handlers, settings: Settings) -> gr.Blocks:
                     multimodal=True,
                     chatbot=chatbot,
                     textbox=textbox,
-                    additional_inputs=[*sampling, *inputs],
+                    additional_inputs=[*sampling, *inputs, stop],  # stop last: older positional API calls still fit
                     api_name="chat",
                     api_description="Chat with Qwen3-VL. message = {'text': str, 'files': [file, ...]}; "
                     "the client keeps the history between calls.",
@@ -95,7 +95,7 @@ def _budget_controls(settings: Settings) -> tuple[list[Any], gr.Markdown]:
     return [max_context, max_new, image_mp, fps, frames, video_mp], estimate
 
 
-def _sampling_controls() -> list[Any]:
+def _sampling_controls() -> tuple[list[Any], gr.Textbox]:
     with gr.Accordion("Sampling & system prompt", open=False):
         system = gr.Textbox("", label="System prompt", lines=2)
         temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature (0 = greedy)")
@@ -103,7 +103,11 @@ def _sampling_controls() -> list[Any]:
         top_k = gr.Slider(0, 200, value=20, step=1, label="Top-k (0 = off)")
         repetition = gr.Slider(0.5, 2.0, value=1.05, step=0.01, label="Repetition penalty")
         seed = gr.Number(-1, label="Seed (-1 = random)", precision=0)
-    return [system, temperature, top_p, top_k, repetition, seed]
+        stop = gr.Textbox(
+            "", label="Stop strings", lines=2, max_lines=8, elem_id="stop-strings",
+            placeholder="one per line", info=r"The answer ends before the first of these (at most 8; \n = line break).",
+        )  # fmt: skip
+    return [system, temperature, top_p, top_k, repetition, seed], stop
 
 
 def _precision_controls(handlers: Handlers) -> None:

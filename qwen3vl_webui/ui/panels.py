@@ -40,6 +40,7 @@ def format_panel(snap: PanelSnapshot, queued: int = 0) -> str:
         ("process RSS", format_bytes(s.process_rss)),
         ("precision", f"{snap.precision or 'loading…'}" + (f" on {snap.device}" if snap.device else "")),
         ("decoder", snap.decoder or "—"),
+        *_prefix_rows(snap),
         (
             "jobs",
             f"{snap.queue.running} running / {snap.queue.max_concurrency} slots · "
@@ -64,6 +65,20 @@ def format_panel(snap: PanelSnapshot, queued: int = 0) -> str:
         rows.append(("last answer", "no request yet"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return "| live | |\n|---|---|\n" + table
+
+
+def _prefix_rows(snap: PanelSnapshot) -> list[tuple[str, str]]:
+    """The batch engine's prefix reuse: how much prefill follow-up turns and regenerations saved."""
+    e = snap.engine
+    if e is None or not e.prefix_slots:
+        return []
+    return [
+        (
+            "prefix reuse",
+            f"{e.prefix_hits:,} hits · {e.prefix_tokens_reused:,} prompt tokens reused, "
+            f"{e.prefill_tokens:,} prefilled · {e.prefix_entries}/{e.prefix_slots} kept",
+        )
+    ]
 
 
 def format_status(snap: PanelSnapshot) -> str:

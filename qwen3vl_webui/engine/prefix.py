@@ -1,0 +1,174 @@
+"""Prefix reuse: which retained KV a new prompt may start from (same tokens, same media), kept LRU in pool slots."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+# A shorter shared prefix is not worth a cache copy (every chat prompt shares its first 3 tokens).
+MIN_REUSE_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class Medium:
+    """One image or video of a prompt: where its placeholder tokens are, where its patches are, what it shows.
+
+    Image (and video) pad token ids are the same for every image, so equal tokens say nothing about equal
+    pictures: `digest` (of the pixels and the grid) does. A video's span runs from its first to its last pad
+    token, its per-frame timestamps included.
+    """
+
+    kind: str  # "image" or "video"
+    index: int  # its row in image_grid_thw / video_grid_thw
+    start: int  # first placeholder token
+    end: int  # one past the last placeholder token
+    rows: tuple[int, int]  # its patch rows in pixel_values / pixel_values_videos
+    digest: str
+
+    @property
+    def key(self) -> tuple[str, int, int, str]:
+        return (self.kind, self.start, self.end, self.digest)
+
+
+def find_media(inputs: dict[str, Any], image_token_id: int, video_token_id: int, merge: int) -> tuple[Medium, ...]:
+    """The prompt's media in token order, each with a hash of its pixels (CPU work: run it off the GPU thread)."""
+    import torch
+
+    ids = inputs["input_ids"][0].cpu()
+    media: list[Medium] = []
+    for kind, token, pixels, grids in (
+        ("image", image_token_id, "pixel_values", "image_grid_thw"),
+        ("video", video_token_id, "pixel_values_videos", "video_grid_thw"),
+    ):
+        if inputs.get(grids) is None:
+            continue
+        where = (ids == token).nonzero().view(-1).tolist()
+        grid = inputs[grids].cpu()
+        values = inputs[pixels]
+        first_pad = first_row = 0
+        for index, thw in enumerate(grid.tolist()):
+            patches = thw[0] * thw[1] * thw[2]
+            pads = patches // (merge * merge)
+            if pads == 0 or first_pad + pads > len(where):
+                raise ValueError(f"the prompt has fewer {kind} placeholder tokens than its {kind}s need")
+            rows = (first_row, first_row + patches)
+            digest = hashlib.sha256(grid[index].numpy().tobytes())
+            digest.update(values[rows[0] : rows[1]].detach().cpu().contiguous().view(torch.uint8).numpy())
+            start, end = where[first_pad], where[first_pad + pads - 1] + 1
+            media.append(Medium(kind, index, start, end, rows, digest.hexdigest()))
+            first_pad += pads
+            first_row += patches
+    return tuple(sorted(media, key=lambda m: m.start))
+
+
+@dataclass(eq=False)
+class Entry:
+    """A pool slot's content: the KV of `ids` (a finished request's prompt and fed-back tokens)."""
+
+    slot: int
+    ids: Any  # 1-D CPU long tensor
+    media: tuple[tuple[str, int, int, str], ...]  # Medium.key of each medium inside `ids`
+    used: int  # LRU clock
+
+
+class PrefixPool:
+    """Bookkeeping of the retained-KV slots (the engine copies the KV); owned by the engine's worker thread."""
+
+    def __init__(self, slots: Iterable[int], min_tokens: int = MIN_REUSE_TOKENS) -> None:
+        self.slots = tuple(slots)
+        self.min_tokens = min_tokens
+        self.entries: list[Entry] = []
+        self._free = list(self.slots)
+        self._clock = 0
+        self.hits = 0
+        self.tokens_reused = 0
+        self.evicted = 0
+        self.dropped = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.slots)
+
+    def match(self, ids: Any, media: tuple[Medium, ...]) -> tuple[Entry | None, int]:
+        """The entry sharing the longest usable prefix with prompt `ids`, and that prefix's length.
+
+        Usable: equal tokens, every medium inside it equal (same place, same pixels), never ending inside a
+        medium (so the rest of the prompt holds whole media only), and at least one prompt token left to
+        prefill (the first answer token needs its logits).
+        """
+        limit = len(ids) - 1
+        best, best_len = None, 0
+        for entry in self.entries:
+            n = min(len(entry.ids), limit)
+            if n <= best_len or n < self.min_tokens:
+                continue
+            differ = (entry.ids[:n] != ids[:n]).nonzero()
+            common = _media_cut(int(differ[0]) if len(differ) else n, media, entry.media)
+            if common > best_len:
+                best, best_len = entry, common
+        if best is None or best_len < self.min_tokens:
+            return None, 0
+        self._clock += 1
+        best.used = self._clock
+        self.hits += 1
+        self.tokens_reused += best_len
+        return best, best_len
+
+    def store(self, ids: Any, media: tuple[Medium, ...]) -> int | None:
+        """Records `ids` and returns the slot to copy their KV into; None if nothing needs keeping.
+
+        An entry that is a prefix of the new one (the chat's previous turn, say) is replaced by it; a new one
+        that an entry already covers is not kept twice; otherwise the least recently used entry makes room.
+        """
+        if not self.slots or len(ids) < self.min_tokens:
+            return None
+        keys = tuple(m.key for m in media)
+        self._clock += 1
+        for entry in self.entries:
+            if _covers(entry.ids, entry.media, ids, keys):
+                entry.used = self._clock
+                return None
+        for entry in [e for e in self.entries if _covers(ids, keys, e.ids, e.media)]:
+            self._remove(entry)
+        if not self._free:
+            self._remove(min(self.entries, key=lambda e: e.used))
+            self.evicted += 1
+        slot = self._free.pop(0)
+        self.entries.append(Entry(slot, ids, keys, self._clock))
+        return slot
+
+    def forget(self, slot: int) -> None:
+        for entry in self.entries:
+            if entry.slot == slot:
+                self._remove(entry)
+                return
+
+    def clear(self) -> None:
+        """Drops every entry (memory pressure): later prompts prefill in full until new ones are kept."""
+        self.dropped += len(self.entries)
+        for entry in list(self.entries):
+            self._remove(entry)
+
+    def _remove(self, entry: Entry) -> None:
+        self.entries.remove(entry)
+        self._free.append(entry.slot)
+        self._free.sort()
+
+
+def _media_cut(common: int, media: tuple[Medium, ...], kept: tuple[tuple[str, int, int, str], ...]) -> int:
+    """`common` moved back to the start of the first medium that is not the same in both or not wholly inside."""
+    for medium in media:  # in token order
+        if medium.start >= common:
+            break
+        if medium.end > common or medium.key not in kept:
+            return medium.start
+    return common
+
+
+def _covers(ids: Any, keys: tuple[Any, ...], other_ids: Any, other_keys: tuple[Any, ...]) -> bool:
+    """Whether (ids, keys) holds all of (other_ids, other_keys): its tokens start with other's, same media there."""
+    n = len(other_ids)
+    if n > len(ids) or not bool((ids[:n] == other_ids).all()):
+        return False
+    return tuple(k for k in keys if k[1] < n) == tuple(other_keys)
