@@ -6,6 +6,9 @@ rewritten after every section.
             ||out - ref|| / ||ref|| against a float64 reference on fresh random data (outputs poisoned with NaN,
             dead KV tails NaN), and time per call (do_bench median over a CUDA graph of 36 calls on rotating KV
             buffers, like 36 layers) for the Triton kernel (split sweep) and SDPA over the whole slot with a mask.
+  splits    the split count swept wider (1..64) for long single rows and for 32 rows of equal length.
+  fp32      the 4B model in fp32 (the kernel's dot in IEEE fp32): engine greedy tokens with the kernel and with
+            SDPA against `generate` (bf16 near-ties cannot hide a wrong function there).
   graphs    the engine uncompiled (CUDA graphs only) on the random 4B bf16 model: SDPA vs the kernel, same run.
   dynamic   compiled + kernel, batch buckets (1, 8, 32) with one dynamic compile for 8 and 32 (cold cache).
   static    compiled + kernel, one static compile per bucket (same cache dir: bucket 1 is warm from `dynamic`).
@@ -13,7 +16,10 @@ rewritten after every section.
 Per engine: start-up (compile) time, graph replay ms per step at position 640, decode-only tok/s of 1 / 8 / 32
 streams (512-token prompts, `--new-tokens`), greedy tokens vs `generate` (bf16 near-ties expected, see notes).
 
-    python bench/attention_check.py --out $OUT/attention_check.json
+    python bench/attention_check.py --out $OUT/attention_check.json                 # ~340 s on an H100
+    python bench/attention_check.py --sections splits,fp32 --out $OUT/attention_check_2.json   # ~35 s
+    python bench/attention_check.py --preset tiny --device cpu --sections graphs --new-tokens 16 \
+        --prompt-tokens 32 --slot-tokens 128                                        # dry run of the plumbing
 """
 
 from __future__ import annotations
@@ -176,10 +182,74 @@ def kernel_section(report: dict[str, Any], copy_gb_s: float) -> None:
     report["kernel"] = results
 
 
+def splits_section(report: dict[str, Any]) -> None:
+    """More splits than the heuristic's cap (16) for one long row, and 1 vs 2 at 32 short rows."""
+    import torch
+
+    from qwen3vl_webui.engine import attention
+
+    rng = torch.Generator().manual_seed(1)
+    cases = [
+        (1, 4096, [4096]), (1, 4096, [2048]), (1, 1024, [640]), (8, 4096, torch.randint(100, 4097, (8,), generator=rng).tolist()),
+        (32, 1024, [640] * 32), (32, 4096, [3000] * 32),
+    ]  # fmt: skip
+    rows_out = []
+    for rows, max_len, lengths in cases:
+        c = kv_case(rows, max_len, lengths, seed=7, slots=rows)
+        ref = attention.decode_attention_reference(
+            c["q"].double(), c["k"].double(), c["v"].double(), c["lengths"], DIM**-0.5
+        )
+        errs = {}
+        for splits in (32, 64):
+            out = torch.full((rows, HEADS, 1, DIM), float("nan"), device="cuda", dtype=torch.bfloat16)
+            attention.decode_attention_triton(c["q"], c["k"], c["v"], c["lengths"], DIM**-0.5, splits=splits, out=out)
+            errs[splits] = rel_err(out, ref)
+        per_set = rows * KV_HEADS * max_len * DIM * 4
+        sets = [kv_case(rows, max_len, lengths, seed=300 + i, slots=rows) for i in range(max(2, min(LAYERS, math.ceil(400e6 / per_set))))]  # fmt: skip
+        timing = {}
+        for splits in (None, 1, 2, 8, 16, 32, 64):
+            calls = [lambda c=c, s=splits: attention.decode_attention_triton(c["q"], c["k"], c["v"], c["lengths"], DIM**-0.5, splits=s) for c in (sets * LAYERS)[:LAYERS]]  # fmt: skip
+            timing["heuristic" if splits is None else f"s{splits}"] = round(graph_time_us(calls), 2)
+        live = sum(lengths) * KV_HEADS * DIM * 4
+        row = dict(rows=rows, max_len=max_len, mean_length=sum(lengths) / rows, us_per_call=timing,
+                   floor_us=round(live / (report["copy_gb_s"] * 1e9) * 1e6, 2), err_32=errs[32], err_64=errs[64])  # fmt: skip
+        rows_out.append(row)
+        print("splits", json.dumps(row), flush=True)
+        sets.clear()
+    report["splits"] = rows_out
+
+
+def fp32_section(report: dict[str, Any], args: Any) -> None:
+    """fp32 (IEEE dot in the kernel): the engine's greedy tokens with the kernel and with SDPA against `generate`."""
+    import torch
+
+    from qwen3vl_webui.engine import compiled
+    from qwen3vl_webui.engine.batching import BatchEngine
+
+    loaded = build_loaded("4b", "cuda", dtype=torch.float32)
+    prompts = make_prompts(2, args.prompt_tokens, loaded.model.config.text_config.vocab_size - 64, seed=1)
+    out: dict[str, Any] = {}
+    try:
+        for kernel in (True, False):
+            compiled.DECODE_KERNEL = kernel
+            with BatchEngine(loaded, max_batch=2, token_budget=2 * 1024, buckets=(1, 2), eos_token_ids=(), compile=False) as engine:  # fmt: skip
+                label = "kernel" if kernel else "sdpa"
+                checks = [greedy_check(loaded, engine, p, 32) for p in prompts]
+                out[label] = dict(decode_attention=engine.decode_attention, checks=checks)
+                print("fp32", label, engine.decode_attention, [c["equal_prefix"] for c in checks], flush=True)
+    finally:
+        compiled.DECODE_KERNEL = True
+        _free(loaded)
+    out["kernel_tokens_equal_sdpa_tokens"] = [
+        a["engine_tokens"] == b["engine_tokens"] for a, b in zip(out["kernel"]["checks"], out["sdpa"]["checks"])
+    ]
+    report["fp32_greedy"] = out
+
+
 # ---------------------------------------------------------------------------------------------- engine level
 
 
-def build_loaded(preset: str = "4b", device: str = "cuda") -> Any:
+def build_loaded(preset: str = "4b", device: str = "cuda", dtype: Any = None) -> Any:
     """The real 4B architecture with random bf16 weights, built in memory (no checkpoint on disk)."""
     import torch
 
@@ -189,7 +259,7 @@ def build_loaded(preset: str = "4b", device: str = "cuda") -> Any:
     started = time.perf_counter()
     tokenizer = tiny_model.build_tokenizer()
     config = tiny_model.build_config(preset, tokenizer)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     model = tiny_model.build_model(config, dtype=dtype, device=device)
     model.generation_config.eos_token_id = None
     assert model.config.text_config._attn_implementation == "sdpa", model.config.text_config._attn_implementation
@@ -298,7 +368,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="attention_check.json")
     ap.add_argument("--deadline-s", type=float, default=330.0)
-    ap.add_argument("--sections", default="kernel,graphs,dynamic,static,old")
+    ap.add_argument("--sections", default="kernel,graphs,dynamic,static,old", help="also: splits, fp32")
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--slot-tokens", type=int, default=1024)
@@ -344,6 +414,13 @@ def main() -> None:
 
     if on_cuda:
         run("kernel", 20, lambda: kernel_section(report, report["copy_gb_s"]))
+        run("splits", 20, lambda: splits_section(report))
+        run("fp32", 40, lambda: fp32_section(report, args))
+    if not {"graphs", "dynamic", "static", "old"} & set(sections):
+        report["wall_s"] = round(time.perf_counter() - t0, 1)
+        save()
+        print_table(report)
+        return
     state: dict[str, Any] = {}
 
     def load() -> None:
@@ -392,6 +469,15 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"{r['case']:7} {r['rows']:4d} {r['max_len']:7d} {r['max_rel_err']:9.2e} {str(r['any_nan'])[0]:>4} "
               f"{r['floor_us']:8.1f} {t['triton']:9.1f} {r['heuristic_splits']:6d} {r['best_splits'] + '=' + str(t[r['best_splits']]):>12} "
               f"{f(t['sdpa_default'])} {f(t['sdpa_cudnn'])} {f(t['sdpa_efficient'])}")  # fmt: skip
+    for r in report.get("splits", []):
+        print(f"splits rows {r['rows']} max_len {r['max_len']} mean length {r['mean_length']:.0f}: floor {r['floor_us']} us, "
+              f"{r['us_per_call']}, err 32/64 splits {r['err_32']:.2e}/{r['err_64']:.2e}")  # fmt: skip
+    if "fp32_greedy" in report:
+        f = report["fp32_greedy"]
+        for label in ("kernel", "sdpa"):
+            eq = [c["equal_prefix"] for c in f[label]["checks"]]
+            print(f"fp32 engine ({f[label]['decode_attention']}) vs generate: equal prefix {eq} of 32")
+        print(f"fp32 kernel tokens == sdpa tokens: {f['kernel_tokens_equal_sdpa_tokens']}")
     print(
         f"\n{'engine':26} {'start s':>8} {'graphs':>6} {'replay ms 1/8/32':>20} {'decode tok/s 1/8/32':>24} {'total 32':>8} {'greedy':>6}"
     )
