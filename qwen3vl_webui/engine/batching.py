@@ -1082,7 +1082,6 @@ class BatchEngine:
         self._active.clear()
         self._prefilling.clear()
         self._graphs.clear()
-        self._pool.clear()
         self._kv_layers = []
         self._seen = None
         self._restore_attention()
