@@ -345,6 +345,17 @@ def _server_lines(log_path: Path) -> list[str]:
     return [line[:300] for line in lines if keep.search(line)][:40]
 
 
+def _gpu_name() -> str | None:
+    """The GPU the app (on this machine) will see, if nvidia-smi answers."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
+        )
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except OSError:
+        return None
+
+
 def print_table(report: dict[str, Any]) -> None:
     head = (
         f"{'chats':>5} {'ok':>5} {'busy':>4} {'err':>4} {'TTFT p50':>9} {'p95':>7} {'p99':>7} "
@@ -379,6 +390,7 @@ def run(args: argparse.Namespace, app_flags: list[str]) -> dict[str, Any]:
         "text re-tokenized with the tokenizer above (the API returns text only)", "client_poll_ms": args.client_poll_ms,
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "image": args.image,
         "temperature": args.temperature, "turns": args.turns, "seconds": args.seconds, "requests": args.requests,
+        "gpu": _gpu_name(), "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
     try:
         url = args.url
@@ -403,6 +415,8 @@ def run(args: argparse.Namespace, app_flags: list[str]) -> dict[str, Any]:
             report["scenarios"].append(result)
             brief = {k: v for k, v in result.items() if k not in ("requests", "errors")}
             print(json.dumps(brief), flush=True)
+            if args.json:  # after each scenario: a run cut short still leaves what it measured
+                Path(args.json).write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     finally:
         if server is not None:
             if server.poll() is None:
