@@ -179,17 +179,28 @@ def test_long_prompt_prefills_in_chunks_and_short_ones_together(loaded, prompts)
         joining = engine.submit_tokens(chunked, long, threading.Event())  # prefilled between decode steps
         got_long = list(joining)
         got_running = head + list(running)
-        forwards = engine._prefill_forwards
-        # Three short prompts (22 + 21 + 22 tokens) queued at once: the first two fit one padded 64-token batch.
+        forwards = forwards_before_short = engine._prefill_forwards
+        # Three short prompts (22 + 21 + 22 tokens) queued at once while nothing decodes: nobody to stall, so
+        # they share one forward (budget IDLE_PREFILL_FACTOR x 64 tokens).
         with engine._cond:  # the worker admits them together (the condition's lock is re-entrant)
             streams = [engine.submit_tokens(p, GREEDY, threading.Event()) for p in short]
         got_short = [list(s) for s in streams]
-        batched = engine._prefill_forwards - forwards
+        idle_batched = engine._prefill_forwards - forwards
+        # The same three while a stream decodes: the first two fit one padded 64-token batch, the third waits.
+        background = engine.submit_tokens(prompts["long"], long, threading.Event())
+        next(background)
+        forwards = engine._prefill_forwards
+        with engine._cond:
+            streams = [engine.submit_tokens(p, GREEDY, threading.Event()) for p in short]
+        got_short_busy = [list(s) for s in streams]
+        busy_batched = engine._prefill_forwards - forwards
+        background.close()
     assert got_long == expected_long
     assert got_running == reference(loaded, prompts["long"], long, eos_token_id=None)
-    assert got_short == expected_short
-    assert forwards == 1 + 2  # the running prompt, then the long one in two chunks
-    assert batched == 2
+    assert got_short == expected_short and got_short_busy == expected_short
+    assert forwards_before_short == 1 + 2  # the running prompt, then the long one in two chunks
+    assert idle_batched == 1
+    assert busy_batched == 2
 
 
 def test_media_prompts_prefill_vision_then_text_chunks(loaded, prompts) -> None:
