@@ -99,15 +99,28 @@ def follow_up(engine: Any, loaded: Any, image: Any, new_tokens: int) -> dict[str
         sampling=_greedy(4),
     )
     p2 = build_prompt(loaded, second)
-    before = engine.snapshot()
-    started = time.perf_counter()
-    tokens = engine.submit_tokens(p2, _greedy(4), threading.Event())
-    next(tokens)
-    ttft = time.perf_counter() - started
-    list(tokens)
-    after = engine.snapshot()
-    reused = {k: getattr(after, k) - getattr(before, k) for k in ("prefix_hits", "reused_tokens") if hasattr(after, k)}
-    return dict(turn1_tokens=p1.tokens, turn2_tokens=p2.tokens, turn2_ttft_s=round(ttft, 4), **reused)
+
+    def turn2() -> tuple[float, dict[str, int]]:
+        before = engine.snapshot()
+        started = time.perf_counter()
+        tokens = engine.submit_tokens(p2, _greedy(4), threading.Event())
+        next(tokens)
+        ttft = time.perf_counter() - started
+        list(tokens)
+        after = engine.snapshot()
+        keys = ("prefix_hits", "prefix_tokens_reused", "prefill_tokens")
+        return ttft, {k: getattr(after, k) - getattr(before, k) for k in keys if hasattr(after, k)}
+
+    ttft, reused = turn2()
+    pool = getattr(engine, "_pool", None)
+    cold = None
+    if pool is not None:
+        pool.clear()  # the engine is idle: turn 2 again with nothing retained, i.e. without reuse
+        cold, _ = turn2()
+    return dict(
+        turn1_tokens=p1.tokens, turn2_tokens=p2.tokens, turn2_ttft_s=round(ttft, 4),
+        turn2_ttft_without_reuse_s=None if cold is None else round(cold, 4), **reused,
+    )  # fmt: skip
 
 
 def main() -> None:
