@@ -135,7 +135,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--generate-new-tokens", type=int, default=64, help="plain generate's rate is flat in length")
     ap.add_argument("--check-tokens", type=int, default=32)
-    ap.add_argument("--slot-tokens", type=int, default=1024, help="KV per slot: 512+256 text or a 720p image + 64")
+    ap.add_argument("--slot-tokens", type=int, default=1280, help="KV per slot: a 720p image (910) + 256 new tokens fits")
     ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="the engine's torch.compile")
     ap.add_argument("--cache-dir", default="/tmp/qwen3vl-inductor")
     ap.add_argument("--sections", default="generate,engine,image,mix,followup,greedy")

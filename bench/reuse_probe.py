@@ -1,0 +1,68 @@
+"""Why is a prefix-reuse hit slow on the GPU? Times the worker's prefill pieces (synchronised) per request.
+
+    python bench/reuse_probe.py [--compile]     # GPU, random 4B bf16 at /tmp/qwen3vl-4b-random
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine_bench import _greedy, make_image_prompt, make_prompts  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--checkpoint", default="/tmp/qwen3vl-4b-random")
+    ap.add_argument("--compile", action="store_true")
+    args = ap.parse_args()
+    import torch
+
+    from qwen3vl_webui.engine.batching import BatchEngine
+    from qwen3vl_webui.engine.loading import load_model
+
+    loaded = load_model(args.checkpoint, "bf16", "cuda")
+    loaded.model.generation_config.eos_token_id = None
+    times: dict[str, list[float]] = {}
+
+    def timed(obj, name):
+        fn = getattr(obj, name)
+
+        @functools.wraps(fn)
+        def wrapper(*a, **k):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = fn(*a, **k)
+            torch.cuda.synchronize()
+            times.setdefault(name, []).append(round((time.perf_counter() - t) * 1e3, 2))
+            return out
+
+        setattr(obj, name, wrapper)
+
+    engine = BatchEngine(loaded, max_batch=8, token_budget=8 * 1280, buckets=(1, 8), compile=args.compile)
+    for name in ("_admit", "_prefill_forward", "_activate", "_retain", "_encode_media", "_prefill_chunk", "_prefill_texts"):  # fmt: skip
+        timed(engine, name)
+    vocab = len(loaded.processor.tokenizer) - 32
+    prompt = make_prompts(1, 512, vocab)[0]
+    image = make_image_prompt(loaded, 64)
+    for label, p in (("text", prompt), ("text", prompt), ("text", prompt), ("image", image), ("image", image)):
+        times.clear()
+        started = time.perf_counter()
+        stream = engine.submit_tokens(p, _greedy(8), threading.Event())
+        next(stream)
+        ttft = time.perf_counter() - started
+        list(stream)
+        snap = engine.snapshot()
+        print(f"{label}: TTFT {ttft * 1e3:.1f} ms, hits {snap.prefix_hits}, pieces (ms) {times}", flush=True)
+    engine.close()
+
+
+if __name__ == "__main__":
+    main()
