@@ -1,6 +1,6 @@
 """Why is a prefix-reuse hit slow on the GPU? Times the worker's prefill pieces (synchronised) per request.
 
-    python bench/reuse_probe.py [--compile]     # GPU, random 4B bf16 at /tmp/qwen3vl-4b-random
+python bench/reuse_probe.py [--compile]     # GPU, random 4B bf16 at /tmp/qwen3vl-4b-random
 """
 
 from __future__ import annotations
@@ -22,12 +22,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", default="/tmp/qwen3vl-4b-random")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--no-cudnn-sdpa", action="store_true", help="torch.backends.cuda.enable_cudnn_sdp(False)")
     args = ap.parse_args()
     import torch
 
     from qwen3vl_webui.engine.batching import BatchEngine
     from qwen3vl_webui.engine.loading import load_model
 
+    if args.no_cudnn_sdpa:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     loaded = load_model(args.checkpoint, "bf16", "cuda")
     loaded.model.generation_config.eos_token_id = None
     times: dict[str, list[float]] = {}
@@ -52,7 +55,10 @@ def main() -> None:
     vocab = len(loaded.processor.tokenizer) - 32
     prompt = make_prompts(1, 512, vocab)[0]
     image = make_image_prompt(loaded, 64)
-    for label, p in (("text", prompt), ("text", prompt), ("text", prompt), ("image", image), ("image", image)):
+    others = make_prompts(3, 300, vocab, seed=5)  # new lengths: new shapes
+    runs = [("text", prompt), ("text", prompt), ("text", prompt), ("image", image), ("image", image)]
+    runs += [("text300", p) for p in others] + [("text300 again", others[0])]
+    for label, p in runs:
         times.clear()
         started = time.perf_counter()
         stream = engine.submit_tokens(p, _greedy(8), threading.Event())
