@@ -101,3 +101,20 @@ def test_flash_attention_without_the_package_is_refused_clearly(tiny_checkpoint:
         pytest.skip("flash-attn is installed here")
     with pytest.raises(LoadRefused, match="needs the flash-attn package"):
         load_model(str(tiny_checkpoint), "fp32", "cpu", attn="flash_attention_2")
+
+
+def test_cudnn_attention_is_turned_off_for_gpu_loads_only(tiny_checkpoint: Path) -> None:
+    import torch
+
+    from qwen3vl_webui.engine.loading import avoid_cudnn_attention, load_model
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        load_model(str(tiny_checkpoint), "fp32", "cpu")
+        assert torch.backends.cuda.cudnn_sdp_enabled()  # a CPU load leaves the process setting alone
+        avoid_cudnn_attention()  # what a CUDA load does first: no per-shape cuDNN plans for prompts
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
