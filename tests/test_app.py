@@ -166,3 +166,29 @@ def test_stop_strings_through_the_api(demo_app_server) -> None:
     many = "\n".join(f"s{i}" for i in range(9))
     refused = _client(url).predict(ask, stop_strings=many, api_name="/chat")
     assert refused.startswith(ERROR_PREFIX) and "At most 8 stop strings" in refused
+
+
+def test_streamed_updates_are_coalesced_and_the_last_text_is_whole(demo_app_server, monkeypatch) -> None:
+    import time
+
+    from qwen3vl_webui.ui import handlers as handlers_module
+    from qwen3vl_webui.ui.handlers import Handlers
+
+    app, _url = demo_app_server
+    handlers = Handlers(app.service, app.settings)
+
+    def run() -> list[tuple[float, str]]:
+        kwargs = dict(temperature=0.0, repetition_penalty=1.0, max_new_tokens=96)
+        return [(time.monotonic(), t) for t in handlers.chat({"text": "Describe a red ball", "files": []}, [], **kwargs)]
+
+    monkeypatch.setattr(handlers_module, "STREAM_INTERVAL_S", 0.0)
+    every = run()  # one update per token
+    monkeypatch.setattr(handlers_module, "STREAM_INTERVAL_S", 0.05)
+    coalesced = run()
+    assert len(every) >= 8, "the demo answer should stream many tokens"
+    assert coalesced[-1][1] == every[-1][1]  # same greedy answer, delivered whole
+    assert len(coalesced) < len(every)
+    gaps = [b - a for (a, _), (b, _) in zip(coalesced[:-1], coalesced[1:-1])]
+    assert all(g >= 0.045 for g in gaps), gaps  # all but the final update at least the interval apart
+    texts = [t for _, t in coalesced]
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # each update extends the previous one

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import math
 import os
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,10 @@ log = logging.getLogger(__name__)
 
 MEGA = 1_000_000
 BUSY_MESSAGE = "busy — try again: all GPU slots and the wait line are full."
+# Streamed answers reach gradio at most this often (the last text always): each update is a message to every
+# browser and ~1 ms of the server's single Python core, which at 32 chats x 150 tok/s capped the whole app near
+# 1,000 tok/s on an H100 (bench/RESULTS.md, gradio_client load test).
+STREAM_INTERVAL_S = 0.05
 # The image slider's top, in megapixels: also the image size the start-up warm-up uses.
 IMAGE_MP_MAX = 4.0
 
@@ -68,13 +73,21 @@ class Handlers:
                 stop_strings,
             )  # fmt: skip
             with contextlib.closing(self.service.chat(request, report_waiting=True)) as stream:
+                held, last = None, 0.0
                 for item in stream:
                     if isinstance(item, Waiting):
                         # Also lets gradio close this generator if the client has gone.
                         yield WAIT_PREFIX + _waiting_text(item)
                         continue
                     answered = True
+                    now = time.monotonic()
+                    if now - last < STREAM_INTERVAL_S:
+                        held = item  # a newer text replaces it before the browser would have drawn it
+                        continue
+                    held, last = None, now
                     yield item
+                if held is not None:
+                    yield held
             if not answered:
                 yield "(the model returned an empty answer)"
         except RequestTimedOut as exc:
