@@ -26,7 +26,9 @@ def test_auto_picks_the_batch_engine_on_a_gpu_only() -> None:
 
 
 def test_batch_engine_answers_like_generate_and_follows_a_precision_switch(tiny_checkpoint: Path) -> None:
-    manager = ModelManager(str(tiny_checkpoint), "fp32", "cpu", "sdpa", Scheduler(2, 4), decoder="batch", max_context=1024)
+    manager = ModelManager(
+        str(tiny_checkpoint), "fp32", "cpu", "sdpa", Scheduler(2, 4), decoder="batch", max_context=1024
+    )
     loaded = manager.load()
     assert isinstance(manager.decoder, BatchDecoder) and manager.decoder.engine.loaded is loaded
     assert manager.decoder.engine.max_len == 1024 and manager.decoder.engine.max_batch == 2
@@ -60,7 +62,9 @@ def test_the_panel_line_shows_batch_size_and_how_long_the_oldest_request_waits(t
     import re
     import time
 
-    manager = ModelManager(str(tiny_checkpoint), "fp32", "cpu", "sdpa", Scheduler(2, 4), decoder="batch", max_context=512)
+    manager = ModelManager(
+        str(tiny_checkpoint), "fp32", "cpu", "sdpa", Scheduler(2, 4), decoder="batch", max_context=512
+    )
     loaded = manager.load()
     long = SamplingParams(max_new_tokens=400, temperature=0.0, repetition_penalty=1.0)
     prompt = build_prompt(loaded, ChatRequest(UserMessage("Hello"), sampling=long))
@@ -99,3 +103,18 @@ def test_the_app_serves_chats_through_the_batch_engine(tiny_checkpoint: Path) ->
         assert "batch engine" in app.service.snapshot().decoder
     finally:
         app.demo.close()
+
+
+def test_the_engine_compiles_every_precision_it_can_capture_on_a_gpu() -> None:
+    from qwen3vl_webui.engine.compiled import graph_blocker, should_compile
+
+    assert [p for p in ("bf16", "fp16", "int8wo", "int4", "int8") if should_compile(None, "cuda", p)] == [
+        "bf16", "fp16", "int8wo", "int4",
+    ]  # fmt: skip
+    assert not should_compile(None, "cpu", "bf16") and should_compile(True, "cpu", "int8")  # explicit wins
+
+    class Linear8bitLt:  # LLM.int8's outlier test runs on the host: no graphs, said why
+        state = type("State", (), {"threshold": 6.0})()
+
+    model = type("Model", (), {"modules": lambda self: [Linear8bitLt()]})()
+    assert "outliers.any()" in graph_blocker(model)

@@ -45,14 +45,15 @@ def use_cache_dir(path: str | os.PathLike[str] | None) -> Path:
 
 
 def should_compile(requested: bool | None, device: str, precision: str) -> bool:
-    """None means: on for CUDA bf16/fp16 and int8wo (its matmul is a custom op); off on CPU and for bitsandbytes models.
+    """None means: on for CUDA bf16/fp16, int8wo (its matmul is a custom op) and int4; off on CPU and for LLM.int8.
 
-    nf4 compiles (with graph breaks) and measured 217 tok/s against 130 uncompiled on an H100, but its greedy
-    tokens are not yet checked against `generate` there, so it stays opt-in (`compile=True`).
+    nf4 compiles with graph breaks around the bitsandbytes matmuls: 256 tok/s at 1 stream against ~130 with
+    graphs alone on an H100 (bench/matrix_int4.h100.json), greedy tokens parting from `generate`'s only at exact
+    ties of its logits. LLM.int8 with its default threshold cannot be captured and decodes eagerly.
     """
     if requested is not None:
         return requested
-    return str(device).startswith("cuda") and precision in ("bf16", "fp16", "int8wo")
+    return str(device).startswith("cuda") and precision in ("bf16", "fp16", "int8wo", "int4")
 
 
 def packed_decode_attention(
