@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from qwen3vl_webui.engine import compiled
+from qwen3vl_webui.engine import compiled, fusion
 from qwen3vl_webui.engine.generation import PreparedPrompt, RequestError, SamplingParams
 from qwen3vl_webui.engine.loading import LoadedModel
 from qwen3vl_webui.engine.prefix import Medium, PrefixPool, find_media
@@ -237,6 +237,7 @@ class BatchEngine:
         compile_cache_dir: str | os.PathLike[str] | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
         prefix_slots: int | None = None,
+        fuse: bool | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -288,6 +289,9 @@ class BatchEngine:
         self._inflight: tuple[int, Any] | None = None  # (rows, device tokens) of the enqueued decode step
         self._graphs: dict[int, tuple[Any, Any]] = {}
         self._restore_attention: Callable[[], None] = lambda: None
+        # q/k/v and gate/up as one GEMV each in decode (engine/fusion.py); None: on CUDA.
+        self.fuse = on_cuda if fuse is None else fuse
+        self.fused_groups = 0
         self._startup_error: BaseException | None = None
         self._ready = threading.Event()
         # One persistent thread: CUDA graphs and their capture stream are per-thread state.
@@ -476,6 +480,7 @@ class BatchEngine:
                 self._prepare_decode()
         except BaseException as exc:  # reported by the constructor
             self._restore_attention()
+            fusion.unfuse(self.loaded.model.model.language_model)
             self._startup_error = exc
             self._ready.set()
             return
@@ -589,6 +594,8 @@ class BatchEngine:
             self._restore_attention = compiled.use_packed_decode_attention(text)
             self._decode_kernel = self._decode_kernel and text._attn_implementation == compiled.PACKED_DECODE_ATTENTION
         self.decode_attention = "split-KV triton" if self._decode_kernel else f"sdpa ({kernel_blocker or 'not routed'})"
+        if self.fuse:
+            self.fused_groups = fusion.fuse_projections(self._lm, max_rows=self.max_batch)
         forward: Callable[[int], Any] = self._forward
         if self.compile:
             compiled.use_cache_dir(self._compile_cache_dir)
@@ -1093,6 +1100,7 @@ class BatchEngine:
         self._kv_layers = []
         self._seen = None
         self._restore_attention()
+        fusion.unfuse(self.loaded.model.model.language_model)
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
