@@ -289,8 +289,9 @@ class BatchEngine:
         self._inflight: tuple[int, Any] | None = None  # (rows, device tokens) of the enqueued decode step
         self._graphs: dict[int, tuple[Any, Any]] = {}
         self._restore_attention: Callable[[], None] = lambda: None
-        # q/k/v and gate/up as one GEMV each in decode (engine/fusion.py); None: on CUDA.
-        self.fuse = on_cuda if fuse is None else fuse
+        # q/k/v and gate/up as one GEMV each in decode (engine/fusion.py). Off unless asked: checked on CPU (eager
+        # and inductor), not yet timed on a GPU (bench/fusion_check.py is the A/B to run first).
+        self.fuse = bool(fuse)
         self.fused_groups = 0
         self._startup_error: BaseException | None = None
         self._ready = threading.Event()
