@@ -153,7 +153,6 @@ def load_model(
     progress: Callable[[str], None] | None = None,
 ) -> LoadedModel:
     """Loads processor + model exactly as for the real checkpoint (also for the tiny demo one)."""
-    import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from qwen3vl_webui.testing import random_weights
@@ -189,8 +188,16 @@ def load_model(
         int8wo.quantize_text_linears(model, device)
     if quant is None:
         model.to(device)
-    model.eval()
+    return loaded(model.eval(), processor, precision, device, source, started, is_demo=is_demo_checkpoint(path))
+
+
+def loaded(
+    model: Any, processor: Any, precision: str, device: str, source: str, started: float, is_demo: bool
+) -> LoadedModel:
+    """The LoadedModel of a model now on `device` (`started`: perf_counter at the start of the load)."""
     if device.startswith("cuda"):
+        import torch
+
         torch.cuda.synchronize()
         release_cached_memory()  # quantizing on the GPU leaves transient blocks cached
     return LoadedModel(
@@ -201,7 +208,7 @@ def load_model(
         source=source,
         load_seconds=time.perf_counter() - started,
         weights_bytes=model.get_memory_footprint(),
-        is_demo=is_demo_checkpoint(path),
+        is_demo=is_demo,
     )
 
 

@@ -93,9 +93,7 @@ def load_random(
     source: str, precision: str, device: str, attn: str = "sdpa", progress: Callable[[str], None] | None = None
 ) -> LoadedModel:
     """The loader's path for a `random-weights:PRESET` source: a LoadedModel like `load_model`'s."""
-    import torch
-
-    from qwen3vl_webui.engine.loading import PRECISION_LABELS, LoadedModel, LoadRefused, compute_dtype
+    from qwen3vl_webui.engine.loading import PRECISION_LABELS, LoadRefused, compute_dtype, loaded
 
     if precision not in PRECISIONS:
         raise LoadRefused(f"--random-weights offers {', '.join(PRECISIONS)} (built in memory), not {precision}.")
@@ -108,15 +106,4 @@ def load_random(
         from qwen3vl_webui.engine import quant
 
         quant.quantize_text_linears(model, device)  # as the loader does for a checkpoint
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return LoadedModel(
-        model=model,
-        processor=processor,
-        precision=precision,
-        device=device,
-        source=source,
-        load_seconds=time.perf_counter() - started,
-        weights_bytes=model.get_memory_footprint(),
-        is_demo=False,
-    )
+    return loaded(model.eval(), processor, precision, device, source, started, is_demo=False)
