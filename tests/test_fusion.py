@@ -86,3 +86,4 @@ def test_the_engine_with_fused_projections_still_equals_generate(loaded) -> None
         got = [list(s) for s in streams]
     assert got == expected
     assert not any("forward" in vars(m) for m in loaded.model.modules())  # closing the engine unfuses
+    assert not any(p.is_inference() for p in loaded.model.parameters())  # and leaves ordinary weights

@@ -61,7 +61,8 @@ class BatchDecoder:
     """One BatchEngine per loaded model: continuous batching, CUDA-graph decode on a GPU.
 
     Its KV memory is allocated once: `max_context` tokens for each of `max_batch` slots, the slider
-    cap times the concurrency, so the VRAM the sliders allow is reserved up front.
+    cap times the concurrency, so the VRAM the sliders allow is reserved up front; plus the retained-prefix
+    slots for follow-up turns (a quarter as many, at least one, same size; the status line shows them).
     """
 
     name = "batch"

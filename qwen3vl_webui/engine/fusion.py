@@ -54,7 +54,8 @@ def _fuse_group(linears: list[Any], max_rows: int) -> bool:
         return False  # quantized (bnb, int8wo) or biased layers keep their own path
     if len({(m.in_features, m.weight.dtype, m.weight.device) for m in linears}) != 1:
         return False
-    with torch.no_grad():
+    # Outside inference mode (the engine's worker runs in it): the weights outlive the engine, as normal tensors.
+    with torch.inference_mode(False), torch.no_grad():
         weight = torch.cat([m.weight.detach() for m in linears])
         start = 0
         for m in linears:
