@@ -368,8 +368,14 @@ def test_the_least_recently_used_entry_is_evicted_when_the_pool_is_full(loaded) 
         assert run(one) == 1  # one is now the most recently used
         assert run(three) == 0 and engine.snapshot().prefix_evicted == 1  # two made room, not one (older)
         assert run(one) == 1
+        kept = list(engine._pool.entries)
         assert (run(two), run(three)) == (0, 0)  # each pushed out the least recently used: three, then one
         snap = engine.snapshot()
+        # Each entry holds exactly its own tokens' KV; an evicted one holds none (its memory went back).
+        text = loaded.model.config.text_config
+        for entry in engine._pool.entries:
+            assert tuple(entry.kv.shape) == (text.num_hidden_layers, 2, text.num_key_value_heads, len(entry.ids), text.head_dim)  # fmt: skip
+        assert all(e.kv is None for e in kept)
     assert snap.prefix_entries == 2 and snap.prefix_evicted == 3
 
 
@@ -382,7 +388,8 @@ def test_reuse_is_off_with_zero_prefix_slots(loaded, prompts) -> None:
     assert snap.prefix_slots == 0 and snap.prefix_hits == 0 and snap.prefix_entries == 0
     assert snap.prefill_tokens == 2 * len(_ids(prompts["long"]))
     with BatchEngine(loaded, max_batch=8, token_budget=8 * 128) as engine:
-        assert engine.prefix_slots == 2 and engine._kv_shape[0] == 10  # default: a quarter of the running slots
+        assert engine.prefix_slots == 2 and engine._kv_shape[0] == 8  # default: a quarter of the running slots, kept
+        # outside the running slots' KV (allocated per entry as requests finish)
     with pytest.raises(ValueError, match="prefix_slots"):
         BatchEngine(loaded, max_batch=1, token_budget=1024, prefix_slots=-1)
 
@@ -436,7 +443,7 @@ def test_the_chat_service_sends_history_that_the_engine_reuses(tiny_checkpoint, 
     from qwen3vl_webui.ui.panels import format_panel
 
     assert f"1 hits · {snap.prefix_tokens_reused:,} prompt tokens reused" in format_panel(service.snapshot())
-    assert "kept for follow-up turns (1 slot)" in service.estimate(2048, 1_000_000, 8, 4_000_000)
+    assert "kept for follow-up turns (1 entry)" in service.estimate(2048, 1_000_000, 8, 4_000_000)
     # A history too long for the context is trimmed by whole turns: the prompt's start changes, nothing reused
     # wrongly, and the answer is still generate's.
     trimmed = dataclasses.replace(request, max_context=turn1.tokens + GREEDY.max_new_tokens)

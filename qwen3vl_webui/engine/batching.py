@@ -217,8 +217,9 @@ class BatchEngine:
     one per batch-size bucket; start-up therefore compiles (~a minute per bucket cold, far less with the
     on-disk cache in `compile_cache_dir`), and no request ever waits for a compile.
 
-    Prefix reuse: `prefix_slots` more KV slots (default: a quarter of `max_batch`, at least one; 0 turns it
-    off) keep finished requests' KV (prompt + answer). A new prompt starts from the retained entry sharing
+    Prefix reuse: up to `prefix_slots` retained entries (default: a quarter of `max_batch`, at least one; 0
+    turns it off) keep finished requests' KV (prompt + answer), each allocated when kept, exactly its length,
+    so memory goes only to what is kept and comes back when an entry is evicted. A new prompt starts from the retained entry sharing
     its longest token prefix with equal media (same pixels), so a chat's next turn, or a regenerated
     answer, prefills only what is new, and the vision tower runs only on media after the reused part.
     Entries are evicted least recently used, and dropped when a prefill runs out of memory.
@@ -259,7 +260,7 @@ class BatchEngine:
         self.prefill_chunk = prefill_chunk
         self.prefix_slots = prefix_slots
         # Pool slots follow the running ones: rows [0, max_batch) of the KV are what decode steps read.
-        self._pool = PrefixPool(range(max_batch, max_batch + prefix_slots))
+        self._pool = PrefixPool(range(prefix_slots))
         self._device = loaded.device
         on_cuda = str(loaded.device).startswith("cuda")
         self.cuda_graphs = on_cuda if cuda_graphs is None else (cuda_graphs and on_cuda)
@@ -535,7 +536,7 @@ class BatchEngine:
         self._dtype = self._lm.embed_tokens.weight.dtype
         dev = self._device
         # Slots [0, max_batch) hold the running batch, the prefix pool's slots come after them.
-        self._kv_shape = (self.max_batch + self.prefix_slots, heads, self.max_len, head_dim)
+        self._kv_shape = (self.max_batch, heads, self.max_len, head_dim)
         rows = self._kv_shape[0] * heads * self.max_len
         # One K and one V tensor per layer, each flat (see _SlotCache); a slot's rows are [slot, :, :len] of the view.
         self._kv_layers = [
@@ -713,10 +714,10 @@ class BatchEngine:
             if entry is None:
                 return job
             cache = self._new_cache()
-            for layer, (keys, values) in enumerate(self._kv_layers):
+            for layer in range(len(self._kv_layers)):
                 cache.update(
-                    keys.view(self._kv_shape)[entry.slot, :, :reuse].unsqueeze(0),
-                    values.view(self._kv_shape)[entry.slot, :, :reuse].unsqueeze(0),
+                    entry.kv[layer, 0, :, :reuse].unsqueeze(0),
+                    entry.kv[layer, 1, :, :reuse].unsqueeze(0),
                     layer,
                 )
         except Exception as exc:  # e.g. out of memory for the copy: prefill it all instead
@@ -1060,17 +1061,21 @@ class BatchEngine:
         length = req.kv_len
         fed = req.tokens[: length - len(req.ids)]  # the last token emitted has no KV yet
         ids = torch.cat([req.ids, torch.tensor(fed, dtype=req.ids.dtype)]) if fed else req.ids
-        target = self._pool.store(ids, req.media)
-        if target is None:
+        entry = self._pool.store(ids, req.media)
+        if entry is None:
             return
         try:
-            for pair in self._kv_layers:
-                for flat in pair:
-                    view = flat.view(self._kv_shape)
-                    view[target, :, :length].copy_(view[slot, :, :length])
-        except Exception as exc:  # a lost entry costs a full prefill later, nothing else
+            # Exactly this entry's tokens, allocated now: memory is taken only by what is kept, and evicting the
+            # entry (or dropping the pool under memory pressure) gives it back.
+            _, heads, _, dim = self._kv_shape
+            kv = torch.empty(len(self._kv_layers), 2, heads, length, dim, dtype=self._dtype, device=self._device)
+            for layer, pair in enumerate(self._kv_layers):
+                for half, flat in enumerate(pair):
+                    kv[layer, half].copy_(flat.view(self._kv_shape)[slot, :, :length])
+            entry.kv = kv
+        except Exception as exc:  # e.g. out of memory: a lost entry costs a full prefill later, nothing else
             log.warning("could not keep a finished request's KV: %r", exc)
-            self._pool.forget(target)
+            self._pool.forget(entry)
 
     def _drop_cancelled(self) -> None:
         for i in reversed(range(len(self._active))):

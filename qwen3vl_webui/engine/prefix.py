@@ -65,16 +65,21 @@ def find_media(inputs: dict[str, Any], image_token_id: int, video_token_id: int,
 
 @dataclass(eq=False)
 class Entry:
-    """A pool slot's content: the KV of `ids` (a finished request's prompt and fed-back tokens)."""
+    """A retained prefix: the KV of `ids` (a finished request's prompt and fed-back tokens)."""
 
     slot: int
     ids: Any  # 1-D CPU long tensor
     media: tuple[tuple[str, int, int, str], ...]  # Medium.key of each medium inside `ids`
     used: int  # LRU clock
+    kv: Any = None  # the engine's copy of the KV, allocated for this entry alone: dropping the entry frees it
 
 
 class PrefixPool:
-    """Bookkeeping of the retained-KV slots (the engine copies the KV); owned by the engine's worker thread."""
+    """At most `len(slots)` retained prefixes, least recently used first out; owned by the engine's worker thread.
+
+    The engine allocates each entry's KV when it keeps it (exactly its length) and sets `entry.kv`; removing an
+    entry drops that reference, so eviction and `clear` give the memory back to the allocator.
+    """
 
     def __init__(self, slots: Iterable[int], min_tokens: int = MIN_REUSE_TOKENS) -> None:
         self.slots = tuple(slots)
@@ -115,8 +120,8 @@ class PrefixPool:
         self.tokens_reused += best_len
         return best, best_len
 
-    def store(self, ids: Any, media: tuple[Medium, ...]) -> int | None:
-        """Records `ids` and returns the slot to copy their KV into; None if nothing needs keeping.
+    def store(self, ids: Any, media: tuple[Medium, ...]) -> Entry | None:
+        """Records `ids` and returns the entry to put their KV in; None if nothing needs keeping.
 
         An entry that is a prefix of the new one (the chat's previous turn, say) is replaced by it; a new one
         that an entry already covers is not kept twice; otherwise the least recently used entry makes room.
@@ -134,24 +139,24 @@ class PrefixPool:
         if not self._free:
             self._remove(min(self.entries, key=lambda e: e.used))
             self.evicted += 1
-        slot = self._free.pop(0)
-        self.entries.append(Entry(slot, ids, keys, self._clock))
-        return slot
+        entry = Entry(self._free.pop(0), ids, keys, self._clock)
+        self.entries.append(entry)
+        return entry
 
-    def forget(self, slot: int) -> None:
-        for entry in self.entries:
-            if entry.slot == slot:
-                self._remove(entry)
-                return
+    def forget(self, entry: Entry) -> None:
+        if entry in self.entries:
+            self._remove(entry)
 
     def clear(self) -> None:
-        """Drops every entry (memory pressure): later prompts prefill in full until new ones are kept."""
+        """Drops every entry and so frees their KV (memory pressure): later prompts prefill in full until new
+        ones are kept."""
         self.dropped += len(self.entries)
         for entry in list(self.entries):
             self._remove(entry)
 
     def _remove(self, entry: Entry) -> None:
         self.entries.remove(entry)
+        entry.kv = None
         self._free.append(entry.slot)
         self._free.sort()
 

@@ -411,10 +411,10 @@ class ChatService:
             f"({max_context:,} tokens), ≤ {format_bytes(kv * slots)} for {slots} concurrent"
         )
         engine = getattr(self.manager.decoder, "engine", None)
-        if engine is not None and engine.prefix_slots:  # allocated with the engine, whatever the sliders say
+        if engine is not None and engine.prefix_slots:  # allocated as entries are kept, freed when evicted
             pool = per_token * engine.max_len * engine.prefix_slots
-            plural = "s" if engine.prefix_slots != 1 else ""
-            line += f" · + {format_bytes(pool)} kept for follow-up turns ({engine.prefix_slots} slot{plural})"
+            plural = "ies" if engine.prefix_slots != 1 else "y"
+            line += f" · + up to {format_bytes(pool)} kept for follow-up turns ({engine.prefix_slots} entr{plural})"
         return line
 
     def _shape(self, loaded: LoadedModel) -> planner.ModelShape:
