@@ -498,8 +498,9 @@ def startup_only(args: Any) -> None:
     print("STARTUP_JSON " + json.dumps(dict(load_s=round(load_s, 2), **info, check_run_tok_s=row["per_stream_tok_s"])))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def common_args(doc: str, generate_new_tokens: int, slot_tokens: int) -> argparse.ArgumentParser:
+    """The arguments engine_bench.py and matrix.py share: checkpoint, device, precision, the workload."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default="/tmp/qwen3vl-4b-random")
     ap.add_argument("--write", action="store_true", help="write the random checkpoint first")
     ap.add_argument("--preset", default="4b")
@@ -508,9 +509,16 @@ def main() -> None:
     ap.add_argument("--streams", default="1,8,32")
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--generate-new-tokens", type=int, default=128, help="plain generate's rate is flat in length")
+    ap.add_argument(
+        "--generate-new-tokens", type=int, default=generate_new_tokens, help="plain generate's rate is flat in length"
+    )
     ap.add_argument("--check-tokens", type=int, default=32)
-    ap.add_argument("--slot-tokens", type=int, default=1024, help="KV per slot: 512+256 text or a 720p image + 64")
+    ap.add_argument("--slot-tokens", type=int, default=slot_tokens, help="KV tokens per engine slot")
+    return ap
+
+
+def main() -> None:
+    ap = common_args(__doc__, generate_new_tokens=128, slot_tokens=1024)
     ap.add_argument("--cache-dir", default="/tmp/qwen3vl-inductor", help="inductor cache (cold on a fresh machine)")
     ap.add_argument("--deadline-s", type=float, default=400.0, help="skip sections that would end past this")
     ap.add_argument(

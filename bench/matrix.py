@@ -16,7 +16,6 @@ eos is disabled (random weights stop anywhere) so every stream decodes the same 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import threading
@@ -35,6 +34,7 @@ from engine_bench import (  # noqa: E402  (bench/ is not a package)
     _peak_gib,
     _reset_peak,
     arrivals_while_decoding,
+    common_args,
     copy_bandwidth,
     engine_ttft,
     generate_ttft,
@@ -124,20 +124,7 @@ def follow_up(engine: Any, loaded: Any, path: str, new_tokens: int) -> dict[str,
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default="/tmp/qwen3vl-4b-random")
-    ap.add_argument("--write", action="store_true", help="write the random checkpoint first (if missing)")
-    ap.add_argument("--preset", default="4b")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--precision", default="bf16")
-    ap.add_argument("--streams", default="1,8,32")
-    ap.add_argument("--prompt-tokens", type=int, default=512)
-    ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--generate-new-tokens", type=int, default=64, help="plain generate's rate is flat in length")
-    ap.add_argument("--check-tokens", type=int, default=32)
-    ap.add_argument(
-        "--slot-tokens", type=int, default=1280, help="KV per slot: a 720p image (910) + 256 new tokens fits"
-    )
+    ap = common_args(__doc__, generate_new_tokens=64, slot_tokens=1280)  # 1,280: a 720p image (910) + 256 fit
     ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="the engine's torch.compile")
     ap.add_argument("--cache-dir", default="/tmp/qwen3vl-inductor")
     ap.add_argument("--sections", default="generate,engine,image,mix,followup,greedy")
