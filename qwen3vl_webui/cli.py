@@ -148,9 +148,10 @@ def build_app(settings: Settings, load: bool = True) -> App:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from qwen3vl_webui.server import limit_malloc_arenas, serve
+    from qwen3vl_webui.server import limit_malloc_arenas, serve, skip_absent_matplotlib
 
     limit_malloc_arenas()  # before any thread starts; see server.py for the measurement
+    skip_absent_matplotlib()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = parse_settings(argv)
     try:

@@ -43,6 +43,23 @@ def limit_malloc_arenas(arenas: int = _MALLOC_ARENAS) -> bool:
         return False
 
 
+def skip_absent_matplotlib() -> bool:
+    """Marks matplotlib absent for good when it is not installed; True if it did.
+
+    gradio imports matplotlib around every event it processes, each streamed update included, to switch its
+    plotting backend (`gradio.utils.MatplotlibBackendMananger`). Without matplotlib every attempt searches
+    sys.path again: 10.2% of the server process's py-spy samples with 32 streaming chats (CPU, `--random-weights
+    tiny`), 0.1% after this. `None` in sys.modules makes the import fail at once.
+    """
+    import importlib.util
+    import sys
+
+    if "matplotlib" in sys.modules or importlib.util.find_spec("matplotlib") is not None:
+        return False
+    sys.modules["matplotlib"] = None  # type: ignore[assignment]
+    return True
+
+
 def serve(app: App) -> int:
     """Launches the app and blocks until SIGTERM/SIGINT; then drains and returns the exit code (0)."""
     stop = threading.Event()

@@ -192,3 +192,34 @@ def test_streamed_updates_are_coalesced_and_the_last_text_is_whole(demo_app_serv
     assert all(g >= 0.045 for g in gaps), gaps  # all but the final update at least the interval apart
     texts = [t for _, t in coalesced]
     assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # each update extends the previous one
+
+
+def test_gradio_stops_searching_for_an_absent_matplotlib_on_every_event() -> None:
+    import subprocess
+    import sys
+
+    script = """
+import importlib.machinery, importlib.util, sys
+if importlib.util.find_spec("matplotlib") is not None:
+    print("installed"); raise SystemExit
+from gradio.utils import MatplotlibBackendMananger
+from qwen3vl_webui.server import skip_absent_matplotlib
+searches = []
+real = importlib.machinery.PathFinder.find_spec
+importlib.machinery.PathFinder.find_spec = classmethod(lambda cls, name, *a, **k: searches.append(name) or real(name, *a, **k))
+def event():
+    with MatplotlibBackendMananger():  # what gradio does around every event, each streamed update included
+        pass
+event()
+before = searches.count("matplotlib")
+assert skip_absent_matplotlib()
+searches.clear()
+event()
+print(before, searches.count("matplotlib"))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ASSETS.parent)
+    assert out.returncode == 0, out.stderr
+    if out.stdout.strip() == "installed":
+        pytest.skip("matplotlib is installed here: gradio's import succeeds and nothing is searched")
+    before, after = map(int, out.stdout.split())
+    assert before >= 2 and after == 0  # two sys.path searches per event before, none after
