@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(flag: str, name: str, help_text: str, **kw: Any) -> None:
         default = env_default(name, d[name].default)
-        p.add_argument(flag, dest=name, default=default, help=f"{help_text} [env {env_name(name)}; default {default}]", **kw)
+        p.add_argument(
+            flag, dest=name, default=default, help=f"{help_text} [env {env_name(name)}; default {default}]", **kw
+        )
 
     add("--model", "model", f"Hugging Face id or local directory of a Qwen3-VL checkpoint (default {DEFAULT_MODEL})")
     add("--precision", "precision", _rule("precision"), choices=PRECISIONS)

@@ -21,7 +21,9 @@ def _client(url: str) -> Client:
 def test_chat_api_answers_text_and_image_and_keeps_history(demo_app_server) -> None:
     app, url = demo_app_server
     client = _client(url)
-    first = client.predict({"text": "Describe this image.", "files": [handle_file(str(ASSETS / "example.png"))]}, api_name="/chat")
+    first = client.predict(
+        {"text": "Describe this image.", "files": [handle_file(str(ASSETS / "example.png"))]}, api_name="/chat"
+    )
     assert isinstance(first, str) and first and not first.startswith(ERROR_PREFIX)
     assert app.service.stats.last.prompt_image_tokens > 0
     tokens_first = app.service.stats.last.prompt_tokens
@@ -179,7 +181,9 @@ def test_streamed_updates_are_coalesced_and_the_last_text_is_whole(demo_app_serv
 
     def run() -> list[tuple[float, str]]:
         kwargs = dict(temperature=0.0, repetition_penalty=1.0, max_new_tokens=96)
-        return [(time.monotonic(), t) for t in handlers.chat({"text": "Describe a red ball", "files": []}, [], **kwargs)]
+        return [
+            (time.monotonic(), t) for t in handlers.chat({"text": "Describe a red ball", "files": []}, [], **kwargs)
+        ]
 
     monkeypatch.setattr(handlers_module, "STREAM_INTERVAL_S", 0.0)
     every = run()  # one update per token
