@@ -516,9 +516,12 @@ def test_19_a_client_leaving_while_waiting_is_dropped_without_gpu_work(hostile) 
     message = {"text": "Are you there?", "files": []}
     # (a) Waiting in gradio's queue behind two long answers.
     with long_answers(app, step_delay_s=0.01):
+        first = _started(app)
         runners = [_client(url).submit({"text": f"long {i}", "files": []}, max_new_tokens=300, api_name="/chat")
                    for i in range(2)]  # fmt: skip
-        assert _wait_for(lambda: app.service.scheduler.state().running == 2, 30)
+        # Both runners' generations have begun (a scheduler slot is taken a moment before the count goes up).
+        assert _wait_for(lambda: _started(app) == first + 2, 30)
+        assert app.service.scheduler.state().running == 2
         before = _started(app)
         with raw_stream(url, _raw_data(app, message)):
             assert _wait_for(lambda: len(app.demo._queue) == 1, 10)  # queued behind the two
