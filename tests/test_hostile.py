@@ -134,29 +134,32 @@ def _no_client_telemetry() -> Iterator[None]:
         yield
 
 
-@pytest.fixture(scope="module")
-def hostile(tiny_checkpoint: Path) -> Iterator[tuple[Any, str]]:
-    """The demo app with tight caps: 2 slots, 6 waiting, 2 files a turn, 1 MB uploads, 4096-token context."""
-    app, url = start_app(
-        tiny_checkpoint.parent, "--max-concurrency", "2", "--queue-size", "6", "--max-files-per-turn", "2",
-        "--max-file-mb", "1", "--max-context", "4096", "--max-new-tokens", "512",
-    )  # fmt: skip
+@contextlib.contextmanager
+def _serving(cache_dir: Path, *flags: str) -> Iterator[tuple[Any, str]]:
+    """The demo app with `flags`, warmed up; closed on exit."""
+    app, url = start_app(cache_dir, *flags)
     assert app.service.warmed.wait(60)
     try:
         yield app, url
     finally:
         app.demo.close()
+
+
+@pytest.fixture(scope="module")
+def hostile(tiny_checkpoint: Path) -> Iterator[tuple[Any, str]]:
+    """The demo app with tight caps: 2 slots, 6 waiting, 2 files a turn, 1 MB uploads, 4096-token context."""
+    with _serving(
+        tiny_checkpoint.parent, "--max-concurrency", "2", "--queue-size", "6", "--max-files-per-turn", "2",
+        "--max-file-mb", "1", "--max-context", "4096", "--max-new-tokens", "512",
+    ) as served:  # fmt: skip
+        yield served
 
 
 @pytest.fixture(scope="module")
 def guarded(tiny_checkpoint: Path) -> Iterator[tuple[Any, str]]:
     """The demo app behind a login, with a 3-second per-request limit."""
-    app, url = start_app(tiny_checkpoint.parent, "--auth", ":".join(AUTH), "--request-timeout", "3")
-    assert app.service.warmed.wait(60)
-    try:
-        yield app, url
-    finally:
-        app.demo.close()
+    with _serving(tiny_checkpoint.parent, "--auth", ":".join(AUTH), "--request-timeout", "3") as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
