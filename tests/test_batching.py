@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import os
 import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -429,7 +430,9 @@ def test_the_chat_service_sends_history_that_the_engine_reuses(tiny_checkpoint, 
     from qwen3vl_webui.engine.service import ChatService
     from qwen3vl_webui.telemetry import GenerationStats, GpuProbe
 
-    manager = ModelManager(str(tiny_checkpoint), "fp32", "cpu", "sdpa", Scheduler(1, 4), decoder="batch", max_context=2048)
+    manager = ModelManager(
+        str(tiny_checkpoint), "fp32", "cpu", "sdpa", Scheduler(1, 4), decoder="batch", max_context=2048
+    )
     manager.load()
     service = ChatService(manager, manager.scheduler, GenerationStats(), GpuProbe())
     engine = manager.decoder.engine
@@ -499,5 +502,29 @@ def test_a_reuse_point_inside_a_video_moves_back_to_the_videos_first_frame(loade
     pool = PrefixPool([0, 1], min_tokens=1)
     pool.store(ids[: inside + 1], media[:1])  # a prefix that ends between two frames of the video
     assert pool.match(ids, media)[1] == video.start  # never inside a medium: the whole video is prefilled
-    other = dataclasses.replace(image, digest="another picture")
-    assert pool.match(ids, (other, video))[1] == image.start  # another image in the same place: not reused
+    other = dataclasses.replace(image, hashing=_resolved("another picture"))
+    assert pool.match(ids, (other, video))[1] == image.start  # same probe, another digest: not reused
+
+
+def _resolved(value: str) -> Future:
+    done: Future = Future()
+    done.set_result(value)
+    return done
+
+
+def test_media_digests_are_awaited_only_where_the_probes_agree(loaded, prompts) -> None:
+    """A prompt's full pixel hash (~15 ms for 720p) runs in the background: matching against an entry whose media
+    differ never waits for it, and an equal picture is still confirmed by its full digest."""
+    from qwen3vl_webui.engine.prefix import PrefixPool, find_media
+
+    prompt = prompts["image"]
+    config = loaded.model.config
+    (image,) = find_media(prompt.inputs, config.image_token_id, config.video_token_id, 2)
+    assert image.digest == find_media(prompt.inputs, config.image_token_id, config.video_token_id, 2)[0].digest
+    ids = prompt.inputs["input_ids"][0]
+    pool = PrefixPool([0], min_tokens=1)
+    pool.store(ids, (image,))
+    never: Future = Future()  # a digest that never arrives: waiting on it would hang the test
+    elsewhere = dataclasses.replace(image, probe="another probe", hashing=never)
+    assert pool.match(ids, (elsewhere,))[1] == image.start
+    assert pool.match(ids, (dataclasses.replace(image, hashing=_resolved(image.digest)),))[1] == len(ids) - 1

@@ -239,6 +239,7 @@ class BatchEngine:
         prefill_chunk: int = PREFILL_CHUNK,
         prefix_slots: int | None = None,
         fuse: bool | None = None,
+        gemv: bool | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -290,9 +291,12 @@ class BatchEngine:
         self._inflight: tuple[int, Any] | None = None  # (rows, device tokens) of the enqueued decode step
         self._graphs: dict[int, tuple[Any, Any]] = {}
         self._restore_attention: Callable[[], None] = lambda: None
-        # q/k/v and gate/up as one GEMV each in decode (engine/fusion.py). Off unless asked: checked on CPU (eager
-        # and inductor), not yet timed on a GPU (bench/fusion_check.py is the A/B to run first).
-        self.fuse = bool(fuse)
+        # Decode Linears (engine/fusion.py): q/k/v and gate/up as one product each, and one-row products on 16-bit
+        # weights through the Triton GEMV. On by default on CUDA (bf16 1 stream 219 -> 270 tok/s on an H100,
+        # bench/gemv_check.h100.json); each skips the layers it cannot take (quantized, fp32).
+        self.fuse = on_cuda if fuse is None else bool(fuse)
+        self.gemv = on_cuda if gemv is None else bool(gemv)
+        self.gemv_linears = 0
         self.fused_groups = 0
         self._startup_error: BaseException | None = None
         self._ready = threading.Event()
@@ -482,7 +486,7 @@ class BatchEngine:
                 self._prepare_decode()
         except BaseException as exc:  # reported by the constructor
             self._restore_attention()
-            fusion.unfuse(self.loaded.model.model.language_model)
+            fusion.unfuse(self.loaded.model)
             self._startup_error = exc
             self._ready.set()
             return
@@ -597,7 +601,9 @@ class BatchEngine:
             self._decode_kernel = self._decode_kernel and text._attn_implementation == compiled.PACKED_DECODE_ATTENTION
         self.decode_attention = "split-KV triton" if self._decode_kernel else f"sdpa ({kernel_blocker or 'not routed'})"
         if self.fuse:
-            self.fused_groups = fusion.fuse_projections(self._lm, max_rows=self.max_batch)
+            self.fused_groups = fusion.fuse_projections(self._lm, max_rows=self.max_batch, gemv=self.gemv)
+        if self.gemv:
+            self.gemv_linears = fusion.route_gemv([self._lm, self._lm_head])
         forward: Callable[[int], Any] = self._forward
         if self.compile:
             compiled.use_cache_dir(self._compile_cache_dir)
@@ -1106,7 +1112,7 @@ class BatchEngine:
         self._kv_layers = []
         self._seen = None
         self._restore_attention()
-        fusion.unfuse(self.loaded.model.model.language_model)
+        fusion.unfuse(self.loaded.model)
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

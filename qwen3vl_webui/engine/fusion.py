@@ -1,4 +1,5 @@
-"""One GEMV instead of three (q/k/v) and two (gate/up) per layer in decode, on the model's own modules.
+"""How the decode step's Linears run: one GEMV instead of three (q/k/v) and two (gate/up) per layer, and a Triton
+GEMV for one-row products on 16-bit weights; on the model's own modules.
 
 A decode step multiplies one row per stream by every weight once; at one stream the 5 MB k and v
 projections are latency-bound (~10 us each for what the bandwidth moves in ~2). `fuse_projections` moves
@@ -7,14 +8,87 @@ its weight a view of that buffer (no extra memory), and routes calls with at mos
 through one product over the fused weight, handing q then k then v (gate then up) their slices: transformers'
 attention calls them in that order on the same hidden states. Larger inputs (prefill) run each Linear as
 before, on the same weights. `unfuse` restores the forwards.
+
+`gemv=True` (CUDA, bf16/fp16 weights, triton importable) also sends every one-row product of the text model and of
+lm_head (the 1-stream decode step) to `int8_kernels.gemv16` as the custom op `qwen3vl_webui::gemv16`: cuBLAS's
+GEMV for these skinny shapes streamed ~70% of the copy bandwidth inside the step graph.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Iterable
 from typing import Any
 
 FUSE_MAX_ROWS = 32  # the largest decode bucket
+GEMV_MAX_ROWS = 1  # the Triton GEMV reads the weights once per row: cuBLAS's GEMM wins from two rows on
+OP_NAME = "qwen3vl_webui::gemv16"
+
+
+@functools.cache
+def _kernels() -> Any:
+    try:
+        from qwen3vl_webui.engine import int8_kernels
+    except ImportError:
+        return None
+    return int8_kernels
+
+
+def _gemv_impl(x: Any, weight: Any) -> Any:
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1 or x2.stride(0) != k:
+        x2 = x2.contiguous()
+    return _kernels().gemv16(x2, weight).reshape(*x.shape[:-1], weight.shape[0])
+
+
+@functools.cache
+def register_gemv_op() -> Any:
+    """`torch.ops.qwen3vl_webui.gemv16(x, weight)`: opaque to dynamo (an extern kernel inductor calls), as int8wo's."""
+    import torch
+
+    # An explicit schema: this module's annotations are strings and torch is not among its globals.
+    @torch.library.custom_op(OP_NAME, mutates_args=(), schema="(Tensor x, Tensor weight) -> Tensor")
+    def gemv16(x: Any, weight: Any) -> Any:
+        return _gemv_impl(x, weight)
+
+    @gemv16.register_fake
+    def _(x: Any, weight: Any) -> Any:
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    return gemv16
+
+
+def gemv_blocker(weight: Any) -> str | None:
+    """Why one-row products on `weight` cannot use the Triton GEMV, or None."""
+    import torch
+
+    if not weight.is_cuda:
+        return "not on CUDA"
+    if weight.dtype not in (torch.bfloat16, torch.float16):
+        return f"weights are {weight.dtype}, not bf16/fp16"
+    if _kernels() is None:
+        return "triton is not importable"
+    return None
+
+
+def _product(gemv: bool) -> Callable[[Any, Any], Any]:
+    """`x @ weightᵀ` for decode-sized `x`: the Triton GEMV for one row where `gemv`, else F.linear."""
+    import torch
+    import torch.nn.functional as F
+
+    if not gemv:
+        return lambda x, weight: F.linear(x, weight)  # looked up per call (tests count the calls)
+    register_gemv_op()
+
+    def product(x: Any, weight: Any) -> Any:
+        if x.shape[:-1].numel() > GEMV_MAX_ROWS:
+            return F.linear(x, weight)
+        if torch.compiler.is_compiling():
+            return torch.ops.qwen3vl_webui.gemv16(x, weight)
+        return _gemv_impl(x, weight)  # eager (graphs only): no custom-op dispatch
+
+    return product
 
 
 class _Shared:
@@ -27,16 +101,17 @@ class _Shared:
         self.parts: Any = None
 
 
-def _forward(shared: _Shared, index: int, linear: Any, max_rows: int) -> Callable[[Any], Any]:
+def _forward(shared: _Shared, index: int, linear: Any, max_rows: int, gemv: bool) -> Callable[[Any], Any]:
     import torch.nn.functional as F
 
     last = len(shared.sizes) - 1
+    product = _product(gemv)
 
     def forward(x: Any) -> Any:
         if x.shape[:-1].numel() > max_rows:
             return F.linear(x, linear.weight, linear.bias)
         if index == 0:
-            shared.x, shared.parts = x, F.linear(x, shared.weight).split(shared.sizes, dim=-1)
+            shared.x, shared.parts = x, product(x, shared.weight).split(shared.sizes, dim=-1)
         elif shared.x is not x or shared.parts is None:  # called out of order: compute this one alone
             return F.linear(x, linear.weight, linear.bias)
         out = shared.parts[index]
@@ -47,7 +122,7 @@ def _forward(shared: _Shared, index: int, linear: Any, max_rows: int) -> Callabl
     return forward
 
 
-def _fuse_group(linears: list[Any], max_rows: int) -> bool:
+def _fuse_group(linears: list[Any], max_rows: int, gemv: bool) -> bool:
     import torch
 
     if any(type(m) is not torch.nn.Linear or m.bias is not None for m in linears):
@@ -63,26 +138,64 @@ def _fuse_group(linears: list[Any], max_rows: int) -> bool:
             m.weight = torch.nn.Parameter(weight[start : start + rows], requires_grad=False)
             start += rows
     shared = _Shared(weight, [m.out_features for m in linears])
+    gemv = gemv and gemv_blocker(weight) is None
     for index, m in enumerate(linears):
-        m.forward = _forward(shared, index, m, max_rows)
+        m.forward = _forward(shared, index, m, max_rows, gemv)
         m._qwen3vl_fused = True
     return True
 
 
-def fuse_projections(text_model: Any, max_rows: int = FUSE_MAX_ROWS) -> int:
-    """Fuses q/k/v and gate/up of every decoder layer of `text_model`; returns how many groups were fused."""
+def _route_gemv(linear: Any) -> bool:
+    """A plain 16-bit Linear whose one-row products go to the Triton GEMV (others unchanged)."""
+    import torch
+    import torch.nn.functional as F
+
+    if type(linear) is not torch.nn.Linear or linear.bias is not None or gemv_blocker(linear.weight) is not None:
+        return False
+    if "forward" in vars(linear):
+        return False  # fused already (its group routes its own product)
+    product = _product(True)
+
+    def forward(x: Any) -> Any:
+        return product(x, linear.weight) if x.shape[:-1].numel() <= GEMV_MAX_ROWS else F.linear(x, linear.weight)
+
+    linear.forward = forward
+    linear._qwen3vl_fused = True
+    return True
+
+
+def fuse_projections(text_model: Any, max_rows: int = FUSE_MAX_ROWS, gemv: bool = False) -> int:
+    """Fuses q/k/v and gate/up of every decoder layer of `text_model`; returns how many groups were fused.
+
+    `gemv`: the fused groups' one-row products run the Triton GEMV where it can (`gemv_blocker`).
+    """
     fused = 0
     for layer in getattr(text_model, "layers", []):
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         if attn is not None and all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj")):
-            fused += _fuse_group([attn.q_proj, attn.k_proj, attn.v_proj], max_rows)
+            fused += _fuse_group([attn.q_proj, attn.k_proj, attn.v_proj], max_rows, gemv)
         if mlp is not None and hasattr(mlp, "gate_proj") and hasattr(mlp, "up_proj"):
-            fused += _fuse_group([mlp.gate_proj, mlp.up_proj], max_rows)
+            fused += _fuse_group([mlp.gate_proj, mlp.up_proj], max_rows, gemv)
     return fused
 
 
-def unfuse(text_model: Any) -> None:
+def route_gemv(modules: Iterable[Any]) -> int:
+    """Sends the one-row products of every plain 16-bit Linear in `modules` (and their children) that is not in a fused
+    group to the Triton GEMV; returns how many. Call after `fuse_projections`."""
+    import torch
+
+    seen: set[int] = set()
+    routed = 0
+    for root in modules:
+        for m in root.modules():
+            if isinstance(m, torch.nn.Linear) and id(m) not in seen:
+                seen.add(id(m))
+                routed += _route_gemv(m)
+    return routed
+
+
+def unfuse(model: Any) -> None:
     """Back to each Linear's own forward (the weights stay views of the fused buffers: same values)."""
-    for module in text_model.modules():
+    for module in model.modules():
         if vars(module).pop("_qwen3vl_fused", False):
             del module.forward

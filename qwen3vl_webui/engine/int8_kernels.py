@@ -87,6 +87,7 @@ def _to_f32(w, FAST_CVT: tl.constexpr):
 def _gemv_kernel(
     x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_ym,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, FAST_CVT: tl.constexpr,
+    HAS_SCALE: tl.constexpr = True,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     row = tl.program_id(1)
@@ -107,8 +108,9 @@ def _gemv_kernel(
         acc += _to_f32(w, FAST_CVT) * x.to(tl.float32)[None, :]
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
-    scale = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
-    out = tl.sum(acc, axis=1) * scale
+    out = tl.sum(acc, axis=1)
+    if HAS_SCALE:
+        out = out * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
     tl.store(y_ptr + row * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -149,8 +151,8 @@ def _skinny_kernel(
 def int8_matmul(x: Any, weight: Any, scale: Any, config: KernelConfig | None = None, out: Any = None) -> Any:
     """`x [M, K]` (bf16/fp16, rows contiguous) times int8 `weight [N, K]`ᵀ, times fp32 `scale [N]`: `[M, N]` in x's dtype.
 
-    `weight` may also be a 16-bit tensor (with a scale of ones and `fast_cvt=False`): the bench compares this kernel
-    with cuBLAS on bf16 weights.
+    `weight` may also be a 16-bit tensor (with `fast_cvt=False`), and `scale` None (no scaling; GEMV configs only):
+    that is `gemv16`, the 16-bit decode GEMV.
     """
     import torch
 
@@ -163,11 +165,13 @@ def int8_matmul(x: Any, weight: Any, scale: Any, config: KernelConfig | None = N
     if cfg.block_m == 1:
         grid = (triton.cdiv(n, cfg.block_n), rows)
         _gemv_kernel[grid](
-            x, weight, scale, out, n, k, x.stride(0), weight.stride(0), out.stride(0),
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=even_k, FAST_CVT=cfg.fast_cvt,
+            x, weight, weight if scale is None else scale, out, n, k, x.stride(0), weight.stride(0), out.stride(0),
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=even_k, FAST_CVT=cfg.fast_cvt, HAS_SCALE=scale is not None,
             num_warps=cfg.warps, num_stages=cfg.stages,
         )  # fmt: skip
     else:
+        if scale is None:
+            raise ValueError("the skinny kernel needs scales (it is int8-only)")
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m))
         _skinny_kernel[grid](
             x, weight, scale, out, rows, n, k, x.stride(0), weight.stride(0), out.stride(0),
@@ -175,3 +179,24 @@ def int8_matmul(x: Any, weight: Any, scale: Any, config: KernelConfig | None = N
             num_warps=cfg.warps, num_stages=cfg.stages,
         )  # fmt: skip
     return out
+
+
+# 16-bit weights, one row, keyed (N, K): the best of bench/gemv_check.py's 56-config sweep on an H100 80GB HBM3
+# (bench/gemv_check.h100.json), 36 distinct weights per shape in one CUDA graph as in the decode step. fast_cvt is moot.
+TUNED16: dict[tuple[int, int], KernelConfig] = {
+    (6144, 2560): KernelConfig(1, 8, 512, 4, 1, False),  # fused q/k/v
+    (2560, 4096): KernelConfig(1, 2, 1024, 4, 1, False),  # o
+    (19456, 2560): KernelConfig(1, 8, 512, 4, 1, False),  # fused gate/up
+    (2560, 9728): KernelConfig(1, 2, 2048, 8, 2, False),  # down
+    (151936, 2560): KernelConfig(1, 2, 1024, 4, 2, False),  # lm_head
+    (4096, 2560): KernelConfig(1, 4, 512, 4, 1, False),  # q (unfused)
+    (1024, 2560): KernelConfig(1, 2, 2048, 8, 2, False),  # k, v (unfused)
+    (9728, 2560): KernelConfig(1, 4, 512, 4, 2, False),  # gate, up (unfused)
+}
+GEMV16_DEFAULT = KernelConfig(1, 8, 1024, 8, 1, False)
+
+
+def gemv16(x: Any, weight: Any, config: KernelConfig | None = None, out: Any = None) -> Any:
+    """`x [M, K]` times a bf16/fp16 `weight [N, K]`ᵀ, one program column per row (for M = 1: decode of one stream)."""
+    cfg = config or TUNED16.get(tuple(weight.shape)) or GEMV16_DEFAULT
+    return int8_matmul(x, weight, None, cfg, out)

@@ -1,0 +1,243 @@
+"""The bf16 decode step at one stream: fused q/k/v + gate/up and a Triton GEMV against cuBLAS, in one process.
+
+    python bench/gemv_check.py --out $OUT/gemv_check.json     # GPU, random 4B at /tmp/qwen3vl-4b-random
+
+1. sweep: each one-row product of the step (fused qkv 2560->6144, o 4096->2560, fused gate/up 2560->19456, down
+   9728->2560, lm_head 2560->151936, and the unfused q, k/v, gate/up shapes) as 36 distinct weights in one CUDA
+   graph (cold L2 and back-to-back launches, as inside the step): cuBLAS against every Triton GEMV config.
+2. step: all of one step's matmuls in one graph: cuBLAS unfused (7 a layer), cuBLAS fused (4), Triton fused.
+3. engine: BatchEngine, 1 stream, bucket (1,) only: base / fuse / fuse+gemv / base again; decode tok/s of
+   three 256-token answers to 512-token prompts, and greedy tokens against `generate`.
+
+Prediction (H100, before the run): step matmuls 3.45 ms cuBLAS unfused (measured in int8wo_check), ~2.95 ms fused
+(k and v are latency-bound ~10 us each for ~2 us of bytes), ~2.75 ms Triton fused (3-22% per shape in isolation).
+Engine 218-224 tok/s base, ~244 fused, ~255 fused + GEMV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine_bench import _free, greedy_check, make_prompts, run_engine, start_engine  # noqa: E402
+
+HIDDEN, HEADS_DIM, KV_DIM, INTER, VOCAB, LAYERS = 2560, 4096, 1024, 9728, 151936, 36
+# (name, out N, in K)
+SHAPES = [
+    ("qkv", HEADS_DIM + 2 * KV_DIM, HIDDEN), ("o", HIDDEN, HEADS_DIM), ("gate_up", 2 * INTER, HIDDEN),
+    ("down", HIDDEN, INTER), ("lm_head", VOCAB, HIDDEN), ("q", HEADS_DIM, HIDDEN), ("kv", KV_DIM, HIDDEN),
+    ("gate", INTER, HIDDEN),
+]  # fmt: skip
+
+
+def configs() -> list[Any]:
+    from qwen3vl_webui.engine.int8_kernels import KernelConfig
+
+    out = []
+    for bn in (2, 4, 8, 16, 32):
+        for bk in (256, 512, 1024, 2048):
+            if 2048 <= bn * bk <= 16384:
+                for warps in (4, 8):
+                    for stages in (1, 2):
+                        out.append(KernelConfig(1, bn, bk, warps, stages, False))
+    return out
+
+
+def graph_ms(fn: Any) -> float:
+    """Median ms of one replay of `fn`'s launches captured in a CUDA graph (10 replays per sample, 5 samples)."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        for _ in range(10):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 10)
+    del graph
+    return sorted(times)[2]
+
+
+def sweep_section(report: dict[str, Any], deadline: float) -> dict[tuple[int, int], Any]:
+    import torch
+    import torch.nn.functional as F
+
+    from qwen3vl_webui.engine import int8_kernels as ik
+
+    best: dict[tuple[int, int], Any] = {}
+    rows = []
+    for name, n, k in SHAPES:
+        copies = 4 if name == "lm_head" else LAYERS
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        ref = (x.double() @ ws[0].double().T).float()
+        nbytes = 2 * n * k
+        cublas_us = 1e3 * graph_ms(lambda ws=ws, x=x: [F.linear(x, w) for w in ws]) / copies
+        tried = []
+        for cfg in configs():
+            if time.monotonic() > deadline:
+                break
+            try:
+                out = ik.gemv16(x, ws[0], cfg)
+                err = float((out.float() - ref).norm() / ref.norm())
+                if not err < 1e-2:
+                    continue
+                us = 1e3 * graph_ms(lambda ws=ws, x=x, cfg=cfg: [ik.gemv16(x, w, cfg) for w in ws]) / copies
+            except Exception as exc:  # a config triton cannot build (registers, shared memory)
+                print("config failed", name, list(cfg), type(exc).__name__, flush=True)
+                continue
+            tried.append((us, list(cfg)))
+        tried.sort()
+        row = dict(
+            name=name, n=n, k=k, cublas_us=round(cublas_us, 2), cublas_gb_s=round(nbytes / cublas_us / 1e3),
+            triton_us=round(tried[0][0], 2) if tried else None, triton_cfg=tried[0][1] if tried else None,
+            triton_gb_s=round(nbytes / tried[0][0] / 1e3) if tried else None, runners_up=tried[1:4], configs=len(tried),
+        )  # fmt: skip
+        if tried:
+            best[(n, k)] = ik.KernelConfig(*tried[0][1])
+        print("sweep", json.dumps({k: v for k, v in row.items() if k != "runners_up"}), flush=True)
+        rows.append(row)
+        del ws
+        torch.cuda.empty_cache()
+    report["sweep"] = rows
+    report["tuned16"] = {f"{n},{k}": list(cfg) for (n, k), cfg in best.items()}
+    return best
+
+
+def step_section(report: dict[str, Any]) -> None:
+    """One step's matmuls (36 layers + lm_head) at 1 row in one graph, three ways."""
+    import torch
+    import torch.nn.functional as F
+
+    from qwen3vl_webui.engine import int8_kernels as ik
+
+    qkv_n, gu_n = HEADS_DIM + 2 * KV_DIM, 2 * INTER
+    layers = [
+        (torch.randn(qkv_n, HIDDEN, device="cuda", dtype=torch.bfloat16), torch.randn(HIDDEN, HEADS_DIM, device="cuda", dtype=torch.bfloat16),
+         torch.randn(gu_n, HIDDEN, device="cuda", dtype=torch.bfloat16), torch.randn(HIDDEN, INTER, device="cuda", dtype=torch.bfloat16))
+        for _ in range(LAYERS)
+    ]  # fmt: skip
+    head = torch.randn(VOCAB, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    xs = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for k in (HIDDEN, HEADS_DIM, INTER)}
+
+    def unfused() -> None:
+        for qkv, o, gu, down in layers:
+            for w in (qkv[:HEADS_DIM], qkv[HEADS_DIM : HEADS_DIM + KV_DIM], qkv[HEADS_DIM + KV_DIM :]):
+                F.linear(xs[HIDDEN], w)
+            F.linear(xs[HEADS_DIM], o)
+            F.linear(xs[HIDDEN], gu[:INTER])
+            F.linear(xs[HIDDEN], gu[INTER:])
+            F.linear(xs[INTER], down)
+        F.linear(xs[HIDDEN], head)
+
+    def fused(mm: Any) -> Any:
+        def run() -> None:
+            for qkv, o, gu, down in layers:
+                mm(xs[HIDDEN], qkv)
+                mm(xs[HEADS_DIM], o)
+                mm(xs[HIDDEN], gu)
+                mm(xs[INTER], down)
+            mm(xs[HIDDEN], head)
+
+        return run
+
+    nbytes = 2 * (sum(sum(w.numel() for w in layer) for layer in layers) + head.numel())
+    out = {}
+    for name, fn in (
+        ("cublas_unfused", unfused),
+        ("cublas_fused", fused(F.linear)),
+        ("triton_fused", fused(ik.gemv16)),
+    ):
+        ms = graph_ms(fn)
+        out[name] = dict(ms=round(ms, 3), gb_s=round(nbytes / ms / 1e6))
+        print("step", name, out[name], flush=True)
+    report["step"] = out
+
+
+def engine_section(report: dict[str, Any], checkpoint: str, variants: list[tuple[str, dict[str, bool]]]) -> None:
+    from qwen3vl_webui.engine.loading import load_model
+
+    loaded = load_model(checkpoint, "bf16", "cuda")
+    loaded.model.generation_config.eos_token_id = None
+    vocab = len(loaded.processor.tokenizer) - 32
+    out = report.setdefault("engine", {})
+    for label, flags in variants:
+        engine, info = start_engine(
+            loaded, max_batch=1, token_budget=1280, buckets=(1,), prefix_slots=0,
+            compile_cache_dir="/tmp/qwen3vl-inductor", **flags,
+        )  # fmt: skip
+        try:
+            run_engine(engine, make_prompts(1, 512, vocab, seed=3), 16)
+            rows = [run_engine(engine, make_prompts(1, 512, vocab, seed=10 + i), 256) for i in range(3)]
+            check = greedy_check(loaded, engine, make_prompts(1, 512, vocab, seed=1)[0], 32)
+            out[label] = dict(
+                flags=flags, tok_s=[round(r["decode_tok_s"], 1) for r in rows], startup_s=info["startup_s"],
+                greedy_equal=check["equal_prefix"], greedy_gap=check.get("gap_top1_top2"),
+                fused_groups=engine.fused_groups, gemv_linears=engine.gemv_linears,
+            )  # fmt: skip
+        finally:
+            engine.close()
+            _free(engine)
+        print("engine", label, json.dumps(out[label]), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--checkpoint", default="/tmp/qwen3vl-4b-random")
+    ap.add_argument("--out", default="gemv_check.json")
+    ap.add_argument("--sections", default="sweep,step,engine")
+    ap.add_argument("--variants", default="base,fuse,fuse_gemv,base_again")
+    ap.add_argument("--sweep-s", type=float, default=150.0, help="time cap of the sweep")
+    args = ap.parse_args()
+    import torch
+
+    from qwen3vl_webui.engine import int8_kernels as ik
+
+    started = time.monotonic()
+    report: dict[str, Any] = dict(device=torch.cuda.get_device_name(), torch=torch.__version__)
+    sections = args.sections.split(",")
+    try:
+        if "sweep" in sections:
+            ik.TUNED16.update(sweep_section(report, time.monotonic() + args.sweep_s))
+        if "step" in sections:
+            step_section(report)
+            torch.cuda.empty_cache()
+        if "engine" in sections:
+            if not (Path(args.checkpoint) / "config.json").exists():
+                from qwen3vl_webui.testing.tiny_model import write_checkpoint
+
+                write_checkpoint(args.checkpoint, preset="4b", dtype="bfloat16", device="cuda")
+            known = dict(base={}, fuse=dict(fuse=True), fuse_gemv=dict(fuse=True, gemv=True), gemv=dict(gemv=True))
+            variants = [(v, known[v.removesuffix("_again")]) for v in args.variants.split(",")]
+            engine_section(report, args.checkpoint, variants)
+    finally:
+        report["wall_s"] = round(time.monotonic() - started, 1)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    eng = report.get("engine", {})
+    if "base" in eng:
+        base = max(max(eng[k]["tok_s"]) for k in eng if k.startswith("base"))
+        for label, row in eng.items():
+            print(f"{label:12s} {max(row['tok_s']):7.1f} tok/s  {max(row['tok_s']) / base:.3f}x base")
+
+
+if __name__ == "__main__":
+    main()
