@@ -47,6 +47,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     image = Path("/tmp/service_720p.png")
     Image.fromarray(rng.integers(0, 255, (720, 1280, 3), dtype=np.uint8)).save(image)
+
     class Collected(GenerationStats):
         """Keeps every request's stats (the panel's class keeps a rolling window)."""
 
@@ -61,7 +62,15 @@ def main() -> None:
     n = args.streams
     collected = Collected()
     scheduler = Scheduler(n, 4 * n)
-    manager = ModelManager(args.checkpoint, "bf16" if args.device != "cpu" else "fp32", args.device, "sdpa", scheduler, decoder=args.engine, max_context=4096)
+    manager = ModelManager(
+        args.checkpoint,
+        "bf16" if args.device != "cpu" else "fp32",
+        args.device,
+        "sdpa",
+        scheduler,
+        decoder=args.engine,
+        max_context=4096,
+    )
     service = ChatService(manager, scheduler, collected, GpuProbe())
     t = time.perf_counter()
     loaded = manager.load()

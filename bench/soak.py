@@ -252,7 +252,9 @@ def _one_conversation_of(url: str, kind: str, rng: random.Random, media: dict[st
 
     files = [handle_file(str(media[kind][0]))] if kind != "text" else []
     reply = Client(url, verbose=False).predict({"text": "Hello.", "files": files}, max_new_tokens=16, api_name="/chat")
-    tally.add("accepted" if isinstance(reply, str) and reply and not reply.startswith(WARNING) else "failed", str(reply))
+    tally.add(
+        "accepted" if isinstance(reply, str) and reply and not reply.startswith(WARNING) else "failed", str(reply)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from qwen3vl_webui.engine import compiled, fusion
+from qwen3vl_webui.engine import compiled, fusion, vision
 from qwen3vl_webui.engine.generation import PreparedPrompt, RequestError, SamplingParams
 from qwen3vl_webui.engine.loading import LoadedModel
 from qwen3vl_webui.engine.prefix import Medium, PrefixPool, find_media
@@ -600,6 +600,13 @@ class BatchEngine:
             self._restore_attention = compiled.use_packed_decode_attention(text)
             self._decode_kernel = self._decode_kernel and text._attn_implementation == compiled.PACKED_DECODE_ATTENTION
         self.decode_attention = "split-KV triton" if self._decode_kernel else f"sdpa ({kernel_blocker or 'not routed'})"
+        restore_decode, restore_vision = self._restore_attention, vision.use_packed_vision_attention(model.model.visual)
+
+        def restore_attention() -> None:
+            restore_decode()
+            restore_vision()
+
+        self._restore_attention = restore_attention
         if self.fuse:
             self.fused_groups = fusion.fuse_projections(self._lm, max_rows=self.max_batch, gemv=self.gemv)
         if self.gemv:
@@ -820,7 +827,11 @@ class BatchEngine:
         if len(group) > 1 or (not job.multimodal and job.done == 0 and job.length <= self.prefill_chunk):
             return self._prefill_texts(group)
         if job.multimodal and job.media is None and self._encode_media(job):
-            return [None]  # the vision tower was this step's forward
+            # The vision tower and the text in one turn when nobody decodes, or when the text left fits in half a
+            # chunk (the tower costs under half as much per token as the text model, so the stall stays within
+            # a full chunk's); otherwise the tower was this turn's forward.
+            if self._active and job.length - job.done > self.prefill_chunk // 2:
+                return [None]
         return [self._prefill_chunk(job)]
 
     def _new_cache(self) -> Any:
@@ -877,8 +888,11 @@ class BatchEngine:
                 if not fresh:
                     continue
                 first_row, first = fresh[0].rows[0], fresh[0].index
+            # Grid-derived inputs from the CPU grid: the tower then never waits on the GPU (engine/vision.py).
+            extra = vision.vision_kwargs(model.visual, inputs[grid][first:], dev)
+            grid_thw = inputs[grid][first:] if extra else inputs[grid][first:].to(dev)
             out = model.get_image_features(
-                inputs[pixels][first_row:].to(dev), inputs[grid][first:].to(dev), return_dict=True
+                inputs[pixels][first_row:].to(dev), grid_thw, return_dict=True, **extra
             )  # videos: the same  # fmt: skip
             media[kind] = (torch.cat(out.pooler_output), [torch.cat(f) for f in out.deepstack_features])
         job.media = media  # set last: a failed vision forward leaves the job to be retried whole
@@ -923,7 +937,7 @@ class BatchEngine:
         return cache, 0, job.delta, self._lm_head(out.last_hidden_state[:, -1])
 
     def _activate(self, job: _Prefill, cache: Any, row: int, delta: int, logits: Any) -> None:
-        """Copies the prompt's KV into the next free slot, joins the running batch, emits the first token."""
+        """Joins the running batch in the next free slot, emits the first token, copies the prompt's KV into the slot."""
         import torch
 
         req, length = job.req, job.length
@@ -931,10 +945,6 @@ class BatchEngine:
             self._finish_unstarted(req)
             return
         slot = len(self._active)
-        for layer, kv in enumerate(cache.layers):
-            keys, values = self._kv_layers[layer]
-            keys.view(self._kv_shape)[slot, :, :length].copy_(kv.keys[row, :, :length])
-            values.view(self._kv_shape)[slot, :, :length].copy_(kv.values[row, :, :length])
         req.kv_len, req.delta = length, delta
         self._pos[slot] = length
         self._delta[slot] = delta
@@ -954,6 +964,12 @@ class BatchEngine:
         first = int(token[0])
         ends = self._ends(req, first)
         self._emit(req, first, time.perf_counter())
+        # The prompt's KV into the slot after the first token is out (72 launches off the time to first token);
+        # the next decode step is enqueued after these copies.
+        for layer, kv in enumerate(cache.layers):
+            keys, values = self._kv_layers[layer]
+            keys.view(self._kv_shape)[slot, :, :length].copy_(kv.keys[row, :, :length])
+            values.view(self._kv_shape)[slot, :, :length].copy_(kv.values[row, :, :length])
         if ends:
             self._release(slot)
 

@@ -65,9 +65,12 @@ def _digest(grid_row: Any, pixels: Any) -> str:
 
 def find_media(inputs: dict[str, Any], image_token_id: int, video_token_id: int, merge: int) -> tuple[Medium, ...]:
     """The prompt's media in token order, each with its probe and its digest under way (run it off the GPU thread)."""
+    import numpy as np
     import torch
 
-    ids = inputs["input_ids"][0].cpu()
+    # numpy, not torch, on this path: torch's CPU ops run on its intra-op thread pool, whose spinning threads
+    # delayed the GPU worker's wake-up by milliseconds on a 16-core host.
+    ids = inputs["input_ids"][0].cpu().numpy()
     media: list[Medium] = []
     for kind, token, pixels, grids in (
         ("image", image_token_id, "pixel_values", "image_grid_thw"),
@@ -75,9 +78,11 @@ def find_media(inputs: dict[str, Any], image_token_id: int, video_token_id: int,
     ):
         if inputs.get(grids) is None:
             continue
-        where = (ids == token).nonzero().view(-1).tolist()
-        grid = inputs[grids].cpu()
-        values = inputs[pixels]
+        where = np.flatnonzero(ids == token).tolist()
+        grid = inputs[grids].cpu().numpy()
+        values = inputs[pixels].detach().cpu()
+        # One row of bytes per patch (a view: no copy for the usual contiguous pixel values).
+        rows_bytes = values.contiguous().view(torch.uint8).numpy().reshape(values.shape[0], -1)
         first_pad = first_row = 0
         for index, thw in enumerate(grid.tolist()):
             patches = thw[0] * thw[1] * thw[2]
@@ -85,11 +90,11 @@ def find_media(inputs: dict[str, Any], image_token_id: int, video_token_id: int,
             if pads == 0 or first_pad + pads > len(where):
                 raise ValueError(f"the prompt has fewer {kind} placeholder tokens than its {kind}s need")
             rows = (first_row, first_row + patches)
-            grid_row = grid[index].numpy().tobytes()
-            pixels = values[rows[0] : rows[1]].detach().cpu().contiguous()
-            sample = pixels[:: max(1, patches // PROBE_ROWS)].contiguous()
-            probe = _digest(grid_row + str(tuple(pixels.shape)).encode(), sample.view(torch.uint8).numpy())
-            hashing = _hasher().submit(_digest, grid_row, pixels.view(torch.uint8).numpy())
+            grid_row = grid[index].tobytes()
+            block = rows_bytes[rows[0] : rows[1]]
+            sample = np.ascontiguousarray(block[:: max(1, patches // PROBE_ROWS)])
+            probe = _digest(grid_row + str(block.shape).encode(), sample)
+            hashing = _hasher().submit(_digest, grid_row, block)
             start, end = where[first_pad], where[first_pad + pads - 1] + 1
             media.append(Medium(kind, index, start, end, rows, probe, hashing))
             first_pad += pads
