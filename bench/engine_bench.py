@@ -252,6 +252,11 @@ def run_checks(args: Any) -> None:
     Path(args.out).write_text(json.dumps(report, indent=1))
 
 
+def image_path(seed: int = 0) -> Path:
+    """Where `make_image_prompt` writes its PNG for `seed`."""
+    return Path(f"/tmp/bench_720p_{seed}.png")
+
+
 def make_image_prompt(loaded: Any, new_tokens: int, seed: int = 0) -> Any:
     """A 1280x720 photo-like PNG (smooth gradients + noise; `seed` picks the noise) through the app's `build_prompt`."""
     import numpy as np
@@ -263,7 +268,7 @@ def make_image_prompt(loaded: Any, new_tokens: int, seed: int = 0) -> Any:
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:720, 0:1280]
     img = np.stack([xx % 256, yy % 256, (xx + yy) % 256], -1) + rng.integers(0, 32, (720, 1280, 3))
-    path = Path(f"/tmp/bench_720p_{seed}.png")
+    path = image_path(seed)
     Image.fromarray(img.clip(0, 255).astype("uint8")).save(path)
     sampling = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, repetition_penalty=1.0)
     return build_prompt(
