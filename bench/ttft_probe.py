@@ -27,7 +27,7 @@ from engine_bench import _free, _greedy, forget_prefixes, generate_ttft, make_im
 STAGES = ("_admit", "_encode_media", "_prompt_positions", "_prefill_chunk", "_activate", "_emit")
 
 
-def stage_timeline(engine: Any, prompt: Any, sync: bool) -> list[tuple[str, float, float]]:
+def stage_timeline(engine: Any, prompt: Any, sync: bool, forget: bool = True) -> list[tuple[str, float, float]]:
     """(stage, start ms, end ms) after submit, for one cold prompt: the engine's prefill methods wrapped in place.
 
     `sync`: each stage ends with torch.cuda.synchronize(), so its span includes its GPU work.
@@ -55,20 +55,38 @@ def stage_timeline(engine: Any, prompt: Any, sync: bool) -> list[tuple[str, floa
 
     real_find = batching.find_media
 
+    def stamp(name: str, t0: float | None = None) -> None:
+        now = round(1e3 * (time.perf_counter() - started), 2)
+        events.append((name, round(1e3 * (t0 - started), 2), now) if t0 is not None else (name, now, 0.0))
+
     def find_media(*args: Any) -> Any:
         t0 = time.perf_counter()
         try:
-            return real_find(*args)
+            media = real_find(*args)
+            for m in media:
+                m.hashing.add_done_callback(lambda _f: stamp("digest ready"))
+            return media
         finally:
-            events.append(
-                ("find_media", round(1e3 * (t0 - started), 2), round(1e3 * (time.perf_counter() - started), 2))
-            )
+            stamp("find_media", t0)
+
+    pool = engine._pool
+    real_match = pool.match
+
+    def match(*args: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return real_match(*args)
+        finally:
+            stamp("pool.match", t0)
+
+    pool.match = match
 
     for name in (*STAGES, "_next_work"):
         wrap(name)
     batching.find_media = find_media
     try:
-        forget_prefixes(engine)
+        if forget:
+            forget_prefixes(engine)
         started = time.perf_counter()
         stream = engine.submit_tokens(prompt, _greedy(4), threading.Event())
         events.append(("submit returned", round(1e3 * (time.perf_counter() - started), 2), 0.0))
@@ -76,6 +94,7 @@ def stage_timeline(engine: Any, prompt: Any, sync: bool) -> list[tuple[str, floa
         events.append(("first token read", round(1e3 * (time.perf_counter() - started), 2), 0.0))
         list(stream)
     finally:
+        del pool.match
         batching.find_media = real_find
         for name in (*STAGES, "_next_work"):
             delattr(engine, name)
@@ -310,6 +329,10 @@ def main() -> None:
             for _ in range(2):
                 ttft(True)  # warm-up: this prompt's shapes
             if args.timeline:
+                report[f"{label}_timeline_reuse"] = [
+                    stage_timeline(engine, prompt, False, forget=False) for _ in range(3)
+                ]
+                print(label, "timeline reuse", json.dumps(report[f"{label}_timeline_reuse"][-1]), flush=True)
                 for sync in (False, True):
                     lines = [stage_timeline(engine, prompt, sync) for _ in range(2)]
                     report[f"{label}_timeline_sync_{sync}"] = lines

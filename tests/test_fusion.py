@@ -87,3 +87,49 @@ def test_the_engine_with_fused_projections_still_equals_generate(loaded) -> None
     assert got == expected
     assert not any("forward" in vars(m) for m in loaded.model.modules())  # closing the engine unfuses
     assert not any(p.is_inference() for p in loaded.model.parameters())  # and leaves ordinary weights
+
+
+def test_one_row_products_go_to_the_gemv_op_and_larger_ones_to_cublas(loaded, monkeypatch) -> None:
+    """The routing around the Triton GEMV (CUDA-only; its numerics are checked on the GPU by bench/gemv_check.py):
+    one-row products of every plain Linear, fused or not, and of lm_head reach the kernel, eagerly and through the
+    custom op under torch.compile; prefill-sized ones never do; the results are the model's own."""
+
+    class RecordingKernels:
+        calls: list[tuple[int, int]] = []
+
+        @staticmethod
+        def gemv16(x, weight):
+            RecordingKernels.calls.append(tuple(weight.shape))
+            assert x.shape[0] == 1 and x.is_contiguous()
+            return x @ weight.T
+
+    monkeypatch.setattr(fusion, "_kernels", lambda: RecordingKernels)
+    monkeypatch.setattr(fusion, "gemv_blocker", lambda weight: None)  # as on a GPU in bf16
+    text, head = loaded.model.model.language_model, loaded.model.lm_head
+    ids = torch.randint(0, 200, (2, 12))
+    with torch.inference_mode():
+        ref_row = head(text(input_ids=ids[:1, :1]).last_hidden_state)
+        ref_long = head(text(input_ids=ids).last_hidden_state)
+    layers = len(text.layers)
+    assert fusion.fuse_projections(text, max_rows=8, gemv=True) == 2 * layers
+    assert fusion.route_gemv([text, head]) == 2 * layers + 1  # o_proj, down_proj, lm_head
+    cfg = loaded.model.config.text_config
+    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
+    expected = {(qkv, cfg.hidden_size), (2 * cfg.intermediate_size, cfg.hidden_size), tuple(head.weight.shape)}
+    try:
+        with torch.inference_mode():
+            long = head(text(input_ids=ids).last_hidden_state)  # 24 rows: cuBLAS throughout
+            assert RecordingKernels.calls == []
+            row = head(text(input_ids=ids[:1, :1]).last_hidden_state)
+            eager_calls = list(RecordingKernels.calls)
+            RecordingKernels.calls.clear()
+            step = torch.compile(lambda i: head(text(input_ids=i).last_hidden_state), fullgraph=True)
+            compiled_row = step(ids[:1, :1])
+        assert len(eager_calls) == 4 * layers + 1 and expected <= set(eager_calls)
+        assert sorted(RecordingKernels.calls) == sorted(eager_calls)  # the custom op, at run time
+        torch.testing.assert_close(long, ref_long, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(row, ref_row, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(compiled_row, ref_row, rtol=1e-4, atol=1e-4)
+    finally:
+        fusion.unfuse(loaded.model)
+    assert not any("forward" in vars(m) for m in loaded.model.modules())
