@@ -69,7 +69,25 @@ def gemv_blocker(weight: Any) -> str | None:
         return f"weights are {weight.dtype}, not bf16/fp16"
     if _kernels() is None:
         return "triton is not importable"
-    return None
+    return _probe(str(weight.device), weight.dtype)
+
+
+@functools.cache
+def _probe(device: str, dtype: Any) -> str | None:
+    """Runs the GEMV once on this GPU against F.linear (a GPU or triton that cannot build it is refused here, at
+    start-up, rather than inside the decode warm-up)."""
+    import torch
+    import torch.nn.functional as F
+
+    try:
+        gen = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(1, 512, device=device, generator=gen).to(dtype)
+        w = torch.randn(96, 512, device=device, generator=gen).to(dtype)
+        ref = F.linear(x.float(), w.float())
+        err = float((_kernels().gemv16(x, w).float() - ref).norm() / ref.norm())
+    except Exception as exc:
+        return f"the Triton GEMV failed here: {type(exc).__name__}: {str(exc)[:200]}"
+    return None if err < 1e-2 else f"the Triton GEMV disagreed with F.linear here (relative error {err:.3g})"
 
 
 def _product(gemv: bool) -> Callable[[Any, Any], Any]:
