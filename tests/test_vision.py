@@ -45,16 +45,15 @@ def test_packed_attention_routes_each_images_patches_among_themselves(tiny_loade
     """The route's tensor layouts, checked on CPU: torch's varlen flash kernel (CUDA only; its features matched SDPA's
     exactly on an H100, bench/ttft_probe.py) stands in as per-segment SDPA over the same boundaries, for a message
     with two images of different sizes."""
-    import torch.nn.attention.varlen as varlen
     import torch.nn.functional as F
 
     calls = []
 
-    def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kw):  # [T, heads, D] each
+    def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale):  # [T, heads, D] each
         calls.append((tuple(q.shape), cu_q.tolist(), max_q))
         bounds = cu_q.tolist()
         outs = [
-            F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v))).transpose(0, 1)
+            F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), scale=scale).transpose(0, 1)
             for a, b in zip(bounds, bounds[1:])
         ]
         return torch.cat(outs)
@@ -71,7 +70,7 @@ def test_packed_attention_routes_each_images_patches_among_themselves(tiny_loade
     assert len(grid) == 2 and grid[0].tolist() != grid[1].tolist()
     with torch.inference_mode():
         own = torch.cat(model.get_image_features(pixels, grid, return_dict=True).pooler_output)
-    monkeypatch.setattr(varlen, "varlen_attn", reference_varlen)
+    monkeypatch.setattr(vision, "flash_varlen", reference_varlen)
     monkeypatch.setattr(vision, "packed_attention_blocker", lambda device, dtype: None)  # as on a GPU in bf16
     restore = vision.use_packed_vision_attention(model.visual)
     try:

@@ -291,6 +291,7 @@ class BatchEngine:
         self._inflight: tuple[int, Any] | None = None  # (rows, device tokens) of the enqueued decode step
         self._graphs: dict[int, tuple[Any, Any]] = {}
         self._restore_attention: Callable[[], None] = lambda: None
+        self._restore_vision: Callable[[], None] = lambda: None
         # Decode Linears (engine/fusion.py): q/k/v and gate/up as one product each, and one-row products on 16-bit
         # weights through the Triton GEMV. On by default on CUDA (bf16 1 stream 219 -> 270 tok/s on an H100,
         # bench/gemv_check.h100.json); each skips the layers it cannot take (quantized, fp32).
@@ -486,6 +487,7 @@ class BatchEngine:
                 self._prepare_decode()
         except BaseException as exc:  # reported by the constructor
             self._restore_attention()
+            self._restore_vision()
             fusion.unfuse(self.loaded.model)
             self._startup_error = exc
             self._ready.set()
@@ -600,13 +602,7 @@ class BatchEngine:
             self._restore_attention = compiled.use_packed_decode_attention(text)
             self._decode_kernel = self._decode_kernel and text._attn_implementation == compiled.PACKED_DECODE_ATTENTION
         self.decode_attention = "split-KV triton" if self._decode_kernel else f"sdpa ({kernel_blocker or 'not routed'})"
-        restore_decode, restore_vision = self._restore_attention, vision.use_packed_vision_attention(model.model.visual)
-
-        def restore_attention() -> None:
-            restore_decode()
-            restore_vision()
-
-        self._restore_attention = restore_attention
+        self._restore_vision = vision.use_packed_vision_attention(model.model.visual)
         if self.fuse:
             self.fused_groups = fusion.fuse_projections(self._lm, max_rows=self.max_batch, gemv=self.gemv)
         if self.gemv:
@@ -1128,6 +1124,7 @@ class BatchEngine:
         self._kv_layers = []
         self._seen = None
         self._restore_attention()
+        self._restore_vision()
         fusion.unfuse(self.loaded.model)
 
 

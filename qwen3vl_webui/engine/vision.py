@@ -9,12 +9,16 @@ launching each block, so the GPU idles while Python launches the next one (a 720
   precomputed through `**kwargs`), so nothing is read back.
 - `use_packed_vision_attention` points the vision config at `packed_vision_attention`, registered under a name with
   "flash" in it: transformers' vision blocks then pass the sequence boundaries instead of splitting, and the
-  function runs torch's variable-length flash attention (`torch.nn.attention.varlen`) over the packed patches.
-  CUDA and 16-bit only; elsewhere the tower keeps SDPA.
+  function runs torch's variable-length flash attention kernel (`aten._flash_attention_forward`, what
+  `torch.nn.attention.varlen` runs when it does not pick cuDNN) over the packed patches. Called directly: on an H100
+  `varlen_attn` picks cuDNN, which plans every new shape (each new image size) for ~100 ms, the cost the app turns
+  off for SDPA (`loading.avoid_cudnn_attention`). CUDA, 16-bit, and a GPU where the kernel runs and agrees with
+  SDPA (checked once); elsewhere the tower keeps SDPA.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -65,18 +69,20 @@ def packed_vision_attention(
 ) -> tuple[Any, None]:
     """Non-causal attention of each image's (frame's) patches among themselves: [1, heads, T, D] in,
     [1, T, heads, D] out (flash layout), one varlen flash call for all of them."""
-    from torch.nn.attention.varlen import varlen_attn
-
     cu_q = kwargs["cu_seq_lens_q"]
     cu_k = kwargs.get("cu_seq_lens_k", cu_q)
     max_q = kwargs["max_length_q"]
     max_k = kwargs.get("max_length_k", max_q)
     q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # [T, heads, D]
-    if scaling is not None and abs(scaling - q.shape[-1] ** -0.5) > 1e-12:
-        out = varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scaling)
-    else:  # the default scale: no keyword (its name differs between torch releases)
-        out = varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k)
-    return out.unsqueeze(0), None
+    return flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling).unsqueeze(0), None
+
+
+def flash_varlen(q: Any, k: Any, v: Any, cu_q: Any, cu_k: Any, max_q: int, max_k: int, scale: float | None) -> Any:
+    """[T, heads, D] each, int32 boundaries: torch's flash kernel, non-causal, no dropout (its first ten arguments
+    have been stable since torch 2.1)."""
+    import torch
+
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, False, False, scale=scale)[0]
 
 
 def packed_attention_blocker(device: Any, dtype: Any) -> str | None:
@@ -87,11 +93,28 @@ def packed_attention_blocker(device: Any, dtype: Any) -> str | None:
         return "not on CUDA"
     if dtype not in (torch.bfloat16, torch.float16):
         return f"vision weights are {dtype}, not bf16/fp16"
+    return _probe(str(device), dtype)
+
+
+@functools.cache
+def _probe(device: str, dtype: Any) -> str | None:
+    """Runs `flash_varlen` once on this GPU against per-segment SDPA (flash needs Ampere or newer)."""
+    import torch
+    import torch.nn.functional as F
+
     try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        return "this torch has no torch.nn.attention.varlen"
-    return None
+        gen = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(80, 2, 64, device=device, generator=gen).to(dtype) for _ in range(3))
+        cu = torch.tensor([0, 30, 80], device=device, dtype=torch.int32)
+        out = flash_varlen(q, k, v, cu, cu, 50, 50, None).float()
+        ref = torch.cat([
+            F.scaled_dot_product_attention(*(t[a:b].float().transpose(0, 1) for t in (q, k, v))).transpose(0, 1)
+            for a, b in ((0, 30), (30, 80))
+        ])  # fmt: skip
+        err = float((out - ref).norm() / ref.norm())
+    except Exception as exc:
+        return f"packed flash attention failed here: {type(exc).__name__}: {str(exc)[:200]}"
+    return None if err < 1e-2 else f"packed flash attention disagreed with SDPA here (relative error {err:.3g})"
 
 
 def use_packed_vision_attention(visual: Any) -> Callable[[], None]:
