@@ -301,6 +301,43 @@ def forget_prefixes(engine: Any) -> None:
         pool.clear()
 
 
+def graph_ms(fn: Any) -> float:
+    """Median ms of one replay of `fn`'s launches captured in a CUDA graph (10 replays per sample, 5 samples)."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        for _ in range(10):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 10)
+    del graph
+    return sorted(times)[2]
+
+
+def first_token_s(engine: Any, prompt: Any, new_tokens: int = 4) -> float:
+    """Submit-to-first-token of one greedy request on `engine` (the rest of the answer is read, untimed)."""
+    started = time.perf_counter()
+    stream = engine.submit_tokens(prompt, _greedy(new_tokens), threading.Event())
+    next(stream)
+    took = time.perf_counter() - started
+    list(stream)
+    return took
+
+
 def engine_ttft(engine: Any, prompt: Any) -> float:
     """Submit-to-first-token of one prompt prefilled whole on an idle engine: median of 3 after a warm-up run.
 
@@ -309,11 +346,7 @@ def engine_ttft(engine: Any, prompt: Any) -> float:
     ttfts = []
     for _ in range(4):
         forget_prefixes(engine)
-        started = time.perf_counter()
-        stream = engine.submit_tokens(prompt, _greedy(4), threading.Event())
-        next(stream)
-        ttfts.append(time.perf_counter() - started)
-        list(stream)
+        ttfts.append(first_token_s(engine, prompt))
     return round(statistics.median(ttfts[1:]), 4)
 
 

@@ -26,7 +26,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine_bench import _free, greedy_check, make_prompts, run_engine, start_engine  # noqa: E402
+from engine_bench import _free, graph_ms, greedy_check, make_prompts, run_engine, start_engine  # noqa: E402
 
 HIDDEN, HEADS_DIM, KV_DIM, INTER, VOCAB, LAYERS = 2560, 4096, 1024, 9728, 151936, 36
 # (name, out N, in K)
@@ -48,33 +48,6 @@ def configs() -> list[Any]:
                     for stages in (1, 2):
                         out.append(KernelConfig(1, bn, bk, warps, stages, False))
     return out
-
-
-def graph_ms(fn: Any) -> float:
-    """Median ms of one replay of `fn`'s launches captured in a CUDA graph (10 replays per sample, 5 samples)."""
-    import torch
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
-        for _ in range(10):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 10)
-    del graph
-    return sorted(times)[2]
 
 
 def sweep_section(report: dict[str, Any], deadline: float) -> dict[tuple[int, int], Any]:

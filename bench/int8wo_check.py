@@ -160,6 +160,7 @@ def step_linears_section(report: dict[str, Any]) -> None:
     """One decode step's 252 text matmuls in one CUDA graph (distinct weights: 3.6 GB int8 / 7.3 GB bf16)."""
     import torch
     import torch.nn.functional as F
+    from engine_bench import graph_ms
 
     from qwen3vl_webui.engine import int8_kernels as ik
 
@@ -172,32 +173,12 @@ def step_linears_section(report: dict[str, Any]) -> None:
         steps = (("int8wo", lambda xs=xs: [ik.int8_matmul(xs[q.shape[1]], q, s) for q, s in qs]),
                  ("bf16_cublas", lambda xs=xs: [F.linear(xs[w.shape[1]], w) for w in ws]))  # fmt: skip
         for name, fn in steps:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                fn()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
-            graph.replay()
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            times = []
-            for _ in range(5):
-                start.record()
-                for _ in range(10):
-                    graph.replay()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 10)
-            ms = sorted(times)[2]
+            ms = graph_ms(fn)
             weight_bytes = sum(q.numel() + 4 * q.shape[0] for q, _ in qs) if name == "int8wo" else 2 * sum(
                 w.numel() for w in ws)  # fmt: skip
             out[f"{name}_rows{rows}_ms"] = ms
             out[f"{name}_rows{rows}_gb_s"] = weight_bytes / ms / 1e6
             print("step linears", name, rows, f"{ms:.3f} ms", f"{weight_bytes / ms / 1e6:.0f} GB/s", flush=True)
-            del graph
     report["step_linears"] = out
 
 

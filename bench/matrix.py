@@ -38,6 +38,7 @@ from engine_bench import (  # noqa: E402  (bench/ is not a package)
     common_args,
     copy_bandwidth,
     engine_ttft,
+    first_token_s,
     forget_prefixes,
     generate_ttft,
     greedy_check,
@@ -111,11 +112,7 @@ def follow_up(engine: Any, loaded: Any, path: str, new_tokens: int) -> dict[str,
 
     def turn2() -> tuple[float, dict[str, int]]:
         before = engine.snapshot()
-        started = time.perf_counter()
-        tokens = engine.submit_tokens(p2, _greedy(4), threading.Event())
-        next(tokens)
-        ttft = time.perf_counter() - started
-        list(tokens)
+        ttft = first_token_s(engine, p2)
         after = engine.snapshot()
         keys = ("prefix_hits", "prefix_tokens_reused", "prefill_tokens")
         return ttft, {k: getattr(after, k) - getattr(before, k) for k in keys if hasattr(after, k)}

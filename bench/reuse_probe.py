@@ -8,14 +8,13 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine_bench import _greedy, make_image_prompt, make_prompts  # noqa: E402
+from engine_bench import first_token_s, make_image_prompt, make_prompts  # noqa: E402
 
 
 def main() -> None:
@@ -60,11 +59,7 @@ def main() -> None:
     runs += [("text300", p) for p in others] + [("text300 again", others[0])]
     for label, p in runs:
         times.clear()
-        started = time.perf_counter()
-        stream = engine.submit_tokens(p, _greedy(8), threading.Event())
-        next(stream)
-        ttft = time.perf_counter() - started
-        list(stream)
+        ttft = first_token_s(engine, p, 8)
         snap = engine.snapshot()
         print(f"{label}: TTFT {ttft * 1e3:.1f} ms, hits {snap.prefix_hits}, pieces (ms) {times}", flush=True)
     engine.close()

@@ -22,7 +22,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine_bench import _free, _greedy, forget_prefixes, generate_ttft, make_image_prompt, start_engine  # noqa: E402
+from engine_bench import (  # noqa: E402
+    _free,
+    _greedy,
+    first_token_s,
+    forget_prefixes,
+    generate_ttft,
+    make_image_prompt,
+    start_engine,
+)
 
 STAGES = ("_admit", "_encode_media", "_prompt_positions", "_prefill_chunk", "_activate", "_emit")
 
@@ -318,13 +326,8 @@ def main() -> None:
 
             def ttft(clear: bool, engine=engine) -> float:
                 if clear:
-                    engine._pool.clear()
-                started = time.perf_counter()
-                stream = engine.submit_tokens(prompt, _greedy(4), threading.Event())
-                next(stream)
-                took = time.perf_counter() - started
-                list(stream)
-                return round(took, 4)
+                    forget_prefixes(engine)
+                return round(first_token_s(engine, prompt), 4)
 
             for _ in range(2):
                 ttft(True)  # warm-up: this prompt's shapes

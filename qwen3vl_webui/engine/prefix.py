@@ -71,7 +71,9 @@ def _digest(grid_row: bytes, pixels: Any) -> str:
     flat = pixels.reshape(-1)
     pieces = [flat[i : i + HASH_PIECE_BYTES] for i in range(0, len(flat), HASH_PIECE_BYTES)]
     if len(pieces) <= 1:
-        return hashlib.sha256(grid_row + flat.tobytes()).hexdigest()
+        digest = hashlib.sha256(grid_row)
+        digest.update(flat)
+        return digest.hexdigest()
     parts = _piece_hasher().map(lambda piece: hashlib.sha256(piece).digest(), pieces)
     return hashlib.sha256(grid_row + b"".join(parts)).hexdigest()
 
