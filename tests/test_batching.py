@@ -235,6 +235,32 @@ def test_compiled_decode_equals_eager(loaded, prompts, tmp_path) -> None:
         assert [list(s) for s in streams] == eager
 
 
+def test_compiled_prefill_equals_generate(loaded, prompts, tmp_path) -> None:
+    """Prompt chunks through torch.compile (inductor on CPU; two graphs, warmed at start-up): first chunks and later
+    ones, text and media, give `generate`'s tokens."""
+    from qwen3vl_webui.engine import prefill
+
+    names = ["image", "mixed", "long"]
+    expected = {n: reference(loaded, prompts[n], GREEDY) for n in names}
+    with BatchEngine(
+        loaded, max_batch=2, token_budget=2 * 1024, prefill_chunk=64, prefix_slots=0, compile_prefill=True,
+        compile_cache_dir=tmp_path,
+    ) as engine:  # fmt: skip
+        assert engine.snapshot().prefill_path == "torch.compile", engine.prefill_error
+        compiled_chunks = []
+        real = engine._chunk_forward
+
+        def counting(lm: Any, embeds: Any, positions: Any, past: Any, deepstack: Any) -> Any:
+            compiled_chunks.append((past.shape[0], embeds.shape[1]))
+            return real(lm, embeds, positions, past, deepstack)
+
+        engine._chunk_forward = counting
+        got = {n: list(engine.submit_tokens(prompts[n], GREEDY, threading.Event())) for n in names}
+    assert got == expected
+    assert any(p == 0 for p, _ in compiled_chunks) and any(p > 0 for p, _ in compiled_chunks)
+    assert all(prefill.compiles(p, n) for p, n in compiled_chunks)  # the rest ran eagerly, never compiling anew
+
+
 # ---------------------------------------------------------------- prefix reuse
 
 

@@ -13,7 +13,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from qwen3vl_webui.engine import compiled, fusion, vision
+import numpy as np
+
+from qwen3vl_webui.engine import compiled, fusion, prefill, vision
 from qwen3vl_webui.engine.generation import PreparedPrompt, RequestError, SamplingParams
 from qwen3vl_webui.engine.loading import LoadedModel
 from qwen3vl_webui.engine.prefix import Medium, PrefixPool, find_media
@@ -57,6 +59,7 @@ class EngineSnapshot:
     startup_s: float
     prefilling: int = 0  # admitted requests whose prompt is still being prefilled (chunk by chunk)
     decode_path: str = ""  # e.g. "cuda graphs + torch.compile", "cuda graphs", "eager (why)"
+    prefill_path: str = ""  # "torch.compile" or "eager (why)"
     prefill_tokens: int = 0  # prompt tokens run through prefill forwards (reused ones are not)
     prefix_slots: int = 0  # KV slots that keep finished requests for reuse (0: reuse off)
     prefix_entries: int = 0  # of them, holding a finished request now
@@ -100,20 +103,20 @@ class _Request:
 class _Prefill:
     """A request between admission and its first token.
 
-    A long text prompt fills `cache` chunk by chunk; an image/video prompt first runs the vision tower alone
-    (`media`: per kind, the merged embeddings and the deepstack features of all its media), then its text
-    model in chunks, each chunk taking the visual features of the placeholder tokens it holds.
+    A long text prompt fills `kv` chunk by chunk; an image/video prompt first runs the vision tower alone
+    (`media`: per kind, the merged embeddings and the stacked deepstack features of all its media), then its
+    text model in chunks, each chunk taking the visual features of the placeholder tokens it holds.
     """
 
     req: _Request
     length: int
     multimodal: bool
-    cache: Any = None
+    kv: Any = None  # the prompt's keys/values so far, [done, layers, 2, kv_heads, head_dim] (engine/prefill.py)
     ids: Any = None  # input ids on the device, once chunking started
     positions: Any = None  # [4, 1, length]: text row + the 3 mrope rows
     delta: int = 0
-    media: dict[str, tuple[Any, list[Any]]] | None = None
-    done: int = 0  # prompt tokens already in `cache`
+    media: dict[str, tuple[Any, Any]] | None = None
+    done: int = 0  # prompt tokens already in `kv`
     base: int = 0  # of them, copied from a retained prefix: the vision tower runs only on media after it
     retried: bool = False  # already retried once after running out of memory
 
@@ -240,6 +243,7 @@ class BatchEngine:
         prefix_slots: int | None = None,
         fuse: bool | None = None,
         gemv: bool | None = None,
+        compile_prefill: bool | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -268,6 +272,15 @@ class BatchEngine:
         self.compile = compiled.should_compile(compile, loaded.device, loaded.precision)
         self.compile_error: str | None = None
         self.graph_error: str | None = None
+        # Prompt chunks through torch.compile (engine/prefill.py): the eager text model costs ~0.85 ms of host time
+        # a layer whatever the length, ~30 ms for any prompt. None: with the decode step, except under bitsandbytes
+        # (its layers break the graph), and on CUDA only.
+        if compile_prefill is None:
+            compile_prefill = self.compile and on_cuda and loaded.precision not in ("int4", "int8")
+        self.compile_prefill = bool(compile_prefill)
+        self.prefill_error: str | None = None
+        self.prefill_warmup_s = 0.0
+        self._chunk_forward: Callable[..., Any] = prefill.chunk_forward
         self._compile_cache_dir = compile_cache_dir
         sizes = sorted({b for b in buckets if b < max_batch} | {max_batch})
         self.buckets = tuple(sizes)
@@ -357,6 +370,7 @@ class BatchEngine:
             startup_s=self._startup_s,
             prefilling=len(self._prefilling),
             decode_path=self.decode_path,
+            prefill_path=self.prefill_path,
             prefill_tokens=self._prefill_tokens,
             prefix_slots=self.prefix_slots,
             prefix_entries=len(self._pool.entries),
@@ -375,6 +389,13 @@ class BatchEngine:
             return "torch.compile (no graphs)"
         reasons = [r for r in (self.graph_error, self.compile_error) if r]
         return "eager" + (f" ({'; '.join(reasons)})" if reasons else "")
+
+    @property
+    def prefill_path(self) -> str:
+        """How prompt chunks run, in words."""
+        if self._chunk_forward is not prefill.chunk_forward:
+            return "torch.compile"
+        return "eager" + (f" ({self.prefill_error})" if self.prefill_error else "")
 
     def close(self, timeout: float = 60.0) -> None:
         """Stops the worker; running and waiting requests end with EngineClosed. Frees the KV memory."""
@@ -485,6 +506,7 @@ class BatchEngine:
             with torch.inference_mode():
                 self._allocate()
                 self._prepare_decode()
+                self._prepare_prefill()
         except BaseException as exc:  # reported by the constructor
             self._restore_attention()
             self._restore_vision()
@@ -562,6 +584,9 @@ class BatchEngine:
         self._penalty = torch.ones(self.max_batch, 1, dtype=torch.float32, device=dev)
         self._seen = torch.zeros(self.max_batch, self._lm_head.out_features, dtype=torch.bool, device=dev)
         self._decode_fn: Callable[[int], Any] = self._forward
+        # A first chunk's past: no tokens, in prefill.chunk_forward's layout.
+        self._no_past = torch.zeros(0, text.num_hidden_layers, 2, heads, head_dim, dtype=self._dtype, device=dev)
+        self._deepstack_layers = len(getattr(model.model.visual, "deepstack_visual_indexes", ()))
         self.warmup_s: dict[int, float] = {}  # per bucket: compile (if any) + two warm-up steps
 
     def _forward(self, rows: int) -> Any:
@@ -679,6 +704,37 @@ class BatchEngine:
             self.graph_error = f"graph capture failed: {type(exc).__name__}: {str(exc)[:300]}"
         torch.cuda.synchronize()
 
+    def _prepare_prefill(self) -> None:
+        """Compiles prompt chunks (see engine/prefill.py) and warms both graphs, so no request waits for a compile.
+
+        `dynamic=True` makes the chunk and past lengths symbolic; dynamo still specialises an empty past, so a
+        first chunk and a later one are two graphs, each covering every length >= 2 (1-token chunks run eagerly).
+        A failure leaves prompts on the eager path, correct and slower, and says why in `prefill_path`.
+        """
+        if not self.compile_prefill:
+            return
+        import torch
+
+        started = time.perf_counter()
+        fn = torch.compile(prefill.chunk_forward, dynamic=True, fullgraph=True, mode=compiled.COMPILE_MODE)
+        text = self.loaded.model.config.text_config
+        length = 2 * LEN_ALIGN
+        try:
+            compiled.use_cache_dir(self._compile_cache_dir)
+            for past in (0, length):
+                embeds = torch.zeros(1, length, text.hidden_size, dtype=self._dtype, device=self._device)
+                positions = torch.arange(past, past + length, device=self._device).view(1, 1, -1).expand(4, 1, -1)
+                kv = self._no_past.new_zeros(past, *self._no_past.shape[1:])
+                deepstack = embeds.new_zeros(self._deepstack_layers, *embeds.shape)
+                fn(self._lm, embeds, positions, kv, deepstack)
+        except Exception as exc:
+            log.warning("torch.compile of the prefill failed; prompts prefill eagerly: %r", exc)
+            self.prefill_error = f"torch.compile failed: {type(exc).__name__}: {str(exc)[:300]}"
+            return
+        finally:
+            self.prefill_warmup_s = round(time.perf_counter() - started, 2)
+        self._chunk_forward = fn
+
     def _decode_logits(self, n: int) -> Any:
         if self._graphs or self.compile:
             rows = next(b for b in self.buckets if b >= n)  # compiled code exists for the buckets only
@@ -722,34 +778,22 @@ class BatchEngine:
             entry, reuse = self._pool.match(req.ids, req.media)
             if entry is None:
                 return job
-            cache = self._new_cache()
-            for layer in range(len(self._kv_layers)):
-                cache.update(
-                    entry.kv[layer, 0, :, :reuse].unsqueeze(0),
-                    entry.kv[layer, 1, :, :reuse].unsqueeze(0),
-                    layer,
-                )
+            kv = entry.kv[:, :, :, :reuse].permute(3, 0, 1, 2, 4).contiguous()  # [reuse, layers, 2, heads, dim]
         except Exception as exc:  # e.g. out of memory for the copy: prefill it all instead
             log.warning("prefix reuse skipped: %r", exc)
             return _Prefill.of(req)
-        job.cache, job.done, job.base = cache, reuse, reuse
+        job.kv, job.done, job.base = kv, reuse, reuse
         return job
 
     def _memory_pressure(self, group: list[_Prefill]) -> None:
         """A prefill ran out of memory: drops the retained entries and cached blocks; its jobs run once more.
 
-        The jobs restart from their last whole step: a chunk that failed halfway left some layers' caches
-        longer than `done`, so they are cut back.
+        The jobs restart from their last whole step (a chunk's keys/values join `kv` only once it is done).
         """
         log.warning("a prefill ran out of memory: dropping %d retained prefixes and retrying", len(self._pool.entries))
         self._pool.clear()
         for job in group:
             job.retried = True
-            if job.cache is not None:
-                for layer in job.cache.layers:
-                    if layer.is_initialized and layer.keys.shape[-2] > job.done:
-                        layer.keys = layer.keys[..., : job.done, :]
-                        layer.values = layer.values[..., : job.done, :]
         if str(self._device).startswith("cuda"):
             import torch
 
@@ -768,7 +812,7 @@ class BatchEngine:
                 return
             for job in group:
                 self._prefilling.remove(job)
-                job.cache = None
+                job.kv = None
                 job.req.out.put(exc)
             return
         for job, result in zip(group, results):
@@ -797,7 +841,7 @@ class BatchEngine:
         for job in list(self._prefilling):
             if job.req.cancel.is_set():
                 self._prefilling.remove(job)
-                job.cache = None
+                job.kv = None
                 self._finish_unstarted(job.req)
                 continue
             short_text = not job.multimodal and job.done == 0 and job.length <= self.prefill_chunk
@@ -813,14 +857,15 @@ class BatchEngine:
                 break
         return group
 
-    def _prefill_forward(self, group: list[_Prefill]) -> list[tuple[Any, int, int, Any] | None]:
-        """The model's own forward (as `generate`'s first step) into a private DynamicCache, one piece at a time.
+    def _prefill_forward(self, group: list[_Prefill]) -> list[tuple[Any, int, Any] | None]:
+        """One prefill forward: several short text prompts batched, or one prompt's next piece.
 
-        Per job: None while pieces are left, else (cache, batch row, rope delta, logits [1, vocab]).
+        Per job: None while pieces are left, else (prompt KV [length, layers, 2, kv_heads, head_dim], rope delta,
+        logits [1, vocab]).
         """
         self._prefill_forwards += 1
         job = group[0]
-        if len(group) > 1 or (not job.multimodal and job.done == 0 and job.length <= self.prefill_chunk):
+        if len(group) > 1:
             return self._prefill_texts(group)
         if job.multimodal and job.media is None and self._encode_media(job):
             # The vision tower and the text in one turn when nobody decodes, or when the text left fits in half a
@@ -835,8 +880,8 @@ class BatchEngine:
 
         return DynamicCache(config=self.loaded.model.config.get_text_config(decoder=True))
 
-    def _prefill_texts(self, group: list[_Prefill]) -> list[tuple[Any, int, int, Any] | None]:
-        """Short text prompts in one right-padded batch: one forward instead of len(group)."""
+    def _prefill_texts(self, group: list[_Prefill]) -> list[tuple[Any, int, Any] | None]:
+        """Short text prompts in one right-padded batch through the model's own forward: one forward, eager."""
         import torch
 
         dev = self._device
@@ -856,7 +901,9 @@ class BatchEngine:
         self._prefill_tokens += sum(lengths)
         rows = torch.arange(len(group), device=dev)
         logits = self._lm_head(out.last_hidden_state[rows, torch.tensor(lengths, device=dev) - 1])
-        return [(cache, row, 0, logits[row : row + 1]) for row in range(len(group))]
+        # [layers, 2, rows, heads, width, dim] -> per row [width, layers, 2, heads, dim] (a view)
+        kv = torch.stack([torch.stack([layer.keys, layer.values]) for layer in cache.layers]).permute(2, 4, 0, 1, 3, 5)
+        return [(kv[row], 0, logits[row : row + 1]) for row in range(len(group))]
 
     def _encode_media(self, job: _Prefill) -> bool:
         """The prompt's mrope positions, and the vision tower over its media after the reused prefix (if any).
@@ -890,49 +937,54 @@ class BatchEngine:
             out = model.get_image_features(
                 inputs[pixels][first_row:].to(dev), grid_thw, return_dict=True, **extra
             )  # videos: the same  # fmt: skip
-            media[kind] = (torch.cat(out.pooler_output), [torch.cat(f) for f in out.deepstack_features])
+            deepstack = torch.stack([torch.cat(f) for f in out.deepstack_features])  # [layers, tokens, hidden]
+            media[kind] = (torch.cat(out.pooler_output), deepstack)
         job.media = media  # set last: a failed vision forward leaves the job to be retried whole
-        if job.cache is None:
-            job.cache = self._new_cache()
         return bool(media)
 
-    def _prefill_chunk(self, job: _Prefill) -> tuple[Any, int, int, Any] | None:
-        """The next `prefill_chunk` prompt tokens, attending to the chunks before them."""
+    def _prefill_chunk(self, job: _Prefill) -> tuple[Any, int, Any] | None:
+        """The next `prefill_chunk` prompt tokens, attending to the chunks before them (engine/prefill.py)."""
         import torch
 
         dev = self._device
         if job.ids is None:  # a text prompt's first chunk
             job.ids = job.req.prompt.inputs["input_ids"].to(dev)
             job.positions = torch.arange(job.length, device=dev).view(1, 1, -1).expand(4, 1, -1)
-        if job.cache is None:
-            job.cache = self._new_cache()
+        past = self._no_past if job.kv is None else job.kv
         start, end = job.done, min(job.length, job.done + self.prefill_chunk)
-        visual = {}
+        pieces = []
         if job.media:
             config = self.loaded.model.config
-            ids = job.req.prompt.inputs["input_ids"][0]
+            ids = job.req.prompt.inputs["input_ids"][0].numpy()  # numpy: torch CPU ops wake its intra-op pool
             for kind, token in (("image", config.image_token_id), ("video", config.video_token_id)):
                 if kind not in job.media:
                     continue
                 placeholders = ids == token  # features exist for those after the reused prefix only
-                lo, count = int(placeholders[job.base : start].sum()), int(placeholders[start:end].sum())
-                if count:
+                lo, where = int(placeholders[job.base : start].sum()), np.flatnonzero(placeholders[start:end])
+                if len(where):
                     embeds, deepstack = job.media[kind]
-                    visual[kind] = _VisualFeatures(
-                        (embeds[lo : lo + count],), [(f[lo : lo + count],) for f in deepstack]
-                    )
-        out = self.loaded.model.model(
-            input_ids=job.ids[:, start:end], position_ids=job.positions[:, :, start:end],
-            past_key_values=job.cache, use_cache=True, mm_encoder_outputs=visual,
-        )  # fmt: skip
+                    pieces.append((self._to_device(where), embeds[lo : lo + len(where)], deepstack[:, lo : lo + len(where)]))  # fmt: skip
+        embeds, deepstack = prefill.media_inputs(self._lm.embed_tokens(job.ids[:, start:end]), self._deepstack_layers, pieces)  # fmt: skip
+        forward = self._chunk_forward if prefill.compiles(start, end - start) else prefill.chunk_forward
+        hidden, kv = forward(self._lm, embeds, job.positions[:, :, start:end], past, deepstack)
+        job.kv = kv if start == 0 else torch.cat([past, kv])
         job.done = end
         self._prefill_tokens += end - start
         if end < job.length:
             return None
-        cache, job.cache, job.ids, job.media = job.cache, None, None, None
-        return cache, 0, job.delta, self._lm_head(out.last_hidden_state[:, -1])
+        kv, job.kv, job.ids, job.media = job.kv, None, None, None
+        return kv, job.delta, self._lm_head(hidden)
 
-    def _activate(self, job: _Prefill, cache: Any, row: int, delta: int, logits: Any) -> None:
+    def _to_device(self, array: Any) -> Any:
+        """A small host array on the device without waiting for the GPU (pinned, so the copy is asynchronous)."""
+        import torch
+
+        host = torch.from_numpy(array)
+        if str(self._device).startswith("cuda"):
+            return host.pin_memory().to(self._device, non_blocking=True)
+        return host.to(self._device)
+
+    def _activate(self, job: _Prefill, kv: Any, delta: int, logits: Any) -> None:
         """Joins the running batch in the next free slot, emits the first token, copies the prompt's KV into the slot."""
         import torch
 
@@ -962,10 +1014,9 @@ class BatchEngine:
         self._emit(req, first, time.perf_counter())
         # The prompt's KV into the slot after the first token is out (72 launches off the time to first token);
         # the next decode step is enqueued after these copies.
-        for layer, kv in enumerate(cache.layers):
-            keys, values = self._kv_layers[layer]
-            keys.view(self._kv_shape)[slot, :, :length].copy_(kv.keys[row, :, :length])
-            values.view(self._kv_shape)[slot, :, :length].copy_(kv.values[row, :, :length])
+        for layer, (keys, values) in enumerate(self._kv_layers):  # kv: [length, layers, 2, heads, dim]
+            keys.view(self._kv_shape)[slot, :, :length].copy_(kv[:length, layer, 0].transpose(0, 1))
+            values.view(self._kv_shape)[slot, :, :length].copy_(kv[:length, layer, 1].transpose(0, 1))
         if ends:
             self._release(slot)
 
