@@ -490,7 +490,8 @@ def start_engine(loaded: Any, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
         startup_s=round(time.perf_counter() - started, 2), warmup_s=engine.warmup_s,
         decode_path=engine.decode_path, compile_error=engine.compile_error, graph_error=engine.graph_error,
         buckets=list(engine.buckets), max_len=engine.max_len, startup_peak_gib=_peak_gib(loaded.device),
-        fused_groups=engine.fused_groups, gemv_linears=engine.gemv_linears,
+        fused_groups=engine.fused_groups, gemv_linears=engine.gemv_linears, prefill_path=engine.prefill_path,
+        prefill_warmup_s=engine.prefill_warmup_s,
         vision_attention=loaded.model.model.visual.config._attn_implementation,
     )  # fmt: skip
     print("engine", {k: v for k, v in kwargs.items()}, json.dumps(info), flush=True)

@@ -209,11 +209,13 @@ def sync_sites(fn: Any) -> list[tuple[str, int]]:
     return sites.most_common(40)
 
 
-def under_load(loaded: Any, report: dict[str, Any]) -> None:
+def under_load(loaded: Any, report: dict[str, Any], label: str = "under_load", **flags: Any) -> None:
     """The default engine (32 slots): image TTFTs idle and while 31 text streams decode, 5 distinct images each."""
     from engine_bench import arrivals_while_decoding, engine_ttft, make_prompts
 
-    engine, info = start_engine(loaded, max_batch=32, token_budget=32 * 1280, compile_cache_dir="/tmp/qwen3vl-inductor")
+    engine, info = start_engine(
+        loaded, max_batch=32, token_budget=32 * 1280, compile_cache_dir="/tmp/qwen3vl-inductor", **flags
+    )
     try:
         vocab = len(loaded.processor.tokenizer) - 32
         images = [make_image_prompt(loaded, 16, seed=s) for s in range(1, 7)]
@@ -224,13 +226,14 @@ def under_load(loaded: Any, report: dict[str, Any]) -> None:
             for i, img in enumerate(images[1:])
         ]
         ttfts = [r["ttft_s"][0] for r in loaded_runs]
-        report["under_load"] = dict(
-            startup_s=info["startup_s"], idle_ttft_s=idle, idle_median_s=statistics.median(idle),
+        report[label] = dict(
+            startup_s=info["startup_s"], prefill_path=info["prefill_path"], prefill_warmup_s=info["prefill_warmup_s"],
+            idle_ttft_s=idle, idle_median_s=statistics.median(idle),
             while_31_decode_ttft_s=ttfts, while_31_decode_median_s=statistics.median(ttfts),
             max_gap_during_s=[r["max_gap_during_s"] for r in loaded_runs],
             median_gap_before_s=[r["median_gap_before_s"] for r in loaded_runs],
         )  # fmt: skip
-        print("under load", json.dumps(report["under_load"]), flush=True)
+        print(label, json.dumps(report[label]), flush=True)
     finally:
         engine.close()
         _free(engine)
@@ -291,6 +294,9 @@ def main() -> None:
     )
     ap.add_argument("--diagnose", action="store_true", help="sync sites; timelines without hashing, short GIL switch")
     ap.add_argument("--under-load", action="store_true", help="32-slot engine: idle and while 31 streams decode")
+    ap.add_argument(
+        "--under-load-variants", default="under_load", help="with --under-load: under_load (default engine), eager_prefill"
+    )
     args = ap.parse_args()
     from qwen3vl_webui.engine.loading import load_model
 
@@ -313,10 +319,11 @@ def main() -> None:
     if args.timeline:
         report["generate_timeline"] = [generate_timeline(loaded, prompt) for _ in range(3)][1:]
         print("generate timeline", json.dumps(report["generate_timeline"]), flush=True)
+    known = dict(fuse_gemv={}, plain=dict(fuse=False, gemv=False), eager_prefill=dict(compile_prefill=False), under_load={})
     if args.under_load:
-        under_load(loaded, report)
-        Path(args.out).write_text(json.dumps(report, indent=1))
-    known = dict(fuse_gemv={}, plain=dict(fuse=False, gemv=False))
+        for label in [v for v in args.under_load_variants.split(",") if v]:
+            under_load(loaded, report, label, **known[label])
+            Path(args.out).write_text(json.dumps(report, indent=1))
     for label in [v for v in args.variants.split(",") if v]:
         flags = known[label]
         engine, info = start_engine(

@@ -237,16 +237,20 @@ def test_compiled_decode_equals_eager(loaded, prompts, tmp_path) -> None:
 
 def test_compiled_prefill_equals_generate(loaded, prompts, tmp_path) -> None:
     """Prompt chunks through torch.compile (inductor on CPU; two graphs, warmed at start-up): first chunks and later
-    ones, text and media, give `generate`'s tokens."""
+    ones, text and media, of many lengths, give `generate`'s tokens, and no request compiles anything. With the
+    decode Linears fused as on CUDA (a branch on the row count would have split the graphs)."""
+    from torch._dynamo.utils import counters
+
     from qwen3vl_webui.engine import prefill
 
-    names = ["image", "mixed", "long"]
+    names = ["image", "mixed", "long", "text"]
     expected = {n: reference(loaded, prompts[n], GREEDY) for n in names}
     with BatchEngine(
         loaded, max_batch=2, token_budget=2 * 1024, prefill_chunk=64, prefix_slots=0, compile_prefill=True,
-        compile_cache_dir=tmp_path,
+        compile_cache_dir=tmp_path, fuse=True,
     ) as engine:  # fmt: skip
         assert engine.snapshot().prefill_path == "torch.compile", engine.prefill_error
+        graphs = counters["stats"]["unique_graphs"]
         compiled_chunks = []
         real = engine._chunk_forward
 
@@ -256,7 +260,9 @@ def test_compiled_prefill_equals_generate(loaded, prompts, tmp_path) -> None:
 
         engine._chunk_forward = counting
         got = {n: list(engine.submit_tokens(prompts[n], GREEDY, threading.Event())) for n in names}
+        assert counters["stats"]["unique_graphs"] == graphs  # every chunk found a warmed graph
     assert got == expected
+    assert len({n for _, n in compiled_chunks}) >= 4  # lengths: the chunk size and each prompt's remainder
     assert any(p == 0 for p, _ in compiled_chunks) and any(p > 0 for p, _ in compiled_chunks)
     assert all(prefill.compiles(p, n) for p, n in compiled_chunks)  # the rest ran eagerly, never compiling anew
 

@@ -629,7 +629,7 @@ class BatchEngine:
         self.decode_attention = "split-KV triton" if self._decode_kernel else f"sdpa ({kernel_blocker or 'not routed'})"
         self._restore_vision = vision.use_packed_vision_attention(model.model.visual)
         if self.fuse:
-            self.fused_groups = fusion.fuse_projections(self._lm, max_rows=self.max_batch, gemv=self.gemv)
+            self.fused_groups = fusion.fuse_projections(self._lm, gemv=self.gemv)
         if self.gemv:
             self.gemv_linears = fusion.route_gemv([self._lm, self._lm_head])
         forward: Callable[[int], Any] = self._forward
@@ -723,7 +723,7 @@ class BatchEngine:
             compiled.use_cache_dir(self._compile_cache_dir)
             for past in (0, length):
                 embeds = torch.zeros(1, length, text.hidden_size, dtype=self._dtype, device=self._device)
-                positions = torch.arange(past, past + length, device=self._device).view(1, 1, -1).expand(4, 1, -1)
+                positions = torch.arange(past, past + length, device=self._device).view(1, 1, -1).repeat(4, 1, 1)
                 kv = self._no_past.new_zeros(past, *self._no_past.shape[1:])
                 deepstack = embeds.new_zeros(self._deepstack_layers, *embeds.shape)
                 fn(self._lm, embeds, positions, kv, deepstack)
@@ -966,7 +966,9 @@ class BatchEngine:
                     pieces.append((self._to_device(where), embeds[lo : lo + len(where)], deepstack[:, lo : lo + len(where)]))  # fmt: skip
         embeds, deepstack = prefill.media_inputs(self._lm.embed_tokens(job.ids[:, start:end]), self._deepstack_layers, pieces)  # fmt: skip
         forward = self._chunk_forward if prefill.compiles(start, end - start) else prefill.chunk_forward
-        hidden, kv = forward(self._lm, embeds, job.positions[:, :, start:end], past, deepstack)
+        # Contiguous positions: a text prompt's are an expanded view, an image prompt's not, and dynamo guards strides.
+        positions = job.positions[:, :, start:end].contiguous()
+        hidden, kv = forward(self._lm, embeds, positions, past, deepstack)
         job.kv = kv if start == 0 else torch.cat([past, kv])
         job.done = end
         self._prefill_tokens += end - start

@@ -4,10 +4,11 @@ GEMV for one-row products on 16-bit weights; on the model's own modules.
 A decode step multiplies one row per stream by every weight once; at one stream the 5 MB k and v
 projections are latency-bound (~10 us each for what the bandwidth moves in ~2). `fuse_projections` moves
 each layer's q/k/v weights into one buffer and gate/up into another, leaves every `nn.Linear` in place with
-its weight a view of that buffer (no extra memory), and routes calls with at most `max_rows` rows (decode)
+its weight a view of that buffer (no extra memory), and routes calls with at most `max_rows` rows (None: any)
 through one product over the fused weight, handing q then k then v (gate then up) their slices: transformers'
-attention calls them in that order on the same hidden states. Larger inputs (prefill) run each Linear as
-before, on the same weights. `unfuse` restores the forwards.
+attention calls them in that order on the same hidden states. Larger inputs run each Linear as before, on the
+same weights. The engine fuses for every row count: a row limit is a branch on the prompt chunk's length, which
+would split its compiled prefill (engine/prefill.py) into a graph per side. `unfuse` restores the forwards.
 
 `gemv=True` (CUDA, bf16/fp16 weights, triton importable) also sends every one-row product of the text model and of
 lm_head (the 1-stream decode step) to `int8_kernels.gemv16` as the custom op `qwen3vl_webui::gemv16`: cuBLAS's
@@ -20,7 +21,6 @@ import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
-FUSE_MAX_ROWS = 32  # the largest decode bucket
 GEMV_MAX_ROWS = 1  # the Triton GEMV reads the weights once per row: cuBLAS's GEMM wins from two rows on
 OP_NAME = "qwen3vl_webui::gemv16"
 
@@ -120,14 +120,14 @@ class _Shared:
         self.parts: Any = None
 
 
-def _forward(shared: _Shared, index: int, linear: Any, max_rows: int, gemv: bool) -> Callable[[Any], Any]:
+def _forward(shared: _Shared, index: int, linear: Any, max_rows: int | None, gemv: bool) -> Callable[[Any], Any]:
     import torch.nn.functional as F
 
     last = len(shared.sizes) - 1
     product = _product(gemv)
 
     def forward(x: Any) -> Any:
-        if x.shape[:-1].numel() > max_rows:
+        if max_rows is not None and x.shape[:-1].numel() > max_rows:
             return F.linear(x, linear.weight, linear.bias)
         if index == 0:
             shared.x, shared.parts = x, product(x, shared.weight).split(shared.sizes, dim=-1)
@@ -141,7 +141,7 @@ def _forward(shared: _Shared, index: int, linear: Any, max_rows: int, gemv: bool
     return forward
 
 
-def _fuse_group(linears: list[Any], max_rows: int, gemv: bool) -> bool:
+def _fuse_group(linears: list[Any], max_rows: int | None, gemv: bool) -> bool:
     import torch
 
     if any(type(m) is not torch.nn.Linear or m.bias is not None for m in linears):
@@ -183,7 +183,7 @@ def _route_gemv(linear: Any) -> bool:
     return True
 
 
-def fuse_projections(text_model: Any, max_rows: int = FUSE_MAX_ROWS, gemv: bool = False) -> int:
+def fuse_projections(text_model: Any, max_rows: int | None = None, gemv: bool = False) -> int:
     """Fuses q/k/v and gate/up of every decoder layer of `text_model`; returns how many groups were fused.
 
     `gemv`: the fused groups' one-row products run the Triton GEMV where it can (`gemv_blocker`).

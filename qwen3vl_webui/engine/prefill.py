@@ -56,7 +56,7 @@ def chunk_forward(lm: Any, embeds: Any, positions: Any, past: Any, deepstack: An
     """Qwen3VLTextModel.forward's work for one prompt chunk of one sequence, through its own modules.
 
     embeds [1, L, hidden] (media features already merged in), positions [4, 1, L] (the text row, then the three
-    mrope rows), past [P, layers, 2, kv_heads, head_dim], deepstack [n, 1, L, hidden]: the vision tower's
+    mrope rows; contiguous, as compiled graphs are specialised on strides), past [P, layers, 2, kv_heads, head_dim], deepstack [n, 1, L, hidden]: the vision tower's
     deepstack features at the media placeholders, zeros elsewhere, added after each of the first n layers
     (transformers adds them at the placeholders by boolean indexing, which breaks a dynamo graph in every one of
     those layers; adding zeros elsewhere is the same sum). Returns the final-normed hidden state of the last
