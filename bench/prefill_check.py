@@ -1,17 +1,20 @@
-"""Prompt chunks eager against compiled: `prefill.chunk_forward` as the engine runs it (fused q/k/v and gate/up, the
-packed attention route), and `torch.compile(chunk_forward, dynamic=True)` warmed like the engine's start-up.
+"""Prompt chunks eager, replayed from the first-chunk CUDA graphs, and compiled: `prefill.chunk_forward` as the
+engine runs it (fused q/k/v and gate/up, the packed attention route), `prefill.ChunkGraphs` captured like the
+engine's start-up, and (with --compile) `torch.compile(chunk_forward, dynamic=True)` warmed like `compile_prefill`.
 
-    python bench/prefill_check.py --out $OUT/prefill_check.json   # GPU, random 4B at /tmp/qwen3vl-4b-random
+    python bench/prefill_check.py --out $OUT/prefill_check.json [--compile]  # GPU, random 4B at /tmp/qwen3vl-4b-random
 
 Cases (past tokens + chunk tokens): `text512` (0 + 512), `chunk2048` (0 + 2048, a whole PREFILL_CHUNK), `image`
 (0 + 910: the 720p image prompt's text forward, its vision features merged and deepstack dense), `cont34` (901 + 34:
-a follow-up turn after a prefix hit), `cont2` (908 + 2: a regenerated answer). Per case: eager and compiled ms
-(synchronized, median of 5) and how far the compiled last hidden state and KV moved from eager's; then the graphs
-dynamo made over all cases (the engine warms two, and no case may add one) and the warm-up's seconds.
+a follow-up turn after a prefix hit), `cont2` (908 + 2: a regenerated answer). Per case: eager, graph (first chunks
+only: padded to 512, 2048 and 1024) and compiled ms (synchronized, median of 5) and how far each last hidden state
+and KV moved from eager's; the capture's and the compile warm-up's seconds, and the graphs dynamo made over all
+cases (the warm-up makes two, and no case may add one).
 
 Prediction (before the run): eager ~30 ms for every case up to 910 tokens (host-bound: ~0.85 ms a layer), ~45 ms
-for 2048; compiled text512 ~9 ms, image ~14 ms, cont34 ~5 ms, cont2 ~4 ms (7.5 GB of weights: 2.5 ms at least),
-chunk2048 ~30 ms (GPU-bound, little gain); 2 graphs; warm-up ~60-120 s cold.
+for 2048; graphs: the eager kernels' GPU time, text512 ~10 ms, image (padded to 1024) ~18 ms, chunk2048 ~35 ms;
+capture ~2 s. Compiled text512 ~9 ms, image ~14 ms, cont34 ~5 ms, cont2 ~4 ms; warm-up minutes (an earlier run did
+not finish two graphs in ~190 s on a slow host).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", default="/tmp/qwen3vl-4b-random")
     ap.add_argument("--out", default="prefill_check.json")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run (with --checkpoint of the tiny model)")
+    ap.add_argument("--compile", action="store_true", help="also torch.compile (minutes of compiling on an H100)")
     args = ap.parse_args()
     import numpy as np
     import torch
@@ -105,7 +109,23 @@ def main() -> None:
         with torch.inference_mode():
             hidden, kv = fn(lm, embeds.clone(), pos, past, deep)
         sync()
-        return time.perf_counter() - t0, hidden.float(), kv
+        return time.perf_counter() - t0, hidden[:, -1].float(), kv
+
+    def timed(fn: Any, case: str, prefix: str) -> None:
+        row = report["cases"][case]
+        run(fn, case)
+        times, hidden, kv = [], None, None
+        for _ in range(5):
+            t, hidden, kv = run(fn, case)
+            times.append(t)
+        ref_hidden, ref_kv = eager_out[case]
+        row.update({
+            f"{prefix}_ms": round(1e3 * statistics.median(times), 2),
+            f"{prefix}_speedup": round(row["eager_ms"] / (1e3 * statistics.median(times)), 2),
+            f"{prefix}_hidden_max_abs_diff": round(float((hidden - ref_hidden).abs().max()), 4),
+            f"{prefix}_kv_max_abs_diff": round(float((kv.float() - ref_kv.float()).abs().max()), 4),
+        })  # fmt: skip
+        print(case, prefix, json.dumps(row), flush=True)
 
     name = torch.cuda.get_device_name() if dev == "cuda" else dev
     report: dict[str, Any] = dict(device=name, torch=torch.__version__, cases={})
@@ -114,8 +134,30 @@ def main() -> None:
         times = [run(prefill.chunk_forward, case)[0] for _ in range(6)]
         _, hidden, kv = run(prefill.chunk_forward, case)
         eager_out[case] = (hidden, kv)
-        report["cases"][case] = dict(eager_ms=round(1e3 * statistics.median(times[1:]), 2))
+        report["cases"][case] = dict(eager_ms=round(1e3 * statistics.median(times[1:]), 2), hidden_std=round(float(hidden.std()), 4))  # fmt: skip
         print(case, report["cases"][case], flush=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+
+    if dev == "cuda":
+        kv_dims = (text.num_hidden_layers, 2, text.num_key_value_heads, text.head_dim)
+        graphs = prefill.ChunkGraphs(lm, (64, 128, 256, 512, 1024, 2048), layers, kv_dims)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            graphs.capture()
+        report["capture_s"] = round(time.perf_counter() - started, 2)
+        report["capture_reserved_gib"] = round(torch.cuda.memory_reserved() / 2**30, 2)
+        print("capture", report["capture_s"], "s", flush=True)
+
+        def replay(lm: Any, embeds: Any, positions: Any, past: Any, deepstack: Any) -> tuple[Any, Any]:
+            return graphs.run(embeds, positions, deepstack)
+
+        for case in ("text512", "chunk2048", "image"):
+            timed(replay, case, "graph")
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    if not args.compile:
+        for case, row in report["cases"].items():
+            print(f"{case:10s} eager {row['eager_ms']:7.2f} ms  graph {row.get('graph_ms', float('nan')):7.2f} ms")
+        return
 
     compiled.use_cache_dir("/tmp/qwen3vl-inductor")
     fn = torch.compile(prefill.chunk_forward, dynamic=True, fullgraph=True, mode=compiled.COMPILE_MODE)
@@ -129,26 +171,14 @@ def main() -> None:
     graphs_after_warmup = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     print("warm-up", report["warmup_s"], "s,", graphs_after_warmup, "graphs", flush=True)
     for case in cases:
-        row = report["cases"][case]
-        run(fn, case)
-        times, hidden, kv = [], None, None
-        for _ in range(5):
-            t, hidden, kv = run(fn, case)
-            times.append(t)
-        ref_hidden, ref_kv = eager_out[case]
-        row.update(
-            compiled_ms=round(1e3 * statistics.median(times), 2),
-            speedup=round(row["eager_ms"] / (1e3 * statistics.median(times)), 2),
-            hidden_max_abs_diff=round(float((hidden - ref_hidden).abs().max()), 4),
-            kv_max_abs_diff=round(float((kv.float() - ref_kv.float()).abs().max()), 4),
-            hidden_std=round(float(ref_hidden.std()), 4),
-        )  # fmt: skip
-        print(case, json.dumps(row), flush=True)
+        timed(fn, case, "compiled")
+        Path(args.out).write_text(json.dumps(report, indent=1))
     report["graphs_after_warmup"] = graphs_after_warmup
     report["graphs_after_cases"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     Path(args.out).write_text(json.dumps(report, indent=1))
     for case, row in report["cases"].items():
-        print(f"{case:10s} eager {row['eager_ms']:7.2f} ms  compiled {row['compiled_ms']:7.2f} ms  x{row['speedup']}")
+        print(f"{case:10s} eager {row['eager_ms']:7.2f} ms  graph {row.get('graph_ms', float('nan')):7.2f} ms  "
+              f"compiled {row['compiled_ms']:7.2f} ms")  # fmt: skip
     print("graphs", graphs_after_warmup, "->", report["graphs_after_cases"], "warm-up", report["warmup_s"], "s")
 
 

@@ -560,3 +560,51 @@ def test_media_digests_are_awaited_only_where_the_probes_agree(loaded, prompts) 
     elsewhere = dataclasses.replace(image, probe="another probe", hashing=never)
     assert pool.match(ids, (elsewhere,))[1] == image.start
     assert pool.match(ids, (dataclasses.replace(image, hashing=_resolved(image.digest)),))[1] == len(ids) - 1
+
+
+class _EagerReplay:
+    """Stands in for a captured CUDA graph on CPU: replay() reruns the forward on the same static buffers."""
+
+    def __init__(self, forward: Any, out: Any) -> None:
+        self._forward, self._out = forward, out
+
+    def replay(self) -> None:
+        self._out.copy_(self._forward()[0])
+
+
+def test_first_chunks_padded_to_a_graph_length_answer_like_generate(loaded, prompts) -> None:
+    """engine/prefill.ChunkGraphs' padding, on CPU: each first chunk runs at the next graph length on static buffers
+    that hold a previous prompt's rows (here: random values) after it; later chunks run eagerly after it."""
+    from qwen3vl_webui.engine import prefill
+
+    class EagerGraphs(prefill.ChunkGraphs):
+        def capture(self) -> None:
+            for n in self.lengths:
+                hidden, _ = prefill.chunk_forward(*self._args(n))
+                self._graphs[n] = (_EagerReplay(functools.partial(prefill.chunk_forward, *self._args(n)), hidden), hidden)  # fmt: skip
+
+    names = ["image", "mixed", "long", "text"]
+    expected = {n: reference(loaded, prompts[n], GREEDY) for n in names}
+    with BatchEngine(loaded, max_batch=2, token_budget=2 * 1024, prefill_chunk=128, prefix_slots=0) as engine:
+        text = loaded.model.config.text_config
+        graphs = EagerGraphs(engine._lm, (64, 128), engine._deepstack_layers, engine._no_past.shape[1:])
+        with torch.inference_mode():
+            graphs.capture()
+            for buffer in (graphs._embeds, graphs._deepstack, graphs._kv):
+                buffer.normal_()  # padding rows must not matter
+            graphs._positions.random_(0, text.max_position_embeddings)
+        replays = []
+        real_run = graphs.run
+
+        def counting(embeds: Any, positions: Any, deepstack: Any) -> Any:
+            replays.append(embeds.shape[1])
+            return real_run(embeds, positions, deepstack)
+
+        graphs.run = counting
+        engine._chunk_graphs = graphs
+        got = {n: list(engine.submit_tokens(prompts[n], GREEDY, threading.Event())) for n in names}
+    assert got == expected
+    lengths = {n: prompts[n].inputs["input_ids"].shape[1] for n in names}
+    assert sorted(replays) == sorted(min(length, 128) for length in lengths.values())
+    assert any(n not in graphs.lengths for n in replays)  # padded
+    assert any(length > 128 for length in lengths.values())  # and prompts with later, eager chunks

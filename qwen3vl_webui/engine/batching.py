@@ -31,6 +31,8 @@ LEN_ALIGN = 64
 # Prompt tokens one prefill forward may take between two decode steps (about 60 ms of H100 time in bf16):
 # bounds how long a new prompt stalls the running streams.
 PREFILL_CHUNK = 2048
+# Padded lengths of the first-chunk prefill graphs (engine/prefill.py), capped at the engine's prefill chunk.
+PREFILL_GRAPH_LENGTHS = (64, 128, 256, 512, 1024, 2048)
 # Short text prompts batch up to this many times PREFILL_CHUNK tokens in one forward while no stream decodes.
 IDLE_PREFILL_FACTOR = 4
 # How often a waiting reader checks that the worker is still alive.
@@ -243,7 +245,8 @@ class BatchEngine:
         prefix_slots: int | None = None,
         fuse: bool | None = None,
         gemv: bool | None = None,
-        compile_prefill: bool | None = None,
+        prefill_graphs: bool | None = None,
+        compile_prefill: bool = False,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -272,15 +275,16 @@ class BatchEngine:
         self.compile = compiled.should_compile(compile, loaded.device, loaded.precision)
         self.compile_error: str | None = None
         self.graph_error: str | None = None
-        # Prompt chunks through torch.compile (engine/prefill.py): the eager text model costs ~0.85 ms of host time
-        # a layer whatever the length, ~30 ms for any prompt. None: with the decode step, except under bitsandbytes
-        # (its layers break the graph), and on CUDA only.
-        if compile_prefill is None:
-            compile_prefill = self.compile and on_cuda and loaded.precision not in ("int4", "int8")
+        # Prompt chunks (engine/prefill.py): the eager text model costs ~0.85 ms of host time a layer whatever the
+        # length, ~30 ms for any prompt. `prefill_graphs` (None: wherever decode steps are graphed) replays first
+        # chunks from CUDA graphs captured at start-up. `compile_prefill` runs chunks through torch.compile with
+        # dynamic lengths instead (a CPU test covers it; on an H100 it adds minutes of compiling to start-up).
+        self.prefill_graphs = self.cuda_graphs if prefill_graphs is None else bool(prefill_graphs)
         self.compile_prefill = bool(compile_prefill)
         self.prefill_error: str | None = None
         self.prefill_warmup_s = 0.0
         self._chunk_forward: Callable[..., Any] = prefill.chunk_forward
+        self._chunk_graphs: prefill.ChunkGraphs | None = None
         self._compile_cache_dir = compile_cache_dir
         sizes = sorted({b for b in buckets if b < max_batch} | {max_batch})
         self.buckets = tuple(sizes)
@@ -393,9 +397,11 @@ class BatchEngine:
     @property
     def prefill_path(self) -> str:
         """How prompt chunks run, in words."""
-        if self._chunk_forward is not prefill.chunk_forward:
-            return "torch.compile"
-        return "eager" + (f" ({self.prefill_error})" if self.prefill_error else "")
+        paths = []
+        if self._chunk_graphs is not None:
+            paths.append("cuda graphs (first chunks)")
+        paths.append("torch.compile" if self._chunk_forward is not prefill.chunk_forward else "eager")
+        return " + ".join(paths) + (f" ({self.prefill_error})" if self.prefill_error else "")
 
     def close(self, timeout: float = 60.0) -> None:
         """Stops the worker; running and waiting requests end with EngineClosed. Frees the KV memory."""
@@ -705,17 +711,32 @@ class BatchEngine:
         torch.cuda.synchronize()
 
     def _prepare_prefill(self) -> None:
-        """Compiles prompt chunks (see engine/prefill.py) and warms both graphs, so no request waits for a compile.
+        """Captures the first-chunk graphs and/or compiles chunks, so no request waits for either.
+
+        A failure leaves prompts on the eager path, correct and slower, and says why in `prefill_path`.
+        """
+        started = time.perf_counter()
+        if self.prefill_graphs:
+            lengths = tuple(n for n in PREFILL_GRAPH_LENGTHS if n < self.prefill_chunk) + (self.prefill_chunk,)
+            graphs = prefill.ChunkGraphs(self._lm, lengths, self._deepstack_layers, self._no_past.shape[1:])
+            try:
+                graphs.capture()
+                self._chunk_graphs = graphs
+            except Exception as exc:
+                log.warning("CUDA graph capture of the prefill failed; prompts prefill eagerly: %r", exc)
+                self.prefill_error = f"graph capture failed: {type(exc).__name__}: {str(exc)[:300]}"
+        if self.compile_prefill:
+            self._compile_prefill()
+        self.prefill_warmup_s = round(time.perf_counter() - started, 2)
+
+    def _compile_prefill(self) -> None:
+        """Compiles prompt chunks and warms both graphs.
 
         `dynamic=True` makes the chunk and past lengths symbolic; dynamo still specialises an empty past, so a
         first chunk and a later one are two graphs, each covering every length >= 2 (1-token chunks run eagerly).
-        A failure leaves prompts on the eager path, correct and slower, and says why in `prefill_path`.
         """
-        if not self.compile_prefill:
-            return
         import torch
 
-        started = time.perf_counter()
         fn = torch.compile(prefill.chunk_forward, dynamic=True, fullgraph=True, mode=compiled.COMPILE_MODE)
         text = self.loaded.model.config.text_config
         length = 2 * LEN_ALIGN
@@ -731,8 +752,6 @@ class BatchEngine:
             log.warning("torch.compile of the prefill failed; prompts prefill eagerly: %r", exc)
             self.prefill_error = f"torch.compile failed: {type(exc).__name__}: {str(exc)[:300]}"
             return
-        finally:
-            self.prefill_warmup_s = round(time.perf_counter() - started, 2)
         self._chunk_forward = fn
 
     def _decode_logits(self, n: int) -> Any:
@@ -968,14 +987,19 @@ class BatchEngine:
         forward = self._chunk_forward if prefill.compiles(start, end - start) else prefill.chunk_forward
         # Contiguous positions: a text prompt's are an expanded view, an image prompt's not, and dynamo guards strides.
         positions = job.positions[:, :, start:end].contiguous()
-        hidden, kv = forward(self._lm, embeds, positions, past, deepstack)
+        if self._chunk_graphs is not None and self._chunk_graphs.fits(start, end - start):
+            hidden, kv = self._chunk_graphs.run(embeds, positions, deepstack)
+            if end < job.length:
+                kv = kv.clone()  # the graphs' buffer: the next replay overwrites it (a last chunk is used at once)
+        else:
+            hidden, kv = forward(self._lm, embeds, positions, past, deepstack)
         job.kv = kv if start == 0 else torch.cat([past, kv])
         job.done = end
         self._prefill_tokens += end - start
         if end < job.length:
             return None
         kv, job.kv, job.ids, job.media = job.kv, None, None, None
-        return kv, job.delta, self._lm_head(hidden)
+        return kv, job.delta, self._lm_head(hidden[:, -1])
 
     def _to_device(self, array: Any) -> Any:
         """A small host array on the device without waiting for the GPU (pinned, so the copy is asynchronous)."""

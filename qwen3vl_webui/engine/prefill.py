@@ -1,4 +1,9 @@
-"""One prompt chunk through the Qwen3-VL text model, in a form torch.compile traces as one graph for every length."""
+"""One prompt chunk through the Qwen3-VL text model: eagerly, replayed from a CUDA graph, or compiled by dynamo.
+
+The eager text model costs ~0.85 ms of host time a layer whatever the length (bench/ENGINE_NOTES.md): ~30 ms for any
+prompt on an H100, more than the GPU needs for ~900 tokens. `ChunkGraphs` captures a first chunk (empty past) at a
+few padded lengths at start-up, so a fresh prompt's text forward costs one graph replay of host time.
+"""
 
 from __future__ import annotations
 
@@ -17,15 +22,18 @@ class ChunkKV:
     same layout, [L, layers, 2, kv_heads, head_dim], for the caller to append.
     """
 
-    def __init__(self, past: Any) -> None:
-        self._past = past
+    def __init__(self, past: Any, out: Any = None) -> None:
+        self._past, self._out = past, out
         self.new: list[Any] = []
 
     def update(self, key_states: Any, value_states: Any, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
         import torch
 
-        # [1, kv_heads, L, dim] -> [L, 2, kv_heads, dim]
-        self.new.append(torch.stack([key_states[0], value_states[0]]).permute(2, 0, 1, 3))
+        if self._out is not None:  # [L, layers, 2, kv_heads, dim] given: written in place
+            self._out[:, layer_idx, 0].copy_(key_states[0].transpose(0, 1))
+            self._out[:, layer_idx, 1].copy_(value_states[0].transpose(0, 1))
+        else:  # [1, kv_heads, L, dim] -> [L, 2, kv_heads, dim]
+            self.new.append(torch.stack([key_states[0], value_states[0]]).permute(2, 0, 1, 3))
         if self._past.shape[0] == 0:
             return key_states, value_states
         past = self._past[:, layer_idx].permute(1, 2, 0, 3).unsqueeze(1)  # [2, 1, kv_heads, P, dim]
@@ -34,7 +42,7 @@ class ChunkKV:
     def chunk(self) -> Any:
         import torch
 
-        return torch.stack(self.new, dim=1)
+        return self._out if self._out is not None else torch.stack(self.new, dim=1)
 
 
 def causal_mask(past: int, length: int, device: Any) -> Any:
@@ -52,18 +60,18 @@ def causal_mask(past: int, length: int, device: Any) -> Any:
     return (keys.view(1, -1) <= queries.view(-1, 1)).view(1, 1, length, past + length)
 
 
-def chunk_forward(lm: Any, embeds: Any, positions: Any, past: Any, deepstack: Any) -> tuple[Any, Any]:
+def chunk_forward(lm: Any, embeds: Any, positions: Any, past: Any, deepstack: Any, out: Any = None) -> tuple[Any, Any]:
     """Qwen3VLTextModel.forward's work for one prompt chunk of one sequence, through its own modules.
 
     embeds [1, L, hidden] (media features already merged in), positions [4, 1, L] (the text row, then the three
     mrope rows; contiguous, as compiled graphs are specialised on strides), past [P, layers, 2, kv_heads, head_dim], deepstack [n, 1, L, hidden]: the vision tower's
     deepstack features at the media placeholders, zeros elsewhere, added after each of the first n layers
     (transformers adds them at the placeholders by boolean indexing, which breaks a dynamo graph in every one of
-    those layers; adding zeros elsewhere is the same sum). Returns the final-normed hidden state of the last
-    position [1, hidden] and the chunk's keys/values [L, layers, 2, kv_heads, head_dim].
+    those layers; adding zeros elsewhere is the same sum). Returns the final-normed hidden states [1, L, hidden]
+    and the chunk's keys/values [L, layers, 2, kv_heads, head_dim] (written into `out` if given).
     tests/test_prefill.py checks it against `Qwen3VLModel.forward` with a DynamicCache, bitwise.
     """
-    cache = ChunkKV(past)
+    cache = ChunkKV(past, out)
     text_positions = positions[0]
     mask = causal_mask(past.shape[0], embeds.shape[1], embeds.device)
     rope = lm.rotary_emb(embeds, positions[1:])
@@ -74,7 +82,7 @@ def chunk_forward(lm: Any, embeds: Any, positions: Any, past: Any, deepstack: An
         )  # fmt: skip
         if index < deepstack.shape[0]:
             hidden = hidden + deepstack[index]
-    return lm.norm(hidden[:, -1]), cache.chunk()
+    return lm.norm(hidden), cache.chunk()
 
 
 def compiles(past: int, length: int) -> bool:
@@ -94,3 +102,67 @@ def media_inputs(embeds: Any, layers: int, pieces: list[tuple[Any, Any, Any]]) -
         embeds[0, index] = features.to(embeds.dtype)
         deepstack[:, 0, index] = stacked.to(embeds.dtype)
     return embeds, deepstack
+
+
+class ChunkGraphs:
+    """First chunks (empty past) replayed from CUDA graphs, one per padded length, captured at start-up.
+
+    A chunk of n tokens runs in the graph of the smallest length >= n: its inputs are copied into static buffers,
+    the padding rows after them hold whatever the last chunk left there (finite values, which causal attention
+    never lets the real rows see), and the real rows' hidden states and keys/values are read back. Every graph
+    shares one memory pool and one keys/values buffer, so what the graphs pin is about one longest chunk's
+    prefill transient; both outputs are overwritten by the next replay.
+    """
+
+    def __init__(self, lm: Any, lengths: tuple[int, ...], deepstack_layers: int, kv_dims: tuple[int, ...]) -> None:
+        import torch
+
+        weight = lm.embed_tokens.weight
+        top = max(lengths)
+        self.lengths = tuple(sorted(lengths))
+        self._lm = lm
+        self._embeds = torch.zeros(1, top, weight.shape[1], dtype=weight.dtype, device=weight.device)
+        self._positions = torch.zeros(4, 1, top, dtype=torch.long, device=weight.device)
+        self._deepstack = self._embeds.new_zeros(deepstack_layers, 1, top, weight.shape[1])
+        self._kv = self._embeds.new_zeros(top, *kv_dims)  # [top, layers, 2, kv_heads, head_dim]
+        self._past = self._embeds.new_zeros(0, *kv_dims)
+        self._graphs: dict[int, tuple[Any, Any]] = {}
+
+    def capture(self) -> None:
+        """Two eager runs per length on a side stream (as torch.cuda.graph asks), then the captures, longest first."""
+        import torch
+
+        pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for n in self.lengths:
+                for _ in range(2):
+                    chunk_forward(*self._args(n))
+        torch.cuda.current_stream().wait_stream(side)
+        for n in reversed(self.lengths):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                hidden, _ = chunk_forward(*self._args(n))
+            self._graphs[n] = (graph, hidden)
+        torch.cuda.synchronize()
+
+    def _args(self, n: int) -> tuple[Any, ...]:
+        return (
+            self._lm, self._embeds[:, :n], self._positions[:, :, :n], self._past, self._deepstack[:, :, :n],
+            self._kv[:n],
+        )  # fmt: skip
+
+    def fits(self, past: int, length: int) -> bool:
+        return past == 0 and length <= self.lengths[-1] and bool(self._graphs)
+
+    def run(self, embeds: Any, positions: Any, deepstack: Any) -> tuple[Any, Any]:
+        """`chunk_forward` of a first chunk (empty past): hidden states [1, n, hidden], keys/values [n, ...] (views)."""
+        n = embeds.shape[1]
+        padded = next(m for m in self.lengths if m >= n)
+        self._embeds[:, :n].copy_(embeds)
+        self._positions[:, :, :n].copy_(positions)
+        self._deepstack[:, :, :n].copy_(deepstack)
+        graph, hidden = self._graphs[padded]
+        graph.replay()
+        return hidden[:, :n], self._kv[:n]
