@@ -580,8 +580,7 @@ def test_first_chunks_padded_to_a_graph_length_answer_like_generate(loaded, prom
     class EagerGraphs(prefill.ChunkGraphs):
         def capture(self) -> None:
             for n in self.lengths:
-                hidden, _ = prefill.chunk_forward(*self._args(n))
-                self._graphs[n] = (_EagerReplay(functools.partial(prefill.chunk_forward, *self._args(n)), hidden), hidden)  # fmt: skip
+                self._graphs[n] = _EagerReplay(functools.partial(prefill.chunk_forward, *self._args(n)), self._hidden[:, :n])  # fmt: skip
 
     names = ["image", "mixed", "long", "text"]
     expected = {n: reference(loaded, prompts[n], GREEDY) for n in names}
@@ -590,7 +589,7 @@ def test_first_chunks_padded_to_a_graph_length_answer_like_generate(loaded, prom
         graphs = EagerGraphs(engine._lm, (64, 128), engine._deepstack_layers, engine._no_past.shape[1:])
         with torch.inference_mode():
             graphs.capture()
-            for buffer in (graphs._embeds, graphs._deepstack, graphs._kv):
+            for buffer in (graphs._embeds, graphs._deepstack, graphs._kv, graphs._hidden):
                 buffer.normal_()  # padding rows must not matter
             graphs._positions.random_(0, text.max_position_embeddings)
         replays = []

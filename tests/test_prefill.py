@@ -57,9 +57,9 @@ def _chunked(model, ids, positions, cuts, features=None):
                 stacked = torch.stack(deepstack)
                 pieces.append((where, embeds[lo : lo + len(where)], stacked[:, lo : lo + len(where)]))
         embeds, dense = prefill.media_inputs(lm.embed_tokens(ids[:, start:end]), layers, pieces)
-        last, new = prefill.chunk_forward(lm, embeds, positions[:, :, start:end], kv, dense)
+        normed, new = prefill.chunk_forward(lm, embeds, positions[:, :, start:end], kv, dense)
         kv = torch.cat([kv, new])
-        hidden.append(last)
+        hidden.append(normed[:, -1])
     return hidden, kv
 
 

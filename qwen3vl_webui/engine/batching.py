@@ -31,8 +31,9 @@ LEN_ALIGN = 64
 # Prompt tokens one prefill forward may take between two decode steps (about 60 ms of H100 time in bf16):
 # bounds how long a new prompt stalls the running streams.
 PREFILL_CHUNK = 2048
-# Padded lengths of the first-chunk prefill graphs (engine/prefill.py), capped at the engine's prefill chunk.
-PREFILL_GRAPH_LENGTHS = (64, 128, 256, 512, 1024, 2048)
+# Padded lengths of the first-chunk prefill graphs (engine/prefill.py), capped at the engine's prefill chunk: every
+# multiple of LEN_ALIGN, so a prompt pays at most 63 tokens of padding (capturing one takes ~0.1 s on an H100).
+PREFILL_GRAPH_STEP = 64
 # Short text prompts batch up to this many times PREFILL_CHUNK tokens in one forward while no stream decodes.
 IDLE_PREFILL_FACTOR = 4
 # How often a waiting reader checks that the worker is still alive.
@@ -717,7 +718,8 @@ class BatchEngine:
         """
         started = time.perf_counter()
         if self.prefill_graphs:
-            lengths = tuple(n for n in PREFILL_GRAPH_LENGTHS if n < self.prefill_chunk) + (self.prefill_chunk,)
+            steps = range(PREFILL_GRAPH_STEP, self.prefill_chunk, PREFILL_GRAPH_STEP)
+            lengths = (*steps, self.prefill_chunk)
             graphs = prefill.ChunkGraphs(self._lm, lengths, self._deepstack_layers, self._no_past.shape[1:])
             try:
                 graphs.capture()

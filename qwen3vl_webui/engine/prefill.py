@@ -110,8 +110,8 @@ class ChunkGraphs:
     A chunk of n tokens runs in the graph of the smallest length >= n: its inputs are copied into static buffers,
     the padding rows after them hold whatever the last chunk left there (finite values, which causal attention
     never lets the real rows see), and the real rows' hidden states and keys/values are read back. Every graph
-    shares one memory pool and one keys/values buffer, so what the graphs pin is about one longest chunk's
-    prefill transient; both outputs are overwritten by the next replay.
+    shares one memory pool and writes into the same output buffers, so what the graphs pin is about one longest
+    chunk's prefill transient, however many lengths there are; the next replay overwrites the outputs.
     """
 
     def __init__(self, lm: Any, lengths: tuple[int, ...], deepstack_layers: int, kv_dims: tuple[int, ...]) -> None:
@@ -125,26 +125,28 @@ class ChunkGraphs:
         self._positions = torch.zeros(4, 1, top, dtype=torch.long, device=weight.device)
         self._deepstack = self._embeds.new_zeros(deepstack_layers, 1, top, weight.shape[1])
         self._kv = self._embeds.new_zeros(top, *kv_dims)  # [top, layers, 2, kv_heads, head_dim]
+        self._hidden = torch.zeros_like(self._embeds)
         self._past = self._embeds.new_zeros(0, *kv_dims)
-        self._graphs: dict[int, tuple[Any, Any]] = {}
+        self._graphs: dict[int, Any] = {}
 
     def capture(self) -> None:
-        """Two eager runs per length on a side stream (as torch.cuda.graph asks), then the captures, longest first."""
+        """Eager runs on a side stream (as torch.cuda.graph asks: one per length, two for the first), then the
+        captures, longest first."""
         import torch
 
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for n in self.lengths:
-                for _ in range(2):
-                    chunk_forward(*self._args(n))
+            for n in (self.lengths[0], *self.lengths):
+                chunk_forward(*self._args(n))
         torch.cuda.current_stream().wait_stream(side)
         for n in reversed(self.lengths):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 hidden, _ = chunk_forward(*self._args(n))
-            self._graphs[n] = (graph, hidden)
+                self._hidden[:, :n].copy_(hidden)
+            self._graphs[n] = graph
         torch.cuda.synchronize()
 
     def _args(self, n: int) -> tuple[Any, ...]:
@@ -163,6 +165,5 @@ class ChunkGraphs:
         self._embeds[:, :n].copy_(embeds)
         self._positions[:, :, :n].copy_(positions)
         self._deepstack[:, :, :n].copy_(deepstack)
-        graph, hidden = self._graphs[padded]
-        graph.replay()
-        return hidden[:, :n], self._kv[:n]
+        self._graphs[padded].replay()
+        return self._hidden[:, :n], self._kv[:n]
