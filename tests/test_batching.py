@@ -189,7 +189,7 @@ def test_long_prompt_prefills_in_chunks_and_short_ones_together(loaded, prompts)
         idle_batched = engine._prefill_forwards - forwards
         # The same three while a stream decodes: the first two fit one padded 64-token batch, the third waits.
         background = engine.submit_tokens(prompts["long"], long, threading.Event())
-        next(background)
+        [next(background) for _ in range(3)]  # mid-answer (a stream at its first token would still be "idle")
         forwards = engine._prefill_forwards
         with engine._cond:
             streams = [engine.submit_tokens(p, GREEDY, threading.Event()) for p in short]
@@ -202,6 +202,29 @@ def test_long_prompt_prefills_in_chunks_and_short_ones_together(loaded, prompts)
     assert forwards_before_short == 1 + 2  # the running prompt, then the long one in two chunks
     assert idle_batched == 1
     assert busy_batched == 2
+
+
+def test_a_burst_of_short_prompts_is_prefilled_before_the_first_decode_step(loaded, prompts) -> None:
+    """12 short prompts at once (~22 tokens each) overflow one idle forward (4 x 64 tokens): the second forward
+    still comes before any decode step, as nobody is mid-answer yet; every answer equals `generate`'s."""
+    burst = [prompts["text"], prompts["long"]] * 6
+    expected = [reference(loaded, p, GREEDY) for p in burst[:2]] * 6
+    with BatchEngine(loaded, max_batch=12, token_budget=12 * 256, prefill_chunk=64, prefix_slots=0) as engine:
+        forwards_at_launch = []
+        real_launch = engine._launch
+
+        def launch() -> None:
+            forwards_at_launch.append(engine._prefill_forwards)
+            real_launch()
+
+        engine._launch = launch
+        with engine._cond:  # admitted together
+            streams = [engine.submit_tokens(p, GREEDY, threading.Event()) for p in burst]
+        got = [list(s) for s in streams]
+    assert got == expected
+    total = sum(p.inputs["input_ids"].shape[1] for p in burst)
+    assert total > 4 * 64  # more than one idle forward's budget
+    assert forwards_at_launch[0] == engine._prefill_forwards == 2
 
 
 def test_media_prompts_prefill_vision_then_text_chunks(loaded, prompts) -> None:

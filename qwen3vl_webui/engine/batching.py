@@ -34,7 +34,7 @@ PREFILL_CHUNK = 2048
 # Padded lengths of the first-chunk prefill graphs (engine/prefill.py), capped at the engine's prefill chunk: every
 # multiple of LEN_ALIGN, so a prompt pays at most 63 tokens of padding (capturing one takes ~0.1 s on an H100).
 PREFILL_GRAPH_STEP = 64
-# Short text prompts batch up to this many times PREFILL_CHUNK tokens in one forward while no stream decodes.
+# Short text prompts batch up to this many times PREFILL_CHUNK tokens in one forward while no stream is mid-answer.
 IDLE_PREFILL_FACTOR = 4
 # How often a waiting reader checks that the worker is still alive.
 POLL_S = 1.0
@@ -536,7 +536,7 @@ class BatchEngine:
                 try:
                     if self._inflight is None:
                         self._drop_cancelled()
-                        if self._active:
+                        if self._active and not self._burst_pending():
                             self._launch()
                     if self._inflight is not None:
                         self._collect()  # launches the following step first when no request leaves
@@ -849,16 +849,28 @@ class BatchEngine:
                     self._delta[len(self._active)] = 0
                 job.req.out.put(exc)
 
+    def _mid_answer(self) -> bool:
+        """Whether a running stream is past its first token (a stall would break an answer under way)."""
+        return any(len(r.tokens) > 1 for r in self._active)
+
+    def _burst_pending(self) -> bool:
+        """Short text prompts still to prefill while every running stream holds only its first token: a burst of
+        arrivals. Its prefill goes first (the first decode step waits for it): 32 prompts at once then take 2
+        large forwards instead of 1 + 4 interleaved with decode steps, and nobody is mid-answer to stall."""
+        if not self._prefilling or self._mid_answer():
+            return False
+        return all(not j.multimodal and j.done == 0 and j.length <= self.prefill_chunk for j in self._prefilling)
+
     def _prefill_group(self) -> list[_Prefill]:
         """The next forward's prompts: short text prompts together up to `prefill_chunk` tokens, else one prompt.
 
-        With no stream decoding there is nobody to stall, so short prompts batch up to IDLE_PREFILL_FACTOR times
+        With no stream mid-answer there is nobody to stall, so short prompts batch up to IDLE_PREFILL_FACTOR times
         more tokens: a burst of arrivals then takes a few large forwards instead of many small ones (each eager
         forward also costs ~30 ms of Python launches and one host sync for its first tokens).
         """
         group: list[_Prefill] = []
         tokens = 0
-        budget = self.prefill_chunk * (1 if self._active else IDLE_PREFILL_FACTOR)
+        budget = self.prefill_chunk * (1 if self._mid_answer() else IDLE_PREFILL_FACTOR)
         for job in list(self._prefilling):
             if job.req.cancel.is_set():
                 self._prefilling.remove(job)
