@@ -36,6 +36,9 @@ PREFILL_CHUNK = 2048
 PREFILL_GRAPH_STEP = 64
 # Short text prompts batch up to this many times PREFILL_CHUNK tokens in one forward while no stream is mid-answer.
 IDLE_PREFILL_FACTOR = 4
+# A burst's first decode step waits for at most this many prefill forwards (32 prompts of 512 tokens: 2), so
+# arrivals that keep trickling in cannot hold the first streams' second token (nor the GIL) for long.
+BURST_FORWARDS = 2
 # How often a waiting reader checks that the worker is still alive.
 POLL_S = 1.0
 # Retained-KV slots per running slot when `prefix_slots` is not given (rounded up, so at least one).
@@ -305,6 +308,7 @@ class BatchEngine:
         self._tokens = 0
         self._startup_s = 0.0
         self._prefill_forwards = 0
+        self._forwards_since_step = 0  # prefill forwards since the last decode step was enqueued
         self._prefill_tokens = 0
         self._inflight: tuple[int, Any] | None = None  # (rows, device tokens) of the enqueued decode step
         self._graphs: dict[int, tuple[Any, Any]] = {}
@@ -536,7 +540,7 @@ class BatchEngine:
                 try:
                     if self._inflight is None:
                         self._drop_cancelled()
-                        if self._active and not self._burst_pending():
+                        if self._active and not (self._burst_pending() and self._forwards_since_step < BURST_FORWARDS):
                             self._launch()
                     if self._inflight is not None:
                         self._collect()  # launches the following step first when no request leaves
@@ -855,8 +859,8 @@ class BatchEngine:
 
     def _burst_pending(self) -> bool:
         """Short text prompts still to prefill while every running stream holds only its first token: a burst of
-        arrivals. Its prefill goes first (the first decode step waits for it): 32 prompts at once then take 2
-        large forwards instead of 1 + 4 interleaved with decode steps, and nobody is mid-answer to stall."""
+        arrivals. Its prefill goes first (the first decode step waits for up to BURST_FORWARDS forwards): 32 prompts
+        at once then take 2 large forwards instead of 1 + 4 interleaved with decode steps; nobody is mid-answer."""
         if not self._prefilling or self._mid_answer():
             return False
         return all(not j.multimodal and j.done == 0 and j.length <= self.prefill_chunk for j in self._prefilling)
@@ -897,6 +901,7 @@ class BatchEngine:
         logits [1, vocab]).
         """
         self._prefill_forwards += 1
+        self._forwards_since_step += 1
         job = group[0]
         if len(group) > 1:
             return self._prefill_texts(group)
@@ -1065,6 +1070,7 @@ class BatchEngine:
     def _launch(self) -> None:
         """Enqueues one decode step for the running batch; device work only, no host sync."""
         n = len(self._active)
+        self._forwards_since_step = 0
         logits = self._decode_logits(n).float()
         tokens = self._choose(logits, 0, n)
         self._ids[:n, 0].copy_(tokens)
