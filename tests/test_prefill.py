@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from qwen3vl_webui.conversation import UserMessage
 from qwen3vl_webui.engine import prefill
-from qwen3vl_webui.engine.batching import _VisualFeatures
 from qwen3vl_webui.engine.generation import ChatRequest, SamplingParams, build_prompt
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+
+@dataclass(frozen=True)
+class _VisualFeatures:
+    """What Qwen3VLModel.forward reads from a precomputed `mm_encoder_outputs` entry (per medium: a tuple)."""
+
+    pooler_output: tuple[Any, ...]
+    deepstack_features: list[tuple[Any, ...]]
 
 
 def _reference(model, ids, positions, cuts, features=None):

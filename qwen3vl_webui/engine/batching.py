@@ -117,7 +117,8 @@ class _Prefill:
     req: _Request
     length: int
     multimodal: bool
-    kv: Any = None  # the prompt's keys/values so far, [done, layers, 2, kv_heads, head_dim] (engine/prefill.py)
+    kv: Any = None  # the prompt's keys/values [length, layers, 2, kv_heads, head_dim], filled up to `done`; allocated
+    # at a prefix hit or when a first chunk leaves more to go (engine/prefill.py's layout)
     ids: Any = None  # input ids on the device, once chunking started
     positions: Any = None  # [4, 1, length]: text row + the 3 mrope rows
     delta: int = 0
@@ -131,14 +132,6 @@ class _Prefill:
         inputs = req.prompt.inputs
         media = inputs.get("pixel_values") is not None or inputs.get("pixel_values_videos") is not None
         return _Prefill(req, int(inputs["input_ids"].shape[1]), media)
-
-
-@dataclass(frozen=True)
-class _VisualFeatures:
-    """What Qwen3VLModel.forward reads from a precomputed `mm_encoder_outputs` entry (per medium: a tuple)."""
-
-    pooler_output: tuple[Any, ...]
-    deepstack_features: list[tuple[Any, ...]]
 
 
 class _SlotCache:
@@ -721,11 +714,12 @@ class BatchEngine:
         A failure leaves prompts on the eager path, correct and slower, and says why in `prefill_path`.
         """
         started = time.perf_counter()
+        self.prefill_graphs = self.prefill_graphs and self.cuda_graphs  # not where decode steps could not be graphed
         if self.prefill_graphs:
             steps = range(PREFILL_GRAPH_STEP, self.prefill_chunk, PREFILL_GRAPH_STEP)
             lengths = (*steps, self.prefill_chunk)
-            graphs = prefill.ChunkGraphs(self._lm, lengths, self._deepstack_layers, self._no_past.shape[1:])
             try:
+                graphs = prefill.ChunkGraphs(self._lm, lengths, self._deepstack_layers, self._no_past.shape[1:])
                 graphs.capture()
                 self._chunk_graphs = graphs
             except Exception as exc:
@@ -803,7 +797,8 @@ class BatchEngine:
             entry, reuse = self._pool.match(req.ids, req.media)
             if entry is None:
                 return job
-            kv = entry.kv[:, :, :, :reuse].permute(3, 0, 1, 2, 4).contiguous()  # [reuse, layers, 2, heads, dim]
+            kv = self._no_past.new_empty(job.length, *self._no_past.shape[1:])
+            kv[:reuse].copy_(entry.kv[:, :, :, :reuse].permute(3, 0, 1, 2, 4))  # [layers, 2, heads, len, dim] ->
         except Exception as exc:  # e.g. out of memory for the copy: prefill it all instead
             log.warning("prefix reuse skipped: %r", exc)
             return _Prefill.of(req)
@@ -939,9 +934,11 @@ class BatchEngine:
         self._prefill_tokens += sum(lengths)
         rows = torch.arange(len(group), device=dev)
         logits = self._lm_head(out.last_hidden_state[rows, torch.tensor(lengths, device=dev) - 1])
-        # [layers, 2, rows, heads, width, dim] -> per row [width, layers, 2, heads, dim] (a view)
-        kv = torch.stack([torch.stack([layer.keys, layer.values]) for layer in cache.layers]).permute(2, 4, 0, 1, 3, 5)
-        return [(kv[row], 0, logits[row : row + 1]) for row in range(len(group))]
+
+        def layer_kv(row: int, n: int) -> Callable[[int], tuple[Any, Any]]:
+            return lambda layer: (cache.layers[layer].keys[row, :, :n], cache.layers[layer].values[row, :, :n])
+
+        return [(layer_kv(row, n), 0, logits[row : row + 1]) for row, n in enumerate(lengths)]
 
     def _encode_media(self, job: _Prefill) -> bool:
         """The prompt's mrope positions, and the vision tower over its media after the reused prefix (if any).
@@ -988,8 +985,12 @@ class BatchEngine:
         if job.ids is None:  # a text prompt's first chunk
             job.ids = job.req.prompt.inputs["input_ids"].to(dev)
             job.positions = torch.arange(job.length, device=dev).view(1, 1, -1).expand(4, 1, -1)
-        past = self._no_past if job.kv is None else job.kv
         start, end = job.done, min(job.length, job.done + self.prefill_chunk)
+        last = end == job.length
+        if job.kv is None and not last:  # the whole prompt's KV, written chunk by chunk
+            job.kv = self._no_past.new_empty(job.length, *self._no_past.shape[1:])
+        past = self._no_past if start == 0 else job.kv[:start]
+        out = None if job.kv is None else job.kv[start:end]
         pieces = []
         if job.media:
             config = self.loaded.model.config
@@ -1007,18 +1008,23 @@ class BatchEngine:
         # Contiguous positions: a text prompt's are an expanded view, an image prompt's not, and dynamo guards strides.
         positions = job.positions[:, :, start:end].contiguous()
         if self._chunk_graphs is not None and self._chunk_graphs.fits(start, end - start):
+            # The graphs' output buffer, overwritten by the next replay: a prompt's last chunk is copied into its
+            # slot at once (_activate), an earlier one into the prompt's KV.
             hidden, kv = self._chunk_graphs.run(embeds, positions, deepstack)
-            if end < job.length:
-                kv = kv.clone()  # the graphs' buffer: the next replay overwrites it (a last chunk is used at once)
-        else:
+        elif forward is prefill.chunk_forward:
+            hidden, kv = forward(self._lm, embeds, positions, past, deepstack, out)
+        else:  # compiled: returns its own output (writing into `out` would be another graph)
             hidden, kv = forward(self._lm, embeds, positions, past, deepstack)
-        job.kv = kv if start == 0 else torch.cat([past, kv])
+        if out is not None and kv is not out:
+            out.copy_(kv)
         job.done = end
         self._prefill_tokens += end - start
-        if end < job.length:
+        if not last:
             return None
-        kv, job.kv, job.ids, job.media = job.kv, None, None, None
-        return kv, job.delta, self._lm_head(hidden[:, -1])
+        if job.kv is not None:
+            kv = job.kv
+        length, job.kv, job.ids, job.media = job.length, None, None, None
+        return _layer_view(kv, length), job.delta, self._lm_head(hidden[:, -1])
 
     def _to_device(self, array: Any) -> Any:
         """A small host array on the device without waiting for the GPU (pinned, so the copy is asynchronous)."""
@@ -1029,8 +1035,11 @@ class BatchEngine:
             return host.pin_memory().to(self._device, non_blocking=True)
         return host.to(self._device)
 
-    def _activate(self, job: _Prefill, kv: Any, delta: int, logits: Any) -> None:
-        """Joins the running batch in the next free slot, emits the first token, copies the prompt's KV into the slot."""
+    def _activate(self, job: _Prefill, layer_kv: Callable[[int], tuple[Any, Any]], delta: int, logits: Any) -> None:
+        """Joins the running batch in the next free slot, emits the first token, copies the prompt's KV into the slot.
+
+        `layer_kv(layer)`: the prompt's keys and values in that layer, each [kv_heads, length, head_dim].
+        """
         import torch
 
         req, length = job.req, job.length
@@ -1038,6 +1047,8 @@ class BatchEngine:
             self._finish_unstarted(req)
             return
         slot = len(self._active)
+        if slot == 0:  # the forwards before this stream existed delayed nobody (see _burst_pending)
+            self._forwards_since_step = 1
         req.kv_len, req.delta = length, delta
         self._pos[slot] = length
         self._delta[slot] = delta
@@ -1059,9 +1070,10 @@ class BatchEngine:
         self._emit(req, first, time.perf_counter())
         # The prompt's KV into the slot after the first token is out (72 launches off the time to first token);
         # the next decode step is enqueued after these copies.
-        for layer, (keys, values) in enumerate(self._kv_layers):  # kv: [length, layers, 2, heads, dim]
-            keys.view(self._kv_shape)[slot, :, :length].copy_(kv[:length, layer, 0].transpose(0, 1))
-            values.view(self._kv_shape)[slot, :, :length].copy_(kv[:length, layer, 1].transpose(0, 1))
+        for layer, (keys, values) in enumerate(self._kv_layers):
+            prompt_keys, prompt_values = layer_kv(layer)
+            keys.view(self._kv_shape)[slot, :, :length].copy_(prompt_keys)
+            values.view(self._kv_shape)[slot, :, :length].copy_(prompt_values)
         if ends:
             self._release(slot)
 
@@ -1218,11 +1230,17 @@ class BatchEngine:
         self._active.clear()
         self._prefilling.clear()
         self._graphs.clear()
+        self._chunk_graphs = None
         self._kv_layers = []
         self._seen = None
         self._restore_attention()
         self._restore_vision()
         fusion.unfuse(self.loaded.model)
+
+
+def _layer_view(kv: Any, length: int) -> Callable[[int], tuple[Any, Any]]:
+    """`_activate`'s per-layer (keys, values) [kv_heads, length, head_dim] of a prompt KV in prefill's layout."""
+    return lambda layer: (kv[:length, layer, 0].transpose(0, 1), kv[:length, layer, 1].transpose(0, 1))
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

@@ -108,8 +108,8 @@ class ChunkGraphs:
     """First chunks (empty past) replayed from CUDA graphs, one per padded length, captured at start-up.
 
     A chunk of n tokens runs in the graph of the smallest length >= n: its inputs are copied into static buffers,
-    the padding rows after them hold whatever the last chunk left there (finite values, which causal attention
-    never lets the real rows see), and the real rows' hidden states and keys/values are read back. Every graph
+    the padding rows after them are zeroed (causal attention never lets the real rows see them; zeros keep them
+    finite), and the real rows' hidden states and keys/values are read back. Every graph
     shares one memory pool and writes into the same output buffers, so what the graphs pin is about one longest
     chunk's prefill transient, however many lengths there are; the next replay overwrites the outputs.
     """
@@ -163,7 +163,9 @@ class ChunkGraphs:
         n = embeds.shape[1]
         padded = next(m for m in self.lengths if m >= n)
         self._embeds[:, :n].copy_(embeds)
+        self._embeds[:, n:padded].zero_()
         self._positions[:, :, :n].copy_(positions)
         self._deepstack[:, :, :n].copy_(deepstack)
+        self._deepstack[:, :, n:padded].zero_()
         self._graphs[padded].replay()
         return self._hidden[:, :n], self._kv[:n]
