@@ -236,6 +236,29 @@ def test_a_burst_of_short_prompts_is_prefilled_before_the_first_decode_step(load
         assert engine._prefill_forwards > 3
 
 
+def test_forwards_before_the_first_stream_do_not_count_against_a_burst(loaded, prompts) -> None:
+    """A long prompt prefilled in chunks while idle, with short prompts queued behind it: once it joins (alone, at
+    its first token), the burst still gets its one more forward before the first decode step."""
+    long = build_prompt(loaded, ChatRequest(UserMessage("Count the objects " * 40), sampling=GREEDY))
+    chunks = -(-long.inputs["input_ids"].shape[1] // 64)
+    assert chunks >= 3
+    burst = [long, *[prompts["text"]] * 6]
+    with BatchEngine(loaded, max_batch=8, token_budget=8 * 512, prefill_chunk=64, prefix_slots=0) as engine:
+        forwards_at_launch = []
+        real_launch = engine._launch
+
+        def launch() -> None:
+            forwards_at_launch.append(engine._prefill_forwards)
+            real_launch()
+
+        engine._launch = launch
+        with engine._cond:
+            streams = [engine.submit_tokens(p, GREEDY, threading.Event()) for p in burst]
+        got = [list(s) for s in streams]
+    assert got[0] == reference(loaded, long, GREEDY) and got[1] == reference(loaded, prompts["text"], GREEDY)
+    assert forwards_at_launch[0] == chunks + 1  # the long prompt's chunks, then one forward of the burst
+
+
 def test_media_prompts_prefill_vision_then_text_chunks(loaded, prompts) -> None:
     names = ["image", "video", "mixed"]
     lengths = {n: prompts[n].inputs["input_ids"].shape[1] for n in names}
