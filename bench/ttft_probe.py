@@ -6,6 +6,9 @@ Why: the matrix after fuse+GEMV became the default read 0.070 s idle against 0.0
 (`engine_ttft` times the second of two submissions of the same prompt, which may hit the prefix kept from the first).
 Here each variant gets 5 samples with the prefix pool cleared before each (whole prefill, vision tower included)
 and 5 with the kept prefix (what a repeated prompt gets), next to plain `generate`'s TTFT.
+
+`--under-load --under-load-variants under_load,eager_prefill`: the 32-slot engine idle and while 31 streams decode,
+with the first-chunk prefill graphs (the default) and without them, `generate` sampled before and after.
 """
 
 from __future__ import annotations
