@@ -204,6 +204,22 @@ def test_long_prompt_prefills_in_chunks_and_short_ones_together(loaded, prompts)
     assert busy_batched == 2
 
 
+def _submit_together(engine: BatchEngine, burst: list[PreparedPrompt]) -> tuple[list[list[int]], list[int]]:
+    """Submits `burst` so the worker admits it at once; returns each answer's tokens and, per decode step enqueued,
+    how many prefill forwards had run by then."""
+    forwards_at_launch: list[int] = []
+    real_launch = engine._launch
+
+    def launch() -> None:
+        forwards_at_launch.append(engine._prefill_forwards)
+        real_launch()
+
+    engine._launch = launch
+    with engine._cond:  # the condition's lock is re-entrant: the worker waits until all are queued
+        streams = [engine.submit_tokens(p, GREEDY, threading.Event()) for p in burst]
+    return [list(s) for s in streams], forwards_at_launch
+
+
 @pytest.mark.parametrize("pairs", [6, 15], ids=["two-forwards", "three-forwards"])
 def test_a_burst_of_short_prompts_is_prefilled_before_the_first_decode_step(loaded, prompts, pairs) -> None:
     """Short prompts at once (~22 tokens each) overflowing one idle forward (4 x 64 tokens): up to BURST_FORWARDS
@@ -214,17 +230,7 @@ def test_a_burst_of_short_prompts_is_prefilled_before_the_first_decode_step(load
     expected = [reference(loaded, p, GREEDY) for p in burst[:2]] * pairs
     slots = len(burst)
     with BatchEngine(loaded, max_batch=slots, token_budget=slots * 256, prefill_chunk=64, prefix_slots=0) as engine:
-        forwards_at_launch = []
-        real_launch = engine._launch
-
-        def launch() -> None:
-            forwards_at_launch.append(engine._prefill_forwards)
-            real_launch()
-
-        engine._launch = launch
-        with engine._cond:  # admitted together
-            streams = [engine.submit_tokens(p, GREEDY, threading.Event()) for p in burst]
-        got = [list(s) for s in streams]
+        got, forwards_at_launch = _submit_together(engine, burst)
     assert got == expected
     total = sum(p.inputs["input_ids"].shape[1] for p in burst)
     assert total > 4 * 64  # more than one idle forward's budget
@@ -244,17 +250,7 @@ def test_forwards_before_the_first_stream_do_not_count_against_a_burst(loaded, p
     assert chunks >= 3
     burst = [long, *[prompts["text"]] * 6]
     with BatchEngine(loaded, max_batch=8, token_budget=8 * 512, prefill_chunk=64, prefix_slots=0) as engine:
-        forwards_at_launch = []
-        real_launch = engine._launch
-
-        def launch() -> None:
-            forwards_at_launch.append(engine._prefill_forwards)
-            real_launch()
-
-        engine._launch = launch
-        with engine._cond:
-            streams = [engine.submit_tokens(p, GREEDY, threading.Event()) for p in burst]
-        got = [list(s) for s in streams]
+        got, forwards_at_launch = _submit_together(engine, burst)
     assert got[0] == reference(loaded, long, GREEDY) and got[1] == reference(loaded, prompts["text"], GREEDY)
     assert forwards_at_launch[0] == chunks + 1  # the long prompt's chunks, then one forward of the burst
 
