@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from qwen3vl_webui.config import (
@@ -59,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--grace-seconds", "grace_seconds", _rule("grace_seconds"), type=int, metavar="SECONDS")
     add("--warmup", "warmup", _rule("warmup"), choices=WARMUP_MODES)
     add("--random-weights", "random_weights", _rule("random_weights"), choices=RANDOM_WEIGHTS)
+    add("--upload-max-age-minutes", "upload_max_age_minutes", _rule("upload_max_age_minutes"), type=int, metavar="MIN")
+    add("--upload-cache-mb", "upload_cache_mb", _rule("upload_cache_mb"), type=int, metavar="MB")
+    add("--trusted-proxies", "trusted_proxies", "reverse proxies (IPs or networks, comma-separated) whose "
+        "X-Forwarded-For names the client, e.g. for the login limit; default none", metavar="IPS")  # fmt: skip
     # Never echo a password into --help: these two show only where the value comes from.
     p.add_argument(
         "--auth", dest="auth", default=env_default("auth", None), metavar="USER:PASSWORD",
@@ -85,34 +90,47 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
 
 @dataclass
 class App:
-    """Everything `main` starts: the gradio Blocks and the service behind it."""
+    """Everything `main` starts: the gradio Blocks, the service behind it, and the web server once launched."""
 
     demo: Any
     service: Any
     settings: Settings
+    listener: socket.socket | None = None  # bound by main() before the model loads; else bound at launch
+    front: Any = field(default=None, repr=False)  # frontdoor.FrontDoor while serving
 
-    def launch(self, **overrides: Any) -> Any:
+    def launch(self, prevent_thread_lock: bool = False, quiet: bool = False) -> str:
+        """Serves the app (our FastAPI app, gradio mounted at /) and returns its URL; blocks unless told not to.
+
+        Raises frontdoor.PortError when the address is taken.
+        """
+        from qwen3vl_webui.frontdoor import FrontDoor, listen_socket
         from qwen3vl_webui.ui.layout import ASSETS
 
         s = self.settings
-        self.demo.queue(max_size=s.queue_size, default_concurrency_limit=s.max_concurrency)
-        kwargs: dict[str, Any] = dict(
-            server_name=s.host,
-            server_port=s.port,
-            share=s.share,
-            max_file_size=s.max_file_mb * 1024 * 1024,
-            css_paths=[ASSETS / "style.css"],
-            allowed_paths=[str(ASSETS)],
-            show_error=True,
-            # gradio puts every route but the login page and static assets behind this (see docs/reliability.md).
-            auth=s.credentials() or None,
-            # gradio keeps ~85 KB of state per session (the chat history lives there) for its 10,000
-            # most recent sessions: up to ~850 MB that API clients, which never disconnect, fill. A
-            # conversation idle while 1,000 newer ones started loses its server-side history.
-            state_session_capacity=SESSION_CAPACITY,
+        sock = self.listener or listen_socket(s.host, s.port)
+        self.listener = None
+        # gradio keeps ~85 KB of state per session (the chat history lives there) for its 10,000 most recent
+        # sessions: up to ~850 MB that API clients, which never disconnect, fill. A conversation idle while 1,000
+        # newer ones started loses its server-side history.
+        self.front = FrontDoor(
+            self.demo, s, session_capacity=SESSION_CAPACITY, css_paths=[ASSETS / "style.css"], allowed=[str(ASSETS)]
         )
-        kwargs.update(overrides)
-        return self.demo.launch(**kwargs)
+        self.front.start(sock, quiet=quiet)
+        if not prevent_thread_lock:
+            self.front.wait()
+        return f"http://{s.host}:{s.port}/"
+
+    @property
+    def is_running(self) -> bool:
+        return self.front is not None and self.front.running
+
+    def close(self) -> None:
+        """Stops the web server and gradio's queue (not the model: the service's threads are daemons)."""
+        if self.front is not None:
+            self.front.close()
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
 
 
 def build_app(settings: Settings, load: bool = True) -> App:
@@ -150,14 +168,24 @@ def build_app(settings: Settings, load: bool = True) -> App:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from qwen3vl_webui.frontdoor import PortError, listen_socket, open_warning
     from qwen3vl_webui.server import limit_malloc_arenas, serve, skip_absent_matplotlib
 
     limit_malloc_arenas()  # before any thread starts; see server.py for the measurement
     skip_absent_matplotlib()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = parse_settings(argv)
+    warning = open_warning(settings)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    try:  # before the model loads: a busy port is one line and exit 2, at once
+        listener = listen_socket(settings.host, settings.port)
+    except PortError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     try:
         app = build_app(settings)
+        app.listener = listener
     except Exception as exc:  # pragma: no cover - startup failures are printed, not traced
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from exc

@@ -47,6 +47,12 @@ _RULES: dict[str, tuple[Any, str]] = {
         "start-up warm-up: full = the worst case the sliders allow (lowers max context if it does not fit), "
         "quick = a short text + image turn, auto = full on a GPU, quick on a CPU",
     ),
+    "upload_max_age_minutes": ((0, 525600), "uploaded files are deleted this long after upload; 0 = no age limit"),
+    "upload_cache_mb": (
+        (0, 10485760),
+        "total size of gradio's upload folder; over it the oldest uploads are deleted first (none younger than 2 "
+        "minutes); 0 = no cap",
+    ),
     "random_weights": (
         RANDOM_WEIGHTS,
         "BENCHMARKING ONLY: serve random weights of this architecture (4b = Qwen3-VL-4B-Instruct's), built in "
@@ -82,6 +88,10 @@ class Settings:
     # "user:password"; kept out of repr so settings can be logged.
     auth: str | None = field(default=None, repr=False)
     auth_file: str | None = None
+    upload_max_age_minutes: int = 60
+    upload_cache_mb: int = 2048
+    # Comma-separated addresses or networks of reverse proxies whose X-Forwarded-For is believed; "" = none.
+    trusted_proxies: str = ""
 
     def __post_init__(self) -> None:
         for name, (rule, _) in _RULES.items():
@@ -96,6 +106,7 @@ class Settings:
                 f"--random-weights {self.random_weights} builds its weights in memory: it takes --precision auto, "
                 f"bf16, fp16 or int8wo and no --demo; got --precision {self.precision}{' --demo' if self.demo else ''}"
             )
+        check_networks("trusted_proxies", self.trusted_proxies)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise SettingsError(f"--device must be one of auto, cpu, cuda, cuda:N; got {self.device!r}")
 
@@ -137,6 +148,20 @@ def check(name: str, value: Any, rule: Any) -> None:
             raise SettingsError(f"{flag} must be an integer from {lo} to {hi}, got {value!r}")
     elif value not in rule:
         raise SettingsError(f"{flag} must be one of {', '.join(rule)}; got {value!r}")
+
+
+def check_networks(name: str, value: str) -> None:
+    """Raises SettingsError unless `value` is a comma-separated list of IP addresses or networks (or empty)."""
+    import ipaddress
+
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        try:
+            ipaddress.ip_network(item)  # strict, as uvicorn parses it: 10.0.0.0/8, not 10.0.0.1/8
+        except ValueError:
+            flag = "--" + name.replace("_", "-")
+            raise SettingsError(
+                f"{flag} must be IP addresses or networks separated by commas (e.g. 127.0.0.1,10.0.0.0/8); got {item!r}"
+            ) from None
 
 
 def rule_help(name: str) -> str:

@@ -1,4 +1,4 @@
-"""Process lifecycle: launch, wait for SIGTERM or Ctrl-C, let running chats finish within the grace period, exit 0."""
+"""Process lifecycle: serve, wait for SIGTERM or Ctrl-C, let running chats finish within the grace period, exit 0."""
 
 from __future__ import annotations
 
@@ -77,10 +77,10 @@ def serve(app: App) -> int:
     app.launch(prevent_thread_lock=True)
     # Event.wait returns early when a signal handler sets it; the timeout keeps an eye on the server.
     while not stop.wait(0.5):
-        if not app.demo.is_running:  # closed some other way
+        if not app.is_running:  # closed some other way
             return 0
     stopped = drain(app.service, app.demo, float(app.settings.grace_seconds))
-    app.demo.close()
+    app.close()
     log.info("shut down cleanly%s", f" ({stopped} chat(s) stopped at the grace limit)" if stopped else "")
     return 0
 

@@ -49,7 +49,9 @@ def start_app(cache_dir: Path, *flags: str) -> tuple[Any, str]:
     from qwen3vl_webui.cli import build_app, parse_settings
 
     port = _free_port()
-    settings = parse_settings(["--demo", "--host", "127.0.0.1", "--port", str(port), "--cache-dir", str(cache_dir), *flags])
+    settings = parse_settings(
+        ["--demo", "--host", "127.0.0.1", "--port", str(port), "--cache-dir", str(cache_dir), *flags]
+    )
     app = build_app(settings)
     app.launch(prevent_thread_lock=True, quiet=True)
     app.service.manager.wait_ready(120)
@@ -63,4 +65,4 @@ def demo_app_server(tiny_checkpoint: Path) -> Iterator[tuple[Any, str]]:
     try:
         yield app, url
     finally:
-        app.demo.close()
+        app.close()

@@ -108,7 +108,7 @@ def test_switch_precision_through_the_api(tiny_checkpoint: Path) -> None:
         assert "Switched fp32 → int8" in report and app.service.manager.current().precision == "int8"
         assert client.predict({"text": "hi", "files": []}, api_name="/chat")
     finally:
-        app.demo.close()
+        app.close()
 
 
 def test_overload_is_refused_at_once_and_accepted_requests_complete(tiny_checkpoint: Path) -> None:
@@ -131,7 +131,7 @@ def test_overload_is_refused_at_once_and_accepted_requests_complete(tiny_checkpo
         assert all(a and not a.startswith(ERROR_PREFIX) for a in answers)
         assert app.service.scheduler.state().peak_running == 1
     finally:
-        app.demo.close()
+        app.close()
 
 
 def test_panel_counts_requests_waiting_in_the_queue(tiny_checkpoint: Path) -> None:
@@ -151,7 +151,7 @@ def test_panel_counts_requests_waiting_in_the_queue(tiny_checkpoint: Path) -> No
         for job in jobs:
             job.cancel()
     finally:
-        app.demo.close()
+        app.close()
 
 
 def test_stop_strings_through_the_api(demo_app_server) -> None:

@@ -102,7 +102,7 @@ def test_the_app_serves_chats_through_the_batch_engine(tiny_checkpoint: Path) ->
         assert engine.snapshot().steps > 0 and app.service.stats.last.new_tokens >= 1
         assert "batch engine" in app.service.snapshot().decoder
     finally:
-        app.demo.close()
+        app.close()
 
 
 def test_the_engine_compiles_every_precision_it_can_capture_on_a_gpu() -> None:

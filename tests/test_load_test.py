@@ -81,7 +81,7 @@ def test_random_weights_app_answers_words_whose_tokens_the_load_test_counts_exac
             f"http://127.0.0.1:{port}/", 2, tokenizer, requests=4, seconds=120, prompt_tokens=40, new_tokens=24
         )
     finally:
-        app.demo.close()
+        app.close()
     _check_sane(report, 4, 2)
     # No end-of-turn token can be drawn and every answer token re-tokenizes to itself: exactly 24 each.
     assert report["ok"] == 4 and all(r["tokens"] == 24 for r in report["requests"]), report["requests"]

@@ -1,0 +1,350 @@
+"""The HTTP front door: our FastAPI app with gradio mounted in it, served by uvicorn; login rate limit, upload sweep.
+
+gradio's own `launch()` owns its web server, so nothing can sit in front of its routes: its `auth` callable never
+sees who is calling, so a password can be guessed as fast as the network allows. Mounting gradio in our own app
+puts ASGI middleware in front of every route (and leaves room for our own routes on the same port).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import ipaddress
+import logging
+import math
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from qwen3vl_webui.config import Settings
+    from qwen3vl_webui.uploads import UploadSweeper
+
+log = logging.getLogger("qwen3vl_webui")
+
+# Failed logins one client may make within the window; then 429 until the oldest of them leaves the window.
+LOGIN_ATTEMPTS = 5
+LOGIN_WINDOW_S = 60.0
+# Clients remembered at once (oldest forgotten first): bounds the limiter's memory under address rotation.
+LOGIN_CLIENTS = 10_000
+# How long uvicorn waits for open connections (queue streams) once the server stops.
+_GRACEFUL_S = 5
+_START_TIMEOUT_S = 60.0
+
+
+class PortError(RuntimeError):
+    """The address cannot be listened on; the message names the flag and the env var to change."""
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A bound socket for uvicorn (it listens on it); bound here so a busy port is one clear line, not a trace."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    family = socket.AF_INET6 if ":" in bare else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # what uvicorn does: no wait after a restart
+    try:
+        sock.bind((bare, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortError(
+                f"port {port} on {host} is already in use: stop what listens there or pick another with "
+                f"--port (or QWEN3VL_PORT)"
+            ) from None
+        raise PortError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}): check --host / --port "
+            f"(or QWEN3VL_HOST / QWEN3VL_PORT)"
+        ) from None
+    sock.set_inheritable(False)
+    return sock
+
+
+def is_loopback(host: str) -> bool:
+    bare = host.strip("[]")
+    if bare == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bare).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def open_warning(settings: Settings) -> str | None:
+    """The one start-up line when the app is reachable beyond this machine without a login; else None."""
+    if settings.credentials():
+        return None
+    where = f"{settings.host}:{settings.port}"
+    if settings.share:
+        where += " and a public gradio.live link"
+    elif is_loopback(settings.host):
+        return None
+    return (
+        f"warning: serving without a login on {where}: anyone who can reach it can chat and upload files; "
+        "set QWEN3VL_AUTH=user:password or --auth-file PATH to require one"
+    )
+
+
+# ------------------------------------------------------------------------------- login limit
+
+
+class LoginLimiter:
+    """Failed logins per client in a sliding window. Attempts count when they start, so parallel guesses cannot
+    slip past the limit while earlier ones are checked; a successful login clears that client's record."""
+
+    def __init__(
+        self,
+        attempts: int = LOGIN_ATTEMPTS,
+        window_s: float = LOGIN_WINDOW_S,
+        max_clients: int = LOGIN_CLIENTS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.attempts = attempts
+        self.window_s = window_s
+        self.max_clients = max_clients
+        self.clock = clock
+        self.refused = 0
+        self._seen: collections.OrderedDict[str, collections.deque[float]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def begin(self, client: str) -> tuple[float, float]:
+        """Records an attempt; returns (its time, 0.0), or (0.0, seconds to wait) when the client must wait."""
+        now = self.clock()
+        with self._lock:
+            times = self._seen.get(client)
+            if times is None:
+                times = self._seen[client] = collections.deque()
+                while len(self._seen) > self.max_clients:
+                    self._seen.popitem(last=False)
+            self._seen.move_to_end(client)
+            while times and now - times[0] >= self.window_s:
+                times.popleft()
+            if len(times) >= self.attempts:
+                self.refused += 1
+                return 0.0, times[0] + self.window_s - now
+            times.append(now)
+            return now, 0.0
+
+    def succeeded(self, client: str) -> None:
+        with self._lock:
+            self._seen.pop(client, None)
+
+
+def client_key(scope: dict[str, Any]) -> str:
+    """The caller's address; IPv6 by /64, the block one host usually holds."""
+    host = (scope.get("client") or ("unknown", 0))[0]
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:  # ::ffff:a.b.c.d is that IPv4 client
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+def _is_login(scope: dict[str, Any]) -> bool:
+    return scope["type"] == "http" and scope["method"] == "POST" and scope["path"].rstrip("/").endswith("/login")
+
+
+class LoginRateLimit:
+    """ASGI middleware: refuses a client's POST /login with 429 + Retry-After once it has failed too often."""
+
+    def __init__(self, app: Any, limiter: LoginLimiter) -> None:
+        self.app = app
+        self.limiter = limiter
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if not _is_login(scope):
+            return await self.app(scope, receive, send)
+        client = client_key(scope)
+        _, wait_s = self.limiter.begin(client)
+        if wait_s > 0:
+            return await _refuse(send, math.ceil(wait_s))
+        status: list[int] = []
+
+        async def watch(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        await self.app(scope, receive, watch)
+        if status and status[0] == 200:  # gradio answers 200 and a cookie on success, 400 on a wrong password
+            self.limiter.succeeded(client)
+
+
+async def _refuse(send: Any, retry_after: int) -> None:
+    body = b'{"detail": "Too many failed logins from your address; try again in ' + str(retry_after).encode() + b' s."}'
+    await send({
+        "type": "http.response.start", "status": 429,
+        "headers": [(b"content-type", b"application/json"), (b"retry-after", str(retry_after).encode()),
+                    (b"content-length", str(len(body)).encode())],
+    })  # fmt: skip
+    await send({"type": "http.response.body", "body": body})
+
+
+class UploadNudge:
+    """ASGI middleware: after each upload, asks the sweeper for a sweep (it runs at most once a second)."""
+
+    def __init__(self, app: Any, sweeper: UploadSweeper) -> None:
+        self.app = app
+        self.sweeper = sweeper
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].rstrip("/").endswith("/upload"):
+            self.sweeper.nudge()
+
+
+# ------------------------------------------------------------------------------- the server
+
+
+class FrontDoor:
+    """Our FastAPI app with the gradio Blocks mounted at /, served by uvicorn in a thread; `close` stops both."""
+
+    def __init__(self, demo: Any, settings: Settings, session_capacity: int, css_paths: list, allowed: list) -> None:
+        import fastapi
+        import gradio as gr
+
+        from qwen3vl_webui.uploads import UploadSweeper
+
+        s = settings
+        self.demo = demo
+        self.settings = settings
+        demo.queue(max_size=s.queue_size, default_concurrency_limit=s.max_concurrency)
+        # launch() takes this as an argument; mount_gradio_app reads it from the Blocks (gradio's StateHolder).
+        demo.state_session_capacity = session_capacity
+        # No docs or schema of our own: routes outside gradio's mount are not behind its login.
+        self.http = fastapi.FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+        gr.mount_gradio_app(
+            self.http, demo, path="/", server_name=s.host, server_port=s.port,
+            auth=s.credentials() or None,
+            allowed_paths=allowed,
+            max_file_size=s.max_file_mb * 1024 * 1024,
+            css_paths=css_paths,
+            # True would send str(exception) of any error escaping a handler to every client (gradio's
+            # utils.error_payload); the chat's refusals are ordinary ⚠️ outputs and gr.Error still shows.
+            show_error=False,
+        )  # fmt: skip
+        # gradio checks that a file path sent in an API call was uploaded (processing_utils._check_allowed) only
+        # when `has_launched` is set, which launch() does and mount_gradio_app does not: without this line a
+        # client could name any path on the server (tests/test_hostile.py case 9).
+        demo.has_launched = True
+        self.gradio_app = _mounted_gradio_app(self.http)
+        self.sweeper = UploadSweeper(
+            self.gradio_app.uploaded_file_dir,
+            s.upload_max_age_minutes * 60.0,
+            s.upload_cache_mb * 1024 * 1024,
+            keep=lambda: _kept_files(demo),
+        )
+        self.limiter = LoginLimiter()
+        self.http.add_middleware(UploadNudge, sweeper=self.sweeper)
+        self.http.add_middleware(LoginRateLimit, limiter=self.limiter)  # outermost: refused before anything runs
+        self.server: Any = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.share_url: str | None = None
+        self._tunnels: list[Any] = []
+
+    @property
+    def upload_folder(self) -> str:
+        return str(self.gradio_app.uploaded_file_dir)
+
+    def start(self, sock: socket.socket, quiet: bool = False) -> None:
+        """Serves on `sock` from a thread; returns once the app (gradio's queue included) accepts requests."""
+        import uvicorn
+
+        trusted = self.settings.trusted_proxies
+        config = uvicorn.Config(
+            self.http, log_config=None, log_level="warning", access_log=False,
+            timeout_graceful_shutdown=_GRACEFUL_S,
+            # uvicorn trusts X-Forwarded-For from 127.0.0.1 by default: a local client could then pose as any
+            # address to the login limit. Only the proxies named by --trusted-proxies are believed.
+            proxy_headers=bool(trusted), forwarded_allow_ips=trusted or None,
+        )  # fmt: skip
+        self.server = server = uvicorn.Server(config)  # not in the main thread: it installs no signal handlers
+
+        async def serve() -> None:
+            self._loop = asyncio.get_running_loop()  # close() sets gradio's stop event on it
+            await server.serve(sockets=[sock])
+
+        def run() -> None:
+            with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:  # what uvicorn.run does
+                runner.run(serve())
+
+        self._thread = threading.Thread(target=run, name="http-server", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while not server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the web server did not start (see the log above)")
+            time.sleep(0.01)
+        self.sweeper.start()
+        url = f"http://{self.settings.host}:{self.settings.port}"
+        if not quiet:
+            print(f"* Running on local URL:  {url}", flush=True)
+        if self.settings.share:
+            self._open_share_link()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self.server.should_exit
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+    def close(self) -> None:
+        """Ends the queue's streams, stops gradio's queue, then uvicorn (lifespan shutdown included)."""
+        if self.server is None:
+            return
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:  # the heartbeat streams end on this event; it lives on uvicorn's loop
+                loop.call_soon_threadsafe(self.gradio_app.stop_event.set)
+            except RuntimeError:  # the loop closed meanwhile
+                pass
+        if not hasattr(self.demo, "server"):  # set by launch() only; close() reads it
+            self.demo.server = None
+        self.demo.close(verbose=False)  # stops gradio's queue
+        self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=_GRACEFUL_S + 10)
+        self.sweeper.stop()
+        for tunnel in self._tunnels:
+            tunnel.kill()
+        self.server = None
+
+    def _open_share_link(self) -> None:
+        # What gradio's launch(share=True) does: an frp tunnel to the local port (needs the internet).
+        from gradio import networking, tunneling
+
+        host = "127.0.0.1" if self.settings.host in ("0.0.0.0", "::", "[::]") else self.settings.host
+        try:
+            self.share_url = networking.setup_tunnel(host, self.settings.port, self.demo.share_token, None, None)
+        except Exception as exc:  # offline, blocked binary: the app still serves locally
+            print(f"Could not create a share link: {exc}", flush=True)
+            return
+        self._tunnels = list(tunneling.CURRENT_TUNNELS)
+        self.demo.share, self.demo.share_url = True, self.share_url
+        print(f"* Running on public URL: {self.share_url}", flush=True)
+
+
+def _mounted_gradio_app(http: Any) -> Any:
+    from gradio.routes import App as GradioApp
+
+    for route in http.routes:
+        if isinstance(getattr(route, "app", None), GradioApp):
+            return route.app
+    raise RuntimeError("gradio's app was not mounted")
+
+
+def _kept_files(demo: Any) -> set[str]:
+    """Files gradio cached for the page itself (examples): they must outlive any upload age."""
+    kept: set[str] = set()
+    for block in demo.blocks.values():
+        kept.update(getattr(block, "keep_in_cache", ()))
+    return kept

@@ -1,0 +1,163 @@
+"""UploadSweeper: keeps gradio's upload folder under an age limit and a total size cap (plain files, no gradio)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("qwen3vl_webui")
+
+# A chat reads its files when it starts running, which can be after a wait in the queue; a file younger than
+# this is never deleted, whatever the cap says (an upload in progress is younger still: its mtime moves).
+MIN_AGE_S = 120.0
+# Between two sweeps when nothing nudges the sweeper; an upload nudges it at once (at most one sweep a second).
+INTERVAL_S = 30.0
+_MIN_GAP_S = 1.0
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    deleted_files: int
+    deleted_bytes: int
+    kept_files: int
+    kept_bytes: int
+
+
+class UploadSweeper:
+    """Deletes files under `folder` older than `max_age_s`, then the oldest until at most `max_bytes` remain.
+
+    gradio's own `delete_cache` only removes files it tracked in this process (none from a previous run), never
+    empty folders, and has no size cap, so the folder is swept here instead. `keep` returns paths that must stay
+    (gradio's cached example files, which the page links to). 0 for either limit means no limit of that kind.
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        max_age_s: float,
+        max_bytes: int,
+        keep: Callable[[], Iterable[str]] = tuple,
+        min_age_s: float = MIN_AGE_S,
+        interval_s: float = INTERVAL_S,
+    ) -> None:
+        self.folder = Path(os.path.abspath(folder))
+        self.max_age_s = max_age_s
+        self.max_bytes = max_bytes
+        self.keep = keep
+        self.min_age_s = min_age_s  # tests lower it; nothing else should
+        self.interval_s = interval_s
+        self.totals = SweepResult(0, 0, 0, 0)  # deleted: since start; kept: after the last sweep
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._swept = threading.Condition()
+        self._sweeps = 0
+
+    # -- the thread ----------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None and (self.max_age_s or self.max_bytes):
+            self._thread = threading.Thread(target=self._run, name="upload-sweeper", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def nudge(self) -> None:
+        """Asks for a sweep soon (after an upload); cheap, callable from the event loop."""
+        self._wake.set()
+
+    def wait_for_sweep(self, after: int, timeout: float) -> bool:
+        """Waits until more than `after` sweeps have run (tests); returns whether one did."""
+        with self._swept:
+            return self._swept.wait_for(lambda: self._sweeps > after, timeout)
+
+    @property
+    def sweeps(self) -> int:
+        return self._sweeps
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sweep()
+            except Exception:  # a sweep must never take the server down; try again next time
+                log.exception("upload sweep failed")
+            with self._swept:
+                self._sweeps += 1
+                self._swept.notify_all()
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+            self._stop.wait(_MIN_GAP_S)  # a burst of uploads costs one sweep a second, not one each
+
+    # -- one sweep -----------------------------------------------------------------------------
+    def sweep(self, now: float | None = None) -> SweepResult:
+        """One pass: age limit, then size cap, oldest first; returns what this pass deleted and what is left."""
+        now = time.time() if now is None else now
+        keep = {os.path.abspath(p) for p in self.keep()}
+        files = sorted(self._files(keep))  # (mtime, size, path), oldest first
+        total = sum(size for _, size, _ in files)
+        deleted = freed = 0
+        for mtime, size, path in files:
+            age = now - mtime
+            if age < self.min_age_s:
+                break  # sorted: everything after is younger still
+            too_old = bool(self.max_age_s) and age > self.max_age_s
+            over_cap = bool(self.max_bytes) and total > self.max_bytes
+            if not (too_old or over_cap):
+                break
+            if _remove(path):
+                deleted += 1
+                freed += size
+                total -= size
+        self._remove_empty_dirs(now)
+        result = SweepResult(deleted, freed, len(files) - deleted, total)
+        if deleted:
+            log.info("uploads: deleted %d file(s), %.1f MB; %.1f MB left", deleted, freed / 1e6, total / 1e6)
+        self.totals = SweepResult(
+            self.totals.deleted_files + deleted, self.totals.deleted_bytes + freed, result.kept_files, total
+        )
+        return result
+
+    def _files(self, keep: set[str]) -> Iterable[tuple[float, int, str]]:
+        for root, dirs, names in os.walk(self.folder):  # does not follow links to folders
+            dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(root, d))]
+            for name in names:
+                path = os.path.join(root, name)
+                if path in keep:
+                    continue
+                try:
+                    st = os.lstat(path)
+                except OSError:  # gone meanwhile
+                    continue
+                yield st.st_mtime, st.st_size, path
+
+    def _remove_empty_dirs(self, now: float) -> None:
+        # gradio makes one folder per upload (named by the content's hash); empty ones are left behind.
+        # A folder's mtime moves when a file is added or deleted, so one just made or just emptied stays a while.
+        for root, _, names in os.walk(self.folder, topdown=False):
+            if root == str(self.folder) or names:
+                continue
+            try:
+                if now - os.lstat(root).st_mtime >= self.min_age_s:
+                    os.rmdir(root)  # refused if not empty (a sub-folder kept, or something arrived meanwhile)
+            except OSError:
+                pass
+
+
+def _remove(path: str) -> bool:
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        log.warning("uploads: could not delete %s: %s", path, exc.strerror)
+        return False
