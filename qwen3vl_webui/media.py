@@ -213,13 +213,7 @@ def _run_decoder(path: str, budget: MediaBudget, workdir: str, name: str) -> dic
         "m = u.module_from_spec(s); sys.modules[s.name] = m; s.loader.exec_module(m)\n"
         "m._child_main(sys.argv[2])\n"
     )
-    # One BLAS thread and two malloc arenas: per-thread reservations would eat RLIMIT_AS.
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "OPENBLAS_NUM_THREADS": "1",
-        "MALLOC_ARENA_MAX": "2",
-    }
+    env = decoder_env()
     log_path = os.path.join(workdir, "child.log")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -240,6 +234,25 @@ def _run_decoder(path: str, budget: MediaBudget, workdir: str, name: str) -> dic
     finally:
         _kill_group(proc)
     return _child_outcome(returncode, workdir, log_path, budget, name)
+
+
+def decoder_env() -> dict[str, str]:
+    """The decoder child's whole environment: what it needs to start and find numpy and av, nothing else.
+
+    It parses untrusted files with FFmpeg, so it gets no secrets to leak (QWEN3VL_AUTH, HF_TOKEN, cloud keys).
+    """
+    env = {
+        # Where this interpreter finds its packages (a venv or `pip install --target` folder included).
+        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+        "PATH": os.defpath,
+        # One BLAS thread and two malloc arenas: per-thread reservations would eat RLIMIT_AS.
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MALLOC_ARENA_MAX": "2",
+    }
+    if "LD_LIBRARY_PATH" in os.environ:  # some Python builds (conda, pyenv --enable-shared) need it to start
+        env["LD_LIBRARY_PATH"] = os.environ["LD_LIBRARY_PATH"]
+    return env
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -471,3 +471,31 @@ def test_decoder_crash_is_reported(tmp_path: Path) -> None:
     assert len(outcome) == 1 and isinstance(outcome[0], MediaError)
     assert str(outcome[0]) == "clip.mp4 could not be decoded: the decoder crashed (SIGSEGV)."
     assert_clip_within_budget(load_video(str(path), BUDGET))
+
+
+def test_decoder_child_gets_no_secrets_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The child parses hostile files with FFmpeg: whatever is in its environment, an exploit can read.
+    monkeypatch.setenv("QWEN3VL_AUTH", "alice:secret-password")
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_token")
+    path = tmp_path / "clip.mp4"
+    write_video(path, seconds=1)
+    outcome: list[object] = []
+    worker = threading.Thread(target=lambda: outcome.append(load_video(str(path), BUDGET)))
+    worker.start()
+    seen: dict[str, str] = {}
+    deadline = time.monotonic() + 10
+    while not seen and time.monotonic() < deadline:  # the child's real environment, from /proc while it runs
+        for child in decoder_children():
+            try:
+                seen = child.environ()
+            except psutil.Error:  # exited meanwhile
+                pass
+        time.sleep(0.002)
+    worker.join(30)
+    assert seen, "the decoder child was not caught running"
+    assert "QWEN3VL_AUTH" not in seen and "HF_TOKEN" not in seen
+    assert not any("secret" in value for value in seen.values())
+    allowed = {"PATH", "PYTHONPATH", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MALLOC_ARENA_MAX", "LD_LIBRARY_PATH"}
+    assert set(seen) <= allowed, set(seen) - allowed
+    assert len(outcome) == 1
+    assert_clip_within_budget(outcome[0])  # and it still decodes with only that
