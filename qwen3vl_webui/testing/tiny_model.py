@@ -157,25 +157,69 @@ def write_checkpoint(
     return out
 
 
+class UnsafeCheckpointDir(PermissionError):
+    """A demo checkpoint folder that another user could have written: its files would be loaded as ours."""
+
+
+def default_demo_dir() -> Path:
+    """The private per-user folder for the demo checkpoint when no --cache-dir is given."""
+    return Path.home() / ".cache" / "qwen3vl-webui" / "demo"
+
+
 def ensure_demo_checkpoint(cache_dir: str | Path | None = None) -> Path:
-    """The tiny demo checkpoint under `cache_dir` (default: the temp dir), written once, atomically."""
+    """The tiny demo checkpoint under `cache_dir` (default: `default_demo_dir()`, mode 0700), written once, atomically.
+
+    Raises UnsafeCheckpointDir when the folder, or the checkpoint in it, is not ours alone: in a shared folder
+    such as /tmp another user could plant a "demo checkpoint" (tokenizer, template, weights) before we write ours.
+    """
     import os
     import tempfile
 
-    root = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "qwen3vl-webui"
+    if cache_dir:
+        root = Path(cache_dir)
+    else:
+        root = default_demo_dir()
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if root.stat().st_uid == os.geteuid():
+            root.chmod(0o700)  # ours: keep it private even if an older version made it 0755
     target = root / f"demo-tiny-v{DEMO_VERSION}"
-    if is_demo_checkpoint(target):
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix="demo-", dir=root))
-    write_checkpoint(staging)
-    try:
-        os.replace(staging, target)  # concurrent writers: one rename wins, the others find it done
-    except OSError:
-        import shutil
+    if not is_demo_checkpoint(target):
+        root.mkdir(parents=True, exist_ok=True)
+        check_private(root)  # before writing: a folder others can write is refused outright
+        staging = Path(tempfile.mkdtemp(prefix="demo-", dir=root))
+        write_checkpoint(staging)
+        try:
+            os.replace(staging, target)  # concurrent writers: one rename wins, the others find it done
+        except OSError:
+            import shutil
 
-        shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)
+    check_private(root)
+    check_private(target, recursive=True)
     return target
+
+
+def check_private(path: Path, recursive: bool = False) -> None:
+    """Raises UnsafeCheckpointDir unless `path` (and with `recursive`, all below it) is ours and not group/other
+    writable. Links are judged as links (lstat): one inside a folder only we can write was made by us."""
+    import os
+    import stat
+
+    uid = os.geteuid()
+    paths = [path, *(sorted(path.rglob("*")) if recursive else [])]
+    for item in paths:
+        st = item.lstat()
+        if st.st_uid != uid:
+            problem = f"it belongs to another user (uid {st.st_uid})"
+        elif not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o022:
+            problem = f"other users can write to it (mode {stat.S_IMODE(st.st_mode):04o})"
+        else:
+            continue
+        raise UnsafeCheckpointDir(
+            f"refusing to load the demo checkpoint from {path}: {item} is not private ({problem}); "
+            "give --cache-dir a folder only you can write, or leave it out to use "
+            f"{default_demo_dir()}"
+        )
 
 
 def is_demo_checkpoint(path: str | Path) -> bool:

@@ -1,0 +1,320 @@
+"""The front door, attacked as a stranger would: login brute force, disk filling uploads, open containers, leaks."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import start_app
+
+ROOT = Path(__file__).resolve().parents[1]
+AUTH = ("alice", "correct horse battery staple")
+PROXY = "127.0.0.2"  # the app below believes X-Forwarded-For from this address only
+
+
+def _from(address: str, url: str) -> httpx.Client:
+    """An HTTP client whose connections leave from `address` (any 127.x.y.z reaches a server on 127.0.0.1)."""
+    return httpx.Client(base_url=url, timeout=30, transport=httpx.HTTPTransport(local_address=address))
+
+
+def _login(http: httpx.Client, password: str, forwarded_for: str | None = None) -> httpx.Response:
+    headers = {"x-forwarded-for": forwarded_for} if forwarded_for else {}
+    return http.post("login", data={"username": AUTH[0], "password": password}, headers=headers)
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_checkpoint: Path) -> Iterator[tuple[Any, str]]:
+    """The demo app behind a login, trusting one reverse proxy (127.0.0.2)."""
+    app, url = start_app(tiny_checkpoint.parent, "--auth", ":".join(AUTH), "--trusted-proxies", PROXY)
+    try:
+        yield app, url
+    finally:
+        app.close()
+
+
+@pytest.fixture(scope="module")
+def open_app(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, str]]:
+    """The demo app without a login, a 1 MB upload cap, and an upload folder of its own."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("uploads")))
+        app, url = start_app(tiny_checkpoint.parent, "--upload-cache-mb", "1", "--upload-max-age-minutes", "60")
+        try:
+            yield app, url
+        finally:
+            app.close()
+
+
+# ------------------------------------------------------------------------------- login limit
+
+
+def test_login_brute_force_from_one_address_gets_429_while_other_clients_log_in(guarded) -> None:
+    app, url = guarded
+    limiter = app.front.limiter
+    with _from("127.0.0.1", url) as attacker:
+        # A forged X-Forwarded-For from an untrusted address changes nothing: the TCP peer is the client.
+        codes = [_login(attacker, f"guess-{i}", forwarded_for=f"203.0.113.{i}").status_code for i in range(30)]
+        blocked = _login(attacker, AUTH[1])  # the right password, too late: refused before it is checked
+    assert codes.count(400) == 5 and codes.count(429) == 25 and codes[:5] == [400] * 5, codes
+    assert blocked.status_code == 429 and "access-token" not in str(blocked.headers)
+    assert 1 <= int(blocked.headers["retry-after"]) <= 60
+    assert "Too many failed logins" in blocked.json()["detail"]
+    # A second client logs in at once, and its cookie opens the app.
+    with _from("127.0.0.3", url) as other:
+        assert _login(other, AUTH[1]).status_code == 200
+        assert other.get("config").status_code == 200
+    # Parallel guesses from a fresh address: attempts count when they start, so no burst gets past 5.
+    with _from("127.0.0.4", url) as burst, concurrent.futures.ThreadPoolExecutor(16) as pool:
+        parallel = list(pool.map(lambda i: _login(burst, f"p{i}").status_code, range(32)))
+    assert parallel.count(400) == 5 and parallel.count(429) == 27, parallel
+    # Once the window has passed, the address may try again.
+    limiter.window_s = 1.0
+    try:
+        time.sleep(1.1)
+        with _from("127.0.0.1", url) as attacker:
+            assert _login(attacker, "again").status_code == 400
+            assert _login(attacker, AUTH[1]).status_code == 200
+    finally:
+        limiter.window_s = 60.0
+
+
+def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_login_limit(guarded) -> None:
+    _, url = guarded
+    with _from(PROXY, url) as proxy:
+        codes = [_login(proxy, f"guess-{i}", forwarded_for="198.51.100.66").status_code for i in range(8)]
+        victim = _login(proxy, AUTH[1], forwarded_for="198.51.100.7")  # another visitor, same proxy
+        # A client cannot hide behind an address it puts in front of the proxy's: the proxy's entry counts.
+        spoofed = _login(proxy, "guess", forwarded_for="192.0.2.1, 198.51.100.66")
+    assert codes == [400] * 5 + [429] * 3, codes
+    assert victim.status_code == 200
+    assert spoofed.status_code == 429
+
+
+# ----------------------------------------------------------------------------------- uploads
+
+
+def _upload(http: httpx.Client, name: str, size: int) -> str:
+    content = name.encode() * (size // len(name)) + b"\0" * (size % len(name))  # distinct per name
+    response = http.post("gradio_api/upload", files={"files": (name, content, "image/png")})
+    assert response.status_code == 200, response.text
+    return response.json()[0]
+
+
+def _age(paths: list[str], seconds: float) -> None:
+    for path in paths:
+        stamp = os.stat(path).st_mtime - seconds
+        os.utime(path, (stamp, stamp))
+
+
+def _until(condition: Any, seconds: float) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return bool(condition())
+
+
+def test_uploads_over_the_size_cap_go_oldest_first_and_old_ones_go_by_age(open_app) -> None:
+    app, url = open_app
+    sweeper = app.front.sweeper
+    folder = Path(app.front.upload_folder)
+    kept = [p for p in app.front.sweeper.keep() if p.startswith(str(folder))]  # the page's cached examples
+    assert kept, "the demo's example files should be cached in the upload folder"
+    size = 250_000  # 1 MB cap = 1,048,576 bytes: four of these fit, five do not
+    with httpx.Client(base_url=url, timeout=30) as http:
+        first = [_upload(http, f"old{i}.png", size) for i in range(8)]
+        # 2 MB now, but all of it younger than the minimum age: nothing may go (a chat may be reading them).
+        done = sweeper.sweeps
+        assert sweeper.wait_for_sweep(done, 10)
+        assert all(os.path.exists(p) for p in first)
+        # Ten minutes later (in file time), one more upload: the oldest go until the folder fits the cap.
+        for i, path in enumerate(first):
+            _age([path], 600 - i)  # old0 is the oldest
+        _age(kept, 7200)  # the examples are older than any limit, and stay
+        fresh = _upload(http, "fresh.png", size)
+        assert _until(lambda: not os.path.exists(first[4]), 10), "the sweep after an upload did not run"
+        remaining = [p for p in [*first, fresh] if os.path.exists(p)]
+        assert remaining == [*first[5:], fresh]
+        assert sum(os.path.getsize(p) for p in remaining) <= 1024 * 1024
+        assert all(os.path.exists(p) for p in kept)
+        # Two hours old: over --upload-max-age-minutes (60) though the folder is under its cap.
+        _age([first[5]], 7200)
+        _upload(http, "tiny.png", 100)
+        assert _until(lambda: not os.path.exists(first[5]), 10)
+        assert all(os.path.exists(p) for p in [*first[6:], fresh, *kept])
+        # The server still serves what is left, and refuses what is gone.
+        assert http.get(f"gradio_api/file={fresh}").status_code == 200
+        assert http.get(f"gradio_api/file={first[0]}").status_code in (403, 404)
+    assert sweeper.totals.deleted_files >= 6
+
+
+def test_sweeper_never_deletes_young_files_or_anything_outside_its_folder(tmp_path: Path) -> None:
+    from qwen3vl_webui.uploads import UploadSweeper
+
+    folder, outside = tmp_path / "uploads", tmp_path / "elsewhere"
+    (folder / "a").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"x" * 5000)
+    os.symlink(outside, folder / "link")  # a link to a folder is not followed
+    young, old = folder / "a" / "young.bin", folder / "a" / "old.bin"
+    young.write_bytes(b"y" * 5000)
+    old.write_bytes(b"o" * 5000)
+    _age([str(old)], 1000)
+    result = UploadSweeper(folder, max_age_s=60, max_bytes=1, min_age_s=120).sweep()
+    assert (result.deleted_files, young.exists(), old.exists()) == (1, True, False)
+    assert (outside / "secret").exists()
+
+
+# ------------------------------------------------------------------------- open server, port
+
+
+def _busy_port() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+def _run_app(*flags: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("QWEN3VL_AUTH", "QWEN3VL_AUTH_FILE", "QWEN3VL_HOST")}
+    return subprocess.run(
+        [sys.executable, "app.py", *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_an_open_server_says_so_in_one_line_and_a_busy_port_is_one_line_and_exit_2() -> None:
+    with _busy_port() as busy:
+        port = str(busy.getsockname()[1])
+        started = time.monotonic()
+        # 0.0.0.0:port conflicts with the 127.0.0.1:port held here, so nothing ever listens on all interfaces.
+        lan = _run_app("--demo", "--host", "0.0.0.0", "--port", port)
+        local = _run_app("--demo", "--host", "127.0.0.1", "--port", port)
+        elapsed = time.monotonic() - started
+    lines = lan.stderr.strip().splitlines()
+    assert lan.returncode == 2 and len(lines) == 2, lan.stderr
+    assert lines[0].startswith(f"warning: serving without a login on 0.0.0.0:{port}")
+    assert "QWEN3VL_AUTH" in lines[0] and "--auth-file" in lines[0]
+    assert "--port" in lines[1] and "QWEN3VL_PORT" in lines[1] and "Traceback" not in lan.stderr
+    assert local.returncode == 2 and local.stderr.strip().splitlines() == [
+        f"error: port {port} on 127.0.0.1 is already in use: stop what listens there or pick another with --port "
+        "(or QWEN3VL_PORT)"
+    ]
+    assert elapsed < 30  # refused before any model or gradio loads
+
+
+def test_open_warning_covers_lan_hosts_and_share_links_not_loopback_or_a_login() -> None:
+    from qwen3vl_webui.config import Settings
+    from qwen3vl_webui.frontdoor import open_warning
+
+    assert "on 0.0.0.0:7860:" in (open_warning(Settings(host="0.0.0.0")) or "")
+    assert "on 192.168.1.5:7860:" in (open_warning(Settings(host="192.168.1.5")) or "")
+    assert "public gradio.live link" in (open_warning(Settings(share=True)) or "")
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        assert open_warning(Settings(host=host)) is None
+    assert open_warning(Settings(host="0.0.0.0", auth="a:b")) is None
+
+
+def test_launch_on_a_busy_port_raises_port_error_in_process(tiny_checkpoint: Path) -> None:
+    from qwen3vl_webui.cli import build_app, parse_settings
+    from qwen3vl_webui.frontdoor import PortError
+
+    with _busy_port() as busy:
+        port = str(busy.getsockname()[1])
+        app = build_app(
+            parse_settings(["--demo", "--port", port, "--cache-dir", str(tiny_checkpoint.parent)]), load=False
+        )
+        with pytest.raises(PortError, match="QWEN3VL_PORT"):
+            app.launch(prevent_thread_lock=True, quiet=True)
+    assert not app.is_running
+
+
+# ---------------------------------------------------------------------------- error details
+
+
+def _call_chat(url: str, data: list[Any]) -> tuple[str, Any]:
+    with httpx.Client(base_url=url, timeout=30) as http:
+        body = json.dumps({"data": data})
+        event_id = http.post("gradio_api/call/chat", content=body, headers={"content-type": "application/json"})
+        with http.stream("GET", f"gradio_api/call/chat/{event_id.json()['event_id']}") as response:
+            kind = ""
+            for line in response.iter_lines():
+                if line.startswith("event:"):
+                    kind = line.split(":", 1)[1].strip()
+                elif line.startswith("data:") and kind in ("error", "complete"):
+                    return kind, json.loads(line.split(":", 1)[1])
+    raise AssertionError("the event stream ended without a result")
+
+
+def test_internal_exception_text_never_reaches_the_client_but_warnings_do(open_app) -> None:
+    from gradio_client import Client
+
+    app, url = open_app
+    malformed = [123]  # one value where the chat event takes many: gradio raises inside the event
+    assert _call_chat(url, malformed) == ("error", {"error": None})
+    # The same request with gradio's show_error on (what the app used to set) hands out the server's internals.
+    app.demo.show_error = True
+    try:
+        kind, leaked = _call_chat(url, malformed)
+    finally:
+        app.demo.show_error = False
+    assert kind == "error" and "gradio.components" in leaked["error"] and " object at 0x" in leaked["error"]
+    # The app's own refusals are answers, not errors: they still arrive, and the server keeps serving.
+    client = Client(url, verbose=False)
+    assert client.predict({"text": "   ", "files": []}, api_name="/chat").startswith("⚠️")
+    assert not client.predict({"text": "hello", "files": []}, api_name="/chat").startswith("⚠️")
+
+
+# ---------------------------------------------------------------------------- demo checkpoint
+
+
+def test_demo_checkpoint_defaults_to_a_private_per_user_folder(tmp_path: Path, monkeypatch) -> None:
+    from qwen3vl_webui.testing.tiny_model import ensure_demo_checkpoint, is_demo_checkpoint
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    target = ensure_demo_checkpoint(None)
+    assert target.parent == tmp_path / ".cache" / "qwen3vl-webui" / "demo" and is_demo_checkpoint(target)
+    assert target.parent.stat().st_mode & 0o777 == 0o700
+    assert ensure_demo_checkpoint(None) == target  # found, checked, not written again
+
+
+def test_demo_checkpoint_in_a_folder_others_can_write_is_refused(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from qwen3vl_webui.engine.manager import ModelManager
+    from qwen3vl_webui.engine.scheduler import Scheduler
+    from qwen3vl_webui.testing.tiny_model import UnsafeCheckpointDir, ensure_demo_checkpoint
+
+    # Like /tmp: anyone may create entries, so a "demo checkpoint" there may have been planted by someone else.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shutil.copytree(tiny_checkpoint, shared / tiny_checkpoint.name)  # the planted copy
+    shared.chmod(0o777)
+    with pytest.raises(UnsafeCheckpointDir, match="other users can write to it"):
+        ensure_demo_checkpoint(shared)
+    # The app's own loader refuses it with that one sentence in its status line.
+    manager = ModelManager("unused", "auto", "cpu", "sdpa", Scheduler(1, 1), demo_dir=str(shared))
+    with pytest.raises(UnsafeCheckpointDir):
+        manager.load(use_demo=True)
+    assert manager.status.startswith("Model failed to load: refusing to load the demo checkpoint from")
+    # A private folder holding a checkpoint file others may rewrite is refused as well.
+    private = tmp_path / "private"
+    shutil.copytree(tiny_checkpoint, private / tiny_checkpoint.name)
+    (private / tiny_checkpoint.name / "config.json").chmod(0o666)
+    with pytest.raises(UnsafeCheckpointDir, match="config.json"):
+        ensure_demo_checkpoint(private)
+    if os.geteuid() == 0:  # only root can hand a folder to another user
+        owned = tmp_path / "owned"
+        shutil.copytree(tiny_checkpoint, owned / tiny_checkpoint.name)
+        os.chown(owned / tiny_checkpoint.name, 12345, 12345)
+        with pytest.raises(UnsafeCheckpointDir, match="belongs to another user"):
+            ensure_demo_checkpoint(owned)
