@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from qwen3vl_webui.engine import attention, compiled
-from qwen3vl_webui.engine.batching import BatchEngine
+from qwen3vl_webui.engine.batch import BatchEngine, BatchOptions
 from qwen3vl_webui.engine.generation import ChatRequest, SamplingParams, build_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,7 +169,7 @@ def test_engine_routed_through_the_op_equals_generate(tiny_loaded: Any, kernel_r
     prompts = [build_prompt(tiny_loaded, ChatRequest(UserMessage(t), sampling=GREEDY)) for t in ("hello there", "Count the objects")]  # fmt: skip
     long = SamplingParams(max_new_tokens=120, temperature=0.0, repetition_penalty=1.0)
     expected = [_generate(tiny_loaded, prompts[0], long.max_new_tokens), _generate(tiny_loaded, prompts[1], 40)]
-    with BatchEngine(tiny_loaded, max_batch=2, token_budget=2 * 512, eos_token_ids=()) as engine:
+    with BatchEngine(tiny_loaded, BatchOptions(max_batch=2, token_budget=2 * 512, eos_token_ids=())) as engine:
         assert engine.decode_attention == "split-KV triton"
         first = engine.submit_tokens(prompts[0], long, threading.Event())
         head = [next(first) for _ in range(3)]
@@ -188,7 +188,7 @@ def test_engine_routed_through_the_op_equals_generate(tiny_loaded: Any, kernel_r
 def test_engine_on_cpu_keeps_sdpa_by_default(tiny_loaded: Any) -> None:
     text = tiny_loaded.model.config.text_config
     assert compiled.decode_kernel_blocker("cpu", text, torch.float32) == "not on CUDA"
-    with BatchEngine(tiny_loaded, max_batch=1, token_budget=512) as engine:
+    with BatchEngine(tiny_loaded, BatchOptions(max_batch=1, token_budget=512)) as engine:
         assert engine.decode_attention == "sdpa (not on CUDA)"
         assert text._attn_implementation == "sdpa"
 
@@ -203,10 +203,10 @@ def test_dynamic_batch_compiles_twice_for_three_buckets(tiny_loaded: Any, kernel
     expected = [_generate(tiny_loaded, p, GREEDY.max_new_tokens) for p in prompts]
     torch._dynamo.reset()
     before = counters["stats"]["unique_graphs"]
-    with BatchEngine(
-        tiny_loaded, max_batch=4, token_budget=4 * 512, eos_token_ids=(), buckets=(1, 2, 4), compile=True,
+    with BatchEngine(tiny_loaded, BatchOptions(
+        max_batch=4, token_budget=4 * 512, eos_token_ids=(), buckets=(1, 2, 4), compile=True,
         compile_cache_dir=tmp_path,
-    ) as engine:  # fmt: skip
+    )) as engine:  # fmt: skip
         assert engine.decode_path == "torch.compile (no graphs)", engine.compile_error
         assert counters["stats"]["unique_graphs"] - before == 2  # bucket 1 static, buckets 2 and 4 share one
         streams = [engine.submit_tokens(p, GREEDY, threading.Event()) for p in prompts]

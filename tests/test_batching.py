@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from qwen3vl_webui.conversation import Turn, UserMessage
-from qwen3vl_webui.engine.batching import BatchEngine, EngineClosed
+from qwen3vl_webui.engine.batch import BatchEngine, BatchOptions, EngineClosed, EngineOutputs
 from qwen3vl_webui.engine.generation import ChatRequest, PreparedPrompt, RequestError, SamplingParams, build_prompt
 from qwen3vl_webui.engine.loading import LoadedModel, load_model
 from qwen3vl_webui.testing.tiny_model import ensure_demo_checkpoint
@@ -61,7 +61,7 @@ def test_greedy_tokens_equal_generate_for_text_image_video_batched_together(load
     names = ["text", "image", "video", "mixed"]
     expected = {n: reference(loaded, prompts[n], GREEDY) for n in names}
     assert len(expected["text"]) < GREEDY.max_new_tokens and expected["text"][-1] in (469, 470)  # stopped at eos
-    with BatchEngine(loaded, max_batch=4, token_budget=4 * 1024) as engine:
+    with BatchEngine(loaded, BatchOptions(max_batch=4, token_budget=4 * 1024)) as engine:
         # All four are queued before any is read: the worker runs them as one batch.
         streams = {n: engine.submit_tokens(prompts[n], GREEDY, threading.Event()) for n in names}
         got = {n: list(s) for n, s in streams.items()}
@@ -77,7 +77,7 @@ def test_request_joining_mid_batch_leaves_both_streams_equal_to_generate(loaded,
     long = SamplingParams(max_new_tokens=160, temperature=0.0, repetition_penalty=1.0)
     expected_a = reference(loaded, prompts["long"], long, eos_token_id=None)
     expected_b = reference(loaded, prompts["video"], GREEDY, eos_token_id=None)
-    with BatchEngine(loaded, max_batch=2, token_budget=2 * 1024, eos_token_ids=()) as engine:
+    with BatchEngine(loaded, BatchOptions(max_batch=2, token_budget=2 * 1024, eos_token_ids=())) as engine:
         a = engine.submit_tokens(prompts["long"], long, threading.Event())
         head = [next(a) for _ in range(4)]
         b = engine.submit_tokens(prompts["video"], GREEDY, threading.Event())
@@ -92,7 +92,7 @@ def test_request_joining_mid_batch_leaves_both_streams_equal_to_generate(loaded,
 
 def test_cancel_and_close_free_the_slot(loaded, prompts) -> None:
     long = SamplingParams(max_new_tokens=400, temperature=0.0, repetition_penalty=1.0)
-    with BatchEngine(loaded, max_batch=1, token_budget=1024, eos_token_ids=()) as engine:
+    with BatchEngine(loaded, BatchOptions(max_batch=1, token_budget=1024, eos_token_ids=())) as engine:
         cancel = threading.Event()
         running = engine.submit(prompts["long"], long, cancel)
         waiting_cancel = threading.Event()
@@ -121,7 +121,7 @@ def test_cancel_and_close_free_the_slot(loaded, prompts) -> None:
 
 def test_text_stream_matches_the_stream_generate_contract(loaded, prompts) -> None:
     expected = reference(loaded, prompts["image"], GREEDY)
-    with BatchEngine(loaded, max_batch=2, token_budget=2 * 1024) as engine:
+    with BatchEngine(loaded, BatchOptions(max_batch=2, token_budget=2 * 1024)) as engine:
         items = list(engine.submit(prompts["image"], GREEDY, threading.Event()))
     *growing, (final, stats) = items
     assert all(s is None for _, s in growing) and growing
@@ -135,7 +135,7 @@ def test_repetition_penalty_and_seeded_sampling(loaded, prompts) -> None:
     penalised = SamplingParams(max_new_tokens=32, temperature=0.0, repetition_penalty=1.3)
     sampled = SamplingParams(max_new_tokens=32, temperature=0.9, top_p=0.8, top_k=20, seed=7, repetition_penalty=1.0)
     top1 = SamplingParams(max_new_tokens=32, temperature=0.7, top_k=1, seed=1, repetition_penalty=1.0)
-    with BatchEngine(loaded, max_batch=4, token_budget=4 * 512, eos_token_ids=()) as engine:
+    with BatchEngine(loaded, BatchOptions(max_batch=4, token_budget=4 * 512, eos_token_ids=())) as engine:
         runs = [
             engine.submit_tokens(prompts["long"], p, threading.Event()) for p in (penalised, sampled, sampled, top1)
         ]
@@ -147,18 +147,18 @@ def test_repetition_penalty_and_seeded_sampling(loaded, prompts) -> None:
 
 
 def test_request_over_the_slot_length_is_refused(loaded, prompts) -> None:
-    with BatchEngine(loaded, max_batch=2, token_budget=2 * 128) as engine:
+    with BatchEngine(loaded, BatchOptions(max_batch=2, token_budget=2 * 128)) as engine:
         with pytest.raises(RequestError, match="slots holds 128"):
             engine.submit(prompts["video"], GREEDY, threading.Event())
     with pytest.raises(ValueError, match="token_budget"):
-        BatchEngine(loaded, max_batch=4, token_budget=100)
+        BatchOptions(max_batch=4, token_budget=100)
 
 
 def test_a_failing_prompt_fails_alone(loaded, prompts) -> None:
     good = prompts["image"]
     inputs = dict(good.inputs, pixel_values=good.inputs["pixel_values"][:4])  # fewer patches than image tokens
     bad = PreparedPrompt(inputs, good.tokens, good.text_tokens, good.image_tokens, 0, 0)
-    with BatchEngine(loaded, max_batch=2, token_budget=2 * 512) as engine:
+    with BatchEngine(loaded, BatchOptions(max_batch=2, token_budget=2 * 512)) as engine:
         running = engine.submit_tokens(prompts["long"], GREEDY, threading.Event())
         first = next(running)
         with pytest.raises(RuntimeError, match="size of tensor"):
@@ -174,27 +174,29 @@ def test_long_prompt_prefills_in_chunks_and_short_ones_together(loaded, prompts)
     short = [prompts["text"], prompts["long"], prompts["text"]]
     expected_long = reference(loaded, chunked, long, eos_token_id=None)
     expected_short = [reference(loaded, p, GREEDY) for p in short]
-    with BatchEngine(loaded, max_batch=4, token_budget=4 * 512, prefill_chunk=64, prefix_slots=0) as engine:
+    with BatchEngine(
+        loaded, BatchOptions(max_batch=4, token_budget=4 * 512, prefill_chunk=64, prefix_slots=0)
+    ) as engine:
         running = engine.submit_tokens(prompts["long"], long, threading.Event())
         head = [next(running) for _ in range(3)]
         joining = engine.submit_tokens(chunked, long, threading.Event())  # prefilled between decode steps
         got_long = list(joining)
         got_running = head + list(running)
-        forwards = forwards_before_short = engine._prefill_forwards
+        forwards = forwards_before_short = engine.snapshot().prefill_forwards
         # Three short prompts (22 + 21 + 22 tokens) queued at once while nothing decodes: nobody to stall, so
         # they share one forward (budget IDLE_PREFILL_FACTOR x 64 tokens).
-        with engine._cond:  # the worker admits them together (the condition's lock is re-entrant)
+        with engine.hold_admission():  # the worker admits them together
             streams = [engine.submit_tokens(p, GREEDY, threading.Event()) for p in short]
         got_short = [list(s) for s in streams]
-        idle_batched = engine._prefill_forwards - forwards
+        idle_batched = engine.snapshot().prefill_forwards - forwards
         # The same three while a stream decodes: the first two fit one padded 64-token batch, the third waits.
         background = engine.submit_tokens(prompts["long"], long, threading.Event())
         [next(background) for _ in range(3)]  # mid-answer (a stream at its first token would still be "idle")
-        forwards = engine._prefill_forwards
-        with engine._cond:
+        forwards = engine.snapshot().prefill_forwards
+        with engine.hold_admission():
             streams = [engine.submit_tokens(p, GREEDY, threading.Event()) for p in short]
         got_short_busy = [list(s) for s in streams]
-        busy_batched = engine._prefill_forwards - forwards
+        busy_batched = engine.snapshot().prefill_forwards - forwards
         background.close()
     assert got_long == expected_long
     assert got_running == reference(loaded, prompts["long"], long, eos_token_id=None)
@@ -208,14 +210,13 @@ def _submit_together(engine: BatchEngine, burst: list[PreparedPrompt]) -> tuple[
     """Submits `burst` so the worker admits it at once; returns each answer's tokens and, per decode step enqueued,
     how many prefill forwards had run by then."""
     forwards_at_launch: list[int] = []
-    real_launch = engine._launch
 
-    def launch() -> None:
-        forwards_at_launch.append(engine._prefill_forwards)
-        real_launch()
+    def listen(outputs: EngineOutputs) -> None:  # each message: the counters as its step's decode steps were enqueued
+        launched = outputs.decode_launches - len(forwards_at_launch)
+        forwards_at_launch.extend([outputs.prefill_forwards] * launched)
 
-    engine._launch = launch
-    with engine._cond:  # the condition's lock is re-entrant: the worker waits until all are queued
+    engine.add_listener(listen)
+    with engine.hold_admission():  # the worker waits until all are queued
         streams = [engine.submit_tokens(p, GREEDY, threading.Event()) for p in burst]
     return [list(s) for s in streams], forwards_at_launch
 
@@ -224,22 +225,22 @@ def _submit_together(engine: BatchEngine, burst: list[PreparedPrompt]) -> tuple[
 def test_a_burst_of_short_prompts_is_prefilled_before_the_first_decode_step(loaded, prompts, pairs) -> None:
     """Short prompts at once (~22 tokens each) overflowing one idle forward (4 x 64 tokens): up to BURST_FORWARDS
     forwards come before the first decode step, as nobody is mid-answer yet, and no more; answers equal `generate`'s."""
-    from qwen3vl_webui.engine.batching import BURST_FORWARDS
-
     burst = [prompts["text"], prompts["long"]] * pairs
     expected = [reference(loaded, p, GREEDY) for p in burst[:2]] * pairs
     slots = len(burst)
-    with BatchEngine(loaded, max_batch=slots, token_budget=slots * 256, prefill_chunk=64, prefix_slots=0) as engine:
+    with BatchEngine(
+        loaded, BatchOptions(max_batch=slots, token_budget=slots * 256, prefill_chunk=64, prefix_slots=0)
+    ) as engine:
         got, forwards_at_launch = _submit_together(engine, burst)
     assert got == expected
     total = sum(p.inputs["input_ids"].shape[1] for p in burst)
     assert total > 4 * 64  # more than one idle forward's budget
-    assert BURST_FORWARDS == 2
+    assert BatchOptions().burst_forwards == 2
     assert forwards_at_launch[0] == 2  # the first decode step came after two forwards, not one
     if pairs == 6:
-        assert engine._prefill_forwards == 2
+        assert engine.snapshot().prefill_forwards == 2
     else:  # prompts were left after two forwards: they waited for the decode steps, in chunk-sized groups
-        assert engine._prefill_forwards > 3
+        assert engine.snapshot().prefill_forwards > 3
 
 
 def test_forwards_before_the_first_stream_do_not_count_against_a_burst(loaded, prompts) -> None:
@@ -249,7 +250,9 @@ def test_forwards_before_the_first_stream_do_not_count_against_a_burst(loaded, p
     chunks = -(-long.inputs["input_ids"].shape[1] // 64)
     assert chunks >= 3
     burst = [long, *[prompts["text"]] * 6]
-    with BatchEngine(loaded, max_batch=8, token_budget=8 * 512, prefill_chunk=64, prefix_slots=0) as engine:
+    with BatchEngine(
+        loaded, BatchOptions(max_batch=8, token_budget=8 * 512, prefill_chunk=64, prefix_slots=0)
+    ) as engine:
         got, forwards_at_launch = _submit_together(engine, burst)
     assert got[0] == reference(loaded, long, GREEDY) and got[1] == reference(loaded, prompts["text"], GREEDY)
     assert forwards_at_launch[0] == chunks + 1  # the long prompt's chunks, then one forward of the burst
@@ -260,13 +263,15 @@ def test_media_prompts_prefill_vision_then_text_chunks(loaded, prompts) -> None:
     lengths = {n: prompts[n].inputs["input_ids"].shape[1] for n in names}
     assert lengths["video"] > 128 and lengths["mixed"] > 128, lengths  # 64-token chunks cut through the visual tokens
     expected = {n: reference(loaded, prompts[n], GREEDY) for n in names}
-    with BatchEngine(loaded, max_batch=4, token_budget=4 * 1024, prefill_chunk=64, prefix_slots=0) as engine:
+    with BatchEngine(
+        loaded, BatchOptions(max_batch=4, token_budget=4 * 1024, prefill_chunk=64, prefix_slots=0)
+    ) as engine:
         running = engine.submit_tokens(prompts["long"], GREEDY, threading.Event())
         first = next(running)
         streams = {n: engine.submit_tokens(prompts[n], GREEDY, threading.Event()) for n in names}
         got = {n: list(s) for n, s in streams.items()}
         rest = list(running)
-        forwards = engine._prefill_forwards
+        forwards = engine.snapshot().prefill_forwards
     assert got == expected
     assert [first, *rest] == reference(loaded, prompts["long"], GREEDY)
     # Per media prompt: the vision tower, then ceil(length / 64) text chunks; plus the running text prompt.
@@ -276,10 +281,11 @@ def test_media_prompts_prefill_vision_then_text_chunks(loaded, prompts) -> None:
 @pytest.mark.skipif(not os.environ.get("QWEN3VL_SLOW_TESTS"), reason="compiles with inductor on CPU (~1 min)")
 def test_compiled_decode_equals_eager(loaded, prompts, tmp_path) -> None:
     names = ["text", "long"]
-    with BatchEngine(loaded, max_batch=2, token_budget=2 * 512, eos_token_ids=()) as engine:
+    with BatchEngine(loaded, BatchOptions(max_batch=2, token_budget=2 * 512, eos_token_ids=())) as engine:
         eager = [list(engine.submit_tokens(prompts[n], GREEDY, threading.Event())) for n in names]
     with BatchEngine(
-        loaded, max_batch=2, token_budget=2 * 512, eos_token_ids=(), compile=True, compile_cache_dir=tmp_path
+        loaded,
+        BatchOptions(max_batch=2, token_budget=2 * 512, eos_token_ids=(), compile=True, compile_cache_dir=tmp_path),
     ) as engine:
         assert engine.snapshot().decode_path == "torch.compile (no graphs)", engine.compile_error
         streams = [engine.submit_tokens(prompts[n], GREEDY, threading.Event()) for n in names]
@@ -296,20 +302,22 @@ def test_compiled_prefill_equals_generate(loaded, prompts, tmp_path) -> None:
 
     names = ["image", "mixed", "long", "text"]
     expected = {n: reference(loaded, prompts[n], GREEDY) for n in names}
-    with BatchEngine(
-        loaded, max_batch=2, token_budget=2 * 1024, prefill_chunk=64, prefix_slots=0, compile_prefill=True,
+    options = BatchOptions(
+        max_batch=2, token_budget=2 * 1024, prefill_chunk=64, prefix_slots=0, compile_prefill=True,
         compile_cache_dir=tmp_path, fuse=True,
-    ) as engine:  # fmt: skip
+    )  # fmt: skip
+    with BatchEngine(loaded, options) as engine:
         assert engine.snapshot().prefill_path == "torch.compile", engine.prefill_error
         graphs = counters["stats"]["unique_graphs"]
         compiled_chunks = []
-        real = engine._chunk_forward
+        runner = engine.core.runner  # prompt chunks run through runner.chunk_forward
+        real = runner.chunk_forward
 
         def counting(lm: Any, embeds: Any, positions: Any, past: Any, deepstack: Any) -> Any:
             compiled_chunks.append((past.shape[0], embeds.shape[1]))
             return real(lm, embeds, positions, past, deepstack)
 
-        engine._chunk_forward = counting
+        runner.chunk_forward = counting
         got = {n: list(engine.submit_tokens(prompts[n], GREEDY, threading.Event())) for n in names}
         assert counters["stats"]["unique_graphs"] == graphs  # every chunk found a warmed graph
     assert got == expected
@@ -361,7 +369,7 @@ def test_a_follow_up_turn_reuses_the_first_turns_kv_and_answers_like_generate(
     files = {"text": (), "image": (_image(tmp_path / "a.png", 5),), "video": (str(ASSETS / "example.mp4"),)}[kind]
     first = UserMessage("Describe what you see in detail.", files)
     turn1 = build_prompt(loaded, ChatRequest(first, sampling=GREEDY))
-    with BatchEngine(loaded, max_batch=2, token_budget=2 * 1024) as engine:
+    with BatchEngine(loaded, BatchOptions(max_batch=2, token_budget=2 * 1024)) as engine:
         tokens1 = list(engine.submit_tokens(turn1, GREEDY, threading.Event()))
         answer = loaded.processor.tokenizer.decode(tokens1, skip_special_tokens=True)
         assert engine.snapshot().prefix_entries == 1 and len(vision_calls) == (0 if kind == "text" else 1)
@@ -384,7 +392,7 @@ def test_a_follow_up_turn_reuses_the_first_turns_kv_and_answers_like_generate(
 def test_regenerate_reuses_all_but_the_last_prompt_token(loaded, prompts, vision_calls) -> None:
     prompt = prompts["image"]
     sampled = SamplingParams(max_new_tokens=16, temperature=0.9, seed=1, repetition_penalty=1.0)
-    with BatchEngine(loaded, max_batch=1, token_budget=1024) as engine:
+    with BatchEngine(loaded, BatchOptions(max_batch=1, token_budget=1024)) as engine:
         list(engine.submit_tokens(prompt, sampled, threading.Event()))
         before = engine.snapshot()
         again = list(engine.submit_tokens(prompt, GREEDY, threading.Event()))  # the same history, a new answer
@@ -404,7 +412,7 @@ def test_a_different_image_in_the_same_place_is_not_reused(loaded, vision_calls,
     assert _ids(prompt_a) == _ids(prompt_b)
     image_start = _ids(prompt_a).index(loaded.model.config.image_token_id)
     assert image_start >= 16  # the system prompt alone is worth reusing
-    with BatchEngine(loaded, max_batch=2, token_budget=2 * 1024, prefix_slots=2) as engine:
+    with BatchEngine(loaded, BatchOptions(max_batch=2, token_budget=2 * 1024, prefix_slots=2)) as engine:
         list(engine.submit_tokens(prompt_a, GREEDY, threading.Event()))
         got_b = list(engine.submit_tokens(prompt_b, GREEDY, threading.Event()))
         after_b = engine.snapshot()
@@ -423,7 +431,7 @@ def test_a_second_image_after_a_reused_one_runs_the_vision_tower_on_it_alone(loa
     a, b = _image(tmp_path / "a.png", 1), str(ASSETS / "example.mp4")
     first = UserMessage("What is this?", (a,))
     turn1 = build_prompt(loaded, ChatRequest(first, sampling=GREEDY))
-    with BatchEngine(loaded, max_batch=1, token_budget=2048) as engine:
+    with BatchEngine(loaded, BatchOptions(max_batch=1, token_budget=2048)) as engine:
         tokens1 = list(engine.submit_tokens(turn1, GREEDY, threading.Event()))
         history = [Turn(first, loaded.processor.tokenizer.decode(tokens1, skip_special_tokens=True))]
         turn2 = build_prompt(loaded, ChatRequest(UserMessage("And this?", (b,)), history, sampling=GREEDY))
@@ -441,7 +449,7 @@ def test_the_least_recently_used_entry_is_evicted_when_the_pool_is_full(loaded) 
 
     one, two, three = (prompt(f"{w} topic: tell me everything you know about it") for w in ("First", "Second", "Third"))
     short = SamplingParams(max_new_tokens=4, temperature=0.0, repetition_penalty=1.0)
-    with BatchEngine(loaded, max_batch=1, token_budget=1024, prefix_slots=2) as engine:
+    with BatchEngine(loaded, BatchOptions(max_batch=1, token_budget=1024, prefix_slots=2)) as engine:
 
         def run(p: PreparedPrompt) -> int:
             hits = engine.snapshot().prefix_hits
@@ -452,30 +460,30 @@ def test_the_least_recently_used_entry_is_evicted_when_the_pool_is_full(loaded) 
         assert run(one) == 1  # one is now the most recently used
         assert run(three) == 0 and engine.snapshot().prefix_evicted == 1  # two made room, not one (older)
         assert run(one) == 1
-        kept = list(engine._pool.entries)
+        kept = engine.prefix_entries
         assert (run(two), run(three)) == (0, 0)  # each pushed out the least recently used: three, then one
         snap = engine.snapshot()
         # Each entry holds exactly its own tokens' KV; an evicted one holds none (its memory went back).
         text = loaded.model.config.text_config
-        for entry in engine._pool.entries:
+        for entry in engine.prefix_entries:
             assert tuple(entry.kv.shape) == (text.num_hidden_layers, 2, text.num_key_value_heads, len(entry.ids), text.head_dim)  # fmt: skip
         assert all(e.kv is None for e in kept)
     assert snap.prefix_entries == 2 and snap.prefix_evicted == 3
 
 
 def test_reuse_is_off_with_zero_prefix_slots(loaded, prompts) -> None:
-    with BatchEngine(loaded, max_batch=2, token_budget=2 * 512, prefix_slots=0) as engine:
-        assert engine._kv_shape[0] == 2
+    with BatchEngine(loaded, BatchOptions(max_batch=2, token_budget=2 * 512, prefix_slots=0)) as engine:
+        assert engine.kv_slots == 2
         for _ in range(2):
             list(engine.submit_tokens(prompts["long"], GREEDY, threading.Event()))
         snap = engine.snapshot()
     assert snap.prefix_slots == 0 and snap.prefix_hits == 0 and snap.prefix_entries == 0
     assert snap.prefill_tokens == 2 * len(_ids(prompts["long"]))
-    with BatchEngine(loaded, max_batch=8, token_budget=8 * 128) as engine:
-        assert engine.prefix_slots == 2 and engine._kv_shape[0] == 8  # default: a quarter of the running slots, kept
+    with BatchEngine(loaded, BatchOptions(max_batch=8, token_budget=8 * 128)) as engine:
+        assert engine.prefix_slots == 2 and engine.kv_slots == 8  # default: a quarter of the running slots, kept
         # outside the running slots' KV (allocated per entry as requests finish)
     with pytest.raises(ValueError, match="prefix_slots"):
-        BatchEngine(loaded, max_batch=1, token_budget=1024, prefix_slots=-1)
+        BatchOptions(max_batch=1, token_budget=1024, prefix_slots=-1)
 
 
 def test_out_of_memory_in_a_prefill_drops_the_retained_prefixes_and_retries(loaded) -> None:
@@ -490,7 +498,7 @@ def test_out_of_memory_in_a_prefill_drops_the_retained_prefixes_and_retries(load
             armed.clear()
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
-    with BatchEngine(loaded, max_batch=1, token_budget=1024, prefill_chunk=64) as engine:
+    with BatchEngine(loaded, BatchOptions(max_batch=1, token_budget=1024, prefill_chunk=64)) as engine:
         tokens1 = list(engine.submit_tokens(turn1, GREEDY, threading.Event()))
         history = [Turn(first, loaded.processor.tokenizer.decode(tokens1, skip_special_tokens=True))]
         turn2 = build_prompt(loaded, ChatRequest(UserMessage("go on " * 30), history, sampling=GREEDY))
@@ -562,7 +570,7 @@ def test_a_stop_string_ends_the_request_and_is_never_streamed(loaded, prompts) -
     expected = reference(loaded, prompts["long"], plain, eos_token_id=None)
     stop, end, before = _stop_case(loaded.processor.tokenizer, expected)
     stopping = dataclasses.replace(plain, stop=("never appears", stop))
-    with BatchEngine(loaded, max_batch=2, token_budget=2 * 512, eos_token_ids=()) as engine:
+    with BatchEngine(loaded, BatchOptions(max_batch=2, token_budget=2 * 512, eos_token_ids=())) as engine:
         tokens = list(engine.submit_tokens(prompts["long"], stopping, threading.Event()))
         items = list(engine.submit(prompts["long"], stopping, threading.Event()))
     assert tokens == expected[: end + 1]  # ended at the token that completed the stop string
@@ -635,9 +643,12 @@ def test_first_chunks_padded_to_a_graph_length_answer_like_generate(loaded, prom
 
     names = ["image", "mixed", "long", "text"]
     expected = {n: reference(loaded, prompts[n], GREEDY) for n in names}
-    with BatchEngine(loaded, max_batch=2, token_budget=2 * 1024, prefill_chunk=128, prefix_slots=0) as engine:
+    with BatchEngine(
+        loaded, BatchOptions(max_batch=2, token_budget=2 * 1024, prefill_chunk=128, prefix_slots=0)
+    ) as engine:
         text = loaded.model.config.text_config
-        graphs = EagerGraphs(engine._lm, (64, 128), engine._deepstack_layers, engine._no_past.shape[1:])
+        runner = engine.core.runner  # first chunks replay runner.chunk_graphs where it fits
+        graphs = runner.new_chunk_graphs((64, 128), EagerGraphs)
         with torch.inference_mode():
             graphs.capture()
             for buffer in (graphs._embeds, graphs._deepstack, graphs._kv, graphs._hidden):
@@ -651,7 +662,7 @@ def test_first_chunks_padded_to_a_graph_length_answer_like_generate(loaded, prom
             return real_run(embeds, positions, deepstack)
 
         graphs.run = counting
-        engine._chunk_graphs = graphs
+        runner.chunk_graphs = graphs
         got = {n: list(engine.submit_tokens(prompts[n], GREEDY, threading.Event())) for n in names}
     assert got == expected
     lengths = {n: prompts[n].inputs["input_ids"].shape[1] for n in names}

@@ -10,7 +10,7 @@ import torch
 
 from qwen3vl_webui.conversation import UserMessage
 from qwen3vl_webui.engine import fusion
-from qwen3vl_webui.engine.batching import BatchEngine
+from qwen3vl_webui.engine.batch import BatchEngine, BatchOptions
 from qwen3vl_webui.engine.generation import ChatRequest, SamplingParams, build_prompt
 from qwen3vl_webui.engine.loading import load_model
 
@@ -80,7 +80,7 @@ def test_the_engine_with_fused_projections_still_equals_generate(loaded) -> None
         for q, files in (("hello there", ()), ("Describe the image.", (str(ASSETS / "example.png"),)))
     ]
     expected = [_generate(loaded, p) for p in prompts]
-    with BatchEngine(loaded, max_batch=2, token_budget=2 * 1024, fuse=True, prefix_slots=0) as engine:
+    with BatchEngine(loaded, BatchOptions(max_batch=2, token_budget=2 * 1024, fuse=True, prefix_slots=0)) as engine:
         assert engine.fused_groups == 2 * len(loaded.model.model.language_model.layers)
         streams = [engine.submit_tokens(p, GREEDY, threading.Event()) for p in prompts]
         got = [list(s) for s in streams]

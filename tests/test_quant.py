@@ -15,7 +15,7 @@ import torch
 from torch.nn import functional as F
 
 from qwen3vl_webui.conversation import UserMessage
-from qwen3vl_webui.engine.batching import BatchEngine
+from qwen3vl_webui.engine.batch import BatchEngine, BatchOptions
 from qwen3vl_webui.engine.generation import ChatRequest, SamplingParams, build_prompt
 from qwen3vl_webui.engine.loading import LoadedModel, load_model
 from qwen3vl_webui.engine.quant import (
@@ -149,7 +149,7 @@ def test_engine_greedy_tokens_equal_generate_with_int8wo(int8wo: LoadedModel) ->
             out = int8wo.model.generate(**p.inputs, do_sample=False, max_new_tokens=GREEDY.max_new_tokens,
                                         repetition_penalty=1.0, eos_token_id=None)  # fmt: skip
         expected.append(out[0, p.inputs["input_ids"].shape[1] :].tolist())
-    with BatchEngine(int8wo, max_batch=2, token_budget=2 * 512, eos_token_ids=()) as engine:
+    with BatchEngine(int8wo, BatchOptions(max_batch=2, token_budget=2 * 512, eos_token_ids=())) as engine:
         streams = [engine.submit_tokens(p, GREEDY, threading.Event()) for p in prompts]
         got = [list(s) for s in streams]
         assert engine.snapshot().peak_active == 2  # decoded together

@@ -77,18 +77,18 @@ class BatchDecoder:
         self.reason = ""
 
     def attach(self, loaded: LoadedModel) -> None:
-        from qwen3vl_webui.engine.batching import BatchEngine
+        from qwen3vl_webui.engine.batch import BatchEngine, BatchOptions
 
         self.detach()
         budget = self.max_context * self.max_batch
+        options = BatchOptions(max_batch=self.max_batch, token_budget=budget, compile_cache_dir=self.compile_cache_dir)
         try:
-            self.engine = BatchEngine(
-                loaded, max_batch=self.max_batch, token_budget=budget, compile_cache_dir=self.compile_cache_dir
-            )
+            self.engine = BatchEngine(loaded, options)
         except Exception as exc:  # e.g. a kernel that cannot be captured: keep serving, eagerly
             log.warning("batch engine with CUDA graphs failed to start (%s); retrying without graphs", exc)
             try:
-                self.engine = BatchEngine(loaded, max_batch=self.max_batch, token_budget=budget, cuda_graphs=False)
+                eager = BatchOptions(max_batch=self.max_batch, token_budget=budget, cuda_graphs=False)
+                self.engine = BatchEngine(loaded, eager)
                 self.reason = f"CUDA graphs off: {exc}"
             except Exception as exc2:
                 log.warning("batch engine failed to start (%s); using generate", exc2)

@@ -1,0 +1,276 @@
+"""The batch engine's core: each step admits, runs at most one prefill forward, then a decode step, and publishes
+what every request got as plain data (EngineOutputs). It runs on the one worker thread that owns the GPU."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from qwen3vl_webui.engine.batch.graphs import DecodeGraphs
+from qwen3vl_webui.engine.batch.kv import SlotKV, is_out_of_memory
+from qwen3vl_webui.engine.batch.options import BatchOptions
+from qwen3vl_webui.engine.batch.requests import EngineClosed, EngineOutputs, Outbox, Request
+from qwen3vl_webui.engine.batch.runner import ModelRunner, Prefilled
+from qwen3vl_webui.engine.batch.sampler import Sampler
+from qwen3vl_webui.engine.batch.scheduler import PrefillJob, PrefillPlan, Scheduler
+from qwen3vl_webui.engine.loading import LoadedModel
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """Load of the engine for the live panel (plain data)."""
+
+    active: int
+    waiting: int
+    max_batch: int
+    max_len: int
+    peak_active: int
+    steps: int
+    tokens: int
+    oldest_wait_s: float
+    graph_buckets: tuple[int, ...]
+    startup_s: float
+    prefilling: int = 0  # admitted requests whose prompt is still being prefilled (chunk by chunk)
+    decode_path: str = ""  # e.g. "cuda graphs + torch.compile", "cuda graphs", "eager (why)"
+    prefill_path: str = ""  # "torch.compile" or "eager (why)"
+    prefill_tokens: int = 0  # prompt tokens run through prefill forwards (reused ones are not)
+    prefix_slots: int = 0  # KV slots that keep finished requests for reuse (0: reuse off)
+    prefix_entries: int = 0  # of them, holding a finished request now
+    prefix_hits: int = 0  # prompts that started from a retained prefix
+    prefix_tokens_reused: int = 0  # prompt tokens taken from retained KV instead of prefilled
+    prefix_evicted: int = 0  # entries pushed out (least recently used) to keep a newer one
+    prefix_dropped: int = 0  # entries dropped because a prefill ran out of memory
+    prefill_forwards: int = 0  # prefill forwards run (a batch of short prompts, a chunk, a vision tower)
+
+
+class EngineCore:
+    """Scheduler, KV slots, model runner, graphs and sampler, driven one `step()` at a time by the worker.
+
+    `publish` receives each EngineOutputs: once per step, and once more as a prompt's first token is chosen (before
+    its KV is copied into its slot, so that copy is off the time to first token).
+    """
+
+    def __init__(self, loaded: LoadedModel, options: BatchOptions, publish: Callable[[EngineOutputs], None]) -> None:
+        self.loaded = loaded
+        self.options = options
+        self.scheduler = Scheduler(
+            options.max_batch, options.prefill_chunk, options.idle_prefill_factor, options.burst_forwards
+        )
+        self.kv = SlotKV(loaded, options.max_batch, options.max_len, options.retained_slots)
+        self.runner = ModelRunner(loaded, self.kv, options.prefill_chunk)
+        self.sampler = Sampler(loaded.device, options.max_batch)
+        self.graphs = DecodeGraphs(loaded, self.runner, self.kv, options)
+        eos_ids = options.eos_token_ids
+        if eos_ids is None:
+            eos = loaded.model.generation_config.eos_token_id
+            eos_ids = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+        self.eos = frozenset(int(t) for t in eos_ids)
+        self.steps = 0
+        self.tokens = 0
+        self.startup_s = 0.0
+        self._publish = publish
+        self._out = Outbox()
+        self._inflight: tuple[int, Any] | None = None  # (rows, device tokens) of the enqueued decode step
+
+    def start(self) -> None:
+        """Allocates the KV, compiles and captures: all before the first request (worker thread, inference mode)."""
+        started = time.perf_counter()
+        try:
+            self.kv.allocate()
+            self.sampler.allocate(self.runner.lm_head.out_features)
+            self.graphs.prepare()
+        except BaseException:
+            self.graphs.restore()
+            raise
+        self.startup_s = time.perf_counter() - started
+
+    def step(self) -> bool:
+        """Admission, at most one prefill forward (so a new prompt stalls running streams for one forward at most),
+        then the decode step; publishes what it produced. Blocks while there is no work; False once closed."""
+        admission = self.scheduler.admit()
+        if admission is None:
+            return False
+        for req in admission.dropped:
+            self._out.finish(req, "cancelled")
+        for req in admission.admitted:
+            hit = self.kv.reuse_prefix(req)
+            job = self.scheduler.start_prefill(req, reused=hit[1] if hit else 0)
+            if hit:
+                self.runner.adopt(job, hit[0])
+        plan = self.scheduler.next_prefill()
+        if plan is not None:
+            self._prefill(plan)
+        try:
+            if self._inflight is None:
+                for slot in self.scheduler.cancelled_slots():
+                    self._release(slot, "cancelled")
+                if self.scheduler.decode_now():
+                    self._launch()
+            if self._inflight is not None:
+                self._collect()  # launches the following step first when no request leaves
+        except BaseException as exc:  # fail this batch's requests, keep serving the next ones
+            self._inflight = None
+            for req in self.scheduler.fail_running():
+                self._out.fail(req, exc)
+            self.kv.clear_all()
+        self._flush()
+        return True
+
+    def shutdown(self) -> None:
+        """Running and waiting requests end with EngineClosed; frees the KV memory and undoes the model changes."""
+        closed = EngineClosed("The generation engine was closed.")
+        for req in self.scheduler.drain():
+            self._out.fail(req, closed)
+        self._flush()
+        self.runner.forget_all()
+        self.graphs.release()
+        self.kv.free()
+        self.sampler.free()
+        self.graphs.restore()
+
+    def snapshot(self) -> EngineSnapshot:
+        now = time.perf_counter()
+        waiting, oldest = self.scheduler.waiting_load()
+        pool = self.kv.pool
+        return EngineSnapshot(
+            active=len(self.scheduler.running),
+            waiting=waiting,
+            max_batch=self.options.max_batch,
+            max_len=self.options.max_len,
+            peak_active=self.scheduler.peak,
+            steps=self.steps,
+            tokens=self.tokens,
+            oldest_wait_s=0.0 if oldest is None else now - oldest,
+            graph_buckets=self.graphs.captured,
+            startup_s=self.startup_s,
+            prefilling=len(self.scheduler.prefilling),
+            decode_path=self.graphs.decode_path,
+            prefill_path=self.graphs.prefill_path,
+            prefill_tokens=self.runner.prefill_tokens,
+            prefix_slots=self.options.retained_slots,
+            prefix_entries=len(pool.entries),
+            prefix_hits=pool.hits,
+            prefix_tokens_reused=pool.tokens_reused,
+            prefix_evicted=pool.evicted,
+            prefix_dropped=pool.dropped,
+            prefill_forwards=self.scheduler.prefill_forwards,
+        )
+
+    # ------------------------------------------------------------------ prefill
+
+    def _prefill(self, plan: PrefillPlan) -> None:
+        """One prefill forward; a failing prompt (bad media, out of memory) fails its own requests only."""
+        for job in plan.cancelled:
+            self.runner.forget(job)
+            self._out.finish(job.req, "cancelled")
+        if not plan.jobs:
+            return
+        try:
+            results = self.runner.prefill(plan)
+        except Exception as exc:
+            if is_out_of_memory(exc) and self.scheduler.may_retry(plan.jobs):
+                # The jobs restart from their last whole step (a chunk's keys/values join their KV only once done).
+                self.kv.relieve_memory()
+                return
+            for job in plan.jobs:
+                self.scheduler.prefill_done(job)
+                self.runner.forget(job)
+                self._out.fail(job.req, exc)
+            return
+        for job, (done, prefilled) in zip(plan.jobs, results):
+            self.scheduler.advance(job, done)
+            if prefilled is None:
+                continue  # more chunks to go
+            self.scheduler.prefill_done(job)
+            self._activate(job, prefilled)
+
+    def _activate(self, job: PrefillJob, prefilled: Prefilled) -> None:
+        """Joins the running batch in the next free slot, emits the first token, copies the prompt's KV into the slot."""
+        req, length = job.req, job.length
+        if req.cancel.is_set():
+            self._out.finish(req, "cancelled")
+            return
+        slot = len(self.scheduler.running)
+        try:
+            req.kv_len = length
+            self.kv.join(slot, length, prefilled.delta)
+            self.sampler.join(slot, req)
+            self.scheduler.join(req)
+            token = self.sampler.choose(prefilled.logits.float(), [req], slot)
+            self.kv.set_next(slot, token[0])
+            self.sampler.saw([req], slot, token)
+            first = int(token[0])
+            reason = req.ends(first, self.eos)
+            self._emit(req, first, time.perf_counter())
+            # The first token goes out before the prompt's KV is copied into the slot (72 launches off the time to
+            # first token); the next decode step is enqueued after these copies.
+            self._flush()
+            self.kv.write_prompt(slot, prefilled.layer_kv, length)
+            if reason:
+                self._release(slot, reason)
+        except Exception as exc:
+            if self.scheduler.unjoin(req) is not None:
+                self.kv.clear_slot(slot)
+            self._out.fail(req, exc)
+
+    # ------------------------------------------------------------------ decode
+
+    def _launch(self) -> None:
+        """Enqueues one decode step for the running batch; device work only, no host sync."""
+        reqs = list(self.scheduler.running)
+        n = len(reqs)
+        self.scheduler.launched()
+        logits = self.graphs.logits(n).float()
+        tokens = self.sampler.choose(logits, reqs, 0)
+        self.kv.advance(n, tokens)
+        self.sampler.saw(reqs, 0, tokens)
+        self._inflight = (n, tokens)
+
+    def _collect(self) -> None:
+        """Reads the step in flight; if nobody leaves, the next step is enqueued before the tokens are handed out.
+
+        Handing tokens to readers wakes their threads (GIL), and slots only move (compaction) between steps,
+        so the GPU runs step k+1 while the host emits step k. Requests only join meanwhile (prefill appends a
+        slot past the step's rows), never leave, so rows [0, n) still map to the first n running requests.
+        """
+        n, tokens = self._inflight  # type: ignore[misc]
+        self._inflight = None
+        values = tokens.tolist()
+        now = time.perf_counter()
+        self.steps += 1
+        reqs = self.scheduler.running[:n]
+        reasons = [req.ends(token, self.eos) for req, token in zip(reqs, values)]
+        if not any(reasons) and len(self.scheduler.running) == n:
+            self._launch()
+        for req, token in zip(reqs, values):
+            req.kv_len += 1
+            self._emit(req, token, now)
+        for slot in reversed(range(n)):  # highest first: moving the last slot down never moves a finished one
+            if reasons[slot]:
+                self._release(slot, reasons[slot])  # type: ignore[arg-type]
+
+    def _emit(self, req: Request, token: int, now: float) -> None:
+        req.tokens.append(token)
+        req.first_at = req.first_at or now
+        req.last_at = now
+        self.tokens += 1
+        self._out.token(req, token)
+
+    def _release(self, slot: int, reason: str) -> None:
+        """Ends the request in `slot` and moves the last running request into the hole (slots stay dense)."""
+        req = self.scheduler.running[slot]
+        self.kv.retain(req, slot)  # before the reader hears of the end: its next turn finds the entry
+        self._out.finish(req, reason)
+        last = self.scheduler.release(slot)
+        if last != slot:
+            self.kv.move(last, slot, self.scheduler.running[slot].kv_len)
+            self.sampler.move(last, slot)
+        self.kv.clear_slot(last)
+
+    def _flush(self) -> None:
+        if not self._out:
+            return
+        sched = self.scheduler
+        self._publish(EngineOutputs(self._out.take(), self.steps, sched.prefill_forwards, sched.decode_launches))

@@ -1,0 +1,92 @@
+"""The batch engine's settings: one frozen dataclass, validated once where it is built."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+# KV rows per slot are rounded to this (SDPA's memory-efficient kernel wants 16-aligned masks).
+LEN_ALIGN = 64
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """Everything a BatchEngine is built from; benchmarks vary these instead of module globals."""
+
+    max_batch: int = 8  # requests decoding together; each holds one KV slot
+    token_budget: int = 8 * 4096  # KV tokens of all running slots together: max_len = budget / max_batch, aligned
+    # Batch sizes with a captured decode graph; a step of n requests replays the smallest bucket >= n.
+    buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    eos_token_ids: tuple[int, ...] | None = None  # None: the model's generation config
+    cuda_graphs: bool | None = None  # None: on CUDA
+    compile: bool | None = None  # None: compiled.should_compile (CUDA bf16/fp16/int8wo/int4)
+    compile_cache_dir: str | os.PathLike[str] | None = None
+    # Prompt tokens one prefill forward may take between two decode steps (about 60 ms of H100 time in bf16):
+    # bounds how long a new prompt stalls the running streams.
+    prefill_chunk: int = 2048
+    prefix_slots: int | None = None  # retained-KV entries; None: prefix_share of max_batch (at least one); 0: off
+    fuse: bool | None = None  # fused q/k/v and gate/up projections; None: on CUDA
+    gemv: bool | None = None  # one-row products through the Triton GEMV; None: on CUDA
+    prefill_graphs: bool | None = None  # first prompt chunks replayed from CUDA graphs; None: where decode is graphed
+    compile_prefill: bool = False  # prompt chunks through torch.compile (minutes of start-up on an H100)
+    # Padded lengths of the first-chunk prefill graphs (engine/prefill.py), capped at the prefill chunk: every
+    # multiple of LEN_ALIGN, so a prompt pays at most 63 tokens of padding (capturing one takes ~0.1 s on an H100).
+    prefill_graph_step: int = LEN_ALIGN
+    # Short text prompts batch up to this many times prefill_chunk tokens in one forward while no stream is mid-answer.
+    idle_prefill_factor: int = 4
+    # A burst's first decode step waits for at most this many prefill forwards (32 prompts of 512 tokens: 2), so
+    # arrivals that keep trickling in cannot hold the first streams' second token (nor the GIL) for long.
+    burst_forwards: int = 2
+    prefix_share: float = 0.25  # retained-KV slots per running slot when prefix_slots is None (rounded up)
+    poll_s: float = 1.0  # how often a waiting reader checks that the worker is still alive
+    # On CUDA, one-token decode queries use the split-KV Triton kernel over each row's live length (attention.py)
+    # instead of SDPA over the whole slot behind a mask. Benchmarks turn it off to compare.
+    decode_kernel: bool = True
+    # Batch buckets > 1 share one compile with a symbolic batch size (dynamo's automatic dynamic shapes: bucket 1
+    # compiles static, the next bucket recompiles with the row count symbolic, later buckets reuse it). False: one
+    # static compile per bucket.
+    dynamic_batch: bool = True
+
+    def __post_init__(self) -> None:
+        # Tuples whatever was passed (a list from JSON, a generator): the options stay hashable and reusable.
+        object.__setattr__(self, "buckets", tuple(int(b) for b in self.buckets))
+        if self.eos_token_ids is not None:
+            object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.prefix_slots is not None and self.prefix_slots < 0:
+            raise ValueError(f"prefix_slots must be >= 0 (0 turns prefix reuse off), got {self.prefix_slots}")
+        if self.prefill_chunk < LEN_ALIGN:
+            raise ValueError(f"prefill_chunk must be >= {LEN_ALIGN} tokens, got {self.prefill_chunk}")
+        if self.max_len < LEN_ALIGN:
+            raise ValueError(
+                f"token_budget {self.token_budget} leaves under {LEN_ALIGN} tokens per slot for {self.max_batch} "
+                f"slots; give at least {LEN_ALIGN * self.max_batch}."
+            )
+        if any(b < 1 for b in self.buckets):
+            raise ValueError(f"buckets must be batch sizes >= 1, got {self.buckets}")
+        if self.prefill_graph_step < 1 or self.idle_prefill_factor < 1 or self.burst_forwards < 0:
+            raise ValueError(
+                "prefill_graph_step and idle_prefill_factor must be >= 1 and burst_forwards >= 0, got "
+                f"{self.prefill_graph_step}, {self.idle_prefill_factor}, {self.burst_forwards}"
+            )
+        if self.poll_s <= 0 or self.prefix_share < 0:
+            raise ValueError(f"poll_s must be > 0 and prefix_share >= 0, got {self.poll_s}, {self.prefix_share}")
+
+    @property
+    def max_len(self) -> int:
+        """Tokens one slot holds (prompt + answer)."""
+        return self.token_budget // self.max_batch // LEN_ALIGN * LEN_ALIGN
+
+    @property
+    def retained_slots(self) -> int:
+        """Retained-prefix entries: `prefix_slots`, else a share of `max_batch` (at least one)."""
+        if self.prefix_slots is not None:
+            return self.prefix_slots
+        return max(1, math.ceil(self.max_batch * self.prefix_share))
+
+    @property
+    def slot_buckets(self) -> tuple[int, ...]:
+        """The graph buckets below `max_batch`, and `max_batch` itself."""
+        return tuple(sorted({b for b in self.buckets if b < self.max_batch} | {self.max_batch}))
