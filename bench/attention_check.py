@@ -223,22 +223,20 @@ def fp32_section(report: dict[str, Any], args: Any) -> None:
     """fp32 (IEEE dot in the kernel): the engine's greedy tokens with the kernel and with SDPA against `generate`."""
     import torch
 
-    from qwen3vl_webui.engine import compiled
-    from qwen3vl_webui.engine.batching import BatchEngine
+    from qwen3vl_webui.engine.batch import BatchEngine, BatchOptions
 
     loaded = build_loaded("4b", "cuda", dtype=torch.float32)
     prompts = make_prompts(2, args.prompt_tokens, loaded.model.config.text_config.vocab_size - 64, seed=1)
     out: dict[str, Any] = {}
     try:
         for kernel in (True, False):
-            compiled.DECODE_KERNEL = kernel
-            with BatchEngine(loaded, max_batch=2, token_budget=2 * 1024, buckets=(1, 2), eos_token_ids=(), compile=False) as engine:  # fmt: skip
+            options = BatchOptions(max_batch=2, token_budget=2 * 1024, buckets=(1, 2), eos_token_ids=(), compile=False, decode_kernel=kernel)  # fmt: skip
+            with BatchEngine(loaded, options) as engine:
                 label = "kernel" if kernel else "sdpa"
                 checks = [greedy_check(loaded, engine, p, 32) for p in prompts]
                 out[label] = dict(decode_attention=engine.decode_attention, checks=checks)
                 print("fp32", label, engine.decode_attention, [c["equal_prefix"] for c in checks], flush=True)
     finally:
-        compiled.DECODE_KERNEL = True
         _free(loaded)
     out["kernel_tokens_equal_sdpa_tokens"] = [
         a["engine_tokens"] == b["engine_tokens"] for a, b in zip(out["kernel"]["checks"], out["sdpa"]["checks"])
@@ -303,11 +301,10 @@ def replay_ms(engine: Any, rows: int, position: int) -> float | None:
     """Median time of one graph replay of bucket `rows` with every row at `position` (engine idle)."""
     import torch
 
-    if rows not in engine._graphs:
+    graph = engine.core.graphs.graph(rows)
+    if graph is None:
         return None
-    graph, _ = engine._graphs[rows]
-    with torch.inference_mode():
-        engine._pos[:rows].fill_(position)
+    engine.core.kv.place_rows(rows, position)
     for _ in range(5):
         graph.replay()
     samples = []
@@ -319,8 +316,7 @@ def replay_ms(engine: Any, rows: int, position: int) -> float | None:
         end.record()
         end.synchronize()
         samples.append(start.elapsed_time(end) / 20)
-    with torch.inference_mode():
-        engine._pos[:rows].zero_()
+    engine.core.kv.place_rows(rows, 0)
     return round(statistics.median(samples), 3)
 
 
@@ -330,16 +326,14 @@ def engine_section(
     import torch
     from torch._dynamo.utils import counters
 
-    from qwen3vl_webui.engine import compiled
-    from qwen3vl_webui.engine.batching import BatchEngine
+    from qwen3vl_webui.engine.batch import BatchEngine, BatchOptions
 
-    compiled.DECODE_KERNEL, compiled.DYNAMIC_BATCH = kernel, dynamic
     graphs_before = counters["stats"]["unique_graphs"]
     started = time.perf_counter()
-    engine = BatchEngine(
-        loaded, max_batch=max(buckets), token_budget=max(buckets) * args.slot_tokens, buckets=buckets,
-        eos_token_ids=(), compile=compile, compile_cache_dir=args.cache_dir,
-    )  # fmt: skip
+    engine = BatchEngine(loaded, BatchOptions(
+        max_batch=max(buckets), token_budget=max(buckets) * args.slot_tokens, buckets=buckets,
+        eos_token_ids=(), compile=compile, compile_cache_dir=args.cache_dir, decode_kernel=kernel, dynamic_batch=dynamic,
+    ))  # fmt: skip
     result: dict[str, Any] = dict(
         startup_s=round(time.perf_counter() - started, 2), warmup_s=engine.warmup_s, decode_path=engine.decode_path,
         decode_attention=engine.decode_attention, compile_error=engine.compile_error, graph_error=engine.graph_error,

@@ -222,7 +222,7 @@ def run_checks(args: Any) -> None:
     """Correctness on the device only: bf16 graphs vs eager vs generate, then the same model in fp32."""
     import torch
 
-    from qwen3vl_webui.engine.batching import BatchEngine
+    from qwen3vl_webui.engine.batch import BatchEngine, BatchOptions
     from qwen3vl_webui.engine.loading import load_model
 
     report: dict[str, Any] = {}
@@ -235,7 +235,7 @@ def run_checks(args: Any) -> None:
                     "eager": dict(compile=False, cuda_graphs=False)}  # fmt: skip
         for name, kw in variants.items():
             label = f"{precision}_{name}"
-            with BatchEngine(loaded, max_batch=8, token_budget=8 * 1024, buckets=(1, 8), **kw) as engine:
+            with BatchEngine(loaded, BatchOptions(max_batch=8, token_budget=8 * 1024, buckets=(1, 8), **kw)) as engine:
                 report[label] = [greedy_check(loaded, engine, p, args.check_tokens) for p in prompts]
                 report[f"{label}_path"] = engine.decode_path
             for r in report[label]:
@@ -296,9 +296,7 @@ def _greedy(tokens: int) -> Any:
 
 def forget_prefixes(engine: Any) -> None:
     """Drops the engine's retained prefixes (call it while the engine is idle): the next prompts prefill whole."""
-    pool = getattr(engine, "_pool", None)
-    if pool is not None:
-        pool.clear()
+    engine.forget_prefixes()
 
 
 def graph_ms(fn: Any) -> float:
@@ -415,11 +413,10 @@ def profile_decode(engine: Any, rows_list: tuple[int, ...], kv_len: int) -> dict
 
     result: dict[str, Any] = {}
     for rows in rows_list:
-        if rows not in engine._graphs:
+        graph = engine.core.graphs.graph(rows)
+        if graph is None:
             continue
-        graph, _out = engine._graphs[rows]
-        with torch.inference_mode():  # the engine's buffers are inference tensors
-            engine._pos[:rows].fill_(kv_len)
+        engine.core.kv.place_rows(rows, kv_len)
         for _ in range(5):
             graph.replay()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -439,12 +436,11 @@ def profile_decode(engine: Any, rows_list: tuple[int, ...], kv_len: int) -> dict
         if not kinds:  # CUPTI showed no kernels inside the graph: the same step, launched op by op
             with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(steps):
-                    engine._decode_fn(rows)
+                    engine.core.graphs.step(rows)
                 torch.cuda.synchronize()
             kinds, kernels = _kernel_kinds(prof)
             source = "compiled step launched op by op"
-        with torch.inference_mode():
-            engine._pos[:rows].zero_()
+        engine.core.kv.place_rows(rows, 0)
         total_us = sum(sum(v) for v in kinds.values()) / steps
         result[str(rows)] = dict(
             replay_ms=round(replay_ms, 3), kernel_sum_ms=round(total_us / 1e3, 3),
@@ -481,11 +477,11 @@ def _kernel_kinds(prof: Any) -> tuple[dict[str, list[float]], dict[str, float]]:
 
 def start_engine(loaded: Any, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
     """A BatchEngine and its start-up figures (wall time, per-bucket warm-up incl. compile, decode path)."""
-    from qwen3vl_webui.engine.batching import BatchEngine
+    from qwen3vl_webui.engine.batch import BatchEngine, BatchOptions
 
     _reset_peak(loaded.device)
     started = time.perf_counter()
-    engine = BatchEngine(loaded, **kwargs)
+    engine = BatchEngine(loaded, BatchOptions(**kwargs))
     info = dict(
         startup_s=round(time.perf_counter() - started, 2), warmup_s=engine.warmup_s,
         decode_path=engine.decode_path, compile_error=engine.compile_error, graph_error=engine.graph_error,

@@ -76,12 +76,15 @@ def _turn(engine: Any, prompt: Any, sampling: Any, device: str) -> tuple[float, 
 
 def chat(args: Any, loaded: Any) -> list[dict[str, Any]]:
     from qwen3vl_webui.conversation import Turn, UserMessage
-    from qwen3vl_webui.engine.batching import BatchEngine
+    from qwen3vl_webui.engine.batch import BatchEngine, BatchOptions
     from qwen3vl_webui.engine.generation import ChatRequest, SamplingParams, build_prompt, stream_generate
 
     sampling = SamplingParams(max_new_tokens=args.answer_tokens, temperature=0.0, repetition_penalty=1.0)
     budget = dict(max_batch=args.max_batch, token_budget=args.max_batch * args.slot_tokens, compile=args.compile)
-    engines = {"reuse": BatchEngine(loaded, **budget), "no reuse": BatchEngine(loaded, **budget, prefix_slots=0)}
+    engines = {
+        "reuse": BatchEngine(loaded, BatchOptions(**budget)),
+        "no reuse": BatchEngine(loaded, BatchOptions(**budget, prefix_slots=0)),
+    }
     system = " ".join(f"rule {i} is to answer carefully." for i in range(args.system_words // 6))
     first = UserMessage("Describe this image in detail.", (_image(Path("/tmp/prefix_check.png")),))
     vision = _count_vision(loaded)
@@ -128,7 +131,7 @@ def stop_cost(args: Any, loaded: Any) -> dict[str, Any]:
     """Decode tok/s of `--streams` streams without stop strings and with one that never matches."""
     import torch
 
-    from qwen3vl_webui.engine.batching import BatchEngine
+    from qwen3vl_webui.engine.batch import BatchEngine, BatchOptions
     from qwen3vl_webui.engine.generation import PreparedPrompt, SamplingParams
 
     out: dict[str, Any] = {}
@@ -142,7 +145,7 @@ def stop_cost(args: Any, loaded: Any) -> dict[str, Any]:
     kwargs = dict(
         max_batch=args.streams, token_budget=args.streams * 512, eos_token_ids=(), prefix_slots=0, compile=args.compile
     )
-    with BatchEngine(loaded, **kwargs) as engine:
+    with BatchEngine(loaded, BatchOptions(**kwargs)) as engine:
         for label, stop in (("none", ()), ("one, never matching", ("zq xj vk",)), ("none again", ())):
             sampling = SamplingParams(max_new_tokens=256, temperature=0.0, repetition_penalty=1.0, stop=stop)
             rates = []

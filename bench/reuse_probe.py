@@ -25,7 +25,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from qwen3vl_webui.engine.batching import BatchEngine
+    from qwen3vl_webui.engine.batch import BatchEngine, BatchOptions
     from qwen3vl_webui.engine.loading import load_model
 
     if args.no_cudnn_sdpa:
@@ -48,9 +48,11 @@ def main() -> None:
 
         setattr(obj, name, wrapper)
 
-    engine = BatchEngine(loaded, max_batch=8, token_budget=8 * 1280, buckets=(1, 8), compile=args.compile)
-    for name in ("_admit", "_prefill_forward", "_activate", "_retain", "_encode_media", "_prefill_chunk", "_prefill_texts"):  # fmt: skip
-        timed(engine, name)
+    engine = BatchEngine(loaded, BatchOptions(max_batch=8, token_budget=8 * 1280, buckets=(1, 8), compile=args.compile))
+    core = engine.core  # the engine's pieces (engine/batch/): the prefix match ("_admit" before) is kv.reuse_prefix
+    for obj, name in ((core.kv, "reuse_prefix"), (core.runner, "prefill"), (core, "_activate"), (core.kv, "retain"),
+                      (core.runner, "_encode_media"), (core.runner, "_prefill_chunk"), (core.runner, "_prefill_texts")):  # fmt: skip
+        timed(obj, name)
     vocab = len(loaded.processor.tokenizer) - 32
     prompt = make_prompts(1, 512, vocab)[0]
     image = make_image_prompt(loaded, 64)

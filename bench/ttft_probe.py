@@ -36,6 +36,12 @@ from engine_bench import (  # noqa: E402
 )
 
 STAGES = ("_admit", "_encode_media", "_prompt_positions", "_prefill_chunk", "_activate", "_emit")
+# Where each stage lives in the engine's pieces (engine/batch/): (piece, method); "_admit" is the prefix match.
+STAGE_METHODS = {
+    "_admit": ("kv", "reuse_prefix"), "_encode_media": ("runner", "_encode_media"),
+    "_prompt_positions": ("runner", "_prompt_positions"), "_prefill_chunk": ("runner", "_prefill_chunk"),
+    "_activate": ("core", "_activate"), "_emit": ("core", "_emit"), "_next_work": ("scheduler", "admit"),
+}  # fmt: skip
 
 
 def stage_timeline(engine: Any, prompt: Any, sync: bool, forget: bool = True) -> list[tuple[str, float, float]]:
@@ -48,8 +54,13 @@ def stage_timeline(engine: Any, prompt: Any, sync: bool, forget: bool = True) ->
     events: list[tuple[str, float, float]] = []
     started = 0.0
 
+    def target(name: str) -> Any:
+        piece, method = STAGE_METHODS[name]
+        return (engine.core if piece == "core" else getattr(engine.core, piece)), method
+
     def wrap(name: str) -> None:
-        real = getattr(engine, name)
+        obj, method = target(name)
+        real = getattr(obj, method)
 
         def timed(*args: Any, **kwargs: Any) -> Any:
             t0 = time.perf_counter()
@@ -60,11 +71,11 @@ def stage_timeline(engine: Any, prompt: Any, sync: bool, forget: bool = True) ->
                     torch.cuda.synchronize()
                 events.append((name, round(1e3 * (t0 - started), 2), round(1e3 * (time.perf_counter() - started), 2)))
 
-        setattr(engine, name, timed)
+        setattr(obj, method, timed)
 
-    from qwen3vl_webui.engine import batching
+    from qwen3vl_webui.engine import prefix
 
-    real_find = batching.find_media
+    real_find = prefix.find_media
 
     def stamp(name: str, t0: float | None = None) -> None:
         now = round(1e3 * (time.perf_counter() - started), 2)
@@ -80,7 +91,7 @@ def stage_timeline(engine: Any, prompt: Any, sync: bool, forget: bool = True) ->
         finally:
             stamp("find_media", t0)
 
-    pool = engine._pool
+    pool = engine.core.kv.pool
     real_match = pool.match
 
     def match(*args: Any) -> Any:
@@ -94,7 +105,7 @@ def stage_timeline(engine: Any, prompt: Any, sync: bool, forget: bool = True) ->
 
     for name in (*STAGES, "_next_work"):
         wrap(name)
-    batching.find_media = find_media
+    prefix.find_media = find_media
     try:
         if forget:
             forget_prefixes(engine)
@@ -106,9 +117,9 @@ def stage_timeline(engine: Any, prompt: Any, sync: bool, forget: bool = True) ->
         list(stream)
     finally:
         del pool.match
-        batching.find_media = real_find
+        prefix.find_media = real_find
         for name in (*STAGES, "_next_work"):
-            delattr(engine, name)
+            delattr(*target(name))
     return [e for e in events if e[0] != "_next_work" or e[2] > 0]
 
 
@@ -361,11 +372,11 @@ def main() -> None:
 
                 report["sync_sites_engine"] = sync_sites(lambda: ttft(True))
                 print("sync sites engine", json.dumps(report["sync_sites_engine"], indent=0), flush=True)
-                pool = engine._pool
-                engine._pool = PrefixPool(())  # falsy: no media hashing, no reuse
+                pool = engine.core.kv.pool
+                engine.core.kv.pool = PrefixPool(())  # falsy: no media hashing, no reuse
                 report["timeline_no_pool"] = [stage_timeline(engine, prompt, False) for _ in range(3)][1:]
                 print("timeline no pool", json.dumps(report["timeline_no_pool"]), flush=True)
-                engine._pool = pool
+                engine.core.kv.pool = pool
                 interval = _sys.getswitchinterval()
                 _sys.setswitchinterval(0.0002)
                 report["timeline_switch_0.2ms"] = [stage_timeline(engine, prompt, False) for _ in range(3)][1:]

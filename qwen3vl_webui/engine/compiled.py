@@ -15,13 +15,8 @@ PACKED_DECODE_ATTENTION = "qwen3vl_webui_sdpa"
 # Inductor's mode: "default" fuses the pointwise/norm/rope kernels around cuBLAS GEMMs. "max-autotune-no-cudagraphs"
 # benchmarks GEMM templates per shape (minutes per bucket) for little gain on decode's skinny GEMMs.
 COMPILE_MODE = "default"
-# Batch buckets > 1 share one compile with a symbolic batch size (dynamo's automatic dynamic shapes: bucket 1
-# compiles static, the next bucket recompiles with the row count symbolic, later buckets reuse it). False: one
-# static compile per bucket. Benchmarks flip it to compare.
-DYNAMIC_BATCH = True
-# On CUDA, one-token decode queries use the split-KV Triton kernel over each row's live length (attention.py)
-# instead of SDPA over the whole slot behind a mask. Benchmarks flip it to compare.
-DECODE_KERNEL = True
+# Whether batch buckets share one dynamic compile, and whether decode uses the split-KV kernel: the batch engine's
+# options (engine/batch/options.py: dynamic_batch, decode_kernel).
 
 
 def default_cache_dir() -> Path:
@@ -157,8 +152,6 @@ def decode_kernel_blocker(device: str, text_config: Any, dtype: Any) -> str | No
     It needs CUDA, transformers' SDPA as the text model's attention (the engine routes through
     `packed_decode_attention`), and a kernel that compiles and matches the torch reference on this GPU.
     """
-    if not DECODE_KERNEL:
-        return "turned off (compiled.DECODE_KERNEL)"
     if not str(device).startswith("cuda"):
         return "not on CUDA"
     if text_config._attn_implementation not in ("sdpa", PACKED_DECODE_ATTENTION):
