@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-new-tokens", "max_new_tokens", _rule("max_new_tokens"), type=int, metavar="TOKENS")
     add("--max-files-per-turn", "max_files_per_turn", _rule("max_files_per_turn"), type=int, metavar="N")
     add("--max-file-mb", "max_file_mb", _rule("max_file_mb"), type=int, metavar="MB")
+    add("--max-requests-per-client", "max_requests_per_client", _rule("max_requests_per_client"), type=int, metavar="N")
+    add("--max-history-turns", "max_history_turns", _rule("max_history_turns"), type=int, metavar="N")
+    add("--max-files-per-chat", "max_files_per_chat", _rule("max_files_per_chat"), type=int, metavar="N")
     add("--host", "host", "address to listen on (0.0.0.0 for the LAN / containers)")
     add("--port", "port", _rule("port"), type=int)
     add("--share", "share", "also open a public gradio.live link", action="store_true")
@@ -73,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--auth-file", dest="auth_file", default=env_default("auth_file", None), metavar="PATH",
         help=f"file of user:password lines (# comments allowed) [env {env_name('auth_file')}]",
+    )  # fmt: skip
+    p.add_argument(
+        "--admin-auth", dest="admin_auth", default=env_default("admin_auth", None), metavar="USER:PASSWORD",
+        help=f"the operator's login: precision switch and memory release are theirs alone (without it, only when "
+        f"the app listens on 127.0.0.1); it turns the login on for the whole page [env {env_name('admin_auth')}]",
     )  # fmt: skip
     return p
 
@@ -157,6 +165,7 @@ def build_app(settings: Settings, load: bool = True) -> App:
         faults=FaultInjector.from_env(),  # a no-op unless QWEN3VL_FAULTS is set (tests, device checks)
         request_timeout=float(settings.request_timeout),
         limits=Limits(settings.max_context, settings.max_new_tokens),
+        max_per_client=settings.max_requests_per_client,
     )  # fmt: skip
     demo = build_demo(Handlers(service, settings, file_roots=[ASSETS]), settings)
     if load:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,13 @@ _RULES: dict[str, tuple[Any, str]] = {
     "port": ((1, 65535), "HTTP port"),
     "max_files_per_turn": ((1, 64), "images + videos allowed in one message"),
     "max_file_mb": ((1, 10240), "largest upload accepted, in MB"),
+    "max_requests_per_client": (
+        (0, 1024),
+        "chats one client address may have running or waiting at once, every front door together; the operator is "
+        "exempt; 0 = no cap",
+    ),
+    "max_history_turns": ((1, 10000), "earlier turns the server keeps per conversation (older ones are forgotten)"),
+    "max_files_per_chat": ((1, 1024), "images + videos the server keeps per conversation (older turns are forgotten)"),
     "engine": (
         ("auto", "generate", "batch"),
         "decoder: batch = continuous batching with CUDA-graph decode (one worker owns the GPU), "
@@ -85,9 +93,14 @@ class Settings:
     grace_seconds: int = 30
     warmup: str = "auto"
     random_weights: str = "off"
+    max_requests_per_client: int = 2
+    max_history_turns: int = 100
+    max_files_per_chat: int = 32
     # "user:password"; kept out of repr so settings can be logged.
     auth: str | None = field(default=None, repr=False)
     auth_file: str | None = None
+    # The operator's "user:password": server-wide actions (precision switch, memory release) are theirs alone.
+    admin_auth: str | None = field(default=None, repr=False)
     upload_max_age_minutes: int = 60
     upload_cache_mb: int = 2048
     # Comma-separated addresses or networks of reverse proxies whose X-Forwarded-For is believed; "" = none.
@@ -96,7 +109,12 @@ class Settings:
     def __post_init__(self) -> None:
         for name, (rule, _) in _RULES.items():
             check(name, getattr(self, name), rule)
-        self.credentials()  # validates --auth / --auth-file
+        self.credentials()  # validates --auth / --auth-file / --admin-auth
+        if self.max_files_per_chat < self.max_files_per_turn:
+            raise SettingsError(
+                f"--max-files-per-chat must be at least --max-files-per-turn ({self.max_files_per_turn}), "
+                f"got {self.max_files_per_chat}"
+            )
         if self.max_new_tokens >= self.max_context:
             raise SettingsError(
                 f"--max-new-tokens must be below --max-context ({self.max_context}), got {self.max_new_tokens}"
@@ -113,9 +131,29 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
+    @property
+    def local_only(self) -> bool:
+        """Only this machine can reach the app: it listens on loopback and opens no public share link."""
+        host = self.host.strip("[]")
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:  # a host name: it may resolve to anything
+            loopback = False
+        return loopback and not self.share
+
+    def admin_user(self) -> str | None:
+        """The operator's user name (--admin-auth), if one is set."""
+        return parse_credential(self.admin_auth, "--admin-auth")[0] if self.admin_auth else None
+
     def credentials(self) -> list[tuple[str, str]]:
-        """(user, password) pairs from --auth and --auth-file; empty when the app is open to all."""
+        """(user, password) pairs from --auth, --auth-file and --admin-auth; empty when the app is open to all.
+
+        gradio's login covers the whole app, so with --admin-auth alone the page asks everyone for a login:
+        give visitors their own accounts with --auth / --auth-file.
+        """
         pairs: list[tuple[str, str]] = []
+        if self.admin_auth:
+            pairs.append(parse_credential(self.admin_auth, "--admin-auth"))
         if self.auth:
             pairs.append(parse_credential(self.auth, "--auth"))
         if self.auth_file:

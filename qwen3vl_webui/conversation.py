@@ -1,8 +1,10 @@
-"""Chat history in the shapes gradio sends -> turns of text + file paths; trimming to a token budget."""
+"""Chat history in the shapes gradio sends -> turns of text + file paths; the server's record of each conversation."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,23 +107,6 @@ def parse_history(history: Sequence[dict[str, Any]] | None) -> list[Turn]:
     return turns
 
 
-def fit_turns(
-    turns: list[Turn], count_tokens: Callable[[list[Turn]], int], budget: int
-) -> tuple[list[Turn], int]:
-    """Drops whole turns, oldest first, until `count_tokens(kept) <= budget`.
-
-    The last turn is the current message and is never dropped; if it alone does not fit the caller
-    gets (the one turn, its count) and decides. Counting is done on real processor output, so image
-    and video tokens are exact.
-    """
-    start = 0
-    count = count_tokens(turns)
-    while count > budget and start < len(turns) - 1:
-        start += 1
-        count = count_tokens(turns[start:])
-    return turns[start:], count
-
-
 def keep_recent_chars(turns: list[Turn], max_chars: int) -> list[Turn]:
     """The newest turns whose text adds up to at most `max_chars` characters.
 
@@ -136,3 +121,78 @@ def keep_recent_chars(turns: list[Turn], max_chars: int) -> list[Turn]:
             break
         start = i
     return turns[start:]
+
+
+@dataclass(frozen=True)
+class History:
+    """The turns of a conversation the server trusts, and where they start in the client's list of turns."""
+
+    turns: list[Turn]
+    offset: int = 0
+    untrusted: int = 0  # turns the client sent that were left out
+
+
+class ConversationStore:
+    """What this server answered in each session: the only history a prompt is built from.
+
+    The client holds a copy of the chat (gradio's chatbot and state) and sends it with every message, and any
+    visitor can overwrite it through gradio's undocumented events (by `fn_index`). So a turn the client sends
+    is used only where it matches, in order, a turn this server produced for the same session: undo, retry and
+    clear (the client's list got shorter) still work, and a forged list of 10,000 turns costs one comparison.
+    Each conversation keeps at most `max_turns` turns and `max_files` files (older turns are forgotten), and
+    the store at most `max_sessions` conversations, least recently used first out.
+    """
+
+    def __init__(self, max_turns: int = 100, max_files: int = 32, max_sessions: int = 1000) -> None:
+        self.max_turns = max_turns
+        self.max_files = max_files
+        self.max_sessions = max_sessions
+        self._items: OrderedDict[str, History] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def trusted(self, session: str, claimed: Sequence[Turn]) -> History:
+        """The turns of `claimed` that match this session's record, from the first, up to the first mismatch.
+
+        An answer the client shows may be shorter than the one recorded (a stream stopped between two
+        updates); the client's shorter copy is used then, never anything the server did not produce.
+        """
+        with self._lock:
+            record = self._items.get(session)
+            if record is not None:
+                self._items.move_to_end(session)
+        if record is None:
+            return History([], len(claimed), len(claimed))
+        kept: list[Turn] = []
+        for i, mine in enumerate(record.turns):
+            j = record.offset + i
+            if j >= len(claimed):
+                break
+            theirs = claimed[j]
+            if theirs.user != mine.user or not theirs.assistant or not mine.assistant.startswith(theirs.assistant):
+                break
+            kept.append(theirs)
+        # Nothing matched: the next turn is recorded at the end of what the client shows.
+        return History(kept, record.offset if kept else len(claimed), len(claimed) - len(kept))
+
+    def record(self, session: str, history: History, turn: Turn) -> None:
+        """After an answer: the session's conversation is now `history` + `turn`, within the caps."""
+        turns = [*history.turns, turn]
+        offset = history.offset
+        while len(turns) > 1 and (
+            len(turns) > self.max_turns or sum(len(t.user.files) for t in turns) > self.max_files
+        ):
+            turns.pop(0)
+            offset += 1
+        with self._lock:
+            self._items[session] = History(turns, offset)
+            self._items.move_to_end(session)
+            while len(self._items) > self.max_sessions:
+                self._items.popitem(last=False)
+
+    def forget(self, session: str) -> None:
+        with self._lock:
+            self._items.pop(session, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)

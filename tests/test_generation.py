@@ -10,7 +10,15 @@ import pytest
 from PIL import Image
 
 from qwen3vl_webui.conversation import Turn, UserMessage
-from qwen3vl_webui.engine.generation import ChatRequest, RequestError, SamplingParams, build_prompt
+from qwen3vl_webui.engine.generation import (
+    ChatRequest,
+    RequestError,
+    RequestTimedOut,
+    SamplingParams,
+    TurnCounts,
+    _MediaCache,
+    build_prompt,
+)
 from qwen3vl_webui.engine.manager import ModelManager
 from qwen3vl_webui.engine.scheduler import Scheduler
 from qwen3vl_webui.engine.service import ChatService
@@ -70,6 +78,56 @@ def test_history_is_trimmed_by_whole_turns_to_the_context_cap(tiny_loaded) -> No
     assert trimmed.tokens <= capped.max_context - GREEDY.max_new_tokens
     decoded = tiny_loaded.processor.tokenizer.decode(trimmed.inputs["input_ids"][0])
     assert "question 5" in decoded and "question 0" not in decoded  # oldest dropped first
+
+
+def test_trimming_is_one_pass_with_each_turn_counted_once_and_the_most_that_fit_kept(tiny_loaded, image) -> None:
+    history = [Turn(UserMessage(f"q{i} " + "word " * 20, (image,) if i % 3 == 0 else ()), "ok " * 20) for i in range(300)]
+    calls: list[int] = []
+    processor = tiny_loaded.processor
+    real = processor.apply_chat_template
+
+    def counting(messages, **kwargs):
+        calls.append(len(messages))
+        return real(messages, **kwargs)
+
+    processor.apply_chat_template = counting
+    try:
+        counts, cache = TurnCounts(), _MediaCache()
+        request = ChatRequest(UserMessage("now?"), history, sampling=GREEDY, max_context=1024)
+        first = build_prompt(tiny_loaded, request, cache, counts)
+        kept = len(history) - first.turns_dropped
+        # The current message, each kept turn and the one that did not fit counted once, one final encode:
+        # not the 300 re-encodes of every remaining turn that dropping one turn at a time costs.
+        assert 0 < kept < 40 and len(calls) == 1 + (kept + 1) + 1
+        calls.clear()
+        again = build_prompt(tiny_loaded, request, cache, counts)  # the next turn: counts are cached
+        assert len(calls) == 2 and again.tokens == first.tokens
+    finally:
+        processor.apply_chat_template = real
+    budget = request.max_context - GREEDY.max_new_tokens
+    assert first.tokens <= budget
+    # The count is exact (turns are additive in the template) and one more turn would not have fitted.
+    one_more = ChatRequest(UserMessage("now?"), history[-kept - 1 :], sampling=GREEDY, max_context=100_000)
+    assert build_prompt(tiny_loaded, one_more).tokens > budget
+    exact = ChatRequest(UserMessage("now?"), history[-kept:], sampling=GREEDY, max_context=100_000)
+    assert build_prompt(tiny_loaded, exact).tokens == first.tokens
+
+
+def test_prompt_building_stops_at_the_deadline(tiny_loaded) -> None:
+    import time
+
+    history = [Turn(UserMessage(f"q{i}"), "a") for i in range(50)]
+    with pytest.raises(RequestTimedOut, match="building the prompt"):
+        build_prompt(tiny_loaded, ChatRequest(UserMessage("now?"), history, sampling=GREEDY), deadline=time.monotonic() - 1)
+
+
+def test_an_earlier_turn_whose_file_is_gone_ends_the_history_there(tiny_loaded, image: str, tmp_path: Path) -> None:
+    gone = tmp_path / "expired.png"
+    Image.new("RGB", (64, 64)).save(gone)
+    history = [Turn(UserMessage("old", (str(gone),)), "x"), Turn(UserMessage("recent", (image,)), "y")]
+    gone.unlink()  # the upload sweeper removed it
+    prompt = build_prompt(tiny_loaded, ChatRequest(UserMessage("now?"), history, sampling=GREEDY))
+    assert prompt.turns_dropped == 1 and prompt.image_tokens > 0
 
 
 def test_a_single_turn_over_the_cap_is_refused_with_both_numbers(tiny_loaded) -> None:

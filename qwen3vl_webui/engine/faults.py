@@ -22,14 +22,15 @@ import time
 from dataclasses import dataclass
 
 ENV_VAR = "QWEN3VL_FAULTS"
-POINTS = ("prefill", "decode")
-_RULE = re.compile(r"^(oom|delay)@(prefill|decode)(?:>(\d+))?(?:=([0-9.]+))?(?:\*(\d+))?$")
+# build: prompt building, before the request waits for a GPU slot.
+POINTS = ("build", "prefill", "decode")
+_RULE = re.compile(r"^(oom|delay)@(build|prefill|decode)(?:>(\d+))?(?:=([0-9.]+))?(?:\*(\d+))?$")
 
 
 @dataclass
 class _Rule:
     kind: str  # "oom" or "delay"
-    point: str  # "prefill" or "decode"
+    point: str  # one of POINTS
     over_tokens: int = 0  # fires only when the prompt is longer than this
     seconds: float = 0.0  # for delays
     times: int | None = None  # None = every time

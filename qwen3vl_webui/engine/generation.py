@@ -5,15 +5,16 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from qwen3vl_webui.conversation import Turn, UserMessage, fit_turns, keep_recent_chars
+from qwen3vl_webui.conversation import Turn, UserMessage, keep_recent_chars
 from qwen3vl_webui.engine.faults import FaultInjector
 from qwen3vl_webui.engine.loading import LoadedModel
 from qwen3vl_webui.engine.stops import StopMatcher, StopText, TokenBytes
-from qwen3vl_webui.media import MediaBudget, load_image, load_video, media_kind
+from qwen3vl_webui.media import MediaBudget, MediaError, load_image, load_video, media_kind
 from qwen3vl_webui.telemetry import RequestStats
 
 # Seconds the stream reader waits for the next token before giving up on a dead generate thread.
@@ -103,11 +104,16 @@ class PreparedPrompt:
 
 
 class _MediaCache:
-    """Decoded media by (path, budget): earlier turns' files are not decoded again on every turn."""
+    """Decoded media by (path, budget), up to `max_bytes` of pixels: earlier turns' files are not decoded again.
 
-    def __init__(self, size: int = 16) -> None:
-        self._size = size
-        self._items: dict[tuple[str, MediaBudget], Any] = {}
+    Bounded by bytes, not items: a conversation may hold up to --max-files-per-chat files, and a cache that holds
+    fewer than that decodes the oldest again on every turn.
+    """
+
+    def __init__(self, max_bytes: int = 1 << 30) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple[str, MediaBudget], tuple[Any, int]] = OrderedDict()
+        self._bytes = 0
         self._lock = threading.Lock()
 
     def get(self, path: str, budget: MediaBudget) -> tuple[str, Any]:
@@ -115,21 +121,72 @@ class _MediaCache:
         key = (path, budget)
         with self._lock:
             if key in self._items:
-                self._items[key] = self._items.pop(key)  # most recent last
-                return kind, self._items[key]
+                self._items.move_to_end(key)
+                return kind, self._items[key][0]
         value = load_image(path, budget) if kind == "image" else load_video(path, budget)
+        size = _pixel_bytes(value)
         with self._lock:
-            self._items[key] = value
-            while len(self._items) > self._size:
-                self._items.pop(next(iter(self._items)))
+            if key not in self._items:
+                self._items[key] = (value, size)
+                self._bytes += size
+            while self._bytes > self.max_bytes and len(self._items) > 1:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self._bytes -= dropped
         return kind, value
 
 
+def _pixel_bytes(value: Any) -> int:
+    frames = getattr(value, "frames", None)
+    if frames is not None:
+        return int(frames.nbytes)
+    width, height = value.size
+    return width * height * len(value.getbands())
+
+
+class TurnCounts:
+    """Prompt tokens of each earlier turn, counted once: trimming a long chat re-encodes nothing it counted.
+
+    Turns are additive in Qwen's chat template (each is `<|im_start|>…<|im_end|>`, special tokens that no
+    merge crosses), so a prompt's length is its current message's plus its earlier turns' own counts; the one
+    final encode checks it.
+    """
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._items: OrderedDict[tuple[int, Turn, MediaBudget], int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, processor: Any, turn: Turn, request: ChatRequest, cache: _MediaCache) -> int:
+        key = (id(processor), turn, request.media)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        count = int(
+            _encode(processor, [turn], request, cache, generation_prompt=False, system=False)["input_ids"].shape[1]
+        )
+        with self._lock:
+            self._items[key] = count
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+        return count
+
+
 def build_prompt(
-    loaded: LoadedModel, request: ChatRequest, media_cache: _MediaCache | None = None
+    loaded: LoadedModel,
+    request: ChatRequest,
+    media_cache: _MediaCache | None = None,
+    counts: TurnCounts | None = None,
+    deadline: float | None = None,
 ) -> PreparedPrompt:
-    """Model inputs for the request, whole old turns dropped (oldest first) to fit the context cap."""
+    """Model inputs for the request, whole old turns dropped (oldest first) to fit the context cap.
+
+    One pass: the current message is encoded, then earlier turns are counted newest first (each turn's count
+    cached in `counts`) until the budget is spent, and the kept turns are encoded once. Files of turns that do
+    not fit are never decoded. `deadline` (time.monotonic) bounds the work: past it, RequestTimedOut.
+    """
     cache = media_cache or _MediaCache()
+    counts = counts or TurnCounts()
     budget = request.max_context - request.sampling.max_new_tokens
     if budget <= 0:
         raise RequestError(
@@ -148,35 +205,57 @@ def build_prompt(
             f"The message is {chars:,} characters long, but max context {request.max_context:,} tokens holds "
             f"at most about {max_chars:,} characters, so it was not read. Shorten it or attach it in parts."
         )
-    history = keep_recent_chars(request.history, max_chars - chars)
-    turns = [*history, Turn(request.message, "")]
-    # Decode the current message's media first: a bad file is reported before any token counting.
+    processor = loaded.processor
+    current = Turn(request.message, "")
+    # The current message first: a bad file is reported before any earlier turn is looked at.
     for path in request.message.files:
+        _check_deadline(deadline)
         cache.get(path, request.media)
-
-    def encode(kept: list[Turn]) -> dict[str, Any]:
-        return _encode(loaded.processor, kept, request, cache)
-
-    encoded: dict[str, Any] = {}
-
-    def count(kept: list[Turn]) -> int:
-        encoded["inputs"] = encode(kept)
-        return int(encoded["inputs"]["input_ids"].shape[1])
-
-    kept, tokens = fit_turns(turns, count, budget)
+    _check_deadline(deadline)
+    inputs = _encode(processor, [current], request, cache)
+    tokens = int(inputs["input_ids"].shape[1])
     if tokens > budget:
         raise RequestError(
             f"This message needs {tokens:,} prompt tokens, but max context {request.max_context:,} minus "
             f"{request.sampling.max_new_tokens:,} new tokens leaves {budget:,}. Shorten it, attach less, "
             "lower the image/video budget or raise max context."
         )
-    inputs = encoded["inputs"]
+    history = keep_recent_chars(request.history, max_chars - chars)
+    kept = 0
+    total = tokens
+    for turn in reversed(history):
+        _check_deadline(deadline)
+        try:
+            cost = counts.get(processor, turn, request, cache)
+        except MediaError:  # an earlier turn's file is gone (uploads expire) or unreadable: the chat starts after it
+            break
+        if total + cost > budget:
+            break
+        total += cost
+        kept += 1
+    while kept:
+        _check_deadline(deadline)
+        inputs = _encode(processor, [*history[len(history) - kept :], current], request, cache)
+        tokens = int(inputs["input_ids"].shape[1])
+        if tokens <= budget:
+            break
+        kept -= 1  # the counts were not additive after all (a template change): drop one more and check again
+    if not kept:
+        inputs = _encode(processor, [current], request, cache) if tokens > budget else inputs
+        tokens = int(inputs["input_ids"].shape[1])
     ids = inputs["input_ids"][0]
     config = loaded.model.config
     image = int((ids == config.image_token_id).sum())
     video = int((ids == config.video_token_id).sum())
-    dropped = len(request.history) + 1 - len(kept)
+    dropped = len(request.history) - kept
     return PreparedPrompt(inputs, tokens, tokens - image - video, image, video, dropped)
+
+
+def _check_deadline(deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise RequestTimedOut(
+            "Stopped while building the prompt: the request ran past the server's per-request limit (--request-timeout)."
+        )
 
 
 def as_plain_text(text: str) -> str:
@@ -189,9 +268,16 @@ def as_plain_text(text: str) -> str:
     return text.replace("<|", "<\u200b|")
 
 
-def _encode(processor: Any, turns: list[Turn], request: ChatRequest, cache: _MediaCache) -> dict[str, Any]:
+def _encode(
+    processor: Any,
+    turns: list[Turn],
+    request: ChatRequest,
+    cache: _MediaCache,
+    generation_prompt: bool = True,
+    system: bool = True,
+) -> dict[str, Any]:
     messages: list[dict[str, Any]] = []
-    if request.system_prompt.strip():
+    if system and request.system_prompt.strip():
         messages.append({"role": "system", "content": [{"type": "text", "text": as_plain_text(request.system_prompt)}]})
     metadata: list[dict[str, Any]] = []
     for turn in turns:
@@ -218,7 +304,7 @@ def _encode(processor: Any, turns: list[Turn], request: ChatRequest, cache: _Med
         tokenize=True,
         return_dict=True,
         return_tensors="pt",
-        add_generation_prompt=True,
+        add_generation_prompt=generation_prompt,
         processor_kwargs=kwargs,
     )
 
@@ -273,7 +359,9 @@ def stream_generate(
                 self.new_tokens += int(value.numel())
             super().put(value)
 
-    streamer = _CountingStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=TOKEN_TIMEOUT_S)
+    streamer = _CountingStreamer(
+        processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=TOKEN_TIMEOUT_S
+    )
     do_sample = sampling.temperature > 0
     kwargs: dict[str, Any] = dict(
         **{k: v.to(model.device) if hasattr(v, "to") else v for k, v in prompt.inputs.items()},

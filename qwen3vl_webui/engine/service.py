@@ -18,8 +18,10 @@ from qwen3vl_webui.engine import loading, warmup
 from qwen3vl_webui.engine.faults import FaultInjector
 from qwen3vl_webui.engine.generation import (
     ChatRequest,
+    PreparedPrompt,
     RequestError,
     RequestTimedOut,
+    TurnCounts,
     _MediaCache,
     build_prompt,
 )
@@ -53,6 +55,18 @@ class ShuttingDown(Busy):
     """Refused because the server is draining for shutdown."""
 
 
+class TooManyRequests(Busy):
+    """Refused because this client already has its share of chats running or waiting."""
+
+
+@dataclass(frozen=True)
+class Client:
+    """Who sends a chat, for the per-client cap: an address, and whether the cap applies (the operator's do not)."""
+
+    address: str
+    exempt: bool = False
+
+
 @dataclass(frozen=True)
 class Waiting:
     """Yielded by `chat(..., report_waiting=True)` while the request waits (model load or GPU slot)."""
@@ -79,6 +93,7 @@ class Counters:
     oom: int = 0
     timed_out: int = 0
     refused_shutdown: int = 0
+    refused_per_client: int = 0
     memory_releases: int = 0
     active: int = 0  # generate() calls running right now, counted around the worker itself
     peak_active: int = 0
@@ -168,6 +183,7 @@ class ChatService:
         faults: FaultInjector | None = None,
         request_timeout: float = 0.0,
         limits: Limits | None = None,
+        max_per_client: int = 0,
     ) -> None:
         self.manager = manager
         self.scheduler = scheduler
@@ -183,6 +199,9 @@ class ChatService:
         self.warmed.set()
         self._fatal: str | None = None
         self._media = _MediaCache()
+        self._counts = TurnCounts()
+        self.max_per_client = max_per_client  # 0: no cap
+        self._per_client: dict[str, int] = {}
         self._shape_cache: tuple[int, planner.ModelShape] | None = None
         self._lock = threading.Lock()
         self._switch_lock = threading.Lock()
@@ -191,12 +210,19 @@ class ChatService:
 
     # -- chat -------------------------------------------------------------------------------
     def chat(
-        self, request: ChatRequest, cancel: threading.Event | None = None, *, report_waiting: bool = False
+        self,
+        request: ChatRequest,
+        cancel: threading.Event | None = None,
+        *,
+        report_waiting: bool = False,
+        client: Client | None = None,
     ) -> Iterator[str | Waiting]:
         """Yields the growing answer (and, if asked, `Waiting` while queued).
 
-        Raises RequestError (the user's to fix, or an OOM / timeout told as one), Busy or
-        ShuttingDown. Closing it stops the GPU work within one decode step and frees the slot.
+        Raises RequestError (the user's to fix, or an OOM / timeout told as one), Busy, TooManyRequests or
+        ShuttingDown. Closing it stops the GPU work within one decode step and frees the slot. The prompt is
+        built before the request waits for a GPU slot, within the request's deadline: a slow prompt (many
+        files, a long chat) never holds a slot another chat could use.
         """
         active = _Active(cancel or threading.Event())
         if self._draining.is_set():
@@ -204,29 +230,56 @@ class ChatService:
             raise ShuttingDown(SHUTDOWN_MESSAGE)
         started = time.monotonic()
         deadline = started + self.request_timeout if self.request_timeout else None
-        with self._lock:
-            self._active.add(active)
-        try:
-            yield from self._wait_ready(started, deadline, report_waiting)
-            if self._fatal:
-                raise RequestError(self._fatal)
-            remaining = None if deadline is None else max(0.01, deadline - time.monotonic())
-            slot = _SlotRequest(self.scheduler, active.cancel, remaining)
+        with self._admitted(client):
+            with self._lock:
+                self._active.add(active)
             try:
-                while not slot.wait(WAIT_REPORT_S):
-                    if report_waiting:
-                        state = self.scheduler.state()
-                        reason = "the model reload to finish" if self.manager.current() is None else "a GPU slot"
-                        yield Waiting(reason, state.waiting, state.running)
-                slot.result()
-                if active.stopped_by == "shutdown":
-                    raise ShuttingDown(SHUTDOWN_MESSAGE)
-                yield from self._generate(request, active, deadline)
+                yield from self._wait_ready(started, deadline, report_waiting)
+                if self._fatal:
+                    raise RequestError(self._fatal)
+                request = self._within_limits(request)
+                prompt = self._build(request, deadline)
+                remaining = None if deadline is None else max(0.01, deadline - time.monotonic())
+                slot = _SlotRequest(self.scheduler, active.cancel, remaining)
+                try:
+                    while not slot.wait(WAIT_REPORT_S):
+                        if report_waiting:
+                            state = self.scheduler.state()
+                            reason = "the model reload to finish" if self.manager.current() is None else "a GPU slot"
+                            yield Waiting(reason, state.waiting, state.running)
+                    slot.result()
+                    if active.stopped_by == "shutdown":
+                        raise ShuttingDown(SHUTDOWN_MESSAGE)
+                    yield from self._generate(request, prompt, active, deadline)
+                finally:
+                    slot.release()
             finally:
-                slot.release()
+                with self._lock:
+                    self._active.discard(active)
+
+    @contextlib.contextmanager
+    def _admitted(self, client: Client | None) -> Iterator[None]:
+        """Counts the client's chats (running + waiting, every front door together) against its cap."""
+        cap = self.max_per_client
+        if client is None or client.exempt or not cap:
+            yield
+            return
+        with self._lock:
+            held = self._per_client.get(client.address, 0)
+            if held >= cap:
+                self.counters.refused_per_client += 1
+                raise TooManyRequests(
+                    f"You already have {held} chat{'s' if held != 1 else ''} running or waiting, the most one client "
+                    "may have at once. Wait for an answer to finish (or stop it), then send this again."
+                )
+            self._per_client[client.address] = held + 1
+        try:
+            yield
         finally:
             with self._lock:
-                self._active.discard(active)
+                left = self._per_client.pop(client.address) - 1
+                if left:
+                    self._per_client[client.address] = left
 
     def _wait_ready(self, started: float, deadline: float | None, report: bool) -> Iterator[Waiting]:
         while True:
@@ -241,13 +294,23 @@ class ChatService:
                 if report:
                     yield Waiting("the model to load", 0, 0)
 
-    def _generate(self, request: ChatRequest, active: _Active, deadline: float | None) -> Iterator[str]:
-        loaded = self.manager.wait_ready(0)  # after the slot: a precision switch may have happened
-        request = self._within_limits(request)
+    def _build(self, request: ChatRequest, deadline: float | None) -> PreparedPrompt:
+        loaded = self.manager.wait_ready(0)
         try:
-            prompt = build_prompt(loaded, request, self._media)
+            self.faults.fire("build", 1)  # the prompt's length is not known yet: rules with a `>N` never fire here
+            return build_prompt(loaded, request, self._media, self._counts, deadline)
+        except RequestTimedOut:
+            self._count("timed_out")
+            raise
         except MediaError as exc:
             raise RequestError(str(exc)) from exc
+
+    def _generate(
+        self, request: ChatRequest, prompt: PreparedPrompt, active: _Active, deadline: float | None
+    ) -> Iterator[str]:
+        # After the slot: a precision switch may have happened. The prompt holds no weights (the processor's
+        # output is the same in every precision), so it stays valid.
+        loaded = self.manager.wait_ready(0)
         timer = None
         if deadline is not None:
             timer = threading.Timer(max(0.0, deadline - time.monotonic()), active.stop, args=("timeout",))

@@ -6,17 +6,29 @@ import contextlib
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import gradio as gr
+
 from qwen3vl_webui.config import PRECISIONS, Settings
-from qwen3vl_webui.conversation import ERROR_PREFIX, WAIT_PREFIX, Turn, UserMessage, parse_history, parse_message
+from qwen3vl_webui.conversation import (
+    ERROR_PREFIX,
+    WAIT_PREFIX,
+    ConversationStore,
+    History,
+    Turn,
+    UserMessage,
+    parse_history,
+    parse_message,
+)
 from qwen3vl_webui.engine.generation import ChatRequest, RequestError, RequestTimedOut, SamplingParams
 from qwen3vl_webui.engine.manager import SwitchRefused
 from qwen3vl_webui.engine.scheduler import Busy, Cancelled
-from qwen3vl_webui.engine.service import ChatService, ShuttingDown, Waiting
+from qwen3vl_webui.engine.service import ChatService, Client, ShuttingDown, Waiting
 from qwen3vl_webui.engine.stops import parse_stop_lines
 from qwen3vl_webui.media import MediaBudget
 from qwen3vl_webui.ui.panels import format_panel, format_status
@@ -31,16 +43,38 @@ BUSY_MESSAGE = "busy — try again: all GPU slots and the wait line are full."
 STREAM_INTERVAL_S = 0.05
 # The image slider's top, in megapixels: also the image size the start-up warm-up uses.
 IMAGE_MP_MAX = 4.0
+EMPTY_ANSWER = "(the model returned an empty answer)"
+FAILED_MESSAGE = "Generation failed on the server; the error was logged. Please try again."
+OPERATOR_ONLY = (
+    "only the operator can do this: log in as the --admin-auth user (QWEN3VL_ADMIN_AUTH), or run the app on "
+    "127.0.0.1 without --share."
+)
+# Server-wide actions, at most this often whoever asks: a reload takes ~20 s of GPU on a warm cache.
+SWITCH_INTERVAL_S = 10.0
+RELEASE_INTERVAL_S = 5.0
+# Every open tab polls the panel once a second, and anyone can call its event in a loop: one snapshot
+# (NVML, psutil, the engine's figures) serves all callers for this long.
+PANEL_CACHE_S = 0.5
 
 
 class Handlers:
     """Bound to one ChatService; every method is safe to call from gradio's worker threads."""
 
-    def __init__(self, service: ChatService, settings: Settings, file_roots: Sequence[Path] = ()) -> None:
+    def __init__(
+        self,
+        service: ChatService,
+        settings: Settings,
+        file_roots: Sequence[Path] = (),
+        conversations: ConversationStore | None = None,
+    ) -> None:
         self.service = service
         self.settings = settings
         # Files may come only from gradio's upload folder (checked per call: GRADIO_TEMP_DIR) and these.
         self.file_roots = tuple(Path(p).resolve() for p in file_roots)
+        self.conversations = conversations or ConversationStore(settings.max_history_turns, settings.max_files_per_chat)
+        self._panel: tuple[float, tuple[str, str]] | None = None
+        self._last_switch = self._last_release = -1e9
+        self._operator_lock = threading.Lock()
 
     def chat(
         self,
@@ -59,59 +93,72 @@ class Handlers:
         video_max_frames: int = 32,
         video_megapixels: float = 7.4,
         stop_strings: str = "",
+        request: gr.Request | None = None,
     ) -> Iterator[str]:
-        """Streams the answer to `message` given `history`. Refusals come back as one chat message.
+        """Streams the answer to `message`. Refusals come back as one chat message.
 
-        `stop_strings`: one a line (`\\n` for a line break); the answer ends before the first that appears.
-        It comes last so that API clients sending the inputs by position keep working.
+        `history` is what the client shows; only the turns this server answered in this session are used
+        (`ConversationStore`). `stop_strings`: one a line (`\\n` for a line break); the answer ends before the
+        first that appears. It comes last so that API clients sending the inputs by position keep working.
+        `request` is filled in by gradio (the session, the client's address, the logged-in user).
         """
-        answered = False
+        session = getattr(request, "session_hash", None)
+        context: History | None = None
+        chat: ChatRequest | None = None
+        shown: str | None = None  # the last answer text streamed: what the client will show
+        failed = False
         try:
-            request = self._request(
+            chat, context = self._request(
                 message, history, system_prompt, temperature, top_p, top_k, repetition_penalty, seed,
                 max_context, max_new_tokens, image_megapixels, video_fps, video_max_frames, video_megapixels,
-                stop_strings,
+                stop_strings, session,
             )  # fmt: skip
-            with contextlib.closing(self.service.chat(request, report_waiting=True)) as stream:
+            stream = self.service.chat(chat, report_waiting=True, client=self._client(request))
+            with contextlib.closing(stream):
                 held, last = None, 0.0
                 for item in stream:
                     if isinstance(item, Waiting):
                         # Also lets gradio close this generator if the client has gone.
                         yield WAIT_PREFIX + _waiting_text(item)
                         continue
-                    answered = True
                     now = time.monotonic()
                     if now - last < STREAM_INTERVAL_S:
                         held = item  # a newer text replaces it before the browser would have drawn it
                         continue
-                    held, last = None, now
+                    held, last, shown = None, now, item
                     yield item
                 if held is not None:
+                    shown = held
                     yield held
-            if not answered:
-                yield "(the model returned an empty answer)"
+            if shown is None:
+                shown = EMPTY_ANSWER
+                yield EMPTY_ANSWER
         except RequestTimedOut as exc:
+            failed = True
             yield ERROR_PREFIX + str(exc) + (f"\n\nThe answer so far:\n\n{exc.partial}" if exc.partial else "")
-        except (RequestError, ValueError) as exc:
-            yield ERROR_PREFIX + str(exc)
-        except ShuttingDown as exc:
+        except (RequestError, ValueError, ShuttingDown, TimeoutError) as exc:
+            failed = True
             yield ERROR_PREFIX + str(exc)
         except Busy as exc:
+            failed = True
             yield ERROR_PREFIX + (BUSY_MESSAGE if "full" in str(exc) else str(exc))
         except Cancelled:
             return
-        except TimeoutError as exc:
-            yield ERROR_PREFIX + str(exc)
-        except Exception as exc:  # the server lives: report, log, keep the chat
+        except Exception:  # the server lives: a sentence for the user, the details in the log only
+            failed = True
             log.exception("generation failed")
-            yield ERROR_PREFIX + f"Generation failed: {type(exc).__name__}: {exc}"
+            yield ERROR_PREFIX + FAILED_MESSAGE
+        finally:
+            # A finished answer, or one the user stopped, is part of the conversation from now on.
+            if session and context is not None and chat is not None and shown is not None and not failed:
+                self.conversations.record(session, context, Turn(chat.message, shown))
 
     def _request(
         self, message: Any, history: Any, system_prompt: str, temperature: float, top_p: float, top_k: int,
         repetition_penalty: float, seed: float, max_context: int | None, max_new_tokens: int | None,
         image_megapixels: float, video_fps: float, video_max_frames: int, video_megapixels: float,
-        stop_strings: str | None = "",
-    ) -> ChatRequest:  # fmt: skip
+        stop_strings: str | None = "", session: str | None = None,
+    ) -> tuple[ChatRequest, History]:  # fmt: skip
         # The flags' caps (the sliders' tops); the service holds requests to the warm-up's lower
         # limits, if it set any, and the status line says so.
         cap, new_cap = self.settings.max_context, self.settings.max_new_tokens
@@ -138,7 +185,18 @@ class Handlers:
         )
         if not isinstance(system_prompt, (str, type(None))):
             raise RequestError("system_prompt must be text.")
-        user, turns = parse_message(message), parse_history(history)
+        user, claimed = parse_message(message), parse_history(history)
+        if session:
+            context = self.conversations.trusted(session, claimed)
+            if context.untrusted:
+                log.info(
+                    "session %s: %d history turn(s) the server did not answer were left out",
+                    session[:8],
+                    context.untrusted,
+                )
+        else:  # an in-process caller (tests, benchmarks): its history is its own
+            context = History(claimed)
+        turns = context.turns
         self._check_files(user, turns)
         media = MediaBudget(
             max_image_pixels=int(image_megapixels * MEGA),
@@ -146,7 +204,7 @@ class Handlers:
             video_max_frames=int(video_max_frames),
             video_total_pixels=int(video_megapixels * MEGA),
         )
-        return ChatRequest(
+        chat = ChatRequest(
             message=user,
             history=turns,
             system_prompt=system_prompt or "",
@@ -155,10 +213,17 @@ class Handlers:
             media=media,
             max_files_per_turn=self.settings.max_files_per_turn,
         )
+        return chat, context
 
     def panel(self) -> tuple[str, str]:
+        now = time.monotonic()
+        cached = self._panel
+        if cached is not None and now - cached[0] < PANEL_CACHE_S:
+            return cached[1]
         snap = self.service.snapshot()
-        return format_panel(snap, self.queued()), format_status(snap)
+        text = format_panel(snap, self.queued()), format_status(snap)
+        self._panel = (now, text)
+        return text
 
     def queued(self) -> int:
         """Requests waiting in gradio's queue; set by the layout once the Blocks exist."""
@@ -184,19 +249,63 @@ class Handlers:
                     f"{Path(path).name} was not uploaded to this server; attach the file instead of naming a path."
                 )
 
-    def switch(self, precision: str) -> str:
+    def switch(self, precision: str, request: gr.Request | None = None) -> str:
+        """Reloads the model in `precision`: the operator's action alone, at most once per SWITCH_INTERVAL_S."""
+        if not self.is_operator(request):
+            return f"Not switched: {OPERATOR_ONLY}"
         if precision not in PRECISIONS:
             return f"Not switched: unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}."
+        wait = self._take_turn("_last_switch", SWITCH_INTERVAL_S)
+        if wait:
+            return f"Not switched: the last switch was under {SWITCH_INTERVAL_S:g} s ago; try again in {wait:.0f} s."
         try:
             report = self.service.switch_precision(precision, self.settings.warmup, int(IMAGE_MP_MAX * MEGA))
             return report.describe()
         except (SwitchRefused, Busy, TimeoutError) as exc:
             return f"Not switched: {exc}"
+        finally:
+            self._last_switch = time.monotonic()  # the interval counts from the end of a reload
+
+    def release(self, request: gr.Request | None = None) -> str:
+        """Gives cached GPU memory back to the driver (a garbage collection and the allocator's cache)."""
+        if not self.is_operator(request):
+            return f"Not released: {OPERATOR_ONLY}"
+        wait = self._take_turn("_last_release", RELEASE_INTERVAL_S)
+        if wait:
+            return f"Not released: memory was released under {RELEASE_INTERVAL_S:g} s ago; try again in {wait:.0f} s."
+        self.service.release_memory()
+        return "Released cached memory."
+
+    def _take_turn(self, attr: str, interval: float) -> float:
+        """0 and the action's clock started if `interval` has passed since the last one, else seconds to wait."""
+        with self._operator_lock:
+            now = time.monotonic()
+            wait = getattr(self, attr) + interval - now
+            if wait > 0:
+                return wait
+            setattr(self, attr, now)
+            return 0.0
+
+    def is_operator(self, request: gr.Request | None) -> bool:
+        """The --admin-auth user when one is set; otherwise anyone, if the app can only be reached from this machine."""
+        admin = self.settings.admin_user()
+        if admin is not None:
+            return getattr(request, "username", None) == admin
+        return self.settings.local_only
+
+    def operator_view(self, request: gr.Request) -> Any:
+        """On page load: the server-wide controls are shown to the operator only (and refused to others)."""
+        return gr.update(visible=self.is_operator(request))
+
+    def _client(self, request: gr.Request | None) -> Client | None:
+        if request is None:
+            return None
+        client = getattr(request, "client", None)
+        address = getattr(client, "host", None) or "unknown"
+        return Client(address, exempt=self.is_operator(request))
 
     def context_sliders(self) -> tuple[Any, Any]:
         """On page load: lowers the context sliders' tops if the warm-up lowered the limits."""
-        import gradio as gr
-
         limits, settings = self.service.limits, self.settings
         if limits.max_context >= settings.max_context and limits.max_new_tokens >= settings.max_new_tokens:
             return gr.skip(), gr.skip()
@@ -205,8 +314,11 @@ class Handlers:
             gr.update(maximum=limits.max_new_tokens, value=min(512, limits.max_new_tokens)),
         )
 
-    def clear(self) -> None:
-        self.service.release_memory()
+    def clear(self, request: gr.Request | None = None) -> None:
+        """The chat was cleared: this session's conversation starts again (nothing server-wide happens)."""
+        session = getattr(request, "session_hash", None)
+        if session:
+            self.conversations.forget(session)
 
 
 def _require(name: str, value: Any, lo: float, hi: float) -> float:

@@ -32,7 +32,7 @@ def build_demo(handlers: Handlers, settings: Settings) -> gr.Blocks:
                 panel = gr.Markdown("", elem_id="panel")
                 inputs, estimate = _budget_controls(settings)
                 sampling, stop = _sampling_controls()
-                _precision_controls(handlers)
+                operator = _operator_controls(handlers)
             with gr.Column(scale=3, min_width=420):
                 chatbot = gr.Chatbot(label="Chat", elem_id="chatbot", height=560, buttons=["copy"])
                 textbox = gr.MultimodalTextbox(
@@ -53,7 +53,7 @@ def build_demo(handlers: Handlers, settings: Settings) -> gr.Blocks:
                     api_name="chat",
                     api_description="Chat with Qwen3-VL. message = {'text': str, 'files': [file, ...]}; "
                     "the client keeps the history between calls.",
-                    concurrency_limit=settings.max_concurrency,
+                    concurrency_limit=_chat_concurrency(settings),
                     fill_height=True,
                 )
                 gr.Examples(
@@ -64,7 +64,10 @@ def build_demo(handlers: Handlers, settings: Settings) -> gr.Blocks:
                     inputs=[textbox],
                     label="Examples",
                 )
-        _share_gpu_concurrency(demo, chat, settings.max_concurrency)
+        _share_gpu_concurrency(demo, chat, _chat_concurrency(settings))
+        # gradio runs at most this many events at once (its queue's workers and its thread limiter): enough
+        # for every chat the admission lets run or wait, plus the page's small events.
+        demo.max_threads = max(40, _chat_concurrency(settings) + 16)
         chatbot.clear(handlers.clear, queue=False, api_visibility="private")
         for control in inputs:
             control.change(handlers.estimate, inputs=inputs, outputs=estimate, queue=False, api_visibility="private")
@@ -74,6 +77,7 @@ def build_demo(handlers: Handlers, settings: Settings) -> gr.Blocks:
         demo.load(handlers.panel, outputs=[panel, status], queue=False, api_visibility="private")
         demo.load(handlers.estimate, inputs=inputs, outputs=estimate, queue=False, api_visibility="private")
         demo.load(handlers.context_sliders, outputs=inputs[:2], queue=False, api_visibility="private")
+        demo.load(handlers.operator_view, outputs=operator, queue=False, api_visibility="private")
     return demo
 
 
@@ -87,7 +91,9 @@ def _budget_controls(settings: Settings) -> tuple[list[Any], gr.Markdown]:
             16, settings.max_new_tokens, value=min(512, settings.max_new_tokens), step=16, label="Max new tokens",
             elem_id="max-new-tokens",
         )  # fmt: skip
-        image_mp = gr.Slider(0.05, IMAGE_MP_MAX, value=0.92, step=0.01, label="Max pixels per image (MP)", elem_id="image-mp")
+        image_mp = gr.Slider(
+            0.05, IMAGE_MP_MAX, value=0.92, step=0.01, label="Max pixels per image (MP)", elem_id="image-mp"
+        )
         fps = gr.Slider(0.25, 4.0, value=2.0, step=0.25, label="Video sampling (fps)", elem_id="video-fps")
         frames = gr.Slider(2, 128, value=32, step=2, label="Max video frames", elem_id="video-frames")
         video_mp = gr.Slider(0.5, 32.0, value=7.4, step=0.1, label="Total video pixels (MP)", elem_id="video-mp")
@@ -110,21 +116,35 @@ def _sampling_controls() -> tuple[list[Any], gr.Textbox]:
     return [system, temperature, top_p, top_k, repetition, seed], stop
 
 
-def _precision_controls(handlers: Handlers) -> None:
-    with gr.Accordion("Precision", open=False):
+def _operator_controls(handlers: Handlers) -> gr.Accordion:
+    """Server-wide actions: hidden unless the page load finds the operator, and refused to anyone else."""
+    with gr.Accordion("Precision & memory (operator)", open=False, visible=False, elem_id="operator") as box:
         choice = gr.Dropdown(PRECISION_CHOICES, value="int4", label="Reload the model in", elem_id="precision")
         apply = gr.Button("Switch precision", elem_id="switch-precision")
         result = gr.Markdown("")
+        release = gr.Button("Release cached GPU memory", elem_id="release-memory", size="sm")
     apply.click(
         handlers.switch, inputs=choice, outputs=result, concurrency_id=GPU_CONCURRENCY_ID, api_name="switch_precision"
     )
+    release.click(handlers.release, outputs=result, concurrency_limit=1, api_name="release_memory")
+    return box
+
+
+def _chat_concurrency(settings: Settings) -> int:
+    """Chat events gradio starts at once: every one the admission may run or keep waiting.
+
+    The wait line is the service's (`Scheduler`, with the per-client cap): it sees every front door, says where
+    a request stands, and refuses one client's flood without making everyone else wait behind it in gradio's
+    queue. gradio's own queue only holds what arrives beyond that.
+    """
+    return settings.max_concurrency + settings.queue_size
 
 
 def _share_gpu_concurrency(demo: gr.Blocks, chat: gr.ChatInterface, limit: int) -> None:
     """Puts every event that runs the chat function into one concurrency group.
 
-    ChatInterface gives its UI event and its /chat API event separate groups of `limit` each,
-    which would let 2 × limit generations run at once; one shared id makes the limit global.
+    ChatInterface gives its UI event and its /chat API event separate groups of `limit` each; one shared id
+    makes the limit global (the scheduler holds generations to --max-concurrency within it).
     """
     for fn in demo.fns.values():
         if getattr(fn, "concurrency_id", None) == GPU_CONCURRENCY_ID or fn.name in ("_submit_fn", "_stream_fn", "chat"):
