@@ -212,6 +212,7 @@ class FrontDoor:
         from qwen3vl_webui.uploads import UploadSweeper
 
         s = settings
+        credentials = s.credentials()  # reads --auth-file once
         self.demo = demo
         self.settings = settings
         demo.queue(max_size=s.queue_size, default_concurrency_limit=s.max_concurrency)
@@ -221,7 +222,7 @@ class FrontDoor:
         self.http = fastapi.FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
         gr.mount_gradio_app(
             self.http, demo, path="/", server_name=s.host, server_port=s.port,
-            auth=s.credentials() or None,
+            auth=credentials or None,
             allowed_paths=allowed,
             max_file_size=s.max_file_mb * 1024 * 1024,
             css_paths=css_paths,
@@ -230,8 +231,9 @@ class FrontDoor:
             show_error=False,
         )  # fmt: skip
         # gradio checks that a file path sent in an API call was uploaded (processing_utils._check_allowed) only
-        # when `has_launched` is set, which launch() does and mount_gradio_app does not: without this line a
-        # client could name any path on the server (tests/test_hostile.py case 9).
+        # when `has_launched` is set, which launch() does and mount_gradio_app does not: without this line gradio
+        # accepts any server path a raw API call names, and the chat handler's own check is the only guard left
+        # (tests/test_hostile.py case 9).
         demo.has_launched = True
         self.gradio_app = _mounted_gradio_app(self.http)
         self.sweeper = UploadSweeper(
@@ -242,7 +244,8 @@ class FrontDoor:
         )
         self.limiter = LoginLimiter()
         self.http.add_middleware(UploadNudge, sweeper=self.sweeper)
-        self.http.add_middleware(LoginRateLimit, limiter=self.limiter)  # outermost: refused before anything runs
+        if credentials:  # without a login, gradio's /login only redirects: nothing to guess
+            self.http.add_middleware(LoginRateLimit, limiter=self.limiter)  # outermost: refused before anything runs
         self.server: Any = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -291,7 +294,8 @@ class FrontDoor:
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self.server.should_exit
+        server = self.server
+        return server is not None and not server.should_exit and self._thread is not None and self._thread.is_alive()
 
     def wait(self) -> None:
         if self._thread is not None:

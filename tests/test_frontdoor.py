@@ -238,6 +238,28 @@ def test_launch_on_a_busy_port_raises_port_error_in_process(tiny_checkpoint: Pat
     assert not app.is_running
 
 
+def test_share_opens_gradios_tunnel_to_our_server_and_survives_a_failed_one(open_app, monkeypatch, capsys) -> None:
+    from gradio import networking
+
+    app, url = open_app
+    for name in ("share", "share_url"):  # restored after the test
+        monkeypatch.setattr(app.demo, name, getattr(app.demo, name))
+    calls: list[tuple] = []
+
+    def tunnel(*args: Any) -> str:
+        calls.append(args)
+        return "https://abc.gradio.live"
+
+    monkeypatch.setattr(networking, "setup_tunnel", tunnel)
+    app.front._open_share_link()  # what --share does once the server is up (the real tunnel needs the internet)
+    assert calls == [("127.0.0.1", app.settings.port, app.demo.share_token, None, None)]
+    assert "* Running on public URL: https://abc.gradio.live" in capsys.readouterr().out
+    monkeypatch.setattr(networking, "setup_tunnel", lambda *a: (_ for _ in ()).throw(RuntimeError("offline")))
+    app.front._open_share_link()
+    assert "Could not create a share link: offline" in capsys.readouterr().out
+    assert httpx.get(url + "gradio_api/info", timeout=10).status_code == 200
+
+
 # ---------------------------------------------------------------------------- error details
 
 
