@@ -109,8 +109,8 @@ class LoginLimiter:
         self._seen: collections.OrderedDict[str, collections.deque[float]] = collections.OrderedDict()
         self._lock = threading.Lock()
 
-    def begin(self, client: str) -> tuple[float, float]:
-        """Records an attempt; returns (its time, 0.0), or (0.0, seconds to wait) when the client must wait."""
+    def begin(self, client: str) -> float:
+        """Records an attempt and returns 0.0; over the limit, records nothing and returns the seconds to wait."""
         now = self.clock()
         with self._lock:
             times = self._seen.get(client)
@@ -123,9 +123,9 @@ class LoginLimiter:
                 times.popleft()
             if len(times) >= self.attempts:
                 self.refused += 1
-                return 0.0, times[0] + self.window_s - now
+                return times[0] + self.window_s - now
             times.append(now)
-            return now, 0.0
+            return 0.0
 
     def succeeded(self, client: str) -> None:
         with self._lock:
@@ -161,7 +161,7 @@ class LoginRateLimit:
         if not _is_login(scope):
             return await self.app(scope, receive, send)
         client = client_key(scope)
-        _, wait_s = self.limiter.begin(client)
+        wait_s = self.limiter.begin(client)
         if wait_s > 0:
             return await _refuse(send, math.ceil(wait_s))
         status: list[int] = []
@@ -194,9 +194,11 @@ class UploadNudge:
         self.sweeper = sweeper
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        await self.app(scope, receive, send)
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].rstrip("/").endswith("/upload"):
-            self.sweeper.nudge()
+        try:
+            await self.app(scope, receive, send)
+        finally:  # an upload cut short may have left a partial file too
+            if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].rstrip("/").endswith("/upload"):
+                self.sweeper.nudge()
 
 
 # ------------------------------------------------------------------------------- the server
