@@ -228,6 +228,9 @@ class FrontDoor:
             allowed_paths=allowed,
             max_file_size=s.max_file_mb * 1024 * 1024,
             css_paths=css_paths,
+            # FastAPI's own schema of gradio's routes, outside gradio's login (gradio serves its API description
+            # at /gradio_api/openapi.json, behind the login).
+            app_kwargs={"openapi_url": None, "docs_url": None, "redoc_url": None},
             # True would send str(exception) of any error escaping a handler to every client (gradio's
             # utils.error_payload); the chat's refusals are ordinary ⚠️ outputs and gr.Error still shows.
             show_error=False,

@@ -54,6 +54,20 @@ def open_app(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) ->
             app.close()
 
 
+def test_the_mounted_app_keeps_what_launch_set_and_serves_no_schema_outside_the_login(guarded) -> None:
+    from qwen3vl_webui.cli import SESSION_CAPACITY
+
+    app, url = guarded
+    assert app.front.gradio_app.state_holder.capacity == SESSION_CAPACITY  # launch()'s state_session_capacity
+    assert app.demo.max_file_size == app.settings.max_file_mb * 1024 * 1024 and app.demo.css_paths
+    assert app.demo._queue.max_size == app.settings.queue_size and app.demo.show_error is False
+    with httpx.Client(base_url=url, timeout=10) as anonymous:
+        for path in ("openapi.json", "docs", "redoc"):
+            assert anonymous.get(path).status_code == 404, path
+        assert anonymous.get("gradio_api/openapi.json").status_code == 401
+        assert anonymous.get("").status_code == 200  # the login page (the container's health check)
+
+
 # ------------------------------------------------------------------------------- login limit
 
 
