@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-files-per-turn", "max_files_per_turn", _rule("max_files_per_turn"), type=int, metavar="N")
     add("--max-file-mb", "max_file_mb", _rule("max_file_mb"), type=int, metavar="MB")
     add("--max-requests-per-client", "max_requests_per_client", _rule("max_requests_per_client"), type=int, metavar="N")
+    add("--event-rate-limit", "event_rate_limit", _rule("event_rate_limit"), type=int, metavar="PER_S")
     add("--max-history-turns", "max_history_turns", _rule("max_history_turns"), type=int, metavar="N")
     add("--max-files-per-chat", "max_files_per_chat", _rule("max_files_per_chat"), type=int, metavar="N")
     add("--host", "host", "address to listen on (0.0.0.0 for the LAN / containers)")

@@ -41,6 +41,11 @@ _RULES: dict[str, tuple[Any, str]] = {
         "chats one client address may have running or waiting at once, every front door together; the operator is "
         "exempt; 0 = no cap",
     ),
+    "event_rate_limit": (
+        (0, 10000),
+        "gradio events (chat, panel, sliders, uploads) per second one client address may send, bursts of 3 s "
+        "allowed; over it a call waits 1 s and gets 429; not applied when the app listens on loopback only; 0 = off",
+    ),
     "max_history_turns": ((1, 10000), "earlier turns the server keeps per conversation (older ones are forgotten)"),
     "max_files_per_chat": ((1, 1024), "images + videos the server keeps per conversation (older turns are forgotten)"),
     "engine": (
@@ -95,6 +100,7 @@ class Settings:
     random_weights: str = "off"
     max_requests_per_client: int = 2
     max_history_turns: int = 100
+    event_rate_limit: int = 20
     max_files_per_chat: int = 32
     # "user:password"; kept out of repr so settings can be logged.
     auth: str | None = field(default=None, repr=False)

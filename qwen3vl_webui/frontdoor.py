@@ -186,6 +186,72 @@ async def _refuse(send: Any, retry_after: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+# ------------------------------------------------------------------------------- event limit
+
+# A client refused by the event limit waits this long for its 429: a loop of refused calls costs the server a
+# sleeping coroutine per second and connection, not a request's worth of Python each time.
+EVENT_TARPIT_S = 1.0
+EVENT_BURST = 3.0  # the bucket holds this many seconds of the rate: a page load's burst of events fits
+
+
+class EventLimiter:
+    """A token bucket per client address over gradio's event routes (run, queue/join, call, upload).
+
+    Every event the page uses can be called in a loop by anyone, by `fn_index`, hidden ones included; each costs
+    the server its routing, validation and pre/post-processing in the one Python process that also serves every
+    chat. A person's page makes a few events a second (the live panel's tick, a slider released, a message).
+    """
+
+    def __init__(self, rate: float, max_clients: int = LOGIN_CLIENTS, clock: Callable[[], float] = time.monotonic):
+        self.rate = rate
+        self.capacity = max(1.0, rate * EVENT_BURST)
+        self.max_clients = max_clients
+        self.clock = clock
+        self.refused = 0
+        self._buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def take(self, client: str) -> bool:
+        now = self.clock()
+        with self._lock:
+            tokens, at = self._buckets.pop(client, (self.capacity, now))
+            tokens = min(self.capacity, tokens + (now - at) * self.rate)
+            allowed = tokens >= 1.0
+            self._buckets[client] = (tokens - 1.0 if allowed else tokens, now)
+            while len(self._buckets) > self.max_clients:
+                self._buckets.popitem(last=False)
+            if not allowed:
+                self.refused += 1
+            return allowed
+
+
+def _is_event(scope: dict[str, Any]) -> bool:
+    if scope["type"] != "http" or scope["method"] != "POST":
+        return False
+    path = scope["path"].rstrip("/")
+    return path.endswith(("/queue/join", "/upload")) or "/run/" in path or "/call/" in path or "/api/" in path
+
+
+class EventRateLimit:
+    """ASGI middleware: a client over its event rate waits EVENT_TARPIT_S, then gets 429 + Retry-After."""
+
+    def __init__(self, app: Any, limiter: EventLimiter) -> None:
+        self.app = app
+        self.limiter = limiter
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if not _is_event(scope) or self.limiter.take(client_key(scope)):
+            return await self.app(scope, receive, send)
+        await asyncio.sleep(EVENT_TARPIT_S)
+        body = b'{"detail": "Too many requests from your address; slow down."}'
+        await send({
+            "type": "http.response.start", "status": 429,
+            "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1"),
+                        (b"content-length", str(len(body)).encode())],
+        })  # fmt: skip
+        await send({"type": "http.response.body", "body": body})
+
+
 class UploadNudge:
     """ASGI middleware: after each upload, asks the sweeper for a sweep (it runs at most once a second)."""
 
@@ -249,6 +315,11 @@ class FrontDoor:
         )
         self.limiter = LoginLimiter()
         self.http.add_middleware(UploadNudge, sweeper=self.sweeper)
+        # Only this machine can reach a loopback-only app (its user is the operator): no limit there, so local
+        # load tests and benchmarks measure the app, not the limiter.
+        self.events = EventLimiter(s.event_rate_limit)
+        if s.event_rate_limit and not s.local_only:
+            self.http.add_middleware(EventRateLimit, limiter=self.events)
         if credentials:  # without a login, gradio's /login only redirects: nothing to guess
             self.http.add_middleware(LoginRateLimit, limiter=self.limiter)  # outermost: refused before anything runs
         self.server: Any = None

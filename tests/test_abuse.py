@@ -146,28 +146,45 @@ def test_looping_every_hidden_event_does_not_slow_a_chat(open_app) -> None:
         if fn.fn is None or fn.concurrency_id == "gpu" or fn.queue:  # queued ones (chat, switch): covered elsewhere
             continue
         calls.append((int(index), [getattr(block, "value", None) for block in fn.inputs]))
-    assert any(app.demo.fns[i].name == "clear" for i, _ in calls) and any(
-        app.demo.fns[i].name == "panel" for i, _ in calls
-    )
-    victim = Client(url, verbose=False)
+    assert any(app.demo.fns[i].name == "clear" for i, _ in calls) and any(app.demo.fns[i].name == "panel" for i, _ in calls)
+    # The victim chats from another address than the three looping clients (127.0.0.1).
+    victim = httpx.Client(timeout=60, transport=httpx.HTTPTransport(local_address="127.0.0.2"))
 
     def chats() -> float:
-        return statistics.median(_timed_chat(victim)[0] for _ in range(7))
+        times = []
+        for _ in range(7):
+            start = time.monotonic()
+            assert not _rest_chat(victim, url, "hello").startswith(ERROR_PREFIX)
+            times.append(time.monotonic() - start)
+        return statistics.median(times)
 
-    chats()  # warm
-    quiet = chats()
-    context = multiprocessing.get_context("spawn")
-    counter = context.Value("i", 0)
-    procs = [context.Process(target=_loop_events, args=(url, calls, 12.0, counter)) for _ in range(3)]
-    for proc in procs:
-        proc.start()
-    time.sleep(3.0)  # the children are up and looping
-    loud = chats()
-    for proc in procs:
-        proc.join(30)
-    assert counter.value > 100, counter.value  # the loop really ran
-    assert app.service.counters.memory_releases == 0  # `clear` no longer runs a server-wide collection
+    with victim:
+        chats()  # warm
+        quiet = chats()
+        context = multiprocessing.get_context("spawn")
+        counter = context.Value("i", 0)
+        procs = [context.Process(target=_loop_events, args=(url, calls, 12.0, counter)) for _ in range(3)]
+        for proc in procs:
+            proc.start()
+        time.sleep(3.0)  # the children are up and looping
+        loud = chats()
+        for proc in procs:
+            proc.join(30)
+    assert counter.value > 30 and app.service.counters.memory_releases == 0  # `clear` is no server-wide action
+    assert app.front.events.refused > 0  # the loop hit the per-address event limit
+    print(f"chat median {quiet:.3f} s quiet, {loud:.3f} s while 3 clients loop ({counter.value} calls, {app.front.events.refused} refused)")
     assert loud <= quiet * 1.2 + 0.02, (quiet, loud, counter.value)
+
+
+def test_the_event_limit_is_a_bucket_per_address() -> None:
+    from qwen3vl_webui.frontdoor import EventLimiter
+
+    now = [0.0]
+    limiter = EventLimiter(rate=10, clock=lambda: now[0])
+    assert sum(limiter.take("a") for _ in range(100)) == 30  # a burst of 3 s of the rate
+    assert limiter.take("b")  # another address has its own bucket
+    now[0] += 0.5
+    assert sum(limiter.take("a") for _ in range(100)) == 5 and limiter.refused == 70 + 95
 
 
 def test_server_wide_actions_are_refused_to_a_visitor_and_hidden_from_the_page(open_app) -> None:

@@ -40,7 +40,7 @@ from qwen3vl_webui.telemetry import (
 )
 
 if TYPE_CHECKING:
-    from qwen3vl_webui.engine.batching import EngineSnapshot
+    from qwen3vl_webui.engine.batch import EngineSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +202,7 @@ class ChatService:
         self._counts = TurnCounts()
         self.max_per_client = max_per_client  # 0: no cap
         self._per_client: dict[str, int] = {}
+        self._admitted_total = 0
         self._shape_cache: tuple[int, planner.ModelShape] | None = None
         self._lock = threading.Lock()
         self._switch_lock = threading.Lock()
@@ -259,27 +260,33 @@ class ChatService:
 
     @contextlib.contextmanager
     def _admitted(self, client: Client | None) -> Iterator[None]:
-        """Counts the client's chats (running + waiting, every front door together) against its cap."""
-        cap = self.max_per_client
-        if client is None or client.exempt or not cap:
-            yield
-            return
+        """The one admission of every front door: GPU slots + the wait line in all, and the client's own cap.
+
+        A request counts from here (its prompt is built while it counts), so more than max concurrency + queue
+        size never run or wait, whichever door they came through; the scheduler holds the GPU slots within it.
+        """
+        cap = 0 if client is None or client.exempt else self.max_per_client
+        address = client.address if client is not None else ""
         with self._lock:
-            held = self._per_client.get(client.address, 0)
-            if held >= cap:
+            if self._admitted_total >= self.scheduler.max_concurrency + self.scheduler.queue_size:
+                raise Busy("The server is busy (all GPU slots and the wait line are full). Please try again shortly.")
+            held = self._per_client.get(address, 0)
+            if cap and held >= cap:
                 self.counters.refused_per_client += 1
                 raise TooManyRequests(
                     f"You already have {held} chat{'s' if held != 1 else ''} running or waiting, the most one client "
                     "may have at once. Wait for an answer to finish (or stop it), then send this again."
                 )
-            self._per_client[client.address] = held + 1
+            self._admitted_total += 1
+            self._per_client[address] = held + 1
         try:
             yield
         finally:
             with self._lock:
-                left = self._per_client.pop(client.address) - 1
+                self._admitted_total -= 1
+                left = self._per_client.pop(address) - 1
                 if left:
-                    self._per_client[client.address] = left
+                    self._per_client[address] = left
 
     def _wait_ready(self, started: float, deadline: float | None, report: bool) -> Iterator[Waiting]:
         while True:

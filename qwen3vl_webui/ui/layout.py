@@ -70,13 +70,15 @@ def build_demo(handlers: Handlers, settings: Settings) -> gr.Blocks:
         demo.max_threads = max(40, _chat_concurrency(settings) + 16)
         chatbot.clear(handlers.clear, queue=False, api_visibility="private")
         for control in inputs:
-            control.change(handlers.estimate, inputs=inputs, outputs=estimate, queue=False, api_visibility="private")
+            # On release, not on every step of a drag: one event per adjustment (each event is a server call).
+            control.release(handlers.estimate, inputs=inputs, outputs=estimate, queue=False, api_visibility="private")
         handlers.queued = lambda: _gradio_waiting(demo)  # type: ignore[method-assign]
         timer = gr.Timer(1.0)
         timer.tick(handlers.panel, outputs=[panel, status], queue=False, api_visibility="private")
         demo.load(handlers.panel, outputs=[panel, status], queue=False, api_visibility="private")
-        demo.load(handlers.estimate, inputs=inputs, outputs=estimate, queue=False, api_visibility="private")
-        demo.load(handlers.context_sliders, outputs=inputs[:2], queue=False, api_visibility="private")
+        demo.load(handlers.context_sliders, outputs=inputs[:2], queue=False, api_visibility="private").then(
+            handlers.estimate, inputs=inputs, outputs=estimate, queue=False, api_visibility="private"
+        )
         demo.load(handlers.operator_view, outputs=operator, queue=False, api_visibility="private")
     return demo
 
@@ -130,14 +132,19 @@ def _operator_controls(handlers: Handlers) -> gr.Accordion:
     return box
 
 
-def _chat_concurrency(settings: Settings) -> int:
-    """Chat events gradio starts at once: every one the admission may run or keep waiting.
+# Chat events gradio starts beyond what the admission may hold: a burst past the wait line gets the service's
+# "busy" answer at once instead of waiting in gradio's queue for a place.
+REFUSAL_HEADROOM = 16
 
-    The wait line is the service's (`Scheduler`, with the per-client cap): it sees every front door, says where
-    a request stands, and refuses one client's flood without making everyone else wait behind it in gradio's
-    queue. gradio's own queue only holds what arrives beyond that.
+
+def _chat_concurrency(settings: Settings) -> int:
+    """Chat events gradio starts at once: every one the admission may run or keep waiting, plus headroom.
+
+    The wait line is the service's (`ChatService` admission and the `Scheduler`): it sees every front door, says
+    where a request stands, and refuses one client's flood without making everyone else wait behind it in
+    gradio's queue. gradio's own queue only holds what arrives beyond that.
     """
-    return settings.max_concurrency + settings.queue_size
+    return settings.max_concurrency + settings.queue_size + REFUSAL_HEADROOM
 
 
 def _share_gpu_concurrency(demo: gr.Blocks, chat: gr.ChatInterface, limit: int) -> None:
