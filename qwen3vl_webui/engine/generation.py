@@ -50,6 +50,8 @@ class SamplingParams:
     seed: int | None = None
     # The answer ends at the token that completes any of these; the returned text stops before it.
     stop: tuple[str, ...] = ()
+    # Generate max_new_tokens whatever the model says (benchmarks and load tests; vLLM's `ignore_eos`).
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         _check_range("temperature", self.temperature, 0.0, 2.0)
@@ -371,6 +373,8 @@ def stream_generate(
         streamer=streamer,
         stopping_criteria=StoppingCriteriaList([_Stop()]),
     )
+    if sampling.ignore_eos:  # end-of-sequence is suppressed until the length is reached
+        kwargs.update(min_new_tokens=sampling.max_new_tokens)
     if do_sample:
         kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
     else:  # greedy: silence the checkpoint's sampling defaults instead of warning about them

@@ -179,9 +179,22 @@ class BatchEngine:
 
     # ------------------------------------------------------------------ reader side
 
-    def _enqueue(
-        self, prompt: PreparedPrompt, sampling: SamplingParams, cancel: threading.Event
-    ) -> tuple[Request, Iterator[tuple[list[int], RequestStats | None]]]:
+    def add(
+        self, prompt: PreparedPrompt, sampling: SamplingParams, cancel: threading.Event, request_id: int | None = None
+    ) -> Request:
+        """Queues a request whose outputs only listeners see (the engine process forwards them); any thread."""
+        req = self._request(prompt, sampling, cancel, request_id)
+        self.core.scheduler.add(req)
+        return req
+
+    @property
+    def worker_thread(self) -> threading.Thread:
+        """The one thread that owns the GPU: if it has died, the engine is gone."""
+        return self._thread
+
+    def _request(
+        self, prompt: PreparedPrompt, sampling: SamplingParams, cancel: threading.Event, request_id: int | None
+    ) -> Request:
         need = int(prompt.inputs["input_ids"].shape[1]) + sampling.max_new_tokens
         if need > self.max_len:
             raise RequestError(
@@ -189,6 +202,8 @@ class BatchEngine:
                 f"{self.max_batch} slots holds {self.max_len:,}. Lower max new tokens or the context."
             )
         req = Request.of(prompt, sampling, cancel)
+        if request_id is not None:
+            req.id = request_id
         req.ids = prompt.inputs["input_ids"][0].cpu()
         if sampling.stop:
             req.stop = StopMatcher(sampling.stop, self._token_bytes)
@@ -201,6 +216,12 @@ class BatchEngine:
             except ValueError as exc:  # placeholders that do not fit the grids: the prefill will say so
                 log.warning("prefix reuse off for a prompt: %s", exc)
                 req.reusable = False
+        return req
+
+    def _enqueue(
+        self, prompt: PreparedPrompt, sampling: SamplingParams, cancel: threading.Event
+    ) -> tuple[Request, Iterator[tuple[list[int], RequestStats | None]]]:
+        req = self._request(prompt, sampling, cancel, None)
         mailbox = self._streams.open(req.id)
         try:
             self.core.scheduler.add(req)

@@ -59,7 +59,7 @@ class Request:
         Called once per token (the stop matcher keeps the bytes of the last few), before the token is emitted.
         """
         stopped = self.stop is not None and self.stop.push(token)
-        if stopped or token in eos:
+        if stopped or (token in eos and not self.sampling.ignore_eos):
             reason: str | None = "stop"
         elif len(self.tokens) + 1 >= self.sampling.max_new_tokens:
             reason = "length"
@@ -148,6 +148,13 @@ class RequestStreams:
     def discard(self, request_id: int) -> None:
         with self._lock:
             self._queues.pop(request_id, None)
+
+    def fail_all(self, error: BaseException) -> None:
+        """Every open request ends with `error` (the engine behind them is gone)."""
+        with self._lock:
+            queues, self._queues = self._queues, {}
+        for request_id, mailbox in queues.items():
+            mailbox.put(RequestOutput(request_id, error=error))
 
     def deliver(self, outputs: EngineOutputs) -> None:
         with self._lock:
