@@ -1,0 +1,125 @@
+"""The batch engine behind ChatService when it runs in its own process: the Decoder the model manager attaches."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from qwen3vl_webui.engine.remote.client import EngineProcess, EngineStartFailed
+from qwen3vl_webui.engine.remote.protocol import EngineInfo
+
+log = logging.getLogger(__name__)
+
+
+class RemoteDecoder:
+    """One engine process per loaded precision. `attach` starts it (the weights load there) and returns what it
+    loaded; `detach` stops it (its exit gives all its GPU memory back); `stream` sends a prompt and streams text.
+
+    Its KV memory is allocated once in that process: `max_context` tokens for each of `max_batch` slots, plus
+    the retained-prefix slots for follow-up turns (a quarter as many, at least one)."""
+
+    name = "batch"
+
+    def __init__(
+        self,
+        max_batch: int,
+        max_context: int,
+        cache_dir: str | None = None,
+        attn: str = "sdpa",
+        on_progress: Callable[[str], None] = lambda text: None,
+        on_death: Callable[[int | None], None] = lambda code: None,
+    ) -> None:
+        self.max_batch = max_batch
+        self.max_context = max_context
+        self.attn = attn
+        # Inductor's compiled decode steps persist here: a restart compiles in seconds, not minutes.
+        self.compile_cache_dir = str(Path(cache_dir or Path.home() / ".cache" / "qwen3vl-webui") / "inductor")
+        self.on_progress = on_progress
+        self.on_death = on_death
+        self.process: EngineProcess | None = None
+        self.info: EngineInfo | None = None
+        self._lock = threading.Lock()
+
+    def spec(self, source: str, precision: str, device: str) -> dict[str, Any]:
+        options = {
+            "max_batch": self.max_batch,
+            "token_budget": self.max_context * self.max_batch,
+            "compile_cache_dir": self.compile_cache_dir,
+        }
+        return {"source": source, "precision": precision, "device": device, "attn": self.attn, "options": options}
+
+    def start(self, source: str, precision: str, device: str) -> EngineInfo:
+        """Starts an engine process for this model and precision; blocks until it serves. EngineStartFailed if not."""
+        process = EngineProcess(self.spec(source, precision, device), self.on_progress, self._died)
+        info = process.start()
+        with self._lock:
+            self.process, self.info = process, info
+        log.info("engine process %d serves %s (%s) on %s", info.pid, info.source, info.label, info.device)
+        return info
+
+    def _died(self, code: int | None) -> None:
+        with self._lock:
+            self.process = None
+        self.on_death(code)
+
+    # -- the Decoder protocol -----------------------------------------------------------------------
+    def attach(self, loaded: Any) -> None:  # the manager starts the process itself (start), knowing the source
+        pass
+
+    def detach(self) -> None:
+        with self._lock:
+            process, self.process = self.process, None
+        if process is not None:
+            process.stop()
+
+    def stream(self, loaded, prompt, sampling, cancel, on_cancel=None, faults=None):  # type: ignore[no-untyped-def]
+        process = self.process
+        if process is None:
+            from qwen3vl_webui.engine.remote.protocol import EngineDied
+
+            raise EngineDied("The engine process is not running; it is being restarted. Please try again.")
+        return process.submit(prompt, sampling, loaded.processor.tokenizer, cancel, on_cancel)
+
+    def describe(self) -> str:
+        process = self.process
+        if process is None or self.info is None:
+            return "batch engine process (starting)"
+        stats = process.stats
+        head = f"batch engine in process {process.pid}"
+        if stats is None:
+            return head
+        snap = stats.snapshot
+        graphs = f"graphs {list(snap.graph_buckets)}" if snap.graph_buckets else "no CUDA graphs"
+        wait = f" (oldest {snap.oldest_wait_s:.1f} s)" if snap.waiting else ""
+        note = f"; {self.info.note}" if self.info.note else ""
+        return (
+            f"{head}: {snap.active}/{snap.max_batch} decoding, {snap.prefilling} prefilling, {snap.waiting} waiting"
+            f"{wait}, {snap.max_len:,} tokens a slot, {graphs}{note}"
+        )
+
+    # -- what the service reads ---------------------------------------------------------------------
+    def snapshot(self) -> Any:
+        """The engine's EngineSnapshot as of its last report (every half second), or None."""
+        process = self.process
+        return process.stats.snapshot if process is not None and process.stats is not None else None
+
+    def memory(self) -> Any:
+        """The engine process's EngineStats (its torch allocator's figures and free memory), or None."""
+        process = self.process
+        return process.stats if process is not None else None
+
+    def release(self) -> None:
+        process = self.process
+        if process is not None:
+            process.send(("release",))
+
+    @property
+    def pid(self) -> int | None:
+        process = self.process
+        return process.pid if process is not None else None
+
+
+__all__ = ["EngineStartFailed", "RemoteDecoder"]

@@ -1,0 +1,218 @@
+"""The engine process: loads the weights, runs the batch engine, and speaks the protocol with the front end.
+
+Started by `client.EngineProcess` as `python -m qwen3vl_webui.engine.remote.worker`, with its spec (a pickled dict)
+on stdin. Nothing but the engine runs Python here: the scheduler and the GPU worker thread, a thread that reads the
+front end's messages (and hashes a prompt's pixels for prefix reuse, off the GPU thread), and a stats tick.
+It exits when the front end says so, when the front end's end of the socket closes (the front end died), or when
+the engine's worker thread dies (a fatal CUDA error): the front end then restarts it.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import pickle
+import signal
+import sys
+import threading
+from typing import Any
+
+from qwen3vl_webui.engine.remote.protocol import (
+    STATS_EVERY_S,
+    Channel,
+    EngineInfo,
+    EngineStats,
+    Prompt,
+    RemoteError,
+    remote_error,
+)
+
+log = logging.getLogger("qwen3vl_webui.engine")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def main() -> int:
+    spec: dict[str, Any] = pickle.load(sys.stdin.buffer)
+    logging.basicConfig(level=spec.get("log_level", logging.INFO), format="%(asctime)s %(levelname)s engine: %(message)s")
+    _die_with_parent()
+    # Ctrl-C (and a service manager's SIGTERM) reach the whole process group: the front end decides when the
+    # engine stops, after its drain; if the front end itself dies, the kernel kills this process (prctl below).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from multiprocessing.connection import Client
+
+    channel = Channel(Client(spec["address"], family="AF_UNIX", authkey=spec["authkey"]))
+    try:
+        engine, info = _start(spec, channel)
+    except BaseException as exc:  # the front end says why and decides about restarting
+        log.exception("the engine failed to start")
+        text = str(exc).strip().splitlines()
+        channel.send(("failed", text[0] if text else type(exc).__name__))
+        return 1
+    worker = Worker(engine, channel)
+    channel.send(("ready", info))
+    return worker.serve()
+
+
+def _start(spec: dict[str, Any], channel: Channel) -> tuple[Any, EngineInfo]:
+    import torch
+
+    from qwen3vl_webui.engine.batch import BatchEngine, BatchOptions
+    from qwen3vl_webui.engine.loading import load_model
+
+    def progress(text: str) -> None:
+        log.info("%s", text)
+        channel.send(("progress", text))
+
+    torch.set_grad_enabled(False)
+    loaded = load_model(spec["source"], spec["precision"], spec["device"], spec["attn"], progress)
+    progress("Starting the batch engine (compiling the decode step: about a minute per batch size on a first start)…"
+             if loaded.device.startswith("cuda") else "Starting the batch engine…")  # fmt: skip
+    options = BatchOptions(**spec["options"])
+    note = ""
+    try:
+        engine = BatchEngine(loaded, options)
+    except Exception as exc:  # e.g. a kernel that cannot be captured: keep serving, eagerly
+        log.warning("batch engine with CUDA graphs failed to start (%s); retrying without graphs", exc)
+        engine = BatchEngine(loaded, BatchOptions(**{**spec["options"], "cuda_graphs": False}))
+        note = f"CUDA graphs off: {exc}"
+    info = EngineInfo(
+        precision=loaded.precision, label=loaded.label, device=loaded.device, source=loaded.source,
+        is_demo=loaded.is_demo, load_seconds=loaded.load_seconds, weights_bytes=loaded.weights_bytes,
+        max_batch=engine.max_batch, max_len=engine.max_len, prefix_slots=engine.prefix_slots,
+        decode_path=engine.decode_path, note=note, pid=os.getpid(),
+    )  # fmt: skip
+    return engine, info
+
+
+class Worker:
+    """Reads requests into the engine; forwards each step's outputs; reports its load."""
+
+    def __init__(self, engine: Any, channel: Channel) -> None:
+        self.engine = engine
+        self.channel = channel
+        self._cancels: dict[int, threading.Event] = {}
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        engine.add_listener(self._forward)
+
+    def serve(self) -> int:
+        threading.Thread(target=self._report, name="engine-stats", daemon=True).start()
+        try:
+            while True:
+                try:
+                    message = self.channel.recv()
+                except (EOFError, OSError):  # the front end is gone
+                    log.warning("the front end closed the connection: stopping")
+                    return 0
+                if not self._handle(message):
+                    return 0
+        finally:
+            self._done.set()
+            self.engine.close()
+
+    def _handle(self, message: tuple[Any, ...]) -> bool:
+        kind = message[0]
+        if kind == "add":
+            self._add(*message[1:])
+        elif kind == "abort":
+            with self._lock:
+                events = [self._cancels.get(rid) for rid in message[1]]
+            for event in events:
+                if event is not None:
+                    event.set()
+        elif kind == "release":
+            self._release()
+        elif kind == "shutdown":
+            return False
+        else:
+            log.warning("unknown message %r", kind)
+        return True
+
+    def _add(self, request_id: int, prompt: Prompt, sampling: Any) -> None:
+        from qwen3vl_webui.engine.batch import EngineOutputs, RequestOutput
+
+        cancel = threading.Event()
+        with self._lock:
+            self._cancels[request_id] = cancel
+        try:
+            self.engine.add(prompt.prepared(), sampling, cancel, request_id=request_id)
+        except Exception as exc:  # refused before it was queued (too long for a slot, bad grids)
+            with self._lock:
+                self._cancels.pop(request_id, None)
+            failed = RequestOutput(request_id, error=remote_error(exc))
+            self.channel.send(("out", EngineOutputs((failed,), 0, 0, 0)))
+
+    def _forward(self, outputs: Any) -> None:
+        """The engine's listener (on its GPU thread): the step's outputs, errors made plain, in one message."""
+        from dataclasses import replace
+
+        plain = []
+        ended = []
+        for out in outputs.outputs:
+            if out.error is not None and not isinstance(out.error, RemoteError):
+                out = replace(out, error=remote_error(out.error))
+            if out.finished is not None or out.error is not None:
+                ended.append(out.request_id)
+            plain.append(out)
+        self.channel.send(("out", replace(outputs, outputs=tuple(plain))))
+        if ended:
+            with self._lock:
+                for rid in ended:
+                    self._cancels.pop(rid, None)
+
+    def _release(self) -> None:
+        gc.collect()
+        from qwen3vl_webui.engine.loading import release_cached_memory
+
+        release_cached_memory()
+
+    def _report(self) -> None:
+        engine_thread = self.engine.worker_thread
+        while not self._done.wait(STATS_EVERY_S):
+            if not engine_thread.is_alive():  # a fatal error ended the GPU thread: let the front end restart us
+                log.error("the engine's worker thread died: exiting")
+                self.channel.close()
+                os._exit(3)
+            try:
+                self.channel.send(("stats", stats(self.engine)))
+            except (OSError, EOFError, BrokenPipeError):
+                return
+
+
+def stats(engine: Any) -> EngineStats:
+    import torch
+
+    device = engine.loaded.device
+    snap = engine.snapshot()
+    if device.startswith("cuda"):
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return EngineStats(
+            snap,
+            allocated=int(torch.cuda.memory_allocated(device)),
+            reserved=int(torch.cuda.memory_reserved(device)),
+            peak=int(torch.cuda.max_memory_allocated(device)),
+            free=int(free),
+        )
+    import psutil
+
+    return EngineStats(snap, free=int(psutil.virtual_memory().available))
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this process when its parent (the front end) dies, however it dies."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() == 1:  # the parent died before prctl: nobody will read us
+            os._exit(0)
+    except (OSError, AttributeError):  # not Linux: the closed socket still ends us
+        pass
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,116 @@
+"""The batch engine in its own process (CPU, tiny model): same answers as in-process, stop, errors, death."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from qwen3vl_webui.conversation import UserMessage
+from qwen3vl_webui.engine.batch import BatchEngine, BatchOptions
+from qwen3vl_webui.engine.generation import ChatRequest, SamplingParams, build_prompt
+from qwen3vl_webui.engine.remote.client import EngineProcess, EngineStartFailed
+from qwen3vl_webui.engine.remote.protocol import EngineDied, RemoteError
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0, repetition_penalty=1.0)
+OPTIONS = {"max_batch": 2, "token_budget": 2 * 2048}
+
+
+@pytest.fixture(scope="module")
+def engine_process(tiny_checkpoint: Path):
+    deaths: list[int | None] = []
+    process = EngineProcess(
+        {"source": str(tiny_checkpoint), "precision": "fp32", "device": "cpu", "attn": "sdpa", "options": OPTIONS},
+        on_death=deaths.append,
+    )
+    info = process.start()
+    assert info.device == "cpu" and info.max_batch == 2 and info.pid != os.getpid()
+    yield process, deaths
+    process.stop()
+
+
+def _answer(stream) -> tuple[str, object]:
+    text, stats = "", None
+    for text, stats in stream:
+        pass
+    return text, stats
+
+
+def test_greedy_answers_through_the_process_equal_the_in_process_engine(engine_process, tiny_loaded) -> None:
+    process, _ = engine_process
+    image = str(ASSETS / "example.png")
+    prompts = [
+        build_prompt(tiny_loaded, ChatRequest(UserMessage("hello there"), sampling=GREEDY)),
+        build_prompt(tiny_loaded, ChatRequest(UserMessage("Describe it.", (image,)), sampling=GREEDY)),
+    ]
+    with BatchEngine(tiny_loaded, BatchOptions(**OPTIONS)) as local:
+        expected = [_answer(local.submit(p, GREEDY, threading.Event()))[0] for p in prompts]
+    tokenizer = tiny_loaded.processor.tokenizer
+    streams = [process.submit(p, GREEDY, tokenizer, threading.Event()) for p in prompts]  # both at once
+    got = [_answer(s) for s in streams]
+    assert [text for text, _ in got] == expected
+    assert got[1][1].prompt_image_tokens > 0 and got[0][1].new_tokens > 0
+    assert process.steps > 0
+
+
+def test_a_stop_reaches_the_engine_and_frees_the_slot(engine_process, tiny_loaded) -> None:
+    process, _ = engine_process
+    long = SamplingParams(max_new_tokens=2000, temperature=0.0, ignore_eos=True)
+    prompt = build_prompt(tiny_loaded, ChatRequest(UserMessage("story"), sampling=GREEDY))
+    cancel = threading.Event()
+    stream = process.submit(prompt, long, tiny_loaded.processor.tokenizer, cancel)
+    next(stream)
+    stream.close()  # what gradio does on Stop
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (process.stats is None or process.stats.snapshot.active):
+        time.sleep(0.05)
+    assert process.stats.snapshot.active == 0
+    again = _answer(process.submit(prompt, GREEDY, tiny_loaded.processor.tokenizer, threading.Event()))
+    assert again[1].new_tokens > 0
+
+
+def test_a_request_too_long_for_a_slot_fails_alone_with_the_reason(engine_process, tiny_loaded) -> None:
+    process, _ = engine_process
+    prompt = build_prompt(tiny_loaded, ChatRequest(UserMessage("hi"), sampling=GREEDY))
+    huge = SamplingParams(max_new_tokens=5000, temperature=0.0)
+    with pytest.raises(RemoteError) as err:
+        _answer(process.submit(prompt, huge, tiny_loaded.processor.tokenizer, threading.Event()))
+    assert err.value.kind == "request" and "slots holds" in str(err.value)
+
+
+def test_a_killed_engine_fails_requests_in_flight_at_once_and_reports_its_death(tiny_checkpoint, tiny_loaded) -> None:
+    deaths: list[int | None] = []
+    process = EngineProcess(
+        {"source": str(tiny_checkpoint), "precision": "fp32", "device": "cpu", "attn": "sdpa", "options": OPTIONS},
+        on_death=deaths.append,
+    )
+    process.start()
+    prompt = build_prompt(tiny_loaded, ChatRequest(UserMessage("story"), sampling=GREEDY))
+    long = SamplingParams(max_new_tokens=2000, temperature=0.0, ignore_eos=True)
+    stream = process.submit(prompt, long, tiny_loaded.processor.tokenizer, threading.Event())
+    next(stream)
+    os.kill(process.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    with pytest.raises(EngineDied):
+        for _ in stream:
+            pass
+    assert time.monotonic() - killed < 2.0
+    deadline = time.monotonic() + 5
+    while not deaths and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert deaths == [-signal.SIGKILL] and not process.alive
+    with pytest.raises(EngineDied):
+        process.submit(prompt, GREEDY, tiny_loaded.processor.tokenizer, threading.Event())
+
+
+def test_a_load_failure_is_one_sentence(tmp_path: Path) -> None:
+    process = EngineProcess(
+        {"source": str(tmp_path / "nothing-here"), "precision": "fp32", "device": "cpu", "attn": "sdpa", "options": OPTIONS}
+    )
+    with pytest.raises(EngineStartFailed):
+        process.start()
