@@ -517,7 +517,8 @@ def test_18_closing_the_tab_mid_stream_ends_generation_and_frees_the_slot(hostil
 def test_19_a_client_leaving_while_waiting_is_dropped_without_gpu_work(hostile) -> None:
     app, url = hostile
     message = {"text": "Are you there?", "files": []}
-    # (a) Waiting in gradio's queue behind two long answers.
+    # (a) Waiting in the service's line behind two long answers (every chat gradio receives is started at once and
+    # waits in the one admission, which reports "⏳ Waiting…" four times a second; a write to a gone client fails).
     with long_answers(app, step_delay_s=0.01):
         first = _started(app)
         runners = [_client(url).submit({"text": f"long {i}", "files": []}, max_new_tokens=300, api_name="/chat")
@@ -527,11 +528,11 @@ def test_19_a_client_leaving_while_waiting_is_dropped_without_gpu_work(hostile) 
         assert app.service.scheduler.state().running == 2
         before = _started(app)
         with raw_stream(url, _raw_data(app, message)):
-            assert _wait_for(lambda: len(app.demo._queue) == 1, 10)  # queued behind the two
+            assert _wait_for(lambda: app.service.scheduler.state().waiting == 1, 10)  # queued behind the two
             time.sleep(0.2)
-        # The client went away; gradio notices at its next queue update (every second) and drops the event.
+        # The client went away; gradio notices at the next waiting report it cannot deliver and closes the chat.
         # Wait for that rather than for a fixed time: on a loaded 2-core CI machine it once took over 1.5 s.
-        assert _wait_for(lambda: len(app.demo._queue) == 0, 15)
+        assert _wait_for(lambda: app.service.scheduler.state().waiting == 0 and app.service.in_flight() == 2, 15)
         for job in runners:
             job.cancel()
         assert _wait_for(lambda: app.service.scheduler.state().running == 0, 20)

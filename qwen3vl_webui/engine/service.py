@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import gc
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from qwen3vl_webui.engine.generation import (
     build_prompt,
 )
 from qwen3vl_webui.engine.loading import LoadedModel
-from qwen3vl_webui.engine.manager import ModelManager, SwitchReport
+from qwen3vl_webui.engine.manager import ModelManager, SwitchRefused, SwitchReport
 from qwen3vl_webui.engine.scheduler import Busy, QueueState, Scheduler
 from qwen3vl_webui.media import MediaError
 from qwen3vl_webui.telemetry import (
@@ -206,6 +207,7 @@ class ChatService:
         self._shape_cache: tuple[int, planner.ModelShape] | None = None
         self._lock = threading.Lock()
         self._switch_lock = threading.Lock()
+        self._last_switch = -1e9
         self._active: set[_Active] = set()
         self._draining = threading.Event()
 
@@ -493,12 +495,27 @@ class ChatService:
             self._shape_cache = (key, planner.ModelShape.from_config(loaded.model.config))
         return self._shape_cache[1]
 
-    def switch_precision(self, precision: str, warmup_mode: str = "off", image_pixels: int = 0) -> SwitchReport:
-        """One switch at a time: a second caller waits, then finds the precision loaded (no double load)."""
+    def switch_precision(
+        self, precision: str, warmup_mode: str = "off", image_pixels: int = 0, min_interval_s: float = 0.0
+    ) -> SwitchReport:
+        """One switch at a time: a second caller waits, then finds the precision loaded (no double load).
+
+        A reload starts at most `min_interval_s` after the previous one ended (SwitchRefused otherwise), whoever
+        asks: a warm reload takes ~20 s of the GPU from every user.
+        """
         if self._draining.is_set():
             raise ShuttingDown(SHUTDOWN_MESSAGE)
         with self._switch_lock:
-            report = self.manager.switch(precision)
+            loaded = self.manager.current()
+            wait = self._last_switch + min_interval_s - time.monotonic()
+            if wait > 0 and not (loaded is not None and loaded.precision == precision):
+                raise SwitchRefused(
+                    f"the last switch was under {min_interval_s:g} s ago; try again in {math.ceil(wait)} s."
+                )
+            try:
+                report = self.manager.switch(precision)
+            finally:
+                self._last_switch = time.monotonic()
             if report.old != report.new and warmup_mode != "off":
                 self.warm_up(warmup_mode, image_pixels)
             return report
