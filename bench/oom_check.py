@@ -1,18 +1,22 @@
 """Device check for case 15 of issue 4: a real CUDA out-of-memory during a big image prompt.
 
-    python bench/oom_check.py                                   # tiny demo model, both decoders
-    python bench/oom_check.py --preset 4b --checkpoint /tmp/qwen3vl-4b-random --write   # real 4B shape
+    python -m bench.oom_check                                   # tiny demo model, both decoders
+    python -m bench.oom_check --checkpoint random-weights:4b --json $OUT/oom_check.json   # the real 4B shape
 
 For each decoder (transformers generate, the batch engine), through the app's own ModelManager and
 ChatService on the GPU:
   1. warm up: a text turn and a big-image turn succeed (lazy allocations happen here);
-  2. baseline: torch allocated/reserved and NVML used, after the service released cached memory;
+  2. baseline: torch allocated/reserved and NVML used, after the service released cached memory; the batch
+     engine's retained prefixes (the warm-up turns' KV, kept for follow-up turns) are forgotten first, because
+     the out-of-memory path drops them too: counted in the baseline, they would read as memory the failed request
+     gave back (-553.5 MiB on an H200 with the 4B shape);
   3. fill the GPU with a real allocation down to its last MiB, then send the big-image turn again:
      it must fail with the app's out-of-memory message (no crash, no hang);
   4. right after the failure, torch's allocated memory must be the baseline plus the filler, i.e.
      the failed request holds nothing;
   5. free the filler: reserved memory and NVML return to the baseline (within a small slack);
-  6. the big-image turn and a text turn succeed again, and memory is back at the baseline.
+  6. the big-image turn and a text turn succeed again, and memory is back at the baseline (their retained
+     prefixes forgotten again first; their bytes are reported).
 Prints one JSON object per decoder and exits 1 if any check failed.
 """
 
@@ -20,13 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 MIB = 2**20
 # Allowed drift from the baseline: the allocator rounds blocks; NVML also sees driver-side pools.
@@ -100,6 +101,7 @@ def check_decoder(args: argparse.Namespace, decoder: str, image: str) -> dict[st
     out["image_tokens"] = service.stats.last.prompt_image_tokens if service.stats.last else None
     if not ok_big:
         out["warm_up_error"] = message
+    out["retained_prefixes_forgotten_before_baseline_mib"] = _forget_prefixes(manager)
     service.release_memory()
     base = _memory(device)
     out["baseline_mib"] = {k: round(v / MIB, 1) for k, v in base.items()}
@@ -108,6 +110,8 @@ def check_decoder(args: argparse.Namespace, decoder: str, image: str) -> dict[st
     filled = sum(c.numel() for c in filler)
     out["filler_mib"] = round(filled / MIB, 1)
     out["free_after_fill_mib"] = round(_free(device) / MIB, 1)
+    engine = _engine(manager)
+    dropped_before = engine.snapshot().prefix_dropped if engine is not None else 0
     ok, message, seconds = ask(big)
     out["oom_message"] = message
     out["oom_request_s"] = round(seconds, 2)
@@ -116,6 +120,8 @@ def check_decoder(args: argparse.Namespace, decoder: str, image: str) -> dict[st
     leaked = after["allocated"] - base["allocated"] - filled
     out["allocated_beyond_baseline_and_filler_mib"] = round(leaked / MIB, 1)
     checks["failed request holds no memory"] = abs(leaked) <= TORCH_SLACK
+    if engine is not None:  # what the OOM path dropped besides the request: none, nothing was retained
+        out["prefix_entries_dropped_by_oom"] = engine.snapshot().prefix_dropped - dropped_before
     checks["service counted the OOM"] = service.counters.oom == 1 and service.scheduler.state().running == 0
 
     del filler
@@ -130,6 +136,7 @@ def check_decoder(args: argparse.Namespace, decoder: str, image: str) -> dict[st
     checks["next requests succeed"] = ok_big and ok_text
     if not (ok_big and ok_text):
         out["next_errors"] = [message, message2]
+    out["retained_prefixes_forgotten_at_end_mib"] = _forget_prefixes(manager)
     service.release_memory()
     final = _memory(device)
     out["final_mib"] = {k: round(v / MIB, 1) for k, v in final.items()}
@@ -140,6 +147,21 @@ def check_decoder(args: argparse.Namespace, decoder: str, image: str) -> dict[st
     return out
 
 
+def _engine(manager: Any) -> Any:
+    """The batch engine behind the manager's decoder, or None (the generate decoder retains nothing)."""
+    return getattr(manager.decoder, "engine", None)
+
+
+def _forget_prefixes(manager: Any) -> float | None:
+    """Drops the batch engine's retained prefixes (the engine is idle here); returns the MiB their KV held."""
+    engine = _engine(manager)
+    if engine is None:
+        return None
+    held = sum(e.kv.numel() * e.kv.element_size() for e in engine.prefix_entries if e.kv is not None)
+    engine.forget_prefixes()
+    return round(held / MIB, 1)
+
+
 def _free(device: str) -> int:
     import torch
 
@@ -148,7 +170,7 @@ def _free(device: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", help="a Qwen3-VL checkpoint directory (default: the tiny demo model)")
+    ap.add_argument("--checkpoint", help="a checkpoint directory or random-weights:4b (default: the tiny demo model)")
     ap.add_argument("--preset", choices=["tiny", "4b"], default="tiny", help="with --write: what to write")
     ap.add_argument("--write", action="store_true", help="write a random-weight checkpoint of --preset first")
     ap.add_argument("--cache-dir", default=None, help="where the demo checkpoint goes")

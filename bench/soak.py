@@ -1,6 +1,6 @@
 """Soak test: the --demo app under mixed concurrent text / image / video traffic, on loopback only.
 
-    python bench/soak.py --seconds 600 --clients 6 --json bench/soak.cpu.json
+    python -m bench.soak --seconds 600 --clients 6 --json bench/results/cpu/soak.json
 
 Starts `python app.py --demo` as a child process on 127.0.0.1 (2 GPU slots, a short wait line so
 some requests are refused as busy), then runs `--clients` threads of gradio_client conversations
@@ -15,13 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -29,54 +25,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.common import ROOT, WARNING, start_server, wait_until_serving
+
 MB = 2**20
-WARNING = "⚠️ "
 KINDS = {"text": 50, "image": 25, "video": 15, "bad": 10}
 PROMPTS = ["Describe it.", "What colours do you see?", "Tell me a short story.", "Summarise that in a line.", "Why?"]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_server(flags: list[str], work: Path, tmpdir: Path | None = None) -> tuple[subprocess.Popen, str, Path]:
-    """`python app.py FLAGS` as a child process on 127.0.0.1 and a free port; uploads and temp files under `work`.
-
-    Returns (process, url, log path); the caller stops it. Fault injection and auth from the environment are left
-    out, so the app serves plainly.
-    """
-    port = _free_port()
-    env = {
-        **os.environ, "GRADIO_TEMP_DIR": str(work / "gradio"), "GRADIO_ANALYTICS_ENABLED": "False",
-        "PYTHONUNBUFFERED": "1", **({"TMPDIR": str(tmpdir)} if tmpdir else {}),
-    }  # fmt: skip
-    env.pop("QWEN3VL_FAULTS", None)
-    env.pop("QWEN3VL_AUTH", None)
-    command = [sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port), *flags]
-    log_path = work / "server.log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    return server, f"http://127.0.0.1:{port}/", log_path
-
-
-def wait_until_serving(url: str, server: subprocess.Popen, log_path: Path, timeout: float) -> None:
-    """Until the page's API answers (the model may still be loading); raises if the app exits or times out."""
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the app exited with code {server.returncode}; see {log_path}")
-        try:
-            if httpx.get(url + "gradio_api/info", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"the app did not start within {timeout:.0f} s; see {log_path}")
 
 
 def _media(folder: Path) -> dict[str, list[Path]]:
@@ -283,5 +236,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     raise SystemExit(main())

@@ -1,31 +1,21 @@
-"""bench/load_test.py against the real app (gradio queue, ChatService, engine), and --random-weights on CPU."""
+"""bench.load_test against the real app (gradio queue, ChatService, engine), and --random-weights on CPU."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import _free_port
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_test_module() -> Any:
-    spec = importlib.util.spec_from_file_location("load_test", ROOT / "bench" / "load_test.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from bench import load_test
 
 
 def _check_sane(s: dict[str, Any], issued: int, chats: int) -> None:
     assert s["chats"] == chats and s["issued"] == issued, s
-    assert s["ok"] + s["refused_busy"] + s["refused"] + s["error"] + s["unfinished"] == issued, s
-    assert s["ok"] >= 1 and s["error"] == 0 and s["unfinished"] == 0, s
+    assert s["ok"] + s["refused_busy"] + s["refused_per_client"] + s["refused"] + s["error"] + s["unfinished"] == issued, s
+    assert s["ok"] >= 1 and s["error"] == 0 and s["unfinished"] == 0 and s["refused_per_client"] == 0, s
     assert len(s["requests"]) == issued and {r["index"] for r in s["requests"]} == set(range(issued))
     ok = [r for r in s["requests"] if r["status"] == "ok"]
     assert s["answer_tokens"] == sum(r["tokens"] for r in ok) > 0
@@ -41,7 +31,7 @@ def _check_sane(s: dict[str, Any], issued: int, chats: int) -> None:
 def test_load_test_drives_the_demo_app_and_counts_answers_and_refusals(tiny_checkpoint: Path, tmp_path: Path) -> None:
     # One slot and one waiting place: three chats at once must see some "Queue is full" refusals.
     out = tmp_path / "report.json"
-    code = _load_test_module().main([
+    code = load_test.main([
         "--chats", "1,3", "--requests", "6", "--seconds", "120", "--prompt-tokens", "48", "--new-tokens", "32",
         "--warm-requests", "1", "--workdir", str(tmp_path / "work"), "--json", str(out),
         "--", "--demo", "--cache-dir", str(tiny_checkpoint.parent), "--max-concurrency", "1", "--queue-size", "1",
@@ -75,17 +65,26 @@ def test_random_weights_app_answers_words_whose_tokens_the_load_test_counts_exac
         status = format_status(app.service.snapshot())
         assert "Benchmarking only: random weights" in status and "random-weights:tiny" in status
         assert loaded.source == "random-weights:tiny" and not loaded.is_demo
-        module = _load_test_module()
-        tokenizer = module.load_tokenizer("tiny")
-        report = module.run_scenario(
-            f"http://127.0.0.1:{port}/", 2, tokenizer, requests=4, seconds=120, prompt_tokens=40, new_tokens=24
+        tokenizer = load_test.load_tokenizer("tiny")
+        url = f"http://127.0.0.1:{port}/"
+        report = load_test.run_scenario(url, 2, tokenizer, requests=4, seconds=120, prompt_tokens=40, new_tokens=24)
+        # A mixed run: one of the two chats sends a 1280x720 picture with each message.
+        pictures = load_test.image_pool(tmp_path / "pictures", 2)
+        mixed = load_test.run_scenario(
+            url, 2, tokenizer, requests=4, seconds=120, prompt_tokens=40, new_tokens=24, image_share=0.5, images=pictures
         )
     finally:
         app.close()
     _check_sane(report, 4, 2)
     # No end-of-turn token can be drawn and every answer token re-tokenizes to itself: exactly 24 each.
     assert report["ok"] == 4 and all(r["tokens"] == 24 for r in report["requests"]), report["requests"]
-    assert app.service.stats.last.new_tokens == 24
+    assert report["door"] == "gradio" and report["image_chats"] == 0 and "by_kind" not in report
+    assert mixed["image_chats"] == 1 and {r["kind"] for r in mixed["requests"]} == {"text", "image"}, mixed
+    _check_sane(mixed, 4, 2)
+    assert mixed["ok"] == 4 and all(r["tokens"] == 24 for r in mixed["requests"]), mixed["requests"]
+    for kind in ("text", "image"):  # the figures per kind, from that kind's requests alone
+        assert mixed["by_kind"][kind]["ok"] == sum(r["kind"] == kind for r in mixed["requests"]) >= 1, mixed
+        assert mixed["by_kind"][kind]["ttft_s"]["p50"] > 0
 
 
 def test_random_weights_settings_refuse_quantized_precisions_and_demo() -> None:
@@ -102,7 +101,7 @@ def test_random_weights_settings_refuse_quantized_precisions_and_demo() -> None:
 
 
 def test_percentiles_interpolate_between_ranks() -> None:
-    percentile = _load_test_module().percentile
+    percentile = load_test.percentile
     assert percentile([], 50) is None
     assert percentile([3.0], 99) == 3.0
     assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5

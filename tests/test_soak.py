@@ -1,25 +1,17 @@
-"""Case 23 of issue 4, short: bench/soak.py drives the --demo app (a child process, loopback) for a minute."""
+"""Case 23 of issue 4, short: bench.soak drives the --demo app (a child process, loopback) for a minute."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _soak_module():
-    spec = importlib.util.spec_from_file_location("soak", ROOT / "bench" / "soak.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from bench import soak
 
 
 def test_23_a_minute_of_mixed_concurrent_traffic_loses_nothing_and_leaks_nothing(
     tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
     # 6 clients against 2 slots + 3 waiting: some are refused as busy, by design.
-    report = _soak_module().run_soak(
+    report = soak.run_soak(
         seconds=60, clients=6, queue_size=3, cache_dir=str(tiny_checkpoint.parent), workdir=str(tmp_path)
     )
     summary = {k: v for k, v in report.items() if k != "rss_samples_mb"}
