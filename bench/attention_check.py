@@ -1,25 +1,17 @@
-"""Split-KV decode attention on the GPU: correctness and kernel time against SDPA, then the engine with it.
+"""Split-KV decode attention on the GPU: correctness and kernel time against SDPA.
 
-One device call, sections in priority order, each skipped when `--deadline-s` would be passed; the JSON is
-rewritten after every section.
+One device call, sections in order, each skipped when `--deadline-s` would be passed; the JSON is rewritten after
+every section.
   kernel    rows 1/8/32 x lengths mixed 100..4096 (max_len 4096) and the engine's shape (lengths 640, max_len 1024):
             ||out - ref|| / ||ref|| against a float64 reference on fresh random data (outputs poisoned with NaN,
             dead KV tails NaN), and time per call (do_bench median over a CUDA graph of 36 calls on rotating KV
             buffers, like 36 layers) for the Triton kernel (split sweep) and SDPA over the whole slot with a mask.
   splits    the split count swept wider (1..64) for long single rows and for 32 rows of equal length.
-  fp32      the 4B model in fp32 (the kernel's dot in IEEE fp32): engine greedy tokens with the kernel and with
-            SDPA against `generate` (bf16 near-ties cannot hide a wrong function there).
-  graphs    the engine uncompiled (CUDA graphs only) on the random 4B bf16 model: SDPA vs the kernel, same run.
-  dynamic   compiled + kernel, batch buckets (1, 8, 32) with one dynamic compile for 8 and 32 (cold cache).
-  static    compiled + kernel, one static compile per bucket (same cache dir: bucket 1 is warm from `dynamic`).
-  old       compiled + SDPA (the v2 engine), buckets (1, 32) static, if time is left.
-Per engine: start-up (compile) time, graph replay ms per step at position 640, decode-only tok/s of 1 / 8 / 32
-streams (512-token prompts, `--new-tokens`), greedy tokens vs `generate` (bf16 near-ties expected, see notes).
+Re-run it when the kernel, its split heuristic or the GPU changes. (The engine A/B sections this script also ran,
+SDPA vs the kernel and dynamic vs static compiles, answered their questions in ENGINE_NOTES v3 and were removed;
+the fp32 greedy check of the whole engine is bench.greedy.)
 
-    python bench/attention_check.py --out $OUT/attention_check.json                 # ~340 s on an H100
-    python bench/attention_check.py --sections splits,fp32 --out $OUT/attention_check_2.json   # ~35 s
-    python bench/attention_check.py --preset tiny --device cpu --sections graphs --new-tokens 16 \
-        --prompt-tokens 32 --slot-tokens 128                                        # dry run of the plumbing
+    python -m bench.attention_check --out $OUT/attention_check.json                 # ~40 s on an H100
 """
 
 from __future__ import annotations
@@ -27,18 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
-import sys
-import threading
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from engine_bench import _free, copy_bandwidth, greedy_check, make_prompts  # noqa: E402
+from bench.common import copy_bandwidth
 
 HEADS, KV_HEADS, DIM, LAYERS = 32, 8, 128, 36
 
@@ -219,156 +205,12 @@ def splits_section(report: dict[str, Any]) -> None:
     report["splits"] = rows_out
 
 
-def fp32_section(report: dict[str, Any], args: Any) -> None:
-    """fp32 (IEEE dot in the kernel): the engine's greedy tokens with the kernel and with SDPA against `generate`."""
-    import torch
-
-    from qwen3vl_webui.engine.batch import BatchEngine, BatchOptions
-
-    loaded = build_loaded("4b", "cuda", dtype=torch.float32)
-    prompts = make_prompts(2, args.prompt_tokens, loaded.model.config.text_config.vocab_size - 64, seed=1)
-    out: dict[str, Any] = {}
-    try:
-        for kernel in (True, False):
-            options = BatchOptions(max_batch=2, token_budget=2 * 1024, buckets=(1, 2), eos_token_ids=(), compile=False, decode_kernel=kernel)  # fmt: skip
-            with BatchEngine(loaded, options) as engine:
-                label = "kernel" if kernel else "sdpa"
-                checks = [greedy_check(loaded, engine, p, 32) for p in prompts]
-                out[label] = dict(decode_attention=engine.decode_attention, checks=checks)
-                print("fp32", label, engine.decode_attention, [c["equal_prefix"] for c in checks], flush=True)
-    finally:
-        _free(loaded)
-    out["kernel_tokens_equal_sdpa_tokens"] = [
-        a["engine_tokens"] == b["engine_tokens"] for a, b in zip(out["kernel"]["checks"], out["sdpa"]["checks"])
-    ]
-    report["fp32_greedy"] = out
-
-
-# ---------------------------------------------------------------------------------------------- engine level
-
-
-def build_loaded(preset: str = "4b", device: str = "cuda", dtype: Any = None) -> Any:
-    """The real 4B architecture with random bf16 weights, built in memory (no checkpoint on disk)."""
-    import torch
-
-    from qwen3vl_webui.engine.loading import LoadedModel
-    from qwen3vl_webui.testing import tiny_model
-
-    started = time.perf_counter()
-    tokenizer = tiny_model.build_tokenizer()
-    config = tiny_model.build_config(preset, tokenizer)
-    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    model = tiny_model.build_model(config, dtype=dtype, device=device)
-    model.generation_config.eos_token_id = None
-    assert model.config.text_config._attn_implementation == "sdpa", model.config.text_config._attn_implementation
-    return LoadedModel(
-        model, tiny_model.build_processor(tokenizer), "bf16" if dtype == torch.bfloat16 else "fp32", device,
-        f"random {preset}", time.perf_counter() - started,
-        model.get_memory_footprint(), True,
-    )  # fmt: skip
-
-
-def run_streams(engine: Any, prompts: list[Any], new_tokens: int) -> dict[str, Any]:
-    """All prompts submitted at once, read through `submit_tokens`; decode-only rate once the last one decodes."""
-    from qwen3vl_webui.engine.generation import SamplingParams
-
-    sampling = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, repetition_penalty=1.0)
-    times: list[list[float]] = [[] for _ in prompts]
-    started = time.perf_counter()
-    streams = [engine.submit_tokens(p, sampling, threading.Event()) for p in prompts]
-
-    def read(i: int) -> None:
-        for _ in streams[i]:
-            times[i].append(time.perf_counter())
-
-    threads = [threading.Thread(target=read, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - started
-    n = len(prompts)
-    made = sum(len(t) for t in times)
-    last_first = max(t[0] for t in times)
-    return dict(
-        streams=n, new_tokens=len(times[0]), wall_s=round(wall, 3), total_tok_s=round(made / wall, 1),
-        decode_tok_s=round(n * (new_tokens - 1) / (max(t[-1] for t in times) - last_first), 1),
-        ttft_p50_s=round(statistics.median(t[0] - started for t in times), 3),
-    )  # fmt: skip
-
-
-def replay_ms(engine: Any, rows: int, position: int) -> float | None:
-    """Median time of one graph replay of bucket `rows` with every row at `position` (engine idle)."""
-    import torch
-
-    graph = engine.core.graphs.graph(rows)
-    if graph is None:
-        return None
-    engine.core.kv.place_rows(rows, position)
-    for _ in range(5):
-        graph.replay()
-    samples = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(20):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / 20)
-    engine.core.kv.place_rows(rows, 0)
-    return round(statistics.median(samples), 3)
-
-
-def engine_section(
-    loaded: Any, prompts: list[Any], args: Any, *, compile: bool, kernel: bool, dynamic: bool, buckets: tuple[int, ...]
-) -> dict[str, Any]:
-    import torch
-    from torch._dynamo.utils import counters
-
-    from qwen3vl_webui.engine.batch import BatchEngine, BatchOptions
-
-    graphs_before = counters["stats"]["unique_graphs"]
-    started = time.perf_counter()
-    engine = BatchEngine(loaded, BatchOptions(
-        max_batch=max(buckets), token_budget=max(buckets) * args.slot_tokens, buckets=buckets,
-        eos_token_ids=(), compile=compile, compile_cache_dir=args.cache_dir, decode_kernel=kernel, dynamic_batch=dynamic,
-    ))  # fmt: skip
-    result: dict[str, Any] = dict(
-        startup_s=round(time.perf_counter() - started, 2), warmup_s=engine.warmup_s, decode_path=engine.decode_path,
-        decode_attention=engine.decode_attention, compile_error=engine.compile_error, graph_error=engine.graph_error,
-        dynamo_graphs=counters["stats"]["unique_graphs"] - graphs_before, buckets=list(engine.buckets),
-    )  # fmt: skip
-    print("engine start", json.dumps(result), flush=True)
-    try:
-        result["replay_ms_at_640"] = {str(b): replay_ms(engine, b, 640) for b in engine.buckets}
-        run_streams(engine, prompts[:1], 8)  # warm-up
-        result["runs"] = []
-        for n in (b for b in (1, 8, 32) if b in engine.buckets):
-            row = run_streams(engine, prompts[:n], args.new_tokens)
-            result["runs"].append(row)
-            print("engine run", json.dumps(row), flush=True)
-        check = greedy_check(loaded, engine, prompts[0], 32)
-        result["greedy_vs_generate"] = {k: v for k, v in check.items() if k != "engine_tokens"}
-        result["greedy_tokens"] = check["engine_tokens"]
-    finally:
-        engine.close()
-        _free(engine)
-        torch._dynamo.reset()
-    return result
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="attention_check.json")
     ap.add_argument("--deadline-s", type=float, default=330.0)
-    ap.add_argument("--sections", default="kernel,graphs,dynamic,static,old", help="also: splits, fp32")
-    ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--prompt-tokens", type=int, default=512)
-    ap.add_argument("--slot-tokens", type=int, default=1024)
-    ap.add_argument("--preset", default="4b", help="tiny + --device cpu: a dry run of the script's plumbing")
+    ap.add_argument("--sections", default="kernel,splits")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--cache-dir", default="/tmp/attention-check-inductor", help="fresh on a new machine: cold")
     args = ap.parse_args()
     t0 = time.perf_counter()
 
@@ -379,7 +221,7 @@ def main() -> None:
     report: dict[str, Any] = dict(
         device=torch.cuda.get_device_name() if on_cuda else "cpu", torch=torch.__version__, triton=triton.__version__,
         transformers=__import__("transformers").__version__, copy_gb_s=copy_bandwidth(args.device), skipped=[],
-        errors={}, new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens, slot_tokens=args.slot_tokens,
+        errors={},
     )  # fmt: skip
     print(json.dumps(report), flush=True)
     sections = args.sections.split(",")
@@ -390,7 +232,7 @@ def main() -> None:
 
     def run(name: str, need_s: float, fn: Any) -> None:
         left = args.deadline_s - (time.perf_counter() - t0)
-        if name not in sections and name != "load":
+        if name not in sections:
             return
         if left < need_s:
             report["skipped"].append(f"{name} (needs ~{need_s:.0f} s, {left:.0f} s left)")
@@ -409,40 +251,6 @@ def main() -> None:
     if on_cuda:
         run("kernel", 20, lambda: kernel_section(report, report["copy_gb_s"]))
         run("splits", 20, lambda: splits_section(report))
-        run("fp32", 40, lambda: fp32_section(report, args))
-    if not {"graphs", "dynamic", "static", "old"} & set(sections):
-        report["wall_s"] = round(time.perf_counter() - t0, 1)
-        save()
-        print_table(report)
-        return
-    state: dict[str, Any] = {}
-
-    def load() -> None:
-        state["loaded"] = build_loaded(args.preset, args.device)
-        state["prompts"] = make_prompts(
-            32, args.prompt_tokens, state["loaded"].model.config.text_config.vocab_size - 64
-        )
-
-    run("load", 10, load)
-    if "loaded" not in state:
-        print_table(report)
-        return
-    loaded, prompts = state["loaded"], state["prompts"]
-    setups = {
-        "graphs": (40, {"graphs_sdpa": dict(compile=False, kernel=False, dynamic=False, buckets=(1, 8, 32)),
-                        "graphs_kernel": dict(compile=False, kernel=True, dynamic=False, buckets=(1, 8, 32))}),
-        "dynamic": (90, {"compiled_kernel_dynamic": dict(compile=True, kernel=True, dynamic=True, buckets=(1, 8, 32))}),
-        "static": (90, {"compiled_kernel_static": dict(compile=True, kernel=True, dynamic=False, buckets=(1, 8, 32))}),
-        "old": (85, {"compiled_sdpa_static": dict(compile=True, kernel=False, dynamic=False, buckets=(1, 32))}),
-    }  # fmt: skip
-    for section, (need, engines) in setups.items():
-
-        def one(engines: dict[str, dict[str, Any]] = engines) -> None:
-            for key, kw in engines.items():
-                report[key] = engine_section(loaded, prompts, args, **kw)
-                save()
-
-        run(section, need, one)
     report["wall_s"] = round(time.perf_counter() - t0, 1)
     save()
     print_table(report)
@@ -466,32 +274,6 @@ def print_table(report: dict[str, Any]) -> None:
     for r in report.get("splits", []):
         print(f"splits rows {r['rows']} max_len {r['max_len']} mean length {r['mean_length']:.0f}: floor {r['floor_us']} us, "
               f"{r['us_per_call']}, err 32/64 splits {r['err_32']:.2e}/{r['err_64']:.2e}")  # fmt: skip
-    if "fp32_greedy" in report:
-        f = report["fp32_greedy"]
-        for label in ("kernel", "sdpa"):
-            eq = [c["equal_prefix"] for c in f[label]["checks"]]
-            print(f"fp32 engine ({f[label]['decode_attention']}) vs generate: equal prefix {eq} of 32")
-        print(f"fp32 kernel tokens == sdpa tokens: {f['kernel_tokens_equal_sdpa_tokens']}")
-    print(
-        f"\n{'engine':26} {'start s':>8} {'graphs':>6} {'replay ms 1/8/32':>20} {'decode tok/s 1/8/32':>24} {'total 32':>8} {'greedy':>6}"
-    )
-    for key in (
-        "graphs_sdpa",
-        "graphs_kernel",
-        "compiled_kernel_dynamic",
-        "compiled_kernel_static",
-        "compiled_sdpa_static",
-    ):
-        if key not in report:
-            continue
-        e = report[key]
-        rep = "/".join(str(e["replay_ms_at_640"].get(b)) for b in ("1", "8", "32"))
-        runs = {r["streams"]: r for r in e.get("runs", [])}
-        dec = "/".join(str(runs[n]["decode_tok_s"]) if n in runs else "-" for n in (1, 8, 32))
-        tot = runs[32]["total_tok_s"] if 32 in runs else "-"
-        greedy = e.get("greedy_vs_generate", {}).get("equal_prefix", "-")
-        print(f"{key:26} {e['startup_s']:8.1f} {e['dynamo_graphs']:6d} {rep:>20} {dec:>24} {tot:>8} {greedy:>6}")
-        print(f"{'':26} warm-up per bucket {e['warmup_s']} {e['decode_attention']} {e['compile_error'] or ''}")
     if report.get("skipped"):
         print("skipped:", report["skipped"])
     if report.get("errors"):

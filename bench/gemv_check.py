@@ -1,32 +1,29 @@
 """The bf16 decode step at one stream: fused q/k/v + gate/up and a Triton GEMV against cuBLAS, in one process.
 
-    python bench/gemv_check.py --out $OUT/gemv_check.json     # GPU, random 4B at /tmp/qwen3vl-4b-random
+    python -m bench.gemv_check --out $OUT/gemv_check.json     # GPU, ~3 min; no model needed
+
+Re-run it when the GEMV kernel or the GPU changes: the sweep's best configs are what `TUNED16` holds.
 
 1. sweep: each one-row product of the step (fused qkv 2560->6144, o 4096->2560, fused gate/up 2560->19456, down
    9728->2560, lm_head 2560->151936, and the unfused q, k/v, gate/up shapes) as 36 distinct weights in one CUDA
    graph (cold L2 and back-to-back launches, as inside the step): cuBLAS against every Triton GEMV config.
 2. step: all of one step's matmuls in one graph: cuBLAS unfused (7 a layer), cuBLAS fused (4), Triton fused.
-3. engine: BatchEngine, 1 stream, bucket (1,) only: base / fuse / fuse+gemv / base again; decode tok/s of
-   three 256-token answers to 512-token prompts, and greedy tokens against `generate`.
 
 Prediction (H100, before the run): step matmuls 3.45 ms cuBLAS unfused (measured in int8wo_check), ~2.95 ms fused
 (k and v are latency-bound ~10 us each for ~2 us of bytes), ~2.75 ms Triton fused (3-22% per shape in isolation).
-Engine 218-224 tok/s base, ~244 fused, ~255 fused + GEMV.
+(The engine A/B this script also ran, base / fuse / fuse+GEMV, answered its question in RESULTS v5 and was removed:
+the engine's figures come from bench.matrix.)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine_bench import _free, graph_ms, greedy_check, make_prompts, run_engine, start_engine  # noqa: E402
+from bench.common import graph_ms
 
 HIDDEN, HEADS_DIM, KV_DIM, INTER, VOCAB, LAYERS = 2560, 4096, 1024, 9728, 151936, 36
 # (name, out N, in K)
@@ -146,39 +143,10 @@ def step_section(report: dict[str, Any]) -> None:
     report["step"] = out
 
 
-def engine_section(report: dict[str, Any], checkpoint: str, variants: list[tuple[str, dict[str, bool]]]) -> None:
-    from qwen3vl_webui.engine.loading import load_model
-
-    loaded = load_model(checkpoint, "bf16", "cuda")
-    loaded.model.generation_config.eos_token_id = None
-    vocab = len(loaded.processor.tokenizer) - 32
-    out = report.setdefault("engine", {})
-    for label, flags in variants:
-        engine, info = start_engine(
-            loaded, max_batch=1, token_budget=1280, buckets=(1,), prefix_slots=0,
-            compile_cache_dir="/tmp/qwen3vl-inductor", **flags,
-        )  # fmt: skip
-        try:
-            run_engine(engine, make_prompts(1, 512, vocab, seed=3), 16)
-            rows = [run_engine(engine, make_prompts(1, 512, vocab, seed=10 + i), 256) for i in range(3)]
-            check = greedy_check(loaded, engine, make_prompts(1, 512, vocab, seed=1)[0], 32)
-            out[label] = dict(
-                flags=flags, tok_s=[round(r["decode_tok_s"], 1) for r in rows], startup_s=info["startup_s"],
-                greedy_equal=check["equal_prefix"], greedy_gap=check.get("gap_top1_top2"),
-                fused_groups=engine.fused_groups, gemv_linears=engine.gemv_linears,
-            )  # fmt: skip
-        finally:
-            engine.close()
-            _free(engine)
-        print("engine", label, json.dumps(out[label]), flush=True)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--checkpoint", default="/tmp/qwen3vl-4b-random")
     ap.add_argument("--out", default="gemv_check.json")
-    ap.add_argument("--sections", default="sweep,step,engine")
-    ap.add_argument("--variants", default="base,fuse,fuse_gemv,base_again")
+    ap.add_argument("--sections", default="sweep,step")
     ap.add_argument("--sweep-s", type=float, default=150.0, help="time cap of the sweep")
     args = ap.parse_args()
     import torch
@@ -194,22 +162,9 @@ def main() -> None:
         if "step" in sections:
             step_section(report)
             torch.cuda.empty_cache()
-        if "engine" in sections:
-            if not (Path(args.checkpoint) / "config.json").exists():
-                from qwen3vl_webui.testing.tiny_model import write_checkpoint
-
-                write_checkpoint(args.checkpoint, preset="4b", dtype="bfloat16", device="cuda")
-            known = dict(base={}, fuse=dict(fuse=True), fuse_gemv=dict(fuse=True, gemv=True), gemv=dict(gemv=True))
-            variants = [(v, known[v.removesuffix("_again")]) for v in args.variants.split(",")]
-            engine_section(report, args.checkpoint, variants)
     finally:
         report["wall_s"] = round(time.monotonic() - started, 1)
         Path(args.out).write_text(json.dumps(report, indent=1))
-    eng = report.get("engine", {})
-    if "base" in eng:
-        base = max(max(eng[k]["tok_s"]) for k in eng if k.startswith("base"))
-        for label, row in eng.items():
-            print(f"{label:12s} {max(row['tok_s']):7.1f} tok/s  {max(row['tok_s']) / base:.3f}x base")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Loads the real 4B architecture (random weights) through the app's loader in each precision and
 measures load time, VRAM after load and after one image chat turn, TTFT and tokens/s.
 
-    python bench/precision_load.py --checkpoint /tmp/qwen3vl-4b-random [--write] --out results.json
+    python -m bench.precision_load --checkpoint /tmp/qwen3vl-4b-random [--write] --out results.json
 
 Each precision runs in its own child process so one precision's cached memory cannot inflate the next.
 """
@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import ROOT
 
 GIB = 1024**3
 
@@ -95,9 +95,9 @@ def main() -> None:
         print(f"wrote the random 4B checkpoint in {time.perf_counter() - t:.1f} s", flush=True)
     results = []
     for precision in args.precisions.split(","):
-        cmd = [sys.executable, __file__, "--checkpoint", args.checkpoint, "--one", precision,
+        cmd = [sys.executable, "-m", "bench.precision_load", "--checkpoint", args.checkpoint, "--one", precision,
                "--new-tokens", str(args.new_tokens)]  # fmt: skip
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
         if not line:
             print(f"{precision} failed:\n{out.stderr[-3000:]}", flush=True)

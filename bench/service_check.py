@@ -1,6 +1,6 @@
 """The app's own service path on a GPU with the batch engine: N concurrent chats (text and 1280x720 images).
 
-    python bench/service_check.py --write --streams 8
+    python -m bench.service_check --write --streams 8
 
 Goes through ChatService.chat exactly as the UI does (prompt building, media, scheduler, decoder), so it
 checks the wiring of the batch engine into the app, not only the engine.
@@ -11,12 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """GPU check of the runtime precision switch and the live panel on the real 4B architecture.
 
-    python bench/switch_check.py --checkpoint /tmp/qwen3vl-4b-random [--write]
+    python -m bench.switch_check --checkpoint /tmp/qwen3vl-4b-random [--write]
 
 1. loads int4 through ModelManager, shows the panel (NVML + torch figures);
 2. switches int4 -> bf16 -> int4 and prints each report (VRAM before/after);
@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 GIB = 1024**3
 
