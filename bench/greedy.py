@@ -68,7 +68,7 @@ def verdict(check: dict[str, Any], together: list[int], min_distinct: int) -> di
     )  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> Any:
     ap = common.model_args(__doc__)
     ap.set_defaults(precision="fp32")
     ap.add_argument("--tokens", type=int, default=64, help="greedy tokens compared per prompt")
@@ -77,7 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-image", action="store_true", help="leave out the image prompt")
     ap.add_argument("--min-distinct", type=int, help="distinct answer tokens a prompt needs to count (default tokens/2)")
     ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="the engine's torch.compile")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     min_distinct = args.min_distinct or max(2, args.tokens // 2)
     t0 = time.perf_counter()
     loaded = common.load(args.model, args.precision, args.device, args.write)

@@ -1,9 +1,8 @@
 """Load test: N concurrent chats through the app's front doors, closed loop; TTFT and tokens/s percentiles.
 
-    python -m bench.load_test --chats 1,32 --seconds 60 --json $OUT/load_test.json -- --random-weights 4b \\
+    python -m bench.load_test --chats 1,32 --mixed 32 --seconds 60 --json $OUT/load_test.json -- --random-weights 4b \\
         --precision bf16 --engine batch --max-concurrency 32 --queue-size 64 --max-context 2048 \\
         --max-new-tokens 256 --warmup quick --cache-dir /tmp/qwen3vl-cache
-    python -m bench.load_test --chats 32 --image-share 0.25 -- FLAGS          # a quarter of the chats send a 720p image
     python -m bench.load_test --url http://127.0.0.1:7860/ --tokenizer Qwen/Qwen3-VL-4B-Instruct --chats 8
 
 Without --url it starts `python app.py FLAGS` itself (the flags after `--`) on 127.0.0.1 and a free port, waits for
@@ -14,8 +13,9 @@ per-client cap (--max-requests-per-client) and event rate limit do not apply to 
 For each value of --chats and each door in --doors it runs that many threads, each with its own connection (a
 connection keeps the chat history, so each request starts a new conversation unless --turns says otherwise),
 sending requests until --requests were issued or --seconds passed; requests in flight then finish. Each request is
-a text of --prompt-tokens tokens (distinct per request); with --image-share F, that share of the chats also send a
-1280x720 JPEG with each request (distinct pictures from a pool, so no request reuses another's image prefix).
+a text of --prompt-tokens tokens (distinct per request). Then each value of --mixed runs a mixed scenario: that many
+chats, of which --image-share (default a quarter) also send a 1280x720 JPEG with each request (distinct pictures
+from a pool, so no request reuses another's image prefix).
 - TTFT: from the send to the first partial answer the client receives (queue, upload, prompt building, prefill
   and the network hop included);
 - tokens: what the door reports, else the final text re-tokenized with the checkpoint's tokenizer. With
@@ -208,8 +208,9 @@ def count_tokens(tokenizer: Any, text: str) -> int:
 
 
 def image_chats(chats: int, share: float) -> set[int]:
-    """Which chats send an image: `share` of them, spread evenly (0.25 of 32: chats 3, 7, ..., 31)."""
-    return {i for i in range(chats) if int((i + 1) * share) > int(i * share)}
+    """Which chats send an image: `share` of them (at least one if share > 0), spread evenly (0.25 of 32: 0, 4, ...)."""
+    count = min(chats, max(1, round(chats * share))) if share > 0 else 0
+    return {k * chats // count for k in range(count)}
 
 
 def image_pool(folder: Path, count: int, picture: str | None = None) -> list[str]:
@@ -497,14 +498,14 @@ def run(args: argparse.Namespace, app_flags: list[str]) -> dict[str, Any]:
     tokenizer = load_tokenizer(tokenizer_name)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="qwen3vl-load-"))
     work.mkdir(parents=True, exist_ok=True)
-    images = image_pool(work / "pictures", args.image_pool, args.image) if args.image_share > 0 else None
+    images = image_pool(work / "pictures", args.image_pool, args.image) if args.mixed else None
     server = log_path = None
     launched = time.monotonic()
     report: dict[str, Any] = {
         "url": args.url, "app_flags": app_flags, "doors": args.doors, "tokenizer": tokenizer_name,
         "token_count": "the door's count if it reports one, else the final answer text re-tokenized with the tokenizer "
         "above", "client_poll_ms": args.client_poll_ms, "prompt_tokens": args.prompt_tokens,
-        "new_tokens": args.new_tokens, "image_share": args.image_share, "image": args.image or (
+        "new_tokens": args.new_tokens, "mixed": args.mixed, "image_share": args.image_share, "image": args.image or (
             f"{args.image_pool} generated 1280x720 JPEGs" if images else None),
         "temperature": args.temperature, "turns": args.turns, "seconds": args.seconds, "requests": args.requests,
         "per_client_cap": "not applied: the app listens on 127.0.0.1 (operator exemption)" if not args.url else "as the app at --url says",  # fmt: skip
@@ -528,11 +529,12 @@ def run(args: argparse.Namespace, app_flags: list[str]) -> dict[str, Any]:
                 run_scenario(url, 1, tokenizer, requests=1, seconds=600, door=door, image_share=share, seed=999 + k,
                              **shared)  # fmt: skip
         report["scenarios"] = []
-        for n in args.chats:
+        scenarios = [(n, 0.0) for n in args.chats] + [(n, args.image_share) for n in args.mixed]
+        for n, share in scenarios:
             for door in args.doors:
                 result = run_scenario(
-                    url, n, tokenizer, requests=args.requests, seconds=args.seconds, door=door,
-                    image_share=args.image_share, turns=args.turns, request_timeout=args.request_timeout, seed=n,
+                    url, n, tokenizer, requests=args.requests, seconds=args.seconds, door=door, image_share=share,
+                    turns=args.turns, request_timeout=args.request_timeout, seed=n + (1000 if share else 0),
                     server_pid=server.pid if server else None, **shared,
                 )  # fmt: skip
                 report["scenarios"].append(result)
@@ -553,7 +555,8 @@ def run(args: argparse.Namespace, app_flags: list[str]) -> dict[str, Any]:
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """(the load test's options, the app's flags: what follows `--`)."""
     argv = sys.argv[1:] if argv is None else argv
     app_flags = argv[argv.index("--") + 1 :] if "--" in argv else []
     own = argv[: argv.index("--")] if "--" in argv else argv
@@ -561,11 +564,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", help="an app already running (default: start `python app.py FLAGS` on loopback)")
     parser.add_argument("--doors", default="gradio", help=f"front doors, comma-separated: {', '.join(DOORS)}")
     parser.add_argument("--chats", default="4", help="concurrent chats; a comma list runs one scenario each (1,16,32)")
+    parser.add_argument("--mixed", default="", help="chats of mixed scenarios (text and image chats), comma list")
     parser.add_argument("--requests", type=int, default=1000, help="requests per scenario at most (default 1000)")
     parser.add_argument("--seconds", type=float, default=60.0, help="stop issuing after this long (default 60)")
     parser.add_argument("--prompt-tokens", type=int, default=512, help="tokens of each prompt's text (default 512)")
     parser.add_argument("--new-tokens", type=int, default=256, help="max new tokens per answer (default 256)")
-    parser.add_argument("--image-share", type=float, default=0.0, help="share of the chats that send an image (0..1)")
+    parser.add_argument("--image-share", type=float, default=0.25, help="in mixed scenarios: the share of chats that send an image")
     parser.add_argument("--image", help="the picture image chats send (default: generated 1280x720 JPEGs)")
     parser.add_argument("--image-pool", type=int, default=64, help="distinct generated pictures (default 64)")
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
@@ -579,20 +583,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(own)
     try:
-        args.chats = [int(n) for n in str(args.chats).split(",")]
+        args.chats = [int(n) for n in str(args.chats).split(",") if n.strip()]
+        args.mixed = [int(n) for n in str(args.mixed).split(",") if n.strip()]
     except ValueError:
-        parser.error(f"--chats must be integers separated by commas, got {args.chats!r}")
+        parser.error(f"--chats and --mixed must be integers separated by commas, got {args.chats!r} {args.mixed!r}")
     args.doors = [d.strip() for d in args.doors.split(",") if d.strip()]
     if not args.doors or not set(args.doors) <= set(DOORS):
         parser.error(f"--doors must name doors among {', '.join(DOORS)}, got {','.join(args.doors)!r}")
-    if not all(1 <= n <= 256 for n in args.chats) or not 1 <= args.requests <= 1_000_000:
-        parser.error("--chats must be 1..256 each and --requests 1..1000000")
+    if not args.chats + args.mixed or not all(1 <= n <= 256 for n in args.chats + args.mixed):
+        parser.error("--chats and --mixed must be 1..256 each, at least one scenario")
+    if not 1 <= args.requests <= 1_000_000:
+        parser.error("--requests must be 1..1000000")
     if not 0 < args.seconds <= 24 * 3600 or args.prompt_tokens < 1 or not 16 <= args.new_tokens <= 32768:
         parser.error("--seconds must be 1..86400, --prompt-tokens >= 1 and --new-tokens 16..32768 (the slider's floor)")
-    if not 0 <= args.image_share <= 1 or args.image_pool < 1:
-        parser.error("--image-share must be 0..1 and --image-pool >= 1")
+    if not 0 < args.image_share <= 1 or args.image_pool < 1:
+        parser.error("--image-share must be in (0, 1] and --image-pool >= 1")
     if args.url and app_flags:
         parser.error("give either --url or app flags after --, not both")
+    return args, app_flags
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, app_flags = parse_args(argv)
     report = run(args, app_flags)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")

@@ -168,7 +168,7 @@ def _free(device: str) -> int:
     return int(torch.cuda.mem_get_info(device)[0])
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", help="a checkpoint directory or random-weights:4b (default: the tiny demo model)")
     ap.add_argument("--preset", choices=["tiny", "4b"], default="tiny", help="with --write: what to write")
@@ -181,7 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-context", type=int, default=8192)
     ap.add_argument("--image-mp", type=float, default=4.0, help="the big image's pixel budget (MP)")
     ap.add_argument("--json", help="also write the results here")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     from PIL import Image
 
     if args.write:
