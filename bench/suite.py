@@ -1,6 +1,6 @@
 """The GPU run in one call: the engine-vs-generate matrix, the whole app under load, and the fp32 greedy check.
 
-    python -m bench.suite --out $OUT                      # H200: ~6-8 min; bench/README.md has the device line
+    python -m bench.suite --out $OUT                      # H200: ~7-9 min; bench/README.md has the device line
     python -m bench.suite --out /tmp/s --cpu --stages matrix,greedy    # the plumbing on CPU (tiny model), ~20 s
 
 Each stage is its own process (its GPU memory is gone when it exits; one crash does not end the run), started only
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="folder for the JSON files and logs (the device's $OUT)")
     ap.add_argument("--stages", default="matrix,load,greedy", help="in order, from: matrix, load, greedy, oom")
-    ap.add_argument("--deadline-s", type=float, default=540.0, help="the whole suite's time (default 540)")
+    ap.add_argument("--deadline-s", type=float, default=520.0, help="the whole suite's seconds (default 520)")
     ap.add_argument("--load-seconds", type=float, default=30.0, help="seconds of traffic per load scenario")
     ap.add_argument("--generate-runs", type=int, help="measured `generate` runs per stream count (default 3)")
     ap.add_argument("--cpu", action="store_true", help="the plumbing on CPU: tiny model, tiny counts")
