@@ -69,7 +69,10 @@ def environment(device: str) -> dict[str, Any]:
 
 
 def git_commit() -> str | None:
-    """The checkout's commit (with '+dirty' when tracked files differ), or None outside git."""
+    """$BENCH_COMMIT if set (a device's copy of the tree has no git history), else the checkout's commit (with
+    '+dirty' when tracked files differ), else None."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True)
         if head.returncode != 0:

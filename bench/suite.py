@@ -237,7 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--load-seconds", type=float, default=30.0, help="seconds of traffic per load scenario")
     ap.add_argument("--generate-runs", type=int, help="measured `generate` runs per stream count (default 3)")
     ap.add_argument("--cpu", action="store_true", help="the plumbing on CPU: tiny model, tiny counts")
+    ap.add_argument("--commit", help="the commit the tree was sent at (a device's copy has no git history)")
     args = ap.parse_args(argv)
+    if args.commit:
+        os.environ["BENCH_COMMIT"] = args.commit  # read by every stage's report (common.git_commit)
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     if not args.stages or not set(args.stages) <= set(NEEDS):
         ap.error(f"--stages takes {', '.join(NEEDS)}")
