@@ -1,6 +1,6 @@
 """The app's own service path on a GPU with the batch engine: N concurrent chats (text and 1280x720 images).
 
-    python -m bench.service_check --write --streams 8
+    python -m bench.service_check --streams 32 --out $OUT/service_check.json     # random 4B built in memory
 
 Goes through ChatService.chat exactly as the UI does (prompt building, media, scheduler, decoder), so it
 checks the wiring of the batch engine into the app, not only the engine.
@@ -15,11 +15,13 @@ import threading
 import time
 from pathlib import Path
 
+from bench.common import RANDOM_4B, environment
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--checkpoint", default="/tmp/qwen3vl-4b-random")
-    ap.add_argument("--write", action="store_true")
+    ap.add_argument("--checkpoint", default=RANDOM_4B, help=f"a checkpoint directory or {RANDOM_4B} (default)")
+    ap.add_argument("--write", action="store_true", help="write random 4B weights into --checkpoint first")
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--engine", default="batch")
@@ -37,7 +39,7 @@ def main() -> None:
     from qwen3vl_webui.engine.service import ChatService
     from qwen3vl_webui.telemetry import GenerationStats, GpuProbe
 
-    if args.write and not Path(args.checkpoint, "config.json").exists():
+    if args.write and args.checkpoint != RANDOM_4B and not Path(args.checkpoint, "config.json").exists():
         from qwen3vl_webui.testing.tiny_model import write_checkpoint
 
         write_checkpoint(args.checkpoint, preset="4b", dtype="bfloat16", device="cuda")
@@ -96,7 +98,7 @@ def main() -> None:
     new = n * args.new_tokens
     ttfts = sorted(s.ttft_s for s in stats if s)
     result = dict(
-        device=torch.cuda.get_device_name() if args.device != "cpu" else "cpu", engine=args.engine, streams=n, new_tokens=args.new_tokens,
+        **environment(args.device), checkpoint=args.checkpoint, engine=args.engine, streams=n, new_tokens=args.new_tokens,
         wall_s=round(wall, 2), total_tok_s=round(new / wall, 1),
         per_stream_tok_s=round(statistics.median(s.tokens_per_s for s in stats if s), 1),
         ttft_p50_s=round(ttfts[len(ttfts) // 2], 3), ttft_max_s=round(ttfts[-1], 3),
