@@ -13,7 +13,8 @@ if the time left (`--deadline-s`, counted from the suite's start) covers its est
             no per-client cap) at 1 and 32 chats, then 32 chats of which a quarter send a 1280x720 image.
             `--load-seconds` each, shortened if time is short.
 3. greedy   bench.greedy: fp32 engine tokens against `generate` on varied answers.
-4. oom      bench.oom_check on the random 4B shape (not in the default stages: it fills the whole GPU).
+4. oom      bench.oom_check on the random 4B shape, both decoders, if time is left (its engine compiles its own
+            shape, so it usually is not: run `--stages oom` in a call of its own).
 Writes into --out: suite.json (environment, stages, the summary), one JSON per stage, suite.log (every stage's
 output) and server.log (the app's): at most 7 files. Prints a compact summary with ratios at the end.
 """
@@ -232,7 +233,7 @@ def print_summary(report: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="folder for the JSON files and logs (the device's $OUT)")
-    ap.add_argument("--stages", default="matrix,load,greedy", help="in order, from: matrix, load, greedy, oom")
+    ap.add_argument("--stages", default="matrix,load,greedy,oom", help="in order, from: matrix, load, greedy, oom")
     ap.add_argument("--deadline-s", type=float, default=520.0, help="the whole suite's seconds (default 520)")
     ap.add_argument("--load-seconds", type=float, default=30.0, help="seconds of traffic per load scenario")
     ap.add_argument("--generate-runs", type=int, help="measured `generate` runs per stream count (default 3)")
