@@ -21,7 +21,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024**3
-MIB = 2**20
 RANDOM_4B = "random-weights:4b"  # the real 4B architecture with random weights, built in memory as the app does
 WARNING = "⚠️ "  # how the app starts an answer that is a refusal or an error
 # Run-to-run figures are medians of this many measured runs, for the engine and for `generate` alike.
