@@ -1,12 +1,9 @@
-"""Flags -> Settings, and the composition root: the only place objects are wired together."""
+"""Flags and environment variables -> Settings; `main` parses them and starts the app (`wiring.run`)."""
 
 from __future__ import annotations
 
 import argparse
-import logging
-import socket
 import sys
-from dataclasses import dataclass, field
 from typing import Any
 
 from qwen3vl_webui.config import (
@@ -21,9 +18,6 @@ from qwen3vl_webui.config import (
     env_name,
 )
 from qwen3vl_webui.config import rule_help as _rule
-
-log = logging.getLogger("qwen3vl_webui")
-SESSION_CAPACITY = 1000
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,106 +91,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         raise SystemExit(2) from None
 
 
-@dataclass
-class App:
-    """Everything `main` starts: the gradio Blocks, the service behind it, and the web server once launched."""
-
-    demo: Any
-    service: Any
-    settings: Settings
-    listener: socket.socket | None = None  # bound by main() before the model loads; else bound at launch
-    front: Any = field(default=None, repr=False)  # frontdoor.FrontDoor while serving
-
-    def launch(self, prevent_thread_lock: bool = False, quiet: bool = False) -> str:
-        """Serves the app (our FastAPI app, gradio mounted at /) and returns its URL; blocks unless told not to.
-
-        Raises frontdoor.PortError when the address is taken.
-        """
-        from qwen3vl_webui.frontdoor import FrontDoor, listen_socket
-        from qwen3vl_webui.ui.layout import ASSETS
-
-        s = self.settings
-        sock = self.listener or listen_socket(s.host, s.port)
-        self.listener = None
-        # gradio keeps ~85 KB of state per session (the chat history lives there) for its 10,000 most recent
-        # sessions: up to ~850 MB that API clients, which never disconnect, fill. A conversation idle while 1,000
-        # newer ones started loses its server-side history.
-        self.front = FrontDoor(
-            self.demo, s, session_capacity=SESSION_CAPACITY, css_paths=[ASSETS / "style.css"], allowed=[str(ASSETS)]
-        )
-        self.front.start(sock, quiet=quiet)
-        if not prevent_thread_lock:
-            self.front.wait()
-        return f"http://{s.host}:{s.port}/"
-
-    @property
-    def is_running(self) -> bool:
-        return self.front is not None and self.front.running
-
-    def close(self) -> None:
-        """Stops the web server and gradio's queue (not the model: the service's threads are daemons)."""
-        if self.front is not None:
-            self.front.close()
-        if self.listener is not None:
-            self.listener.close()
-            self.listener = None
-
-
-def build_app(settings: Settings, load: bool = True) -> App:
-    """The composition root: scheduler, model manager, service, handlers, UI."""
-    from qwen3vl_webui.engine.faults import FaultInjector
-    from qwen3vl_webui.engine.manager import ModelManager
-    from qwen3vl_webui.engine.scheduler import Scheduler
-    from qwen3vl_webui.engine.service import ChatService, Limits
-    from qwen3vl_webui.telemetry import GenerationStats, GpuProbe
-    from qwen3vl_webui.testing import random_weights
-    from qwen3vl_webui.ui.handlers import IMAGE_MP_MAX, MEGA, Handlers
-    from qwen3vl_webui.ui.layout import ASSETS, build_demo
-    from qwen3vl_webui.zerogpu import on_zero_gpu
-
-    scheduler = Scheduler(settings.max_concurrency, settings.queue_size)
-    off = settings.random_weights == "off"  # else benchmarking only: random weights built in memory
-    source = settings.model if off else random_weights.source_for(settings.random_weights)
-    manager = ModelManager(
-        source, settings.precision, settings.device, settings.attn, scheduler, demo_dir=settings.cache_dir,
-        decoder=settings.engine, max_context=settings.max_context,
-    )  # fmt: skip
-    service = ChatService(
-        manager, scheduler, GenerationStats(), GpuProbe(),
-        faults=FaultInjector.from_env(),  # a no-op unless QWEN3VL_FAULTS is set (tests, device checks)
-        request_timeout=float(settings.request_timeout),
-        limits=Limits(settings.max_context, settings.max_new_tokens),
-        max_per_client=settings.max_requests_per_client,
-    )  # fmt: skip
-    demo = build_demo(Handlers(service, settings, file_roots=[ASSETS]), settings)
-    if load:
-        # In the background: the page (with its status line) is up while weights download, load and
-        # warm up. On ZeroGPU there is no GPU outside a request, so no warm-up there.
-        warmup = "off" if on_zero_gpu() else settings.warmup
-        service.start_in_background(settings.demo, warmup, int(IMAGE_MP_MAX * MEGA))
-    return App(demo=demo, service=service, settings=settings)
-
-
 def main(argv: list[str] | None = None) -> None:
-    from qwen3vl_webui.frontdoor import PortError, listen_socket, open_warning
-    from qwen3vl_webui.server import limit_malloc_arenas, serve, skip_absent_matplotlib
+    """`python app.py`: parses the flags (a bad one exits 2 with one line), then serves until SIGTERM (exit 0)."""
+    from qwen3vl_webui.wiring import run
 
-    limit_malloc_arenas()  # before any thread starts; see server.py for the measurement
-    skip_absent_matplotlib()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = parse_settings(argv)
-    warning = open_warning(settings)
-    if warning:
-        print(warning, file=sys.stderr, flush=True)
-    try:  # before the model loads: a busy port is one line and exit 2, at once
-        listener = listen_socket(settings.host, settings.port)
-    except PortError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    try:
-        app = build_app(settings)
-        app.listener = listener
-    except Exception as exc:  # pragma: no cover - startup failures are printed, not traced
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from exc
-    raise SystemExit(serve(app))
+    raise SystemExit(run(parse_settings(argv)))

@@ -23,7 +23,7 @@ GIB = 1024**3
 #   constants (16-entry nf4 code, 256-entry fp32 code of state2, the fp32 offset) are
 #   about 1 KiB per Linear and ignored.
 # - LLM.int8: int8 weights (CB), plus one fp32 scale per output row (SCB).
-# - int8wo (engine/quant.py): the same layout, int8 weights plus one fp32 scale per output row.
+# - int8wo (kernels/int8.py): the same layout, int8 weights plus one fp32 scale per output row.
 _NF4_BYTES = 0.5
 _NF4_ABSMAX_BYTES = 4 / 64
 _NF4_ABSMAX_BYTES_DQ = 1 / 64 + 4 / (64 * 256)

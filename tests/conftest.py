@@ -31,7 +31,7 @@ def _quiet_gradio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight Qwen3-VL written by the project's generator (real classes, processor, template)."""
-    from qwen3vl_webui.testing.tiny_model import ensure_demo_checkpoint
+    from qwen3vl_webui.weights.tiny_model import ensure_demo_checkpoint
 
     return ensure_demo_checkpoint(tmp_path_factory.mktemp("cache"))
 
@@ -39,14 +39,15 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_loaded(tiny_checkpoint: Path) -> Any:
     """The tiny checkpoint loaded through the app's own loader in fp32 on CPU."""
-    from qwen3vl_webui.engine.loading import load_model
+    from qwen3vl_webui.weights.loading import load_model
 
     return load_model(str(tiny_checkpoint), "fp32", "cpu")
 
 
 def start_app(cache_dir: Path, *flags: str) -> tuple[Any, str]:
     """Builds the real app (demo model), launches it without blocking and waits for the model."""
-    from qwen3vl_webui.cli import build_app, parse_settings
+    from qwen3vl_webui.cli import parse_settings
+    from qwen3vl_webui.wiring import build_app
 
     port = _free_port()
     settings = parse_settings(

@@ -177,7 +177,7 @@ def test_looping_every_hidden_event_does_not_slow_a_chat(open_app) -> None:
 
 
 def test_the_event_limit_is_a_bucket_per_address() -> None:
-    from qwen3vl_webui.frontdoor import EventLimiter
+    from qwen3vl_webui.server.frontdoor import EventLimiter
 
     now = [0.0]
     limiter = EventLimiter(rate=10, clock=lambda: now[0])

@@ -216,7 +216,7 @@ import importlib.machinery, importlib.util, sys
 if importlib.util.find_spec("matplotlib") is not None:
     print("installed"); raise SystemExit
 from gradio.utils import MatplotlibBackendMananger
-from qwen3vl_webui.server import skip_absent_matplotlib
+from qwen3vl_webui.ui.gradio_compat import skip_absent_matplotlib
 searches = []
 real = importlib.machinery.PathFinder.find_spec
 importlib.machinery.PathFinder.find_spec = classmethod(lambda cls, name, *a, **k: searches.append(name) or real(name, *a, **k))

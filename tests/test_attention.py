@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 import torch
 
-from qwen3vl_webui.engine import attention, compiled
 from qwen3vl_webui.engine.batch import BatchEngine, BatchOptions
-from qwen3vl_webui.engine.generation import ChatRequest, SamplingParams, build_prompt
+from qwen3vl_webui.engine.request import SamplingParams
+from qwen3vl_webui.kernels import attention
+from qwen3vl_webui.service.prompt import ChatRequest, build_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,7 +103,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 import torch
 sys.path.insert(0, sys.argv[1])
 from tests.test_attention import slot_case
-from qwen3vl_webui.engine.attention import decode_attention_reference, decode_attention_triton
+from qwen3vl_webui.kernels.attention import decode_attention_reference, decode_attention_triton
 
 results = []
 for dtype in (torch.float32, torch.float16):
@@ -158,7 +159,7 @@ def kernel_route(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
         calls.append(tuple(q.shape))
         return reference(q, *args)
 
-    monkeypatch.setattr(compiled, "decode_kernel_blocker", lambda *args: None)
+    monkeypatch.setattr(attention, "decode_kernel_blocker", lambda *args: None)
     monkeypatch.setattr(attention, "decode_attention_reference", counted)
     return calls
 
@@ -187,7 +188,7 @@ def test_engine_routed_through_the_op_equals_generate(tiny_loaded: Any, kernel_r
 
 def test_engine_on_cpu_keeps_sdpa_by_default(tiny_loaded: Any) -> None:
     text = tiny_loaded.model.config.text_config
-    assert compiled.decode_kernel_blocker("cpu", text, torch.float32) == "not on CUDA"
+    assert attention.decode_kernel_blocker("cpu", text, torch.float32) == "not on CUDA"
     with BatchEngine(tiny_loaded, BatchOptions(max_batch=1, token_budget=512)) as engine:
         assert engine.decode_attention == "sdpa (not on CUDA)"
         assert text._attn_implementation == "sdpa"

@@ -9,7 +9,7 @@ import pytest
 
 from qwen3vl_webui.engine.batch import BatchOptions, EngineClosed, EngineOutputs, RequestOutput
 from qwen3vl_webui.engine.batch.requests import Outbox, Request, RequestStreams, text_events, token_events
-from qwen3vl_webui.engine.generation import SamplingParams
+from qwen3vl_webui.engine.request import SamplingParams
 from qwen3vl_webui.telemetry import RequestStats
 
 

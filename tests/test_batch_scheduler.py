@@ -11,7 +11,7 @@ import pytest
 
 from qwen3vl_webui.engine.batch.requests import EngineClosed, Request
 from qwen3vl_webui.engine.batch.scheduler import PrefillJob, Scheduler
-from qwen3vl_webui.engine.generation import SamplingParams
+from qwen3vl_webui.engine.request import SamplingParams
 
 CHUNK = 64
 

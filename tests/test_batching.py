@@ -17,9 +17,10 @@ from PIL import Image
 
 from qwen3vl_webui.conversation import Turn, UserMessage
 from qwen3vl_webui.engine.batch import BatchEngine, BatchOptions, EngineClosed, EngineOutputs
-from qwen3vl_webui.engine.generation import ChatRequest, PreparedPrompt, RequestError, SamplingParams, build_prompt
-from qwen3vl_webui.engine.loading import LoadedModel, load_model
-from qwen3vl_webui.testing.tiny_model import ensure_demo_checkpoint
+from qwen3vl_webui.engine.request import PreparedPrompt, RequestError, SamplingParams
+from qwen3vl_webui.service.prompt import ChatRequest, build_prompt
+from qwen3vl_webui.weights.loading import LoadedModel, load_model
+from qwen3vl_webui.weights.tiny_model import ensure_demo_checkpoint
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 GREEDY = SamplingParams(max_new_tokens=48, temperature=0.0, repetition_penalty=1.0)
@@ -298,7 +299,7 @@ def test_compiled_prefill_equals_generate(loaded, prompts, tmp_path) -> None:
     decode Linears fused as on CUDA (a branch on the row count would have split the graphs)."""
     from torch._dynamo.utils import counters
 
-    from qwen3vl_webui.engine import prefill
+    from qwen3vl_webui.engine.batch import prefill
 
     names = ["image", "mixed", "long", "text"]
     expected = {n: reference(loaded, prompts[n], GREEDY) for n in names}
@@ -516,9 +517,9 @@ def test_out_of_memory_in_a_prefill_drops_the_retained_prefixes_and_retries(load
 
 
 def test_the_chat_service_sends_history_that_the_engine_reuses(tiny_checkpoint, tmp_path) -> None:
-    from qwen3vl_webui.engine.manager import ModelManager
-    from qwen3vl_webui.engine.scheduler import Scheduler
-    from qwen3vl_webui.engine.service import ChatService
+    from qwen3vl_webui.service.admission import Scheduler
+    from qwen3vl_webui.service.chat import ChatService
+    from qwen3vl_webui.service.manager import ModelManager
     from qwen3vl_webui.telemetry import GenerationStats, GpuProbe
 
     manager = ModelManager(
@@ -580,7 +581,7 @@ def test_a_stop_string_ends_the_request_and_is_never_streamed(loaded, prompts) -
 
 
 def test_a_reuse_point_inside_a_video_moves_back_to_the_videos_first_frame(loaded, prompts) -> None:
-    from qwen3vl_webui.engine.prefix import PrefixPool, find_media
+    from qwen3vl_webui.engine.batch.prefix import PrefixPool, find_media
 
     prompt = prompts["mixed"]  # an image, then a video of several frames with timestamps between them
     config = loaded.model.config
@@ -606,7 +607,7 @@ def _resolved(value: str) -> Future:
 def test_media_digests_are_awaited_only_where_the_probes_agree(loaded, prompts) -> None:
     """A prompt's full pixel hash (~15 ms for 720p) runs in the background: matching against an entry whose media
     differ never waits for it, and an equal picture is still confirmed by its full digest."""
-    from qwen3vl_webui.engine.prefix import PrefixPool, find_media
+    from qwen3vl_webui.engine.batch.prefix import PrefixPool, find_media
 
     prompt = prompts["image"]
     config = loaded.model.config
@@ -632,9 +633,9 @@ class _EagerReplay:
 
 
 def test_first_chunks_padded_to_a_graph_length_answer_like_generate(loaded, prompts) -> None:
-    """engine/prefill.ChunkGraphs' padding, on CPU: each first chunk runs at the next graph length on static buffers
+    """engine/batch/prefill.ChunkGraphs' padding, on CPU: each first chunk runs at the next graph length on static buffers
     that hold a previous prompt's rows (here: random values) after it; later chunks run eagerly after it."""
-    from qwen3vl_webui.engine import prefill
+    from qwen3vl_webui.engine.batch import prefill
 
     class EagerGraphs(prefill.ChunkGraphs):
         def capture(self) -> None:

@@ -7,9 +7,10 @@ from pathlib import Path
 
 from qwen3vl_webui.conversation import UserMessage
 from qwen3vl_webui.engine.decoders import BatchDecoder, GenerateDecoder, make_decoder
-from qwen3vl_webui.engine.generation import ChatRequest, SamplingParams, build_prompt
-from qwen3vl_webui.engine.manager import ModelManager
-from qwen3vl_webui.engine.scheduler import Scheduler
+from qwen3vl_webui.engine.request import SamplingParams
+from qwen3vl_webui.service.admission import Scheduler
+from qwen3vl_webui.service.manager import ModelManager
+from qwen3vl_webui.service.prompt import ChatRequest, build_prompt
 
 GREEDY = SamplingParams(max_new_tokens=20, temperature=0.0, repetition_penalty=1.0)
 
@@ -106,7 +107,7 @@ def test_the_app_serves_chats_through_the_batch_engine(tiny_checkpoint: Path) ->
 
 
 def test_the_engine_compiles_every_precision_it_can_capture_on_a_gpu() -> None:
-    from qwen3vl_webui.engine.compiled import graph_blocker, should_compile
+    from qwen3vl_webui.engine.batch.compiled import graph_blocker, should_compile
 
     assert [p for p in ("bf16", "fp16", "int8wo", "int4", "int8") if should_compile(None, "cuda", p)] == [
         "bf16", "fp16", "int8wo", "int4",

@@ -55,7 +55,7 @@ def open_app(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def test_the_mounted_app_keeps_what_launch_set_and_serves_no_schema_outside_the_login(guarded) -> None:
-    from qwen3vl_webui.cli import SESSION_CAPACITY
+    from qwen3vl_webui.wiring import SESSION_CAPACITY
 
     app, url = guarded
     assert app.front.gradio_app.state_holder.capacity == SESSION_CAPACITY  # launch()'s state_session_capacity
@@ -173,7 +173,7 @@ def test_uploads_over_the_size_cap_go_oldest_first_and_old_ones_go_by_age(open_a
 
 
 def test_sweeper_never_deletes_young_files_or_anything_outside_its_folder(tmp_path: Path) -> None:
-    from qwen3vl_webui.uploads import UploadSweeper
+    from qwen3vl_webui.server.uploads import UploadSweeper
 
     folder, outside = tmp_path / "uploads", tmp_path / "elsewhere"
     (folder / "a").mkdir(parents=True)
@@ -228,7 +228,7 @@ def test_an_open_server_says_so_in_one_line_and_a_busy_port_is_one_line_and_exit
 
 def test_open_warning_covers_lan_hosts_and_share_links_not_loopback_or_a_login() -> None:
     from qwen3vl_webui.config import Settings
-    from qwen3vl_webui.frontdoor import open_warning
+    from qwen3vl_webui.server.frontdoor import open_warning
 
     assert "on 0.0.0.0:7860:" in (open_warning(Settings(host="0.0.0.0")) or "")
     assert "on 192.168.1.5:7860:" in (open_warning(Settings(host="192.168.1.5")) or "")
@@ -239,8 +239,9 @@ def test_open_warning_covers_lan_hosts_and_share_links_not_loopback_or_a_login()
 
 
 def test_launch_on_a_busy_port_raises_port_error_in_process(tiny_checkpoint: Path) -> None:
-    from qwen3vl_webui.cli import build_app, parse_settings
-    from qwen3vl_webui.frontdoor import PortError
+    from qwen3vl_webui.cli import parse_settings
+    from qwen3vl_webui.server.frontdoor import PortError
+    from qwen3vl_webui.wiring import build_app
 
     with _busy_port() as busy:
         port = str(busy.getsockname()[1])
@@ -314,7 +315,7 @@ def test_internal_exception_text_never_reaches_the_client_but_warnings_do(open_a
 
 
 def test_demo_checkpoint_defaults_to_a_private_per_user_folder(tmp_path: Path, monkeypatch) -> None:
-    from qwen3vl_webui.testing.tiny_model import ensure_demo_checkpoint, is_demo_checkpoint
+    from qwen3vl_webui.weights.tiny_model import ensure_demo_checkpoint, is_demo_checkpoint
 
     monkeypatch.setenv("HOME", str(tmp_path))
     target = ensure_demo_checkpoint(None)
@@ -326,9 +327,9 @@ def test_demo_checkpoint_defaults_to_a_private_per_user_folder(tmp_path: Path, m
 def test_demo_checkpoint_in_a_folder_others_can_write_is_refused(tiny_checkpoint: Path, tmp_path: Path) -> None:
     import shutil
 
-    from qwen3vl_webui.engine.manager import ModelManager
-    from qwen3vl_webui.engine.scheduler import Scheduler
-    from qwen3vl_webui.testing.tiny_model import UnsafeCheckpointDir, ensure_demo_checkpoint
+    from qwen3vl_webui.service.admission import Scheduler
+    from qwen3vl_webui.service.manager import ModelManager
+    from qwen3vl_webui.weights.tiny_model import UnsafeCheckpointDir, ensure_demo_checkpoint
 
     # Like /tmp: anyone may create entries, so a "demo checkpoint" there may have been planted by someone else.
     shared = tmp_path / "shared"

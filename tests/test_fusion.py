@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from qwen3vl_webui.conversation import UserMessage
-from qwen3vl_webui.engine import fusion
 from qwen3vl_webui.engine.batch import BatchEngine, BatchOptions
-from qwen3vl_webui.engine.generation import ChatRequest, SamplingParams, build_prompt
-from qwen3vl_webui.engine.loading import load_model
+from qwen3vl_webui.engine.request import SamplingParams
+from qwen3vl_webui.kernels import fusion, gemv
+from qwen3vl_webui.service.prompt import ChatRequest, build_prompt
+from qwen3vl_webui.weights.loading import load_model
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 GREEDY = SamplingParams(max_new_tokens=32, temperature=0.0, repetition_penalty=1.0)
@@ -103,8 +104,8 @@ def test_one_row_products_go_to_the_gemv_op_and_larger_ones_to_cublas(loaded, mo
             assert x.shape[0] == 1 and x.is_contiguous()
             return x @ weight.T
 
-    monkeypatch.setattr(fusion, "_kernels", lambda: RecordingKernels)
-    monkeypatch.setattr(fusion, "gemv_blocker", lambda weight: None)  # as on a GPU in bf16
+    monkeypatch.setattr(gemv, "_kernels", lambda: RecordingKernels)
+    monkeypatch.setattr(gemv, "gemv_blocker", lambda weight: None)  # as on a GPU in bf16
     text, head = loaded.model.model.language_model, loaded.model.lm_head
     ids = torch.randint(0, 200, (2, 12))
     with torch.inference_mode():

@@ -10,19 +10,12 @@ import pytest
 from PIL import Image
 
 from qwen3vl_webui.conversation import Turn, UserMessage
-from qwen3vl_webui.engine.generation import (
-    ChatRequest,
-    RequestError,
-    RequestTimedOut,
-    SamplingParams,
-    TurnCounts,
-    _MediaCache,
-    build_prompt,
-)
-from qwen3vl_webui.engine.manager import ModelManager
-from qwen3vl_webui.engine.scheduler import Scheduler
-from qwen3vl_webui.engine.service import ChatService
+from qwen3vl_webui.engine.request import RequestError, SamplingParams
 from qwen3vl_webui.media import MediaBudget
+from qwen3vl_webui.service.admission import Scheduler
+from qwen3vl_webui.service.chat import ChatService
+from qwen3vl_webui.service.manager import ModelManager
+from qwen3vl_webui.service.prompt import ChatRequest, MediaCache, RequestTimedOut, TurnCounts, build_prompt
 from qwen3vl_webui.telemetry import GenerationStats, GpuProbe
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -92,7 +85,7 @@ def test_trimming_is_one_pass_with_each_turn_counted_once_and_the_most_that_fit_
 
     processor.apply_chat_template = counting
     try:
-        counts, cache = TurnCounts(), _MediaCache()
+        counts, cache = TurnCounts(), MediaCache()
         request = ChatRequest(UserMessage("now?"), history, sampling=GREEDY, max_context=1024)
         first = build_prompt(tiny_loaded, request, cache, counts)
         kept = len(history) - first.turns_dropped
@@ -171,7 +164,7 @@ def test_cancel_event_while_waiting_for_a_slot(service: ChatService) -> None:
     with service.scheduler.slot():  # occupy the only slot
         stream = service.chat(ChatRequest(UserMessage("hi"), sampling=GREEDY), cancel)
         cancel.set()
-        from qwen3vl_webui.engine.scheduler import Cancelled
+        from qwen3vl_webui.service.admission import Cancelled
 
         with pytest.raises(Cancelled):
             next(stream)
@@ -216,7 +209,7 @@ def test_a_stop_string_ends_generate_at_the_token_that_completes_it_and_is_never
 
     import torch
 
-    from qwen3vl_webui.engine.generation import stream_generate
+    from qwen3vl_webui.engine.generate import stream_generate
 
     plain = SamplingParams(max_new_tokens=40, temperature=0.0, repetition_penalty=1.0)
     prompt = build_prompt(tiny_loaded, ChatRequest(UserMessage("Count the objects"), sampling=plain))

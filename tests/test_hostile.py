@@ -31,7 +31,7 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 from qwen3vl_webui.conversation import ERROR_PREFIX
-from qwen3vl_webui.engine import loading
+from qwen3vl_webui.weights import loading
 from tests.conftest import ASSETS, _free_port, start_app
 from tests.test_media import decoder_children, png_header_only, repeat_video, write_video
 

@@ -49,8 +49,9 @@ def test_load_test_drives_the_demo_app_and_counts_answers_and_refusals(tiny_chec
 
 
 def test_random_weights_app_answers_words_whose_tokens_the_load_test_counts_exactly(tmp_path: Path) -> None:
-    from qwen3vl_webui.cli import build_app, parse_settings
+    from qwen3vl_webui.cli import parse_settings
     from qwen3vl_webui.ui.panels import format_status
+    from qwen3vl_webui.wiring import build_app
 
     port = _free_port()
     settings = parse_settings([

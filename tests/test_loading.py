@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen3vl_webui.engine.loading import load_model, quantization_config
-from qwen3vl_webui.engine.manager import ModelManager, SwitchRefused
-from qwen3vl_webui.engine.scheduler import Scheduler
+from qwen3vl_webui.service.admission import Scheduler
+from qwen3vl_webui.service.manager import ModelManager, SwitchRefused
+from qwen3vl_webui.weights.loading import load_model, quantization_config
 
 
 def _linear_types(model: torch.nn.Module, prefix: str) -> set[str]:
@@ -95,7 +95,7 @@ def test_switch_that_would_not_fit_is_refused_and_the_old_model_stays(tiny_check
 def test_flash_attention_without_the_package_is_refused_clearly(tiny_checkpoint: Path) -> None:
     import importlib.util
 
-    from qwen3vl_webui.engine.loading import LoadRefused
+    from qwen3vl_webui.weights.loading import LoadRefused
 
     if importlib.util.find_spec("flash_attn") is not None:
         pytest.skip("flash-attn is installed here")
@@ -106,7 +106,7 @@ def test_flash_attention_without_the_package_is_refused_clearly(tiny_checkpoint:
 def test_cudnn_attention_is_turned_off_for_gpu_loads_only(tiny_checkpoint: Path) -> None:
     import torch
 
-    from qwen3vl_webui.engine.loading import avoid_cudnn_attention, load_model
+    from qwen3vl_webui.weights.loading import avoid_cudnn_attention, load_model
 
     before = torch.backends.cuda.cudnn_sdp_enabled()
     try:

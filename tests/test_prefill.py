@@ -1,4 +1,4 @@
-"""A prompt chunk through engine/prefill.py gives what the model's own forward gives, bitwise, cache and all."""
+"""A prompt chunk through engine/batch/prefill.py gives what the model's own forward gives, bitwise, cache and all."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from qwen3vl_webui.conversation import UserMessage
-from qwen3vl_webui.engine import prefill
-from qwen3vl_webui.engine.generation import ChatRequest, SamplingParams, build_prompt
+from qwen3vl_webui.engine.batch import prefill
+from qwen3vl_webui.engine.request import SamplingParams
+from qwen3vl_webui.service.prompt import ChatRequest, build_prompt
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 

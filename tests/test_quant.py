@@ -16,9 +16,8 @@ from torch.nn import functional as F
 
 from qwen3vl_webui.conversation import UserMessage
 from qwen3vl_webui.engine.batch import BatchEngine, BatchOptions
-from qwen3vl_webui.engine.generation import ChatRequest, SamplingParams, build_prompt
-from qwen3vl_webui.engine.loading import LoadedModel, load_model
-from qwen3vl_webui.engine.quant import (
+from qwen3vl_webui.engine.request import SamplingParams
+from qwen3vl_webui.kernels.int8 import (
     Int8WeightOnlyLinear,
     dequantize_weight,
     int8wo_linear_impl,
@@ -26,6 +25,8 @@ from qwen3vl_webui.engine.quant import (
     quantize_weight,
     register_op,
 )
+from qwen3vl_webui.service.prompt import ChatRequest, build_prompt
+from qwen3vl_webui.weights.loading import LoadedModel, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0, repetition_penalty=1.0)
@@ -157,8 +158,8 @@ def test_engine_greedy_tokens_equal_generate_with_int8wo(int8wo: LoadedModel) ->
 
 
 def test_switching_to_int8wo_through_the_manager(tiny_checkpoint: Path) -> None:
-    from qwen3vl_webui.engine.manager import ModelManager
-    from qwen3vl_webui.engine.scheduler import Scheduler
+    from qwen3vl_webui.service.admission import Scheduler
+    from qwen3vl_webui.service.manager import ModelManager
 
     manager = ModelManager(str(tiny_checkpoint), "fp32", "cpu", "sdpa", Scheduler(1, 4))
     manager.load()
@@ -170,8 +171,8 @@ def test_switching_to_int8wo_through_the_manager(tiny_checkpoint: Path) -> None:
 def test_int8wo_is_offered_everywhere_a_precision_is_chosen() -> None:
     from qwen3vl_webui import planner
     from qwen3vl_webui.cli import parse_settings
-    from qwen3vl_webui.engine.compiled import should_compile
-    from qwen3vl_webui.engine.loading import compute_dtype
+    from qwen3vl_webui.engine.batch.compiled import should_compile
+    from qwen3vl_webui.weights.loading import compute_dtype
 
     assert parse_settings(["--precision", "int8wo"]).precision == "int8wo"
     shape = planner.ModelShape.qwen3vl_4b()
@@ -188,8 +189,8 @@ def test_int8wo_is_offered_everywhere_a_precision_is_chosen() -> None:
 _INTERPRETED = textwrap.dedent(
     """
     import torch
-    from qwen3vl_webui.engine import int8_kernels as ik
-    from qwen3vl_webui.engine.quant import dequantize_weight, quantize_weight
+    from qwen3vl_webui.kernels import matmul_triton as ik
+    from qwen3vl_webui.kernels.int8 import dequantize_weight, quantize_weight
 
     gen = torch.Generator().manual_seed(0)
     q, scale = quantize_weight(torch.randn(48, 192, generator=gen))

@@ -12,9 +12,10 @@ import pytest
 
 from qwen3vl_webui.conversation import UserMessage
 from qwen3vl_webui.engine.batch import BatchEngine, BatchOptions
-from qwen3vl_webui.engine.generation import ChatRequest, SamplingParams, build_prompt
 from qwen3vl_webui.engine.remote.client import EngineProcess, EngineStartFailed
 from qwen3vl_webui.engine.remote.protocol import EngineDied, RemoteError
+from qwen3vl_webui.engine.request import SamplingParams
+from qwen3vl_webui.service.prompt import ChatRequest, build_prompt
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0, repetition_penalty=1.0)
@@ -36,8 +37,8 @@ def engine_process(tiny_checkpoint: Path):
 
 def _answer(stream) -> tuple[str, object]:
     text, stats = "", None
-    for text, stats in stream:
-        pass
+    for item in stream:
+        text, stats = item
     return text, stats
 
 

@@ -7,8 +7,9 @@ from pathlib import Path
 import torch
 
 from qwen3vl_webui.conversation import UserMessage
-from qwen3vl_webui.engine import vision
-from qwen3vl_webui.engine.generation import ChatRequest, SamplingParams, build_prompt
+from qwen3vl_webui.engine.request import SamplingParams
+from qwen3vl_webui.kernels import vision
+from qwen3vl_webui.service.prompt import ChatRequest, build_prompt
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 

@@ -1,4 +1,6 @@
-"""Fault injection for tests and device checks: a CUDA OOM or a delay at prefill or at each decode step.
+"""Fault injection for tests and device checks (a CUDA OOM or a delay at prefill or at each decode step), and the one
+test of whether an error is an out-of-memory error, which every OOM path (the service, the warm-up, the batch engine)
+asks.
 
 A no-op unless armed, either in-process (`FaultInjector.arm`) or for a whole process through the
 environment variable QWEN3VL_FAULTS, a comma-separated list of rules:
@@ -104,3 +106,10 @@ def parse_rules(spec: str) -> list[_Rule]:
         kind, point, over, seconds, times = match.groups()
         rules.append(_Rule(kind, point, int(over or 0), float(seconds or 0.0), int(times) if times else None))
     return rules
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A CUDA (or other accelerator) out-of-memory error, real or injected here; torch is imported only to look."""
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError)  # torch.cuda.OutOfMemoryError is the same class

@@ -25,12 +25,14 @@ from qwen3vl_webui.conversation import (
     parse_history,
     parse_message,
 )
-from qwen3vl_webui.engine.generation import ChatRequest, RequestError, RequestTimedOut, SamplingParams
-from qwen3vl_webui.engine.manager import SwitchRefused
-from qwen3vl_webui.engine.scheduler import Busy, Cancelled
-from qwen3vl_webui.engine.service import ChatService, Client, ShuttingDown, Waiting
+from qwen3vl_webui.engine.request import RequestError, SamplingParams
 from qwen3vl_webui.engine.stops import parse_stop_lines
 from qwen3vl_webui.media import MediaBudget
+from qwen3vl_webui.service.admission import Busy, Cancelled
+from qwen3vl_webui.service.chat import ChatService, Client, ShuttingDown, Waiting
+from qwen3vl_webui.service.manager import SwitchRefused
+from qwen3vl_webui.service.prompt import ChatRequest, RequestTimedOut
+from qwen3vl_webui.ui import gradio_compat
 from qwen3vl_webui.ui.panels import format_panel, format_status
 
 log = logging.getLogger(__name__)
@@ -241,7 +243,7 @@ class Handlers:
 
     def _check_files(self, user: UserMessage, turns: list[Turn]) -> None:
         """Refuses any file that gradio did not receive as an upload (defence in depth: gradio checks too)."""
-        roots = (Path(_upload_folder()).resolve(), *self.file_roots)
+        roots = (Path(gradio_compat.upload_folder()).resolve(), *self.file_roots)
         for path in (*user.files, *(f for t in turns for f in t.user.files)):
             resolved = Path(os.path.abspath(path)).resolve()
             if not any(resolved.is_relative_to(root) for root in roots):
@@ -334,9 +336,3 @@ def _waiting_text(item: Waiting) -> str:
     if item.reason == "the model to load":
         return "Waiting for the model to load…"
     return f"Waiting for {item.reason} ({item.running} running, {item.waiting} waiting)…"
-
-
-def _upload_folder() -> str:
-    from gradio.utils import get_upload_folder
-
-    return get_upload_folder()

@@ -9,6 +9,7 @@ import gradio as gr
 
 from qwen3vl_webui.config import Settings
 from qwen3vl_webui.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from qwen3vl_webui.ui import gradio_compat
 from qwen3vl_webui.ui.handlers import IMAGE_MP_MAX, Handlers
 from qwen3vl_webui.zerogpu import gpu_function
 
@@ -67,12 +68,13 @@ def build_demo(handlers: Handlers, settings: Settings) -> gr.Blocks:
         _share_gpu_concurrency(demo, chat, _chat_concurrency(settings))
         # gradio runs at most this many events at once (its queue's workers and its thread limiter): enough
         # for every chat the admission lets run or wait, plus the page's small events.
-        demo.max_threads = max(40, _chat_concurrency(settings) + 16)
+        gradio_compat.set_max_threads(demo, max(40, _chat_concurrency(settings) + 16))
         chatbot.clear(handlers.clear, queue=False, api_visibility="private")
         for control in inputs:
             # On release, not on every step of a drag: one event per adjustment (each event is a server call).
             control.release(handlers.estimate, inputs=inputs, outputs=estimate, queue=False, api_visibility="private")
-        handlers.queued = lambda: _gradio_waiting(demo)  # type: ignore[method-assign]
+        # Requests still in gradio's queue, for the panel (0 if gradio's internals change: the page keeps working).
+        handlers.queued = lambda: gradio_compat.queue_length(demo, default=0)  # type: ignore[method-assign]
         timer = gr.Timer(1.0)
         timer.tick(handlers.panel, outputs=[panel, status], queue=False, api_visibility="private")
         demo.load(handlers.panel, outputs=[panel, status], queue=False, api_visibility="private")
@@ -153,16 +155,5 @@ def _share_gpu_concurrency(demo: gr.Blocks, chat: gr.ChatInterface, limit: int) 
     ChatInterface gives its UI event and its /chat API event separate groups of `limit` each; one shared id
     makes the limit global (the scheduler holds generations to --max-concurrency within it).
     """
-    for fn in demo.fns.values():
-        if getattr(fn, "concurrency_id", None) == GPU_CONCURRENCY_ID or fn.name in ("_submit_fn", "_stream_fn", "chat"):
-            fn.concurrency_id = GPU_CONCURRENCY_ID
-            fn.concurrency_limit = limit
+    gradio_compat.share_concurrency(demo, ("_submit_fn", "_stream_fn", "chat"), GPU_CONCURRENCY_ID, limit)
     del chat
-
-
-def _gradio_waiting(demo: gr.Blocks) -> int:
-    """Events waiting in gradio's queue (its private state, read defensively: 0 if it changes)."""
-    try:
-        return len(demo._queue)
-    except Exception:
-        return 0

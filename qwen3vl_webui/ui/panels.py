@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qwen3vl_webui.engine.service import PanelSnapshot
+from qwen3vl_webui.service.chat import PanelSnapshot
 from qwen3vl_webui.telemetry import format_bytes
 
 DEMO_BANNER = "**demo model: random weights** — answers are gibberish; the app, queue and panel are real."

@@ -9,13 +9,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from qwen3vl_webui.engine.batch.graphs import DecodeGraphs
-from qwen3vl_webui.engine.batch.kv import SlotKV, is_out_of_memory
+from qwen3vl_webui.engine.batch.kv import SlotKV
 from qwen3vl_webui.engine.batch.options import BatchOptions
 from qwen3vl_webui.engine.batch.requests import EngineClosed, EngineOutputs, Outbox, Request
 from qwen3vl_webui.engine.batch.runner import ModelRunner, Prefilled
 from qwen3vl_webui.engine.batch.sampler import Sampler
 from qwen3vl_webui.engine.batch.scheduler import PrefillJob, PrefillPlan, Scheduler
-from qwen3vl_webui.engine.loading import LoadedModel
+from qwen3vl_webui.engine.faults import is_out_of_memory
+from qwen3vl_webui.weights.loading import LoadedModel
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,10 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from qwen3vl_webui.engine import prefix
+from qwen3vl_webui.engine.batch import prefix
 from qwen3vl_webui.engine.batch.core import EngineCore, EngineSnapshot
 from qwen3vl_webui.engine.batch.options import BatchOptions
+from qwen3vl_webui.engine.batch.prefix import Entry
 from qwen3vl_webui.engine.batch.requests import (
     EngineOutputs,
     Request,
@@ -19,11 +20,10 @@ from qwen3vl_webui.engine.batch.requests import (
     text_events,
     token_events,
 )
-from qwen3vl_webui.engine.generation import PreparedPrompt, RequestError, SamplingParams
-from qwen3vl_webui.engine.loading import LoadedModel
-from qwen3vl_webui.engine.prefix import Entry
+from qwen3vl_webui.engine.request import PreparedPrompt, RequestError, SamplingParams
 from qwen3vl_webui.engine.stops import StopMatcher, TokenBytes
 from qwen3vl_webui.telemetry import RequestStats
+from qwen3vl_webui.weights.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 

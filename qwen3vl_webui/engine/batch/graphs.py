@@ -8,11 +8,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from qwen3vl_webui.engine import compiled, fusion, prefill, vision
+from qwen3vl_webui.engine.batch import compiled, prefill
 from qwen3vl_webui.engine.batch.kv import SlotKV
 from qwen3vl_webui.engine.batch.options import LEN_ALIGN, BatchOptions
 from qwen3vl_webui.engine.batch.runner import ModelRunner
-from qwen3vl_webui.engine.loading import LoadedModel
+from qwen3vl_webui.kernels import attention, fusion, vision
+from qwen3vl_webui.weights.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class DecodeGraphs:
         self.compile = compiled.should_compile(options.compile, loaded.device, loaded.precision)
         self.compile_error: str | None = None
         self.graph_error: str | None = None
-        # Prompt chunks (engine/prefill.py): the eager text model costs ~0.85 ms of host time a layer whatever the
+        # Prompt chunks (engine/batch/prefill.py): the eager text model costs ~0.85 ms of host time a layer whatever the
         # length, ~30 ms for any prompt. `prefill_graphs` (None: wherever decode steps are graphed) replays first
         # chunks from CUDA graphs captured at start-up. `compile_prefill` runs chunks through torch.compile with
         # dynamic lengths instead (a CPU test covers it; on an H100 it adds minutes of compiling to start-up).
@@ -44,7 +45,7 @@ class DecodeGraphs:
         self.compile_prefill = bool(options.compile_prefill)
         self.prefill_error: str | None = None
         self.prefill_warmup_s = 0.0
-        # Decode Linears (engine/fusion.py): q/k/v and gate/up as one product each, and one-row products on 16-bit
+        # Decode Linears (kernels/fusion.py): q/k/v and gate/up as one product each, and one-row products on 16-bit
         # weights through the Triton GEMV. On by default on CUDA (bf16 1 stream 219 -> 270 tok/s on an H100,
         # bench/gemv_check.h100.json); each skips the layers it cannot take (quantized, fp32).
         self.fuse = on_cuda if options.fuse is None else bool(options.fuse)
@@ -78,15 +79,15 @@ class DecodeGraphs:
         # Decode attention: the split-KV kernel over each row's live length where it runs (CUDA), compiled or not;
         # else SDPA over the whole slot behind the 4D mask (CPU: exactly as `generate`'s eager path).
         if self.options.decode_kernel:
-            kernel_blocker = compiled.decode_kernel_blocker(device, text, self.kv.dtype)
+            kernel_blocker = attention.decode_kernel_blocker(device, text, self.kv.dtype)
         else:
             kernel_blocker = "turned off (BatchOptions.decode_kernel)"
         if kernel_blocker is not None and on_cuda:
             log.warning("decode attention stays on SDPA: %s", kernel_blocker)
         decode_kernel = kernel_blocker is None
         if self.compile or decode_kernel:
-            self._restore_attention = compiled.use_packed_decode_attention(text)
-            decode_kernel = decode_kernel and text._attn_implementation == compiled.PACKED_DECODE_ATTENTION
+            self._restore_attention = attention.use_packed_decode_attention(text)
+            decode_kernel = decode_kernel and text._attn_implementation == attention.PACKED_DECODE_ATTENTION
         self.runner.decode_kernel = decode_kernel
         self.decode_attention = "split-KV triton" if decode_kernel else f"sdpa ({kernel_blocker or 'not routed'})"
         self._restore_vision = vision.use_packed_vision_attention(model.model.visual)

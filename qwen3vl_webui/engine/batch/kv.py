@@ -6,9 +6,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from qwen3vl_webui.engine.batch.prefix import Entry, PrefixPool
 from qwen3vl_webui.engine.batch.requests import Request
-from qwen3vl_webui.engine.loading import LoadedModel
-from qwen3vl_webui.engine.prefix import Entry, PrefixPool
+from qwen3vl_webui.weights.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -210,9 +210,3 @@ class SlotKV:
 
     def free(self) -> None:
         self.layers = []
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.OutOfMemoryError)

@@ -14,8 +14,8 @@ from qwen3vl_webui.engine.stops import StopText
 from qwen3vl_webui.telemetry import RequestStats
 
 if TYPE_CHECKING:
-    from qwen3vl_webui.engine.generation import PreparedPrompt, SamplingParams
-    from qwen3vl_webui.engine.prefix import Medium
+    from qwen3vl_webui.engine.batch.prefix import Medium
+    from qwen3vl_webui.engine.request import PreparedPrompt, SamplingParams
     from qwen3vl_webui.engine.stops import StopMatcher
 
 _next_id = itertools.count(1).__next__

@@ -9,10 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from qwen3vl_webui.engine import prefill, vision
+from qwen3vl_webui.engine.batch import prefill
 from qwen3vl_webui.engine.batch.kv import LayerKV, SlotKV
 from qwen3vl_webui.engine.batch.scheduler import PrefillJob, PrefillPlan
-from qwen3vl_webui.engine.loading import LoadedModel
+from qwen3vl_webui.kernels import vision
+from qwen3vl_webui.weights.loading import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class Prefilled:
 @dataclass(eq=False)
 class _PromptTensors:
     kv: Any = None  # the prompt's keys/values [length, layers, 2, kv_heads, head_dim], filled up to the job's `done`;
-    # allocated at a prefix hit or when a first chunk leaves more to go (engine/prefill.py's layout)
+    # allocated at a prefix hit or when a first chunk leaves more to go (engine/batch/prefill.py's layout)
     ids: Any = None  # input ids on the device, once chunking started
     positions: Any = None  # [4, 1, length]: text row + the 3 mrope rows
     delta: int = 0
@@ -184,7 +185,7 @@ class ModelRunner:
                 if not fresh:
                     continue
                 first_row, first = fresh[0].rows[0], fresh[0].index
-            # Grid-derived inputs from the CPU grid: the tower then never waits on the GPU (engine/vision.py).
+            # Grid-derived inputs from the CPU grid: the tower then never waits on the GPU (kernels/vision.py).
             extra = vision.vision_kwargs(model.visual, inputs[grid][first:], dev)
             grid_thw = inputs[grid][first:] if extra else inputs[grid][first:].to(dev)
             out = model.get_image_features(
@@ -196,7 +197,7 @@ class ModelRunner:
         return bool(media)
 
     def _prefill_chunk(self, job: PrefillJob, state: _PromptTensors) -> tuple[int, Prefilled | None]:
-        """The next `prefill_chunk` prompt tokens, attending to the chunks before them (engine/prefill.py)."""
+        """The next `prefill_chunk` prompt tokens, attending to the chunks before them (engine/batch/prefill.py)."""
         import torch
 
         dev = self.device

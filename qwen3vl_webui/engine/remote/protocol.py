@@ -41,8 +41,8 @@ class RemoteError(RuntimeError):
 def remote_error(exc: BaseException) -> RemoteError:
     """An exception raised in the engine process, as the front end should see it (no traceback, no objects)."""
     from qwen3vl_webui.engine.batch import EngineClosed
-    from qwen3vl_webui.engine.batch.kv import is_out_of_memory
-    from qwen3vl_webui.engine.generation import RequestError
+    from qwen3vl_webui.engine.faults import is_out_of_memory
+    from qwen3vl_webui.engine.request import RequestError
 
     if isinstance(exc, RemoteError):
         return exc
@@ -77,7 +77,7 @@ class Prompt:
         """Back to a PreparedPrompt of CPU tensors (sharing the received buffers' memory)."""
         import torch
 
-        from qwen3vl_webui.engine.generation import PreparedPrompt
+        from qwen3vl_webui.engine.request import PreparedPrompt
 
         inputs = {k: torch.from_numpy(v) if hasattr(v, "dtype") else v for k, v in self.inputs.items()}
         return PreparedPrompt(inputs, self.tokens, self.text_tokens, self.image_tokens, self.video_tokens, 0)

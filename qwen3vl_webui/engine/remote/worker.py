@@ -60,7 +60,7 @@ def _start(spec: dict[str, Any], channel: Channel) -> tuple[Any, EngineInfo]:
     import torch
 
     from qwen3vl_webui.engine.batch import BatchEngine, BatchOptions
-    from qwen3vl_webui.engine.loading import load_model
+    from qwen3vl_webui.weights.loading import load_model
 
     def progress(text: str) -> None:
         log.info("%s", text)
@@ -165,7 +165,7 @@ class Worker:
 
     def _release(self) -> None:
         gc.collect()
-        from qwen3vl_webui.engine.loading import release_cached_memory
+        from qwen3vl_webui.weights.loading import release_cached_memory
 
         release_cached_memory()
 

@@ -1,4 +1,4 @@
-"""Triton kernels for decode-sized matmuls against int8 weights with one scale per output row.
+"""Triton kernels for decode-sized matmuls: int8 weights with one scale per output row, and the 16-bit GEMV.
 
 `y[m, n] = scale[n] * sum_k x[m, k] * w[n, k]`, x in bf16/fp16, w int8 `[N, K]` (nn.Linear's layout), fp32
 accumulation, one rounding at the end. Decode reads every weight once per step and does almost no arithmetic per
@@ -12,7 +12,8 @@ byte, so these kernels are about streaming the int8 bytes at the card's bandwidt
 `FAST_CVT`: int8 -> fp32 through the float bit pattern of 2^23 + (v + 128) instead of I2F, which issues at a quarter
 of the FP32 rate on sm_80/sm_90 and would otherwise bound a kernel that must convert ~3 G weights per ms.
 
-Nothing here imports at package import time: triton is imported by the caller on CUDA only.
+`gemv16` is `_gemv_kernel` on bf16/fp16 weights without scales (kernels/gemv.py makes it a custom op). Nothing
+imports this module at package import time: its callers import it inside functions, where Triton runs.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from qwen3vl_webui.config import Settings
-    from qwen3vl_webui.uploads import UploadSweeper
+    from qwen3vl_webui.server.uploads import UploadSweeper
 
 log = logging.getLogger("qwen3vl_webui")
 
@@ -277,7 +277,8 @@ class FrontDoor:
         import fastapi
         import gradio as gr
 
-        from qwen3vl_webui.uploads import UploadSweeper
+        from qwen3vl_webui.server.uploads import UploadSweeper
+        from qwen3vl_webui.ui import gradio_compat
 
         s = settings
         credentials = s.credentials()  # reads --auth-file once
@@ -285,7 +286,7 @@ class FrontDoor:
         self.settings = settings
         demo.queue(max_size=s.queue_size, default_concurrency_limit=s.max_concurrency)
         # launch() takes this as an argument; mount_gradio_app reads it from the Blocks (gradio's StateHolder).
-        demo.state_session_capacity = session_capacity
+        gradio_compat.set_session_capacity(demo, session_capacity)
         # No docs or schema of our own: routes outside gradio's mount are not behind its login.
         self.http = fastapi.FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
         gr.mount_gradio_app(
@@ -301,17 +302,15 @@ class FrontDoor:
             # utils.error_payload); the chat's refusals are ordinary ⚠️ outputs and gr.Error still shows.
             show_error=False,
         )  # fmt: skip
-        # gradio checks that a file path sent in an API call was uploaded (processing_utils._check_allowed) only
-        # when `has_launched` is set, which launch() does and mount_gradio_app does not: without this line gradio
-        # accepts any server path a raw API call names, and the chat handler's own check is the only guard left
-        # (tests/test_hostile.py case 9).
-        demo.has_launched = True
-        self.gradio_app = _mounted_gradio_app(self.http)
+        # Without this gradio accepts any server path a raw API call names, and the chat handler's own check is the
+        # only guard left (tests/test_hostile.py case 9).
+        gradio_compat.check_uploaded_paths(demo)
+        self.gradio_app = gradio_compat.mounted_app(self.http)
         self.sweeper = UploadSweeper(
-            self.gradio_app.uploaded_file_dir,
+            gradio_compat.upload_dir(self.gradio_app),
             s.upload_max_age_minutes * 60.0,
             s.upload_cache_mb * 1024 * 1024,
-            keep=lambda: _kept_files(demo),
+            keep=lambda: gradio_compat.kept_files(demo),  # the page's examples outlive any upload age
         )
         self.limiter = LoginLimiter()
         self.http.add_middleware(UploadNudge, sweeper=self.sweeper)
@@ -330,7 +329,9 @@ class FrontDoor:
 
     @property
     def upload_folder(self) -> str:
-        return str(self.gradio_app.uploaded_file_dir)
+        from qwen3vl_webui.ui import gradio_compat
+
+        return gradio_compat.upload_dir(self.gradio_app)
 
     def start(self, sock: socket.socket, quiet: bool = False) -> None:
         """Serves on `sock` from a thread; returns once the app (gradio's queue included) accepts requests."""
@@ -379,17 +380,17 @@ class FrontDoor:
 
     def close(self) -> None:
         """Ends the queue's streams, stops gradio's queue, then uvicorn (lifespan shutdown included)."""
+        from qwen3vl_webui.ui import gradio_compat
+
         if self.server is None:
             return
         loop = self._loop
         if loop is not None and not loop.is_closed():
             try:  # the heartbeat streams end on this event; it lives on uvicorn's loop
-                loop.call_soon_threadsafe(self.gradio_app.stop_event.set)
+                loop.call_soon_threadsafe(gradio_compat.end_streams(self.gradio_app))
             except RuntimeError:  # the loop closed meanwhile
                 pass
-        if not hasattr(self.demo, "server"):  # set by launch() only; close() reads it
-            self.demo.server = None
-        self.demo.close(verbose=False)  # stops gradio's queue
+        gradio_compat.close_blocks(self.demo)
         self.server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=_GRACEFUL_S + 10)
@@ -399,32 +400,12 @@ class FrontDoor:
         self.server = None
 
     def _open_share_link(self) -> None:
-        # What gradio's launch(share=True) does: an frp tunnel to the local port (needs the internet).
-        from gradio import networking, tunneling
+        from qwen3vl_webui.ui import gradio_compat
 
         host = "127.0.0.1" if self.settings.host in ("0.0.0.0", "::", "[::]") else self.settings.host
         try:
-            self.share_url = networking.setup_tunnel(host, self.settings.port, self.demo.share_token, None, None)
+            self.share_url, self._tunnels = gradio_compat.open_share_link(self.demo, host, self.settings.port)
         except Exception as exc:  # offline, blocked binary: the app still serves locally
             print(f"Could not create a share link: {exc}", flush=True)
             return
-        self._tunnels = list(tunneling.CURRENT_TUNNELS)
-        self.demo.share, self.demo.share_url = True, self.share_url
         print(f"* Running on public URL: {self.share_url}", flush=True)
-
-
-def _mounted_gradio_app(http: Any) -> Any:
-    from gradio.routes import App as GradioApp
-
-    for route in http.routes:
-        if isinstance(getattr(route, "app", None), GradioApp):
-            return route.app
-    raise RuntimeError("gradio's app was not mounted")
-
-
-def _kept_files(demo: Any) -> set[str]:
-    """Files gradio cached for the page itself (examples): they must outlive any upload age."""
-    kept: set[str] = set()
-    for block in demo.blocks.values():
-        kept.update(getattr(block, "keep_in_cache", ()))
-    return kept

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from qwen3vl_webui.engine.loading import LoadedModel
+    from qwen3vl_webui.weights.loading import LoadedModel
 
 PREFIX = "random-weights:"
 # What can be built in memory (bitsandbytes' int4/int8 quantize while loading a checkpoint, so they are not here).
@@ -65,7 +65,7 @@ def build(preset: str, dtype: Any, device: str, attn: str = "sdpa", seed: int = 
     import torch
     from transformers import Qwen3VLForConditionalGeneration
 
-    from qwen3vl_webui.testing.tiny_model import PRESETS, build_config, build_processor, build_tokenizer
+    from qwen3vl_webui.weights.tiny_model import PRESETS, build_config, build_processor, build_tokenizer
 
     if preset not in PRESETS:
         raise ValueError(f"unknown random-weights preset {preset!r}; valid: {', '.join(sorted(PRESETS))}")
@@ -93,7 +93,7 @@ def load_random(
     source: str, precision: str, device: str, attn: str = "sdpa", progress: Callable[[str], None] | None = None
 ) -> LoadedModel:
     """The loader's path for a `random-weights:PRESET` source: a LoadedModel like `load_model`'s."""
-    from qwen3vl_webui.engine.loading import PRECISION_LABELS, LoadRefused, compute_dtype, loaded
+    from qwen3vl_webui.weights.loading import PRECISION_LABELS, LoadRefused, compute_dtype, loaded
 
     if precision not in PRECISIONS:
         raise LoadRefused(f"--random-weights offers {', '.join(PRECISIONS)} (built in memory), not {precision}.")
@@ -103,7 +103,7 @@ def load_random(
     started = time.perf_counter()
     model, processor = build(preset, compute_dtype(precision, device), device, attn)
     if precision == "int8wo":
-        from qwen3vl_webui.engine import quant
+        from qwen3vl_webui.kernels import int8 as quant
 
         quant.quantize_text_linears(model, device)  # as the loader does for a checkpoint
     return loaded(model.eval(), processor, precision, device, source, started, is_demo=False)

@@ -5,7 +5,7 @@ channel, `w ≈ q * scale` with `q` in [-127, 127]. Unlike bitsandbytes LLM.int8
 quantized or tested on the host, so the decode step compiles with `fullgraph=True` and replays from a CUDA graph.
 
 Matmul: up to `SKINNY_MAX_ROWS` token rows on CUDA (decode) a Triton kernel reads the int8 weights once and
-dequantizes in registers (engine/int8_kernels.py); otherwise (prefill, CPU, no triton) the int8 weights are cast to
+dequantizes in registers (kernels/matmul_triton.py); otherwise (prefill, CPU, no triton) the int8 weights are cast to
 the activation dtype for one `F.linear` and the scales are applied to its output.
 """
 
@@ -43,7 +43,7 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype =
 def _kernels() -> Any:
     """The Triton kernel module, or None where triton cannot be imported (the torch path is used then)."""
     try:
-        from qwen3vl_webui.engine import int8_kernels
+        from qwen3vl_webui.kernels import matmul_triton as int8_kernels
     except ImportError:
         return None
     return int8_kernels

@@ -8,106 +8,19 @@ its weight a view of that buffer (no extra memory), and routes calls with at mos
 through one product over the fused weight, handing q then k then v (gate then up) their slices: transformers'
 attention calls them in that order on the same hidden states. Larger inputs run each Linear as before, on the
 same weights. The engine fuses for every row count: a row limit is a branch on the prompt chunk's length, which
-would split its compiled prefill (engine/prefill.py) into a graph per side. `unfuse` restores the forwards.
+would split its compiled prefill (engine/batch/prefill.py) into a graph per side. `unfuse` restores the forwards.
 
 `gemv=True` (CUDA, bf16/fp16 weights, triton importable) also sends every one-row product of the text model and of
-lm_head (the 1-stream decode step) to `int8_kernels.gemv16` as the custom op `qwen3vl_webui::gemv16`: cuBLAS's
-GEMV for these skinny shapes streamed ~70% of the copy bandwidth inside the step graph.
+lm_head (the 1-stream decode step) to the custom op `qwen3vl_webui::gemv16` (kernels/gemv.py): cuBLAS's GEMV for these
+skinny shapes streamed ~70% of the copy bandwidth inside the step graph.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
-GEMV_MAX_ROWS = 1  # the Triton GEMV reads the weights once per row: cuBLAS's GEMM wins from two rows on
-OP_NAME = "qwen3vl_webui::gemv16"
-
-
-@functools.cache
-def _kernels() -> Any:
-    """The Triton kernel module, or None if triton cannot be imported here (any error: the GEMV is optional)."""
-    try:
-        from qwen3vl_webui.engine import int8_kernels
-    except Exception:
-        return None
-    return int8_kernels
-
-
-def _gemv_impl(x: Any, weight: Any) -> Any:
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1 or x2.stride(0) != k:
-        x2 = x2.contiguous()
-    return _kernels().gemv16(x2, weight).reshape(*x.shape[:-1], weight.shape[0])
-
-
-@functools.cache
-def register_gemv_op() -> Any:
-    """`torch.ops.qwen3vl_webui.gemv16(x, weight)`: opaque to dynamo (an extern kernel inductor calls), as int8wo's."""
-    import torch
-
-    # An explicit schema: this module's annotations are strings and torch is not among its globals.
-    @torch.library.custom_op(OP_NAME, mutates_args=(), schema="(Tensor x, Tensor weight) -> Tensor")
-    def gemv16(x: Any, weight: Any) -> Any:
-        return _gemv_impl(x, weight)
-
-    @gemv16.register_fake
-    def _(x: Any, weight: Any) -> Any:
-        return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-    return gemv16
-
-
-def gemv_blocker(weight: Any) -> str | None:
-    """Why one-row products on `weight` cannot use the Triton GEMV, or None."""
-    import torch
-
-    if not weight.is_cuda:
-        return "not on CUDA"
-    if weight.dtype not in (torch.bfloat16, torch.float16):
-        return f"weights are {weight.dtype}, not bf16/fp16"
-    if _kernels() is None:
-        return "triton is not importable"
-    return _probe(str(weight.device), weight.dtype)
-
-
-@functools.cache
-def _probe(device: str, dtype: Any) -> str | None:
-    """Runs the GEMV once on this GPU against F.linear (a GPU or triton that cannot build it is refused here, at
-    start-up, rather than inside the decode warm-up)."""
-    import torch
-    import torch.nn.functional as F
-
-    try:
-        gen = torch.Generator(device=device).manual_seed(0)
-        x = torch.randn(1, 512, device=device, generator=gen).to(dtype)
-        w = torch.randn(96, 512, device=device, generator=gen).to(dtype)
-        ref = F.linear(x.float(), w.float())
-        err = float((_kernels().gemv16(x, w).float() - ref).norm() / ref.norm())
-    except Exception as exc:
-        return f"the Triton GEMV failed here: {type(exc).__name__}: {str(exc)[:200]}"
-    return None if err < 1e-2 else f"the Triton GEMV disagreed with F.linear here (relative error {err:.3g})"
-
-
-def _product(gemv: bool) -> Callable[[Any, Any], Any]:
-    """`x @ weightᵀ` for decode-sized `x`: the Triton GEMV for one row where `gemv`, else F.linear."""
-    import torch
-    import torch.nn.functional as F
-
-    if not gemv:
-        return lambda x, weight: F.linear(x, weight)  # looked up per call (tests count the calls)
-    register_gemv_op()
-
-    def product(x: Any, weight: Any) -> Any:
-        if x.shape[:-1].numel() > GEMV_MAX_ROWS:
-            return F.linear(x, weight)
-        if torch.compiler.is_compiling():
-            return torch.ops.qwen3vl_webui.gemv16(x, weight)
-        return _gemv_impl(x, weight)  # eager (graphs only): no custom-op dispatch
-
-    return product
+from qwen3vl_webui.kernels import gemv as gemv_op
 
 
 class _Shared:
@@ -124,7 +37,7 @@ def _forward(shared: _Shared, index: int, linear: Any, max_rows: int | None, gem
     import torch.nn.functional as F
 
     last = len(shared.sizes) - 1
-    product = _product(gemv)
+    product = gemv_op.product(gemv)
 
     def forward(x: Any) -> Any:
         if max_rows is not None and x.shape[:-1].numel() > max_rows:
@@ -157,7 +70,7 @@ def _fuse_group(linears: list[Any], max_rows: int | None, gemv: bool) -> bool:
             m.weight = torch.nn.Parameter(weight[start : start + rows], requires_grad=False)
             start += rows
     shared = _Shared(weight, [m.out_features for m in linears])
-    gemv = gemv and gemv_blocker(weight) is None
+    gemv = gemv and gemv_op.gemv_blocker(weight) is None
     for index, m in enumerate(linears):
         m.forward = _forward(shared, index, m, max_rows, gemv)
         m._qwen3vl_fused = True
@@ -169,14 +82,14 @@ def _route_gemv(linear: Any) -> bool:
     import torch
     import torch.nn.functional as F
 
-    if type(linear) is not torch.nn.Linear or linear.bias is not None or gemv_blocker(linear.weight) is not None:
+    if type(linear) is not torch.nn.Linear or linear.bias is not None or gemv_op.gemv_blocker(linear.weight) is not None:
         return False
     if "forward" in vars(linear):
         return False  # fused already (its group routes its own product)
-    product = _product(True)
+    product = gemv_op.product(True)
 
     def forward(x: Any) -> Any:
-        return product(x, linear.weight) if x.shape[:-1].numel() <= GEMV_MAX_ROWS else F.linear(x, linear.weight)
+        return product(x, linear.weight) if x.shape[:-1].numel() <= gemv_op.MAX_ROWS else F.linear(x, linear.weight)
 
     linear.forward = forward
     linear._qwen3vl_fused = True

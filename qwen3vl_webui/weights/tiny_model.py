@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from qwen3vl_webui.testing.chat_template import QWEN3_VL_CHAT_TEMPLATE
+from qwen3vl_webui.weights.chat_template import QWEN3_VL_CHAT_TEMPLATE
 
 # Qwen's special tokens in Qwen's order, so ids sit in the same relative order as the real tokenizer.
 SPECIAL_TOKENS = (

@@ -79,7 +79,7 @@ def compute_dtype(precision: str, device: str) -> Any:
 
 
 def quantization_config(precision: str, device: str) -> Any | None:
-    """The BitsAndBytesConfig for int4/int8, None for 16/32-bit and int8wo (quantized by engine/quant.py)."""
+    """The BitsAndBytesConfig for int4/int8, None for 16/32-bit and int8wo (quantized by kernels/int8.py)."""
     if precision not in ("int4", "int8"):
         return None
     from transformers import BitsAndBytesConfig
@@ -155,8 +155,8 @@ def load_model(
     """Loads processor + model exactly as for the real checkpoint (also for the tiny demo one)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from qwen3vl_webui.testing import random_weights
-    from qwen3vl_webui.testing.tiny_model import is_demo_checkpoint
+    from qwen3vl_webui.weights import random_weights
+    from qwen3vl_webui.weights.tiny_model import is_demo_checkpoint
 
     if device.startswith("cuda"):
         avoid_cudnn_attention()
@@ -181,7 +181,7 @@ def load_model(
         device_map={"": device} if quant is not None else None,
     )
     if precision == "int8wo":
-        from qwen3vl_webui.engine import quant as int8wo
+        from qwen3vl_webui.kernels import int8 as int8wo
 
         # Loaded on the CPU in 16-bit, each text Linear is quantized straight onto `device` and its 16-bit weight
         # dropped: the GPU never holds the 16-bit text weights, so a card that fits int8 can load it.

@@ -1,35 +1,22 @@
-"""Request -> streamed tokens: prompt building under the context cap, generate thread, stop, stats."""
+"""A chat request -> model inputs: media loaded (and cached), the chat template applied, whole old turns dropped to fit."""
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from qwen3vl_webui.conversation import Turn, UserMessage, keep_recent_chars
-from qwen3vl_webui.engine.faults import FaultInjector
-from qwen3vl_webui.engine.loading import LoadedModel
-from qwen3vl_webui.engine.stops import StopMatcher, StopText, TokenBytes
+from qwen3vl_webui.engine.request import PreparedPrompt, RequestError, SamplingParams
 from qwen3vl_webui.media import MediaBudget, MediaError, load_image, load_video, media_kind
-from qwen3vl_webui.telemetry import RequestStats
+from qwen3vl_webui.weights.loading import LoadedModel
 
-# Seconds the stream reader waits for the next token before giving up on a dead generate thread.
-TOKEN_TIMEOUT_S = 600.0
 # Real text averages about 4 characters per Qwen token; no realistic text packs 16. A message longer
 # than 16 characters per token of max context cannot fit, so it is refused before the tokenizer
 # reads it (a 1 MB paste costs nothing), and older turns beyond that many characters are not encoded.
 CHARS_PER_TOKEN = 16
-# Stop strings per request: a few short ones, so checking them costs next to nothing per token.
-MAX_STOP_STRINGS = 8
-MAX_STOP_CHARS = 100
-
-
-class RequestError(ValueError):
-    """A request the server refuses; str() is the sentence shown to the user."""
 
 
 class RequestTimedOut(RequestError):
@@ -38,50 +25,6 @@ class RequestTimedOut(RequestError):
     def __init__(self, message: str, partial: str = "") -> None:
         super().__init__(message)
         self.partial = partial
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 512
-    temperature: float = 0.7
-    top_p: float = 0.8
-    top_k: int = 20
-    repetition_penalty: float = 1.05
-    seed: int | None = None
-    # The answer ends at the token that completes any of these; the returned text stops before it.
-    stop: tuple[str, ...] = ()
-    # Generate max_new_tokens whatever the model says (benchmarks and load tests; vLLM's `ignore_eos`).
-    ignore_eos: bool = False
-
-    def __post_init__(self) -> None:
-        _check_range("temperature", self.temperature, 0.0, 2.0)
-        _check_range("top_p", self.top_p, 0.01, 1.0)
-        _check_range("top_k", self.top_k, 0, 1000)
-        _check_range("repetition_penalty", self.repetition_penalty, 0.5, 2.0)
-        _check_range("max_new_tokens", self.max_new_tokens, 1, 262144)
-        if self.seed is not None:
-            _check_range("seed", self.seed, 0, 2**32 - 1)
-        object.__setattr__(self, "stop", _check_stop(self.stop))
-
-
-def _check_stop(stop: Any) -> tuple[str, ...]:
-    if isinstance(stop, str) or not isinstance(stop, (list, tuple)):
-        raise RequestError(f"stop must be a list of strings, got {type(stop).__name__}.")
-    if len(stop) > MAX_STOP_STRINGS:
-        raise RequestError(f"At most {MAX_STOP_STRINGS} stop strings are allowed, got {len(stop)}.")
-    for item in stop:
-        if not isinstance(item, str):
-            raise RequestError(f"Stop strings must be text, got {type(item).__name__}.")
-        if not item:
-            raise RequestError("A stop string must not be empty.")
-        if len(item) > MAX_STOP_CHARS:
-            raise RequestError(f"A stop string may be at most {MAX_STOP_CHARS} characters long, got {len(item)}.")
-    return tuple(stop)
-
-
-def _check_range(name: str, value: float, lo: float, hi: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not lo <= value <= hi:
-        raise RequestError(f"{name} must be between {lo} and {hi}, got {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -95,17 +38,7 @@ class ChatRequest:
     max_files_per_turn: int = 8
 
 
-@dataclass(frozen=True)
-class PreparedPrompt:
-    inputs: dict[str, Any]
-    tokens: int
-    text_tokens: int
-    image_tokens: int
-    video_tokens: int
-    turns_dropped: int
-
-
-class _MediaCache:
+class MediaCache:
     """Decoded media by (path, budget), up to `max_bytes` of pixels: earlier turns' files are not decoded again.
 
     Bounded by bytes, not items: a conversation may hold up to --max-files-per-chat files, and a cache that holds
@@ -158,7 +91,7 @@ class TurnCounts:
         self._items: OrderedDict[tuple[int, Turn, MediaBudget], int] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, processor: Any, turn: Turn, request: ChatRequest, cache: _MediaCache) -> int:
+    def get(self, processor: Any, turn: Turn, request: ChatRequest, cache: MediaCache) -> int:
         key = (id(processor), turn, request.media)
         with self._lock:
             if key in self._items:
@@ -177,7 +110,7 @@ class TurnCounts:
 def build_prompt(
     loaded: LoadedModel,
     request: ChatRequest,
-    media_cache: _MediaCache | None = None,
+    media_cache: MediaCache | None = None,
     counts: TurnCounts | None = None,
     deadline: float | None = None,
 ) -> PreparedPrompt:
@@ -187,7 +120,7 @@ def build_prompt(
     cached in `counts`) until the budget is spent, and the kept turns are encoded once. Files of turns that do
     not fit are never decoded. `deadline` (time.monotonic) bounds the work: past it, RequestTimedOut.
     """
-    cache = media_cache or _MediaCache()
+    cache = media_cache or MediaCache()
     counts = counts or TurnCounts()
     budget = request.max_context - request.sampling.max_new_tokens
     if budget <= 0:
@@ -274,7 +207,7 @@ def _encode(
     processor: Any,
     turns: list[Turn],
     request: ChatRequest,
-    cache: _MediaCache,
+    cache: MediaCache,
     generation_prompt: bool = True,
     system: bool = True,
 ) -> dict[str, Any]:
@@ -311,122 +244,3 @@ def _encode(
     )
 
 
-def stream_generate(
-    loaded: LoadedModel,
-    prompt: PreparedPrompt,
-    sampling: SamplingParams,
-    cancel: threading.Event,
-    on_cancel: Callable[[RequestStats], None] | None = None,
-    faults: FaultInjector | None = None,
-) -> Iterator[tuple[str, RequestStats | None]]:
-    """Yields (text so far, None) as tokens arrive, then (full text, stats).
-
-    Closing the iterator (or setting `cancel`) stops generation within one decode step; `on_cancel`
-    then gets the stats of what was generated before the stop. An exception in `generate` (a CUDA
-    OOM, say) is re-raised here, in the reader's thread. `faults` stages failures for tests.
-    """
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
-    # A class made per call sits in a reference cycle until the cyclic GC runs, and so does all it
-    # closes over: it must not reach the prompt's tensors (pixels!), only small values.
-    prompt_tokens = prompt.tokens
-    processor, model = loaded.processor, loaded.model
-    matcher = StopMatcher(sampling.stop, TokenBytes(processor.tokenizer)) if sampling.stop else None
-    stops = StopText(sampling.stop) if sampling.stop else None
-
-    class _Stop(StoppingCriteria):
-        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-            if faults is not None:
-                faults.fire("decode", prompt_tokens)
-            # Checked once per new token: a stop frees the slot within one step; a stop string ends the
-            # answer at the token that completes it.
-            stop = cancel.is_set()
-            if matcher is not None and not stop:
-                stop = matcher.push(int(input_ids[0, -1]))
-            return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
-
-    class _CountingStreamer(TextIteratorStreamer):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.new_tokens = 0
-            self.first_token_at: float | None = None
-            self.last_token_at: float | None = None
-
-        def put(self, value: Any) -> None:
-            if not self.next_tokens_are_prompt:
-                now = time.perf_counter()
-                self.first_token_at = self.first_token_at or now
-                self.last_token_at = now
-                self.new_tokens += int(value.numel())
-            super().put(value)
-
-    streamer = _CountingStreamer(
-        processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=TOKEN_TIMEOUT_S
-    )
-    do_sample = sampling.temperature > 0
-    kwargs: dict[str, Any] = dict(
-        **{k: v.to(model.device) if hasattr(v, "to") else v for k, v in prompt.inputs.items()},
-        max_new_tokens=sampling.max_new_tokens,
-        do_sample=do_sample,
-        repetition_penalty=sampling.repetition_penalty,
-        streamer=streamer,
-        stopping_criteria=StoppingCriteriaList([_Stop()]),
-    )
-    if sampling.ignore_eos:  # end-of-sequence is suppressed until the length is reached
-        kwargs.update(min_new_tokens=sampling.max_new_tokens)
-    if do_sample:
-        kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
-    else:  # greedy: silence the checkpoint's sampling defaults instead of warning about them
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            if sampling.seed is not None:
-                torch.manual_seed(sampling.seed)
-            if faults is not None:
-                faults.fire("prefill", prompt_tokens)
-            with torch.inference_mode():
-                model.generate(**kwargs)
-        except BaseException as exc:  # reported to the reader below
-            failure.append(exc)
-        finally:
-            streamer.end()  # always unblock the reader, also when generate raised
-
-    started = time.perf_counter()
-
-    def stats() -> RequestStats:
-        first = streamer.first_token_at or time.perf_counter()
-        return RequestStats(
-            prompt_text_tokens=prompt.text_tokens,
-            prompt_image_tokens=prompt.image_tokens,
-            prompt_video_tokens=prompt.video_tokens,
-            new_tokens=streamer.new_tokens,
-            ttft_s=first - started,
-            decode_s=(streamer.last_token_at or first) - first,
-        )
-
-    thread = threading.Thread(target=run, name="generate", daemon=True)
-    thread.start()
-    text, shown = "", ""
-    finished = False
-    try:
-        for piece in streamer:
-            if piece:
-                text += piece
-                visible = stops.visible(text) if stops is not None else text
-                if visible != shown:
-                    shown = visible
-                    yield shown, None
-        thread.join()
-        if failure:
-            raise failure[0]
-        finished = True
-        yield (stops.cut(text)[0] if stops is not None else text), stats()
-    finally:
-        stopped_early = not finished and not failure
-        cancel.set()
-        thread.join()
-        if stopped_early and on_cancel is not None:
-            on_cancel(stats())

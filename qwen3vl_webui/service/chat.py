@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import gc
 import logging
 import math
@@ -12,24 +11,17 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from qwen3vl_webui import planner
-from qwen3vl_webui.engine import loading, warmup
-from qwen3vl_webui.engine.faults import FaultInjector
-from qwen3vl_webui.engine.generation import (
-    ChatRequest,
-    PreparedPrompt,
-    RequestError,
-    RequestTimedOut,
-    TurnCounts,
-    _MediaCache,
-    build_prompt,
-)
-from qwen3vl_webui.engine.loading import LoadedModel
-from qwen3vl_webui.engine.manager import ModelManager, SwitchRefused, SwitchReport
-from qwen3vl_webui.engine.scheduler import Busy, QueueState, Scheduler
+from qwen3vl_webui.engine.faults import FaultInjector, is_out_of_memory
+from qwen3vl_webui.engine.request import PreparedPrompt, RequestError
+from qwen3vl_webui.heap import HeapTrimmer
 from qwen3vl_webui.media import MediaError
+from qwen3vl_webui.service import warmup
+from qwen3vl_webui.service.admission import Busy, QueueState, Scheduler
+from qwen3vl_webui.service.manager import ModelManager, SwitchRefused, SwitchReport
+from qwen3vl_webui.service.prompt import ChatRequest, MediaCache, RequestTimedOut, TurnCounts, build_prompt
 from qwen3vl_webui.telemetry import (
     GenerationStats,
     GpuProbe,
@@ -39,6 +31,8 @@ from qwen3vl_webui.telemetry import (
     format_bytes,
     read_system,
 )
+from qwen3vl_webui.weights import loading
+from qwen3vl_webui.weights.loading import LoadedModel
 
 if TYPE_CHECKING:
     from qwen3vl_webui.engine.batch import EngineSnapshot
@@ -199,7 +193,8 @@ class ChatService:
         self.warmed = threading.Event()  # cleared while a start-up load + warm-up is pending
         self.warmed.set()
         self._fatal: str | None = None
-        self._media = _MediaCache()
+        self._media = MediaCache()
+        self._heap = HeapTrimmer()  # gives freed host memory back to the OS when no generation runs
         self._counts = TurnCounts()
         self.max_per_client = max_per_client  # 0: no cap
         self._per_client: dict[str, int] = {}
@@ -339,7 +334,7 @@ class ChatService:
                     else:
                         yield text
         except Exception as exc:
-            if not _is_cuda_oom(exc):
+            if not is_out_of_memory(exc):
                 raise
             oom = _first_line(exc)
         finally:
@@ -388,7 +383,7 @@ class ChatService:
             self.counters.generations_finished += int(finished)
             idle = self.counters.active == 0
         if idle:
-            _trim_heap()
+            self._heap.trim()
 
     def _count(self, name: str) -> None:
         with self._lock:
@@ -553,47 +548,6 @@ class ChatService:
     def _engine_snapshot(self) -> EngineSnapshot | None:
         engine = getattr(self.manager.decoder, "engine", None)
         return engine.snapshot() if engine is not None else None
-
-
-_TRIM_EVERY_S = 1.0
-_last_trim = [0.0]
-
-
-def _trim_heap() -> None:
-    """Gives freed host memory back to the OS when no generation runs (glibc only; at most once a second).
-
-    Pixels and activations are allocated and freed in many threads (gradio's workers, generate
-    threads); glibc keeps each thread arena's high-water mark, so without this RSS climbs for
-    minutes under image traffic before it levels off.
-    """
-    now = time.monotonic()
-    if now - _last_trim[0] < _TRIM_EVERY_S:
-        return
-    _last_trim[0] = now
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-@functools.cache
-def _libc() -> Any:
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim  # noqa: B018 - glibc has it; musl and macOS do not
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-def _is_cuda_oom(exc: BaseException) -> bool:
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a hard dependency of the engine
-        return False
-    return isinstance(exc, torch.cuda.OutOfMemoryError)
 
 
 def _first_line(exc: BaseException) -> str:

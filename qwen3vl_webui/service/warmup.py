@@ -14,10 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from qwen3vl_webui.engine.faults import FaultInjector
-from qwen3vl_webui.engine.generation import PreparedPrompt, SamplingParams, stream_generate
-from qwen3vl_webui.engine.loading import LoadedModel
+from qwen3vl_webui.engine.faults import FaultInjector, is_out_of_memory
+from qwen3vl_webui.engine.generate import stream_generate
+from qwen3vl_webui.engine.request import PreparedPrompt, SamplingParams
 from qwen3vl_webui.telemetry import format_bytes
+from qwen3vl_webui.weights.loading import LoadedModel
 
 # The decoder's `stream` (generate per request, or the batch engine): the warm-up must measure the
 # path chats take, since the batch engine's KV cache is allocated up front and generate's grows.
@@ -73,7 +74,7 @@ def run(
             peak = _worst_case(loaded, context, concurrency, image_pixels, faults, stream)
             break
         except Exception as exc:
-            if not _is_oom(exc):
+            if not is_out_of_memory(exc):
                 raise
             del exc
             if release_memory is not None:
@@ -134,7 +135,7 @@ def _generate_all(
     for thread in threads:
         thread.join()
     if errors:
-        oom = [e for e in errors if _is_oom(e)]
+        oom = [e for e in errors if is_out_of_memory(e)]
         raise (oom or errors)[0]
 
 
@@ -188,9 +189,3 @@ def _fill(loaded: LoadedModel, inputs: dict[str, Any], total: int) -> dict[str, 
             block = torch.full((1, missing), pad, dtype=value.dtype)
             out[key] = torch.cat([value[:, :at], block, value[:, at:]], dim=1)
     return out
-
-
-def _is_oom(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.cuda.OutOfMemoryError)

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 OP_NAME = "qwen3vl_webui::decode_attention"
 SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor lengths, float scale) -> Tensor"
+# Registered in transformers' attention and mask interfaces; the text config points at it while an engine compiles.
+PACKED_DECODE_ATTENTION = "qwen3vl_webui_sdpa"
 # Keys per inner step of a program. 64 x head_dim 128 in bf16 is 16 KiB for K and as much for V.
 BLOCK_N = 64
 MAX_SPLITS = 16
@@ -64,7 +67,7 @@ def decode_attention_triton(
     import torch
     import triton
 
-    from qwen3vl_webui.engine import attention_kernels as kernels
+    from qwen3vl_webui.kernels import attention_triton as kernels
 
     rows, heads, _, dim = q.shape
     kv_heads, max_len = k.shape[1], k.shape[2]
@@ -159,3 +162,80 @@ def kernel_blocker(device: Any, dtype: Any, heads: int, kv_heads: int, dim: int)
     except Exception as exc:  # no Triton, no compiler, unsupported GPU: decode attention stays on SDPA
         return f"Triton decode attention unavailable: {type(exc).__name__}: {str(exc)[:200]}"
     return None
+
+
+# ------------------------------------------------------------ routing the text model's attention here
+
+
+def packed_decode_attention(
+    module: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    attention_mask: Any,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[Any, None]:
+    """transformers' SDPA attention, except for one-token queries: the decode kernel, else SDPA GQA-packed.
+
+    With `kv_lengths` ([rows], keys 0..length-1 live; the batch engine passes it) a one-token query runs
+    `attention.decode_attention`, which reads only each row's live keys and ignores `attention_mask`.
+    Without it, one-token queries still run GQA-packed: transformers packs the 4 query heads of each KV head into
+    the query-length axis, so SDPA reads K/V once, but not while dynamo traces (`is_torchdynamo_compiling`):
+    compiled, it materialises `repeat_kv`, 4x the KV bytes per step (at 32 streams x 1k tokens, ~20 GB per step).
+    Everything else is delegated, so prefill and plain `generate` are unchanged.
+    """
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    lengths = kwargs.pop("kv_lengths", None)
+    groups = getattr(module, "num_key_value_groups", 1)
+    plain = query.shape[2] == 1 and not dropout and kwargs.get("position_bias") is None
+    if lengths is not None and plain:
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return decode_attention(query, key, value, lengths, scale).transpose(1, 2), None
+    per_head_mask = attention_mask is not None and attention_mask.shape[1] != 1
+    if not plain or groups == 1 or per_head_mask:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    batch, heads, _, dim = query.shape
+    packed = query.reshape(batch, heads // groups, groups, dim)
+    out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+def use_packed_decode_attention(text_config: Any) -> Callable[[], None]:
+    """Routes the text model's attention through `packed_decode_attention` (if it uses SDPA); returns the undo."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    previous = text_config._attn_implementation
+    if previous != "sdpa":
+        return lambda: None
+    decode_attention_op()  # registered before any trace (dynamo cannot trace a registration)
+    AttentionInterface.register(PACKED_DECODE_ATTENTION, packed_decode_attention)
+    AttentionMaskInterface.register(PACKED_DECODE_ATTENTION, sdpa_mask)  # prefill masks exactly as for "sdpa"
+    text_config._attn_implementation = PACKED_DECODE_ATTENTION
+
+    def restore() -> None:
+        text_config._attn_implementation = previous
+
+    return restore
+
+
+def decode_kernel_blocker(device: str, text_config: Any, dtype: Any) -> str | None:
+    """Why decode steps cannot use the split-KV Triton attention (above) here, or None.
+
+    It needs CUDA, transformers' SDPA as the text model's attention (the engine routes through
+    `packed_decode_attention`), and a kernel that compiles and matches the torch reference on this GPU.
+    """
+    if not str(device).startswith("cuda"):
+        return "not on CUDA"
+    if text_config._attn_implementation not in ("sdpa", PACKED_DECODE_ATTENTION):
+        return f"attention implementation {text_config._attn_implementation!r} is not sdpa"
+    heads, kv_heads = text_config.num_attention_heads, text_config.num_key_value_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    return kernel_blocker(device, dtype, heads, kv_heads, head_dim)

@@ -8,12 +8,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from qwen3vl_webui.engine import loading
 from qwen3vl_webui.engine.decoders import Decoder, make_decoder
-from qwen3vl_webui.engine.loading import LoadedModel, ModelUnavailable
-from qwen3vl_webui.engine.scheduler import Scheduler
+from qwen3vl_webui.service.admission import Scheduler
 from qwen3vl_webui.telemetry import format_bytes
-from qwen3vl_webui.testing import random_weights
+from qwen3vl_webui.weights import loading, random_weights
+from qwen3vl_webui.weights.loading import LoadedModel, ModelUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +100,7 @@ class ModelManager:
             raise
 
     def _load_demo(self, device: str) -> LoadedModel:
-        from qwen3vl_webui.testing.tiny_model import ensure_demo_checkpoint
+        from qwen3vl_webui.weights.tiny_model import ensure_demo_checkpoint
 
         self._progress("Writing the demo model (random weights)…")
         path = ensure_demo_checkpoint(self.demo_dir)

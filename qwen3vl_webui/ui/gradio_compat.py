@@ -1,0 +1,198 @@
+"""Every use of gradio's internals (private attributes, undocumented helpers), in one place, each checked.
+
+gradio 6.31 has no public API for what these do: how many events wait in its queue, which events the ChatInterface
+made, the upload folder, a mounted app's session capacity and upload-path check, the tunnel of `--share`. Each
+function here checks that the internal it uses is still there and raises GradioChanged otherwise, so a gradio
+upgrade fails tests/test_gradio_compat.py loudly instead of quietly returning 0 or setting an attribute nobody
+reads. Where the app must keep serving anyway (a panel figure, the shutdown wait), callers pass a `default`.
+Nothing here imports gradio at module import time.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class GradioChanged(RuntimeError):
+    """A gradio internal this app relies on is gone or different; the message names it."""
+
+    def __init__(self, what: str) -> None:
+        try:
+            import gradio
+
+            version = gradio.__version__
+        except Exception:  # pragma: no cover - gradio is a hard dependency of the UI
+            version = "?"
+        super().__init__(f"gradio {version} changed: {what}; update qwen3vl_webui/ui/gradio_compat.py")
+
+
+def _require(obj: Any, name: str, where: str) -> Any:
+    try:
+        return getattr(obj, name)
+    except AttributeError:
+        raise GradioChanged(f"{where} has no `{name}`") from None
+
+
+def _lenient(read: Callable[[], T], default: T | None) -> T:
+    """`read()`, or `default` (logged once) when it raises GradioChanged and a default was given."""
+    try:
+        return read()
+    except GradioChanged as exc:
+        if default is None:
+            raise
+        _warn_once(str(exc))
+        return default
+
+
+@functools.cache
+def _warn_once(text: str) -> None:
+    log.warning("%s", text)
+
+
+# ------------------------------------------------------------------------------- the queue
+
+
+def queue_length(demo: Any, default: int | None = None) -> int:
+    """Events waiting in gradio's queue (`Blocks._queue`, a `queueing.Queue` with `__len__`)."""
+
+    def read() -> int:
+        queue = _require(demo, "_queue", "Blocks")
+        try:
+            return len(queue)
+        except TypeError:
+            raise GradioChanged("Blocks._queue has no length") from None
+
+    return _lenient(read, default)
+
+
+def queue_busy(demo: Any, default: bool | None = None) -> bool:
+    """Events waiting in, or being processed by, gradio's queue (`_queue` and its `active_jobs`)."""
+
+    def read() -> bool:
+        queue = _require(demo, "_queue", "Blocks")
+        jobs = _require(queue, "active_jobs", "Blocks._queue")
+        return queue_length(demo) > 0 or any(job is not None for job in jobs)
+
+    return _lenient(read, default)
+
+
+def share_concurrency(demo: Any, names: Iterable[str], concurrency_id: str, limit: int) -> int:
+    """Puts every event whose function is named in `names` (or already has `concurrency_id`) into that concurrency
+    group with `limit`; returns how many. gr.ChatInterface names its UI event's function `_submit_fn` (`_stream_fn`
+    when streaming) and its API event's after `fn`; `Blocks.fns` maps ids to `BlockFunction`s."""
+    names = tuple(names)
+    fns = _require(demo, "fns", "Blocks")
+    matched = 0
+    for fn in fns.values():
+        name = _require(fn, "name", "BlockFunction")
+        if getattr(fn, "concurrency_id", None) == concurrency_id or name in names:
+            _require(fn, "concurrency_limit", "BlockFunction")
+            fn.concurrency_id = concurrency_id
+            fn.concurrency_limit = limit
+            matched += 1
+    if not matched:
+        raise GradioChanged(f"no event function is named any of {', '.join(names)}")
+    return matched
+
+
+def set_max_threads(demo: Any, threads: int) -> None:
+    """How many events gradio runs at once (its queue's workers and its thread limiter): `Blocks.max_threads`,
+    which `launch()` takes as an argument and a mounted app reads from the Blocks."""
+    _require(demo, "max_threads", "Blocks")
+    demo.max_threads = threads
+
+
+# ------------------------------------------------------------------------------- mounting
+
+
+def set_session_capacity(demo: Any, sessions: int) -> None:
+    """Sessions whose state gradio keeps (`launch(state_session_capacity=...)`; a mounted app reads the Blocks')."""
+    _require(demo, "state_session_capacity", "Blocks")
+    demo.state_session_capacity = sessions
+
+
+def check_uploaded_paths(demo: Any) -> None:
+    """Turns on gradio's check that a file path in an API call was uploaded (`processing_utils._check_allowed`),
+    which it makes only when `Blocks.has_launched` is set: launch() sets it, mount_gradio_app does not."""
+    _require(demo, "has_launched", "Blocks")
+    demo.has_launched = True
+
+
+def mounted_app(http: Any) -> Any:
+    """The `gradio.routes.App` that `gr.mount_gradio_app` mounted into the FastAPI app `http`."""
+    from gradio.routes import App as GradioApp
+
+    for route in _require(http, "routes", "FastAPI"):
+        if isinstance(getattr(route, "app", None), GradioApp):
+            return route.app
+    raise GradioChanged("mount_gradio_app mounted no gradio.routes.App")
+
+
+def upload_dir(gradio_app: Any) -> str:
+    """Where a mounted gradio app stores uploads (`routes.App.uploaded_file_dir`)."""
+    return str(_require(gradio_app, "uploaded_file_dir", "routes.App"))
+
+
+def upload_folder() -> str:
+    """gradio's upload folder as it is now (GRADIO_TEMP_DIR is read on every call): `utils.get_upload_folder`."""
+    from gradio import utils
+
+    return str(_require(utils, "get_upload_folder", "gradio.utils")())
+
+
+def kept_files(demo: Any) -> set[str]:
+    """Files gradio cached for the page itself (examples, default values): `Block.keep_in_cache`."""
+    kept: set[str] = set()
+    for block in _require(demo, "blocks", "Blocks").values():
+        kept.update(_require(block, "keep_in_cache", type(block).__name__))
+    return kept
+
+
+def end_streams(gradio_app: Any) -> Callable[[], None]:
+    """What ends a mounted app's open queue streams (heartbeats) at shutdown: `routes.App.stop_event.set`."""
+    return _require(_require(gradio_app, "stop_event", "routes.App"), "set", "routes.App.stop_event")
+
+
+def close_blocks(demo: Any) -> None:
+    """Stops gradio's queue. `Blocks.close` reads `server`, which only `launch()` sets."""
+    if not hasattr(demo, "server"):
+        demo.server = None
+    demo.close(verbose=False)
+
+
+def open_share_link(demo: Any, host: str, port: int) -> tuple[str, list[Any]]:
+    """What `launch(share=True)` does: an frp tunnel to `host:port` (needs the internet); returns (URL, tunnels to
+    kill at close). `networking.setup_tunnel(host, port, share_token, server, certificate)`, `tunneling.CURRENT_TUNNELS`.
+    """
+    from gradio import networking, tunneling
+
+    setup = _require(networking, "setup_tunnel", "gradio.networking")
+    url = setup(host, port, _require(demo, "share_token", "Blocks"), None, None)
+    demo.share, demo.share_url = True, url
+    return url, list(_require(tunneling, "CURRENT_TUNNELS", "gradio.tunneling"))
+
+
+# ------------------------------------------------------------------------------- process set-up
+
+
+def skip_absent_matplotlib() -> bool:
+    """Marks matplotlib absent for good when it is not installed; True if it did.
+
+    gradio imports matplotlib around every event it processes, each streamed update included, to switch its
+    plotting backend (`gradio.utils.MatplotlibBackendMananger`). Without matplotlib every attempt searches
+    sys.path again: 10.2% of the server process's py-spy samples with 32 streaming chats (CPU, `--random-weights
+    tiny`), 0.1% after this. `None` in sys.modules makes the import fail at once.
+    """
+    import importlib.util
+    import sys
+
+    if "matplotlib" in sys.modules or importlib.util.find_spec("matplotlib") is not None:
+        return False
+    sys.modules["matplotlib"] = None  # type: ignore[assignment]
+    return True
