@@ -6,10 +6,10 @@ import argparse
 import sys
 from typing import Any
 
+from qwen3vl_webui import precisions
 from qwen3vl_webui.config import (
     ATTENTION,
     DEFAULT_MODEL,
-    PRECISIONS,
     RANDOM_WEIGHTS,
     WARMUP_MODES,
     Settings,
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     add("--model", "model", f"Hugging Face id or local directory of a Qwen3-VL checkpoint (default {DEFAULT_MODEL})")
-    add("--precision", "precision", _rule("precision"), choices=PRECISIONS)
+    add("--precision", "precision", _rule("precision"), choices=precisions.CHOICES)
     add("--device", "device", "auto, cpu, cuda or cuda:N")
     add("--attn", "attn", _rule("attn"), choices=ATTENTION)
     add("--engine", "engine", _rule("engine"), choices=("auto", "generate", "batch"))

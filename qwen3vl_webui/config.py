@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qwen3vl_webui import precisions
+
 DEFAULT_MODEL = "Qwen/Qwen3-VL-4B-Instruct"
-PRECISIONS = ("auto", "bf16", "fp16", "int8", "int8wo", "int4")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 WARMUP_MODES = ("auto", "full", "quick", "off")
 RANDOM_WEIGHTS = ("off", "4b", "tiny")
@@ -24,7 +25,7 @@ class SettingsError(ValueError):
 # name -> (valid range or choices, help). The single table that flags, env vars and checks read.
 _RULES: dict[str, tuple[Any, str]] = {
     "precision": (
-        PRECISIONS,
+        precisions.CHOICES,
         "weights precision; int8 = bitsandbytes LLM.int8, int8wo = int8 weight-only with bf16 compute (fast with the "
         "batch engine); auto picks the best that fits the free VRAM (CPU: fp32)",
     ),
@@ -125,10 +126,12 @@ class Settings:
             raise SettingsError(
                 f"--max-new-tokens must be below --max-context ({self.max_context}), got {self.max_new_tokens}"
             )
-        if self.random_weights != "off" and (self.demo or self.precision not in ("auto", "bf16", "fp16", "int8wo")):
+        in_memory = [p for p in precisions.CHOICES if p == "auto" or p in precisions.IN_MEMORY]
+        if self.random_weights != "off" and (self.demo or self.precision not in in_memory):
             raise SettingsError(
-                f"--random-weights {self.random_weights} builds its weights in memory: it takes --precision auto, "
-                f"bf16, fp16 or int8wo and no --demo; got --precision {self.precision}{' --demo' if self.demo else ''}"
+                f"--random-weights {self.random_weights} builds its weights in memory: it takes --precision "
+                f"{', '.join(in_memory[:-1])} or {in_memory[-1]} and no --demo; got --precision {self.precision}"
+                f"{' --demo' if self.demo else ''}"
             )
         check_networks("trusted_proxies", self.trusted_proxies)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

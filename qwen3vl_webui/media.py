@@ -13,6 +13,10 @@ import tempfile
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+from qwen3vl_webui import media_child
+from qwen3vl_webui.media_child import FRAMES_FILE, MIN_SIDE, RESULT_FILE
+from qwen3vl_webui.vision_rules import rules
+
 if TYPE_CHECKING:
     import numpy
     from PIL import Image
@@ -25,18 +29,6 @@ logger = logging.getLogger(__name__)
 # Only these Pillow decoders ever see user bytes: Pillow can open dozens of formats, some with a
 # history of exploits (and EPS shells out to Ghostscript).
 _PIL_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
-# Qwen's resizer raises on aspect ratios above 200; refuse those with a readable message instead.
-_MAX_ASPECT = 200
-# Qwen3-VL sees 16-px patches merged 2x2, so frame sides are multiples of 32.
-_ALIGN = 32
-_MIN_SIDE = 64
-# When a container declares no duration we must decode sequentially; this caps that work.
-_BLIND_DECODE_CAP = 20_000
-# Without a seek index, decoding forward beats seeking for targets closer than this.
-_SEEK_GAP_S = 5.0
-_DECODER_THREADS = 4
-_RESULT_FILE = "result.json"
-_FRAMES_FILE = "frames.npy"
 
 
 class MediaError(ValueError):
@@ -44,10 +36,6 @@ class MediaError(ValueError):
 
     str() is one plain sentence naming the file (basename only).
     """
-
-
-class _UnusableVideo(Exception):
-    """Raised in the decoder child with a message fit for the user."""
 
 
 @dataclass(frozen=True)
@@ -71,17 +59,17 @@ class MediaBudget:
             raise ValueError(
                 f"MediaBudget.video_max_frames must be >= 2, got {self.video_max_frames}"
             )
-        if self.video_total_pixels < 2 * _MIN_SIDE * _MIN_SIDE:
+        if self.video_total_pixels < 2 * MIN_SIDE * MIN_SIDE:
             raise ValueError(
-                f"MediaBudget.video_total_pixels must be >= {2 * _MIN_SIDE * _MIN_SIDE} "
-                f"(two {_MIN_SIDE}x{_MIN_SIDE} frames), got {self.video_total_pixels}"
+                f"MediaBudget.video_total_pixels must be >= {2 * MIN_SIDE * MIN_SIDE} "
+                f"(two {MIN_SIDE}x{MIN_SIDE} frames), got {self.video_total_pixels}"
             )
 
     @property
     def frame_cap(self) -> int:
         """Most frames one video may yield: even, and small enough that each keeps 64x64 pixels."""
-        fit = self.video_total_pixels // (_MIN_SIDE * _MIN_SIDE)
-        return _even_floor(min(self.video_max_frames, fit))
+        fit = self.video_total_pixels // (MIN_SIDE * MIN_SIDE)
+        return rules().floor_by_factor(min(self.video_max_frames, fit), rules().FRAME_FACTOR)
 
 
 @dataclass(frozen=True)
@@ -150,10 +138,10 @@ def _check_image_size(size: tuple[int, int], budget: MediaBudget, name: str) -> 
             f"{name} is too large ({width}×{height} pixels; the limit is "
             f"{_megapixels(budget.max_image_source_pixels)} MP)."
         )
-    if max(width, height) > _MAX_ASPECT * min(width, height):
-        raise MediaError(
-            f"{name} is too narrow ({width}×{height} pixels; at most 1:{_MAX_ASPECT})."
-        )
+    # Qwen's resizer raises on aspect ratios above its MAX_RATIO (200); refuse those with a readable message instead.
+    ratio = rules().MAX_RATIO
+    if max(width, height) > ratio * min(width, height):
+        raise MediaError(f"{name} is too narrow ({width}×{height} pixels; at most 1:{ratio}).")
 
 
 def _flatten_to_rgb(im: Image.Image) -> Image.Image:
@@ -196,8 +184,8 @@ def load_video(path: str, budget: MediaBudget) -> VideoClip:
 def _run_decoder(path: str, budget: MediaBudget, workdir: str, name: str) -> dict[str, Any]:
     # A fresh interpreter rather than multiprocessing: 'spawn' and 'forkserver' re-import the
     # app's __main__ (gradio + torch, seconds, and torch alone maps ~3 GB of address space, over
-    # RLIMIT_AS), while 'fork' is unsafe in a threaded parent. Loading this file by path keeps the
-    # child to stdlib + numpy + av, whatever the package's __init__ grows to import.
+    # RLIMIT_AS), while 'fork' is unsafe in a threaded parent. Loading media_child.py by path keeps
+    # the child to stdlib + numpy + av, whatever the package's __init__ grows to import.
     job = {
         "path": path,
         "workdir": workdir,
@@ -217,7 +205,7 @@ def _run_decoder(path: str, budget: MediaBudget, workdir: str, name: str) -> dic
     log_path = os.path.join(workdir, "child.log")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-c", bootstrap, os.path.abspath(__file__), json.dumps(job)],
+            [sys.executable, "-c", bootstrap, os.path.abspath(media_child.__file__), json.dumps(job)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=log,
@@ -267,7 +255,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
 def _child_outcome(
     returncode: int, workdir: str, log_path: str, budget: MediaBudget, name: str
 ) -> dict[str, Any]:
-    result_path = os.path.join(workdir, _RESULT_FILE)
+    result_path = os.path.join(workdir, RESULT_FILE)
     with open(log_path, "rb") as f:
         log_tail = f.read()[-2000:].decode("utf-8", "replace").strip()
     if returncode == 0 and os.path.exists(result_path):
@@ -291,7 +279,7 @@ def _child_outcome(
 def _read_clip(workdir: str, result: dict[str, Any], budget: MediaBudget, name: str) -> VideoClip:
     import numpy as np
 
-    frames = np.load(os.path.join(workdir, _FRAMES_FILE), allow_pickle=False)
+    frames = np.load(os.path.join(workdir, FRAMES_FILE), allow_pickle=False)
     t = frames.shape[0] if frames.ndim == 4 else 0
     ok = (
         frames.dtype == np.uint8
@@ -304,231 +292,6 @@ def _read_clip(workdir: str, result: dict[str, Any], budget: MediaBudget, name: 
     if not ok:  # never hand the model something the budget did not allow
         raise MediaError(f"{name} could not be decoded: the decoder returned malformed frames.")
     return VideoClip(frames=frames, metadata=result["metadata"], sample_fps=result["sample_fps"])
-
-
-# ------------------------------------------------------ decoder child (a fresh interpreter)
-
-
-def _child_main(job_json: str) -> None:
-    """Entry point of the decoder process: decode, then write frames.npy and result.json."""
-    job = json.loads(job_json)
-    _limit_resources(job["memory_bytes"], job["total_pixels"])
-    try:
-        result = _decode_video(job)
-    except Exception as exc:  # one plain sentence for the user; the parent logs the rest
-        result = {"error": _plain_error(exc)}
-        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
-    with open(os.path.join(job["workdir"], _RESULT_FILE), "w", encoding="utf-8") as f:
-        json.dump(result, f)
-
-
-def _limit_resources(memory_bytes: int, total_pixels: int) -> None:
-    import resource
-
-    try:
-        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-    except (ValueError, OSError) as exc:  # e.g. macOS: decode anyway, under the time limit only
-        print(f"RLIMIT_AS not applied: {exc}", file=sys.stderr)
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crashing decoder must not dump GBs
-    file_cap = total_pixels * 3 + 64 * 1024**2  # frames.npy, result and log only
-    resource.setrlimit(resource.RLIMIT_FSIZE, (file_cap, file_cap))
-
-
-def _plain_error(exc: Exception) -> str:
-    # Never import av here: this also reports av failing to import under RLIMIT_AS.
-    text = str(exc)
-    if isinstance(exc, MemoryError) or "map segment" in text or "allocate memory" in text:
-        return "out of memory"
-    if isinstance(exc, _UnusableVideo):
-        return text
-    if type(exc).__module__.startswith("av."):  # FFmpegError; its str() holds the server path
-        if getattr(exc, "errno", None) in (11, 12):  # EAGAIN (no thread), ENOMEM: RLIMIT_AS hit
-            return "out of memory"
-        if type(exc).__name__ == "InvalidDataError":
-            return "the file is damaged or not a supported video"
-        return (getattr(exc, "strerror", None) or "the decoder reported an error").lower()
-    return f"the decoder failed ({type(exc).__name__})"
-
-
-def _decode_video(job: dict[str, Any]) -> dict[str, Any]:
-    import numpy as np
-
-    with _open(job["path"]) as container:
-        stream = _video_stream(container)
-        probe = _probe(container, stream)
-        picked = _decode_planned(container, stream, probe, job) if probe else []
-    if not picked:
-        # No usable duration, or nothing at the planned times: decode from the start instead.
-        with _open(job["path"]) as container:
-            picked, probe = _decode_blind(container, _video_stream(container), job)
-    if not picked:
-        raise _UnusableVideo("it contains no decodable video frames")
-    picked = picked[:-1] if len(picked) % 2 and len(picked) > 1 else picked
-    picked = picked * 2 if len(picked) == 1 else picked  # a one-frame video still needs T >= 2
-    fps, start, duration, total = probe
-    indices = [min(total - 1, max(0, round((t - start) * fps))) for t, _ in picked]
-    indices = [max(indices[: i + 1]) for i in range(len(indices))]  # monotone despite VFR jitter
-    np.save(os.path.join(job["workdir"], _FRAMES_FILE), np.stack([a for _, a in picked]))
-    metadata = {
-        "fps": fps,
-        "total_num_frames": total,
-        "frames_indices": indices,
-        "duration": duration,
-    }
-    return {"metadata": metadata, "sample_fps": len(picked) / duration}
-
-
-def _open(path: str) -> Any:
-    import av
-
-    # Only the MP4/MOV and Matroska/WebM demuxers may parse user bytes, and only local files may
-    # be opened: FFmpeg otherwise probes ~300 formats, some of which follow playlists and URLs.
-    options = {"format_whitelist": "mov,mp4,matroska,webm", "protocol_whitelist": "file"}
-    try:
-        return av.open(path, mode="r", container_options=options)
-    except av.error.FFmpegError:
-        raise _UnusableVideo("it is not a readable MP4, MOV, WebM or MKV video") from None
-
-
-def _video_stream(container: Any) -> Any:
-    if not container.streams.video:
-        raise _UnusableVideo("it has no video track")
-    stream = container.streams.video[0]
-    stream.codec_context.thread_type = "AUTO"
-    # FFmpeg's default is one thread per core; each costs stack and heap under RLIMIT_AS.
-    stream.codec_context.thread_count = min(_DECODER_THREADS, os.cpu_count() or 1)
-    return stream
-
-
-def _source_fps(stream: Any) -> float:
-    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-    return float(rate) if rate and 0 < rate < 1000 else 0.0
-
-
-def _probe(container: Any, stream: Any) -> tuple[float, float, float, int] | None:
-    """(fps, start s, duration s, total frames) from headers, or None when they are unusable."""
-    import av
-
-    fps = _source_fps(stream)
-    tb = stream.time_base
-    start = float(stream.start_time * tb) if stream.start_time is not None and tb else 0.0
-    if stream.duration and tb:
-        duration = float(stream.duration * tb)
-    elif container.duration:
-        duration = container.duration / av.time_base
-    else:
-        duration = 0.0
-    if not (fps and 0 < duration < 1e7):
-        return None
-    total = stream.frames if stream.frames > 0 else max(1, round(duration * fps))
-    return fps, start, duration, total
-
-
-def _decode_planned(container: Any, stream: Any, probe: tuple, job: dict[str, Any]) -> list:
-    """Seek to evenly spread timestamps: cost grows with sampled frames, not with duration."""
-    import numpy as np
-
-    fps, start, duration, total = probe
-    n = min(job["frame_cap"], _even_floor(round(duration * job["fps"])), max(2, _even_floor(total)))
-    n = max(2, n)
-    targets = [start + i / fps for i in np.linspace(0, total - 1, n).round()]
-    tolerance = 0.5 / fps
-    size = None
-    picked: list[tuple[float, Any]] = []
-    frames = container.decode(stream)
-    last = None  # (time, frame) most recently decoded
-    for target in targets:
-        if last is None or last[0] < target - tolerance:
-            if _worth_seeking(stream, target, last[0] if last else start):
-                frames = _seek(container, stream, target) or frames
-            last = _next_frame_at(frames, target - tolerance)
-            if last is None:
-                break  # the stream ends before its declared duration (truncated file)
-        size = size or _frame_size(last[1], n, job)
-        picked.append((last[0], _to_rgb_array(last[1], size)))
-    return picked
-
-
-def _worth_seeking(stream: Any, target: float, position: float) -> bool:
-    """Seek only when a keyframe lies between the decoder's position and the target."""
-    tb = stream.time_base
-    entries = stream.index_entries
-    if not tb or len(entries) == 0:
-        return target - position > _SEEK_GAP_S
-    i = entries.search_timestamp(int(target / tb), backward=True)
-    return i >= 0 and entries[i].timestamp * tb > position
-
-
-def _seek(container: Any, stream: Any, target: float) -> Any:
-    import av
-
-    try:
-        container.seek(int(target / stream.time_base), stream=stream, backward=True)
-    except av.error.FFmpegError:
-        return None  # unseekable: keep decoding forward
-    return container.decode(stream)
-
-
-def _next_frame_at(frames: Any, earliest: float) -> tuple[float, Any] | None:
-    for frame in frames:
-        if frame.time is not None and frame.time >= earliest:
-            return frame.time, frame
-    return None
-
-
-def _decode_blind(container: Any, stream: Any, job: dict[str, Any]) -> tuple[list, tuple]:
-    """Decode from the start, keeping frames at the target rate and halving it when over budget."""
-    import numpy as np
-
-    step = 1.0 / job["fps"]
-    cap, size = job["frame_cap"], None
-    kept: list[tuple[float, Any]] = []
-    first = last = None
-    decoded = 0
-    for frame in container.decode(stream):
-        decoded += 1
-        t = frame.time if frame.time is not None else decoded * step
-        first = t if first is None else first
-        last = t
-        if not kept or t >= kept[-1][0] + step:
-            size = size or _frame_size(frame, cap, job)
-            kept.append((t, _to_rgb_array(frame, size)))
-            if len(kept) > 2 * cap:  # keep memory bounded: thin out and sample half as often
-                kept, step = kept[::2], step * 2
-        if decoded >= _BLIND_DECODE_CAP:
-            break
-    if not kept:
-        return [], ()
-    span = max(last - first, 0.0)
-    fps = _source_fps(stream) or ((decoded - 1) / span if decoded > 1 and span > 0 else job["fps"])
-    duration = span + 1.0 / fps
-    n = max(1, min(cap, _even_floor(len(kept))))
-    chosen = [kept[int(i)] for i in np.linspace(0, len(kept) - 1, n).round()]
-    return chosen, (fps, first, duration, decoded)
-
-
-def _frame_size(frame: Any, n: int, job: dict[str, Any]) -> tuple[int, int, int]:
-    """(width, height, quarter turns) for one frame so that n frames fit in the pixel budget."""
-    turns = round((frame.rotation or 0) / 90) % 4  # phone videos carry a display rotation
-    width, height = (frame.height, frame.width) if turns % 2 else (frame.width, frame.height)
-    # A short clip's few frames could each be huge; no frame gets more pixels than an image.
-    per_frame = min(job["total_pixels"] // n, job["frame_pixels"])
-    scale = min(1.0, math.sqrt(per_frame / (width * height)))
-    w = max(_MIN_SIDE, int(width * scale) // _ALIGN * _ALIGN)
-    h = max(_MIN_SIDE, int(height * scale) // _ALIGN * _ALIGN)
-    # Extreme aspect ratios: the 64-px floor on one side must not push the frame over budget.
-    w = min(w, max(_MIN_SIDE, per_frame // h // _ALIGN * _ALIGN))
-    h = min(h, max(_MIN_SIDE, per_frame // w // _ALIGN * _ALIGN))
-    return w, h, turns
-
-
-def _to_rgb_array(frame: Any, size: tuple[int, int, int]) -> Any:
-    import numpy as np
-
-    w, h, turns = size
-    stored_w, stored_h = (h, w) if turns % 2 else (w, h)
-    rgb = frame.to_ndarray(width=stored_w, height=stored_h, format="rgb24", interpolation="AREA")
-    return np.ascontiguousarray(np.rot90(rgb, k=turns)) if turns else rgb
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -545,10 +308,6 @@ def _check_file(path: str) -> str:
 
 def _name(path: str) -> str:
     return os.path.basename(str(path)) or "the file"
-
-
-def _even_floor(n: int) -> int:
-    return int(n) - int(n) % 2
 
 
 def _megapixels(pixels: int) -> str:

@@ -1,4 +1,4 @@
-"""Memory and token arithmetic for Qwen3-VL: weights by precision, KV cache, visual tokens."""
+"""Memory and token arithmetic for Qwen3-VL: weights by precision, KV cache per token, visual tokens."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from qwen3vl_webui.telemetry import format_bytes
-
-PRECISIONS = ("bf16", "fp16", "fp32", "int8", "int8wo", "int4")
+from qwen3vl_webui.precisions import LOADED
+from qwen3vl_webui.vision_rules import rules
 
 GIB = 1024**3
 
@@ -27,13 +26,6 @@ GIB = 1024**3
 _NF4_BYTES = 0.5
 _NF4_ABSMAX_BYTES = 4 / 64
 _NF4_ABSMAX_BYTES_DQ = 1 / 64 + 4 / (64 * 256)
-
-# Prefill transient above weights + KV cache, per prompt token. FACTS.md ("Video prompts
-# with plain generate", H100, bf16, sdpa, 8..128 frames of 720p): peak memory grew about
-# 0.25 GiB per 1,000 prompt tokens above the weights, of which the bf16 KV cache is 0.14
-# (147,456 B/token); the rest, about 0.11 GiB per 1,000 tokens, is taken as activations.
-# Measured on video prompts, so it includes the vision tower's transients.
-_ACTIVATION_BYTES_PER_TOKEN_16BIT = 0.11 * GIB / 1000
 
 # Qwen3-VL-4B-Instruct's preprocessor_config.json / video_preprocessor_config.json.
 IMAGE_MIN_PIXELS = 65536
@@ -171,8 +163,8 @@ def kv_bytes_per_token(shape: ModelShape, dtype_bytes: int = 2) -> int:
 
 
 def _check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if precision not in LOADED:
+        raise ValueError(f"precision must be one of {', '.join(LOADED)}; got {precision!r}")
 
 
 def weight_bytes(shape: ModelShape, precision: str, *, double_quant: bool = True) -> int:
@@ -194,34 +186,6 @@ def weight_bytes(shape: ModelShape, precision: str, *, double_quant: bool = True
     return math.ceil(q * (_NF4_BYTES + absmax)) + 2 * other
 
 
-def _smart_resize(
-    height: int, width: int, factor: int, min_pixels: int, max_pixels: int, frames: int = 1,
-    temporal: int = 1,
-) -> tuple[int, int]:  # fmt: skip
-    """transformers' Qwen smart_resize (image and Qwen3-VL video variants), mirrored.
-
-    Image: qwen2_vl/image_processing_qwen2_vl.py:smart_resize (frames=1, temporal budget 1).
-    Video: qwen3_vl/video_processing_qwen3_vl.py:smart_resize, whose pixel budget covers all
-    frames (rounded to the temporal patch) and which first scales up sides below `factor`.
-    Note `round` is Python's half-to-even, as there: 720 / 32 = 22.5 rounds to 22 (704 px).
-    """
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {width}x{height}")
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    # The budget test uses the frame count rounded to the temporal patch, beta the raw count.
-    t_bar = round(frames / temporal) * temporal
-    if t_bar * h_bar * w_bar > max_pixels:
-        beta = math.sqrt(height * width * frames / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif t_bar * h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width * frames))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
-
-
 def image_tokens(
     width: int,
     height: int,
@@ -230,11 +194,15 @@ def image_tokens(
     *,
     min_pixels: int = IMAGE_MIN_PIXELS,
 ) -> int:
-    """Visual tokens of one image after the processor's resize (placeholders excluded)."""
+    """Visual tokens of one image after the processor's resize (placeholders excluded).
+
+    The processor's resize is qwen-vl-utils' `smart_resize` (transformers' Qwen2-VL image processor has the same rule):
+    sides rounded to the merged patch (32 px), then scaled into [min_pixels, max_pixels] keeping the aspect ratio.
+    """
     if width < 1 or height < 1:
         raise ValueError(f"image size must be positive, got {width}x{height}")
     factor = shape.patch_size * shape.spatial_merge
-    h, w = _smart_resize(height, width, factor, min_pixels, max_pixels)
+    h, w = rules().smart_resize(height, width, factor, min_pixels, max_pixels)
     return (h // factor) * (w // factor)
 
 
@@ -256,65 +224,38 @@ def video_tokens(
         raise ValueError(f"need frames >= 1 and a positive size, got {frames} x {width}x{height}")
     factor = shape.patch_size * shape.spatial_merge
     t = shape.temporal_patch
-    if height < factor or width < factor:
-        scale = max(factor / height, factor / width)
-        height, width = int(height * scale), int(width * scale)
     # transformers refuses clips shorter than one temporal patch; the model would see the
     # frame repeated to fill it, so count such a clip as a full patch.
     frames = max(frames, t)
     groups = -(-frames // t)  # the processor pads the clip to whole temporal patches
-    h, w = _smart_resize(height, width, factor, min_pixels, max_pixels, frames=frames, temporal=t)
+    h, w = _clip_resize(frames, height, width, factor, t, min_pixels, max_pixels)
     return groups * (h // factor) * (w // factor)
 
 
-@dataclass(frozen=True)
-class MemoryPlan:
-    """Estimated GPU memory of a model plus its KV cache and prefill transient, in bytes."""
+def _clip_resize(
+    frames: int, height: int, width: int, factor: int, temporal: int, min_pixels: int, max_pixels: int
+) -> tuple[int, int]:
+    """The frame size transformers' Qwen3-VL video processor gives a clip (qwen3_vl/video_processing_qwen3_vl.py
+    `smart_resize`), with qwen-vl-utils' rounding helpers.
 
-    weights: int
-    kv_cache: int
-    activations: int
-    total: int
-    context_tokens: int = 0
-    concurrency: int = 1
-
-    def describe(self) -> str:
-        seqs = "seq" if self.concurrency == 1 else "seqs"
-        return (
-            f"weights {format_bytes(self.weights)} + KV {format_bytes(self.kv_cache)} "
-            f"({self.context_tokens:,} tok × {self.concurrency} {seqs}) "
-            f"+ act ≈{format_bytes(self.activations)} = {format_bytes(self.total)}"
-        )
-
-
-def plan_memory(
-    shape: ModelShape, precision: str, context_tokens: int, concurrency: int = 1
-) -> MemoryPlan:
-    """Peak memory for `concurrency` sequences of `context_tokens` each.
-
-    Activations assume the worst case: every sequence's whole context is prefilled in one
-    batch. fp32 doubles KV and activations; bnb int8/int4 compute in 16-bit.
+    Not qwen-vl-utils' own `smart_resize`: this processor's pixel budget covers the whole clip (the frame count
+    rounded to the temporal patch decides whether it is exceeded, the raw count how far to scale), where qwen-vl-utils
+    budgets each frame inside `fetch_video`, which reads the file itself. Sides below `factor` are scaled up first.
+    Note `round` is Python's half-to-even, as there: 720 / 32 = 22.5 rounds to 22 (704 px).
     """
-    _check_precision(precision)
-    if context_tokens < 0:
-        raise ValueError(f"context_tokens must be >= 0, got {context_tokens}")
-    if concurrency < 1:
-        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-    scale = 2 if precision == "fp32" else 1
-    tokens = context_tokens * concurrency
-    weights = weight_bytes(shape, precision)
-    kv = kv_bytes_per_token(shape, dtype_bytes=2 * scale) * tokens
-    activations = math.ceil(_ACTIVATION_BYTES_PER_TOKEN_16BIT * scale * tokens)
-    return MemoryPlan(
-        weights=weights,
-        kv_cache=kv,
-        activations=activations,
-        total=weights + kv + activations,
-        context_tokens=context_tokens,
-        concurrency=concurrency,
-    )
-
-
-def fits(plan: MemoryPlan, free_bytes: int, margin: float = 0.9) -> bool:
-    """Whether the plan fits in `margin` of the free memory (the rest absorbs fragmentation)."""
-    return plan.total <= free_bytes * margin
+    r = rules()
+    if height < factor or width < factor:
+        scale = max(factor / height, factor / width)
+        height, width = int(height * scale), int(width * scale)
+    if max(height, width) / min(height, width) > r.MAX_RATIO:
+        raise ValueError(f"absolute aspect ratio must be smaller than {r.MAX_RATIO}, got {width}x{height}")
+    h_bar, w_bar = r.round_by_factor(height, factor), r.round_by_factor(width, factor)
+    t_bar = r.round_by_factor(frames, temporal)
+    if t_bar * h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width * frames / max_pixels)
+        h_bar = max(factor, r.floor_by_factor(height / beta, factor))
+        w_bar = max(factor, r.floor_by_factor(width / beta, factor))
+    elif t_bar * h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width * frames))
+        h_bar, w_bar = r.ceil_by_factor(height * beta, factor), r.ceil_by_factor(width * beta, factor)
+    return h_bar, w_bar

@@ -182,8 +182,11 @@ def test_int8wo_is_offered_everywhere_a_precision_is_chosen() -> None:
     assert planner.weight_bytes(one, "int8wo") == q.numel() * q.element_size() + scale.numel() * scale.element_size()
     assert should_compile(None, "cuda", "int8wo") and not should_compile(None, "cpu", "int8wo")
     assert compute_dtype("int8wo", "cuda") == torch.bfloat16 and compute_dtype("int8wo", "cpu") == torch.float32
-    layout = (ROOT / "qwen3vl_webui" / "ui" / "layout.py").read_text()  # ui/ imports gradio; its table is plain text
-    assert '("INT8 weight-only (fast, bf16 compute)", "int8wo")' in layout
+    from qwen3vl_webui import precisions
+
+    assert ("INT8 weight-only (fast, bf16 compute)", "int8wo") in precisions.MENU  # the operator's reload menu
+    layout = (ROOT / "qwen3vl_webui" / "ui" / "layout.py").read_text()  # ui/ imports gradio; read it as text
+    assert "gr.Dropdown(list(precisions.MENU)" in layout
 
 
 _INTERPRETED = textwrap.dedent(

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from qwen3vl_webui import precisions
 from qwen3vl_webui.engine.decoders import Decoder, make_decoder
 from qwen3vl_webui.service.admission import Scheduler
 from qwen3vl_webui.telemetry import format_bytes
@@ -167,9 +168,9 @@ class ModelManager:
         if precision == old.precision:
             used = _used_vram(old.device)
             return SwitchReport(old.precision, precision, used, used, 0.0)
-        if random_weights.is_random_source(old.source) and precision not in random_weights.PRECISIONS:
+        if random_weights.is_random_source(old.source) and precision not in precisions.IN_MEMORY:
             raise SwitchRefused(f"--random-weights does not build {precision}; kept {old.precision}.")
-        if precision in ("int4", "int8"):
+        if precisions.needs_bitsandbytes(precision):
             try:
                 import bitsandbytes  # noqa: F401
             except ImportError as exc:

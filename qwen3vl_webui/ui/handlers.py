@@ -14,7 +14,8 @@ from typing import Any
 
 import gradio as gr
 
-from qwen3vl_webui.config import PRECISIONS, Settings
+from qwen3vl_webui import precisions
+from qwen3vl_webui.config import Settings
 from qwen3vl_webui.conversation import (
     ERROR_PREFIX,
     WAIT_PREFIX,
@@ -255,8 +256,8 @@ class Handlers:
         """Reloads the model in `precision`: the operator's action alone, at most once per SWITCH_INTERVAL_S."""
         if not self.is_operator(request):
             return f"Not switched: {OPERATOR_ONLY}"
-        if precision not in PRECISIONS:
-            return f"Not switched: unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}."
+        if precision not in precisions.CHOICES:
+            return f"Not switched: unknown precision {precision!r}; choose one of {', '.join(precisions.CHOICES)}."
         try:
             report = self.service.switch_precision(
                 precision, self.settings.warmup, int(IMAGE_MP_MAX * MEGA), min_interval_s=SWITCH_INTERVAL_S

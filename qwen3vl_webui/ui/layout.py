@@ -7,6 +7,7 @@ from typing import Any
 
 import gradio as gr
 
+from qwen3vl_webui import precisions
 from qwen3vl_webui.config import Settings
 from qwen3vl_webui.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from qwen3vl_webui.ui import gradio_compat
@@ -15,13 +16,6 @@ from qwen3vl_webui.zerogpu import gpu_function
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 GPU_CONCURRENCY_ID = "gpu"
-PRECISION_CHOICES = [
-    ("INT4 (nf4)", "int4"),
-    ("INT8 (LLM.int8)", "int8"),
-    ("INT8 weight-only (fast, bf16 compute)", "int8wo"),
-    ("BF16", "bf16"),
-    ("FP16", "fp16"),
-]
 
 
 def build_demo(handlers: Handlers, settings: Settings) -> gr.Blocks:
@@ -123,7 +117,7 @@ def _sampling_controls() -> tuple[list[Any], gr.Textbox]:
 def _operator_controls(handlers: Handlers) -> gr.Accordion:
     """Server-wide actions: hidden unless the page load finds the operator, and refused to anyone else."""
     with gr.Accordion("Precision & memory (operator)", open=False, visible=False, elem_id="operator") as box:
-        choice = gr.Dropdown(PRECISION_CHOICES, value="int4", label="Reload the model in", elem_id="precision")
+        choice = gr.Dropdown(list(precisions.MENU), value="int4", label="Reload the model in", elem_id="precision")
         apply = gr.Button("Switch precision", elem_id="switch-precision")
         result = gr.Markdown("")
         release = gr.Button("Release cached GPU memory", elem_id="release-memory", size="sm")

@@ -11,19 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qwen3vl_webui import precisions
+
 log = logging.getLogger(__name__)
 
 # Modules kept in 16-bit when quantizing. transformers replaces its defaults with this list, and
 # "visual" alone would still match nothing under model.visual's Linear names; see FACTS.md.
 SKIP_QUANTIZATION = ["model.visual", "lm_head"]
-PRECISION_LABELS = {
-    "int4": "INT4 (bitsandbytes nf4, bf16 compute)",
-    "int8": "INT8 (bitsandbytes LLM.int8, fp16 compute)",
-    "int8wo": "INT8 weight-only (per-channel int8 weights, bf16 compute)",
-    "bf16": "BF16",
-    "fp16": "FP16",
-    "fp32": "FP32 (CPU)",
-}
 
 
 class ModelUnavailable(RuntimeError):
@@ -49,7 +43,7 @@ class LoadedModel:
     def label(self) -> str:
         if self.precision == "int8wo" and not str(self.device).startswith("cuda"):
             return "INT8 weight-only (per-channel int8 weights, fp32 compute on CPU)"
-        return PRECISION_LABELS.get(self.precision, self.precision)
+        return precisions.label(self.precision)
 
 
 def resolve_device(requested: str) -> str:
@@ -80,7 +74,7 @@ def compute_dtype(precision: str, device: str) -> Any:
 
 def quantization_config(precision: str, device: str) -> Any | None:
     """The BitsAndBytesConfig for int4/int8, None for 16/32-bit and int8wo (quantized by kernels/int8.py)."""
-    if precision not in ("int4", "int8"):
+    if not precisions.needs_bitsandbytes(precision):
         return None
     from transformers import BitsAndBytesConfig
 
@@ -166,10 +160,10 @@ def load_model(
         # Without the package transformers tries to fetch a kernel from the Hub, which hangs offline.
         raise LoadRefused("--attn flash_attention_2 needs the flash-attn package; install it or use sdpa.")
     path = locate_checkpoint(source, progress)
-    if precision in ("int4", "int8"):
+    if precisions.needs_bitsandbytes(precision):
         import bitsandbytes  # noqa: F401  (fail here with a clear ImportError, not deep inside transformers)
     if progress:
-        progress(f"Loading {source} in {PRECISION_LABELS.get(precision, precision)} on {device}…")
+        progress(f"Loading {source} in {precisions.label(precision)} on {device}…")
     started = time.perf_counter()
     processor = AutoProcessor.from_pretrained(path)
     quant = quantization_config(precision, device)

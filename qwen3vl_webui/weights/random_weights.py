@@ -18,12 +18,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from qwen3vl_webui import precisions
+
 if TYPE_CHECKING:
     from qwen3vl_webui.weights.loading import LoadedModel
 
 PREFIX = "random-weights:"
-# What can be built in memory (bitsandbytes' int4/int8 quantize while loading a checkpoint, so they are not here).
-PRECISIONS = ("bf16", "fp16", "fp32", "int8wo")
 # Far below any logit the random weights give (|logit| ~ a few), finite so penalties and softmax stay NaN-free.
 _MASK = -1.0e4
 NOTICE = (
@@ -93,13 +93,13 @@ def load_random(
     source: str, precision: str, device: str, attn: str = "sdpa", progress: Callable[[str], None] | None = None
 ) -> LoadedModel:
     """The loader's path for a `random-weights:PRESET` source: a LoadedModel like `load_model`'s."""
-    from qwen3vl_webui.weights.loading import PRECISION_LABELS, LoadRefused, compute_dtype, loaded
+    from qwen3vl_webui.weights.loading import LoadRefused, compute_dtype, loaded
 
-    if precision not in PRECISIONS:
-        raise LoadRefused(f"--random-weights offers {', '.join(PRECISIONS)} (built in memory), not {precision}.")
+    if precision not in precisions.IN_MEMORY:
+        raise LoadRefused(f"--random-weights offers {', '.join(precisions.IN_MEMORY)} (built in memory), not {precision}.")
     preset = source.removeprefix(PREFIX)
     if progress:
-        progress(f"Building RANDOM weights of the {preset} architecture in {PRECISION_LABELS[precision]} on {device}…")
+        progress(f"Building RANDOM weights of the {preset} architecture in {precisions.label(precision)} on {device}…")
     started = time.perf_counter()
     model, processor = build(preset, compute_dtype(precision, device), device, attn)
     if precision == "int8wo":

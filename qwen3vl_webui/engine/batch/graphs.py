@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from qwen3vl_webui import precisions
 from qwen3vl_webui.engine.batch import compiled, prefill
 from qwen3vl_webui.engine.batch.kv import SlotKV
 from qwen3vl_webui.engine.batch.options import LEN_ALIGN, BatchOptions
@@ -100,7 +101,7 @@ class DecodeGraphs:
         if self.compile:
             compiled.use_cache_dir(self.options.compile_cache_dir)
             # bitsandbytes layers break the graph (tensor-subclass weights); the pieces between them still fuse.
-            fullgraph = self.loaded.precision not in ("int4", "int8")
+            fullgraph = not precisions.needs_bitsandbytes(self.loaded.precision)
             forward = compiled.compile_decode(
                 self.runner.forward, len(self.buckets), fullgraph=fullgraph, dynamic_batch=self.options.dynamic_batch
             )
