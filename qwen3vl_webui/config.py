@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qwen3vl_webui import precisions
+from qwen3vl_webui import precisions, ranges
 
 DEFAULT_MODEL = "Qwen/Qwen3-VL-4B-Instruct"
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
@@ -22,6 +22,12 @@ class SettingsError(ValueError):
     """A setting outside its valid range; the message names the setting, the value and the range."""
 
 
+def _request_range(name: str) -> tuple[int, int]:
+    """A flag that caps a per-request value takes that value's whole range (ranges.REQUEST)."""
+    r = ranges.REQUEST[name]
+    return int(r.lo), int(r.hi)
+
+
 # name -> (valid range or choices, help). The single table that flags, env vars and checks read.
 _RULES: dict[str, tuple[Any, str]] = {
     "precision": (
@@ -32,8 +38,8 @@ _RULES: dict[str, tuple[Any, str]] = {
     "attn": (ATTENTION, "attention kernel (flash_attention_2 needs the flash-attn package)"),
     "max_concurrency": ((1, 64), "generations running on the GPU at once"),
     "queue_size": ((0, 1024), "requests allowed to wait before new ones are refused as busy"),
-    "max_context": ((256, 262144), "prompt + answer tokens per request (bounds KV-cache memory)"),
-    "max_new_tokens": ((1, 32768), "upper bound of the answer-length slider"),
+    "max_context": (_request_range("max_context"), "prompt + answer tokens per request (bounds KV-cache memory)"),
+    "max_new_tokens": (_request_range("max_new_tokens"), "upper bound of the answer-length slider"),
     "port": ((1, 65535), "HTTP port"),
     "max_files_per_turn": ((1, 64), "images + videos allowed in one message"),
     "max_file_mb": ((1, 10240), "largest upload accepted, in MB"),

@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from qwen3vl_webui import ranges
 from qwen3vl_webui.config import Settings
 
 log = logging.getLogger("qwen3vl_webui")
@@ -72,7 +73,7 @@ def build_app(settings: Settings, load: bool = True) -> App:
     from qwen3vl_webui.service.chat import ChatService, Limits
     from qwen3vl_webui.service.manager import ModelManager
     from qwen3vl_webui.telemetry import GenerationStats, GpuProbe
-    from qwen3vl_webui.ui.handlers import IMAGE_MP_MAX, MEGA, Handlers
+    from qwen3vl_webui.ui.handlers import Handlers
     from qwen3vl_webui.ui.layout import ASSETS, build_demo
     from qwen3vl_webui.weights import random_weights
     from qwen3vl_webui.zerogpu import on_zero_gpu
@@ -96,7 +97,7 @@ def build_app(settings: Settings, load: bool = True) -> App:
         # In the background: the page (with its status line) is up while weights download, load and
         # warm up. On ZeroGPU there is no GPU outside a request, so no warm-up there.
         warmup = "off" if on_zero_gpu() else settings.warmup
-        service.start_in_background(settings.demo, warmup, int(IMAGE_MP_MAX * MEGA))
+        service.start_in_background(settings.demo, warmup, ranges.largest_image_pixels())
     return App(demo=demo, service=service, settings=settings)
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
+
+from qwen3vl_webui import ranges
 
 # Stop strings per request: a few short ones, so checking them costs next to nothing per token.
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 100
+_DEFAULT = ranges.REQUEST
 
 
 class RequestError(ValueError):
@@ -17,25 +19,24 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_new_tokens: int = 512
-    temperature: float = 0.7
-    top_p: float = 0.8
-    top_k: int = 20
-    repetition_penalty: float = 1.05
-    seed: int | None = None
+    """How one answer is sampled; every value within its range in ranges.REQUEST (RequestError otherwise)."""
+
+    max_new_tokens: int = int(_DEFAULT["max_new_tokens"].default)
+    temperature: float = _DEFAULT["temperature"].default
+    top_p: float = _DEFAULT["top_p"].default
+    top_k: int = int(_DEFAULT["top_k"].default)
+    repetition_penalty: float = _DEFAULT["repetition_penalty"].default
+    seed: int | None = None  # None: random
     # The answer ends at the token that completes any of these; the returned text stops before it.
     stop: tuple[str, ...] = ()
     # Generate max_new_tokens whatever the model says (benchmarks and load tests; vLLM's `ignore_eos`).
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        _check_range("temperature", self.temperature, 0.0, 2.0)
-        _check_range("top_p", self.top_p, 0.01, 1.0)
-        _check_range("top_k", self.top_k, 0, 1000)
-        _check_range("repetition_penalty", self.repetition_penalty, 0.5, 2.0)
-        _check_range("max_new_tokens", self.max_new_tokens, 1, 262144)
+        for name in ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens"):
+            ranges.check(name, getattr(self, name), error=RequestError)
         if self.seed is not None:
-            _check_range("seed", self.seed, 0, 2**32 - 1)
+            ranges.check("seed", self.seed, error=RequestError)
         object.__setattr__(self, "stop", _check_stop(self.stop))
 
 
@@ -53,10 +54,6 @@ def _check_stop(stop: Any) -> tuple[str, ...]:
             raise RequestError(f"A stop string may be at most {MAX_STOP_CHARS} characters long, got {len(item)}.")
     return tuple(stop)
 
-
-def _check_range(name: str, value: float, lo: float, hi: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not lo <= value <= hi:
-        raise RequestError(f"{name} must be between {lo} and {hi}, got {value!r}.")
 
 
 @dataclass(frozen=True)

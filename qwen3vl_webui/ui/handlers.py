@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import threading
 import time
@@ -14,7 +13,7 @@ from typing import Any
 
 import gradio as gr
 
-from qwen3vl_webui import precisions
+from qwen3vl_webui import precisions, ranges
 from qwen3vl_webui.config import Settings
 from qwen3vl_webui.conversation import (
     ERROR_PREFIX,
@@ -37,15 +36,13 @@ from qwen3vl_webui.ui import gradio_compat
 from qwen3vl_webui.ui.panels import format_panel, format_status
 
 log = logging.getLogger(__name__)
+_DEFAULT = ranges.REQUEST
 
-MEGA = 1_000_000
 BUSY_MESSAGE = "busy — try again: all GPU slots and the wait line are full."
 # Streamed answers reach gradio at most this often (the last text always): each update is a message to every
 # browser and ~1 ms of the server's single Python core, which at 32 chats x 150 tok/s capped the whole app near
 # 1,000 tok/s on an H100 (bench/RESULTS.md, gradio_client load test).
 STREAM_INTERVAL_S = 0.05
-# The image slider's top, in megapixels: also the image size the start-up warm-up uses.
-IMAGE_MP_MAX = 4.0
 EMPTY_ANSWER = "(the model returned an empty answer)"
 FAILED_MESSAGE = "Generation failed on the server; the error was logged. Please try again."
 OPERATOR_ONLY = (
@@ -84,17 +81,17 @@ class Handlers:
         message: dict[str, Any] | str,
         history: list[dict[str, Any]],
         system_prompt: str = "",
-        temperature: float = 0.7,
-        top_p: float = 0.8,
-        top_k: int = 20,
-        repetition_penalty: float = 1.05,
-        seed: float = -1,
+        temperature: float = _DEFAULT["temperature"].default,
+        top_p: float = _DEFAULT["top_p"].default,
+        top_k: int = int(_DEFAULT["top_k"].default),
+        repetition_penalty: float = _DEFAULT["repetition_penalty"].default,
+        seed: float = _DEFAULT["seed"].default,
         max_context: int | None = None,
         max_new_tokens: int | None = None,
-        image_megapixels: float = 0.92,
-        video_fps: float = 2.0,
-        video_max_frames: int = 32,
-        video_megapixels: float = 7.4,
+        image_megapixels: float = _DEFAULT["image_megapixels"].default,
+        video_fps: float = _DEFAULT["video_fps"].default,
+        video_max_frames: int = int(_DEFAULT["video_max_frames"].default),
+        video_megapixels: float = _DEFAULT["video_megapixels"].default,
         stop_strings: str = "",
         request: gr.Request | None = None,
     ) -> Iterator[str]:
@@ -165,24 +162,25 @@ class Handlers:
         # The flags' caps (the sliders' tops); the service holds requests to the warm-up's lower
         # limits, if it set any, and the status line says so.
         cap, new_cap = self.settings.max_context, self.settings.max_new_tokens
-        max_context = cap if max_context is None else int(_require("max_context", max_context, 256, cap))
+        max_context = cap if max_context is None else int(_require("max_context", max_context, cap))
         if max_new_tokens is None:
-            max_new_tokens = min(512, new_cap)
-        max_new = int(_require("max_new_tokens", max_new_tokens, 1, new_cap))
-        _require("image_megapixels", image_megapixels, 0.01, 16.0)
-        _require("video_fps", video_fps, 0.1, 8.0)
-        _require("video_max_frames", video_max_frames, 2, 256)
-        _require("video_megapixels", video_megapixels, 0.1, 64.0)
+            max_new_tokens = min(int(_DEFAULT["max_new_tokens"].default), new_cap)
+        max_new = int(_require("max_new_tokens", max_new_tokens, new_cap))
+        for name, value in (
+            ("image_megapixels", image_megapixels), ("video_fps", video_fps),
+            ("video_max_frames", video_max_frames), ("video_megapixels", video_megapixels),
+        ):  # fmt: skip
+            _require(name, value)
         if seed is not None and seed >= 0:
-            seed = _require("seed", seed, 0, 2**32 - 1)
+            seed = _require("seed", seed)
         if not isinstance(stop_strings, (str, type(None))):
             raise RequestError("stop_strings must be text: one stop string a line.")
         sampling = SamplingParams(
             max_new_tokens=max_new,
-            temperature=_require("temperature", temperature, 0.0, 2.0),
-            top_p=_require("top_p", top_p, 0.01, 1.0),
-            top_k=int(_require("top_k", top_k, 0, 1000)),
-            repetition_penalty=_require("repetition_penalty", repetition_penalty, 0.5, 2.0),
+            temperature=_require("temperature", temperature),
+            top_p=_require("top_p", top_p),
+            top_k=int(_require("top_k", top_k)),
+            repetition_penalty=_require("repetition_penalty", repetition_penalty),
             seed=None if seed is None or seed < 0 else int(seed),
             stop=parse_stop_lines(stop_strings or ""),
         )
@@ -202,10 +200,10 @@ class Handlers:
         turns = context.turns
         self._check_files(user, turns)
         media = MediaBudget(
-            max_image_pixels=int(image_megapixels * MEGA),
+            max_image_pixels=int(image_megapixels * ranges.MEGA),
             video_fps=float(video_fps),
             video_max_frames=int(video_max_frames),
-            video_total_pixels=int(video_megapixels * MEGA),
+            video_total_pixels=int(video_megapixels * ranges.MEGA),
         )
         chat = ChatRequest(
             message=user,
@@ -237,7 +235,7 @@ class Handlers:
     ) -> str:
         del fps  # the frame count, not the rate, bounds a clip's tokens
         try:
-            line = self.service.estimate(int(max_context), int(image_mp * MEGA), int(frames), int(video_mp * MEGA))
+            line = self.service.estimate(int(max_context), int(image_mp * ranges.MEGA), int(frames), int(video_mp * ranges.MEGA))
             return f"Prompt budget {int(max_context) - int(max_new):,} tokens · {line}"
         except Exception as exc:  # an estimate must never break the page
             return f"(no estimate: {exc})"
@@ -260,7 +258,7 @@ class Handlers:
             return f"Not switched: unknown precision {precision!r}; choose one of {', '.join(precisions.CHOICES)}."
         try:
             report = self.service.switch_precision(
-                precision, self.settings.warmup, int(IMAGE_MP_MAX * MEGA), min_interval_s=SWITCH_INTERVAL_S
+                precision, self.settings.warmup, ranges.largest_image_pixels(), min_interval_s=SWITCH_INTERVAL_S
             )
             return report.describe()
         except (SwitchRefused, Busy, TimeoutError) as exc:
@@ -311,7 +309,7 @@ class Handlers:
             return gr.skip(), gr.skip()
         return (
             gr.update(maximum=limits.max_context, value=limits.max_context),
-            gr.update(maximum=limits.max_new_tokens, value=min(512, limits.max_new_tokens)),
+            gr.update(maximum=limits.max_new_tokens, value=min(int(_DEFAULT["max_new_tokens"].default), limits.max_new_tokens)),
         )
 
     def clear(self, request: gr.Request | None = None) -> None:
@@ -321,16 +319,9 @@ class Handlers:
             self.conversations.forget(session)
 
 
-def _require(name: str, value: Any, lo: float, hi: float) -> float:
-    """`value` as a float if it is a finite number in [lo, hi]; otherwise a RequestError naming the range."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or not lo <= value <= hi:
-        raise RequestError(f"{name} must be between {_plain(lo)} and {_plain(hi)}, got {value!r}.")
-    return float(value)
-
-
-def _plain(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+def _require(name: str, value: Any, cap: float | None = None) -> float:
+    """`value` as a float if it is a finite number in its range (ranges.REQUEST, the top lowered to `cap`)."""
+    return ranges.check(name, value, cap, error=RequestError)
 
 
 def _waiting_text(item: Waiting) -> str:

@@ -7,11 +7,11 @@ from typing import Any
 
 import gradio as gr
 
-from qwen3vl_webui import precisions
+from qwen3vl_webui import precisions, ranges
 from qwen3vl_webui.config import Settings
 from qwen3vl_webui.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from qwen3vl_webui.ui import gradio_compat
-from qwen3vl_webui.ui.handlers import IMAGE_MP_MAX, Handlers
+from qwen3vl_webui.ui.handlers import Handlers
 from qwen3vl_webui.zerogpu import gpu_function
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -79,22 +79,25 @@ def build_demo(handlers: Handlers, settings: Settings) -> gr.Blocks:
     return demo
 
 
+def _slider(name: str, label: str, cap: float | None = None, **kw: Any) -> gr.Slider:
+    """A slider over `name`'s range in ranges.REQUEST (its top lowered to `cap`), starting at its default."""
+    r = ranges.REQUEST[name]
+    top = r.hi if cap is None else min(r.hi, cap)
+    return gr.Slider(r.lo, top, value=min(r.default, top), step=r.step, label=label, **kw)
+
+
 def _budget_controls(settings: Settings) -> tuple[list[Any], gr.Markdown]:
     with gr.Accordion("Context & media budget", open=True, elem_id="budget"):
         max_context = gr.Slider(
-            256, settings.max_context, value=settings.max_context, step=256, label="Max context (tokens)",
+            ranges.REQUEST["max_context"].lo, settings.max_context, value=settings.max_context,
+            step=ranges.REQUEST["max_context"].step, label="Max context (tokens)",
             info="Prompt + answer; older turns are dropped, oldest first, to fit.", elem_id="max-context",
         )  # fmt: skip
-        max_new = gr.Slider(
-            16, settings.max_new_tokens, value=min(512, settings.max_new_tokens), step=16, label="Max new tokens",
-            elem_id="max-new-tokens",
-        )  # fmt: skip
-        image_mp = gr.Slider(
-            0.05, IMAGE_MP_MAX, value=0.92, step=0.01, label="Max pixels per image (MP)", elem_id="image-mp"
-        )
-        fps = gr.Slider(0.25, 4.0, value=2.0, step=0.25, label="Video sampling (fps)", elem_id="video-fps")
-        frames = gr.Slider(2, 128, value=32, step=2, label="Max video frames", elem_id="video-frames")
-        video_mp = gr.Slider(0.5, 32.0, value=7.4, step=0.1, label="Total video pixels (MP)", elem_id="video-mp")
+        max_new = _slider("max_new_tokens", "Max new tokens", settings.max_new_tokens, elem_id="max-new-tokens")
+        image_mp = _slider("image_megapixels", "Max pixels per image (MP)", elem_id="image-mp")
+        fps = _slider("video_fps", "Video sampling (fps)", elem_id="video-fps")
+        frames = _slider("video_max_frames", "Max video frames", elem_id="video-frames")
+        video_mp = _slider("video_megapixels", "Total video pixels (MP)", elem_id="video-mp")
         estimate = gr.Markdown("", elem_id="estimate")
     return [max_context, max_new, image_mp, fps, frames, video_mp], estimate
 
@@ -102,11 +105,11 @@ def _budget_controls(settings: Settings) -> tuple[list[Any], gr.Markdown]:
 def _sampling_controls() -> tuple[list[Any], gr.Textbox]:
     with gr.Accordion("Sampling & system prompt", open=False):
         system = gr.Textbox("", label="System prompt", lines=2)
-        temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature (0 = greedy)")
-        top_p = gr.Slider(0.01, 1.0, value=0.8, step=0.01, label="Top-p")
-        top_k = gr.Slider(0, 200, value=20, step=1, label="Top-k (0 = off)")
-        repetition = gr.Slider(0.5, 2.0, value=1.05, step=0.01, label="Repetition penalty")
-        seed = gr.Number(-1, label="Seed (-1 = random)", precision=0)
+        temperature = _slider("temperature", "Temperature (0 = greedy)")
+        top_p = _slider("top_p", "Top-p")
+        top_k = _slider("top_k", "Top-k (0 = off)")
+        repetition = _slider("repetition_penalty", "Repetition penalty")
+        seed = gr.Number(ranges.REQUEST["seed"].default, label="Seed (-1 = random)", precision=0)
         stop = gr.Textbox(
             "", label="Stop strings", lines=2, max_lines=8, elem_id="stop-strings",
             placeholder="one per line", info=r"The answer ends before the first of these (at most 8; \n = line break).",
