@@ -70,7 +70,8 @@ def build_app(settings: Settings, load: bool = True) -> App:
     """The composition root: scheduler, model manager, service, handlers, UI."""
     from qwen3vl_webui.engine.faults import FaultInjector
     from qwen3vl_webui.service.admission import Scheduler
-    from qwen3vl_webui.service.chat import ChatService, Limits
+    from qwen3vl_webui.service.chat import ChatService
+    from qwen3vl_webui.service.limits import Limits
     from qwen3vl_webui.service.manager import ModelManager
     from qwen3vl_webui.telemetry import GenerationStats, GpuProbe
     from qwen3vl_webui.ui.handlers import Handlers
@@ -83,13 +84,12 @@ def build_app(settings: Settings, load: bool = True) -> App:
     source = settings.model if off else random_weights.source_for(settings.random_weights)
     manager = ModelManager(
         source, settings.precision, settings.device, settings.attn, scheduler, demo_dir=settings.cache_dir,
-        decoder=settings.engine, max_context=settings.max_context,
+        decoder=settings.engine, limits=Limits(settings.max_context, settings.max_new_tokens),
     )  # fmt: skip
     service = ChatService(
         manager, scheduler, GenerationStats(), GpuProbe(),
         faults=FaultInjector.from_env(),  # a no-op unless QWEN3VL_FAULTS is set (tests, device checks)
         request_timeout=float(settings.request_timeout),
-        limits=Limits(settings.max_context, settings.max_new_tokens),
         max_per_client=settings.max_requests_per_client,
     )  # fmt: skip
     demo = build_demo(Handlers(service, settings, file_roots=[ASSETS]), settings)

@@ -519,11 +519,12 @@ def test_out_of_memory_in_a_prefill_drops_the_retained_prefixes_and_retries(load
 def test_the_chat_service_sends_history_that_the_engine_reuses(tiny_checkpoint, tmp_path) -> None:
     from qwen3vl_webui.service.admission import Scheduler
     from qwen3vl_webui.service.chat import ChatService
+    from qwen3vl_webui.service.limits import Limits
     from qwen3vl_webui.service.manager import ModelManager
     from qwen3vl_webui.telemetry import GenerationStats, GpuProbe
 
     manager = ModelManager(
-        str(tiny_checkpoint), "fp32", "cpu", "sdpa", Scheduler(1, 4), decoder="batch", max_context=2048
+        str(tiny_checkpoint), "fp32", "cpu", "sdpa", Scheduler(1, 4), decoder="batch", limits=Limits(2048, 1024)
     )
     manager.load()
     service = ChatService(manager, manager.scheduler, GenerationStats(), GpuProbe())

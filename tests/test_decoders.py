@@ -5,10 +5,13 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import pytest
+
 from qwen3vl_webui.conversation import UserMessage
 from qwen3vl_webui.engine.decoders import BatchDecoder, GenerateDecoder, make_decoder
 from qwen3vl_webui.engine.request import SamplingParams
 from qwen3vl_webui.service.admission import Scheduler
+from qwen3vl_webui.service.limits import Limits
 from qwen3vl_webui.service.manager import ModelManager
 from qwen3vl_webui.service.prompt import ChatRequest, build_prompt
 
@@ -28,7 +31,7 @@ def test_auto_picks_the_batch_engine_on_a_gpu_only() -> None:
 
 def test_batch_engine_answers_like_generate_and_follows_a_precision_switch(tiny_checkpoint: Path) -> None:
     manager = ModelManager(
-        str(tiny_checkpoint), "fp32", "cpu", "sdpa", Scheduler(2, 4), decoder="batch", max_context=1024
+        str(tiny_checkpoint), "fp32", "cpu", "sdpa", Scheduler(2, 4), decoder="batch", limits=Limits(1024, 256)
     )
     loaded = manager.load()
     assert isinstance(manager.decoder, BatchDecoder) and manager.decoder.engine.loaded is loaded
@@ -64,7 +67,7 @@ def test_the_panel_line_shows_batch_size_and_how_long_the_oldest_request_waits(t
     import time
 
     manager = ModelManager(
-        str(tiny_checkpoint), "fp32", "cpu", "sdpa", Scheduler(2, 4), decoder="batch", max_context=512
+        str(tiny_checkpoint), "fp32", "cpu", "sdpa", Scheduler(2, 4), decoder="batch", limits=Limits(512, 256)
     )
     loaded = manager.load()
     long = SamplingParams(max_new_tokens=400, temperature=0.0, repetition_penalty=1.0)
@@ -119,3 +122,32 @@ def test_the_engine_compiles_every_precision_it_can_capture_on_a_gpu() -> None:
 
     model = type("Model", (), {"modules": lambda self: [Linear8bitLt()]})()
     assert "outliers.any()" in graph_blocker(model)
+
+
+def test_a_lowered_warmup_resizes_the_batch_engine_to_the_caps_requests_are_held_to(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One owner of the context caps: when the warm-up lowers them, the engine's KV slots follow (memory back)."""
+    from qwen3vl_webui.service import warmup
+    from qwen3vl_webui.service.chat import ChatService
+    from qwen3vl_webui.telemetry import GenerationStats, GpuProbe
+
+    manager = ModelManager(
+        str(tiny_checkpoint), "fp32", "cpu", "sdpa", Scheduler(2, 4), decoder="batch", limits=Limits(4096, 512)
+    )
+    manager.load()
+    service = ChatService(manager, manager.scheduler, GenerationStats(), GpuProbe())
+    before = manager.decoder.engine
+    assert before.max_len == 4096 and service.limits == Limits(4096, 512)  # sized for the configured caps first
+
+    def lowered(*args, **kwargs):  # what warmup.run returns when 4,096 and 2,048 tokens ran out of memory
+        return warmup.WarmupResult("full", 1024, 512, (4096, 2048, 1024), 0.1, None, False, "lowered to 1,024")
+
+    monkeypatch.setattr(warmup, "run", lowered)
+    service.warm_up("full", 64 * 64)
+    assert service.limits == Limits(1024, 512) and service.configured_limits == Limits(4096, 512)
+    engine = manager.decoder.engine
+    assert engine is not before and engine.max_len == 1024  # the KV slots follow the lowered cap
+    assert manager.status.startswith("Ready:")
+    answer = list(service.chat(ChatRequest(UserMessage("Hello"), sampling=GREEDY, max_context=4096)))
+    assert answer and "1,024 tokens a slot" in manager.decoder.describe()  # held to 1,024, served by the new engine

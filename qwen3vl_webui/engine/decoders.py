@@ -16,12 +16,12 @@ from qwen3vl_webui.weights.loading import LoadedModel, release_cached_memory
 
 log = logging.getLogger(__name__)
 
-DECODERS = ("auto", "generate", "batch")
 Stream = Iterator[tuple[str, "RequestStats | None"]]
 
 
 class Decoder(Protocol):
     name: str
+    max_context: int  # tokens per request the next `attach` sizes for (the batch engine's KV slots)
 
     def attach(self, loaded: LoadedModel) -> None: ...  # a model was loaded: build what decoding needs
 
@@ -44,6 +44,7 @@ class GenerateDecoder:
     """transformers' `generate` in a thread per request: simple, CPU-bound (~36 ms of Python a step)."""
 
     name = "generate"
+    max_context = 0  # generate's KV cache grows with each request: nothing to size
 
     def attach(self, loaded: LoadedModel) -> None:
         pass
@@ -61,9 +62,9 @@ class GenerateDecoder:
 class BatchDecoder:
     """One BatchEngine per loaded model: continuous batching, CUDA-graph decode on a GPU.
 
-    Its KV memory is allocated once: `max_context` tokens for each of `max_batch` slots, the slider
-    cap times the concurrency, so the VRAM the sliders allow is reserved up front; plus the retained-prefix
-    slots for follow-up turns (a quarter as many, at least one, same size; the status line shows them).
+    Its KV memory is allocated at `attach`: `max_context` tokens for each of `max_batch` slots (the context cap times
+    the concurrency: what the sliders allow is reserved up front; the model manager sets `max_context`), plus the
+    retained-prefix slots for follow-up turns (a quarter as many, at least one, same size; the status line shows them).
     """
 
     name = "batch"

@@ -20,6 +20,7 @@ from qwen3vl_webui.heap import HeapTrimmer
 from qwen3vl_webui.media import MediaError
 from qwen3vl_webui.service import warmup
 from qwen3vl_webui.service.admission import Busy, QueueState, Scheduler
+from qwen3vl_webui.service.limits import Limits
 from qwen3vl_webui.service.manager import ModelManager, SwitchRefused, SwitchReport
 from qwen3vl_webui.service.prompt import ChatRequest, MediaCache, RequestTimedOut, TurnCounts, build_prompt
 from qwen3vl_webui.telemetry import (
@@ -69,14 +70,6 @@ class Waiting:
     reason: str
     waiting: int
     running: int
-
-
-@dataclass(frozen=True)
-class Limits:
-    """The context caps requests are held to: the flags', lowered by the warm-up if those did not fit."""
-
-    max_context: int
-    max_new_tokens: int
 
 
 @dataclass
@@ -177,7 +170,6 @@ class ChatService:
         *,
         faults: FaultInjector | None = None,
         request_timeout: float = 0.0,
-        limits: Limits | None = None,
         max_per_client: int = 0,
     ) -> None:
         self.manager = manager
@@ -186,8 +178,7 @@ class ChatService:
         self.probe = probe
         self.faults = faults or FaultInjector()
         self.request_timeout = request_timeout
-        self.configured_limits = limits or Limits(16384, 1024)
-        self.limits = self.configured_limits
+        self.context = manager.limits  # the one owner of the context caps (service/limits.py)
         self.counters = Counters()
         self.warmup_note = ""
         self.warmed = threading.Event()  # cleared while a start-up load + warm-up is pending
@@ -205,6 +196,15 @@ class ChatService:
         self._last_switch = -1e9
         self._active: set[_Active] = set()
         self._draining = threading.Event()
+
+    @property
+    def limits(self) -> Limits:
+        """The caps requests are held to now (the configured ones, lowered by the warm-up if those did not fit)."""
+        return self.context.current
+
+    @property
+    def configured_limits(self) -> Limits:
+        return self.context.configured
 
     # -- chat -------------------------------------------------------------------------------
     def chat(
@@ -424,7 +424,10 @@ class ChatService:
                     self.scheduler.max_concurrency, image_pixels, self.faults, self.release_memory,
                     **({"stream": decoder.stream} if decoder is not None else {}),
                 )  # fmt: skip
-            self.limits = Limits(result.max_context, result.max_new_tokens)
+                del loaded, decoder
+                self.context.set_current(Limits(result.max_context, result.max_new_tokens))
+                if not result.failed:  # the KV slots follow the lowered caps (when chats are refused, nothing runs)
+                    self.manager.fit_decoder()
             self._fatal = result.note if result.failed else None
             self.warmup_note = result.note
             log.info("warm-up: %s", result.note)

@@ -11,11 +11,14 @@ from dataclasses import dataclass
 from qwen3vl_webui import precisions
 from qwen3vl_webui.engine.decoders import Decoder, make_decoder
 from qwen3vl_webui.service.admission import Scheduler
+from qwen3vl_webui.service.limits import ContextLimits, Limits
 from qwen3vl_webui.telemetry import format_bytes
 from qwen3vl_webui.weights import loading, random_weights
 from qwen3vl_webui.weights.loading import LoadedModel, ModelUnavailable
 
 log = logging.getLogger(__name__)
+
+DEFAULT_LIMITS = Limits(16384, 1024)  # Settings' defaults: --max-context, --max-new-tokens
 
 # Fraction of free VRAM a new precision's weights may take; the rest is for KV cache and activations.
 _SWITCH_HEADROOM = 0.9
@@ -55,7 +58,7 @@ class ModelManager:
         demo_dir: str | None = None,
         free_memory: Callable[[str], int] | None = None,
         decoder: str = "generate",
-        max_context: int = 16384,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.source = source
         self.requested_precision = precision
@@ -65,7 +68,7 @@ class ModelManager:
         self.demo_dir = demo_dir
         self.free_memory = free_memory or free_memory_bytes  # injectable: tests choose how much is free
         self.decoder_kind = decoder
-        self.max_context = max_context
+        self.limits = ContextLimits(limits)  # the one owner of the context caps; the service holds requests to it
         self.decoder: Decoder | None = None  # made at the first load, once the device is known
         self.status = "starting"
         self.notice = ""  # one sentence shown above the chat, e.g. why the demo model runs
@@ -74,11 +77,6 @@ class ModelManager:
         self._error: BaseException | None = None
 
     # -- first load -------------------------------------------------------------------------
-    def load_in_background(self, use_demo: bool) -> threading.Thread:
-        thread = threading.Thread(target=self.load, args=(use_demo,), name="model-load", daemon=True)
-        thread.start()
-        return thread
-
     def load(self, use_demo: bool = False) -> LoadedModel:
         try:
             device = loading.resolve_device(self.device_request)
@@ -111,10 +109,12 @@ class ModelManager:
         return self._set(loading.load_model(str(path), precision, device, self.attn, self._progress))
 
     def _set(self, loaded: LoadedModel) -> LoadedModel:
+        configured = self.limits.configured.max_context  # the warm-up that follows tests these caps first
         if self.decoder is None:
             self.decoder = make_decoder(
-                self.decoder_kind, loaded.device, self.scheduler.max_concurrency, self.max_context, self.demo_dir
+                self.decoder_kind, loaded.device, self.scheduler.max_concurrency, configured, self.demo_dir
             )
+        self.decoder.max_context = configured
         note = " (compiling the decode step: about a minute per batch size on a first start)" if (
             self.decoder.name == "batch" and loaded.device.startswith("cuda")
         ) else ""
@@ -210,8 +210,19 @@ class ModelManager:
                 f"would be free; kept {old.precision}."
             )
 
-    def release_memory(self) -> None:
-        loading.release_cached_memory()
+    def fit_decoder(self) -> None:
+        """Re-sizes the decoder's KV slots for the current caps (after a warm-up lowered them): the memory the
+        configured caps reserved beyond them goes back. Call while no chat runs (the scheduler's exclusive section)."""
+        loaded, decoder = self._loaded, self.decoder
+        target = self.limits.current.max_context
+        if loaded is None or decoder is None or decoder.max_context == target:
+            return
+        ready = self.status
+        self._progress(f"Resizing the decoder's KV cache to {target:,} tokens a slot…")
+        decoder.detach()
+        decoder.max_context = target
+        decoder.attach(loaded)
+        self.status = ready
 
 
 def free_memory_bytes(device: str) -> int:

@@ -159,9 +159,10 @@ class Handlers:
         image_megapixels: float, video_fps: float, video_max_frames: int, video_megapixels: float,
         stop_strings: str | None = "", session: str | None = None,
     ) -> tuple[ChatRequest, History]:  # fmt: skip
-        # The flags' caps (the sliders' tops); the service holds requests to the warm-up's lower
+        # The configured caps (the sliders' tops); the service holds requests to the warm-up's lower
         # limits, if it set any, and the status line says so.
-        cap, new_cap = self.settings.max_context, self.settings.max_new_tokens
+        caps = self.service.configured_limits
+        cap, new_cap = caps.max_context, caps.max_new_tokens
         max_context = cap if max_context is None else int(_require("max_context", max_context, cap))
         if max_new_tokens is None:
             max_new_tokens = min(int(_DEFAULT["max_new_tokens"].default), new_cap)
@@ -304,8 +305,8 @@ class Handlers:
 
     def context_sliders(self) -> tuple[Any, Any]:
         """On page load: lowers the context sliders' tops if the warm-up lowered the limits."""
-        limits, settings = self.service.limits, self.settings
-        if limits.max_context >= settings.max_context and limits.max_new_tokens >= settings.max_new_tokens:
+        limits, caps = self.service.limits, self.service.configured_limits
+        if limits.max_context >= caps.max_context and limits.max_new_tokens >= caps.max_new_tokens:
             return gr.skip(), gr.skip()
         return (
             gr.update(maximum=limits.max_context, value=limits.max_context),

@@ -10,6 +10,7 @@ import gradio as gr
 from qwen3vl_webui import precisions, ranges
 from qwen3vl_webui.config import Settings
 from qwen3vl_webui.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from qwen3vl_webui.service.limits import Limits
 from qwen3vl_webui.ui import gradio_compat
 from qwen3vl_webui.ui.handlers import Handlers
 from qwen3vl_webui.zerogpu import gpu_function
@@ -25,7 +26,7 @@ def build_demo(handlers: Handlers, settings: Settings) -> gr.Blocks:
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=320, elem_id="side"):
                 panel = gr.Markdown("", elem_id="panel")
-                inputs, estimate = _budget_controls(settings)
+                inputs, estimate = _budget_controls(handlers.service.configured_limits)
                 sampling, stop = _sampling_controls()
                 operator = _operator_controls(handlers)
             with gr.Column(scale=3, min_width=420):
@@ -86,14 +87,15 @@ def _slider(name: str, label: str, cap: float | None = None, **kw: Any) -> gr.Sl
     return gr.Slider(r.lo, top, value=min(r.default, top), step=r.step, label=label, **kw)
 
 
-def _budget_controls(settings: Settings) -> tuple[list[Any], gr.Markdown]:
+def _budget_controls(caps: Limits) -> tuple[list[Any], gr.Markdown]:
+    """`caps`: the configured context caps (the sliders' tops; the page load lowers them if the warm-up did)."""
     with gr.Accordion("Context & media budget", open=True, elem_id="budget"):
         max_context = gr.Slider(
-            ranges.REQUEST["max_context"].lo, settings.max_context, value=settings.max_context,
+            ranges.REQUEST["max_context"].lo, caps.max_context, value=caps.max_context,
             step=ranges.REQUEST["max_context"].step, label="Max context (tokens)",
             info="Prompt + answer; older turns are dropped, oldest first, to fit.", elem_id="max-context",
         )  # fmt: skip
-        max_new = _slider("max_new_tokens", "Max new tokens", settings.max_new_tokens, elem_id="max-new-tokens")
+        max_new = _slider("max_new_tokens", "Max new tokens", caps.max_new_tokens, elem_id="max-new-tokens")
         image_mp = _slider("image_megapixels", "Max pixels per image (MP)", elem_id="image-mp")
         fps = _slider("video_fps", "Video sampling (fps)", elem_id="video-fps")
         frames = _slider("video_max_frames", "Max video frames", elem_id="video-frames")
