@@ -1,12 +1,15 @@
-"""Admission and concurrency: at most N generations on the GPU, a bounded wait line, exclusive reloads."""
+"""Admission and concurrency: one admission for every front door (a cap in all and per client), at most N generations
+on the GPU with a bounded wait line, exclusive reloads."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+
+BUSY_MESSAGE = "The server is busy (all GPU slots and the wait line are full). Please try again shortly."
 
 
 class Busy(RuntimeError):
@@ -52,7 +55,7 @@ class Scheduler:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             if self._running >= self.max_concurrency and self._waiting >= self.queue_size:
-                raise Busy("The server is busy (all GPU slots and the wait line are full). Please try again shortly.")
+                raise Busy(BUSY_MESSAGE)
             self._waiting += 1
             try:
                 while self._exclusive or self._running >= self.max_concurrency:
@@ -97,3 +100,97 @@ class Scheduler:
             with self._cond:
                 self._exclusive = False
                 self._cond.notify_all()
+
+class TooManyRequests(Busy):
+    """Refused because this client already has its share of chats running or waiting."""
+
+
+@dataclass(frozen=True)
+class Client:
+    """Who sends a chat, for the per-client cap: an address, and whether the cap applies (the operator's do not)."""
+
+    address: str
+    exempt: bool = False
+
+
+class Admission:
+    """The one admission of every front door: at most max concurrency + queue size requests running or waiting in
+    all, and at most `max_per_client` per client address (0: no cap; an exempt client, the operator, has none).
+
+    A request counts from `enter` (its prompt is built while it counts), so more than max concurrency + queue size
+    never run or wait, whichever door they came through; the scheduler holds the GPU slots within it.
+    """
+
+    def __init__(self, scheduler: Scheduler, max_per_client: int = 0, on_refused: Callable[[], None] = lambda: None):
+        self.scheduler = scheduler
+        self.max_per_client = max_per_client
+        self.on_refused = on_refused  # a client over its cap was refused
+        self._per_client: dict[str, int] = {}
+        self._total = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def enter(self, client: Client | None) -> Iterator[None]:
+        """Holds one place for the block; Busy when all are taken, TooManyRequests when the client has its share."""
+        cap = 0 if client is None or client.exempt else self.max_per_client
+        address = client.address if client is not None else ""
+        with self._lock:
+            if self._total >= self.scheduler.max_concurrency + self.scheduler.queue_size:
+                raise Busy(BUSY_MESSAGE)
+            held = self._per_client.get(address, 0)
+            if cap and held >= cap:
+                self.on_refused()
+                raise TooManyRequests(
+                    f"You already have {held} chat{'s' if held != 1 else ''} running or waiting, the most one client "
+                    "may have at once. Wait for an answer to finish (or stop it), then send this again."
+                )
+            self._total += 1
+            self._per_client[address] = held + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._total -= 1
+                left = self._per_client.pop(address) - 1
+                if left:
+                    self._per_client[address] = left
+
+
+class SlotRequest:
+    """Waits for a scheduler slot in a helper thread so the chat generator can keep yielding.
+
+    A generator blocked inside `Scheduler.slot` cannot be closed; one that yields `Waiting` every
+    quarter second can, so a client that leaves while waiting is dropped before any GPU work.
+    """
+
+    def __init__(self, scheduler: Scheduler, cancel: threading.Event, timeout: float | None) -> None:
+        self._cm = scheduler.slot(cancel, timeout)
+        self._cancel = cancel
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+        self._held = False
+        threading.Thread(target=self._acquire, name="slot-wait", daemon=True).start()
+
+    def _acquire(self) -> None:
+        try:
+            self._cm.__enter__()
+            self._held = True
+        except BaseException as exc:  # Busy, Cancelled: re-raised in the chat's thread
+            self._error = exc
+        finally:
+            self._done.set()
+
+    def wait(self, seconds: float) -> bool:
+        return self._done.wait(seconds)
+
+    def result(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def release(self) -> None:
+        if not self._done.is_set():
+            self._cancel.set()  # the scheduler notices within 0.1 s
+            self._done.wait()
+        if self._held:
+            self._held = False
+            self._cm.__exit__(None, None, None)

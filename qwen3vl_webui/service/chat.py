@@ -19,7 +19,7 @@ from qwen3vl_webui.engine.request import PreparedPrompt, RequestError
 from qwen3vl_webui.heap import HeapTrimmer
 from qwen3vl_webui.media import MediaError
 from qwen3vl_webui.service import warmup
-from qwen3vl_webui.service.admission import Busy, QueueState, Scheduler
+from qwen3vl_webui.service.admission import Admission, Busy, Client, QueueState, Scheduler, SlotRequest
 from qwen3vl_webui.service.limits import Limits
 from qwen3vl_webui.service.manager import ModelManager, SwitchRefused, SwitchReport
 from qwen3vl_webui.service.prompt import ChatRequest, MediaCache, RequestTimedOut, TurnCounts, build_prompt
@@ -49,18 +49,6 @@ SHUTDOWN_MESSAGE = "The server is shutting down; this message was not run. Pleas
 
 class ShuttingDown(Busy):
     """Refused because the server is draining for shutdown."""
-
-
-class TooManyRequests(Busy):
-    """Refused because this client already has its share of chats running or waiting."""
-
-
-@dataclass(frozen=True)
-class Client:
-    """Who sends a chat, for the per-client cap: an address, and whether the cap applies (the operator's do not)."""
-
-    address: str
-    exempt: bool = False
 
 
 @dataclass(frozen=True)
@@ -120,46 +108,6 @@ class _Active:
         self.cancel.set()
 
 
-class _SlotRequest:
-    """Waits for a scheduler slot in a helper thread so the chat generator can keep yielding.
-
-    A generator blocked inside `Scheduler.slot` cannot be closed; one that yields `Waiting` every
-    quarter second can, so a client that leaves while waiting is dropped before any GPU work.
-    """
-
-    def __init__(self, scheduler: Scheduler, cancel: threading.Event, timeout: float | None) -> None:
-        self._cm = scheduler.slot(cancel, timeout)
-        self._cancel = cancel
-        self._done = threading.Event()
-        self._error: BaseException | None = None
-        self._held = False
-        threading.Thread(target=self._acquire, name="slot-wait", daemon=True).start()
-
-    def _acquire(self) -> None:
-        try:
-            self._cm.__enter__()
-            self._held = True
-        except BaseException as exc:  # Busy, Cancelled: re-raised in the chat's thread
-            self._error = exc
-        finally:
-            self._done.set()
-
-    def wait(self, seconds: float) -> bool:
-        return self._done.wait(seconds)
-
-    def result(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def release(self) -> None:
-        if not self._done.is_set():
-            self._cancel.set()  # the scheduler notices within 0.1 s
-            self._done.wait()
-        if self._held:
-            self._held = False
-            self._cm.__exit__(None, None, None)
-
-
 class ChatService:
     def __init__(
         self,
@@ -187,9 +135,8 @@ class ChatService:
         self._media = MediaCache()
         self._heap = HeapTrimmer()  # gives freed host memory back to the OS when no generation runs
         self._counts = TurnCounts()
-        self.max_per_client = max_per_client  # 0: no cap
-        self._per_client: dict[str, int] = {}
-        self._admitted_total = 0
+        # The one admission of every front door: slots + wait line in all, and each client's own cap (0: none).
+        self.admission = Admission(scheduler, max_per_client, on_refused=lambda: self._count("refused_per_client"))
         self._shape_cache: tuple[int, planner.ModelShape] | None = None
         self._lock = threading.Lock()
         self._switch_lock = threading.Lock()
@@ -228,7 +175,7 @@ class ChatService:
             raise ShuttingDown(SHUTDOWN_MESSAGE)
         started = time.monotonic()
         deadline = started + self.request_timeout if self.request_timeout else None
-        with self._admitted(client):
+        with self.admission.enter(client):
             with self._lock:
                 self._active.add(active)
             try:
@@ -238,7 +185,7 @@ class ChatService:
                 request = self._within_limits(request)
                 prompt = self._build(request, deadline)
                 remaining = None if deadline is None else max(0.01, deadline - time.monotonic())
-                slot = _SlotRequest(self.scheduler, active.cancel, remaining)
+                slot = SlotRequest(self.scheduler, active.cancel, remaining)
                 try:
                     while not slot.wait(WAIT_REPORT_S):
                         if report_waiting:
@@ -254,36 +201,6 @@ class ChatService:
             finally:
                 with self._lock:
                     self._active.discard(active)
-
-    @contextlib.contextmanager
-    def _admitted(self, client: Client | None) -> Iterator[None]:
-        """The one admission of every front door: GPU slots + the wait line in all, and the client's own cap.
-
-        A request counts from here (its prompt is built while it counts), so more than max concurrency + queue
-        size never run or wait, whichever door they came through; the scheduler holds the GPU slots within it.
-        """
-        cap = 0 if client is None or client.exempt else self.max_per_client
-        address = client.address if client is not None else ""
-        with self._lock:
-            if self._admitted_total >= self.scheduler.max_concurrency + self.scheduler.queue_size:
-                raise Busy("The server is busy (all GPU slots and the wait line are full). Please try again shortly.")
-            held = self._per_client.get(address, 0)
-            if cap and held >= cap:
-                self.counters.refused_per_client += 1
-                raise TooManyRequests(
-                    f"You already have {held} chat{'s' if held != 1 else ''} running or waiting, the most one client "
-                    "may have at once. Wait for an answer to finish (or stop it), then send this again."
-                )
-            self._admitted_total += 1
-            self._per_client[address] = held + 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._admitted_total -= 1
-                left = self._per_client.pop(address) - 1
-                if left:
-                    self._per_client[address] = left
 
     def _wait_ready(self, started: float, deadline: float | None, report: bool) -> Iterator[Waiting]:
         while True:

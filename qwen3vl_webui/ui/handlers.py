@@ -28,8 +28,8 @@ from qwen3vl_webui.conversation import (
 from qwen3vl_webui.engine.request import RequestError, SamplingParams
 from qwen3vl_webui.engine.stops import parse_stop_lines
 from qwen3vl_webui.media import MediaBudget
-from qwen3vl_webui.service.admission import Busy, Cancelled
-from qwen3vl_webui.service.chat import ChatService, Client, ShuttingDown, Waiting
+from qwen3vl_webui.service.admission import Busy, Cancelled, Client
+from qwen3vl_webui.service.chat import ChatService, ShuttingDown, Waiting
 from qwen3vl_webui.service.manager import SwitchRefused
 from qwen3vl_webui.service.prompt import ChatRequest, RequestTimedOut
 from qwen3vl_webui.ui import gradio_compat
