@@ -19,7 +19,8 @@ from qwen3vl_webui.conversation import Turn, UserMessage
 from qwen3vl_webui.engine.batch import BatchEngine, BatchOptions, EngineClosed, EngineOutputs
 from qwen3vl_webui.engine.request import PreparedPrompt, RequestError, SamplingParams
 from qwen3vl_webui.service.prompt import ChatRequest, build_prompt
-from qwen3vl_webui.weights.loading import LoadedModel, load_model
+from qwen3vl_webui.weights.loading import load_model
+from qwen3vl_webui.weights.model import LoadedModel
 from qwen3vl_webui.weights.tiny_model import ensure_demo_checkpoint
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"

@@ -95,7 +95,7 @@ def test_switch_that_would_not_fit_is_refused_and_the_old_model_stays(tiny_check
 def test_flash_attention_without_the_package_is_refused_clearly(tiny_checkpoint: Path) -> None:
     import importlib.util
 
-    from qwen3vl_webui.weights.loading import LoadRefused
+    from qwen3vl_webui.weights.model import LoadRefused
 
     if importlib.util.find_spec("flash_attn") is not None:
         pytest.skip("flash-attn is installed here")

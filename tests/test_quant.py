@@ -26,7 +26,8 @@ from qwen3vl_webui.kernels.int8 import (
     register_op,
 )
 from qwen3vl_webui.service.prompt import ChatRequest, build_prompt
-from qwen3vl_webui.weights.loading import LoadedModel, load_model
+from qwen3vl_webui.weights.loading import load_model
+from qwen3vl_webui.weights.model import LoadedModel
 
 ROOT = Path(__file__).resolve().parents[1]
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0, repetition_penalty=1.0)
@@ -172,7 +173,7 @@ def test_int8wo_is_offered_everywhere_a_precision_is_chosen() -> None:
     from qwen3vl_webui import planner
     from qwen3vl_webui.cli import parse_settings
     from qwen3vl_webui.engine.batch.compiled import should_compile
-    from qwen3vl_webui.weights.loading import compute_dtype
+    from qwen3vl_webui.weights.model import compute_dtype
 
     assert parse_settings(["--precision", "int8wo"]).precision == "int8wo"
     shape = planner.ModelShape.qwen3vl_4b()

@@ -12,7 +12,7 @@ from qwen3vl_webui.engine.faults import FaultInjector
 from qwen3vl_webui.engine.generate import stream_generate
 from qwen3vl_webui.engine.request import PreparedPrompt, SamplingParams
 from qwen3vl_webui.telemetry import RequestStats
-from qwen3vl_webui.weights.loading import LoadedModel, release_cached_memory
+from qwen3vl_webui.weights.model import LoadedModel, release_cached_memory
 
 log = logging.getLogger(__name__)
 

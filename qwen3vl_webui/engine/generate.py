@@ -11,7 +11,7 @@ from qwen3vl_webui.engine.faults import FaultInjector
 from qwen3vl_webui.engine.request import PreparedPrompt, SamplingParams
 from qwen3vl_webui.engine.stops import StopMatcher, StopText, TokenBytes
 from qwen3vl_webui.telemetry import RequestStats
-from qwen3vl_webui.weights.loading import LoadedModel
+from qwen3vl_webui.weights.model import LoadedModel
 
 # Seconds the stream reader waits for the next token before giving up on a dead generate thread.
 TOKEN_TIMEOUT_S = 600.0

@@ -8,11 +8,11 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from qwen3vl_webui.config import Settings
     from qwen3vl_webui.service.chat import ChatService
-    from qwen3vl_webui.wiring import App
 
 log = logging.getLogger("qwen3vl_webui")
 
@@ -22,7 +22,23 @@ _STOP_WAIT_S = 10.0
 _FLUSH_WAIT_S = 3.0
 
 
-def serve(app: App) -> int:
+class Served(Protocol):
+    """What `serve` runs (wiring.App): the web server with the service behind it."""
+
+    settings: Settings
+    service: ChatService
+
+    def launch(self, prevent_thread_lock: bool = False, quiet: bool = False) -> str: ...
+
+    @property
+    def is_running(self) -> bool: ...
+
+    def queue_busy(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+def serve(app: Served) -> int:
     """Launches the app and blocks until SIGTERM/SIGINT; then drains and returns the exit code (0)."""
     stop = threading.Event()
 

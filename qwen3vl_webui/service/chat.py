@@ -32,8 +32,7 @@ from qwen3vl_webui.telemetry import (
     format_bytes,
     read_system,
 )
-from qwen3vl_webui.weights import loading
-from qwen3vl_webui.weights.loading import LoadedModel
+from qwen3vl_webui.weights.model import LoadedModel, release_cached_memory
 
 if TYPE_CHECKING:
     from qwen3vl_webui.engine.batch import EngineSnapshot
@@ -437,7 +436,7 @@ class ChatService:
 
     def release_memory(self) -> None:
         gc.collect()
-        loading.release_cached_memory()
+        release_cached_memory()
         self._count("memory_releases")
 
     def snapshot(self) -> PanelSnapshot:

@@ -14,7 +14,8 @@ from qwen3vl_webui.service.admission import Scheduler
 from qwen3vl_webui.service.limits import ContextLimits, Limits
 from qwen3vl_webui.telemetry import format_bytes
 from qwen3vl_webui.weights import loading, random_weights
-from qwen3vl_webui.weights.loading import LoadedModel, ModelUnavailable
+from qwen3vl_webui.weights.loading import ModelUnavailable
+from qwen3vl_webui.weights.model import LoadedModel, release_cached_memory
 
 log = logging.getLogger(__name__)
 
@@ -186,12 +187,12 @@ class ModelManager:
                 self.decoder.detach()  # its KV cache and graphs hold GPU memory and the old weights
             self._loaded = None
             del old
-            loading.release_cached_memory()
+            release_cached_memory()
             try:
                 loaded = loading.load_model(source, precision, device, self.attn, self._progress)
             except Exception as exc:
                 log.exception("switch to %s failed; reloading the previous precision", precision)
-                loading.release_cached_memory()
+                release_cached_memory()
                 self._set(loading.load_model(source, previous, device, self.attn, self._progress))
                 raise SwitchRefused(f"Loading {precision} failed ({exc}); kept {previous}.") from exc
             self._set(loaded)

@@ -11,7 +11,7 @@ from typing import Any
 from qwen3vl_webui.conversation import Turn, UserMessage, keep_recent_chars
 from qwen3vl_webui.engine.request import PreparedPrompt, RequestError, SamplingParams
 from qwen3vl_webui.media import MediaBudget, MediaError, load_image, load_video, media_kind
-from qwen3vl_webui.weights.loading import LoadedModel
+from qwen3vl_webui.weights.model import LoadedModel
 
 # Real text averages about 4 characters per Qwen token; no realistic text packs 16. A message longer
 # than 16 characters per token of max context cannot fit, so it is refused before the tokenizer

@@ -18,7 +18,7 @@ from qwen3vl_webui.engine.faults import FaultInjector, is_out_of_memory
 from qwen3vl_webui.engine.generate import stream_generate
 from qwen3vl_webui.engine.request import PreparedPrompt, SamplingParams
 from qwen3vl_webui.telemetry import format_bytes
-from qwen3vl_webui.weights.loading import LoadedModel
+from qwen3vl_webui.weights.model import LoadedModel
 
 # The decoder's `stream` (generate per request, or the batch engine): the warm-up must measure the
 # path chats take, since the batch engine's KV cache is allocated up front and generate's grows.

@@ -2,48 +2,26 @@
 
 from __future__ import annotations
 
-import gc
 import importlib.util
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qwen3vl_webui import precisions
+from qwen3vl_webui.weights.model import LoadedModel, LoadRefused, compute_dtype, loaded
 
 log = logging.getLogger(__name__)
 
-# Modules kept in 16-bit when quantizing. transformers replaces its defaults with this list, and
-# "visual" alone would still match nothing under model.visual's Linear names; see FACTS.md.
+# Modules kept in 16-bit when quantizing. transformers' `llm_int8_skip_modules` replaces its defaults with this list, and
+# matches module names: ["visual"] would still quantize the vision tower (its Linears are under model.visual) and
+# lm_head; with ["model.visual", "lm_head"] both stay 16-bit (nf4 4B: 3.56 GiB on an H100, 2.93 GiB with ["visual"]).
 SKIP_QUANTIZATION = ["model.visual", "lm_head"]
 
 
 class ModelUnavailable(RuntimeError):
     """The model could not be fetched or found; the message is one plain sentence."""
-
-
-class LoadRefused(RuntimeError):
-    """A load option that cannot work here (e.g. a kernel whose package is missing)."""
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    model: Any
-    processor: Any
-    precision: str
-    device: str
-    source: str
-    load_seconds: float
-    weights_bytes: int
-    is_demo: bool
-
-    @property
-    def label(self) -> str:
-        if self.precision == "int8wo" and not str(self.device).startswith("cuda"):
-            return "INT8 weight-only (per-channel int8 weights, fp32 compute on CPU)"
-        return precisions.label(self.precision)
 
 
 def resolve_device(requested: str) -> str:
@@ -54,22 +32,6 @@ def resolve_device(requested: str) -> str:
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise ModelUnavailable(f"--device {requested} was asked for, but no CUDA GPU is visible.")
     return requested
-
-
-def compute_dtype(precision: str, device: str) -> Any:
-    """The dtype of unquantized weights and activations for `precision` on `device`."""
-    import torch
-
-    if precision == "int8":
-        return torch.float16  # LLM.int8 casts activations to fp16 anyway (one warning per layer otherwise)
-    if precision == "int8wo":
-        # The int8 weights are widened to the activation dtype per matmul; CPUs do fp32 matmuls faster than bf16.
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    if precision == "fp16":
-        return torch.float16
-    if precision == "fp32":
-        return torch.float32
-    return torch.bfloat16
 
 
 def quantization_config(precision: str, device: str) -> Any | None:
@@ -183,33 +145,3 @@ def load_model(
     if quant is None:
         model.to(device)
     return loaded(model.eval(), processor, precision, device, source, started, is_demo=is_demo_checkpoint(path))
-
-
-def loaded(
-    model: Any, processor: Any, precision: str, device: str, source: str, started: float, is_demo: bool
-) -> LoadedModel:
-    """The LoadedModel of a model now on `device` (`started`: perf_counter at the start of the load)."""
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()
-        release_cached_memory()  # quantizing on the GPU leaves transient blocks cached
-    return LoadedModel(
-        model=model,
-        processor=processor,
-        precision=precision,
-        device=device,
-        source=source,
-        load_seconds=time.perf_counter() - started,
-        weights_bytes=model.get_memory_footprint(),
-        is_demo=is_demo,
-    )
-
-
-def release_cached_memory() -> None:
-    """Returns cached GPU memory to the driver once the caller has dropped its references."""
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from qwen3vl_webui import precisions
 
 if TYPE_CHECKING:
-    from qwen3vl_webui.weights.loading import LoadedModel
+    from qwen3vl_webui.weights.model import LoadedModel
 
 PREFIX = "random-weights:"
 # Far below any logit the random weights give (|logit| ~ a few), finite so penalties and softmax stay NaN-free.
@@ -93,7 +93,7 @@ def load_random(
     source: str, precision: str, device: str, attn: str = "sdpa", progress: Callable[[str], None] | None = None
 ) -> LoadedModel:
     """The loader's path for a `random-weights:PRESET` source: a LoadedModel like `load_model`'s."""
-    from qwen3vl_webui.weights.loading import LoadRefused, compute_dtype, loaded
+    from qwen3vl_webui.weights.model import LoadRefused, compute_dtype, loaded
 
     if precision not in precisions.IN_MEMORY:
         raise LoadRefused(f"--random-weights offers {', '.join(precisions.IN_MEMORY)} (built in memory), not {precision}.")

@@ -16,7 +16,7 @@ from qwen3vl_webui.engine.batch.runner import ModelRunner, Prefilled
 from qwen3vl_webui.engine.batch.sampler import Sampler
 from qwen3vl_webui.engine.batch.scheduler import PrefillJob, PrefillPlan, Scheduler
 from qwen3vl_webui.engine.faults import is_out_of_memory
-from qwen3vl_webui.weights.loading import LoadedModel
+from qwen3vl_webui.weights.model import LoadedModel
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from qwen3vl_webui.engine.batch.requests import (
 from qwen3vl_webui.engine.request import PreparedPrompt, RequestError, SamplingParams
 from qwen3vl_webui.engine.stops import StopMatcher, TokenBytes
 from qwen3vl_webui.telemetry import RequestStats
-from qwen3vl_webui.weights.loading import LoadedModel
+from qwen3vl_webui.weights.model import LoadedModel
 
 log = logging.getLogger(__name__)
 

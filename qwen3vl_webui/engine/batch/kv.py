@@ -8,7 +8,7 @@ from typing import Any
 
 from qwen3vl_webui.engine.batch.prefix import Entry, PrefixPool
 from qwen3vl_webui.engine.batch.requests import Request
-from qwen3vl_webui.weights.loading import LoadedModel
+from qwen3vl_webui.weights.model import LoadedModel
 
 log = logging.getLogger(__name__)
 

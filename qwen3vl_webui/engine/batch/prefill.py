@@ -1,6 +1,6 @@
 """One prompt chunk through the Qwen3-VL text model: eagerly, replayed from a CUDA graph, or compiled by dynamo.
 
-The eager text model costs ~0.85 ms of host time a layer whatever the length (bench/ENGINE_NOTES.md): ~30 ms for any
+The eager text model costs ~0.85 ms of host time a layer whatever the length (docs/engine.md): ~30 ms for any
 prompt on an H100, more than the GPU needs for ~900 tokens. `ChunkGraphs` captures a first chunk (empty past) at a
 few padded lengths at start-up, so a fresh prompt's text forward costs one graph replay of host time.
 """

@@ -13,7 +13,7 @@ from qwen3vl_webui.engine.batch import prefill
 from qwen3vl_webui.engine.batch.kv import LayerKV, SlotKV
 from qwen3vl_webui.engine.batch.scheduler import PrefillJob, PrefillPlan
 from qwen3vl_webui.kernels import vision
-from qwen3vl_webui.weights.loading import LoadedModel
+from qwen3vl_webui.weights.model import LoadedModel
 
 
 @dataclass(frozen=True)

@@ -165,7 +165,7 @@ class Worker:
 
     def _release(self) -> None:
         gc.collect()
-        from qwen3vl_webui.weights.loading import release_cached_memory
+        from qwen3vl_webui.weights.model import release_cached_memory
 
         release_cached_memory()
 

@@ -1,0 +1,78 @@
+"""A loaded model and what every loader shares: its record, the compute dtype per precision, freeing GPU memory."""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from qwen3vl_webui import precisions
+
+
+class LoadRefused(RuntimeError):
+    """A load option that cannot work here (e.g. a kernel whose package is missing)."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: Any
+    processor: Any
+    precision: str
+    device: str
+    source: str
+    load_seconds: float
+    weights_bytes: int
+    is_demo: bool
+
+    @property
+    def label(self) -> str:
+        if self.precision == "int8wo" and not str(self.device).startswith("cuda"):
+            return "INT8 weight-only (per-channel int8 weights, fp32 compute on CPU)"
+        return precisions.label(self.precision)
+
+
+def compute_dtype(precision: str, device: str) -> Any:
+    """The dtype of unquantized weights and activations for `precision` on `device`."""
+    import torch
+
+    if precision == "int8":
+        return torch.float16  # LLM.int8 casts activations to fp16 anyway (one warning per layer otherwise)
+    if precision == "int8wo":
+        # The int8 weights are widened to the activation dtype per matmul; CPUs do fp32 matmuls faster than bf16.
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if precision == "fp16":
+        return torch.float16
+    if precision == "fp32":
+        return torch.float32
+    return torch.bfloat16
+
+
+def loaded(
+    model: Any, processor: Any, precision: str, device: str, source: str, started: float, is_demo: bool
+) -> LoadedModel:
+    """The LoadedModel of a model now on `device` (`started`: perf_counter at the start of the load)."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+        release_cached_memory()  # quantizing on the GPU leaves transient blocks cached
+    return LoadedModel(
+        model=model,
+        processor=processor,
+        precision=precision,
+        device=device,
+        source=source,
+        load_seconds=time.perf_counter() - started,
+        weights_bytes=model.get_memory_footprint(),
+        is_demo=is_demo,
+    )
+
+
+def release_cached_memory() -> None:
+    """Returns cached GPU memory to the driver once the caller has dropped its references."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
