@@ -1,0 +1,125 @@
+"""Every gradio internal the app uses (ui/gradio_compat.py), checked on a real Blocks: a gradio upgrade that removes or
+changes one fails here, loudly, instead of quietly returning 0 or setting an attribute nobody reads."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qwen3vl_webui.ui import gradio_compat
+from qwen3vl_webui.ui.gradio_compat import GradioChanged
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+
+def _echo(message: Any, history: Any) -> str:
+    return "ok"
+
+
+@pytest.fixture
+def mounted() -> tuple[Any, Any]:
+    """A chat page like the app's (ChatInterface with a custom textbox, an example with a file), queued and mounted."""
+    import fastapi
+    import gradio as gr
+
+    with gr.Blocks() as demo:
+        textbox = gr.MultimodalTextbox(file_types=[".png"], stop_btn=True)
+        gr.ChatInterface(fn=_echo, multimodal=True, chatbot=gr.Chatbot(), textbox=textbox, api_name="chat")
+        gr.Examples([[{"text": "x", "files": [str(ASSETS / "example.png")]}]], inputs=[textbox])
+    gradio_compat.set_max_threads(demo, 57)
+    demo.queue(max_size=3)
+    gradio_compat.set_session_capacity(demo, 123)
+    http = fastapi.FastAPI()
+    gr.mount_gradio_app(http, demo, path="/")
+    gradio_compat.check_uploaded_paths(demo)
+    return demo, http
+
+
+def test_the_queue_length_and_its_running_jobs(mounted: tuple[Any, Any]) -> None:
+    demo, _ = mounted
+    assert gradio_compat.queue_length(demo) == 0 and gradio_compat.queue_busy(demo) is False
+    assert demo._queue.max_thread_count == 57  # what set_max_threads set is what the queue runs
+    assert isinstance(demo._queue.active_jobs, list)  # filled with None per worker when the queue starts
+    demo._queue.active_jobs = [None, object()]  # one event being processed
+    assert gradio_compat.queue_busy(demo) is True
+
+
+def test_a_changed_internal_raises_unless_the_caller_can_do_without_it() -> None:
+    class Changed:  # a Blocks from a gradio without `_queue`
+        pass
+
+    with pytest.raises(GradioChanged, match=r"gradio .* changed: Blocks has no `_queue`; update .*gradio_compat\.py"):
+        gradio_compat.queue_length(Changed())
+    assert gradio_compat.queue_length(Changed(), default=0) == 0  # the panel keeps working
+    assert gradio_compat.queue_busy(Changed(), default=False) is False  # shutdown is not blocked
+    with pytest.raises(GradioChanged):
+        gradio_compat.set_max_threads(Changed(), 4)
+
+
+def test_the_chat_events_share_one_concurrency_group(mounted: tuple[Any, Any]) -> None:
+    demo, _ = mounted
+    matched = gradio_compat.share_concurrency(demo, ("_submit_fn", "_stream_fn", "chat"), "gpu", 9)
+    chat_fns = [fn for fn in demo.fns.values() if fn.name in ("_submit_fn", "_stream_fn", "chat")]
+    names = {fn.name for fn in chat_fns}
+    assert matched == len(chat_fns) >= 2 and "_submit_fn" in names  # the UI's event and the /chat API's
+    assert all(fn.concurrency_id == "gpu" and fn.concurrency_limit == 9 for fn in chat_fns)
+    with pytest.raises(GradioChanged, match="no event function is named"):
+        gradio_compat.share_concurrency(demo, ("renamed_submit",), "other", 1)
+
+
+def test_the_mounted_app_its_sessions_uploads_and_streams(mounted: tuple[Any, Any]) -> None:
+    from gradio import processing_utils
+    from gradio.routes import App
+
+    demo, http = mounted
+    app = gradio_compat.mounted_app(http)
+    assert isinstance(app, App)
+    assert app.state_holder.capacity == 123  # the session capacity reached gradio's StateHolder
+    assert Path(gradio_compat.upload_dir(app)).is_absolute()
+    assert callable(gradio_compat.end_streams(app))
+    # The upload-path check runs only when has_launched is set (launch() sets it, mounting does not).
+    assert demo.has_launched is True and "has_launched" in inspect.getsource(processing_utils._check_allowed)
+    with pytest.raises(GradioChanged, match="mounted no gradio.routes.App"):
+        gradio_compat.mounted_app(type("Bare", (), {"routes": []})())
+
+
+def test_the_upload_folder_follows_gradio_temp_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    assert Path(gradio_compat.upload_folder()).resolve() == tmp_path.resolve()
+
+
+def test_the_page_examples_are_kept_files(mounted: tuple[Any, Any]) -> None:
+    demo, _ = mounted
+    kept = gradio_compat.kept_files(demo)
+    assert any(Path(p).name == "example.png" for p in kept), kept
+
+
+def test_closing_a_mounted_blocks(mounted: tuple[Any, Any]) -> None:
+    demo, _ = mounted
+    gradio_compat.close_blocks(demo)  # launch() never ran: Blocks.close reads `server`, which it sets
+    assert demo.server is None
+
+
+def test_the_share_tunnel(mounted: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from gradio import networking, tunneling
+
+    params = list(inspect.signature(networking.setup_tunnel).parameters)
+    assert params[:3] == ["local_host", "local_port", "share_token"] and len(params) == 5
+    demo, _ = mounted
+    calls: list[tuple] = []
+    monkeypatch.setattr(networking, "setup_tunnel", lambda *a: calls.append(a) or "https://x.gradio.live")
+    monkeypatch.setattr(tunneling, "CURRENT_TUNNELS", ["tunnel"])
+    assert gradio_compat.open_share_link(demo, "127.0.0.1", 7860) == ("https://x.gradio.live", ["tunnel"])
+    assert calls == [("127.0.0.1", 7860, demo.share_token, None, None)] and demo.share_url == "https://x.gradio.live"
+
+
+def test_gradio_still_imports_matplotlib_around_events() -> None:
+    """skip_absent_matplotlib exists because of this class (tests/test_app.py measures the searches it saves)."""
+    from gradio import utils
+
+    assert "matplotlib" in inspect.getsource(utils.MatplotlibBackendMananger)
+    assert os.environ.get("GRADIO_TEMP_DIR")  # conftest isolates uploads: the fixtures above write none elsewhere
