@@ -1,4 +1,4 @@
-"""The engine's face to the UI: chat streams under the scheduler, warm-up, OOM recovery, deadlines, drain."""
+"""The service the UI talks to: chats under one admission and the scheduler, warm-up, OOM recovery, deadlines, drain."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Owns the loaded model: first load (with demo fallback), precision switch, memory release."""
+"""Owns the loaded model: first load (with demo fallback), precision switch, the decoder and the context caps."""
 
 from __future__ import annotations
 
