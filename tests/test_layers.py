@@ -34,8 +34,8 @@ RANKS = {"base": 0, "kernels": 1, "weights": 2, "engine": 3, "service": 4, "ui":
          "cli": 8, "__main__": 9}  # fmt: skip
 GRADIO = ("gradio", "gradio_client", "fastapi", "starlette", "uvicorn")
 TORCH = ("torch", "transformers", "triton", "bitsandbytes", "torchvision")
-# Until bench/ imports qwen3vl_webui.weights.tiny_model: testing/tiny_model.py only re-exports it.
-ALIASES = {f"{PACKAGE}.testing": f"{PACKAGE}.weights", f"{PACKAGE}.testing.tiny_model": f"{PACKAGE}.weights.tiny_model"}
+# Modules kept only to re-export another's names under an old path (none now); each must do nothing else.
+ALIASES: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
