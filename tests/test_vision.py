@@ -44,7 +44,7 @@ def test_packed_attention_is_only_routed_on_cuda_in_16_bit(tiny_loaded) -> None:
 
 def test_packed_attention_routes_each_images_patches_among_themselves(tiny_loaded, monkeypatch, tmp_path) -> None:
     """The route's tensor layouts, checked on CPU: torch's varlen flash kernel (CUDA only; its features matched SDPA's
-    exactly on an H100, bench/ttft_probe.py) stands in as per-segment SDPA over the same boundaries, for a message
+    exactly on an H100, `git show 0ad4f07^:bench/ttft_probe.py`) stands in as per-segment SDPA over the same boundaries, for a message
     with two images of different sizes."""
     import torch.nn.functional as F
 

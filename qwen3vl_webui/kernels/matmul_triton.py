@@ -35,7 +35,7 @@ class KernelConfig(NamedTuple):
     fast_cvt: bool
 
 
-# Best of bench/int8wo_check.py's sweep per (row class, N, K) on an H100 80GB HBM3 (bench/int8wo_check.h100.json:
+# Best of bench/int8wo_check.py's sweep per (row class, N, K) on an H100 80GB HBM3 (bench/results/h100/int8wo_check.json:
 # 1 row from run 2's wider sweep, 16/32 rows from run 1), for the 4B's q (2560->4096), k/v (2560->1024),
 # o (4096->2560), gate/up (2560->9728) and down (9728->2560). Runners-up were within ~3% (the sweep's noise).
 TUNED: dict[tuple[int, int, int], KernelConfig] = {
@@ -183,7 +183,7 @@ def int8_matmul(x: Any, weight: Any, scale: Any, config: KernelConfig | None = N
 
 
 # 16-bit weights, one row, keyed (N, K): the best of bench/gemv_check.py's 56-config sweep on an H100 80GB HBM3
-# (bench/gemv_check.h100.json), 36 distinct weights per shape in one CUDA graph as in the decode step. fast_cvt is moot.
+# (bench/results/h100/gemv_check.json), 36 distinct weights per shape in one CUDA graph as in the decode step. fast_cvt is moot.
 TUNED16: dict[tuple[int, int], KernelConfig] = {
     (6144, 2560): KernelConfig(1, 8, 512, 4, 1, False),  # fused q/k/v
     (2560, 4096): KernelConfig(1, 2, 1024, 4, 1, False),  # o

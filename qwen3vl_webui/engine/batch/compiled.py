@@ -41,7 +41,7 @@ def should_compile(requested: bool | None, device: str, precision: str) -> bool:
     """None means: on for CUDA bf16/fp16, int8wo (its matmul is a custom op) and int4; off on CPU and for LLM.int8.
 
     nf4 compiles with graph breaks around the bitsandbytes matmuls: 256 tok/s at 1 stream against ~130 with
-    graphs alone on an H100 (bench/matrix_int4.h100.json), greedy tokens parting from `generate`'s only at exact
+    graphs alone on an H100 (`git show 0ad4f07^:bench/matrix_int4.h100.json`), greedy tokens parting from `generate`'s only at exact
     ties of its logits. LLM.int8 with its default threshold cannot be captured and decodes eagerly.
     """
     if requested is not None:

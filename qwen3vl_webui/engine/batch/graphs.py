@@ -48,7 +48,7 @@ class DecodeGraphs:
         self.prefill_warmup_s = 0.0
         # Decode Linears (kernels/fusion.py): q/k/v and gate/up as one product each, and one-row products on 16-bit
         # weights through the Triton GEMV. On by default on CUDA (bf16 1 stream 219 -> 270 tok/s on an H100,
-        # bench/gemv_check.h100.json); each skips the layers it cannot take (quantized, fp32).
+        # bench/results/h100/gemv_check.json); each skips the layers it cannot take (quantized, fp32).
         self.fuse = on_cuda if options.fuse is None else bool(options.fuse)
         self.gemv = on_cuda if options.gemv is None else bool(options.gemv)
         self.gemv_linears = 0
