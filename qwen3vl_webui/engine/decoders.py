@@ -21,7 +21,7 @@ Stream = Iterator[tuple[str, "RequestStats | None"]]
 
 class Decoder(Protocol):
     name: str
-    max_context: int  # tokens per request the next `attach` sizes for (the batch engine's KV slots)
+    max_context: int  # tokens per request the next `attach` sizes the KV slots for; 0: nothing to size (generate)
 
     def attach(self, loaded: LoadedModel) -> None: ...  # a model was loaded: build what decoding needs
 

@@ -115,7 +115,8 @@ class ModelManager:
             self.decoder = make_decoder(
                 self.decoder_kind, loaded.device, self.scheduler.max_concurrency, configured, self.demo_dir
             )
-        self.decoder.max_context = configured
+        if self.decoder.max_context:  # 0: a decoder with nothing to size (generate's cache grows per request)
+            self.decoder.max_context = configured
         note = " (compiling the decode step: about a minute per batch size on a first start)" if (
             self.decoder.name == "batch" and loaded.device.startswith("cuda")
         ) else ""
@@ -216,7 +217,7 @@ class ModelManager:
         configured caps reserved beyond them goes back. Call while no chat runs (the scheduler's exclusive section)."""
         loaded, decoder = self._loaded, self.decoder
         target = self.limits.current.max_context
-        if loaded is None or decoder is None or decoder.max_context == target:
+        if loaded is None or decoder is None or not decoder.max_context or decoder.max_context == target:
             return
         ready = self.status
         self._progress(f"Resizing the decoder's KV cache to {target:,} tokens a slot…")
