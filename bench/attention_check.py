@@ -93,7 +93,7 @@ def kernel_section(report: dict[str, Any], copy_gb_s: float) -> None:
     import torch
     from torch.nn.attention import SDPBackend
 
-    from qwen3vl_webui.engine import attention
+    from qwen3vl_webui.kernels import attention
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rng = torch.Generator().manual_seed(0)
@@ -172,7 +172,7 @@ def splits_section(report: dict[str, Any]) -> None:
     """More splits than the heuristic's cap (16) for one long row, and 1 vs 2 at 32 short rows."""
     import torch
 
-    from qwen3vl_webui.engine import attention
+    from qwen3vl_webui.kernels import attention
 
     rng = torch.Generator().manual_seed(1)
     cases = [

@@ -35,10 +35,10 @@ def load(model: str, precision: str, device: str, write_preset: str | None = Non
     --random-weights). `write_preset`: write random weights of that preset into a directory that has none first
     (bitsandbytes' int4/int8 quantize while loading a checkpoint, so they need one). eos is switched off: every
     stream decodes exactly its max new tokens."""
-    from qwen3vl_webui.engine.loading import load_model
+    from qwen3vl_webui.weights.loading import load_model
 
     if write_preset and not model.startswith("random-weights:") and not (Path(model) / "config.json").exists():
-        from qwen3vl_webui.testing.tiny_model import write_checkpoint
+        from qwen3vl_webui.weights.tiny_model import write_checkpoint
 
         started = time.perf_counter()
         dtype = "bfloat16" if write_preset == "4b" else None
@@ -89,7 +89,7 @@ def make_prompts(count: int, length: int, vocab: int, seed: int = 0) -> list[Any
     """Text prompts of `length` random ordinary-token ids, as the engine's PreparedPrompt (distinct per seed)."""
     import torch
 
-    from qwen3vl_webui.engine.generation import PreparedPrompt
+    from qwen3vl_webui.engine.request import PreparedPrompt
 
     gen = torch.Generator().manual_seed(seed)
     prompts = []
@@ -130,7 +130,7 @@ def image_path(seed: int = 0) -> Path:
 def make_image_prompt(loaded: Any, new_tokens: int, seed: int = 0) -> Any:
     """A 1280x720 image and a question, through the app's own `build_prompt` (about 910 prompt tokens)."""
     from qwen3vl_webui.conversation import UserMessage
-    from qwen3vl_webui.engine.generation import ChatRequest, build_prompt
+    from qwen3vl_webui.service.prompt import ChatRequest, build_prompt
 
     path = write_image(image_path(seed), seed)
     message = UserMessage("Describe this image in detail.", (str(path),))
@@ -139,7 +139,7 @@ def make_image_prompt(loaded: Any, new_tokens: int, seed: int = 0) -> Any:
 
 def greedy(tokens: int) -> Any:
     """Greedy sampling without a repetition penalty: the same work for `generate` and the engine."""
-    from qwen3vl_webui.engine.generation import SamplingParams
+    from qwen3vl_webui.engine.request import SamplingParams
 
     return SamplingParams(max_new_tokens=tokens, temperature=0.0, repetition_penalty=1.0)
 
@@ -367,7 +367,7 @@ def engine_ttft(engine: Any, prompt: Any) -> float:
 
 def generate_ttft(loaded: Any, prompt: Any) -> float:
     """TTFT of plain `stream_generate` (the app's path) for one prompt: median of 3 after a warm-up run."""
-    from qwen3vl_webui.engine.generation import stream_generate
+    from qwen3vl_webui.engine.generate import stream_generate
 
     ttfts = []
     for _ in range(1 + RUNS):

@@ -35,7 +35,7 @@ SHAPES = [
 
 
 def configs() -> list[Any]:
-    from qwen3vl_webui.engine.int8_kernels import KernelConfig
+    from qwen3vl_webui.kernels.matmul_triton import KernelConfig
 
     out = []
     for bn in (2, 4, 8, 16, 32):
@@ -51,7 +51,7 @@ def sweep_section(report: dict[str, Any], deadline: float) -> dict[tuple[int, in
     import torch
     import torch.nn.functional as F
 
-    from qwen3vl_webui.engine import int8_kernels as ik
+    from qwen3vl_webui.kernels import matmul_triton as ik
 
     best: dict[tuple[int, int], Any] = {}
     rows = []
@@ -98,7 +98,7 @@ def step_section(report: dict[str, Any]) -> None:
     import torch
     import torch.nn.functional as F
 
-    from qwen3vl_webui.engine import int8_kernels as ik
+    from qwen3vl_webui.kernels import matmul_triton as ik
 
     qkv_n, gu_n = HEADS_DIM + 2 * KV_DIM, 2 * INTER
     layers = [
@@ -151,7 +151,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from qwen3vl_webui.engine import int8_kernels as ik
+    from qwen3vl_webui.kernels import matmul_triton as ik
 
     started = time.monotonic()
     report: dict[str, Any] = dict(device=torch.cuda.get_device_name(), torch=torch.__version__)

@@ -30,7 +30,7 @@ def with_random_ids(prompt: Any, vocab: int, count: int, seed: int) -> Any:
     repeated token."""
     import torch
 
-    from qwen3vl_webui.engine.generation import PreparedPrompt
+    from qwen3vl_webui.engine.request import PreparedPrompt
 
     extra = torch.randint(0, vocab, (1, count), generator=torch.Generator().manual_seed(seed))
     inputs = dict(prompt.inputs)

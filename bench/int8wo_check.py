@@ -37,7 +37,7 @@ ROWS = (1, 8, 32)
 
 
 def _configs(rows: int, sweep: str = "base") -> list[Any]:
-    from qwen3vl_webui.engine.int8_kernels import KernelConfig as C
+    from qwen3vl_webui.kernels.matmul_triton import KernelConfig as C
 
     gemv = [(4, 1024, 4, 1), (8, 512, 4, 1), (8, 1024, 4, 1), (16, 256, 4, 1), (16, 512, 4, 1), (32, 256, 4, 1),
             (16, 1024, 8, 1), (32, 512, 8, 1)]  # fmt: skip
@@ -68,8 +68,8 @@ def _rel(out: Any, ref: Any) -> float:
 def kernels_section(report: dict[str, Any], sweep: str = "base") -> None:
     import torch
 
-    from qwen3vl_webui.engine import int8_kernels as ik
-    from qwen3vl_webui.engine.quant import quantize_weight
+    from qwen3vl_webui.kernels import matmul_triton as ik
+    from qwen3vl_webui.kernels.int8 import quantize_weight
 
     rows_out: list[dict[str, Any]] = []
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -94,8 +94,8 @@ def kernel_row(x: Any, w16: Any, q: Any, scale: Any, sweep: str = "base") -> dic
     import torch
     import torch.nn.functional as F
 
-    from qwen3vl_webui.engine import int8_kernels as ik
-    from qwen3vl_webui.engine.quant import _dequant_matmul
+    from qwen3vl_webui.kernels import matmul_triton as ik
+    from qwen3vl_webui.kernels.int8 import _dequant_matmul
 
     (rows, k), n = x.shape, q.shape[0]
     ref = x.double() @ (q.double() * scale.double()[:, None]).T
@@ -158,7 +158,7 @@ def step_linears_section(report: dict[str, Any]) -> None:
     import torch
     import torch.nn.functional as F
 
-    from qwen3vl_webui.engine import int8_kernels as ik
+    from qwen3vl_webui.kernels import matmul_triton as ik
 
     out: dict[str, Any] = {}
     qs = [(torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8), torch.rand(n, device="cuda") / 1e3)
@@ -183,7 +183,8 @@ def load_int8_threshold0(checkpoint: str) -> Any:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
-    from qwen3vl_webui.engine.loading import SKIP_QUANTIZATION, LoadedModel
+    from qwen3vl_webui.weights.loading import SKIP_QUANTIZATION
+    from qwen3vl_webui.weights.model import LoadedModel
 
     started = time.perf_counter()
     cfg = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0, llm_int8_skip_modules=SKIP_QUANTIZATION)
@@ -236,7 +237,7 @@ def main() -> None:
 
     import torch
 
-    from qwen3vl_webui.engine.loading import load_model
+    from qwen3vl_webui.weights.loading import load_model
 
     sections = args.sections.split(",")
     report: dict[str, Any] = dict(
@@ -269,7 +270,7 @@ def main() -> None:
     run("step_linears", 20, lambda: step_linears_section(report))
 
     if "quality" in sections:
-        from qwen3vl_webui.testing.tiny_model import write_checkpoint
+        from qwen3vl_webui.weights.tiny_model import write_checkpoint
 
         t = time.perf_counter()
         write_checkpoint(args.checkpoint, preset="4b", dtype="bfloat16", device="cuda")

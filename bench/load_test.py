@@ -172,7 +172,7 @@ DOORS = {"gradio": GradioDoor}
 def load_tokenizer(name: str) -> Any:
     """'tiny': the project's generated tokenizer (--demo, --random-weights); else a Hugging Face id or directory."""
     if name == "tiny":
-        from qwen3vl_webui.testing.tiny_model import build_tokenizer
+        from qwen3vl_webui.weights.tiny_model import build_tokenizer
 
         return build_tokenizer()
     from transformers import AutoTokenizer

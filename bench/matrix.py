@@ -88,7 +88,7 @@ def follow_up(engine: Any, loaded: Any, path: str, new_tokens: int) -> dict[str,
     nothing retained (the same prompt prefilled whole, vision tower included). Medians of 3 each, after a warm-up
     of each, with retained prefixes dropped before every run (the engine is idle between runs)."""
     from qwen3vl_webui.conversation import Turn, UserMessage
-    from qwen3vl_webui.engine.generation import ChatRequest, build_prompt
+    from qwen3vl_webui.service.prompt import ChatRequest, build_prompt
 
     question = UserMessage("Describe this image in detail.", (path,))
     p1 = build_prompt(loaded, ChatRequest(question, sampling=common.greedy(new_tokens)))

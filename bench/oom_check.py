@@ -62,17 +62,19 @@ def _memory(device: str) -> dict[str, int]:
 
 def check_decoder(args: argparse.Namespace, decoder: str, image: str) -> dict[str, Any]:
     from qwen3vl_webui.conversation import UserMessage
-    from qwen3vl_webui.engine.generation import ChatRequest, RequestError, SamplingParams
-    from qwen3vl_webui.engine.manager import ModelManager
-    from qwen3vl_webui.engine.scheduler import Scheduler
-    from qwen3vl_webui.engine.service import ChatService
+    from qwen3vl_webui.engine.request import RequestError, SamplingParams
     from qwen3vl_webui.media import MediaBudget
+    from qwen3vl_webui.service.admission import Scheduler
+    from qwen3vl_webui.service.chat import ChatService
+    from qwen3vl_webui.service.limits import Limits
+    from qwen3vl_webui.service.manager import ModelManager
+    from qwen3vl_webui.service.prompt import ChatRequest
     from qwen3vl_webui.telemetry import GenerationStats, GpuProbe
 
     scheduler = Scheduler(args.concurrency, 8)
     manager = ModelManager(
         args.checkpoint or "demo", args.precision, args.device, "sdpa", scheduler, demo_dir=args.cache_dir,
-        decoder=decoder, max_context=args.max_context,
+        decoder=decoder, limits=Limits(args.max_context, 1024),
     )  # fmt: skip
     manager.load(use_demo=args.checkpoint is None)
     service = ChatService(manager, scheduler, GenerationStats(), GpuProbe())
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
     if args.write:
-        from qwen3vl_webui.testing.tiny_model import write_checkpoint
+        from qwen3vl_webui.weights.tiny_model import write_checkpoint
 
         target = args.checkpoint or str(Path(tempfile.gettempdir()) / f"qwen3vl-{args.preset}-random")
         args.checkpoint = str(write_checkpoint(target, preset=args.preset, dtype="bfloat16", device="cuda"))

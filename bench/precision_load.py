@@ -26,9 +26,11 @@ def measure(checkpoint: str, precision: str, new_tokens: int) -> dict:
     from PIL import Image
 
     from qwen3vl_webui.conversation import UserMessage
-    from qwen3vl_webui.engine.generation import ChatRequest, SamplingParams, build_prompt, stream_generate
-    from qwen3vl_webui.engine.loading import load_model
+    from qwen3vl_webui.engine.generate import stream_generate
+    from qwen3vl_webui.engine.request import SamplingParams
+    from qwen3vl_webui.service.prompt import ChatRequest, build_prompt
     from qwen3vl_webui.telemetry import GpuProbe
+    from qwen3vl_webui.weights.loading import load_model
 
     probe = GpuProbe()
     base_nvml = probe.read().memory_used
@@ -88,7 +90,7 @@ def main() -> None:
         print("RESULT " + json.dumps(measure(args.checkpoint, args.one, args.new_tokens)), flush=True)
         return
     if args.write:
-        from qwen3vl_webui.testing.tiny_model import write_checkpoint
+        from qwen3vl_webui.weights.tiny_model import write_checkpoint
 
         t = time.perf_counter()
         write_checkpoint(args.checkpoint, preset="4b", dtype="bfloat16", device="cuda")

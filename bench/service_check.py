@@ -33,14 +33,16 @@ def main() -> None:
     from PIL import Image
 
     from qwen3vl_webui.conversation import UserMessage
-    from qwen3vl_webui.engine.generation import ChatRequest, SamplingParams
-    from qwen3vl_webui.engine.manager import ModelManager
-    from qwen3vl_webui.engine.scheduler import Scheduler
-    from qwen3vl_webui.engine.service import ChatService
+    from qwen3vl_webui.engine.request import SamplingParams
+    from qwen3vl_webui.service.admission import Scheduler
+    from qwen3vl_webui.service.chat import ChatService
+    from qwen3vl_webui.service.limits import Limits
+    from qwen3vl_webui.service.manager import ModelManager
+    from qwen3vl_webui.service.prompt import ChatRequest
     from qwen3vl_webui.telemetry import GenerationStats, GpuProbe
 
     if args.write and args.checkpoint != RANDOM_4B and not Path(args.checkpoint, "config.json").exists():
-        from qwen3vl_webui.testing.tiny_model import write_checkpoint
+        from qwen3vl_webui.weights.tiny_model import write_checkpoint
 
         write_checkpoint(args.checkpoint, preset="4b", dtype="bfloat16", device="cuda")
     rng = np.random.default_rng(0)
@@ -68,7 +70,7 @@ def main() -> None:
         "sdpa",
         scheduler,
         decoder=args.engine,
-        max_context=4096,
+        limits=Limits(4096, 1024),
     )
     service = ChatService(manager, scheduler, collected, GpuProbe())
     t = time.perf_counter()

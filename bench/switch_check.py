@@ -23,15 +23,16 @@ def main() -> None:
     import torch
 
     from qwen3vl_webui.conversation import UserMessage
-    from qwen3vl_webui.engine.generation import ChatRequest, SamplingParams
-    from qwen3vl_webui.engine.manager import ModelManager, SwitchRefused
-    from qwen3vl_webui.engine.scheduler import Scheduler
-    from qwen3vl_webui.engine.service import ChatService
+    from qwen3vl_webui.engine.request import SamplingParams
+    from qwen3vl_webui.service.admission import Scheduler
+    from qwen3vl_webui.service.chat import ChatService
+    from qwen3vl_webui.service.manager import ModelManager, SwitchRefused
+    from qwen3vl_webui.service.prompt import ChatRequest
     from qwen3vl_webui.telemetry import GenerationStats, GpuProbe
     from qwen3vl_webui.ui.panels import format_panel
 
     if args.write:
-        from qwen3vl_webui.testing.tiny_model import write_checkpoint
+        from qwen3vl_webui.weights.tiny_model import write_checkpoint
 
         write_checkpoint(args.checkpoint, preset="4b", dtype="bfloat16", device="cuda")
     scheduler = Scheduler(1, 4)
