@@ -30,7 +30,11 @@ CARRY = (
     "brotli==1.2.1", "groovy==0.1.2", "pydub==0.25.1", "python-multipart==0.0.34", "pytz==2026.6",
     "safehttpx==0.1.7", "semantic-version==2.10.0", "tomlkit==0.14.0", "transformers==5.23.0",
     "regex==2026.11.19",  # transformers checks regex>=2025.10.22 at import; the image's version is not recorded
+    "qwen-vl-utils==0.0.14",  # vision_rules.py compiles its budget rules from its source file
 )  # fmt: skip
+# Carried for their files only, never imported (vision_rules.py reads qwen_vl_utils' source): their requirements
+# (av, requests) need not be met.
+SOURCE_ONLY = {"qwen-vl-utils"}
 # The device image's packages (KINDS.md's list for nvidia-h200, 2026-11-17) with the versions recorded there or in
 # FACTS.md; None: present, version not recorded.
 DEVICE: dict[str, str | None] = {
@@ -86,6 +90,8 @@ def check(folder: Path = FOLDER) -> list[str]:
     problems += [f"missing from {folder}: {name}" for name in sorted(wanted - set(carried))]
     for wheel in wheels:
         name, _version, requires = metadata(wheel)
+        if canonical(name) in SOURCE_ONLY:
+            continue
         for line in requires:
             req = Requirement(line)
             if req.marker is not None and not req.marker.evaluate(ENVIRONMENT):
