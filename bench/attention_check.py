@@ -8,7 +8,7 @@ every section.
             buffers, like 36 layers) for the Triton kernel (split sweep) and SDPA over the whole slot with a mask.
   splits    the split count swept wider (1..64) for long single rows and for 32 rows of equal length.
 Re-run it when the kernel, its split heuristic or the GPU changes. (The engine A/B sections this script also ran,
-SDPA vs the kernel and dynamic vs static compiles, answered their questions in ENGINE_NOTES v3 and were removed;
+SDPA vs the kernel and dynamic vs static compiles, answered their questions in docs/engine.md (v3) and were removed;
 the fp32 greedy check of the whole engine is bench.greedy.)
 
     python -m bench.attention_check --out $OUT/attention_check.json                 # ~40 s on an H100

@@ -14,7 +14,7 @@
 
 Sections run in that order while `--deadline-s` allows; the JSON is rewritten after every section. Re-run it when
 the int8 kernels or the GPU change: the sweep's best configs are what `int8_kernels.TUNED` holds. (The engine rates
-this script also measured answered their question in ENGINE_NOTES' int8wo section and were removed: the engine's
+this script also measured answered their question in docs/engine.md's int8wo section and were removed: the engine's
 figures in every precision come from bench.matrix.)
 """
 
