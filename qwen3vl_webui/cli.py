@@ -10,6 +10,7 @@ from qwen3vl_webui import precisions
 from qwen3vl_webui.config import (
     ATTENTION,
     DEFAULT_MODEL,
+    ENGINES,
     RANDOM_WEIGHTS,
     WARMUP_MODES,
     Settings,
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--precision", "precision", _rule("precision"), choices=precisions.CHOICES)
     add("--device", "device", "auto, cpu, cuda or cuda:N")
     add("--attn", "attn", _rule("attn"), choices=ATTENTION)
-    add("--engine", "engine", _rule("engine"), choices=("auto", "generate", "batch"))
+    add("--engine", "engine", _rule("engine"), choices=ENGINES)
     add("--max-concurrency", "max_concurrency", _rule("max_concurrency"), type=int, metavar="N")
     add("--queue-size", "queue_size", _rule("queue_size"), type=int, metavar="M")
     add("--max-context", "max_context", _rule("max_context"), type=int, metavar="TOKENS")
@@ -72,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--auth-file", dest="auth_file", default=env_default("auth_file", None), metavar="PATH",
         help=f"file of user:password lines (# comments allowed) [env {env_name('auth_file')}]",
     )  # fmt: skip
+    p.add_argument(
+        "--api-key", dest="api_key", default=env_default("api_key", None), metavar="KEY",
+        help=f"bearer key the OpenAI-compatible API (/v1) requires [env {env_name('api_key')}; prefer the env var]",
+    )  # fmt: skip
+    add("--open-api", "open_api", "serve /v1 without a key even though --auth protects the page", action="store_true")
+    add("--allowed-media-domains", "allowed_media_domains", "hosts whose http(s) image/video URLs the API may "
+        "fetch, comma-separated (never a private or loopback address); default none: data: URIs only", metavar="HOSTS")  # fmt: skip
+    add("--served-model-name", "served_model_name", "the model name the API answers to (default: --model, or "
+        "qwen3vl-demo with --demo)", metavar="NAME")  # fmt: skip
     p.add_argument(
         "--admin-auth", dest="admin_auth", default=env_default("admin_auth", None), metavar="USER:PASSWORD",
         help=f"the operator's login: precision switch and memory release are theirs alone (without it, only when "

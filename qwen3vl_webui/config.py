@@ -15,6 +15,7 @@ DEFAULT_MODEL = "Qwen/Qwen3-VL-4B-Instruct"
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 WARMUP_MODES = ("auto", "full", "quick", "off")
 RANDOM_WEIGHTS = ("off", "4b", "tiny")
+ENGINES = ("auto", "generate", "batch", "batch-inproc")
 ENV_PREFIX = "QWEN3VL_"
 
 
@@ -56,9 +57,10 @@ _RULES: dict[str, tuple[Any, str]] = {
     "max_history_turns": ((1, 10000), "earlier turns the server keeps per conversation (older ones are forgotten)"),
     "max_files_per_chat": ((1, 1024), "images + videos the server keeps per conversation (older turns are forgotten)"),
     "engine": (
-        ("auto", "generate", "batch"),
-        "decoder: batch = continuous batching with CUDA-graph decode (one worker owns the GPU), "
-        "generate = transformers generate per request; auto = batch on a GPU, generate on a CPU or ZeroGPU",
+        ENGINES,
+        "decoder: batch = continuous batching with CUDA-graph decode in its own process (it owns the GPU), "
+        "batch-inproc = the same engine on a thread of the web server's process, generate = transformers generate "
+        "per request; auto = batch on a GPU, generate on a CPU or ZeroGPU",
     ),
     "request_timeout": ((0, 86400), "wall-clock seconds one chat request may take, waiting included; 0 = no limit"),
     "grace_seconds": ((0, 3600), "on SIGTERM, seconds running chats get to finish before they are stopped"),
@@ -112,6 +114,11 @@ class Settings:
     # "user:password"; kept out of repr so settings can be logged.
     auth: str | None = field(default=None, repr=False)
     auth_file: str | None = None
+    # The OpenAI-compatible API's bearer key (/v1); with a UI login and no key the API stays closed unless open_api.
+    api_key: str | None = field(default=None, repr=False)
+    open_api: bool = False
+    allowed_media_domains: str = ""  # hosts whose http(s) media URLs the API may fetch, comma-separated
+    served_model_name: str | None = None
     # The operator's "user:password": server-wide actions (precision switch, memory release) are theirs alone.
     admin_auth: str | None = field(default=None, repr=False)
     upload_max_age_minutes: int = 60

@@ -6,6 +6,7 @@ import logging
 import socket
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from qwen3vl_webui import ranges
@@ -40,12 +41,35 @@ class App:
         sock = self.listener or listen_socket(s.host, s.port)
         self.listener = None
         self.front = FrontDoor(
-            self.demo, s, session_capacity=SESSION_CAPACITY, css_paths=[ASSETS / "style.css"], allowed=[str(ASSETS)]
-        )
+            self.demo, s, session_capacity=SESSION_CAPACITY, css_paths=[ASSETS / "style.css"], allowed=[str(ASSETS)],
+            routers=(self._openai_router(),),
+        )  # fmt: skip
         self.front.start(sock, quiet=quiet)
         if not prevent_thread_lock:
             self.front.wait()
         return f"http://{s.host}:{s.port}/"
+
+    def _openai_router(self) -> Any:
+        from qwen3vl_webui.server.openai_api import ApiConfig, build_router
+        from qwen3vl_webui.ui import gradio_compat
+
+        s = self.settings
+        names = [s.served_model_name] if s.served_model_name else []
+        names += ["qwen3vl-demo"] if s.demo else [s.model if s.random_weights == "off" else f"random-{s.random_weights}"]
+        config = ApiConfig(
+            model_names=tuple(dict.fromkeys(names)),
+            api_key=s.api_key,
+            closed=bool(s.credentials()) and not s.api_key and not s.open_api,
+            # A body holds the messages and their files in base64 (4 bytes for 3): one file at the cap, and text.
+            max_body_bytes=s.max_file_mb * 2**20 * 4 // 3 + 2**20,
+            max_file_bytes=s.max_file_mb * 2**20,
+            max_files_per_turn=s.max_files_per_turn,
+            max_files_per_chat=s.max_files_per_chat,
+            max_turns=s.max_history_turns,
+            allowed_media_domains=frozenset(d.strip().lower() for d in s.allowed_media_domains.split(",") if d.strip()),
+            local_only=s.local_only,
+        )
+        return build_router(self.service, config, lambda: Path(gradio_compat.upload_folder()) / "openai")
 
     def queue_busy(self) -> bool:
         """Events waiting in or being processed by gradio's queue (0 if its internals change: shutdown goes on)."""
@@ -58,9 +82,10 @@ class App:
         return self.front is not None and self.front.running
 
     def close(self) -> None:
-        """Stops the web server and gradio's queue (not the model: the service's threads are daemons)."""
+        """Stops the web server and gradio's queue, then the engine process if there is one."""
         if self.front is not None:
             self.front.close()
+        self.service.manager.close()
         if self.listener is not None:
             self.listener.close()
             self.listener = None

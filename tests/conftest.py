@@ -56,6 +56,7 @@ def start_app(cache_dir: Path, *flags: str) -> tuple[Any, str]:
     app = build_app(settings)
     app.launch(prevent_thread_lock=True, quiet=True)
     app.service.manager.wait_ready(120)
+    app.service.warmed.wait(120)  # the start-up warm-up has run (the API answers 503 until then)
     return app, f"http://127.0.0.1:{port}/"
 
 

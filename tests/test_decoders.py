@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from qwen3vl_webui.conversation import UserMessage
 from qwen3vl_webui.engine.decoders import BatchDecoder, GenerateDecoder, make_decoder
+from qwen3vl_webui.engine.remote.decoder import RemoteDecoder
 from qwen3vl_webui.engine.request import SamplingParams
 from qwen3vl_webui.service.admission import Scheduler
 from qwen3vl_webui.service.limits import Limits
@@ -23,15 +26,16 @@ def _final(stream) -> tuple[str, object]:
     return text, stats
 
 
-def test_auto_picks_the_batch_engine_on_a_gpu_only() -> None:
-    assert isinstance(make_decoder("auto", "cuda", 4, 4096), BatchDecoder)
+def test_auto_picks_the_batch_engine_process_on_a_gpu_only() -> None:
+    assert isinstance(make_decoder("auto", "cuda", 4, 4096), RemoteDecoder)
     assert isinstance(make_decoder("auto", "cpu", 4, 4096), GenerateDecoder)
-    assert isinstance(make_decoder("batch", "cpu", 4, 4096), BatchDecoder)
+    assert isinstance(make_decoder("batch", "cpu", 4, 4096), RemoteDecoder)
+    assert isinstance(make_decoder("batch-inproc", "cpu", 4, 4096), BatchDecoder)
 
 
 def test_batch_engine_answers_like_generate_and_follows_a_precision_switch(tiny_checkpoint: Path) -> None:
     manager = ModelManager(
-        str(tiny_checkpoint), "fp32", "cpu", "sdpa", Scheduler(2, 4), decoder="batch", limits=Limits(1024, 256)
+        str(tiny_checkpoint), "fp32", "cpu", "sdpa", Scheduler(2, 4), decoder="batch-inproc", limits=Limits(1024, 256)
     )
     loaded = manager.load()
     assert isinstance(manager.decoder, BatchDecoder) and manager.decoder.engine.loaded is loaded
@@ -67,7 +71,7 @@ def test_the_panel_line_shows_batch_size_and_how_long_the_oldest_request_waits(t
     import time
 
     manager = ModelManager(
-        str(tiny_checkpoint), "fp32", "cpu", "sdpa", Scheduler(2, 4), decoder="batch", limits=Limits(512, 256)
+        str(tiny_checkpoint), "fp32", "cpu", "sdpa", Scheduler(2, 4), decoder="batch-inproc", limits=Limits(512, 256)
     )
     loaded = manager.load()
     long = SamplingParams(max_new_tokens=400, temperature=0.0, repetition_penalty=1.0)
@@ -98,15 +102,53 @@ def test_the_app_serves_chats_through_the_batch_engine(tiny_checkpoint: Path) ->
     from tests.conftest import start_app
 
     app, url = start_app(tiny_checkpoint.parent, "--engine", "batch", "--max-concurrency", "2", "--max-context", "2048")
+    decoder = app.service.manager.decoder
     try:
-        assert isinstance(app.service.manager.decoder, BatchDecoder)
+        assert isinstance(decoder, RemoteDecoder) and decoder.pid not in (None, os.getpid())
+        assert app.service.manager.current().model is None  # no weights in the web server's process
         answer = Client(url, verbose=False).predict({"text": "Hello", "files": []}, max_new_tokens=16, api_name="/chat")
         assert answer and not answer.startswith(ERROR_PREFIX)
-        engine = app.service.manager.decoder.engine
-        assert engine.snapshot().steps > 0 and app.service.stats.last.new_tokens >= 1
-        assert "batch engine" in app.service.snapshot().decoder
+        assert decoder.process.steps > 0 and app.service.stats.last.new_tokens >= 1
+        time.sleep(0.6)  # the engine reports its load twice a second
+        assert "batch engine in process" in app.service.snapshot().decoder
+        assert app.service.snapshot().engine.steps > 0
+        pid = decoder.pid
     finally:
         app.close()
+    assert _gone(pid)  # closing the app stops the engine process
+
+
+def _gone(pid: int, seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_the_engine_process_answers_like_generate_and_a_switch_starts_a_new_one(tiny_checkpoint: Path) -> None:
+    manager = ModelManager(
+        str(tiny_checkpoint), "fp32", "cpu", "sdpa", Scheduler(2, 4), decoder="batch", limits=Limits(1024, 256)
+    )
+    try:
+        loaded = manager.load()
+        assert loaded.model is None and loaded.precision == "fp32" and loaded.weights_bytes > 0
+        prompts = [build_prompt(loaded, ChatRequest(UserMessage(q), sampling=GREEDY)) for q in ("Hello", "Describe a ball")]
+        local = ModelManager(str(tiny_checkpoint), "fp32", "cpu", "sdpa", Scheduler(1, 1)).load()
+        reference = [_final(GenerateDecoder().stream(local, p, GREEDY, threading.Event()))[0] for p in prompts]
+        got = [_final(manager.decoder.stream(loaded, p, GREEDY, threading.Event()))[0] for p in prompts]
+        assert got == reference
+        old_pid = manager.decoder.pid
+        report = manager.switch("bf16")
+        assert report.new == "bf16" and manager.current().precision == "bf16" and manager.decoder.pid != old_pid
+        assert _gone(old_pid)  # the old precision's process exited: all its memory went back
+        text, stats = _final(manager.decoder.stream(manager.current(), prompts[0], GREEDY, threading.Event()))
+        assert stats.new_tokens >= 1
+    finally:
+        manager.close()
 
 
 def test_the_engine_compiles_every_precision_it_can_capture_on_a_gpu() -> None:
@@ -137,7 +179,7 @@ def test_a_lowered_warmup_resizes_the_batch_engine_to_the_caps_requests_are_held
     )
     manager.load()
     service = ChatService(manager, manager.scheduler, GenerationStats(), GpuProbe())
-    before = manager.decoder.engine
+    before = manager.decoder.info  # the engine process's report of what it allocated
     assert before.max_len == 4096 and service.limits == Limits(4096, 512)  # sized for the configured caps first
 
     def lowered(*args, **kwargs):  # what warmup.run returns when 4,096 and 2,048 tokens ran out of memory
@@ -146,8 +188,12 @@ def test_a_lowered_warmup_resizes_the_batch_engine_to_the_caps_requests_are_held
     monkeypatch.setattr(warmup, "run", lowered)
     service.warm_up("full", 64 * 64)
     assert service.limits == Limits(1024, 512) and service.configured_limits == Limits(4096, 512)
-    engine = manager.decoder.engine
-    assert engine is not before and engine.max_len == 1024  # the KV slots follow the lowered cap
+    after = manager.decoder.info
+    assert after.pid != before.pid and after.max_len == 1024  # a new engine process, its KV slots at the lowered cap
     assert manager.status.startswith("Ready:")
-    answer = list(service.chat(ChatRequest(UserMessage("Hello"), sampling=GREEDY, max_context=4096)))
-    assert answer and "1,024 tokens a slot" in manager.decoder.describe()  # held to 1,024, served by the new engine
+    try:
+        answer = list(service.chat(ChatRequest(UserMessage("Hello"), sampling=GREEDY, max_context=4096)))
+        time.sleep(0.6)  # the engine reports its load twice a second
+        assert answer and "1,024 tokens a slot" in manager.decoder.describe()  # held to 1,024, by the new engine
+    finally:
+        manager.close()

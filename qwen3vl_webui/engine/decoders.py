@@ -128,11 +128,17 @@ class BatchDecoder:
 
 
 def make_decoder(kind: str, device: str, max_batch: int, max_context: int, cache_dir: str | None = None) -> Decoder:
-    """`auto`: the batch engine on a GPU (outside ZeroGPU, where no worker thread may own the GPU)."""
+    """`auto`: the batch engine in its own process on a GPU (outside ZeroGPU, where the GPU exists only inside a
+    decorated call); generate elsewhere. `batch-inproc`: the batch engine on a thread of this process (the layout
+    before the engine process; kept to measure one against the other)."""
     from qwen3vl_webui.zerogpu import on_zero_gpu
 
     if kind == "auto":
         kind = "batch" if device.startswith("cuda") and not on_zero_gpu() else "generate"
     if kind == "batch":
+        from qwen3vl_webui.engine.remote.decoder import RemoteDecoder
+
+        return RemoteDecoder(max_batch, max_context, cache_dir)
+    if kind == "batch-inproc":
         return BatchDecoder(max_batch, max_context, cache_dir)
     return GenerateDecoder()

@@ -112,4 +112,6 @@ def is_out_of_memory(exc: BaseException) -> bool:
     """A CUDA (or other accelerator) out-of-memory error, real or injected here; torch is imported only to look."""
     import torch
 
+    if getattr(exc, "out_of_memory", False):  # the engine process's, told across (protocol.RemoteError)
+        return True
     return isinstance(exc, torch.OutOfMemoryError)  # torch.cuda.OutOfMemoryError is the same class

@@ -229,7 +229,13 @@ def _is_event(scope: dict[str, Any]) -> bool:
     if scope["type"] != "http" or scope["method"] != "POST":
         return False
     path = scope["path"].rstrip("/")
-    return path.endswith(("/queue/join", "/upload")) or "/run/" in path or "/call/" in path or "/api/" in path
+    return (
+        path.endswith(("/queue/join", "/upload"))
+        or "/run/" in path
+        or "/call/" in path
+        or "/api/" in path
+        or path.startswith("/v1/")
+    )
 
 
 class EventRateLimit:
@@ -273,7 +279,15 @@ class UploadNudge:
 class FrontDoor:
     """Our FastAPI app with the gradio Blocks mounted at /, served by uvicorn in a thread; `close` stops both."""
 
-    def __init__(self, demo: Any, settings: Settings, session_capacity: int, css_paths: list, allowed: list) -> None:
+    def __init__(
+        self,
+        demo: Any,
+        settings: Settings,
+        session_capacity: int,
+        css_paths: list,
+        allowed: list,
+        routers: tuple[Any, ...] = (),
+    ) -> None:
         import fastapi
         import gradio as gr
 
@@ -289,6 +303,8 @@ class FrontDoor:
         gradio_compat.set_session_capacity(demo, session_capacity)
         # No docs or schema of our own: routes outside gradio's mount are not behind its login.
         self.http = fastapi.FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+        for router in routers:  # before gradio's mount at /, which would take every path
+            self.http.include_router(router)
         gr.mount_gradio_app(
             self.http, demo, path="/", server_name=s.host, server_port=s.port,
             auth=credentials or None,

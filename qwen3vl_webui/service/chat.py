@@ -32,7 +32,7 @@ from qwen3vl_webui.telemetry import (
     format_bytes,
     read_system,
 )
-from qwen3vl_webui.weights.model import LoadedModel, release_cached_memory
+from qwen3vl_webui.weights.model import LoadedModel
 
 if TYPE_CHECKING:
     from qwen3vl_webui.engine.batch import EngineSnapshot
@@ -72,6 +72,14 @@ class Counters:
     memory_releases: int = 0
     active: int = 0  # generate() calls running right now, counted around the worker itself
     peak_active: int = 0
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Yielded last by `chat(..., report_end=True)`: the whole answer (stop strings cut) and its figures."""
+
+    text: str
+    stats: RequestStats
 
 
 @dataclass(frozen=True)
@@ -160,8 +168,9 @@ class ChatService:
         *,
         report_waiting: bool = False,
         client: Client | None = None,
-    ) -> Iterator[str | Waiting]:
-        """Yields the growing answer (and, if asked, `Waiting` while queued).
+        report_end: bool = False,
+    ) -> Iterator[str | Waiting | Finished]:
+        """Yields the growing answer (and, if asked, `Waiting` while queued, and `Finished` last).
 
         Raises RequestError (the user's to fix, or an OOM / timeout told as one), Busy, TooManyRequests or
         ShuttingDown. Closing it stops the GPU work within one decode step and frees the slot. The prompt is
@@ -194,7 +203,7 @@ class ChatService:
                     slot.result()
                     if active.stopped_by == "shutdown":
                         raise ShuttingDown(SHUTDOWN_MESSAGE)
-                    yield from self._generate(request, prompt, active, deadline)
+                    yield from self._generate(request, prompt, active, deadline, report_end)
                 finally:
                     slot.release()
             finally:
@@ -226,8 +235,8 @@ class ChatService:
             raise RequestError(str(exc)) from exc
 
     def _generate(
-        self, request: ChatRequest, prompt: PreparedPrompt, active: _Active, deadline: float | None
-    ) -> Iterator[str]:
+        self, request: ChatRequest, prompt: PreparedPrompt, active: _Active, deadline: float | None, report_end: bool
+    ) -> Iterator[str | Finished]:
         # After the slot: a precision switch may have happened. The prompt holds no weights (the processor's
         # output is the same in every precision), so it stays valid.
         loaded = self.manager.wait_ready(0)
@@ -236,7 +245,7 @@ class ChatService:
             timer = threading.Timer(max(0.0, deadline - time.monotonic()), active.stop, args=("timeout",))
             timer.daemon = True
             timer.start()
-        text, oom = "", None
+        text, oom, final = "", None, None
         self._generation_began()
         try:
             decoder = self.manager.decoder
@@ -247,6 +256,7 @@ class ChatService:
                 for text, stats in tokens:
                     if stats is not None:
                         self.stats.record(stats)
+                        final = Finished(text, stats)
                     else:
                         yield text
         except Exception as exc:
@@ -275,6 +285,8 @@ class ChatService:
             )
         if active.stopped_by == "shutdown":
             raise RequestTimedOut("Stopped: the server is shutting down.", text)
+        if report_end and final is not None:
+            yield final
 
     def _within_limits(self, request: ChatRequest) -> ChatRequest:
         """Holds the request to the warm-up's limits (which may be below the sliders' tops)."""
@@ -396,17 +408,27 @@ class ChatService:
             f"≈ {image:,} tokens per image · ≈ {video:,} per video · KV cache ≤ {format_bytes(kv)} per chat "
             f"({max_context:,} tokens), ≤ {format_bytes(kv * slots)} for {slots} concurrent"
         )
-        engine = getattr(self.manager.decoder, "engine", None)
-        if engine is not None and engine.prefix_slots:  # allocated as entries are kept, freed when evicted
-            pool = per_token * engine.max_len * engine.prefix_slots
-            plural = "ies" if engine.prefix_slots != 1 else "y"
-            line += f" · + up to {format_bytes(pool)} kept for follow-up turns ({engine.prefix_slots} entr{plural})"
+        engine = self._engine_figures()
+        if engine is not None and engine[1]:  # allocated as entries are kept, freed when evicted
+            max_len, prefix_slots = engine
+            pool = per_token * max_len * prefix_slots
+            plural = "ies" if prefix_slots != 1 else "y"
+            line += f" · + up to {format_bytes(pool)} kept for follow-up turns ({prefix_slots} entr{plural})"
         return line
 
+    def _engine_figures(self) -> tuple[int, int] | None:
+        """(tokens a slot, retained-prefix slots) of the batch engine, here or in its process; None without one."""
+        decoder = self.manager.decoder
+        info = getattr(decoder, "info", None)
+        if getattr(decoder, "remote", False) and info is not None:
+            return info.max_len, info.prefix_slots
+        engine = getattr(decoder, "engine", None)
+        return (engine.max_len, engine.prefix_slots) if engine is not None else None
+
     def _shape(self, loaded: LoadedModel) -> planner.ModelShape:
-        key = id(loaded.model)
+        key = id(loaded.config)
         if self._shape_cache is None or self._shape_cache[0] != key:
-            self._shape_cache = (key, planner.ModelShape.from_config(loaded.model.config))
+            self._shape_cache = (key, planner.ModelShape.from_config(loaded.config))
         return self._shape_cache[1]
 
     def switch_precision(
@@ -436,7 +458,7 @@ class ChatService:
 
     def release_memory(self) -> None:
         gc.collect()
-        release_cached_memory()
+        self.manager.release_memory()
         self._count("memory_releases")
 
     def snapshot(self) -> PanelSnapshot:
@@ -452,7 +474,7 @@ class ChatService:
             precision=loaded.label if loaded else None,
             is_demo=bool(loaded and loaded.is_demo),
             device=loaded.device if loaded else None,
-            gpu=self.probe.read(),
+            gpu=self._gpu(),
             gpu_reason=self.probe.reason,
             system=read_system(),
             queue=self.scheduler.state(),
@@ -465,8 +487,24 @@ class ChatService:
         )
 
     def _engine_snapshot(self) -> EngineSnapshot | None:
-        engine = getattr(self.manager.decoder, "engine", None)
+        decoder = self.manager.decoder
+        if getattr(decoder, "remote", False):
+            return decoder.snapshot()  # type: ignore[union-attr]
+        engine = getattr(decoder, "engine", None)
         return engine.snapshot() if engine is not None else None
+
+    def _gpu(self) -> GpuSnapshot | None:
+        """NVML's view of the GPU; the torch allocator's figures are the engine process's when it has one."""
+        gpu = self.probe.read()
+        decoder = self.manager.decoder
+        if gpu is None or not getattr(decoder, "remote", False):
+            return gpu
+        stats = decoder.memory()  # type: ignore[union-attr]
+        if stats is None:
+            return gpu
+        return dataclasses.replace(
+            gpu, torch_allocated=stats.allocated, torch_reserved=stats.reserved, torch_peak=stats.peak
+        )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -21,6 +21,12 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LIMITS = Limits(16384, 1024)  # Settings' defaults: --max-context, --max-new-tokens
 
+# An engine process that died is restarted after 1 s, then 2, 4, ... up to a minute while it keeps dying; a minute
+# of serving forgives the count.
+RESTART_FIRST_DELAY_S = 1.0
+RESTART_MAX_DELAY_S = 60.0
+RESTART_FORGIVE_S = 60.0
+
 # Fraction of free VRAM a new precision's weights may take; the rest is for KV cache and activations.
 _SWITCH_HEADROOM = 0.9
 
@@ -76,6 +82,9 @@ class ModelManager:
         self._loaded: LoadedModel | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self._restarts = 0  # engine process restarts in a row (a crash loop backs off)
+        self.engine_restarts = 0  # engine processes restarted after dying, since start
+        self._closing = False
 
     # -- first load -------------------------------------------------------------------------
     def load(self, use_demo: bool = False) -> LoadedModel:
@@ -87,8 +96,7 @@ class ModelManager:
                 self.notice = random_weights.notice(self.source)
                 log.warning("\n%s\n%s\n%s", "!" * 100, self.notice.replace("**", "").replace("`", ""), "!" * 100)
             try:
-                precision = self.resolve_precision(device)
-                return self._set(loading.load_model(self.source, precision, device, self.attn, self._progress))
+                return self._set(self._load(self.source, self.resolve_precision(device), device))
             except ModelUnavailable as exc:
                 self.notice = str(exc)
                 log.warning("%s", exc)
@@ -107,27 +115,100 @@ class ModelManager:
         precision = self.requested_precision
         if precision == "auto":
             precision = "fp32" if device == "cpu" else "bf16"
-        return self._set(loading.load_model(str(path), precision, device, self.attn, self._progress))
+        return self._set(self._load(str(path), precision, device))
+
+    def _decoder_for(self, device: str) -> Decoder:
+        if self.decoder is None:
+            configured = self.limits.configured.max_context
+            self.decoder = make_decoder(
+                self.decoder_kind, device, self.scheduler.max_concurrency, configured, self.demo_dir
+            )
+            if getattr(self.decoder, "remote", False):
+                self.decoder.attn = self.attn
+                self.decoder.on_progress = self._progress
+                self.decoder.on_death = self._engine_died
+        return self.decoder
+
+    def _load(self, source: str, precision: str, device: str) -> LoadedModel:
+        """`source` in `precision`: loaded here, or, for a decoder that runs the model in its own process, only its
+        processor and config here (the weights load there when the decoder attaches)."""
+        if getattr(self._decoder_for(device), "remote", False):
+            return loading.load_front(source, precision, device, self._progress)
+        return loading.load_model(source, precision, device, self.attn, self._progress)
 
     def _set(self, loaded: LoadedModel) -> LoadedModel:
         configured = self.limits.configured.max_context  # the warm-up that follows tests these caps first
-        if self.decoder is None:
-            self.decoder = make_decoder(
-                self.decoder_kind, loaded.device, self.scheduler.max_concurrency, configured, self.demo_dir
-            )
-        if self.decoder.max_context:  # 0: a decoder with nothing to size (generate's cache grows per request)
-            self.decoder.max_context = configured
+        decoder = self._decoder_for(loaded.device)
+        if decoder.max_context:  # 0: a decoder with nothing to size (generate's cache grows per request)
+            decoder.max_context = configured
         note = " (compiling the decode step: about a minute per batch size on a first start)" if (
-            self.decoder.name == "batch" and loaded.device.startswith("cuda")
+            decoder.name == "batch" and loaded.device.startswith("cuda")
         ) else ""
-        self._progress(f"Starting the decoder: {self.decoder.name}…{note}")
-        self.decoder.attach(loaded)  # before "Ready": CUDA graphs are captured here, not on a first chat
+        self._progress(f"Starting the decoder: {decoder.name}…{note}")
+        decoder.attach(loaded)  # before "Ready": CUDA graphs are captured here, not on a first chat
+        if getattr(decoder, "remote", False):
+            loaded = decoder.loaded_view(loaded)
         self._loaded = loaded
+        self._restarts = 0
         name = "demo model (tiny Qwen3-VL)" if loaded.is_demo else loaded.source
-        self.status = f"Ready: {name} · {loaded.label} on {loaded.device} · loaded in {loaded.load_seconds:.1f} s"
+        where = f" · engine process {decoder.pid}" if getattr(decoder, "remote", False) else ""
+        self.status = (
+            f"Ready: {name} · {loaded.label} on {loaded.device} · loaded in {loaded.load_seconds:.1f} s{where}"
+        )
         self._ready.set()
         log.info("%s", self.status)
         return loaded
+
+    def _engine_died(self, code: int | None) -> None:
+        """The engine process exited by itself: requests in flight already failed; restart it, backing off."""
+        loaded = self._loaded
+        if loaded is None or self._closing:
+            return
+        self._ready.clear()  # new chats wait for the restart instead of failing
+        self._loaded = None
+        self._restarts += 1
+        delay = min(RESTART_MAX_DELAY_S, RESTART_FIRST_DELAY_S * 2 ** (self._restarts - 1))
+        while not self._closing:
+            self.status = (
+                f"The engine process stopped (exit code {code}); restarting it in {delay:.0f} s"
+                + (f" (crash loop: {self._restarts} restarts in a row)" if self._restarts > 1 else "")
+                + "…"
+            )
+            log.error("%s", self.status)
+            time.sleep(delay)
+            restarts = self._restarts
+            try:
+                self._set(loaded)  # starts a new engine process
+                break
+            except Exception as exc:
+                self._restarts = restarts + 1
+                delay = min(RESTART_MAX_DELAY_S, delay * 2)
+                code = f"start failed: {exc}"  # type: ignore[assignment]
+        if self._closing:
+            return
+        self._restarts = restarts  # a crash soon after this restart counts as the loop going on
+        self.engine_restarts += 1
+        forgive = threading.Timer(RESTART_FORGIVE_S, self._forgive, args=(restarts,))
+        forgive.daemon = True
+        forgive.start()
+
+    def _forgive(self, restarts: int) -> None:
+        if self._restarts == restarts and self._loaded is not None:
+            self._restarts = 0
+
+    def close(self) -> None:
+        """Stops what the decoder started (the engine process); the app is shutting down."""
+        self._closing = True
+        if self.decoder is not None:
+            self.decoder.detach()
+
+    def release_memory(self) -> None:
+        """Gives cached memory back to the driver, wherever the model runs."""
+        release = getattr(self.decoder, "release", None)
+        if release is not None:
+            release()
+        else:
+            release_cached_memory()
 
     def _progress(self, message: str) -> None:
         self.status = message
@@ -190,22 +271,24 @@ class ModelManager:
             del old
             release_cached_memory()
             try:
-                loaded = loading.load_model(source, precision, device, self.attn, self._progress)
+                self._set(self._load(source, precision, device))
             except Exception as exc:
                 log.exception("switch to %s failed; reloading the previous precision", precision)
                 release_cached_memory()
-                self._set(loading.load_model(source, previous, device, self.attn, self._progress))
+                self._set(self._load(source, previous, device))
                 raise SwitchRefused(f"Loading {precision} failed ({exc}); kept {previous}.") from exc
-            self._set(loaded)
             return SwitchReport(previous, precision, before, _used_vram(device), time.perf_counter() - started)
 
     def _check_fits(self, old: LoadedModel, precision: str) -> None:
         from qwen3vl_webui import planner
 
-        shape = planner.ModelShape.from_config(old.model.config)
+        shape = planner.ModelShape.from_config(old.config)
         need = planner.weight_bytes(shape, precision)
-        # The old weights are freed before the new ones load, so they count as available.
-        available = self.free_memory(old.device) + old.weights_bytes
+        # The old weights are freed before the new ones load, so they count as available (an engine process gives
+        # back all it holds when it exits: its KV cache and graphs too).
+        stats = self.decoder.memory() if getattr(self.decoder, "remote", False) else None  # type: ignore[union-attr]
+        held = max(old.weights_bytes, stats.reserved if stats is not None else 0)
+        available = self.free_memory(old.device) + held
         if need > available * _SWITCH_HEADROOM:
             raise SwitchRefused(
                 f"{precision} needs about {format_bytes(need)} for weights, but only {format_bytes(available)} "
@@ -228,21 +311,38 @@ class ModelManager:
 
 
 def free_memory_bytes(device: str) -> int:
-    """Free memory where the weights live: the GPU's (CUDA driver) or the machine's available RAM."""
-    if device.startswith("cuda"):
-        import torch
+    """Free memory where the weights live: the GPU's, or the machine's available RAM.
 
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        return int(free)
+    Read through NVML, not torch: the front end of an engine process must not create a CUDA context of its own
+    (~500 MiB of the GPU)."""
+    if device.startswith("cuda"):
+        free, _total = device_memory(device)
+        return free
     import psutil
 
     return int(psutil.virtual_memory().available)
 
 
-def _used_vram(device: str) -> int:
+def device_memory(device: str) -> tuple[int, int]:
+    """(free, total) bytes of a CUDA device, by NVML (torch's figures only where NVML cannot say)."""
+    from qwen3vl_webui.telemetry import GpuProbe
+
+    index = int(device.split(":")[1]) if ":" in device else 0
+    probe = GpuProbe(index)
+    try:
+        snap = probe.read()
+    finally:
+        probe.close()
+    if snap is not None:
+        return snap.memory_total - snap.memory_used, snap.memory_total
     import torch
 
+    free, total = torch.cuda.mem_get_info(torch.device(device))
+    return int(free), int(total)
+
+
+def _used_vram(device: str) -> int:
     if not device.startswith("cuda"):
         return 0
-    free, total = torch.cuda.mem_get_info(torch.device(device))
-    return int(total - free)
+    free, total = device_memory(device)
+    return total - free

@@ -179,7 +179,7 @@ def build_prompt(
         inputs = _encode(processor, [current], request, cache) if tokens > budget else inputs
         tokens = int(inputs["input_ids"].shape[1])
     ids = inputs["input_ids"][0]
-    config = loaded.model.config
+    config = loaded.config
     image = int((ids == config.image_token_id).sum())
     video = int((ids == config.video_token_id).sum())
     dropped = len(request.history) - kept

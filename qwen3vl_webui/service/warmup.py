@@ -106,7 +106,9 @@ def _worst_case(
 ) -> int | None:  # fmt: skip
     import torch
 
-    cuda = loaded.device.startswith("cuda")
+    # The peak is this process's: with the engine in its own process (no model here) it is not measured, and CUDA
+    # must not be touched from the front end (a context of its own would cost ~500 MiB of the GPU).
+    cuda = loaded.device.startswith("cuda") and loaded.model is not None
     prompt = _prompt(loaded, image_pixels, "Describe this image in detail.", context - _NEW_TOKENS)
     if cuda:
         torch.cuda.synchronize(loaded.device)
@@ -152,7 +154,7 @@ def _prompt(loaded: LoadedModel, image_pixels: int, text: str, total_tokens: int
     if total_tokens is not None:
         inputs = _fill(loaded, inputs, total_tokens)
     ids = inputs["input_ids"][0]
-    config = loaded.model.config
+    config = loaded.config
     image_tokens = int((ids == config.image_token_id).sum())
     return PreparedPrompt(inputs, int(ids.shape[0]), int(ids.shape[0]) - image_tokens, image_tokens, 0, 0)
 

@@ -34,6 +34,25 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+def load_front(source: str, precision: str, device: str, progress: Callable[[str], None] | None = None) -> LoadedModel:
+    """What the front end of an engine process needs of a model: its processor and config, no weights (the engine
+    process loads those). A checkpoint is downloaded here, once, so the engine process finds it in the cache."""
+    from transformers import AutoConfig, AutoProcessor
+
+    from qwen3vl_webui.weights import random_weights
+    from qwen3vl_webui.weights.tiny_model import is_demo_checkpoint
+
+    started = time.perf_counter()
+    is_demo = False
+    if random_weights.is_random_source(source):
+        processor, config = random_weights.build_front(source)
+    else:
+        path = locate_checkpoint(source, progress)
+        processor, config = AutoProcessor.from_pretrained(path), AutoConfig.from_pretrained(path)
+        is_demo = is_demo_checkpoint(path)
+    return LoadedModel(None, processor, precision, device, source, time.perf_counter() - started, 0, is_demo, config)
+
+
 def quantization_config(precision: str, device: str) -> Any | None:
     """The BitsAndBytesConfig for int4/int8, None for 16/32-bit and int8wo (quantized by kernels/int8.py)."""
     if not precisions.needs_bitsandbytes(precision):

@@ -16,6 +16,9 @@ class LoadRefused(RuntimeError):
 
 @dataclass(frozen=True)
 class LoadedModel:
+    """A model as the app uses it. In the front end of an engine process `model` is None: the weights live in that
+    process, and this side holds what prompts need (processor, config) and what the engine reported it loaded."""
+
     model: Any
     processor: Any
     precision: str
@@ -24,6 +27,11 @@ class LoadedModel:
     load_seconds: float
     weights_bytes: int
     is_demo: bool
+    config: Any = None  # the model's config (the model's own when it is here)
+
+    def __post_init__(self) -> None:
+        if self.config is None and self.model is not None:
+            object.__setattr__(self, "config", self.model.config)
 
     @property
     def label(self) -> str:

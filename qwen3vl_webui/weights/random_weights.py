@@ -60,6 +60,18 @@ def word_token_ids(tokenizer: Any) -> list[int]:
     return words
 
 
+def build_front(source: str) -> tuple[Any, Any]:
+    """(processor, config) of a `random-weights:PRESET` source, without weights: what an engine process's front end
+    needs (the engine process builds the same weights from the same seed)."""
+    from qwen3vl_webui.weights.tiny_model import PRESETS, build_config, build_processor, build_tokenizer
+
+    preset = source.removeprefix(PREFIX)
+    if preset not in PRESETS:
+        raise ValueError(f"unknown random-weights preset {preset!r}; valid: {', '.join(sorted(PRESETS))}")
+    tokenizer = build_tokenizer()
+    return build_processor(tokenizer), build_config(preset, tokenizer)
+
+
 def build(preset: str, dtype: Any, device: str, attn: str = "sdpa", seed: int = 0) -> tuple[Any, Any]:
     """(model, processor): random weights of `preset` on `device`, output restricted to word tokens."""
     import torch

@@ -22,6 +22,7 @@ class RemoteDecoder:
     the retained-prefix slots for follow-up turns (a quarter as many, at least one)."""
 
     name = "batch"
+    remote = True  # the weights load in the engine process, not here
 
     def __init__(
         self,
@@ -66,8 +67,19 @@ class RemoteDecoder:
         self.on_death(code)
 
     # -- the Decoder protocol -----------------------------------------------------------------------
-    def attach(self, loaded: Any) -> None:  # the manager starts the process itself (start), knowing the source
-        pass
+    def attach(self, loaded: Any) -> None:
+        """Starts the engine process for `loaded` (the front end's view: processor and config, no weights)."""
+        self.detach()
+        self.start(loaded.source, loaded.precision, loaded.device)
+
+    def loaded_view(self, loaded: Any) -> Any:
+        """`loaded` with what the engine process reported it loaded (precision, load time, weights' size)."""
+        from dataclasses import replace
+
+        info = self.info
+        if info is None:
+            return loaded
+        return replace(loaded, precision=info.precision, load_seconds=info.load_seconds, weights_bytes=info.weights_bytes)
 
     def detach(self) -> None:
         with self._lock:

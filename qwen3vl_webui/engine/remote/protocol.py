@@ -34,6 +34,10 @@ class RemoteError(RuntimeError):
         super().__init__(message)
         self.kind = kind
 
+    @property
+    def out_of_memory(self) -> bool:  # what engine.faults.is_out_of_memory looks for
+        return self.kind == "oom"
+
     def __reduce__(self) -> tuple[Any, ...]:
         return (RemoteError, (self.kind, str(self)))
 

@@ -30,15 +30,13 @@ from qwen3vl_webui.engine.remote.protocol import (
 
 log = logging.getLogger("qwen3vl_webui.engine")
 
-_PR_SET_PDEATHSIG = 1
-
-
 def main() -> int:
     spec: dict[str, Any] = pickle.load(sys.stdin.buffer)
     logging.basicConfig(level=spec.get("log_level", logging.INFO), format="%(asctime)s %(levelname)s engine: %(message)s")
-    _die_with_parent()
     # Ctrl-C (and a service manager's SIGTERM) reach the whole process group: the front end decides when the
-    # engine stops, after its drain; if the front end itself dies, the kernel kills this process (prctl below).
+    # engine stops, after its drain. If the front end dies, however it dies, its end of the socket closes and this
+    # process exits (and the stats tick notices a new parent). Not prctl(PR_SET_PDEATHSIG): it fires when the
+    # *thread* that started us ends, and the front end starts engines from short-lived threads.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from multiprocessing.connection import Client
@@ -171,7 +169,11 @@ class Worker:
 
     def _report(self) -> None:
         engine_thread = self.engine.worker_thread
+        parent = os.getppid()
         while not self._done.wait(STATS_EVERY_S):
+            if os.getppid() != parent:  # the front end is gone and nobody will read us
+                log.error("the front end died: exiting")
+                os._exit(0)
             if not engine_thread.is_alive():  # a fatal error ended the GPU thread: let the front end restart us
                 log.error("the engine's worker thread died: exiting")
                 self.channel.close()
@@ -199,19 +201,6 @@ def stats(engine: Any) -> EngineStats:
     import psutil
 
     return EngineStats(snap, free=int(psutil.virtual_memory().available))
-
-
-def _die_with_parent() -> None:
-    """Linux: the kernel kills this process when its parent (the front end) dies, however it dies."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() == 1:  # the parent died before prctl: nobody will read us
-            os._exit(0)
-    except (OSError, AttributeError):  # not Linux: the closed socket still ends us
-        pass
 
 
 if __name__ == "__main__":
