@@ -329,6 +329,7 @@ class _Run:
 
 
 def _api_error(exc: BaseException) -> ApiError:
+    from qwen3vl_webui.engine.remote.protocol import EngineDied
     from qwen3vl_webui.engine.request import RequestError
     from qwen3vl_webui.service.admission import Busy, TooManyRequests
     from qwen3vl_webui.service.chat import ShuttingDown
@@ -349,6 +350,8 @@ def _api_error(exc: BaseException) -> ApiError:
                         "rate_limit_error", "queue_full", {"Retry-After": "1"})  # fmt: skip
     if isinstance(exc, TimeoutError):
         return ApiError(503, str(exc), "server_error", "loading", {"Retry-After": "10"})
+    if isinstance(exc, EngineDied):
+        return ApiError(503, str(exc), "server_error", "engine_restarting", {"Retry-After": "10"})
     log.error("chat completion failed", exc_info=exc)
     return ApiError(500, "Generation failed on the server; the error was logged.", "server_error", "internal_error")
 

@@ -168,9 +168,10 @@ class ModelManager:
         self._loaded = None
         self._restarts += 1
         delay = min(RESTART_MAX_DELAY_S, RESTART_FIRST_DELAY_S * 2 ** (self._restarts - 1))
+        reason = f"stopped (exit code {code})"
         while not self._closing:
             self.status = (
-                f"The engine process stopped (exit code {code}); restarting it in {delay:.0f} s"
+                f"The engine process {reason}; restarting it in {delay:g} s"
                 + (f" (crash loop: {self._restarts} restarts in a row)" if self._restarts > 1 else "")
                 + "…"
             )
@@ -183,7 +184,7 @@ class ModelManager:
             except Exception as exc:
                 self._restarts = restarts + 1
                 delay = min(RESTART_MAX_DELAY_S, delay * 2)
-                code = f"start failed: {exc}"  # type: ignore[assignment]
+                reason = f"could not start ({exc})"
         if self._closing:
             return
         self._restarts = restarts  # a crash soon after this restart counts as the loop going on

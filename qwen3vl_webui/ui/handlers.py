@@ -25,6 +25,7 @@ from qwen3vl_webui.conversation import (
     parse_history,
     parse_message,
 )
+from qwen3vl_webui.engine.remote.protocol import EngineDied
 from qwen3vl_webui.engine.request import RequestError, SamplingParams
 from qwen3vl_webui.engine.stops import parse_stop_lines
 from qwen3vl_webui.media import MediaBudget
@@ -136,7 +137,7 @@ class Handlers:
         except RequestTimedOut as exc:
             failed = True
             yield ERROR_PREFIX + str(exc) + (f"\n\nThe answer so far:\n\n{exc.partial}" if exc.partial else "")
-        except (RequestError, ValueError, ShuttingDown, TimeoutError) as exc:
+        except (RequestError, ValueError, ShuttingDown, TimeoutError, EngineDied) as exc:
             failed = True
             yield ERROR_PREFIX + str(exc)
         except Busy as exc:

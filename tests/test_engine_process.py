@@ -1,0 +1,152 @@
+"""The whole app with the batch engine in its own process (CPU, tiny model): death, restart, SIGTERM, no orphans."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+from gradio_client import Client
+
+from qwen3vl_webui.conversation import ERROR_PREFIX
+from tests.conftest import _free_port, start_app
+
+ROOT = Path(__file__).resolve().parents[1]
+LONG = {"max_tokens": 1000, "temperature": 0, "ignore_eos": True}
+
+
+def _wait_for(predicate: Any, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def _long_chat(url: str, result: list[Any]) -> None:
+    """A streamed /v1 chat that would run for minutes: records when its stream ended and how."""
+    body = {"model": "qwen3vl-demo", "messages": [{"role": "user", "content": "tell a story"}], "stream": True, **LONG}
+    try:
+        with httpx.stream("POST", f"{url}v1/chat/completions", json=body, timeout=120) as reply:
+            text = "".join(reply.iter_lines())
+        result.append((time.monotonic(), text))
+    except Exception as exc:  # the test reads it
+        result.append((time.monotonic(), repr(exc)))
+
+
+def test_a_killed_engine_fails_chats_in_flight_within_2_s_and_comes_back(tiny_checkpoint: Path) -> None:
+    app, url = start_app(tiny_checkpoint.parent, "--engine", "batch", "--max-concurrency", "2", "--max-context", "4096")
+    manager = app.service.manager
+    try:
+        pid = manager.decoder.pid
+        ui = Client(url, verbose=False)
+        ui_job = ui.submit({"text": "a long story please", "files": []}, max_new_tokens=1000, api_name="/chat")
+        api: list[Any] = []
+        threading.Thread(target=_long_chat, args=(url, api), daemon=True).start()
+        assert _wait_for(lambda: manager.decoder.process is not None and manager.decoder.process.steps > 20, 60)
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        assert _wait_for(lambda: bool(api), 10)
+        ended, text = api[0]
+        assert ended - killed < 2.0 and "stopped unexpectedly" in text, text[-300:]
+        answer = ui_job.result(timeout=10)
+        assert answer.startswith(ERROR_PREFIX) and "stopped unexpectedly" in answer, answer
+        # The status line says so, and the engine comes back on its own.
+        assert _wait_for(lambda: "restarting" in manager.status or manager.decoder.pid not in (None, pid), 5)
+        assert _wait_for(lambda: manager.current() is not None and manager.decoder.pid not in (None, pid), 120)
+        assert manager.engine_restarts == 1 and manager.status.startswith("Ready:")
+        again = Client(url, verbose=False).predict({"text": "hello", "files": []}, max_new_tokens=16, api_name="/chat")
+        assert again and not again.startswith(ERROR_PREFIX)
+    finally:
+        app.close()
+
+
+def test_a_crash_loop_backs_off_and_says_so(tiny_checkpoint: Path, monkeypatch, caplog) -> None:
+    from qwen3vl_webui.engine.remote.client import EngineStartFailed
+    from qwen3vl_webui.service import manager as manager_module
+    from qwen3vl_webui.service.admission import Scheduler
+    from qwen3vl_webui.service.limits import Limits
+
+    monkeypatch.setattr(manager_module, "RESTART_FIRST_DELAY_S", 0.05)
+    manager = manager_module.ModelManager(
+        str(tiny_checkpoint), "fp32", "cpu", "sdpa", Scheduler(1, 1), decoder="batch", limits=Limits(1024, 256)
+    )
+    manager.load()
+    real_attach = manager.decoder.attach
+    failures = [2]
+
+    def flaky(loaded: Any) -> None:
+        if failures[0]:
+            failures[0] -= 1
+            raise EngineStartFailed("CUDA error: an illegal memory access was encountered")
+        real_attach(loaded)
+
+    manager.decoder.attach = flaky
+    try:
+        os.kill(manager.decoder.pid, signal.SIGKILL)
+        assert _wait_for(lambda: manager.current() is not None and manager.engine_restarts == 1, 60)
+        said = [r.getMessage() for r in caplog.records if "restarting it in" in r.getMessage()]
+        assert len(said) == 3, said
+        assert "stopped (exit code -9); restarting it in 0.05 s…" in said[0]  # then 0.1 s, 0.2 s: backing off
+        assert "could not start (CUDA error" in said[1] and "in 0.1 s (crash loop: 2 restarts in a row)" in said[1]
+        assert "in 0.2 s (crash loop: 3 restarts in a row)" in said[2]
+        assert manager.status.startswith("Ready:")
+    finally:
+        manager.close()
+
+
+def test_sigterm_drains_exits_0_and_leaves_no_engine_process(tiny_checkpoint: Path) -> None:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "app.py", "--demo", "--engine", "batch", "--port", str(port), "--cache-dir",
+         str(tiny_checkpoint.parent), "--max-context", "2048", "--grace-seconds", "20"],
+        cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        assert _wait_for(lambda: _answers(url), 120), "the app did not come up"
+
+        def engines() -> list[psutil.Process]:
+            children = psutil.Process(proc.pid).children(recursive=True)
+            return [p for p in children if "engine.remote.worker" in " ".join(p.cmdline())]
+
+        assert _wait_for(lambda: len(engines()) == 1, 120)
+        engine = engines()[0]
+        assert _wait_for(lambda: _ready(url), 120)
+        running = Client(url, verbose=False).submit({"text": "Hello there", "files": []}, max_new_tokens=64, api_name="/chat")
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        answer = running.result(timeout=60)
+        assert answer and not answer.startswith(ERROR_PREFIX), answer
+        assert proc.wait(timeout=60) == 0
+        assert _wait_for(lambda: not engine.is_running() or engine.status() == psutil.STATUS_ZOMBIE, 10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        output = proc.communicate()[0]
+    assert "shut down cleanly" in output, output[-2000:]
+
+
+def _ready(url: str) -> bool:
+    """The model is loaded and warmed up: /v1 stops answering 503."""
+    body = {"model": "qwen3vl-demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    try:
+        return httpx.post(url + "v1/chat/completions", json=body, timeout=30).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url + "v1/models", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
