@@ -109,7 +109,7 @@ class Settings:
     random_weights: str = "off"
     max_requests_per_client: int = 2
     max_history_turns: int = 100
-    event_rate_limit: int = 20
+    event_rate_limit: int = 10
     max_files_per_chat: int = 32
     # "user:password"; kept out of repr so settings can be logged.
     auth: str | None = field(default=None, repr=False)
