@@ -1,22 +1,34 @@
-"""The GPU run in one call: the engine-vs-generate matrix, the whole app under load, and the fp32 greedy check.
+"""The lead's GPU runs, each in one device call: issue 12's figures in two plans.
 
-    python -m bench.suite --out $OUT                      # H200: ~7-9 min; bench/README.md has the device line
-    python -m bench.suite --out /tmp/s --cpu --stages matrix,greedy    # the plumbing on CPU (tiny model), ~20 s
+    python -m bench.suite --out $OUT --commit C --plan a    # H200: ~9 min; bench/README.md has the device lines
+    python -m bench.suite --out $OUT --commit C --plan b    # H200: ~9 min, a cold start included
+    python -m bench.suite --out /tmp/s --cpu --plan a --load-seconds 5    # the plumbing on CPU (tiny model)
+
+Plan a (the baseline and the two doors at 1 and 32 chats):
+1. matrix   bench.matrix, bf16, 1/8/32 streams, 512-token prompts, 256 new tokens for both paths, the same warm-up
+            for both at each count, medians of 3 engine runs (`--generate-runs`, default 2 here, for `generate`).
+            The engine is built exactly as the app builds it (32 slots of 2,048 tokens, the default graph buckets) and
+            compiles into the app's inductor cache, so the app in stage 2 starts warm. Its 1- and 32-stream engine
+            figures are what the app is held to.
+2. load     bench.load_test: the whole app (`--random-weights 4b --precision bf16 --engine batch`: the engine in its
+            own process; on 127.0.0.1, so no per-client cap) at 1 and 32 chats through gradio_client and through
+            the OpenAI API, `--load-seconds` each (shortened to fit the time left).
+3. greedy   bench.greedy: fp32 engine tokens against `generate` on varied answers, if the time left covers it.
+Plan b (assumes a fresh machine: the app's first start compiles, ~3-4 min; warm if plan a ran just before on the
+same machine):
+1. load64   the app with 64 slots (`--max-concurrency 64 --queue-size 128`): 64 chats through both doors; 32 chats
+            of which a quarter send a 1280x720 picture, through both doors (text and image TTFT apart); then 32 text
+            chats through each door while py-spy samples the front end and the engine process (collapsed stacks in
+            profiles.txt, their top functions in the JSON).
+2. inproc   if time is left: the old layout (`--engine batch-inproc`, the engine on a thread of the web server)
+            at 32 chats through gradio_client, py-spy on as in load64's profiled run: what the process split bought.
+`oom` (bench.oom_check on the random 4B shape) runs only when named: `--stages oom`.
 
 Each stage is its own process (its GPU memory is gone when it exits; one crash does not end the run), started only
-if the time left (`--deadline-s`, counted from the suite's start) covers its estimate:
-1. matrix   bench.matrix, bf16, 1/8/32 streams, 512-token prompts, 256 new tokens for both paths, the same warm-up
-            for both at each count, medians of 3 (`--generate-runs` fewer for `generate` if time is short). The
-            engine is built exactly as the app builds it (32 slots of 2,048 tokens, the default graph buckets) and
-            compiles into the app's inductor cache, so the app in stage 2 starts warm.
-2. load     bench.load_test through gradio_client: the app (`--random-weights 4b --precision bf16`, on 127.0.0.1, so
-            no per-client cap) at 1 and 32 chats, then 32 chats of which a quarter send a 1280x720 image.
-            `--load-seconds` each, shortened if time is short.
-3. greedy   bench.greedy: fp32 engine tokens against `generate` on varied answers.
-4. oom      bench.oom_check on the random 4B shape, both decoders, if time is left (its engine compiles its own
-            shape, so it usually is not: run `--stages oom` in a call of its own).
-Writes into --out: suite.json (environment, stages, the summary), one JSON per stage, suite.log (every stage's
-output) and server.log (the app's): at most 7 files. Prints a compact summary with ratios at the end.
+if the time left (`--deadline-s`, counted from the suite's start) covers it; a load stage gets `--budget-s` (its
+scenarios shorten, then the last ones drop, so it ends on its own before its timeout). Writes into --out: suite.json
+(environment, stages, the summary with issue 12's targets checked), one JSON per stage, suite.log (every stage's
+output), the app's log per load stage, and profiles.txt (plan b): at most 7 files. Prints a compact summary last.
 """
 
 from __future__ import annotations
@@ -41,53 +53,114 @@ APP_FLAGS = [
     "--queue-size", "64", "--max-context", "2048", "--max-new-tokens", "256", "--warmup", "quick",
     "--cache-dir", APP_CACHE,
 ]  # fmt: skip
+PLANS = {"a": ("matrix", "load", "greedy"), "b": ("load64", "inproc")}
+STAGES = ("matrix", "load", "greedy", "oom", "load64", "inproc")
+LOAD_STAGES = ("load", "load64", "inproc")
+OPTIONAL = {"greedy", "inproc", "oom"}  # run if time is left; no time is kept for them
 # What the device image lacks and a stage needs (bench/README.md: carried as wheels).
-NEEDS = {"load": ("gradio", "gradio_client"), "matrix": (), "greedy": (), "oom": ()}
+NEEDS = {
+    "load": ("gradio", "gradio_client"),
+    "load64": ("gradio", "gradio_client"),
+    "inproc": ("gradio", "gradio_client"),
+}
 MIN_TRANSFORMERS = (5, 23)  # 5.17 (the device image's) breaks image prompts
-LOAD_STARTUP_S = 100  # the app to its first answer with the inductor cache the matrix filled, its warm requests
+# Seconds of the app's start to its first answer on an H200 (guesses until a run says better; the load test's budget
+# absorbs the error): the inductor cache warm (the matrix or an earlier app filled it) or cold.
+WARM_STARTUP_S, COLD_STARTUP_S = 100, 220
+SCENARIO_OVERHEAD_S = 10  # beyond each scenario's traffic: connecting, the last answers, client processes
+LOAD_FIXED_S = 30  # warm requests and SIGTERM to exit
+TARGETS = dict(chats32_share=0.85, chats1_share=0.90, ttft_p95_s=1.0, ttft_p95_vs_engine=2.0)  # issue 12
 
 
 @dataclass
 class Stage:
     name: str
     command: list[str]
-    estimate_s: float  # what it takes on an H200 with a cold inductor cache (the timeout adds headroom)
+    estimate_s: float  # what it takes on an H200 (the timeout adds headroom)
     output: str | None = None  # its JSON, under --out
     result: dict[str, Any] = field(default_factory=dict)
+
+
+def _with(flags: list[str], **values: str) -> list[str]:
+    """`flags` with each `--name value` replaced (names with _ for -)."""
+    out = list(flags)
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        out[out.index(flag) + 1] = value
+    return out
+
+
+def inductor_cache_warm(cache: str = APP_CACHE) -> bool:
+    folder = Path(cache) / "inductor"
+    return folder.is_dir() and any(folder.iterdir())
+
+
+def _warm_before(stages: list[str], name: str) -> bool:
+    """Whether the app of stage `name` finds a warm inductor cache: one was there at the start, or a stage before
+    it compiled into it (the matrix, an app)."""
+    earlier = stages[: stages.index(name)] if name in stages else stages
+    return inductor_cache_warm() or any(s in ("matrix", *LOAD_STAGES) for s in earlier)
 
 
 def plan(args: argparse.Namespace) -> list[Stage]:
     """The stages' commands for this run (the device's, or the tiny CPU plumbing run with --cpu)."""
     out = Path(args.out)
     py = [sys.executable, "-m"]
+    seconds = str(args.load_seconds)
+    generate_runs = args.generate_runs or (2 if args.plan == "a" else None)
     if args.cpu:
         model = ["--model", "random-weights:tiny", "--device", "cpu", "--precision", "fp32"]
         matrix = [*py, "bench.matrix", *model, "--streams", "1,2", "--prompt-tokens", "32", "--new-tokens", "8",
                   "--warmup-tokens", "2", "--runs", "1", "--slot-tokens", "256", "--out", str(out / "matrix_bf16.json")]  # fmt: skip
         greedy = [*py, "bench.greedy", *model, "--tokens", "8", "--prompt-tokens", "32", "--texts", "2", "--no-image",
                   "--out", str(out / "greedy_fp32.json")]  # fmt: skip
-        app = ["--random-weights", "tiny", "--max-concurrency", "2", "--max-context", "1024", "--max-new-tokens", "64",
-               "--warmup", "quick", "--cache-dir", "/tmp/qwen3vl-cache-cpu"]  # fmt: skip
-        load = [*py, "bench.load_test", "--chats", "1,2", "--mixed", "2", "--image-share", "0.5", "--seconds",
-                str(args.load_seconds), "--prompt-tokens", "32", "--new-tokens", "16", "--warm-requests", "1",
-                "--image-pool", "2", "--workdir", "/tmp/qwen3vl-load-cpu", "--json", str(out / "load_test.json"), "--",
-                *app]  # fmt: skip
+        app = ["--random-weights", "tiny", "--engine", "batch", "--max-concurrency", "2", "--queue-size", "8",
+               "--max-context", "1024", "--max-new-tokens", "64", "--warmup", "quick", "--cache-dir", "/tmp/qwen3vl-cache-cpu"]  # fmt: skip
+        small = ["--prompt-tokens", "32", "--new-tokens", "16", "--warm-requests", "1", "--image-pool", "4",
+                 "--chats-per-process", "1", "--scenario-overhead-s", "6", "--min-seconds", "3"]  # fmt: skip
+        profile = ["--profile-seconds", "3", "--profile-lead-s", "1"]
+        load = [*py, "bench.load_test", "--doors", "gradio,openai", "--chats", "1,2", *small]
+        load64 = [*py, "bench.load_test", "--doors", "gradio,openai", "--chats", "4", "--mixed", "2", "--image-share",
+                  "0.5", "--profile", "2", *small, *profile]  # fmt: skip
+        load64_app = _with(app, max_concurrency="4")
+        inproc = [*py, "bench.load_test", "--doors", "gradio", "--chats", "", "--profile", "2", *small, *profile]
+        inproc_app = _with(app, engine="batch-inproc")
         oom = [*py, "bench.oom_check", "--help"]
+        startup = {"load": 40, "load64": 40, "inproc": 30}
     else:
         matrix = [*py, "bench.matrix", "--precision", "bf16", "--streams", "1,8,32", "--max-batch", "32",
                   "--slot-tokens", "2048", "--cache-dir", f"{APP_CACHE}/inductor", "--out", str(out / "matrix_bf16.json")]  # fmt: skip
-        if args.generate_runs:
-            matrix += ["--generate-runs", str(args.generate_runs)]
+        if generate_runs:
+            matrix += ["--generate-runs", str(generate_runs)]
         greedy = [*py, "bench.greedy", "--out", str(out / "greedy_fp32.json")]
-        load = [*py, "bench.load_test", "--chats", "1,32", "--mixed", "32", "--seconds", str(args.load_seconds),
-                "--workdir", "/tmp/qwen3vl-load", "--json", str(out / "load_test.json"), "--", *APP_FLAGS]  # fmt: skip
+        load = [*py, "bench.load_test", "--doors", "gradio,openai", "--chats", "1,32"]
+        load64 = [*py, "bench.load_test", "--doors", "gradio,openai", "--chats", "64", "--mixed", "32", "--profile",
+                  "32", "--image-pool", "256"]  # fmt: skip
+        load64_app = _with(APP_FLAGS, max_concurrency="64", queue_size="128")
+        inproc = [*py, "bench.load_test", "--doors", "gradio", "--chats", "", "--profile", "32"]
+        inproc_app = _with(APP_FLAGS, engine="batch-inproc")
+        app = APP_FLAGS
         oom = [*py, "bench.oom_check", "--checkpoint", "random-weights:4b", "--json", str(out / "oom_check.json")]
-    scale = 0.2 if args.cpu else 1.0  # the tiny model on CPU: seconds, but the app still starts in ~30 s
+        startup = {name: WARM_STARTUP_S if _warm_before(args.stages, name) else COLD_STARTUP_S for name in LOAD_STAGES}
+    load += ["--seconds", seconds, "--workdir", "/tmp/qwen3vl-load", "--json", str(out / "load_test.json"), "--", *app]
+    load64 += ["--seconds", seconds, "--workdir", "/tmp/qwen3vl-load64", "--json", str(out / "load_test_64.json"),
+               "--profile-out", str(out / "profiles.txt"), "--", *load64_app]  # fmt: skip
+    inproc += ["--seconds", seconds, "--workdir", "/tmp/qwen3vl-load-inproc", "--json", str(out / "load_test_inproc.json"),
+               "--profile-out", str(out / "profiles.txt"), "--", *inproc_app]  # fmt: skip
+    overhead = 6 if args.cpu else SCENARIO_OVERHEAD_S
+    profiled = max(args.load_seconds, 6 if args.cpu else 15)  # a profiled scenario's traffic at least
+
+    def load_estimate(name: str, plain: int, profiles: int) -> float:
+        return startup[name] + LOAD_FIXED_S + plain * (args.load_seconds + overhead) + profiles * (profiled + overhead)
+
+    scale = 0.2 if args.cpu else 1.0
     stages = {
         "matrix": Stage("matrix", matrix, 240 * scale, "matrix_bf16.json"),
-        "load": Stage("load", load, LOAD_STARTUP_S + 3 * (args.load_seconds + 12), "load_test.json"),
+        "load": Stage("load", load, load_estimate("load", 4, 0), "load_test.json"),
         "greedy": Stage("greedy", greedy, 60 * scale, "greedy_fp32.json"),
         "oom": Stage("oom", oom, 150 * scale, "oom_check.json"),
+        "load64": Stage("load64", load64, load_estimate("load64", 4, 2), "load_test_64.json"),
+        "inproc": Stage("inproc", inproc, load_estimate("inproc", 0, 1), "load_test_inproc.json"),
     }
     return [stages[name] for name in args.stages]
 
@@ -96,12 +169,16 @@ def preflight() -> dict[str, Any]:
     """Versions that matter, and what is missing (a stage that needs a missing package is skipped, not crashed)."""
     import transformers
 
+    from bench.load_test import find_py_spy
+
     version = tuple(int(x) for x in transformers.__version__.split(".")[:2])
-    found = {name: importlib.util.find_spec(name) is not None for name in ("gradio", "gradio_client", "psutil", "httpx")}
+    found = {
+        name: importlib.util.find_spec(name) is not None for name in ("gradio", "gradio_client", "psutil", "httpx")
+    }
     return dict(
         transformers=transformers.__version__, transformers_ok=version >= MIN_TRANSFORMERS, packages=found,
-        python=sys.version.split()[0], gpu=gpu_name(), commit=git_commit(), cpus=os.cpu_count(),
-        date=time.strftime("%Y-%m-%d %H:%M:%S"),
+        py_spy=find_py_spy(), python=sys.version.split()[0], gpu=gpu_name(), commit=git_commit(), cpus=os.cpu_count(),
+        inductor_cache_warm=inductor_cache_warm(), date=time.strftime("%Y-%m-%d %H:%M:%S"),
     )  # fmt: skip
 
 
@@ -136,8 +213,13 @@ def _json(path: Path) -> Any:
         return None
 
 
+def _flag(flags: list[str], name: str) -> str | None:
+    return flags[flags.index(name) + 1] if name in flags and flags.index(name) + 1 < len(flags) else None
+
+
 def summarize(out: Path) -> dict[str, Any]:
-    """The figures that matter, with ratios: engine vs generate per stream count; the app vs the engine."""
+    """The figures that matter, with ratios: engine vs generate per stream count; the app vs the engine; issue 12's
+    targets where the run has both sides of them."""
     summary: dict[str, Any] = {}
     matrix = _json(out / "matrix_bf16.json") or {}
     engine = {r["streams"]: r for r in matrix.get("engine", [])}
@@ -157,21 +239,43 @@ def summarize(out: Path) -> dict[str, Any]:
         new_tokens=matrix.get("new_tokens"), runs=matrix.get("runs"), generate_runs=matrix.get("generate_runs"),
         engine_startup_s=(matrix.get("engine_startup") or {}).get("startup_s"),
     )  # fmt: skip
-    load = _json(out / "load_test.json") or {}
-    scenarios = []
-    for s in load.get("scenarios", []):
-        base = engine.get(s["chats"], {}).get("total_tok_s")
-        row = dict(
-            chats=s["chats"], image_chats=s.get("image_chats", 0), door=s.get("door"), ok=s["ok"],
-            refused=s["refused_busy"] + s.get("refused_per_client", 0) + s["refused"], errors=s["error"],
-            total_tok_s=_r(s["total_tok_s"]), vs_engine=_ratio(s["total_tok_s"], base) if not s.get("image_chats") else None,
-            ttft_p50_s=_r(s["ttft_s"]["p50"], 3), ttft_p95_s=_r(s["ttft_s"]["p95"], 3), ttft_p99_s=_r(s["ttft_s"]["p99"], 3),
-            chat_tok_s_p50=_r(s["chat_tok_s"]["p50"]), cpu_cores=s.get("cpu_cores_busy"),
-        )  # fmt: skip
-        for kind, k in s.get("by_kind", {}).items():
-            row[f"{kind}_ttft_p50_p95_s"] = [_r(k["ttft_s"]["p50"], 3), _r(k["ttft_s"]["p95"], 3)]
-        scenarios.append(row)
-    summary["load"] = dict(scenarios=scenarios, startup_s=load.get("startup_s"), first_answer_s=load.get("first_answer_s"))
+    scenarios, apps, profiles = [], [], []
+    for name in ("load_test.json", "load_test_64.json", "load_test_inproc.json"):
+        load = _json(out / name)
+        if not load:
+            continue
+        flags = load.get("app_flags", [])
+        layout = _flag(flags, "--engine") or "auto"
+        apps.append(dict(
+            file=name, engine=layout, slots=_flag(flags, "--max-concurrency"), page_up_s=load.get("page_up_s"),
+            startup_s=load.get("startup_s"), first_answer_s=load.get("first_answer_s"), shutdown_s=load.get("shutdown_s"),
+            exit_code=load.get("exit_code"), processes=load.get("app_processes"), skipped=load.get("skipped", []),
+        ))  # fmt: skip
+        for s in load.get("scenarios", []):
+            base = engine.get(s["chats"], {})
+            cores = s.get("cpu_cores_busy") or {}
+            row = dict(
+                file=name, engine=layout, door=s.get("door", "gradio"), chats=s["chats"], image_chats=s.get("image_chats", 0),
+                profiled=bool(s.get("profiled")), seconds=s.get("seconds"), ok=s["ok"],
+                refused=s["refused_busy"] + s.get("refused_per_client", 0) + s["refused"], errors=s["error"],
+                short_answers=s.get("short_answers"), total_tok_s=_r(s["total_tok_s"]),
+                vs_engine=_ratio(s["total_tok_s"], base.get("total_tok_s")) if not s.get("image_chats") else None,
+                ttft_p50_s=_r(s["ttft_s"]["p50"], 3), ttft_p95_s=_r(s["ttft_s"]["p95"], 3), ttft_p99_s=_r(s["ttft_s"]["p99"], 3),
+                chat_tok_s_p50=_r(s["chat_tok_s"]["p50"]), cores_frontend=cores.get("server"), cores_engine=cores.get("engine"),
+                cores_other=cores.get("other_children"), cores_client=cores.get("client"),
+                cores_client_process_max=cores.get("client_process_max"), client_processes=s.get("client_processes"),
+            )  # fmt: skip
+            for kind, k in s.get("by_kind", {}).items():
+                row[f"{kind}_ttft_p50_p95_s"] = [_r(k["ttft_s"]["p50"], 3), _r(k["ttft_s"]["p95"], 3)]
+                row[f"{kind}_ok"] = k["ok"]
+            scenarios.append(row)
+            if s.get("profile"):
+                profiles.append(_profile_brief(name, s["profile"]))
+    summary["load"] = dict(scenarios=scenarios, apps=apps)
+    if profiles:
+        summary["profiles"] = profiles
+    summary["targets"] = targets(engine, scenarios)
+    summary["split_ab"] = split_ab(scenarios)
     greedy = _json(out / "greedy_fp32.json")
     if greedy:
         summary["greedy"] = dict(
@@ -186,6 +290,70 @@ def summarize(out: Path) -> dict[str, Any]:
     return summary
 
 
+def _profile_brief(file: str, profile: dict[str, Any]) -> dict[str, Any]:
+    """Per profiled process: samples, the busiest threads, the top functions (self) of all busy threads and of the
+    GIL holder."""
+    brief: dict[str, Any] = dict(file=file, label=profile.get("label"), processes=profile.get("processes"))
+    for key, p in (profile.get("profiles") or {}).items():
+        brief[key] = dict(
+            exit_code=p.get("exit_code"), samples=p.get("samples"), threads=(p.get("threads") or [])[:4],
+            self=(p.get("self") or [])[:8], error=None if p.get("samples") else (p.get("output") or "")[-300:],
+        )  # fmt: skip
+    return brief
+
+
+def targets(engine: dict[int, Any], scenarios: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 12's targets for each door, from this run's in-process engine (matrix) and the app with its engine in
+    its own process (`--engine batch`), text chats, not profiled."""
+    checks: list[dict[str, Any]] = []
+    many = max(engine, default=0)  # 32 on the device (the CPU plumbing: 2)
+    for s in scenarios:
+        if s["engine"] != "batch" or s["image_chats"] or s["profiled"] or s["chats"] not in (1, many):
+            continue
+        base = engine.get(s["chats"])
+        if not base:
+            continue
+        name = f"{s['door']} {s['chats']} chat{'s' if s['chats'] > 1 else ''}"
+        if s["chats"] == 1:
+            share = TARGETS["chats1_share"]
+            checks.append(dict(check=f"{name}: tok/s >= {share:.0%} of the engine's 1-stream", value=s["vs_engine"],
+                               passed=_ge(s["vs_engine"], share)))  # fmt: skip
+            continue
+        share = TARGETS["chats32_share"]
+        checks.append(dict(check=f"{name}: tok/s >= {share:.0%} of the engine's {many}-stream", value=s["vs_engine"],
+                           passed=_ge(s["vs_engine"], share)))  # fmt: skip
+        p95, limit = s["ttft_p95_s"], TARGETS["ttft_p95_s"]
+        checks.append(dict(check=f"{name}: TTFT p95 <= {limit} s", value=p95, passed=_ge(limit, p95)))
+        engine_p95 = base.get("ttft_p95_s")
+        bound = TARGETS["ttft_p95_vs_engine"] * engine_p95 if isinstance(engine_p95, (int, float)) else None
+        checks.append(dict(check=f"{name}: TTFT p95 <= 2x the engine's ({_r(engine_p95, 3)} s)", value=p95,
+                           passed=_ge(bound, p95)))  # fmt: skip
+    return checks
+
+
+def split_ab(scenarios: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The same run's profiled gradio text scenario (32 chats on the device) with the engine in its own process and
+    on a thread of the web server (both under py-spy, so alike)."""
+    pick: dict[tuple[str, int], dict[str, Any]] = {}
+    for s in scenarios:
+        if s["door"] == "gradio" and s["profiled"] and not s["image_chats"]:
+            pick[(s["engine"], s["chats"])] = s
+    both = sorted(n for layout, n in pick if layout == "batch" and ("batch-inproc", n) in pick)
+    if not both:
+        return None
+    a, b = pick[("batch", both[-1])], pick[("batch-inproc", both[-1])]
+    return dict(
+        chats=both[-1], process_tok_s=a["total_tok_s"], inproc_tok_s=b["total_tok_s"],
+        ratio=_ratio(a["total_tok_s"], b["total_tok_s"]), process_ttft_p95_s=a["ttft_p95_s"],
+        inproc_ttft_p95_s=b["ttft_p95_s"], process_cores=[a["cores_frontend"], a["cores_engine"]],
+        inproc_cores=b["cores_frontend"], note="the engine-process app has load64's slots, the in-process one 32",
+    )  # fmt: skip
+
+
+def _ge(a: Any, b: Any) -> bool | None:
+    return a >= b if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None
+
+
 def _r(value: Any, digits: int = 1) -> Any:
     return round(value, digits) if isinstance(value, (int, float)) else value
 
@@ -196,32 +364,61 @@ def _ratio(a: Any, b: Any) -> float | None:
 
 def print_summary(report: dict[str, Any]) -> None:
     env, summary = report["environment"], report["summary"]
-    print(f"\n===== suite: {env.get('gpu') or 'no GPU'}, transformers {env['transformers']}, commit {env['commit']}, "
-          f"{report['wall_s']} s")  # fmt: skip
+    print(f"\n===== suite plan {report.get('plan', '-')}: {env.get('gpu') or 'no GPU'}, transformers {env['transformers']}, "
+          f"commit {env['commit']}, {report['wall_s']} s (inductor cache warm at start: {env.get('inductor_cache_warm')})")  # fmt: skip
     for stage in report["stages"]:
         print(f"  {stage['name']:7} {stage.get('exit_code', '-')!s:>4} {stage.get('seconds', '-')!s:>6} s  {stage.get('skipped', '')}")  # fmt: skip
     m = summary.get("matrix", {})
     if m.get("rows"):
         print(f"matrix bf16 ({m['new_tokens']} new tokens both; medians of {m['runs']} engine / {m['generate_runs']} "
               f"generate runs; copy {m['copy_gb_s']} GB/s; engine start-up {m['engine_startup_s']} s)")  # fmt: skip
-        print(f"  {'N':>3} {'generate':>9} {'engine':>8} {'ratio':>6} {'decode-only':>11} {'eng TTFT p50/p95':>17} {'gen TTFT':>8}")
+        print(
+            f"  {'N':>3} {'generate':>9} {'engine':>8} {'ratio':>6} {'decode-only':>11} {'eng TTFT p50/p95':>17} {'gen TTFT':>8}"
+        )
         for r in m["rows"]:
             print(f"  {r['streams']:>3} {r['generate_tok_s']!s:>9} {r['engine_tok_s']!s:>8} {r['engine_vs_generate']!s:>6} "
                   f"{r['engine_decode_tok_s']!s:>11} {str(r['engine_ttft_p50_s']) + ' / ' + str(r['engine_ttft_p95_s']):>17} "
                   f"{r['generate_ttft_s']!s:>8}")  # fmt: skip
     load = summary.get("load", {})
+    for app in load.get("apps", []):
+        print(f"app --engine {app['engine']} ({app['slots']} slots, {app['file']}): page up {app['page_up_s']} s, first "
+              f"answer {app['startup_s']} s after launch, SIGTERM to exit {app['shutdown_s']} s (code {app['exit_code']}); "
+              f"processes {app['processes']}" + (f"; skipped {app['skipped']}" if app["skipped"] else ""))  # fmt: skip
     if load.get("scenarios"):
-        print(f"whole app through gradio_client (start-up to first answer {load['startup_s']} s)")
-        print(f"  {'chats':>8} {'ok':>4} {'ref':>3} {'err':>3} {'total':>7} {'vs engine':>9} {'TTFT p50/p95/p99':>20} {'chat p50':>8} {'cores srv+kids':>14}")  # fmt: skip
+        print(f"  {'engine':>12} {'door':>6} {'chats':>9} {'ok':>4} {'ref':>3} {'err':>3} {'short':>5} {'tok/s':>7} {'vs eng':>6} "
+              f"{'TTFT p50/p95/p99':>18} {'chat p50':>8} {'cores fe/eng/cli(max)':>22}")  # fmt: skip
         for s in load["scenarios"]:
-            cores = s["cpu_cores"] or {}
-            label = f"{s['chats']}" + (f" ({s['image_chats']}img)" if s["image_chats"] else "")
+            label = (
+                f"{s['chats']}"
+                + (f" ({s['image_chats']}img)" if s["image_chats"] else "")
+                + ("*" if s["profiled"] else "")
+            )
             ttft = f"{s['ttft_p50_s']}/{s['ttft_p95_s']}/{s['ttft_p99_s']}"
-            print(f"  {label:>8} {s['ok']:>4} {s['refused']:>3} {s['errors']:>3} {s['total_tok_s']!s:>7} "
-                  f"{s['vs_engine']!s:>9} {ttft:>20} {s['chat_tok_s_p50']!s:>8} "
-                  f"{str(cores.get('server')) + '+' + str(cores.get('server_children')):>14}")  # fmt: skip
+            cores = f"{s['cores_frontend']}/{s['cores_engine']}/{s['cores_client']}({s['cores_client_process_max']})"
+            print(f"  {s['engine']:>12} {s['door']:>6} {label:>9} {s['ok']:>4} {s['refused']:>3} {s['errors']:>3} "
+                  f"{s['short_answers']!s:>5} {s['total_tok_s']!s:>7} {s['vs_engine']!s:>6} {ttft:>18} "
+                  f"{s['chat_tok_s_p50']!s:>8} {cores:>22}")  # fmt: skip
             if s["image_chats"]:
-                print(f"  {'':>8} TTFT p50/p95 text {s.get('text_ttft_p50_p95_s')} image {s.get('image_ttft_p50_p95_s')}")
+                print(f"  {'':>12} {'':>6} TTFT p50/p95 text {s.get('text_ttft_p50_p95_s')} image {s.get('image_ttft_p50_p95_s')}")  # fmt: skip
+        print(
+            "  (* profiled with py-spy, non-blocking; cores: front end / engine process / client processes (busiest))"
+        )
+    for p in summary.get("profiles", []):
+        for key in ("frontend_gil", "engine_gil", "frontend", "engine"):
+            if key in p:
+                q = p[key]
+                top = ", ".join(f"{name.split(' (')[0]} {share:.0%}" for name, _n, share in q["self"][:4]) or q.get(
+                    "error"
+                )
+                print(f"  py-spy {p['label']} {key}: {q['samples']} samples; {top}")
+    if summary.get("split_ab"):
+        ab = summary["split_ab"]
+        print(f"split A/B, gradio {ab['chats']} chats (profiled): engine process {ab['process_tok_s']} tok/s, TTFT p95 "
+              f"{ab['process_ttft_p95_s']} s; in-process {ab['inproc_tok_s']} tok/s, p95 {ab['inproc_ttft_p95_s']} s; "
+              f"ratio {ab['ratio']}")  # fmt: skip
+    for t in summary.get("targets", []):
+        mark = {True: "PASS", False: "FAIL", None: "n/a "}[t["passed"]]
+        print(f"  target {mark} {t['check']}: {t['value']}")
     if "greedy" in summary:
         g = summary["greedy"]
         print(f"greedy fp32 ({g['decode_path']}): {'PASS' if g['passed'] else 'FAIL'}, {g['informative']} informative prompts: "
@@ -233,24 +430,25 @@ def print_summary(report: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="folder for the JSON files and logs (the device's $OUT)")
-    ap.add_argument("--stages", default="matrix,load,greedy,oom", help="in order, from: matrix, load, greedy, oom")
-    ap.add_argument("--deadline-s", type=float, default=520.0, help="the whole suite's seconds (default 520)")
-    ap.add_argument("--load-seconds", type=float, default=30.0, help="seconds of traffic per load scenario")
-    ap.add_argument("--generate-runs", type=int, help="measured `generate` runs per stream count (default 3)")
+    ap.add_argument("--plan", choices=sorted(PLANS), default="a", help="a: matrix, load (1, 32 chats), greedy; b: load64, inproc")  # fmt: skip
+    ap.add_argument("--stages", help=f"instead of the plan's, in order, from: {', '.join(STAGES)}")
+    ap.add_argument("--deadline-s", type=float, default=540.0, help="the whole suite's seconds (default 540)")
+    ap.add_argument("--load-seconds", type=float, default=25.0, help="seconds of traffic per load scenario, at most (default 25)")  # fmt: skip
+    ap.add_argument("--generate-runs", type=int, help="measured `generate` runs per stream count (plan a: 2)")
     ap.add_argument("--cpu", action="store_true", help="the plumbing on CPU: tiny model, tiny counts")
     ap.add_argument("--commit", help="the commit the tree was sent at (a device's copy has no git history)")
     args = ap.parse_args(argv)
     if args.commit:
         os.environ["BENCH_COMMIT"] = args.commit  # read by every stage's report (common.git_commit)
-    args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    if not args.stages or not set(args.stages) <= set(NEEDS):
-        ap.error(f"--stages takes {', '.join(NEEDS)}")
+    args.stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else list(PLANS[args.plan])
+    if not args.stages or not set(args.stages) <= set(STAGES):
+        ap.error(f"--stages takes {', '.join(STAGES)}")
     t0 = time.monotonic()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = preflight()
     print(json.dumps(env), flush=True)
-    report: dict[str, Any] = dict(environment=env, args=vars(args), stages=[], summary={})
+    report: dict[str, Any] = dict(environment=env, plan=args.plan, args=vars(args), stages=[], summary={})
     if not env["transformers_ok"] and not args.cpu:
         print(f"error: transformers {env['transformers']} here; {'.'.join(map(str, MIN_TRANSFORMERS))} or later is "
               "needed (older ones break image prompts): carry the wheels in .whl (bench/README.md)", flush=True)  # fmt: skip
@@ -259,28 +457,31 @@ def main(argv: list[str] | None = None) -> int:
     with open(out / "suite.log", "a") as log:
         for i, stage in enumerate(stages):
             left = args.deadline_s - (time.monotonic() - t0)
-            later = sum(s.estimate_s for s in stages[i + 1 :] if s.name == "load")  # keep room for the app under load
-            missing = [p for p in NEEDS[stage.name] if not env["packages"].get(p)]
+            later = sum(s.estimate_s for s in stages[i + 1 :] if s.name not in OPTIONAL)  # kept for what must run
+            missing = [p for p in NEEDS.get(stage.name, ()) if not env["packages"].get(p)]
+            load_stage = stage.name in LOAD_STAGES
             if missing:
                 stage.result = dict(skipped=f"missing {', '.join(missing)}")
-            elif left < stage.estimate_s * (0.6 if stage.name == "load" else 1.0):
+            elif left - min(later, left / 2) < stage.estimate_s * (0.6 if load_stage else 1.0):
                 stage.result = dict(skipped=f"needs ~{stage.estimate_s:.0f} s, {left:.0f} s left")
             else:
-                if stage.name == "load" and left < stage.estimate_s:  # shorter scenarios rather than none
-                    seconds = max(10.0, (left - LOAD_STARTUP_S) / 3 - 12)
-                    at = stage.command.index("--seconds") + 1
-                    stage.command[at] = str(round(seconds))
-                run_stage(stage, max(30.0, min(left - min(later, left / 2), stage.estimate_s * 1.6)), log)
+                timeout = max(30.0, min(left - min(later, left / 2), stage.estimate_s * 1.6))
+                if load_stage:  # its scenarios shorten to end on its own, 15 s before it would be stopped
+                    at = stage.command.index("--")
+                    stage.command[at:at] = ["--budget-s", str(round(timeout - 15))]
+                run_stage(stage, timeout, log)
             report["stages"].append(dict(name=stage.name, command=" ".join(stage.command[2:]), **stage.result))
-            if stage.name == "load":
+            if load_stage:
                 work = Path(stage.command[stage.command.index("--workdir") + 1])
                 if (work / "server.log").exists():
-                    shutil.copy(work / "server.log", out / "server.log")
+                    suffix = {"load": "", "load64": "_64", "inproc": "_inproc"}[stage.name]
+                    shutil.copy(work / "server.log", out / f"server{suffix}.log")
             report["summary"] = summarize(out)
             report["wall_s"] = round(time.monotonic() - t0, 1)
             (out / "suite.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     print_summary(report)
-    failed = [s["name"] for s in report["stages"] if s.get("exit_code") not in (0, None)]
+    # 3: a load stage whose budget fitted no scenario (its JSON says so).
+    failed = [s["name"] for s in report["stages"] if s.get("exit_code") not in (0, 3, None)]
     skipped = [s["name"] for s in report["stages"] if "skipped" in s]
     if failed or skipped:
         print(f"failed: {failed or '-'}; skipped: {skipped or '-'} (suite.log has each stage's output)", flush=True)

@@ -4,7 +4,8 @@
     python -m bench.wheels check             # every Requires-Dist covered, one version each, tags, total size
 
 The device image (Python 3.12, torch 2.11, transformers 5.17) has no gradio and none of its server stack, and its
-transformers breaks image prompts: the set below adds gradio 6.31 with what it needs and transformers 5.23. `check`
+transformers breaks image prompts: the set below adds gradio 6.31 with what it needs, transformers 5.23 and py-spy
+(a program: `pip install --target DIR` puts it in DIR/bin, where bench.load_test looks). `check`
 walks the carried wheels' requirements (Python 3.12 on Linux, no extras): each must be met by a carried wheel (its
 version inside the specifier) or by a package the image holds (DEVICE, from the image's package list; versions
 checked where one was recorded).
@@ -31,6 +32,7 @@ CARRY = (
     "safehttpx==0.1.7", "semantic-version==2.10.0", "tomlkit==0.14.0", "transformers==5.23.0",
     "regex==2026.11.19",  # transformers checks regex>=2025.10.22 at import; the image's version is not recorded
     "qwen-vl-utils==0.0.14",  # vision_rules.py compiles its budget rules from its source file
+    "py-spy==0.4.3",  # bench.suite plan b profiles both processes (a Rust binary: py3-none-manylinux x86_64)
 )  # fmt: skip
 # Carried for their files only, never imported (vision_rules.py reads qwen_vl_utils' source): their requirements
 # (av, requests) need not be met.
@@ -84,8 +86,10 @@ def check(folder: Path = FOLDER) -> list[str]:
         carried[canonical(name)] = version
         tags = wheel.name.removesuffix(".whl").split("-")[-3:]
         pure = tags[1] == "none" and tags[2] == "any"
-        if not pure and not (tags[0] == "cp312" and "x86_64" in tags[2] and "manylinux" in tags[2]):
-            problems.append(f"{wheel.name}: not a cp312 manylinux x86_64 wheel")
+        linux = "x86_64" in tags[2] and "manylinux" in tags[2]
+        binary = tags[1] == "none" and "py3" in tags[0].split(".")  # a program, no Python ABI (py-spy)
+        if not pure and not (linux and (tags[0] == "cp312" or binary)):
+            problems.append(f"{wheel.name}: not a cp312 (or py3-none) manylinux x86_64 wheel")
     wanted = {canonical(spec.split("==")[0]) for spec in CARRY}
     problems += [f"missing from {folder}: {name}" for name in sorted(wanted - set(carried))]
     for wheel in wheels:
@@ -113,7 +117,8 @@ def check(folder: Path = FOLDER) -> list[str]:
 def download(folder: Path = FOLDER) -> int:
     """Fetches exactly CARRY into `folder` (binary wheels for the device's Python 3.12 on x86-64 Linux)."""
     folder.mkdir(exist_ok=True)
-    platforms = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
+    platforms = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
+                 "manylinux_2_5_x86_64", "manylinux1_x86_64"]  # fmt: skip
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
                "--implementation", "cp", *[f"--platform={p}" for p in platforms], "-d", str(folder), *CARRY]  # fmt: skip
     return subprocess.run(command).returncode

@@ -48,6 +48,61 @@ def test_load_test_drives_the_demo_app_and_counts_answers_and_refusals(tiny_chec
     assert any("Ready: demo model" in line for line in report["server_log"]), report["server_log"]
 
 
+def test_load_test_drives_the_demo_app_through_the_openai_door_with_its_engine_process(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    # The same counts through /v1/chat/completions: 429 is a busy refusal, usage gives the tokens, ignore_eos makes
+    # every answer exactly as long as asked; three chats run in two client processes; the engine's own process is
+    # found and its CPU counted apart from the front end's.
+    out = tmp_path / "report.json"
+    code = load_test.main([
+        "--doors", "openai", "--chats", "1,3", "--requests", "6", "--seconds", "120", "--prompt-tokens", "48",
+        "--new-tokens", "32", "--warm-requests", "1", "--chats-per-process", "2", "--workdir", str(tmp_path / "work"),
+        "--json", str(out), "--", "--demo", "--engine", "batch", "--cache-dir", str(tiny_checkpoint.parent),
+        "--max-concurrency", "1", "--queue-size", "1",
+    ])  # fmt: skip
+    report = json.loads(out.read_text())
+    assert code == 0, report
+    assert report["exit_code"] == 0 and report["app_processes"]["engine"], report["app_processes"]
+    one, three = report["scenarios"]
+    assert one["door"] == three["door"] == "openai"
+    assert one["client_processes"] == 1 and three["client_processes"] == 2
+    _check_sane(one, 6, 1)
+    assert one["ok"] == 6 and one["refused_busy"] == 0
+    _check_sane(three, 6, 3)
+    assert three["refused_busy"] >= 1, three
+    assert all("HTTP 429" in r["detail"] for r in three["requests"] if r["status"] == "refused_busy"), three
+    for s in (one, three):  # usage.completion_tokens, and no answer ended early
+        assert s["short_answers"] == 0 and all(r["tokens"] == 32 for r in s["requests"] if r["status"] == "ok"), s
+        cores = s["cpu_cores_busy"]
+        assert cores["engine"] > 0 and cores["engine_pids"] == [report["app_processes"]["engine"]], cores
+        assert cores["server_children"] >= cores["engine"] and cores["server"] > 0, cores
+    assert "client_process_max" in three["cpu_cores_busy"]
+
+
+def test_stacks_summary_and_the_budget_arithmetic() -> None:
+    lines = [
+        "thread (1): MainThread;main (app.py:10);loop (a.py:5);step (b.py:7) 6",
+        "thread (1): MainThread;main (app.py:10);loop (a.py:6);step (b.py:9) 2",
+        "thread (2): engine-reader;read (c.py:3) 2",
+        "garbage",
+    ]
+    s = load_test.summarize_stacks(lines)
+    assert s["samples"] == 10 and s["threads"][0] == ["thread (1): MainThread", 8, 0.8]
+    assert s["self"][0] == ["step (b.py)", 8, 0.8] and ["read (c.py)", 2, 0.2] in s["self"]
+    assert ["main (app.py)", 8, 0.8] in s["total"] and load_test.summarize_stacks([]) == {"samples": 0}
+    args, _ = load_test.parse_args(["--chats", "64", "--mixed", "32", "--profile", "32", "--doors", "gradio,openai",
+                                    "--seconds", "30", "--min-seconds", "10", "--scenario-overhead-s", "10"])  # fmt: skip
+    todo = load_test.scenarios_of(args)
+    assert [s.label for s in todo] == ["gradio-64", "openai-64", "gradio-32-mixed", "openai-32-mixed",
+                                       "gradio-32-profiled", "openai-32-profiled"]  # fmt: skip
+    assert load_test.fit_seconds(args, 1000, todo) == (30, 6)  # room: full length
+    seconds, fit = load_test.fit_seconds(args, 4 * 20 + 2 * 25 + 60, todo)  # 60 s to spare over the minimum
+    assert fit == 6 and seconds == 20
+    assert load_test.fit_seconds(args, 4 * 20 + 10, todo) == (12.5, 4)  # the last (profiled) ones dropped
+    assert load_test.fit_seconds(args, 15, todo) == (0, 0)
+
+
 def test_random_weights_app_answers_words_whose_tokens_the_load_test_counts_exactly(tmp_path: Path) -> None:
     from qwen3vl_webui.cli import parse_settings
     from qwen3vl_webui.ui.panels import format_status
