@@ -68,3 +68,15 @@ def demo_app_server(tiny_checkpoint: Path) -> Iterator[tuple[Any, str]]:
         yield app, url
     finally:
         app.close()
+
+
+def wait_for(condition: Any, seconds: float) -> bool:
+    """Polls `condition` every 50 ms for up to `seconds`; its last answer."""
+    import time
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return bool(condition())

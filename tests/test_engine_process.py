@@ -16,19 +16,10 @@ import psutil
 from gradio_client import Client
 
 from qwen3vl_webui.conversation import ERROR_PREFIX
-from tests.conftest import _free_port, start_app
+from tests.conftest import _free_port, start_app, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 LONG = {"max_tokens": 1000, "temperature": 0, "ignore_eos": True}
-
-
-def _wait_for(predicate: Any, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def _long_chat(url: str, result: list[Any]) -> None:
@@ -51,17 +42,17 @@ def test_a_killed_engine_fails_chats_in_flight_within_2_s_and_comes_back(tiny_ch
         ui_job = ui.submit({"text": "a long story please", "files": []}, max_new_tokens=1000, api_name="/chat")
         api: list[Any] = []
         threading.Thread(target=_long_chat, args=(url, api), daemon=True).start()
-        assert _wait_for(lambda: manager.decoder.process is not None and manager.decoder.process.steps > 20, 60)
+        assert wait_for(lambda: manager.decoder.process is not None and manager.decoder.process.steps > 20, 60)
         os.kill(pid, signal.SIGKILL)
         killed = time.monotonic()
-        assert _wait_for(lambda: bool(api), 10)
+        assert wait_for(lambda: bool(api), 10)
         ended, text = api[0]
         assert ended - killed < 2.0 and "stopped unexpectedly" in text, text[-300:]
         answer = ui_job.result(timeout=10)
         assert answer.startswith(ERROR_PREFIX) and "stopped unexpectedly" in answer, answer
         # The status line says so, and the engine comes back on its own.
-        assert _wait_for(lambda: "restarting" in manager.status or manager.decoder.pid not in (None, pid), 5)
-        assert _wait_for(lambda: manager.current() is not None and manager.decoder.pid not in (None, pid), 120)
+        assert wait_for(lambda: "restarting" in manager.status or manager.decoder.pid not in (None, pid), 5)
+        assert wait_for(lambda: manager.current() is not None and manager.decoder.pid not in (None, pid), 120)
         assert manager.engine_restarts == 1 and manager.status.startswith("Ready:")
         again = Client(url, verbose=False).predict({"text": "hello", "files": []}, max_new_tokens=16, api_name="/chat")
         assert again and not again.startswith(ERROR_PREFIX)
@@ -92,7 +83,7 @@ def test_a_crash_loop_backs_off_and_says_so(tiny_checkpoint: Path, monkeypatch, 
     manager.decoder.attach = flaky
     try:
         os.kill(manager.decoder.pid, signal.SIGKILL)
-        assert _wait_for(lambda: manager.current() is not None and manager.engine_restarts == 1, 60)
+        assert wait_for(lambda: manager.current() is not None and manager.engine_restarts == 1, 60)
         said = [r.getMessage() for r in caplog.records if "restarting it in" in r.getMessage()]
         assert len(said) == 3, said
         assert "stopped (exit code -9); restarting it in 0.05 s…" in said[0]  # then 0.1 s, 0.2 s: backing off
@@ -113,22 +104,22 @@ def test_sigterm_drains_exits_0_and_leaves_no_engine_process(tiny_checkpoint: Pa
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}/"
     try:
-        assert _wait_for(lambda: _answers(url), 120), "the app did not come up"
+        assert wait_for(lambda: _answers(url), 120), "the app did not come up"
 
         def engines() -> list[psutil.Process]:
             children = psutil.Process(proc.pid).children(recursive=True)
             return [p for p in children if "engine.remote.worker" in " ".join(p.cmdline())]
 
-        assert _wait_for(lambda: len(engines()) == 1, 120)
+        assert wait_for(lambda: len(engines()) == 1, 120)
         engine = engines()[0]
-        assert _wait_for(lambda: _ready(url), 120)
+        assert wait_for(lambda: _ready(url), 120)
         running = Client(url, verbose=False).submit({"text": "Hello there", "files": []}, max_new_tokens=64, api_name="/chat")
         time.sleep(0.3)
         proc.send_signal(signal.SIGTERM)
         answer = running.result(timeout=60)
         assert answer and not answer.startswith(ERROR_PREFIX), answer
         assert proc.wait(timeout=60) == 0
-        assert _wait_for(lambda: not engine.is_running() or engine.status() == psutil.STATUS_ZOMBIE, 10)
+        assert wait_for(lambda: not engine.is_running() or engine.status() == psutil.STATUS_ZOMBIE, 10)
     finally:
         if proc.poll() is None:
             proc.kill()

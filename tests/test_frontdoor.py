@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import start_app
+from conftest import start_app, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 AUTH = ("alice", "correct horse battery staple")
@@ -129,15 +129,6 @@ def _age(paths: list[str], seconds: float) -> None:
         os.utime(path, (stamp, stamp))
 
 
-def _until(condition: Any, seconds: float) -> bool:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return bool(condition())
-
-
 def test_uploads_over_the_size_cap_go_oldest_first_and_old_ones_go_by_age(open_app) -> None:
     app, url = open_app
     sweeper = app.front.sweeper
@@ -156,7 +147,7 @@ def test_uploads_over_the_size_cap_go_oldest_first_and_old_ones_go_by_age(open_a
             _age([path], 600 - i)  # old0 is the oldest
         _age(kept, 7200)  # the examples are older than any limit, and stay
         fresh = _upload(http, "fresh.png", size)
-        assert _until(lambda: not os.path.exists(first[4]), 10), "the sweep after an upload did not run"
+        assert wait_for(lambda: not os.path.exists(first[4]), 10), "the sweep after an upload did not run"
         remaining = [p for p in [*first, fresh] if os.path.exists(p)]
         assert remaining == [*first[5:], fresh]
         assert sum(os.path.getsize(p) for p in remaining) <= 1024 * 1024
@@ -164,7 +155,7 @@ def test_uploads_over_the_size_cap_go_oldest_first_and_old_ones_go_by_age(open_a
         # Two hours old: over --upload-max-age-minutes (60) though the folder is under its cap.
         _age([first[5]], 7200)
         _upload(http, "tiny.png", 100)
-        assert _until(lambda: not os.path.exists(first[5]), 10)
+        assert wait_for(lambda: not os.path.exists(first[5]), 10)
         assert all(os.path.exists(p) for p in [*first[6:], fresh, *kept])
         # The server still serves what is left, and refuses what is gone.
         assert http.get(f"gradio_api/file={fresh}").status_code == 200

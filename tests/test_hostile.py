@@ -32,7 +32,7 @@ from PIL import Image
 
 from qwen3vl_webui.conversation import ERROR_PREFIX
 from qwen3vl_webui.weights import loading
-from tests.conftest import ASSETS, _free_port, start_app
+from tests.conftest import ASSETS, _free_port, start_app, wait_for
 from tests.test_media import decoder_children, png_header_only, repeat_video, write_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,15 +57,6 @@ def _answered(reply: Any) -> bool:
 
 def _started(app: Any) -> int:
     return app.service.counters.generations_started
-
-
-def _wait_for(condition: Any, seconds: float) -> bool:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return bool(condition())
 
 
 @contextlib.contextmanager
@@ -483,7 +474,7 @@ def test_17_precision_switch_while_requests_run_and_wait_finishes_them_and_loads
     monkeypatch.setattr(loading, "load_model", counting_load)
     with long_answers(app, step_delay_s=0.01), cf.ThreadPoolExecutor(6) as pool:
         chats = [pool.submit(_chat, _client(url), f"story {i}", max_new_tokens=120) for i in range(2)]
-        assert _wait_for(lambda: app.service.scheduler.state().running == 2, 30)
+        assert wait_for(lambda: app.service.scheduler.state().running == 2, 30)
         switches = [pool.submit(_client(url).predict, "int8", api_name="/switch_precision") for _ in range(2)]
         time.sleep(0.3)
         waiting = pool.submit(_chat, _client(url), "after the switch", max_new_tokens=16)
@@ -510,7 +501,7 @@ def test_18_closing_the_tab_mid_stream_ends_generation_and_frees_the_slot(hostil
                     break
             assert app.service.scheduler.state().running == 1
         # The connection is gone (what closing the tab does).
-        assert _wait_for(lambda: app.service.scheduler.state().running == 0, 10)
+        assert wait_for(lambda: app.service.scheduler.state().running == 0, 10)
     assert 0 < app.service.stats.last.new_tokens < 400
 
 
@@ -524,18 +515,18 @@ def test_19_a_client_leaving_while_waiting_is_dropped_without_gpu_work(hostile) 
         runners = [_client(url).submit({"text": f"long {i}", "files": []}, max_new_tokens=300, api_name="/chat")
                    for i in range(2)]  # fmt: skip
         # Both runners' generations have begun (a scheduler slot is taken a moment before the count goes up).
-        assert _wait_for(lambda: _started(app) == first + 2, 30)
+        assert wait_for(lambda: _started(app) == first + 2, 30)
         assert app.service.scheduler.state().running == 2
         before = _started(app)
         with raw_stream(url, _raw_data(app, message)):
-            assert _wait_for(lambda: app.service.scheduler.state().waiting == 1, 10)  # queued behind the two
+            assert wait_for(lambda: app.service.scheduler.state().waiting == 1, 10)  # queued behind the two
             time.sleep(0.2)
         # The client went away; gradio notices at the next waiting report it cannot deliver and closes the chat.
         # Wait for that rather than for a fixed time: on a loaded 2-core CI machine it once took over 1.5 s.
-        assert _wait_for(lambda: app.service.scheduler.state().waiting == 0 and app.service.in_flight() == 2, 15)
+        assert wait_for(lambda: app.service.scheduler.state().waiting == 0 and app.service.in_flight() == 2, 15)
         for job in runners:
             job.cancel()
-        assert _wait_for(lambda: app.service.scheduler.state().running == 0, 20)
+        assert wait_for(lambda: app.service.scheduler.state().running == 0, 20)
     time.sleep(1.0)
     assert _started(app) == before  # no generate() ran for the one who left
     # (b) Waiting inside the engine while a reload holds every slot (as during a precision switch).
@@ -554,7 +545,7 @@ def test_19_a_client_leaving_while_waiting_is_dropped_without_gpu_work(hostile) 
     with raw_stream(url, _raw_data(app, message)) as events:
         kind, data = next(events)
         assert kind == "generating" and data[0].startswith("⏳ Waiting for a GPU slot"), (kind, data)
-    assert _wait_for(lambda: app.service.in_flight() == 0, 10)  # gradio closed the waiting chat
+    assert wait_for(lambda: app.service.in_flight() == 0, 10)  # gradio closed the waiting chat
     release.set()
     holder.join()
     time.sleep(0.5)
@@ -639,7 +630,7 @@ def test_21_sigterm_stops_accepting_lets_the_running_request_finish_and_exits_0(
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}/"
     try:
-        assert _wait_for(lambda: _responds(url), 90), "the app did not come up"
+        assert wait_for(lambda: _responds(url), 90), "the app did not come up"
         running = _client(url).submit({"text": "Hello there", "files": []}, max_new_tokens=16, api_name="/chat")
         # The request is in its 3-second prefill when the signal arrives.
         time.sleep(1.5)
