@@ -525,7 +525,7 @@ def test_the_chat_service_sends_history_that_the_engine_reuses(tiny_checkpoint, 
     from qwen3vl_webui.telemetry import GenerationStats, GpuProbe
 
     manager = ModelManager(
-        str(tiny_checkpoint), "fp32", "cpu", "sdpa", Scheduler(1, 4), decoder="batch", limits=Limits(2048, 1024)
+        str(tiny_checkpoint), "fp32", "cpu", "sdpa", Scheduler(1, 4), decoder="batch-inproc", limits=Limits(2048, 1024)
     )
     manager.load()
     service = ChatService(manager, manager.scheduler, GenerationStats(), GpuProbe())
