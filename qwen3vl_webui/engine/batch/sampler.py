@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,31 +9,53 @@ from qwen3vl_webui.engine.batch.requests import Request
 
 
 class Sampler:
-    """Per-slot penalty state on the device; a seeded generator per sampling request (`Request.generator`)."""
+    """Per-slot sampling state on the device (penalty, seen tokens, temperature, top-k, top-p); a generator of its
+    own only for a request with a seed, so that its tokens are the same alone or batched.
+
+    Sampling is batched: one top-k, one softmax and one multinomial draw for all rows, and each row's parameters
+    live in slot-indexed device tensors set when a request joins. Per-row tensors built from Python lists and a
+    multinomial call per row (the earlier version) cost ~3 ms of host time a step at 32 streams, which held the
+    engine process at one busy core on an H200 (bench/results/h200/suite_a.log).
+    """
 
     def __init__(self, device: Any, max_batch: int) -> None:
         self.device = device
         self.max_batch = max_batch
+        self.vocab = 0
         self.penalty: Any = None
         self.seen: Any = None
+        self.temperature: Any = None
+        self.top_k: Any = None
+        self.top_p: Any = None
 
     def allocate(self, vocab: int) -> None:
         import torch
 
-        self.penalty = torch.ones(self.max_batch, 1, dtype=torch.float32, device=self.device)
-        self.seen = torch.zeros(self.max_batch, vocab, dtype=torch.bool, device=self.device)
+        self.vocab = vocab
+        b, dev = self.max_batch, self.device
+        self.penalty = torch.ones(b, 1, dtype=torch.float32, device=dev)
+        self.seen = torch.zeros(b, vocab, dtype=torch.bool, device=dev)
+        self.temperature = torch.zeros(b, 1, dtype=torch.float32, device=dev)
+        self.top_k = torch.full((b, 1), vocab, dtype=torch.long, device=dev)
+        self.top_p = torch.ones(b, 1, dtype=torch.float32, device=dev)
 
     def join(self, slot: int, req: Request) -> None:
-        """A request takes `slot`: its penalty, the prompt tokens it has seen, its generator."""
+        """A request takes `slot`: its penalty, the prompt tokens it has seen, its sampling values, its generator."""
         import torch
 
-        self.penalty[slot] = req.sampling.repetition_penalty
+        sampling = req.sampling
+        self.penalty[slot] = sampling.repetition_penalty
         self.seen[slot] = False
-        if req.sampling.repetition_penalty != 1.0:
+        if sampling.repetition_penalty != 1.0:
             self.seen[slot, req.prompt.inputs["input_ids"][0].to(self.device)] = True
-        if req.sampling.temperature > 0:
-            seed = req.sampling.seed if req.sampling.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-            req.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.temperature[slot] = max(0.0, sampling.temperature)
+        self.top_k[slot] = self._k(req)
+        self.top_p[slot] = sampling.top_p
+        if sampling.temperature > 0 and sampling.seed is not None:
+            req.generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
+
+    def _k(self, req: Request) -> int:
+        return min(req.sampling.top_k or self.vocab, self.vocab)
 
     def choose(self, logits: Any, reqs: Sequence[Request], lo: int) -> Any:
         """Next token of each of `reqs`, in slots [lo, lo + len(reqs)), from their logits [len(reqs), vocab]."""
@@ -45,25 +66,23 @@ class Sampler:
             penalty = self.penalty[lo:hi]
             penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
             logits = torch.where(self.seen[lo:hi], penalised, logits)
-        tokens = logits.argmax(-1)
-        sampled = [i for i, r in enumerate(reqs) if r.sampling.temperature > 0]
-        if not sampled:
-            return tokens
-        dev = logits.device
-        rows = torch.tensor(sampled, device=dev)
-        temperature = torch.tensor([reqs[i].sampling.temperature for i in sampled], device=dev).view(-1, 1)
-        top_k = torch.tensor([reqs[i].sampling.top_k or logits.shape[-1] for i in sampled], device=dev).view(-1, 1)
-        top_p = torch.tensor([reqs[i].sampling.top_p for i in sampled], device=dev).view(-1, 1)
-        scores, order = (logits[rows] / temperature).sort(-1, descending=True)
-        rank = torch.arange(scores.shape[-1], device=dev).view(1, -1)
-        scores = scores.masked_fill(rank >= top_k, float("-inf"))
+        greedy = logits.argmax(-1)
+        ks = [self._k(r) for r in reqs if r.sampling.temperature > 0]
+        if not ks:
+            return greedy
+        temperature = self.temperature[lo:hi]
+        scores, order = torch.topk(logits / temperature.clamp_min(1e-5), max(ks), dim=-1)  # sorted, largest first
+        rank = torch.arange(scores.shape[-1], device=logits.device).view(1, -1)
+        scores = scores.masked_fill(rank >= self.top_k[lo:hi], float("-inf"))
         probs = scores.softmax(-1)
         # Keep the smallest head whose mass reaches top_p (the first token always stays).
-        probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0.0)
-        for j, i in enumerate(sampled):
-            choice = torch.multinomial(probs[j], 1, generator=reqs[i].generator)
-            tokens[i] = order[j, choice[0]]
-        return tokens
+        probs = probs.masked_fill(probs.cumsum(-1) - probs > self.top_p[lo:hi], 0.0)
+        pick = torch.multinomial(probs, 1)
+        for i, req in enumerate(reqs):  # a seeded request draws from its own generator
+            if req.generator is not None:
+                pick[i] = torch.multinomial(probs[i], 1, generator=req.generator)
+        sampled = order.gather(1, pick).squeeze(1)
+        return torch.where(temperature.squeeze(1) > 0, sampled, greedy)
 
     def saw(self, reqs: Sequence[Request], lo: int, tokens: Any) -> None:
         """The chosen tokens count as seen for the repetition penalty (only where a request uses one)."""
@@ -71,7 +90,7 @@ class Sampler:
             self.seen[lo : lo + len(reqs)].scatter_(1, tokens.view(len(reqs), 1), True)
 
     def move(self, src: int, dst: int) -> None:
-        for buf in (self.penalty, self.seen):
+        for buf in (self.penalty, self.seen, self.temperature, self.top_k, self.top_p):
             buf[dst].copy_(buf[src])
 
     def free(self) -> None:
