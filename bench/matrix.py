@@ -281,7 +281,7 @@ def print_table(report: dict[str, Any]) -> None:
         rate = r.get("decode_tok_s", r["total_tok_s"])
         share = f"{rate / r['memory_limit_tok_s']:.0%}" if r.get("memory_limit_tok_s") else "-"
         dec = f"{r['decode_tok_s']:12.0f}" if "decode_tok_s" in r else f"{'-':>12}"
-        print(f"{label:18} {r['streams']:3d} {r['per_stream_tok_s']:12.1f} {r['total_tok_s']:11.1f} {dec} "
+        print(f"{label:18} {int(r['streams']):3d} {r['per_stream_tok_s']:12.1f} {r['total_tok_s']:11.1f} {dec} "
               f"{r['ttft_p50_s']:9.3f} {r['ttft_p95_s']:9.3f} {r['peak_gib'] or 0:8.2f} {share:>11} {ratio:>11}")  # fmt: skip
 
     for r in report.get("generate", []):
