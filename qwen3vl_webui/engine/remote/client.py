@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen3vl_webui.engine.batch.requests import RequestStreams, TokenStream, text_events, token_events
-from qwen3vl_webui.engine.remote.protocol import Channel, EngineDied, EngineInfo, EngineStats, Prompt
+from qwen3vl_webui.engine.remote.protocol import Channel, EngineDied, EngineInfo, EngineStats, to_wire
 from qwen3vl_webui.telemetry import RequestStats
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class EngineStartFailed(RuntimeError):
 class _Tracker:
     """What this side saw of one request: for the stats of a request stopped before its end."""
 
-    prompt: Prompt
+    prompt: Any  # the PreparedPrompt sent
     submitted: float = field(default_factory=time.perf_counter)
     first: float | None = None
     last: float | None = None
@@ -201,8 +201,8 @@ class EngineProcess:
         if not self.alive or self._channel is None:
             raise EngineDied("The engine process is not running; it is being restarted. Please try again.")
         rid = next(self._ids)
-        sent = Prompt.of(prompt)
-        tracker = _Tracker(sent)
+        sent = to_wire(prompt)
+        tracker = _Tracker(prompt)
         mailbox = self._streams.open(rid)
         with self._lock:
             self._inflight[rid] = cancel

@@ -4,12 +4,12 @@ Arrays (a prompt's token ids and pixels) travel as out-of-band buffers: pickle p
 to the socket as its own frame instead of copying it into the pickle. Everything else is small plain data: one
 message per engine step carries every request's new tokens (`EngineOutputs`), as vLLM's EngineCoreOutputs does.
 
-front end -> engine                            engine -> front end
-  ("add", request_id, Prompt, SamplingParams)    ("progress", text)            while loading
-  ("abort", (request_id, ...))                   ("ready", EngineInfo)
-  ("release",)   gc + the allocator's cache      ("failed", text)              the load failed: the process exits
-  ("forget",)    drop retained prefixes          ("out", EngineOutputs)        once per step, errors as RemoteError
-  ("shutdown",)  finish nothing, exit            ("stats", EngineStats)        every STATS_EVERY_S
+front end -> engine                              engine -> front end
+  ("add", id, PreparedPrompt, SamplingParams)      ("progress", text)        while loading
+  ("abort", (id, ...))                             ("ready", EngineInfo)
+  ("release",)   gc + the allocator's cache        ("failed", text)          the load failed: the process exits
+  ("shutdown",)  finish nothing, exit              ("out", EngineOutputs)    once per step, errors as RemoteError
+                                                   ("stats", EngineStats)    every STATS_EVERY_S
 """
 
 from __future__ import annotations
@@ -62,29 +62,20 @@ def remote_error(exc: BaseException) -> RemoteError:
     return RemoteError(kind, text[0] if text else type(exc).__name__)
 
 
-@dataclass(frozen=True)
-class Prompt:
-    """A PreparedPrompt's inputs as numpy arrays (the token ids, pixels, grids), and its token counts."""
+def to_wire(prompt: Any) -> Any:
+    """A PreparedPrompt whose inputs are numpy arrays: pickle 5 hands their memory to the socket out of band."""
+    from dataclasses import replace
 
-    inputs: dict[str, Any]
-    tokens: int
-    text_tokens: int
-    image_tokens: int
-    video_tokens: int
+    return replace(prompt, inputs={k: v.numpy() if hasattr(v, "numpy") else v for k, v in prompt.inputs.items()})
 
-    @staticmethod
-    def of(prompt: Any) -> Prompt:
-        arrays = {k: v.numpy() if hasattr(v, "numpy") else v for k, v in prompt.inputs.items()}
-        return Prompt(arrays, prompt.tokens, prompt.text_tokens, prompt.image_tokens, prompt.video_tokens)
 
-    def prepared(self) -> Any:
-        """Back to a PreparedPrompt of CPU tensors (sharing the received buffers' memory)."""
-        import torch
+def from_wire(prompt: Any) -> Any:
+    """The received PreparedPrompt with CPU tensors again (sharing the received buffers' memory)."""
+    from dataclasses import replace
 
-        from qwen3vl_webui.engine.request import PreparedPrompt
+    import torch
 
-        inputs = {k: torch.from_numpy(v) if hasattr(v, "dtype") else v for k, v in self.inputs.items()}
-        return PreparedPrompt(inputs, self.tokens, self.text_tokens, self.image_tokens, self.video_tokens, 0)
+    return replace(prompt, inputs={k: torch.from_numpy(v) if hasattr(v, "dtype") else v for k, v in prompt.inputs.items()})
 
 
 @dataclass(frozen=True)

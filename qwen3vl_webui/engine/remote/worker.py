@@ -23,8 +23,8 @@ from qwen3vl_webui.engine.remote.protocol import (
     Channel,
     EngineInfo,
     EngineStats,
-    Prompt,
     RemoteError,
+    from_wire,
     remote_error,
 )
 
@@ -129,14 +129,14 @@ class Worker:
             log.warning("unknown message %r", kind)
         return True
 
-    def _add(self, request_id: int, prompt: Prompt, sampling: Any) -> None:
+    def _add(self, request_id: int, prompt: Any, sampling: Any) -> None:
         from qwen3vl_webui.engine.batch import EngineOutputs, RequestOutput
 
         cancel = threading.Event()
         with self._lock:
             self._cancels[request_id] = cancel
         try:
-            self.engine.add(prompt.prepared(), sampling, cancel, request_id=request_id)
+            self.engine.add(from_wire(prompt), sampling, cancel, request_id=request_id)
         except Exception as exc:  # refused before it was queued (too long for a slot, bad grids)
             with self._lock:
                 self._cancels.pop(request_id, None)
