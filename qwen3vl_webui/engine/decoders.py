@@ -6,7 +6,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from qwen3vl_webui.engine.faults import FaultInjector
 from qwen3vl_webui.engine.generate import stream_generate
@@ -22,6 +22,8 @@ Stream = Iterator[tuple[str, "RequestStats | None"]]
 class Decoder(Protocol):
     name: str
     max_context: int  # tokens per request the next `attach` sizes the KV slots for; 0: nothing to size (generate)
+    remote: bool  # the weights load in a process of the decoder's, not here (the front end loads processor + config)
+    pid: int | None  # that process, while it runs
 
     def attach(self, loaded: LoadedModel) -> None: ...  # a model was loaded: build what decoding needs
 
@@ -39,8 +41,40 @@ class Decoder(Protocol):
 
     def describe(self) -> str: ...
 
+    def loaded_view(self, loaded: LoadedModel) -> LoadedModel: ...  # `loaded` as the decoder loaded it
 
-class GenerateDecoder:
+    def snapshot(self) -> Any: ...  # the batch engine's EngineSnapshot, or None
+
+    def engine_figures(self) -> tuple[int, int] | None: ...  # (tokens a slot, retained-prefix slots), or None
+
+    def memory(self) -> Any: ...  # another process's allocator figures (EngineStats), or None: this process's own
+
+    def release(self) -> None: ...  # give cached memory back to the driver, wherever the model runs
+
+
+class InProcess:
+    """What the decoders that run the model in this process share."""
+
+    remote = False
+    pid: int | None = None
+
+    def loaded_view(self, loaded: LoadedModel) -> LoadedModel:
+        return loaded
+
+    def snapshot(self) -> Any:
+        return None
+
+    def engine_figures(self) -> tuple[int, int] | None:
+        return None
+
+    def memory(self) -> Any:
+        return None
+
+    def release(self) -> None:
+        release_cached_memory()
+
+
+class GenerateDecoder(InProcess):
     """transformers' `generate` in a thread per request: simple, CPU-bound (~36 ms of Python a step)."""
 
     name = "generate"
@@ -59,7 +93,7 @@ class GenerateDecoder:
         return "transformers generate (one request per thread)"
 
 
-class BatchDecoder:
+class BatchDecoder(InProcess):
     """One BatchEngine per loaded model: continuous batching, CUDA-graph decode on a GPU.
 
     Its KV memory is allocated at `attach`: `max_context` tokens for each of `max_batch` slots (the context cap times
@@ -112,6 +146,12 @@ class BatchDecoder:
             raise RuntimeError("the decode engine is not attached to the loaded model")
         return self.engine.submit(prompt, sampling, cancel, on_cancel)
 
+    def snapshot(self) -> Any:
+        return self.engine.snapshot() if self.engine is not None else None
+
+    def engine_figures(self) -> tuple[int, int] | None:
+        return (self.engine.max_len, self.engine.prefix_slots) if self.engine is not None else None
+
     def describe(self) -> str:
         if self.fallback is not None:
             return f"transformers generate ({self.reason})"
@@ -127,10 +167,20 @@ class BatchDecoder:
         )
 
 
-def make_decoder(kind: str, device: str, max_batch: int, max_context: int, cache_dir: str | None = None) -> Decoder:
+def make_decoder(
+    kind: str,
+    device: str,
+    max_batch: int,
+    max_context: int,
+    cache_dir: str | None = None,
+    attn: str = "sdpa",
+    on_progress: Callable[[str], None] = lambda text: None,
+    on_death: Callable[[int | None], None] = lambda code: None,
+) -> Decoder:
     """`auto`: the batch engine in its own process on a GPU (outside ZeroGPU, where the GPU exists only inside a
     decorated call); generate elsewhere. `batch-inproc`: the batch engine on a thread of this process (the layout
-    before the engine process; kept to measure one against the other)."""
+    before the engine process; kept to measure one against the other). `attn`, `on_progress` and `on_death` are the
+    engine process's: how it loads, what it says while loading, what to do if it dies."""
     from qwen3vl_webui.zerogpu import on_zero_gpu
 
     if kind == "auto":
@@ -138,7 +188,7 @@ def make_decoder(kind: str, device: str, max_batch: int, max_context: int, cache
     if kind == "batch":
         from qwen3vl_webui.engine.remote.decoder import RemoteDecoder
 
-        return RemoteDecoder(max_batch, max_context, cache_dir)
+        return RemoteDecoder(max_batch, max_context, cache_dir, attn, on_progress, on_death)
     if kind == "batch-inproc":
         return BatchDecoder(max_batch, max_context, cache_dir)
     return GenerateDecoder()

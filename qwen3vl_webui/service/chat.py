@@ -408,22 +408,13 @@ class ChatService:
             f"≈ {image:,} tokens per image · ≈ {video:,} per video · KV cache ≤ {format_bytes(kv)} per chat "
             f"({max_context:,} tokens), ≤ {format_bytes(kv * slots)} for {slots} concurrent"
         )
-        engine = self._engine_figures()
+        engine = self.manager.decoder.engine_figures() if self.manager.decoder is not None else None
         if engine is not None and engine[1]:  # allocated as entries are kept, freed when evicted
             max_len, prefix_slots = engine
             pool = per_token * max_len * prefix_slots
             plural = "ies" if prefix_slots != 1 else "y"
             line += f" · + up to {format_bytes(pool)} kept for follow-up turns ({prefix_slots} entr{plural})"
         return line
-
-    def _engine_figures(self) -> tuple[int, int] | None:
-        """(tokens a slot, retained-prefix slots) of the batch engine, here or in its process; None without one."""
-        decoder = self.manager.decoder
-        info = getattr(decoder, "info", None)
-        if getattr(decoder, "remote", False) and info is not None:
-            return info.max_len, info.prefix_slots
-        engine = getattr(decoder, "engine", None)
-        return (engine.max_len, engine.prefix_slots) if engine is not None else None
 
     def _shape(self, loaded: LoadedModel) -> planner.ModelShape:
         key = id(loaded.config)
@@ -488,19 +479,14 @@ class ChatService:
 
     def _engine_snapshot(self) -> EngineSnapshot | None:
         decoder = self.manager.decoder
-        if getattr(decoder, "remote", False):
-            return decoder.snapshot()  # type: ignore[union-attr]
-        engine = getattr(decoder, "engine", None)
-        return engine.snapshot() if engine is not None else None
+        return decoder.snapshot() if decoder is not None else None
 
     def _gpu(self) -> GpuSnapshot | None:
         """NVML's view of the GPU; the torch allocator's figures are the engine process's when it has one."""
         gpu = self.probe.read()
         decoder = self.manager.decoder
-        if gpu is None or not getattr(decoder, "remote", False):
-            return gpu
-        stats = decoder.memory()  # type: ignore[union-attr]
-        if stats is None:
+        stats = decoder.memory() if decoder is not None else None
+        if gpu is None or stats is None:
             return gpu
         return dataclasses.replace(
             gpu, torch_allocated=stats.allocated, torch_reserved=stats.reserved, torch_peak=stats.peak

@@ -121,18 +121,15 @@ class ModelManager:
         if self.decoder is None:
             configured = self.limits.configured.max_context
             self.decoder = make_decoder(
-                self.decoder_kind, device, self.scheduler.max_concurrency, configured, self.demo_dir
-            )
-            if getattr(self.decoder, "remote", False):
-                self.decoder.attn = self.attn
-                self.decoder.on_progress = self._progress
-                self.decoder.on_death = self._engine_died
+                self.decoder_kind, device, self.scheduler.max_concurrency, configured, self.demo_dir,
+                self.attn, self._progress, self._engine_died,
+            )  # fmt: skip
         return self.decoder
 
     def _load(self, source: str, precision: str, device: str) -> LoadedModel:
         """`source` in `precision`: loaded here, or, for a decoder that runs the model in its own process, only its
         processor and config here (the weights load there when the decoder attaches)."""
-        if getattr(self._decoder_for(device), "remote", False):
+        if self._decoder_for(device).remote:
             return loading.load_front(source, precision, device, self._progress)
         return loading.load_model(source, precision, device, self.attn, self._progress)
 
@@ -146,12 +143,11 @@ class ModelManager:
         ) else ""
         self._progress(f"Starting the decoder: {decoder.name}…{note}")
         decoder.attach(loaded)  # before "Ready": CUDA graphs are captured here, not on a first chat
-        if getattr(decoder, "remote", False):
-            loaded = decoder.loaded_view(loaded)
+        loaded = decoder.loaded_view(loaded)
         self._loaded = loaded
         self._restarts = 0
         name = "demo model (tiny Qwen3-VL)" if loaded.is_demo else loaded.source
-        where = f" · engine process {decoder.pid}" if getattr(decoder, "remote", False) else ""
+        where = f" · engine process {decoder.pid}" if decoder.pid is not None else ""
         self.status = (
             f"Ready: {name} · {loaded.label} on {loaded.device} · loaded in {loaded.load_seconds:.1f} s{where}"
         )
@@ -205,9 +201,8 @@ class ModelManager:
 
     def release_memory(self) -> None:
         """Gives cached memory back to the driver, wherever the model runs."""
-        release = getattr(self.decoder, "release", None)
-        if release is not None:
-            release()
+        if self.decoder is not None:
+            self.decoder.release()
         else:
             release_cached_memory()
 
@@ -287,7 +282,7 @@ class ModelManager:
         need = planner.weight_bytes(shape, precision)
         # The old weights are freed before the new ones load, so they count as available (an engine process gives
         # back all it holds when it exits: its KV cache and graphs too).
-        stats = self.decoder.memory() if getattr(self.decoder, "remote", False) else None  # type: ignore[union-attr]
+        stats = self.decoder.memory() if self.decoder is not None else None
         held = max(old.weights_bytes, stats.reserved if stats is not None else 0)
         available = self.free_memory(old.device) + held
         if need > available * _SWITCH_HEADROOM:

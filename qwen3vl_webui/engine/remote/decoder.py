@@ -118,6 +118,10 @@ class RemoteDecoder:
         process = self.process
         return process.stats.snapshot if process is not None and process.stats is not None else None
 
+    def engine_figures(self) -> tuple[int, int] | None:
+        info = self.info
+        return (info.max_len, info.prefix_slots) if info is not None else None
+
     def memory(self) -> Any:
         """The engine process's EngineStats (its torch allocator's figures and free memory), or None."""
         process = self.process

@@ -16,8 +16,10 @@ import pickle
 import signal
 import sys
 import threading
+from dataclasses import replace
 from typing import Any
 
+from qwen3vl_webui.engine.batch import EngineOutputs, RequestOutput
 from qwen3vl_webui.engine.remote.protocol import (
     STATS_EVERY_S,
     Channel,
@@ -130,8 +132,6 @@ class Worker:
         return True
 
     def _add(self, request_id: int, prompt: Any, sampling: Any) -> None:
-        from qwen3vl_webui.engine.batch import EngineOutputs, RequestOutput
-
         cancel = threading.Event()
         with self._lock:
             self._cancels[request_id] = cancel
@@ -145,8 +145,6 @@ class Worker:
 
     def _forward(self, outputs: Any) -> None:
         """The engine's listener (on its GPU thread): the step's outputs, errors made plain, in one message."""
-        from dataclasses import replace
-
         plain = []
         ended = []
         for out in outputs.outputs:
