@@ -36,7 +36,7 @@ def main() -> None:
 
         write_checkpoint(args.checkpoint, preset="4b", dtype="bfloat16", device="cuda")
     scheduler = Scheduler(1, 4)
-    manager = ModelManager(args.checkpoint, "int4", "cuda", "sdpa", scheduler)
+    manager = ModelManager(args.checkpoint, "int4-bnb", "cuda", "sdpa", scheduler)
     service = ChatService(manager, scheduler, GenerationStats(), GpuProbe())
     manager.load()
     request = ChatRequest(UserMessage("Say something."), sampling=SamplingParams(max_new_tokens=16, temperature=0.0))
@@ -44,7 +44,7 @@ def main() -> None:
     # Random 4B weights mostly pick ids beyond the tiny tokenizer's vocabulary (empty text): count tokens.
     print("int4 answer tokens:", service.stats.last.new_tokens)
     print(format_panel(service.snapshot()))
-    for target in ("bf16", "int4"):
+    for target in ("bf16", "int4-bnb"):
         report = manager.switch(target)
         print("SWITCH", report.describe())
         assert manager.current().precision == target
@@ -58,7 +58,7 @@ def main() -> None:
         sys.exit(1)
     except SwitchRefused as exc:
         print("REFUSED as expected:", exc)
-    assert manager.current().precision == "int4"
+    assert manager.current().precision == "int4-bnb"
     list(service.chat(request))
     print("after refusal, int4 still answers: tokens =", service.stats.last.new_tokens)
     del filler

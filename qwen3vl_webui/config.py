@@ -33,8 +33,9 @@ def _request_range(name: str) -> tuple[int, int]:
 _RULES: dict[str, tuple[Any, str]] = {
     "precision": (
         precisions.CHOICES,
-        "weights precision; int8 = bitsandbytes LLM.int8, int8wo = int8 weight-only with bf16 compute (fast with the "
-        "batch engine); auto picks the best that fits the free VRAM (CPU: fp32)",
+        "weights precision; int4 = our W4A16 kernels (4-bit weights, bf16 compute), fp8 = block-scaled FP8 weights "
+        "(GPUs of compute capability 8.9+), int8wo = int8 weight-only, int8 / int4-bnb = bitsandbytes LLM.int8 / nf4; "
+        "auto picks the fastest that fits the free VRAM (CPU: fp32)",
     ),
     "attn": (ATTENTION, "attention kernel (flash_attention_2 needs the flash-attn package)"),
     "max_concurrency": ((1, 64), "generations running on the GPU at once"),

@@ -23,9 +23,13 @@ GIB = 1024**3
 #   about 1 KiB per Linear and ignored.
 # - LLM.int8: int8 weights (CB), plus one fp32 scale per output row (SCB).
 # - int8wo (kernels/int8.py): the same layout, int8 weights plus one fp32 scale per output row.
+# - int4 (kernels/int4.py, W4A16): 0.5 B per weight, plus a 16-bit scale and a uint8 zero point per group of 128.
+# - fp8 (kernels/fp8.py): 1 B per weight, plus one fp32 scale per 128x128 block.
 _NF4_BYTES = 0.5
 _NF4_ABSMAX_BYTES = 4 / 64
 _NF4_ABSMAX_BYTES_DQ = 1 / 64 + 4 / (64 * 256)
+_W4_BYTES = 0.5 + 3 / 128
+_FP8_BYTES = 1 + 4 / (128 * 128)
 
 # Qwen3-VL-4B-Instruct's preprocessor_config.json / video_preprocessor_config.json.
 IMAGE_MIN_PIXELS = 65536
@@ -170,7 +174,7 @@ def _check_precision(precision: str) -> None:
 def weight_bytes(shape: ModelShape, precision: str, *, double_quant: bool = True) -> int:
     """Bytes of the loaded weights, assuming the skip list ["model.visual", "lm_head"].
 
-    `double_quant` only matters for int4 (bnb_4bit_use_double_quant; transformers defaults
+    `double_quant` only matters for int4-bnb (bnb_4bit_use_double_quant; transformers defaults
     it to False, so pass False to match a plain BitsAndBytesConfig).
     """
     _check_precision(precision)
@@ -182,6 +186,10 @@ def weight_bytes(shape: ModelShape, precision: str, *, double_quant: bool = True
     if precision in ("int8", "int8wo"):
         rows = shape.quantizable_rows or q // shape.hidden_size
         return q + 4 * rows + 2 * other
+    if precision == "int4":
+        return math.ceil(q * _W4_BYTES) + 2 * other
+    if precision == "fp8":
+        return math.ceil(q * _FP8_BYTES) + 2 * other
     absmax = _NF4_ABSMAX_BYTES_DQ if double_quant else _NF4_ABSMAX_BYTES
     return math.ceil(q * (_NF4_BYTES + absmax)) + 2 * other
 

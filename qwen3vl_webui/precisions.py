@@ -15,19 +15,30 @@ class Precision:
     bitsandbytes: bool = False  # quantized by bitsandbytes while a checkpoint loads (needs the package, no CUDA graph
     # capture for LLM.int8's default threshold)
     in_memory: bool = True  # --random-weights can build it (bitsandbytes quantizes only while loading a checkpoint)
+    weight_only: str | None = None  # the kernels module (qwen3vl_webui.kernels.<name>) whose Linears replace the
+    # text model's: quantized on load from 16-bit weights, or loaded pre-quantized (weights/checkpoints.py)
+    min_capability: tuple[int, int] | None = None  # the GPU's compute capability it needs (fp8: 8.9)
 
 
 TABLE: tuple[Precision, ...] = (
     Precision("bf16", "BF16", 16, menu="BF16"),
     Precision("fp16", "FP16", 16, menu="FP16"),
     Precision("fp32", "FP32 (CPU)", 32, flag=False),
+    Precision("fp8", "FP8 (e4m3 weights, 128x128 block scales, bf16 compute)", 8, menu="FP8 (block-scaled, fast)",
+              weight_only="fp8", min_capability=(8, 9)),  # fmt: skip
     Precision("int8", "INT8 (bitsandbytes LLM.int8, fp16 compute)", 8, menu="INT8 (LLM.int8)", bitsandbytes=True,
               in_memory=False),  # fmt: skip
     Precision("int8wo", "INT8 weight-only (per-channel int8 weights, bf16 compute)", 8,
-              menu="INT8 weight-only (fast, bf16 compute)"),  # fmt: skip
-    Precision("int4", "INT4 (bitsandbytes nf4, bf16 compute)", 4, menu="INT4 (nf4)", bitsandbytes=True, in_memory=False),
+              menu="INT8 weight-only (fast, bf16 compute)", weight_only="int8"),  # fmt: skip
+    Precision("int4", "INT4 (W4A16: 4-bit weights in groups of 128, bf16 compute)", 4, menu="INT4 (W4A16, fast)",
+              weight_only="int4"),  # fmt: skip
+    Precision("int4-bnb", "INT4 (bitsandbytes nf4, bf16 compute)", 4, menu="INT4 (bitsandbytes nf4)", bitsandbytes=True,
+              in_memory=False),  # fmt: skip
 )
 BY_NAME = {p.name: p for p in TABLE}
+# `--precision auto` on a GPU: the first of these that fits and can run there. Fastest first, from the engine's
+# measured decode tok/s on an H200 (bench/RESULTS.md, "Precisions"); 16-bit before the 4-bit ones at equal speed.
+AUTO_ORDER = ("fp8", "int8wo", "bf16", "int4", "int8", "int4-bnb")
 
 # What a model can be loaded in (the planner's precisions).
 LOADED = tuple(p.name for p in TABLE)
@@ -48,3 +59,21 @@ def label(name: str) -> str:
 def needs_bitsandbytes(name: str) -> bool:
     precision = BY_NAME.get(name)
     return bool(precision and precision.bitsandbytes)
+
+
+def weight_only_module(name: str) -> str | None:
+    """`qwen3vl_webui.kernels.<module>` that quantizes the text Linears for `name`, or None."""
+    precision = BY_NAME.get(name)
+    return precision.weight_only if precision else None
+
+
+def capability_blocker(name: str, capability: tuple[int, int] | None) -> str | None:
+    """Why `name` cannot run on a GPU of `capability` (None: it can, or no GPU is involved)."""
+    precision = BY_NAME.get(name)
+    need = precision.min_capability if precision else None
+    if need is None or capability is None or tuple(capability) >= need:
+        return None
+    return (
+        f"{label(name)} needs a GPU of compute capability {need[0]}.{need[1]} or newer (L4, RTX 4090, H100, H200); "
+        f"this one is {capability[0]}.{capability[1]}. Use int8wo or int4 instead."
+    )

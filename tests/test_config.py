@@ -57,7 +57,7 @@ def test_environment_variables_set_defaults(monkeypatch: pytest.MonkeyPatch) -> 
         ("max_concurrency", 0, "from 1 to 64"),
         ("queue_size", -1, "from 0 to 1024"),
         ("max_context", 100, "from 256 to 262144"),
-        ("precision", "int3", "auto, bf16, fp16, int8, int8wo, int4"),
+        ("precision", "int3", "auto, bf16, fp16, fp8, int8, int8wo, int4, int4-bnb"),
         ("attn", "flash", "sdpa, eager, flash_attention_2"),
         ("device", "tpu", "auto, cpu, cuda, cuda:N"),
     ],

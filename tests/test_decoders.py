@@ -154,8 +154,8 @@ def test_the_engine_process_answers_like_generate_and_a_switch_starts_a_new_one(
 def test_the_engine_compiles_every_precision_it_can_capture_on_a_gpu() -> None:
     from qwen3vl_webui.engine.batch.compiled import graph_blocker, should_compile
 
-    assert [p for p in ("bf16", "fp16", "int8wo", "int4", "int8") if should_compile(None, "cuda", p)] == [
-        "bf16", "fp16", "int8wo", "int4",
+    assert [p for p in ("bf16", "fp16", "int8wo", "int4", "fp8", "int4-bnb", "int8") if should_compile(None, "cuda", p)] == [
+        "bf16", "fp16", "int8wo", "int4", "fp8", "int4-bnb",
     ]  # fmt: skip
     assert not should_compile(None, "cpu", "bf16") and should_compile(True, "cpu", "int8")  # explicit wins
 

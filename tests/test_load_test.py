@@ -150,9 +150,10 @@ def test_random_weights_settings_refuse_quantized_precisions_and_demo() -> None:
     from qwen3vl_webui.config import Settings, SettingsError
 
     assert Settings(random_weights="4b", precision="bf16").random_weights == "4b"
-    assert Settings(random_weights="4b", precision="int8wo").precision == "int8wo"  # quantized in memory
-    with pytest.raises(SettingsError, match="--random-weights 4b .* --precision int4"):
-        Settings(random_weights="4b", precision="int4")
+    for quantized in ("int8wo", "int4", "fp8"):  # quantized in memory by our kernels
+        assert Settings(random_weights="4b", precision=quantized).precision == quantized
+    with pytest.raises(SettingsError, match="--random-weights 4b .* --precision int4-bnb"):
+        Settings(random_weights="4b", precision="int4-bnb")
     with pytest.raises(SettingsError, match="--demo"):
         Settings(random_weights="tiny", demo=True)
     with pytest.raises(SettingsError, match="--random-weights must be one of off, 4b, tiny"):

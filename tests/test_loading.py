@@ -27,7 +27,7 @@ def _generate(loaded, text: str = "Hello there") -> torch.Tensor:
 
 
 def test_int4_config_is_nf4_double_quant_bf16_and_skips_vision_and_head() -> None:
-    cfg = quantization_config("int4", "cuda")
+    cfg = quantization_config("int4-bnb", "cuda")
     assert cfg.load_in_4bit and cfg.bnb_4bit_quant_type == "nf4" and cfg.bnb_4bit_use_double_quant
     assert cfg.bnb_4bit_compute_dtype == torch.bfloat16
     assert cfg.llm_int8_skip_modules == ["model.visual", "lm_head"]
@@ -38,7 +38,7 @@ def test_int4_config_is_nf4_double_quant_bf16_and_skips_vision_and_head() -> Non
 
 @pytest.mark.parametrize(
     "precision, text_linear, dtype",
-    [("int4", "Linear4bit", torch.bfloat16), ("int8", "Linear8bitLt", torch.float16), ("bf16", "Linear", torch.bfloat16)],
+    [("int4-bnb", "Linear4bit", torch.bfloat16), ("int8", "Linear8bitLt", torch.float16), ("bf16", "Linear", torch.bfloat16)],
 )
 def test_precision_decides_which_modules_are_quantized(
     tiny_checkpoint: Path, precision: str, text_linear: str, dtype: torch.dtype
@@ -55,8 +55,8 @@ def test_precision_decides_which_modules_are_quantized(
 
 
 def test_quantized_weights_are_smaller(tiny_checkpoint: Path) -> None:
-    sizes = {p: load_model(str(tiny_checkpoint), p, "cpu").weights_bytes for p in ("fp32", "bf16", "int8", "int4")}
-    assert sizes["int4"] < sizes["int8"] < sizes["bf16"] < sizes["fp32"]
+    sizes = {p: load_model(str(tiny_checkpoint), p, "cpu").weights_bytes for p in ("fp32", "bf16", "int8", "int4-bnb")}
+    assert sizes["int4-bnb"] < sizes["int8"] < sizes["bf16"] < sizes["fp32"]
 
 
 def test_missing_model_offline_falls_back_to_the_demo_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -73,23 +73,23 @@ def test_missing_model_offline_falls_back_to_the_demo_model(tmp_path: Path, monk
 def test_switching_precision_at_runtime_reloads_and_reports(tiny_checkpoint: Path) -> None:
     manager = ModelManager(str(tiny_checkpoint), "fp32", "cpu", "sdpa", Scheduler(1, 4))
     before = manager.load()
-    report = manager.switch("int4")
+    report = manager.switch("int4-bnb")
     after = manager.current()
-    assert (report.old, report.new) == ("fp32", "int4") and "Switched fp32 → int4" in report.describe()
-    assert after is not before and after.precision == "int4"
+    assert (report.old, report.new) == ("fp32", "int4-bnb") and "Switched fp32 → int4-bnb" in report.describe()
+    assert after is not before and after.precision == "int4-bnb"
     assert _linear_types(after.model, "model.language_model.layers") == {"Linear4bit"}
     assert _generate(after).shape == (6,)
-    assert manager.switch("int4").describe() == "Already loaded in int4."
+    assert manager.switch("int4-bnb").describe() == "Already loaded in int4-bnb."
 
 
 def test_switch_that_would_not_fit_is_refused_and_the_old_model_stays(tiny_checkpoint: Path) -> None:
     # The tiny model's bf16 weights are ~1.5 MB; pretend only 100 KB beyond the loaded weights is free.
-    manager = ModelManager(str(tiny_checkpoint), "int4", "cpu", "sdpa", Scheduler(1, 4), free_memory=lambda _: 100_000)
+    manager = ModelManager(str(tiny_checkpoint), "int4-bnb", "cpu", "sdpa", Scheduler(1, 4), free_memory=lambda _: 100_000)
     before = manager.load()
-    with pytest.raises(SwitchRefused, match=r"bf16 needs about .* but only .* would be free; kept int4"):
+    with pytest.raises(SwitchRefused, match=r"bf16 needs about .* but only .* would be free; kept int4-bnb"):
         manager.switch("bf16")
     assert manager.current() is before and _generate(before).shape == (6,)
-    assert manager.switch("int4").describe() == "Already loaded in int4."
+    assert manager.switch("int4-bnb").describe() == "Already loaded in int4-bnb."
 
 
 def test_flash_attention_without_the_package_is_refused_clearly(tiny_checkpoint: Path) -> None:

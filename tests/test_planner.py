@@ -69,18 +69,18 @@ def test_kv_bytes_per_token_4b() -> None:
 
 def test_weight_bytes_ordering_and_measurements() -> None:
     sizes = {p: weight_bytes(SHAPE, p) for p in PRECISIONS}
-    assert sizes["int4"] < sizes["int8"] < sizes["bf16"] < sizes["fp32"]
+    assert sizes["int4-bnb"] < sizes["int8"] < sizes["bf16"] < sizes["fp32"]
     assert sizes["bf16"] == sizes["fp16"]
     # Measured on an H100 (random weights of the real architecture): bf16 8.32 GiB; nf4 with skip
     # ["model.visual", "lm_head"] 3.56 GiB.
     assert sizes["bf16"] / GIB == pytest.approx(8.32, rel=0.03)
-    assert sizes["int4"] / GIB == pytest.approx(3.56, rel=0.10)
+    assert sizes["int4-bnb"] / GIB == pytest.approx(3.56, rel=0.10)
     # transformers' default BitsAndBytesConfig has no double quant; that run fits it closer.
-    assert weight_bytes(SHAPE, "int4", double_quant=False) / GIB == pytest.approx(3.56, rel=0.05)
+    assert weight_bytes(SHAPE, "int4-bnb", double_quant=False) / GIB == pytest.approx(3.56, rel=0.05)
 
 
 def test_weight_bytes_rejects_unknown_precision() -> None:
-    with pytest.raises(ValueError, match="bf16, fp16, fp32, int8, int8wo, int4"):
+    with pytest.raises(ValueError, match="bf16, fp16, fp32, fp8, int8, int8wo, int4, int4-bnb"):
         weight_bytes(SHAPE, "int3")
 
 
@@ -98,7 +98,7 @@ def test_nf4_rate_matches_bitsandbytes() -> None:
         if state.nested:
             stored += [state.state2.absmax]
         actual = sum(t.numel() * t.element_size() for t in stored)
-        assert weight_bytes(one_linear, "int4", double_quant=double_quant) == pytest.approx(
+        assert weight_bytes(one_linear, "int4-bnb", double_quant=double_quant) == pytest.approx(
             actual, abs=8
         )
     codes, scales, _ = functional.int8_vectorwise_quant(weight.half())

@@ -12,6 +12,7 @@ the activation dtype for one `F.linear` and the scales are applied to its output
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -126,15 +127,21 @@ class Int8WeightOnlyLinear(nn.Module):
 
 
 def quantize_text_linears(model: nn.Module, device: torch.device | str | None = None) -> int:
-    """Replaces each nn.Linear under `model.language_model.` by an Int8WeightOnlyLinear on `device`; returns how many.
+    """Replaces each nn.Linear under `model.language_model.` by an Int8WeightOnlyLinear on `device`; returns how many."""
+    return replace_text_linears(model, lambda linear: Int8WeightOnlyLinear.from_linear(linear, device))
+
+
+def replace_text_linears(model: nn.Module, quantize: Callable[[nn.Linear], nn.Module]) -> int:
+    """Replaces each nn.Linear under `model.language_model.` by `quantize(linear)`; returns how many.
 
     One layer at a time, and the 16-bit weight is dropped as soon as its replacement exists, so the model never holds
-    both copies of more than one layer: loaded on the CPU and quantized onto the GPU, the GPU only ever holds int8
-    weights plus one layer's temporaries (fp32 copy, rounding): under 0.2 GB for the 4B's 9728 x 2560 MLP weights.
+    both copies of more than one layer: loaded on the CPU and quantized onto the GPU, the GPU only ever holds the
+    quantized weights plus one layer's temporaries (fp32 copy, rounding): under 0.2 GB for the 4B's 9728 x 2560 MLP
+    weights. Every weight-only precision (int8wo, int4, fp8) goes through here.
     """
     names = [n for n, m in model.named_modules() if n.startswith(TEXT_PREFIX) and type(m) is nn.Linear]
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, Int8WeightOnlyLinear.from_linear(getattr(parent, child), device))
+        setattr(parent, child, quantize(getattr(parent, child)))
     return len(names)

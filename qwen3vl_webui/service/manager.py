@@ -211,21 +211,30 @@ class ModelManager:
         log.info("%s", message)
 
     def resolve_precision(self, device: str) -> str:
-        """`auto`: bf16 when it fits the free VRAM with room for the cache, else int8, else int4."""
+        """`auto`: the fastest precision (precisions.AUTO_ORDER, measured) whose weights fit the free VRAM with room
+        for the cache and that this GPU and this install can run; the smallest as a last resort."""
         if self.requested_precision != "auto":
             return self.requested_precision
         if device == "cpu":
             return "fp32"
-        if random_weights.is_random_source(self.source):
-            return "bf16"  # built in memory: no quantized path
+        import importlib.util
+
         from qwen3vl_webui import planner
 
         free = self.free_memory(device)
         shape = planner.ModelShape.qwen3vl_4b()
-        for precision in ("bf16", "int8", "int4"):
+        capability = device_capability(device)
+        random = random_weights.is_random_source(self.source)
+        usable = [
+            p
+            for p in precisions.AUTO_ORDER
+            if precisions.capability_blocker(p, capability) is None
+            and not (precisions.needs_bitsandbytes(p) and (random or importlib.util.find_spec("bitsandbytes") is None))
+        ]
+        for precision in usable:
             if planner.weight_bytes(shape, precision) < free * 0.75:
                 return precision
-        return "int4"
+        return min(usable, key=lambda p: planner.weight_bytes(shape, p))
 
     # -- readers ----------------------------------------------------------------------------
     def wait_ready(self, timeout: float | None = None) -> LoadedModel:
@@ -335,6 +344,24 @@ def device_memory(device: str) -> tuple[int, int]:
 
     free, total = torch.cuda.mem_get_info(torch.device(device))
     return int(free), int(total)
+
+
+def device_capability(device: str) -> tuple[int, int] | None:
+    """A CUDA device's compute capability by NVML (no CUDA context here, as above); None if NVML cannot say."""
+    if not device.startswith("cuda"):
+        return None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(int(device.split(":")[1]) if ":" in device else 0)
+            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no driver, no NVML: the engine process's load refuses what the GPU cannot run
+        return None
+    return int(major), int(minor)
 
 
 def _used_vram(device: str) -> int:

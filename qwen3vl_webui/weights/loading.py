@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen3vl_webui import precisions
+from qwen3vl_webui.weights import checkpoints, quantize
 from qwen3vl_webui.weights.model import LoadedModel, LoadRefused, compute_dtype, loaded
 
 log = logging.getLogger(__name__)
@@ -54,16 +55,17 @@ def load_front(source: str, precision: str, device: str, progress: Callable[[str
 
 
 def quantization_config(precision: str, device: str) -> Any | None:
-    """The BitsAndBytesConfig for int4/int8, None for 16/32-bit and int8wo (quantized by kernels/int8.py)."""
+    """The BitsAndBytesConfig for int4-bnb/int8, None for 16/32-bit and the weight-only precisions (int8wo, int4, fp8:
+    quantized by our kernels after loading)."""
     if not precisions.needs_bitsandbytes(precision):
         return None
     from transformers import BitsAndBytesConfig
 
-    if precision == "int4":
+    if precision == "int4-bnb":
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",  # transformers' default is fp4
-            bnb_4bit_compute_dtype=compute_dtype("int4", device),  # default would be float32
+            bnb_4bit_compute_dtype=compute_dtype("int4-bnb", device),  # default would be float32
             bnb_4bit_use_double_quant=True,
             llm_int8_skip_modules=SKIP_QUANTIZATION,
         )
@@ -143,10 +145,15 @@ def load_model(
     path = locate_checkpoint(source, progress)
     if precisions.needs_bitsandbytes(precision):
         import bitsandbytes  # noqa: F401  (fail here with a clear ImportError, not deep inside transformers)
+    quantize.check_device(precision, device)
+    prequantized = checkpoints.detect(path)
     if progress:
         progress(f"Loading {source} in {precisions.label(precision)} on {device}…")
     started = time.perf_counter()
     processor = AutoProcessor.from_pretrained(path)
+    if prequantized is not None:  # an AWQ / compressed-tensors / FP8 checkpoint: its own weights, converted
+        model = checkpoints.load(path, prequantized, precision, device, attn)
+        return loaded(model.eval(), processor, precision, device, source, started, is_demo=is_demo_checkpoint(path))
     quant = quantization_config(precision, device)
     model = AutoModelForImageTextToText.from_pretrained(
         path,
@@ -155,12 +162,9 @@ def load_model(
         attn_implementation=attn,
         device_map={"": device} if quant is not None else None,
     )
-    if precision == "int8wo":
-        from qwen3vl_webui.kernels import int8 as int8wo
-
-        # Loaded on the CPU in 16-bit, each text Linear is quantized straight onto `device` and its 16-bit weight
-        # dropped: the GPU never holds the 16-bit text weights, so a card that fits int8 can load it.
-        int8wo.quantize_text_linears(model, device)
+    # Weight-only precisions: loaded on the CPU in 16-bit, each text Linear is quantized straight onto `device` and its
+    # 16-bit weight dropped: the GPU never holds the 16-bit text weights, so a card that fits the quantized model loads.
+    quantize.quantize(model, precision, device)
     if quant is None:
         model.to(device)
     return loaded(model.eval(), processor, precision, device, source, started, is_demo=is_demo_checkpoint(path))

@@ -35,9 +35,10 @@ class LoadedModel:
 
     @property
     def label(self) -> str:
-        if self.precision == "int8wo" and not str(self.device).startswith("cuda"):
-            return "INT8 weight-only (per-channel int8 weights, fp32 compute on CPU)"
-        return precisions.label(self.precision)
+        words = precisions.label(self.precision)
+        if precisions.weight_only_module(self.precision) and not str(self.device).startswith("cuda"):
+            return words.replace("bf16 compute", "fp32 compute on CPU")
+        return words
 
 
 def compute_dtype(precision: str, device: str) -> Any:
@@ -46,8 +47,8 @@ def compute_dtype(precision: str, device: str) -> Any:
 
     if precision == "int8":
         return torch.float16  # LLM.int8 casts activations to fp16 anyway (one warning per layer otherwise)
-    if precision == "int8wo":
-        # The int8 weights are widened to the activation dtype per matmul; CPUs do fp32 matmuls faster than bf16.
+    if precisions.weight_only_module(precision):
+        # The quantized weights are widened to the activation dtype per matmul; CPUs do fp32 matmuls faster than bf16.
         return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     if precision == "fp16":
         return torch.float16

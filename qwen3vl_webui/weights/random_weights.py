@@ -113,9 +113,9 @@ def load_random(
     if progress:
         progress(f"Building RANDOM weights of the {preset} architecture in {precisions.label(precision)} on {device}…")
     started = time.perf_counter()
-    model, processor = build(preset, compute_dtype(precision, device), device, attn)
-    if precision == "int8wo":
-        from qwen3vl_webui.kernels import int8 as quant
+    from qwen3vl_webui.weights import quantize
 
-        quant.quantize_text_linears(model, device)  # as the loader does for a checkpoint
+    quantize.check_device(precision, device)
+    model, processor = build(preset, compute_dtype(precision, device), device, attn)
+    quantize.quantize(model, precision, device)  # as the loader does for a checkpoint
     return loaded(model.eval(), processor, precision, device, source, started, is_demo=False)

@@ -38,7 +38,8 @@ def use_cache_dir(path: str | os.PathLike[str] | None) -> Path:
 
 
 def should_compile(requested: bool | None, device: str, precision: str) -> bool:
-    """None means: on for CUDA bf16/fp16, int8wo (its matmul is a custom op) and int4; off on CPU and for LLM.int8.
+    """None means: on for CUDA bf16/fp16, the weight-only precisions (int8wo, int4, fp8: their matmuls are custom ops)
+    and int4-bnb; off on CPU and for LLM.int8.
 
     nf4 compiles with graph breaks around the bitsandbytes matmuls: 256 tok/s at 1 stream against ~130 with
     graphs alone on an H100 (`git show 0ad4f07^:bench/matrix_int4.h100.json`), greedy tokens parting from `generate`'s only at exact
@@ -46,7 +47,7 @@ def should_compile(requested: bool | None, device: str, precision: str) -> bool:
     """
     if requested is not None:
         return requested
-    return str(device).startswith("cuda") and precision in ("bf16", "fp16", "int8wo", "int4")
+    return str(device).startswith("cuda") and precision in ("bf16", "fp16", "int8wo", "int4", "fp8", "int4-bnb")
 
 
 def compile_decode(

@@ -20,7 +20,7 @@ class BatchOptions:
     buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     eos_token_ids: tuple[int, ...] | None = None  # None: the model's generation config
     cuda_graphs: bool | None = None  # None: on CUDA
-    compile: bool | None = None  # None: compiled.should_compile (CUDA bf16/fp16/int8wo/int4)
+    compile: bool | None = None  # None: compiled.should_compile (CUDA 16-bit and weight-only)
     compile_cache_dir: str | os.PathLike[str] | None = None
     # Prompt tokens one prefill forward may take between two decode steps (about 60 ms of H100 time in bf16):
     # bounds how long a new prompt stalls the running streams.

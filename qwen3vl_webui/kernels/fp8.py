@@ -1,0 +1,130 @@
+"""FP8 weights ("fp8"): the text model's Linear layers hold float8 e4m3 weights with one fp32 scale per 128x128 block.
+
+The layout is Qwen's official FP8 checkpoint's (Qwen/Qwen3-VL-4B-Instruct-FP8) and transformers' fine-grained FP8:
+`weight` float8_e4m3fn `[N, K]`, `weight_scale_inv` fp32 `[ceil(N/128), ceil(K/128)]`, the real weight being
+`weight * weight_scale_inv[n // 128, k // 128]`. Quantized here from 16-bit weights: absmax per block / 448 (e4m3's
+largest finite value), round to nearest. Activations stay 16-bit (kernels/fp8_triton.py says why).
+
+Offered only on GPUs with FP8 (compute capability 8.9 or newer: L4, RTX 4090, H100, H200; precisions.py's table says
+so and the loader refuses it elsewhere); on a CPU it runs by dequantizing (tests).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+OP_NAMESPACE = "qwen3vl_webui"
+OP_NAME = "fp8_linear"
+BLOCK = 128
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+SKINNY_MAX_ROWS = 64
+
+
+def quantize_weight(weight: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """`weight [N, K]` -> (float8_e4m3fn `[N, K]`, fp32 scale_inv `[ceil(N/B), ceil(K/B)]`): absmax per block."""
+    n, k = weight.shape
+    nb, kb = -(-n // block), -(-k // block)
+    w = weight.detach().to(torch.float32)
+    padded = F.pad(w, (0, kb * block - k, 0, nb * block - n))
+    absmax = padded.reshape(nb, block, kb, block).abs().amax(dim=(1, 3))
+    scale = torch.where(absmax > 0, absmax / FP8_MAX, torch.ones_like(absmax))
+    full = scale.repeat_interleave(block, 0)[:n].repeat_interleave(block, 1)[:, :k]
+    q = (w / full).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def dequantize_weight(
+    weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.float32, block: int = BLOCK
+) -> torch.Tensor:
+    n, k = weight.shape
+    full = scale_inv.to(torch.float32).repeat_interleave(block, 0)[:n].repeat_interleave(block, 1)[:, :k]
+    return (weight.to(torch.float32) * full).to(dtype)
+
+
+@functools.cache
+def _kernels() -> Any:
+    try:
+        from qwen3vl_webui.kernels import fp8_triton
+    except ImportError:
+        return None
+    return fp8_triton
+
+
+def fp8_linear_impl(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """`x [..., K] @ Wᵀ` in x's dtype for the block-scaled fp8 weight."""
+    k, n = x.shape[-1], weight.shape[0]
+    x2 = x.reshape(-1, k)
+    rows = x2.shape[0]
+    kernels = _kernels() if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) else None
+    if kernels is None:
+        return F.linear(x2, dequantize_weight(weight, scale_inv, x.dtype)).reshape(*x.shape[:-1], n)
+    if x2.stride(-1) != 1 or x2.stride(0) != k:
+        x2 = x2.contiguous()
+    if 0 < rows <= SKINNY_MAX_ROWS:
+        return kernels.fp8_matmul(x2, weight, scale_inv, BLOCK).reshape(*x.shape[:-1], n)
+    return F.linear(x2, kernels.fp8_dequantize(weight, scale_inv, BLOCK, x.dtype)).reshape(*x.shape[:-1], n)
+
+
+@functools.cache
+def register_op() -> Any:
+    """`torch.ops.qwen3vl_webui.fp8_linear`: opaque to dynamo, as int8wo's and int4's."""
+
+    @torch.library.custom_op(f"{OP_NAMESPACE}::{OP_NAME}", mutates_args=())
+    def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+        return fp8_linear_impl(x, weight, scale_inv)
+
+    @fp8_linear.register_fake
+    def _(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    return fp8_linear
+
+
+class Fp8Linear(nn.Module):
+    """nn.Linear's interface over `weight` float8_e4m3fn `[out, in]` and `weight_scale_inv` fp32 block scales."""
+
+    def __init__(self, weight: torch.Tensor, scale_inv: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        n, k = weight.shape
+        if weight.dtype != torch.float8_e4m3fn or scale_inv.dim() != 2:
+            raise ValueError(f"need float8_e4m3fn [out, in] weights and 2-D block scales, got {weight.dtype}")
+        if scale_inv.shape != (-(-n // BLOCK), -(-k // BLOCK)):
+            raise ValueError(f"block scales {tuple(scale_inv.shape)} do not match {BLOCK}x{BLOCK} blocks of {n}x{k}")
+        register_op()
+        self.out_features, self.in_features = n, k
+        self.register_buffer("weight", weight)
+        self.register_buffer("weight_scale_inv", scale_inv.to(torch.float32))
+        self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, device: torch.device | str | None = None) -> Fp8Linear:
+        weight = linear.weight.detach().to(device) if device is not None else linear.weight.detach()
+        q, scale = quantize_weight(weight)
+        del weight
+        bias = linear.bias.detach().to(q.device) if linear.bias is not None else None
+        return cls(q, scale, bias)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_weight(self.weight, self.weight_scale_inv, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            y = torch.ops.qwen3vl_webui.fp8_linear(x, self.weight, self.weight_scale_inv)
+        else:
+            y = fp8_linear_impl(x, self.weight, self.weight_scale_inv)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def quantize_text_linears(model: nn.Module, device: torch.device | str | None = None) -> int:
+    """Replaces each nn.Linear of the text decoder by an Fp8Linear on `device`, one layer at a time."""
+    from qwen3vl_webui.kernels import int8
+
+    return int8.replace_text_linears(model, lambda linear: Fp8Linear.from_linear(linear, device))

@@ -1,0 +1,138 @@
+"""Triton kernels for FP8 (e4m3) weights with 128x128 block scales and 16-bit activations (kernels/fp8.py's layout).
+
+`weight` float8_e4m3fn `[N, K]`; `scale_inv` fp32 `[ceil(N / B), ceil(K / B)]` (the name and meaning of Qwen's FP8
+checkpoint and transformers' fine-grained FP8: the weight is `weight * scale_inv[n // B, k // B]`), B = 128.
+
+- `_gemv_kernel` (decode, one row per program column): one `[BLOCK_N, B]` tile per iteration converted to fp32 in
+  registers and multiplied against the row; each block's partial sum is scaled once (BLOCK_N divides B, so a tile's
+  rows share one block row).
+- `_skinny_kernel` (2..SKINNY_MAX_ROWS rows): fp8 -> 16-bit (exact: e4m3's 3 mantissa bits fit bf16 and fp16's
+  range holds every e4m3 value) in registers and `tl.dot`, one weight block of K per iteration, its scale applied to
+  the fp32 partial product.
+- `_dequant_kernel` (prefill): the 16-bit weight once per call, then cuBLAS (kernels/fp8.py).
+
+The weights are read as 1 byte each (int8wo's rate) with no activation quantization: at decode's few rows the
+step is a weight stream, where FP8 tensor cores would not help; prefill dequantizes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import triton
+import triton.language as tl
+
+
+class Fp8Config(NamedTuple):
+    block_m: int  # 1: the GEMV kernel
+    block_n: int
+    warps: int
+    stages: int
+
+
+GEMV_DEFAULT = Fp8Config(1, 8, 4, 2)
+SKINNY_DEFAULT = Fp8Config(16, 64, 4, 4)
+SKINNY32_DEFAULT = Fp8Config(32, 64, 4, 4)
+TUNED: dict[tuple[int, int, int], Fp8Config] = {}
+
+
+def pick_config(rows: int, n: int, k: int) -> Fp8Config:
+    m = 1 if rows == 1 else 16 if rows <= 16 else 32
+    return TUNED.get((m, n, k)) or (GEMV_DEFAULT if m == 1 else SKINNY_DEFAULT if m == 16 else SKINNY32_DEFAULT)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+    BLOCK_N: tl.constexpr, B: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    row = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, B)
+    n_ok = offs_n < N
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    s_ptrs = s_ptr + (offs_n // B) * stride_sn
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, B)):
+        k_ok = offs_k < K - kb * B
+        w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * stride_xm + kb * B + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        scale = tl.load(s_ptrs + kb, mask=n_ok, other=0.0)
+        acc += tl.sum(w * x[None, :], axis=1) * scale
+        w_ptrs += B
+    tl.store(y_ptr + row * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _skinny_kernel(
+    x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, B: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, B)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    s_ptrs = s_ptr + (offs_n // B) * stride_sn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, B)):
+        k_ok = offs_k < K - kb * B
+        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(x_ptr.dtype.element_ty)
+        scale = tl.load(s_ptrs + kb, mask=n_ok, other=0.0)
+        acc += tl.dot(x, tl.trans(w)) * scale[None, :]
+        x_ptrs += B
+        w_ptrs += B
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on, B: tl.constexpr):
+    nb = tl.program_id(0)
+    kb = tl.program_id(1)
+    offs_n = nb * B + tl.arange(0, B)
+    offs_k = kb * B + tl.arange(0, B)
+    ok = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    rows = offs_n[:, None].to(tl.int64)
+    w = tl.load(w_ptr + rows * stride_wn + offs_k[None, :], mask=ok, other=0.0).to(tl.float32)
+    w = w * tl.load(s_ptr + nb * stride_sn + kb)
+    tl.store(out_ptr + rows * stride_on + offs_k[None, :], w.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def fp8_matmul(x: Any, weight: Any, scale_inv: Any, block: int, config: Fp8Config | None = None) -> Any:
+    """`x [M, K]` (bf16/fp16, rows contiguous) times the block-scaled fp8 weight ᵀ: `[M, N]` in x's dtype."""
+    import torch
+
+    rows, k = x.shape
+    n = weight.shape[0]
+    cfg = config or pick_config(rows, n, k)
+    out = torch.empty((rows, n), device=x.device, dtype=x.dtype)
+    if cfg.block_m == 1:
+        grid = (triton.cdiv(n, cfg.block_n), rows)
+        _gemv_kernel[grid](
+            x, weight, scale_inv, out, n, k, x.stride(0), weight.stride(0), scale_inv.stride(0), out.stride(0),
+            BLOCK_N=cfg.block_n, B=block, num_warps=cfg.warps, num_stages=cfg.stages,
+        )  # fmt: skip
+    else:
+        grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m))
+        _skinny_kernel[grid](
+            x, weight, scale_inv, out, rows, n, k, x.stride(0), weight.stride(0), scale_inv.stride(0), out.stride(0),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, B=block, num_warps=cfg.warps, num_stages=cfg.stages,
+        )  # fmt: skip
+    return out
+
+
+def fp8_dequantize(weight: Any, scale_inv: Any, block: int, dtype: Any) -> Any:
+    import torch
+
+    n, k = weight.shape
+    out = torch.empty((n, k), device=weight.device, dtype=dtype)
+    grid = (triton.cdiv(n, block), triton.cdiv(k, block))
+    _dequant_kernel[grid](weight, scale_inv, out, n, k, weight.stride(0), scale_inv.stride(0), out.stride(0), B=block)
+    return out

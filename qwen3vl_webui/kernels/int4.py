@@ -1,0 +1,180 @@
+"""INT4 weight-only ("int4", W4A16): the text model's Linear layers hold 4-bit weights in groups of G along K.
+
+Each group of G input columns of an output row has a 16-bit scale and a 4-bit zero point: `w ≈ (q - zero) * scale`
+with `q` in [0, 15] (asymmetric round-to-nearest over the group's min..max when quantized here; symmetric
+checkpoints load with zero 8). Activations stay 16-bit, so like int8wo nothing is tested on the host and the decode
+step compiles with `fullgraph=True` into CUDA graphs. The layout (w4a16_triton.py's docstring) is what pre-quantized
+checkpoints are converted to (weights/checkpoints.py: compressed-tensors pack-quantized, AutoAWQ GEMM).
+
+Matmul: one row on CUDA -> the Triton GEMV (0.5 byte read per weight); 2..SKINNY_MAX_ROWS rows -> the Triton
+tensor-core kernel that unpacks in registers; more rows (prefill) -> the weight dequantized to 16 bits by a Triton
+kernel, then cuBLAS. On a CPU (tests) or without Triton: dequantize in torch, then F.linear.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+OP_NAMESPACE = "qwen3vl_webui"
+OP_NAME = "int4_linear"
+GROUP_SIZE = 128  # the 4B's K (2560, 4096, 9728) are multiples; smaller shapes take the largest power of 2 dividing K
+SKINNY_MAX_ROWS = 64  # the engine's decode buckets; prefill chunks go through dequantize + cuBLAS
+PACK = 8  # nibbles per int32 word
+
+
+def group_size_for(in_features: int, preferred: int = GROUP_SIZE) -> int:
+    """`preferred` if it divides K, else the largest power of two >= 8 that does (K must be a multiple of 8)."""
+    if in_features % PACK:
+        raise ValueError(f"4-bit packing needs in_features divisible by {PACK}, got {in_features}")
+    group = preferred
+    while in_features % group:
+        group //= 2
+    return group
+
+
+def pack(q: torch.Tensor) -> torch.Tensor:
+    """uint4 values `[N, K]` (any integer dtype, 0..15) -> int32 `[N, K // 8]`, nibble j of word w = column 8w + j."""
+    n, k = q.shape
+    q = q.to(torch.int32).reshape(n, k // PACK, PACK)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=q.device)
+    return (q << shifts).sum(dim=2, dtype=torch.int64).to(torch.uint32).view(torch.int32)  # bit pattern kept
+
+
+def unpack(qweight: torch.Tensor) -> torch.Tensor:
+    """int32 `[N, K // 8]` -> uint8 `[N, K]` (0..15)."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qweight.device)
+    q = (qweight[:, :, None] >> shifts) & 0xF
+    return q.reshape(qweight.shape[0], -1).to(torch.uint8)
+
+
+def quantize_weight(
+    weight: torch.Tensor, group: int, scale_dtype: torch.dtype = torch.bfloat16
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`weight [N, K]` -> (int32 qweight `[N, K/8]`, scales `[N, K/G]`, uint8 zeros `[N, K/G]`): asymmetric
+    round-to-nearest per group. The scale is rounded to `scale_dtype` before `q` is computed, so dequantizing
+    the stored values reproduces exactly what the rounding chose."""
+    n, k = weight.shape
+    w = weight.detach().to(torch.float32).reshape(n, k // group, group)
+    lo = w.amin(dim=2).clamp(max=0.0)  # the range always holds 0, so zero weights stay exact
+    hi = w.amax(dim=2).clamp(min=0.0)
+    scale = ((hi - lo) / 15.0).to(scale_dtype).to(torch.float32)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group
+    zero = torch.round(-lo / scale).clamp(0, 15)
+    q = torch.round(w / scale[:, :, None] + zero[:, :, None]).clamp_(0, 15)
+    return pack(q.reshape(n, k)), scale.to(scale_dtype), zero.to(torch.uint8)
+
+
+def dequantize_weight(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The `[N, K]` weight `(q - zero) * scale`, computed in fp32 and rounded once to `dtype`."""
+    q = unpack(qweight).to(torch.float32)
+    n, k = q.shape
+    group = k // scales.shape[1]
+    w = (q.reshape(n, k // group, group) - zeros.to(torch.float32)[:, :, None]) * scales.to(torch.float32)[:, :, None]
+    return w.reshape(n, k).to(dtype)
+
+
+@functools.cache
+def _kernels() -> Any:
+    """The Triton kernel module, or None where triton cannot be imported (the torch path is used then)."""
+    try:
+        from qwen3vl_webui.kernels import w4a16_triton
+    except ImportError:
+        return None
+    return w4a16_triton
+
+
+def int4_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """`x [..., K] @ Wᵀ` in x's dtype for the W4 weight (qweight, scales, zeros)."""
+    k, n = x.shape[-1], qweight.shape[0]
+    group = k // scales.shape[1]
+    x2 = x.reshape(-1, k)
+    rows = x2.shape[0]
+    kernels = _kernels() if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) else None
+    if kernels is None:
+        return F.linear(x2, dequantize_weight(qweight, scales, zeros, x.dtype)).reshape(*x.shape[:-1], n)
+    if x2.stride(-1) != 1 or x2.stride(0) != k:
+        x2 = x2.contiguous()
+    if 0 < rows <= SKINNY_MAX_ROWS:
+        return kernels.w4_matmul(x2, qweight, scales, zeros, group).reshape(*x.shape[:-1], n)
+    weight = kernels.w4_dequantize(qweight, scales, zeros, group, x.dtype)
+    return F.linear(x2, weight).reshape(*x.shape[:-1], n)
+
+
+@functools.cache
+def register_op() -> Any:
+    """`torch.ops.qwen3vl_webui.int4_linear`: opaque to dynamo (inductor calls it as an extern kernel), as int8wo's."""
+
+    @torch.library.custom_op(f"{OP_NAMESPACE}::{OP_NAME}", mutates_args=())
+    def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+        return int4_linear_impl(x, qweight, scales, zeros)
+
+    @int4_linear.register_fake
+    def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+        return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+    return int4_linear
+
+
+class Int4Linear(nn.Module):
+    """nn.Linear's interface over the W4 buffers: `qweight` int32 `[out, in/8]`, `scales` `[out, in/G]` (16-bit),
+    `zeros` uint8 `[out, in/G]`."""
+
+    def __init__(
+        self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> None:
+        super().__init__()
+        n, words = qweight.shape
+        if qweight.dtype != torch.int32 or scales.shape != zeros.shape or scales.shape[0] != n:
+            raise ValueError(
+                f"need int32 [out, in/8] qweight and matching [out, in/G] scales and zeros, got {qweight.dtype} "
+                f"{tuple(qweight.shape)} / {tuple(scales.shape)} / {tuple(zeros.shape)}"
+            )
+        if (words * PACK) % scales.shape[1]:
+            raise ValueError(f"{scales.shape[1]} groups do not divide in_features {words * PACK}")
+        register_op()
+        self.out_features, self.in_features = n, words * PACK
+        self.group_size = self.in_features // scales.shape[1]
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros.to(torch.uint8))
+        self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, device: torch.device | str | None = None, group: int | None = None) -> Int4Linear:
+        """Quantizes `linear` (round-to-nearest) on `device` (default: where its weight is); the result lives there."""
+        weight = linear.weight.detach().to(device) if device is not None else linear.weight.detach()
+        scale_dtype = weight.dtype if weight.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        qweight, scales, zeros = quantize_weight(weight, group or group_size_for(weight.shape[1]), scale_dtype)
+        del weight
+        bias = linear.bias.detach().to(qweight.device) if linear.bias is not None else None
+        return cls(qweight, scales, zeros, bias)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_weight(self.qweight, self.scales, self.zeros, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            y = torch.ops.qwen3vl_webui.int4_linear(x, self.qweight, self.scales, self.zeros)
+        else:  # eager: skip the custom op's dispatch
+            y = int4_linear_impl(x, self.qweight, self.scales, self.zeros)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+            f"bias={self.bias is not None}"
+        )
+
+
+def quantize_text_linears(model: nn.Module, device: torch.device | str | None = None) -> int:
+    """Replaces each nn.Linear of the text decoder by an Int4Linear on `device`, one layer at a time (as int8wo's)."""
+    from qwen3vl_webui.kernels import int8
+
+    return int8.replace_text_linears(model, lambda linear: Int4Linear.from_linear(linear, device))

@@ -1,0 +1,243 @@
+"""INT4 (W4A16) and FP8 weights: the layouts, the layers and their custom ops, loading, the engine, switching, the
+Triton kernels (in the interpreter), and the refusal of fp8 on a GPU without it."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from qwen3vl_webui import planner, precisions
+from qwen3vl_webui.conversation import UserMessage
+from qwen3vl_webui.engine.batch import BatchEngine, BatchOptions
+from qwen3vl_webui.engine.request import SamplingParams
+from qwen3vl_webui.kernels import fp8, int4
+from qwen3vl_webui.service.prompt import ChatRequest, build_prompt
+from qwen3vl_webui.weights.loading import load_model
+from qwen3vl_webui.weights.model import LoadedModel, LoadRefused
+
+ROOT = Path(__file__).resolve().parents[1]
+GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0, repetition_penalty=1.0)
+LAYERS = {"int4": int4.Int4Linear, "fp8": fp8.Fp8Linear}
+
+
+@pytest.fixture(scope="module")
+def fp32(tiny_checkpoint: Path) -> LoadedModel:
+    return load_model(str(tiny_checkpoint), "fp32", "cpu")
+
+
+@pytest.fixture(scope="module", params=["int4", "fp8"])
+def quantized(request: pytest.FixtureRequest, tiny_checkpoint: Path) -> LoadedModel:
+    return load_model(str(tiny_checkpoint), request.param, "cpu")
+
+
+def test_int4_packing_round_trips_and_quantization_is_within_half_a_step() -> None:
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (24, 256), generator=gen)
+    packed = int4.pack(q)
+    assert packed.dtype == torch.int32 and packed.shape == (24, 32)
+    assert torch.equal(int4.unpack(packed), q.to(torch.uint8))
+    # nibble j of word w is column 8w + j, low bits first (the layout the kernels and the checkpoint converters read)
+    assert int(packed[0, 0]) & 0xF == int(q[0, 0]) and (int(packed[0, 0]) >> 28) & 0xF == int(q[0, 7])
+    w = torch.randn(24, 256, generator=gen)
+    qweight, scales, zeros = int4.quantize_weight(w, 64)
+    assert scales.shape == zeros.shape == (24, 4) and scales.dtype == torch.bfloat16
+    back = int4.dequantize_weight(qweight, scales, zeros)
+    step = scales.float().repeat_interleave(64, dim=1)
+    err = (back - w).abs()
+    # Round to nearest on the grid: half a step inside it; the zero point is rounded too, so a group's extremes may
+    # sit up to half a step more off the grid's ends.
+    assert bool((err <= step + 1e-6).all()) and float((err <= step / 2 + 1e-6).float().mean()) > 0.95
+    assert int4.group_size_for(2560) == 128 and int4.group_size_for(64) == 64 and int4.group_size_for(200) == 8
+
+
+def test_fp8_block_scales_cover_ragged_edges_and_stay_within_e4m3_rounding() -> None:
+    w = torch.randn(200, 300, generator=torch.Generator().manual_seed(1))
+    q, scale_inv = fp8.quantize_weight(w)
+    assert q.dtype == torch.float8_e4m3fn and scale_inv.shape == (2, 3)  # ceil(200/128) x ceil(300/128)
+    back = fp8.dequantize_weight(q, scale_inv)
+    assert float((back - w).norm() / w.norm()) < 0.04  # e4m3: 3 mantissa bits, ~2-3 % relative
+    assert float(scale_inv[1, 2]) == pytest.approx(float(w[128:, 256:].abs().max()) / 448.0)
+
+
+@pytest.mark.parametrize("name", ["int4", "fp8"])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_layer_equals_a_linear_with_the_dequantized_weight(name: str, dtype: torch.dtype, tol: float) -> None:
+    gen = torch.Generator().manual_seed(2)
+    linear = torch.nn.Linear(256, 96, bias=True)
+    layer = LAYERS[name].from_linear(linear)
+    x = torch.randn(5, 256, generator=gen).to(dtype)
+    reference = F.linear(x.float(), layer.dequantized(), linear.bias.detach().float())
+    got = layer.to(dtype)(x) if name == "fp8" else layer(x)
+    assert got.dtype == dtype
+    assert float((got.float() - reference).norm() / reference.norm()) < tol
+
+
+@pytest.mark.parametrize("name", ["int4", "fp8"])
+def test_custom_op_passes_opcheck_and_compiles_without_graph_breaks(name: str) -> None:
+    layer = LAYERS[name].from_linear(torch.nn.Linear(128, 48, bias=False))
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(3))
+    op = (int4 if name == "int4" else fp8).register_op()
+    buffers = [b for _, b in layer.named_buffers()]
+    # fake impl vs real, dispatch; the schema check too where it can (it multiplies inputs, which fp8 cannot on a CPU)
+    utils = ("test_faketensor", "test_autograd_registration") + (("test_schema",) if name == "int4" else ())
+    torch.library.opcheck(op, (x, *buffers), test_utils=utils)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)  # fullgraph: a break would raise
+    assert torch.allclose(compiled(x), layer(x), rtol=1e-5, atol=1e-6)
+
+
+def test_loading_quantizes_only_the_text_linears(fp32: LoadedModel, quantized: LoadedModel) -> None:
+    layer_type = LAYERS[quantized.precision]
+    model = quantized.model
+    text = {type(m).__name__ for n, m in model.named_modules() if n.startswith("model.language_model.layers")}
+    assert layer_type.__name__ in text and "Linear" not in text
+    assert not any(isinstance(m, layer_type) for n, m in model.named_modules() if n.startswith("model.visual"))
+    assert type(model.lm_head) is torch.nn.Linear  # kept 16-bit (fp32 on a CPU)
+    assert quantized.weights_bytes < fp32.weights_bytes
+    assert "fp32 compute on CPU" in quantized.label
+
+
+def test_logits_stay_close_to_fp32_and_equal_the_dequantized_model(fp32: LoadedModel, quantized: LoadedModel) -> None:
+    vocab = len(fp32.processor.tokenizer) - 32
+    ids = torch.randint(0, vocab, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        reference = fp32.model(input_ids=ids).logits
+        got = quantized.model(input_ids=ids).logits
+    rel = float((got - reference).norm() / reference.norm())
+    cos = float(F.cosine_similarity(got[:, -1].flatten(), reference[:, -1].flatten(), dim=0))
+    assert rel < 0.25 and cos > 0.97, (quantized.precision, rel, cos)  # int4 RTN ~7 %, fp8 ~3 % on the tiny model
+    # The same function as fp32 with the dequantized weights put back: only the weights were rounded.
+    dequantized = load_model(quantized.source, "fp32", "cpu").model
+    for name, module in quantized.model.named_modules():
+        if isinstance(module, LAYERS[quantized.precision]):
+            with torch.no_grad():
+                dequantized.get_submodule(name).weight.copy_(module.dequantized())
+    with torch.inference_mode():
+        same = dequantized(input_ids=ids).logits
+    assert float((got - same).norm() / same.norm()) < 1e-5
+
+
+def test_engine_greedy_tokens_equal_generate(quantized: LoadedModel) -> None:
+    prompts = [build_prompt(quantized, ChatRequest(UserMessage(q), sampling=GREEDY)) for q in ("Hello", "Describe it")]
+    expected = []
+    for p in prompts:
+        with torch.inference_mode():
+            out = quantized.model.generate(**p.inputs, do_sample=False, max_new_tokens=GREEDY.max_new_tokens,
+                                           repetition_penalty=1.0, eos_token_id=None)  # fmt: skip
+        expected.append(out[0, p.inputs["input_ids"].shape[1] :].tolist())
+    with BatchEngine(quantized, BatchOptions(max_batch=2, token_budget=2 * 512, eos_token_ids=())) as engine:
+        streams = [engine.submit_tokens(p, GREEDY, threading.Event()) for p in prompts]
+        got = [list(s) for s in streams]
+        assert engine.snapshot().peak_active == 2  # decoded together
+    assert got == expected
+
+
+def test_switching_among_every_precision_at_runtime(tiny_checkpoint: Path) -> None:
+    from qwen3vl_webui.service.admission import Scheduler
+    from qwen3vl_webui.service.manager import ModelManager
+
+    manager = ModelManager(str(tiny_checkpoint), "fp32", "cpu", "sdpa", Scheduler(1, 4), free_memory=lambda _: 10**12)
+    manager.load()
+    try:
+        for target in ("int4", "fp8", "int8wo", "int4-bnb", "int8", "bf16", "int4"):
+            report = manager.switch(target)
+            loaded = manager.current()
+            assert report.new == target == loaded.precision
+            if precisions.weight_only_module(target) in LAYERS:
+                assert any(isinstance(m, LAYERS[target]) for m in loaded.model.modules())
+            ids = torch.tensor([[5, 6, 7]])
+            with torch.inference_mode():
+                assert bool(loaded.model(input_ids=ids).logits.isfinite().all()), target
+    finally:
+        manager.close()
+
+
+def test_fp8_is_refused_on_a_gpu_without_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qwen3vl_webui.weights import quantize
+
+    assert precisions.capability_blocker("fp8", (9, 0)) is None and precisions.capability_blocker("fp8", (8, 9)) is None
+    assert precisions.capability_blocker("int4", (7, 5)) is None
+    message = precisions.capability_blocker("fp8", (8, 0))
+    assert message and "8.9" in message and "8.0" in message and "int8wo or int4" in message
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # an A100
+    with pytest.raises(LoadRefused, match="compute capability 8.9"):
+        quantize.check_device("fp8", "cuda")
+    quantize.check_device("int4", "cuda")  # int4 runs there
+    with pytest.raises(LoadRefused, match="compute capability 8.9"):
+        load_model("random-weights:tiny", "fp8", "cuda")  # refused before anything is built on the GPU
+
+
+def test_new_precisions_are_offered_everywhere_a_precision_is_chosen() -> None:
+    from qwen3vl_webui.cli import parse_settings
+    from qwen3vl_webui.engine.batch.compiled import should_compile
+    from qwen3vl_webui.weights.loading import quantization_config
+    from qwen3vl_webui.weights.model import compute_dtype
+
+    for name in ("int4", "fp8", "int4-bnb"):
+        assert parse_settings(["--precision", name]).precision == name
+        assert should_compile(None, "cuda", name) and not should_compile(None, "cpu", name)
+        assert any(value == name for _, value in precisions.MENU)
+    assert quantization_config("int4", "cuda") is None and quantization_config("fp8", "cuda") is None
+    assert quantization_config("int4-bnb", "cuda").bnb_4bit_quant_type == "nf4"
+    assert compute_dtype("int4", "cuda") == torch.bfloat16 and compute_dtype("fp8", "cpu") == torch.float32
+    # The planner's bytes are the layers' own buffers.
+    one = planner.ModelShape(1, 1, 1, 2560, 1, quantizable_params=1024 * 2560, other_params=0, quantizable_rows=1024)
+    for name in ("int4", "fp8"):
+        layer = LAYERS[name].from_linear(torch.nn.Linear(2560, 1024, bias=False))
+        held = sum(b.numel() * b.element_size() for b in layer.buffers())
+        assert planner.weight_bytes(one, name) == pytest.approx(held, rel=1e-3), name
+    shape = planner.ModelShape.qwen3vl_4b()
+    sizes = {p: planner.weight_bytes(shape, p) for p in ("bf16", "fp8", "int8wo", "int4", "int4-bnb")}
+    assert sizes["int4"] < sizes["int8wo"] and sizes["fp8"] < sizes["bf16"] and sizes["int4"] < sizes["fp8"]
+
+
+_INTERPRETED = textwrap.dedent(
+    """
+    import torch
+    from qwen3vl_webui.kernels import fp8, fp8_triton as fk, int4, w4a16_triton as wk
+
+    gen = torch.Generator().manual_seed(0)
+    # K = 384 with 2 groups per GEMV iteration: the last iteration is half masked; N not a multiple of BLOCK_N.
+    qweight, scales, zeros = int4.quantize_weight(torch.randn(40, 384, generator=gen), 128)
+    w4 = int4.dequantize_weight(qweight, scales, zeros).double()
+    q8, s8 = fp8.quantize_weight(torch.randn(200, 300, generator=gen))
+    w8 = fp8.dequantize_weight(q8, s8).double()
+    # bf16 for the GEMVs; fp16 for tl.dot (the interpreter's bf16 dot is wrong, the GPU's is checked by the bench)
+    cases = [("int4", wk.W4Config(1, 16, 2, 4, 1), 3, torch.bfloat16), ("int4", wk.W4Config(1, 8, 1, 4, 1), 1, torch.bfloat16),
+             ("int4", wk.W4Config(16, 32, 1, 4, 1), 5, torch.float16), ("int4", wk.W4Config(32, 16, 1, 4, 1), 20, torch.float16),
+             ("fp8", fk.Fp8Config(1, 8, 4, 1), 2, torch.bfloat16), ("fp8", fk.Fp8Config(1, 32, 4, 1), 1, torch.bfloat16),
+             ("fp8", fk.Fp8Config(16, 32, 4, 1), 5, torch.float16), ("fp8", fk.Fp8Config(32, 64, 4, 1), 20, torch.float16)]
+    for name, cfg, rows, dtype in cases:
+        reference_w = w4 if name == "int4" else w8
+        x = torch.randn(rows, reference_w.shape[1], generator=gen).to(dtype)
+        if name == "int4":
+            out = wk.w4_matmul(x, qweight, scales, zeros, 128, cfg)
+        else:
+            out = fk.fp8_matmul(x, q8, s8, 128, cfg)
+        ref = x.double() @ reference_w.T
+        err = float((out.double() - ref).norm() / ref.norm())
+        assert not bool(out.isnan().any()) and err < 1e-2, (name, cfg, rows, err)
+        print("ok", name, cfg.block_m, rows, f"{err:.1e}")
+    # The prefill path's dequantization: exactly the reference's fp32 values.
+    assert torch.equal(wk.w4_dequantize(qweight, scales, zeros, 128, torch.float32), w4.float())
+    assert torch.equal(fk.fp8_dequantize(q8, s8, 128, torch.float32), w8.float())
+    print("ok dequant")
+    """
+)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_kernels_in_the_interpreter() -> None:
+    """The GPU kernels' unpacking, scaling, indexing and masking on the CPU (TRITON_INTERPRET=1)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("ok") == 9
