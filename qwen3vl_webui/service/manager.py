@@ -12,8 +12,9 @@ from qwen3vl_webui import precisions
 from qwen3vl_webui.engine.decoders import Decoder, make_decoder
 from qwen3vl_webui.service.admission import Scheduler
 from qwen3vl_webui.service.limits import ContextLimits, Limits
+from qwen3vl_webui.service.timeline import LOADED, LOCATED, SERVING, StartTimeline, decode_progress
 from qwen3vl_webui.telemetry import format_bytes
-from qwen3vl_webui.weights import loading, random_weights
+from qwen3vl_webui.weights import checkpoints, loading, random_weights
 from qwen3vl_webui.weights.loading import ModelUnavailable
 from qwen3vl_webui.weights.model import LoadedModel, release_cached_memory
 
@@ -66,6 +67,7 @@ class ModelManager:
         free_memory: Callable[[str], int] | None = None,
         decoder: str = "generate",
         limits: Limits = DEFAULT_LIMITS,
+        launched_at: float | None = None,
     ) -> None:
         self.source = source
         self.requested_precision = precision
@@ -77,7 +79,10 @@ class ModelManager:
         self.decoder_kind = decoder
         self.limits = ContextLimits(limits)  # the one owner of the context caps; the service holds requests to it
         self.decoder: Decoder | None = None  # made at the first load, once the device is known
-        self.status = "starting"
+        self._status = "starting"
+        # What it is doing, for GET /ready: starting, loading, serving, switching, resizing, restarting, failed, closing.
+        self.phase = "starting"
+        self.timeline = StartTimeline(launched_at)  # start-up stages since launch (logged, shown in the status)
         self.notice = ""  # one sentence shown above the chat, e.g. why the demo model runs
         self._loaded: LoadedModel | None = None
         self._ready = threading.Event()
@@ -86,8 +91,26 @@ class ModelManager:
         self.engine_restarts = 0  # engine processes restarted after dying, since start
         self._closing = False
 
+    @property
+    def status(self) -> str:
+        """The status line; once serving, with how decode runs (and how far its compile is) and the start-up times."""
+        text = self._status
+        if self.phase != "serving":
+            return text
+        decoder = self.decoder
+        snap = decoder.snapshot() if decoder is not None else None
+        progress = decode_progress(snap)
+        if progress:
+            text += f" · {progress}"
+        return f"{text} · start-up: {self.timeline.describe()}"
+
+    @status.setter
+    def status(self, text: str) -> None:
+        self._status = text
+
     # -- first load -------------------------------------------------------------------------
     def load(self, use_demo: bool = False) -> LoadedModel:
+        self.phase = "loading"
         try:
             device = loading.resolve_device(self.device_request)
             if use_demo:
@@ -103,6 +126,7 @@ class ModelManager:
                 return self._load_demo(device)
         except BaseException as exc:
             self._error = exc
+            self.phase = "failed"
             self.status = f"Model failed to load: {exc}"
             self._ready.set()
             raise
@@ -130,8 +154,12 @@ class ModelManager:
         """`source` in `precision`: loaded here, or, for a decoder that runs the model in its own process, only its
         processor and config here (the weights load there when the decoder attaches)."""
         if self._decoder_for(device).remote:
-            return loading.load_front(source, precision, device, self._progress)
-        return loading.load_model(source, precision, device, self.attn, self._progress)
+            front = loading.load_front(source, precision, device, self._progress)
+            self.timeline.mark(LOCATED)
+            return front
+        loaded = loading.load_model(source, precision, device, self.attn, self._progress)
+        self.timeline.mark(LOADED, detail=f"{loaded.load_seconds:.1f} s to load")
+        return loaded
 
     def _set(self, loaded: LoadedModel) -> LoadedModel:
         configured = self.limits.configured.max_context  # the warm-up that follows tests these caps first
@@ -143,6 +171,10 @@ class ModelManager:
         ) else ""
         self._progress(f"Starting the decoder: {decoder.name}…{note}")
         decoder.attach(loaded)  # before "Ready": CUDA graphs are captured here, not on a first chat
+        info = getattr(decoder, "info", None)  # the engine process's own stamps (wall clock)
+        if info is not None and getattr(info, "loaded_at", 0.0):
+            self.timeline.mark(LOADED, at=info.loaded_at, detail=f"{info.load_seconds:.1f} s in the engine process")
+        self.timeline.mark(SERVING, at=getattr(info, "serving_at", 0.0) or None, detail=decoder.name)
         loaded = decoder.loaded_view(loaded)
         self._loaded = loaded
         self._restarts = 0
@@ -151,8 +183,9 @@ class ModelManager:
         self.status = (
             f"Ready: {name} · {loaded.label} on {loaded.device} · loaded in {loaded.load_seconds:.1f} s{where}"
         )
+        self.phase = "serving"
         self._ready.set()
-        log.info("%s", self.status)
+        log.info("%s", self._status)
         return loaded
 
     def _engine_died(self, code: int | None) -> None:
@@ -162,6 +195,7 @@ class ModelManager:
             return
         self._ready.clear()  # new chats wait for the restart instead of failing
         self._loaded = None
+        self.phase = "restarting"
         self._restarts += 1
         delay = min(RESTART_MAX_DELAY_S, RESTART_FIRST_DELAY_S * 2 ** (self._restarts - 1))
         reason = f"stopped (exit code {code})"
@@ -175,6 +209,7 @@ class ModelManager:
             time.sleep(delay)
             restarts = self._restarts
             try:
+                self.timeline.restart("restarting the engine process")
                 self._set(loaded)  # starts a new engine process
                 break
             except Exception as exc:
@@ -196,6 +231,7 @@ class ModelManager:
     def close(self) -> None:
         """Stops what the decoder started (the engine process); the app is shutting down."""
         self._closing = True
+        self.phase = "closing"
         if self.decoder is not None:
             self.decoder.detach()
 
@@ -215,6 +251,10 @@ class ModelManager:
         for the cache and that this GPU and this install can run; the smallest as a last resort."""
         if self.requested_precision != "auto":
             return self.requested_precision
+        if not random_weights.is_random_source(self.source):  # a pre-quantized checkpoint loads in its own precision
+            own = checkpoints.auto_precision(loading.locate_checkpoint(self.source, self._progress), device)
+            if own is not None:
+                return own
         if device == "cpu":
             return "fp32"
         import importlib.util
@@ -268,6 +308,8 @@ class ModelManager:
         started = time.perf_counter()
         with self.scheduler.exclusive(timeout):
             before = _used_vram(old.device)
+            self.phase = "switching"
+            self.timeline.restart(f"switching to {precision}")
             self.status = f"Switching to {precision}: unloading {old.precision}…"
             source, device = old.source, old.device
             if self.decoder is not None:
@@ -307,11 +349,15 @@ class ModelManager:
         target = self.limits.current.max_context
         if loaded is None or decoder is None or not decoder.max_context or decoder.max_context == target:
             return
-        ready = self.status
+        ready = self._status
+        self.phase = "resizing"
         self._progress(f"Resizing the decoder's KV cache to {target:,} tokens a slot…")
-        decoder.detach()
-        decoder.max_context = target
-        decoder.attach(loaded)
+        try:
+            decoder.detach()
+            decoder.max_context = target
+            decoder.attach(loaded)
+        finally:
+            self.phase = "serving"
         self.status = ready
 
 

@@ -51,8 +51,8 @@ def should_compile(requested: bool | None, device: str, precision: str) -> bool:
 
 
 def compile_decode(
-    fn: Callable[[int], Any], buckets: int, fullgraph: bool, dynamic_batch: bool = False
-) -> Callable[[int], Any]:
+    fn: Callable[..., Any], buckets: int, fullgraph: bool, dynamic_batch: bool = False, backend: str = "inductor"
+) -> Callable[..., Any]:
     """`fn(rows)` compiled per distinct `rows`, or (`dynamic_batch`) once for 1 and once for every larger `rows`.
 
     Static (`dynamic=False`) never generalises a bucket. Dynamic (`dynamic=None`, dynamo's automatic dynamic
@@ -68,7 +68,10 @@ def compile_decode(
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.6
     if getattr(config, name) < limit:
         setattr(config, name, limit)
-    return torch.compile(fn, mode=COMPILE_MODE, fullgraph=fullgraph, dynamic=None if dynamic_batch else False)
+    dynamic = None if dynamic_batch else False
+    if backend != "inductor":  # a stand-in (tests: "eager", dynamo alone); modes are inductor's
+        return torch.compile(fn, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
+    return torch.compile(fn, mode=COMPILE_MODE, fullgraph=fullgraph, dynamic=dynamic)
 
 
 def graph_blocker(model: Any) -> str | None:

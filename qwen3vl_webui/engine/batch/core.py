@@ -44,6 +44,18 @@ class EngineSnapshot:
     prefix_evicted: int = 0  # entries pushed out (least recently used) to keep a newer one
     prefix_dropped: int = 0  # entries dropped because a prefill ran out of memory
     prefill_forwards: int = 0  # prefill forwards run (a batch of short prompts, a chunk, a vision tower)
+    decode_mode: str = ""  # "compiled graphs", "graphs", "compiled" or "eager" (most buckets, now)
+    compile_state: str = "none"  # the decode step's compile: none (not compiled), waiting, compiling, done, failed
+    compile_done: int = 0  # batch buckets decoding from their compiled step
+    compile_total: int = 0  # batch buckets to compile (0: nothing to compile)
+    compiled_at: tuple[tuple[int, float], ...] = ()  # (bucket, wall time its compiled step began to serve)
+    serving_at: float = 0.0  # wall time the engine could first answer
+    artifacts: str = "off"  # compile artifacts: off, absent, ignored, loaded, saved
+
+    @property
+    def full_speed(self) -> bool:
+        """Every bucket decodes from its compiled step, or there is nothing to compile."""
+        return self.compile_state in ("none", "done")
 
 
 class EngineCore:
@@ -71,6 +83,7 @@ class EngineCore:
         self.steps = 0
         self.tokens = 0
         self.startup_s = 0.0
+        self.serving_at = 0.0  # wall time the engine could first answer
         self._publish = publish
         self._out = Outbox()
         self._inflight: tuple[int, Any] | None = None  # (rows, device tokens) of the enqueued decode step
@@ -86,6 +99,10 @@ class EngineCore:
             self.graphs.restore()
             raise
         self.startup_s = time.perf_counter() - started
+        self.serving_at = time.time()
+        # Serve at once, speed up in the background: each compiled bucket wakes the worker to be swapped in.
+        self.graphs.on_compiled = self.scheduler.nudge
+        self.graphs.start_background()
 
     def step(self) -> bool:
         """Admission, at most one prefill forward (so a new prompt stalls running streams for one forward at most),
@@ -105,6 +122,7 @@ class EngineCore:
             self._prefill(plan)
         try:
             if self._inflight is None:
+                self.graphs.swap_ready()  # between two decode steps: a compiled bucket replaces its eager graph
                 for slot in self.scheduler.cancelled_slots():
                     self._release(slot, "cancelled")
                 if self.scheduler.decode_now():
@@ -148,6 +166,13 @@ class EngineCore:
             startup_s=self.startup_s,
             prefilling=len(self.scheduler.prefilling),
             decode_path=self.graphs.decode_path,
+            decode_mode=self.graphs.decode_mode,
+            compile_state=self.graphs.compile_state,
+            compile_done=len(self.graphs.compiled_at),
+            compile_total=len(self.graphs.buckets) if self.graphs.compile_state != "none" else 0,
+            compiled_at=tuple(sorted(self.graphs.compiled_at.items())),
+            serving_at=self.serving_at,
+            artifacts=self.graphs.artifacts,
             prefill_path=self.graphs.prefill_path,
             prefill_tokens=self.runner.prefill_tokens,
             prefix_slots=self.options.retained_slots,
@@ -243,7 +268,7 @@ class EngineCore:
         self.steps += 1
         reqs = self.scheduler.running[:n]
         reasons = [req.ends(token, self.eos) for req, token in zip(reqs, values)]
-        if not any(reasons) and len(self.scheduler.running) == n:
+        if not any(reasons) and len(self.scheduler.running) == n and not self.graphs.swap_pending:
             self._launch()
         for req, token in zip(reqs, values):
             req.kv_len += 1

@@ -52,12 +52,16 @@ class BatchEngine:
     -> scheduler update; each step's outputs are plain data (EngineOutputs) routed here to each request's stream.
     """
 
-    def __init__(self, loaded: LoadedModel, options: BatchOptions | None = None) -> None:
+    def __init__(
+        self, loaded: LoadedModel, options: BatchOptions | None = None, compile_gate: threading.Semaphore | None = None
+    ) -> None:
+        """`compile_gate` (tests, benchmarks): the background compile takes one release of it per batch bucket."""
         self.loaded = loaded
         self.options = options if options is not None else BatchOptions()
         self._streams = RequestStreams()
         self._listeners: list[Callable[[EngineOutputs], None]] = []
         self.core = EngineCore(loaded, self.options, self._publish)
+        self.core.graphs.gate = compile_gate
         self._tokenizer = loaded.processor.tokenizer
         self._token_bytes = TokenBytes(self._tokenizer)
         self._startup_error: BaseException | None = None
@@ -173,6 +177,8 @@ class BatchEngine:
     graph_error = _graphs_attr("graph_error", "Why decode steps are not graphed after all, or None.")
     prefill_error = _graphs_attr("prefill_error", "Why prompt chunks run eagerly after all, or None.")
     warmup_s = _graphs_attr("warmup_s", "Per bucket: seconds of compile (if any) and two warm-up steps.")
+    compile_state = _graphs_attr("compile_state", "The decode step's compile: none, waiting, compiling, done, failed.")
+    artifacts = _graphs_attr("artifacts", "Compile artifacts: off, absent, ignored, loaded, saved.")
     prefill_warmup_s = _graphs_attr("prefill_warmup_s", "Seconds spent readying prompt chunks at start-up.")
     fused_groups = _graphs_attr("fused_groups", "Projection groups fused into one product.")
     gemv_linears = _graphs_attr("gemv_linears", "Linears routed through the Triton GEMV.")

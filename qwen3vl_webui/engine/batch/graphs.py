@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import logging
+import queue
+import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from qwen3vl_webui import precisions
-from qwen3vl_webui.engine.batch import compiled, prefill
+from qwen3vl_webui.engine.batch import artifacts, compiled, prefill
 from qwen3vl_webui.engine.batch.kv import SlotKV
 from qwen3vl_webui.engine.batch.options import LEN_ALIGN, BatchOptions
 from qwen3vl_webui.engine.batch.runner import ModelRunner
@@ -55,7 +58,25 @@ class DecodeGraphs:
         self.fused_groups = 0
         self.decode_attention = ""
         self.warmup_s: dict[int, float] = {}  # per bucket: compile (if any) + two warm-up steps
+        # Compiling in the background (None: wherever the step is compiled on CUDA): serve from eager graphs first.
+        self.background = on_cuda if options.background_compile is None else bool(options.background_compile)
+        self.compile_state = "none" if not self.compile else "waiting"  # none, waiting, compiling, done, failed
+        self.compiled_at: dict[int, float] = {}  # bucket -> wall time its compiled step began to serve
+        self.artifacts = "off"  # compile artifacts: off, absent, ignored, loaded, saved
+        self.gate: threading.Semaphore | None = None  # tests and benchmarks: one release per bucket to compile
+        self.on_compiled: Callable[[], None] = lambda: None  # wakes the engine thread for a swap
+        self.swapped = 0
+        self.swap_errors = 0
+        self.recompiled = 0  # swaps whose real inputs needed a compile of their own (should stay 0)
+        self._compile_seq = 0  # odd while the compile thread is inside a bucket
+        self._compiled: Callable[..., Any] = runner.decode  # the compiled decode(rows, kv), once compiling
+        self._compiler: threading.Thread | None = None
+        self._ready: queue.SimpleQueue[int | None] = queue.SimpleQueue()  # compiled buckets waiting for their swap
+        self._stop = threading.Event()
+        self._pool: Any = None  # the decode graphs' memory pool (swapped-in graphs share it)
+        self._side: Any = None  # the stream graphs are captured on
         self._graphs: dict[int, tuple[Any, Any]] = {}
+        self._steps: dict[int, Callable[[int], Any]] = {}  # compiled steps run without graphs (no CUDA graphs)
         self._step: Callable[[int], Any] = runner.forward
         self._restore_attention: Callable[[], None] = lambda: None
         self._restore_vision: Callable[[], None] = lambda: None
@@ -97,17 +118,32 @@ class DecodeGraphs:
             self.fused_groups = fusion.fuse_projections(lm, gemv=self.gemv)
         if self.gemv:
             self.gemv_linears = fusion.route_gemv([lm, self.runner.lm_head])
-        forward: Callable[[int], Any] = self.runner.forward
         if self.compile:
             compiled.use_cache_dir(self.options.compile_cache_dir)
+            self._load_artifacts()
             # bitsandbytes layers break the graph (tensor-subclass weights); the pieces between them still fuse.
             fullgraph = not precisions.needs_bitsandbytes(self.loaded.precision)
-            forward = compiled.compile_decode(
-                self.runner.forward, len(self.buckets), fullgraph=fullgraph, dynamic_batch=self.options.dynamic_batch
-            )
+            self._compiled = compiled.compile_decode(
+                self.runner.decode, len(self.buckets), fullgraph=fullgraph, dynamic_batch=self.options.dynamic_batch,
+                backend=self.options.compile_backend,
+            )  # fmt: skip
         if not self.compile and not self.cuda_graphs:
             return  # plain eager: nothing to prepare
         side = torch.cuda.Stream() if on_cuda else None
+        if self.compile and self.background:
+            # Serve at once: eager steps in CUDA graphs now; the compiled ones are built by `start_background` and
+            # swapped in bucket by bucket between two decode steps (`swap_ready`).
+            self.compile_state = "waiting"
+            if self.cuda_graphs:
+                self._warm_up(self.runner.forward, side)
+                self._capture(self.runner.forward)
+            self.kv.zero()
+            return
+        forward: Callable[[int], Any] = self.runner.forward
+        if self.compile:
+            compiled_step = self._compiled
+            forward = lambda rows: compiled_step(rows, self.kv)  # noqa: E731
+            self.compile_state = "compiling"
         try:
             self._warm_up(forward, side)
         except Exception as exc:
@@ -115,19 +151,194 @@ class DecodeGraphs:
                 raise
             # Decoding stays correct uncompiled (graphs only): report it rather than refuse to start.
             log.warning("torch.compile of the decode step failed; decoding uncompiled: %r", exc)
-            self.compile_error = f"torch.compile failed: {type(exc).__name__}: {str(exc)[:300]}"
-            self.compile = False
-            if not self.runner.decode_kernel:  # the packed route was only there for the compiled step
-                self._restore_attention()
-                self._restore_attention = lambda: None
-            torch._dynamo.reset()
+            self._compile_failed(exc)
             forward = self.runner.forward
             if self.cuda_graphs:
                 self._warm_up(forward, side)
         self._step = forward
         if self.cuda_graphs:
             self._capture(forward)
+        elif self.compile:
+            self._steps = {rows: forward for rows in self.buckets}
+        if self.compile:
+            self.compile_state = "done"
+            self.compiled_at = {rows: time.time() for rows in self.buckets}
+            self._save_artifacts()
         self.kv.zero()  # warm-up wrote at position 0 of every slot
+
+    def _compile_failed(self, exc: BaseException) -> None:
+        import torch
+
+        self.compile_error = f"torch.compile failed: {type(exc).__name__}: {str(exc)[:300]}"
+        self.compile = False
+        self.compile_state = "failed"
+        if not self.runner.decode_kernel:  # the packed route was only there for the compiled step
+            self._restore_attention()
+            self._restore_attention = lambda: None
+        torch._dynamo.reset()
+
+    # ------------------------------------------------------------------ compile artifacts
+
+    def artifact_key(self) -> dict[str, str]:
+        """What the compiled decode step depends on (engine/batch/artifacts.py); call after `prepare`."""
+        engine = {
+            "max_batch": self.options.max_batch, "max_len": self.options.max_len, "buckets": list(self.buckets),
+            "dynamic_batch": self.options.dynamic_batch, "attention": self.decode_attention, "fuse": self.fuse,
+            "gemv": self.gemv, "mode": compiled.COMPILE_MODE, "backend": self.options.compile_backend,
+        }  # fmt: skip
+        return artifacts.setup_key(self.loaded, engine)
+
+    def _load_artifacts(self) -> None:
+        folder = self.options.artifacts_dir
+        if folder is not None:
+            self.artifacts = artifacts.load(folder, self.artifact_key())
+
+    def _save_artifacts(self) -> None:
+        folder = self.options.artifacts_dir
+        if folder is not None and self.artifacts != "loaded":
+            if artifacts.save(folder, self.artifact_key()) is not None:
+                self.artifacts = "saved"
+
+    # ------------------------------------------------------------------ serve at once, speed up in the background
+
+    def start_background(self) -> None:
+        """Starts compiling the buckets on a thread of its own (call once the engine serves)."""
+        if self.compile_state != "waiting" or self._compiler is not None:
+            return
+        self._compiler = threading.Thread(target=self._compile_buckets, name="decode-compile", daemon=True)
+        self._compiler.start()
+
+    def _compile_buckets(self) -> None:
+        """The compile thread: each bucket in ascending order (a dynamic batch size compiles at the second), two
+        steps on the scratch twin of the KV inputs (the first compiles), then handed to the engine thread.
+
+        Dynamo and inductor are Python (their Triton builds run in worker processes): this thread competes with the
+        engine thread for the GIL, so the switch interval is lowered meanwhile (5 ms -> 1 ms): the engine thread
+        waits at most that long each time it wants the GIL back. Grad mode is thread-local: inference mode here too,
+        so the compiled step's guards hold on the engine thread.
+        """
+        import contextlib
+
+        import torch
+
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(interval, 0.001))
+        started = time.perf_counter()
+        try:
+            self.compile_state = "compiling"
+            side = torch.cuda.Stream() if str(self.loaded.device).startswith("cuda") else None
+            with torch.inference_mode(), torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                scratch = self.kv.scratch()  # inference tensors like the engine's: their dispatch keys are guarded
+                for rows in self.buckets:
+                    if self.gate is not None:
+                        self.gate.acquire()
+                    if self._stop.is_set():
+                        return
+                    begun = time.perf_counter()
+                    self._compile_seq += 1
+                    try:
+                        for _ in range(2):
+                            self._compiled(rows, scratch)
+                        if side is not None:
+                            side.synchronize()
+                    finally:
+                        self._compile_seq += 1
+                    self.warmup_s[rows] = round(time.perf_counter() - begun, 2)
+                    log.info("decode step compiled for batch size %d in %.1f s; swapping it in", rows, self.warmup_s[rows])
+                    self._ready.put(rows)
+                    self.on_compiled()
+        except Exception as exc:
+            if self._stop.is_set():
+                return
+            log.warning("torch.compile of the decode step failed in the background; decoding stays eager: %r", exc)
+            self.compile_error = f"torch.compile failed: {type(exc).__name__}: {str(exc)[:300]}"
+            self._ready.put(None)  # the engine thread records the failure between two steps
+            self.on_compiled()
+        finally:
+            sys.setswitchinterval(interval)
+        log.info("decode step compiled for every batch size in %.1f s", time.perf_counter() - started)
+        self._save_artifacts()  # here, not on the engine thread: serialising them takes a moment
+
+    @property
+    def swap_pending(self) -> bool:
+        """A compiled bucket waits to be swapped in: the engine leaves a step boundary free for it."""
+        return not self._ready.empty()
+
+    def swap_ready(self) -> None:
+        """Between two decode steps (nothing in flight), on the engine thread: swaps in one compiled bucket.
+
+        One step of that bucket runs first on the real inputs, outside any graph: it writes each running row's KV at
+        its position, exactly what the next step writes again, and its logits are dropped. It checks the compiled
+        code needs no new compile for the real inputs (it would say so in the log), then the graph is captured on a
+        side stream and replaces the eager one. The pause is that one step and the capture.
+        """
+        import queue
+
+        try:
+            rows = self._ready.get_nowait()
+        except queue.Empty:
+            return
+        if rows is None:
+            self.compile_state = "failed"
+            return
+        try:
+            self._swap_in(rows)
+        except Exception as exc:  # the eager path of this bucket stays; the others may still swap
+            log.warning("could not swap in the compiled decode step for batch size %d: %r", rows, exc)
+            self.swap_errors += 1
+        self.swapped += 1
+        if self.swapped < len(self.buckets):
+            if self.swap_pending:
+                self.on_compiled()  # the next one at the next step boundary
+        else:
+            self.compile_state = "done" if not self.swap_errors else "failed"
+            compiled_step = self._compiled
+            self._step = lambda n: compiled_step(n, self.kv)
+            log.info("decode: every batch size swapped in (%d of %d compiled)", len(self.compiled_at), len(self.buckets))
+
+    def _swap_in(self, rows: int) -> None:
+        import contextlib
+
+        import torch
+        from torch._dynamo.utils import counters
+
+        on_cuda = str(self.loaded.device).startswith("cuda")
+        side = self._side if on_cuda else None
+        # Dynamo's graph count is global: it tells a recompile only while the compile thread is between buckets.
+        seq, graphs_before = self._compile_seq, counters["stats"]["unique_graphs"]
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            self._compiled(rows, self.kv)
+            if seq % 2 == 0 and seq == self._compile_seq and counters["stats"]["unique_graphs"] != graphs_before:
+                self.recompiled += 1
+                log.warning("the compiled decode step recompiled for the engine's own inputs (batch size %d)", rows)
+            if self.cuda_graphs and on_cuda:
+                graph = torch.cuda.CUDAGraph()
+                graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+                try:
+                    out = self._compiled(rows, self.kv)
+                finally:
+                    graph.capture_end()
+        if side is not None:
+            torch.cuda.current_stream().wait_stream(side)
+        if self.cuda_graphs and on_cuda:
+            self._graphs[rows] = (graph, out)
+        else:
+            compiled_step = self._compiled
+            self._steps[rows] = lambda n: compiled_step(n, self.kv)
+        self.compiled_at[rows] = time.time()
+
+    def stop_background(self, timeout: float = 5.0) -> None:
+        """Asks the compile thread to stop after the bucket it is on; waits up to `timeout` seconds."""
+        self._stop.set()
+        if self.gate is not None:
+            self.gate.release(len(self.buckets))
+        thread = self._compiler
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            if thread.is_alive():
+                log.info("the decode compile thread is still busy; it ends with the bucket it is on")
 
     def _warm_up(self, forward: Callable[[int], Any], stream: Any) -> None:
         """Two steps per bucket (the first one compiles), off the capture stream as torch.cuda.graph asks."""
@@ -152,7 +363,8 @@ class DecodeGraphs:
     def _capture(self, forward: Callable[[int], Any]) -> None:
         import torch
 
-        pool = torch.cuda.graph_pool_handle()
+        pool = self._pool = torch.cuda.graph_pool_handle()
+        self._side = torch.cuda.Stream()
         try:
             for rows in sorted(self.buckets, reverse=True):  # largest first: the shared pool fits them all
                 graph = torch.cuda.CUDAGraph()
@@ -217,13 +429,16 @@ class DecodeGraphs:
 
     def logits(self, n: int) -> Any:
         """Logits [n, vocab] of one decode step over slots [0, n): a graph replay, the compiled step, or eager."""
-        if self._graphs or self.compile:
-            rows = next(b for b in self.buckets if b >= n)  # compiled code exists for the buckets only
-            if self._graphs:
-                graph, out = self._graphs[rows]
+        if self._graphs or self._steps:
+            rows = next(b for b in self.buckets if b >= n)  # graphs and compiled code exist for the buckets only
+            entry = self._graphs.get(rows)
+            if entry is not None:
+                graph, out = entry
                 graph.replay()
                 return out[:n]
-            return self._step(rows)[:n]
+            step = self._steps.get(rows)
+            if step is not None:
+                return step(rows)[:n]
         return self.runner.forward(n)
 
     def graph(self, rows: int) -> Any:
@@ -241,11 +456,22 @@ class DecodeGraphs:
         return tuple(sorted(self._graphs))
 
     @property
+    def decode_mode(self) -> str:
+        """How most decode steps run now: "compiled graphs", "graphs", "compiled" or "eager"."""
+        compiled_now = bool(self.compiled_at) and self.compile
+        if self._graphs:
+            return "compiled graphs" if compiled_now else "graphs"
+        return "compiled" if compiled_now else "eager"
+
+    @property
     def decode_path(self) -> str:
         """How decode steps run, in words (the live panel shows it)."""
+        if self.compile_state in ("waiting", "compiling") and self.compile:
+            base = "cuda graphs" if self._graphs else "eager"
+            return f"{base}, compiling {len(self.compiled_at)} of {len(self.buckets)} batch sizes"
         if self._graphs:
-            return "cuda graphs + torch.compile" if self.compile else "cuda graphs"
-        if self.compile:
+            return "cuda graphs + torch.compile" if self.compile and self.compiled_at else "cuda graphs"
+        if self.compile and self.compiled_at:
             return "torch.compile (no graphs)"
         reasons = [r for r in (self.graph_error, self.compile_error) if r]
         return "eager" + (f" ({'; '.join(reasons)})" if reasons else "")
@@ -262,7 +488,9 @@ class DecodeGraphs:
     # ------------------------------------------------------------------ shutdown
 
     def release(self) -> None:
+        self.stop_background()
         self._graphs.clear()
+        self._steps.clear()
         self.runner.chunk_graphs = None
 
     def restore(self) -> None:

@@ -29,10 +29,11 @@ class SlotCache:
 
     def update(self, key_states: Any, value_states: Any, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
         keys, values = self._layers[layer_idx]
-        dim = self._shape[-1]
+        slots, heads, length, dim = self._shape
         keys.index_copy_(0, self._index, key_states.reshape(-1, dim))  # [rows, heads, 1, dim] -> rows x heads
         values.index_copy_(0, self._index, value_states.reshape(-1, dim))
-        return keys.view(self._shape)[: self._rows], values.view(self._shape)[: self._rows]
+        n = slots * heads * length  # the scratch rows after them are never read
+        return keys[:n].view(self._shape)[: self._rows], values[:n].view(self._shape)[: self._rows]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # never consulted: position_ids and the 4D mask are always passed
@@ -68,6 +69,10 @@ class SlotKV:
         # Slots [0, max_batch) hold the running batch, the prefix pool's slots come after them.
         self.shape = (self.max_batch, heads, self.max_len, head_dim)
         rows = self.max_batch * heads * self.max_len
+        # Past the slots, one scratch row per KV head: what a decode step compiled on another thread writes (see
+        # `scratch`), so that compiling never touches a running request's KV.
+        self.scratch_row = rows
+        rows += heads
         # One K and one V tensor per layer, each flat (see SlotCache); a slot's rows are [slot, :, :len] of the view.
         self.layers = [
             (
@@ -93,6 +98,28 @@ class SlotKV:
 
     def cache(self, rows: int, index: Any) -> SlotCache:
         return SlotCache(self.layers, self.shape, rows, index)
+
+    def view(self, flat: Any) -> Any:
+        """A layer's flat K or V as [slots, kv_heads, max_len, head_dim] (the scratch rows left out)."""
+        slots, heads, length, _ = self.shape
+        return flat[: slots * heads * length].view(self.shape)
+
+    def scratch(self) -> SlotKV:
+        """The same KV tensors with decode inputs of their own, every row writing only the scratch rows.
+
+        The background compile runs decode steps on it (graphs.py) while the engine thread serves from the real
+        inputs: same object type, same tensor shapes, so the code compiled on it runs the real step unchanged.
+        """
+        import copy
+
+        import torch
+
+        twin = copy.copy(self)
+        twin.ids, twin.pos, twin.delta = torch.zeros_like(self.ids), torch.zeros_like(self.pos), torch.zeros_like(self.delta)
+        heads = self.shape[1]
+        rows = torch.arange(heads, device=self.base.device).view(1, -1) + self.scratch_row
+        twin.base = rows.expand(self.max_batch, heads).contiguous()
+        return twin
 
     def prompt_kv(self, length: int) -> Any:
         """An empty prompt KV of `length` tokens in prefill's layout."""
@@ -125,8 +152,8 @@ class SlotKV:
         """Copies a prompt's KV into its slot."""
         for layer, (keys, values) in enumerate(self.layers):
             prompt_keys, prompt_values = layer_kv(layer)
-            keys.view(self.shape)[slot, :, :length].copy_(prompt_keys)
-            values.view(self.shape)[slot, :, :length].copy_(prompt_values)
+            self.view(keys)[slot, :, :length].copy_(prompt_keys)
+            self.view(values)[slot, :, :length].copy_(prompt_values)
 
     def set_next(self, slot: int, token: Any) -> None:
         self.ids[slot, 0] = token
@@ -140,7 +167,7 @@ class SlotKV:
         """Slot `src`'s request moves into `dst` (compaction): its first `length` KV rows and its decode inputs."""
         for pair in self.layers:
             for flat in pair:
-                view = flat.view(self.shape)
+                view = self.view(flat)
                 view[dst, :, :length].copy_(view[src, :, :length])
         for buf in (self.ids, self.pos, self.delta):
             buf[dst].copy_(buf[src])
@@ -186,7 +213,7 @@ class SlotKV:
             kv = torch.empty(len(self.layers), 2, heads, length, dim, dtype=self.dtype, device=self.device)
             for layer, pair in enumerate(self.layers):
                 for half, flat in enumerate(pair):
-                    kv[layer, half].copy_(flat.view(self.shape)[slot, :, :length])
+                    kv[layer, half].copy_(self.view(flat)[slot, :, :length])
             entry.kv = kv
         except Exception as exc:  # e.g. out of memory: a lost entry costs a full prefill later, nothing else
             log.warning("could not keep a finished request's KV: %r", exc)

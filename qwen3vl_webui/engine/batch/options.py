@@ -22,6 +22,14 @@ class BatchOptions:
     cuda_graphs: bool | None = None  # None: on CUDA
     compile: bool | None = None  # None: compiled.should_compile (CUDA 16-bit and weight-only)
     compile_cache_dir: str | os.PathLike[str] | None = None
+    # Serve at once, speed up later (graphs.py): decode starts from eager steps captured in CUDA graphs and each batch
+    # bucket's compiled graph is swapped in between two decode steps once a background thread has compiled it.
+    # None: where the step is compiled on CUDA. False: compile every bucket before the engine serves (precompile).
+    background_compile: bool | None = None
+    compile_backend: str = "inductor"  # torch.compile's backend; tests stand "eager" (dynamo alone) in for inductor
+    # Where compile artifacts (torch.compiler.save_cache_artifacts) are kept, one file per GPU, versions, precision,
+    # model and engine options (engine/batch/artifacts.py); None: none are read or written.
+    artifacts_dir: str | os.PathLike[str] | None = None
     # Prompt tokens one prefill forward may take between two decode steps (about 60 ms of H100 time in bf16):
     # bounds how long a new prompt stalls the running streams.
     prefill_chunk: int = 2048

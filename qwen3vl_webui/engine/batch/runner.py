@@ -61,7 +61,10 @@ class ModelRunner:
 
     def forward(self, rows: int) -> Any:
         """Logits [rows, vocab] of one decode step over slots [0, rows); only device ops (capturable)."""
-        kv = self.kv
+        return self.decode(rows, self.kv)
+
+    def decode(self, rows: int, kv: SlotKV) -> Any:
+        """`forward` over the decode inputs of `kv` (the engine's, or their scratch twin while compiling)."""
         pos = kv.pos[:rows]
         rope = (pos + kv.delta[:rows]).view(1, rows, 1).expand(3, rows, 1)  # text: the 3 mrope axes agree
         mask = (kv.arange.view(1, -1) <= pos.view(-1, 1)).view(rows, 1, 1, kv.max_len)

@@ -65,6 +65,7 @@ class Scheduler:
         self._cond = threading.Condition()  # its lock is re-entrant: hold() may wrap add()
         self._waiting: deque[Request] = deque()
         self._closed = False
+        self._nudged = False  # the worker has something of its own to do between two steps (a compiled bucket)
         self.prefilling: deque[PrefillJob] = deque()  # admitted, holding a slot, no token yet
         self.running: list[Request] = []
         self.peak = 0
@@ -87,6 +88,12 @@ class Scheduler:
         with self._cond:
             yield
 
+    def nudge(self) -> None:
+        """Wakes an idle worker for one step with nothing admitted (e.g. to swap in a compiled decode step)."""
+        with self._cond:
+            self._nudged = True
+            self._cond.notify_all()
+
     def close(self) -> None:
         with self._cond:
             self._closed = True
@@ -103,7 +110,10 @@ class Scheduler:
         """Blocks until there is work; then the waiting requests that fit the free slots, or None once closed."""
         with self._cond:
             while not self._closed and not self._waiting and not self.running and not self.prefilling:
+                if self._nudged:
+                    break
                 self._cond.wait()
+            self._nudged = False
             if self._closed:
                 return None
             dropped = [r for r in self._waiting if r.cancel.is_set()]

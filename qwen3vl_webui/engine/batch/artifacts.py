@@ -1,0 +1,202 @@
+"""Portable compile artifacts: what inductor made for the decode step, saved to one file a user can keep and carry.
+
+`torch.compiler.save_cache_artifacts()` serialises every cache entry the compile produced or hit (inductor's FX graphs
+with their Triton kernels, AOTAutograd's entries, autotuning results, dynamo's dynamic-shape profile);
+`load_cache_artifacts()` writes them into this machine's on-disk caches, so the next compile of the same step finds
+every entry there and compiles nothing (dynamo still traces the Python, seconds, not minutes).
+
+One file per setup, named after a hash of its key: GPU, torch, triton and transformers versions, precision, the
+model's config and the engine options that shape the compiled step. A file that is not ours, damaged, made for
+another setup or refused by torch is ignored with one log line: the engine then compiles as if it were not there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"QWEN3VL-COMPILE-ARTIFACTS\n"
+FORMAT = 1
+PREFIX = "decode-"
+SUFFIX = ".artifacts"
+_HEADER_MAX = 64 * 1024
+
+
+def setup_key(loaded: Any, engine: dict[str, Any]) -> dict[str, str]:
+    """What the compiled code depends on, as strings: the machine and library versions, the model, the engine."""
+    import platform
+
+    import torch
+    import transformers
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    device = str(loaded.device)
+    if device.startswith("cuda"):
+        index = torch.device(device).index or 0
+        major, minor = torch.cuda.get_device_capability(index)
+        gpu = f"{torch.cuda.get_device_name(index)} (sm_{major}{minor}, CUDA {torch.version.cuda})"
+    else:
+        gpu = f"cpu ({platform.machine()})"
+    return {
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "transformers": transformers.__version__,
+        "precision": str(loaded.precision),
+        "model": config_digest(loaded.model.config),
+        "engine": json.dumps(engine, sort_keys=True, default=str),
+    }
+
+
+def config_digest(config: Any) -> str:
+    """A hash of the model's architecture (its config without paths and version stamps)."""
+    data = config.to_dict()
+    for name in ("_name_or_path", "transformers_version", "_commit_hash", "name_or_path"):
+        data.pop(name, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def path_for(folder: str | os.PathLike[str], key: dict[str, str]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(folder) / f"{PREFIX}{digest}{SUFFIX}"
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The file's header and the offset of its payload; ValueError if it is not an artifact file of ours."""
+    with open(path, "rb") as f:
+        head = f.read(len(MAGIC) + _HEADER_MAX)
+    if not head.startswith(MAGIC):
+        raise ValueError("not a compile-artifact file")
+    end = head.find(b"\n", len(MAGIC))
+    if end < 0:
+        raise ValueError("its header is cut short")
+    try:
+        header = json.loads(head[len(MAGIC) : end])
+    except ValueError:
+        raise ValueError("its header is not JSON") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT or not isinstance(header.get("key"), dict):
+        raise ValueError(f"format {header.get('format') if isinstance(header, dict) else '?'} is not {FORMAT}")
+    return header, end + 1
+
+
+def load(folder: str | os.PathLike[str], key: dict[str, str]) -> str:
+    """Loads this setup's artifacts into torch's caches. Returns "loaded", "absent" or "ignored"; never raises.
+
+    Logs one line either way.
+    """
+    path = path_for(folder, key)
+    if not path.exists():
+        others = _differences(Path(folder), key)
+        if others:
+            log.info("compile artifacts: none for this setup in %s (%s); compiling", folder, others)
+        else:
+            log.info("compile artifacts: none in %s yet; compiling (saved there afterwards)", folder)
+        return "absent"
+    try:
+        header, offset = read_header(path)
+        if header["key"] != key:
+            raise ValueError(f"made for another setup (it differs in {', '.join(_differing(header['key'], key))})")
+        payload = path.read_bytes()[offset:]
+        if len(payload) != header.get("bytes") or hashlib.sha256(payload).hexdigest() != header.get("sha256"):
+            raise ValueError("damaged (its checksum does not match)")
+        info = _populate(payload)
+    except Exception as exc:  # whatever is wrong with the file, the engine compiles as if it were not there
+        log.warning("compile artifacts: ignoring %s: %s; compiling instead", path, _one_line(exc))
+        return "ignored"
+    log.info("compile artifacts: loaded %s (%s): compiling from them", path, info)
+    return "loaded"
+
+
+def _populate(payload: bytes) -> str:
+    import torch
+
+    with _quiet("torch.compiler._cache"):  # torch logs a traceback for a payload it cannot read; we log one line
+        info = torch.compiler.load_cache_artifacts(payload)
+    if info is None:
+        raise ValueError("torch could not read them")
+    counts = {kind: len(keys) for kind, keys in getattr(info, "artifacts", {}).items() if keys}
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items())) or "no entries"
+
+
+def save(folder: str | os.PathLike[str], key: dict[str, str]) -> Path | None:
+    """Writes what this process compiled (and every cache entry it hit) for this setup; None if nothing to save.
+
+    Atomic (a temporary file renamed into place); a failure is one log line, never an exception.
+    """
+    import torch
+
+    path = path_for(folder, key)
+    try:
+        result = torch.compiler.save_cache_artifacts()
+        if result is None:
+            log.info("compile artifacts: nothing to save (the compile left no cache entries)")
+            return None
+        payload, info = result
+        header = {
+            "format": FORMAT,
+            "key": key,
+            "bytes": len(payload),
+            "sha256": hashlib.sha256(payload).hexdigest(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "entries": {kind: len(keys) for kind, keys in getattr(info, "artifacts", {}).items()},
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + payload)
+        os.replace(tmp, path)
+    except Exception as exc:
+        log.warning("compile artifacts: could not save to %s: %s", path, _one_line(exc))
+        return None
+    log.info("compile artifacts: saved %s (%.1f MB)", path, len(payload) / 1e6)
+    return path
+
+
+def _differences(folder: Path, key: dict[str, str]) -> str:
+    """For the log: how the artifact files of other setups in `folder` differ from this one."""
+    fields: set[str] = set()
+    count = 0
+    for other in sorted(folder.glob(f"{PREFIX}*{SUFFIX}"))[:32]:
+        try:
+            header, _ = read_header(other)
+        except (OSError, ValueError):
+            continue
+        count += 1
+        fields.update(_differing(header["key"], key))
+    if not count:
+        return ""
+    return f"{count} file(s) for other setups, differing in {', '.join(sorted(fields)) or 'nothing known'}"
+
+
+def _differing(theirs: dict[str, Any], ours: dict[str, str]) -> list[str]:
+    return sorted(name for name in set(theirs) | set(ours) if theirs.get(name) != ours.get(name))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+@contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

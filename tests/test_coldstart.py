@@ -1,0 +1,141 @@
+"""Issue 14 on the tiny real Qwen3-VL (CPU): serve at once from the eager decode path, swap compiled buckets in
+mid-stream (dynamo with its "eager" backend stands in for inductor), compile artifacts that are damaged or made for
+another setup are ignored with one log line."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qwen3vl_webui.conversation import UserMessage
+from qwen3vl_webui.engine.batch import BatchEngine, BatchOptions, EngineOutputs, artifacts
+from qwen3vl_webui.engine.request import PreparedPrompt, SamplingParams
+from qwen3vl_webui.service.prompt import ChatRequest, build_prompt
+from qwen3vl_webui.weights.loading import load_model
+from qwen3vl_webui.weights.model import LoadedModel
+from qwen3vl_webui.weights.tiny_model import ensure_demo_checkpoint
+
+GREEDY = SamplingParams(max_new_tokens=40, temperature=0.0, repetition_penalty=1.0)
+BUCKETS = (1, 2, 4)
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    return load_model(str(ensure_demo_checkpoint(tmp_path_factory.mktemp("coldstart"))), "fp32", "cpu")
+
+
+@pytest.fixture(scope="module")
+def prompts(loaded: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> dict[str, PreparedPrompt]:
+    image = tmp_path_factory.mktemp("media") / "photo.png"
+    Image.fromarray(np.random.default_rng(5).integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(image)
+    messages = {
+        "text": UserMessage("hello there"),
+        "count": UserMessage("Count the objects"),
+        "image": UserMessage("Describe the image.", (str(image),)),
+    }
+    return {k: build_prompt(loaded, ChatRequest(m, sampling=GREEDY)) for k, m in messages.items()}
+
+
+def reference(loaded: LoadedModel, prompt: PreparedPrompt) -> list[int]:
+    with torch.inference_mode():
+        out = loaded.model.generate(
+            **prompt.inputs, do_sample=False, max_new_tokens=GREEDY.max_new_tokens, repetition_penalty=1.0
+        )
+    return out[0, prompt.inputs["input_ids"].shape[1] :].tolist()
+
+
+def options(tmp_path: Path, **changes: Any) -> BatchOptions:
+    base = dict(
+        max_batch=4, token_budget=4 * 512, eos_token_ids=(), buckets=BUCKETS, compile=True, background_compile=True,
+        compile_backend="eager", compile_cache_dir=tmp_path / "inductor", artifacts_dir=tmp_path / "compiled",
+    )  # fmt: skip
+    return BatchOptions(**{**base, **changes})
+
+
+def test_compiled_buckets_swap_in_mid_stream_and_every_stream_keeps_generates_tokens(
+    loaded: LoadedModel, prompts: dict[str, PreparedPrompt], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The engine serves before anything is compiled; after a few steps the compile thread builds every bucket
+    while the engine waits (so the swaps land mid-stream deterministically); each bucket is swapped in at a step
+    boundary, and every stream's greedy tokens still equal `generate`'s. The code compiled on the scratch inputs
+    serves the real ones without a second compile."""
+    from torch._dynamo.utils import counters
+
+    names = ["text", "count", "image"]
+    expected = {n: reference(loaded, prompts[n]) for n in names}
+    gate = threading.Semaphore(0)
+    seen: list[tuple[int, int, str]] = []  # per published step: (tokens in it, buckets compiled, decode mode)
+    caplog.set_level(logging.INFO)
+    with BatchEngine(loaded, options(tmp_path), compile_gate=gate) as engine:
+        graphs = engine.core.graphs
+        snap = engine.snapshot()
+        assert snap.compile_state in ("waiting", "compiling")  # the thread waits at the gate
+        assert (snap.compile_done, snap.compile_total, snap.decode_mode) == (0, 3, "eager")
+        assert not snap.full_speed and "compiling 0 of 3 batch sizes" in snap.decode_path
+
+        def listener(outputs: EngineOutputs) -> None:
+            seen.append((sum(len(o.new_token_ids) for o in outputs.outputs), len(graphs.compiled_at), graphs.decode_mode))
+            if len(seen) == 6:  # mid-stream: compile every bucket now, holding the engine thread meanwhile
+                gate.release(len(BUCKETS))
+                deadline = time.monotonic() + 120
+                while len(graphs.warmup_s) < len(BUCKETS) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+
+        engine.add_listener(listener)
+        with engine.hold_admission():
+            streams = {n: engine.submit_tokens(prompts[n], GREEDY, threading.Event()) for n in names}
+        got = {n: list(s) for n, s in streams.items()}
+        snap = engine.snapshot()
+        assert engine.compile_error is None
+    assert got == expected
+    assert (snap.compile_state, snap.compile_done, snap.decode_mode, snap.full_speed) == ("done", 3, "compiled", True)
+    assert snap.decode_path == "torch.compile (no graphs)"
+    swapped = [i for i, (_, done, _) in enumerate(seen) if done == len(BUCKETS)]
+    assert swapped and 6 <= swapped[0] and any(tokens for tokens, _, _ in seen[swapped[0] :]), seen
+    assert any(done == 0 and tokens for tokens, done, _ in seen[:6])  # tokens came before any compile
+    assert not [r for r in caplog.records if "recompiled" in r.getMessage()]
+    assert graphs.recompiled == 0 and counters["stats"]["unique_graphs"] >= 1
+    # The artifacts were looked for once (none yet; dynamo's eager backend leaves none to save).
+    assert sum("compile artifacts: none in" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "other setup"])
+def test_a_damaged_or_foreign_artifact_is_ignored_with_one_log_line(
+    loaded: LoadedModel, prompts: dict[str, PreparedPrompt], tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    damage: str,
+) -> None:  # fmt: skip
+    """Whatever lies in the artifact file, the engine starts, says so in one line, and answers as before."""
+    gate = threading.Semaphore(0)  # never released: nothing compiles, the eager path serves
+    with BatchEngine(loaded, options(tmp_path, max_batch=2, token_budget=2 * 512, buckets=(1, 2)), gate) as engine:
+        key = engine.core.graphs.artifact_key()
+    path = artifacts.path_for(tmp_path / "compiled", key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    good = {"format": artifacts.FORMAT, "key": key, "bytes": 4, "sha256": "0" * 64}
+    if damage == "garbage":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif damage == "truncated":  # a valid header whose payload was cut short
+        path.write_bytes(artifacts.MAGIC + repr(good).replace("'", '"').encode() + b"\n" + b"ab")
+    else:
+        import json
+
+        other = dict(good, key={**key, "gpu": "NVIDIA H200 (sm_90)", "torch": "2.11.0"})
+        path.write_bytes(artifacts.MAGIC + json.dumps(other).encode() + b"\n" + b"abcd")
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    with BatchEngine(loaded, options(tmp_path, max_batch=2, token_budget=2 * 512, buckets=(1, 2)), gate) as engine:
+        assert engine.artifacts == "ignored"
+        tokens = list(engine.submit_tokens(prompts["text"], GREEDY, threading.Event()))
+    lines = [r.getMessage() for r in caplog.records if "compile artifacts" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith(f"compile artifacts: ignoring {path}"), lines
+    reason = {"garbage": "not a compile-artifact file", "truncated": "damaged", "other setup": "differs in gpu, torch"}
+    assert reason[damage] in lines[0]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "compile artifacts" not in r.getMessage()]
+    assert tokens == reference(loaded, prompts["text"])
