@@ -94,6 +94,33 @@ def test_custom_op_passes_opcheck_and_compiles_without_graph_breaks(name: str) -
     assert torch.allclose(compiled(x), layer(x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["int4", "fp8", "int8wo"])
+def test_fused_quantized_groups_share_their_buffers_and_compute_the_same_function(name: str) -> None:
+    from qwen3vl_webui.kernels import fusion, int8
+
+    layer_type = {**LAYERS, "int8wo": int8.Int8WeightOnlyLinear}[name]
+    gen = torch.Generator().manual_seed(4)
+    parts = [layer_type.from_linear(torch.nn.Linear(256, rows, bias=False)) for rows in (256, 128, 128)]
+    x = torch.randn(3, 256, generator=gen)
+    alone = [p(x) for p in parts]
+    held = sum(b.numel() * b.element_size() for p in parts for b in p.buffers())
+    fused = layer_type.fuse(parts)
+    assert fused is not None and fused.out_features == 512
+    assert sum(b.numel() * b.element_size() for b in fused.buffers()) == held
+    for p in parts:  # every part's buffers are now views of the fused ones: no second copy
+        for (_, mine), (_, whole) in zip(p.named_buffers(), fused.named_buffers(), strict=True):
+            assert mine.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr()
+    torch.testing.assert_close(fused(x), torch.cat(alone, dim=-1), rtol=1e-5, atol=1e-5)
+    # Through fusion's routing, as the engine's decode step calls them (q, then k, then v on the same input).
+    group = [layer_type.from_linear(torch.nn.Linear(256, rows, bias=False)) for rows in (256, 128, 128)]
+    expected = [g(x) for g in group]
+    assert fusion._fuse_group(group, None, gemv=False)
+    torch.testing.assert_close([g(x) for g in group], expected, rtol=1e-5, atol=1e-5)
+    if name == "fp8":  # a part that is not whole 128-row blocks cannot share the block scales
+        ragged = [layer_type.from_linear(torch.nn.Linear(256, rows, bias=False)) for rows in (64, 128)]
+        assert layer_type.fuse(ragged) is None and not fusion._fuse_group(ragged, None, gemv=False)
+
+
 def test_loading_quantizes_only_the_text_linears(fp32: LoadedModel, quantized: LoadedModel) -> None:
     layer_type = LAYERS[quantized.precision]
     model = quantized.model
@@ -133,11 +160,18 @@ def test_engine_greedy_tokens_equal_generate(quantized: LoadedModel) -> None:
             out = quantized.model.generate(**p.inputs, do_sample=False, max_new_tokens=GREEDY.max_new_tokens,
                                            repetition_penalty=1.0, eos_token_id=None)  # fmt: skip
         expected.append(out[0, p.inputs["input_ids"].shape[1] :].tolist())
-    with BatchEngine(quantized, BatchOptions(max_batch=2, token_budget=2 * 512, eos_token_ids=())) as engine:
+    options = BatchOptions(max_batch=2, token_budget=2 * 512, eos_token_ids=(), fuse=True)  # fused as on CUDA
+    with BatchEngine(quantized, options) as engine:
+        # int4 fuses q/k/v and gate/up; fp8 only where every part is whole 128-row blocks (the tiny model's MLP)
+        cfg = quantized.model.config.text_config
+        whole = [cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim], [cfg.intermediate_size]
+        per_layer = 2 if quantized.precision == "int4" else sum(all(r % 128 == 0 for r in g) for g in whole)
+        assert engine.fused_groups == per_layer * cfg.num_hidden_layers
         streams = [engine.submit_tokens(p, GREEDY, threading.Event()) for p in prompts]
         got = [list(s) for s in streams]
         assert engine.snapshot().peak_active == 2  # decoded together
     assert got == expected
+    assert not any("forward" in vars(m) for m in quantized.model.modules())  # closing the engine unfuses
 
 
 def test_switching_among_every_precision_at_runtime(tiny_checkpoint: Path) -> None:
@@ -241,3 +275,22 @@ def test_triton_kernels_in_the_interpreter() -> None:
     proc = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("ok") == 9
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_a_sweeps_best_configs_are_picked_up_from_its_report(tmp_path: Path) -> None:
+    import json
+
+    from qwen3vl_webui.kernels import fp8_triton, w4a16_triton
+
+    report = tmp_path / "quant_check.json"
+    report.write_text(json.dumps({"tuned": {"int4": {"1,4096,2560": [1, 32, 2, 8, 1]}, "fp8": {"32,1024,2560": [32, 128, 8, 3]}}}))
+    saved = dict(w4a16_triton.TUNED), dict(fp8_triton.TUNED)
+    try:
+        assert w4a16_triton.load_tuning(str(report)) == 1 and fp8_triton.load_tuning(str(report)) == 1
+        assert w4a16_triton.pick_config(1, 4096, 2560) == w4a16_triton.W4Config(1, 32, 2, 8, 1)
+        assert fp8_triton.pick_config(20, 1024, 2560) == fp8_triton.Fp8Config(32, 128, 8, 3)  # 17..32 rows share it
+        assert w4a16_triton.pick_config(1, 4096, 4096) == w4a16_triton.GEMV_DEFAULT  # other shapes: the defaults
+    finally:
+        w4a16_triton.TUNED.clear(), w4a16_triton.TUNED.update(saved[0])
+        fp8_triton.TUNED.clear(), fp8_triton.TUNED.update(saved[1])

@@ -109,6 +109,15 @@ class Fp8Linear(nn.Module):
         bias = linear.bias.detach().to(q.device) if linear.bias is not None else None
         return cls(q, scale, bias)
 
+    @classmethod
+    def fuse(cls, layers: list[Fp8Linear]) -> Fp8Linear | None:
+        """One layer over the rows of `layers` (q/k/v, gate/up), sharing their buffers; only where every part's rows
+        are whole 128-row blocks (the 4B's are; the tiny model's are not)."""
+        from qwen3vl_webui.kernels.int8 import fuse_rows
+
+        fused = fuse_rows(layers, ("weight", "weight_scale_inv"), row_block=BLOCK)
+        return cls(*fused) if fused is not None else None
+
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_weight(self.weight, self.weight_scale_inv, dtype)
 

@@ -36,6 +36,23 @@ SKINNY32_DEFAULT = Fp8Config(32, 64, 4, 4)
 TUNED: dict[tuple[int, int, int], Fp8Config] = {}
 
 
+def load_tuning(path: str | None = None) -> int:
+    """Adds the best configs of a `bench.quant_check` report (its "tuned" section) to TUNED: how many. Read at import
+    from $QWEN3VL_KERNEL_TUNING, so a run can use the sweep it just made (the tuned tables here are the kept copy)."""
+    import json
+    import os
+
+    path = path or os.environ.get("QWEN3VL_KERNEL_TUNING")
+    if not path:
+        return 0
+    with open(path) as f:
+        found = json.load(f).get("tuned", {}).get("fp8", {})
+    for shape, cfg in found.items():
+        m, n, k = (int(v) for v in shape.split(","))
+        TUNED[(m, n, k)] = Fp8Config(*cfg)
+    return len(found)
+
+
 def pick_config(rows: int, n: int, k: int) -> Fp8Config:
     m = 1 if rows == 1 else 16 if rows <= 16 else 32
     return TUNED.get((m, n, k)) or (GEMV_DEFAULT if m == 1 else SKINNY_DEFAULT if m == 16 else SKINNY32_DEFAULT)
@@ -136,3 +153,6 @@ def fp8_dequantize(weight: Any, scale_inv: Any, block: int, dtype: Any) -> Any:
     grid = (triton.cdiv(n, block), triton.cdiv(k, block))
     _dequant_kernel[grid](weight, scale_inv, out, n, k, weight.stride(0), scale_inv.stride(0), out.stride(0), B=block)
     return out
+
+
+load_tuning()

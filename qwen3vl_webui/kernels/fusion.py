@@ -1,5 +1,6 @@
 """How the decode step's Linears run: one GEMV instead of three (q/k/v) and two (gate/up) per layer, and a Triton
-GEMV for one-row products on 16-bit weights; on the model's own modules.
+GEMV for one-row products on 16-bit weights; on the model's own modules. Weight-only quantized layers (int8wo, int4,
+fp8) fuse the same way through their class's `fuse` (kernels/int8.py `fuse_rows`).
 
 A decode step multiplies one row per stream by every weight once; at one stream the 5 MB k and v
 projections are latency-bound (~10 us each for what the bandwidth moves in ~2). `fuse_projections` moves
@@ -33,19 +34,19 @@ class _Shared:
         self.parts: Any = None
 
 
-def _forward(shared: _Shared, index: int, linear: Any, max_rows: int | None, gemv: bool) -> Callable[[Any], Any]:
-    import torch.nn.functional as F
-
+def _forward(
+    shared: _Shared, index: int, linear: Any, max_rows: int | None, product: Callable[[Any, Any], Any]
+) -> Callable[[Any], Any]:
     last = len(shared.sizes) - 1
-    product = gemv_op.product(gemv)
+    alone = type(linear).forward  # the layer's own product (nn.Linear's, or a quantized layer's), on its slice
 
     def forward(x: Any) -> Any:
         if max_rows is not None and x.shape[:-1].numel() > max_rows:
-            return F.linear(x, linear.weight, linear.bias)
+            return alone(linear, x)
         if index == 0:
             shared.x, shared.parts = x, product(x, shared.weight).split(shared.sizes, dim=-1)
         elif shared.x is not x or shared.parts is None:  # called out of order: compute this one alone
-            return F.linear(x, linear.weight, linear.bias)
+            return alone(linear, x)
         out = shared.parts[index]
         if index == last:
             shared.x = shared.parts = None  # nothing outlives the layer
@@ -57,8 +58,23 @@ def _forward(shared: _Shared, index: int, linear: Any, max_rows: int | None, gem
 def _fuse_group(linears: list[Any], max_rows: int | None, gemv: bool) -> bool:
     import torch
 
-    if any(type(m) is not torch.nn.Linear or m.bias is not None for m in linears):
-        return False  # quantized (bnb, int8wo) or biased layers keep their own path
+    if any(getattr(m, "bias", None) is not None for m in linears):
+        return False  # biased layers keep their own path
+    kind = type(linears[0])
+    if kind is not torch.nn.Linear:
+        # A weight-only quantized layer (int8wo, int4, fp8) fuses through its own `fuse`, which concatenates its
+        # buffers and re-points each member at its rows (no extra memory); bitsandbytes layers keep their own path.
+        fuse = getattr(kind, "fuse", None)
+        fused = fuse(linears) if fuse is not None and all(type(m) is kind for m in linears) else None
+        if fused is None:
+            return False
+        shared = _Shared(fused, [m.out_features for m in linears])
+        for index, m in enumerate(linears):
+            m.forward = _forward(shared, index, m, max_rows, lambda x, module: module(x))
+            m._qwen3vl_fused = True
+        return True
+    if any(type(m) is not torch.nn.Linear for m in linears):
+        return False
     if len({(m.in_features, m.weight.dtype, m.weight.device) for m in linears}) != 1:
         return False
     # Outside inference mode (the engine's worker runs in it): the weights outlive the engine, as normal tensors.
@@ -70,9 +86,9 @@ def _fuse_group(linears: list[Any], max_rows: int | None, gemv: bool) -> bool:
             m.weight = torch.nn.Parameter(weight[start : start + rows], requires_grad=False)
             start += rows
     shared = _Shared(weight, [m.out_features for m in linears])
-    gemv = gemv and gemv_op.gemv_blocker(weight) is None
+    product = gemv_op.product(gemv and gemv_op.gemv_blocker(weight) is None)
     for index, m in enumerate(linears):
-        m.forward = _forward(shared, index, m, max_rows, gemv)
+        m.forward = _forward(shared, index, m, max_rows, product)
         m._qwen3vl_fused = True
     return True
 

@@ -156,6 +156,14 @@ class Int4Linear(nn.Module):
         bias = linear.bias.detach().to(qweight.device) if linear.bias is not None else None
         return cls(qweight, scales, zeros, bias)
 
+    @classmethod
+    def fuse(cls, layers: list[Int4Linear]) -> Int4Linear | None:
+        """One layer over the rows of `layers` (q/k/v, gate/up), sharing their buffers (kernels/fusion.py)."""
+        from qwen3vl_webui.kernels.int8 import fuse_rows
+
+        fused = fuse_rows(layers, ("qweight", "scales", "zeros"))
+        return cls(*fused) if fused is not None else None
+
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_weight(self.qweight, self.scales, self.zeros, dtype)
 

@@ -115,6 +115,12 @@ class Int8WeightOnlyLinear(nn.Module):
         bias = linear.bias.detach().to(q.device) if linear.bias is not None else None
         return cls(q, scale, bias)
 
+    @classmethod
+    def fuse(cls, layers: list[Int8WeightOnlyLinear]) -> Int8WeightOnlyLinear | None:
+        """One layer over the rows of `layers` (q/k/v, gate/up), sharing their buffers (kernels/fusion.py)."""
+        fused = fuse_rows(layers, ("weight", "weight_scale"))
+        return cls(*fused) if fused is not None else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             y = torch.ops.qwen3vl_webui.int8wo_linear(x, self.weight, self.weight_scale)
@@ -124,6 +130,30 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def fuse_rows(layers: list[nn.Module], names: tuple[str, ...], row_block: int = 1) -> list[torch.Tensor] | None:
+    """Each named buffer of `layers` concatenated along dim 0 (their output rows), every layer's buffer re-pointed at
+    its slice of it: one buffer per name for a fused product, no extra memory. `row_block`: output rows per buffer
+    row (fp8's block scales: 128); None where the layers cannot share buffers (shapes, dtypes, devices, blocks)."""
+    first = [getattr(layers[0], name) for name in names]
+    for layer in layers:
+        if layer.out_features % row_block or any(
+            getattr(layer, n).shape[1:] != f.shape[1:] or getattr(layer, n).dtype != f.dtype
+            or getattr(layer, n).device != f.device for n, f in zip(names, first, strict=True)
+        ):  # fmt: skip
+            return None
+    fused = []
+    with torch.inference_mode(False), torch.no_grad():  # the buffers outlive the engine (its worker is in it)
+        for name in names:
+            whole = torch.cat([getattr(layer, name) for layer in layers])
+            start = 0
+            for layer in layers:
+                rows = getattr(layer, name).shape[0]
+                setattr(layer, name, whole[start : start + rows])
+                start += rows
+            fused.append(whole)
+    return fused
 
 
 def quantize_text_linears(model: nn.Module, device: torch.device | str | None = None) -> int:

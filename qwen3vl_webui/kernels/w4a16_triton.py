@@ -49,6 +49,23 @@ def row_class(rows: int) -> int:
     return 1 if rows == 1 else 16 if rows <= 16 else 32
 
 
+def load_tuning(path: str | None = None) -> int:
+    """Adds the best configs of a `bench.quant_check` report (its "tuned" section) to TUNED: how many. Read at import
+    from $QWEN3VL_KERNEL_TUNING, so a run can use the sweep it just made (the tuned tables here are the kept copy)."""
+    import json
+    import os
+
+    path = path or os.environ.get("QWEN3VL_KERNEL_TUNING")
+    if not path:
+        return 0
+    with open(path) as f:
+        found = json.load(f).get("tuned", {}).get("int4", {})
+    for shape, cfg in found.items():
+        m, n, k = (int(v) for v in shape.split(","))
+        TUNED[(m, n, k)] = W4Config(*cfg)
+    return len(found)
+
+
 def pick_config(rows: int, n: int, k: int) -> W4Config:
     m = row_class(rows)
     found = TUNED.get((m, n, k))
@@ -184,3 +201,6 @@ def w4_dequantize(qweight: Any, scales: Any, zeros: Any, group: int, dtype: Any)
         BLOCK_N=block_n, G=group, num_warps=4,
     )  # fmt: skip
     return out
+
+
+load_tuning()
