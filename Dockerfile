@@ -23,8 +23,26 @@ COPY --chown=app . .
 # Non-root: the demo checkpoint and caches go to /home/app/.cache (private to this user).
 USER app
 EXPOSE 7860
-# The page answers as soon as the server is up; the model loads behind it (status line in the UI). With a login
-# set, / answers the login page (200), so this check holds either way.
-HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD curl -fsS http://127.0.0.1:7860/ >/dev/null || exit 1
+
+# Cold start (issue 14). The app serves within seconds of loading the weights, from eager decode steps in CUDA graphs,
+# and compiles the fast decode step in the background (about a minute per batch size on a fresh machine), swapping
+# each in as it is ready. The compile leaves portable artifacts in the cache dir (compiled/decode-<hash>.artifacts,
+# one file per GPU, torch/triton/transformers versions, precision, model and engine flags); with matching ones a
+# start compiles nothing. Two ways to keep them:
+#   1. A volume for the cache dir, which every start reuses (a Space with persistent storage: QWEN3VL_CACHE_DIR=/data):
+#        docker run --gpus all -v qwen3vl-cache:/home/app/.cache/qwen3vl-webui -p 7860:7860 qwen3vl-webui
+#   2. Baked into an image for a known GPU. `docker build` sees no GPU, so write them with a container on a machine
+#      with that GPU, with the serving flags (KV sizes are part of the key), then build a small image on top:
+#        docker run --rm --gpus all -v "$PWD/artifacts:/artifacts" qwen3vl-webui \
+#            python -m qwen3vl_webui.precompile --cache-dir /artifacts --precision bf16 --max-concurrency 8
+#        printf 'FROM qwen3vl-webui\nCOPY --chown=app artifacts/compiled /home/app/.cache/qwen3vl-webui/compiled\n' \
+#            | docker build -t qwen3vl-webui:h100 -f - .
+#      A file made for another GPU or other versions is ignored with one log line (the app then compiles).
+
+# GET /health: 200 while the process serves HTTP (liveness). GET /ready: 200 once the model is loaded and chats are
+# admitted, 503 while loading, switching precision, restarting the engine or draining; its JSON says whether decode
+# runs at full compiled speed. Neither needs the login. Kubernetes: livenessProbe /health, readinessProbe /ready.
+# Here "healthy" means ready: the start period covers a download and load; a precision switch (~20 s) fits the retries.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=4 \
+    CMD curl -fsS "http://127.0.0.1:${QWEN3VL_PORT:-7860}/ready" >/dev/null || exit 1
 CMD ["python", "app.py"]

@@ -42,12 +42,17 @@ class App:
         self.listener = None
         self.front = FrontDoor(
             self.demo, s, session_capacity=SESSION_CAPACITY, css_paths=[ASSETS / "style.css"], allowed=[str(ASSETS)],
-            routers=(self._openai_router(),),
+            routers=(self._openai_router(), self._health_router()),
         )  # fmt: skip
         self.front.start(sock, quiet=quiet)
         if not prevent_thread_lock:
             self.front.wait()
         return f"http://{s.host}:{s.port}/"
+
+    def _health_router(self) -> Any:
+        from qwen3vl_webui.server.health import build_router
+
+        return build_router(self.service)  # GET /health and /ready, outside the login
 
     def _openai_router(self) -> Any:
         from qwen3vl_webui.server.openai_api import ApiConfig, build_router
@@ -98,6 +103,7 @@ def build_app(settings: Settings, load: bool = True) -> App:
     from qwen3vl_webui.service.chat import ChatService
     from qwen3vl_webui.service.limits import Limits
     from qwen3vl_webui.service.manager import ModelManager
+    from qwen3vl_webui.service.readiness import watch_start
     from qwen3vl_webui.telemetry import GenerationStats, GpuProbe
     from qwen3vl_webui.ui.handlers import Handlers
     from qwen3vl_webui.ui.layout import ASSETS, build_demo
@@ -123,6 +129,7 @@ def build_app(settings: Settings, load: bool = True) -> App:
         # warm up. On ZeroGPU there is no GPU outside a request, so no warm-up there.
         warmup = "off" if on_zero_gpu() else settings.warmup
         service.start_in_background(settings.demo, warmup, ranges.largest_image_pixels())
+        watch_start(service)  # stamps "ready", each compiled batch size and "fully compiled" (service/readiness.py)
     return App(demo=demo, service=service, settings=settings)
 
 

@@ -107,7 +107,9 @@ class BatchDecoder(InProcess):
         self.max_batch = max_batch
         self.max_context = max_context
         # Inductor's compiled decode steps persist here: a restart compiles in seconds, not minutes.
-        self.compile_cache_dir = Path(cache_dir or Path.home() / ".cache" / "qwen3vl-webui") / "inductor"
+        base = Path(cache_dir or Path.home() / ".cache" / "qwen3vl-webui")
+        self.compile_cache_dir = base / "inductor"
+        self.artifacts_dir = base / "compiled"  # portable compile artifacts (engine/batch/artifacts.py)
         self.engine = None
         self.fallback: GenerateDecoder | None = None  # used when the engine cannot start
         self.reason = ""
@@ -117,7 +119,10 @@ class BatchDecoder(InProcess):
 
         self.detach()
         budget = self.max_context * self.max_batch
-        options = BatchOptions(max_batch=self.max_batch, token_budget=budget, compile_cache_dir=self.compile_cache_dir)
+        options = BatchOptions(
+            max_batch=self.max_batch, token_budget=budget, compile_cache_dir=self.compile_cache_dir,
+            artifacts_dir=self.artifacts_dir,
+        )  # fmt: skip
         try:
             self.engine = BatchEngine(loaded, options)
         except Exception as exc:  # e.g. a kernel that cannot be captured: keep serving, eagerly

@@ -166,7 +166,7 @@ class ModelManager:
         decoder = self._decoder_for(loaded.device)
         if decoder.max_context:  # 0: a decoder with nothing to size (generate's cache grows per request)
             decoder.max_context = configured
-        note = " (compiling the decode step: about a minute per batch size on a first start)" if (
+        note = " (eager decode in CUDA graphs first; the compiled one follows in the background)" if (
             decoder.name == "batch" and loaded.device.startswith("cuda")
         ) else ""
         self._progress(f"Starting the decoder: {decoder.name}…{note}")

@@ -37,7 +37,11 @@ class RemoteDecoder:
         self.max_context = max_context
         self.attn = attn
         # Inductor's compiled decode steps persist here: a restart compiles in seconds, not minutes.
-        self.compile_cache_dir = str(Path(cache_dir or Path.home() / ".cache" / "qwen3vl-webui") / "inductor")
+        base = Path(cache_dir or Path.home() / ".cache" / "qwen3vl-webui")
+        self.compile_cache_dir = str(base / "inductor")
+        # Portable compile artifacts, one file per setup (engine/batch/artifacts.py): written after the first compile,
+        # read at the next start (or written ahead of time by `python -m qwen3vl_webui.precompile`).
+        self.artifacts_dir = str(base / "compiled")
         self.on_progress = on_progress
         self.on_death = on_death
         self.process: EngineProcess | None = None
@@ -49,6 +53,7 @@ class RemoteDecoder:
             "max_batch": self.max_batch,
             "token_budget": self.max_context * self.max_batch,
             "compile_cache_dir": self.compile_cache_dir,
+            "artifacts_dir": self.artifacts_dir,
         }
         return {"source": source, "precision": precision, "device": device, "attn": self.attn, "options": options}
 

@@ -95,6 +95,8 @@ class EngineInfo:
     decode_path: str
     note: str = ""  # e.g. why CUDA graphs are off
     pid: int = 0
+    loaded_at: float = 0.0  # wall time the weights were loaded (start-up stages, service/timeline.py)
+    serving_at: float = 0.0  # wall time the engine could first answer
 
 
 @dataclass(frozen=True)

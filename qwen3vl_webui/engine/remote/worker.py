@@ -16,6 +16,7 @@ import pickle
 import signal
 import sys
 import threading
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -68,8 +69,9 @@ def _start(spec: dict[str, Any], channel: Channel) -> tuple[Any, EngineInfo]:
 
     torch.set_grad_enabled(False)
     loaded = load_model(spec["source"], spec["precision"], spec["device"], spec["attn"], progress)
-    progress("Starting the batch engine (compiling the decode step: about a minute per batch size on a first start)…"
-             if loaded.device.startswith("cuda") else "Starting the batch engine…")  # fmt: skip
+    loaded_at = time.time()
+    progress("Starting the batch engine (eager decode in CUDA graphs first; the compiled one follows in the "
+             "background)…" if loaded.device.startswith("cuda") else "Starting the batch engine…")  # fmt: skip
     options = BatchOptions(**spec["options"])
     note = ""
     try:
@@ -82,7 +84,8 @@ def _start(spec: dict[str, Any], channel: Channel) -> tuple[Any, EngineInfo]:
         precision=loaded.precision, label=loaded.label, device=loaded.device, source=loaded.source,
         is_demo=loaded.is_demo, load_seconds=loaded.load_seconds, weights_bytes=loaded.weights_bytes,
         max_batch=engine.max_batch, max_len=engine.max_len, prefix_slots=engine.prefix_slots,
-        decode_path=engine.decode_path, note=note, pid=os.getpid(),
+        decode_path=engine.decode_path, note=note, pid=os.getpid(), loaded_at=loaded_at,
+        serving_at=engine.core.serving_at,
     )  # fmt: skip
     return engine, info
 
