@@ -298,6 +298,10 @@ class ModelManager:
             return SwitchReport(old.precision, precision, used, used, 0.0)
         if random_weights.is_random_source(old.source) and precision not in precisions.IN_MEMORY:
             raise SwitchRefused(f"--random-weights does not build {precision}; kept {old.precision}.")
+        if not random_weights.is_random_source(old.source):  # a pre-quantized checkpoint: its own precision or 16-bit
+            refused = checkpoints.precision_blocker(loading.locate_checkpoint(old.source), precision)
+            if refused:
+                raise SwitchRefused(f"{refused} Kept {old.precision}.")
         if precisions.needs_bitsandbytes(precision):
             try:
                 import bitsandbytes  # noqa: F401
