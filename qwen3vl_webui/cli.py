@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Any
 
@@ -77,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key", dest="api_key", default=env_default("api_key", None), metavar="KEY",
         help=f"bearer key the OpenAI-compatible API (/v1) requires [env {env_name('api_key')}; prefer the env var]",
     )  # fmt: skip
+    add("--metrics-public", "metrics_public", "serve /metrics without --api-key or the login (a scraper inside a "
+        "private network)", action="store_true")
+    add("--gpu-hourly-cost", "gpu_hourly_cost", "what the GPU costs an hour in USD: the panel and /metrics show the "
+        "cost per million output tokens and the cost so far", type=_price, metavar="USD")
     add("--open-api", "open_api", "serve /v1 without a key even though --auth protects the page", action="store_true")
     add("--allowed-media-domains", "allowed_media_domains", "hosts whose http(s) image/video URLs the API may "
         "fetch, comma-separated (never a private or loopback address); default none: data: URIs only", metavar="HOSTS")  # fmt: skip
@@ -88,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
         f"the app listens on 127.0.0.1); it turns the login on for the whole page [env {env_name('admin_auth')}]",
     )  # fmt: skip
     return p
+
+
+def _price(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a price in USD such as 1.25, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite price in USD, got {text!r}")
+    return value
 
 
 def parse_settings(argv: list[str] | None = None) -> Settings:

@@ -17,6 +17,7 @@ WARMUP_MODES = ("auto", "full", "quick", "off")
 RANDOM_WEIGHTS = ("off", "4b", "tiny")
 ENGINES = ("auto", "generate", "batch", "batch-inproc")
 ENV_PREFIX = "QWEN3VL_"
+MAX_HOURLY_COST = 1000.0  # USD an hour: beyond any one GPU's price
 
 
 class SettingsError(ValueError):
@@ -126,6 +127,10 @@ class Settings:
     upload_cache_mb: int = 2048
     # Comma-separated addresses or networks of reverse proxies whose X-Forwarded-For is believed; "" = none.
     trusted_proxies: str = ""
+    # /metrics without --api-key or the login (for a scraper inside a private network).
+    metrics_public: bool = False
+    # The GPU's price per hour in USD, for the panel's and /metrics' cost per million output tokens; None = not set.
+    gpu_hourly_cost: float | None = None
 
     def __post_init__(self) -> None:
         for name, (rule, _) in _RULES.items():
@@ -148,6 +153,12 @@ class Settings:
                 f"{' --demo' if self.demo else ''}"
             )
         check_networks("trusted_proxies", self.trusted_proxies)
+        if self.gpu_hourly_cost is not None and not (
+            isinstance(self.gpu_hourly_cost, (int, float)) and 0 <= self.gpu_hourly_cost <= MAX_HOURLY_COST
+        ):
+            raise SettingsError(
+                f"--gpu-hourly-cost must be a price in USD from 0 to {MAX_HOURLY_COST:g}, got {self.gpu_hourly_cost!r}"
+            )
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise SettingsError(f"--device must be one of auto, cpu, cuda, cuda:N; got {self.device!r}")
 

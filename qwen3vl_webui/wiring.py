@@ -42,12 +42,25 @@ class App:
         self.listener = None
         self.front = FrontDoor(
             self.demo, s, session_capacity=SESSION_CAPACITY, css_paths=[ASSETS / "style.css"], allowed=[str(ASSETS)],
-            routers=(self._openai_router(), self._health_router()),
+            routers=(self._openai_router(), self._metrics_router(), self._health_router()),
         )  # fmt: skip
         self.front.start(sock, quiet=quiet)
         if not prevent_thread_lock:
             self.front.wait()
         return f"http://{s.host}:{s.port}/"
+
+    def _model_names(self) -> tuple[str, ...]:
+        s = self.settings
+        names = [s.served_model_name] if s.served_model_name else []
+        names += ["qwen3vl-demo"] if s.demo else [s.model if s.random_weights == "off" else f"random-{s.random_weights}"]
+        return tuple(dict.fromkeys(names))
+
+    def _metrics_router(self) -> Any:
+        from qwen3vl_webui.server.metrics import MetricsConfig, build_router
+
+        s = self.settings
+        config = MetricsConfig(self._model_names()[0], s.metrics_public, s.api_key, tuple(s.credentials()))
+        return build_router(self.service, config, front=lambda: self.front)
 
     def _health_router(self) -> Any:
         from qwen3vl_webui.server.health import build_router
@@ -59,10 +72,8 @@ class App:
         from qwen3vl_webui.ui import gradio_compat
 
         s = self.settings
-        names = [s.served_model_name] if s.served_model_name else []
-        names += ["qwen3vl-demo"] if s.demo else [s.model if s.random_weights == "off" else f"random-{s.random_weights}"]
         config = ApiConfig(
-            model_names=tuple(dict.fromkeys(names)),
+            model_names=self._model_names(),
             api_key=s.api_key,
             closed=bool(s.credentials()) and not s.api_key and not s.open_api,
             # A body holds the messages and their files in base64 (4 bytes for 3): one file at the cap, and text.
@@ -90,6 +101,7 @@ class App:
         """Stops the web server and gradio's queue, then the engine process if there is one."""
         if self.front is not None:
             self.front.close()
+        self.service.close()
         self.service.manager.close()
         if self.listener is not None:
             self.listener.close()
@@ -122,6 +134,7 @@ def build_app(settings: Settings, load: bool = True) -> App:
         faults=FaultInjector.from_env(),  # a no-op unless QWEN3VL_FAULTS is set (tests, device checks)
         request_timeout=float(settings.request_timeout),
         max_per_client=settings.max_requests_per_client,
+        gpu_hourly_cost=settings.gpu_hourly_cost,
     )  # fmt: skip
     demo = build_demo(Handlers(service, settings, file_roots=[ASSETS]), settings)
     if load:

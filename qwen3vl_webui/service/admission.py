@@ -129,6 +129,11 @@ class Admission:
         self._total = 0
         self._lock = threading.Lock()
 
+    def held(self) -> int:
+        """Requests inside now (running, waiting, or having their prompt built)."""
+        with self._lock:
+            return self._total
+
     @contextmanager
     def enter(self, client: Client | None) -> Iterator[None]:
         """Holds one place for the block; Busy when all are taken, TooManyRequests when the client has its share."""

@@ -19,9 +19,18 @@ from qwen3vl_webui.engine.request import PreparedPrompt, RequestError
 from qwen3vl_webui.heap import HeapTrimmer
 from qwen3vl_webui.media import MediaError
 from qwen3vl_webui.service import warmup
-from qwen3vl_webui.service.admission import Admission, Busy, Client, QueueState, Scheduler, SlotRequest
+from qwen3vl_webui.service.admission import (
+    Admission,
+    Busy,
+    Client,
+    QueueState,
+    Scheduler,
+    SlotRequest,
+    TooManyRequests,
+)
 from qwen3vl_webui.service.limits import Limits
 from qwen3vl_webui.service.manager import ModelManager, SwitchRefused, SwitchReport
+from qwen3vl_webui.service.metrics import CostView, LoadHistory, MonotonicTotal, RequestMetrics, Sample, cost_view
 from qwen3vl_webui.service.prompt import ChatRequest, MediaCache, RequestTimedOut, TurnCounts, build_prompt
 from qwen3vl_webui.telemetry import (
     GenerationStats,
@@ -103,6 +112,17 @@ class PanelSnapshot:
     engine: EngineSnapshot | None = None  # the batch engine's figures (prefix reuse), if it decodes
 
 
+@dataclass(frozen=True)
+class ServingLoad:
+    running: int
+    waiting: int
+    kv_used: int  # KV slots holding a request (the batch engine's), or GPU slots in use
+    kv_total: int
+    engine: EngineSnapshot | None
+    prefix_queries: int = 0  # prompt tokens the batch engine looked up in its retained KV, since start
+    prefix_hits: int = 0  # of them, reused
+
+
 class _Active:
     """One chat in flight: its cancel event and, when the server stopped it, why."""
 
@@ -126,6 +146,7 @@ class ChatService:
         faults: FaultInjector | None = None,
         request_timeout: float = 0.0,
         max_per_client: int = 0,
+        gpu_hourly_cost: float | None = None,
     ) -> None:
         self.manager = manager
         self.scheduler = scheduler
@@ -150,6 +171,15 @@ class ChatService:
         self._last_switch = -1e9
         self._active: set[_Active] = set()
         self._draining = threading.Event()
+        # /metrics and the panel's plots and cost (service/metrics.py)
+        self.metrics = RequestMetrics()
+        self.gpu_hourly_cost = gpu_hourly_cost
+        self.started_at = time.monotonic()
+        self.history = LoadHistory(self._sample)
+        self._engine_tokens = MonotonicTotal()
+        self._prefix_queries = MonotonicTotal()
+        self._prefix_hits = MonotonicTotal()
+        self._engine_seen = False
 
     @property
     def limits(self) -> Limits:
@@ -177,6 +207,17 @@ class ChatService:
         built before the request waits for a GPU slot, within the request's deadline: a slow prompt (many
         files, a long chat) never holds a slot another chat could use.
         """
+        try:
+            yield from self._chat(request, cancel, report_waiting, client, report_end)
+        except Busy as exc:  # ShuttingDown and TooManyRequests are Busy too
+            reason = {ShuttingDown: "shutting_down", TooManyRequests: "per_client"}.get(type(exc), "busy")
+            self.metrics.refuse(reason)
+            raise
+
+    def _chat(
+        self, request: ChatRequest, cancel: threading.Event | None, report_waiting: bool, client: Client | None,
+        report_end: bool,
+    ) -> Iterator[str | Waiting | Finished]:  # fmt: skip
         active = _Active(cancel or threading.Event())
         if self._draining.is_set():
             self._count("refused_shutdown")
@@ -203,7 +244,7 @@ class ChatService:
                     slot.result()
                     if active.stopped_by == "shutdown":
                         raise ShuttingDown(SHUTDOWN_MESSAGE)
-                    yield from self._generate(request, prompt, active, deadline, report_end)
+                    yield from self._generate(request, prompt, active, deadline, report_end, (started, time.monotonic()))
                 finally:
                     slot.release()
             finally:
@@ -235,8 +276,10 @@ class ChatService:
             raise RequestError(str(exc)) from exc
 
     def _generate(
-        self, request: ChatRequest, prompt: PreparedPrompt, active: _Active, deadline: float | None, report_end: bool
-    ) -> Iterator[str | Finished]:
+        self, request: ChatRequest, prompt: PreparedPrompt, active: _Active, deadline: float | None, report_end: bool,
+        times: tuple[float, float] = (0.0, 0.0),
+    ) -> Iterator[str | Finished]:  # fmt: skip
+        """`times`: (arrival, GPU slot taken), time.monotonic(), for the request metrics."""
         # After the slot: a precision switch may have happened. The prompt holds no weights (the processor's
         # output is the same in every precision), so it stays valid.
         loaded = self.manager.wait_ready(0)
@@ -246,12 +289,19 @@ class ChatService:
             timer.daemon = True
             timer.start()
         text, oom, final = "", None, None
+        stopped: list[RequestStats] = []  # a request stopped early reports its figures through on_cancel
+        outcome = "abort"  # closed by the caller (client gone) unless it ends otherwise
+
+        def on_cancel(stats: RequestStats) -> None:
+            stopped.append(stats)
+            self.stats.record(stats)
+
         self._generation_began()
         try:
             decoder = self.manager.decoder
             if decoder is None:  # only before the first load finishes; wait_ready above rules it out
                 raise RuntimeError("no decoder attached")
-            tokens = decoder.stream(loaded, prompt, request.sampling, active.cancel, self.stats.record, self.faults)
+            tokens = decoder.stream(loaded, prompt, request.sampling, active.cancel, on_cancel, self.faults)
             with contextlib.closing(tokens):
                 for text, stats in tokens:
                     if stats is not None:
@@ -259,7 +309,11 @@ class ChatService:
                         final = Finished(text, stats)
                     else:
                         yield text
+            outcome = "abort" if final is None or stopped or active.stopped_by else (
+                "length" if final.stats.new_tokens >= request.sampling.max_new_tokens else "stop"
+            )
         except Exception as exc:
+            outcome = "error"
             if not is_out_of_memory(exc):
                 raise
             oom = _first_line(exc)
@@ -267,6 +321,8 @@ class ChatService:
             if timer is not None:
                 timer.cancel()
             self._generation_ended(finished=oom is None)
+            figures = final.stats if final is not None else (stopped[-1] if stopped else None)
+            self.metrics.finished(outcome, times[0], times[1], prompt.tokens, figures)
         if oom is not None:  # outside the except block: the traceback (and its tensors) is gone now
             del loaded
             self.release_memory()
@@ -321,6 +377,7 @@ class ChatService:
     def start_in_background(self, use_demo: bool, warmup_mode: str, image_pixels: int) -> threading.Thread:
         """Loads the model, then warms it up, in a thread: the page is up meanwhile; chats wait for both."""
         self.warmed.clear()
+        self.history.start()  # the live plots' and the throughput's samples, once a second
         thread = threading.Thread(
             target=self._start, args=(use_demo, warmup_mode, image_pixels), name="model-load", daemon=True
         )
@@ -477,9 +534,58 @@ class ChatService:
             engine=self._engine_snapshot(),
         )
 
+    # -- metrics (service/metrics.py; /metrics and the panel read these) ----------------------
+    def load(self) -> ServingLoad:
+        """Requests running and waiting and KV slots in use now, as vLLM's scheduler gauges count them."""
+        queue = self.scheduler.state()
+        # Everything admitted that holds no GPU slot waits: for a slot, for the model, or while its prompt is built.
+        waiting = max(queue.waiting, self.admission.held() - queue.running)
+        engine = self._engine_snapshot()
+        if engine is not None:  # the engine's counts restart with its process: kept monotonic here
+            with self._lock:
+                queries = self._prefix_queries.feed(engine.prefill_tokens + engine.prefix_tokens_reused)
+                hits = self._prefix_hits.feed(engine.prefix_tokens_reused)
+        else:
+            queries, hits = self._prefix_queries.total, self._prefix_hits.total
+        if engine is not None and engine.max_batch:
+            used, total = engine.active + engine.prefilling, engine.max_batch
+        else:
+            used, total = queue.running, queue.max_concurrency
+        return ServingLoad(queue.running, waiting, used, total, engine, queries, hits)
+
+    def _sample(self) -> Sample:
+        load = self.load()
+        gpu = self.probe.read()
+        if load.engine is not None:  # the engine's own count moves every step; finished answers only at their end
+            self._engine_seen = True
+            generated = self._engine_tokens.feed(load.engine.tokens)
+        elif self._engine_seen:  # an engine being restarted: its count resumes from here
+            generated = self._engine_tokens.total
+        else:
+            generated = self.metrics.totals().generation_tokens
+        return Sample(time.time(), gpu.memory_used if gpu else None, generated, load.running, load.waiting,
+                      load.kv_used, load.kv_total)  # fmt: skip
+
+    def cost(self) -> CostView:
+        """The GPU's price (--gpu-hourly-cost) against the measured output throughput."""
+        from qwen3vl_webui.service.metrics import CURRENT_WINDOW_S, ROLLING_WINDOW_S
+
+        now = self._sample()  # read now, not at the sampler's last tick; compared with its history
+        return cost_view(
+            self.gpu_hourly_cost, time.monotonic() - self.started_at, self.metrics.totals().generation_tokens,
+            self.history.tokens_per_s(CURRENT_WINDOW_S, now), self.history.tokens_per_s(ROLLING_WINDOW_S, now),
+        )  # fmt: skip
+
+    def close(self) -> None:
+        """Stops the load history's sampler."""
+        self.history.stop()
+
     def _engine_snapshot(self) -> EngineSnapshot | None:
         decoder = self.manager.decoder
         return decoder.snapshot() if decoder is not None else None
+
+    def gpu(self) -> GpuSnapshot | None:
+        return self._gpu()
 
     def _gpu(self) -> GpuSnapshot | None:
         """NVML's view of the GPU; the torch allocator's figures are the engine process's when it has one."""

@@ -1,0 +1,285 @@
+"""GET /metrics: vLLM's names after real chats (tiny model, in-process app, raw HTTP), its login, a real Prometheus
+scraping it, and the Grafana dashboard naming only what the app exports."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import start_app, wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "metrics-test-key"
+HOURLY = 2.5
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_checkpoint: Path) -> Iterator[tuple[Any, str]]:
+    # A login and a key: /metrics is theirs (no --metrics-public); the API takes the key.
+    app, url = start_app(tiny_checkpoint.parent, "--api-key", KEY, "--auth", "ops:secret-pw",
+                         "--gpu-hourly-cost", str(HOURLY))  # fmt: skip
+    try:
+        yield app, url
+    finally:
+        app.close()
+
+
+def _chat(url: str, max_tokens: int = 6) -> dict[str, Any]:
+    body = {"model": "qwen3vl-demo", "messages": [{"role": "user", "content": "Hello there"}],
+            "max_tokens": max_tokens, "ignore_eos": True}  # fmt: skip
+    r = httpx.post(url + "v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def scrape(url: str, **kw: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """{(sample name, sorted labels): value} from a raw GET /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = httpx.get(url + "metrics", timeout=10, **kw)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/plain")
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(r.text)
+        for s in family.samples
+    }
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    matches = [v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls)]
+    assert len(matches) == 1, (name, labels, [k for k in samples if k[0] == name])
+    return matches[0]
+
+
+def test_scrape_after_chats_reads_vllm_counters(app_url: tuple[Any, str]) -> None:
+    app, url = app_url
+    auth = {"headers": {"Authorization": f"Bearer {KEY}"}}
+    before = scrape(url, **auth)
+    answers = [_chat(url) for _ in range(3)]
+    after = scrape(url, **auth)
+
+    def grew(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    model = {"model_name": "qwen3vl-demo", "engine": "0"}
+    assert grew("vllm:generation_tokens_total", **model) == sum(a["usage"]["completion_tokens"] for a in answers) == 18
+    assert grew("vllm:prompt_tokens_total", **model) == sum(a["usage"]["prompt_tokens"] for a in answers)
+    assert grew("vllm:request_success_total", finished_reason="length", **model) == 3  # ignore_eos: to max_tokens
+    assert grew("vllm:request_success_total", finished_reason="stop", **model) == 0
+    assert grew("vllm:time_to_first_token_seconds_count", **model) == 3
+    assert grew("vllm:e2e_request_latency_seconds_count", **model) == 3
+    assert grew("vllm:request_queue_time_seconds_count", **model) == 3
+    assert grew("vllm:inter_token_latency_seconds_count", **model) == 3 * 5  # one per gap between 6 tokens
+    assert value(after, "vllm:e2e_request_latency_seconds_bucket", le="+Inf", **model) == value(
+        after, "vllm:e2e_request_latency_seconds_count", **model
+    )
+    assert grew("vllm:e2e_request_latency_seconds_sum", **model) > 0
+    assert value(after, "vllm:num_requests_running", **model) == 0
+    assert value(after, "vllm:num_requests_waiting", **model) == 0
+    assert 0 <= value(after, "vllm:kv_cache_usage_perc", **model) <= 1
+    assert value(after, "qwen3vl:precision_info", precision="fp32", decoder="generate") == 1
+    assert value(after, "qwen3vl:weights_bytes", precision="fp32") == app.service.manager.current().weights_bytes
+    assert value(after, "qwen3vl:gpu_hourly_cost_usd") == HOURLY
+    uptime = time.monotonic() - app.service.started_at
+    assert 0 < value(after, "qwen3vl:cost_usd_total") <= HOURLY * uptime / 3600
+    tokens = value(after, "vllm:generation_tokens_total", **model)
+    per_million = value(after, "qwen3vl:cost_per_million_output_tokens_usd", window="total")
+    assert per_million == pytest.approx(value(after, "qwen3vl:cost_usd_total") / tokens * 1e6, rel=0.05)
+    for reason in ("busy", "per_client", "shutting_down", "rate_limited", "login_limited"):
+        value(after, "qwen3vl:requests_refused_total", reason=reason)
+    assert value(after, "qwen3vl:oom_survived_total") == 0
+    assert value(after, "qwen3vl:engine_restarts_total") == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_client_over_its_share_counts_as_refused(app_url: tuple[Any, str], tiny_checkpoint: Path) -> None:
+    from qwen3vl_webui.conversation import UserMessage
+    from qwen3vl_webui.engine.request import SamplingParams
+    from qwen3vl_webui.service.admission import Client, TooManyRequests
+    from qwen3vl_webui.service.prompt import ChatRequest
+
+    app, url = app_url
+    service = app.service
+    before = service.metrics.totals().refused["per_client"]
+    aborted = service.metrics.totals().success["abort"]
+    request = ChatRequest(UserMessage("hi"), sampling=SamplingParams(max_new_tokens=64, ignore_eos=True),
+                          max_context=2048)
+    client = Client("203.0.113.7")  # not the operator: --max-requests-per-client 2 holds
+    # --max-concurrency 1: the first answers, the second waits for its slot (and says so); both count as this client's
+    held = [service.chat(request, client=client, report_waiting=True) for _ in range(2)]
+    try:
+        for stream in held:
+            next(stream)  # inside the admission
+        with pytest.raises(TooManyRequests):
+            next(service.chat(request, client=client))
+    finally:
+        for stream in held:
+            stream.close()
+    assert service.metrics.totals().refused["per_client"] == before + 1
+    samples = scrape(url, headers={"Authorization": f"Bearer {KEY}"})
+    assert value(samples, "qwen3vl:requests_refused_total", reason="per_client") == before + 1
+    # the one answering was closed mid-answer: an abort; the one waiting never reached the model
+    assert value(samples, "vllm:request_success_total", finished_reason="abort") == aborted + 1
+
+
+def test_metrics_need_the_key_or_the_login(app_url: tuple[Any, str]) -> None:
+    _, url = app_url
+    bare = httpx.get(url + "metrics", timeout=10)
+    assert bare.status_code == 401
+    assert bare.headers["www-authenticate"].startswith("Basic")
+    assert "vllm:" not in bare.text
+    assert httpx.get(url + "metrics", headers={"Authorization": "Bearer wrong"}, timeout=10).status_code == 401
+    assert httpx.get(url + "metrics", auth=("ops", "wrong"), timeout=10).status_code == 401
+    assert httpx.get(url + "metrics", auth=("ops", "secret-pw"), timeout=10).status_code == 200
+    assert httpx.get(url + "metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).status_code == 200
+
+
+def test_metrics_public_serves_without_a_login(app_url: tuple[Any, str]) -> None:
+    """The same service behind --metrics-public: the router answers without credentials."""
+    import fastapi
+    from fastapi.testclient import TestClient
+
+    from qwen3vl_webui.server.metrics import MetricsConfig, build_router
+
+    app, _ = app_url
+    for public, status in ((True, 200), (False, 401)):
+        http = fastapi.FastAPI()
+        http.include_router(build_router(app.service, MetricsConfig("m", public, KEY, (("ops", "pw"),))))
+        r = TestClient(http).get("/metrics")
+        assert r.status_code == status
+        assert ("vllm:num_requests_running" in r.text) == public
+
+
+# ------------------------------------------------------------------------------- a real Prometheus
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_a_real_prometheus_reads_the_counters(app_url: tuple[Any, str], tmp_path: Path) -> None:
+    assert shutil.which("prometheus"), "needs Debian's prometheus package (apt-get install prometheus; .ci/run does)"
+    _, url = app_url
+    target = url.removeprefix("http://").rstrip("/")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
+        "scrape_configs:\n  - job_name: qwen3vl\n    authorization:\n"
+        f"      credentials: {KEY}\n    static_configs:\n      - targets: ['{target}']\n"
+    )
+    port = _free_port()
+    prom = subprocess.Popen(
+        ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    api = f"http://127.0.0.1:{port}/api/v1/"
+
+    def query(expr: str) -> float | None:
+        try:
+            r = httpx.get(api + "query", params={"query": expr}, timeout=5).json()
+        except (httpx.HTTPError, json.JSONDecodeError):
+            return None
+        result = r.get("data", {}).get("result", [])
+        return float(result[0]["value"][1]) if result else None
+
+    try:
+        assert wait_for(lambda: query("up") == 1.0, 30), prom.stderr.read1().decode() if prom.poll() is not None else ""
+        start = query("vllm:generation_tokens_total")
+        assert start is not None
+        for _ in range(2):
+            _chat(url, max_tokens=5)
+        expected = start + 10
+        assert wait_for(lambda: query("vllm:generation_tokens_total") == expected, 20), query(
+            "vllm:generation_tokens_total"
+        )
+        assert query('sum(vllm:request_success_total{finished_reason="length"})') >= 2
+        assert query("qwen3vl:gpu_hourly_cost_usd") == HOURLY
+        assert query("histogram_quantile(0.9, sum by (le) (vllm:time_to_first_token_seconds_bucket))") is not None
+        targets = httpx.get(api + "targets", timeout=5).json()["data"]["activeTargets"]
+        assert [t["health"] for t in targets] == ["up"]
+    finally:
+        prom.terminate()
+        try:
+            prom.wait(10)
+        except subprocess.TimeoutExpired:
+            prom.kill()
+
+
+# ------------------------------------------------------------------------------- the dashboard
+
+PROMQL_WORDS = {
+    "by", "without", "on", "ignoring", "group_left", "group_right", "offset", "bool", "and", "or", "unless", "le",
+    "inf", "nan",
+}  # fmt: skip
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names a PromQL expression reads (functions, keywords, labels, durations and Grafana variables dropped)."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # strings
+    expr = re.sub(r"\{[^}]*\}", "", expr)  # label matchers
+    expr = re.sub(r"\[[^\]]*\]", "", expr)  # range selectors
+    expr = re.sub(r"\$\{?\w+\}?", "", expr)  # Grafana variables ($__rate_interval, ${model})
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
+    expr = re.sub(r"(?<![A-Za-z0-9_:])\d+(\.\d+)?([eE][+-]?\d+|[smhdwy]+)?(?![A-Za-z0-9_:])", "", expr)  # numbers
+    names = set()
+    for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", expr):
+        word = match.group(0)
+        after = expr[match.end():].lstrip()
+        if after.startswith("(") or word.lower() in PROMQL_WORDS or re.fullmatch(r"\d+[smhdwy]", word):
+            continue
+        names.add(word)
+    return names
+
+
+def dashboard_expressions() -> list[str]:
+    found = []
+    for path in sorted((ROOT / "deploy" / "grafana").glob("*.json")):
+        def walk(node: Any) -> None:
+            if isinstance(node, dict):
+                if isinstance(node.get("expr"), str):
+                    found.append(node["expr"])
+                for child in node.values():
+                    walk(child)
+            elif isinstance(node, list):
+                for child in node:
+                    walk(child)
+
+        walk(json.loads(path.read_text()))
+    return found
+
+
+def test_the_name_reader_reads_promql() -> None:
+    expr = ('histogram_quantile(0.99, sum by (le) (rate(vllm:time_to_first_token_seconds_bucket'
+            '{model_name=~"$model", le!="x"}[$__rate_interval]))) / on() group_left qwen3vl:gpu_hourly_cost_usd '
+            '* 1e6 + vllm:typo_total offset 5m')  # fmt: skip
+    assert metric_names(expr) == {"vllm:time_to_first_token_seconds_bucket", "qwen3vl:gpu_hourly_cost_usd",
+                                  "vllm:typo_total"}  # fmt: skip
+
+
+def test_every_dashboard_expression_names_only_exported_metrics(app_url: tuple[Any, str]) -> None:
+    from qwen3vl_webui.server.metrics import exposed_names
+
+    expressions = dashboard_expressions()
+    assert len(expressions) >= 10
+    exported = exposed_names()
+    unknown = {(name, e) for e in expressions for name in metric_names(e) if name not in exported}
+    assert not unknown, unknown
+    # and what the families declare is what a scrape holds (the GPU's figures only with a GPU)
+    _, url = app_url
+    scraped = {name for name, _ in scrape(url, headers={"Authorization": f"Bearer {KEY}"})}
+    gpu_only = {"qwen3vl:gpu_memory_used_bytes", "qwen3vl:gpu_memory_total_bytes", "qwen3vl:torch_memory_bytes"}
+    assert exported - gpu_only - scraped == set()
