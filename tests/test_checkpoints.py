@@ -75,9 +75,12 @@ def _save_shards(tensors: dict[str, torch.Tensor], out: Path, shards: int = 1) -
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
-def compressed_tensors_checkpoint(tiny: Path, out: Path, symmetric: bool, dtype: torch.dtype) -> Path:
+def compressed_tensors_checkpoint(
+    tiny: Path, out: Path, symmetric: bool, dtype: torch.dtype, group: int | None = GROUP
+) -> Path:
     """llm-compressor's flow (apply the scheme, set each module's qparams, ModelCompressor compress, save, update the
-    config) with the scales from compressed-tensors' own calculate_qparams over each group's min/max."""
+    config) with the scales from compressed-tensors' own calculate_qparams over each group's min/max (`group` None:
+    one scale per output channel)."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
         QuantizationArgs,
@@ -87,7 +90,8 @@ def compressed_tensors_checkpoint(tiny: Path, out: Path, symmetric: bool, dtype:
     )
     from compressed_tensors.quantization.utils import calculate_qparams
 
-    args = QuantizationArgs(num_bits=4, type="int", symmetric=symmetric, strategy="group", group_size=GROUP)
+    strategy = {"strategy": "group", "group_size": group} if group else {"strategy": "channel"}
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=symmetric, **strategy)
     config = QuantizationConfig(
         config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
         ignore=["lm_head", "re:model.visual.*"],  # as llm-compressor's Qwen3-VL W4A16 example
@@ -98,7 +102,8 @@ def compressed_tensors_checkpoint(tiny: Path, out: Path, symmetric: bool, dtype:
     with torch.no_grad():
         for module in model.modules():
             if hasattr(module, "quantization_scheme"):
-                groups = module.weight.reshape(module.weight.shape[0], -1, GROUP)
+                n, k = module.weight.shape
+                groups = module.weight.reshape(n, -1, group or k)
                 scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
                 module.weight_scale.copy_(scale.to(module.weight_scale.dtype))
                 if hasattr(module, "weight_zero_point"):
@@ -154,25 +159,28 @@ def awq_checkpoint(tiny: Path, out: Path) -> Path:
     return _finish(tiny, out, quant)
 
 
-def fp8_checkpoint(tiny: Path, out: Path) -> Path:
+def fp8_checkpoint(tiny: Path, out: Path, block: int | None = 128) -> Path:
     """transformers' FineGrainedFP8 quantize op (Fp8Quantize, what from_pretrained runs to quantize on a GPU) on each
     text weight, zero-padded to whole 128x128 blocks (padding leaves each block's absmax alone) and cut back: the
-    tiny model's widths are under one block. The rest bf16, as Qwen's -FP8 release."""
+    tiny model's widths are under one block. The rest bf16, as Qwen's -FP8 release. `block` None: one scale per
+    tensor (a 0-d weight_scale_inv, as transformers' FP8Linear holds it)."""
     from transformers import FineGrainedFP8Config
     from transformers.integrations.finegrained_fp8 import Fp8Quantize
 
-    op = Fp8Quantize(SimpleNamespace(quantization_config=FineGrainedFP8Config(weight_block_size=(128, 128))))
+    blocks = (block, block) if block else None
+    op = Fp8Quantize(SimpleNamespace(quantization_config=FineGrainedFP8Config(weight_block_size=blocks)))
     model = _original(tiny)
     tensors = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
     for name, linear in _text_linears(model).items():
         w = linear.weight.detach()
         n, k = w.shape
-        padded = nn.functional.pad(w, (0, -k % 128, 0, -n % 128))
+        padded = nn.functional.pad(w, (0, -k % 128, 0, -n % 128)) if block else w
         q = op.convert({f"{name}.weight": padded})
         tensors[f"{name}.weight"] = q[f"{name}.weight"][:n, :k].contiguous()
-        tensors[f"{name}.weight_scale_inv"] = q[f"{name}.weight_scale_inv"]
+        scale = q[f"{name}.weight_scale_inv"]
+        tensors[f"{name}.weight_scale_inv"] = scale if block else scale.reshape(())
     _save_shards(tensors, out)
-    quant = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
+    quant = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": blocks,
              "modules_to_not_convert": ["lm_head", "model.visual"]}  # fmt: skip
     return _finish(tiny, out, quant)
 
@@ -222,10 +230,11 @@ def _compressed_tensors_dequantize(tensors: dict[str, torch.Tensor], name: str, 
     return PackedQuantizationCompressor.decompress(state, scheme)["weight"]
 
 
-def _fp8_dequantize(weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+def _fp8_dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: list[int] | None) -> torch.Tensor:
+    """transformers' own FP8 dequantization (integrations/finegrained_fp8.py, its backward pass's)."""
     from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
 
-    return _dequantize_fp8_weight(weight, scale_inv, [128, 128], torch.float32)
+    return _dequantize_fp8_weight(weight, scale_inv, block, torch.float32)
 
 
 def file_weights(path: Path) -> tuple[dict[str, torch.Tensor], set[str]]:
@@ -241,7 +250,7 @@ def file_weights(path: Path) -> tuple[dict[str, torch.Tensor], set[str]]:
         elif method == "compressed-tensors" and leaf == "weight_packed":
             weights[f"{name}.weight"] = _compressed_tensors_dequantize(tensors, name, quant)
         elif method == "fp8" and leaf == "weight_scale_inv":
-            weights[f"{name}.weight"] = _fp8_dequantize(tensors[f"{name}.weight"], value)
+            weights[f"{name}.weight"] = _fp8_dequantize(tensors[f"{name}.weight"], value, quant["weight_block_size"])
         else:
             continue
         quantized.add(name)
@@ -261,7 +270,9 @@ def made(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
         "ct-sym": compressed_tensors_checkpoint(tiny_checkpoint, root / "ct-sym", True, torch.float32),
         "ct-asym": compressed_tensors_checkpoint(tiny_checkpoint, root / "ct-asym", False, torch.bfloat16),
         "awq": awq_checkpoint(tiny_checkpoint, root / "awq"),
+        "ct-channel": compressed_tensors_checkpoint(tiny_checkpoint, root / "ct-channel", False, torch.float16, None),
         "fp8": fp8_checkpoint(tiny_checkpoint, root / "fp8"),
+        "fp8-tensor": fp8_checkpoint(tiny_checkpoint, root / "fp8-tensor", block=None),
     }
 
 
@@ -278,8 +289,8 @@ def _prompt(processor: Any) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------ loading each format
 
-KINDS = {"ct-sym": ("Int4Linear", "int4"), "ct-asym": ("Int4Linear", "int4"), "awq": ("Int4Linear", "int4"),
-         "fp8": ("Fp8Linear", "fp8")}  # fmt: skip
+KINDS = {"ct-sym": ("Int4Linear", "int4"), "ct-asym": ("Int4Linear", "int4"), "ct-channel": ("Int4Linear", "int4"),
+         "awq": ("Int4Linear", "int4"), "fp8": ("Fp8Linear", "fp8"), "fp8-tensor": ("Fp8Linear", "fp8")}  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -350,6 +361,20 @@ def test_a_16_bit_precision_dequantizes_and_says_so(made: dict[str, Path], caplo
         assert module.weight.dtype == torch.bfloat16
         assert torch.equal(module.weight, weights[f"{name}.weight"].to(torch.bfloat16)), name
     assert loaded.model.generate(input_ids=_prompt(loaded.processor), max_new_tokens=3, do_sample=False).shape[1] > 3
+
+
+def test_groups_longer_than_128_become_kernel_sized_groups_with_the_same_weights() -> None:
+    """Per-channel scales (one group of K) repeat over groups of 128: the kernels' tiles, the weights unchanged."""
+    from qwen3vl_webui.kernels import int4
+
+    torch.manual_seed(0)
+    q = int4.pack(torch.randint(0, 16, (16, 512)))
+    scales, zeros = torch.rand(16, 1).to(torch.bfloat16) + 0.1, torch.randint(0, 16, (16, 1), dtype=torch.uint8)
+    split_scales, split_zeros = checkpoints._regroup(scales, zeros, 512)
+    assert split_scales.shape == split_zeros.shape == (16, 4)
+    assert torch.equal(int4.dequantize_weight(q, split_scales, split_zeros), int4.dequantize_weight(q, scales, zeros))
+    assert checkpoints._regroup(scales[:2], zeros[:2], 9728)[0].shape == (2, 76)  # the 4B's MLP K: groups of 128
+    assert checkpoints._regroup(torch.ones(2, 20), torch.ones(2, 20), 2560)[0].shape == (2, 20)  # 128 already
 
 
 def test_an_unquantized_checkpoint_is_not_prequantized(tiny_checkpoint: Path) -> None:
