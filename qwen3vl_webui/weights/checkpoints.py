@@ -298,35 +298,36 @@ def _quantized(tensors: _Tensors, fmt: CheckpointFormat, name: str, linear: Any,
     from qwen3vl_webui.kernels.fp8 import Fp8Linear
     from qwen3vl_webui.kernels.int4 import Int4Linear
 
-    bias = tensors.get(f"{name}.bias").to(device) if f"{name}.bias" in tensors else None
+    def has(leaf: str) -> bool:
+        return f"{name}.{leaf}" in tensors
+
+    def get(leaf: str) -> Any:
+        return tensors.get(f"{name}.{leaf}").to(device) if has(leaf) else None
+
     n, k = linear.out_features, linear.in_features
-    if fmt.method == "awq" and f"{name}.qweight" in tensors:
-        qweight, scales, zeros = _from_awq(
-            tensors.get(f"{name}.qweight").to(device), tensors.get(f"{name}.qzeros").to(device),
-            tensors.get(f"{name}.scales").to(device),
-        )  # fmt: skip
-    elif fmt.method == "compressed-tensors" and f"{name}.weight_packed" in tensors:
+    if fmt.method == "awq" and has("qweight"):
+        qweight, scales, zeros = _from_awq(get("qweight"), get("qzeros"), get("scales"))
+    elif fmt.method == "compressed-tensors" and has("weight_packed"):
         shape = tuple(int(v) for v in tensors.get(f"{name}.weight_shape").tolist())
         if shape != (n, k):
             raise LoadRefused(f"{name}: the checkpoint's weight_shape {shape} is not the model's {(n, k)}.")
-        if f"{name}.weight_g_idx" in tensors:
+        if has("weight_g_idx"):
             _check_in_order(name, tensors.get(f"{name}.weight_g_idx"), k)
-        zero_name = f"{name}.weight_zero_point"
         qweight, scales, zeros = _from_compressed_tensors(
-            tensors.get(f"{name}.weight_packed").to(device), tensors.get(f"{name}.weight_scale").to(device),
-            tensors.get(zero_name).to(device) if zero_name in tensors else None,
-        )  # fmt: skip
-    elif fmt.method == "fp8" and f"{name}.weight_scale_inv" in tensors:
-        weight, scale_inv = tensors.get(f"{name}.weight").to(device), tensors.get(f"{name}.weight_scale_inv")
+            get("weight_packed"), get("weight_scale"), get("weight_zero_point")
+        )
+    elif fmt.method == "fp8" and has("weight_scale_inv"):
+        weight = get("weight")
         if weight.dtype != torch.float8_e4m3fn:
             raise LoadRefused(f"{name}: an FP8 checkpoint's weight stored as {weight.dtype}, not float8_e4m3fn.")
-        return Fp8Linear(weight, _fp8_block_scales(scale_inv, n, k).to(device), bias)
+        scale_inv = _fp8_block_scales(tensors.get(f"{name}.weight_scale_inv"), n, k).to(device)
+        return Fp8Linear(weight, scale_inv, get("bias"))
     else:
         return None
     if qweight.shape != (n, k // 8) or k % 8:
         raise LoadRefused(f"{name}: 4-bit weights of shape {tuple(qweight.shape)} do not fit the model's {(n, k)}.")
     scales, zeros = _regroup(scales, zeros, k)
-    return Int4Linear(qweight, scales, zeros, bias)
+    return Int4Linear(qweight, scales, zeros, get("bias"))
 
 
 def _unpack_nibbles(words: Any) -> Any:
