@@ -425,7 +425,7 @@ def _load_rest(model: Any, tensors: Any, done: set[str]) -> None:
             missing.append((key, value))
             continue
         stored = tensors.get(key)
-        if not stored.is_floating_point() or stored.element_size() < 2:
+        if value.is_floating_point() and (not stored.is_floating_point() or stored.element_size() < 2):
             raise LoadRefused(f"{key} is stored as {stored.dtype}, a quantization this loader does not convert.")
         if tuple(stored.shape) != tuple(value.shape):
             raise LoadRefused(
