@@ -1,0 +1,322 @@
+"""Cold start of the whole app (issue 14): launch -> page up -> /ready -> first answer -> full compiled speed, and
+tok/s at 1 and N streams while the decode step compiles in the background and after; then the precompile command
+into a fresh cache dir and a launch with only those artifacts (launch -> first answer, at full speed already?).
+
+    python -m bench.coldstart --out $OUT                       # GPU: random 4B weights, bf16, the engine process
+    python -m bench.coldstart --out /tmp/cs --cpu              # CPU plumbing: the tiny model, seconds
+
+Each launch is `python app.py` as a user would start it (`--random-weights 4b --engine batch`), with caches of its
+own: an empty --cache-dir (the inductor cache and compile artifacts live there) and an empty TRITON_CACHE_DIR, so
+nothing compiled earlier on the machine helps. Streams go through the OpenAI door (/v1/chat/completions, streamed,
+`ignore_eos`), clients spread over processes of 8 chats. /ready is polled every 0.2 s in the background: its JSON
+(state, decode path, compiled batch sizes) dates every stage; the app's own "start-up:" log lines are kept too.
+
+Writes coldstart.json (the timelines, tok/s per phase, the targets of issue 14 checked), coldstart.log,
+server_cold.log, precompile.log, server_artifacts.log into --out. The run ends itself within --deadline-s: the
+second launch is skipped when too little time is left, and each scenario shortens first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import ROOT, free_port, gpu_name
+
+TARGETS = {"cold_first_answer_s": 25.0, "cold_full_speed_s": 183.0, "artifacts_first_answer_s": 15.0}
+GPU_FLAGS = ["--random-weights", "4b", "--engine", "batch", "--max-concurrency", "32", "--max-context", "2048",
+             "--max-new-tokens", "512", "--queue-size", "64"]  # fmt: skip
+CPU_FLAGS = ["--demo", "--engine", "batch", "--device", "cpu", "--max-concurrency", "2", "--max-context", "1024",
+             "--max-new-tokens", "64", "--warmup", "quick"]  # fmt: skip
+
+
+class Log:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.started = time.monotonic()
+
+    def __call__(self, text: str) -> None:
+        line = f"[{time.monotonic() - self.started:7.1f} s] {text}"
+        print(line, flush=True)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+
+class ReadyWatch:
+    """Polls /health and /ready every 0.2 s from launch: when each answered, and every change of /ready's JSON."""
+
+    def __init__(self, url: str, launched: float) -> None:
+        self.url, self.launched = url, launched
+        self.page_up_s: float | None = None
+        self.ready_s: float | None = None
+        self.full_speed_s: float | None = None
+        self.changes: list[dict[str, Any]] = []
+        self.last: dict[str, Any] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import httpx
+
+        client = httpx.Client(base_url=self.url, timeout=2, trust_env=False)
+        seen: tuple[Any, ...] = ()
+        while not self._stop.wait(0.2):
+            now = round(time.monotonic() - self.launched, 2)
+            try:
+                if self.page_up_s is None and client.get("/health").status_code == 200:
+                    self.page_up_s = now
+                reply = client.get("/ready")
+            except httpx.HTTPError:
+                continue
+            try:
+                body = reply.json()
+            except ValueError:
+                continue
+            self.last = body
+            if reply.status_code == 200 and self.ready_s is None:
+                self.ready_s = now
+            if body.get("ready") and body.get("full_speed") and self.full_speed_s is None:
+                self.full_speed_s = now
+            key = (body.get("state"), body.get("decode"), body.get("compile"), body.get("compiled_batch_sizes"))
+            if key != seen:
+                seen = key
+                self.changes.append({"at_s": now, **{k: body.get(k) for k in (
+                    "state", "decode", "compile", "compiled_batch_sizes", "batch_sizes", "full_speed")}})  # fmt: skip
+
+    def wait(self, what: str, timeout: float, server: subprocess.Popen | None = None) -> float | None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if server is not None and server.poll() is not None:
+                raise RuntimeError(f"the app exited with code {server.returncode} (see its log)")
+            value = getattr(self, what)
+            if value is not None:
+                return value
+            time.sleep(0.1)
+        return getattr(self, what)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def launch(flags: list[str], cache: Path, log_path: Path) -> tuple[subprocess.Popen, str, float]:
+    """`python app.py FLAGS --cache-dir CACHE` on a free loopback port with its own empty Triton cache."""
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1",
+           "GRADIO_TEMP_DIR": str(cache / "gradio"), "TRITON_CACHE_DIR": str(cache / "triton")}  # fmt: skip
+    for name in ("QWEN3VL_FAULTS", "QWEN3VL_AUTH", "QWEN3VL_ADMIN_AUTH", "TORCHINDUCTOR_CACHE_DIR", "QWEN3VL_CACHE_DIR"):
+        env.pop(name, None)
+    command = [sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port), "--cache-dir", str(cache), *flags]
+    cache.mkdir(parents=True, exist_ok=True)
+    launched = time.monotonic()
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return server, f"http://127.0.0.1:{port}/", launched
+
+
+def stop(server: subprocess.Popen, timeout: float = 30.0) -> None:
+    if server.poll() is None:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(10)
+
+
+def first_answer(url: str, timeout: float) -> float:
+    """One short chat through /v1 until it is answered; the monotonic time it came back."""
+    import httpx
+
+    client = httpx.Client(base_url=url, timeout=60, trust_env=False)
+    end = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < end:
+        try:
+            model = client.get("v1/models").json()["data"][0]["id"]
+            reply = client.post("v1/chat/completions", json={
+                "model": model, "messages": [{"role": "user", "content": "Hello."}], "max_tokens": 8,
+            })  # fmt: skip
+            if reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]:
+                return time.monotonic()
+            last = f"HTTP {reply.status_code}: {reply.text[:200]}"
+        except (httpx.HTTPError, ValueError, KeyError, IndexError) as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        time.sleep(0.2)
+    raise RuntimeError(f"no answer within {timeout:.0f} s (last: {last})")
+
+
+def streams(url: str, chats: int, seconds: float, args: argparse.Namespace, watch: ReadyWatch, server_pid: int,
+            tokenizer: Any) -> dict[str, Any]:  # fmt: skip
+    """`chats` streams for `seconds` through /v1; the phase (decode path, compiled sizes) at its start and end."""
+    from bench.load_test import run_scenario
+
+    before = dict(watch.last)
+    result = run_scenario(
+        url, chats, tokenizer, requests=chats * 1000, seconds=seconds, prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens, door="openai", temperature=0.7, server_pid=server_pid, poll_s=0.005,
+        processes=max(1, chats // 8) if not args.cpu else 1, tokenizer_name=args.tokenizer,
+    )  # fmt: skip
+    after = dict(watch.last)
+    keep = ("chats", "ok", "errors", "wall_s", "answer_tokens", "total_tok_s", "chat_tok_s", "ttft_s", "cpu_cores_busy")
+    phase = [f"{s.get('decode')} {s.get('compiled_batch_sizes')}/{s.get('batch_sizes')}" for s in (before, after)]
+    return {**{k: result.get(k) for k in keep}, "phase_start": phase[0], "phase_end": phase[1]}
+
+
+def app_stages(log_path: Path) -> list[str]:
+    lines = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
+    keep = ("start-up:", "compile artifacts", "decode step compiled", "swapped in", "Ready:", "warm-up", "error")
+    return [line[:300] for line in lines if any(k in line for k in keep)][:60]
+
+
+def run_launch(name: str, flags: list[str], cache: Path, out: Path, args: argparse.Namespace, log: Log,
+               deadline: float, measure_compiled: bool) -> dict[str, Any]:  # fmt: skip
+    """One launch: its timeline, and streams at 1 and N while compiling and once at full speed (time allowing)."""
+    from bench.load_test import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    log_path = out / f"server_{name}.log"
+    server, url, launched = launch(flags, cache, log_path)
+    watch = ReadyWatch(url, launched)
+    report: dict[str, Any] = {"flags": flags, "phases": {}}
+    try:
+        ready = watch.wait("ready_s", max(10.0, deadline - time.monotonic() - 30), server)
+        if ready is None:
+            raise RuntimeError(f"/ready never answered 200; see {log_path}")
+        answered = first_answer(url, max(10.0, deadline - time.monotonic() - 30))
+        report["first_answer_s"] = round(answered - launched, 2)
+        report["full_speed_at_first_answer"] = bool(watch.last.get("full_speed"))
+        log(f"{name}: page up {watch.page_up_s} s, ready {watch.ready_s} s, first answer {report['first_answer_s']} s "
+            f"({watch.last.get('decode')}, {watch.last.get('compiled_batch_sizes')}/{watch.last.get('batch_sizes')})")
+        phase = "at start" if watch.full_speed_s is not None else "while compiling"
+        for chats in (1, args.chats):
+            seconds = min(args.seconds, max(2.0, (deadline - time.monotonic() - 60) / 6))
+            report["phases"].setdefault(phase, {})[str(chats)] = streams(url, chats, seconds, args, watch, server.pid,
+                                                                          tokenizer)  # fmt: skip
+            log(f"{name} {phase}: {chats} streams {report['phases'][phase][str(chats)]['total_tok_s']} tok/s")
+        if measure_compiled and watch.full_speed_s is None:
+            left = deadline - time.monotonic() - args.reserve_s
+            log(f"{name}: waiting up to {left:.0f} s for full compiled speed")
+            watch.wait("full_speed_s", max(0.0, left), server)
+        if measure_compiled and watch.full_speed_s is not None and phase != "at start":
+            for chats in (1, args.chats):
+                seconds = min(args.seconds, max(2.0, (deadline - time.monotonic() - args.reserve_s) / 3))
+                report["phases"].setdefault("compiled", {})[str(chats)] = streams(url, chats, seconds, args, watch,
+                                                                                   server.pid, tokenizer)  # fmt: skip
+                log(f"{name} compiled: {chats} streams {report['phases']['compiled'][str(chats)]['total_tok_s']} tok/s")
+    finally:
+        watch.stop()
+        report.update(page_up_s=watch.page_up_s, ready_s=watch.ready_s, full_speed_s=watch.full_speed_s,
+                      ready_changes=watch.changes, last_ready=watch.last)  # fmt: skip
+        stop(server)
+        report["app_stages"] = app_stages(log_path)
+    return report
+
+
+def precompile(flags: list[str], cache: Path, out: Path, timeout: float) -> dict[str, Any]:
+    env = {**os.environ, "TRITON_CACHE_DIR": str(cache / "triton"), "PYTHONUNBUFFERED": "1"}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    started = time.monotonic()
+    with open(out / "precompile.log", "w") as log:
+        proc = subprocess.run([sys.executable, "-m", "qwen3vl_webui.precompile", "--cache-dir", str(cache), *flags],
+                              cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)  # fmt: skip
+    files = sorted(p.name for p in (cache / "compiled").glob("*.artifacts")) if (cache / "compiled").exists() else []
+    size = sum(p.stat().st_size for p in (cache / "compiled").glob("*.artifacts")) if files else 0
+    return {"seconds": round(time.monotonic() - started, 1), "exit_code": proc.returncode, "files": files,
+            "bytes": size}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="folder for coldstart.json and the logs")
+    ap.add_argument("--precision", help="--precision of the app and of precompile (default bf16; --cpu: auto)")
+    ap.add_argument("--cpu", action="store_true", help="plumbing on a CPU with the tiny model (seconds, not figures)")
+    ap.add_argument("--deadline-s", type=float, default=540.0, help="the whole run ends within this (default 540)")
+    ap.add_argument("--chats", type=int, default=32, help="the many-streams figure (default 32; --cpu: 2)")
+    ap.add_argument("--seconds", type=float, default=15.0, help="traffic per scenario at most (default 15)")
+    ap.add_argument("--prompt-tokens", type=int, default=256)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--reserve-s", type=float, default=200.0,
+                    help="time kept for the precompile + artifacts launch when waiting for full speed (default 200)")
+    ap.add_argument("--cold-only", action="store_true", help="the cold launch alone (no precompile, no second launch)")
+    ap.add_argument("--commit", default="", help="the tree's commit, recorded in the report")
+    ap.add_argument("app_flags", nargs="*", help="extra app flags after --")
+    args = ap.parse_args(argv)
+    started = time.monotonic()
+    deadline = started + args.deadline_s
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = Log(out / "coldstart.log")
+    args.tokenizer = "tiny"  # --demo and --random-weights use the project's tokenizer
+    args.precision = args.precision or ("auto" if args.cpu else "bf16")  # auto: fp32 on a CPU
+    if args.cpu:
+        args.chats, args.seconds, args.new_tokens, args.prompt_tokens = min(args.chats, 2), min(args.seconds, 2.0), 16, 32
+        args.reserve_s = min(args.reserve_s, 20.0)
+    flags = [*(CPU_FLAGS if args.cpu else GPU_FLAGS), "--precision", args.precision, *args.app_flags]
+    work = Path(tempfile.mkdtemp(prefix="qwen3vl-coldstart-"))
+    report: dict[str, Any] = {"gpu": gpu_name(), "commit": args.commit, "date": time.strftime("%Y-%m-%d %H:%M"),
+                              "precision": args.precision, "cpu_plumbing": args.cpu, "flags": flags,
+                              "targets": TARGETS}  # fmt: skip
+
+    def save() -> None:
+        (out / "coldstart.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+
+    try:
+        log(f"cold launch: {' '.join(flags)} (empty cache dir and Triton cache)")
+        report["cold"] = run_launch("cold", flags, work / "cold", out, args, log, deadline, measure_compiled=True)
+        save()
+        left = deadline - time.monotonic()
+        if args.cold_only:
+            report["skipped"] = "precompile + artifacts launch: --cold-only"
+        elif left < 90:
+            report["skipped"] = f"precompile + artifacts launch: {left:.0f} s left"
+            log(report["skipped"])
+        else:
+            log("precompile into a fresh cache dir")
+            report["precompile"] = precompile(flags, work / "pre", out, max(30.0, left - 45))
+            log(f"precompile: {report['precompile']}")
+            save()
+            # Only the artifact file travels: a third, empty cache dir gets the compiled/ folder and nothing else.
+            carried = work / "carried"
+            if (work / "pre" / "compiled").exists():
+                shutil.copytree(work / "pre" / "compiled", carried / "compiled")
+            log("launch with the precompiled artifacts only")
+            report["artifacts"] = run_launch("artifacts", flags, carried, out, args, log, deadline,
+                                             measure_compiled=False)  # fmt: skip
+    except Exception as exc:
+        report["error"] = f"{type(exc).__name__}: {exc}"
+        log(f"failed: {report['error']}")
+    finally:
+        report["checks"] = checks(report)
+        report["seconds"] = round(time.monotonic() - started, 1)
+        save()
+        shutil.rmtree(work, ignore_errors=True)
+        log(f"done in {report['seconds']} s: {report['checks']}")
+    return 1 if "error" in report else 0
+
+
+def checks(report: dict[str, Any]) -> dict[str, Any]:
+    cold, warm = report.get("cold") or {}, report.get("artifacts") or {}
+    found = {
+        "cold_first_answer_s": cold.get("first_answer_s"),
+        "cold_full_speed_s": cold.get("full_speed_s"),
+        "artifacts_first_answer_s": warm.get("first_answer_s"),
+    }
+    met = {k: (v is not None and v <= TARGETS[k]) for k, v in found.items()}
+    met["artifacts_full_speed_at_first_answer"] = bool(warm.get("full_speed_at_first_answer"))
+    return {"measured": found, "met": met}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

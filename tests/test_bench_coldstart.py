@@ -1,0 +1,44 @@
+"""bench.coldstart's plumbing on CPU: the app launched as a user would (the engine in its own process, the tiny
+model), its stages dated from /ready's JSON, streams through /v1 per phase, the report written; and the device
+command line's flags are valid app flags, for precompile too."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from bench import coldstart
+
+
+def test_the_device_flags_are_the_apps_own_and_precompile_takes_them() -> None:
+    from qwen3vl_webui.cli import parse_settings
+
+    flags = [*coldstart.GPU_FLAGS, "--precision", "bf16"]
+    settings = parse_settings(flags)
+    assert settings.random_weights == "4b" and settings.engine == "batch" and settings.max_concurrency == 32
+    assert parse_settings([*coldstart.CPU_FLAGS, "--precision", "auto"]).device == "cpu"
+
+
+def test_cold_launch_plumbing_on_cpu(tmp_path: Path) -> None:
+    assert coldstart.main(["--out", str(tmp_path), "--cpu", "--cold-only", "--deadline-s", "150"]) == 0
+    report = json.loads((tmp_path / "coldstart.json").read_text())
+    cold = report["cold"]
+    assert 0 < cold["page_up_s"] <= cold["ready_s"] <= cold["first_answer_s"], cold
+    # On a CPU nothing compiles: ready is full speed at once, decoded by the batch engine's eager path.
+    assert cold["full_speed_at_first_answer"] and cold["last_ready"]["decode"] == "eager"
+    assert [c["state"] for c in cold["ready_changes"]][-1] == "serving"
+    streams = cold["phases"]["at start"]
+    assert set(streams) == {"1", "2"} and all(s["ok"] >= 1 and s["total_tok_s"] > 0 for s in streams.values())
+    assert any("start-up: first-serving path ready" in line for line in cold["app_stages"]), cold["app_stages"]
+    assert report["checks"]["measured"]["cold_first_answer_s"] == cold["first_answer_s"]
+    assert (tmp_path / "server_cold.log").exists() and (tmp_path / "coldstart.log").exists()
+
+
+@pytest.mark.skipif(not os.environ.get("QWEN3VL_SLOW_TESTS"), reason="three process starts on CPU (~2 min)")
+def test_whole_plan_on_cpu(tmp_path: Path) -> None:
+    assert coldstart.main(["--out", str(tmp_path), "--cpu"]) == 0
+    report = json.loads((tmp_path / "coldstart.json").read_text())
+    assert report["precompile"]["exit_code"] == 0 and report["artifacts"]["first_answer_s"] > 0
