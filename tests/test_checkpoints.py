@@ -7,9 +7,14 @@ logits against a plain-nn.Linear model holding those same weights, and greedy to
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -122,37 +127,43 @@ def _legacy_name(key: str) -> str:
     return key.removeprefix("model.") if key.startswith("model.visual.") else key
 
 
+def awq_quantize(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`w [N, K]` -> AutoAWQ GEMM's (qweight int32 [K, N/8], qzeros int32 [K/G, N/8], scales fp16 [K/G, N]): its
+    quantizer's zero-point round-to-nearest (awq/quantize/quantizer.py pseudo_quantize_tensor) and
+    WQLinear_GEMM.from_linear's packing (awq/modules/linear/gemm.py), line for line."""
+    n, k = w.shape
+    g = w.reshape(-1, group)
+    max_val, min_val = g.amax(dim=1, keepdim=True), g.amin(dim=1, keepdim=True)
+    scales = (max_val - min_val).clamp(min=1e-5) / 15
+    zeros = (-torch.round(min_val / scales)).clamp_(0, 15)
+    scales, zeros = scales.view(n, -1).t().contiguous(), zeros.view(n, -1).t().contiguous()  # [K/G, N]
+    half = scales.half()
+    scale_zeros = zeros * half
+    intweight = torch.cat(
+        [torch.round((w[:, i] + scale_zeros[i // group]) / half[i // group]).to(torch.int)[:, None] for i in range(k)],
+        dim=1,
+    ).t().contiguous().to(torch.int32)  # fmt: skip
+    qweight = torch.zeros((k, n // 8), dtype=torch.int32)
+    for col in range(n // 8):
+        for i in range(8):
+            qweight[:, col] |= intweight[:, col * 8 + AWQ_ORDER[i]] << (i * 4)
+    izeros = zeros.to(torch.int32)
+    qzeros = torch.zeros((izeros.shape[0], n // 8), dtype=torch.int32)
+    for col in range(n // 8):
+        for i in range(8):
+            qzeros[:, col] |= izeros[:, col * 8 + AWQ_ORDER[i]] << (i * 4)
+    return qweight, qzeros, half
+
+
 def awq_checkpoint(tiny: Path, out: Path) -> Path:
-    """AutoAWQ's GEMM layout: its quantizer's zero-point round-to-nearest (awq/quantize/quantizer.py
-    pseudo_quantize_tensor) and WQLinear_GEMM.from_linear's packing, line for line; fp16 like AutoAWQ's output; two
-    shards with an index and the older transformers' tensor names, as AutoAWQ wrote them."""
+    """AutoAWQ's GEMM layout (awq_quantize), fp16 like AutoAWQ's output; two shards with an index and the older
+    transformers' tensor names, as AutoAWQ wrote them."""
     model = _original(tiny)
     tensors = {k: v.to(torch.float16) for k, v in model.state_dict().items()}
     for name, linear in _text_linears(model).items():
-        w = linear.weight.detach()
-        n, k = w.shape
-        g = w.reshape(-1, GROUP)
-        max_val, min_val = g.amax(dim=1, keepdim=True), g.amin(dim=1, keepdim=True)
-        scales = (max_val - min_val).clamp(min=1e-5) / 15
-        zeros = (-torch.round(min_val / scales)).clamp_(0, 15)
-        scales, zeros = scales.view(n, -1).t().contiguous(), zeros.view(n, -1).t().contiguous()  # [K/G, N]
-        half = scales.half()
-        scale_zeros = zeros * half
-        intweight = torch.cat(
-            [torch.round((w[:, i] + scale_zeros[i // GROUP]) / half[i // GROUP]).to(torch.int)[:, None] for i in range(k)],
-            dim=1,
-        ).t().contiguous().to(torch.int32)  # fmt: skip
-        qweight = torch.zeros((k, n // 8), dtype=torch.int32)
-        for col in range(n // 8):
-            for i in range(8):
-                qweight[:, col] |= intweight[:, col * 8 + AWQ_ORDER[i]] << (i * 4)
-        izeros = zeros.to(torch.int32)
-        qzeros = torch.zeros((izeros.shape[0], n // 8), dtype=torch.int32)
-        for col in range(n // 8):
-            for i in range(8):
-                qzeros[:, col] |= izeros[:, col * 8 + AWQ_ORDER[i]] << (i * 4)
+        qweight, qzeros, scales = awq_quantize(linear.weight.detach())
         del tensors[f"{name}.weight"]
-        tensors.update({f"{name}.qweight": qweight, f"{name}.qzeros": qzeros, f"{name}.scales": half})
+        tensors.update({f"{name}.qweight": qweight, f"{name}.qzeros": qzeros, f"{name}.scales": scales})
     _save_shards({_legacy_name(k): v for k, v in tensors.items()}, out, shards=2)
     quant = {"quant_method": "awq", "bits": 4, "group_size": GROUP, "zero_point": True, "version": "gemm",
              "modules_to_not_convert": ["visual"]}  # fmt: skip
@@ -453,3 +464,45 @@ def test_other_quantizations_are_refused_naming_what_loads(
 def test_a_precision_the_checkpoint_cannot_take_is_refused(precision: str, made: dict[str, Path]) -> None:
     with pytest.raises(LoadRefused, match=f"it loads as int4 or dequantized to bf16/fp16/fp32, not as {precision}"):
         load_model(str(made["ct-sym"]), precision, "cpu")
+
+
+_INTERPRETED = textwrap.dedent(
+    """
+    import sys
+    import torch
+    sys.path.insert(0, "tests")
+    from test_checkpoints import _awq_dequantize, awq_quantize
+    from qwen3vl_webui.weights import checkpoints
+    from qwen3vl_webui.kernels import w4a16_triton as wk
+
+    gen = torch.Generator().manual_seed(0)
+    for group in (32, 128):
+        # AutoAWQ's buffers converted: fp16 scales (the activations bf16 or fp16), zeros 0..15, K = 384, N = 40.
+        packed = awq_quantize(torch.randn(40, 384, generator=gen), group)
+        qweight, scales, zeros = checkpoints._from_awq(*packed)
+        reference = _awq_dequantize(*packed).double()
+        assert torch.equal(wk.w4_dequantize(qweight, scales, zeros, group, torch.float32), reference.float())
+        cases = [(wk.W4Config(1, 16, 2 if group == 32 else 1, 4, 1), 3, torch.bfloat16),
+                 (wk.W4Config(16, 32, 1, 4, 1), 5, torch.float16)]
+        for cfg, rows, dtype in cases:
+            x = torch.randn(rows, 384, generator=gen).to(dtype)
+            out = wk.w4_matmul(x, qweight, scales, zeros, group, cfg)
+            ref = x.double() @ reference.T
+            err = float((out.double() - ref).norm() / ref.norm())
+            assert not bool(out.isnan().any()) and err < 1e-2, (group, cfg, err)
+            print("ok", group, cfg.block_m, f"{err:.1e}")
+    """
+)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_converted_awq_buffers_run_through_the_triton_kernels_in_the_interpreter() -> None:
+    """fp16 scales from AutoAWQ with bf16 (GEMV) and fp16 (tensor-core) activations, groups of 32 and 128, on the
+    CPU (TRITON_INTERPRET=1): what the GPU runs for such a checkpoint, unpacked and scaled the same."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=300, cwd=root
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("ok") == 4
