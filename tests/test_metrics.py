@@ -283,3 +283,40 @@ def test_every_dashboard_expression_names_only_exported_metrics(app_url: tuple[A
     scraped = {name for name, _ in scrape(url, headers={"Authorization": f"Bearer {KEY}"})}
     gpu_only = {"qwen3vl:gpu_memory_used_bytes", "qwen3vl:gpu_memory_total_bytes", "qwen3vl:torch_memory_bytes"}
     assert exported - gpu_only - scraped == set()
+
+
+# ------------------------------------------------------------------------------- live cost
+
+
+def test_cost_arithmetic_and_throughput_windows() -> None:
+    from qwen3vl_webui.service.metrics import LoadHistory, Sample, cost_per_million, cost_view
+
+    assert cost_per_million(1.0, 100.0) == pytest.approx(1 / 3600 / 100 * 1e6)  # $2.78 per million at 100 tok/s
+    assert cost_per_million(1.0, 0.0) is None
+    clock = {"t": 1000.0, "tokens": 0}
+    history = LoadHistory(lambda: Sample(clock["t"], None, clock["tokens"], 0, 0, 0, 1))
+    for second in range(400):  # 100 tok/s for 300 s, then 400 tok/s for the last 100 s
+        clock["t"], clock["tokens"] = 1000.0 + second, clock["tokens"] + (100 if second <= 300 else 400)
+        history.sample()
+    assert history.tokens_per_s(10.0) == pytest.approx(400, rel=0.01)
+    assert history.tokens_per_s(300.0) == pytest.approx((200 * 100 + 100 * 400) / 300, rel=0.02)
+    view = cost_view(2.0, 7200.0, 1_000_000, 400.0, None)
+    assert view.cost_so_far == pytest.approx(4.0)
+    assert view.per_million_so_far == pytest.approx(4.0)
+    assert view.per_million_current == pytest.approx(2.0 / 3600 / 400 * 1e6)
+    assert view.per_million_rolling is None
+
+
+def test_the_panel_shows_cost_or_how_to_set_it(app_url: tuple[Any, str]) -> None:
+    import dataclasses
+
+    from qwen3vl_webui.ui.panels import format_panel
+
+    app, url = app_url
+    _chat(url, max_tokens=4)
+    snap = app.service.snapshot()
+    text = format_panel(snap)
+    assert f"GPU at ${HOURLY:,.2f}/h" in text
+    assert "cost so far" in text and "per 1M output tokens so far" in text
+    unset = dataclasses.replace(snap, cost=dataclasses.replace(snap.cost, hourly_usd=None))
+    assert "set `--gpu-hourly-cost USD` (or `QWEN3VL_GPU_HOURLY_COST`)" in format_panel(unset)

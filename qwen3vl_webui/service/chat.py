@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from qwen3vl_webui import planner
+from qwen3vl_webui import plan, planner, precisions
 from qwen3vl_webui.engine.faults import FaultInjector, is_out_of_memory
 from qwen3vl_webui.engine.request import PreparedPrompt, RequestError
 from qwen3vl_webui.heap import HeapTrimmer
@@ -110,6 +110,7 @@ class PanelSnapshot:
     requests: int
     decoder: str = ""
     engine: EngineSnapshot | None = None  # the batch engine's figures (prefix reuse), if it decodes
+    cost: CostView | None = None  # the GPU's price against the measured throughput (--gpu-hourly-cost)
 
 
 @dataclass(frozen=True)
@@ -471,6 +472,9 @@ class ChatService:
             pool = per_token * max_len * prefix_slots
             plural = "ies" if prefix_slots != 1 else "y"
             line += f" · + up to {format_bytes(pool)} kept for follow-up turns ({prefix_slots} entr{plural})"
+        gpu = self.probe.read() if loaded.device.startswith("cuda") else None
+        if gpu is not None and loaded.precision in precisions.BY_NAME:
+            line += "  \n" + plan.summary(shape, loaded.precision, max_context, slots, gpu.name, gpu.memory_total)
         return line
 
     def _shape(self, loaded: LoadedModel) -> planner.ModelShape:
@@ -532,6 +536,7 @@ class ChatService:
             requests=self.stats.count,
             decoder=self.manager.decoder.describe() if self.manager.decoder else "",
             engine=self._engine_snapshot(),
+            cost=self.cost(),
         )
 
     # -- metrics (service/metrics.py; /metrics and the panel read these) ----------------------

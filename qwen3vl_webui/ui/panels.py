@@ -47,6 +47,7 @@ def format_panel(snap: PanelSnapshot, queued: int = 0) -> str:
             f"{snap.queue.waiting + queued} waiting",
         ),
     ]
+    rows += _cost_rows(snap)
     last = snap.last
     if last is not None:
         rows += [
@@ -65,6 +66,31 @@ def format_panel(snap: PanelSnapshot, queued: int = 0) -> str:
         rows.append(("last answer", "no request yet"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return "| live | |\n|---|---|\n" + table
+
+
+def _usd(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"${value:,.2f}" if value >= 0.1 else f"${value:.4f}"
+
+
+def _cost_rows(snap: PanelSnapshot) -> list[tuple[str, str]]:
+    """Cost per million output tokens at the current (10 s) and rolling (5 min) throughput, and so far."""
+    c = snap.cost
+    if c is None:
+        return []
+    if c.hourly_usd is None:
+        return [("cost", "set `--gpu-hourly-cost USD` (or `QWEN3VL_GPU_HOURLY_COST`) to see the cost per million "
+                         "output tokens")]  # fmt: skip
+    now = (f"{_usd(c.per_million_current)} now ({c.current_tokens_per_s:,.0f} tok/s)"
+           if c.per_million_current is not None else "idle now")  # fmt: skip
+    rolling = (f"{_usd(c.per_million_rolling)} at the 5-min rate ({c.rolling_tokens_per_s:,.0f} tok/s)"
+               if c.per_million_rolling is not None else "no output in the last 5 min")  # fmt: skip
+    return [
+        (f"cost per 1M output tokens (GPU at {_usd(c.hourly_usd)}/h)", f"{now} · {rolling}"),
+        ("cost so far", f"{_usd(c.cost_so_far)} in {c.uptime_s / 3600:.2f} h · "
+                        f"{_usd(c.per_million_so_far)} per 1M output tokens so far"),
+    ]  # fmt: skip
 
 
 def _prefix_rows(snap: PanelSnapshot) -> list[tuple[str, str]]:

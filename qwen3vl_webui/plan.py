@@ -1,0 +1,272 @@
+"""VRAM planner: what a precision x context x concurrency needs on a GPU, and the most that fits.
+
+    python -m qwen3vl_webui.plan --gpu L4 --precision int4 --max-context 32768 --max-concurrency 8
+
+It follows the batch engine's layout (engine/batch/options.py, kv.py): every slot holds `max_context` tokens of KV,
+a quarter as many retained-prefix entries (at least one) may each hold as much, one prompt's KV is staged while it
+prefills, then activations (a prefill chunk through the text model, the largest image through the vision tower, the
+sampler's logits), CUDA graph pools and allocator slack, and the CUDA context that torch does not count.
+Weights come from planner.weight_bytes, precisions from precisions.TABLE. bench/plan_check.py measures these on a
+GPU (bench/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+
+from qwen3vl_webui import planner, precisions, ranges
+
+GIB = 1024**3
+MIB = 1024**2
+LEN_ALIGN = 64  # KV rows per slot are a multiple of this (engine/batch/options.py)
+PREFILL_CHUNK = 2048  # prompt tokens one prefill forward takes (BatchOptions.prefill_chunk)
+PREFIX_SHARE = 0.25  # retained-prefix entries per slot (BatchOptions.prefix_share)
+# Not counted by torch's allocator: the CUDA context, cuBLAS/cuDNN handles and kernels' code (~0.5 GiB on an H100).
+CUDA_CONTEXT = 512 * MIB
+# CUDA graph pools, cuBLAS workspaces and the caching allocator's rounding: a share of what torch allocates.
+ALLOCATOR_SLACK = 0.04
+GRAPH_POOLS = 256 * MIB
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    memory: int  # bytes the driver reports (NVML's total)
+    capability: tuple[int, int]
+
+
+# NVML's totals for each card (MiB), and the compute capability fp8 needs to know.
+GPUS: tuple[Gpu, ...] = (
+    Gpu("T4", 15360 * MIB, (7, 5)),
+    Gpu("L4", 23034 * MIB, (8, 9)),
+    Gpu("A10G", 23028 * MIB, (8, 6)),
+    Gpu("RTX 4090", 24564 * MIB, (8, 9)),
+    Gpu("A100 40GB", 40960 * MIB, (8, 0)),
+    Gpu("A100 80GB", 81920 * MIB, (8, 0)),
+    Gpu("H100", 81559 * MIB, (9, 0)),
+    Gpu("H200", 143771 * MIB, (9, 0)),
+)
+
+
+def find_gpu(name: str) -> Gpu:
+    """A GPU by a loose name: "L4", "a100-40", "A100 80GB", "4090", "rtx4090", "h200"."""
+    def key(text: str) -> str:
+        return "".join(ch for ch in text.lower() if ch.isalnum()).removeprefix("nvidia").removesuffix("gb")
+
+    wanted = key(name)
+    for gpu in GPUS:
+        k = key(gpu.name)
+        if wanted in (k, k.removeprefix("rtx")):
+            return gpu
+    raise ValueError(f"unknown GPU {name!r}; known: {', '.join(g.name for g in GPUS)} (or give --gpu-memory GiB)")
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    precision: str
+    max_context: int  # tokens a slot holds (aligned as the engine aligns it)
+    max_concurrency: int
+    weights: int
+    kv: int  # the slots' KV cache, allocated at start
+    retained_kv: int  # retained-prefix entries at their largest (allocated as they are kept)
+    staging_kv: int  # one prompt's KV while it prefills, before it is copied into its slot
+    activations: int  # prefill chunk, vision tower on the largest image, logits
+    overhead: int  # graph pools, allocator slack
+    cuda_context: int
+
+    @property
+    def torch_bytes(self) -> int:
+        """What torch's allocator reserves at the peak (bench/plan_check.py compares this)."""
+        return self.weights + self.kv + self.retained_kv + self.staging_kv + self.activations + self.overhead
+
+    @property
+    def total(self) -> int:
+        return self.torch_bytes + self.cuda_context
+
+
+def aligned_context(max_context: int) -> int:
+    return max(LEN_ALIGN, max_context // LEN_ALIGN * LEN_ALIGN)
+
+
+def retained_slots(max_concurrency: int) -> int:
+    return max(1, math.ceil(max_concurrency * PREFIX_SHARE))
+
+
+def plan_memory(
+    shape: planner.ModelShape, precision: str, max_context: int, max_concurrency: int,
+    image_pixels: int | None = None,
+) -> MemoryPlan:  # fmt: skip
+    """Peak GPU memory of the batch engine serving `max_concurrency` chats of `max_context` tokens."""
+    context = aligned_context(max_context)
+    per_token = planner.kv_bytes_per_token(shape)
+    weights = planner.weight_bytes(shape, precision)
+    kv = per_token * context * max_concurrency
+    retained = per_token * context * retained_slots(max_concurrency)
+    staging = per_token * context
+    activations = _activations(shape, precision, min(context, PREFILL_CHUNK), max_concurrency, image_pixels)
+    overhead = GRAPH_POOLS + int(ALLOCATOR_SLACK * (weights + kv + retained + staging + activations))
+    return MemoryPlan(precision, context, max_concurrency, weights, kv, retained, staging, activations, overhead,
+                      CUDA_CONTEXT)  # fmt: skip
+
+
+def _activations(
+    shape: planner.ModelShape, precision: str, chunk: int, batch: int, image_pixels: int | None
+) -> int:
+    """The largest transient: a prefill chunk through one text layer (hidden states, q/k/v, the MLP's gate, up and
+    product), the vision tower on the largest image (per block: qkv, attention output, MLP), the logits."""
+    width = 4 if precision == "fp32" else 2
+    q = shape.num_kv_heads * shape.head_dim * 4  # 4B and the tiny model have 4 query heads per KV head
+    intermediate = shape.hidden_size * 38 // 10  # 9728 / 2560 in Qwen3-VL-4B
+    text = chunk * (4 * shape.hidden_size + q + 2 * shape.num_kv_heads * shape.head_dim + 3 * intermediate) * width
+    pixels = ranges.largest_image_pixels() if image_pixels is None else image_pixels
+    patches = pixels // (shape.patch_size * shape.patch_size)
+    vision_hidden, vision_mlp = 1024, 4096  # Qwen3-VL's vision tower (the same in every size)
+    vision = patches * (6 * vision_hidden + 2 * vision_mlp) * width
+    logits = batch * shape.vocab_size * 4 * 2  # fp32 logits and the sampler's probabilities
+    return max(text, vision) + logits
+
+
+def fits(plan: MemoryPlan, gpu_memory: int) -> bool:
+    return plan.total <= gpu_memory
+
+
+def largest_concurrency(shape: planner.ModelShape, precision: str, max_context: int, gpu_memory: int) -> int:
+    """The most chats of `max_context` tokens that fit (0: not even one)."""
+    best = 0
+    for n in range(1, 65):  # --max-concurrency's range
+        if not fits(plan_memory(shape, precision, max_context, n), gpu_memory):
+            break
+        best = n
+    return best
+
+
+def largest_context(shape: planner.ModelShape, precision: str, max_concurrency: int, gpu_memory: int) -> int:
+    """The longest context (a multiple of 256, the slider's step) that fits `max_concurrency` chats (0: none)."""
+    r = ranges.REQUEST["max_context"]
+    lo, hi = 0, int(r.hi) // 256
+    while lo < hi:  # the largest k with k * 256 fitting
+        mid = (lo + hi + 1) // 2
+        if mid * 256 >= r.lo and fits(plan_memory(shape, precision, mid * 256, max_concurrency), gpu_memory):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * 256
+
+
+def runs_on(precision: str, capability: tuple[int, int] | None) -> bool:
+    need = precisions.BY_NAME[precision].min_capability if precision in precisions.BY_NAME else None
+    return need is None or capability is None or capability >= need
+
+
+def gpu_precisions() -> list[str]:
+    """What a GPU can load: every precision of the table but the CPU's fp32."""
+    return [p.name for p in precisions.TABLE if p.flag]
+
+
+def summary(shape: planner.ModelShape, precision: str, max_context: int, max_concurrency: int, gpu_name: str,
+            gpu_memory: int) -> str:  # fmt: skip
+    """One line for beside the sliders: what these caps need on this GPU and the most that fits."""
+    p = plan_memory(shape, precision, max_context, max_concurrency)
+    chats = largest_concurrency(shape, precision, max_context, gpu_memory)
+    context = largest_context(shape, precision, max_concurrency, gpu_memory)
+    verdict = "fits" if fits(p, gpu_memory) else "does NOT fit"
+    return (
+        f"VRAM plan on {gpu_name}: {p.total / GIB:.1f} of {gpu_memory / GIB:.1f} GiB ({verdict}: weights "
+        f"{p.weights / GIB:.1f}, KV {(p.kv + p.retained_kv + p.staging_kv) / GIB:.1f}, activations and overhead "
+        f"{(p.activations + p.overhead + p.cuda_context) / GIB:.1f}) · at most {chats} chat{'s' if chats != 1 else ''} "
+        f"of {p.max_context:,} tokens, or {context:,} tokens for {max_concurrency} "
+        f"(python -m qwen3vl_webui.plan for every precision)"
+    )
+
+
+# ------------------------------------------------------------------------------- the command line
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:6.2f} GiB"
+
+
+def report(
+    shape: planner.ModelShape, gpu_name: str, gpu_memory: int, capability: tuple[int, int] | None, precision: str,
+    max_context: int, max_concurrency: int,
+) -> tuple[str, bool]:  # fmt: skip
+    """The planner's text for one case and every precision; (text, whether the case fits)."""
+    plan = plan_memory(shape, precision, max_context, max_concurrency)
+    ok = fits(plan, gpu_memory) and runs_on(precision, capability)
+    kept = retained_slots(max_concurrency)
+    lines = [
+        f"Qwen3-VL-4B on {gpu_name} ({gpu_memory / GIB:.1f} GiB) · {precision} · max context {plan.max_context:,} · "
+        f"max concurrency {max_concurrency}",
+        f"  weights                                   {_gib(plan.weights)}",
+        f"  KV cache ({max_concurrency} slots x {plan.max_context:,} tokens)".ljust(44) + _gib(plan.kv),
+        f"  kept for follow-up turns (up to {kept})".ljust(44) + _gib(plan.retained_kv),
+        "  one prompt's KV while it prefills".ljust(44) + _gib(plan.staging_kv),
+        "  activations (prefill chunk, vision tower)".ljust(44) + _gib(plan.activations),
+        "  CUDA graphs + allocator slack".ljust(44) + _gib(plan.overhead),
+        "  CUDA context".ljust(44) + _gib(plan.cuda_context),
+        "  total".ljust(44) + _gib(plan.total) + f"  of {gpu_memory / GIB:.1f} GiB: "
+        + ("fits" if ok else ("does NOT fit" if runs_on(precision, capability) else "needs a newer GPU")),
+        "",
+        f"The most that fits on {gpu_name}:",
+        f"  {'precision':<10} {'weights':>10}  {f'chats at {plan.max_context:,} tokens':>24}  "
+        f"{f'context at {max_concurrency} chats':>22}",
+    ]
+    for name in gpu_precisions():
+        if not runs_on(name, capability):
+            need = precisions.BY_NAME[name].min_capability
+            lines.append(f"  {name:<10} {'':>10}  needs compute capability {need[0]}.{need[1]} (this GPU: "
+                         f"{capability[0]}.{capability[1]})")  # fmt: skip
+            continue
+        chats = largest_concurrency(shape, name, max_context, gpu_memory)
+        context = largest_context(shape, name, max_concurrency, gpu_memory)
+        lines.append(f"  {name:<10} {planner.weight_bytes(shape, name) / GIB:>6.2f} GiB  {chats:>24}  "
+                     f"{(f'{context:,} tokens' if context else 'none'):>22}")  # fmt: skip
+    return "\n".join(lines), ok
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m qwen3vl_webui.plan",
+        description="What Qwen3-VL-4B needs on a GPU (weights, KV cache, activations) and the most that fits. "
+        "Exit code 0 when the case fits, 1 when not, 2 for a bad argument.",
+    )
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--gpu", help=f"one of {', '.join(g.name for g in GPUS)}")
+    where.add_argument("--gpu-memory", type=float, metavar="GiB", help="the card's memory in GiB instead")
+    p.add_argument("--precision", default="bf16", choices=gpu_precisions())
+    r = ranges.REQUEST["max_context"]
+    p.add_argument("--max-context", type=int, default=int(r.default), metavar="TOKENS",
+                   help=f"tokens per chat ({int(r.lo)}..{int(r.hi)})")  # fmt: skip
+    p.add_argument("--max-concurrency", type=int, default=1, metavar="N", help="chats at once (1..64)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    r = ranges.REQUEST["max_context"]
+    if not r.lo <= args.max_context <= r.hi:
+        parser.error(f"--max-context must be from {int(r.lo)} to {int(r.hi)}, got {args.max_context}")
+    if not 1 <= args.max_concurrency <= 64:
+        parser.error(f"--max-concurrency must be from 1 to 64, got {args.max_concurrency}")
+    if args.gpu is not None:
+        try:
+            gpu = find_gpu(args.gpu)
+        except ValueError as exc:
+            parser.error(str(exc))
+        name, memory, capability = gpu.name, gpu.memory, gpu.capability
+    else:
+        if not 1 <= args.gpu_memory <= 4096:
+            parser.error(f"--gpu-memory must be from 1 to 4096 GiB, got {args.gpu_memory:g}")
+        name, memory, capability = f"a {args.gpu_memory:g} GiB GPU", int(args.gpu_memory * GIB), None
+    text, ok = report(planner.ModelShape.qwen3vl_4b(), name, memory, capability, args.precision, args.max_context,
+                      args.max_concurrency)  # fmt: skip
+    print(text)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The VRAM planner's command line and arithmetic (python -m qwen3vl_webui.plan), and the device check's CPU plumbing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qwen3vl_webui import plan, planner, precisions
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = planner.ModelShape.qwen3vl_4b()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "qwen3vl_webui.plan", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+
+
+def test_the_issue_case_prints_every_part_and_does_not_fit_an_l4() -> None:
+    out = _cli("--gpu", "L4", "--precision", "int4", "--max-context", "32768", "--max-concurrency", "8")
+    assert out.returncode == 1, out.stderr  # 8 chats of 32K tokens need 36 GiB of KV alone
+    text = out.stdout
+    for part in ("weights", "KV cache (8 slots x 32,768 tokens)", "kept for follow-up turns", "activations",
+                 "CUDA context", "does NOT fit", "The most that fits on L4"):  # fmt: skip
+        assert part in text, text
+    assert "36.00 GiB" in text  # 144 KiB a token x 32,768 x 8
+    for name in plan.gpu_precisions():  # every precision of the table, none hard-coded
+        assert f"\n  {name} " in text
+    assert "fp8" in text and "needs compute capability" not in text  # an L4 is 8.9
+
+
+def test_a_case_that_fits_exits_0_and_a_t4_cannot_run_fp8() -> None:
+    out = _cli("--gpu", "h200", "--precision", "bf16", "--max-context", "16384", "--max-concurrency", "8")
+    assert out.returncode == 0 and ": fits" in out.stdout, out.stdout
+    t4 = _cli("--gpu", "T4", "--precision", "int4", "--max-context", "4096")
+    assert "fp8" in t4.stdout and "needs compute capability 8.9 (this GPU: 7.5)" in t4.stdout
+    own = _cli("--gpu-memory", "24", "--max-context", "8192")
+    assert "a 24 GiB GPU" in own.stdout
+
+
+@pytest.mark.parametrize("args", [("--gpu", "V100"), ("--gpu", "L4", "--max-context", "100"),
+                                  ("--gpu", "L4", "--max-concurrency", "0"), ("--precision", "bf16")])  # fmt: skip
+def test_bad_arguments_exit_2_with_one_line(args: tuple[str, ...]) -> None:
+    out = _cli(*args)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith("usage:") is False
+
+
+def test_gpu_names_are_loose() -> None:
+    assert plan.find_gpu("a100-40").name == "A100 40GB"
+    assert plan.find_gpu("A100 80GB").name == "A100 80GB"
+    assert plan.find_gpu("4090").name == plan.find_gpu("rtx4090").name == "RTX 4090"
+    with pytest.raises(ValueError, match="known: T4, L4"):
+        plan.find_gpu("K80")
+
+
+def test_the_plan_follows_the_engine_layout() -> None:
+    p = plan.plan_memory(SHAPE, "bf16", 16384, 8)
+    per_token = 36 * 8 * 128 * 2 * 2  # FACTS: 144 KiB a token in bf16
+    assert p.kv == per_token * 16384 * 8
+    assert p.retained_kv == per_token * 16384 * 2  # a quarter of 8 entries kept for follow-up turns
+    assert p.staging_kv == per_token * 16384
+    assert p.weights == planner.weight_bytes(SHAPE, "bf16")
+    assert p.total == p.torch_bytes + p.cuda_context
+    assert plan.plan_memory(SHAPE, "bf16", 16400, 8).max_context == 16384  # slots align to 64 tokens
+
+
+def test_largest_figures_are_the_edge_of_fitting() -> None:
+    memory = plan.find_gpu("L4").memory
+    for name in ("bf16", "int4"):
+        n = plan.largest_concurrency(SHAPE, name, 8192, memory)
+        assert plan.fits(plan.plan_memory(SHAPE, name, 8192, n), memory)
+        assert not plan.fits(plan.plan_memory(SHAPE, name, 8192, n + 1), memory)
+        context = plan.largest_context(SHAPE, name, 4, memory)
+        assert plan.fits(plan.plan_memory(SHAPE, name, context, 4), memory)
+        assert not plan.fits(plan.plan_memory(SHAPE, name, context + 256, 4), memory)
+    # fewer bits, more room
+    assert plan.largest_context(SHAPE, "int4", 4, memory) > plan.largest_context(SHAPE, "bf16", 4, memory)
+    assert set(plan.gpu_precisions()) == {p.name for p in precisions.TABLE} - {"fp32"}
+
+
+def test_the_device_check_runs_on_a_cpu(tmp_path: Path) -> None:
+    from bench import plan_check
+
+    out = tmp_path / "check.json"
+    code = plan_check.main(["--cpu", "--out", str(out), "--new-tokens", "2"])
+    rows = json.loads(out.read_text())["rows"]
+    assert code == 0
+    assert [(r["context"], r["concurrency"]) for r in rows] == [(512, 1), (512, 2), (1024, 1), (1024, 2)]
+    assert all("error" not in r and r["prompt_tokens"] > 400 for r in rows), rows
+    assert plan_check.default_precisions("cuda")[:2] == ["bf16", "int8wo"]
+    assert len(plan_check.default_precisions("cuda")) == 3
+
+
+def test_the_slider_line_says_what_fits_on_this_gpu() -> None:
+    line = plan.summary(SHAPE, "int4", 32768, 8, "NVIDIA L4", plan.find_gpu("L4").memory)
+    assert line.startswith("VRAM plan on NVIDIA L4: ") and "does NOT fit" in line
+    chats = plan.largest_concurrency(SHAPE, "int4", 32768, plan.find_gpu("L4").memory)
+    assert f"at most {chats} chat" in line
+    assert ": fits" not in line
+    assert "(fits" in plan.summary(SHAPE, "bf16", 4096, 1, "H200", plan.find_gpu("H200").memory)
