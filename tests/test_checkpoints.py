@@ -433,6 +433,11 @@ def test_fp8_is_refused_on_a_gpu_without_it(made: dict[str, Path], monkeypatch: 
         checkpoints.load(made["fp8"], fmt, "auto", "cuda")  # auto resolved inside load: checked there too
 
 
+def _compressed(fmt: str, **weights: Any) -> dict[str, Any]:
+    return {"quant_method": "compressed-tensors", "format": fmt,
+            "config_groups": {"g": {"targets": ["Linear"], "weights": weights}}}  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("quant", "words"),
     [
@@ -440,14 +445,11 @@ def test_fp8_is_refused_on_a_gpu_without_it(made: dict[str, Path], monkeypatch: 
         ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "quantized with 'bitsandbytes'"),
         ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}, "AutoAWQ 'gemv'"),
         ({"quant_method": "fp8", "weight_block_size": [64, 64]}, "FP8 with [64, 64] blocks"),
+        (_compressed("float-quantized", num_bits=8, type="float"), "compressed-tensors float-quantized"),
         (
-            {
-                "quant_method": "compressed-tensors",
-                "format": "float-quantized",
-                "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float"}}},
-            },
-            "compressed-tensors float-quantized",
-        ),  # fmt: skip
+            _compressed("pack-quantized", num_bits=4, strategy="group", group_size=128, actorder="group"),
+            "activation-ordered groups",
+        ),
     ],
 )
 def test_other_quantizations_are_refused_naming_what_loads(

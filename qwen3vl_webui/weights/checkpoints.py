@@ -103,6 +103,8 @@ def _compressed_tensors(quant: dict[str, Any]) -> CheckpointFormat:
             raise _refuse(f"compressed-tensors with {weights.get('num_bits')}-bit {weights.get('type')} weights")
         if weights.get("strategy") not in ("group", "channel"):
             raise _refuse(f"compressed-tensors with {weights.get('strategy')!r} weight scales")
+        if weights.get("actorder") in ("group", "dynamic"):  # groups out of column order (weight_g_idx)
+            raise _refuse("compressed-tensors with activation-ordered groups (actorder 'group')")
         sizes.add(weights.get("group_size") or "channel")
         symmetric.add(bool(weights.get("symmetric", True)))
     if quant.get("kv_cache_scheme"):
