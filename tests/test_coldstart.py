@@ -4,7 +4,9 @@ another setup are ignored with one log line."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -139,3 +141,29 @@ def test_a_damaged_or_foreign_artifact_is_ignored_with_one_log_line(
     assert reason[damage] in lines[0]
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "compile artifacts" not in r.getMessage()]
     assert tokens == reference(loaded, prompts["text"])
+
+
+@pytest.mark.skipif(not os.environ.get("QWEN3VL_SLOW_TESTS"), reason="compiles with inductor on CPU (~1 min)")
+def test_a_start_with_matching_artifacts_compiles_nothing(
+    loaded: LoadedModel, prompts: dict[str, PreparedPrompt], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Inductor for real: a foreground compile (what precompile runs) writes the artifact file; a later engine with
+    an empty inductor cache and only that file loads it and finds every graph in the cache (no miss)."""
+    from torch._dynamo.utils import counters
+
+    first = options(tmp_path, max_batch=1, token_budget=512, buckets=(1,), compile_backend="inductor",
+                    background_compile=False, compile_cache_dir=tmp_path / "inductor-a")  # fmt: skip
+    with BatchEngine(loaded, first) as engine:
+        assert (engine.compile_state, engine.artifacts) == ("done", "saved"), engine.compile_error
+        expected = list(engine.submit_tokens(prompts["text"], GREEDY, threading.Event()))
+    torch._dynamo.reset()
+    misses = counters["inductor"]["fxgraph_cache_miss"]
+    hits = counters["inductor"]["fxgraph_cache_hit"]
+    caplog.set_level(logging.INFO)
+    second = dataclasses.replace(first, compile_cache_dir=tmp_path / "inductor-b")  # empty: only the artifacts help
+    with BatchEngine(loaded, second) as engine:
+        assert (engine.compile_state, engine.artifacts) == ("done", "loaded"), engine.compile_error
+        got = list(engine.submit_tokens(prompts["text"], GREEDY, threading.Event()))
+    assert counters["inductor"]["fxgraph_cache_miss"] == misses and counters["inductor"]["fxgraph_cache_hit"] > hits
+    assert any("compile artifacts: loaded" in r.getMessage() for r in caplog.records)
+    assert got == expected == reference(loaded, prompts["text"])

@@ -256,6 +256,8 @@ class DecodeGraphs:
             self.on_compiled()
         finally:
             sys.setswitchinterval(interval)
+        if self._stop.is_set():  # the engine closed meanwhile (its model may be half restored): nothing to keep
+            return
         log.info("decode step compiled for every batch size in %.1f s", time.perf_counter() - started)
         self._save_artifacts()  # here, not on the engine thread: serialising them takes a moment
 
