@@ -150,9 +150,9 @@ def main() -> None:
     ap.add_argument("--sections", default="sweep,quality")
     ap.add_argument("--sweep-s", type=float, default=200, help="time cap for the sweep")
     args = ap.parse_args()
-    from bench.common import environment, git_commit
+    from bench.common import environment
 
-    report: dict[str, Any] = dict(**environment("cuda"), commit=git_commit(), command="python -m bench.quant_check")
+    report: dict[str, Any] = {**environment("cuda"), "command": "python -m bench.quant_check"}
     started = time.monotonic()
     if "sweep" in args.sections:
         sweep_section(report, started + args.sweep_s)

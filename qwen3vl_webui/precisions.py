@@ -36,9 +36,10 @@ TABLE: tuple[Precision, ...] = (
               in_memory=False),  # fmt: skip
 )
 BY_NAME = {p.name: p for p in TABLE}
-# `--precision auto` on a GPU: the first of these that fits and can run there. Fastest first, from the engine's
-# measured decode tok/s on an H200 (bench/RESULTS.md, "Precisions"); 16-bit before the 4-bit ones at equal speed.
-AUTO_ORDER = ("fp8", "int8wo", "bf16", "int4", "int8", "int4-bnb")
+# `--precision auto` on a GPU: the first of these that fits and can run there, fastest first by the engine's measured
+# tok/s (bench/RESULTS.md): bf16 332 / 5,294 tok/s at 1 / 32 streams on an H200, fp8 215 / 3,945, int4 (ours) 119 /
+# 2,355 with the first W4A16 kernels; int8wo 311 / 3,713 against bf16's 268 / 4,113 on an H100; bitsandbytes last.
+AUTO_ORDER = ("bf16", "int8wo", "fp8", "int4", "int4-bnb", "int8")
 
 # What a model can be loaded in (the planner's precisions).
 LOADED = tuple(p.name for p in TABLE)

@@ -294,3 +294,30 @@ def test_a_sweeps_best_configs_are_picked_up_from_its_report(tmp_path: Path) -> 
     finally:
         w4a16_triton.TUNED.clear(), w4a16_triton.TUNED.update(saved[0])
         fp8_triton.TUNED.clear(), fp8_triton.TUNED.update(saved[1])
+
+
+def test_auto_picks_the_fastest_precision_that_fits_and_runs_on_this_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qwen3vl_webui.service import manager as manager_module
+    from qwen3vl_webui.service.admission import Scheduler
+    from qwen3vl_webui.service.manager import ModelManager
+
+    shape = planner.ModelShape.qwen3vl_4b()
+    gib = 2**30
+
+    def pick(free_gib: float, capability: tuple[int, int] | None) -> str:
+        monkeypatch.setattr(manager_module, "device_capability", lambda device: capability)
+        manager = ModelManager("random-weights:4b", "auto", "cuda", "sdpa", Scheduler(1, 1),
+                               free_memory=lambda _: int(free_gib * gib))  # fmt: skip
+        return manager.resolve_precision("cuda")
+
+    assert precisions.AUTO_ORDER[0] == "bf16"
+    assert pick(80, (9, 0)) == "bf16"  # room for everything: the fastest measured
+    between = (planner.weight_bytes(shape, "int8wo") / 0.75 + planner.weight_bytes(shape, "bf16") / 0.75) / 2 / gib
+    assert pick(between, (9, 0)) == "int8wo"
+    only_4bit = (planner.weight_bytes(shape, "int4") / 0.75 + planner.weight_bytes(shape, "fp8") / 0.75) / 2 / gib
+    assert pick(only_4bit, (9, 0)) == "int4"
+    assert pick(1, (9, 0)) == "int4"  # nothing fits: the smallest that can run (bitsandbytes builds no random weights)
+    # Room for fp8 but not for int8wo (its per-row scales weigh more than fp8's per-block ones): fp8 on an H100,
+    # never on an sm_80 card, which gets the next that runs there.
+    fp8_only = (planner.weight_bytes(shape, "fp8") / 0.75 + planner.weight_bytes(shape, "int8wo") / 0.75) / 2 / gib
+    assert pick(fp8_only, (9, 0)) == "fp8" and pick(fp8_only, (8, 0)) == "int4"

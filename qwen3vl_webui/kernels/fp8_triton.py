@@ -43,7 +43,7 @@ def load_tuning(path: str | None = None) -> int:
     import os
 
     path = path or os.environ.get("QWEN3VL_KERNEL_TUNING")
-    if not path:
+    if not path or not os.path.isfile(path):  # none named, or the sweep that was to write it did not
         return 0
     with open(path) as f:
         found = json.load(f).get("tuned", {}).get("fp8", {})
