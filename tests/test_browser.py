@@ -78,7 +78,7 @@ def test_image_turn_streams_and_updates_the_panel(demo_app_server: tuple[Any, st
         expect(page.locator(STATUS)).to_contain_text("Ready:", timeout=30_000)
         expect(page.locator(STATUS)).to_contain_text("demo model: random weights")
         # No GPU here (the CPU test run): the panel says so; on a GPU box it shows VRAM instead.
-        gpu_word = "no GPU" if app.service.snapshot().gpu is None else "VRAM"
+        gpu_word = "no NVIDIA GPU found" if app.service.snapshot().gpu is None else "VRAM"
         expect(page.locator(PANEL)).to_contain_text("no request yet", timeout=10_000)
         expect(page.locator(PANEL)).to_contain_text(gpu_word)
 

@@ -32,8 +32,7 @@ def format_panel(snap: PanelSnapshot, queued: int = 0) -> str:
             ),
         ]
     else:
-        reason = snap.gpu_reason or "no GPU"
-        rows.append(("GPU", reason if reason.startswith("no GPU") else f"no GPU ({reason})"))
+        rows.append(("GPU", _no_gpu(snap.gpu_reason)))
     s = snap.system
     rows += [
         ("CPU · RAM", f"{s.cpu_pct:.0f}% · {format_bytes(s.ram_used)} / {format_bytes(s.ram_total)}"),
@@ -43,7 +42,7 @@ def format_panel(snap: PanelSnapshot, queued: int = 0) -> str:
         *_prefix_rows(snap),
         (
             "jobs",
-            f"{snap.queue.running} running / {snap.queue.max_concurrency} slots · "
+            f"{snap.queue.running} running / {snap.queue.max_concurrency} slot{'s' if snap.queue.max_concurrency != 1 else ''} · "
             f"{snap.queue.waiting + queued} waiting",
         ),
     ]
@@ -66,6 +65,13 @@ def format_panel(snap: PanelSnapshot, queued: int = 0) -> str:
         rows.append(("last answer", "no request yet"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return "| live | |\n|---|---|\n" + table
+
+
+def _no_gpu(reason: str | None) -> str:
+    """A person's words for a missing GPU: NVML's exception names (NVMLError_LibraryNotFound...) stay in the log."""
+    if not reason or reason.startswith(("no GPU (NVML", "no GPU (pynvml")) or "NVMLError" in reason:
+        return "no NVIDIA GPU found"
+    return reason if reason.startswith("no GPU") else f"no GPU ({reason})"
 
 
 def _usd(value: float | None) -> str:
