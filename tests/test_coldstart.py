@@ -85,10 +85,11 @@ def test_compiled_buckets_swap_in_mid_stream_and_every_stream_keeps_generates_to
 
         def listener(outputs: EngineOutputs) -> None:
             seen.append((sum(len(o.new_token_ids) for o in outputs.outputs), len(graphs.compiled_at), graphs.decode_mode))
-            if len(seen) == 6:  # mid-stream: compile every bucket now, holding the engine thread meanwhile
+            if len(seen) == 6:  # mid-stream: compile every bucket now
                 gate.release(len(BUCKETS))
+            if len(seen) >= 6:  # hold the engine thread until the next bucket is compiled: one swap per step boundary
                 deadline = time.monotonic() + 120
-                while len(graphs.warmup_s) < len(BUCKETS) and time.monotonic() < deadline:
+                while graphs.swapped < len(BUCKETS) and not graphs.swap_pending and time.monotonic() < deadline:
                     time.sleep(0.01)
 
         engine.add_listener(listener)

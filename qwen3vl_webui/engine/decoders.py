@@ -168,7 +168,7 @@ class BatchDecoder(InProcess):
         wait = f" (oldest {snap.oldest_wait_s:.1f} s)" if snap.waiting else ""
         return (
             f"batch engine: {snap.active}/{snap.max_batch} decoding, {snap.prefilling} prefilling, "
-            f"{snap.waiting} waiting{wait}, {snap.max_len:,} tokens a slot, {graphs}{extra}"
+            f"{snap.waiting} waiting{wait}, {snap.max_len:,} tokens a slot, {graphs}, decode: {snap.decode_path}{extra}"
         )
 
 

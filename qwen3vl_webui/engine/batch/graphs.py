@@ -73,6 +73,7 @@ class DecodeGraphs:
         self._compiler: threading.Thread | None = None
         self._ready: queue.SimpleQueue[int | None] = queue.SimpleQueue()  # compiled buckets waiting for their swap
         self._stop = threading.Event()
+        self._swapped = threading.Event()  # the engine thread took the last compiled bucket (see _compile_buckets)
         self._pool: Any = None  # the decode graphs' memory pool (swapped-in graphs share it)
         self._side: Any = None  # the stream graphs are captured on
         self._graphs: dict[int, tuple[Any, Any]] = {}
@@ -245,8 +246,14 @@ class DecodeGraphs:
                         self._compile_seq += 1
                     self.warmup_s[rows] = round(time.perf_counter() - begun, 2)
                     log.info("decode step compiled for batch size %d in %.1f s; swapping it in", rows, self.warmup_s[rows])
+                    self._swapped.clear()
                     self._ready.put(rows)
                     self.on_compiled()
+                    # The next bucket waits for this one's swap (one step boundary away): a capture never overlaps
+                    # this thread's GPU work (inductor's autotuning synchronises the device).
+                    while not self._swapped.wait(0.5):
+                        if self._stop.is_set():
+                            return
         except Exception as exc:
             if self._stop.is_set():
                 return
@@ -288,6 +295,8 @@ class DecodeGraphs:
         except Exception as exc:  # the eager path of this bucket stays; the others may still swap
             log.warning("could not swap in the compiled decode step for batch size %d: %r", rows, exc)
             self.swap_errors += 1
+        finally:
+            self._swapped.set()
         self.swapped += 1
         if self.swapped < len(self.buckets):
             if self.swap_pending:

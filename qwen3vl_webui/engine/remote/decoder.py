@@ -114,7 +114,7 @@ class RemoteDecoder:
         note = f"; {self.info.note}" if self.info.note else ""
         return (
             f"{head}: {snap.active}/{snap.max_batch} decoding, {snap.prefilling} prefilling, {snap.waiting} waiting"
-            f"{wait}, {snap.max_len:,} tokens a slot, {graphs}{note}"
+            f"{wait}, {snap.max_len:,} tokens a slot, {graphs}, decode: {snap.decode_path}{note}"
         )
 
     # -- what the service reads ---------------------------------------------------------------------
