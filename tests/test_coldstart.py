@@ -168,3 +168,15 @@ def test_a_start_with_matching_artifacts_compiles_nothing(
     assert counters["inductor"]["fxgraph_cache_miss"] == misses and counters["inductor"]["fxgraph_cache_hit"] > hits
     assert any("compile artifacts: loaded" in r.getMessage() for r in caplog.records)
     assert got == expected == reference(loaded, prompts["text"])
+
+
+def test_an_artifact_file_anyone_could_write_is_not_loaded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The payload is a pickle: a world-writable file is refused before it is read, in one line."""
+    key = {"gpu": "cpu", "torch": torch.__version__}
+    path = artifacts.path_for(tmp_path, key)
+    path.write_bytes(artifacts.MAGIC + b'{"format": 1, "key": {}}\n')
+    path.chmod(0o666)
+    caplog.set_level(logging.INFO)
+    assert artifacts.load(tmp_path, key) == "ignored"
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "writable by every user" in lines[0], lines

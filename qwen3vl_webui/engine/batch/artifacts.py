@@ -107,6 +107,7 @@ def load(folder: str | os.PathLike[str], key: dict[str, str]) -> str:
             log.info("compile artifacts: none in %s yet; compiling (saved there afterwards)", folder)
         return "absent"
     try:
+        _check_owner(path)
         header, offset = read_header(path)
         if header["key"] != key:
             raise ValueError(f"made for another setup (it differs in {', '.join(_differing(header['key'], key))})")
@@ -119,6 +120,18 @@ def load(folder: str | os.PathLike[str], key: dict[str, str]) -> str:
         return "ignored"
     log.info("compile artifacts: loaded %s (%s): compiling from them", path, info)
     return "loaded"
+
+
+def _check_owner(path: Path) -> None:
+    """The payload is pickled (as is inductor's own cache): refuse a file another user could have written."""
+    import stat
+
+    for item in (path, path.parent):
+        info = item.stat()
+        if info.st_mode & stat.S_IWOTH and not (item.is_dir() and info.st_mode & stat.S_ISVTX):
+            raise ValueError(f"{item} is writable by every user (its artifacts could run their code)")
+        if hasattr(os, "getuid") and info.st_uid not in (os.getuid(), 0):
+            raise ValueError(f"{item} belongs to another user (its artifacts could run their code)")
 
 
 def _populate(payload: bytes) -> str:
