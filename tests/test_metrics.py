@@ -320,3 +320,18 @@ def test_the_panel_shows_cost_or_how_to_set_it(app_url: tuple[Any, str]) -> None
     assert "cost so far" in text and "per 1M output tokens so far" in text
     unset = dataclasses.replace(snap, cost=dataclasses.replace(snap.cost, hourly_usd=None))
     assert "set `--gpu-hourly-cost USD` (or `QWEN3VL_GPU_HOURLY_COST`)" in format_panel(unset)
+
+
+def test_the_live_plots_follow_the_load(app_url: tuple[Any, str]) -> None:
+    from qwen3vl_webui.ui.handlers import Handlers
+
+    app, url = app_url
+    before = len(app.service.history.samples())
+    _chat(url, max_tokens=12)
+    assert wait_for(lambda: len(app.service.history.samples()) >= before + 2, 5)  # sampled once a second
+    memory, speed, queue, kv = Handlers(app.service, app.settings).plots()
+    assert set(memory["series"]) == {"RAM (this process, no GPU)"} and memory["GiB"].min() > 0
+    assert speed["tok/s"].max() > 0  # the answer's tokens appear as a rate
+    assert speed["seconds ago"].max() == 0 and speed["seconds ago"].min() >= -301
+    assert set(queue["series"]) == {"running", "waiting"}
+    assert set(kv[kv["series"] == "slots"]["slots"]) == {1}  # --max-concurrency 1

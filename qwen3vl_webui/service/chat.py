@@ -568,8 +568,9 @@ class ChatService:
             generated = self._engine_tokens.total
         else:
             generated = self.metrics.totals().generation_tokens
+        rss = 0 if gpu else _process_rss()
         return Sample(time.time(), gpu.memory_used if gpu else None, generated, load.running, load.waiting,
-                      load.kv_used, load.kv_total)  # fmt: skip
+                      load.kv_used, load.kv_total, rss)  # fmt: skip
 
     def cost(self) -> CostView:
         """The GPU's price (--gpu-hourly-cost) against the measured output throughput."""
@@ -602,6 +603,12 @@ class ChatService:
         return dataclasses.replace(
             gpu, torch_allocated=stats.allocated, torch_reserved=stats.reserved, torch_peak=stats.peak
         )
+
+
+def _process_rss() -> int:
+    import psutil  # not read_system(): its CPU percentage counts from the previous call, the panel's
+
+    return int(psutil.Process().memory_info().rss)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -73,6 +73,7 @@ class Sample:
     waiting: int
     kv_used: int  # KV slots holding a request
     kv_total: int
+    process_rss: int = 0  # this process's resident bytes (the memory plot without a GPU)
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,7 @@ class Handlers:
         self.file_roots = tuple(Path(p).resolve() for p in file_roots)
         self.conversations = conversations or ConversationStore(settings.max_history_turns, settings.max_files_per_chat)
         self._panel: tuple[float, tuple[str, str]] | None = None
+        self._plots: tuple[float, Any] | None = None
         self._last_release = -1e9
         self._operator_lock = threading.Lock()
 
@@ -227,6 +228,18 @@ class Handlers:
         text = format_panel(snap, self.queued()), format_status(snap)
         self._panel = (now, text)
         return text
+
+    def plots(self) -> tuple[Any, Any, Any, Any]:
+        """The live plots' frames (ui/plots.py) from the service's load history; shared by all callers for 1 s."""
+        from qwen3vl_webui.ui.plots import frames
+
+        now = time.monotonic()
+        cached = self._plots
+        if cached is not None and now - cached[0] < 1.0:
+            return cached[1]
+        result = frames(self.service.history.samples())
+        self._plots = (now, result)
+        return result
 
     def queued(self) -> int:
         """Requests waiting in gradio's queue; set by the layout once the Blocks exist."""

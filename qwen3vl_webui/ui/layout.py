@@ -17,6 +17,7 @@ from qwen3vl_webui.zerogpu import gpu_function
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 GPU_CONCURRENCY_ID = "gpu"
+PLOT_EVERY_S = 2.0  # the plots redraw less often than the panel's figures: each is a chart for every open tab
 
 
 def build_demo(handlers: Handlers, settings: Settings) -> gr.Blocks:
@@ -26,6 +27,7 @@ def build_demo(handlers: Handlers, settings: Settings) -> gr.Blocks:
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=320, elem_id="side"):
                 panel = gr.Markdown("", elem_id="panel")
+                plots = _live_plots()
                 inputs, estimate = _budget_controls(handlers.service.configured_limits)
                 sampling, stop = _sampling_controls()
                 operator = _operator_controls(handlers)
@@ -73,11 +75,28 @@ def build_demo(handlers: Handlers, settings: Settings) -> gr.Blocks:
         timer = gr.Timer(1.0)
         timer.tick(handlers.panel, outputs=[panel, status], queue=False, api_visibility="private")
         demo.load(handlers.panel, outputs=[panel, status], queue=False, api_visibility="private")
+        plot_timer = gr.Timer(PLOT_EVERY_S)
+        plot_timer.tick(handlers.plots, outputs=plots, queue=False, api_visibility="private")
+        demo.load(handlers.plots, outputs=plots, queue=False, api_visibility="private")
         demo.load(handlers.context_sliders, outputs=inputs[:2], queue=False, api_visibility="private").then(
             handlers.estimate, inputs=inputs, outputs=estimate, queue=False, api_visibility="private"
         )
         demo.load(handlers.operator_view, outputs=operator, queue=False, api_visibility="private")
     return demo
+
+
+def _live_plots() -> list[gr.LinePlot]:
+    """The last 5 minutes, one sample a second (service/metrics.LoadHistory): memory, tokens/s, queue, KV slots."""
+    with gr.Accordion("Live plots (last 5 minutes)", open=True, elem_id="plots"):
+        kw: dict[str, Any] = {"x": "seconds ago", "color": "series", "height": 160, "x_lim": [-300, 0],
+                              "show_label": False, "x_title": "seconds ago"}  # fmt: skip
+        with gr.Row():
+            memory = gr.LinePlot(y="GiB", title="Memory", elem_id="plot-memory", **kw)
+            speed = gr.LinePlot(y="tok/s", title="Output tokens/s", elem_id="plot-speed", **kw)
+        with gr.Row():
+            queue = gr.LinePlot(y="chats", title="Queue", elem_id="plot-queue", **kw)
+            kv = gr.LinePlot(y="slots", title="KV slots", elem_id="plot-kv", **kw)
+    return [memory, speed, queue, kv]
 
 
 def _slider(name: str, label: str, cap: float | None = None, **kw: Any) -> gr.Slider:
