@@ -2,9 +2,10 @@
 numerics against bf16.
 
     python -m bench.quant_check --out $OUT/quant_check.json     # GPU, ~2 min on an H200; no checkpoint needed
+    python -m bench.quant_check --sections quality --model Qwen/Qwen3-VL-4B-Instruct --out q.json   # the real model
 
-1. sweep: every text matmul shape of the 4B (q 2560->4096, k/v 2560->1024, o 4096->2560, gate/up 2560->9728,
-   down 9728->2560) at 1, 16 and 32 rows, as 36 distinct weights in one CUDA graph (cold L2, back-to-back launches,
+1. sweep: every text matmul shape of the 4B's decode step (fused q/k/v 2560->6144, o 4096->2560, fused gate/up
+   2560->19456, down 9728->2560) at 1, 16 and 32 rows, as 36 distinct weights in one CUDA graph (cold L2, back-to-back launches,
    as inside the decode step): bf16 cuBLAS against each int4 and fp8 kernel config; the best per (rows, N, K) is
    what w4a16_triton.TUNED / fp8_triton.TUNED hold (printed as Python to paste). Bytes per weight: bf16 2, fp8 1,
    int4 0.5 + 3/128.
@@ -13,8 +14,9 @@ numerics against bf16.
    weights are not the real checkpoint (see the README for measuring quality on it), but the rounding each format
    does to the same weights is comparable.
 
-Prediction (H200, before the run): one-row products stream int4 at ~2.5-3 TB/s of packed bytes, so a 2560->9728
-product takes ~4.7 us against ~17 us for bf16 cuBLAS (~3.5x); at 32 rows the int4 kernel is at ~1.5-2x cuBLAS.
+Measured with the v1 kernels (bench/RESULTS.md): 0.2-0.3 TB/s of packed bytes. Prediction for v2 (nibble planes,
+split K; H200, before its run): one-row products at >= 1.5 TB/s of packed bytes (INT32 shift/and/or per weight
+bounds it near 2 TB/s), i.e. a 2560->19456 gate/up product in ~17 us against ~30 us for bf16 cuBLAS.
 """
 
 from __future__ import annotations
@@ -27,19 +29,34 @@ from typing import Any
 from bench.common import graph_ms, write_json
 
 HIDDEN, HEADS_DIM, KV_DIM, INTER, LAYERS = 2560, 4096, 1024, 9728, 36
-SHAPES = [("q", HEADS_DIM, HIDDEN), ("kv", KV_DIM, HIDDEN), ("o", HIDDEN, HEADS_DIM), ("gate", INTER, HIDDEN),
+# The decode step's products as the engine runs them: q/k/v and gate/up fused (kernels/fusion.py), o and down alone.
+SHAPES = [("qkv", HEADS_DIM + 2 * KV_DIM, HIDDEN), ("o", HIDDEN, HEADS_DIM), ("gate_up", 2 * INTER, HIDDEN),
           ("down", HIDDEN, INTER)]  # fmt: skip
 ROWS = (1, 16, 32)
+
+
+QUALITY = ("int8wo", "fp8", "int4", "int4-bnb", "int8")
+# Real text for the quality section on a real checkpoint (random weights get random ids).
+PROMPTS = [
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined " * 6,
+    "def quicksort(values):\n    if len(values) <= 1:\n        return values\n    pivot = values[0]\n" * 6,
+    "Photosynthesis converts light energy into chemical energy stored in glucose. In the light reactions, " * 6,
+    "Le marché de Noël ouvre ses portes le premier samedi de décembre, et les visiteurs y trouvent " * 6,
+    "To reset the router, hold the button on the back for ten seconds until the light blinks orange, then " * 6,
+    "The train left the station at dawn; by noon the plains had given way to hills covered in pine, and " * 6,
+    "SELECT customer_id, SUM(amount) AS total FROM orders WHERE created_at >= '2026-01-01' GROUP BY " * 6,
+    "In 1969 the Apollo 11 mission landed two astronauts on the Moon. Neil Armstrong stepped out first and " * 6,
+]
 
 
 def int4_configs(rows: int) -> list[Any]:
     from qwen3vl_webui.kernels.w4a16_triton import W4Config
 
     if rows == 1:
-        return [W4Config(1, bn, g, w, s) for bn in (8, 16, 32) for g in (1, 2, 4) for w in (4, 8) for s in (1, 2)
-                if bn * g <= 64]  # fmt: skip
+        return [W4Config(1, bn, split, w, s) for bn in (16, 32, 64) for split in (0, 1, 2, 4) for w in (4, 8)
+                for s in (2, 3)]  # fmt: skip
     bm = 16 if rows <= 16 else 32
-    return [W4Config(bm, bn, 1, w, s) for bn in (32, 64, 128) for w in (4, 8) for s in (3, 4)]
+    return [W4Config(bm, bn, split, w, 3) for bn in (32, 64, 128) for split in (0, 1, 2, 4) for w in (4, 8)]
 
 
 def fp8_configs(rows: int) -> list[Any]:
@@ -113,35 +130,68 @@ def sweep_section(report: dict[str, Any], deadline: float) -> None:
         print("}", flush=True)
 
 
-def quality_section(report: dict[str, Any]) -> None:
-    import copy
+def quality_section(report: dict[str, Any], source: str, device: str = "cuda", names: tuple[str, ...] = QUALITY) -> None:
+    """Each precision loaded from `source` exactly as the app loads it, its last-token logits against bf16's (fp32 on a
+    CPU). `source`: random-weights:4b (bitsandbytes precisions need a checkpoint: skipped), a checkpoint directory
+    (the tiny one on a CPU, or random 4B weights written by bench.matrix --write), or a real checkpoint (a directory or
+    a Hub id): then the prompts are the tokenized PROMPTS below, and the figures say how each precision's rounding
+    moves the real model's next token."""
+    import importlib.util
 
     import torch
     import torch.nn.functional as F
 
-    from qwen3vl_webui.weights import quantize, random_weights
+    from qwen3vl_webui import precisions
+    from qwen3vl_webui.weights.loading import load_model
+    from qwen3vl_webui.weights.model import release_cached_memory
 
-    model, _ = random_weights.build("4b", torch.bfloat16, "cuda")
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    ids = torch.randint(0, 150000, (8, 256), device="cuda", generator=gen)
+    reference_precision = "bf16" if device.startswith("cuda") else "fp32"
+    loaded = load_model(source, reference_precision, device)
+    model = loaded.model
+    vocab = model.lm_head.out_features
+    if source.startswith("random-weights:"):
+        gen = torch.Generator(device=device).manual_seed(0)
+        ids = torch.randint(0, min(vocab, 150000), (8, 256 if device.startswith("cuda") else 48), device=device,
+                            generator=gen)  # fmt: skip
+    else:
+        tokenizer = loaded.processor.tokenizer
+        encoded = [tokenizer(p, add_special_tokens=False)["input_ids"][:256] for p in PROMPTS]
+        width = min(len(e) for e in encoded)
+        ids = torch.tensor([e[:width] for e in encoded], device=device)
+    # The random model's output bias masks all but "word" tokens with -1e4 (weights/random_weights.py); compare the
+    # logits over the words only, or every precision scores a cosine of 1.0 on the mask. A real model has no bias.
+    bias = getattr(model.lm_head, "bias", None)
+    words = bias > -1.0 if bias is not None else torch.ones(vocab, dtype=torch.bool, device=device)
     with torch.inference_mode():
-        reference = model(input_ids=ids).logits[:, -1].float()
+        reference = model(input_ids=ids).logits[:, -1].float()[:, words]
+    reference_gib = loaded.weights_bytes / 2**30
+    del loaded, model
+    release_cached_memory()
     rows = []
-    for precision in ("int8wo", "fp8", "int4"):
-        copy_ = copy.deepcopy(model)
-        quantize.quantize(copy_, precision, "cuda")
+    for name in names:
+        if precisions.needs_bitsandbytes(name) and (
+            source.startswith("random-weights:") or importlib.util.find_spec("bitsandbytes") is None
+        ):
+            rows.append(dict(precision=name, skipped="bitsandbytes quantizes while loading a checkpoint, and needs the package"))
+            continue
+        if precisions.capability_blocker(name, torch.cuda.get_device_capability() if device.startswith("cuda") else None):
+            rows.append(dict(precision=name, skipped="this GPU cannot run it"))
+            continue
+        other = load_model(source, name, device)
         with torch.inference_mode():
-            got = copy_(input_ids=ids).logits[:, -1].float()
+            got = other.model(input_ids=ids).logits[:, -1].float()[:, words]
         cos = F.cosine_similarity(got, reference, dim=-1)
-        row = dict(precision=precision, cosine_min=round(float(cos.min()), 5), cosine_mean=round(float(cos.mean()), 5),
+        row = dict(precision=name, cosine_min=round(float(cos.min()), 5), cosine_mean=round(float(cos.mean()), 5),
                    top1_agree=float((got.argmax(-1) == reference.argmax(-1)).float().mean()),
-                   weights_gib=round(copy_.get_memory_footprint() / 2**30, 3))  # fmt: skip
+                   rel_error=round(float((got - reference).norm() / reference.norm()), 5),
+                   weights_gib=round(other.weights_bytes / 2**30, 3))  # fmt: skip
         print("quality", json.dumps(row), flush=True)
         rows.append(row)
-        del copy_
-        torch.cuda.empty_cache()
-    report["quality"] = dict(reference="bf16", bf16_weights_gib=round(model.get_memory_footprint() / 2**30, 3),
-                             prompts=8, prompt_tokens=256, rows=rows)  # fmt: skip
+        del other
+        release_cached_memory()
+    report["quality"] = dict(reference=reference_precision, source=source, device=device, vocabulary=int(words.sum()),
+                             reference_weights_gib=round(reference_gib, 3), prompts=int(ids.shape[0]),
+                             prompt_tokens=int(ids.shape[1]), rows=rows)  # fmt: skip
 
 
 def main() -> None:
@@ -149,15 +199,17 @@ def main() -> None:
     ap.add_argument("--out", default="quant_check.json")
     ap.add_argument("--sections", default="sweep,quality")
     ap.add_argument("--sweep-s", type=float, default=200, help="time cap for the sweep")
+    ap.add_argument("--model", default="random-weights:4b", help="quality: random-weights:4b or a checkpoint")
+    ap.add_argument("--device", default="cuda", help="quality: cuda, or cpu (the tiny checkpoint: plumbing)")
     args = ap.parse_args()
     from bench.common import environment
 
-    report: dict[str, Any] = {**environment("cuda"), "command": "python -m bench.quant_check"}
+    report: dict[str, Any] = {**environment(args.device), "command": "python -m bench.quant_check"}
     started = time.monotonic()
     if "sweep" in args.sections:
         sweep_section(report, started + args.sweep_s)
     if "quality" in args.sections:
-        quality_section(report)
+        quality_section(report, args.model, args.device)
     report["seconds"] = round(time.monotonic() - started, 1)
     write_json(args.out, report)
 

@@ -260,6 +260,17 @@ _INTERPRETED = textwrap.dedent(
         err = float((out.double() - ref).norm() / ref.norm())
         assert not bool(out.isnan().any()) and err < 1e-2, (name, cfg, rows, err)
         print("ok", name, cfg.block_m, rows, f"{err:.1e}")
+    # The default configs: K split in two (8 groups, few tiles), the partial sums added in fp32.
+    qw2, s2, z2 = int4.quantize_weight(torch.randn(40, 1024, generator=gen), 128)
+    ref_w2 = int4.dequantize_weight(qw2, s2, z2).double()
+    for rows, dtype in ((1, torch.bfloat16), (5, torch.float16)):
+        x = torch.randn(rows, 1024, generator=gen).to(dtype)
+        out = wk.w4_matmul(x, qw2, s2, z2, 128)
+        ref = x.double() @ ref_w2.T
+        err = float((out.double() - ref).norm() / ref.norm())
+        assert out.dtype == dtype and err < 1e-2, (rows, err)
+    assert wk.default_split(5, 8) == 2 and wk.default_split(1000, 76) == 1 and wk.default_split(80, 76) == 4
+    print("ok split")
     # The prefill path's dequantization: exactly the reference's fp32 values.
     assert torch.equal(wk.w4_dequantize(qweight, scales, zeros, 128, torch.float32), w4.float())
     assert torch.equal(fk.fp8_dequantize(q8, s8, 128, torch.float32), w8.float())
@@ -274,7 +285,7 @@ def test_triton_kernels_in_the_interpreter() -> None:
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("ok") == 9
+    assert proc.stdout.count("ok") == 10
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -321,3 +332,20 @@ def test_auto_picks_the_fastest_precision_that_fits_and_runs_on_this_gpu(monkeyp
     # never on an sm_80 card, which gets the next that runs there.
     fp8_only = (planner.weight_bytes(shape, "fp8") / 0.75 + planner.weight_bytes(shape, "int8wo") / 0.75) / 2 / gib
     assert pick(fp8_only, (9, 0)) == "fp8" and pick(fp8_only, (8, 0)) == "int4"
+
+
+def test_the_numerics_table_covers_every_quantized_precision(tiny_checkpoint: Path) -> None:
+    """bench.quant_check's quality section on the CPU (its plumbing; the GPU run uses the same function)."""
+    from bench.quant_check import QUALITY, quality_section
+
+    report: dict = {}
+    quality_section(report, str(tiny_checkpoint), "cpu")
+    rows = {r["precision"]: r for r in report["quality"]["rows"]}
+    assert set(rows) == set(QUALITY) == {"int8wo", "fp8", "int4", "int4-bnb", "int8"}
+    for name, row in rows.items():
+        if "skipped" in row:  # bitsandbytes missing here
+            assert precisions.needs_bitsandbytes(name), row
+            continue
+        assert 0.9 < row["cosine_min"] <= row["cosine_mean"] <= 1.0 and 0.0 <= row["top1_agree"] <= 1.0, row
+    # 8-bit rounding moves the logits less than 4-bit rounding
+    assert rows["int8wo"]["rel_error"] < rows["int4"]["rel_error"] and rows["fp8"]["rel_error"] < rows["int4"]["rel_error"]

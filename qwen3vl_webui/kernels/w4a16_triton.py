@@ -4,17 +4,21 @@ Layout (nn.Linear's `[N, K]` orientation): `qweight` int32 `[N, K // 8]`, weight
 `(qweight[n, k // 8] >> 4 * (k % 8)) & 0xF`; `scales` 16-bit `[N, K // G]`; `zeros` uint8 `[N, K // G]`; the weight is
 `(q - zero) * scale`, `G` the group size (a multiple of 8 dividing K).
 
-- `_gemv_kernel` (decode, one token row per program column): a `[BLOCK_N, BLOCK_K // 8]` tile of packed words per
-  iteration, unpacked in registers to `[BLOCK_N, groups, G]`, multiplied against the row in fp32 (no tensor cores),
-  summed per group, times the group's scale. Each packed byte is read once per row: at one row decode is a stream
-  of 0.5 byte per weight.
-- `_skinny_kernel` (2..SKINNY_MAX_ROWS rows): one group per iteration, the tile unpacked to `q - zero` (integers in
-  [-15, 15], exact in bf16/fp16) and fed to `tl.dot` against the rows padded to BLOCK_M; the group's scale multiplies
-  the fp32 partial product, so no weight is ever rounded to 16 bits.
+Both matmul kernels walk K one group at a time and unpack by **nibble planes**: plane j of a `[BLOCK_N, G // 8]` tile
+of packed words is `(words >> 4j) & 0xF`, the weights of columns `8w + j`, multiplied against the activations read
+with stride 8 from column j. No tensor is reshaped (v1 built `[BLOCK_N, groups, G]` through `tl.reshape`, which
+Triton lays out through shared memory: 0.2-0.3 TB/s on an H200, bench/RESULTS.md), and a group's scale multiplies
+its partial sum once. K is split over `split_k` programs where N alone gives too few (o and down have N = 2560:
+80 tiles of 32 rows for 132 SMs); their fp32 partial sums are added by one small torch reduction.
+
+- `_gemv_kernel` (decode, one token row per program): fp32 FMAs, no tensor cores; each packed byte read once per row.
+- `_skinny_kernel` (2..SKINNY_MAX_ROWS rows, G >= 128): each plane `q - zero` (integers in [-15, 15], exact in
+  bf16/fp16) goes to `tl.dot` against the rows' plane of activations (K = G / 8 = 16 per dot); no weight is ever
+  rounded to 16 bits. Smaller groups (tiny test models, some checkpoints) take the GEMV per row.
 - `_dequant_kernel` (prefill): the weight written out in 16 bits once per call, then cuBLAS (kernels/int4.py).
 
-Nibble to float: `q | 0x4B000000` read as fp32 is 2^23 + q exactly, so one OR and one subtract replace the
-int-to-float conversion, which issues at a quarter of the fp32 rate on sm_80/sm_90 (kernels/matmul_triton.py).
+Nibble to float: `q | 0x4B000000` read as fp32 is 2^23 + q exactly, so one OR and one subtract (of 2^23 + zero)
+replace the int-to-float conversion, which issues at a quarter of the fp32 rate on sm_80/sm_90.
 Nothing imports this module at package import time: callers import it inside functions, where Triton runs.
 """
 
@@ -27,22 +31,22 @@ import triton.language as tl
 
 
 class W4Config(NamedTuple):
-    """One launch shape. block_m == 1 selects the GEMV kernel (one program column per row); `groups` is how many
-    quantization groups one GEMV iteration covers (its BLOCK_K = groups * G)."""
+    """One launch shape. block_m == 1 selects the GEMV kernel (one program per row); `split_k` programs share K
+    (0: as many as `default_split` says for the shape)."""
 
     block_m: int
     block_n: int
-    groups: int
+    split_k: int
     warps: int
     stages: int
 
 
-# Chosen for the 4B's shapes (K in 2560 / 4096 / 9728, G 128) by bench/int4_check.py's sweep on an H200; other shapes
-# take the defaults below.
+# Chosen for the 4B's shapes by bench/quant_check.py's sweep on the GPU; other shapes take the defaults below.
 TUNED: dict[tuple[int, int, int], W4Config] = {}
-GEMV_DEFAULT = W4Config(1, 16, 2, 4, 2)
-SKINNY_DEFAULT = W4Config(16, 64, 1, 4, 4)
-SKINNY32_DEFAULT = W4Config(32, 64, 1, 4, 4)
+GEMV_DEFAULT = W4Config(1, 32, 0, 4, 3)
+SKINNY_DEFAULT = W4Config(16, 64, 0, 4, 3)
+SKINNY32_DEFAULT = W4Config(32, 64, 0, 4, 3)
+MIN_PROGRAMS = 264  # two per SM of an H100 / H200: below it the defaults split K
 
 
 def row_class(rows: int) -> int:
@@ -75,75 +79,81 @@ def pick_config(rows: int, n: int, k: int) -> W4Config:
 
 
 @triton.jit
-def _nibbles(words, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
-    """int32 `[BLOCK_N, WORDS]` -> fp32 2^23 + nibble, `[BLOCK_N, WORDS * 8]` in k order."""
-    shifts = tl.arange(0, 8) * 4
-    q = (words[:, :, None] >> shifts[None, None, :]) & 0xF
-    q = tl.reshape(q, (BLOCK_N, WORDS * 8))
-    return (q | 0x4B000000).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-    BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, G: tl.constexpr,
+    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ys, stride_ym, groups_per_split,
+    BLOCK_N: tl.constexpr, G: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
-    row = tl.program_id(1)
-    WORDS: tl.constexpr = GROUPS * G // 8
+    split = tl.program_id(1)
+    row = tl.program_id(2)
+    WORDS: tl.constexpr = G // 8
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
+    rows_n = offs_n.to(tl.int64)
     offs_w = tl.arange(0, WORDS)
-    offs_g = tl.arange(0, GROUPS)
-    offs_k = tl.arange(0, GROUPS * G)
-    rows_w = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
-    rows_s = offs_n[:, None].to(tl.int64) * stride_sn
-    acc = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
-    n_groups = K // G
-    for g0 in range(0, n_groups, GROUPS):
-        g_ok = (g0 + offs_g) < n_groups
-        w_ok = (g0 * (G // 8) + offs_w) < K // 8
-        words = tl.load(rows_w + (g0 * (G // 8) + offs_w)[None, :], mask=n_ok[:, None] & w_ok[None, :], other=0)
-        zero = tl.load(z_ptr + rows_s + (g0 + offs_g)[None, :], mask=n_ok[:, None] & g_ok[None, :], other=0)
-        scale = tl.load(s_ptr + rows_s + (g0 + offs_g)[None, :], mask=n_ok[:, None] & g_ok[None, :], other=0.0)
-        x = tl.load(x_ptr + row * stride_xm + g0 * G + offs_k, mask=(g0 * G + offs_k) < K, other=0.0)
-        w = _nibbles(words, BLOCK_N, WORDS) - 8388608.0  # q, exactly
-        w = tl.reshape(w, (BLOCK_N, GROUPS, G)) - zero.to(tl.float32)[:, :, None]
-        part = tl.sum(w * tl.reshape(x.to(tl.float32), (GROUPS, G))[None, :, :], axis=2)
-        acc += part * scale.to(tl.float32)
+    g_start = split * groups_per_split
+    g_end = tl.minimum(g_start + groups_per_split, K // G)
+    w_ptrs = w_ptr + rows_n[:, None] * stride_wn + (g_start * WORDS + offs_w)[None, :]
+    x_row = x_ptr + row * stride_xm + offs_w * 8
+    acc = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+    for g in range(g_start, g_end):
+        words = tl.load(w_ptrs, mask=n_ok[:, None], other=0)
+        zero = tl.load(z_ptr + rows_n * stride_sn + g, mask=n_ok, other=0).to(tl.float32) + 8388608.0
+        scale = tl.load(s_ptr + rows_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+        part = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+        for j in tl.static_range(8):
+            q = (((words >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zero[:, None]
+            xj = tl.load(x_row + g * G + j).to(tl.float32)
+            part += q * xj[None, :]
+        acc += part * scale[:, None]
+        w_ptrs += WORDS
     out = tl.sum(acc, axis=1)
-    tl.store(y_ptr + row * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_ok)
+    tl.store(y_ptr + split * stride_ys + row * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
 def _skinny_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr,
+    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ys, stride_ym,
+    groups_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
+    split = tl.program_id(2)
     WORDS: tl.constexpr = G // 8
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, G)
+    offs_w = tl.arange(0, WORDS)
     m_ok = offs_m < M
     n_ok = offs_n < N
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
-    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + tl.arange(0, WORDS)[None, :]
-    sz = offs_n.to(tl.int64) * stride_sn
+    rows_n = offs_n.to(tl.int64)
+    g_start = split * groups_per_split
+    g_end = tl.minimum(g_start + groups_per_split, K // G)
+    w_ptrs = w_ptr + rows_n[:, None] * stride_wn + (g_start * WORDS + offs_w)[None, :]
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (offs_w * 8)[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for g in range(0, K // G):
-        x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
+    for g in range(g_start, g_end):
         words = tl.load(w_ptrs, mask=n_ok[:, None], other=0)
-        zero = tl.load(z_ptr + sz + g, mask=n_ok, other=0)
-        scale = tl.load(s_ptr + sz + g, mask=n_ok, other=0.0)
-        w = _nibbles(words, BLOCK_N, WORDS) - (8388608.0 + zero.to(tl.float32)[:, None])  # q - zero, exactly
-        part = tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)))
-        acc += part * scale.to(tl.float32)[None, :]
-        x_ptrs += G
+        zero = tl.load(z_ptr + rows_n * stride_sn + g, mask=n_ok, other=0).to(tl.float32) + 8388608.0
+        scale = tl.load(s_ptr + rows_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+        part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for j in tl.static_range(8):
+            q = (((words >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zero[:, None]
+            xj = tl.load(x_ptrs + g * G + j, mask=m_ok[:, None], other=0.0)
+            part = tl.dot(xj, tl.trans(q.to(x_ptr.dtype.element_ty)), part)
+        acc += part * scale[None, :]
         w_ptrs += WORDS
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    y_ptrs = y_ptr + split * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _nibbles(words, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
+    """int32 `[BLOCK_N, WORDS]` -> fp32 2^23 + nibble, `[BLOCK_N, WORDS * 8]` in k order (the prefill's dequantization,
+    where writing the 16-bit weight in order matters more than the reshape)."""
+    shifts = tl.arange(0, 8) * 4
+    q = (words[:, :, None] >> shifts[None, None, :]) & 0xF
+    q = tl.reshape(q, (BLOCK_N, WORDS * 8))
+    return (q | 0x4B000000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -164,27 +174,42 @@ def _dequant_kernel(
     tl.store(out, w.to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
 
 
+def default_split(programs: int, groups: int) -> int:
+    """How many ways to split K so that about MIN_PROGRAMS programs run (1 where the tiles alone give that many)."""
+    split = 1
+    while programs * split < MIN_PROGRAMS and groups // (split * 2) >= 4:
+        split *= 2
+    return split
+
+
 def w4_matmul(x: Any, qweight: Any, scales: Any, zeros: Any, group: int, config: W4Config | None = None) -> Any:
     """`x [M, K]` (bf16/fp16, rows contiguous) times the W4 weight ᵀ: `[M, N]` in x's dtype."""
     import torch
 
     rows, k = x.shape
     n = qweight.shape[0]
+    groups = k // group
     cfg = config or pick_config(rows, n, k)
-    out = torch.empty((rows, n), device=x.device, dtype=x.dtype)
-    if cfg.block_m == 1:
-        grid = (triton.cdiv(n, cfg.block_n), rows)
+    gemv = cfg.block_m == 1 or group < 128  # tl.dot needs K >= 16 words' planes: groups of 128 and more
+    tiles = triton.cdiv(n, cfg.block_n) * (rows if gemv else triton.cdiv(rows, cfg.block_m))
+    split = max(1, min(cfg.split_k or default_split(tiles, groups), groups))
+    per_split = triton.cdiv(groups, split)
+    split = triton.cdiv(groups, per_split)  # no empty split
+    out = torch.empty((split, rows, n), device=x.device, dtype=x.dtype if split == 1 else torch.float32)
+    if gemv:
+        grid = (triton.cdiv(n, cfg.block_n), split, rows)
         _gemv_kernel[grid](
             x, qweight, scales, zeros, out, n, k, x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
-            BLOCK_N=cfg.block_n, GROUPS=cfg.groups, G=group, num_warps=cfg.warps, num_stages=cfg.stages,
+            out.stride(1), per_split, BLOCK_N=cfg.block_n, G=group, num_warps=cfg.warps, num_stages=cfg.stages,
         )  # fmt: skip
     else:
-        grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m))
+        grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m), split)
         _skinny_kernel[grid](
-            x, qweight, scales, zeros, out, rows, n, k, x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, G=group, num_warps=cfg.warps, num_stages=cfg.stages,
+            x, qweight, scales, zeros, out, rows, n, k, x.stride(0), qweight.stride(0), scales.stride(0),
+            out.stride(0), out.stride(1), per_split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, G=group,
+            num_warps=cfg.warps, num_stages=cfg.stages,
         )  # fmt: skip
-    return out
+    return out[0] if split == 1 else out.sum(dim=0).to(x.dtype)
 
 
 def w4_dequantize(qweight: Any, scales: Any, zeros: Any, group: int, dtype: Any) -> Any:
