@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
     from qwen3vl_webui.cli import parse_settings
     from qwen3vl_webui.engine.batch import BatchEngine, BatchOptions, compiled
+    from qwen3vl_webui.engine.remote.decoder import RemoteDecoder
     from qwen3vl_webui.service.admission import Scheduler
     from qwen3vl_webui.service.manager import ModelManager
     from qwen3vl_webui.weights import loading, random_weights
@@ -39,12 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     if not compiled.should_compile(None, device, precision):
         print(f"nothing to compile: the batch engine does not compile its decode step for {precision} on {device}")
         return 0
-    base = Path(settings.cache_dir or Path.home() / ".cache" / "qwen3vl-webui")
-    # The options the app's engine is built with (engine/remote/decoder.py): the same key, the same artifact file.
-    options = BatchOptions(
-        max_batch=settings.max_concurrency, token_budget=settings.max_context * settings.max_concurrency,
-        compile_cache_dir=str(base / "inductor"), artifacts_dir=str(base / "compiled"), background_compile=False,
-    )  # fmt: skip
+    # The options the app's engine process is built with, from the same code: the same key, the same artifact file.
+    decoder = RemoteDecoder(settings.max_concurrency, settings.max_context, settings.cache_dir, settings.attn)
+    spec = decoder.spec(source, precision, device)
+    options = BatchOptions(**spec["options"], background_compile=False)  # compile every bucket before returning
     loaded = loading.load_model(source, precision, device, settings.attn, lambda text: logging.info("%s", text))
     with BatchEngine(loaded, options) as engine:
         state, outcome, key = engine.compile_state, engine.artifacts, engine.core.graphs.artifact_key()
@@ -55,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from qwen3vl_webui.engine.batch import artifacts
 
-    path = artifacts.path_for(base / "compiled", key)
+    path = artifacts.path_for(decoder.artifacts_dir, key)
     if outcome == "loaded":
         print(f"already compiled: {path} matches this setup (nothing compiled, {seconds:.0f} s)")
     elif path.exists():

@@ -468,8 +468,8 @@ class DecodeGraphs:
 
     @property
     def decode_mode(self) -> str:
-        """How most decode steps run now: "compiled graphs", "graphs", "compiled" or "eager"."""
-        compiled_now = bool(self.compiled_at) and self.compile
+        """How decode steps run now: "compiled graphs", "graphs", "compiled" or "eager" (compiled: every bucket)."""
+        compiled_now = self.compile and len(self.compiled_at) == len(self.buckets)
         if self._graphs:
             return "compiled graphs" if compiled_now else "graphs"
         return "compiled" if compiled_now else "eager"
