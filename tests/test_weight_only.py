@@ -349,3 +349,19 @@ def test_the_numerics_table_covers_every_quantized_precision(tiny_checkpoint: Pa
         assert 0.9 < row["cosine_min"] <= row["cosine_mean"] <= 1.0 and 0.0 <= row["top1_agree"] <= 1.0, row
     # 8-bit rounding moves the logits less than 4-bit rounding
     assert rows["int8wo"]["rel_error"] < rows["int4"]["rel_error"] and rows["fp8"]["rel_error"] < rows["int4"]["rel_error"]
+
+
+def test_cost_per_million_tokens_comes_from_the_measured_files() -> None:
+    """bench.cost: the seed's cost table from the H200 matrix files, at a stated price."""
+    import json
+
+    from bench import cost
+
+    files = [ROOT / "bench" / "results" / "h200" / f"matrix_{p}_q.json" for p in ("bf16", "int4")]
+    table = cost.rows([str(f) for f in files], hourly=3.5)
+    measured = {(r["precision"], int(r["streams"])): float(r["total_tok_s"])
+                for f in files for r in json.loads(f.read_text())["engine"] for _ in [0]}  # fmt: skip
+    assert {(r["precision"], r["streams"]) for r in table} == set(measured)
+    for r in table:
+        assert r["usd_per_million"] == pytest.approx(3.5 / 3600 / measured[(r["precision"], r["streams"])] * 1e6, rel=1e-3)
+    assert cost.main([str(files[0]), "--gpu-hourly-cost", "2"]) == 0
