@@ -157,6 +157,8 @@ def run(settings: Settings) -> int:
     limit_malloc_arenas()  # before any thread starts; see heap.py for the measurement
     skip_absent_matplotlib()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO (the share tunnel's, gradio's own checks): noise in the app's console.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     warning = open_warning(settings)
     if warning:
         print(warning, file=sys.stderr, flush=True)
