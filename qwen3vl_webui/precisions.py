@@ -30,7 +30,7 @@ TABLE: tuple[Precision, ...] = (
               in_memory=False),  # fmt: skip
     Precision("int8wo", "INT8 weight-only (per-channel int8 weights, bf16 compute)", 8,
               menu="INT8 weight-only (fast, bf16 compute)", weight_only="int8"),  # fmt: skip
-    Precision("int4", "INT4 (W4A16: 4-bit weights in groups of 128, bf16 compute)", 4, menu="INT4 (W4A16, fast)",
+    Precision("int4", "INT4 (W4A16: 4-bit weights, a scale and zero point per group, bf16 compute)", 4, menu="INT4 (W4A16, fast)",
               weight_only="int4"),  # fmt: skip
     Precision("int4-bnb", "INT4 (bitsandbytes nf4, bf16 compute)", 4, menu="INT4 (bitsandbytes nf4)", bitsandbytes=True,
               in_memory=False),  # fmt: skip
