@@ -10,6 +10,7 @@ from typing import Any
 from qwen3vl_webui import precisions
 from qwen3vl_webui.config import (
     ATTENTION,
+    COMPILE_MODES,
     DEFAULT_MODEL,
     ENGINES,
     RANDOM_WEIGHTS,
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--request-timeout", "request_timeout", _rule("request_timeout"), type=int, metavar="SECONDS")
     add("--grace-seconds", "grace_seconds", _rule("grace_seconds"), type=int, metavar="SECONDS")
     add("--warmup", "warmup", _rule("warmup"), choices=WARMUP_MODES)
+    add("--compile", "compile", _rule("compile"), choices=COMPILE_MODES)
     add("--random-weights", "random_weights", _rule("random_weights"), choices=RANDOM_WEIGHTS)
     add("--upload-max-age-minutes", "upload_max_age_minutes", _rule("upload_max_age_minutes"), type=int, metavar="MIN")
     add("--upload-cache-mb", "upload_cache_mb", _rule("upload_cache_mb"), type=int, metavar="MB")

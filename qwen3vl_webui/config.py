@@ -14,6 +14,7 @@ from qwen3vl_webui import precisions, ranges
 DEFAULT_MODEL = "Qwen/Qwen3-VL-4B-Instruct"
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 WARMUP_MODES = ("auto", "full", "quick", "off")
+COMPILE_MODES = ("background", "before-serving", "off")
 RANDOM_WEIGHTS = ("off", "4b", "tiny")
 ENGINES = ("auto", "generate", "batch", "batch-inproc")
 ENV_PREFIX = "QWEN3VL_"
@@ -66,6 +67,12 @@ _RULES: dict[str, tuple[Any, str]] = {
     ),
     "request_timeout": ((0, 86400), "wall-clock seconds one chat request may take, waiting included; 0 = no limit"),
     "grace_seconds": ((0, 3600), "on SIGTERM, seconds running chats get to finish before they are stopped"),
+    "compile": (
+        COMPILE_MODES,
+        "the batch engine's compiled decode step (GPU): background = answer at once from eager CUDA graphs and swap "
+        "each batch size's compiled graph in as it is built; before-serving = compile them all before the first "
+        "answer (seconds with matching compile artifacts, minutes without); off = eager CUDA graphs only",
+    ),
     "warmup": (
         WARMUP_MODES,
         "start-up warm-up: full = the worst case the sliders allow (lowers max context if it does not fit), "
@@ -108,6 +115,7 @@ class Settings:
     request_timeout: int = 600
     grace_seconds: int = 30
     warmup: str = "auto"
+    compile: str = "background"
     random_weights: str = "off"
     max_requests_per_client: int = 2
     max_history_turns: int = 100

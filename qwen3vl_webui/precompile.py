@@ -42,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     # The options the app's engine process is built with, from the same code: the same key, the same artifact file.
     decoder = RemoteDecoder(settings.max_concurrency, settings.max_context, settings.cache_dir, settings.attn)
     spec = decoder.spec(source, precision, device)
-    options = BatchOptions(**spec["options"], background_compile=False)  # compile every bucket before returning
+    if spec["options"].get("compile") is False:
+        print("nothing to compile: --compile off")
+        return 0
+    options = BatchOptions(**{**spec["options"], "background_compile": False})  # every bucket before returning
     loaded = loading.load_model(source, precision, device, settings.attn, lambda text: logging.info("%s", text))
     with BatchEngine(loaded, options) as engine:
         state, outcome, key = engine.compile_state, engine.artifacts, engine.core.graphs.artifact_key()

@@ -180,3 +180,21 @@ def test_an_artifact_file_anyone_could_write_is_not_loaded(tmp_path: Path, caplo
     assert artifacts.load(tmp_path, key) == "ignored"
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "writable by every user" in lines[0], lines
+
+
+def test_the_compile_flag_reaches_the_engine_process_and_precompile_uses_its_options(tmp_path: Path) -> None:
+    """--compile -> the engine process's BatchOptions; precompile builds its options with the same code."""
+    from qwen3vl_webui.cli import parse_settings
+    from qwen3vl_webui.engine.remote.decoder import RemoteDecoder
+
+    def options(*flags: str) -> BatchOptions:
+        s = parse_settings(["--max-concurrency", "4", "--max-context", "2048", "--cache-dir", str(tmp_path), *flags])
+        decoder = RemoteDecoder(s.max_concurrency, s.max_context, s.cache_dir, compile_mode=s.compile)
+        return BatchOptions(**decoder.spec("random-weights:4b", "bf16", "cuda")["options"])
+
+    default, before, off = options(), options("--compile", "before-serving"), options("--compile", "off")
+    assert (default.background_compile, default.compile) == (None, None)  # background wherever it compiles on CUDA
+    assert (before.background_compile, off.compile) == (False, False)
+    assert default.artifacts_dir == str(tmp_path / "compiled") and default.max_len == 2048 and default.max_batch == 4
+    with pytest.raises(SystemExit):
+        parse_settings(["--compile", "later"])

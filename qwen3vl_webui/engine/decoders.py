@@ -103,8 +103,13 @@ class BatchDecoder(InProcess):
 
     name = "batch"
 
-    def __init__(self, max_batch: int, max_context: int, cache_dir: str | None = None) -> None:
+    def __init__(
+        self, max_batch: int, max_context: int, cache_dir: str | None = None, compile_mode: str = "background"
+    ) -> None:
+        from qwen3vl_webui.engine.batch.options import compile_options
+
         self.max_batch = max_batch
+        self.compile_options = compile_options(compile_mode)
         self.max_context = max_context
         # Inductor's compiled decode steps persist here: a restart compiles in seconds, not minutes.
         base = Path(cache_dir or Path.home() / ".cache" / "qwen3vl-webui")
@@ -121,7 +126,7 @@ class BatchDecoder(InProcess):
         budget = self.max_context * self.max_batch
         options = BatchOptions(
             max_batch=self.max_batch, token_budget=budget, compile_cache_dir=self.compile_cache_dir,
-            artifacts_dir=self.artifacts_dir,
+            artifacts_dir=self.artifacts_dir, **self.compile_options,
         )  # fmt: skip
         try:
             self.engine = BatchEngine(loaded, options)
@@ -181,6 +186,7 @@ def make_decoder(
     attn: str = "sdpa",
     on_progress: Callable[[str], None] = lambda text: None,
     on_death: Callable[[int | None], None] = lambda code: None,
+    compile_mode: str = "background",
 ) -> Decoder:
     """`auto`: the batch engine in its own process on a GPU (outside ZeroGPU, where the GPU exists only inside a
     decorated call); generate elsewhere. `batch-inproc`: the batch engine on a thread of this process (the layout
@@ -193,7 +199,7 @@ def make_decoder(
     if kind == "batch":
         from qwen3vl_webui.engine.remote.decoder import RemoteDecoder
 
-        return RemoteDecoder(max_batch, max_context, cache_dir, attn, on_progress, on_death)
+        return RemoteDecoder(max_batch, max_context, cache_dir, attn, on_progress, on_death, compile_mode)
     if kind == "batch-inproc":
-        return BatchDecoder(max_batch, max_context, cache_dir)
+        return BatchDecoder(max_batch, max_context, cache_dir, compile_mode)
     return GenerateDecoder()

@@ -68,6 +68,7 @@ class ModelManager:
         decoder: str = "generate",
         limits: Limits = DEFAULT_LIMITS,
         launched_at: float | None = None,
+        compile_mode: str = "background",
     ) -> None:
         self.source = source
         self.requested_precision = precision
@@ -77,6 +78,7 @@ class ModelManager:
         self.demo_dir = demo_dir
         self.free_memory = free_memory or free_memory_bytes  # injectable: tests choose how much is free
         self.decoder_kind = decoder
+        self.compile_mode = compile_mode  # the batch engine's decode compile: background, before-serving, off
         self.limits = ContextLimits(limits)  # the one owner of the context caps; the service holds requests to it
         self.decoder: Decoder | None = None  # made at the first load, once the device is known
         self._status = "starting"
@@ -146,7 +148,7 @@ class ModelManager:
             configured = self.limits.configured.max_context
             self.decoder = make_decoder(
                 self.decoder_kind, device, self.scheduler.max_concurrency, configured, self.demo_dir,
-                self.attn, self._progress, self._engine_died,
+                self.attn, self._progress, self._engine_died, self.compile_mode,
             )  # fmt: skip
         return self.decoder
 

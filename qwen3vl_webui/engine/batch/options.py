@@ -98,3 +98,11 @@ class BatchOptions:
     def slot_buckets(self) -> tuple[int, ...]:
         """The graph buckets below `max_batch`, and `max_batch` itself."""
         return tuple(sorted({b for b in self.buckets if b < self.max_batch} | {self.max_batch}))
+
+
+def compile_options(mode: str) -> dict[str, bool]:
+    """The app's --compile as BatchOptions fields: background (the engine's default on CUDA), before-serving, off."""
+    choices = {"background": {}, "before-serving": {"background_compile": False}, "off": {"compile": False}}
+    if mode not in choices:
+        raise ValueError(f"compile mode must be one of {', '.join(choices)}; got {mode!r}")
+    return choices[mode]

@@ -32,8 +32,12 @@ class RemoteDecoder:
         attn: str = "sdpa",
         on_progress: Callable[[str], None] = lambda text: None,
         on_death: Callable[[int | None], None] = lambda code: None,
+        compile_mode: str = "background",
     ) -> None:
+        from qwen3vl_webui.engine.batch.options import compile_options
+
         self.max_batch = max_batch
+        self.compile_options = compile_options(compile_mode)
         self.max_context = max_context
         self.attn = attn
         # Inductor's compiled decode steps persist here: a restart compiles in seconds, not minutes.
@@ -54,6 +58,7 @@ class RemoteDecoder:
             "token_budget": self.max_context * self.max_batch,
             "compile_cache_dir": self.compile_cache_dir,
             "artifacts_dir": self.artifacts_dir,
+            **self.compile_options,
         }
         return {"source": source, "precision": precision, "device": device, "attn": self.attn, "options": options}
 
