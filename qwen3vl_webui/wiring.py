@@ -128,6 +128,7 @@ def build_app(settings: Settings, load: bool = True) -> App:
     manager = ModelManager(
         source, settings.precision, settings.device, settings.attn, scheduler, demo_dir=settings.cache_dir,
         decoder=settings.engine, limits=Limits(settings.max_context, settings.max_new_tokens),
+        compile_mode=settings.compile,
     )  # fmt: skip
     service = ChatService(
         manager, scheduler, GenerationStats(), GpuProbe(),
