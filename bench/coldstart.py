@@ -224,6 +224,24 @@ def run_launch(name: str, flags: list[str], cache: Path, out: Path, args: argpar
     return report
 
 
+def first_answer_only(name: str, flags: list[str], cache: Path, out: Path, deadline: float) -> dict[str, Any]:
+    log_path = out / f"server_{name}.log"
+    server, url, launched = launch(flags, cache, log_path)
+    watch = ReadyWatch(url, launched)
+    report: dict[str, Any] = {"flags": flags}
+    try:
+        watch.wait("ready_s", max(10.0, deadline - time.monotonic() - 20), server)
+        report["first_answer_s"] = round(first_answer(url, max(10.0, deadline - time.monotonic() - 20)) - launched, 2)
+        report["full_speed_at_first_answer"] = bool(watch.last.get("full_speed"))
+    finally:
+        watch.stop()
+        report.update(page_up_s=watch.page_up_s, ready_s=watch.ready_s, full_speed_s=watch.full_speed_s,
+                      ready_changes=watch.changes)  # fmt: skip
+        stop(server)
+        report["app_stages"] = app_stages(log_path)
+    return report
+
+
 def precompile(flags: list[str], cache: Path, out: Path, timeout: float) -> dict[str, Any]:
     env = {**os.environ, "TRITON_CACHE_DIR": str(cache / "triton"), "PYTHONUNBUFFERED": "1"}
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
@@ -294,6 +312,16 @@ def main(argv: list[str] | None = None) -> int:
             log("launch with the precompiled artifacts only")
             report["artifacts"] = run_launch("artifacts", flags, carried, out, args, log, deadline,
                                              measure_compiled=False)  # fmt: skip
+            save()
+            # The same artifacts, compiled before serving (--compile before-serving): the first answer then waits for
+            # dynamo's re-trace but comes at full speed. First answer only, if a minute is left.
+            if not args.cpu and deadline - time.monotonic() > 60:
+                shutil.rmtree(carried / "inductor", ignore_errors=True)
+                shutil.rmtree(carried / "triton", ignore_errors=True)
+                log("launch with the precompiled artifacts, --compile before-serving")
+                report["artifacts_before_serving"] = first_answer_only(
+                    "artifacts_before_serving", [*flags, "--compile", "before-serving"], carried, out, deadline
+                )
     except Exception as exc:
         report["error"] = f"{type(exc).__name__}: {exc}"
         log(f"failed: {report['error']}")
@@ -308,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def checks(report: dict[str, Any]) -> dict[str, Any]:
     cold, warm = report.get("cold") or {}, report.get("artifacts") or {}
+    before = report.get("artifacts_before_serving") or {}
     found = {
         "cold_first_answer_s": cold.get("first_answer_s"),
         "cold_full_speed_s": cold.get("full_speed_s"),
@@ -315,6 +344,11 @@ def checks(report: dict[str, Any]) -> dict[str, Any]:
     }
     met = {k: (v is not None and v <= TARGETS[k]) for k, v in found.items()}
     met["artifacts_full_speed_at_first_answer"] = bool(warm.get("full_speed_at_first_answer"))
+    if before:
+        found["before_serving_first_answer_s"] = before.get("first_answer_s")
+        met["before_serving_both"] = bool(before.get("full_speed_at_first_answer")) and (
+            before.get("first_answer_s") is not None and before["first_answer_s"] <= TARGETS["artifacts_first_answer_s"]
+        )
     return {"measured": found, "met": met}
 
 
