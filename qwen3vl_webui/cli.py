@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--port", "port", _rule("port"), type=int)
     add("--share", "share", "also open a public gradio.live link", action="store_true")
     add("--demo", "demo", "start the built-in tiny random-weight model (offline, no download)", action="store_true")
-    add("--cache-dir", "cache_dir", "where the demo checkpoint is written (default ~/.cache/qwen3vl-webui/demo)")
+    add("--cache-dir", "cache_dir", "where the demo checkpoint, the inductor cache and the compile artifacts are "
+        "written (default ~/.cache/qwen3vl-webui)")
     add("--request-timeout", "request_timeout", _rule("request_timeout"), type=int, metavar="SECONDS")
     add("--grace-seconds", "grace_seconds", _rule("grace_seconds"), type=int, metavar="SECONDS")
     add("--warmup", "warmup", _rule("warmup"), choices=WARMUP_MODES)
