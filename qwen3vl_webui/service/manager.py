@@ -47,10 +47,10 @@ class SwitchReport:
     def describe(self) -> str:
         if self.old == self.new:
             return f"Already loaded in {self.new}."
-        return (
-            f"Switched {self.old} → {self.new} in {self.seconds:.1f} s; GPU memory in use "
-            f"{format_bytes(self.vram_before)} → {format_bytes(self.vram_after)}."
-        )
+        switched = f"Switched {self.old} → {self.new} in {self.seconds:.1f} s"
+        if not self.vram_before and not self.vram_after:  # on a CPU: there is no GPU memory to compare
+            return f"{switched}."
+        return f"{switched}; GPU memory in use {format_bytes(self.vram_before)} → {format_bytes(self.vram_after)}."
 
 
 class ModelManager:

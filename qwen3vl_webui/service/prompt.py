@@ -234,6 +234,10 @@ def _encode(
     }
     if metadata:
         kwargs.update(video_metadata=metadata, do_sample_frames=False)
+        if _takes_frame_cap(processor):
+            # The frames are already within the media budget (media.py) and the planner counts the processor's
+            # whole-clip budget: keep that behaviour, said once here instead of transformers' notice on every start.
+            kwargs["cap_pixels_per_frame"] = False
     return processor.apply_chat_template(
         messages,
         tokenize=True,
@@ -244,3 +248,13 @@ def _encode(
     )
 
 
+def _takes_frame_cap(processor: Any) -> bool:
+    """Whether this transformers' Qwen3-VL video processor has `cap_pixels_per_frame` (5.2x; 5.17 has none)."""
+    import inspect
+
+    video = getattr(processor, "video_processor", None)
+    preprocess = getattr(video, "_preprocess", None)
+    try:
+        return preprocess is not None and "cap_pixels_per_frame" in inspect.signature(preprocess).parameters
+    except (TypeError, ValueError):
+        return False

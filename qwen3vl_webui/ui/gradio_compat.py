@@ -181,6 +181,34 @@ def open_share_link(demo: Any, host: str, port: int) -> tuple[str, list[Any]]:
 # ------------------------------------------------------------------------------- process set-up
 
 
+def quiet_range_errors() -> bool:
+    """An API value outside a slider's range: the client gets gradio's error, and the console no traceback.
+
+    gradio's queue prints the traceback of every gr.Error whose `print_exception` is set (queueing.py
+    `process_events`), and its Slider/Number raise theirs with the default (True) in `Number.raise_if_out_of_bounds`:
+    one call with `temperature=99` put 25 lines of traceback in the console for a refusal the caller already had.
+    Returns False when already done.
+    """
+    from gradio import exceptions
+    from gradio.components import number
+
+    original = _require(number.Number, "raise_if_out_of_bounds", "gradio.components.number.Number")
+    if getattr(original, "_quiet", False):
+        return False
+    if "print_exception" not in exceptions.Error.__init__.__code__.co_varnames:
+        raise GradioChanged("gradio.exceptions.Error takes no print_exception")
+
+    def quiet(num: float, minimum: float | None, maximum: float | None) -> None:
+        try:
+            original(num, minimum, maximum)
+        except exceptions.Error as exc:
+            raise exceptions.Error(exc.message, print_exception=False) from None
+
+    quiet._quiet = True  # type: ignore[attr-defined]
+    number.Number.raise_if_out_of_bounds = staticmethod(quiet)  # type: ignore[method-assign]
+    return True
+
+
 def skip_absent_matplotlib() -> bool:
     """Marks matplotlib absent for good when it is not installed; True if it did.
 

@@ -306,6 +306,17 @@ class Handlers:
             return getattr(request, "username", None) == admin
         return self.settings.local_only
 
+    def loaded_precision(self) -> Any:
+        """On page load (and after a switch): the reload menu shows the precision loaded now, not a default."""
+        loaded = self.service.manager.current()
+        if loaded is None:
+            return gr.update(value=None)
+        menu = list(precisions.MENU)
+        if loaded.precision not in {name for _, name in menu}:  # fp32 on a CPU is not offered, but it is loaded
+            menu.append((precisions.label(loaded.precision), loaded.precision))
+        return gr.update(choices=[(f"{label} (loaded)" if name == loaded.precision else label, name)
+                                  for label, name in menu], value=loaded.precision)  # fmt: skip
+
     def operator_view(self, request: gr.Request) -> Any:
         """On page load: the server-wide controls are shown to the operator only (and refused to others)."""
         return gr.update(visible=self.is_operator(request))

@@ -21,6 +21,7 @@ PLOT_EVERY_S = 2.0  # the plots redraw less often than the panel's figures: each
 
 
 def build_demo(handlers: Handlers, settings: Settings) -> gr.Blocks:
+    gradio_compat.quiet_range_errors()  # the API caller gets the range error; the console, no traceback
     with gr.Blocks(title="Qwen3-VL WebUI", fill_height=True) as demo:
         gr.Markdown("## Qwen3-VL WebUI", elem_id="title")
         status = gr.Markdown("Starting…", elem_id="status")
@@ -30,7 +31,7 @@ def build_demo(handlers: Handlers, settings: Settings) -> gr.Blocks:
                 plots = _live_plots()
                 inputs, estimate = _budget_controls(handlers.service.configured_limits)
                 sampling, stop = _sampling_controls()
-                operator = _operator_controls(handlers)
+                operator, choice = _operator_controls(handlers)
             with gr.Column(scale=3, min_width=420):
                 chatbot = gr.Chatbot(label="Chat", elem_id="chatbot", height=560, buttons=["copy"])
                 textbox = gr.MultimodalTextbox(
@@ -82,6 +83,7 @@ def build_demo(handlers: Handlers, settings: Settings) -> gr.Blocks:
             handlers.estimate, inputs=inputs, outputs=estimate, queue=False, api_visibility="private"
         )
         demo.load(handlers.operator_view, outputs=operator, queue=False, api_visibility="private")
+        demo.load(handlers.loaded_precision, outputs=choice, queue=False, api_visibility="private")
     return demo
 
 
@@ -138,18 +140,19 @@ def _sampling_controls() -> tuple[list[Any], gr.Textbox]:
     return [system, temperature, top_p, top_k, repetition, seed], stop
 
 
-def _operator_controls(handlers: Handlers) -> gr.Accordion:
+def _operator_controls(handlers: Handlers) -> tuple[gr.Accordion, gr.Dropdown]:
     """Server-wide actions: hidden unless the page load finds the operator, and refused to anyone else."""
     with gr.Accordion("Precision & memory (operator)", open=False, visible=False, elem_id="operator") as box:
-        choice = gr.Dropdown(list(precisions.MENU), value="int4", label="Reload the model in", elem_id="precision")
+        # Its value is the loaded precision, set at page load (handlers.loaded_precision).
+        choice = gr.Dropdown(list(precisions.MENU), value=None, label="Reload the model in", elem_id="precision")
         apply = gr.Button("Switch precision", elem_id="switch-precision")
-        result = gr.Markdown("")
+        result = gr.Markdown("", label="result")
         release = gr.Button("Release cached GPU memory", elem_id="release-memory", size="sm")
     apply.click(
         handlers.switch, inputs=choice, outputs=result, concurrency_id=GPU_CONCURRENCY_ID, api_name="switch_precision"
-    )
+    ).then(handlers.loaded_precision, outputs=choice, queue=False, api_visibility="private")
     release.click(handlers.release, outputs=result, concurrency_limit=1, api_name="release_memory")
-    return box
+    return box, choice
 
 
 # Chat events gradio starts beyond what the admission may hold: a burst past the wait line gets the service's

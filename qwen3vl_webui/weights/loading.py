@@ -89,7 +89,7 @@ def locate_checkpoint(source: str, progress: Callable[[str], None] | None = None
     try:
         return Path(snapshot_download(source, allow_patterns=patterns, tqdm_class=_progress_tqdm(progress)))
     except Exception as exc:  # offline, DNS, 401/404: one sentence for the user, the detail in the log
-        log.info("download of %s failed: %r", source, exc)
+        log.debug("download of %s failed: %r", source, exc)  # the sentence below is what the console shows
         raise ModelUnavailable(
             f"Could not download {source} (no internet connection or no cached copy), so the demo model starts instead."
         ) from exc
