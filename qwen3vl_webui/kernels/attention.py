@@ -132,7 +132,7 @@ def decode_attention(q: Any, k: Any, v: Any, lengths: Any, scale: float) -> Any:
     """
     import torch
 
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_dynamo_compiling():
         decode_attention_op()
     return torch.ops.qwen3vl_webui.decode_attention(q, k, v, lengths, float(scale))
 

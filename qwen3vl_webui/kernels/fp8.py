@@ -122,7 +122,7 @@ class Fp8Linear(nn.Module):
         return dequantize_weight(self.weight, self.weight_scale_inv, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_dynamo_compiling():
             y = torch.ops.qwen3vl_webui.fp8_linear(x, self.weight, self.weight_scale_inv)
         else:
             y = fp8_linear_impl(x, self.weight, self.weight_scale_inv)

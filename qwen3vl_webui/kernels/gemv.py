@@ -92,7 +92,7 @@ def product(gemv: bool) -> Any:
     def one_row(x: Any, weight: Any) -> Any:
         if x.shape[:-1].numel() > MAX_ROWS:
             return F.linear(x, weight)
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_dynamo_compiling():
             return torch.ops.qwen3vl_webui.gemv16(x, weight)
         return gemv_impl(x, weight)  # eager (graphs only): no custom-op dispatch
 

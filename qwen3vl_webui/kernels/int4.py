@@ -168,7 +168,7 @@ class Int4Linear(nn.Module):
         return dequantize_weight(self.qweight, self.scales, self.zeros, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_dynamo_compiling():
             y = torch.ops.qwen3vl_webui.int4_linear(x, self.qweight, self.scales, self.zeros)
         else:  # eager: skip the custom op's dispatch
             y = int4_linear_impl(x, self.qweight, self.scales, self.zeros)

@@ -122,7 +122,7 @@ class Int8WeightOnlyLinear(nn.Module):
         return cls(*fused) if fused is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_dynamo_compiling():
             y = torch.ops.qwen3vl_webui.int8wo_linear(x, self.weight, self.weight_scale)
         else:  # eager: skip the custom op's dispatch (~tens of µs a call in plain generate's Python-bound loop)
             y = int8wo_linear_impl(x, self.weight, self.weight_scale)
