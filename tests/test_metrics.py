@@ -335,3 +335,27 @@ def test_the_live_plots_follow_the_load(app_url: tuple[Any, str]) -> None:
     assert speed["seconds ago"].max() == 0 and speed["seconds ago"].min() >= -301
     assert set(queue["series"]) == {"running", "waiting"}
     assert set(kv[kv["series"] == "slots"]["slots"]) == {1}  # --max-concurrency 1
+
+
+def test_the_bench_scraper_sums_a_load_up(app_url: tuple[Any, str], tmp_path: Path, monkeypatch: Any) -> None:
+    """bench.metrics_scrape (the device's /metrics record under load) against the app while chats run beside it."""
+    import threading
+
+    from bench import metrics_scrape
+
+    _, url = app_url
+    monkeypatch.setenv("QWEN3VL_API_KEY", KEY)
+    chats = threading.Thread(target=lambda: [_chat(url, max_tokens=8) for _ in range(3)])
+    chats.start()
+    try:
+        assert metrics_scrape.main(["--url", url, "--seconds", "3", "--every", "0.5", "--out", str(tmp_path / "m")]) == 0
+    finally:
+        chats.join()
+    result = json.loads((tmp_path / "m.json").read_text())
+    summary = result["summary"]
+    assert summary["output_tokens"] > 0 and summary["output_tokens_per_s"] > 0
+    assert summary["output_tokens"] == 8 * summary["requests"]["length"]
+    assert summary["gpu_hourly_cost_usd"] == HOURLY and summary["cost_per_million_output_tokens_usd"] > 0
+    assert summary["ttft_p50_s"] is not None and summary["ttft_p50_s"] <= summary["ttft_p99_s"]
+    assert len(result["series"]) >= 4
+    assert "vllm:generation_tokens_total" in (tmp_path / "m.prom").read_text()
