@@ -95,3 +95,30 @@ def test_a_video_turn_prints_no_frame_cap_notice(tiny_loaded: Any) -> None:
         root.removeHandler(keep)
     assert prompt.tokens > 0
     assert not [m for m in keep.messages if "cap_pixels_per_frame" in m], keep.messages
+
+
+def test_closing_stops_new_connections_before_the_queue(tiny_checkpoint: Any, monkeypatch: Any) -> None:
+    """A chat arriving as the server closes after a drain must not meet a stopped gradio queue (HTTP 503, shown as
+    "Queue is full"): by the time the queue stops, the port takes no new connection."""
+    import socket
+
+    from qwen3vl_webui.ui import gradio_compat
+    from tests.conftest import start_app
+
+    app, url = start_app(tiny_checkpoint.parent)
+    port = int(url.rstrip("/").rsplit(":", 1)[1])
+    seen: list[str] = []
+    original = gradio_compat.close_blocks
+
+    def recording(demo: Any) -> None:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            seen.append("accepted")
+        except OSError:
+            seen.append("refused")
+        original(demo)
+
+    monkeypatch.setattr(gradio_compat, "close_blocks", recording)
+    app.service.begin_drain()
+    app.close()
+    assert seen == ["refused"]

@@ -395,11 +395,21 @@ class FrontDoor:
             self._thread.join()
 
     def close(self) -> None:
-        """Ends the queue's streams, stops gradio's queue, then uvicorn (lifespan shutdown included)."""
+        """Stops accepting connections, then ends the queue's streams and stops gradio's queue, then uvicorn finishes
+        (lifespan shutdown included).
+
+        In that order: a chat that reaches gradio's queue while the server closes is still run (and answered with
+        the shutting-down message during a drain); a stopped queue would answer it HTTP 503, which gradio_client and
+        the page show as "Queue is full".
+        """
         from qwen3vl_webui.ui import gradio_compat
 
         if self.server is None:
             return
+        self.server.should_exit = True  # uvicorn closes its listening socket on its next tick (0.1 s)
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and any(s.is_serving() for s in list(getattr(self.server, "servers", []))):
+            time.sleep(0.02)
         loop = self._loop
         if loop is not None and not loop.is_closed():
             try:  # the heartbeat streams end on this event; it lives on uvicorn's loop
@@ -407,7 +417,6 @@ class FrontDoor:
             except RuntimeError:  # the loop closed meanwhile
                 pass
         gradio_compat.close_blocks(self.demo)
-        self.server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=_GRACEFUL_S + 10)
         self.sweeper.stop()
