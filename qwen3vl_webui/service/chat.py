@@ -561,13 +561,14 @@ class ChatService:
     def _sample(self) -> Sample:
         load = self.load()
         gpu = self.probe.read()
-        if load.engine is not None:  # the engine's own count moves every step; finished answers only at their end
-            self._engine_seen = True
-            generated = self._engine_tokens.feed(load.engine.tokens)
-        elif self._engine_seen:  # an engine being restarted: its count resumes from here
-            generated = self._engine_tokens.total
-        else:
-            generated = self.metrics.totals().generation_tokens
+        with self._lock:  # the sampler's thread and a /metrics scrape both feed the running total
+            if load.engine is not None:  # the engine's count moves every step; finished answers only at their end
+                self._engine_seen = True
+                generated = self._engine_tokens.feed(load.engine.tokens)
+            elif self._engine_seen:  # an engine being restarted: its count resumes from here
+                generated = self._engine_tokens.total
+            else:
+                generated = self.metrics.totals().generation_tokens
         rss = 0 if gpu else _process_rss()
         return Sample(time.time(), gpu.memory_used if gpu else None, generated, load.running, load.waiting,
                       load.kv_used, load.kv_total, rss)  # fmt: skip
