@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             save()
             # The same artifacts, compiled before serving (--compile before-serving): the first answer then waits for
             # dynamo's re-trace but comes at full speed. First answer only, if a minute is left.
-            if not args.cpu and deadline - time.monotonic() > 60:
+            if deadline - time.monotonic() > 60:
                 shutil.rmtree(carried / "inductor", ignore_errors=True)
                 shutil.rmtree(carried / "triton", ignore_errors=True)
                 log("launch with the precompiled artifacts, --compile before-serving")

@@ -58,6 +58,7 @@ def options(tmp_path: Path, **changes: Any) -> BatchOptions:
     base = dict(
         max_batch=4, token_budget=4 * 512, eos_token_ids=(), buckets=BUCKETS, compile=True, background_compile=True,
         compile_backend="eager", compile_cache_dir=tmp_path / "inductor", artifacts_dir=tmp_path / "compiled",
+        compile_delay_s=0.0,
     )  # fmt: skip
     return BatchOptions(**{**base, **changes})
 
@@ -198,3 +199,22 @@ def test_the_compile_flag_reaches_the_engine_process_and_precompile_uses_its_opt
     assert default.artifacts_dir == str(tmp_path / "compiled") and default.max_len == 2048 and default.max_batch == 4
     with pytest.raises(SystemExit):
         parse_settings(["--compile", "later"])
+
+
+def test_the_background_compile_waits_for_the_first_idle_moment(
+    loaded: LoadedModel, prompts: dict[str, PreparedPrompt], tmp_path: Path
+) -> None:
+    """Not while the first requests (the app's warm-up) prefill: it starts once the engine is idle after them."""
+    gate = threading.Semaphore(0)  # holds it at its first bucket: nothing compiles here
+    opts = options(tmp_path, max_batch=2, token_budget=2 * 512, buckets=(1, 2), compile_delay_s=600.0)
+    with BatchEngine(loaded, opts, gate) as engine:
+        graphs = engine.core.graphs
+        assert graphs.compile_pending and engine.compile_state == "waiting"
+        with engine.hold_admission():
+            streams = [engine.submit_tokens(prompts[n], GREEDY, threading.Event()) for n in ("text", "count")]
+            assert graphs.compile_pending
+        assert [len(list(s)) for s in streams] == [GREEDY.max_new_tokens] * 2
+        deadline = time.monotonic() + 10
+        while engine.compile_state != "compiling" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not graphs.compile_pending and engine.compile_state == "compiling"  # started, held at the gate

@@ -102,7 +102,9 @@ class EngineCore:
         self.serving_at = time.time()
         # Serve at once, speed up in the background: each compiled bucket wakes the worker to be swapped in.
         self.graphs.on_compiled = self.scheduler.nudge
-        self.graphs.start_background()
+        # It starts when the engine is first idle (after the start-up warm-up's requests, whose prefills would
+        # otherwise share the GIL with dynamo) or after `compile_delay_s`, whichever comes first.
+        self.graphs.start_background(self.options.compile_delay_s)
 
     def step(self) -> bool:
         """Admission, at most one prefill forward (so a new prompt stalls running streams for one forward at most),
@@ -135,7 +137,13 @@ class EngineCore:
                 self._out.fail(req, exc)
             self.kv.clear_all()
         self._flush()
+        if self.graphs.compile_pending and self._idle():
+            self.graphs.start_now()
         return True
+
+    def _idle(self) -> bool:
+        sched = self.scheduler
+        return not sched.running and not sched.prefilling and not sched.waiting_load()[0]
 
     def shutdown(self) -> None:
         """Running and waiting requests end with EngineClosed; frees the KV memory and undoes the model changes."""

@@ -71,6 +71,8 @@ class DecodeGraphs:
         self._compile_seq = 0  # odd while the compile thread is inside a bucket
         self._compiled: Callable[..., Any] = runner.decode  # the compiled decode(rows, kv), once compiling
         self._compiler: threading.Thread | None = None
+        self._timer: threading.Timer | None = None
+        self._start_lock = threading.Lock()
         self._ready: queue.SimpleQueue[int | None] = queue.SimpleQueue()  # compiled buckets waiting for their swap
         self._stop = threading.Event()
         self._swapped = threading.Event()  # the engine thread took the last compiled bucket (see _compile_buckets)
@@ -202,12 +204,30 @@ class DecodeGraphs:
 
     # ------------------------------------------------------------------ serve at once, speed up in the background
 
-    def start_background(self) -> None:
-        """Starts compiling the buckets on a thread of its own (call once the engine serves)."""
-        if self.compile_state != "waiting" or self._compiler is not None:
+    def start_background(self, delay_s: float = 0.0) -> None:
+        """Starts compiling the buckets on a thread of its own, after `delay_s` seconds (call once the engine serves;
+        the engine starts it sooner, `start_now`, when it is first idle)."""
+        if self.compile_state != "waiting":
             return
-        self._compiler = threading.Thread(target=self._compile_buckets, name="decode-compile", daemon=True)
-        self._compiler.start()
+        if delay_s <= 0:
+            self.start_now()
+            return
+        timer = threading.Timer(delay_s, self.start_now)
+        timer.daemon = True
+        self._timer = timer
+        timer.start()
+
+    @property
+    def compile_pending(self) -> bool:
+        """The background compile waits to be started."""
+        return self.compile_state == "waiting" and self._compiler is None and self.background and self.compile
+
+    def start_now(self) -> None:
+        with self._start_lock:
+            if self.compile_state != "waiting" or self._compiler is not None or self._stop.is_set():
+                return
+            self._compiler = threading.Thread(target=self._compile_buckets, name="decode-compile", daemon=True)
+            self._compiler.start()
 
     def _compile_buckets(self) -> None:
         """The compile thread: each bucket in ascending order (a dynamic batch size compiles at the second), two
@@ -343,9 +363,12 @@ class DecodeGraphs:
     def stop_background(self, timeout: float = 5.0) -> None:
         """Asks the compile thread to stop after the bucket it is on; waits up to `timeout` seconds."""
         self._stop.set()
+        if self._timer is not None:
+            self._timer.cancel()
         if self.gate is not None:
             self.gate.release(len(self.buckets))
-        thread = self._compiler
+        with self._start_lock:
+            thread = self._compiler
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
             if thread.is_alive():

@@ -26,6 +26,9 @@ class BatchOptions:
     # bucket's compiled graph is swapped in between two decode steps once a background thread has compiled it.
     # None: where the step is compiled on CUDA. False: compile every bucket before the engine serves (precompile).
     background_compile: bool | None = None
+    # The background compile starts when the engine is first idle after it began serving (the start-up warm-up's
+    # requests done), or this many seconds after, whichever comes first.
+    compile_delay_s: float = 10.0
     compile_backend: str = "inductor"  # torch.compile's backend; tests stand "eager" (dynamo alone) in for inductor
     # Where compile artifacts (torch.compiler.save_cache_artifacts) are kept, one file per GPU, versions, precision,
     # model and engine options (engine/batch/artifacts.py); None: none are read or written.
