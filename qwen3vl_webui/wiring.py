@@ -108,19 +108,16 @@ class App:
             self.listener = None
 
 
-def build_app(settings: Settings, load: bool = True) -> App:
-    """The composition root: scheduler, model manager, service, handlers, UI."""
+def build_service(settings: Settings) -> Any:
+    """Scheduler, model manager and the ChatService over them (nothing loaded yet): the app's, and the batch-job
+    CLI's (`python -m qwen3vl_webui.jobs`), built the same way."""
     from qwen3vl_webui.engine.faults import FaultInjector
     from qwen3vl_webui.service.admission import Scheduler
     from qwen3vl_webui.service.chat import ChatService
     from qwen3vl_webui.service.limits import Limits
     from qwen3vl_webui.service.manager import ModelManager
-    from qwen3vl_webui.service.readiness import watch_start
     from qwen3vl_webui.telemetry import GenerationStats, GpuProbe
-    from qwen3vl_webui.ui.handlers import Handlers
-    from qwen3vl_webui.ui.layout import ASSETS, build_demo
     from qwen3vl_webui.weights import random_weights
-    from qwen3vl_webui.zerogpu import on_zero_gpu
 
     scheduler = Scheduler(settings.max_concurrency, settings.queue_size)
     off = settings.random_weights == "off"  # else benchmarking only: random weights built in memory
@@ -137,6 +134,17 @@ def build_app(settings: Settings, load: bool = True) -> App:
         max_per_client=settings.max_requests_per_client,
         gpu_hourly_cost=settings.gpu_hourly_cost,
     )  # fmt: skip
+    return service
+
+
+def build_app(settings: Settings, load: bool = True) -> App:
+    """The composition root: scheduler, model manager, service, handlers, UI."""
+    from qwen3vl_webui.service.readiness import watch_start
+    from qwen3vl_webui.ui.handlers import Handlers
+    from qwen3vl_webui.ui.layout import ASSETS, build_demo
+    from qwen3vl_webui.zerogpu import on_zero_gpu
+
+    service = build_service(settings)
     demo = build_demo(Handlers(service, settings, file_roots=[ASSETS]), settings)
     if load:
         # In the background: the page (with its status line) is up while weights download, load and

@@ -12,6 +12,7 @@ functions and under TYPE_CHECKING alike, so that they stay true.
     wiring   the composition root, the only module that imports every layer
     cli      parses the flags and starts (wiring.run); __main__ calls it
     precompile  python -m qwen3vl_webui.precompile: the app's flags -> the engine's compile artifacts, ahead of time
+    jobs     python -m qwen3vl_webui.jobs: resumable batch jobs with the app's flags (service/jobs.py does the work)
 
 A module imports its own layer or lower ones only. Function-level imports count: a lazy import is still a
 dependency. Each rule is also run once against a tree with a violating line added, to show it catches one.
@@ -32,7 +33,7 @@ BASE = {
     "telemetry", "heap", "zerogpu", "plan",
 }  # fmt: skip
 RANKS = {"base": 0, "kernels": 1, "weights": 2, "engine": 3, "service": 4, "ui": 5, "server": 6, "wiring": 7,
-         "cli": 8, "precompile": 8, "__main__": 9}  # fmt: skip
+         "cli": 8, "precompile": 8, "jobs": 8, "__main__": 9}  # fmt: skip
 GRADIO = ("gradio", "gradio_client", "fastapi", "starlette", "uvicorn")
 TORCH = ("torch", "transformers", "triton", "bitsandbytes", "torchvision")
 # Modules kept only to re-export another's names under an old path (none now); each must do nothing else.

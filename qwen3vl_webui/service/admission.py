@@ -20,6 +20,10 @@ class Cancelled(RuntimeError):
     """The request was cancelled (stop, disconnect) while waiting for a slot."""
 
 
+class Preempted(RuntimeError):
+    """A cold (batch-job) request gave its GPU slot back to an interactive chat; run it again later."""
+
+
 @dataclass(frozen=True)
 class QueueState:
     running: int
@@ -27,6 +31,16 @@ class QueueState:
     max_concurrency: int
     queue_size: int
     peak_running: int
+    cold_running: int = 0  # of `running`, batch-job items (they yield their slot to any chat that waits)
+    cold_waiting: int = 0  # batch-job items waiting for a slot no chat wants (not in `waiting`)
+
+
+class _ColdHolder:
+    """A cold request holding a slot: `preempt` asks it to leave (its cancel, seen within one decode step)."""
+
+    def __init__(self, preempt: Callable[[], None]) -> None:
+        self.preempt = preempt
+        self.preempted = False
 
 
 class Scheduler:
@@ -34,6 +48,11 @@ class Scheduler:
 
     Generations share the slots; `exclusive()` (precision switch) waits for all of them to finish
     and keeps new ones waiting until it is done, so a reload never overlaps a generation.
+
+    Two classes share the slots: interactive chats (hot) and batch-job items (cold, `slot(cold=True)`). A cold
+    request takes a slot only while no chat waits, counts against no wait line, and is preempted (its `preempt`
+    callback: the caller cancels it, which frees the slot at the next decode step) as soon as a chat waits and every
+    slot is taken: the chat gets the slot, the job item goes back to its queue and is run again later.
     """
 
     def __init__(self, max_concurrency: int, queue_size: int) -> None:
@@ -44,21 +63,39 @@ class Scheduler:
         self._waiting = 0
         self._peak = 0
         self._exclusive = False
+        self._cold: list[_ColdHolder] = []  # cold requests holding a slot, oldest first
+        self._cold_waiting = 0
 
     def state(self) -> QueueState:
         with self._cond:
-            return QueueState(self._running, self._waiting, self.max_concurrency, self.queue_size, self._peak)
+            return QueueState(
+                self._running, self._waiting, self.max_concurrency, self.queue_size, self._peak, len(self._cold),
+                self._cold_waiting,
+            )  # fmt: skip
 
     @contextmanager
-    def slot(self, cancel: threading.Event | None = None, timeout: float | None = None) -> Iterator[None]:
-        """Holds one generation slot for the duration of the block."""
+    def slot(
+        self, cancel: threading.Event | None = None, timeout: float | None = None, *, cold: bool = False,
+        preempt: Callable[[], None] | None = None,
+    ) -> Iterator[None]:  # fmt: skip
+        """Holds one generation slot for the duration of the block.
+
+        `cold`: a batch-job item; it waits while any chat waits, and `preempt` is called (under the scheduler's lock:
+        it must only signal) when a chat needs its slot.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
+        holder = _ColdHolder(preempt or (lambda: None)) if cold else None
         with self._cond:
-            if self._running >= self.max_concurrency and self._waiting >= self.queue_size:
+            if not cold and self._running >= self.max_concurrency and self._waiting >= self.queue_size:
                 raise Busy(BUSY_MESSAGE)
-            self._waiting += 1
+            if cold:
+                self._cold_waiting += 1
+            else:
+                self._waiting += 1
             try:
-                while self._exclusive or self._running >= self.max_concurrency:
+                while self._exclusive or self._running >= self.max_concurrency or (cold and self._waiting > 0):
+                    if not cold:
+                        self._preempt_cold()
                     if cancel is not None and cancel.is_set():
                         raise Cancelled("cancelled while waiting for a GPU slot")
                     remaining = None if deadline is None else deadline - time.monotonic()
@@ -67,15 +104,35 @@ class Scheduler:
                     # Wake periodically so a cancel set without notify() is still noticed.
                     self._cond.wait(0.1 if remaining is None else min(0.1, remaining))
             finally:
-                self._waiting -= 1
+                if cold:
+                    self._cold_waiting -= 1
+                else:
+                    self._waiting -= 1
             self._running += 1
             self._peak = max(self._peak, self._running)
+            if holder is not None:
+                self._cold.append(holder)
         try:
             yield
         finally:
             with self._cond:
                 self._running -= 1
+                if holder is not None:
+                    self._cold.remove(holder)
                 self._cond.notify_all()
+
+    def _preempt_cold(self, everyone: bool = False) -> None:
+        """Asks as many cold holders to leave as chats wait beyond the free slots (the newest first: the least work
+        is lost); all of them if `everyone`. Called under the lock."""
+        leaving = sum(1 for h in self._cold if h.preempted)
+        need = len(self._cold) if everyone else self._waiting - max(0, self.max_concurrency - self._running)
+        for holder in reversed(self._cold):
+            if need - leaving <= 0:
+                return
+            if not holder.preempted:
+                holder.preempted = True
+                holder.preempt()
+                leaving += 1
 
     @contextmanager
     def exclusive(self, timeout: float | None = None) -> Iterator[None]:
@@ -87,6 +144,7 @@ class Scheduler:
             self._exclusive = True
             try:
                 while self._running > 0:
+                    self._preempt_cold(everyone=True)  # a reload does not wait for a batch job to finish
                     if deadline is not None and time.monotonic() > deadline:
                         raise Busy("Generations are still running; try the switch again when they finish.")
                     self._cond.wait(0.1)
@@ -168,8 +226,11 @@ class SlotRequest:
     quarter second can, so a client that leaves while waiting is dropped before any GPU work.
     """
 
-    def __init__(self, scheduler: Scheduler, cancel: threading.Event, timeout: float | None) -> None:
-        self._cm = scheduler.slot(cancel, timeout)
+    def __init__(
+        self, scheduler: Scheduler, cancel: threading.Event, timeout: float | None, *, cold: bool = False,
+        preempt: Callable[[], None] | None = None,
+    ) -> None:  # fmt: skip
+        self._cm = scheduler.slot(cancel, timeout, cold=cold, preempt=preempt)
         self._cancel = cancel
         self._done = threading.Event()
         self._error: BaseException | None = None

@@ -23,6 +23,7 @@ from qwen3vl_webui.service.admission import (
     Admission,
     Busy,
     Client,
+    Preempted,
     QueueState,
     Scheduler,
     SlotRequest,
@@ -200,8 +201,12 @@ class ChatService:
         report_waiting: bool = False,
         client: Client | None = None,
         report_end: bool = False,
+        cold: bool = False,
     ) -> Iterator[str | Waiting | Finished]:
         """Yields the growing answer (and, if asked, `Waiting` while queued, and `Finished` last).
+
+        `cold`: a batch-job item (service/jobs.py). It takes no place in the admission (the job runner bounds its
+        own), gets a GPU slot only while no chat waits for one, and raises Preempted when a chat takes its slot back.
 
         Raises RequestError (the user's to fix, or an OOM / timeout told as one), Busy, TooManyRequests or
         ShuttingDown. Closing it stops the GPU work within one decode step and frees the slot. The prompt is
@@ -209,7 +214,7 @@ class ChatService:
         files, a long chat) never holds a slot another chat could use.
         """
         try:
-            yield from self._chat(request, cancel, report_waiting, client, report_end)
+            yield from self._chat(request, cancel, report_waiting, client, report_end, cold)
         except Busy as exc:  # ShuttingDown and TooManyRequests are Busy too
             reason = {ShuttingDown: "shutting_down", TooManyRequests: "per_client"}.get(type(exc), "busy")
             self.metrics.refuse(reason)
@@ -217,7 +222,7 @@ class ChatService:
 
     def _chat(
         self, request: ChatRequest, cancel: threading.Event | None, report_waiting: bool, client: Client | None,
-        report_end: bool,
+        report_end: bool, cold: bool = False,
     ) -> Iterator[str | Waiting | Finished]:  # fmt: skip
         active = _Active(cancel or threading.Event())
         if self._draining.is_set():
@@ -225,7 +230,7 @@ class ChatService:
             raise ShuttingDown(SHUTDOWN_MESSAGE)
         started = time.monotonic()
         deadline = started + self.request_timeout if self.request_timeout else None
-        with self.admission.enter(client):
+        with contextlib.nullcontext() if cold else self.admission.enter(client):
             with self._lock:
                 self._active.add(active)
             try:
@@ -235,7 +240,8 @@ class ChatService:
                 request = self._within_limits(request)
                 prompt = self._build(request, deadline)
                 remaining = None if deadline is None else max(0.01, deadline - time.monotonic())
-                slot = SlotRequest(self.scheduler, active.cancel, remaining)
+                preempt = (lambda: active.stop("preempted")) if cold else None
+                slot = SlotRequest(self.scheduler, active.cancel, remaining, cold=cold, preempt=preempt)
                 try:
                     while not slot.wait(WAIT_REPORT_S):
                         if report_waiting:
@@ -342,6 +348,8 @@ class ChatService:
             )
         if active.stopped_by == "shutdown":
             raise RequestTimedOut("Stopped: the server is shutting down.", text)
+        if active.stopped_by == "preempted":
+            raise Preempted("an interactive chat took this slot back")
         if report_end and final is not None:
             yield final
 

@@ -1,0 +1,248 @@
+"""Batch jobs: the SQLite store, the CLI end to end on the tiny model, kill -9 and resume, hot/cold slot sharing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from qwen3vl_webui.service.admission import Scheduler
+from qwen3vl_webui.service.jobs import folder_items, read_jsonl
+from qwen3vl_webui.service.jobstore import JobError, JobItem, JobStore, RunLock
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "assets"
+
+
+def _jobs(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "qwen3vl_webui.jobs", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _model_flags(cache: Path, *extra: str) -> list[str]:
+    return ["--demo", "--cache-dir", str(cache), "--warmup", "off", "--max-context", "512", "--max-new-tokens", "16",
+            "--max-concurrency", "2", "--no-progress", *extra]  # fmt: skip
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+# ----------------------------------------------------------------------------------- the store
+
+
+def test_store_claims_in_order_answers_once_and_recovers_half_done_items(tmp_path: Path) -> None:
+    db = tmp_path / "j.sqlite"
+    items = [JobItem(f"i{n}", f"prompt {n}") for n in range(4)] + [JobItem("bad", "", error="line 5 is not JSON")]
+    with JobStore(db) as store:
+        assert store.add(items) is True
+        assert store.add(items) is False  # the same job again: a resume
+        with pytest.raises(JobError, match="another job"):
+            store.add(items[:2])
+        assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        a, b = store.claim("run1"), store.claim("run1")
+        assert (a.id, b.id) == ("i0", "i1")
+        assert store.finish(a.seq, "run1", "answer 0", 10, 3)
+        assert not store.finish(a.seq, "run1", "again", 10, 3)  # done once: a second answer is refused
+        assert not store.finish(b.seq, "other-run", "x", 1, 1)  # only the claimer settles it
+    with JobStore(db) as store:  # a new run after the old one died holding i1
+        assert store.recover() == (1, 0)
+        assert [store.claim("run2").id for _ in range(3)] == ["i1", "i2", "i3"]
+        assert store.claim("run2") is None
+        counts = store.counts()
+        assert (counts.done, counts.failed, counts.running, counts.pending) == (1, 1, 3, 0)
+        records = list(store.results(include_unfinished=True))
+    assert [r["id"] for r in records] == ["i0", "i1", "i2", "i3", "bad"]
+    assert records[0] == {"id": "i0", "status": "done", "answer": "answer 0", "error": "", "prompt_tokens": 10,
+                          "completion_tokens": 3}  # fmt: skip
+    assert records[4]["status"] == "failed" and "not JSON" in records[4]["error"]
+
+
+def test_an_item_that_keeps_killing_the_runner_fails_and_a_second_runner_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "j.sqlite"
+    with JobStore(db) as store:
+        store.add([JobItem("poison", "p"), JobItem("ok", "q")])
+        for run in range(3):
+            assert store.claim(f"run{run}").id == "poison"
+            store.recover()
+        assert store.counts().failed == 1 and "died 3 times" in next(store.results())["error"]
+    with RunLock(db), pytest.raises(JobError, match=f"pid {os.getpid()}"):
+        RunLock(db).acquire()
+    RunLock(db).acquire()  # released: the next run takes it
+
+
+def test_jsonl_and_folder_inputs(tmp_path: Path) -> None:
+    (tmp_path / "media").mkdir()
+    (tmp_path / "media" / "a.png").write_bytes((ASSETS / "example.png").read_bytes())
+    (tmp_path / "media" / "notes.txt").write_text("not media")
+    lines = [
+        {"id": "x", "prompt": "Describe.", "files": ["media/a.png"], "temperature": 0.5},
+        "not json",
+        {"id": "y", "prompt": 3},
+        {"prompt": "", "files": []},
+        {"id": "z", "prompt": "hi", "seed": "seven"},
+    ]
+    source = tmp_path / "items.jsonl"
+    source.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n\n")
+    items = read_jsonl(source)
+    assert [i.id for i in items] == ["x", "line-2", "y", "line-4", "z"]
+    assert items[0].files == (str(tmp_path / "media" / "a.png"),) and items[0].options == {"temperature": 0.5}
+    assert [bool(i.error) for i in items] == [False, True, True, True, True]
+    assert "seed must be" in items[4].error
+    source.write_text('{"id": "a", "prompt": "p"}\n{"id": "a", "prompt": "q"}\n')
+    with pytest.raises(JobError, match="appears twice"):
+        read_jsonl(source)
+    folder = folder_items(tmp_path / "media", "Caption this.")
+    assert [(i.id, i.prompt) for i in folder] == [("a.png", "Caption this.")]
+    with pytest.raises(JobError, match="no image or video"):
+        (tmp_path / "empty").mkdir()
+        folder_items(tmp_path / "empty", "x")
+
+
+# ----------------------------------------------------------------------------------- hot and cold
+
+
+def test_a_waiting_chat_preempts_a_cold_item_and_cold_items_wait_behind_chats() -> None:
+    scheduler = Scheduler(max_concurrency=2, queue_size=4)
+    preempted: list[str] = []
+    release = {name: threading.Event() for name in ("cold1", "cold2", "hot")}
+    got: list[str] = []
+
+    def hold(name: str, cold: bool) -> None:
+        def preempt() -> None:
+            preempted.append(name)
+            release[name].set()  # the job item leaves at its next decode step
+
+        with scheduler.slot(cold=cold, preempt=preempt):
+            got.append(name)
+            release[name].wait(10)
+
+    threads = [threading.Thread(target=hold, args=(n, True)) for n in ("cold1", "cold2")]
+    for t in threads:
+        t.start()
+    assert _until(lambda: scheduler.state().cold_running == 2)
+    hot = threading.Thread(target=hold, args=("hot", False))
+    hot.start()
+    assert _until(lambda: "hot" in got)
+    assert preempted == ["cold2"]  # one slot was needed: the newest cold item gave it
+    late = threading.Thread(target=hold, args=("cold3", True))
+    release["cold3"] = threading.Event()
+    late.start()
+    time.sleep(0.3)
+    assert "cold3" not in got  # both slots are taken (cold1 + the chat): it waits
+    release["hot"].set()
+    assert _until(lambda: "cold3" in got)
+    release["cold1"].set()
+    release["cold3"].set()
+    for t in (*threads, hot, late):
+        t.join(5)
+    state = scheduler.state()
+    assert (state.running, state.cold_running, state.waiting, state.cold_waiting) == (0, 0, 0, 0)
+
+
+def _until(condition, seconds: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return bool(condition())
+
+
+# ----------------------------------------------------------------------------------- the CLI, end to end
+
+
+def test_cli_runs_a_job_with_bad_items_and_exports_in_input_order(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really" * 8)
+    items = [
+        {"id": "text", "prompt": "Say hello."},
+        {"id": "image", "prompt": "Describe it.", "files": [str(ASSETS / "example.png")]},
+        {"id": "missing", "prompt": "Describe it.", "files": ["gone.png"]},
+        {"id": "corrupt", "prompt": "Describe it.", "files": ["broken.png"]},
+        {"id": "long", "prompt": "word " * 900},  # over the 512-token context
+        {"id": "pdf", "prompt": "Read it.", "files": ["notes.xyz"]},
+    ]
+    (tmp_path / "notes.xyz").write_text("x")
+    source = tmp_path / "items.jsonl"
+    source.write_text("\n".join(json.dumps(i) for i in items) + "\nnot json\n")
+    db, out = tmp_path / "job.sqlite", tmp_path / "results.jsonl"
+    done = _jobs("run", "--input", str(source), "--db", str(db), "--output", str(out),
+                 *_model_flags(tiny_checkpoint.parent))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = _lines(out)
+    assert [r["id"] for r in results] == ["text", "image", "missing", "corrupt", "long", "pdf", "line-7"]
+    by = {r["id"]: r for r in results}
+    for name in ("text", "image"):
+        assert by[name]["status"] == "done" and by[name]["completion_tokens"] > 0 and by[name]["prompt_tokens"] > 0
+    assert by["image"]["prompt_tokens"] > by["text"]["prompt_tokens"]  # the image's tokens count
+    assert "gone.png was not found" in by["missing"]["error"]
+    assert "broken.png is not a valid image" in by["corrupt"]["error"]
+    assert "max context" in by["long"]["error"]
+    assert "not a supported file type" in by["pdf"]["error"]
+    assert all(by[k]["status"] == "failed" for k in ("missing", "corrupt", "long", "pdf", "line-7"))
+    status = _jobs("status", "--db", str(db), "--json")
+    assert json.loads(status.stdout) | {"prompt_tokens": 0, "completion_tokens": 0} == {
+        "total": 7, "pending": 0, "running": 0, "done": 2, "failed": 5, "prompt_tokens": 0, "completion_tokens": 0
+    }  # fmt: skip
+    again = _jobs("run", "--input", str(source), "--db", str(db), *_model_flags(tiny_checkpoint.parent))
+    assert again.returncode == 0 and "nothing to run" in again.stderr  # nothing is answered twice
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"id": "new", "prompt": "p"}\n')
+    refused = _jobs("run", "--input", str(other), "--db", str(db), *_model_flags(tiny_checkpoint.parent))
+    assert refused.returncode == 2 and "already holds another job" in refused.stderr
+
+
+def test_a_job_killed_with_sigkill_resumes_every_item_exactly_once(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    count = 40
+    source = tmp_path / "items.jsonl"
+    source.write_text("".join(json.dumps({"id": f"item-{n:02d}", "prompt": f"Item {n}: say something."}) + "\n"
+                              for n in range(count)))  # fmt: skip
+    db, out = tmp_path / "job.sqlite", tmp_path / "results.jsonl"
+    args = ["run", "--input", str(source), "--db", str(db), "--output", str(out),
+            *_model_flags(tiny_checkpoint.parent, "--max-new-tokens", "24")]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "qwen3vl_webui.jobs", *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        assert _until(lambda: _done(db) >= 4, 180), "the job never got going"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    first = _rows(db)
+    done_before = {r[0]: r[2] for r in first if r[1] == "done"}
+    assert 4 <= len(done_before) < count, "killed too late to test a resume"
+    assert not out.exists()
+    second = _jobs(*args)
+    assert second.returncode == 0, second.stderr[-2000:]
+    results = _lines(out)
+    assert [r["id"] for r in results] == [f"item-{n:02d}" for n in range(count)]  # each once, in input order
+    assert all(r["status"] == "done" for r in results)
+    for r in results:  # what was answered before the kill was not answered again
+        if r["id"] in done_before:
+            assert r["answer"] == done_before[r["id"]]
+    attempts = {r[0]: r[3] for r in _rows(db)}
+    assert all(attempts[i] == 1 for i in done_before)
+    assert max(attempts.values()) <= 2
+
+
+def _done(db: Path) -> int:
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db, timeout=5) as conn:
+            return conn.execute("SELECT COUNT(*) FROM items WHERE status = 'done'").fetchone()[0]
+    except sqlite3.OperationalError:  # the schema is being written
+        return 0
+
+
+def _rows(db: Path) -> list[tuple]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT id, status, answer, attempts FROM items ORDER BY seq").fetchall()
