@@ -359,3 +359,30 @@ def test_the_bench_scraper_sums_a_load_up(app_url: tuple[Any, str], tmp_path: Pa
     assert summary["ttft_p50_s"] is not None and summary["ttft_p50_s"] <= summary["ttft_p99_s"]
     assert len(result["series"]) >= 4
     assert "vllm:generation_tokens_total" in (tmp_path / "m.prom").read_text()
+
+
+def test_the_engine_process_figures_reach_metrics(tiny_checkpoint: Path) -> None:
+    """--engine batch (the engine in its own process, on the CPU here): KV slots and the prefix cache come from the
+    stats it reports every 0.5 s; a repeated prompt is a prefix-cache hit."""
+    app, url = start_app(tiny_checkpoint.parent, "--engine", "batch", "--max-concurrency", "2")
+    try:
+        model = {"model_name": "qwen3vl-demo", "engine": "0"}
+        before = scrape(url)
+        body = {"model": "qwen3vl-demo", "messages": [{"role": "user", "content": "The same words again and again"}],
+                "max_tokens": 4, "ignore_eos": True}  # fmt: skip
+        for _ in range(2):
+            assert httpx.post(url + "v1/chat/completions", json=body, timeout=60).status_code == 200
+
+        def hits() -> float:
+            return value(scrape(url), "vllm:prefix_cache_hits_total", **model)
+
+        assert wait_for(lambda: hits() > value(before, "vllm:prefix_cache_hits_total", **model), 5)
+        after = scrape(url)
+        assert value(after, "vllm:prefix_cache_queries_total", **model) > value(
+            before, "vllm:prefix_cache_queries_total", **model
+        )
+        assert value(after, "qwen3vl:precision_info", decoder="batch") == 1
+        assert value(after, "vllm:request_success_total", finished_reason="length", **model) == 2
+        assert value(after, "vllm:kv_cache_usage_perc", **model) == 0  # nothing running now
+    finally:
+        app.close()
