@@ -30,7 +30,7 @@ PACKAGE = "qwen3vl_webui"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 BASE = {
     "config", "precisions", "ranges", "conversation", "media", "media_child", "vision_rules", "planner",
-    "telemetry", "heap", "zerogpu", "plan",
+    "telemetry", "heap", "zerogpu", "plan", "documents",
 }  # fmt: skip
 RANKS = {"base": 0, "kernels": 1, "weights": 2, "engine": 3, "service": 4, "ui": 5, "server": 6, "wiring": 7,
          "cli": 8, "precompile": 8, "jobs": 8, "__main__": 9}  # fmt: skip

@@ -30,6 +30,7 @@ from qwen3vl_webui.service.admission import (
     TooManyRequests,
 )
 from qwen3vl_webui.service.limits import Limits
+from qwen3vl_webui.service.longdoc import LongDocuments, has_documents
 from qwen3vl_webui.service.manager import ModelManager, SwitchRefused, SwitchReport
 from qwen3vl_webui.service.metrics import CostView, LoadHistory, MonotonicTotal, RequestMetrics, Sample, cost_view
 from qwen3vl_webui.service.prompt import ChatRequest, MediaCache, RequestTimedOut, TurnCounts, build_prompt
@@ -182,6 +183,10 @@ class ChatService:
         self._prefix_queries = MonotonicTotal()
         self._prefix_hits = MonotonicTotal()
         self._engine_seen = False
+        # Chats with documents attached: whole if they fit, else sliding windows + summary merge (service/longdoc.py).
+        self.documents = LongDocuments(
+            self.chat, lambda: self.manager.wait_ready(READY_TIMEOUT_S).processor.tokenizer, Finished
+        )
 
     @property
     def limits(self) -> Limits:
@@ -213,6 +218,9 @@ class ChatService:
         built before the request waits for a GPU slot, within the request's deadline: a slow prompt (many
         files, a long chat) never holds a slot another chat could use.
         """
+        if has_documents(request.message):  # each window and the merge come back through here, without documents
+            yield from self.documents.answer(request, cancel, report_waiting, report_end, client=client, cold=cold)
+            return
         try:
             yield from self._chat(request, cancel, report_waiting, client, report_end, cold)
         except Busy as exc:  # ShuttingDown and TooManyRequests are Busy too

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qwen3vl_webui.conversation import Turn, UserMessage, keep_recent_chars
+from qwen3vl_webui.documents import is_document
 from qwen3vl_webui.engine.request import PreparedPrompt, RequestError, SamplingParams
 from qwen3vl_webui.media import MediaBudget, MediaError, load_image, load_video, media_kind
 from qwen3vl_webui.weights.model import LoadedModel
@@ -218,6 +219,8 @@ def _encode(
     for turn in turns:
         content: list[dict[str, Any]] = []
         for path in turn.user.files:
+            if is_document(path):  # read for its own turn (service/longdoc.py); later turns keep its answer
+                continue
             kind, value = cache.get(path, request.media)
             if kind == "image":
                 content.append({"type": "image", "image": value})

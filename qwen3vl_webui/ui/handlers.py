@@ -31,6 +31,7 @@ from qwen3vl_webui.engine.stops import parse_stop_lines
 from qwen3vl_webui.media import MediaBudget
 from qwen3vl_webui.service.admission import Busy, Cancelled, Client
 from qwen3vl_webui.service.chat import ChatService, ShuttingDown, Waiting
+from qwen3vl_webui.service.longdoc import Reading
 from qwen3vl_webui.service.manager import SwitchRefused
 from qwen3vl_webui.service.prompt import ChatRequest, RequestTimedOut
 from qwen3vl_webui.ui import gradio_compat
@@ -122,6 +123,9 @@ class Handlers:
                     if isinstance(item, Waiting):
                         # Also lets gradio close this generator if the client has gone.
                         yield WAIT_PREFIX + _waiting_text(item)
+                        continue
+                    if isinstance(item, Reading):  # a long document, part by part (service/longdoc.py)
+                        yield WAIT_PREFIX + item.describe()
                         continue
                     now = time.monotonic()
                     if now - last < STREAM_INTERVAL_S:

@@ -9,6 +9,7 @@ import gradio as gr
 
 from qwen3vl_webui import precisions, ranges
 from qwen3vl_webui.config import Settings
+from qwen3vl_webui.documents import DOCUMENT_EXTENSIONS
 from qwen3vl_webui.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from qwen3vl_webui.service.limits import Limits
 from qwen3vl_webui.ui import gradio_compat
@@ -35,9 +36,9 @@ def build_demo(handlers: Handlers, settings: Settings) -> gr.Blocks:
             with gr.Column(scale=3, min_width=420):
                 chatbot = gr.Chatbot(label="Chat", elem_id="chatbot", height=560, buttons=["copy"])
                 textbox = gr.MultimodalTextbox(
-                    file_types=[*IMAGE_EXTENSIONS, *VIDEO_EXTENSIONS],
+                    file_types=[*IMAGE_EXTENSIONS, *VIDEO_EXTENSIONS, *DOCUMENT_EXTENSIONS],
                     file_count="multiple",
-                    placeholder="Ask about an image or a video, or just chat…",
+                    placeholder="Ask about an image, a video or a document (.txt .md .json .csv .pdf), or just chat…",
                     sources=["upload"],
                     elem_id="message",
                     stop_btn=True,  # ChatInterface takes its Stop button from a custom textbox
