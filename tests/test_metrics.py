@@ -323,19 +323,30 @@ def test_the_panel_shows_cost_or_how_to_set_it(app_url: tuple[Any, str]) -> None
 
 
 def test_the_live_plots_follow_the_load(app_url: tuple[Any, str]) -> None:
+    import gradio as gr
+
     from qwen3vl_webui.ui.handlers import Handlers
 
     app, url = app_url
     before = len(app.service.history.samples())
     _chat(url, max_tokens=12)
-    assert wait_for(lambda: len(app.service.history.samples()) >= before + 2, 5)  # sampled once a second
+    assert wait_for(lambda: len(app.service.history.samples()) >= before + 3, 6)  # sampled once a second
     memory, speed, queue, kv = Handlers(app.service, app.settings).plots()
-    assert set(memory["series"]) == {"RAM (this process, no GPU)"} and memory["GiB"].min() > 0
-    assert speed["tok/s"].max() > 0  # the answer's tokens appear as a rate
-    assert speed["seconds ago"].max() == 0 and speed["seconds ago"].min() >= -301
-    assert set(queue["series"]) == {"running", "waiting"}
-    assert set(kv[kv["series"] == "slots"]["slots"]) == {1}  # --max-concurrency 1
 
+    def column(payload: dict, name: str, series: str | None = None) -> list[Any]:
+        i, s = payload["columns"].index(name), payload["columns"].index("series")
+        return [row[i] for row in payload["data"] if series is None or row[s] == series]
+
+    assert set(column(memory, "series")) == {"RAM (this process, no GPU)"} and min(column(memory, "GiB")) > 0
+    assert max(column(speed, "tok/s")) > 0  # the answer's tokens appear as a rate
+    assert max(column(speed, "seconds ago")) == 0 and min(column(speed, "seconds ago")) >= -301
+    assert set(column(queue, "series")) == {"running", "waiting"}
+    assert set(column(kv, "slots", "slots")) == {1}  # --max-concurrency 1
+    # gradio sends these as they are (no DataFrame conversion per call): what its LinePlot would have made of them
+    plot = gr.LinePlot(x="seconds ago", y="tok/s", color="series")
+    assert plot.postprocess(speed) is speed
+    assert speed["datatypes"] == {"seconds ago": "quantitative", "tok/s": "quantitative", "series": "nominal"}
+    assert speed["mark"] == plot.get_mark()
 
 def test_the_bench_scraper_sums_a_load_up(app_url: tuple[Any, str], tmp_path: Path, monkeypatch: Any) -> None:
     """bench.metrics_scrape (the device's /metrics record under load) against the app while chats run beside it."""

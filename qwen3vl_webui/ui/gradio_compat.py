@@ -181,6 +181,28 @@ def open_share_link(demo: Any, host: str, port: int) -> tuple[str, list[Any]]:
 # ------------------------------------------------------------------------------- process set-up
 
 
+def plot_payload(columns: list[str], rows: list[tuple[Any, ...]], mark: str = "line") -> dict[str, Any]:
+    """A gr.LinePlot value in the form gradio sends to the browser (its PlotData), which the plot passes through as is:
+    `NativePlot.postprocess` returns a dict unchanged and turns a DataFrame into this (~9 ms a plot)."""
+    from gradio.components import native_plot
+
+    source = _postprocess_source(native_plot.LinePlot)
+    if "isinstance(value, dict)" not in source or "PlotData(" not in source:
+        raise GradioChanged("LinePlot.postprocess no longer passes a PlotData dict through")
+    types = {}
+    for i, name in enumerate(columns):
+        first = next((row[i] for row in rows), 0)
+        types[name] = "quantitative" if isinstance(first, (int, float)) else "nominal"
+    return {"columns": columns, "data": [list(row) for row in rows], "datatypes": types, "mark": mark}
+
+
+@functools.cache
+def _postprocess_source(cls: Any) -> str:
+    import inspect
+
+    return inspect.getsource(_require(cls, "postprocess", cls.__name__))
+
+
 def quiet_range_errors() -> bool:
     """An API value outside a slider's range: the client gets gradio's error, and the console no traceback.
 
