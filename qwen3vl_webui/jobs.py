@@ -142,7 +142,6 @@ def _run(args: argparse.Namespace, rest: list[str]) -> int:
 
 def _serve_job(settings: Any, store: Any, args: argparse.Namespace) -> int:
     from qwen3vl_webui import ranges
-    from qwen3vl_webui.media import MediaBudget
     from qwen3vl_webui.service.jobs import JobDefaults, JobRunner
     from qwen3vl_webui.wiring import build_service
 
@@ -161,15 +160,9 @@ def _serve_job(settings: Any, store: Any, args: argparse.Namespace) -> int:
         service.close()
         service.manager.close()
         return EXIT_STOPPED
-    r = ranges.REQUEST
     defaults = JobDefaults(
         max_context=settings.max_context, max_new_tokens=settings.max_new_tokens, temperature=args.temperature,
         system=args.system, max_files_per_turn=settings.max_files_per_turn,
-        media=MediaBudget(
-            max_image_pixels=int(r["image_megapixels"].default * ranges.MEGA), video_fps=r["video_fps"].default,
-            video_max_frames=int(r["video_max_frames"].default),
-            video_total_pixels=int(r["video_megapixels"].default * ranges.MEGA),
-        ),
     )  # fmt: skip
     bar = _ProgressBar(counts.total, counts.finished, quiet=args.no_progress)
     workers = args.workers or 2 * settings.max_concurrency

@@ -141,11 +141,13 @@ def build_app(settings: Settings, load: bool = True) -> App:
     """The composition root: scheduler, model manager, service, handlers, UI."""
     from qwen3vl_webui.service.readiness import watch_start
     from qwen3vl_webui.ui.handlers import Handlers
+    from qwen3vl_webui.ui.jobs_tab import JobsTab
     from qwen3vl_webui.ui.layout import ASSETS, build_demo
     from qwen3vl_webui.zerogpu import on_zero_gpu
 
     service = build_service(settings)
-    demo = build_demo(Handlers(service, settings, file_roots=[ASSETS]), settings)
+    handlers = Handlers(service, settings, file_roots=[ASSETS])
+    demo = build_demo(handlers, settings, jobs=JobsTab(_job_board(service, settings), handlers.is_operator))
     if load:
         # In the background: the page (with its status line) is up while weights download, load and
         # warm up. On ZeroGPU there is no GPU outside a request, so no warm-up there.
@@ -153,6 +155,19 @@ def build_app(settings: Settings, load: bool = True) -> App:
         service.start_in_background(settings.demo, warmup, ranges.largest_image_pixels())
         watch_start(service)  # stamps "ready", each compiled batch size and "fully compiled" (service/readiness.py)
     return App(demo=demo, service=service, settings=settings)
+
+
+def _job_board(service: Any, settings: Settings) -> Any:
+    """The page's batch jobs: cold requests beside the chats, each job in <cache dir>/jobs/<id>/."""
+    from qwen3vl_webui.service.jobs import JobBoard, JobDefaults
+
+    defaults = JobDefaults(
+        max_context=settings.max_context,
+        max_new_tokens=min(settings.max_new_tokens, int(ranges.REQUEST["max_new_tokens"].default)),
+        max_files_per_turn=settings.max_files_per_turn,
+    )
+    root = Path(settings.cache_dir or Path.home() / ".cache" / "qwen3vl-webui") / "jobs"
+    return JobBoard(service, root, defaults, workers=2 * settings.max_concurrency)
 
 
 def run(settings: Settings) -> int:

@@ -246,3 +246,105 @@ def _done(db: Path) -> int:
 def _rows(db: Path) -> list[tuple]:
     with sqlite3.connect(db) as conn:
         return conn.execute("SELECT id, status, answer, attempts FROM items ORDER BY seq").fetchall()
+
+
+# ----------------------------------------------------------------------------------- a job and chats at once
+
+
+@pytest.fixture(scope="module")
+def service(tiny_checkpoint: Path):  # type: ignore[no-untyped-def]
+    from qwen3vl_webui.cli import parse_settings
+    from qwen3vl_webui.wiring import build_service
+
+    settings = parse_settings(["--demo", "--cache-dir", str(tiny_checkpoint.parent), "--warmup", "off",
+                               "--max-context", "1024", "--max-new-tokens", "512", "--max-concurrency", "2"])  # fmt: skip
+    svc = build_service(settings)
+    svc.start_in_background(True, "off", 1_000_000)
+    svc.manager.wait_ready(120)
+    yield svc
+    svc.close()
+    svc.manager.close()
+
+
+def test_chats_take_their_slots_from_a_running_job_which_still_answers_every_item_once(
+    service, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    import dataclasses
+
+    from qwen3vl_webui.conversation import UserMessage
+    from qwen3vl_webui.engine.request import SamplingParams
+    from qwen3vl_webui.service.chat import Finished
+    from qwen3vl_webui.service.jobs import JobDefaults, JobRunner
+    from qwen3vl_webui.service.prompt import ChatRequest
+
+    store = JobStore(tmp_path / "job.sqlite")
+    store.add([JobItem(f"item-{n}", f"Tell a long story number {n}.") for n in range(6)])
+    runner = JobRunner(service, store, JobDefaults(max_context=1024, max_new_tokens=300), workers=3)
+    plain = runner.request_for
+
+    def long_answers(item):  # type: ignore[no-untyped-def]
+        request = plain(item)  # every item holds its slot for 300 tokens: long enough to be in the way
+        return dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, ignore_eos=True))
+
+    runner.request_for = long_answers  # type: ignore[method-assign]
+    job = threading.Thread(target=runner.run)
+    job.start()
+    scheduler = service.scheduler
+    assert _until(lambda: scheduler.state().cold_running == 2, 60), "the job never filled the slots"
+    hot_peak, waits = [0], []
+
+    def chat(n: int) -> None:
+        started = time.monotonic()
+        request = ChatRequest(UserMessage(f"Hello {n}"), sampling=SamplingParams(max_new_tokens=8, temperature=0),
+                              max_context=1024)  # fmt: skip
+        for event in service.chat(request, report_end=True):
+            if isinstance(event, Finished):
+                waits.append(time.monotonic() - started)
+
+    chats = [threading.Thread(target=chat, args=(n,)) for n in range(2)]
+    for t in chats:
+        t.start()
+    while any(t.is_alive() for t in chats):
+        state = scheduler.state()
+        hot_peak[0] = max(hot_peak[0], state.running - state.cold_running)
+        time.sleep(0.01)
+    assert len(waits) == 2 and max(waits) < 15, waits  # they did not wait for 300-token job items to end
+    assert hot_peak[0] == 2  # both chats held a slot at once: the job gave both back
+    assert runner.progress().preempted >= 2
+    job.join(240)
+    assert not job.is_alive()
+    records = list(store.results())
+    assert [r["id"] for r in records] == [f"item-{n}" for n in range(6)] and {r["status"] for r in records} == {"done"}
+    assert all(r["completion_tokens"] == 300 for r in records)  # a preempted item was redone whole, not cut short
+    attempts = [row[0] for row in store._db.execute("SELECT attempts FROM items")]
+    assert attempts == [1] * 6  # a preemption is not an attempt
+    store.close()
+
+
+def test_the_batch_jobs_tab_runs_an_uploaded_zip_and_offers_the_results(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    import zipfile
+
+    from conftest import start_app
+    from gradio_client import Client, handle_file
+
+    archive = tmp_path / "photos.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.write(ASSETS / "example.png", "a/one.png")
+        z.write(ASSETS / "example.png", "two.png")
+        z.writestr("broken.jpg", b"not a jpeg")
+    app, url = start_app(tiny_checkpoint.parent, "--max-context", "1024", "--max-new-tokens", "16", "--warmup", "off")
+    try:
+        client = Client(url, verbose=False)
+        started = client.predict(handle_file(str(archive)), "Caption this.", api_name="/start_job")
+        assert started.startswith("Started job") and "3 items" in started, started
+        job = started.split()[2].rstrip(":")
+        results = tiny_checkpoint.parent / "jobs" / job / "results.jsonl"
+        assert _until(results.exists, 120), "the job did not finish"
+        records = _lines(results)
+        assert [r["id"] for r in records] == ["a/one.png", "broken.jpg", "two.png"]
+        assert [r["status"] for r in records] == ["done", "failed", "done"]
+        assert "not a valid image" in records[1]["error"]
+        again = client.predict(handle_file(str(tmp_path / "photos.zip")), "", api_name="/start_job")
+        assert again.startswith("⚠️") and "needs a prompt" in again, again
+    finally:
+        app.close()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qwen3vl_webui import ranges
 from qwen3vl_webui.conversation import UserMessage
 from qwen3vl_webui.engine.remote.protocol import EngineDied
 from qwen3vl_webui.engine.request import RequestError, SamplingParams
@@ -92,12 +93,12 @@ def folder_items(folder: str | Path, prompt: str) -> list[JobItem]:
     """One item per image or video under `folder` (sorted, subfolders included), id = its path inside the folder."""
     root = Path(folder)
     if not root.is_dir():
-        raise JobError(f"--folder {root} is not a folder")
+        raise JobError(f"{root} is not a folder")
     if not prompt.strip():
-        raise JobError("--folder needs --prompt: the question asked of every file")
+        raise JobError("a folder of files needs a prompt (--prompt): the question asked of every file")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in MEDIA_EXTENSIONS)
     if not files:
-        raise JobError(f"--folder {root} holds no image or video ({', '.join(MEDIA_EXTENSIONS)})")
+        raise JobError(f"{root.name or root} holds no image or video ({', '.join(MEDIA_EXTENSIONS)})")
     return [JobItem(str(p.relative_to(root)), prompt, (str(p.resolve()),)) for p in files]
 
 
@@ -112,6 +113,16 @@ def _check_unique(items: list[JobItem], where: str) -> None:
 # ----------------------------------------------------------------------------------- running
 
 
+def default_media() -> MediaBudget:
+    """The page's default image and video budget (its sliders' starting values), for items that carry files."""
+    r = ranges.REQUEST
+    return MediaBudget(
+        max_image_pixels=int(r["image_megapixels"].default * ranges.MEGA), video_fps=r["video_fps"].default,
+        video_max_frames=int(r["video_max_frames"].default),
+        video_total_pixels=int(r["video_megapixels"].default * ranges.MEGA),
+    )  # fmt: skip
+
+
 @dataclass(frozen=True)
 class JobDefaults:
     """What an item asks when it says nothing else: greedy answers (a job is reproducible), the caps' budget."""
@@ -120,7 +131,7 @@ class JobDefaults:
     max_new_tokens: int = 512
     temperature: float = 0.0
     system: str = ""
-    media: MediaBudget = field(default_factory=MediaBudget)
+    media: MediaBudget = field(default_factory=default_media)
     max_files_per_turn: int = 8
 
 
@@ -298,3 +309,136 @@ def format_duration(seconds: float | None) -> str:
     seconds = int(seconds)
     hours, rest = divmod(seconds, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"
+
+
+# ----------------------------------------------------------------------------------- jobs started from the page
+
+
+@dataclass(frozen=True)
+class BoardView:
+    """What the Batch jobs tab shows: the current (or last) job, plain data."""
+
+    job: str | None
+    state: str  # idle, running, stopping, finished, stopped, failed
+    progress: Progress | None
+    results: str | None  # the results file, once written
+    message: str = ""
+
+
+class JobBoard:
+    """The app's batch jobs: one runs at a time, as cold requests beside the chats, each in its own folder
+    (`<root>/<job id>/job.sqlite`, its extracted media, results.jsonl)."""
+
+    def __init__(self, service: ChatService, root: str | Path, defaults: JobDefaults, workers: int) -> None:
+        self.service = service
+        self.root = Path(root)
+        self.defaults = defaults
+        self.workers = workers
+        self._lock = threading.Lock()
+        self._runner: JobRunner | None = None
+        self._job: str | None = None
+        self._state = "idle"
+        self._message = ""
+        self._results: str | None = None
+        self._last: Progress | None = None
+
+    def new_folder(self) -> tuple[str, Path]:
+        job = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+        folder = self.root / job
+        folder.mkdir(parents=True, mode=0o700)
+        return job, folder
+
+    def start(self, job: str, folder: Path, items: list[JobItem]) -> None:
+        """Runs `items` in the background; JobError if a job is running already."""
+        with self._lock:
+            if self._state in ("running", "stopping"):
+                raise JobError(f"job {self._job} is still running; stop it or wait for it to finish.")
+            store = JobStore(folder / "job.sqlite")
+            store.add(items, source="upload")
+            runner = JobRunner(self.service, store, self.defaults, self.workers, on_progress=self._progress, cold=True)
+            self._runner, self._job, self._state, self._results, self._last = runner, job, "running", None, None
+            self._message = f"{len(items)} items"
+        threading.Thread(target=self._run, args=(runner, store, folder), name="job-board", daemon=True).start()
+
+    def _progress(self, progress: Progress) -> None:
+        self._last = progress
+
+    def _run(self, runner: JobRunner, store: JobStore, folder: Path) -> None:
+        try:
+            progress = runner.run()
+            out = folder / "results.jsonl"
+            store.export(out, include_unfinished=runner.stopped)
+            with self._lock:
+                self._last, self._results = progress, str(out)
+                self._state = "stopped" if runner.stopped else "finished"
+        except Exception as exc:  # the page says so; the chats go on
+            log.exception("batch job failed")
+            with self._lock:
+                self._state, self._message = "failed", f"{type(exc).__name__}: {exc}"
+        finally:
+            store.close()
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._runner is not None and self._state == "running":
+                self._state = "stopping"
+                self._runner.stop()
+
+    def view(self) -> BoardView:
+        with self._lock:
+            runner, state = self._runner, self._state
+            progress = runner.progress() if runner is not None and state in ("running", "stopping") else self._last
+            return BoardView(self._job, state, progress, self._results, self._message)
+
+
+MAX_ZIP_BYTES = 8 * 2**30  # uncompressed, all members together
+MAX_ZIP_MEMBERS = 100_000
+
+
+def items_from_upload(upload: str | Path, prompt: str, folder: Path) -> list[JobItem]:
+    """A job uploaded through the page: a JSONL (text items; files only from a zip), or a zip of media (with
+    `prompt`) or of media plus one `.jsonl` whose paths are relative to it. Files are read only from inside `folder`,
+    where the upload is unpacked: a line naming a path elsewhere on the server fails with a reason."""
+    import shutil
+    import zipfile
+
+    source = Path(upload)
+    if source.suffix.lower() == ".jsonl":
+        target = folder / "items.jsonl"
+        shutil.copyfile(source, target)
+        return _confined(read_jsonl(target), folder)
+    if source.suffix.lower() != ".zip":
+        raise JobError("upload a .jsonl of items or a .zip of media (optionally with one items .jsonl inside)")
+    files = folder / "files"
+    try:
+        with zipfile.ZipFile(source) as archive:
+            members = [m for m in archive.infolist() if not m.is_dir()]
+            if len(members) > MAX_ZIP_MEMBERS or sum(m.file_size for m in members) > MAX_ZIP_BYTES:
+                raise JobError(f"the zip holds over {MAX_ZIP_MEMBERS} files or {MAX_ZIP_BYTES // 2**30} GB")
+            for member in members:
+                parts = Path(member.filename).parts
+                if not parts or member.filename.startswith("/") or ".." in parts:
+                    raise JobError(f"the zip names a file outside itself: {member.filename!r}")
+                target = files.joinpath(*parts)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with archive.open(member) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+    except zipfile.BadZipFile:
+        raise JobError("the upload is not a valid zip file") from None
+    lists = sorted(files.rglob("*.jsonl"))
+    if len(lists) > 1:
+        raise JobError("the zip holds more than one .jsonl; keep one list of items")
+    if lists:
+        return _confined(read_jsonl(lists[0]), files)
+    return folder_items(files, prompt)
+
+
+def _confined(items: list[JobItem], root: Path) -> list[JobItem]:
+    root = root.resolve()
+    out = []
+    for it in items:
+        outside = [f for f in it.files if not Path(f).resolve().is_relative_to(root)]
+        if outside and not it.error:
+            it = JobItem(it.id, it.prompt, it.files, it.options, "files must come inside the uploaded zip")
+        out.append(it)
+    return out

@@ -14,6 +14,7 @@ from qwen3vl_webui.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from qwen3vl_webui.service.limits import Limits
 from qwen3vl_webui.ui import gradio_compat
 from qwen3vl_webui.ui.handlers import Handlers
+from qwen3vl_webui.ui.jobs_tab import JobsTab, build_jobs_tab
 from qwen3vl_webui.zerogpu import gpu_function
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -21,7 +22,7 @@ GPU_CONCURRENCY_ID = "gpu"
 PLOT_EVERY_S = 2.0  # the plots redraw less often than the panel's figures: each is a chart for every open tab
 
 
-def build_demo(handlers: Handlers, settings: Settings) -> gr.Blocks:
+def build_demo(handlers: Handlers, settings: Settings, jobs: JobsTab | None = None) -> gr.Blocks:
     gradio_compat.quiet_range_errors()  # the API caller gets the range error; the console, no traceback
     with gr.Blocks(title="Qwen3-VL WebUI", fill_height=True) as demo:
         gr.Markdown("## Qwen3-VL WebUI", elem_id="title")
@@ -64,6 +65,9 @@ def build_demo(handlers: Handlers, settings: Settings) -> gr.Blocks:
                     inputs=[textbox],
                     label="Examples",
                 )
+        if jobs is not None:  # below the chat, closed: its own events and timer (ui/jobs_tab.py)
+            with gr.Accordion("Batch jobs", open=False, elem_id="batch-jobs"):
+                build_jobs_tab(jobs)
         _share_gpu_concurrency(demo, chat, _chat_concurrency(settings))
         # gradio runs at most this many events at once (its queue's workers and its thread limiter): enough
         # for every chat the admission lets run or wait, plus the page's small events.
