@@ -133,6 +133,7 @@ class JobDefaults:
     system: str = ""
     media: MediaBudget = field(default_factory=default_media)
     max_files_per_turn: int = 8
+    ignore_eos: bool = False  # benchmarks: every answer is max_new_tokens long (bench/jobs.py)
 
 
 @dataclass(frozen=True)
@@ -292,6 +293,7 @@ class JobRunner:
             max_new_tokens=min(int(o.get("max_new_tokens", d.max_new_tokens)), d.max_context - 1),
             temperature=float(o.get("temperature", d.temperature)),
             seed=o.get("seed"),
+            ignore_eos=d.ignore_eos,
         )
         return ChatRequest(
             message=UserMessage(item.prompt, item.files),
