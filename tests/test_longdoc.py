@@ -211,5 +211,21 @@ def test_a_document_through_the_chat_api(tiny_checkpoint: Path, tmp_path: Path) 
         bad.write_bytes(b"not a pdf at all")
         refused = Client(url, verbose=False).predict({"text": "?", "files": [handle_file(str(bad))]}, api_name="/chat")
         assert refused.startswith("⚠️") and "not a readable PDF" in refused
+        import base64
+
+        import httpx
+
+        data = "data:text/plain;base64," + base64.b64encode(doc.read_bytes()).decode()
+        body = {"model": "qwen3vl-demo", "max_tokens": 16, "temperature": 0, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "How many boats at 12?"},
+            {"type": "file", "file": {"filename": "harbour log.txt", "file_data": data}}]}]}  # fmt: skip
+        reply = httpx.post(f"{url}v1/chat/completions", json=body, timeout=120)
+        assert reply.status_code == 200, reply.text
+        answer = reply.json()["choices"][0]["message"]["content"]
+        assert "Read harbour log.txt in " in answer and "parts; drew on part" in answer, answer
+        assert reply.json()["usage"]["prompt_tokens"] > 1024  # every part's prompt counted
+        body["messages"][0]["content"][1]["file"] = {"filename": "x.exe", "file_data": "data:application/x-msdownload;base64,AAAA"}
+        refused = httpx.post(f"{url}v1/chat/completions", json=body, timeout=60)
+        assert refused.status_code == 400 and "not accepted" in refused.json()["error"]["message"]
     finally:
         app.close()

@@ -39,7 +39,10 @@ class MediaRefused(ValueError):
 
 
 def save_media(url: str, kind: str, folder: Path, max_bytes: int, allowed_domains: frozenset[str]) -> str:
-    """The path of a file holding the media of `url` ("image" or "video" part)."""
+    """The path of a file holding the media of `url` ("image" or "video" part; "document:<filename>" for a `file`
+    part, a document read by service/longdoc.py)."""
+    if kind.startswith("document:"):
+        return _save_document(url, kind.partition(":")[2], folder, max_bytes)
     if url.startswith("data:"):
         mime, data = _decode_data_uri(url, kind, max_bytes)
     elif url.startswith(("http://", "https://")):
@@ -117,9 +120,9 @@ def _check_public(host: str, port: int) -> None:
             raise MediaRefused(f"media URL host {host!r} resolves to a non-public address; not fetched.")
 
 
-def _store(folder: Path, data: bytes, extension: str) -> str:
+def _store(folder: Path, data: bytes, extension: str, stem: str | None = None) -> str:
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = folder / (hashlib.sha256(data).hexdigest()[:32] + extension)
+    path = folder / ((stem or hashlib.sha256(data).hexdigest()[:32]) + extension)
     if not path.exists():
         temp = path.with_name(path.name + f".{os.getpid()}.part")
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -129,3 +132,36 @@ def _store(folder: Path, data: bytes, extension: str) -> str:
     else:
         os.utime(path)  # young again: the sweeper keeps what is in use
     return str(path)
+
+
+DOCUMENT_MIMES = {"application/pdf": ".pdf", "text/plain": ".txt", "text/markdown": ".md", "text/csv": ".csv",
+                  "application/json": ".json"}  # fmt: skip
+
+
+def _save_document(url: str, filename: str, folder: Path, max_bytes: int) -> str:
+    """A `file` part's base64 `file_data` -> `<folder>/<content hash>/<its filename>` (the name the answer cites)."""
+    import re
+
+    from qwen3vl_webui.documents import DOCUMENT_EXTENSIONS
+
+    if not url.startswith("data:"):
+        raise MediaRefused("file: send file_data as a base64 data: URI (file_id and URLs are not supported).")
+    head, sep, payload = url.partition(",")
+    if not sep or not head.endswith(";base64"):
+        raise MediaRefused("file: file_data must be base64 (data:<type>;base64,<data>).")
+    mime = head[len("data:") : -len(";base64")].split(";")[0].strip().lower()
+    name = re.sub(r"[^A-Za-z0-9._ -]", "_", os.path.basename(filename or ""))[:80].strip(" .")
+    suffix = os.path.splitext(name)[1].lower()
+    extension = suffix if suffix in DOCUMENT_EXTENSIONS else DOCUMENT_MIMES.get(mime)
+    if extension is None:
+        raise MediaRefused(f"file: type {mime or '(none)'!r} is not accepted; send a .pdf, .txt, .md, .csv or .json.")
+    if len(payload) * 3 // 4 > max_bytes:
+        raise MediaRefused(f"file: the file is over the upload cap of {max_bytes // 2**20} MB.", 413)
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise MediaRefused("file: file_data is not valid base64.") from None
+    if not data:
+        raise MediaRefused("file: file_data holds no data.")
+    stem = os.path.splitext(name)[0] or "document"
+    return _store(folder / "documents" / hashlib.sha256(data).hexdigest()[:32], data, extension, stem)

@@ -260,8 +260,16 @@ def _content(content: Any, number: int, role: str) -> tuple[str, list[tuple[str,
             if not isinstance(url, str):
                 raise ApiError(400, f"messages[{number}]: {kind} needs a url.")
             media.append((kind.removesuffix("_url"), url))
+        elif kind == "file" and role == "user":  # OpenAI's file part: a document, read whole or in windows
+            ref = part.get("file")
+            data = ref.get("file_data") if isinstance(ref, dict) else None
+            if not isinstance(data, str):
+                raise ApiError(400, f"messages[{number}]: a file part needs file.file_data (a base64 data: URI).")
+            media.append((f"document:{ref.get('filename') or ''}", data))
         else:
-            raise ApiError(400, f"messages[{number}]: unsupported content part {kind!r} (text, image_url, video_url).")
+            raise ApiError(
+                400, f"messages[{number}]: unsupported content part {kind!r} (text, image_url, video_url, file)."
+            )
     return "\n".join(texts), media
 
 
