@@ -278,3 +278,25 @@ def test_the_scheduler_never_imports_torch() -> None:
     code = "import sys, qwen3vl_webui.engine.batch.scheduler; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_nudge_that_lands_while_busy_still_wakes_the_next_idle_wait() -> None:
+    """A compiled bucket's swap asks for one idle step (issue 14): a nudge during a busy step must not be lost."""
+    s = scheduler()
+    s.running.append(fake())  # a stream decoding: admit() returns at once, no idle wait to end
+    s.nudge()
+    assert s.admit() is not None
+    s.running.clear()  # the batch finished: the worker is idle now
+    got: list = []
+    waiter = threading.Thread(target=lambda: got.append(s.admit()), daemon=True)
+    waiter.start()
+    waiter.join(timeout=2)
+    assert not waiter.is_alive() and got and got[0] is not None and not got[0].admitted  # woken for its swap
+    # Consumed: the next idle admit waits again, until work (or close) comes.
+    waiter = threading.Thread(target=lambda: got.append(s.admit()), daemon=True)
+    waiter.start()
+    waiter.join(timeout=0.3)
+    assert waiter.is_alive()
+    s.close()
+    waiter.join(timeout=2)
+    assert not waiter.is_alive() and got[-1] is None

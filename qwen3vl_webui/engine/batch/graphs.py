@@ -247,7 +247,10 @@ class DecodeGraphs:
         started = time.perf_counter()
         try:
             self.compile_state = "compiling"
-            side = torch.cuda.Stream() if str(self.loaded.device).startswith("cuda") else None
+            side = None
+            if str(self.loaded.device).startswith("cuda"):
+                torch.cuda.set_device(torch.device(self.loaded.device))  # a new thread starts on cuda:0
+                side = torch.cuda.Stream()
             with torch.inference_mode(), torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
                 scratch = self.kv.scratch()  # inference tensors like the engine's: their dispatch keys are guarded
                 for rows in self.buckets:

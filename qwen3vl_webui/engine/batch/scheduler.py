@@ -111,9 +111,12 @@ class Scheduler:
         with self._cond:
             while not self._closed and not self._waiting and not self.running and not self.prefilling:
                 if self._nudged:
+                    # Consumed only here, where it ends an idle wait: a nudge that lands while a step is in flight
+                    # stays set until the worker is idle (clearing it on every admit lost it, and the swap and the
+                    # compile thread behind it then waited for the next request).
+                    self._nudged = False
                     break
                 self._cond.wait()
-            self._nudged = False
             if self._closed:
                 return None
             dropped = [r for r in self._waiting if r.cancel.is_set()]
