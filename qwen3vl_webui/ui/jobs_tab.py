@@ -74,7 +74,7 @@ def build_jobs_tab(tab: JobsTab) -> None:
     with gr.Row():
         start = gr.Button("Start job", variant="primary", elem_id="job-start")
         stop = gr.Button("Stop job", elem_id="job-stop")
-    status = gr.Markdown(describe(tab.board.view()), elem_id="job-status")
+    status = gr.Markdown(describe(tab.board.view()), label="job status", elem_id="job-status")
     results = gr.File(label="Results (JSON lines, input order)", visible=False, elem_id="job-results")
     start.click(tab.start, inputs=[upload, prompt], outputs=status, concurrency_limit=1, api_name="start_job")
     stop.click(tab.stop, outputs=status, concurrency_limit=1, api_name="stop_job")
