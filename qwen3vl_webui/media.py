@@ -49,9 +49,17 @@ class MediaBudget:
     video_timeout_s: float = 30.0
     video_memory_bytes: int = 2 * 1024**3
     max_image_source_pixels: int = 64_000_000
+    # (start s, end s): only this part of a video is decoded (a long video read segment by segment); None: all of it
+    segment: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
+        if self.segment is not None and not (
+            len(self.segment) == 2 and 0 <= self.segment[0] < self.segment[1]
+        ):
+            raise ValueError(f"MediaBudget.segment must be (start, end) seconds with start < end, got {self.segment!r}")
         for f in fields(self):
+            if f.name == "segment":
+                continue
             value = getattr(self, f.name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"MediaBudget.{f.name} must be a positive number, got {value!r}")
@@ -181,7 +189,14 @@ def load_video(path: str, budget: MediaBudget) -> VideoClip:
         return _read_clip(workdir, result, budget, name)
 
 
-def _run_decoder(path: str, budget: MediaBudget, workdir: str, name: str) -> dict[str, Any]:
+def probe_video(path: str, budget: MediaBudget) -> dict[str, Any]:
+    """A video's fps, total frames and duration from its headers, read in the sandboxed child (no frame decoded)."""
+    name = _check_file(path)
+    with tempfile.TemporaryDirectory(prefix="qwen3vl-video-") as workdir:
+        return dict(_run_decoder(os.path.abspath(path), budget, workdir, name, probe_only=True)["metadata"])
+
+
+def _run_decoder(path: str, budget: MediaBudget, workdir: str, name: str, probe_only: bool = False) -> dict[str, Any]:
     # A fresh interpreter rather than multiprocessing: 'spawn' and 'forkserver' re-import the
     # app's __main__ (gradio + torch, seconds, and torch alone maps ~3 GB of address space, over
     # RLIMIT_AS), while 'fork' is unsafe in a threaded parent. Loading media_child.py by path keeps
@@ -194,6 +209,8 @@ def _run_decoder(path: str, budget: MediaBudget, workdir: str, name: str) -> dic
         "total_pixels": budget.video_total_pixels,
         "frame_pixels": budget.max_image_pixels,
         "memory_bytes": budget.video_memory_bytes,
+        "segment": list(budget.segment) if budget.segment else None,
+        "probe_only": probe_only,
     }
     bootstrap = (
         "import importlib.util as u, sys\n"

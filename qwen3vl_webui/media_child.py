@@ -78,10 +78,19 @@ def _plain_error(exc: Exception) -> str:
 def _decode_video(job: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
+    segment = job.get("segment")  # [start s, end s): only this part is decoded (a long video, segment by segment)
     with _open(job["path"]) as container:
         stream = _video_stream(container)
         probe = _probe(container, stream)
+        if job.get("probe_only") or segment:
+            if not probe:
+                raise _UnusableVideo("its duration is unknown, so it cannot be read in segments")
+            if job.get("probe_only"):
+                fps, _, duration, total = probe
+                return {"metadata": {"fps": fps, "total_num_frames": total, "duration": duration}, "sample_fps": 0}
         picked = _decode_planned(container, stream, probe, job) if probe else []
+    if not picked and segment:
+        raise _UnusableVideo(f"it has no decodable frames between {segment[0]:g} s and {segment[1]:g} s")
     if not picked:
         # No usable duration, or nothing at the planned times: decode from the start instead.
         with _open(job["path"]) as container:
@@ -100,6 +109,8 @@ def _decode_video(job: dict[str, Any]) -> dict[str, Any]:
         "frames_indices": indices,
         "duration": duration,
     }
+    if segment:
+        duration = max(1.0 / fps, min(duration, segment[1]) - segment[0])
     return {"metadata": metadata, "sample_fps": len(picked) / duration}
 
 
@@ -154,8 +165,13 @@ def _decode_planned(container: Any, stream: Any, probe: tuple, job: dict[str, An
     import numpy as np
 
     fps, start, duration, total = probe
-    n = _frame_count(fps, total, job)
-    targets = [start + i / fps for i in np.linspace(0, total - 1, n).round()]
+    lo, hi = 0, total
+    if job.get("segment"):
+        a, b = job["segment"]
+        lo = min(total - 1, max(0, int(a * fps)))
+        hi = max(lo + 1, min(total, int(math.ceil(b * fps))))
+    n = _frame_count(fps, hi - lo, job)
+    targets = [start + i / fps for i in np.linspace(lo, hi - 1, n).round()]
     tolerance = 0.5 / fps
     size = None
     picked: list[tuple[float, Any]] = []

@@ -31,6 +31,7 @@ from qwen3vl_webui.service.admission import (
 )
 from qwen3vl_webui.service.limits import Limits
 from qwen3vl_webui.service.longdoc import LongDocuments, has_documents
+from qwen3vl_webui.service.longvideo import LongVideos, long_video
 from qwen3vl_webui.service.manager import ModelManager, SwitchRefused, SwitchReport
 from qwen3vl_webui.service.metrics import CostView, LoadHistory, MonotonicTotal, RequestMetrics, Sample, cost_view
 from qwen3vl_webui.service.prompt import ChatRequest, MediaCache, RequestTimedOut, TurnCounts, build_prompt
@@ -187,6 +188,7 @@ class ChatService:
         self.documents = LongDocuments(
             self.chat, lambda: self.manager.wait_ready(READY_TIMEOUT_S).processor.tokenizer, Finished
         )
+        self.videos = LongVideos(self.chat, Finished, self.documents.counter)  # "whole video": time segments
 
     @property
     def limits(self) -> Limits:
@@ -220,6 +222,10 @@ class ChatService:
         """
         if has_documents(request.message):  # each window and the merge come back through here, without documents
             yield from self.documents.answer(request, cancel, report_waiting, report_end, client=client, cold=cold)
+            return
+        video = long_video(request)
+        if video is not None:  # each segment and the merge come back through here, as ordinary chats
+            yield from self.videos.answer(request, video, cancel, report_waiting, report_end, client=client, cold=cold)
             return
         try:
             yield from self._chat(request, cancel, report_waiting, client, report_end, cold)

@@ -53,11 +53,15 @@ class Reading:
     name: str
     part: int  # 1-based; part == parts + 1 while the parts' answers are merged
     parts: int
+    verb: str = "Reading"
+    noun: str = "part"
+    detail: str = ""  # e.g. the segment's times
 
     def describe(self) -> str:
         if self.part > self.parts:
-            return f"Merging what the {self.parts} parts of {self.name} say…"
-        return f"Reading part {self.part} of {self.parts} of {self.name}…"
+            return f"Merging what the {self.parts} {self.noun}s of {self.name} say…"
+        extra = f" ({self.detail})" if self.detail else ""
+        return f"{self.verb} {self.noun} {self.part} of {self.parts} of {self.name}{extra}…"
 
 
 @dataclass(frozen=True)
@@ -104,7 +108,7 @@ class LongDocuments:
     def plan(self, document: Document, request: ChatRequest, extra_files: int = 0) -> Plan:
         """Windows that fit `request`'s budget: max context - max new tokens - the question and instructions - the
         running summary (an eighth of what is left); the overlap is an eighth of a window."""
-        count = self._counter()
+        count = self.counter()
         budget = request.max_context - request.sampling.max_new_tokens
         question = request.message.text.strip() or DEFAULT_QUESTION
         fixed = count(f"Document: {document.name}\n\n{question}") + count(request.system_prompt) + TEMPLATE_TOKENS
@@ -136,7 +140,8 @@ class LongDocuments:
             )
         return Plan(units, costs, found, window, overlap, summary)
 
-    def _counter(self) -> Callable[[str], int]:
+    def counter(self) -> Callable[[str], int]:
+        """Token counts of plain text by the loaded model's tokenizer."""
         tokenizer = self._tokenizer()
 
         def count(text: str) -> int:
@@ -230,7 +235,7 @@ class LongDocuments:
     ) -> Iterator[Any]:  # fmt: skip
         """The final pass: the parts' answers (merged in groups first while they do not fit) -> one answer, streamed."""
         Finished = self._finished  # noqa: N806
-        count = self._counter()
+        count = self.counter()
         instructions = count(_merge_prompt(document, [], "", question, final=False)) + TEMPLATE_TOKENS
         budget = request.max_context - request.sampling.max_new_tokens - instructions - count(request.system_prompt)
         notes = [(f"part {p.window.index + 1}" + (f", {p.labels}" if p.labels else ""), p.answer) for p in parts]

@@ -37,6 +37,7 @@ class ChatRequest:
     max_context: int = 16384
     media: MediaBudget = field(default_factory=MediaBudget)
     max_files_per_turn: int = 8
+    whole_video: bool = False  # a video longer than the frame budget is read in time segments (service/longvideo.py)
 
 
 class MediaCache:

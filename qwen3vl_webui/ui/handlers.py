@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -96,6 +97,7 @@ class Handlers:
         video_max_frames: int = int(_DEFAULT["video_max_frames"].default),
         video_megapixels: float = _DEFAULT["video_megapixels"].default,
         stop_strings: str = "",
+        whole_video: bool = False,
         request: gr.Request | None = None,
     ) -> Iterator[str]:
         """Streams the answer to `message`. Refusals come back as one chat message.
@@ -116,6 +118,8 @@ class Handlers:
                 max_context, max_new_tokens, image_megapixels, video_fps, video_max_frames, video_megapixels,
                 stop_strings, session,
             )  # fmt: skip
+            if whole_video:  # a video longer than the frame budget: read in time segments (service/longvideo.py)
+                chat = dataclasses.replace(chat, whole_video=True)
             stream = self.service.chat(chat, report_waiting=True, client=self._client(request))
             with contextlib.closing(stream):
                 held, last = None, 0.0

@@ -33,6 +33,11 @@ def build_demo(handlers: Handlers, settings: Settings, jobs: JobsTab | None = No
                 plots = _live_plots()
                 inputs, estimate = _budget_controls(handlers.service.configured_limits)
                 sampling, stop = _sampling_controls()
+                whole_video = gr.Checkbox(
+                    False, label="Whole video", elem_id="whole-video",
+                    info="A video longer than max frames at this fps is watched in segments, each described with "
+                    "times, then merged (slower). Off: sampled within the budget.",
+                )  # fmt: skip
                 operator, choice = _operator_controls(handlers)
             with gr.Column(scale=3, min_width=420):
                 chatbot = gr.Chatbot(label="Chat", elem_id="chatbot", height=560, buttons=["copy"])
@@ -50,7 +55,8 @@ def build_demo(handlers: Handlers, settings: Settings, jobs: JobsTab | None = No
                     multimodal=True,
                     chatbot=chatbot,
                     textbox=textbox,
-                    additional_inputs=[*sampling, *inputs, stop],  # stop last: older positional API calls still fit
+                    # stop and whole_video last: older positional API calls still fit
+                additional_inputs=[*sampling, *inputs, stop, whole_video],
                     api_name="chat",
                     api_description="Chat with Qwen3-VL. message = {'text': str, 'files': [file, ...]}; "
                     "the client keeps the history between calls.",
