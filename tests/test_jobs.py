@@ -218,7 +218,9 @@ def test_a_job_killed_with_sigkill_resumes_every_item_exactly_once(tmp_path: Pat
         proc.wait(10)
     first = _rows(db)
     done_before = {r[0]: r[2] for r in first if r[1] == "done"}
+    half_done = [r[0] for r in first if r[1] == "running"]
     assert 4 <= len(done_before) < count, "killed too late to test a resume"
+    assert half_done, "no item was being answered at the kill"
     assert not out.exists()
     second = _jobs(*args)
     assert second.returncode == 0, second.stderr[-2000:]
@@ -230,6 +232,7 @@ def test_a_job_killed_with_sigkill_resumes_every_item_exactly_once(tmp_path: Pat
             assert r["answer"] == done_before[r["id"]]
     attempts = {r[0]: r[3] for r in _rows(db)}
     assert all(attempts[i] == 1 for i in done_before)
+    assert all(attempts[i] == 2 for i in half_done)  # claimed by the killed run, redone by the next
     assert max(attempts.values()) <= 2
 
 

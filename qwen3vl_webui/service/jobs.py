@@ -251,6 +251,10 @@ class JobRunner:
                 time.sleep(RETRY_DELAY_S)
             return
         except (RequestError, MediaError, ValueError) as exc:
+            if self.service.draining:  # stopped by the server's shutdown, not the item's fault: redone next time
+                self.store.release(item.seq, self.owner)
+                self._stop.set()
+                return
             self._settled(self.store.fail(item.seq, self.owner, str(exc)), 0)
             return
         except EngineDied:  # the manager restarts the engine process: the item is tried again, not failed
