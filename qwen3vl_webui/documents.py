@@ -21,6 +21,9 @@ MAX_PDF_PAGES = 2000
 MIN_PAGE_TEXT = 20
 # Pages rendered as images: at most this many pixels each (about 1 MP, ~1,000 visual tokens).
 PAGE_IMAGE_PIXELS = 1024 * 1024
+# The PDF reader child's limits (pypdf's text layer and pdfium's rendering of the pages without one).
+PDF_TIMEOUT_S = 120.0
+PDF_MEMORY_BYTES = 2 * 2**30
 
 
 class DocumentError(ValueError):
@@ -97,6 +100,61 @@ def split_paragraphs(text: str, line_units: bool = False) -> list[str]:
 
 
 def _read_pdf(path: str, name: str, image_dir: str | os.PathLike[str] | None) -> list[Unit]:
+    """pypdf and pdfium parse untrusted bytes: in a fresh interpreter with a time and a memory limit, no secrets in
+    its environment (as the video decoder child, media.py), so a PDF bomb or a parser bug costs one child."""
+    import json
+    import subprocess
+    import sys
+
+    from qwen3vl_webui.media import decoder_env
+
+    job = {"path": os.path.abspath(path), "name": name, "image_dir": str(image_dir) if image_dir else None}
+    bootstrap = (
+        "import importlib.util as u, sys\n"
+        "s = u.spec_from_file_location('_qwen3vl_documents', sys.argv[1])\n"
+        "m = u.module_from_spec(s); sys.modules[s.name] = m; s.loader.exec_module(m)\n"
+        "m._child_main(sys.argv[2])\n"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", bootstrap, os.path.abspath(__file__), json.dumps(job)], stdin=subprocess.DEVNULL,
+            capture_output=True, timeout=PDF_TIMEOUT_S, env=decoder_env(), start_new_session=True, check=False,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise DocumentError(f"{name} could not be read within {PDF_TIMEOUT_S:g} s.") from None
+    try:
+        result = json.loads(done.stdout.decode("utf-8"))
+    except ValueError:
+        detail = "out of memory" if b"MemoryError" in done.stderr else f"the reader stopped (exit status {done.returncode})"
+        raise DocumentError(f"{name} could not be read: {detail}.") from None
+    if "error" in result:
+        raise DocumentError(result["error"])
+    return [Unit(text, label, image) for text, label, image in result["units"]]
+
+
+def _child_main(job_json: str) -> None:
+    """The PDF reader child: limits first, then the units as JSON on stdout (or one sentence of error)."""
+    import json
+    import resource
+    import sys
+
+    job = json.loads(job_json)
+    try:
+        resource.setrlimit(resource.RLIMIT_AS, (PDF_MEMORY_BYTES, PDF_MEMORY_BYTES))
+    except (ValueError, OSError):
+        pass
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    try:
+        units = _read_pdf_here(job["path"], job["name"], job["image_dir"])
+        result: dict = {"units": [[u.text, u.label, u.image] for u in units]}
+    except DocumentError as exc:
+        result = {"error": str(exc)}
+    except MemoryError:
+        result = {"error": f"{job['name']} needs more than {PDF_MEMORY_BYTES // 2**30} GB of memory to read."}
+    sys.stdout.write(json.dumps(result))
+
+
+def _read_pdf_here(path: str, name: str, image_dir: str | os.PathLike[str] | None) -> list[Unit]:
     from pypdf import PdfReader
     from pypdf.errors import PdfReadError
 
