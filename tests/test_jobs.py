@@ -351,3 +351,30 @@ def test_the_batch_jobs_tab_runs_an_uploaded_zip_and_offers_the_results(tiny_che
         assert again.startswith("⚠️") and "needs a prompt" in again, again
     finally:
         app.close()
+
+
+def test_an_upload_reads_files_only_from_inside_itself(tmp_path: Path) -> None:
+    import zipfile
+
+    from qwen3vl_webui.service.jobs import items_from_upload
+
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as z:
+        z.writestr("../../escape.png", b"x")
+    (tmp_path / "job1").mkdir()
+    with pytest.raises(JobError, match="outside itself"):
+        items_from_upload(evil, "p", tmp_path / "job1")
+    assert not (tmp_path / "escape.png").exists()
+    listed = tmp_path / "list.jsonl"
+    listed.write_text(json.dumps({"id": "a", "prompt": "p", "files": ["/etc/hostname.png"]}) + "\n"
+                      + json.dumps({"id": "b", "prompt": "p"}) + "\n")  # fmt: skip
+    (tmp_path / "job2").mkdir()
+    items = items_from_upload(listed, "", tmp_path / "job2")
+    assert items[0].error == "files must come inside the uploaded zip" and items[1].error is None
+    bundle = tmp_path / "bundle.zip"
+    with zipfile.ZipFile(bundle, "w") as z:
+        z.write(ASSETS / "example.png", "img/x.png")
+        z.writestr("items.jsonl", json.dumps({"id": "x", "prompt": "p", "files": ["img/x.png"]}) + "\n")
+    (tmp_path / "job3").mkdir()
+    (item,) = items_from_upload(bundle, "", tmp_path / "job3")
+    assert item.error is None and Path(item.files[0]).read_bytes() == (ASSETS / "example.png").read_bytes()
