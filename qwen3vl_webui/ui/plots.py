@@ -17,7 +17,7 @@ PLOTS = ("memory", "speed", "queue", "kv")  # the order of the plots in the layo
 X = "seconds ago"
 
 
-def frames(samples: list[Sample], every: int = 2) -> tuple[Any, Any, Any, Any]:
+def frames(samples: list[Sample], every: int = 5) -> tuple[Any, Any, Any, Any]:
     """(memory GiB, output tok/s, running and waiting chats, KV slots in use) against seconds ago (-300..0), every
     `every`-th sample (the newest always).
 
