@@ -19,12 +19,14 @@ X = "seconds ago"
 
 def frames(samples: list[Sample], every: int = 5) -> tuple[Any, Any, Any, Any]:
     """(memory GiB, output tok/s, running and waiting chats, KV slots in use) against seconds ago (-300..0), every
-    `every`-th sample (the newest always).
+    `every`-th sample (the newest and the oldest always).
 
     Tokens a second come from consecutive kept samples' output counts; without a GPU the memory plot shows this
     process's resident memory instead (the model is in RAM there).
     """
     kept = samples[::-1][::every][::-1]
+    if samples and kept[0] is not samples[0]:  # the oldest too: the plots span the whole history, rates start early
+        kept.insert(0, samples[0])
     now = kept[-1].t if kept else 0.0
     ago = [round(s.t - now, 1) for s in kept]
     gpu = bool(kept) and kept[-1].gpu_used is not None
