@@ -220,6 +220,8 @@ class ChatService:
         built before the request waits for a GPU slot, within the request's deadline: a slow prompt (many
         files, a long chat) never holds a slot another chat could use.
         """
+        if has_documents(request.message) or long_video(request) is not None:
+            request = self._within_limits(request)  # the windows are planned for the context the steps will get
         if has_documents(request.message):  # each window and the merge come back through here, without documents
             yield from self.documents.answer(request, cancel, report_waiting, report_end, client=client, cold=cold)
             return
