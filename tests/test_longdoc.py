@@ -4,6 +4,7 @@ with its merge pass and Stop, on the tiny model through the real ChatService; a 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -147,7 +148,7 @@ def test_a_document_several_times_the_context_is_read_in_windows_and_merged(serv
         events = list(service.chat(request, report_waiting=True, report_end=True))
     finally:
         service.documents._chat = service.chat
-    reading = [e for e in events if isinstance(e, Reading)]
+    reading = list(dict.fromkeys(e for e in events if isinstance(e, Reading)))  # heartbeats repeat one
     assert [(r.part, r.parts) for r in reading] == [(k, n) for k in range(1, n + 2)]  # each part, then the merge
     assert len(spy.prompts) == n + 1
     assert all(f"This is part {k + 1} of {n}" in p for k, p in enumerate(spy.prompts[:n]))
@@ -159,26 +160,60 @@ def test_a_document_several_times_the_context_is_read_in_windows_and_merged(serv
     assert final.stats.new_tokens > 0 and final.stats.prompt_tokens > total  # every step's tokens counted
 
 
-def test_stop_ends_a_long_document_at_once_and_frees_the_slot(service: Any, tmp_path: Path) -> None:
+def test_stop_ends_a_long_document_at_once_and_frees_the_slot(service: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    import dataclasses
+
+    from qwen3vl_webui.service import longdoc
+    from qwen3vl_webui.service.chat import Finished
     from qwen3vl_webui.service.longdoc import Reading
 
+    monkeypatch.setattr(longdoc, "HEARTBEAT_S", 0.0)  # the tiny model answers a part faster than the 0.25 s beat
+
     doc = _long_text(tmp_path / "long.txt", 120)
-    spy = _Spy(service)
+    ends: list[str] = []
+
+    def spy(request: ChatRequest, *args: Any, **kw: Any) -> Any:
+        def wrapped() -> Any:
+            ended = "closed"
+            try:
+                for item in service.chat(request, *args, **kw):
+                    if isinstance(item, Finished):
+                        ended = "finished"
+                    yield item
+            finally:
+                ends.append(ended)
+
+        return wrapped()
+
     service.documents._chat = spy
-    cancel = threading.Event()
+    request = _request(doc)  # each part answers 200 tokens: long enough to be stopped in the middle of one
+    request = dataclasses.replace(request, sampling=SamplingParams(max_new_tokens=200, temperature=0, ignore_eos=True))
     try:
-        stream = service.chat(_request(doc), cancel, report_waiting=True)
-        seen = 0
+        stream = service.chat(request, threading.Event(), report_waiting=True)
+        seen: list[Any] = []
         for event in stream:
             if isinstance(event, Reading):
-                seen += 1
-                if seen == 2:
+                seen.append(event)
+                if len(seen) == 2:  # part 1 again: its step is generating (a heartbeat)
                     break
+        started = time.monotonic()
         stream.close()  # Stop
+        closed_in = time.monotonic() - started
     finally:
         service.documents._chat = service.chat
-    assert len(spy.prompts) == 1  # stopped as part 2 was announced: part 1 ran, nothing after it
-    assert service.scheduler.state().running == 0 and service.in_flight() == 0
+    assert seen[0] == seen[1] and seen[0].part == 1
+    assert ends == ["closed"]  # part 1 was stopped mid-answer, and no other part began
+    assert closed_in < 2.0
+    assert _until_idle(service)
+
+
+def _until_idle(service: Any) -> bool:
+    end = time.monotonic() + 5
+    while time.monotonic() < end:
+        if service.scheduler.state().running == 0 and service.in_flight() == 0:
+            return True
+        time.sleep(0.02)
+    return False
 
 
 def test_a_document_that_fits_is_sent_whole(service: Any, tmp_path: Path) -> None:

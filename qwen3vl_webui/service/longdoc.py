@@ -14,6 +14,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ DEFAULT_QUESTION = "Summarize this document."
 UNIT_SLACK = 4
 MAX_WINDOWS = 400
 MAX_MERGE_LEVELS = 4
+HEARTBEAT_S = 0.25
 NONE_ANSWERS = {"", "none", "none.", "nothing", "n/a", "not mentioned", "not mentioned."}
 
 
@@ -172,6 +174,7 @@ class LongDocuments:
         plan = self.plan(document, request, len(media))
         question = request.message.text.strip() or DEFAULT_QUESTION
         totals = _Totals()
+        beat = Heartbeat(report_waiting)
 
         def step(text: str, files: tuple[str, ...], part: int, visible: bool) -> Iterator[Any]:
             sub = dataclasses.replace(request, message=UserMessage(text, files), history=[])
@@ -184,6 +187,8 @@ class LongDocuments:
                     elif isinstance(item, str):
                         if visible:
                             yield item
+                        elif beat.due():  # a step's own text is not shown, but the chat can be stopped meanwhile
+                            yield beat.reading
                     elif report_waiting:
                         yield item
 
@@ -202,7 +207,7 @@ class LongDocuments:
         summary = ""
         for window in plan.windows:
             if report_waiting:
-                yield Reading(document.name, window.index + 1, len(plan.windows))
+                yield beat.set(Reading(document.name, window.index + 1, len(plan.windows)))
             units = plan.units[window.start : window.end]
             text = _window_prompt(document, window, len(plan.windows), units, summary, question, plan.summary_tokens)
             out = ""
@@ -216,7 +221,7 @@ class LongDocuments:
             labels = window.labels(document)
             parts.append(_Part(window, labels, said, said.strip().lower() not in NONE_ANSWERS))
         if report_waiting:
-            yield Reading(document.name, len(plan.windows) + 1, len(plan.windows))
+            yield beat.set(Reading(document.name, len(plan.windows) + 1, len(plan.windows)))
         used = [p for p in parts if p.relevant] or parts
         answer = ""
         for item in self._merge(used, document, question, request, summary, step):
@@ -274,6 +279,26 @@ class LongDocuments:
 
 def _cost(count: Callable[[str], int], unit: Unit, page_cost: int) -> int:
     return count(unit.text) + UNIT_SLACK + (page_cost if unit.image else 0)
+
+
+class Heartbeat:
+    """The step in progress, repeated at most every HEARTBEAT_S while a step's hidden text streams: each yield is a
+    point where the caller can close the generator (gradio's Stop), so Stop never waits for a whole step."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.reading: Reading | None = None
+        self._last = 0.0
+
+    def set(self, reading: Reading) -> Reading:
+        self.reading, self._last = reading, time.monotonic()
+        return reading
+
+    def due(self) -> bool:
+        if not self.enabled or self.reading is None or time.monotonic() - self._last < HEARTBEAT_S:
+            return False
+        self._last = time.monotonic()
+        return True
 
 
 class _Totals:

@@ -19,7 +19,7 @@ from qwen3vl_webui.conversation import UserMessage
 from qwen3vl_webui.documents import windows
 from qwen3vl_webui.engine.request import RequestError
 from qwen3vl_webui.media import MediaError, media_kind, probe_video
-from qwen3vl_webui.service.longdoc import Reading, _Totals
+from qwen3vl_webui.service.longdoc import Heartbeat, Reading, _Totals
 from qwen3vl_webui.service.prompt import ChatRequest
 
 MAX_SEGMENTS = 720
@@ -83,6 +83,7 @@ class LongVideos:
         question = request.message.text.strip() or DEFAULT_QUESTION
         others = tuple(f for f in request.message.files if f != video)
         totals = _Totals()
+        beat = Heartbeat(report_waiting)
 
         def step(text: str, sub_media: Any, files: tuple[str, ...], visible: bool) -> Iterator[Any]:
             sub = dataclasses.replace(plain, message=UserMessage(text, files), history=[], media=sub_media)
@@ -95,12 +96,14 @@ class LongVideos:
                     elif not isinstance(item, str) or visible:
                         if report_waiting or isinstance(item, str):
                             yield item
+                    elif beat.due():  # hidden text: still a point where Stop can close this generator
+                        yield beat.reading
 
         notes: list[tuple[str, str]] = []
         for n, (start, end) in enumerate(spans, 1):
             times = f"{clock(start)}–{clock(end)}"
             if report_waiting:
-                yield Reading(name, n, len(spans), verb="Watching", noun="segment", detail=times)
+                yield beat.set(Reading(name, n, len(spans), verb="Watching", noun="segment", detail=times))
             text = (
                 f"This clip is {times} of {name} (segment {n} of {len(spans)}). Describe what happens in it, with "
                 f"times, in a few sentences, and note anything about: {question}"
@@ -113,7 +116,7 @@ class LongVideos:
                     yield item
             notes.append((times, out.strip()))
         if report_waiting:
-            yield Reading(name, len(spans) + 1, len(spans), verb="Watching", noun="segment")
+            yield beat.set(Reading(name, len(spans) + 1, len(spans), verb="Watching", noun="segment"))
         answer = ""
         for item in self._merge(notes, name, question, request, step):
             if isinstance(item, str):
