@@ -33,6 +33,7 @@ CARRY = (
     "regex==2026.11.19",  # transformers checks regex>=2025.10.22 at import; the image's version is not recorded
     "qwen-vl-utils==0.0.14",  # vision_rules.py compiles its budget rules from its source file
     "py-spy==0.4.3",  # bench.suite plan b profiles both processes (a Rust binary: py3-none-manylinux x86_64)
+    "prometheus-client==0.26.0",  # GET /metrics (bench.metrics_scrape reads it under load)
 )  # fmt: skip
 # Carried for their files only, never imported (vision_rules.py reads qwen_vl_utils' source): their requirements
 # (av, requests) need not be met.
