@@ -75,11 +75,11 @@ def long_answers(app: Any, step_delay_s: float = 0.0) -> Iterator[None]:
 
 
 def _raw_data(app: Any, message: dict[str, Any], **over: Any) -> list[Any]:
-    """The 15 inputs of the /chat event as a raw HTTP client sends them (the state slot is None)."""
+    """The 16 inputs of the /chat event as a raw HTTP client sends them (the state slot is None)."""
     values = dict(
         system_prompt="", temperature=0.0, top_p=0.8, top_k=20, repetition_penalty=1.05, seed=-1,
         max_context=app.settings.max_context, max_new_tokens=64, image_megapixels=0.92, video_fps=2.0,
-        video_max_frames=32, video_megapixels=7.4, stop_strings="",
+        video_max_frames=32, video_megapixels=7.4, stop_strings="", whole_video=False,
     )  # fmt: skip
     values.update(over)
     return [message, None, *values.values()]
@@ -228,7 +228,10 @@ def test_05_files_are_refused_by_type_not_by_name(hostile, tmp_path: Path) -> No
     assert _chat(client, "what?", [fake_png]) == ERROR_PREFIX + "notes.png is not a valid image."
     reply = _chat(client, "what?", [fake_mp4])
     assert reply.startswith(ERROR_PREFIX + "clip.mp4 could not be decoded"), reply
-    for name in ("tool.exe", "paper.pdf", "page.html"):
+    fake_pdf = tmp_path / "paper.pdf"  # documents are accepted by type too, and read by content
+    fake_pdf.write_bytes(b"MZ\x90\x00" * 64)
+    assert _chat(client, "what?", [fake_pdf]).startswith(ERROR_PREFIX + "paper.pdf is not a readable PDF")
+    for name in ("tool.exe", "paper.docx", "page.html"):
         odd = tmp_path / name
         odd.write_bytes(b"MZ\x90\x00" * 64)
         with pytest.raises(Exception, match="Invalid file type"):  # MultimodalTextbox(file_types=...) refuses
