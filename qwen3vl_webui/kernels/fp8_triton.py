@@ -22,6 +22,9 @@ from typing import Any, NamedTuple
 import triton
 import triton.language as tl
 
+from qwen3vl_webui.kernels import tuning
+from qwen3vl_webui.kernels.tuning import row_class
+
 
 class Fp8Config(NamedTuple):
     block_m: int  # 1: the GEMV kernel
@@ -37,24 +40,12 @@ TUNED: dict[tuple[int, int, int], Fp8Config] = {}
 
 
 def load_tuning(path: str | None = None) -> int:
-    """Adds the best configs of a `bench.quant_check` report (its "tuned" section) to TUNED: how many. Read at import
-    from $QWEN3VL_KERNEL_TUNING, so a run can use the sweep it just made (the tuned tables here are the kept copy)."""
-    import json
-    import os
-
-    path = path or os.environ.get("QWEN3VL_KERNEL_TUNING")
-    if not path or not os.path.isfile(path):  # none named, or the sweep that was to write it did not
-        return 0
-    with open(path) as f:
-        found = json.load(f).get("tuned", {}).get("fp8", {})
-    for shape, cfg in found.items():
-        m, n, k = (int(v) for v in shape.split(","))
-        TUNED[(m, n, k)] = Fp8Config(*cfg)
-    return len(found)
+    """A sweep's best fp8 configs into TUNED (kernels/tuning.py); read at import from $QWEN3VL_KERNEL_TUNING."""
+    return tuning.load("fp8", Fp8Config, TUNED, path)
 
 
 def pick_config(rows: int, n: int, k: int) -> Fp8Config:
-    m = 1 if rows == 1 else 16 if rows <= 16 else 32
+    m = row_class(rows)
     return TUNED.get((m, n, k)) or (GEMV_DEFAULT if m == 1 else SKINNY_DEFAULT if m == 16 else SKINNY32_DEFAULT)
 
 

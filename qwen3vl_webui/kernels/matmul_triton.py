@@ -23,6 +23,8 @@ from typing import Any, NamedTuple
 import triton
 import triton.language as tl
 
+from qwen3vl_webui.kernels.tuning import row_class
+
 
 class KernelConfig(NamedTuple):
     """One launch shape. block_m == 1 selects the GEMV kernel (one program column per row)."""
@@ -55,10 +57,6 @@ TUNED: dict[tuple[int, int, int], KernelConfig] = {
     (32, 2560, 4096): KernelConfig(32, 32, 512, 4, 3, False),
     (32, 2560, 9728): KernelConfig(32, 32, 512, 4, 3, False),
 }
-
-
-def row_class(rows: int) -> int:
-    return 1 if rows == 1 else 16 if rows <= 16 else 32
 
 
 def default_config(rows: int, n: int, k: int) -> KernelConfig:

@@ -29,6 +29,9 @@ from typing import Any, NamedTuple
 import triton
 import triton.language as tl
 
+from qwen3vl_webui.kernels import tuning
+from qwen3vl_webui.kernels.tuning import row_class
+
 
 class W4Config(NamedTuple):
     """One launch shape. block_m == 1 selects the GEMV kernel (one program per row); `split_k` programs share K
@@ -49,25 +52,9 @@ SKINNY32_DEFAULT = W4Config(32, 64, 0, 4, 3)
 MIN_PROGRAMS = 264  # two per SM of an H100 / H200: below it the defaults split K
 
 
-def row_class(rows: int) -> int:
-    return 1 if rows == 1 else 16 if rows <= 16 else 32
-
-
 def load_tuning(path: str | None = None) -> int:
-    """Adds the best configs of a `bench.quant_check` report (its "tuned" section) to TUNED: how many. Read at import
-    from $QWEN3VL_KERNEL_TUNING, so a run can use the sweep it just made (the tuned tables here are the kept copy)."""
-    import json
-    import os
-
-    path = path or os.environ.get("QWEN3VL_KERNEL_TUNING")
-    if not path or not os.path.isfile(path):  # none named, or the sweep that was to write it did not
-        return 0
-    with open(path) as f:
-        found = json.load(f).get("tuned", {}).get("int4", {})
-    for shape, cfg in found.items():
-        m, n, k = (int(v) for v in shape.split(","))
-        TUNED[(m, n, k)] = W4Config(*cfg)
-    return len(found)
+    """A sweep's best int4 configs into TUNED (kernels/tuning.py); read at import from $QWEN3VL_KERNEL_TUNING."""
+    return tuning.load("int4", W4Config, TUNED, path)
 
 
 def pick_config(rows: int, n: int, k: int) -> W4Config:
