@@ -89,3 +89,52 @@ def test_a_long_video_is_watched_in_segments_with_times_and_merged(service: Any,
         assert calls == [] and isinstance(plain[-1], Finished) and "segments" not in plain[-1].text
     finally:
         service.videos._chat = inner
+
+
+def test_whole_video_through_the_openai_api_is_watched_in_segments(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    import base64
+
+    import openai
+
+    from tests.conftest import start_app
+
+    video = _video(tmp_path / "harbour.mp4", seconds=40, fps=2)  # the API's budget: 32 frames at 2 fps = 16 s
+    part = {
+        "type": "video_url",
+        "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(video.read_bytes()).decode()},
+    }
+    messages = [{"role": "user", "content": [{"type": "text", "text": "When does it get brighter?"}, part]}]
+    app, url = start_app(tiny_checkpoint.parent, "--max-context", "2048", "--max-new-tokens", "16", "--warmup", "off")
+    calls: list[ChatRequest] = []
+    inner = app.service.videos._chat
+
+    def spy(request: ChatRequest, *args: Any, **kw: Any) -> Any:
+        calls.append(request)
+        return inner(request, *args, **kw)
+
+    app.service.videos._chat = spy
+    try:
+        client = openai.OpenAI(base_url=f"{url}v1", api_key="none", max_retries=0, timeout=120)
+        ask = {"model": "qwen3vl-demo", "messages": messages, "max_tokens": 16, "temperature": 0}
+        reply = client.chat.completions.create(**ask, extra_body={"whole_video": True})
+        answer = reply.choices[0].message.content
+        assert answer.endswith("(00:40) in 3 segments of 16 s.*"), answer
+        assert [c.media.segment for c in calls[:3]] == [(0.0, 16.0), (16.0, 32.0), (32.0, 40.0)]
+        assert [c.message.text.split(" of ")[0] for c in calls[:3]] == [
+            "This clip is 00:00–00:16", "This clip is 00:16–00:32", "This clip is 00:32–00:40"]  # fmt: skip
+        assert len(calls) == 4 and "[00:16–00:32]" in calls[3].message.text  # the merge cites the segments' times
+        assert reply.usage.prompt_tokens > 3 * 8  # every step's prompt counted
+        calls.clear()
+        chunks = client.chat.completions.create(**ask, stream=True, extra_body={"whole_video": True})
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed.endswith("(00:40) in 3 segments of 16 s.*") and len(calls) == 4, streamed
+        calls.clear()  # without it (the default): one ordinary request, sampled within the budget
+        plain = client.chat.completions.create(**ask).choices[0].message.content
+        assert "segments" not in plain and len(calls) == 0
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(**ask, extra_body={"whole_video": "yes"})
+        assert refused.value.status_code == 400 and "whole_video must be true or false" in str(refused.value)
+        assert refused.value.body["type"] == "invalid_request_error"
+    finally:
+        app.service.videos._chat = inner
+        app.close()

@@ -4,6 +4,11 @@ It goes through the same ChatService admission as the chat page and `/chat`: the
 and the per-client cap hold across all front doors together. Errors have OpenAI's shape,
 `{"error": {"message", "type", "code"}}`: 400 bad input, 401 key missing or wrong, 404 unknown model, 413 body too
 large, 429 (with Retry-After) wait line full, 503 while the model loads or the server drains.
+
+Beyond OpenAI's fields, as vLLM's extra body fields (the openai client's `extra_body=`): `"whole_video": true` watches
+a video longer than the frame budget in time segments and merges them (service/longvideo.py), as the page's
+*Whole video* box does. A document or a whole video is answered in several steps; the answer (or its stream) starts
+with the final pass, as no progress lines are sent (they would be content to an OpenAI client).
 """
 
 from __future__ import annotations
@@ -181,9 +186,12 @@ def to_chat_request(body: dict[str, Any], service: Any, config: ApiConfig, folde
         )
     except RequestError as exc:
         raise ApiError(400, str(exc)) from None
+    whole_video = body.get("whole_video", False)  # our extension, as vLLM's extra body fields (`extra_body=`)
+    if not isinstance(whole_video, bool):
+        raise ApiError(400, f"whole_video must be true or false, got {whole_video!r}.")
     chat = ChatRequest(
         message=message, history=turns, system_prompt=system, sampling=sampling, max_context=limits.max_context,
-        media=MediaBudget(), max_files_per_turn=config.max_files_per_turn,
+        media=MediaBudget(), max_files_per_turn=config.max_files_per_turn, whole_video=whole_video,
     )  # fmt: skip
     options = {"stream": bool(body.get("stream", False)), "include_usage": bool(stream_options.get("include_usage"))}
     return chat, options
