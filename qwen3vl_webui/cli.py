@@ -90,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
         "fetch, comma-separated (never a private or loopback address); default none: data: URIs only", metavar="HOSTS")  # fmt: skip
     add("--served-model-name", "served_model_name", "the model name the API answers to (default: --model, or "
         "qwen3vl-demo with --demo)", metavar="NAME")  # fmt: skip
+    add("--backend-url", "backend_url", "an OpenAI-compatible server (vLLM, SGLang, another instance of this app) "
+        "that runs the model: this app becomes its front end and loads no model", metavar="URL")  # fmt: skip
+    add("--backend-model", "backend_model", "the backend's model name (default: the first of its /v1/models)",
+        metavar="NAME")
+    p.add_argument(
+        "--backend-api-key", dest="backend_api_key", default=env_default("backend_api_key", None), metavar="KEY",
+        help=f"bearer key sent to --backend-url [env {env_name('backend_api_key')}; prefer the env var]",
+    )  # fmt: skip
     p.add_argument(
         "--admin-auth", dest="admin_auth", default=env_default("admin_auth", None), metavar="USER:PASSWORD",
         help=f"the operator's login: precision switch and memory release are theirs alone (without it, only when "

@@ -139,6 +139,11 @@ class Settings:
     metrics_public: bool = False
     # The GPU's price per hour in USD, for the panel's and /metrics' cost per million output tokens; None = not set.
     gpu_hourly_cost: float | None = None
+    # A remote OpenAI-compatible server (vLLM, SGLang, another instance of this app) that runs the model: this app is
+    # then its front end and loads nothing (engine/backend/). Its model: --backend-model, else its /v1/models' first.
+    backend_url: str | None = None
+    backend_model: str | None = None
+    backend_api_key: str | None = field(default=None, repr=False)  # sent to the backend as a bearer key
 
     def __post_init__(self) -> None:
         for name, (rule, _) in _RULES.items():
@@ -167,6 +172,7 @@ class Settings:
             raise SettingsError(
                 f"--gpu-hourly-cost must be a price in USD from 0 to {MAX_HOURLY_COST:g}, got {self.gpu_hourly_cost!r}"
             )
+        check_backend(self)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise SettingsError(f"--device must be one of auto, cpu, cuda, cuda:N; got {self.device!r}")
 
@@ -228,6 +234,26 @@ def check(name: str, value: Any, rule: Any) -> None:
             raise SettingsError(f"{flag} must be an integer from {lo} to {hi}, got {value!r}")
     elif value not in rule:
         raise SettingsError(f"{flag} must be one of {', '.join(rule)}; got {value!r}")
+
+
+def check_backend(settings: Settings) -> None:
+    """--backend-url must be an http(s) URL with a host, and excludes the flags that load a model here."""
+    if not settings.backend_url:
+        return
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(settings.backend_url)
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+    except ValueError:
+        parts = parts._replace(scheme="")
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise SettingsError(
+            f"--backend-url must be an http(s) URL such as http://host:8000/, got {settings.backend_url!r}"
+        )
+    if settings.demo or settings.random_weights != "off":
+        flag = "--demo" if settings.demo else "--random-weights"
+        raise SettingsError(f"--backend-url runs the model on the backend: it takes no {flag}")
 
 
 def check_networks(name: str, value: str) -> None:

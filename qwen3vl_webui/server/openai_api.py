@@ -64,6 +64,12 @@ class ApiConfig:
     max_turns: int
     allowed_media_domains: frozenset[str]
     local_only: bool  # everyone is the operator (no per-client cap)
+    # A front end (--backend-url): the names it answers to now (the backend's model is known once it answered);
+    # () while it is not known, when any name is passed on and the backend answers.
+    live_names: Callable[[], tuple[str, ...]] | None = None
+
+    def names(self) -> tuple[str, ...]:
+        return self.live_names() if self.live_names is not None else self.model_names
 
 
 def build_router(service: Any, config: ApiConfig, media_folder: Callable[[], Path]) -> Any:
@@ -91,7 +97,7 @@ def build_router(service: Any, config: ApiConfig, media_folder: Callable[[], Pat
         except ApiError as exc:
             return refuse(exc)
         created = int(time.time())
-        data = [{"id": name, "object": "model", "created": created, "owned_by": "qwen3vl-webui"} for name in config.model_names]
+        data = [{"id": name, "object": "model", "created": created, "owned_by": "qwen3vl-webui"} for name in config.names()]
         return {"object": "list", "data": data}
 
     @router.post("/v1/chat/completions")
@@ -99,9 +105,9 @@ def build_router(service: Any, config: ApiConfig, media_folder: Callable[[], Pat
         try:
             authorize(request)
             body = await _read_json(request, config.max_body_bytes)
-            model = body.get("model")
-            if model not in config.model_names:
-                raise ApiError(404, f"The model {model!r} does not exist; this server serves {config.model_names[0]!r}.",
+            model, names = body.get("model"), config.names()
+            if names and model not in names:
+                raise ApiError(404, f"The model {model!r} does not exist; this server serves {names[0]!r}.",
                                "invalid_request_error", "model_not_found")  # fmt: skip
             _ready(service)
             chat, options = await asyncio.to_thread(to_chat_request, body, service, config, media_folder())
@@ -115,7 +121,7 @@ def build_router(service: Any, config: ApiConfig, media_folder: Callable[[], Pat
             first = await run.first()
         except ApiError as exc:
             return refuse(exc)
-        name, rid, created = config.model_names[0], f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        name, rid, created = (names or (str(model),))[0], f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not options["stream"]:
             text, stats = await run.rest_joined(first)
             return _completion(rid, created, name, text, stats, chat.sampling.max_new_tokens)
@@ -345,6 +351,7 @@ class _Run:
 
 
 def _api_error(exc: BaseException) -> ApiError:
+    from qwen3vl_webui.engine.backend.client import BackendError
     from qwen3vl_webui.engine.remote.protocol import EngineDied
     from qwen3vl_webui.engine.request import RequestError
     from qwen3vl_webui.service.admission import Busy, TooManyRequests
@@ -366,6 +373,9 @@ def _api_error(exc: BaseException) -> ApiError:
                         "rate_limit_error", "queue_full", {"Retry-After": "1"})  # fmt: skip
     if isinstance(exc, TimeoutError):
         return ApiError(503, str(exc), "server_error", "loading", {"Retry-After": "10"})
+    if isinstance(exc, BackendError):  # a front end's backend is down, busy or failed (--backend-url)
+        retry = {"Retry-After": "10" if exc.status == 503 else "1"} if exc.status in (429, 503) else None
+        return ApiError(exc.status, str(exc), "server_error", exc.code, retry)
     if isinstance(exc, EngineDied):
         return ApiError(503, str(exc), "server_error", "engine_restarting", {"Retry-After": "10"})
     log.error("chat completion failed", exc_info=exc)

@@ -29,6 +29,7 @@ from qwen3vl_webui.service.admission import (
     SlotRequest,
     TooManyRequests,
 )
+from qwen3vl_webui.service.backend_prompt import MediaParts, build_messages
 from qwen3vl_webui.service.limits import Limits
 from qwen3vl_webui.service.longdoc import LongDocuments, has_documents
 from qwen3vl_webui.service.longvideo import LongVideos, long_video
@@ -47,6 +48,7 @@ from qwen3vl_webui.telemetry import (
 from qwen3vl_webui.weights.model import LoadedModel
 
 if TYPE_CHECKING:
+    from qwen3vl_webui.engine.backend.decoder import BackendStatus
     from qwen3vl_webui.engine.batch import EngineSnapshot
 
 log = logging.getLogger(__name__)
@@ -114,6 +116,7 @@ class PanelSnapshot:
     decoder: str = ""
     engine: EngineSnapshot | None = None  # the batch engine's figures (prefix reuse), if it decodes
     cost: CostView | None = None  # the GPU's price against the measured throughput (--gpu-hourly-cost)
+    backend: BackendStatus | None = None  # a front end's backend (--backend-url): reachable, its /metrics figures
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,7 @@ class ChatService:
         self.warmed.set()
         self._fatal: str | None = None
         self._media = MediaCache()
+        self._parts = MediaParts()  # a front end's files as data: URIs (service/backend_prompt.py)
         self._heap = HeapTrimmer()  # gives freed host memory back to the OS when no generation runs
         self._counts = TurnCounts()
         # The one admission of every front door: slots + wait line in all, and each client's own cap (0: none).
@@ -289,6 +293,8 @@ class ChatService:
 
     def _build(self, request: ChatRequest, deadline: float | None) -> PreparedPrompt:
         loaded = self.manager.wait_ready(0)
+        if self.manager.backend is not None:  # a front end: OpenAI messages for the backend, no processor here
+            return build_messages(request, self._parts, deadline)
         try:
             self.faults.fire("build", 1)  # the prompt's length is not known yet: rules with a `>N` never fire here
             return build_prompt(loaded, request, self._media, self._counts, deadline)
@@ -476,6 +482,9 @@ class ChatService:
         loaded = self.manager.current()
         if loaded is None:
             return "The estimate appears once the model has loaded."
+        if self.manager.backend is not None:
+            return (f"The model runs on the backend at {self.manager.backend.url}: its memory is planned there, and it "
+                    "counts each prompt's tokens itself.")  # fmt: skip
         shape = self._shape(loaded)
         # A 16:9 source at the cap is the common worst case for a photo or a screen recording.
         width = int((image_pixels * 16 / 9) ** 0.5)
@@ -561,6 +570,7 @@ class ChatService:
             decoder=self.manager.decoder.describe() if self.manager.decoder else "",
             engine=self._engine_snapshot(),
             cost=self.cost(),
+            backend=self.manager.backend.status() if self.manager.backend is not None else None,
         )
 
     # -- metrics (service/metrics.py; /metrics and the panel read these) ----------------------

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from qwen3vl_webui import precisions
 from qwen3vl_webui.engine.decoders import Decoder, make_decoder
@@ -65,7 +66,7 @@ class ModelManager:
         scheduler: Scheduler,
         demo_dir: str | None = None,
         free_memory: Callable[[str], int] | None = None,
-        decoder: str = "generate",
+        decoder: str | Decoder = "generate",
         limits: Limits = DEFAULT_LIMITS,
         launched_at: float | None = None,
         compile_mode: str = "background",
@@ -77,10 +78,11 @@ class ModelManager:
         self.scheduler = scheduler
         self.demo_dir = demo_dir
         self.free_memory = free_memory or free_memory_bytes  # injectable: tests choose how much is free
-        self.decoder_kind = decoder
+        # A kind (made at the first load) or a decoder built already: a remote backend's (--backend-url).
+        self.decoder_kind = decoder if isinstance(decoder, str) else decoder.name
         self.compile_mode = compile_mode  # the batch engine's decode compile: background, before-serving, off
         self.limits = ContextLimits(limits)  # the one owner of the context caps; the service holds requests to it
-        self.decoder: Decoder | None = None  # made at the first load, once the device is known
+        self.decoder: Decoder | None = None if isinstance(decoder, str) else decoder  # else made at the first load
         self._status = "starting"
         # What it is doing, for GET /ready: starting, loading, serving, switching, resizing, restarting, failed, closing.
         self.phase = "starting"
@@ -100,6 +102,8 @@ class ModelManager:
         if self.phase != "serving":
             return text
         decoder = self.decoder
+        if self.backend is not None:
+            return self.backend.status_line()
         snap = decoder.snapshot() if decoder is not None else None
         progress = decode_progress(snap)
         if progress:
@@ -110,9 +114,17 @@ class ModelManager:
     def status(self, text: str) -> None:
         self._status = text
 
+    @property
+    def backend(self) -> Any:
+        """The remote backend's decoder (engine/backend/decoder.py) when this app is its front end, else None."""
+        decoder = self.decoder
+        return decoder if decoder is not None and decoder.name == "backend" else None
+
     # -- first load -------------------------------------------------------------------------
     def load(self, use_demo: bool = False) -> LoadedModel:
         self.phase = "loading"
+        if self.backend is not None:
+            return self._connect()
         try:
             device = loading.resolve_device(self.device_request)
             if use_demo:
@@ -132,6 +144,20 @@ class ModelManager:
             self.status = f"Model failed to load: {exc}"
             self._ready.set()
             raise
+
+    def _connect(self) -> LoadedModel:
+        """A front end: nothing loads here. The backend is probed once (unreachable is a state its watcher follows,
+        which the status line and /ready show), and chats are admitted from now on."""
+        backend = self.backend
+        self._progress(f"Connecting to the backend at {backend.url}…")
+        backend.attach(None)
+        loaded = backend.loaded_view(None)
+        self.timeline.mark(SERVING, detail="remote backend")
+        self._loaded = loaded
+        self.phase = "serving"
+        self._ready.set()
+        log.info("%s", backend.status_line())
+        return loaded
 
     def _load_demo(self, device: str) -> LoadedModel:
         from qwen3vl_webui.weights.tiny_model import ensure_demo_checkpoint
@@ -292,6 +318,9 @@ class ModelManager:
     # -- switching --------------------------------------------------------------------------
     def switch(self, precision: str, timeout: float | None = 600.0) -> SwitchReport:
         """Waits for running generations, unloads, frees VRAM, reloads; refuses when it won't fit."""
+        if self.backend is not None:
+            raise SwitchRefused(f"the model runs on the backend at {self.backend.url} (--backend-url); its precision is "
+                                "set there.")  # fmt: skip
         old = self.wait_ready(timeout)
         if precision == "auto":
             precision = self.resolve_precision(old.device)

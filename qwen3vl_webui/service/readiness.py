@@ -23,10 +23,10 @@ class Readiness:
 
     ready: bool
     # starting, loading, warming up, serving, switching precision, resizing, restarting engine, draining, failed,
-    # refusing chats (the warm-up found that nothing fits), closing
+    # refusing chats (the warm-up found that nothing fits), backend unreachable (--backend-url), closing
     state: str
     full_speed: bool  # decode runs from its compiled graphs (or there is nothing to compile)
-    decode: str  # "compiled graphs", "graphs", "compiled", "eager", "generate" or "" before the decoder serves
+    decode: str  # "compiled graphs", "graphs", "compiled", "eager", "generate", "backend" or "" before it serves
     compile: str  # the decode step's compile: none, waiting, compiling, done, failed
     compiled_batch_sizes: int
     batch_sizes: int  # to compile (0: nothing to compile)
@@ -59,6 +59,8 @@ def readiness(service: Any) -> Readiness:
         state = _PHASES.get(manager.phase, manager.phase)
     elif not service.warmed.is_set():
         state = "warming up"
+    elif manager.backend is not None and manager.backend.problem:  # a front end whose backend cannot serve now
+        state = "backend unreachable"
     elif getattr(service, "_fatal", None):  # the warm-up found that even the smallest context does not fit
         state = "refusing chats"
     else:
@@ -66,8 +68,8 @@ def readiness(service: Any) -> Readiness:
     if snap is not None:
         decode, compile_state = snap.decode_mode, snap.compile_state
         done, total, full = snap.compile_done, snap.compile_total, snap.full_speed
-    elif decoder is not None and decoder.name == "generate" and loaded is not None:
-        decode, compile_state, done, total, full = "generate", "none", 0, 0, True
+    elif decoder is not None and decoder.name in ("generate", "backend") and loaded is not None:
+        decode, compile_state, done, total, full = decoder.name, "none", 0, 0, True
     else:  # nothing serves yet, or the engine process has not reported yet (it does every half second)
         decode, compile_state, done, total, full = "", "none", 0, 0, False
     since = round(time.time() - manager.timeline.launched_at, 2)

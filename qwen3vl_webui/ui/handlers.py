@@ -26,6 +26,7 @@ from qwen3vl_webui.conversation import (
     parse_history,
     parse_message,
 )
+from qwen3vl_webui.engine.backend.client import BackendError
 from qwen3vl_webui.engine.remote.protocol import EngineDied
 from qwen3vl_webui.engine.request import RequestError, SamplingParams
 from qwen3vl_webui.engine.stops import parse_stop_lines
@@ -146,7 +147,7 @@ class Handlers:
         except RequestTimedOut as exc:
             failed = True
             yield ERROR_PREFIX + str(exc) + (f"\n\nThe answer so far:\n\n{exc.partial}" if exc.partial else "")
-        except (RequestError, ValueError, ShuttingDown, TimeoutError, EngineDied) as exc:
+        except (RequestError, ValueError, ShuttingDown, TimeoutError, EngineDied, BackendError) as exc:
             failed = True
             yield ERROR_PREFIX + str(exc)
         except Busy as exc:
@@ -326,8 +327,9 @@ class Handlers:
                                   for label, name in menu], value=loaded.precision)  # fmt: skip
 
     def operator_view(self, request: gr.Request) -> Any:
-        """On page load: the server-wide controls are shown to the operator only (and refused to others)."""
-        return gr.update(visible=self.is_operator(request))
+        """On page load: the server-wide controls are shown to the operator only (and refused to others); a front end
+        (--backend-url) has no local model to switch or memory to release, so nobody sees them."""
+        return gr.update(visible=self.is_operator(request) and self.service.manager.backend is None)
 
     def _client(self, request: gr.Request | None) -> Client | None:
         if request is None:

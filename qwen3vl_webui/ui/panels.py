@@ -15,7 +15,9 @@ def _opt(value: float | None, fmt: str, unit: str = "") -> str:
 def format_panel(snap: PanelSnapshot, queued: int = 0) -> str:
     """`queued`: requests still in gradio's queue, which hands the engine at most its slot count."""
     rows: list[tuple[str, str]] = []
-    if snap.gpu is not None:
+    if snap.backend is not None:
+        rows += _backend_rows(snap)
+    elif snap.gpu is not None:
         g = snap.gpu
         rows += [
             ("GPU", f"{g.name} (#{g.index})"),
@@ -37,8 +39,13 @@ def format_panel(snap: PanelSnapshot, queued: int = 0) -> str:
     rows += [
         ("CPU · RAM", f"{s.cpu_pct:.0f}% · {format_bytes(s.ram_used)} / {format_bytes(s.ram_total)}"),
         ("process RSS", format_bytes(s.process_rss)),
-        ("precision", f"{snap.precision or 'loading…'}" + (f" on {snap.device}" if snap.device else "")),
-        ("decoder", snap.decoder or "—"),
+    ]
+    if snap.backend is None:  # a front end's model, precision and decoder are the backend's (its rows above)
+        rows += [
+            ("precision", f"{snap.precision or 'loading…'}" + (f" on {snap.device}" if snap.device else "")),
+            ("decoder", snap.decoder or "—"),
+        ]
+    rows += [
         *_prefix_rows(snap),
         (
             "jobs",
@@ -65,6 +72,38 @@ def format_panel(snap: PanelSnapshot, queued: int = 0) -> str:
         rows.append(("last answer", "no request yet"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return "| live | |\n|---|---|\n" + table
+
+
+BACKEND_LINE = "the model runs there: precision, memory and GPU controls are the backend's (hidden here)"
+
+
+def _backend_rows(snap: PanelSnapshot) -> list[tuple[str, str]]:
+    """A front end (--backend-url): the backend's address and model, and its serving figures from its /metrics."""
+    b = snap.backend
+    assert b is not None
+    if b.reachable is None:
+        state = "connecting…"
+    elif b.problem:
+        state = f"⚠️ {b.problem}"
+    else:
+        state = "reachable"
+    rows = [("backend", f"{b.url} · {b.model or 'model not known yet'} · {state}"), ("local GPU", BACKEND_LINE)]
+    load = b.load
+    if b.metrics is False:
+        rows.append(("backend figures", "it serves no Prometheus /metrics (vLLM does; SGLang with --enable-metrics)"))
+    elif load is not None and load.figures.known:
+        f = load.figures
+        kv = "—" if f.kv_usage is None else f"{f.kv_usage * 100:.0f}%"
+        rows += [
+            ("backend requests", f"{f.running:.0f} running · {f.waiting:.0f} waiting · KV cache {kv} in use"),
+            ("backend speed", f"{_opt(load.tokens_per_s, ',.1f', ' output tok/s')} · TTFT {_opt(load.ttft_s, '.2f', ' s')}"),
+        ]  # fmt: skip
+        if f.gpu_memory_total:
+            used = f.gpu_memory_used or 0
+            rows.append(("backend GPU memory", f"{format_bytes(used)} / {format_bytes(f.gpu_memory_total)}"))
+        if f.precision:
+            rows.append(("backend precision", f.precision))
+    return rows
 
 
 def _no_gpu(reason: str | None) -> str:

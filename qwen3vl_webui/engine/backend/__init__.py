@@ -1,0 +1,1 @@
+"""A remote OpenAI-compatible server (vLLM, SGLang, another instance of this app) as the decoder: --backend-url."""
