@@ -59,7 +59,8 @@ class App:
         from qwen3vl_webui.server.metrics import MetricsConfig, build_router
 
         s = self.settings
-        config = MetricsConfig(self._model_names()[0], s.metrics_public, s.api_key, tuple(s.credentials()))
+        name = (s.served_model_name or s.backend_model or "backend") if s.backend_url else self._model_names()[0]
+        config = MetricsConfig(name, s.metrics_public, s.api_key, tuple(s.credentials()))
         return build_router(self.service, config, front=lambda: self.front)
 
     def _health_router(self) -> Any:
@@ -84,8 +85,14 @@ class App:
             max_turns=s.max_history_turns,
             allowed_media_domains=frozenset(d.strip().lower() for d in s.allowed_media_domains.split(",") if d.strip()),
             local_only=s.local_only,
+            live_names=self._backend_names if s.backend_url else None,
         )
         return build_router(self.service, config, lambda: Path(gradio_compat.upload_folder()) / "openai")
+
+    def _backend_names(self) -> tuple[str, ...]:
+        """A front end answers to --served-model-name and the backend's model (once known)."""
+        model = self.service.manager.backend.model
+        return tuple(dict.fromkeys(n for n in (self.settings.served_model_name, model) if n))
 
     def queue_busy(self) -> bool:
         """Events waiting in or being processed by gradio's queue (0 if its internals change: shutdown goes on)."""
@@ -120,11 +127,16 @@ def build_service(settings: Settings) -> Any:
     from qwen3vl_webui.weights import random_weights
 
     scheduler = Scheduler(settings.max_concurrency, settings.queue_size)
+    decoder: Any = settings.engine
+    if settings.backend_url:  # a front end: the model runs on that server (engine/backend/)
+        from qwen3vl_webui.engine.backend.decoder import BackendDecoder
+
+        decoder = BackendDecoder(settings.backend_url, settings.backend_api_key, settings.backend_model)
     off = settings.random_weights == "off"  # else benchmarking only: random weights built in memory
     source = settings.model if off else random_weights.source_for(settings.random_weights)
     manager = ModelManager(
         source, settings.precision, settings.device, settings.attn, scheduler, demo_dir=settings.cache_dir,
-        decoder=settings.engine, limits=Limits(settings.max_context, settings.max_new_tokens),
+        decoder=decoder, limits=Limits(settings.max_context, settings.max_new_tokens),
         compile_mode=settings.compile,
     )  # fmt: skip
     service = ChatService(
@@ -151,7 +163,7 @@ def build_app(settings: Settings, load: bool = True) -> App:
     if load:
         # In the background: the page (with its status line) is up while weights download, load and
         # warm up. On ZeroGPU there is no GPU outside a request, so no warm-up there.
-        warmup = "off" if on_zero_gpu() else settings.warmup
+        warmup = "off" if on_zero_gpu() or settings.backend_url else settings.warmup
         service.start_in_background(settings.demo, warmup, ranges.largest_image_pixels())
         watch_start(service)  # stamps "ready", each compiled batch size and "fully compiled" (service/readiness.py)
     return App(demo=demo, service=service, settings=settings)
