@@ -24,6 +24,10 @@ TEXT_CHARS_PER_TOKEN = 3
 TURN_OVERHEAD_TOKENS = 8  # a turn's role markers in the chat template
 VIDEO_MIME = {".mp4": "video/mp4", ".webm": "video/webm", ".mov": "video/quicktime", ".mkv": "video/x-matroska"}
 JPEG_QUALITY = 92
+WHOLE_VIDEO_REFUSED = (
+    "Whole video reads a video here in time segments, but with --backend-url the backend is sent each video whole "
+    "and samples its frames itself. Uncheck Whole video (or leave out whole_video) and ask again."
+)
 
 
 class MediaParts:
@@ -90,11 +94,8 @@ def build_messages(
 
     The same checks as the local prompt (service/prompt.build_prompt): the message must fit max context minus max
     new tokens, and earlier turns are dropped, oldest first, until the estimate fits."""
-    if request.whole_video:
-        raise RequestError(
-            "Whole video decodes the video here in segments; with --backend-url the backend samples each video "
-            "itself. Uncheck Whole video and ask again."
-        )
+    if request.whole_video or request.media.segment is not None:
+        raise RequestError(WHOLE_VIDEO_REFUSED)
     parts = parts or MediaParts()
     budget = request.max_context - request.sampling.max_new_tokens
     if budget <= 0:

@@ -29,7 +29,7 @@ from qwen3vl_webui.service.admission import (
     SlotRequest,
     TooManyRequests,
 )
-from qwen3vl_webui.service.backend_prompt import MediaParts, build_messages
+from qwen3vl_webui.service.backend_prompt import WHOLE_VIDEO_REFUSED, MediaParts, build_messages
 from qwen3vl_webui.service.limits import Limits
 from qwen3vl_webui.service.longdoc import LongDocuments, has_documents
 from qwen3vl_webui.service.longvideo import LongVideos, long_video
@@ -224,6 +224,8 @@ class ChatService:
         built before the request waits for a GPU slot, within the request's deadline: a slow prompt (many
         files, a long chat) never holds a slot another chat could use.
         """
+        if request.whole_video and self.manager.backend is not None:  # segments are decoded here, not sent
+            raise RequestError(WHOLE_VIDEO_REFUSED)
         if has_documents(request.message) or long_video(request) is not None:
             request = self._within_limits(request)  # the windows are planned for the context the steps will get
         if has_documents(request.message):  # each window and the merge come back through here, without documents
