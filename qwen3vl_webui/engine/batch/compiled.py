@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +85,53 @@ def graph_blocker(model: Any) -> str | None:
                 "(`outliers.any()`), which CUDA graph capture forbids"
             )
     return None
+
+
+# ------------------------------------------------------------ a compile that other threads do not see
+
+_private_session = threading.local()  # .on: this thread compiles without raising torch's process-wide flag
+
+
+@contextlib.contextmanager
+def private_compile_session() -> Iterator[None]:
+    """Compiles on this thread without telling the other threads that "torch is compiling".
+
+    torch >= 2.14 holds `torch.compiler._is_compiling_flag` (what `torch.compiler.is_compiling()` returns, hence
+    transformers' `is_torchdynamo_compiling()` and `is_tracing()`) True for a whole compile session, and the flag is
+    one module global: while the background compile traces, the engine thread's eager forwards would take
+    transformers' tracing paths (its prefill masks materialised instead of SDPA's causal flag, its
+    CompileableContextVar switched to one global shared by both threads, checks turned into `torch._check`).
+    Inside this context, compiles on this thread leave the flag alone. The code dynamo traces still sees
+    `is_compiling()` True (dynamo folds the call to a constant, whatever the flag); only code that runs during the
+    session without being traced would see False here: AOTAutograd's and inductor's own passes, which do not ask.
+    Other threads' compiles (a recompile on the engine thread) keep torch's behaviour.
+    """
+    _install_thread_aware_session()
+    previous = getattr(_private_session, "on", False)
+    _private_session.on = True
+    try:
+        yield
+    finally:
+        _private_session.on = previous
+
+
+def _install_thread_aware_session() -> None:
+    """Wraps torch's `_compile_session_context` (looked up at each compile) once per process: a pass-through except
+    on a thread inside `private_compile_session`. Versions without it never set the flag for a compile."""
+    import torch.compiler
+
+    original = getattr(torch.compiler, "_compile_session_context", None)
+    if original is None or getattr(original, "_qwen3vl_thread_aware", False):
+        return
+
+    @contextlib.contextmanager
+    def session() -> Iterator[None]:
+        if getattr(_private_session, "on", False):
+            yield
+        else:
+            with original():
+                yield
+
+    session._qwen3vl_thread_aware = True  # type: ignore[attr-defined]
+    session.__wrapped__ = original  # type: ignore[attr-defined]
+    torch.compiler._compile_session_context = session

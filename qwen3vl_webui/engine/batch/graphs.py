@@ -83,6 +83,10 @@ class DecodeGraphs:
         self._step: Callable[[int], Any] = runner.forward
         self._restore_attention: Callable[[], None] = lambda: None
         self._restore_vision: Callable[[], None] = lambda: None
+        self._restored = False
+        # How long a close waits for the compile thread's next safe point (a cold compile of one bucket is about a
+        # minute on an H100): past it, the model is left as the engine changed it (`restore`).
+        self.stop_timeout_s = 30.0
 
     # ------------------------------------------------------------------ start-up (worker thread)
 
@@ -236,7 +240,12 @@ class DecodeGraphs:
         Dynamo and inductor are Python (their Triton builds run in worker processes): this thread competes with the
         engine thread for the GIL, so the switch interval is lowered meanwhile (5 ms -> 1 ms): the engine thread
         waits at most that long each time it wants the GIL back. Grad mode is thread-local: inference mode here too,
-        so the compiled step's guards hold on the engine thread.
+        so the compiled step's guards hold on the engine thread. torch's "compiling" flag is process-wide: the
+        session stays private to this thread (`compiled.private_compile_session`), so the engine thread's eager
+        forwards meanwhile take transformers' eager paths, as they do before and after.
+
+        A stop (`stop_background`) is honoured at the next safe point: before a bucket, between its two steps, while
+        its swap waits; a compile cannot be interrupted, so the thread may still be tracing the model for that long.
         """
         import contextlib
 
@@ -245,13 +254,17 @@ class DecodeGraphs:
         interval = sys.getswitchinterval()
         sys.setswitchinterval(min(interval, 0.001))
         started = time.perf_counter()
+        side = None
         try:
             self.compile_state = "compiling"
-            side = None
             if str(self.loaded.device).startswith("cuda"):
                 torch.cuda.set_device(torch.device(self.loaded.device))  # a new thread starts on cuda:0
                 side = torch.cuda.Stream()
-            with torch.inference_mode(), torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            with (
+                compiled.private_compile_session(),
+                torch.inference_mode(),
+                torch.cuda.stream(side) if side is not None else contextlib.nullcontext(),
+            ):
                 scratch = self.kv.scratch()  # inference tensors like the engine's: their dispatch keys are guarded
                 for rows in self.buckets:
                     if self.gate is not None:
@@ -262,13 +275,17 @@ class DecodeGraphs:
                     self._compile_seq += 1
                     try:
                         for _ in range(2):
+                            if self._stop.is_set():
+                                return
                             self._compiled(rows, scratch)
                         if side is not None:
                             side.synchronize()
                     finally:
                         self._compile_seq += 1
                     self.warmup_s[rows] = round(time.perf_counter() - begun, 2)
-                    log.info("decode step compiled for batch size %d in %.1f s; swapping it in", rows, self.warmup_s[rows])
+                    log.info(
+                        "decode step compiled for batch size %d in %.1f s; swapping it in", rows, self.warmup_s[rows]
+                    )
                     self._swapped.clear()
                     self._ready.put(rows)
                     self.on_compiled()
@@ -285,8 +302,11 @@ class DecodeGraphs:
             self._ready.put(None)  # the engine thread records the failure between two steps
             self.on_compiled()
         finally:
+            if side is not None:  # nothing of this thread's stays in flight on the GPU once it has ended
+                with contextlib.suppress(Exception):
+                    side.synchronize()
             sys.setswitchinterval(interval)
-        if self._stop.is_set():  # the engine closed meanwhile (its model may be half restored): nothing to keep
+        if self._stop.is_set():  # the engine closed meanwhile: nothing to keep
             return
         log.info("decode step compiled for every batch size in %.1f s", time.perf_counter() - started)
         self._save_artifacts()  # here, not on the engine thread: serialising them takes a moment
@@ -312,6 +332,7 @@ class DecodeGraphs:
             return
         if rows is None:
             self.compile_state = "failed"
+            self._free_compile_memory()
             return
         try:
             self._swap_in(rows)
@@ -328,7 +349,30 @@ class DecodeGraphs:
             self.compile_state = "done" if not self.swap_errors else "failed"
             compiled_step = self._compiled
             self._step = lambda n: compiled_step(n, self.kv)
-            log.info("decode: every batch size swapped in (%d of %d compiled)", len(self.compiled_at), len(self.buckets))
+            log.info(
+                "decode: every batch size swapped in (%d of %d compiled)", len(self.compiled_at), len(self.buckets)
+            )
+            self._free_compile_memory()
+
+    def _free_compile_memory(self) -> None:
+        """Once the compile is over (last swap, or its failure), on the engine thread: returns the blocks the compile
+        left cached (its side stream's warm-up steps, inductor's autotuning buffers) to the driver.
+
+        `empty_cache` frees only blocks no tensor holds; the decode graphs' pool keeps its blocks while a graph uses
+        it (the compiled graphs share it), so no replay loses memory. Here, between two decode steps, nothing is in
+        flight or being captured. No `gc.collect()` (release_cached_memory): a full collection would stall the
+        streams, and what the compile allocated is freed by reference counting as its steps return.
+        """
+        if not str(self.loaded.device).startswith("cuda"):
+            return
+        import torch
+
+        before = torch.cuda.memory_reserved()
+        torch.cuda.empty_cache()
+        log.info(
+            "decode compile over: %.0f MiB of cached GPU memory returned",
+            (before - torch.cuda.memory_reserved()) / 2**20,
+        )
 
     def _swap_in(self, rows: int) -> None:
         import contextlib
@@ -363,8 +407,9 @@ class DecodeGraphs:
             self._steps[rows] = lambda n: compiled_step(n, self.kv)
         self.compiled_at[rows] = time.time()
 
-    def stop_background(self, timeout: float = 5.0) -> None:
-        """Asks the compile thread to stop after the bucket it is on; waits up to `timeout` seconds."""
+    def stop_background(self, timeout: float | None = None) -> bool:
+        """Asks the compile thread to stop at its next safe point (`_compile_buckets`) and waits up to `timeout`
+        seconds (None: `stop_timeout_s`). True once no compile thread runs; False if one is still compiling."""
         self._stop.set()
         if self._timer is not None:
             self._timer.cancel()
@@ -372,10 +417,16 @@ class DecodeGraphs:
             self.gate.release(len(self.buckets))
         with self._start_lock:
             thread = self._compiler
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
-            if thread.is_alive():
-                log.info("the decode compile thread is still busy; it ends with the bucket it is on")
+        if thread is None or thread is threading.current_thread():
+            return True
+        thread.join(self.stop_timeout_s if timeout is None else timeout)
+        return not thread.is_alive()
+
+    @property
+    def compiling_now(self) -> bool:
+        """The compile thread is alive: it may be reading (tracing, running) the model."""
+        thread = self._compiler
+        return thread is not None and thread.is_alive()
 
     def _warm_up(self, forward: Callable[[int], Any], stream: Any) -> None:
         """Two steps per bucket (the first one compiles), off the capture stream as torch.cuda.graph asks."""
@@ -530,8 +581,23 @@ class DecodeGraphs:
         self._steps.clear()
         self.runner.chunk_graphs = None
 
-    def restore(self) -> None:
-        """Undoes what start-up changed on the model: attention routes, fused projections."""
+    def restore(self) -> bool:
+        """Undoes what start-up changed on the model: attention routes, fused projections. Once; True when done.
+
+        Never while the compile thread may still read the model (a close in the middle of a compile that did not
+        reach a safe point within `stop_timeout_s`): the model is then left as it is, which decodes correctly (the
+        changes keep every output), and a later call, once that thread has ended, undoes them.
+        """
+        if self._restored:
+            return True
+        if self.compiling_now:
+            log.warning(
+                "the decode compile thread is still compiling: the model keeps its decode changes (attention routes, "
+                "fused projections), which give the same outputs; the thread ends at its next safe point"
+            )
+            return False
+        self._restored = True
         self._restore_attention()
         self._restore_vision()
         fusion.unfuse(self.loaded.model)
+        return True
