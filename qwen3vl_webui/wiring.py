@@ -28,6 +28,7 @@ class App:
     settings: Settings
     listener: socket.socket | None = None  # bound by main() before the model loads; else bound at launch
     front: Any = field(default=None, repr=False)  # frontdoor.FrontDoor while serving
+    jobs: Any = None  # the page's batch jobs (service.jobs.JobBoard): closed with the app, resumed at the next start
 
     def launch(self, prevent_thread_lock: bool = False, quiet: bool = False) -> str:
         """Serves the app (our FastAPI app, gradio mounted at /) and returns its URL; blocks unless told not to.
@@ -108,6 +109,8 @@ class App:
         """Stops the web server and gradio's queue, then the engine process if there is one."""
         if self.front is not None:
             self.front.close()
+        if self.jobs is not None:
+            self.jobs.close()
         self.service.close()
         self.service.manager.close()
         if self.listener is not None:
@@ -159,14 +162,16 @@ def build_app(settings: Settings, load: bool = True) -> App:
 
     service = build_service(settings)
     handlers = Handlers(service, settings, file_roots=[ASSETS])
-    demo = build_demo(handlers, settings, jobs=JobsTab(_job_board(service, settings), handlers.is_operator))
+    board = _job_board(service, settings)
+    demo = build_demo(handlers, settings, jobs=JobsTab(board, handlers.is_operator))
     if load:
         # In the background: the page (with its status line) is up while weights download, load and
         # warm up. On ZeroGPU there is no GPU outside a request, so no warm-up there.
         warmup = "off" if on_zero_gpu() or settings.backend_url else settings.warmup
         service.start_in_background(settings.demo, warmup, ranges.largest_image_pixels())
         watch_start(service)  # stamps "ready", each compiled batch size and "fully compiled" (service/readiness.py)
-    return App(demo=demo, service=service, settings=settings)
+        board.resume_interrupted()  # jobs a crash or shutdown left unfinished; their items wait for the model
+    return App(demo=demo, service=service, settings=settings, jobs=board)
 
 
 def _job_board(service: Any, settings: Settings) -> Any:

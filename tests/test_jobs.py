@@ -353,6 +353,71 @@ def test_the_batch_jobs_tab_runs_an_uploaded_zip_and_offers_the_results(tiny_che
         app.close()
 
 
+def test_a_page_job_survives_a_sigkilled_app_and_resumes_when_it_starts_again(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    import httpx
+    from gradio_client import Client, handle_file
+
+    from qwen3vl_webui.ui.jobs_tab import describe
+    from tests.conftest import _free_port, start_app
+
+    cache = tmp_path / "cache"  # the app's own --cache-dir: the job database lives in <cache dir>/jobs/<id>/
+    cache.mkdir(mode=0o700)
+    shutil.copytree(tiny_checkpoint, cache / tiny_checkpoint.name)
+    count = 40
+    source = tmp_path / "items.jsonl"
+    source.write_text("".join(json.dumps({"id": f"item-{n:02d}", "prompt": f"Item {n}: say something."}) + "\n"
+                              for n in range(count)))  # fmt: skip
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/"
+    flags = ["--warmup", "off", "--max-context", "512", "--max-new-tokens", "24", "--max-concurrency", "2"]
+    log = tmp_path / "app.log"
+    with open(log, "wb") as out:
+        app = subprocess.Popen([sys.executable, "app.py", "--demo", "--port", str(port), "--cache-dir", str(cache),
+                                *flags], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        assert _until(lambda: _ready(httpx, url), 120), log.read_text()[-2000:]
+        started = Client(url, verbose=False).predict(handle_file(str(source)), "", api_name="/start_job")
+        assert started.startswith("Started job") and f"{count} items" in started, started
+        folder = cache / "jobs" / started.split()[2].rstrip(":")
+        assert _until(lambda: _done(folder / "job.sqlite") >= 4, 120), "the job never got going"
+    finally:
+        app.send_signal(signal.SIGKILL)
+        app.wait(10)
+    before = _rows(folder / "job.sqlite")
+    done_before = {r[0]: r[2] for r in before if r[1] == "done"}
+    half_done = [r[0] for r in before if r[1] == "running"]
+    assert 4 <= len(done_before) < count and half_done, "killed too late (or between items) to test a resume"
+    assert not (folder / "results.jsonl").exists()
+
+    # Started again on the same --cache-dir (here in this process: a second interpreter start costs 20 s on CI's two
+    # cores), and nobody clicks anything: the job goes on.
+    again, _ = start_app(cache, *flags)
+    try:
+        view = again.jobs.view()
+        assert view.job == folder.name and view.resumed and "resumed after the server restarted" in describe(view)
+        assert _until((folder / "results.jsonl").exists, 120), "the resumed job did not finish"
+        results = _lines(folder / "results.jsonl")
+        assert [r["id"] for r in results] == [f"item-{n:02d}" for n in range(count)]  # each once, in input order
+        assert all(r["status"] == "done" for r in results)
+        assert all(r["answer"] == done_before[r["id"]] for r in results if r["id"] in done_before)
+        attempts = {r[0]: r[3] for r in _rows(folder / "job.sqlite")}
+        assert all(attempts[i] == 1 for i in done_before) and all(attempts[i] == 2 for i in half_done)
+        assert again.jobs.resume_interrupted() == []  # finished: a later start leaves it alone
+    finally:
+        again.close()
+
+
+def _ready(httpx, url: str) -> bool:  # type: ignore[no-untyped-def]
+    try:
+        return httpx.get(url + "ready", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def test_an_upload_reads_files_only_from_inside_itself(tmp_path: Path) -> None:
     import zipfile
 

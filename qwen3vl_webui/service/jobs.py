@@ -25,7 +25,7 @@ from qwen3vl_webui.engine.request import RequestError, SamplingParams
 from qwen3vl_webui.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, MediaBudget, MediaError
 from qwen3vl_webui.service.admission import Busy, Cancelled, Preempted
 from qwen3vl_webui.service.chat import ChatService, Finished
-from qwen3vl_webui.service.jobstore import Claimed, Counts, JobError, JobItem, JobStore
+from qwen3vl_webui.service.jobstore import Claimed, Counts, JobError, JobItem, JobStore, RunLock
 from qwen3vl_webui.service.prompt import ChatRequest
 
 log = logging.getLogger(__name__)
@@ -325,15 +325,20 @@ class BoardView:
     """What the Batch jobs tab shows: the current (or last) job, plain data."""
 
     job: str | None
-    state: str  # idle, running, stopping, finished, stopped, failed
+    state: str  # idle, running, stopping, finished, stopped, interrupted, failed
     progress: Progress | None
     results: str | None  # the results file, once written
     message: str = ""
+    resumed: bool = False  # a job the last run of the server left unfinished, taken up again at start
 
 
 class JobBoard:
     """The app's batch jobs: one runs at a time, as cold requests beside the chats, each in its own folder
-    (`<root>/<job id>/job.sqlite`, its extracted media, results.jsonl)."""
+    (`<root>/<job id>/job.sqlite`, its extracted media, results.jsonl).
+
+    A job survives the server: one that a crash, `kill -9` or a shutdown left unfinished (no `ended` mark in its
+    database) is resumed when the server starts again (`resume_interrupted`), oldest first, as a queue does; its
+    half-done items are redone and its done ones kept. A job the operator stopped stays stopped."""
 
     def __init__(self, service: ChatService, root: str | Path, defaults: JobDefaults, workers: int) -> None:
         self.service = service
@@ -347,6 +352,9 @@ class JobBoard:
         self._message = ""
         self._results: str | None = None
         self._last: Progress | None = None
+        self._resumed = False
+        self._waiting: list[Path] = []  # interrupted jobs to resume after the one running
+        self._closed = False
 
     def new_folder(self) -> tuple[str, Path]:
         job = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
@@ -357,23 +365,78 @@ class JobBoard:
     def start(self, job: str, folder: Path, items: list[JobItem]) -> None:
         """Runs `items` in the background; JobError if a job is running already."""
         with self._lock:
-            if self._state in ("running", "stopping"):
-                raise JobError(f"job {self._job} is still running; stop it or wait for it to finish.")
+            self._refuse_if_busy()
+            lock = RunLock(folder / "job.sqlite")
+            lock.acquire()  # a fresh folder: free
             store = JobStore(folder / "job.sqlite")
-            store.add(items, source="upload")
-            runner = JobRunner(self.service, store, self.defaults, self.workers, on_progress=self._progress, cold=True)
-            self._runner, self._job, self._state, self._results, self._last = runner, job, "running", None, None
-            self._message = f"{len(items)} items"
-        threading.Thread(target=self._run, args=(runner, store, folder), name="job-board", daemon=True).start()
+            try:
+                store.add(items, source="upload")
+            except BaseException:
+                store.close()
+                lock.release()
+                raise
+            self._launch(job, folder, store, lock, f"{len(items)} items", resumed=False)
+
+    def resume_interrupted(self) -> list[str]:
+        """Queues every job a previous run left unfinished and starts the oldest; returns their ids."""
+        found = [db.parent for db in sorted(self.root.glob("*/job.sqlite")) if _interrupted(db)]
+        with self._lock:
+            self._waiting += [f for f in found if f not in self._waiting]
+        if found:
+            log.info("batch jobs left unfinished by the last run, resumed in order: %s", ", ".join(f.name for f in found))
+            self._next()
+        return [f.name for f in found]
+
+    def _next(self) -> None:
+        """Starts the next waiting interrupted job, if none runs."""
+        while True:
+            with self._lock:
+                if self._closed or not self._waiting or self._state in ("running", "stopping"):
+                    return
+                folder = self._waiting.pop(0)
+                lock = RunLock(folder / "job.sqlite")
+                try:
+                    lock.acquire()
+                except JobError as exc:  # a command-line run holds it: that run finishes the job
+                    log.warning("batch job %s not resumed: %s", folder.name, exc)
+                    continue
+                store = JobStore(folder / "job.sqlite")
+                requeued, gave_up = store.recover()  # the dead run's items: redone (failed after 3 deaths)
+                counts = store.counts()
+                note = f"resumed after a restart: {counts.pending} of {counts.total} items left ({requeued} redone"
+                note += f", {gave_up} failed)" if gave_up else ")"
+                self._launch(folder.name, folder, store, lock, note, resumed=True)
+                return
+
+    def _refuse_if_busy(self) -> None:
+        if self._state in ("running", "stopping"):
+            raise JobError(f"job {self._job} is still running; stop it or wait for it to finish.")
+
+    def _launch(self, job: str, folder: Path, store: JobStore, lock: RunLock, message: str, resumed: bool) -> None:
+        """Under the board's lock, holding the job's RunLock (one runner per database, the CLI's too): starts it."""
+        runner = JobRunner(self.service, store, self.defaults, self.workers, on_progress=self._progress, cold=True)
+        self._runner, self._job, self._state, self._results, self._last = runner, job, "running", None, None
+        self._message, self._resumed = message, resumed
+        thread = threading.Thread(target=self._run, args=(runner, store, folder, lock), name="job-board", daemon=True)
+        thread.start()
 
     def _progress(self, progress: Progress) -> None:
         self._last = progress
 
-    def _run(self, runner: JobRunner, store: JobStore, folder: Path) -> None:
+    def _run(self, runner: JobRunner, store: JobStore, folder: Path, lock: RunLock) -> None:
+        ended = False
         try:
             progress = runner.run()
+            with self._lock:
+                by_operator = self._state == "stopping"
+            if runner.stopped and not by_operator:  # the server is closing: resumed at its next start
+                with self._lock:
+                    self._last, self._state = progress, "interrupted"
+                return
             out = folder / "results.jsonl"
             store.export(out, include_unfinished=runner.stopped)
+            store.mark_ended("stopped" if runner.stopped else "finished")
+            ended = not runner.stopped
             with self._lock:
                 self._last, self._results = progress, str(out)
                 self._state = "stopped" if runner.stopped else "finished"
@@ -383,18 +446,44 @@ class JobBoard:
                 self._state, self._message = "failed", f"{type(exc).__name__}: {exc}"
         finally:
             store.close()
+            lock.release()
+        if ended:
+            self._next()
 
     def stop(self) -> None:
+        """The operator's Stop: items in flight go back to pending, the results so far are exported, and the job is
+        not resumed at the next start (the command line can finish it)."""
         with self._lock:
+            self._waiting.clear()
             if self._runner is not None and self._state == "running":
                 self._state = "stopping"
+                self._runner.stop()
+
+    def close(self) -> None:
+        """The server is closing: the job's items in flight go back to pending and it is resumed at the next start."""
+        with self._lock:
+            self._closed = True
+            if self._runner is not None and self._state == "running":
                 self._runner.stop()
 
     def view(self) -> BoardView:
         with self._lock:
             runner, state = self._runner, self._state
             progress = runner.progress() if runner is not None and state in ("running", "stopping") else self._last
-            return BoardView(self._job, state, progress, self._results, self._message)
+            return BoardView(self._job, state, progress, self._results, self._message, self._resumed)
+
+
+def _interrupted(db: Path) -> bool:
+    """A job a previous run of the server left unfinished: it has items and no end (finished or stopped) recorded;
+    a job of an older version that ended has its results file."""
+    if (db.parent / "results.jsonl").exists():
+        return False
+    try:
+        with JobStore(db) as store:
+            return store.has_items() and store.meta("ended") is None
+    except Exception as exc:  # a damaged database is left alone (its folder is the operator's to look at)
+        log.warning("batch job database %s not read: %s", db, exc)
+        return False
 
 
 MAX_ZIP_BYTES = 8 * 2**30  # uncompressed, all members together

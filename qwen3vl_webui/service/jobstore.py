@@ -145,6 +145,11 @@ class JobStore:
         with self._lock:
             return self._db.execute("SELECT 1 FROM items LIMIT 1").fetchone() is not None
 
+    def mark_ended(self, how: str) -> None:
+        """Records that the job ended ("finished", or "stopped" by the operator): the app does not resume it."""
+        with self._lock, self._transaction():
+            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('ended', ?)", (how,))
+
     def meta(self, key: str) -> str | None:
         with self._lock:
             row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

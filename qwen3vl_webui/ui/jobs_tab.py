@@ -50,7 +50,7 @@ def describe(v: BoardView) -> str:
         return "No job yet. Upload a `.jsonl` (one `{\"id\", \"prompt\"}` a line) or a `.zip` of images and videos."
     if v.state == "failed":
         return f"Job {v.job} failed: {v.message}"
-    line = f"**Job {v.job}**: {v.state}"
+    line = f"**Job {v.job}**: {v.state}" + (" (resumed after the server restarted)" if v.resumed else "")
     p = v.progress
     if p is not None:
         c = p.counts
@@ -60,6 +60,8 @@ def describe(v: BoardView) -> str:
         )
         if p.preempted:
             line += f" · {p.preempted} items gave their slot to a chat"
+    if v.state == "interrupted":
+        line += " · the server is closing; the job goes on when it starts again"
     return line
 
 
