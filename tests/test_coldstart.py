@@ -4,11 +4,13 @@ another setup are ignored with one log line."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ import torch
 from PIL import Image
 
 from qwen3vl_webui.conversation import UserMessage
-from qwen3vl_webui.engine.batch import BatchEngine, BatchOptions, EngineOutputs, artifacts
+from qwen3vl_webui.engine.batch import BatchEngine, BatchOptions, EngineOutputs, artifacts, compiled
 from qwen3vl_webui.engine.request import PreparedPrompt, SamplingParams
 from qwen3vl_webui.service.prompt import ChatRequest, build_prompt
 from qwen3vl_webui.weights.loading import load_model
@@ -85,7 +87,9 @@ def test_compiled_buckets_swap_in_mid_stream_and_every_stream_keeps_generates_to
         assert not snap.full_speed and "compiling 0 of 3 batch sizes" in snap.decode_path
 
         def listener(outputs: EngineOutputs) -> None:
-            seen.append((sum(len(o.new_token_ids) for o in outputs.outputs), len(graphs.compiled_at), graphs.decode_mode))
+            seen.append(
+                (sum(len(o.new_token_ids) for o in outputs.outputs), len(graphs.compiled_at), graphs.decode_mode)
+            )
             if len(seen) == 6:  # mid-stream: compile every bucket now
                 gate.release(len(BUCKETS))
             if len(seen) >= 6:  # hold the engine thread until the next bucket is compiled: one swap per step boundary
@@ -218,3 +222,178 @@ def test_the_background_compile_waits_for_the_first_idle_moment(
         while engine.compile_state != "compiling" and time.monotonic() < deadline:
             time.sleep(0.01)
         assert not graphs.compile_pending and engine.compile_state == "compiling"  # started, held at the gate
+
+
+# ------------------------------------------------------------ a compile that takes its time (second reader's items)
+
+SLOW = "qwen3vl-test-slow"
+_slow_now: list[Any] = []  # the SlowBackend the registered name forwards to (the registry outlives a test)
+
+
+class SlowBackend:
+    """Stands in for inductor: dynamo traces, then the backend holds the compile session open (as inductor does for
+    a minute per bucket on a GPU) until `release`; the step then runs as dynamo's "eager" backend would."""
+
+    def __init__(self) -> None:
+        self.inside = threading.Event()
+        self.release = threading.Event()
+        self.calls = 0
+
+    def __call__(self, gm: Any, example_inputs: Any) -> Any:
+        self.calls += 1
+        self.inside.set()
+        self.release.wait(120)
+        return gm.forward
+
+
+@pytest.fixture
+def slow() -> Iterator[SlowBackend]:
+    """A SlowBackend behind the backend name SLOW (dynamo's registry is per process: the name forwards to it)."""
+    from torch._dynamo.backends.registry import list_backends, register_backend
+
+    backend = SlowBackend()
+    if SLOW not in list_backends(exclude_tags=()):
+        register_backend(lambda gm, inputs: _slow_now[0](gm, inputs), SLOW)
+    _slow_now[:] = [backend]
+    torch._dynamo.reset()  # the engines' decode steps share one code object: start from no cache entry
+    yield backend
+    backend.release.set()
+
+
+def test_a_compile_on_the_compile_thread_is_not_seen_by_the_engine_thread(
+    loaded: LoadedModel, slow: SlowBackend
+) -> None:
+    """torch (>= 2.14) holds one process-wide "compiling" flag for a whole compile session: transformers'
+    `is_torchdynamo_compiling()` / `is_tracing()` read it, so a compile on another thread would send the engine
+    thread's eager forwards down transformers' tracing paths (here: the batched text prefill's causal mask is
+    materialised instead of left to SDPA's causal flag). Inside `compiled.private_compile_session` (what the
+    background compile runs in) the other threads keep seeing False, while the traced code still sees True."""
+    from transformers import DynamicCache
+    from transformers.masking_utils import create_causal_mask
+    from transformers.utils.import_utils import is_torchdynamo_compiling, is_tracing
+
+    text = loaded.model.config.text_config
+    ids = (torch.arange(3, 40) % text.vocab_size).view(1, -1)
+    ones = torch.ones_like(ids)
+
+    def prefill() -> tuple[Any, Any]:  # the engine's batched text prefill: transformers' own forward and masks
+        with torch.inference_mode():
+            cache = DynamicCache(config=text)
+            mask = create_causal_mask(text, loaded.model.model.language_model.embed_tokens(ids), ones, cache)
+            out = loaded.model.model(input_ids=ids, attention_mask=ones, past_key_values=cache, use_cache=True)
+        return mask, out.last_hidden_state
+
+    reference_mask, reference = prefill()
+    assert reference_mask is None  # no padding: SDPA's causal flag, no mask tensor
+    step = torch.compile(lambda x: x * 2 if torch.compiler.is_compiling() else x, backend=SLOW)
+    results: list[Any] = []
+
+    def compile_thread(private: bool) -> None:
+        with compiled.private_compile_session() if private else contextlib.nullcontext():
+            results.append(step(torch.ones(2)))
+
+    thread = threading.Thread(target=compile_thread, args=(True,))
+    thread.start()
+    try:
+        assert slow.inside.wait(60)  # the compile thread is inside its compile session now
+        flags = (is_torchdynamo_compiling(), is_tracing())
+        mask, out = prefill()
+    finally:
+        slow.release.set()
+        thread.join(60)
+    assert flags == (False, False) and mask is None and torch.equal(out, reference)
+    assert results[0].tolist() == [2.0, 2.0]  # the code dynamo traced saw is_compiling() True
+    # Without the private session (a compile on the engine thread, or any other), torch's behaviour is unchanged.
+    if hasattr(torch.compiler, "_compile_session_context"):
+        torch._dynamo.reset()
+        slow.inside.clear()
+        slow.release.clear()
+        thread = threading.Thread(target=compile_thread, args=(False,))
+        thread.start()
+        try:
+            assert slow.inside.wait(60)
+            leaked = is_torchdynamo_compiling()
+        finally:
+            slow.release.set()
+            thread.join(60)
+        assert leaked, "torch no longer leaks its compiling flag across threads: private_compile_session can go"
+
+
+def test_streams_decode_while_the_compile_runs_and_keep_generates_tokens_across_the_swap(
+    loaded: LoadedModel, prompts: dict[str, PreparedPrompt], tmp_path: Path, slow: SlowBackend
+) -> None:
+    """Decode steps are served WHILE the (slow, stand-in) compile runs on its thread: the engine thread never sees
+    torch "compiling" meanwhile; then the compile finishes mid-stream, each bucket is swapped in at a step boundary,
+    every stream's greedy tokens equal `generate`'s, and the compile's cached memory is freed once, after the last
+    swap."""
+    from transformers.utils.import_utils import is_torchdynamo_compiling
+
+    names = ["text", "count", "image"]
+    expected = {n: reference(loaded, prompts[n]) for n in names}
+    seen: list[tuple[int, int, bool, bool]] = []  # per publish: tokens, buckets compiled, compiling now, flag seen
+    with BatchEngine(loaded, options(tmp_path, compile_backend=SLOW)) as engine:
+        graphs = engine.core.graphs
+        freed: list[int] = []
+        graphs._free_compile_memory = lambda: freed.append(graphs.swapped)  # type: ignore[method-assign]
+        assert slow.inside.wait(60)  # started at the first idle moment: inside its first compile now
+
+        def listener(outputs: EngineOutputs) -> None:
+            compiling = not slow.release.is_set()
+            tokens = sum(len(o.new_token_ids) for o in outputs.outputs)
+            seen.append((tokens, len(graphs.compiled_at), compiling, is_torchdynamo_compiling()))
+            if compiling and sum(t for t, _, c, _ in seen if c) >= 8 * len(names):
+                slow.release.set()  # eight steps' worth decoded during the compile: let it finish now
+            elif not compiling:  # hold the engine thread until the next bucket is compiled: one swap per boundary
+                deadline = time.monotonic() + 120
+                while graphs.swapped < len(BUCKETS) and not graphs.swap_pending and time.monotonic() < deadline:
+                    time.sleep(0.01)
+
+        engine.add_listener(listener)
+        with engine.hold_admission():
+            streams = {n: engine.submit_tokens(prompts[n], GREEDY, threading.Event()) for n in names}
+        got = {n: list(s) for n, s in streams.items()}
+        snap = engine.snapshot()
+        assert engine.compile_error is None
+    assert got == expected
+    during = [entry for entry in seen if entry[2]]
+    assert sum(t for t, *_ in during) >= 8 * len(names) and all(done == 0 for _, done, *_ in during), seen
+    assert not any(flag for *_, flag in seen), "the engine thread saw torch compiling"
+    swapped = [i for i, (_, done, _, _) in enumerate(seen) if done == len(BUCKETS)]
+    assert swapped and any(tokens for tokens, *_ in seen[swapped[0] :]), seen  # the last swap came mid-stream
+    assert (snap.compile_state, snap.compile_done, snap.decode_mode) == ("done", 3, "compiled")
+    assert freed == [len(BUCKETS)] and graphs.recompiled == 0
+
+
+@pytest.mark.parametrize("in_time", [True, False], ids=["safe-point-in-time", "still-compiling"])
+def test_a_close_during_a_compile_never_changes_the_model_under_it(
+    loaded: LoadedModel, tmp_path: Path, slow: SlowBackend, caplog: pytest.LogCaptureFixture, in_time: bool
+) -> None:
+    """A close while the compile thread is inside a compile: the thread is asked to stop at its next safe point and
+    waited for; if it gets there in time the model is restored, else it is left as the engine changed it (with a log
+    line) and restored once the thread has ended. Either way the thread runs no further step and hands nothing over."""
+    from qwen3vl_webui.kernels.attention import PACKED_DECODE_ATTENTION
+
+    text = loaded.model.config.text_config
+    assert text._attn_implementation == "sdpa"
+    engine = BatchEngine(
+        loaded, options(tmp_path, max_batch=2, token_budget=2 * 512, buckets=(1, 2), compile_backend=SLOW)
+    )
+    graphs = engine.core.graphs
+    graphs.stop_timeout_s = 30.0 if in_time else 0.3
+    assert slow.inside.wait(60)  # tracing done, inside the (stand-in) inductor compile of bucket 1's first step
+    later_steps: list[int] = []
+    step = graphs._compiled
+    graphs._compiled = lambda rows, kv: (later_steps.append(rows), step(rows, kv))[1]  # type: ignore[method-assign]
+    assert text._attn_implementation == PACKED_DECODE_ATTENTION
+    caplog.set_level(logging.INFO)
+    if in_time:
+        threading.Timer(0.5, slow.release.set).start()  # the compile returns while the close waits
+    engine.close()
+    if not in_time:
+        assert graphs.compiling_now and text._attn_implementation == PACKED_DECODE_ATTENTION  # left as it is
+        assert any("still compiling: the model keeps its decode changes" in r.getMessage() for r in caplog.records)
+        slow.release.set()
+        graphs._compiler.join(60)  # type: ignore[union-attr]
+        assert graphs.restore()
+    assert not graphs.compiling_now and text._attn_implementation == "sdpa"
+    assert later_steps == [] and graphs.swapped == 0 and not graphs.swap_pending and graphs.artifacts == "absent"
