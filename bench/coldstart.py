@@ -11,6 +11,14 @@ nothing compiled earlier on the machine helps. Streams go through the OpenAI doo
 `ignore_eos`), clients spread over processes of 8 chats. /ready is polled every 0.2 s in the background: its JSON
 (state, decode path, compiled batch sizes) dates every stage; the app's own "start-up:" log lines are kept too.
 
+Greedy tokens across a swap: after the while-compiling streams, the cold launch answers a few fixed prompts greedily
+(temperature 0, no repetition penalty, `ignore_eos`, all at once) round after round until every batch size is
+compiled, /ready's compiled count read just before and after each round; then the same prompts twice more at full
+speed (the reference, and a repeat that shows the comparison itself is deterministic). A round whose count moved
+decoded across a swap; its answers must equal the reference (report["cold"]["greedy_swap"]). Rounds that are
+entirely eager may part from it at a bf16 near-tie (eager and compiled steps round differently), not because of a
+swap. Only the text comes back through /v1: answers are compared as text.
+
 Writes coldstart.json (the timelines, tok/s per phase, the targets of issue 14 checked), coldstart.log,
 server_cold.log, precompile.log, server_artifacts.log into --out. The run ends itself within --deadline-s: the
 second launch is skipped when too little time is left, and each scenario shortens first.
@@ -36,6 +44,8 @@ from bench.common import ROOT, free_port, gpu_name
 TARGETS = {"cold_first_answer_s": 25.0, "cold_full_speed_s": 183.0, "artifacts_first_answer_s": 15.0}
 GPU_FLAGS = ["--random-weights", "4b", "--engine", "batch", "--max-concurrency", "32", "--max-context", "2048",
              "--max-new-tokens", "512", "--queue-size", "64"]  # fmt: skip
+GREEDY_PROMPTS = ("Count from one to forty in words.", "Describe a lighthouse at night.",
+                  "List ten fruits and the colour of each.", "Explain how a hash map finds a key.")  # fmt: skip
 CPU_FLAGS = ["--demo", "--engine", "batch", "--device", "cpu", "--max-concurrency", "2", "--max-context", "1024",
              "--max-new-tokens", "64", "--warmup", "quick"]  # fmt: skip
 
@@ -174,6 +184,85 @@ def streams(url: str, chats: int, seconds: float, args: argparse.Namespace, watc
     return {**{k: result.get(k) for k in keep}, "phase_start": phase[0], "phase_end": phase[1]}
 
 
+def greedy_round(url: str, prompts: tuple[str, ...], max_tokens: int) -> dict[str, Any]:
+    """`prompts` answered greedily at once through /v1; /ready's compiled batch sizes just before and just after."""
+    import httpx
+
+    def ready() -> Any:
+        with httpx.Client(base_url=url, timeout=10, trust_env=False) as client:
+            return client.get("ready").json().get("compiled_batch_sizes")
+
+    answers: list[str | None] = [None] * len(prompts)
+    errors: list[str] = []
+
+    def ask(k: int, model: str) -> None:
+        body = {"model": model, "messages": [{"role": "user", "content": prompts[k]}], "max_tokens": max_tokens,
+                "temperature": 0.0, "repetition_penalty": 1.0, "ignore_eos": True}  # fmt: skip
+        try:
+            with httpx.Client(base_url=url, timeout=300, trust_env=False) as client:
+                reply = client.post("v1/chat/completions", json=body)
+            if reply.status_code == 200:
+                answers[k] = reply.json()["choices"][0]["message"]["content"]
+            else:
+                errors.append(f"HTTP {reply.status_code}: {reply.text[:200]}")
+        except (httpx.HTTPError, ValueError, KeyError, IndexError) as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+
+    with httpx.Client(base_url=url, timeout=10, trust_env=False) as client:
+        model = client.get("v1/models").json()["data"][0]["id"]
+    before = ready()
+    threads = [threading.Thread(target=ask, args=(k, model)) for k in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {"compiled_before": before, "compiled_after": ready(), "answers": answers, "errors": errors[:3]}
+
+
+def greedy_summary(rounds: list[dict[str, Any]], reference: dict[str, Any] | None,
+                   repeat: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
+    """Each round's answers against the reference round (the same prompts once every batch size is compiled)."""
+    if reference is None or repeat is None:
+        return {"skipped": "full compiled speed was not reached: no reference", "rounds": len(rounds)}
+    expected = reference["answers"]
+
+    def parted_at(answers: list[str | None]) -> list[int | None]:
+        """Per prompt: None where equal to the reference, else the first character where it parts (-1: no answer)."""
+        places: list[int | None] = []
+        for got, want in zip(answers, expected):
+            if got is None or want is None:
+                places.append(-1)
+            elif got == want:
+                places.append(None)
+            else:
+                places.append(next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want))))
+        return places
+
+    listed = []
+    for r in rounds:
+        before, after = r["compiled_before"], r["compiled_after"]
+        kind = "across a swap" if before != after else "eager" if not before else "partly compiled"
+        if before == after and reference["compiled_before"] == before:
+            kind = "compiled"
+        places = parted_at(r["answers"])
+        listed.append({"kind": kind, "compiled": f"{before}->{after}", "equal": places.count(None),
+                       "of": len(places), "parted_at": places, "errors": r["errors"]})  # fmt: skip
+    across = [r for r in listed if r["kind"] == "across a swap"]
+    eager = [r for r in listed if r["kind"] == "eager"]
+    return {
+        "prompts": len(expected),
+        "reference_compiled": reference["compiled_before"],
+        "reference_errors": reference["errors"],
+        "reference_answers": [a[:120] if a else a for a in expected],
+        "reference_repeat_equal": parted_at(repeat["answers"]).count(None) == len(expected),
+        "across_swap_rounds": len(across),
+        "across_swap_equal": all(r["equal"] == r["of"] for r in across) if across else None,
+        "eager_rounds": len(eager),
+        "eager_rounds_equal": all(r["equal"] == r["of"] for r in eager) if eager else None,
+        "rounds": listed,
+    }
+
+
 def app_stages(log_path: Path) -> list[str]:
     lines = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
     keep = ("start-up:", "compile artifacts", "decode step compiled", "swapped in", "Ready:", "warm-up", "error")
@@ -205,10 +294,26 @@ def run_launch(name: str, flags: list[str], cache: Path, out: Path, args: argpar
             report["phases"].setdefault(phase, {})[str(chats)] = streams(url, chats, seconds, args, watch, server.pid,
                                                                           tokenizer)  # fmt: skip
             log(f"{name} {phase}: {chats} streams {report['phases'][phase][str(chats)]['total_tok_s']} tok/s")
+        greedy: list[dict[str, Any]] = []
         if measure_compiled and watch.full_speed_s is None:
             left = deadline - time.monotonic() - args.reserve_s
-            log(f"{name}: waiting up to {left:.0f} s for full compiled speed")
-            watch.wait("full_speed_s", max(0.0, left), server)
+            log(f"{name}: greedy rounds for up to {left:.0f} s, until full compiled speed")
+            end = time.monotonic() + max(0.0, left)
+            while watch.full_speed_s is None and time.monotonic() < end and server.poll() is None:
+                greedy.append(greedy_round(url, args.greedy_prompts, args.greedy_tokens))
+            watch.wait("full_speed_s", max(0.0, end - time.monotonic()), server)
+        if measure_compiled and watch.full_speed_s is not None:
+            reference = greedy_round(url, args.greedy_prompts, args.greedy_tokens)
+            repeat = greedy_round(url, args.greedy_prompts, args.greedy_tokens)
+            report["greedy_swap"] = greedy_summary(greedy, reference, repeat)
+        elif measure_compiled:
+            report["greedy_swap"] = greedy_summary(greedy, None, None)
+        if "greedy_swap" in report:
+            summary = report["greedy_swap"]
+            log(
+                f"{name} greedy: {summary.get('across_swap_rounds')} round(s) across a swap, equal: "
+                f"{summary.get('across_swap_equal')}; repeat at full speed equal: {summary.get('reference_repeat_equal')}"
+            )
         if measure_compiled and watch.full_speed_s is not None and phase != "at start":
             for chats in (1, args.chats):
                 seconds = min(args.seconds, max(2.0, (deadline - time.monotonic() - args.reserve_s) / 3))
@@ -265,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=15.0, help="traffic per scenario at most (default 15)")
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--greedy-tokens", type=int, default=192, help="tokens per greedy answer (default 192; --cpu: 8)")
     ap.add_argument("--reserve-s", type=float, default=200.0,
                     help="time kept for the precompile + artifacts launch when waiting for full speed (default 200)")
     ap.add_argument("--cold-only", action="store_true", help="the cold launch alone (no precompile, no second launch)")
@@ -281,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpu:
         args.chats, args.seconds, args.new_tokens, args.prompt_tokens = min(args.chats, 2), min(args.seconds, 2.0), 16, 32
         args.reserve_s = min(args.reserve_s, 20.0)
+        args.greedy_tokens = min(args.greedy_tokens, 8)
+    args.greedy_prompts = GREEDY_PROMPTS[:2] if args.cpu else GREEDY_PROMPTS
     flags = [*(CPU_FLAGS if args.cpu else GPU_FLAGS), "--precision", args.precision, *args.app_flags]
     work = Path(tempfile.mkdtemp(prefix="qwen3vl-coldstart-"))
     report: dict[str, Any] = {"gpu": gpu_name(), "commit": args.commit, "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -344,6 +452,9 @@ def checks(report: dict[str, Any]) -> dict[str, Any]:
     }
     met = {k: (v is not None and v <= TARGETS[k]) for k, v in found.items()}
     met["artifacts_full_speed_at_first_answer"] = bool(warm.get("full_speed_at_first_answer"))
+    greedy = cold.get("greedy_swap") or {}
+    found["greedy_rounds_across_swap"] = greedy.get("across_swap_rounds")
+    met["greedy_equal_across_swap"] = greedy.get("across_swap_equal")  # None: no round decoded across a swap
     if before:
         found["before_serving_first_answer_s"] = before.get("first_answer_s")
         met["before_serving_both"] = bool(before.get("full_speed_at_first_answer")) and (

@@ -34,7 +34,28 @@ def test_cold_launch_plumbing_on_cpu(tmp_path: Path) -> None:
     assert set(streams) == {"1", "2"} and all(s["ok"] >= 1 and s["total_tok_s"] > 0 for s in streams.values())
     assert any("start-up: first-serving path ready" in line for line in cold["app_stages"]), cold["app_stages"]
     assert report["checks"]["measured"]["cold_first_answer_s"] == cold["first_answer_s"]
+    # Greedy answers: nothing compiles on a CPU, so no round crosses a swap; the full-speed repeat equals its reference.
+    greedy = cold["greedy_swap"]
+    assert greedy["reference_repeat_equal"] and greedy["reference_errors"] == [] and greedy["across_swap_rounds"] == 0
+    assert report["checks"]["met"]["greedy_equal_across_swap"] is None
     assert (tmp_path / "server_cold.log").exists() and (tmp_path / "coldstart.log").exists()
+
+
+def test_greedy_rounds_across_a_swap_are_judged_against_the_full_speed_reference() -> None:
+    def round_(before: int, after: int, *answers: str | None) -> dict[str, object]:
+        return {"compiled_before": before, "compiled_after": after, "answers": list(answers), "errors": []}
+
+    reference = round_(3, 3, "one two three", "a lighthouse")
+    rounds = [round_(0, 0, "one two thr33", "a lighthouse"), round_(0, 1, "one two three", "a lighthouse"),
+              round_(1, 3, "one two three", "a lightship"), round_(3, 3, "one two three", None)]  # fmt: skip
+    summary = coldstart.greedy_summary(rounds, reference, round_(3, 3, "one two three", "a lighthouse"))
+    assert [r["kind"] for r in summary["rounds"]] == ["eager", "across a swap", "across a swap", "compiled"]
+    assert [r["parted_at"] for r in summary["rounds"]] == [[11, None], [None, None], [None, 7], [None, -1]]
+    assert (summary["across_swap_rounds"], summary["across_swap_equal"]) == (2, False)
+    assert summary["eager_rounds_equal"] is False and summary["reference_repeat_equal"]
+    report = {"cold": {"greedy_swap": summary}}
+    assert coldstart.checks(report)["met"]["greedy_equal_across_swap"] is False
+    assert coldstart.greedy_summary(rounds, None, None)["skipped"]
 
 
 @pytest.mark.skipif(not os.environ.get("QWEN3VL_SLOW_TESTS"), reason="three process starts on CPU (~2 min)")
