@@ -200,6 +200,13 @@ def test_server_wide_actions_are_refused_to_a_visitor_and_hidden_from_the_page(o
     assert shown["status"] == 200 and shown["body"]["data"][0]["visible"] is False
     operator_box = next(b for b in app.demo.blocks.values() if getattr(b, "elem_id", None) == "operator")
     assert operator_box.visible is False  # hidden in the page's config until the load event says otherwise
+    # The Batch jobs tab too: hidden, its timer off, its events refused.
+    jobs_tab = next(b for b in app.demo.blocks.values() if getattr(b, "elem_id", None) == "batch-jobs")
+    assert jobs_tab.visible is False
+    with httpx.Client(timeout=30) as http:
+        tab, timer = _call(http, url, _fn_index(app, lambda fn: fn.name == "shown"), [], "visitor1234")["body"]["data"]
+    assert tab["visible"] is False and timer["active"] is False
+    assert client.predict(None, "p", api_name="/start_job").startswith("Batch jobs are the operator's")
 
 
 def test_the_operator_switches_and_a_logged_in_visitor_cannot(tiny_checkpoint: Path) -> None:

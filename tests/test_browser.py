@@ -1,4 +1,5 @@
-"""Headless Chromium drives the demo app: upload an image, watch the answer stream, check the live panel."""
+"""Headless Chromium drives the demo app: upload an image, watch the answer stream, check the live panel, open the
+Batch jobs tab."""
 
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ TEXTAREA = "#message textarea"
 USER_MESSAGES = "#chatbot [data-testid='user']"
 BOT_MESSAGES = "#chatbot [data-testid='bot']"
 SUBMIT_BUTTON = "#message [data-testid='submit-button']"
+JOBS_TAB_BUTTON = "#batch-jobs-button"  # gradio gives a tab's button its elem_id + "-button"
+CHAT_TAB_BUTTON = "#chat-tab-button"
+JOB_STATUS = "#job-status"
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +118,14 @@ def test_image_turn_streams_and_updates_the_panel(demo_app_server: tuple[Any, st
             page.locator("#chatbot [role='log']").evaluate("el => el.scrollTo(0, 0)")
             page.wait_for_timeout(300)
             page.screenshot(path=str(ASSETS / "screenshot.png"), full_page=True)
+
+        # The operator's Batch jobs tab (the app listens on loopback: everyone here is the operator); back to the chat.
+        page.locator(JOBS_TAB_BUTTON).click()
+        expect(page.locator(JOB_STATUS)).to_contain_text("No job yet", timeout=10_000)
+        expect(page.locator("#job-start")).to_be_visible()
+        expect(page.locator("#chatbot")).to_be_hidden()
+        page.locator(CHAT_TAB_BUTTON).click()
+        expect(page.locator(BOT_MESSAGES)).to_have_count(1)
         assert not problems, "errors in the browser console:\n" + "\n".join(problems)
     finally:
         page.close()

@@ -40,7 +40,14 @@ class JobsTab:
         self.board.stop()
         return "Stopping: items in flight go back to the queue."
 
-    def view(self) -> tuple[str, Any]:
+    def shown(self, request: gr.Request | None = None) -> tuple[Any, Any]:
+        """On page load: the tab, and its 1 s timer, for the operator alone."""
+        operator = self.is_operator(request)
+        return gr.update(visible=operator), gr.Timer(active=operator)
+
+    def view(self, request: gr.Request | None = None) -> tuple[str, Any]:
+        if not self.is_operator(request):
+            return OPERATOR_ONLY, gr.update(visible=False)
         v = self.board.view()
         return describe(v), (gr.update(value=v.results, visible=True) if v.results else gr.update(visible=False))
 
@@ -65,7 +72,8 @@ def describe(v: BoardView) -> str:
     return line
 
 
-def build_jobs_tab(tab: JobsTab) -> None:
+def build_jobs_tab(tab: JobsTab) -> gr.Timer:
+    """The tab's contents and events; returns its timer (started by the page load for the operator only)."""
     gr.Markdown(
         "Run one prompt over many files, or a list of prompts, using only the GPU slots chats leave free: a chat that "
         "arrives takes a slot back within one decode step, and the item it interrupted runs again later."
@@ -76,9 +84,10 @@ def build_jobs_tab(tab: JobsTab) -> None:
     with gr.Row():
         start = gr.Button("Start job", variant="primary", elem_id="job-start")
         stop = gr.Button("Stop job", elem_id="job-stop")
-    status = gr.Markdown(describe(tab.board.view()), label="job status", elem_id="job-status")
+    status = gr.Markdown("", label="job status", elem_id="job-status")
     results = gr.File(label="Results (JSON lines, input order)", visible=False, elem_id="job-results")
     start.click(tab.start, inputs=[upload, prompt], outputs=status, concurrency_limit=1, api_name="start_job")
     stop.click(tab.stop, outputs=status, concurrency_limit=1, api_name="stop_job")
-    timer = gr.Timer(1.0)
+    timer = gr.Timer(1.0, active=False)
     timer.tick(tab.view, outputs=[status, results], queue=False, api_visibility="private")
+    return timer

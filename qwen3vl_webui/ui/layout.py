@@ -1,4 +1,5 @@
-"""The gradio Blocks: chat, budget sliders, precision switch, live panel; one concurrency id for GPU work."""
+"""The gradio Blocks: a Chat tab (chat, budget sliders, precision switch, live panel) and the operator's Batch jobs
+tab; one concurrency id for GPU work."""
 
 from __future__ import annotations
 
@@ -27,53 +28,56 @@ def build_demo(handlers: Handlers, settings: Settings, jobs: JobsTab | None = No
     with gr.Blocks(title="Qwen3-VL WebUI", fill_height=True) as demo:
         gr.Markdown("## Qwen3-VL WebUI", elem_id="title")
         status = gr.Markdown("Starting…", elem_id="status")
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=2, min_width=320, elem_id="side"):
-                panel = gr.Markdown("", elem_id="panel")
-                plots = _live_plots()
-                inputs, estimate = _budget_controls(handlers.service.configured_limits)
-                sampling, stop = _sampling_controls()
-                whole_video = gr.Checkbox(
-                    False, label="Whole video", elem_id="whole-video",
-                    info="A video longer than max frames at this fps is watched in segments, each described with "
-                    "times, then merged (slower). Off: sampled within the budget.",
-                )  # fmt: skip
-                operator, choice = _operator_controls(handlers)
-            with gr.Column(scale=3, min_width=420):
-                chatbot = gr.Chatbot(label="Chat", elem_id="chatbot", height=560, buttons=["copy"])
-                textbox = gr.MultimodalTextbox(
-                    file_types=[*IMAGE_EXTENSIONS, *VIDEO_EXTENSIONS, *DOCUMENT_EXTENSIONS],
-                    file_count="multiple",
-                    placeholder="Ask about an image, a video or a document (.txt .md .json .csv .pdf), or just chat…",
-                    sources=["upload"],
-                    elem_id="message",
-                    stop_btn=True,  # ChatInterface takes its Stop button from a custom textbox
-                    max_plain_text_length=100_000,
-                )
-                chat = gr.ChatInterface(
-                    fn=gpu_function(handlers.chat),
-                    multimodal=True,
-                    chatbot=chatbot,
-                    textbox=textbox,
-                    # stop and whole_video last: older positional API calls still fit
-                additional_inputs=[*sampling, *inputs, stop, whole_video],
-                    api_name="chat",
-                    api_description="Chat with Qwen3-VL. message = {'text': str, 'files': [file, ...]}; "
-                    "the client keeps the history between calls.",
-                    concurrency_limit=_chat_concurrency(settings),
-                    fill_height=True,
-                )
-                gr.Examples(
-                    examples=[
-                        [{"text": "Describe this image.", "files": [str(ASSETS / "example.png")]}],
-                        [{"text": "What happens in this video?", "files": [str(ASSETS / "example.mp4")]}],
-                    ],
-                    inputs=[textbox],
-                    label="Examples",
-                )
-        if jobs is not None:  # below the chat, closed: its own events and timer (ui/jobs_tab.py)
-            with gr.Accordion("Batch jobs", open=False, elem_id="batch-jobs"):
-                build_jobs_tab(jobs)
+        with gr.Tabs(elem_id="tabs"):
+            with gr.Tab("Chat", id="chat", elem_id="chat-tab"):
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=2, min_width=320, elem_id="side"):
+                        panel = gr.Markdown("", elem_id="panel")
+                        plots = _live_plots()
+                        inputs, estimate = _budget_controls(handlers.service.configured_limits)
+                        sampling, stop = _sampling_controls()
+                        whole_video = gr.Checkbox(
+                            False, label="Whole video", elem_id="whole-video",
+                            info="A video longer than max frames at this fps is watched in segments, each described with "
+                            "times, then merged (slower). Off: sampled within the budget.",
+                        )  # fmt: skip
+                        operator, choice = _operator_controls(handlers)
+                    with gr.Column(scale=3, min_width=420):
+                        chatbot = gr.Chatbot(label="Chat", elem_id="chatbot", height=560, buttons=["copy"])
+                        textbox = gr.MultimodalTextbox(
+                            file_types=[*IMAGE_EXTENSIONS, *VIDEO_EXTENSIONS, *DOCUMENT_EXTENSIONS],
+                            file_count="multiple",
+                            placeholder="Ask about an image, a video or a document (.txt .md .json .csv .pdf), or just chat…",
+                            sources=["upload"],
+                            elem_id="message",
+                            stop_btn=True,  # ChatInterface takes its Stop button from a custom textbox
+                            max_plain_text_length=100_000,
+                        )
+                        chat = gr.ChatInterface(
+                            fn=gpu_function(handlers.chat),
+                            multimodal=True,
+                            chatbot=chatbot,
+                            textbox=textbox,
+                            # stop and whole_video last: older positional API calls still fit
+                        additional_inputs=[*sampling, *inputs, stop, whole_video],
+                            api_name="chat",
+                            api_description="Chat with Qwen3-VL. message = {'text': str, 'files': [file, ...]}; "
+                            "the client keeps the history between calls.",
+                            concurrency_limit=_chat_concurrency(settings),
+                            fill_height=True,
+                        )
+                        gr.Examples(
+                            examples=[
+                                [{"text": "Describe this image.", "files": [str(ASSETS / "example.png")]}],
+                                [{"text": "What happens in this video?", "files": [str(ASSETS / "example.mp4")]}],
+                            ],
+                            inputs=[textbox],
+                            label="Examples",
+                        )
+            if jobs is not None:  # the operator's: the page load shows it to them alone (ui/jobs_tab.py)
+                with gr.Tab("Batch jobs", id="jobs", elem_id="batch-jobs", visible=False) as jobs_tab:
+                    jobs_timer = build_jobs_tab(jobs)
+                demo.load(jobs.shown, outputs=[jobs_tab, jobs_timer], queue=False, api_visibility="private")
         _share_gpu_concurrency(demo, chat, _chat_concurrency(settings))
         # gradio runs at most this many events at once (its queue's workers and its thread limiter): enough
         # for every chat the admission lets run or wait, plus the page's small events.
