@@ -207,6 +207,33 @@ def test_stop_ends_a_long_document_at_once_and_frees_the_slot(service: Any, tmp_
     assert _until_idle(service)
 
 
+def test_the_request_timeout_bounds_the_whole_answer_not_each_part(service: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    from qwen3vl_webui.documents import read_document
+    from qwen3vl_webui.service.prompt import RequestTimedOut
+
+    doc = _long_text(tmp_path / "slow.txt", 120)
+    parts = len(service.documents.plan(read_document(str(doc)), _request(doc)).windows)
+    deadlines: list[float | None] = []
+
+    def slow(request: ChatRequest, *args: Any, **kw: Any) -> Any:
+        deadlines.append(kw.get("deadline"))
+        time.sleep(0.6)  # each part well under the limit, all of them over it: --request-timeout covers them all
+        return service.chat(request, *args, **kw)
+
+    monkeypatch.setattr(service, "request_timeout", 2.0)
+    service.documents._chat = slow
+    started = time.monotonic()
+    try:
+        with pytest.raises(RequestTimedOut, match="covers every part of a long document") as stopped:
+            list(service.chat(_request(doc), report_end=True))
+    finally:
+        service.documents._chat = service.chat
+    assert parts * 0.6 > 6.0 and time.monotonic() - started < 2.0 + 2.0  # unbounded, it took parts * 0.6 s and more
+    assert 2 <= len(deadlines) < parts and len(set(deadlines)) == 1  # one deadline, the whole answer's
+    assert stopped.value.partial == ""  # a part's own notes are never shown as the answer
+    assert _until_idle(service)
+
+
 def _until_idle(service: Any) -> bool:
     end = time.monotonic() + 5
     while time.monotonic() < end:

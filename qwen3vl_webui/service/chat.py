@@ -213,6 +213,7 @@ class ChatService:
         client: Client | None = None,
         report_end: bool = False,
         cold: bool = False,
+        deadline: float | None = None,
     ) -> Iterator[str | Waiting | Finished]:
         """Yields the growing answer (and, if asked, `Waiting` while queued, and `Finished` last).
 
@@ -222,29 +223,55 @@ class ChatService:
         Raises RequestError (the user's to fix, or an OOM / timeout told as one), Busy, TooManyRequests or
         ShuttingDown. Closing it stops the GPU work within one decode step and frees the slot. The prompt is
         built before the request waits for a GPU slot, within the request's deadline: a slow prompt (many
-        files, a long chat) never holds a slot another chat could use.
+        files, a long chat) never holds a slot another chat could use. `deadline` (time.monotonic()): an earlier
+        end than --request-timeout's; the whole answer's, when this chat is one step of a long document or video.
         """
         if request.whole_video and self.manager.backend is not None:  # segments are decoded here, not sent
             raise RequestError(WHOLE_VIDEO_REFUSED)
         if has_documents(request.message) or long_video(request) is not None:
-            request = self._within_limits(request)  # the windows are planned for the context the steps will get
-        if has_documents(request.message):  # each window and the merge come back through here, without documents
-            yield from self.documents.answer(request, cancel, report_waiting, report_end, client=client, cold=cold)
-            return
-        video = long_video(request)
-        if video is not None:  # each segment and the merge come back through here, as ordinary chats
-            yield from self.videos.answer(request, video, cancel, report_waiting, report_end, client=client, cold=cold)
+            yield from self._in_steps(request, cancel, report_waiting, report_end, client, cold, deadline)
             return
         try:
-            yield from self._chat(request, cancel, report_waiting, client, report_end, cold)
+            yield from self._chat(request, cancel, report_waiting, client, report_end, cold, deadline)
         except Busy as exc:  # ShuttingDown and TooManyRequests are Busy too
             reason = {ShuttingDown: "shutting_down", TooManyRequests: "per_client"}.get(type(exc), "busy")
             self.metrics.refuse(reason)
             raise
 
+    def _in_steps(
+        self, request: ChatRequest, cancel: threading.Event | None, report_waiting: bool, report_end: bool,
+        client: Client | None, cold: bool, deadline: float | None,
+    ) -> Iterator[str | Waiting | Finished]:  # fmt: skip
+        """A long document or a whole video: several chats (each part, then the merge) that come back through
+        `chat` without documents. --request-timeout bounds them all together, not each one."""
+        request = self._within_limits(request)  # the windows are planned for the context the steps will get
+        if self.request_timeout:
+            whole = time.monotonic() + self.request_timeout
+            deadline = whole if deadline is None else min(deadline, whole)
+        kw = {"client": client, "cold": cold, "deadline": deadline}
+        video = long_video(request)
+        steps = (
+            self.documents.answer(request, cancel, report_waiting, report_end, **kw) if video is None
+            else self.videos.answer(request, video, cancel, report_waiting, report_end, **kw)
+        )  # fmt: skip
+        shown = ""  # the answer text the caller has (the merge's); a part's own notes are never shown
+        with contextlib.closing(steps):
+            try:
+                for item in steps:
+                    if isinstance(item, str):
+                        shown = item
+                    yield item
+            except RequestTimedOut:
+                if deadline is None or time.monotonic() < deadline:  # not the deadline: the server shutting down
+                    raise
+                raise RequestTimedOut(
+                    f"Stopped after {self.request_timeout:g} s, the server's per-request limit (--request-timeout), "
+                    "which covers every part of a long document or video.", shown,
+                ) from None  # fmt: skip
+
     def _chat(
         self, request: ChatRequest, cancel: threading.Event | None, report_waiting: bool, client: Client | None,
-        report_end: bool, cold: bool = False,
+        report_end: bool, cold: bool = False, given_deadline: float | None = None,
     ) -> Iterator[str | Waiting | Finished]:  # fmt: skip
         active = _Active(cancel or threading.Event())
         if self._draining.is_set():
@@ -252,6 +279,8 @@ class ChatService:
             raise ShuttingDown(SHUTDOWN_MESSAGE)
         started = time.monotonic()
         deadline = started + self.request_timeout if self.request_timeout else None
+        if given_deadline is not None:  # one step of a longer answer: the whole answer's end comes first
+            deadline = given_deadline if deadline is None else min(deadline, given_deadline)
         with contextlib.nullcontext() if cold else self.admission.enter(client):
             with self._lock:
                 self._active.add(active)
