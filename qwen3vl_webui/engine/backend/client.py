@@ -95,6 +95,18 @@ class BackendClient:
             return None
         return reply.text
 
+    def not_ready(self) -> str:
+        """Why the backend says it cannot serve yet ("" when it can, or has no such probe): GET /ready, which this app
+        answers 503 while its model loads (vLLM and SGLang listen only once loaded, and answer 404 here)."""
+        reply = self._get("ready", ok=(200, 404, 503))
+        if reply.status_code != 503:
+            return ""
+        try:
+            state = str(reply.json().get("state") or "not ready")
+        except (ValueError, AttributeError):
+            state = "not ready"
+        return f"not ready yet ({state})"
+
     def _get(self, path: str, ok: tuple[int, ...] = (200,)) -> httpx.Response:
         try:
             reply = self._http.get(path, timeout=PROBE_TIMEOUT_S)
@@ -128,13 +140,10 @@ class BackendClient:
                 else:
                     return
         finally:
-            state["closed"] = True
-            response = state.get("response")
-            if response is not None:
-                try:
-                    response.close()  # unblocks the reader: the backend sees the connection close
-                except Exception:  # noqa: BLE001 - the reader may be closing it too
-                    pass
+            state["closed"] = True  # the reader stops at its next line and closes the connection itself
+            reader.join(timeout=CANCEL_POLL_S)
+            if reader.is_alive():  # blocked on a backend that sends nothing (a request waiting in its queue)
+                threading.Thread(target=_close, args=(state,), name="backend-close", daemon=True).start()
 
     def _read(self, body: dict[str, Any], events: queue.Queue[tuple[str, Any]], state: dict[str, Any]) -> None:
         try:
@@ -148,6 +157,8 @@ class BackendClient:
                 usage: dict[str, int] | None = None
                 finish: str | None = None
                 for line in response.iter_lines():
+                    if state.get("closed"):
+                        return  # Stop: leaving the `with` closes the connection, and the backend ends the request
                     if not line.startswith("data:"):
                         continue
                     data = line[5:].strip()
@@ -174,6 +185,16 @@ class BackendClient:
         except Exception as exc:  # noqa: BLE001 - told to the chat; a closed response may raise anything
             if not state.get("closed"):
                 events.put(("error", BackendError(f"The backend at {self.shown} failed: {exc}")))
+
+
+def _close(state: dict[str, Any]) -> None:
+    """Closes a streaming response under a reader blocked on it (from a thread of its own: it may wait on a lock)."""
+    response = state.get("response")
+    if response is not None:
+        try:
+            response.close()
+        except Exception:  # noqa: BLE001 - the reader may be closing it too
+            pass
 
 
 def unreachable(shown: str, exc: BaseException) -> BackendUnavailable:

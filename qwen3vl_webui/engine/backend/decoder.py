@@ -72,6 +72,7 @@ class BackendDecoder:
         self._reachable: bool | None = None
         self._problem = ""
         self._metrics: bool | None = None
+        self._error: BackendError | None = None  # the last probe's failure, told to a chat that cannot start
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -169,11 +170,17 @@ class BackendDecoder:
                 if self.model is None and names:
                     self.model = names[0]
                     log.info("backend %s serves %s", self.url, self.model)
-            self._mark(True, "")
+            waiting = self.client.not_ready()
+            self._mark(True, waiting)
+            self._error = (
+                BackendUnavailable(f"The backend at {self.url} is {waiting}; try again shortly.") if waiting else None
+            )
         except BackendUnavailable as exc:
-            self._mark(False, str(exc).split(". ")[0].removeprefix(f"The backend at {self.url} "))
+            self._error = exc
+            self._mark(False, _short(exc, self.url))
         except BackendError as exc:  # it answered, but not as a server we can use (a wrong key, a 500)
-            self._mark(True, str(exc).split(". ")[0].split("; set")[0])
+            self._error = exc
+            self._mark(True, _short(exc, self.url))
 
     def _mark(self, reachable: bool, problem: str) -> None:
         with self._lock:
@@ -209,9 +216,8 @@ class BackendDecoder:
             if self.model is None:
                 self.probe()  # the backend may be back since the watcher's last look
                 if self.model is None:
-                    raise BackendUnavailable(
-                        f"The backend at {self.url} has not said which model it serves ({self.problem or 'no models'}); "
-                        "try again once it is up, or set --backend-model."
+                    raise self._error or BackendUnavailable(
+                        f"The backend at {self.url} lists no model at /v1/models; set --backend-model."
                     )
             body = request_body(self.model, prompt, sampling)
             for chunk in self.client.stream_chat(body, cancel):
@@ -226,11 +232,16 @@ class BackendDecoder:
                 self._mark(True, "")
                 yield text, _stats(prompt, end.usage, pieces, started, first, last)
         except BackendUnavailable as exc:
-            self._mark(False, str(exc).split(". ")[0].removeprefix(f"The backend at {self.url} "))
+            self._mark(False, _short(exc, self.url))
             raise
         finally:
             if end is None and on_cancel is not None:  # stopped (or failed) before the end: what it did so far
                 on_cancel(_stats(prompt, None, pieces, started, first, last))
+
+
+def _short(exc: BaseException, url: str) -> str:
+    """The first clause of a backend error, for the status line and /ready's reason ("refused the connection…")."""
+    return str(exc).split(". ")[0].split("; set")[0].removeprefix(f"The backend at {url} ")
 
 
 def request_body(model: str, prompt: PreparedPrompt, sampling: SamplingParams) -> dict[str, Any]:

@@ -43,6 +43,9 @@ class BackendFigures:
     gpu_memory_used: int | None = None  # this app's qwen3vl:gpu_memory_* (vLLM exports none)
     gpu_memory_total: int | None = None
     precision: str = ""  # this app's qwen3vl:precision_info label
+    # this app's qwen3vl:output_tokens_per_second{window="current"}: its tokens counter moves when an answer ends,
+    # so a rate between two scrapes would miss a long answer that is still streaming
+    tokens_per_s: float | None = None
     known: bool = False  # the text held at least one figure we read
 
 
@@ -55,6 +58,7 @@ def parse_metrics(text: str) -> BackendFigures:
     gpu_used: int | None = None
     gpu_total: int | None = None
     precision = ""
+    speed: float | None = None
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             name, value = sample.name, float(sample.value)
@@ -69,6 +73,8 @@ def parse_metrics(text: str) -> BackendFigures:
                 gpu_used = (gpu_used or 0) + int(value)
             elif name == "qwen3vl:gpu_memory_total_bytes":
                 gpu_total = (gpu_total or 0) + int(value)
+            elif name == "qwen3vl:output_tokens_per_second" and sample.labels.get("window") == "current":
+                speed = value
             elif name == "qwen3vl:precision_info" and value:
                 precision = sample.labels.get("label") or sample.labels.get("precision", "")
     return BackendFigures(
@@ -77,6 +83,7 @@ def parse_metrics(text: str) -> BackendFigures:
         gpu_memory_used=gpu_used,
         gpu_memory_total=gpu_total,
         precision=precision,
+        tokens_per_s=speed,
         known=bool(sums or kv),
     )
 
@@ -122,8 +129,8 @@ class LoadTracker:
             return None
         at, latest = samples[-1]
         rate = _since(samples, RATE_WINDOW_S)
-        speed = None
-        if rate is not None:
+        speed = latest.tokens_per_s  # the backend's own measure where it exports one
+        if speed is None and rate is not None:
             then, old = rate
             speed = max(0.0, latest.generation_tokens - old.generation_tokens) / (at - then)
         ttft = None

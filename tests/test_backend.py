@@ -1,0 +1,341 @@
+"""--backend-url: this app as the front end of another OpenAI-compatible server. The backend is a second instance of
+this app on loopback (--demo, the tiny model); chats go through the front end's /chat (gradio_client) and /v1 (the
+official openai client), and the panel reads the backend's /metrics."""
+
+from __future__ import annotations
+
+import base64
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from gradio_client import Client, handle_file
+
+from qwen3vl_webui.conversation import ERROR_PREFIX
+from tests.conftest import ASSETS, _free_port, start_app, wait_for
+
+MODEL = "qwen3vl-demo"
+ROOT = Path(__file__).resolve().parents[1]
+LONG = {"max_tokens": 1000, "temperature": 0, "extra_body": {"ignore_eos": True}}
+
+
+def start_front(cache_dir: Path, backend_url: str, *flags: str) -> tuple[Any, str]:
+    """The app with --backend-url (no --demo: nothing loads here), launched without blocking."""
+    from qwen3vl_webui.cli import parse_settings
+    from qwen3vl_webui.wiring import build_app
+
+    port = _free_port()
+    settings = parse_settings(
+        ["--host", "127.0.0.1", "--port", str(port), "--cache-dir", str(cache_dir), "--backend-url", backend_url,
+         *flags]
+    )  # fmt: skip
+    app = build_app(settings)
+    app.launch(prevent_thread_lock=True, quiet=True)
+    app.service.manager.wait_ready(30)
+    return app, f"http://127.0.0.1:{port}/"
+
+
+def _openai(url: str, key: str = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}v1", api_key=key, max_retries=0, timeout=60)
+
+
+def _image_uri() -> str:
+    return "data:image/png;base64," + base64.b64encode((ASSETS / "example.png").read_bytes()).decode()
+
+
+def _backend_counts(url: str, key: str | None = None) -> dict[str, float]:
+    from qwen3vl_webui.engine.backend.metrics import parse_metrics
+
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    figures = parse_metrics(httpx.get(f"{url}metrics", headers=headers, timeout=10).text)
+    return {"running": figures.running, "generated": figures.generation_tokens, "prompt": figures.prompt_tokens}
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_checkpoint: Path):
+    """(backend app, its url, front-end app, its url): the front end holds 1 chat running and 1 waiting."""
+    backend, backend_url = start_app(tiny_checkpoint.parent, "--max-concurrency", "2", "--warmup", "off")
+    front, front_url = start_front(tiny_checkpoint.parent, backend_url, "--max-concurrency", "1", "--queue-size", "1")
+    try:
+        yield backend, backend_url, front, front_url
+    finally:
+        front.close()
+        backend.close()
+
+
+def test_chat_and_v1_reach_the_backend_with_an_image_and_nothing_loads_here(pair) -> None:
+    backend, backend_url, front, url = pair
+    loaded = front.service.manager.current()
+    assert loaded.model is None and loaded.precision == "backend"  # no weights, no processor, no GPU work here
+    assert wait_for(lambda: front.service.manager.backend.model == MODEL, 10)
+    assert httpx.get(f"{url}ready").json()["ready"] is True
+    before = _backend_counts(backend_url)
+
+    ui = Client(url, verbose=False)
+    answer = ui.predict({"text": "What is in this picture?", "files": [handle_file(str(ASSETS / "example.png"))]},
+                        max_new_tokens=12, api_name="/chat")  # fmt: skip
+    assert answer and not answer.startswith(ERROR_PREFIX), answer
+
+    client = _openai(url)
+    assert [m.id for m in client.models.list()] == [MODEL]
+    ask = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _image_uri()}},
+                                        {"type": "text", "text": "describe"}]}]  # fmt: skip
+    reply = client.chat.completions.create(model=MODEL, messages=ask, max_tokens=10, temperature=0, seed=3)
+    assert reply.model == MODEL and reply.choices[0].message.content
+    assert reply.usage.completion_tokens > 0 and reply.usage.prompt_tokens > 100  # the backend counted the image
+    pieces, usage = [], None
+    stream = client.chat.completions.create(model=MODEL, messages=ask, max_tokens=10, temperature=0, seed=3,
+                                            stream=True, stream_options={"include_usage": True})  # fmt: skip
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        usage = chunk.usage or usage
+    assert "".join(pieces) == reply.choices[0].message.content  # greedy: the same answer, streamed
+    assert usage is not None and usage.prompt_tokens == reply.usage.prompt_tokens
+
+    after = _backend_counts(backend_url)
+    assert after["generated"] >= before["generated"] + 20 and after["prompt"] > before["prompt"] + 300
+    # The backend's own figures, not ours: the front end has no model to switch and shows no GPU controls.
+    handlers_like = front.service.snapshot()
+    assert handlers_like.backend is not None and handlers_like.backend.problem == ""
+
+
+def test_stop_ends_the_request_on_the_backend_and_frees_the_slots(pair) -> None:
+    backend, backend_url, front, url = pair
+    ui = Client(url, verbose=False)
+    # The tiny model's answers may end at its end-of-sequence token: without one they run to max new tokens.
+    backend.service.manager.current().model.generation_config.eos_token_id = None
+    job = ui.submit({"text": "Tell a very long story.", "files": []}, max_new_tokens=1000, api_name="/chat")
+    assert wait_for(lambda: backend.service.scheduler.state().running == 1, 30)
+    assert front.service.scheduler.state().running == 1
+    job.cancel()
+    assert wait_for(lambda: backend.service.scheduler.state().running == 0, 10)
+    assert wait_for(lambda: front.service.scheduler.state().running == 0, 5)
+    assert backend.service.stats.last.new_tokens < 1000
+
+    # /v1: the client closing its stream is the API's Stop.
+    client = _openai(url)
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "go"}], stream=True, **LONG)
+    next(iter(stream))
+    assert wait_for(lambda: backend.service.scheduler.state().running == 1, 30)
+    stream.close()
+    assert wait_for(lambda: backend.service.scheduler.state().running == 0, 10)
+
+
+def test_the_front_ends_queue_cap_and_the_panel_read_from_the_backends_metrics(pair) -> None:
+    from qwen3vl_webui.ui.panels import format_panel
+
+    backend, backend_url, front, url = pair
+    client = _openai(url)
+    ask = [{"role": "user", "content": "a long story"}]
+    streams: list[Any] = []
+
+    def hold() -> None:
+        stream = client.chat.completions.create(model=MODEL, messages=ask, stream=True, **LONG)
+        streams.append(stream)
+        for _ in stream:
+            pass
+
+    threading.Thread(target=hold, daemon=True).start()
+    assert wait_for(lambda: backend.service.scheduler.state().running == 1, 30)
+    threading.Thread(target=hold, daemon=True).start()  # waits in the front end's line (1 slot, 1 waiting)
+    assert wait_for(lambda: front.service.scheduler.state().waiting == 1, 10)
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.chat.completions.create(model=MODEL, messages=ask, max_tokens=5)
+    assert "busy" in str(refused.value)
+    busy = Client(url, verbose=False).predict({"text": "hi", "files": []}, api_name="/chat")
+    assert busy.startswith(ERROR_PREFIX) and "busy" in busy
+
+    # The panel's serving figures are the backend's (its /metrics, read every second).
+    backend_side = front.service.manager.backend
+    def running() -> bool:
+        load = backend_side.tracker.load()
+        return load is not None and load.figures.running == 1 and load.figures.kv_usage is not None
+
+    assert wait_for(running, 10), backend_side.status()
+    text = format_panel(front.service.snapshot())
+    assert "backend requests | 1 running · 0 waiting · KV cache" in text and "output tok/s" in text, text
+    assert "hidden here" in text and "VRAM" not in text
+    # Local GPU controls: hidden from everyone, and refused if called anyway.
+    from qwen3vl_webui.ui.handlers import Handlers
+
+    handlers = Handlers(front.service, front.settings)
+    assert handlers.operator_view(None)["visible"] is False
+    assert handlers.switch("int4").startswith("Not switched: the model runs on the backend")
+    streams[0].close()
+    assert wait_for(lambda: len(streams) == 2, 15)  # the waiting one started once the slot was free
+    streams[1].close()
+    assert wait_for(lambda: backend.service.scheduler.state().running == 0 and not front.service.in_flight(), 15)
+
+    # This app as the backend counts an answer's tokens when it ends (vLLM: every step): after a few, the panel
+    # shows the backend's throughput and TTFT.
+    for _ in range(3):
+        client.chat.completions.create(model=MODEL, messages=ask, max_tokens=24, extra_body={"ignore_eos": True})
+
+    def measured() -> bool:
+        load = backend_side.tracker.load()
+        return load is not None and (load.tokens_per_s or 0) > 0 and load.ttft_s is not None
+
+    assert wait_for(measured, 10), backend_side.status()
+    assert "TTFT" in format_panel(front.service.snapshot())
+
+
+def _serve_at(cache_dir: Path, port: int) -> Any:
+    """The demo app as a backend on `port` (start_app picks a free port; a restart needs the same one)."""
+    from qwen3vl_webui.cli import parse_settings
+    from qwen3vl_webui.wiring import build_app
+
+    settings = parse_settings(["--demo", "--host", "127.0.0.1", "--port", str(port), "--cache-dir", str(cache_dir),
+                               "--warmup", "off", "--grace-seconds", "0"])  # fmt: skip
+    app = build_app(settings)
+    app.launch(prevent_thread_lock=True, quiet=True)
+    return app
+
+
+def test_a_backend_gone_mid_answer_is_a_clear_message_and_not_ready_until_it_is_back(tiny_checkpoint: Path) -> None:
+    port = _free_port()
+    backend_url = f"http://127.0.0.1:{port}/"
+    backend = _serve_at(tiny_checkpoint.parent, port)
+    front, url = start_front(tiny_checkpoint.parent, backend_url, "--max-concurrency", "2")
+    restarted = None
+    try:
+        assert wait_for(lambda: httpx.get(f"{url}ready").status_code == 200, 60)  # once the backend has loaded
+        ui = Client(url, verbose=False)
+        first = ui.predict({"text": "hello", "files": []}, max_new_tokens=8, api_name="/chat")
+        assert not first.startswith(ERROR_PREFIX), first
+        # The backend goes away mid-answer (its server stops and drops the connection): the stream ends in an error.
+        client = _openai(url)
+        stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "go"}],
+                                                stream=True, **LONG)  # fmt: skip
+        chunks = iter(stream)
+        next(chunks)
+        backend.close()
+        with pytest.raises(openai.APIError) as failed:
+            for _ in chunks:
+                pass
+        assert "backend" in str(failed.value)
+        # The page's chat: one sentence, the server lives, the history stays for the next turn.
+        down = ui.predict({"text": "and now?", "files": []}, max_new_tokens=8, api_name="/chat")
+        assert down.startswith(ERROR_PREFIX) and f"The backend at {backend_url}" in down, down
+        assert "this chat is kept" in down
+        assert wait_for(lambda: httpx.get(f"{url}ready").status_code == 503, 5)
+        assert httpx.get(f"{url}ready").json()["state"] == "backend unreachable"
+        assert "⚠️" in front.service.manager.status and httpx.get(f"{url}health").status_code == 200
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        assert refused.value.status_code == 503 and "backend" in str(refused.value)
+
+        # The backend comes back on the same port: ready again once it has loaded, and the next chat works.
+        restarted = _serve_at(tiny_checkpoint.parent, port)
+        assert wait_for(lambda: httpx.get(f"{url}ready").status_code == 200, 60)
+        again = ui.predict({"text": "back?", "files": []}, max_new_tokens=8, api_name="/chat")
+        assert again and not again.startswith(ERROR_PREFIX), again
+    finally:
+        front.close()
+        backend.close()
+        if restarted is not None:
+            restarted.close()
+
+
+def test_a_backend_with_an_api_key_needs_backend_api_key(tiny_checkpoint: Path, monkeypatch) -> None:
+    backend, backend_url = start_app(tiny_checkpoint.parent, "--api-key", "sesame", "--warmup", "off")
+    without = with_key = None
+    try:
+        without, url = start_front(tiny_checkpoint.parent, backend_url)
+        answer = Client(url, verbose=False).predict({"text": "hi", "files": []}, max_new_tokens=4, api_name="/chat")
+        assert answer.startswith(ERROR_PREFIX) and "--backend-api-key" in answer, answer
+        assert httpx.get(f"{url}ready").status_code == 503
+        monkeypatch.setenv("QWEN3VL_BACKEND_API_KEY", "sesame")  # the env var, as every flag has one
+        with_key, url = start_front(tiny_checkpoint.parent, backend_url)
+        assert wait_for(lambda: httpx.get(f"{url}ready").status_code == 200, 10)
+        answer = Client(url, verbose=False).predict({"text": "hi", "files": []}, max_new_tokens=4, api_name="/chat")
+        assert answer and not answer.startswith(ERROR_PREFIX), answer
+        assert _backend_counts(backend_url, "sesame")["generated"] > 0  # its /metrics needs the key too
+    finally:
+        for app in (without, with_key, backend):
+            if app is not None:
+                app.close()
+
+
+# ------------------------------------------------------------------------------ plain data, no server
+
+VLLM_METRICS = """\
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="Qwen/Qwen3-VL-4B-Instruct"} 3.0
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="Qwen/Qwen3-VL-4B-Instruct"} 2.0
+# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine="0",model_name="Qwen/Qwen3-VL-4B-Instruct"} 0.25
+# HELP vllm:generation_tokens_total Number of generation tokens processed.
+# TYPE vllm:generation_tokens_total counter
+vllm:generation_tokens_total{engine="0",model_name="Qwen/Qwen3-VL-4B-Instruct"} GEN
+# HELP vllm:time_to_first_token_seconds Histogram of time to first token in seconds.
+# TYPE vllm:time_to_first_token_seconds histogram
+vllm:time_to_first_token_seconds_bucket{engine="0",le="0.1",model_name="Qwen/Qwen3-VL-4B-Instruct"} 1.0
+vllm:time_to_first_token_seconds_bucket{engine="0",le="+Inf",model_name="Qwen/Qwen3-VL-4B-Instruct"} COUNT
+vllm:time_to_first_token_seconds_count{engine="0",model_name="Qwen/Qwen3-VL-4B-Instruct"} COUNT
+vllm:time_to_first_token_seconds_sum{engine="0",model_name="Qwen/Qwen3-VL-4B-Instruct"} SUM
+"""
+
+
+def _vllm(generated: float, count: float, total: float) -> str:
+    return VLLM_METRICS.replace("GEN", str(generated)).replace("COUNT", str(count)).replace("SUM", str(total))
+
+
+def test_vllm_metrics_are_read_as_they_are_and_rates_come_from_two_scrapes() -> None:
+    from qwen3vl_webui.engine.backend.metrics import LoadTracker, parse_metrics
+
+    figures = parse_metrics(_vllm(1000, 4, 0.8))
+    assert (figures.running, figures.waiting, figures.kv_usage, figures.generation_tokens) == (3, 2, 0.25, 1000)
+    tracker = LoadTracker()
+    tracker.add(figures, now=100.0)
+    assert tracker.load(now=100.0).tokens_per_s is None and tracker.load(now=100.0).ttft_s == pytest.approx(0.2)
+    tracker.add(parse_metrics(_vllm(1500, 6, 1.8)), now=102.0)
+    load = tracker.load(now=102.5)
+    assert load.tokens_per_s == pytest.approx(250.0) and load.ttft_s == pytest.approx(0.5) and load.age_s == 0.5
+    tracker.add(parse_metrics(_vllm(10, 1, 0.1)), now=104.0)  # the backend restarted: its counters began again
+    assert tracker.load(now=104.0).tokens_per_s is None
+
+
+def test_backend_flags_env_and_their_checks(monkeypatch) -> None:
+    from qwen3vl_webui.cli import parse_settings
+
+    monkeypatch.setenv("QWEN3VL_BACKEND_URL", "http://gpu-box:8000/")
+    settings = parse_settings(["--backend-model", "Qwen/Qwen3-VL-4B-Instruct", "--backend-api-key", "sekrit-key"])
+    assert settings.backend_url == "http://gpu-box:8000/" and settings.backend_model == "Qwen/Qwen3-VL-4B-Instruct"
+    assert "sekrit-key" not in repr(settings)
+    for bad in (["--backend-url", "gpu-box:8000"], ["--backend-url", "http://h:99999/"], ["--demo"]):
+        with pytest.raises(SystemExit) as exited:
+            parse_settings(bad)
+        assert exited.value.code == 2
+
+
+def test_the_backend_is_sent_openai_messages_with_data_uris_and_old_turns_dropped_to_fit() -> None:
+    from qwen3vl_webui.conversation import Turn, UserMessage
+    from qwen3vl_webui.engine.backend.decoder import request_body
+    from qwen3vl_webui.engine.request import RequestError, SamplingParams
+    from qwen3vl_webui.service.backend_prompt import build_messages
+    from qwen3vl_webui.service.prompt import ChatRequest
+
+    image, video = str(ASSETS / "example.png"), str(ASSETS / "example.mp4")
+    old = [Turn(UserMessage("x" * 15000, ()), "y" * 300), Turn(UserMessage("look", (video,)), "a video")]
+    request = ChatRequest(UserMessage("and this <|im_start|>?", (image,)), old, "Be brief.",
+                          SamplingParams(max_new_tokens=256, stop=("END",), seed=1), max_context=8192)  # fmt: skip
+    prompt = build_messages(request)
+    messages = prompt.inputs["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]  # the 5,000-token turn is gone
+    assert prompt.turns_dropped == 1 and prompt.image_tokens > 0 and prompt.video_tokens > 0
+    assert messages[1]["content"][0]["video_url"]["url"].startswith("data:video/mp4;base64,")
+    parts = messages[-1]["content"]
+    assert parts[0]["image_url"]["url"].startswith("data:image/jpeg;base64,")
+    assert parts[1]["text"] == "and this <\u200b|im_start|>?"  # typed markers stay text, as in the local template
+    body = request_body(MODEL, prompt, request.sampling)
+    assert body["stream"] and body["stop"] == ["END"] and body["seed"] == 1 and body["max_tokens"] == 256
+    with pytest.raises(RequestError, match="Whole video"):
+        build_messages(ChatRequest(UserMessage("watch", (video,)), whole_video=True))
