@@ -220,7 +220,7 @@ def test_the_request_timeout_bounds_the_whole_answer_not_each_part(service: Any,
         time.sleep(0.6)  # each part well under the limit, all of them over it: --request-timeout covers them all
         return service.chat(request, *args, **kw)
 
-    monkeypatch.setattr(service, "request_timeout", 2.0)
+    monkeypatch.setattr(service, "request_timeout", 3.0)
     service.documents._chat = slow
     started = time.monotonic()
     try:
@@ -228,8 +228,8 @@ def test_the_request_timeout_bounds_the_whole_answer_not_each_part(service: Any,
             list(service.chat(_request(doc), report_end=True))
     finally:
         service.documents._chat = service.chat
-    assert parts * 0.6 > 6.0 and time.monotonic() - started < 2.0 + 2.0  # unbounded, it took parts * 0.6 s and more
-    assert 2 <= len(deadlines) < parts and len(set(deadlines)) == 1  # one deadline, the whole answer's
+    assert parts * 0.6 > 7.0 and time.monotonic() - started < 3.0 + 2.0  # unbounded, it took parts * 0.6 s and more
+    assert 1 <= len(deadlines) < parts and len(set(deadlines)) == 1  # one deadline, the whole answer's
     assert stopped.value.partial == ""  # a part's own notes are never shown as the answer
     assert _until_idle(service)
 
