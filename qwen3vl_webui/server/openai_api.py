@@ -192,7 +192,8 @@ def to_chat_request(body: dict[str, Any], service: Any, config: ApiConfig, folde
         )
     except RequestError as exc:
         raise ApiError(400, str(exc)) from None
-    whole_video = body.get("whole_video", False)  # our extension, as vLLM's extra body fields (`extra_body=`)
+    whole_video = body.get("whole_video")  # our extension, as vLLM's extra body fields (`extra_body=`); null: off
+    whole_video = False if whole_video is None else whole_video
     if not isinstance(whole_video, bool):
         raise ApiError(400, f"whole_video must be true or false, got {whole_video!r}.")
     chat = ChatRequest(
