@@ -342,3 +342,20 @@ def test_the_backend_is_sent_openai_messages_with_data_uris_and_old_turns_droppe
     assert body["stream"] and body["stop"] == ["END"] and body["seed"] == 1 and body["max_tokens"] == 256
     with pytest.raises(RequestError, match="Whole video"):
         build_messages(ChatRequest(UserMessage("watch", (video,)), whole_video=True))
+
+
+def test_a_long_document_is_read_in_windows_through_the_backend(pair, tmp_path: Path) -> None:
+    from gradio_client import handle_file
+
+    backend, _, front, url = pair
+    backend.service.manager.current().model.generation_config.eos_token_id = None  # answers of max new tokens
+    document = tmp_path / "notes.txt"
+    document.write_text("\n\n".join(f"Paragraph {i}: the tide came in at {i} o'clock." for i in range(400)))
+    before = backend.service.metrics.totals().success
+    answer = Client(url, verbose=False).predict(
+        {"text": "When did the tide come in?", "files": [handle_file(str(document))]},
+        max_context=2048, max_new_tokens=16, api_name="/chat",
+    )  # fmt: skip
+    assert answer and not answer.startswith(ERROR_PREFIX), answer
+    assert "Read notes.txt in" in answer  # several windows, each a chat through the backend, and a merge
+    assert sum(backend.service.metrics.totals().success.values()) >= sum(before.values()) + 3
