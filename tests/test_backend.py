@@ -99,8 +99,20 @@ def test_chat_and_v1_reach_the_backend_with_an_image_and_nothing_loads_here(pair
     after = _backend_counts(backend_url)
     assert after["generated"] >= before["generated"] + 20 and after["prompt"] > before["prompt"] + 300
     # The backend's own figures, not ours: the front end has no model to switch and shows no GPU controls.
-    handlers_like = front.service.snapshot()
-    assert handlers_like.backend is not None and handlers_like.backend.problem == ""
+    snap = front.service.snapshot()
+    assert snap.backend is not None and snap.backend.problem == ""
+    # The front end's own /metrics counts its own requests (the dashboard and the HPA read each pod's).
+    own = httpx.get(f"{url}metrics").text
+    assert 'finished_reason="length"' in own and 'precision="backend"' in own and 'decoder="backend"' in own
+
+
+def test_a_base_url_ending_in_v1_names_the_same_backend() -> None:
+    from qwen3vl_webui.engine.backend.client import BackendClient
+
+    for given in ("http://gpu:8000/v1", "http://gpu:8000/v1/", "http://gpu:8000", "http://u:p@gpu:8000/"):
+        client = BackendClient(given)
+        assert client.shown == "http://gpu:8000/" and client.url.endswith("gpu:8000/")
+        client.close()
 
 
 def test_stop_ends_the_request_on_the_backend_and_frees_the_slots(pair) -> None:

@@ -70,7 +70,9 @@ class BackendClient:
     """One connection pool to the backend at `url` (its root: `/v1/...` and `/metrics` are under it)."""
 
     def __init__(self, url: str, api_key: str | None = None) -> None:
-        self.url = url.rstrip("/") + "/"
+        root = url.rstrip("/")
+        root = root[: -len("/v1")] if root.endswith("/v1") else root  # an OpenAI client's base URL names /v1 too
+        self.url = root + "/"
         self.shown = display_url(self.url)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         timeout = httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
