@@ -364,6 +364,19 @@ def test_streams_decode_while_the_compile_runs_and_keep_generates_tokens_across_
     assert freed == [len(BUCKETS)] and graphs.recompiled == 0
 
 
+def test_a_close_leaves_the_compile_gate_as_it_found_it(loaded: LoadedModel, tmp_path: Path) -> None:
+    """A close stops a compile thread waiting at its gate without releasing the gate: a release left over would let
+    the next engine on the same gate compile (and still be compiling at its own close)."""
+    gate = threading.Semaphore(0)
+    with BatchEngine(loaded, options(tmp_path, max_batch=2, token_budget=2 * 512, buckets=(1, 2)), gate) as engine:
+        graphs = engine.core.graphs
+        deadline = time.monotonic() + 10
+        while engine.compile_state != "compiling" and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert not graphs.compiling_now and not gate.acquire(blocking=False)
+    assert loaded.model.config.text_config._attn_implementation == "sdpa"
+
+
 @pytest.mark.parametrize("in_time", [True, False], ids=["safe-point-in-time", "still-compiling"])
 def test_a_close_during_a_compile_never_changes_the_model_under_it(
     loaded: LoadedModel, tmp_path: Path, slow: SlowBackend, caplog: pytest.LogCaptureFixture, in_time: bool

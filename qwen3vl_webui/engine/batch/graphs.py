@@ -84,9 +84,10 @@ class DecodeGraphs:
         self._restore_attention: Callable[[], None] = lambda: None
         self._restore_vision: Callable[[], None] = lambda: None
         self._restored = False
-        # How long a close waits for the compile thread's next safe point (a cold compile of one bucket is about a
-        # minute on an H100): past it, the model is left as the engine changed it (`restore`).
-        self.stop_timeout_s = 30.0
+        # How long a close waits for the compile thread's next safe point. Correctness does not hang on it (past it
+        # the model is left as the engine changed it, `restore`); a cold bucket compiles for about a minute on an
+        # H100, and an engine process that exits gets 30 s before it is killed (remote/client.py STOP_WAIT_S).
+        self.stop_timeout_s = 5.0
 
     # ------------------------------------------------------------------ start-up (worker thread)
 
@@ -267,8 +268,9 @@ class DecodeGraphs:
             ):
                 scratch = self.kv.scratch()  # inference tensors like the engine's: their dispatch keys are guarded
                 for rows in self.buckets:
-                    if self.gate is not None:
-                        self.gate.acquire()
+                    while self.gate is not None and not self.gate.acquire(timeout=0.05):
+                        if self._stop.is_set():
+                            return
                     if self._stop.is_set():
                         return
                     begun = time.perf_counter()
@@ -413,8 +415,6 @@ class DecodeGraphs:
         self._stop.set()
         if self._timer is not None:
             self._timer.cancel()
-        if self.gate is not None:
-            self.gate.release(len(self.buckets))
         with self._start_lock:
             thread = self._compiler
         if thread is None or thread is threading.current_thread():
