@@ -123,3 +123,53 @@ def test_gradio_still_imports_matplotlib_around_events() -> None:
 
     assert "matplotlib" in inspect.getsource(utils.MatplotlibBackendMananger)
     assert os.environ.get("GRADIO_TEMP_DIR")  # conftest isolates uploads: the fixtures above write none elsewhere
+
+
+def test_lazy_sessions_build_configs_on_first_use_and_equal_gradios_own(mounted: tuple[Any, Any], monkeypatch) -> None:
+    """A new session builds no block config until one is read; what it then holds is what gradio's SessionState
+    holds, after the same value updates (the inputs of a call, a streamed output)."""
+    from gradio.blocks import BlocksConfig
+    from gradio.state_holder import SessionState, StateHolder
+
+    demo, http = mounted
+    app = gradio_compat.mounted_app(http)
+    assert type(app.state_holder) is StateHolder
+    gradio_compat.lazy_session_configs(app)
+    built: list[int] = []
+    real = BlocksConfig.config_for_block
+
+    def counted(_id: int, *args: Any, **kwargs: Any) -> dict:
+        built.append(_id)
+        return real(_id, *args, **kwargs)
+
+    monkeypatch.setattr(BlocksConfig, "config_for_block", staticmethod(counted))
+    lazy = app.state_holder["visitor"]
+    assert built == [] and app.state_holder["visitor"] is lazy  # nothing built; the same session next time
+    stock = SessionState(demo)
+    assert len(built) >= 10  # gradio's own builds every block's config at once
+    textbox = next(b for b in demo.blocks.values() if type(b).__name__ == "MultimodalTextbox")
+    chatbot = next(b for b in demo.blocks.values() if type(b).__name__ == "Chatbot")
+    for state in (lazy, stock):
+        state._update_value_in_config(textbox._id, {"text": "hello", "files": []})  # an input, before any read
+    built.clear()
+    assert lazy.config_values[textbox._id]["props"]["value"] == {"text": "hello", "files": []}
+    assert built == [textbox._id]  # that one block, on first read
+    for state in (lazy, stock):
+        state[chatbot._id] = chatbot  # gradio's postprocess: a block set again rebuilds its config...
+        state._update_value_in_config(chatbot._id, [{"role": "assistant", "content": "hi"}])  # ...then its value
+    assert {c["id"]: c for c in lazy.components} == {c["id"]: c for c in stock.components}  # the deep-link read
+    assert textbox._id in lazy.config_values and -1 not in lazy.config_values
+    with pytest.raises(KeyError):
+        lazy.config_values[-1]
+
+
+def test_lazy_sessions_refuse_a_changed_state_holder(mounted: tuple[Any, Any]) -> None:
+    _, http = mounted
+    app = gradio_compat.mounted_app(http)
+
+    class Other:
+        pass
+
+    app.state_holder = Other()
+    with pytest.raises(GradioChanged, match="state holder is a Other"):
+        gradio_compat.lazy_session_configs(app)

@@ -134,6 +134,121 @@ def mounted_app(http: Any) -> Any:
     raise GradioChanged("mount_gradio_app mounted no gradio.routes.App")
 
 
+def lazy_session_configs(gradio_app: Any) -> None:
+    """New sessions of the mounted app build each block's config when first read, not all of them at once.
+
+    gradio 6.31's `SessionState.__init__` builds the config of every block of the page for each new session (kept
+    for deep links). For this page (68 blocks) that is ~20 ms of the event loop per new visitor, API client or
+    `gradio_client` conversation on a CI-class core, and a burst of new sessions queues behind it: the load test's
+    32-chat waves waited ~0.9 s before the first of them reached the chat handler (bench/RESULTS.md, issue 12).
+    A session's configs are read when a block is updated and by the deep-link route (`components`), which still
+    sees every block's (built then). tests/test_gradio_compat.py checks they equal gradio's own.
+    """
+    from gradio.state_holder import StateHolder
+
+    holder = _require(gradio_app, "state_holder", "gradio.routes.App")
+    if type(holder) is not StateHolder:
+        raise GradioChanged(f"the mounted app's state holder is a {type(holder).__name__}, not a StateHolder")
+    _require(holder, "session_data", "StateHolder")
+    holder.__class__ = _lazy_session_classes()[1]
+
+
+@functools.cache
+def _lazy_session_classes() -> tuple[type, type]:
+    """(LazySessionState, LazyStateHolder): gradio's classes, with a session's configs built on first use."""
+    from gradio.state_holder import SessionState, StateHolder
+
+    class NoBlocks:
+        """What SessionState.__init__ reads of the Blocks, with no block to build a config for."""
+
+        def __init__(self, blocks: Any) -> None:
+            self.default_config = blocks.default_config
+            self.blocks: dict[int, Any] = {}
+
+    class LazyConfigs(dict):
+        """`SessionState.config_values`: a block's entry is built from the session's block on first use."""
+
+        def __init__(self, state: Any, keys: set[int]) -> None:
+            super().__init__()
+            self._state, self._keys = state, keys
+            self._values: dict[int, Any] = {}  # a value set before the entry was built: put in when it is
+
+        def _buildable(self, key: Any) -> bool:
+            return key in self._keys and key in self._state.blocks_config.blocks
+
+        def __missing__(self, key: Any) -> Any:
+            if not self._buildable(key):
+                raise KeyError(key)
+            config = self._state.blocks_config
+            value = config.config_for_block(key, [], config.blocks[key])
+            if key in self._values and "props" in value:
+                value["props"]["value"] = self._values.pop(key)
+            dict.__setitem__(self, key, value)
+            return value
+
+        def __setitem__(self, key: Any, value: Any) -> None:
+            self._values.pop(key, None)  # a new config replaces the value too (as gradio's own does)
+            super().__setitem__(key, value)
+
+        def defer_value(self, key: Any, value: Any) -> bool:
+            """`SessionState._update_value_in_config` for an entry not built yet: kept for when it is."""
+            if dict.__contains__(self, key) or not self._buildable(key):
+                return False
+            self._values[key] = value
+            return True
+
+        def __contains__(self, key: Any) -> bool:
+            return dict.__contains__(self, key) or self._buildable(key)
+
+        def get(self, key: Any, default: Any = None) -> Any:
+            return self[key] if key in self else default
+
+        def _fill(self) -> None:
+            for key in self._state.blocks_config.blocks:
+                if not dict.__contains__(self, key) and self._buildable(key):
+                    self.__missing__(key)
+
+        def __iter__(self) -> Any:
+            self._fill()
+            return super().__iter__()
+
+        def __len__(self) -> int:
+            self._fill()
+            return super().__len__()
+
+        def keys(self) -> Any:
+            self._fill()
+            return super().keys()
+
+        def values(self) -> Any:
+            self._fill()
+            return super().values()
+
+        def items(self) -> Any:
+            self._fill()
+            return super().items()
+
+    class LazySessionState(SessionState):
+        def __init__(self, blocks: Any) -> None:
+            super().__init__(NoBlocks(blocks))  # every attribute gradio sets, with no config built
+            _require(self, "config_values", "SessionState")
+            _require(self, "_update_value_in_config", "SessionState")
+            self.config_values = LazyConfigs(self, {k for k in self.blocks_config.blocks if k in blocks.blocks})
+
+        def _update_value_in_config(self, key: int, value: Any) -> None:
+            # Each call's inputs and each streamed output land here: only built entries are written now.
+            if not self.config_values.defer_value(key, value):
+                super()._update_value_in_config(key, value)
+
+    class LazyStateHolder(StateHolder):
+        def __getitem__(self, session_id: str) -> Any:
+            if session_id not in self.session_data:
+                self.session_data[session_id] = LazySessionState(self.blocks)
+            return super().__getitem__(session_id)
+
+    return LazySessionState, LazyStateHolder
+
+
 def upload_dir(gradio_app: Any) -> str:
     """Where a mounted gradio app stores uploads (`routes.App.uploaded_file_dir`)."""
     return str(_require(gradio_app, "uploaded_file_dir", "routes.App"))
