@@ -219,9 +219,24 @@ def greedy_round(url: str, prompts: tuple[str, ...], max_tokens: int) -> dict[st
     return {"compiled_before": before, "compiled_after": ready(), "answers": answers, "errors": errors[:3]}
 
 
+def own_bucket(flags: list[str], streams: int) -> int:
+    """Buckets swap in ascending order: the compiled count at which `streams` rows decode compiled (1-based)."""
+    from qwen3vl_webui.cli import parse_settings
+    from qwen3vl_webui.engine.batch.options import BatchOptions
+
+    try:
+        buckets = BatchOptions(max_batch=parse_settings(flags).max_concurrency).slot_buckets
+    except (SystemExit, ValueError):  # flags this code cannot read: no round is judged on its own bucket
+        return 0
+    return 1 + next((i for i, b in enumerate(buckets) if b >= streams), len(buckets) - 1)
+
+
 def greedy_summary(rounds: list[dict[str, Any]], reference: dict[str, Any] | None,
-                   repeat: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
-    """Each round's answers against the reference round (the same prompts once every batch size is compiled)."""
+                   repeat: dict[str, Any] | None, own: int = 0) -> dict[str, Any]:  # fmt: skip
+    """Each round's answers against the reference round (the same prompts once every batch size is compiled).
+
+    `own`: the compiled count at which the rounds' own bucket (all prompts decoding) is swapped in; a round across
+    that swap switched decode paths mid-stream (/ready is polled, so a swap just before a round may count as in it)."""
     if reference is None or repeat is None:
         return {"skipped": "full compiled speed was not reached: no reference", "rounds": len(rounds)}
     expected = reference["answers"]
@@ -246,8 +261,10 @@ def greedy_summary(rounds: list[dict[str, Any]], reference: dict[str, Any] | Non
             kind = "compiled"
         places = parted_at(r["answers"])
         listed.append({"kind": kind, "compiled": f"{before}->{after}", "equal": places.count(None),
-                       "of": len(places), "parted_at": places, "errors": r["errors"]})  # fmt: skip
+                       "of": len(places), "parted_at": places, "errors": r["errors"],
+                       "own_bucket_swapped": bool(own) and before < own <= after})  # fmt: skip
     across = [r for r in listed if r["kind"] == "across a swap"]
+    own_rounds = [r for r in listed if r["own_bucket_swapped"]]
     eager = [r for r in listed if r["kind"] == "eager"]
     return {
         "prompts": len(expected),
@@ -257,6 +274,9 @@ def greedy_summary(rounds: list[dict[str, Any]], reference: dict[str, Any] | Non
         "reference_repeat_equal": parted_at(repeat["answers"]).count(None) == len(expected),
         "across_swap_rounds": len(across),
         "across_swap_equal": all(r["equal"] == r["of"] for r in across) if across else None,
+        "own_bucket": own,
+        "across_own_swap_rounds": len(own_rounds),
+        "across_own_swap_equal": all(r["equal"] == r["of"] for r in own_rounds) if own_rounds else None,
         "eager_rounds": len(eager),
         "eager_rounds_equal": all(r["equal"] == r["of"] for r in eager) if eager else None,
         "rounds": listed,
@@ -305,7 +325,8 @@ def run_launch(name: str, flags: list[str], cache: Path, out: Path, args: argpar
         if measure_compiled and watch.full_speed_s is not None:
             reference = greedy_round(url, args.greedy_prompts, args.greedy_tokens)
             repeat = greedy_round(url, args.greedy_prompts, args.greedy_tokens)
-            report["greedy_swap"] = greedy_summary(greedy, reference, repeat)
+            own = own_bucket(flags, len(args.greedy_prompts))
+            report["greedy_swap"] = greedy_summary(greedy, reference, repeat, own)
         elif measure_compiled:
             report["greedy_swap"] = greedy_summary(greedy, None, None)
         if "greedy_swap" in report:
@@ -454,7 +475,9 @@ def checks(report: dict[str, Any]) -> dict[str, Any]:
     met["artifacts_full_speed_at_first_answer"] = bool(warm.get("full_speed_at_first_answer"))
     greedy = cold.get("greedy_swap") or {}
     found["greedy_rounds_across_swap"] = greedy.get("across_swap_rounds")
+    found["greedy_rounds_across_own_swap"] = greedy.get("across_own_swap_rounds")
     met["greedy_equal_across_swap"] = greedy.get("across_swap_equal")  # None: no round decoded across a swap
+    met["greedy_equal_across_own_swap"] = greedy.get("across_own_swap_equal")  # the rounds' own bucket swapped
     if before:
         found["before_serving_first_answer_s"] = before.get("first_answer_s")
         met["before_serving_both"] = bool(before.get("full_speed_at_first_answer")) and (

@@ -48,11 +48,13 @@ def test_greedy_rounds_across_a_swap_are_judged_against_the_full_speed_reference
     reference = round_(3, 3, "one two three", "a lighthouse")
     rounds = [round_(0, 0, "one two thr33", "a lighthouse"), round_(0, 1, "one two three", "a lighthouse"),
               round_(1, 3, "one two three", "a lightship"), round_(3, 3, "one two three", None)]  # fmt: skip
-    summary = coldstart.greedy_summary(rounds, reference, round_(3, 3, "one two three", "a lighthouse"))
+    summary = coldstart.greedy_summary(rounds, reference, round_(3, 3, "one two three", "a lighthouse"), own=2)
     assert [r["kind"] for r in summary["rounds"]] == ["eager", "across a swap", "across a swap", "compiled"]
     assert [r["parted_at"] for r in summary["rounds"]] == [[11, None], [None, None], [None, 7], [None, -1]]
     assert (summary["across_swap_rounds"], summary["across_swap_equal"]) == (2, False)
     assert summary["eager_rounds_equal"] is False and summary["reference_repeat_equal"]
+    assert (summary["across_own_swap_rounds"], summary["across_own_swap_equal"]) == (1, False)  # the 1->3 round
+    assert coldstart.own_bucket([*coldstart.GPU_FLAGS, "--precision", "bf16"], 4) == 3  # buckets 1, 2, 4, ... 32
     report = {"cold": {"greedy_swap": summary}}
     assert coldstart.checks(report)["met"]["greedy_equal_across_swap"] is False
     assert coldstart.greedy_summary(rounds, None, None)["skipped"]

@@ -585,15 +585,16 @@ class DecodeGraphs:
         """Undoes what start-up changed on the model: attention routes, fused projections. Once; True when done.
 
         Never while the compile thread may still read the model (a close in the middle of a compile that did not
-        reach a safe point within `stop_timeout_s`): the model is then left as it is, which decodes correctly (the
-        changes keep every output), and a later call, once that thread has ended, undoes them.
+        reach a safe point within `stop_timeout_s`): the model is then left as it is, which still computes the same model
+        (the same weights and attention, routed through other kernels), and a later call, once that thread has ended,
+        undoes them.
         """
         if self._restored:
             return True
         if self.compiling_now:
             log.warning(
                 "the decode compile thread is still compiling: the model keeps its decode changes (attention routes, "
-                "fused projections), which give the same outputs; the thread ends at its next safe point"
+                "fused projections: the same model through other kernels); the thread ends at its next safe point"
             )
             return False
         self._restored = True
