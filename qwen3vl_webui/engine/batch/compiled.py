@@ -125,11 +125,11 @@ def _install_thread_aware_session() -> None:
         return
 
     @contextlib.contextmanager
-    def session() -> Iterator[None]:
+    def session(*args: Any, **kwargs: Any) -> Iterator[None]:
         if getattr(_private_session, "on", False):
             yield
         else:
-            with original():
+            with original(*args, **kwargs):
                 yield
 
     session._qwen3vl_thread_aware = True  # type: ignore[attr-defined]
