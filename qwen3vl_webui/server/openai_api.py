@@ -321,7 +321,8 @@ class _Run:
                 put(self._queue.put_nowait, ("text", item))
             put(self._queue.put_nowait, ("end", None))
         except BaseException as exc:  # told to the client as an error
-            put(self._queue.put_nowait, ("error", exc))
+            if not self._loop.is_closed():  # else the server stopped under the stream (its closing ends the chat)
+                put(self._queue.put_nowait, ("error", exc))
         finally:
             self._stream.close()
 
