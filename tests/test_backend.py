@@ -130,7 +130,9 @@ def test_stop_ends_the_request_on_the_backend_and_frees_the_slots(pair) -> None:
 
     # /v1: the client closing its stream is the API's Stop.
     client = _openai(url)
-    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "go"}], stream=True, **LONG)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "go"}], stream=True, **LONG
+    )
     next(iter(stream))
     assert wait_for(lambda: backend.service.scheduler.state().running == 1, 30)
     stream.close()
@@ -166,6 +168,7 @@ def test_the_front_ends_queue_cap_and_the_panel_read_from_the_backends_metrics(p
 
     # The panel's serving figures are the backend's (its /metrics, read every second).
     backend_side = front.service.manager.backend
+
     def running() -> bool:
         load = backend_side.tracker.load()
         return load is not None and load.figures.running == 1 and load.figures.kv_usage is not None
