@@ -167,7 +167,7 @@ class BackendClient:
                     if data == "[DONE]":
                         break
                     event = json.loads(data)
-                    if "error" in event:  # an error after the answer began (vLLM and this app send one)
+                    if "error" in event or event.get("object") == "error":  # failed after the answer began
                         raise answered(self.shown, 500, _message(json.dumps(event)))
                     usage = event.get("usage") or usage
                     for choice in event.get("choices") or ():
