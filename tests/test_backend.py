@@ -374,3 +374,101 @@ def test_a_long_document_is_read_in_windows_through_the_backend(pair, tmp_path: 
     assert answer and not answer.startswith(ERROR_PREFIX), answer
     assert "Read notes.txt in" in answer  # several windows, each a chat through the backend, and a merge
     assert sum(backend.service.metrics.totals().success.values()) >= sum(before.values()) + 3
+
+
+class _FakeVllm:
+    """A loopback server that answers as vLLM does: its /v1/models, /metrics names, stream shapes and error bodies."""
+
+    def __init__(self) -> None:
+        import http.server
+        import json
+
+        fake = self
+        self.bodies: list[dict[str, Any]] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _send(self, status: int, body: bytes, kind: str = "application/json") -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                if self.path == "/v1/models":
+                    self._send(
+                        200, json.dumps({"object": "list", "data": [{"id": "Qwen/Qwen3-VL-4B-Instruct"}]}).encode()
+                    )
+                elif self.path == "/metrics":
+                    self._send(200, _vllm(1000, 4, 0.8).encode(), "text/plain; version=0.0.4")
+                else:
+                    self._send(404, b'{"detail": "Not Found"}')
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.bodies.append(body)
+                text = body["messages"][-1]["content"][-1]["text"]
+                if text == "too long":
+                    error = {"object": "error", "message": "This model's maximum context length is 4096 tokens.",
+                             "type": "BadRequestError", "param": None, "code": 400}  # fmt: skip
+                    self._send(400, json.dumps(error).encode())
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                head = {"id": "c", "object": "chat.completion.chunk", "model": body["model"]}
+                events = [{**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}]
+                events += [{**head, "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]}
+                           for w in ("Two ", "cats.")]  # fmt: skip
+                events.append({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+                if text == "fail":
+                    events = events[:2] + [{"object": "error", "message": "engine dead", "type": "InternalServerError"}]
+                events.append({**head, "choices": [], "usage": {"prompt_tokens": 1234, "completion_tokens": 2}})
+                for event in events:
+                    self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+                self.wfile.write(b"data: [DONE]\n\n")
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_vllms_shapes_models_stream_usage_metrics_and_errors_are_read() -> None:
+    from qwen3vl_webui.conversation import UserMessage
+    from qwen3vl_webui.engine.backend.client import BackendError, BackendRefused
+    from qwen3vl_webui.engine.backend.decoder import BackendDecoder
+    from qwen3vl_webui.engine.request import SamplingParams
+    from qwen3vl_webui.service.backend_prompt import build_messages
+    from qwen3vl_webui.service.prompt import ChatRequest
+
+    fake = _FakeVllm()
+    decoder = BackendDecoder(fake.url)
+    try:
+        decoder.probe()  # as attach does
+        status = decoder.status()
+        assert status.model == "Qwen/Qwen3-VL-4B-Instruct" and status.problem == "" and status.metrics is True
+        assert status.load.figures.running == 3 and status.load.figures.kv_usage == 0.25
+
+        def ask(text: str) -> list[Any]:
+            prompt = build_messages(ChatRequest(UserMessage(text, ()), sampling=SamplingParams(max_new_tokens=8)))
+            return list(decoder.stream(None, prompt, SamplingParams(max_new_tokens=8), threading.Event()))
+
+        events = ask("count the cats")
+        assert [text for text, _ in events] == ["Two ", "Two cats.", "Two cats."]
+        stats = events[-1][1]
+        assert stats.prompt_tokens == 1234 and stats.new_tokens == 2  # vLLM's usage, not our estimate
+        assert fake.bodies[-1]["model"] == "Qwen/Qwen3-VL-4B-Instruct" and fake.bodies[-1]["stream_options"]
+        with pytest.raises(BackendRefused, match="maximum context length is 4096"):
+            ask("too long")
+        with pytest.raises(BackendError, match="engine dead"):
+            ask("fail")
+    finally:
+        decoder.close()
+        fake.close()
