@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -385,6 +386,7 @@ class _FakeVllm:
 
         fake = self
         self.bodies: list[dict[str, Any]] = []
+        self.left = threading.Event()  # a queued request's client closed its connection
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *args: Any) -> None:
@@ -415,6 +417,11 @@ class _FakeVllm:
                     error = {"object": "error", "message": "This model's maximum context length is 4096 tokens.",
                              "type": "BadRequestError", "param": None, "code": 400}  # fmt: skip
                     self._send(400, json.dumps(error).encode())
+                    return
+                if text == "queued":  # waits in the backend's line: not a byte (not even headers) until the client goes
+                    self.connection.settimeout(15)
+                    if self.connection.recv(1) == b"":  # the client closed its end
+                        fake.left.set()
                     return
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
@@ -469,6 +476,15 @@ def test_vllms_shapes_models_stream_usage_metrics_and_errors_are_read() -> None:
             ask("too long")
         with pytest.raises(BackendError, match="engine dead"):
             ask("fail")
+        # Stop while the backend holds the request in its line: the connection closes, the backend sees it go.
+        cancel, stopped = threading.Event(), []
+        prompt = build_messages(ChatRequest(UserMessage("queued", ()), sampling=SamplingParams(max_new_tokens=8)))
+        stream = decoder.stream(None, prompt, SamplingParams(max_new_tokens=8), cancel, stopped.append)
+        threading.Timer(0.3, cancel.set).start()
+        began = time.monotonic()
+        assert list(stream) == [] and time.monotonic() - began < 2.0
+        assert len(stopped) == 1 and stopped[0].new_tokens == 0
+        assert fake.left.wait(5)
     finally:
         decoder.close()
         fake.close()

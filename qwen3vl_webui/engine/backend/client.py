@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import queue
+import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -77,9 +78,16 @@ class BackendClient:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         timeout = httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, follow_redirects=False)
+        # Chats get a connection each (never a pooled one): its socket is known from the connect on, so a Stop can
+        # shut it down even while the backend has sent nothing yet, not even headers (a request in its wait line).
+        self._chats = httpx.Client(
+            base_url=self.url, headers=headers, timeout=timeout, follow_redirects=False,
+            limits=httpx.Limits(max_keepalive_connections=0),
+        )  # fmt: skip
 
     def close(self) -> None:
         self._http.close()
+        self._chats.close()
 
     # -- probes ---------------------------------------------------------------------------------
     def models(self) -> list[str]:
@@ -149,7 +157,12 @@ class BackendClient:
 
     def _read(self, body: dict[str, Any], events: queue.Queue[tuple[str, Any]], state: dict[str, Any]) -> None:
         try:
-            with self._http.stream("POST", "v1/chat/completions", json=body) as response:
+
+            def trace(event: str, info: dict[str, Any]) -> None:
+                if event == "connection.connect_tcp.complete" and info.get("return_value") is not None:
+                    state["socket"] = info["return_value"].get_extra_info("socket")
+
+            with self._chats.stream("POST", "v1/chat/completions", json=body, extensions={"trace": trace}) as response:
                 state["response"] = response
                 if state.get("closed"):
                     return
@@ -190,7 +203,15 @@ class BackendClient:
 
 
 def _close(state: dict[str, Any]) -> None:
-    """Closes a streaming response under a reader blocked on it (from a thread of its own: it may wait on a lock)."""
+    """Closes a streaming response under a reader blocked on it (from a thread of its own: it may wait on a lock).
+
+    Shutting the socket down is what reaches the backend: closing the response alone waits for the blocked read."""
+    sock = state.get("socket")
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # closed already
+            pass
     response = state.get("response")
     if response is not None:
         try:
