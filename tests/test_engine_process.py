@@ -38,7 +38,7 @@ def _ui_chat_in_flight(ui: Client) -> Any:
     at an end-of-sequence token after a few words, so a chat that ended before the kill is replaced by another."""
     for _ in range(10):
         job = ui.submit({"text": "a long story please", "files": []}, max_new_tokens=1000, api_name="/chat")
-        assert wait_for(lambda: job.done() or len(job.outputs()) > 3, 60)
+        assert wait_for(lambda job=job: job.done() or len(job.outputs()) > 3, 60)
         if not job.done():
             return job
     raise AssertionError("ten /chat answers in a row ended after a few tokens")
