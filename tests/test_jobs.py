@@ -353,6 +353,59 @@ def test_the_batch_jobs_tab_runs_an_uploaded_zip_and_offers_the_results(tiny_che
         app.close()
 
 
+class _EchoService:
+    """A stand-in ChatService for the board's bookkeeping: each item's answer is its prompt, upper-cased."""
+
+    draining = False
+
+    def chat(self, request, cancel=None, **kw):  # type: ignore[no-untyped-def]
+        from qwen3vl_webui.service.chat import Finished
+        from qwen3vl_webui.telemetry import RequestStats
+
+        yield Finished(request.message.text.upper(), RequestStats(3, 0, 0, 2, 0.01, 0.01))
+
+
+def test_the_board_resumes_interrupted_jobs_oldest_first_but_not_stopped_finished_or_locked_ones(tmp_path: Path) -> None:
+    from qwen3vl_webui.service.jobs import JobBoard, JobDefaults
+
+    def job(name: str, ended: str | None = None, done: int = 0) -> Path:
+        folder = tmp_path / name
+        with JobStore(folder / "job.sqlite") as store:
+            store.add([JobItem(f"{name}-{n}", f"p{n}") for n in range(3)])
+            for _ in range(done):
+                claimed = store.claim("old-run")
+                store.finish(claimed.seq, "old-run", "kept", 1, 1)
+            store.claim("dead-run")  # an item the dead run was answering
+            if ended:
+                store.mark_ended(ended)
+        return folder
+
+    first, second = job("20260101-000000-aaaaaa", done=1), job("20260102-000000-bbbbbb")
+    job("20260103-000000-cccccc", ended="stopped")  # the operator's Stop: stays stopped
+    job("20260104-000000-dddddd", ended="finished")
+    locked = job("20260105-000000-eeeeee")
+    (tmp_path / "20260106-000000-ffffff").mkdir()  # a job whose upload never got as far as its database
+    held = RunLock(locked / "job.sqlite")
+    held.acquire()  # a command-line run is finishing it
+    board = JobBoard(_EchoService(), tmp_path, JobDefaults(), workers=2)  # type: ignore[arg-type]
+    try:
+        assert board.resume_interrupted() == [first.name, second.name, locked.name]
+        assert _until(lambda: (second / "results.jsonl").exists(), 10)  # one after the other, oldest first
+        assert _until(lambda: board.view().state == "finished", 10)
+        for folder in (first, second):
+            records = _lines(folder / "results.jsonl")
+            assert [r["id"] for r in records] == [f"{folder.name}-{n}" for n in range(3)]
+            assert all(r["status"] == "done" for r in records)
+        assert [r["answer"] for r in _lines(first / "results.jsonl")] == ["kept", "P1", "P2"]  # done ones kept
+        assert not (locked / "results.jsonl").exists()  # left to the run that holds it
+        view = board.view()
+        assert view.job == second.name and view.resumed and view.message == "resumed after a restart: 3 of 3 items left (1 redone)"
+        with JobStore(tmp_path / "20260103-000000-cccccc" / "job.sqlite") as stopped:
+            assert stopped.counts().pending == 2 and stopped.counts().running == 1  # untouched
+    finally:
+        held.release()
+
+
 def test_a_page_job_survives_a_sigkilled_app_and_resumes_when_it_starts_again(
     tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
