@@ -16,7 +16,7 @@ from qwen3vl_webui import planner
 from qwen3vl_webui.documents import is_document
 from qwen3vl_webui.engine.request import PreparedPrompt, RequestError
 from qwen3vl_webui.media import MediaBudget, MediaError, load_image, media_kind
-from qwen3vl_webui.service.prompt import CHARS_PER_TOKEN, ChatRequest, RequestTimedOut, as_plain_text
+from qwen3vl_webui.service.prompt import ChatRequest, RequestTimedOut, as_plain_text, check_message
 
 # Text is counted at 3 characters a token (real text averages about 4): an estimate that errs long, so that the
 # backend rarely refuses a prompt this side let through; the backend's usage gives the exact count afterwards.
@@ -97,23 +97,7 @@ def build_messages(
     if request.whole_video or request.media.segment is not None:
         raise RequestError(WHOLE_VIDEO_REFUSED)
     parts = parts or MediaParts()
-    budget = request.max_context - request.sampling.max_new_tokens
-    if budget <= 0:
-        raise RequestError(
-            f"max new tokens ({request.sampling.max_new_tokens}) must be below max context ({request.max_context})."
-        )
-    if request.message.is_empty:
-        raise RequestError("The message is empty: type a question or attach an image or video.")
-    if len(request.message.files) > request.max_files_per_turn:
-        raise RequestError(
-            f"{len(request.message.files)} files were attached; at most {request.max_files_per_turn} per message."
-        )
-    chars = len(request.message.text) + len(request.system_prompt)
-    if chars > request.max_context * CHARS_PER_TOKEN:
-        raise RequestError(
-            f"The message is {chars:,} characters long, but max context {request.max_context:,} tokens holds at most "
-            f"about {request.max_context * CHARS_PER_TOKEN:,} characters, so it was not sent. Shorten it."
-        )
+    budget = check_message(request)
     try:
         current, (text, image, video) = _user(request.message, request.media, parts, deadline)
     except MediaError as exc:

@@ -109,21 +109,9 @@ class TurnCounts:
         return count
 
 
-def build_prompt(
-    loaded: LoadedModel,
-    request: ChatRequest,
-    media_cache: MediaCache | None = None,
-    counts: TurnCounts | None = None,
-    deadline: float | None = None,
-) -> PreparedPrompt:
-    """Model inputs for the request, whole old turns dropped (oldest first) to fit the context cap.
-
-    One pass: the current message is encoded, then earlier turns are counted newest first (each turn's count
-    cached in `counts`) until the budget is spent, and the kept turns are encoded once. Files of turns that do
-    not fit are never decoded. `deadline` (time.monotonic) bounds the work: past it, RequestTimedOut.
-    """
-    cache = media_cache or MediaCache()
-    counts = counts or TurnCounts()
+def check_message(request: ChatRequest) -> int:
+    """What every prompt builder refuses before any work (this one and the remote backend's); the prompt-token budget:
+    max context minus max new tokens."""
     budget = request.max_context - request.sampling.max_new_tokens
     if budget <= 0:
         raise RequestError(
@@ -142,6 +130,27 @@ def build_prompt(
             f"The message is {chars:,} characters long, but max context {request.max_context:,} tokens holds "
             f"at most about {max_chars:,} characters, so it was not read. Shorten it or attach it in parts."
         )
+    return budget
+
+
+def build_prompt(
+    loaded: LoadedModel,
+    request: ChatRequest,
+    media_cache: MediaCache | None = None,
+    counts: TurnCounts | None = None,
+    deadline: float | None = None,
+) -> PreparedPrompt:
+    """Model inputs for the request, whole old turns dropped (oldest first) to fit the context cap.
+
+    One pass: the current message is encoded, then earlier turns are counted newest first (each turn's count
+    cached in `counts`) until the budget is spent, and the kept turns are encoded once. Files of turns that do
+    not fit are never decoded. `deadline` (time.monotonic) bounds the work: past it, RequestTimedOut.
+    """
+    cache = media_cache or MediaCache()
+    counts = counts or TurnCounts()
+    budget = check_message(request)
+    max_chars = request.max_context * CHARS_PER_TOKEN
+    chars = len(request.message.text) + len(request.system_prompt)
     processor = loaded.processor
     current = Turn(request.message, "")
     # The current message first: a bad file is reported before any earlier turn is looked at.
