@@ -141,7 +141,7 @@ class Settings:
     gpu_hourly_cost: float | None = None
     # A remote OpenAI-compatible server (vLLM, SGLang, another instance of this app) that runs the model: this app is
     # then its front end and loads nothing (engine/backend/). Its model: --backend-model, else its /v1/models' first.
-    backend_url: str | None = None
+    backend_url: str | None = field(default=None, repr=False)  # may hold user:password
     backend_model: str | None = None
     backend_api_key: str | None = field(default=None, repr=False)  # sent to the backend as a bearer key
 
@@ -236,6 +236,13 @@ def check(name: str, value: Any, rule: Any) -> None:
         raise SettingsError(f"{flag} must be one of {', '.join(rule)}; got {value!r}")
 
 
+def _without_login(url: str) -> str:
+    """`url` with any user:password@ cut out (an error message is printed and may be logged)."""
+    import re
+
+    return re.sub(r"^([^/]*//)?[^/@]*@", r"\1", url)
+
+
 def check_backend(settings: Settings) -> None:
     """--backend-url must be an http(s) URL with a host, and excludes the flags that load a model here."""
     if not settings.backend_url:
@@ -249,7 +256,8 @@ def check_backend(settings: Settings) -> None:
         parts = parts._replace(scheme="")
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise SettingsError(
-            f"--backend-url must be an http(s) URL such as http://host:8000/, got {settings.backend_url!r}"
+            "--backend-url must be an http(s) URL such as http://host:8000/, "
+            f"got {_without_login(settings.backend_url)!r}"
         )
     if settings.demo or settings.random_weights != "off":
         flag = "--demo" if settings.demo else "--random-weights"

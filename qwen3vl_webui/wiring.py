@@ -60,7 +60,7 @@ class App:
         from qwen3vl_webui.server.metrics import MetricsConfig, build_router
 
         s = self.settings
-        name = (s.served_model_name or s.backend_model or "backend") if s.backend_url else self._model_names()[0]
+        name: Any = self._backend_metrics_name if s.backend_url else self._model_names()[0]
         config = MetricsConfig(name, s.metrics_public, s.api_key, tuple(s.credentials()))
         return build_router(self.service, config, front=lambda: self.front)
 
@@ -89,6 +89,11 @@ class App:
             live_names=self._backend_names if s.backend_url else None,
         )
         return build_router(self.service, config, lambda: Path(gradio_compat.upload_folder()) / "openai")
+
+    def _backend_metrics_name(self) -> str:
+        """A front end's model_name label: --served-model-name, else the backend's model once known (read lazily)."""
+        backend = self.service.manager.backend
+        return self.settings.served_model_name or (backend.model if backend is not None else None) or "backend"
 
     def _backend_names(self) -> tuple[str, ...]:
         """A front end answers to --served-model-name and the backend's model (once known)."""

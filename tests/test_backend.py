@@ -105,6 +105,7 @@ def test_chat_and_v1_reach_the_backend_with_an_image_and_nothing_loads_here(pair
     # The front end's own /metrics counts its own requests (the dashboard and the HPA read each pod's).
     own = httpx.get(f"{url}metrics").text
     assert 'finished_reason="length"' in own and 'precision="backend"' in own and 'decoder="backend"' in own
+    assert f'model_name="{MODEL}"' in own  # the backend's model, learnt after start (no --backend-model)
 
 
 def test_a_base_url_ending_in_v1_names_the_same_backend() -> None:
@@ -235,17 +236,17 @@ def test_a_backend_gone_mid_answer_is_a_clear_message_and_not_ready_until_it_is_
         with pytest.raises(openai.APIError) as failed:
             for _ in chunks:
                 pass
-        assert "backend" in str(failed.value)
+        assert "model server" in str(failed.value) and backend_url not in str(failed.value)
         # The page's chat: one sentence, the server lives, the history stays for the next turn.
         down = ui.predict({"text": "and now?", "files": []}, max_new_tokens=8, api_name="/chat")
-        assert down.startswith(ERROR_PREFIX) and f"The backend at {backend_url}" in down, down
+        assert down.startswith(ERROR_PREFIX) and "The model server" in down and backend_url not in down, down
         assert "this chat is kept" in down
         assert wait_for(lambda: httpx.get(f"{url}ready").status_code == 503, 5)
         assert httpx.get(f"{url}ready").json()["state"] == "backend unreachable"
         assert "⚠️" in front.service.manager.status and httpx.get(f"{url}health").status_code == 200
         with pytest.raises(openai.APIStatusError) as refused:
             client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
-        assert refused.value.status_code == 503 and "backend" in str(refused.value)
+        assert refused.value.status_code == 503 and "model server" in str(refused.value)
 
         # The backend comes back on the same port: ready again once it has loaded, and the next chat works.
         restarted = _serve_at(tiny_checkpoint.parent, port)
@@ -265,7 +266,7 @@ def test_a_backend_with_an_api_key_needs_backend_api_key(tiny_checkpoint: Path, 
     try:
         without, url = start_front(tiny_checkpoint.parent, backend_url)
         answer = Client(url, verbose=False).predict({"text": "hi", "files": []}, max_new_tokens=4, api_name="/chat")
-        assert answer.startswith(ERROR_PREFIX) and "--backend-api-key" in answer, answer
+        assert answer.startswith(ERROR_PREFIX) and "credentials" in answer, answer  # the flag: the operator's log
         assert httpx.get(f"{url}ready").status_code == 503
         monkeypatch.setenv("QWEN3VL_BACKEND_API_KEY", "sesame")  # the env var, as every flag has one
         with_key, url = start_front(tiny_checkpoint.parent, backend_url)
@@ -378,15 +379,18 @@ def test_a_long_document_is_read_in_windows_through_the_backend(pair, tmp_path: 
 
 
 class _FakeVllm:
-    """A loopback server that answers as vLLM does: its /v1/models, /metrics names, stream shapes and error bodies."""
+    """A loopback server that answers as vLLM does: its /v1/models, /metrics names, stream shapes and error bodies;
+    and, for the caps and deadlines, as no server should (`metrics`: "slow" a byte a second, "huge" 5 MiB)."""
 
-    def __init__(self) -> None:
+    def __init__(self, key: str | None = None, model: str = "Qwen/Qwen3-VL-4B-Instruct") -> None:
         import http.server
         import json
 
         fake = self
         self.bodies: list[dict[str, Any]] = []
-        self.left = threading.Event()  # a queued request's client closed its connection
+        self.left = threading.Event()  # a request's client closed its connection (queued, or mid-stream)
+        self.streaming = threading.Event()  # a "stream" request has begun sending
+        self.metrics = "vllm"
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *args: Any) -> None:
@@ -399,11 +403,30 @@ class _FakeVllm:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _refused(self) -> bool:
+                if key is not None and self.headers.get("Authorization") != f"Bearer {key}":
+                    self._send(401, json.dumps({"error": {"message": "bad key", "code": 401}}).encode())
+                    return True
+                return False
+
             def do_GET(self) -> None:
+                if self._refused():
+                    return
                 if self.path == "/v1/models":
-                    self._send(
-                        200, json.dumps({"object": "list", "data": [{"id": "Qwen/Qwen3-VL-4B-Instruct"}]}).encode()
-                    )
+                    self._send(200, json.dumps({"object": "list", "data": [{"id": model}]}).encode())
+                elif self.path == "/metrics" and fake.metrics == "slow":  # a byte a second, for 25 s
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/plain")
+                    self.end_headers()
+                    try:
+                        for _ in range(25):
+                            self.wfile.write(b"#")
+                            self.wfile.flush()
+                            time.sleep(1)
+                    except OSError:
+                        pass
+                elif self.path == "/metrics" and fake.metrics == "huge":
+                    self._send(200, b"# padding\n" * (5 * 2**20 // 10) + _vllm(1, 1, 1).encode(), "text/plain")
                 elif self.path == "/metrics":
                     self._send(200, _vllm(1000, 4, 0.8).encode(), "text/plain; version=0.0.4")
                 else:
@@ -412,11 +435,16 @@ class _FakeVllm:
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.bodies.append(body)
+                if self._refused():
+                    return
                 text = body["messages"][-1]["content"][-1]["text"]
                 if text == "too long":
                     error = {"object": "error", "message": "This model's maximum context length is 4096 tokens.",
                              "type": "BadRequestError", "param": None, "code": 400}  # fmt: skip
                     self._send(400, json.dumps(error).encode())
+                    return
+                if text == "huge error":  # 8 MiB of error body
+                    self._send(500, b"x" * 8 * 2**20, "text/plain")
                     return
                 if text == "queued":  # waits in the backend's line: not a byte (not even headers) until the client goes
                     self.connection.settimeout(15)
@@ -427,6 +455,9 @@ class _FakeVllm:
                 self.send_header("Content-Type", "text/event-stream")
                 self.end_headers()
                 head = {"id": "c", "object": "chat.completion.chunk", "model": body["model"]}
+                if text in ("stream", "flood", "long line", "not json"):
+                    self._misbehave(text, head)
+                    return
                 events = [{**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}]
                 events += [{**head, "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]}
                            for w in ("Two ", "cats.")]  # fmt: skip
@@ -438,13 +469,47 @@ class _FakeVllm:
                     self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
                 self.wfile.write(b"data: [DONE]\n\n")
 
+            def _misbehave(self, text: str, head: dict[str, Any]) -> None:
+                try:
+                    if text == "long line":  # 2 MiB and no newline
+                        self.wfile.write(b"data: " + b"x" * 2 * 2**20)
+                    elif text == "not json":
+                        self.wfile.write(b"data: {\"choices\": [{\"delta\": \n\n")
+                    elif text == "flood":  # 4 MiB of one-character pieces, whatever max_tokens was
+                        event = {**head, "choices": [{"index": 0, "delta": {"content": "a"}}]}
+                        piece = f"data: {json.dumps(event)}\n\n".encode()
+                        self.wfile.write(piece * (4 * 2**20 // len(piece)))
+                    else:  # a piece every 5 ms for 20 s: only a closed connection ends it early
+                        for _ in range(4000):
+                            event = {**head, "choices": [{"index": 0, "delta": {"content": "w "}}]}
+                            self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+                            self.wfile.flush()
+                            fake.streaming.set()
+                            time.sleep(0.005)
+                    self.wfile.flush()
+                except OSError:  # the client closed its end
+                    fake.left.set()
+
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/v1"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def _ask(decoder: Any, text: str, cancel: threading.Event | None = None, max_new_tokens: int = 8) -> list[Any]:
+    from qwen3vl_webui.conversation import UserMessage
+    from qwen3vl_webui.engine.request import SamplingParams
+    from qwen3vl_webui.service.backend_prompt import build_messages
+    from qwen3vl_webui.service.prompt import ChatRequest
+
+    sampling = SamplingParams(max_new_tokens=max_new_tokens)
+    prompt = build_messages(ChatRequest(UserMessage(text, ()), sampling=sampling))
+    return list(decoder.stream(None, prompt, sampling, cancel or threading.Event()))
 
 
 def test_vllms_shapes_models_stream_usage_metrics_and_errors_are_read() -> None:
@@ -487,4 +552,208 @@ def test_vllms_shapes_models_stream_usage_metrics_and_errors_are_read() -> None:
         assert fake.left.wait(5)
     finally:
         decoder.close()
+        fake.close()
+
+
+# ------------------------------------------------------------------------------ cancel, deadlines, caps, secrets
+
+
+def test_stop_ends_a_backend_that_streams_fast_within_a_moment() -> None:
+    """A backend sending a piece every 5 ms never leaves the reader's queue empty: Stop must still end the request
+    and close the connection (the backend sees it go)."""
+    from qwen3vl_webui.engine.backend.decoder import BackendDecoder
+
+    fake = _FakeVllm()
+    decoder = BackendDecoder(fake.url, model="m")
+    try:
+        cancel = threading.Event()
+        threading.Timer(0.3, cancel.set).start()
+        began = time.monotonic()
+        events = _ask(decoder, "stream", cancel, max_new_tokens=4000)
+        assert time.monotonic() - began < 1.5 and 0 < len(events) < 1000
+        assert all(stats is None for _, stats in events)  # stopped: no final figures
+        assert fake.left.wait(3)
+    finally:
+        decoder.close()
+        fake.close()
+
+
+def test_stop_before_the_connection_exists_sends_nothing() -> None:
+    """Stop while the request is still being connected: the request is never sent (no answer then waited for)."""
+    import queue
+
+    from qwen3vl_webui.engine.backend.decoder import BackendDecoder
+
+    fake = _FakeVllm()
+    decoder = BackendDecoder(fake.url, model="m")
+    try:
+        for _ in range(5):
+            cancel = threading.Event()
+            cancel.set()
+            assert _ask(decoder, "queued", cancel) == []
+        # The reader itself, stopped before its connection completes: it connects but sends no request.
+        events: queue.Queue[Any] = queue.Queue()
+        decoder.client._read({"model": "m", "messages": []}, events, {"closed": True}, 2**20)
+        assert events.empty()
+        time.sleep(0.3)
+        assert fake.bodies == []
+    finally:
+        decoder.close()
+        fake.close()
+
+
+def test_stop_timeout_and_a_v1_client_leaving_end_the_backend_request_and_free_the_slot(tmp_path: Path) -> None:
+    fake = _FakeVllm()
+    front, url = start_front(tmp_path, fake.url, "--request-timeout", "2", "--max-concurrency", "1",
+                             "--backend-model", "m")  # fmt: skip
+    try:
+        scheduler = front.service.scheduler
+        # /v1: the client closes its stream.
+        client = _openai(url)
+        stream = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "stream"}],
+                                                stream=True, max_tokens=1000)  # fmt: skip
+        next(iter(stream))
+        assert fake.streaming.wait(5)
+        stream.close()
+        assert fake.left.wait(3) and wait_for(lambda: scheduler.state().running == 0, 3)
+
+        # The page's Stop.
+        fake.left.clear()
+        job = Client(url, verbose=False).submit({"text": "stream", "files": []}, max_new_tokens=1000,
+                                                api_name="/chat")  # fmt: skip
+        assert wait_for(lambda: scheduler.state().running == 1, 10)
+        time.sleep(0.3)
+        job.cancel()
+        assert fake.left.wait(3) and wait_for(lambda: scheduler.state().running == 0, 3)
+
+        # --request-timeout (2 s) while the backend streams on.
+        fake.left.clear()
+        began = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as timed_out:
+            client.chat.completions.create(model="m", messages=[{"role": "user", "content": "stream"}],
+                                           max_tokens=1000)  # fmt: skip
+        assert timed_out.value.status_code == 504 and time.monotonic() - began < 4.5
+        assert fake.left.wait(3) and wait_for(lambda: scheduler.state().running == 0, 3)
+
+        # The backend's model name is its own text: plain text in the panel (item: escape).
+        from qwen3vl_webui.ui.panels import format_panel
+
+        front.service.manager.backend.model = "[click](http://evil.example) <b>|x"
+        panel = format_panel(front.service.snapshot())
+        assert "[click](" not in panel and "<b>" not in panel and "\\[click\\]" in panel
+    finally:
+        front.close()
+        fake.close()
+    # Closing the app closes the backend's HTTP clients (their connections), not just its watcher.
+    decoder = front.service.manager.decoder
+    assert decoder.client._http.is_closed and decoder.client._chats.is_closed
+
+
+def test_a_slow_metrics_probe_ends_at_its_deadline_and_a_huge_one_is_skipped(monkeypatch, caplog) -> None:
+    from qwen3vl_webui.engine.backend import client as client_module
+    from qwen3vl_webui.engine.backend.decoder import BackendDecoder
+
+    monkeypatch.setattr(client_module, "PROBE_TIMEOUT_S", 1.0)
+    fake = _FakeVllm()
+    decoder = BackendDecoder(fake.url)
+    try:
+        fake.metrics = "slow"  # a byte a second: httpx's per-read timeout alone would wait 25 s
+        began = time.monotonic()
+        decoder.probe()
+        assert time.monotonic() - began < 3.5
+        assert decoder.status().reachable is False and "in time" in decoder.problem
+
+        fake.metrics = "huge"  # 5 MiB: that scrape is skipped (one log line), the backend still serves
+        with caplog.at_level("WARNING"):
+            decoder.probe()
+            decoder.probe()
+        assert decoder.problem == "" and decoder.model == "Qwen/Qwen3-VL-4B-Instruct"
+        assert sum("/metrics" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        decoder.close()
+        fake.close()
+
+
+def test_what_the_backend_sends_is_capped_and_a_bad_chunk_is_its_failure_not_unreachable() -> None:
+    from qwen3vl_webui.engine.backend.client import BackendError, BackendTooLarge, BackendUnavailable
+    from qwen3vl_webui.engine.backend.decoder import BackendDecoder
+
+    fake = _FakeVllm()
+    decoder = BackendDecoder(fake.url)
+    try:
+        decoder.probe()
+        assert decoder.status().reachable is True
+        with pytest.raises(BackendTooLarge, match="line over 1 MiB"):
+            _ask(decoder, "long line")
+        with pytest.raises(BackendTooLarge, match="max tokens"):  # 4 MiB for an answer of at most 8 tokens
+            _ask(decoder, "flood")
+        began = time.monotonic()
+        with pytest.raises(BackendError) as failed:  # 8 MiB of error body: 64 KiB read, 200 characters told
+            _ask(decoder, "huge error")
+        assert len(str(failed.value)) < 300 and time.monotonic() - began < 2
+        with pytest.raises(BackendError) as bad:
+            _ask(decoder, "not json")
+        assert not isinstance(bad.value, BackendUnavailable) and bad.value.status == 502
+        assert decoder.status().reachable is True and decoder.problem == ""
+    finally:
+        decoder.close()
+        fake.close()
+
+
+def test_no_probe_on_the_chat_path_and_a_fresh_exception_for_every_chat() -> None:
+    from qwen3vl_webui.engine.backend.client import BackendUnavailable
+    from qwen3vl_webui.engine.backend.decoder import BackendDecoder
+
+    decoder = BackendDecoder(f"http://127.0.0.1:{_free_port()}/")  # nothing listens there
+    try:
+        decoder.probe()
+        assert decoder.status().reachable is False and decoder.model is None
+        probes: list[str] = []
+        decoder.client.models = lambda: probes.append("models")  # type: ignore[method-assign]
+        decoder.client.metrics_text = lambda: probes.append("metrics")  # type: ignore[method-assign]
+        raised = []
+        for _ in range(3):
+            with pytest.raises(BackendUnavailable) as failed:
+                _ask(decoder, "hi")
+            raised.append(failed.value)
+        assert probes == []  # a chat holding a slot never waits on a probe
+        assert len({id(e) for e in raised}) == 3
+        depth = [len(__import__("traceback").extract_tb(e.__traceback__)) for e in raised]
+        assert depth[0] == depth[-1]  # the tracebacks do not grow from chat to chat
+    finally:
+        decoder.close()
+
+
+def test_the_backends_key_and_address_are_the_operators_alone(tmp_path: Path, capsys) -> None:
+    from qwen3vl_webui.cli import parse_settings
+    from qwen3vl_webui.ui.panels import format_panel, format_status
+
+    with pytest.raises(SystemExit):
+        parse_settings(["--backend-url", "ftp://admin:hunter2@gpu-box:8000/"])
+    assert "hunter2" not in capsys.readouterr().err
+
+    fake = _FakeVllm(key="right")
+    address = f"127.0.0.1:{fake.port}"
+    front, url = start_front(tmp_path, f"http://admin:hunter2@{address}/v1", "--backend-api-key", "sekrit-key",
+                             "--backend-model", "m")  # fmt: skip
+    try:
+        assert "hunter2" not in repr(front.settings) and "sekrit" not in repr(front.settings)
+        assert wait_for(lambda: httpx.get(f"{url}ready").status_code == 503, 5)
+        assert httpx.get(f"{url}ready").json()["state"] == "backend refused this app's key"  # not "unreachable"
+        chat = Client(url, verbose=False).predict({"text": "hi", "files": []}, max_new_tokens=4, api_name="/chat")
+        assert chat.startswith(ERROR_PREFIX) and "credentials" in chat, chat
+        with pytest.raises(openai.APIStatusError) as refused:
+            _openai(url).chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        snap = front.service.snapshot()
+        shown = {
+            "panel": format_panel(snap), "status": format_status(snap), "chat": chat,
+            "v1": refused.value.response.text, "metrics": httpx.get(f"{url}metrics").text,
+            "ready": httpx.get(f"{url}ready").text,
+        }  # fmt: skip
+        for where, text in shown.items():
+            for secret in ("hunter2", "admin:", "sekrit", address, "--backend-api-key"):
+                assert secret not in text, (where, secret, text)
+        assert "the model server" in shown["panel"]
+    finally:
+        front.close()
         fake.close()

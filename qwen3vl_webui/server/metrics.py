@@ -71,7 +71,7 @@ def exposed_names() -> set[str]:
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    model_name: str
+    model_name: str | Callable[[], str]  # a callable: read at each scrape (a front end learns its backend's model)
     public: bool  # --metrics-public: no key or login asked
     api_key: str | None
     credentials: tuple[tuple[str, str], ...]  # --auth / --auth-file / --admin-auth
@@ -80,7 +80,9 @@ class MetricsConfig:
 class ServingCollector:
     """Reads the service (and the front door's rate limiters) at each scrape; holds no counts of its own."""
 
-    def __init__(self, service: Any, model_name: str, front: Callable[[], Any] = lambda: None) -> None:
+    def __init__(
+        self, service: Any, model_name: str | Callable[[], str], front: Callable[[], Any] = lambda: None
+    ) -> None:
         self.service = service
         self.model_name = model_name
         self.front = front
@@ -92,7 +94,8 @@ class ServingCollector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         s = self.service
-        labels, values = ["model_name", "engine"], [self.model_name, ENGINE]
+        name = self.model_name() if callable(self.model_name) else self.model_name
+        labels, values = ["model_name", "engine"], [name, ENGINE]
 
         def family(name: str, labelnames: list[str] | None = None) -> Any:
             kind, text = FAMILIES[name]

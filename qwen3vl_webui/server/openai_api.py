@@ -123,7 +123,10 @@ def build_router(service: Any, config: ApiConfig, media_folder: Callable[[], Pat
             return refuse(exc)
         name, rid, created = (names or (str(model),))[0], f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not options["stream"]:
-            text, stats = await run.rest_joined(first)
+            try:
+                text, stats = await run.rest_joined(first)
+            except ApiError as exc:  # failed or timed out after the first piece: still an OpenAI-shaped error
+                return refuse(exc)
             return _completion(rid, created, name, text, stats, chat.sampling.max_new_tokens)
         chunks = _stream(run, first, rid, created, name, options["include_usage"], chat.sampling.max_new_tokens)
         return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -514,8 +514,8 @@ class ChatService:
         if loaded is None:
             return "The estimate appears once the model has loaded."
         if self.manager.backend is not None:
-            return (f"The model runs on the backend at {self.manager.backend.url}: its memory is planned there, and it "
-                    "counts each prompt's tokens itself.")  # fmt: skip
+            return ("The model runs on the model server (--backend-url): its memory is planned there, and it counts "
+                    "each prompt's tokens itself.")  # fmt: skip
         shape = self._shape(loaded)
         # A 16:9 source at the cap is the common worst case for a photo or a screen recording.
         width = int((image_pixels * 16 / 9) ** 0.5)

@@ -149,7 +149,8 @@ class ModelManager:
         """A front end: nothing loads here. The backend is probed once (unreachable is a state its watcher follows,
         which the status line and /ready show), and chats are admitted from now on."""
         backend = self.backend
-        self._progress(f"Connecting to the backend at {backend.url}…")
+        log.info("connecting to the backend at %s", backend.url)  # the address: the log's alone
+        self._progress("Connecting to the model server…")
         backend.attach(None)
         loaded = backend.loaded_view(None)
         self.timeline.mark(SERVING, detail="remote backend")
@@ -260,7 +261,9 @@ class ModelManager:
         """Stops what the decoder started (the engine process); the app is shutting down."""
         self._closing = True
         self.phase = "closing"
-        if self.decoder is not None:
+        if self.backend is not None:
+            self.backend.close()  # its watcher and both HTTP clients' connections
+        elif self.decoder is not None:
             self.decoder.detach()
 
     def release_memory(self) -> None:
@@ -319,8 +322,7 @@ class ModelManager:
     def switch(self, precision: str, timeout: float | None = 600.0) -> SwitchReport:
         """Waits for running generations, unloads, frees VRAM, reloads; refuses when it won't fit."""
         if self.backend is not None:
-            raise SwitchRefused(f"the model runs on the backend at {self.backend.url} (--backend-url); its precision is "
-                                "set there.")  # fmt: skip
+            raise SwitchRefused("the model runs on the backend (--backend-url); its precision is set there.")
         old = self.wait_ready(timeout)
         if precision == "auto":
             precision = self.resolve_precision(old.device)

@@ -60,7 +60,7 @@ def readiness(service: Any) -> Readiness:
     elif not service.warmed.is_set():
         state = "warming up"
     elif manager.backend is not None and manager.backend.problem:  # a front end whose backend cannot serve now
-        state = "backend unreachable"
+        state = manager.backend.ready_state  # unreachable, refused this app's key, not ready, failing
     elif getattr(service, "_fatal", None):  # the warm-up found that even the smallest context does not fit
         state = "refusing chats"
     else:

@@ -84,10 +84,12 @@ def _backend_rows(snap: PanelSnapshot) -> list[tuple[str, str]]:
     if b.reachable is None:
         state = "connecting…"
     elif b.problem:
-        state = f"⚠️ {b.problem}"
+        state = f"⚠️ {_escape(b.problem)}"
     else:
         state = "reachable"
-    rows = [("backend", f"{b.url} · {b.model or 'model not known yet'} · {state}"), ("local GPU", BACKEND_LINE)]
+    # Every visitor sees the panel: the backend's address stays in the log; its model name and words are its own text
+    model = _escape(b.model) if b.model else "model not known yet"
+    rows = [("backend", f"the model server · {model} · {state}"), ("local GPU", BACKEND_LINE)]
     load = b.load
     if b.metrics is False:
         rows.append(("backend figures", "it serves no Prometheus /metrics (vLLM does; SGLang with --enable-metrics)"))
@@ -102,8 +104,14 @@ def _backend_rows(snap: PanelSnapshot) -> list[tuple[str, str]]:
             used = f.gpu_memory_used or 0
             rows.append(("backend GPU memory", f"{format_bytes(used)} / {format_bytes(f.gpu_memory_total)}"))
         if f.precision:
-            rows.append(("backend precision", f.precision))
+            rows.append(("backend precision", _escape(f.precision[:80])))
     return rows
+
+
+def _escape(text: str) -> str:
+    """Text from the backend as plain text in a Markdown table cell (no links, images, HTML or new cells)."""
+    text = " ".join(text.split())
+    return "".join("\\" + c if c in "\\`*_{}[]()<>#+-.!|~&" else c for c in text)
 
 
 def _no_gpu(reason: str | None) -> str:

@@ -6,6 +6,7 @@ import json
 import queue
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,15 +20,33 @@ CONNECT_TIMEOUT_S = 5.0
 # Between two bytes of an answer. A busy backend (vLLM, or this app's wait line) sends nothing while the request
 # waits for a slot, so this is long; Stop, a closed tab and --request-timeout end a request sooner.
 READ_TIMEOUT_S = 300.0
-PROBE_TIMEOUT_S = 3.0  # /metrics and /v1/models: a backend that takes longer counts as unreachable
+PROBE_TIMEOUT_S = 3.0  # /metrics, /v1/models, /ready: in all, not between bytes; longer counts as unreachable
 CANCEL_POLL_S = 0.05  # how often a streaming request looks at its cancel event while no bytes arrive
+# Caps on what the backend may send, checked while reading (a wrong or hostile server must not fill this memory).
+MAX_METRICS_BYTES = 4 * 2**20  # /metrics: a larger one is skipped (one log line); vLLM's is some 100 KiB
+MAX_PROBE_BYTES = 2**20  # /v1/models and /ready
+MAX_ERROR_BYTES = 64 * 2**10  # an error's body
+MAX_LINE_BYTES = 2**20  # one server-sent event's line
+ANSWER_BYTES_BASE = 2**20  # a whole streamed answer: this + ANSWER_BYTES_PER_TOKEN x max_tokens
+ANSWER_BYTES_PER_TOKEN = 16 * 2**10  # vLLM's event for one token is ~300 bytes (more with logprobs)
+SERVER = "the model server"  # what visitors and /v1 clients are told; the URL is the operator's (the log)
 
 
 class BackendError(RuntimeError):
-    """The backend failed a request; str() is the sentence for the chat, `status` and `code` are for /v1."""
+    """The backend failed a request; str() is the sentence for the chat and /v1 (no address, no hint at flags),
+    `detail` the operator's (the log: the address and what to set), `status` and `code` are for /v1."""
 
     status = 502
     code = "backend_error"
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail or message
+
+    def fresh(self) -> BackendError:
+        """A new exception saying the same: one instance raised in many threads would gather their tracebacks (and
+        the prompts in their frames)."""
+        return type(self)(str(self), self.detail)
 
 
 class BackendUnavailable(BackendError):
@@ -42,6 +61,16 @@ class BackendBusy(BackendError):
 
     status = 429
     code = "backend_busy"
+
+
+class BackendKeyRefused(BackendError):
+    """The backend refused this app's key (401/403): a setup problem, not the visitor's."""
+
+    code = "backend_auth"
+
+
+class BackendTooLarge(BackendError):
+    """The backend sent more than this app reads (one line, an answer, an error body)."""
 
 
 class BackendRefused(RequestError):
@@ -92,56 +121,80 @@ class BackendClient:
     # -- probes ---------------------------------------------------------------------------------
     def models(self) -> list[str]:
         """The ids the backend serves (GET /v1/models), first as it lists them."""
-        reply = self._get("v1/models")
+        _, body = self._get("v1/models", MAX_PROBE_BYTES)
         try:
-            return [str(item["id"]) for item in reply.json()["data"]]
+            return [str(item["id"]) for item in json.loads(body)["data"]]
         except (ValueError, KeyError, TypeError):
-            raise BackendError(f"The backend at {self.shown} answered /v1/models with no model list.") from None
+            raise BackendError(
+                f"{_cap(SERVER)} answered its model list with none.",
+                f"the backend at {self.shown} answered /v1/models with no model list",
+            ) from None
 
     def metrics_text(self) -> str | None:
-        """The backend's Prometheus text (GET /metrics), or None when it serves none (404, or not Prometheus)."""
-        reply = self._get("metrics", ok=(200, 404))
+        """The backend's Prometheus text (GET /metrics), or None when it serves none (404, or not Prometheus).
+        Raises BackendTooLarge for a text over MAX_METRICS_BYTES (the caller skips that scrape)."""
+        reply, body = self._get("metrics", MAX_METRICS_BYTES, ok=(200, 404))
         if reply.status_code == 404 or "text/html" in reply.headers.get("content-type", ""):
             return None
-        return reply.text
+        return body.decode("utf-8", "replace")
 
     def not_ready(self) -> str:
         """Why the backend says it cannot serve yet ("" when it can, or has no such probe): GET /ready, which this app
         answers 503 while its model loads (vLLM and SGLang listen only once loaded, and answer 404 here)."""
-        reply = self._get("ready", ok=(200, 404, 503))
+        reply, body = self._get("ready", MAX_PROBE_BYTES, ok=(200, 404, 503))
         if reply.status_code != 503:
             return ""
         try:
-            state = str(reply.json().get("state") or "not ready")
+            state = str(json.loads(body).get("state") or "not ready")[:80]
         except (ValueError, AttributeError):
             state = "not ready"
         return f"not ready yet ({state})"
 
-    def _get(self, path: str, ok: tuple[int, ...] = (200,)) -> httpx.Response:
+    def _get(self, path: str, limit: int, ok: tuple[int, ...] = (200,)) -> tuple[httpx.Response, bytes]:
+        """GET `path` within PROBE_TIMEOUT_S in all (httpx's timeout is per read: a byte a second would never end
+        it) and at most `limit` bytes of body."""
+        deadline = time.monotonic() + PROBE_TIMEOUT_S
+        body = bytearray()
         try:
-            reply = self._http.get(path, timeout=PROBE_TIMEOUT_S)
+            with self._http.stream("GET", path, timeout=PROBE_TIMEOUT_S) as reply:
+                limit = limit if reply.status_code in ok else MAX_ERROR_BYTES
+                for piece in reply.iter_bytes():
+                    body += piece
+                    if time.monotonic() > deadline:
+                        raise httpx.ReadTimeout("the probe's deadline passed")
+                    if len(body) > limit:
+                        break
         except httpx.HTTPError as exc:
             raise unreachable(self.shown, exc) from None
         if reply.status_code not in ok:
-            raise answered(self.shown, reply.status_code, _message(reply.text))
-        return reply
+            raise answered(self.shown, reply.status_code, _message(bytes(body[:MAX_ERROR_BYTES])))
+        if len(body) > limit:
+            raise BackendTooLarge(
+                f"{_cap(SERVER)} sent an over-long answer.",
+                f"the backend at {self.shown} sent more than {limit // 2**10:,} KiB at /{path}; skipped",
+            )
+        return reply, bytes(body)
 
     # -- a chat ---------------------------------------------------------------------------------
     def stream_chat(self, body: dict[str, Any], cancel: threading.Event) -> Iterator[Chunk]:
         """POST /v1/chat/completions with `stream: true`: the text pieces as they come, then one Chunk with the
         finish reason and usage. Setting `cancel` (or closing the iterator) closes the connection within
-        CANCEL_POLL_S: the backend sees the client go and stops the request."""
+        CANCEL_POLL_S, whether the backend is streaming, silent or still being connected to: the backend sees the
+        client go and stops the request."""
+        if cancel.is_set():  # stopped before it began (the deadline passed while it waited for a slot)
+            return
         events: queue.Queue[tuple[str, Any]] = queue.Queue()
-        state: dict[str, Any] = {}
-        reader = threading.Thread(target=self._read, args=(body, events, state), name="backend-read", daemon=True)
+        state: dict[str, Any] = {"cancel": cancel}
+        budget = ANSWER_BYTES_BASE + ANSWER_BYTES_PER_TOKEN * int(body.get("max_tokens") or 1)
+        reader = threading.Thread(
+            target=self._read, args=(body, events, state, budget), name="backend-read", daemon=True
+        )
         reader.start()
         try:
-            while True:
+            while not cancel.is_set():  # after every event too: a backend streaming fast never leaves the queue empty
                 try:
                     kind, value = events.get(timeout=CANCEL_POLL_S)
                 except queue.Empty:
-                    if cancel.is_set():
-                        return
                     continue
                 if kind == "chunk":
                     yield value
@@ -152,26 +205,33 @@ class BackendClient:
         finally:
             state["closed"] = True  # the reader stops at its next line and closes the connection itself
             reader.join(timeout=CANCEL_POLL_S)
-            if reader.is_alive():  # blocked on a backend that sends nothing (a request waiting in its queue)
-                threading.Thread(target=_close, args=(state,), name="backend-close", daemon=True).start()
+            if reader.is_alive():  # blocked on a backend that sends nothing, or still connecting
+                threading.Thread(target=_close_until_gone, args=(state, reader), name="backend-close",
+                                 daemon=True).start()  # fmt: skip
 
-    def _read(self, body: dict[str, Any], events: queue.Queue[tuple[str, Any]], state: dict[str, Any]) -> None:
+    def _read(
+        self, body: dict[str, Any], events: queue.Queue[tuple[str, Any]], state: dict[str, Any], budget: int
+    ) -> None:
         try:
 
             def trace(event: str, info: dict[str, Any]) -> None:
                 if event == "connection.connect_tcp.complete" and info.get("return_value") is not None:
                     state["socket"] = info["return_value"].get_extra_info("socket")
+                    if _stopped(state):  # stopped while connecting: send nothing
+                        _close(state)
+                        raise _Stopped
+                elif event.startswith("http11.send_request_headers") and _stopped(state):
+                    raise _Stopped
 
             with self._chats.stream("POST", "v1/chat/completions", json=body, extensions={"trace": trace}) as response:
                 state["response"] = response
                 if state.get("closed"):
                     return
                 if response.status_code != 200:
-                    response.read()
-                    raise answered(self.shown, response.status_code, _message(response.text))
+                    raise answered(self.shown, response.status_code, _message(_read_capped(response, MAX_ERROR_BYTES)))
                 usage: dict[str, int] | None = None
                 finish: str | None = None
-                for line in response.iter_lines():
+                for line in _lines(response, budget, self.shown):
                     if state.get("closed"):
                         return  # Stop: leaving the `with` closes the connection, and the backend ends the request
                     if not line.startswith("data:"):
@@ -179,9 +239,17 @@ class BackendClient:
                     data = line[5:].strip()
                     if data == "[DONE]":
                         break
-                    event = json.loads(data)
+                    try:
+                        event = json.loads(data)
+                        if not isinstance(event, dict):
+                            raise ValueError("not an object")
+                    except ValueError:  # it answers, but not as an OpenAI server: its failure, not a lost connection
+                        raise BackendError(
+                            f"{_cap(SERVER)} sent an answer this app cannot read.",
+                            f"the backend at {self.shown} sent an event that is not JSON: {data[:200]!r}",
+                        ) from None
                     if "error" in event or event.get("object") == "error":  # failed after the answer began
-                        raise answered(self.shown, 500, _message(json.dumps(event)))
+                        raise answered(self.shown, 500, _message(json.dumps(event).encode()))
                     usage = event.get("usage") or usage
                     for choice in event.get("choices") or ():
                         text = (choice.get("delta") or {}).get("content") or ""
@@ -190,16 +258,61 @@ class BackendClient:
                             events.put(("chunk", Chunk(text)))
                 events.put(("chunk", Chunk("", finish or "stop", usage)))
                 events.put(("end", None))
+        except _Stopped:
+            pass
         except BackendError as exc:
             events.put(("error", exc))
         except RequestError as exc:
             events.put(("error", exc))
-        except (httpx.HTTPError, ValueError) as exc:
+        except httpx.HTTPError as exc:
             if not state.get("closed"):
                 events.put(("error", unreachable(self.shown, exc)))
         except Exception as exc:  # noqa: BLE001 - told to the chat; a closed response may raise anything
             if not state.get("closed"):
-                events.put(("error", BackendError(f"The backend at {self.shown} failed: {exc}")))
+                events.put(("error", BackendError(f"{_cap(SERVER)} failed.", f"the backend at {self.shown} failed: "
+                                                  f"{type(exc).__name__}: {exc}")))  # fmt: skip
+
+
+def _stopped(state: dict[str, Any]) -> bool:
+    cancel = state.get("cancel")
+    return bool(state.get("closed")) or (cancel is not None and cancel.is_set())
+
+
+class _Stopped(Exception):
+    """Raised from httpcore's trace hook: Stop came while the request was being connected."""
+
+
+def _read_capped(response: httpx.Response, limit: int) -> bytes:
+    body = bytearray()
+    for piece in response.iter_bytes():
+        body += piece
+        if len(body) >= limit:
+            break
+    return bytes(body[:limit])
+
+
+def _lines(response: httpx.Response, budget: int, shown: str) -> Iterator[str]:
+    """The lines of a server-sent event stream, each at most MAX_LINE_BYTES, all of them at most `budget` bytes."""
+    pending = b""
+    total = 0
+    for piece in response.iter_bytes():
+        total += len(piece)
+        if total > budget:
+            raise BackendTooLarge(
+                f"{_cap(SERVER)} sent far more than the answer's max tokens allow; it was stopped.",
+                f"the backend at {shown} sent over {budget // 2**20:,} MiB for one answer",
+            )
+        pending += piece
+        *whole, pending = pending.replace(b"\r\n", b"\n").split(b"\n")
+        for line in whole:
+            yield line.decode("utf-8", "replace")
+        if len(pending) > MAX_LINE_BYTES:
+            raise BackendTooLarge(
+                f"{_cap(SERVER)} sent an event line over {MAX_LINE_BYTES // 2**20} MiB; the answer was stopped.",
+                f"the backend at {shown} sent an event line over {MAX_LINE_BYTES // 2**20} MiB",
+            )
+    if pending:
+        yield pending.decode("utf-8", "replace")
 
 
 def _close(state: dict[str, Any]) -> None:
@@ -220,6 +333,14 @@ def _close(state: dict[str, Any]) -> None:
             pass
 
 
+def _close_until_gone(state: dict[str, Any], reader: threading.Thread) -> None:
+    """Closes the connection under a reader that is blocked (connecting, or waiting for a byte), again every
+    CANCEL_POLL_S until it has left: its socket may not exist yet at the first try."""
+    while reader.is_alive():
+        _close(state)
+        reader.join(CANCEL_POLL_S)
+
+
 def unreachable(shown: str, exc: BaseException) -> BackendUnavailable:
     if isinstance(exc, httpx.TimeoutException):
         why = "did not answer in time"
@@ -229,28 +350,40 @@ def unreachable(shown: str, exc: BaseException) -> BackendUnavailable:
         why = "closed the connection mid-answer"
     else:
         why = f"failed ({type(exc).__name__})"
-    return BackendUnavailable(f"The backend at {shown} {why}. Try again once it is back; this chat is kept.")
+    return BackendUnavailable(
+        f"{_cap(SERVER)} {why}. Try again once it is back; this chat is kept.", f"the backend at {shown} {why}"
+    )
 
 
 def answered(shown: str, status: int, message: str) -> Exception:
-    """The exception for an HTTP error status from the backend."""
+    """The exception for an HTTP error status from the backend. The backend's own message is passed on only where
+    it is about the request (400s); other statuses' bodies go to the log."""
     said = f": {message}" if message else ""
+    where = f"the backend at {shown}"
     if status == 401 or status == 403:
-        return BackendError(
-            f"The backend at {shown} refused this app's key (HTTP {status}); set --backend-api-key "
-            "(QWEN3VL_BACKEND_API_KEY) to the key it expects."
+        return BackendKeyRefused(
+            f"{_cap(SERVER)} refused this app's credentials; the server is misconfigured. Try again later.",
+            f"{where} refused this app's key (HTTP {status}); set --backend-api-key (QWEN3VL_BACKEND_API_KEY) to the "
+            "key it expects",
         )
     if status == 429:
-        return BackendBusy(f"The backend at {shown} is busy (its wait line is full); try again shortly{said}")
+        return BackendBusy(f"{_cap(SERVER)} is busy (its wait line is full); try again shortly.",
+                           f"{where} is busy (HTTP 429){said}")  # fmt: skip
     if status in (400, 413, 422):
-        return BackendRefused(f"The backend refused this request{said}")
+        return BackendRefused(f"The model server refused this request{said}")
     if status in (502, 503, 504):
-        return BackendUnavailable(f"The backend at {shown} is not serving now (HTTP {status}){said}")
-    return BackendError(f"The backend at {shown} answered HTTP {status}{said}")
+        return BackendUnavailable(f"{_cap(SERVER)} is not serving now (HTTP {status}); try again shortly.",
+                                  f"{where} is not serving now (HTTP {status}){said}")  # fmt: skip
+    return BackendError(f"{_cap(SERVER)} failed (HTTP {status}){said}", f"{where} answered HTTP {status}{said}")
 
 
-def _message(text: str) -> str:
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _message(raw: bytes) -> str:
     """The message of an OpenAI-shaped error body (vLLM's, SGLang's, this app's), else its first 200 characters."""
+    text = raw.decode("utf-8", "replace")
     try:
         body = json.loads(text)
     except ValueError:

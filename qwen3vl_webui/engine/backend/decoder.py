@@ -9,7 +9,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from qwen3vl_webui.engine.backend.client import BackendClient, BackendError, BackendUnavailable, Chunk
+from qwen3vl_webui.engine.backend.client import (
+    SERVER,
+    BackendClient,
+    BackendError,
+    BackendKeyRefused,
+    BackendTooLarge,
+    BackendUnavailable,
+    Chunk,
+)
 from qwen3vl_webui.engine.backend.metrics import BackendLoad, LoadTracker, parse_metrics
 from qwen3vl_webui.engine.faults import FaultInjector
 from qwen3vl_webui.engine.request import PreparedPrompt, SamplingParams
@@ -26,10 +34,10 @@ CHARS_PER_TOKEN = 3  # the backend's tokenizer is not here: documents are measur
 class BackendStatus:
     """What the panel and /ready show of the backend (plain data)."""
 
-    url: str
+    url: str  # the operator's (the log); the panel and the status line say SERVER
     model: str | None
     reachable: bool | None  # None: not probed yet
-    problem: str  # "" while it serves; else why chats cannot reach it now
+    problem: str  # "" while it serves; else why chats cannot reach it now (no address: every visitor sees it)
     metrics: bool | None  # it serves /metrics (None: not known yet)
     load: BackendLoad | None
 
@@ -76,6 +84,7 @@ class BackendDecoder:
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._logged: dict[str, str] = {}
 
     # -- the Decoder protocol -----------------------------------------------------------------------
     def attach(self, loaded: Any) -> None:
@@ -102,8 +111,8 @@ class BackendDecoder:
         """What the service holds as "the loaded model": no weights, no processor but a measuring tokenizer."""
         del loaded
         return LoadedModel(
-            model=None, processor=BackendProcessor(ApproximateTokenizer()), precision="backend", device=self.url,
-            source=self.url, load_seconds=0.0, weights_bytes=0, is_demo=False,
+            model=None, processor=BackendProcessor(ApproximateTokenizer()), precision="backend", device="backend",
+            source="backend", load_seconds=0.0, weights_bytes=0, is_demo=False,
         )  # fmt: skip
 
     def stream(
@@ -120,7 +129,7 @@ class BackendDecoder:
 
     def describe(self) -> str:
         model = self.model or "model not known yet"
-        return f"remote backend {self.url} ({model})"
+        return f"remote backend ({model})"
 
     def snapshot(self) -> Any:
         return None
@@ -139,27 +148,44 @@ class BackendDecoder:
     def problem(self) -> str:
         """Why chats cannot reach the backend now ("" while they can)."""
         if self._reachable is None:
-            return f"not reached yet: checking {self.url}"
+            return "not reached yet: connecting"
         return self._problem
+
+    @property
+    def ready_state(self) -> str:
+        """/ready's state while the backend cannot serve: what is wrong, in a few words."""
+        if self._reachable is False or self._reachable is None:
+            return "backend unreachable"
+        if isinstance(self._error, BackendKeyRefused):
+            return "backend refused this app's key"
+        if self._problem.startswith("not ready"):
+            return "backend not ready"
+        return "backend failing"
 
     def status(self) -> BackendStatus:
         return BackendStatus(self.url, self.model, self._reachable, self.problem, self._metrics, self.tracker.load())
 
     def status_line(self) -> str:
+        """Every visitor's: the model server, never its address."""
         model = f" · model {self.model}" if self.model else ""
         if self._reachable is None:
-            return f"Front end for the backend at {self.url}: connecting…"
+            return f"Front end for {SERVER}: connecting…"
         if self._problem:
-            return f"⚠️ Front end for the backend at {self.url}{model}: {self._problem}"
-        return f"Ready: front end for the backend at {self.url}{model}"
+            return f"⚠️ Front end for {SERVER}{model}: {self._problem}"
+        return f"Ready: front end for {SERVER}{model}"
 
     def probe(self) -> None:
         """Reads /metrics (the panel's figures), and /v1/models where it serves no metrics or the model is not known."""
         try:
-            text = self.client.metrics_text()
-            with self._lock:
-                self._metrics = text is not None
-            if text is not None:
+            try:
+                text = self.client.metrics_text()
+            except BackendTooLarge as exc:  # this scrape is skipped; the chat path does not depend on it
+                self._log_once("metrics", exc.detail)
+                text = ""
+            else:
+                with self._lock:
+                    self._metrics = text is not None
+            if text:
                 try:
                     self.tracker.add(parse_metrics(text))
                 except ValueError as exc:  # not Prometheus text: the figures stay blank, the chat works
@@ -168,19 +194,25 @@ class BackendDecoder:
             if text is None or self.model is None:
                 names = self.client.models()
                 if self.model is None and names:
-                    self.model = names[0]
+                    self.model = names[0][:200]
                     log.info("backend %s serves %s", self.url, self.model)
             waiting = self.client.not_ready()
-            self._mark(True, waiting)
             self._error = (
-                BackendUnavailable(f"The backend at {self.url} is {waiting}; try again shortly.") if waiting else None
-            )
+                BackendUnavailable(f"{SERVER[:1].upper()}{SERVER[1:]} is {waiting}; try again shortly.",
+                                   f"the backend at {self.url} is {waiting}") if waiting else None
+            )  # fmt: skip
+            self._mark(True, waiting)
         except BackendUnavailable as exc:
             self._error = exc
-            self._mark(False, _short(exc, self.url))
+            self._mark(False, _short(exc))
         except BackendError as exc:  # it answered, but not as a server we can use (a wrong key, a 500)
             self._error = exc
-            self._mark(True, _short(exc, self.url))
+            self._mark(True, _short(exc))
+
+    def _log_once(self, what: str, detail: str) -> None:
+        if self._logged.get(what) != detail:
+            self._logged[what] = detail
+            log.warning("%s", detail)
 
     def _mark(self, reachable: bool, problem: str) -> None:
         with self._lock:
@@ -188,7 +220,8 @@ class BackendDecoder:
             self._reachable, self._problem = reachable, problem
         if changed:
             if problem:
-                log.warning("backend %s: %s", self.url, problem)
+                error = self._error
+                log.warning("%s", error.detail if error is not None else f"the backend at {self.url}: {problem}")
             elif reachable:
                 log.info("backend %s reachable", self.url)
         if not reachable:
@@ -213,13 +246,14 @@ class BackendDecoder:
         pieces = 0
         end: Chunk | None = None
         try:
-            if self.model is None:
-                self.probe()  # the backend may be back since the watcher's last look
-                if self.model is None:
-                    raise self._error or BackendUnavailable(
-                        f"The backend at {self.url} lists no model at /v1/models; set --backend-model."
-                    )
-            body = request_body(self.model, prompt, sampling)
+            model = self.model
+            if model is None:  # no probe here: this thread holds a slot; the watcher fills it in when it can
+                error = self._error
+                raise error.fresh() if error is not None else BackendUnavailable(
+                    f"{SERVER[:1].upper()}{SERVER[1:]} names no model yet; try again shortly.",
+                    f"the backend at {self.url} lists no model at /v1/models; set --backend-model",
+                )
+            body = request_body(model, prompt, sampling)
             for chunk in self.client.stream_chat(body, cancel):
                 if chunk.usage is not None or chunk.finish_reason is not None:
                     end = chunk
@@ -228,20 +262,27 @@ class BackendDecoder:
                 first = first or now
                 last, pieces, text = now, pieces + 1, text + chunk.text
                 yield text, None
-            if end is not None:
+                if cancel.is_set():  # Stop, the deadline, a preemption: closing the stream closes the connection
+                    break
+            if end is not None and not cancel.is_set():
                 self._mark(True, "")
                 yield text, _stats(prompt, end.usage, pieces, started, first, last)
-        except BackendUnavailable as exc:
-            self._mark(False, _short(exc, self.url))
+            else:
+                end = None
+        except BackendUnavailable as exc:  # not kept: its traceback holds this prompt's frames
+            self._mark(False, _short(exc))
+            raise
+        except BackendError as exc:  # the visitor's sentence says "the model server"; the operator's names it
+            log.warning("a chat failed: %s", exc.detail)
             raise
         finally:
             if end is None and on_cancel is not None:  # stopped (or failed) before the end: what it did so far
                 on_cancel(_stats(prompt, None, pieces, started, first, last))
 
 
-def _short(exc: BaseException, url: str) -> str:
-    """The first clause of a backend error, for the status line and /ready's reason ("refused the connection…")."""
-    return str(exc).split(". ")[0].split("; set")[0].removeprefix(f"The backend at {url} ")
+def _short(exc: BaseException) -> str:
+    """The first clause of a backend error, for the status line and the panel ("refused the connection…")."""
+    return str(exc).split(". ")[0].split("; ")[0].removeprefix(f"{SERVER[:1].upper()}{SERVER[1:]} ")
 
 
 def request_body(model: str, prompt: PreparedPrompt, sampling: SamplingParams) -> dict[str, Any]:
