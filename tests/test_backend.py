@@ -425,6 +425,15 @@ class _FakeVllm:
                             time.sleep(1)
                     except OSError:
                         pass
+                elif self.path == "/metrics" and fake.metrics == "slow headers":  # the headers a byte a second
+                    try:
+                        self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                        for _ in range(25):
+                            self.wfile.write(b"a")
+                            self.wfile.flush()
+                            time.sleep(1)
+                    except OSError:
+                        pass
                 elif self.path == "/metrics" and fake.metrics == "huge":
                     self._send(200, b"# padding\n" * (5 * 2**20 // 10) + _vllm(1, 1, 1).encode(), "text/plain")
                 elif self.path == "/metrics":
@@ -593,7 +602,7 @@ def test_stop_before_the_connection_exists_sends_nothing() -> None:
             assert _ask(decoder, "queued", cancel) == []
         # The reader itself, stopped before its connection completes: it connects but sends no request.
         events: queue.Queue[Any] = queue.Queue()
-        decoder.client._read({"model": "m", "messages": []}, events, {"closed": True}, 2**20)
+        decoder.client._read({"model": "m", "messages": []}, events, {"closed": True}, (2**20, 2**20))
         assert events.empty()
         time.sleep(0.3)
         assert fake.bodies == []
@@ -662,6 +671,10 @@ def test_a_slow_metrics_probe_ends_at_its_deadline_and_a_huge_one_is_skipped(mon
         decoder.probe()
         assert time.monotonic() - began < 3.5
         assert decoder.status().reachable is False and "in time" in decoder.problem
+        fake.metrics = "slow headers"
+        began = time.monotonic()
+        decoder.probe()
+        assert time.monotonic() - began < 2.5 and "in time" in decoder.problem
 
         fake.metrics = "huge"  # 5 MiB: that scrape is skipped (one log line), the backend still serves
         with caplog.at_level("WARNING"):
@@ -684,7 +697,7 @@ def test_what_the_backend_sends_is_capped_and_a_bad_chunk_is_its_failure_not_unr
         decoder.probe()
         assert decoder.status().reachable is True
         with pytest.raises(BackendTooLarge, match="line over 1 MiB"):
-            _ask(decoder, "long line")
+            _ask(decoder, "long line", max_new_tokens=1000)
         with pytest.raises(BackendTooLarge, match="max tokens"):  # 4 MiB for an answer of at most 8 tokens
             _ask(decoder, "flood")
         began = time.monotonic()

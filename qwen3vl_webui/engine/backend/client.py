@@ -28,7 +28,9 @@ MAX_PROBE_BYTES = 2**20  # /v1/models and /ready
 MAX_ERROR_BYTES = 64 * 2**10  # an error's body
 MAX_LINE_BYTES = 2**20  # one server-sent event's line
 ANSWER_BYTES_BASE = 2**20  # a whole streamed answer: this + ANSWER_BYTES_PER_TOKEN x max_tokens
-ANSWER_BYTES_PER_TOKEN = 16 * 2**10  # vLLM's event for one token is ~300 bytes (more with logprobs)
+ANSWER_BYTES_PER_TOKEN = 4 * 2**10  # vLLM's event for one token is ~300 bytes
+ANSWER_CHARS_BASE = 4096  # its text: this + ANSWER_CHARS_PER_TOKEN x max_tokens (Qwen's longest tokens are ~60)
+ANSWER_CHARS_PER_TOKEN = 64
 SERVER = "the model server"  # what visitors and /v1 clients are told; the URL is the operator's (the log)
 
 
@@ -106,9 +108,13 @@ class BackendClient:
         self.shown = display_url(self.url)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         timeout = httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, follow_redirects=False)
-        # Chats get a connection each (never a pooled one): its socket is known from the connect on, so a Stop can
-        # shut it down even while the backend has sent nothing yet, not even headers (a request in its wait line).
+        # Probes and chats get a connection each (never a pooled one): its socket is known from the connect on, so a
+        # probe's deadline and a chat's Stop can shut it down in any phase, even before the backend sent headers (a
+        # request in its wait line, or a server that trickles them a byte at a time).
+        self._http = httpx.Client(
+            base_url=self.url, headers=headers, timeout=timeout, follow_redirects=False,
+            limits=httpx.Limits(max_keepalive_connections=0),
+        )  # fmt: skip
         self._chats = httpx.Client(
             base_url=self.url, headers=headers, timeout=timeout, follow_redirects=False,
             limits=httpx.Limits(max_keepalive_connections=0),
@@ -155,8 +161,22 @@ class BackendClient:
         it) and at most `limit` bytes of body."""
         deadline = time.monotonic() + PROBE_TIMEOUT_S
         body = bytearray()
+        state: dict[str, Any] = {}
+
+        def trace(event: str, info: dict[str, Any]) -> None:
+            if event == "connection.connect_tcp.complete" and info.get("return_value") is not None:
+                state["socket"] = info["return_value"].get_extra_info("socket")
+
+        # The headers too may come a byte at a time: at the deadline the socket is shut down, whatever the phase.
+        def expire() -> None:
+            state["expired"] = True
+            _close(state)
+
+        watchdog = threading.Timer(PROBE_TIMEOUT_S, expire)
+        watchdog.daemon = True
+        watchdog.start()
         try:
-            with self._http.stream("GET", path, timeout=PROBE_TIMEOUT_S) as reply:
+            with self._http.stream("GET", path, timeout=PROBE_TIMEOUT_S, extensions={"trace": trace}) as reply:
                 limit = limit if reply.status_code in ok else MAX_ERROR_BYTES
                 for piece in reply.iter_bytes():
                     body += piece
@@ -165,7 +185,12 @@ class BackendClient:
                     if len(body) > limit:
                         break
         except httpx.HTTPError as exc:
-            raise unreachable(self.shown, exc) from None
+            late = state.get("expired") or time.monotonic() >= deadline  # shut down by the watchdog: late, not gone
+            raise unreachable(self.shown, httpx.ReadTimeout("deadline") if late else exc) from None
+        finally:
+            watchdog.cancel()
+        if state.get("expired"):  # a body ended by the watchdog's shutdown reads as complete: it is not
+            raise unreachable(self.shown, httpx.ReadTimeout("deadline"))
         if reply.status_code not in ok:
             raise answered(self.shown, reply.status_code, _message(bytes(body[:MAX_ERROR_BYTES])))
         if len(body) > limit:
@@ -185,7 +210,8 @@ class BackendClient:
             return
         events: queue.Queue[tuple[str, Any]] = queue.Queue()
         state: dict[str, Any] = {"cancel": cancel}
-        budget = ANSWER_BYTES_BASE + ANSWER_BYTES_PER_TOKEN * int(body.get("max_tokens") or 1)
+        tokens = int(body.get("max_tokens") or 1)
+        budget = (ANSWER_BYTES_BASE + ANSWER_BYTES_PER_TOKEN * tokens, ANSWER_CHARS_BASE + ANSWER_CHARS_PER_TOKEN * tokens)
         reader = threading.Thread(
             target=self._read, args=(body, events, state, budget), name="backend-read", daemon=True
         )
@@ -210,8 +236,10 @@ class BackendClient:
                                  daemon=True).start()  # fmt: skip
 
     def _read(
-        self, body: dict[str, Any], events: queue.Queue[tuple[str, Any]], state: dict[str, Any], budget: int
+        self, body: dict[str, Any], events: queue.Queue[tuple[str, Any]], state: dict[str, Any],
+        budget: tuple[int, int],
     ) -> None:
+        """`budget`: the most bytes and characters of text this answer may take."""
         try:
 
             def trace(event: str, info: dict[str, Any]) -> None:
@@ -231,7 +259,8 @@ class BackendClient:
                     raise answered(self.shown, response.status_code, _message(_read_capped(response, MAX_ERROR_BYTES)))
                 usage: dict[str, int] | None = None
                 finish: str | None = None
-                for line in _lines(response, budget, self.shown):
+                chars = 0
+                for line in _lines(response, budget[0], self.shown):
                     if state.get("closed"):
                         return  # Stop: leaving the `with` closes the connection, and the backend ends the request
                     if not line.startswith("data:"):
@@ -255,6 +284,9 @@ class BackendClient:
                         text = (choice.get("delta") or {}).get("content") or ""
                         finish = choice.get("finish_reason") or finish
                         if text:
+                            chars += len(text)
+                            if chars > budget[1]:
+                                raise _too_much(self.shown, f"over {budget[1]:,} characters")
                             events.put(("chunk", Chunk(text)))
                 events.put(("chunk", Chunk("", finish or "stop", usage)))
                 events.put(("end", None))
@@ -296,23 +328,27 @@ def _lines(response: httpx.Response, budget: int, shown: str) -> Iterator[str]:
     pending = b""
     total = 0
     for piece in response.iter_bytes():
-        total += len(piece)
-        if total > budget:
-            raise BackendTooLarge(
-                f"{_cap(SERVER)} sent far more than the answer's max tokens allow; it was stopped.",
-                f"the backend at {shown} sent over {budget // 2**20:,} MiB for one answer",
-            )
         pending += piece
         *whole, pending = pending.replace(b"\r\n", b"\n").split(b"\n")
-        for line in whole:
-            yield line.decode("utf-8", "replace")
         if len(pending) > MAX_LINE_BYTES:
             raise BackendTooLarge(
                 f"{_cap(SERVER)} sent an event line over {MAX_LINE_BYTES // 2**20} MiB; the answer was stopped.",
                 f"the backend at {shown} sent an event line over {MAX_LINE_BYTES // 2**20} MiB",
             )
+        total += len(piece)
+        if total > budget:
+            raise _too_much(shown, f"over {budget / 2**20:,.1f} MiB")
+        for line in whole:
+            yield line.decode("utf-8", "replace")
     if pending:
         yield pending.decode("utf-8", "replace")
+
+
+def _too_much(shown: str, what: str) -> BackendTooLarge:
+    return BackendTooLarge(
+        f"{_cap(SERVER)} sent far more than the answer's max tokens allow; it was stopped.",
+        f"the backend at {shown} sent {what} for one answer",
+    )
 
 
 def _close(state: dict[str, Any]) -> None:
