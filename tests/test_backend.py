@@ -645,11 +645,13 @@ def test_stop_timeout_and_a_v1_client_leaving_end_the_backend_request_and_free_t
         assert fake.left.wait(3) and wait_for(lambda: scheduler.state().running == 0, 3)
 
         # The backend's model name is its own text: plain text in the panel (item: escape).
-        from qwen3vl_webui.ui.panels import format_panel
+        from qwen3vl_webui.ui.panels import format_panel, format_status
 
         front.service.manager.backend.model = "[click](http://evil.example) <b>|x"
         panel = format_panel(front.service.snapshot())
         assert "[click](" not in panel and "<b>" not in panel and "\\[click\\]" in panel
+        status = format_status(front.service.snapshot())
+        assert "[click]" not in status and "<b>" not in status and "model ?click?" in status
     finally:
         front.close()
         fake.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import socket
 import threading
 import time
@@ -151,7 +152,7 @@ class BackendClient:
         if reply.status_code != 503:
             return ""
         try:
-            state = str(json.loads(body).get("state") or "not ready")[:80]
+            state = re.sub(r"[^\w .,:-]", "?", str(json.loads(body).get("state") or "not ready"))[:80]
         except (ValueError, AttributeError):
             state = "not ready"
         return f"not ready yet ({state})"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -167,7 +168,7 @@ class BackendDecoder:
 
     def status_line(self) -> str:
         """Every visitor's: the model server, never its address."""
-        model = f" · model {self.model}" if self.model else ""
+        model = f" · model {_plain(self.model)}" if self.model else ""
         if self._reachable is None:
             return f"Front end for {SERVER}: connecting…"
         if self._problem:
@@ -214,14 +215,16 @@ class BackendDecoder:
             self._logged[what] = detail
             log.warning("%s", detail)
 
-    def _mark(self, reachable: bool, problem: str) -> None:
+    def _mark(self, reachable: bool, problem: str, detail: str = "") -> None:
+        """`detail`: the operator's words for the log (the address, what to set); else the last probe's error's."""
         with self._lock:
             changed = (reachable, problem) != (self._reachable, self._problem)
             self._reachable, self._problem = reachable, problem
         if changed:
             if problem:
                 error = self._error
-                log.warning("%s", error.detail if error is not None else f"the backend at {self.url}: {problem}")
+                detail = detail or (error.detail if error is not None else f"the backend at {self.url}: {problem}")
+                log.warning("%s", detail)
             elif reachable:
                 log.info("backend %s reachable", self.url)
         if not reachable:
@@ -270,7 +273,7 @@ class BackendDecoder:
             else:
                 end = None
         except BackendUnavailable as exc:  # not kept: its traceback holds this prompt's frames
-            self._mark(False, _short(exc))
+            self._mark(False, _short(exc), exc.detail)
             raise
         except BackendError as exc:  # the visitor's sentence says "the model server"; the operator's names it
             log.warning("a chat failed: %s", exc.detail)
@@ -278,6 +281,11 @@ class BackendDecoder:
         finally:
             if end is None and on_cancel is not None:  # stopped (or failed) before the end: what it did so far
                 on_cancel(_stats(prompt, None, pieces, started, first, last))
+
+
+def _plain(text: str) -> str:
+    """Backend-given text for the status line (Markdown and HTML there): letters, digits and harmless marks only."""
+    return re.sub(r"[^\w .,/:()+=@-]", "?", text)[:200]
 
 
 def _short(exc: BaseException) -> str:
