@@ -473,6 +473,11 @@ class _FakeVllm:
                 events.append({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
                 if text == "fail":
                     events = events[:2] + [{"object": "error", "message": "engine dead", "type": "InternalServerError"}]
+                if text == "cut":  # the stream ends cleanly, but before the answer did: no finish reason, no [DONE]
+                    events = events[:2]
+                    for event in events:
+                        self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+                    return
                 events.append({**head, "choices": [], "usage": {"prompt_tokens": 1234, "completion_tokens": 2}})
                 for event in events:
                     self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
@@ -706,6 +711,9 @@ def test_what_the_backend_sends_is_capped_and_a_bad_chunk_is_its_failure_not_unr
         with pytest.raises(BackendError) as failed:  # 8 MiB of error body: 64 KiB read, 200 characters told
             _ask(decoder, "huge error")
         assert len(str(failed.value)) < 300 and time.monotonic() - began < 2
+        with pytest.raises(BackendUnavailable, match="mid-answer"):  # not an answer that merely ended early
+            _ask(decoder, "cut")
+        decoder.probe()
         with pytest.raises(BackendError) as bad:
             _ask(decoder, "not json")
         assert not isinstance(bad.value, BackendUnavailable) and bad.value.status == 502

@@ -268,6 +268,7 @@ class BackendClient:
                         continue
                     data = line[5:].strip()
                     if data == "[DONE]":
+                        finish = finish or "stop"
                         break
                     try:
                         event = json.loads(data)
@@ -289,7 +290,11 @@ class BackendClient:
                             if chars > budget[1]:
                                 raise _too_much(self.shown, f"over {budget[1]:,} characters")
                             events.put(("chunk", Chunk(text)))
-                events.put(("chunk", Chunk("", finish or "stop", usage)))
+                if finish is None:  # the stream ended with neither [DONE] nor a finish reason: cut off, not finished
+                    if state.get("closed"):
+                        return
+                    raise httpx.RemoteProtocolError("the answer ended without [DONE]")
+                events.put(("chunk", Chunk("", finish, usage)))
                 events.put(("end", None))
         except _Stopped:
             pass
