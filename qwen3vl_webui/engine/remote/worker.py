@@ -169,9 +169,13 @@ class Worker:
         release_cached_memory()
 
     def _report(self) -> None:
+        """The engine's load every STATS_EVERY_S, the first at once: until it arrives the front end cannot tell
+        /ready whether decode runs at full speed (a first answer could otherwise beat the first report)."""
         engine_thread = self.engine.worker_thread
         parent = os.getppid()
-        while not self._done.wait(STATS_EVERY_S):
+        first = True
+        while first or not self._done.wait(STATS_EVERY_S):
+            first = False
             if os.getppid() != parent:  # the front end is gone and nobody will read us
                 log.error("the front end died: exiting")
                 os._exit(0)
