@@ -65,6 +65,13 @@ def options(tmp_path: Path, **changes: Any) -> BatchOptions:
     return BatchOptions(**{**base, **changes})
 
 
+def _hold_until_the_next_swap(graphs: Any) -> None:
+    """In an engine listener (the engine thread): waits until a compiled bucket is ready to swap in, or all are in."""
+    deadline = time.monotonic() + 120
+    while graphs.swapped < len(BUCKETS) and not graphs.swap_pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def test_compiled_buckets_swap_in_mid_stream_and_every_stream_keeps_generates_tokens(
     loaded: LoadedModel, prompts: dict[str, PreparedPrompt], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -93,9 +100,7 @@ def test_compiled_buckets_swap_in_mid_stream_and_every_stream_keeps_generates_to
             if len(seen) == 6:  # mid-stream: compile every bucket now
                 gate.release(len(BUCKETS))
             if len(seen) >= 6:  # hold the engine thread until the next bucket is compiled: one swap per step boundary
-                deadline = time.monotonic() + 120
-                while graphs.swapped < len(BUCKETS) and not graphs.swap_pending and time.monotonic() < deadline:
-                    time.sleep(0.01)
+                _hold_until_the_next_swap(graphs)
 
         engine.add_listener(listener)
         with engine.hold_admission():
@@ -344,9 +349,7 @@ def test_streams_decode_while_the_compile_runs_and_keep_generates_tokens_across_
             if compiling and sum(t for t, _, c, _ in seen if c) >= 8 * len(names):
                 slow.release.set()  # eight steps' worth decoded during the compile: let it finish now
             elif not compiling:  # hold the engine thread until the next bucket is compiled: one swap per boundary
-                deadline = time.monotonic() + 120
-                while graphs.swapped < len(BUCKETS) and not graphs.swap_pending and time.monotonic() < deadline:
-                    time.sleep(0.01)
+                _hold_until_the_next_swap(graphs)
 
         engine.add_listener(listener)
         with engine.hold_admission():
