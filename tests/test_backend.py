@@ -226,17 +226,21 @@ def test_a_backend_gone_mid_answer_is_a_clear_message_and_not_ready_until_it_is_
         ui = Client(url, verbose=False)
         first = ui.predict({"text": "hello", "files": []}, max_new_tokens=8, api_name="/chat")
         assert not first.startswith(ERROR_PREFIX), first
-        # The backend goes away mid-answer (its server stops and drops the connection): the stream ends in an error.
+        # The backend goes away mid-answer (its server stops).
         client = _openai(url)
         stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "go"}],
                                                 stream=True, **LONG)  # fmt: skip
         chunks = iter(stream)
         next(chunks)
         backend.close()
-        with pytest.raises(openai.APIError) as failed:
+        # This app, closing, may drop the connection (an error, told plainly) or first end the answer it was giving
+        # (then the stream ends as the backend ended it). A stream cut off without an end is an error in
+        # test_what_the_backend_sends_is_capped_and_a_bad_chunk_is_its_failure_not_unreachable (the stand-in).
+        try:
             for _ in chunks:
                 pass
-        assert "model server" in str(failed.value) and backend_url not in str(failed.value)
+        except openai.APIError as failed:
+            assert "model server" in str(failed) and backend_url not in str(failed), failed
         # The page's chat: one sentence, the server lives, the history stays for the next turn.
         down = ui.predict({"text": "and now?", "files": []}, max_new_tokens=8, api_name="/chat")
         assert down.startswith(ERROR_PREFIX) and "The model server" in down and backend_url not in down, down
