@@ -4,6 +4,9 @@ cost per million output tokens at a stated GPU price.
 
     python -m bench.metrics_scrape --url http://127.0.0.1:7860 --seconds 120 --gpu-hourly-cost 3.50 --out /tmp/m
         (run bench.load_test, or any client, against the same app meanwhile; QWEN3VL_API_KEY if the app has a key)
+    python -m bench.metrics_scrape --url auto --when-running 16 --seconds 20 --out /tmp/m &
+        (beside `bench.load_test` / `bench.ab` starting the app themselves: finds the `app.py --port P` process on this
+        machine and starts scraping once that many requests run)
 
 Writes FILE.json (the summary and the scrapes' samples over time) and FILE.prom (the last raw scrape).
 """
@@ -35,6 +38,40 @@ def scrape(url: str, key: str | None) -> tuple[str, Samples]:
         for s in family.samples
     }
     return r.text, samples
+
+
+def find_app(timeout: float) -> str:
+    """The URL of an `app.py ... --port P` process on this machine (the newest), waiting up to `timeout` for one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            args = [a.decode(errors="replace") for a in argv]
+            if any(a.endswith("app.py") for a in args) and "--port" in args[:-1]:
+                host = args[args.index("--host") + 1] if "--host" in args[:-1] else "127.0.0.1"
+                found.append((int(proc.name) if proc.name.isdigit() else 0, f"http://{host}:{args[args.index('--port') + 1]}"))
+        if found:
+            return max(found)[1]
+        if time.monotonic() > deadline:
+            raise SystemExit("error: no `app.py --port P` process found")
+        time.sleep(0.5)
+
+
+def wait_running(url: str, key: str | None, running: int, timeout: float) -> None:
+    """Until the app reports at least `running` requests in the engine (a load test under way)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if total(scrape(url, key)[1], "vllm:num_requests_running") >= running:
+                return
+        except Exception:  # noqa: BLE001 - the app is still starting
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"error: {url} never ran {running} requests within {timeout:.0f} s")
 
 
 def total(samples: Samples, name: str, **labels: str) -> float:
@@ -99,13 +136,20 @@ def summarize(first: Samples, last: Samples, seconds: float, series: list[dict[s
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.metrics_scrape", description=__doc__.splitlines()[0])
-    ap.add_argument("--url", required=True)
+    ap.add_argument("--url", required=True, help="the app's URL, or `auto`: the `app.py --port P` process on this machine")
+    ap.add_argument("--when-running", type=int, default=0, help="start once the app runs this many requests (a load)")
+    ap.add_argument("--wait-s", type=float, default=600.0, help="how long --url auto / --when-running may wait")
     ap.add_argument("--seconds", type=float, default=60.0, help="how long to scrape")
     ap.add_argument("--every", type=float, default=2.0, help="seconds between scrapes")
     ap.add_argument("--gpu-hourly-cost", type=float, help="USD an hour (default: the app's qwen3vl:gpu_hourly_cost_usd)")
     ap.add_argument("--out", required=True, help="path prefix: writes PREFIX.json and PREFIX.prom")
     args = ap.parse_args(argv)
     key = os.environ.get("QWEN3VL_API_KEY")
+    if args.url == "auto":
+        args.url = find_app(args.wait_s)
+        print(f"scraping {args.url}", flush=True)
+    if args.when_running:
+        wait_running(args.url, key, args.when_running, args.wait_s)
     _, first = scrape(args.url, key)
     started = time.monotonic()
     series: list[dict[str, float]] = []
@@ -122,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             break
         time.sleep(args.every)
     summary = summarize(first, last, time.monotonic() - started, series, args.gpu_hourly_cost)
-    Path(args.out + ".json").write_text(json.dumps({"summary": summary, "series": series}, indent=1))
+    Path(args.out + ".json").write_text(json.dumps({"url": args.url, "summary": summary, "series": series}, indent=1))
     Path(args.out + ".prom").write_text(raw)
     print(json.dumps(summary, indent=1))
     return 0

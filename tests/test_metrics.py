@@ -398,3 +398,21 @@ def test_the_engine_process_figures_reach_metrics(tiny_checkpoint: Path) -> None
         assert wait_for(lambda: value(scrape(url), "vllm:kv_cache_usage_perc", **model) == 0, 5)
     finally:
         app.close()
+
+
+def test_the_bench_scraper_finds_the_app_a_benchmark_started(tmp_path: Path) -> None:
+    """--url auto: the `app.py --port P` process on this machine (what bench.load_test / bench.ab start themselves)."""
+    import subprocess
+    import sys
+
+    from bench import metrics_scrape
+
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(tmp_path / "app.py"),
+                                 "--host", "127.0.0.9", "--port", "4321"])  # fmt: skip
+    try:
+        assert metrics_scrape.find_app(timeout=10) == "http://127.0.0.9:4321"
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+    with pytest.raises(SystemExit, match="never ran 1 requests"):
+        metrics_scrape.wait_running("http://127.0.0.9:4321", None, 1, timeout=1)
