@@ -413,3 +413,17 @@ def test_a_close_during_a_compile_never_changes_the_model_under_it(
         assert graphs.restore()
     assert not graphs.compiling_now and text._attn_implementation == "sdpa"
     assert later_steps == [] and graphs.swapped == 0 and not graphs.swap_pending and graphs.artifacts == "absent"
+
+
+def test_the_compile_thread_gets_a_device_index_torch_accepts(monkeypatch: Any) -> None:
+    """`torch.cuda.set_device` refuses a bare "cuda" (the H200 run saw the background compile fail on it, leaving the
+    engine eager for good): the compile thread is given an index, the current device's for a bare "cuda"."""
+    import torch
+
+    from qwen3vl_webui.engine.batch.graphs import cuda_index
+
+    with pytest.raises(ValueError, match="specified index"):
+        torch.cuda._get_device_index(torch.device("cuda"), optional=False)  # what set_device does with it
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert cuda_index("cuda") == 3
+    assert cuda_index("cuda:1") == 1 and cuda_index(torch.device("cuda", 2)) == 2

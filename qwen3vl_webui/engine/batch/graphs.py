@@ -22,6 +22,15 @@ from qwen3vl_webui.weights.model import LoadedModel
 log = logging.getLogger(__name__)
 
 
+def cuda_index(device: Any) -> int:
+    """The CUDA device index `device` stands for: `torch.cuda.set_device` refuses a bare "cuda" (torch 2.14:
+    "Expected a torch.device with a specified index"), which means the current device of the thread that asks."""
+    import torch
+
+    index = torch.device(device).index
+    return torch.cuda.current_device() if index is None else index
+
+
 class DecodeGraphs:
     """How decode steps (and prompt chunks) run: eager, compiled by inductor, and/or replayed from CUDA graphs.
 
@@ -37,6 +46,7 @@ class DecodeGraphs:
         self.options = options
         self.buckets = options.slot_buckets
         on_cuda = str(loaded.device).startswith("cuda")
+        self.cuda_index = cuda_index(loaded.device) if on_cuda else None  # for the compile thread's set_device
         self.cuda_graphs = on_cuda if options.cuda_graphs is None else (options.cuda_graphs and on_cuda)
         self.compile = compiled.should_compile(options.compile, loaded.device, loaded.precision)
         self.compile_error: str | None = None
@@ -258,8 +268,8 @@ class DecodeGraphs:
         side = None
         try:
             self.compile_state = "compiling"
-            if str(self.loaded.device).startswith("cuda"):
-                torch.cuda.set_device(torch.device(self.loaded.device))  # a new thread starts on cuda:0
+            if self.cuda_index is not None:
+                torch.cuda.set_device(self.cuda_index)  # a new thread starts on cuda:0
                 side = torch.cuda.Stream()
             with (
                 compiled.private_compile_session(),
