@@ -92,6 +92,15 @@ def test_the_device_check_runs_on_a_cpu(tmp_path: Path) -> None:
     assert code == 0
     assert [(r["context"], r["concurrency"]) for r in rows] == [(512, 1), (512, 2), (1024, 1), (1024, 2)]
     assert all("error" not in r and r["prompt_tokens"] > 400 for r in rows), rows
+    # The worst case ran with the retained-prefix pool full, and a CPU has no allocator to measure or cap.
+    assert all(r["kept_before"] == r["retained_slots"] == 1 for r in rows), rows
+    assert all(r["allocator"] == plan_check.NO_ALLOCATOR and r["within"] is None and r["sufficient"] is None
+               for r in rows), rows  # fmt: skip
+    assert all(r["prefix_dropped"] == 0 and r["prefix_hits"] == 0 for r in rows), rows  # no prompt reused another's
+    one = tmp_path / "one.json"
+    assert plan_check.main(["--cpu", "--case", "fp32:512:2", "--out", str(one), "--new-tokens", "2"]) == 0
+    (row,) = json.loads(one.read_text())["rows"]
+    assert (row["context"], row["concurrency"], row["planned_torch"] > 0) == (512, 2, True)
     assert plan_check.default_precisions("cuda")[:2] == ["bf16", "int8wo"]
     assert len(plan_check.default_precisions("cuda")) == 3
 
