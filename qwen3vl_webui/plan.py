@@ -5,7 +5,8 @@
 It follows the batch engine's layout (engine/batch/options.py, kv.py): every slot holds `max_context` tokens of KV,
 a quarter as many retained-prefix entries (at least one) may each hold as much, one prompt's KV is staged while it
 prefills, then activations (a prefill chunk through the text model, the largest image through the vision tower, the
-sampler's logits), CUDA graph pools and allocator slack, and the CUDA context that torch does not count.
+sampler's logits), CUDA graph pools and the prefill graphs' static buffers and allocator slack, and the CUDA context
+that torch does not count.
 Weights come from planner.weight_bytes, precisions from precisions.TABLE. bench/plan_check.py measures these on a
 GPU (bench/RESULTS.md).
 """
@@ -29,6 +30,7 @@ CUDA_CONTEXT = 512 * MIB
 # CUDA graph pools, cuBLAS workspaces and the caching allocator's rounding: a share of what torch allocates.
 ALLOCATOR_SLACK = 0.04
 GRAPH_POOLS = 256 * MIB
+DEEPSTACK_LAYERS = 3  # text layers that add the vision tower's deepstack features (3 in every Qwen3-VL size)
 
 
 @dataclass(frozen=True)
@@ -107,9 +109,19 @@ def plan_memory(
     retained = per_token * context * retained_slots(max_concurrency)
     staging = per_token * context
     activations = _activations(shape, precision, min(context, PREFILL_CHUNK), max_concurrency, image_pixels)
-    overhead = GRAPH_POOLS + int(ALLOCATOR_SLACK * (weights + kv + retained + staging + activations))
+    graphs = GRAPH_POOLS + _prefill_graph_buffers(shape, precision)
+    overhead = graphs + int(ALLOCATOR_SLACK * (weights + kv + retained + staging + activations))
     return MemoryPlan(precision, context, max_concurrency, weights, kv, retained, staging, activations, overhead,
                       CUDA_CONTEXT)  # fmt: skip
+
+
+def _prefill_graph_buffers(shape: planner.ModelShape, precision: str) -> int:
+    """The first-chunk prefill graphs' static buffers (engine/batch/prefill.py ChunkGraphs), allocated at start for
+    the longest chunk whatever the context, outside the graphs' pool: every layer's keys/values of the chunk, and its
+    input embeddings, deepstack features and output hidden states."""
+    width = 4 if precision == "fp32" else 2
+    per_token = planner.kv_bytes_per_token(shape) + (2 + DEEPSTACK_LAYERS) * shape.hidden_size * width
+    return PREFILL_CHUNK * per_token
 
 
 def _activations(

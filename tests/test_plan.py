@@ -67,6 +67,12 @@ def test_the_plan_follows_the_engine_layout() -> None:
     assert p.weights == planner.weight_bytes(SHAPE, "bf16")
     assert p.total == p.torch_bytes + p.cuda_context
     assert plan.plan_memory(SHAPE, "bf16", 16400, 8).max_context == 16384  # slots align to 64 tokens
+    # The prefill graphs' static buffers, one 2,048-token chunk's KV, embeddings, 3 deepstack and hidden states,
+    # whatever the context: 338 MiB in bf16, beside the graphs' pools and the allocator's share.
+    for q in (p, plan.plan_memory(SHAPE, "bf16", 1024, 1)):
+        base = q.weights + q.kv + q.retained_kv + q.staging_kv + q.activations
+        graphs = q.overhead - int(plan.ALLOCATOR_SLACK * base)
+        assert graphs == plan.GRAPH_POOLS + 2048 * (per_token + 5 * 2560 * 2) == plan.GRAPH_POOLS + 338 * 1024**2
 
 
 def test_largest_figures_are_the_edge_of_fitting() -> None:
