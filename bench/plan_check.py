@@ -5,7 +5,8 @@
 
 Each case (precision x context x concurrency) is the app's steady worst case: the retained-prefix pool full (one
 text-only prompt of the whole context per pool slot, run first and kept, as finished chats keep theirs), then every
-slot a prompt of the whole context with the largest image at once, as the start-up warm-up runs it. Random weights
+slot at once a prompt of the whole context with an image of the largest size, as the start-up warm-up runs it, but
+each image its own (identical ones would let a later prompt reuse an earlier one's prefix KV and skip its prefill). Random weights
 of the real 4B architecture built in memory (--random-weights 4b) for each precision that can be built so
 (precisions.IN_MEMORY); decode steps CUDA-graphed but not compiled (compiling adds code, not memory, and minutes).
 On a GPU each case runs in a fresh process (the memory cap below is per process, and an earlier case's cached
@@ -26,7 +27,8 @@ Two checks per case, both against the figures the planner shows (plan.plan_memor
     weights are on the GPU), so torch gets what it would get on a card of exactly the plan's size. It passes when
     the run completes without running out of memory, keeps its retained prefixes (the engine drops them when a
     prefill runs out of memory: no dropped entry), and torch's peak reserved plus the non-torch bytes at the end
-    stays within the plan's total. The capped run's own figures serve for (a).
+    stays within the plan's total; `completed` (every answer given, the graphs captured) is in the row beside it.
+    The capped run's own figures serve for (a); one run per case keeps 12 cases near 5 minutes.
 
 On a CPU there is no caching allocator and no cap: the rows say so and carry no figures (plumbing only).
 """
@@ -48,7 +50,7 @@ GIB = 1024**3
 TOLERANCE = 0.10
 DEVICE_CASES = {"contexts": (4096, 16384), "concurrencies": (1, 8)}
 CPU_CASES = {"contexts": (512, 1024), "concurrencies": (1, 2)}
-CASE_TIMEOUT_S = 150  # one case's fresh process: imports, the 4B build, the engine's start-up, two rounds
+CASE_TIMEOUT_S = 120  # one case's fresh process: imports, the 4B build, the engine's start-up, two rounds
 NO_ALLOCATOR = "a CPU: no caching allocator, so no peak figures and no cap"
 FILLER_NAMES = ("Alpha", "Bravo", "Charlie", "Delta", "Echo", "Foxtrot", "Golf", "Hotel")
 
@@ -159,6 +161,8 @@ def measure(loaded: Any, context: int, concurrency: int, new_tokens: int, image_
             "kept_entries": len(engine.prefix_entries),
             "prefix_hits": snap.prefix_hits,
             "prefix_dropped": snap.prefix_dropped,
+            "decode_path": snap.decode_path,  # "... failed ...": a graph capture ran out of memory, say
+            "prefill_path": snap.prefill_path,
             "seconds": round(time.perf_counter() - started, 1),
         }
         if not cuda:
@@ -249,10 +253,16 @@ def _judge(row: dict[str, Any]) -> dict[str, Any]:
     row["error_pct"] = None if not needed else round(100 * (row["planned_torch"] / needed - 1), 1)
     row["within"] = None if row["error_pct"] is None else abs(row["error_pct"]) <= 100 * TOLERANCE
     if "cap" not in row:
-        row["sufficient"] = None
-    else:
-        row["sufficient"] = ("error" not in row and row.get("prefix_dropped") == 0
-                             and row["peak_reserved"] + row["non_torch"] <= row["planned_total"])  # fmt: skip
+        row["completed"] = row["sufficient"] = None
+        return row
+    # Completed: every request answered, the graphs captured (the engine catches a prefill's OOM, drops the retained
+    # prefixes and retries, so this alone is not enough). Sufficient: besides, the plan's retained pool was really
+    # there (nothing dropped or left unkept) and the driver's bytes (torch's + the rest) stayed within the total.
+    row["completed"] = "error" not in row and not any("failed" in row[k] for k in ("decode_path", "prefill_path"))
+    row["sufficient"] = (
+        row["completed"] and row["prefix_dropped"] == 0 and row["kept_entries"] == row["retained_slots"]
+        and row["peak_reserved"] + row["non_torch"] <= row["planned_total"]
+    )  # fmt: skip
     return row
 
 
@@ -266,24 +276,26 @@ def _in_fresh_process(precision: str, context: int, concurrency: int, new_tokens
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=CASE_TIMEOUT_S,
                                   cwd=Path(__file__).resolve().parents[1])  # fmt: skip
         except subprocess.TimeoutExpired:
-            return {"precision": precision, "context": context, "concurrency": concurrency,
-                    "error": f"the case's process ran past {CASE_TIMEOUT_S} s", "within": None, "sufficient": False}
+            return {"precision": precision, "context": context, "concurrency": concurrency, "within": None,
+                    "error": f"the case's process ran past {CASE_TIMEOUT_S} s", "completed": False, "sufficient": False}
         if out.exists():
             return json.loads(out.read_text())["rows"][0]
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or [f"exit {done.returncode}"]
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:] or [f"exit {done.returncode}"]
         return {"precision": precision, "context": context, "concurrency": concurrency,
-                "error": f"the case's process died: {tail[0]}", "within": None, "sufficient": False}
+                "error": f"the case's process died: {' | '.join(tail)}", "within": None, "completed": False,
+                "sufficient": False}
 
 
 def run(device: str, precisions: list[str], contexts: tuple[int, ...], concurrencies: tuple[int, ...],
         new_tokens: int, budget_s: float) -> list[dict[str, Any]]:  # fmt: skip
-    from qwen3vl_webui.weights.random_weights import load_random, source_for
-
+    """Every case; on a GPU each in a fresh process (this one never touches CUDA), on a CPU here."""
     rows: list[dict[str, Any]] = []
     started = time.monotonic()
     for precision in precisions:
         loaded = None
         if device == "cpu":  # no allocator to cap: one process, one model per precision
+            from qwen3vl_webui.weights.random_weights import load_random, source_for
+
             loaded = load_random(source_for("tiny"), precision, device)
             loaded.model.generation_config.eos_token_id = None
         for context in contexts:
@@ -316,7 +328,7 @@ def _line(row: dict[str, Any]) -> str:
     return (f"{head} (a) planned {gib(row['planned_torch'])} · needed {gib(row['needed'])} = allocated "
             f"{gib(row['peak_allocated'])} + graph pools {gib(held['graph_pools'])} + split free "
             f"{gib(held['split_free'])} · error {row['error_pct']}% · (b) capped at {gib(row['cap'])} of total "
-            f"{gib(row['planned_total'])}: {'enough' if row['sufficient'] else 'NOT enough'} (reserved "
+            f"{gib(row['planned_total'])}: {'enough' if row['sufficient'] else 'NOT enough'} (completed: {row['completed']}, reserved "
             f"{gib(row['peak_reserved'])} + non-torch {gib(row['non_torch'])}, {row['kept_before']} of "
             f"{row['retained_slots']} kept, {row['prefix_dropped']} dropped) · start-up reserved "
             f"{gib(row['reserved_at_start'])}, allocated {gib(row['allocated_at_start'])} · {row['seconds']} s")
@@ -330,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--case", help="PRECISION:CONTEXT:CONCURRENCY: this one case in this process (what each GPU "
                                    "case's fresh process runs)")  # fmt: skip
     ap.add_argument("--new-tokens", type=int, default=16)
-    ap.add_argument("--budget-s", type=float, default=330.0, help="stop starting new cases after this long")
+    ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting new cases after this long")
     args = ap.parse_args(argv)
     device = "cpu" if args.cpu else "cuda"
     if args.case:
