@@ -160,21 +160,24 @@ def build_service(settings: Settings) -> Any:
 def build_app(settings: Settings, load: bool = True) -> App:
     """The composition root: scheduler, model manager, service, handlers, UI."""
     from qwen3vl_webui.service.readiness import watch_start
-    from qwen3vl_webui.ui.handlers import Handlers
-    from qwen3vl_webui.ui.jobs_tab import JobsTab
-    from qwen3vl_webui.ui.layout import ASSETS, build_demo
     from qwen3vl_webui.zerogpu import on_zero_gpu
 
     service = build_service(settings)
+    if load:
+        # In the background, before gradio is even imported: the engine process starts (and its weights load)
+        # while this process builds the page; the page (with its status line) is up while weights download, load
+        # and warm up. On ZeroGPU there is no GPU outside a request, so no warm-up there.
+        warmup = "off" if on_zero_gpu() or settings.backend_url else settings.warmup
+        service.start_in_background(settings.demo, warmup, ranges.largest_image_pixels())
+        watch_start(service)  # stamps "ready", each compiled batch size and "fully compiled" (service/readiness.py)
+    from qwen3vl_webui.ui.handlers import Handlers
+    from qwen3vl_webui.ui.jobs_tab import JobsTab
+    from qwen3vl_webui.ui.layout import ASSETS, build_demo
+
     handlers = Handlers(service, settings, file_roots=[ASSETS])
     board = _job_board(service, settings)
     demo = build_demo(handlers, settings, jobs=JobsTab(board, handlers.is_operator))
     if load:
-        # In the background: the page (with its status line) is up while weights download, load and
-        # warm up. On ZeroGPU there is no GPU outside a request, so no warm-up there.
-        warmup = "off" if on_zero_gpu() or settings.backend_url else settings.warmup
-        service.start_in_background(settings.demo, warmup, ranges.largest_image_pixels())
-        watch_start(service)  # stamps "ready", each compiled batch size and "fully compiled" (service/readiness.py)
         board.resume_interrupted()  # jobs a crash or shutdown left unfinished; their items wait for the model
     return App(demo=demo, service=service, settings=settings, jobs=board)
 

@@ -152,3 +152,34 @@ def _answers(url: str) -> bool:
         return httpx.get(url + "v1/models", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_an_engine_started_early_serves_its_model_and_another_model_replaces_it(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """The engine process starts while the front end loads the processor (`start_early`): `attach` with the same
+    model waits for that process rather than starting a second; with another model it stops it and starts one."""
+    from qwen3vl_webui.engine.remote.decoder import RemoteDecoder
+    from qwen3vl_webui.weights import loading
+
+    decoder = RemoteDecoder(2, 512, str(tmp_path))
+    started: list[int] = []
+    start = decoder.start
+
+    def counted(*args: Any) -> Any:
+        info = start(*args)
+        started.append(info.pid)
+        return info
+
+    decoder.start = counted  # type: ignore[method-assign]
+    source = str(tiny_checkpoint)
+    try:
+        decoder.start_early(source, "fp32", "cpu")
+        decoder.attach(loading.load_front(source, "fp32", "cpu"))
+        assert started == [decoder.pid] and decoder.info.source == source
+        decoder.start_early("random-weights:tiny", "fp32", "cpu")  # not the model attach loads next
+        assert not psutil.pid_exists(started[0]) or psutil.Process(started[0]).status() == psutil.STATUS_ZOMBIE
+        decoder.attach(loading.load_front(source, "fp32", "cpu"))
+        early, last = started[1:]
+        assert decoder.pid == last != early and decoder.info.source == source
+        assert wait_for(lambda: not psutil.pid_exists(early) or psutil.Process(early).status() == psutil.STATUS_ZOMBIE, 10)
+    finally:
+        decoder.detach()

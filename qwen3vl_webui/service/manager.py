@@ -182,7 +182,12 @@ class ModelManager:
     def _load(self, source: str, precision: str, device: str) -> LoadedModel:
         """`source` in `precision`: loaded here, or, for a decoder that runs the model in its own process, only its
         processor and config here (the weights load there when the decoder attaches)."""
-        if self._decoder_for(device).remote:
+        decoder = self._decoder_for(device)
+        if decoder.remote:
+            if random_weights.is_random_source(source) or loading.cached_checkpoint(source) is not None:
+                # Nothing to download: the engine process starts now, beside the processor's load (a download
+                # happens here first, once, so the engine process then finds the checkpoint in the cache).
+                decoder.start_early(source, precision, device)
             front = loading.load_front(source, precision, device, self._progress)
             self.timeline.mark(LOCATED)
             return front

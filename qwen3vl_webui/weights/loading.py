@@ -72,18 +72,30 @@ def quantization_config(precision: str, device: str) -> Any | None:
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=SKIP_QUANTIZATION)
 
 
-def locate_checkpoint(source: str, progress: Callable[[str], None] | None = None) -> Path:
-    """A local directory holding `source`: the path itself, the HF cache, or a fresh download."""
+CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"]
+
+
+def cached_checkpoint(source: str) -> Path | None:
+    """`source` on this machine without a download: a local directory, or a snapshot in the Hugging Face cache."""
     if Path(source).is_dir():
         return Path(source)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    patterns = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"]
     try:
-        return Path(snapshot_download(source, allow_patterns=patterns, local_files_only=True))
-    except LocalEntryNotFoundError:
-        pass
+        return Path(snapshot_download(source, allow_patterns=CHECKPOINT_FILES, local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError, OSError):  # not cached; not a repo id
+        return None
+
+
+def locate_checkpoint(source: str, progress: Callable[[str], None] | None = None) -> Path:
+    """A local directory holding `source`: the path itself, the HF cache, or a fresh download."""
+    local = cached_checkpoint(source)
+    if local is not None:
+        return local
+    from huggingface_hub import snapshot_download
+
+    patterns = CHECKPOINT_FILES
     if progress:
         progress(f"Downloading {source} from the Hugging Face Hub…")
     try:

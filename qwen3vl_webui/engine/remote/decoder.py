@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,7 @@ class RemoteDecoder:
         self.process: EngineProcess | None = None
         self.info: EngineInfo | None = None
         self._lock = threading.Lock()
+        self._early: tuple[dict[str, Any], Future[EngineInfo]] | None = None
 
     def spec(self, source: str, precision: str, device: str) -> dict[str, Any]:
         options = {
@@ -71,6 +74,27 @@ class RemoteDecoder:
         log.info("engine process %d serves %s (%s) on %s", info.pid, info.source, info.label, info.device)
         return info
 
+    def start_early(self, source: str, precision: str, device: str) -> None:
+        """Starts the engine process on a thread now, while the front end builds its page and loads the processor
+        (on an H200 its start, imports and CUDA set-up to graphs captured, took ~24 s after the ~25 s the front end
+        took first); `attach` with the same model then waits for it instead of starting another."""
+        previous, self._early = self._early, None
+        if previous is not None:  # an early start whose model was not loaded after all (e.g. the demo instead)
+            with contextlib.suppress(BaseException):
+                previous[1].result()
+        self.detach()
+        spec = self.spec(source, precision, device)
+        future: Future[EngineInfo] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(self.start(source, precision, device))
+            except BaseException as exc:  # noqa: BLE001 - handed to attach, which raises it as start would
+                future.set_exception(exc)
+
+        self._early = (spec, future)
+        threading.Thread(target=run, name="engine-start", daemon=True).start()
+
     def _died(self, code: int | None) -> None:
         with self._lock:
             self.process = None
@@ -78,7 +102,19 @@ class RemoteDecoder:
 
     # -- the Decoder protocol -----------------------------------------------------------------------
     def attach(self, loaded: Any) -> None:
-        """Starts the engine process for `loaded` (the front end's view: processor and config, no weights)."""
+        """Starts the engine process for `loaded` (the front end's view: processor and config, no weights), or waits
+        for the one `start_early` started for it (another model or precision: that one is stopped once started)."""
+        early, self._early = self._early, None
+        if early is not None:
+            spec, future = early
+            try:
+                future.result()
+            except BaseException:
+                if spec == self.spec(loaded.source, loaded.precision, loaded.device):
+                    raise
+            else:
+                if spec == self.spec(loaded.source, loaded.precision, loaded.device):
+                    return
         self.detach()
         self.start(loaded.source, loaded.precision, loaded.device)
 
