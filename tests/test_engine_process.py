@@ -123,6 +123,7 @@ def test_sigterm_drains_exits_0_and_leaves_no_engine_process(tiny_checkpoint: Pa
 
         assert wait_for(lambda: len(engines()) == 1, 120)
         engine = engines()[0]
+        assert "--prewarm" in engine.cmdline()  # the process started at launch is the one that serves
         assert wait_for(lambda: _ready(url), 120)
         running = Client(url, verbose=False).submit({"text": "Hello there", "files": []}, max_new_tokens=64, api_name="/chat")
         time.sleep(0.3)
@@ -183,3 +184,34 @@ def test_an_engine_started_early_serves_its_model_and_another_model_replaces_it(
         assert wait_for(lambda: not psutil.pid_exists(early) or psutil.Process(early).status() == psutil.STATUS_ZOMBIE, 10)
     finally:
         decoder.detach()
+
+
+def test_a_prespawned_engine_process_left_unused_exits_with_its_front_end() -> None:
+    """`client.prespawn` (at launch, before the model is known): a process the front end never gives a model exits
+    when its stdin closes (the front end exited, however), and is killed at a clean exit (atexit)."""
+    from qwen3vl_webui.engine.remote import client
+
+    client.prespawn()
+    proc = client._take_prespawned()
+    assert proc is not None and client._take_prespawned() is None  # taken once
+    assert proc.stdin is not None
+    proc.stdin.close()
+    assert proc.wait(timeout=120) == 0
+    client.prespawn()
+    waiting = client._prespawned
+    assert waiting is not None and waiting.poll() is None
+    client._kill_prespawned()
+    assert waiting.poll() is not None and client._prespawned is None
+
+
+def test_the_launch_prespawns_an_engine_process_only_where_the_model_will_load_in_one() -> None:
+    from qwen3vl_webui.cli import _engine_process_expected, parse_settings
+
+    def expected(*flags: str) -> bool:
+        return _engine_process_expected(parse_settings(list(flags)))
+
+    assert expected("--engine", "batch") and expected("--engine", "batch", "--device", "cpu")
+    assert not expected("--engine", "generate") and not expected("--engine", "batch-inproc")
+    assert not expected("--device", "cpu")  # auto on a CPU: generate in-process
+    assert not expected("--engine", "batch", "--backend-url", "http://127.0.0.1:8000")
+    assert expected() == Path("/dev/nvidiactl").exists()  # auto: where an NVIDIA driver is

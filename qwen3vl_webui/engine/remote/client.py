@@ -40,6 +40,52 @@ STOP_WAIT_S = 30.0
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[3])
 
 
+_prespawned: subprocess.Popen | None = None
+_prespawn_lock = threading.Lock()
+
+
+def _worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _spawn_worker(*flags: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "qwen3vl_webui.engine.remote.worker", *flags], stdin=subprocess.PIPE, env=_worker_env()
+    )
+
+
+def prespawn() -> None:
+    """Starts the first engine process at launch, before the front end imports gradio: it imports torch and the
+    model's code (~12 s on the H200 device, 8 s on a CPU VM) beside the front end's own start, then waits on its
+    stdin for the model the first `EngineProcess.start` gives it. Unused, it is killed at exit; if this process
+    dies, its stdin closes and it exits."""
+    global _prespawned
+    import atexit
+
+    with _prespawn_lock:
+        if _prespawned is None:
+            _prespawned = _spawn_worker("--prewarm")
+            atexit.register(_kill_prespawned)
+
+
+def _take_prespawned() -> subprocess.Popen | None:
+    global _prespawned
+    with _prespawn_lock:
+        proc, _prespawned = _prespawned, None
+    if proc is not None and proc.poll() is not None:
+        return None
+    return proc
+
+
+def _kill_prespawned() -> None:
+    proc = _take_prespawned()
+    if proc is not None:
+        proc.kill()
+        proc.wait()
+
+
 class EngineStartFailed(RuntimeError):
     """The engine process could not load the model or start the engine; str() says why."""
 
@@ -109,13 +155,11 @@ class EngineProcess:
         authkey = secrets.token_bytes(32)
         listener = Listener(address, family="AF_UNIX", authkey=authkey)
         try:
-            env = dict(os.environ)
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "qwen3vl_webui.engine.remote.worker"], stdin=subprocess.PIPE, env=env
-            )
+            self._proc = _take_prespawned() or _spawn_worker()
             assert self._proc.stdin is not None
-            self._proc.stdin.write(pickle.dumps({**self.spec, "address": address, "authkey": authkey}))
+            # the environment as of now: a prespawned process started with the launch's
+            spec = {**self.spec, "address": address, "authkey": authkey, "env": _worker_env()}
+            self._proc.stdin.write(pickle.dumps(spec))
             self._proc.stdin.close()
             self._channel = Channel(self._accept(listener))
         finally:

@@ -34,7 +34,17 @@ from qwen3vl_webui.engine.remote.protocol import (
 log = logging.getLogger("qwen3vl_webui.engine")
 
 def main() -> int:
-    spec: dict[str, Any] = pickle.load(sys.stdin.buffer)
+    if "--prewarm" in sys.argv[1:]:  # started at launch (client.prespawn): the slow imports before the model is known
+        prewarm()
+    try:
+        spec: dict[str, Any] = pickle.load(sys.stdin.buffer)
+    except EOFError:  # the front end exited (or never needed this process)
+        return 0
+    env = spec.pop("env", None)
+    if env is not None:  # the front end's environment when it gave the model (a prespawned process has the launch's)
+        for name in set(os.environ) - set(env):
+            del os.environ[name]
+        os.environ.update(env)
     logging.basicConfig(level=spec.get("log_level", logging.INFO), format="%(asctime)s %(levelname)s engine: %(message)s")
     # Ctrl-C (and a service manager's SIGTERM) reach the whole process group: the front end decides when the
     # engine stops, after its drain. If the front end dies, however it dies, its end of the socket closes and this
@@ -55,6 +65,18 @@ def main() -> int:
     worker = Worker(engine, channel)
     channel.send(("ready", info))
     return worker.serve()
+
+
+def prewarm() -> None:
+    """Imports what loading and serving the model need (torch is in already), so that it is done when the spec
+    arrives; modules that fail to import here fail again, with their message, where they are used."""
+    import importlib
+
+    for name in ("transformers", "transformers.models.qwen3_vl.modeling_qwen3_vl", "qwen3vl_webui.weights.loading"):
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001, S112 - reported by the import that needs it
+            continue
 
 
 def _start(spec: dict[str, Any], channel: Channel) -> tuple[Any, EngineInfo]:
