@@ -10,7 +10,7 @@ import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
-from qwen3vl_webui.conversation import ERROR_PREFIX
+from qwen3vl_webui.conversation import ERROR_PREFIX, WAIT_PREFIX
 from tests.conftest import ASSETS, start_app
 
 
@@ -205,6 +205,32 @@ def test_streamed_updates_are_coalesced_and_the_last_text_is_whole(demo_app_serv
     assert all(g >= 0.045 for g in gaps), gaps  # all but the final update at least the interval apart
     texts = [t for _, t in coalesced]
     assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # each update extends the previous one
+
+
+def test_many_streaming_answers_update_less_often_each(demo_app_server, monkeypatch) -> None:
+    """Past 12 answers streaming at once, each one's updates space out (all of them together about 250 a second), so
+    the page's update work stops growing with the load; the count covers answers streaming, ended or abandoned."""
+    from qwen3vl_webui.ui import handlers as handlers_module
+    from qwen3vl_webui.ui.handlers import Handlers
+
+    app, _url = demo_app_server
+    handlers = Handlers(app.service, app.settings)
+    assert handlers.stream_interval() == 0.05
+    handlers._streaming = 32
+    assert handlers.stream_interval() == pytest.approx(0.128)
+    monkeypatch.setattr(handlers_module, "STREAM_UPDATES_PER_S", 0.0)  # QWEN3VL_STREAM_UPDATES_PER_S=0: fixed
+    assert handlers.stream_interval() == 0.05
+    handlers._streaming = 0
+    seen = []
+    answer = handlers.chat({"text": "Describe a red ball", "files": []}, [], max_new_tokens=32)
+    for _text in answer:
+        seen.append(handlers._streaming)
+    assert seen and seen[-1] == 1 and handlers._streaming == 0
+    abandoned = handlers.chat({"text": "Describe a red ball", "files": []}, [], max_new_tokens=64)
+    assert next(t for t in abandoned if not t.startswith(WAIT_PREFIX))  # its first text (not a waiting line)
+    assert handlers._streaming == 1
+    abandoned.close()  # the client went away
+    assert handlers._streaming == 0
 
 
 def test_gradio_stops_searching_for_an_absent_matplotlib_on_every_event() -> None:

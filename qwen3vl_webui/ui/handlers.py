@@ -8,7 +8,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,10 @@ BUSY_MESSAGE = "busy — try again: all GPU slots and the wait line are full."
 # browser and ~1 ms of the server's single Python core, which at 32 chats x 150 tok/s capped the whole app near
 # 1,000 tok/s on an H100 (bench/RESULTS.md, gradio_client load test).
 STREAM_INTERVAL_S = 0.05
+# ... and all streaming chats together at most about this often: past STREAM_UPDATES_PER_S x STREAM_INTERVAL_S chats
+# (12), each chat's interval grows with their number (32 chats: 128 ms, 8 updates a second each), so the page's
+# updates stop growing with the load. QWEN3VL_STREAM_UPDATES_PER_S=0 keeps the fixed interval (for an A/B).
+STREAM_UPDATES_PER_S = float(os.environ.get("QWEN3VL_STREAM_UPDATES_PER_S", "250"))
 EMPTY_ANSWER = "(the model returned an empty answer)"
 FAILED_MESSAGE = "Generation failed on the server; the error was logged. Please try again."
 OPERATOR_ONLY = (
@@ -80,6 +84,33 @@ class Handlers:
         self._plots: tuple[float, Any] | None = None
         self._last_release = -1e9
         self._operator_lock = threading.Lock()
+        self._streaming = 0  # chat answers streaming to the page now
+        self._streaming_lock = threading.Lock()
+
+    def stream_interval(self) -> float:
+        """Seconds between two updates of one streamed answer: STREAM_INTERVAL_S, longer when many stream at once."""
+        if STREAM_UPDATES_PER_S <= 0:
+            return STREAM_INTERVAL_S
+        return max(STREAM_INTERVAL_S, self._streaming / STREAM_UPDATES_PER_S)
+
+    @contextlib.contextmanager
+    def _counted_stream(self) -> Iterator[Callable[[], None]]:
+        """Counts this answer among those streaming once `start()` is called (its first text: not while it waits)."""
+        counted = False
+
+        def start() -> None:
+            nonlocal counted
+            if not counted:
+                with self._streaming_lock:
+                    self._streaming += 1
+                counted = True
+
+        try:
+            yield start
+        finally:
+            if counted:
+                with self._streaming_lock:
+                    self._streaming -= 1
 
     def chat(
         self,
@@ -122,7 +153,7 @@ class Handlers:
             if whole_video:  # a video longer than the frame budget: read in time segments (service/longvideo.py)
                 chat = dataclasses.replace(chat, whole_video=True)
             stream = self.service.chat(chat, report_waiting=True, client=self._client(request))
-            with contextlib.closing(stream):
+            with contextlib.closing(stream), self._counted_stream() as streaming:
                 held, last = None, 0.0
                 for item in stream:
                     if isinstance(item, Waiting):
@@ -132,8 +163,9 @@ class Handlers:
                     if isinstance(item, Reading):  # a long document, part by part (service/longdoc.py)
                         yield WAIT_PREFIX + item.describe()
                         continue
+                    streaming()
                     now = time.monotonic()
-                    if now - last < STREAM_INTERVAL_S:
+                    if now - last < self.stream_interval():
                         held = item  # a newer text replaces it before the browser would have drawn it
                         continue
                     held, last, shown = None, now, item
