@@ -37,7 +37,8 @@ def _service(flags: list[str], cache: Path) -> Any:
     from qwen3vl_webui.cli import parse_settings
     from qwen3vl_webui.wiring import build_service
 
-    settings = parse_settings([*flags, "--cache-dir", str(cache)])
+    # a --cache-dir among the flags wins (a warm one: its compile artifacts and inductor cache); else a fresh one
+    settings = parse_settings(flags if "--cache-dir" in flags else [*flags, "--cache-dir", str(cache)])
     service = build_service(settings)
     service.start_in_background(settings.demo, settings.warmup, ranges.largest_image_pixels())
     service.manager.wait_ready(400)
