@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -135,3 +136,49 @@ def _install_thread_aware_session() -> None:
     session._qwen3vl_thread_aware = True  # type: ignore[attr-defined]
     session.__wrapped__ = original  # type: ignore[attr-defined]
     torch.compiler._compile_session_context = session
+
+
+# ------------------------------------------------------------ a background compile that gives the GIL back
+
+
+def yielding_hook(
+    last_step: Callable[[], float], run_s: float, pause_s: float, recent_s: float = 0.1
+) -> Callable[[Any, str, Any], None]:
+    """A profile function for the compile thread: after each `run_s` it ran, it sleeps `pause_s` (the GIL released)
+    if the engine stepped within the last `recent_s` (`last_step()`: the perf_counter time of its latest step).
+
+    Why: dynamo and inductor are Python, and every torch op, graph replay and host sync of the engine thread
+    releases the GIL; the compile thread takes it each time and the engine waits its turn (bench/gil_check.py). A
+    lower switch interval only shortens each wait; a compile that sleeps leaves the engine alone for that long. The
+    cost per Python call of the compile thread is one clock read; an idle engine leaves the compile at full speed.
+    """
+    clock = time.perf_counter
+    state = [clock()]
+
+    def hook(frame: Any, event: str, arg: Any) -> None:
+        if event != "call":
+            return
+        now = clock()
+        if now - state[0] < run_s:
+            return
+        if now - last_step() < recent_s:
+            time.sleep(pause_s)
+        state[0] = clock()
+
+    return hook
+
+
+@contextlib.contextmanager
+def yielding_compile(last_step: Callable[[], float], run_s: float, pause_s: float) -> Iterator[None]:
+    """Installs `yielding_hook` on this thread only (sys.setprofile is per thread) and restores what was there."""
+    import sys
+
+    previous = sys.getprofile()
+    if run_s <= 0 or pause_s <= 0:
+        yield
+        return
+    sys.setprofile(yielding_hook(last_step, run_s, pause_s))
+    try:
+        yield
+    finally:
+        sys.setprofile(previous)
