@@ -19,7 +19,8 @@ small transformer-like model with inductor on CPU for two batch sizes (buckets, 
   gets the GIL back soon after each wait;
 - `throttle`: what graphs.py does (`compiled.yielding_compile`): the same kind of hook, blind to the engine's
   mid-step state, makes the compile thread sleep `--throttle-pause-ms` after each `--throttle-run-ms` it ran while
-  the engine stepped within the last 0.1 s (its last step's end time: one float per step); interval 1 ms;
+  the engine stepped within the last 0.1 s (its last step's end time: one float per step); interval 1 ms
+  (`throttle_0.05ms`: at 0.05 ms, graphs.py's interval);
 - `child`: the compile in a child process (multiprocessing spawn) that writes `torch.compiler.save_cache_artifacts`,
   then the parent loads them (`load_cache_artifacts`) and compiles "from them" in a thread at 1 ms: two windows, the
   child's compile (cold) and the parent's warm compile.
@@ -41,7 +42,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-MODES = ("alone", "interval_5ms", "interval_1ms", "interval_0.2ms", "interval_0.05ms", "coop", "throttle", "child")
+MODES = (
+    "alone", "interval_5ms", "interval_1ms", "interval_0.2ms", "interval_0.05ms", "coop", "throttle", "throttle_0.05ms",
+    "child",
+)  # fmt: skip
 INTERVALS = {"interval_5ms": 0.005, "interval_1ms": 0.001, "interval_0.2ms": 0.0002, "interval_0.05ms": 0.00005}
 BUCKETS = (1, 8)
 
@@ -207,14 +211,15 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
             start = time.perf_counter()
             time.sleep(args.seconds)
             result["engine"] = engine.rate(start, time.perf_counter())
-        elif mode in INTERVALS or mode in ("coop", "throttle"):
-            sys.setswitchinterval(INTERVALS.get(mode, 0.0002 if mode == "coop" else 0.001))  # coop: GIL back soon
+        elif mode in INTERVALS or mode in ("coop", "throttle", "throttle_0.05ms"):
+            others = {"coop": 0.0002, "throttle": 0.001, "throttle_0.05ms": 0.00005}  # coop: the GIL back soon
+            sys.setswitchinterval(INTERVALS.get(mode) or others[mode])
             times: dict[int, float] = {}
 
             def compile_thread() -> None:
                 if mode == "coop":
                     sys.setprofile(coop_hook(engine, args.coop_pause_ms / 1000, args.coop_slice_ms / 1000))
-                elif mode == "throttle":
+                elif mode.startswith("throttle"):
                     sys.setprofile(throttle_hook(engine, args.throttle_run_ms / 1000, args.throttle_pause_ms / 1000))
                 cpu = time.thread_time()
                 try:
