@@ -208,17 +208,18 @@ def test_streamed_updates_are_coalesced_and_the_last_text_is_whole(demo_app_serv
 
 
 def test_many_streaming_answers_update_less_often_each(demo_app_server, monkeypatch) -> None:
-    """Past 12 answers streaming at once, each one's updates space out (all of them together about 250 a second), so
-    the page's update work stops growing with the load; the count covers answers streaming, ended or abandoned."""
+    """QWEN3VL_STREAM_UPDATES_PER_S=250: past 12 answers streaming at once, each one's updates space out (all of them
+    together about 250 a second); the count covers answers streaming, ended or abandoned."""
     from qwen3vl_webui.ui import handlers as handlers_module
     from qwen3vl_webui.ui.handlers import Handlers
 
     app, _url = demo_app_server
     handlers = Handlers(app.service, app.settings)
-    assert handlers.stream_interval() == 0.05
     handlers._streaming = 32
+    assert handlers.stream_interval() == 0.05  # the default: QWEN3VL_STREAM_UPDATES_PER_S unset, fixed
+    monkeypatch.setattr(handlers_module, "STREAM_UPDATES_PER_S", 250.0)  # QWEN3VL_STREAM_UPDATES_PER_S=250
     assert handlers.stream_interval() == pytest.approx(0.128)
-    monkeypatch.setattr(handlers_module, "STREAM_UPDATES_PER_S", 0.0)  # QWEN3VL_STREAM_UPDATES_PER_S=0: fixed
+    handlers._streaming = 12
     assert handlers.stream_interval() == 0.05
     handlers._streaming = 0
     seen = []

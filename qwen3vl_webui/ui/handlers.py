@@ -47,10 +47,11 @@ BUSY_MESSAGE = "busy — try again: all GPU slots and the wait line are full."
 # browser and ~1 ms of the server's single Python core, which at 32 chats x 150 tok/s capped the whole app near
 # 1,000 tok/s on an H100 (bench/RESULTS.md, gradio_client load test).
 STREAM_INTERVAL_S = 0.05
-# ... and all streaming chats together at most about this often: past STREAM_UPDATES_PER_S x STREAM_INTERVAL_S chats
-# (12), each chat's interval grows with their number (32 chats: 128 ms, 8 updates a second each), so the page's
-# updates stop growing with the load. QWEN3VL_STREAM_UPDATES_PER_S=0 keeps the fixed interval (for an A/B).
-STREAM_UPDATES_PER_S = float(os.environ.get("QWEN3VL_STREAM_UPDATES_PER_S", "250"))
+# ... and, with QWEN3VL_STREAM_UPDATES_PER_S=N, all streaming chats together at most about N a second: past
+# N x STREAM_INTERVAL_S chats, each chat's interval grows with their number (N=250, 32 chats: 128 ms, 8 updates a
+# second each), so the page's updates stop growing with the load. Off (0) by default: on a 2-core CPU it measured no
+# gain (bench/results/cpu/ab_stream_updates.json: the front end is not the limit there); the H200 A/B decides.
+STREAM_UPDATES_PER_S = float(os.environ.get("QWEN3VL_STREAM_UPDATES_PER_S", "0"))
 EMPTY_ANSWER = "(the model returned an empty answer)"
 FAILED_MESSAGE = "Generation failed on the server; the error was logged. Please try again."
 OPERATOR_ONLY = (
