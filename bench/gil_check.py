@@ -181,6 +181,14 @@ def throttle_hook(engine: EngineLike, run_s: float, pause_s: float) -> Any:
 # ------------------------------------------------------------------ one mode, in a fresh process
 
 
+def _run_thread(target: Any) -> float:
+    """Runs `target` on a thread of its own (beside the engine-like thread) to its end; the time it ended."""
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join()
+    return time.perf_counter()
+
+
 def _child_compile(cache_dir: str, artifacts: str, blocks: int, backend: str) -> None:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
     import torch
@@ -229,10 +237,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
                     result["compile_thread_cpu_s"] = round(time.thread_time() - cpu, 2)  # its Python (GIL) share
 
             start = time.perf_counter()
-            worker = threading.Thread(target=compile_thread, daemon=True)
-            worker.start()
-            worker.join()
-            end = time.perf_counter()
+            end = _run_thread(compile_thread)
             result["engine"] = engine.rate(start, end)
             result["compile_s"] = round(end - start, 2)
             result["bucket_s"] = times
@@ -262,10 +267,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
                 times.update(compile_buckets(model, args.backend))
                 result["compile_thread_cpu_s"] = round(time.thread_time() - cpu, 2)
 
-            worker = threading.Thread(target=warm_thread, daemon=True)
-            worker.start()
-            worker.join()
-            end = time.perf_counter()
+            end = _run_thread(warm_thread)
             result["engine_warm_phase"] = engine.rate(mid, end)
             result["warm_compile_s"] = round(end - mid, 2)
             result["bucket_s"] = times
