@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
 from typing import Any
 
 from qwen3vl_webui import precisions
@@ -130,24 +129,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
 
 def main(argv: list[str] | None = None) -> None:
     """`python app.py`: parses the flags (a bad one exits 2 with one line), then serves until SIGTERM (exit 0)."""
+    from qwen3vl_webui.wiring import prespawn_engine, run
+
     settings = parse_settings(argv)
-    if _engine_process_expected(settings):
-        from qwen3vl_webui.engine.remote.client import prespawn
-
-        prespawn()  # the engine process imports torch and the model's code while this one starts the page
-    from qwen3vl_webui.wiring import run
-
+    prespawn_engine(settings)  # the engine process imports torch and the model's code while this one starts the page
     raise SystemExit(run(settings))
-
-
-def _engine_process_expected(settings: Settings) -> bool:
-    """Whether the first model will load in an engine process (engine/decoders.make_decoder's choice), judged
-    without importing torch: `--engine batch`, or `auto` where an NVIDIA driver is present and not on ZeroGPU."""
-    from qwen3vl_webui.zerogpu import on_zero_gpu
-
-    if settings.backend_url:
-        return False
-    if settings.engine == "batch":
-        return True
-    gpu = settings.device != "cpu" and Path("/dev/nvidiactl").exists()
-    return settings.engine == "auto" and gpu and not on_zero_gpu()

@@ -195,6 +195,29 @@ def _job_board(service: Any, settings: Settings) -> Any:
     return JobBoard(service, root, defaults, workers=2 * settings.max_concurrency)
 
 
+def prespawn_engine(settings: Settings) -> bool:
+    """Starts the first engine process now, when the model will load in one (`engine.remote.client.prespawn`)."""
+    if not engine_process_expected(settings):
+        return False
+    from qwen3vl_webui.engine.remote.client import prespawn
+
+    prespawn()
+    return True
+
+
+def engine_process_expected(settings: Settings) -> bool:
+    """Whether the first model will load in an engine process (engine/decoders.make_decoder's choice), judged
+    without importing torch: `--engine batch`, or `auto` where an NVIDIA driver is present and not on ZeroGPU."""
+    from qwen3vl_webui.zerogpu import on_zero_gpu
+
+    if settings.backend_url:
+        return False
+    if settings.engine == "batch":
+        return True
+    gpu = settings.device != "cpu" and Path("/dev/nvidiactl").exists()
+    return settings.engine == "auto" and gpu and not on_zero_gpu()
+
+
 def run(settings: Settings) -> int:
     """Starts everything for `settings` and serves until SIGTERM / Ctrl-C; returns the exit code (SystemExit(2) for a
     busy port, before any model loads)."""

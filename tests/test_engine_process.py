@@ -205,10 +205,11 @@ def test_a_prespawned_engine_process_left_unused_exits_with_its_front_end() -> N
 
 
 def test_the_launch_prespawns_an_engine_process_only_where_the_model_will_load_in_one() -> None:
-    from qwen3vl_webui.cli import _engine_process_expected, parse_settings
+    from qwen3vl_webui.cli import parse_settings
+    from qwen3vl_webui.wiring import engine_process_expected
 
     def expected(*flags: str) -> bool:
-        return _engine_process_expected(parse_settings(list(flags)))
+        return engine_process_expected(parse_settings(list(flags)))
 
     assert expected("--engine", "batch") and expected("--engine", "batch", "--device", "cpu")
     assert not expected("--engine", "generate") and not expected("--engine", "batch-inproc")
