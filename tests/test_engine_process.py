@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import psutil
+import pytest
 from gradio_client import Client
 
 from qwen3vl_webui.conversation import ERROR_PREFIX
@@ -216,3 +217,36 @@ def test_the_launch_prespawns_an_engine_process_only_where_the_model_will_load_i
     assert not expected("--device", "cpu")  # auto on a CPU: generate in-process
     assert not expected("--engine", "batch", "--backend-url", "http://127.0.0.1:8000")
     assert expected() == Path("/dev/nvidiactl").exists()  # auto: where an NVIDIA driver is
+
+
+def test_an_early_engine_that_dies_before_attach_is_started_again_and_close_stops_one_still_starting(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """An engine process started early that dies while the front end still loads is replaced at attach (not taken
+    dead, which would leave the app "Ready" with no engine); close() during an early start stops that process."""
+    from qwen3vl_webui.engine.remote.decoder import RemoteDecoder
+    from qwen3vl_webui.weights import loading
+
+    source = str(tiny_checkpoint)
+    deaths: list[int | None] = []
+    decoder = RemoteDecoder(2, 512, str(tmp_path), on_death=deaths.append)
+    try:
+        decoder.start_early(source, "fp32", "cpu")
+        assert decoder._early is not None
+        first = decoder._early[1].result(timeout=120).pid
+        os.kill(first, signal.SIGKILL)
+        assert wait_for(lambda: bool(deaths), 10)
+        decoder.attach(loading.load_front(source, "fp32", "cpu"))
+        assert decoder.process is not None and decoder.process.alive and decoder.pid != first
+    finally:
+        decoder.detach()
+    closing = RemoteDecoder(2, 512, str(tmp_path))
+    closing.start_early(source, "fp32", "cpu")
+    assert closing._early is not None
+    future = closing._early[1]
+    closing.close()  # while it starts
+    with pytest.raises(Exception, match="shutting down"):
+        future.result(timeout=120)
+    assert closing.process is None
+    workers = [p for p in psutil.Process().children(recursive=True) if "engine.remote.worker" in " ".join(p.cmdline())]
+    assert wait_for(lambda: all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in workers), 30)

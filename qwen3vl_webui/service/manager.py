@@ -186,9 +186,16 @@ class ModelManager:
         if decoder.remote:
             if random_weights.is_random_source(source) or loading.cached_checkpoint(source) is not None:
                 # Nothing to download: the engine process starts now, beside the processor's load (a download
-                # happens here first, once, so the engine process then finds the checkpoint in the cache).
+                # happens here first, once, so the engine process then finds the checkpoint in the cache). Its
+                # slots are sized as `_set` sizes them before attaching, so that attach takes this very process.
+                if decoder.max_context:
+                    decoder.max_context = self.limits.configured.max_context
                 decoder.start_early(source, precision, device)
-            front = loading.load_front(source, precision, device, self._progress)
+            try:
+                front = loading.load_front(source, precision, device, self._progress)
+            except BaseException:
+                decoder.cancel_early()  # the model will not be this one: no engine process left behind for it
+                raise
             self.timeline.mark(LOCATED)
             return front
         loaded = loading.load_model(source, precision, device, self.attn, self._progress)
@@ -269,7 +276,7 @@ class ModelManager:
         if self.backend is not None:
             self.backend.close()  # its watcher and both HTTP clients' connections
         elif self.decoder is not None:
-            self.decoder.detach()
+            getattr(self.decoder, "close", self.decoder.detach)()
 
     def release_memory(self) -> None:
         """Gives cached memory back to the driver, wherever the model runs."""

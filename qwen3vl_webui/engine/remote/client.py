@@ -159,7 +159,12 @@ class EngineProcess:
             assert self._proc.stdin is not None
             # the environment as of now: a prespawned process started with the launch's
             spec = {**self.spec, "address": address, "authkey": authkey, "env": _worker_env()}
-            self._proc.stdin.write(pickle.dumps(spec))
+            try:
+                self._proc.stdin.write(pickle.dumps(spec))
+            except OSError:  # it died before reading its spec (a prespawned one, killed meanwhile)
+                self._proc.kill()
+                code = self._proc.wait()
+                raise EngineStartFailed(f"the engine process exited before it started (exit code {code})") from None
             self._proc.stdin.close()
             self._channel = Channel(self._accept(listener))
         finally:

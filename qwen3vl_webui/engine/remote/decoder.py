@@ -54,6 +54,7 @@ class RemoteDecoder:
         self.info: EngineInfo | None = None
         self._lock = threading.Lock()
         self._early: tuple[dict[str, Any], Future[EngineInfo]] | None = None
+        self._closed = False  # shutting down: a start that ends now stops its process
 
     def spec(self, source: str, precision: str, device: str) -> dict[str, Any]:
         options = {
@@ -70,7 +71,12 @@ class RemoteDecoder:
         process = EngineProcess(self.spec(source, precision, device), self.on_progress, self._died)
         info = process.start()
         with self._lock:
-            self.process, self.info = process, info
+            closed = self._closed
+            if not closed:
+                self.process, self.info = process, info
+        if closed:  # the app began shutting down while this process started
+            process.stop()
+            raise EngineStartFailed("the app is shutting down")
         log.info("engine process %d serves %s (%s) on %s", info.pid, info.source, info.label, info.device)
         return info
 
@@ -78,10 +84,7 @@ class RemoteDecoder:
         """Starts the engine process on a thread now, while the front end builds its page and loads the processor
         (on an H200 its start, imports and CUDA set-up to graphs captured, took ~24 s after the ~25 s the front end
         took first); `attach` with the same model then waits for it instead of starting another."""
-        previous, self._early = self._early, None
-        if previous is not None:  # an early start whose model was not loaded after all (e.g. the demo instead)
-            with contextlib.suppress(BaseException):
-                previous[1].result()
+        self.cancel_early()  # an early start whose model was not loaded after all (e.g. the demo instead)
         self.detach()
         spec = self.spec(source, precision, device)
         future: Future[EngineInfo] = Future()
@@ -94,6 +97,24 @@ class RemoteDecoder:
 
         self._early = (spec, future)
         threading.Thread(target=run, name="engine-start", daemon=True).start()
+
+    def cancel_early(self) -> None:
+        """Stops the process `start_early` started (once it has started: a start cannot be interrupted)."""
+        early, self._early = self._early, None
+        if early is not None:
+            with contextlib.suppress(BaseException):
+                early[1].result()
+            self.detach()
+
+    def close(self) -> None:
+        """The app is shutting down: stops the engine process, and one still starting as soon as it has started."""
+        with self._lock:
+            self._closed = True
+        early, self._early = self._early, None
+        self.detach()
+        if early is not None:  # its start ends by stopping the process (`start` sees _closed)
+            with contextlib.suppress(BaseException):
+                early[1].result(timeout=0)
 
     def _died(self, code: int | None) -> None:
         with self._lock:
@@ -112,8 +133,9 @@ class RemoteDecoder:
             except BaseException:
                 if spec == self.spec(loaded.source, loaded.precision, loaded.device):
                     raise
-            else:
-                if spec == self.spec(loaded.source, loaded.precision, loaded.device):
+            else:  # (one that died since it started, e.g. while the front end still loaded: started again below)
+                process = self.process
+                if spec == self.spec(loaded.source, loaded.precision, loaded.device) and process and process.alive:
                     return
         self.detach()
         self.start(loaded.source, loaded.precision, loaded.device)

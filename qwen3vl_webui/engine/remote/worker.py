@@ -34,6 +34,10 @@ from qwen3vl_webui.engine.remote.protocol import (
 log = logging.getLogger("qwen3vl_webui.engine")
 
 def main() -> int:
+    # Ctrl-C (and a service manager's SIGTERM) reach the whole process group: the front end decides when the
+    # engine stops, after its drain; from the first line, so a prespawned process waiting for its spec lives too.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if "--prewarm" in sys.argv[1:]:  # started at launch (client.prespawn): the slow imports before the model is known
         prewarm()
     try:
@@ -46,12 +50,9 @@ def main() -> int:
             del os.environ[name]
         os.environ.update(env)
     logging.basicConfig(level=spec.get("log_level", logging.INFO), format="%(asctime)s %(levelname)s engine: %(message)s")
-    # Ctrl-C (and a service manager's SIGTERM) reach the whole process group: the front end decides when the
-    # engine stops, after its drain. If the front end dies, however it dies, its end of the socket closes and this
-    # process exits (and the stats tick notices a new parent). Not prctl(PR_SET_PDEATHSIG): it fires when the
-    # *thread* that started us ends, and the front end starts engines from short-lived threads.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # If the front end dies, however it dies, its end of the socket closes and this process exits (and the stats
+    # tick notices a new parent). Not prctl(PR_SET_PDEATHSIG): it fires when the *thread* that started us ends, and
+    # the front end starts engines from short-lived threads.
     from multiprocessing.connection import Client
 
     channel = Channel(Client(spec["address"], family="AF_UNIX", authkey=spec["authkey"]))
