@@ -97,12 +97,6 @@ class DecodeGraphs:
         self._restore_attention: Callable[[], None] = lambda: None
         self._restore_vision: Callable[[], None] = lambda: None
         self._restored = False
-        # The compile thread's yield while the engine decodes (compiled.yielding_compile): (run, sleep) seconds; (0, 0):
-        # off. Off by default: on CPU with an all-Python compile (bench/gil_check.py, aot_eager) (0.002, 0.004) took the
-        # engine from 0.07 to 0.79 of its speed alone but the compile from 10 s to 73 s (the profile hook alone doubles
-        # its Python time).
-        self.compile_yield_s: tuple[float, float] = (0.0, 0.0)
-        self._last_step = 0.0  # perf_counter time of the engine's latest decode step (the compile yields to it)
         # How long a close waits for the compile thread's next safe point. Correctness does not hang on it (past it
         # the model is left as the engine changed it, `restore`); a cold bucket compiles for about a minute on an
         # H100, and an engine process that exits gets 30 s before it is killed (remote/client.py STOP_WAIT_S).
@@ -263,7 +257,8 @@ class DecodeGraphs:
         and waits up to an interval to get it back: on the H200 eager graphs fell from 146 to 16 tok/s (1 stream) and
         2,256 to 104 (32) at 1 ms. So the interval is lowered meanwhile to 0.05 ms (bench/gil_check.py, a CPU stand-in
         with an all-Python compile: the engine at 0.07 of its speed alone at 5 ms and 1 ms, 0.30 at 0.05 ms, the
-        compile ~15% longer). `compile_yield_s` can also make this thread sleep while the engine decodes. Grad
+        compile ~15% longer). (A throttle that sleeps while the engine decodes, `compiled.yielding_compile`, measured
+        in bench/gil_check.py, is not used: it made the compile 7x as long.) Grad
         mode is thread-local: inference mode here too, so the compiled step's guards hold on the engine thread.
         torch's "compiling" flag is process-wide: the session stays private to this thread
         (`compiled.private_compile_session`), so the engine thread's eager forwards meanwhile take transformers'
@@ -286,7 +281,6 @@ class DecodeGraphs:
                 torch.cuda.set_device(self.cuda_index)  # a new thread starts on cuda:0
                 side = torch.cuda.Stream()
             with (
-                compiled.yielding_compile(lambda: self._last_step, *self.compile_yield_s),
                 compiled.private_compile_session(),
                 torch.inference_mode(),
                 torch.cuda.stream(side) if side is not None else contextlib.nullcontext(),
@@ -542,7 +536,6 @@ class DecodeGraphs:
 
     def logits(self, n: int) -> Any:
         """Logits [n, vocab] of one decode step over slots [0, n): a graph replay, the compiled step, or eager."""
-        self._last_step = time.perf_counter()  # a compile in the background yields to a decoding engine
         if self._graphs or self._steps:
             rows = next(b for b in self.buckets if b >= n)  # graphs and compiled code exist for the buckets only
             entry = self._graphs.get(rows)
