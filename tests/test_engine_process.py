@@ -34,14 +34,22 @@ def _long_chat(url: str, result: list[Any]) -> None:
         result.append((time.monotonic(), repr(exc)))
 
 
-def _ui_chat_in_flight(ui: Client) -> Any:
-    """A /chat answer that is streaming now. The page has no ignore_eos, and the tiny model's sampled answer can end
-    at an end-of-sequence token after a few words, so a chat that ended before the kill is replaced by another."""
+def _ui_chat_in_flight(ui: Client, pid: int) -> Any:
+    """A /chat answer that is streaming now, with the engine process frozen (SIGSTOP) under it, so that it cannot end
+    before the kill. The page has no ignore_eos, and the tiny model's sampled answer can end at an end-of-sequence token
+    after a few words, even between a check that it still streams and the kill (CI saw that twice): so the engine is
+    frozen first, the answers already sent are left to arrive, and only an answer still open then is taken; one that
+    ended is replaced by another after the engine is let go on (SIGCONT)."""
     for _ in range(10):
         job = ui.submit({"text": "a long story please", "files": []}, max_new_tokens=1000, api_name="/chat")
         assert wait_for(lambda job=job: job.done() or len(job.outputs()) > 3, 60)
+        if job.done():
+            continue
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(1.0)  # whatever the engine sent before it froze reaches the client
         if not job.done():
             return job
+        os.kill(pid, signal.SIGCONT)
     raise AssertionError("ten /chat answers in a row ended after a few tokens")
 
 
@@ -54,8 +62,8 @@ def test_a_killed_engine_fails_chats_in_flight_within_2_s_and_comes_back(tiny_ch
         api: list[Any] = []
         threading.Thread(target=_long_chat, args=(url, api), daemon=True).start()
         assert wait_for(lambda: manager.decoder.process is not None and manager.decoder.process.steps > 20, 60)
-        ui_job = _ui_chat_in_flight(ui)
-        os.kill(pid, signal.SIGKILL)
+        ui_job = _ui_chat_in_flight(ui, pid)
+        os.kill(pid, signal.SIGKILL)  # the engine is frozen: every chat in flight is still in flight
         killed = time.monotonic()
         assert wait_for(lambda: bool(api), 10)
         ended, text = api[0]
