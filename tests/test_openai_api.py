@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import http.server
+import json
+import logging
+import socket
 import threading
 import time
 from pathlib import Path
@@ -15,7 +18,7 @@ import pytest
 from gradio_client import Client
 
 from qwen3vl_webui.conversation import ERROR_PREFIX
-from tests.conftest import ASSETS, start_app
+from tests.conftest import ASSETS, start_app, wait_for
 
 MODEL = "qwen3vl-demo"
 
@@ -167,6 +170,44 @@ def test_one_admission_across_the_chat_page_api_and_v1(tiny_checkpoint: Path) ->
         app.service.stop_all("test")
         waiting.result(timeout=60)
         assert app.service.scheduler.state().peak_running == 1
+    finally:
+        app.close()
+
+
+def _post_and_leave_open(url: str, body: dict[str, Any]) -> socket.socket:
+    """Sends a whole chat completion request over a raw connection and returns it unread (closing it is leaving)."""
+    host, port = url.removeprefix("http://").strip("/").split(":")
+    data = json.dumps(body).encode()
+    conn = socket.create_connection((host, int(port)))
+    conn.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(data)}\r\n\r\n".encode() + data
+    )
+    return conn
+
+
+def test_a_client_leaving_a_non_streamed_answer_frees_its_slot_at_once(tiny_checkpoint: Path, caplog) -> None:
+    # 8,000 tokens take the tiny model half a minute or more on a CPU: without the watch on the connection both
+    # chats below would hold their places that long.
+    app, url = start_app(tiny_checkpoint.parent, "--max-concurrency", "1", "--max-new-tokens", "8000")
+    service = app.service
+    try:
+        long = {"model": MODEL, "messages": _ask("story"), "max_tokens": 8000, "ignore_eos": True, "temperature": 0}
+        tokens, started = service.metrics.totals().generation_tokens, service.counters.generations_started
+        running = _post_and_leave_open(url, long)
+        assert wait_for(lambda: service.counters.active == 1, 30)  # generating: the one slot is taken
+        waiting = _post_and_leave_open(url, {**long, "messages": _ask("and me?")})
+        assert wait_for(lambda: service.scheduler.state().waiting == 1 and service.admission.held() == 2, 30)
+        with caplog.at_level(logging.ERROR):
+            waiting.close()  # gone while waiting for a slot: dropped before any GPU work
+            assert wait_for(lambda: service.admission.held() == 1 and service.scheduler.state().waiting == 0, 5)
+            running.close()  # gone mid-answer: leaves the engine at its next step
+            assert wait_for(lambda: service.admission.held() == 0 and service.scheduler.state().running == 0, 5)
+        assert service.counters.active == 0 and service.counters.generations_started == started + 1  # not the 2nd
+        assert 0 < service.metrics.totals().generation_tokens - tokens < 8000  # stopped early
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text  # a client left: no error
+        reply = _client(url).chat.completions.create(model=MODEL, messages=_ask("still there?"), max_tokens=8)
+        assert reply.choices[0].message.content
     finally:
         app.close()
 

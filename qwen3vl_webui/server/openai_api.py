@@ -117,17 +117,19 @@ def build_router(service: Any, config: ApiConfig, media_folder: Callable[[], Pat
 
         client = Client(request.client.host if request.client else "unknown", exempt=config.local_only)
         run = _Run(service, chat, client)
+        # Until a stream's first chunk (its response watches the connection from then on) or a whole answer, nothing
+        # else reads the connection: a client that gives up (a timeout, Ctrl-C) would keep its GPU slot to the end.
+        watch = asyncio.create_task(run.stop_when_gone(request.receive))
         try:
             first = await run.first()
-        except ApiError as exc:
-            return refuse(exc)
-        name, rid, created = (names or (str(model),))[0], f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if not options["stream"]:
-            try:
+            name, rid, created = (names or (str(model),))[0], f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+            if not options["stream"]:
                 text, stats = await run.rest_joined(first)
-            except ApiError as exc:  # failed or timed out after the first piece: still an OpenAI-shaped error
-                return refuse(exc)
-            return _completion(rid, created, name, text, stats, chat.sampling.max_new_tokens)
+                return _completion(rid, created, name, text, stats, chat.sampling.max_new_tokens)
+        except ApiError as exc:  # a refusal, or failed or timed out after the first piece: OpenAI-shaped
+            return refuse(exc)
+        finally:
+            watch.cancel()
         chunks = _stream(run, first, rid, created, name, options["include_usage"], chat.sampling.max_new_tokens)
         return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -299,6 +301,7 @@ class _Run:
 
     def __init__(self, service: Any, chat: Any, client: Any) -> None:
         self.cancel = threading.Event()
+        self.gone = False  # the client closed the connection: whatever the run ends with, nobody reads it
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._stream = service.chat(chat, self.cancel, client=client, report_end=True)
@@ -336,7 +339,7 @@ class _Run:
         """The first event; a refusal before any text (bad input, busy) is raised as its ApiError."""
         kind, value = await self.next()
         if kind == "error":
-            raise _api_error(value)
+            raise self._error(value)
         return kind, value
 
     async def rest_joined(self, first: tuple[str, Any]) -> tuple[str, Any]:
@@ -348,8 +351,23 @@ class _Run:
             elif kind == "end":
                 return (value.text if value is not None else text), (value.stats if value is not None else None)
             else:
-                raise _api_error(value)
+                raise self._error(value)
             event = await self.next()
+
+    async def stop_when_gone(self, receive: Callable[[], Any]) -> None:
+        """Stops the run when the client disconnects, as a stream's response does once it runs. The body was read
+        whole, so the server's next message is `http.disconnect` (uvicorn's, when the connection closes; polling
+        `request.is_disconnected()` would find the same later): the request leaves the engine at its next step, or
+        the wait line at once, and frees its place."""
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
+        self.stop()
+
+    def _error(self, exc: BaseException) -> ApiError:
+        if self.gone:  # our own cancel (Cancelled while waiting for a slot): not the server's error to log
+            return ApiError(499, "The client closed the connection.", "invalid_request_error", "client_closed")
+        return _api_error(exc)
 
     def stop(self) -> None:
         self.cancel.set()
