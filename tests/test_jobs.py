@@ -354,14 +354,20 @@ def test_the_batch_jobs_tab_runs_an_uploaded_zip_and_offers_the_results(tiny_che
 
 
 class _EchoService:
-    """A stand-in ChatService for the board's bookkeeping: each item's answer is its prompt, upper-cased."""
+    """A stand-in ChatService for the board's bookkeeping: each item's answer is its prompt, upper-cased (held until
+    `gate` is set, if given)."""
 
     draining = False
+
+    def __init__(self, gate: threading.Event | None = None) -> None:
+        self.gate = gate
 
     def chat(self, request, cancel=None, **kw):  # type: ignore[no-untyped-def]
         from qwen3vl_webui.service.chat import Finished
         from qwen3vl_webui.telemetry import RequestStats
 
+        if self.gate is not None:
+            self.gate.wait(10)
         yield Finished(request.message.text.upper(), RequestStats(3, 0, 0, 2, 0.01, 0.01))
 
 
@@ -404,6 +410,33 @@ def test_the_board_resumes_interrupted_jobs_oldest_first_but_not_stopped_finishe
             assert stopped.counts().pending == 2 and stopped.counts().running == 1  # untouched
     finally:
         held.release()
+
+
+def test_a_start_refused_while_a_job_runs_leaves_no_folder_behind(tmp_path: Path) -> None:
+    from qwen3vl_webui.service.jobs import JobBoard, JobDefaults
+    from qwen3vl_webui.ui.jobs_tab import JobsTab
+
+    source = tmp_path / "items.jsonl"
+    source.write_text("".join(json.dumps({"id": f"i{n}", "prompt": f"p{n}"}) + "\n" for n in range(2)))
+    not_zip = tmp_path / "photos.zip"
+    not_zip.write_bytes(b"not a zip")
+    root, gate = tmp_path / "jobs", threading.Event()
+    board = JobBoard(_EchoService(gate), root, JobDefaults(), workers=1)  # type: ignore[arg-type]
+    tab = JobsTab(board, is_operator=lambda request: True)
+    try:
+        started = tab.start(str(source), "")
+        assert started.startswith("Started job") and "2 items" in started, started
+        job = started.split()[2].rstrip(":")
+        assert _until(lambda: board.view().state == "running", 5)
+        refused = tab.start(str(source), "")
+        assert refused == f"⚠️ job {job} is still running; stop it or wait for it to finish.", refused
+        assert [p.name for p in root.iterdir()] == [job]  # nothing was written for the refused one
+    finally:
+        gate.set()
+    assert _until(lambda: board.view().state == "finished", 10)
+    refused = tab.start(str(not_zip), "Caption this.")  # refused for itself, once its folder was made: removed
+    assert refused == "⚠️ the upload is not a valid zip file", refused
+    assert [p.name for p in root.iterdir()] == [job]
 
 
 def test_a_page_job_survives_a_sigkilled_app_and_resumes_when_it_starts_again(

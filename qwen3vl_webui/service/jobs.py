@@ -356,14 +356,26 @@ class JobBoard:
         self._waiting: list[Path] = []  # interrupted jobs to resume after the one running
         self._closed = False
 
-    def new_folder(self) -> tuple[str, Path]:
+    def submit(self, upload: str | Path, prompt: str) -> tuple[str, int]:
+        """A job uploaded through the page, started in the background: (its id, its number of items). JobError if a
+        job is running already (before anything is written) or the upload is refused (its folder is removed)."""
+        import shutil
+
+        with self._lock:
+            self._refuse_if_busy()
         job = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
         folder = self.root / job
         folder.mkdir(parents=True, mode=0o700)
-        return job, folder
+        try:
+            items = items_from_upload(upload, prompt, folder)
+            self.start(job, folder, items)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return job, len(items)
 
     def start(self, job: str, folder: Path, items: list[JobItem]) -> None:
-        """Runs `items` in the background; JobError if a job is running already."""
+        """Runs `items` (in `folder`, fresh) in the background; JobError if a job is running already."""
         with self._lock:
             self._refuse_if_busy()
             lock = RunLock(folder / "job.sqlite")

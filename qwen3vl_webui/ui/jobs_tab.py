@@ -7,7 +7,7 @@ from typing import Any
 
 import gradio as gr
 
-from qwen3vl_webui.service.jobs import BoardView, JobBoard, format_duration, items_from_upload
+from qwen3vl_webui.service.jobs import BoardView, JobBoard, format_duration
 from qwen3vl_webui.service.jobstore import JobError
 
 OPERATOR_ONLY = "Batch jobs are the operator's: log in as the --admin-auth user, or run the app on 127.0.0.1."
@@ -26,13 +26,11 @@ class JobsTab:
         path = getattr(upload, "name", None) or (upload if isinstance(upload, str) else None)
         if not path:
             return "Choose a .jsonl of items or a .zip of media first."
-        job, folder = self.board.new_folder()
         try:
-            items = items_from_upload(path, prompt or "", folder)
-            self.board.start(job, folder, items)
+            job, count = self.board.submit(path, prompt or "")
         except JobError as exc:
             return f"⚠️ {exc}"
-        return f"Started job {job}: {len(items)} items."
+        return f"Started job {job}: {count} items."
 
     def stop(self, request: gr.Request | None = None) -> str:
         if not self.is_operator(request):
