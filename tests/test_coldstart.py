@@ -427,3 +427,26 @@ def test_the_compile_thread_gets_a_device_index_torch_accepts(monkeypatch: Any) 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     assert cuda_index("cuda") == 3
     assert cuda_index("cuda:1") == 1 and cuda_index(torch.device("cuda", 2)) == 2
+
+
+def test_regional_compile_traces_one_decoder_layer_for_all_of_them(
+    loaded: LoadedModel, prompts: dict[str, PreparedPrompt], tmp_path: Path
+) -> None:
+    """The decode step compiles one decoder layer as a region that every layer runs (compiled.RegionalDecode): as many
+    graphs as batch-size classes (bucket 1, then one symbolic for 2 and 4), not that many per layer, with every
+    stream's greedy tokens still `generate`'s; the layers get their own forward back when the engine closes."""
+    from torch._dynamo.utils import counters
+
+    layers = list(loaded.model.model.language_model.layers)
+    assert len(layers) >= 3
+    names = ["text", "count", "image"]
+    expected = {n: reference(loaded, prompts[n]) for n in names}
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]
+    with BatchEngine(loaded, options(tmp_path, background_compile=False)) as engine:
+        assert engine.compile_state == "done", engine.compile_error
+        assert counters["stats"]["unique_graphs"] - before == 2  # a compile per layer would make 2 x len(layers)
+        assert all("forward" in vars(layer) for layer in layers)
+        streams = {n: engine.submit_tokens(prompts[n], GREEDY, threading.Event()) for n in names}
+        assert {n: list(s) for n, s in streams.items()} == expected
+    assert not any("forward" in vars(layer) for layer in layers)

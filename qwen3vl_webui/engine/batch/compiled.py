@@ -66,15 +66,87 @@ def compile_decode(
     import torch
 
     # One dynamo cache entry per bucket; the default limit (8) would silently fall back to eager past it.
-    limit = buckets + 4
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.6
-    if getattr(config, name) < limit:
-        setattr(config, name, limit)
+    _set_recompile_limit(buckets + 4)
     dynamic = None if dynamic_batch else False
     if backend != "inductor":  # a stand-in (tests: "eager", dynamo alone); modes are inductor's
         return torch.compile(fn, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
     return torch.compile(fn, mode=COMPILE_MODE, fullgraph=fullgraph, dynamic=dynamic)
+
+
+def _set_recompile_limit(limit: int) -> None:
+    import torch
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.6
+    if getattr(config, name) < limit:
+        setattr(config, name, limit)
+
+
+def _layer_body(layer: Any, *args: Any, **kwargs: Any) -> Any:
+    """One decoder layer's own forward: the region `RegionalDecode` compiles (one code object for every layer)."""
+    return type(layer).forward(layer, *args, **kwargs)
+
+
+class RegionalDecode:
+    """The decode step `decode(rows, kv)` with each decoder layer compiled as one region, all layers sharing it.
+
+    Compiling the whole step traces and lowers all 36 layers of the 4B model as one graph: about a minute per batch
+    bucket on an H100. The layers are the same code on weights of the same shapes, and dynamo lifts a module's
+    parameters into graph inputs, so one compile serves every layer (regional compilation, torch's recipe): the
+    cost of one layer, not 36. What kept the layers apart is the KV cache: `SlotCache.update` looked its tensors up by
+    `layer_idx`, an int attribute dynamo specialises on (a recompile per layer). Here each layer is handed its own
+    `SlotCache.layer(idx)` view, which never reads the index. What runs around the layers (embedding, rotary
+    tables, final norm, lm_head: a few small kernels) stays eager; in CUDA graphs it costs no host time.
+
+    Only calls of this object take the compiled regions (a thread-local switch): the engine thread's eager decode
+    graphs and prefill forwards go through the same layer objects and keep their eager forward, while the background
+    compile thread (or the swap on the engine thread) calls this one. `restore` puts the layers' forward back.
+    """
+
+    def __init__(
+        self, decode: Callable[..., Any], layers: Any, buckets: int, fullgraph: bool, dynamic_batch: bool = False,
+        backend: str = "inductor",
+    ) -> None:  # fmt: skip
+        import torch
+
+        _set_recompile_limit(buckets + 4)
+        dynamic = None if dynamic_batch else False
+        if backend != "inductor":
+            self._body = torch.compile(_layer_body, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
+        else:
+            self._body = torch.compile(_layer_body, mode=COMPILE_MODE, fullgraph=fullgraph, dynamic=dynamic)
+        self._decode = decode
+        self._on = threading.local()
+        self._layers = list(layers)
+        for index, layer in enumerate(self._layers):
+            if "forward" in vars(layer):
+                raise RuntimeError(f"decoder layer {index} already has a forward of its own")
+            layer.forward = self._forward_for(layer, index)
+
+    def __call__(self, rows: int, kv: Any) -> Any:
+        previous = getattr(self._on, "value", False)
+        self._on.value = True
+        try:
+            return self._decode(rows, kv)
+        finally:
+            self._on.value = previous
+
+    def _forward_for(self, layer: Any, index: int) -> Callable[..., Any]:
+        eager = type(layer).forward.__get__(layer)
+        body, on = self._body, self._on
+
+        def forward(*args: Any, past_key_values: Any = None, **kwargs: Any) -> Any:
+            if getattr(on, "value", False) and hasattr(past_key_values, "layer"):
+                return body(layer, *args, past_key_values=past_key_values.layer(index), **kwargs)
+            return eager(*args, past_key_values=past_key_values, **kwargs)
+
+        return forward
+
+    def restore(self) -> None:
+        """The layers' own forward again (the compiled regions stay in dynamo's cache, unused)."""
+        for layer in self._layers:
+            vars(layer).pop("forward", None)
+        self._layers = []
 
 
 def graph_blocker(model: Any) -> str | None:

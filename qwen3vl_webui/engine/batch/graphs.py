@@ -96,6 +96,7 @@ class DecodeGraphs:
         self._step: Callable[[int], Any] = runner.forward
         self._restore_attention: Callable[[], None] = lambda: None
         self._restore_vision: Callable[[], None] = lambda: None
+        self._restore_regional: Callable[[], None] = lambda: None
         self._restored = False
         # How long a close waits for the compile thread's next safe point. Correctness does not hang on it (past it
         # the model is left as the engine changed it, `restore`); a cold bucket compiles for about a minute on an
@@ -144,10 +145,17 @@ class DecodeGraphs:
             self._load_artifacts()
             # bitsandbytes layers break the graph (tensor-subclass weights); the pieces between them still fuse.
             fullgraph = not precisions.needs_bitsandbytes(self.loaded.precision)
-            self._compiled = compiled.compile_decode(
-                self.runner.decode, len(self.buckets), fullgraph=fullgraph, dynamic_batch=self.options.dynamic_batch,
-                backend=self.options.compile_backend,
-            )  # fmt: skip
+            if self.options.regional_compile:  # one decoder layer compiled, every layer running it
+                regional = compiled.RegionalDecode(
+                    self.runner.decode, self.runner.lm.layers, len(self.buckets), fullgraph=fullgraph,
+                    dynamic_batch=self.options.dynamic_batch, backend=self.options.compile_backend,
+                )  # fmt: skip
+                self._compiled, self._restore_regional = regional, regional.restore
+            else:
+                self._compiled = compiled.compile_decode(
+                    self.runner.decode, len(self.buckets), fullgraph=fullgraph,
+                    dynamic_batch=self.options.dynamic_batch, backend=self.options.compile_backend,
+                )  # fmt: skip
         if not self.compile and not self.cuda_graphs:
             return  # plain eager: nothing to prepare
         side = torch.cuda.Stream() if on_cuda else None
@@ -193,6 +201,8 @@ class DecodeGraphs:
         self.compile_error = f"torch.compile failed: {type(exc).__name__}: {str(exc)[:300]}"
         self.compile = False
         self.compile_state = "failed"
+        self._restore_regional()
+        self._restore_regional = lambda: None
         if not self.runner.decode_kernel:  # the packed route was only there for the compiled step
             self._restore_attention()
             self._restore_attention = lambda: None
@@ -206,6 +216,7 @@ class DecodeGraphs:
             "max_batch": self.options.max_batch, "max_len": self.options.max_len, "buckets": list(self.buckets),
             "dynamic_batch": self.options.dynamic_batch, "attention": self.decode_attention, "fuse": self.fuse,
             "gemv": self.gemv, "mode": compiled.COMPILE_MODE, "backend": self.options.compile_backend,
+            "regional": self.options.regional_compile,
         }  # fmt: skip
         return artifacts.setup_key(self.loaded, engine)
 
@@ -617,6 +628,7 @@ class DecodeGraphs:
             )
             return False
         self._restored = True
+        self._restore_regional()
         self._restore_attention()
         self._restore_vision()
         fusion.unfuse(self.loaded.model)

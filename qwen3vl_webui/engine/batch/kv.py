@@ -27,8 +27,27 @@ class SlotCache:
     def __init__(self, layers: list[tuple[Any, Any]], shape: tuple[int, int, int, int], rows: int, index: Any) -> None:
         self._layers, self._shape, self._rows, self._index = layers, shape, rows, index
 
-    def update(self, key_states: Any, value_states: Any, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+    def layer(self, layer_idx: int) -> LayerSlotCache:
+        """One layer's part: what a layer compiled as a region of its own is handed (compiled.RegionalDecode)."""
         keys, values = self._layers[layer_idx]
+        return LayerSlotCache(keys, values, self._shape, self._rows, self._index)
+
+    def update(self, key_states: Any, value_states: Any, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        return self.layer(layer_idx).update(key_states, value_states, layer_idx)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # never consulted: position_ids and the 4D mask are always passed
+
+
+class LayerSlotCache:
+    """`SlotCache` for one layer: its own K and V, so `update` never reads the layer index (an int dynamo would
+    specialise on: a compile per layer)."""
+
+    def __init__(self, keys: Any, values: Any, shape: tuple[int, int, int, int], rows: int, index: Any) -> None:
+        self._keys, self._values, self._shape, self._rows, self._index = keys, values, shape, rows, index
+
+    def update(self, key_states: Any, value_states: Any, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        keys, values = self._keys, self._values
         slots, heads, length, dim = self._shape
         keys.index_copy_(0, self._index, key_states.reshape(-1, dim))  # [rows, heads, 1, dim] -> rows x heads
         values.index_copy_(0, self._index, value_states.reshape(-1, dim))
@@ -36,7 +55,7 @@ class SlotCache:
         return keys[:n].view(self._shape)[: self._rows], values[:n].view(self._shape)[: self._rows]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0  # never consulted: position_ids and the 4D mask are always passed
+        return 0
 
 
 class SlotKV:

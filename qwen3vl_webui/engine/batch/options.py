@@ -58,6 +58,9 @@ class BatchOptions:
     # compiles static, the next bucket recompiles with the row count symbolic, later buckets reuse it). False: one
     # static compile per bucket.
     dynamic_batch: bool = True
+    # Compile one decoder layer as a region every layer runs (compiled.RegionalDecode) instead of the whole step: the
+    # compile costs about one layer's, not 36 (CPU, 36 narrow layers: bench/results/cpu/compile_check.json).
+    regional_compile: bool = True
 
     def __post_init__(self) -> None:
         # Tuples whatever was passed (a list from JSON, a generator): the options stay hashable and reusable.
