@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -300,6 +301,59 @@ def test_internal_exception_text_never_reaches_the_client_but_warnings_do(open_a
     client = Client(url, verbose=False)
     assert client.predict({"text": "   ", "files": []}, api_name="/chat").startswith("⚠️")
     assert not client.predict({"text": "hello", "files": []}, api_name="/chat").startswith("⚠️")
+
+
+# ----------------------------------------------------------------------------- unknown events
+
+UNKNOWN_EVENTS = {  # route, body: each a KeyError (HTTP 500 and a traceback) inside gradio before
+    "queue/join": ({"data": [], "fn_index": 9999, "session_hash": "stranger01"}, "no event with fn_index 9999"),
+    "run/predict": ({"data": [], "fn_index": 9999, "session_hash": "stranger01"}, "no event with fn_index 9999"),
+    "api/predict": ({"data": [], "fn_index": -1}, "no event with fn_index -1"),
+    "run/nosuch": ({"data": []}, "no API endpoint named 'nosuch'"),
+    "call/nosuch": ({"data": []}, "no API endpoint named 'nosuch'"),
+    "call/v2/nosuch": ({}, "no API endpoint named 'nosuch'"),
+}
+
+
+def _event_index(app: Any, name: str) -> int:
+    return next(int(index) for index, fn in app.demo.fns.items() if fn.name == name)
+
+
+def test_an_unknown_event_is_a_404_with_a_sentence_and_known_ones_still_run(open_app, caplog) -> None:
+    from gradio_client import Client
+
+    app, url = open_app
+    with caplog.at_level(logging.WARNING), httpx.Client(base_url=url, timeout=30) as http:
+        for route, (body, sentence) in UNKNOWN_EVENTS.items():
+            reply = http.post(f"gradio_api/{route}", json=body)
+            assert reply.status_code == 404 and sentence in reply.json()["detail"], (route, reply.text)
+        # gradio's own refusals of a malformed body stay its own.
+        assert http.post("gradio_api/queue/join", json={"data": [], "session_hash": "s"}).status_code == 400
+        assert http.post("gradio_api/queue/join", json={"data": [], "fn_index": "x", "session_hash": "s"}).status_code == 422
+        # Every event the app has still runs, hidden ones included, by fn_index (as the page calls them) or by name.
+        shown = _event_index(app, "shown")
+        for route, body in (("run/predict", {"fn_index": shown}), ("run/shown", {})):
+            reply = http.post(f"gradio_api/{route}", json={"data": [], "session_hash": "visitor1234", **body})
+            assert reply.status_code == 200 and len(reply.json()["data"]) == 2, reply.text
+        joined = http.post("gradio_api/queue/join", json={"data": [], "fn_index": shown, "session_hash": "visitor1234"})
+        assert joined.status_code == 200 and joined.json()["event_id"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text  # no server error logged
+    answer = Client(url, verbose=False).predict({"text": "hello", "files": []}, api_name="/chat")
+    assert answer and not answer.startswith("⚠️")  # the server serves on
+
+
+def test_behind_a_login_only_a_logged_in_caller_learns_an_event_is_unknown(guarded) -> None:
+    app, url = guarded
+    body, sentence = UNKNOWN_EVENTS["queue/join"]
+    with httpx.Client(base_url=url, timeout=30) as anonymous:  # gradio's 401, as for an event that exists
+        assert anonymous.post("gradio_api/queue/join", json=body).status_code == 401
+        assert anonymous.post("gradio_api/call/nosuch", json={"data": []}).status_code == 401
+    with _from("127.0.0.5", url) as user:  # an address of its own: the login-limit test's failures are not ours
+        assert _login(user, AUTH[1]).status_code == 200
+        reply = user.post("gradio_api/queue/join", json=body)
+        assert reply.status_code == 404 and sentence in reply.json()["detail"]
+        shown = {"data": [], "fn_index": _event_index(app, "shown"), "session_hash": "member1234"}
+        assert user.post("gradio_api/run/predict", json=shown).status_code == 200
 
 
 # ---------------------------------------------------------------------------- demo checkpoint

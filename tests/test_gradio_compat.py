@@ -173,3 +173,35 @@ def test_lazy_sessions_refuse_a_changed_state_holder(mounted: tuple[Any, Any]) -
     app.state_holder = Other()
     with pytest.raises(GradioChanged, match="state holder is a Other"):
         gradio_compat.lazy_session_configs(app)
+
+
+def test_has_event_finds_what_gradios_own_lookup_finds(mounted: tuple[Any, Any]) -> None:
+    """`has_event` answers as gradio's `route_utils.get_fn` does (found, or KeyError / FnIndexInferError), by fn_index
+    or API name, in the Blocks' table or in a session's own (one with an extra event, as `gr.render` makes)."""
+    from gradio import route_utils
+    from gradio.data_classes import PredictBody
+
+    demo, http = mounted
+    app = gradio_compat.mounted_app(http)
+    session = app.state_holder["rendered"]
+    extra = max(demo.fns) + 1
+    session.blocks_config.fns = {**session.blocks_config.fns, extra: next(iter(demo.fns.values()))}
+
+    def gradio_finds(fn_index: int | None, api_name: str | None, session_hash: str | None) -> bool:
+        try:
+            route_utils.get_fn(demo, api_name, PredictBody(data=[], fn_index=fn_index, session_hash=session_hash))
+        except (KeyError, route_utils.FnIndexInferError):
+            return False
+        return True
+
+    cases = [(index, None) for index in (*demo.fns, extra, -1, 10**6)] + [(None, "chat"), (None, "nosuch")]
+    for session_hash in (None, "rendered"):
+        for fn_index, api_name in cases:
+            expected = gradio_finds(fn_index, api_name, session_hash)
+            assert gradio_compat.has_event(app, fn_index, api_name, session_hash) is expected, (fn_index, session_hash)
+    assert gradio_compat.has_event(app, extra, None, "rendered") and not gradio_compat.has_event(app, extra, None)
+    assert "new-visitor" not in app.state_holder.session_data  # asking creates no session
+    assert not gradio_compat.has_event(app, extra, None, "new-visitor")  # a new session starts with the Blocks' table
+    with pytest.raises(GradioChanged, match="no `state_holder`"):
+        gradio_compat.has_event(object(), 0, None)
+    assert gradio_compat.has_event(object(), 0, None, default=True)  # the front door lets gradio decide then

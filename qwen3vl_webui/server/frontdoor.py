@@ -11,9 +11,11 @@ import asyncio
 import collections
 import errno
 import ipaddress
+import json
 import logging
 import math
 import os
+import re
 import socket
 import threading
 import time
@@ -259,6 +261,122 @@ class EventRateLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+# ------------------------------------------------------------------------------- unknown events
+
+# gradio 6's routes that look an event up by the body's `fn_index` or the path's API name (gradio/routes.py): an
+# unknown one is a KeyError inside gradio, answered HTTP 500 with a traceback in the log.
+_EVENT_ROUTE = re.compile(r"/gradio_api/(?:(?P<join>queue/join)|(?P<kind>run|api|call/v2|call)/(?P<name>[^/]+))/?")
+_LOGIN_CHECK = "/gradio_api/login_check"
+# Bodies up to this size are checked. A longer one (a long chat's history) goes on unchecked: gradio reads it whole
+# anyway, and holding megabytes twice to turn its 500 into a 404 is not worth it.
+EVENT_CHECK_BYTES = 4 * 2**20
+
+
+class UnknownEvents:
+    """ASGI middleware: a call naming an event the app does not have (an unknown `fn_index` or API name) gets 404 and
+    one sentence instead of gradio's 500. Behind a login only a logged-in caller is told (gradio's own `/login_check`
+    decides): anyone else gets gradio's 401 as for any event, so the answer maps no events for a stranger."""
+
+    def __init__(self, app: Any, gradio_app: Any, login: bool) -> None:
+        from pydantic import TypeAdapter
+
+        self.app = app
+        self.gradio_app = gradio_app
+        self.login = login
+        self._fn_index = TypeAdapter(int | None)  # gradio's PredictBody.fn_index: what it accepts, it reads as we do
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        route = _EVENT_ROUTE.fullmatch(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if route is None:
+            return await self.app(scope, receive, send)
+        messages, body = await _read_body(receive, EVENT_CHECK_BYTES)
+        problem = None if body is None else self._unknown(route, body)
+        if problem is not None and (not self.login or await self._logged_in(scope)):
+            return await _answer(send, 404, problem)
+        pending = collections.deque(messages)
+
+        async def replay() -> dict[str, Any]:  # what was read, then the rest of the connection
+            return pending.popleft() if pending else await receive()
+
+        await self.app(scope, replay, send)
+
+    def _unknown(self, route: re.Match[str], body: bytes) -> str | None:
+        """The sentence for an event this app does not have; None when it has it, or gradio refuses the body itself
+        (not JSON, a field of the wrong type: 422; queue/join without fn_index: 400)."""
+        from pydantic import ValidationError
+
+        from qwen3vl_webui.ui import gradio_compat
+
+        try:
+            fields = json.loads(body)
+        except ValueError:
+            return None
+        if not isinstance(fields, dict):
+            return None
+        kind, name = route["kind"], route["name"]
+        session = None if kind == "call/v2" else fields.get("session_hash")  # v2's body holds the event's arguments
+        fn_index = None
+        if kind not in ("call", "call/v2"):  # their bodies carry no fn_index: the name alone counts
+            try:
+                fn_index = self._fn_index.validate_python(fields.get("fn_index"))
+            except ValidationError:
+                return None
+            if fn_index is None and route["join"]:
+                return None
+        if session is not None and not isinstance(session, str):
+            return None
+        if gradio_compat.has_event(self.gradio_app, fn_index, name, session, default=True):  # unsure: gradio decides
+            return None
+        if fn_index is not None:
+            return f"This app has no event with fn_index {fn_index}."
+        return f"This app has no API endpoint named {name!r}."
+
+    async def _logged_in(self, scope: dict[str, Any]) -> bool:
+        """Asks gradio's `/login_check` (what its page asks) with this request's cookies: 200 for a logged-in caller."""
+        status: list[int] = []
+        probe = {**scope, "method": "GET", "path": _LOGIN_CHECK, "raw_path": _LOGIN_CHECK.encode(), "query_string": b""}
+        sent = False
+
+        async def nothing() -> dict[str, Any]:
+            nonlocal sent
+            if sent:
+                return {"type": "http.disconnect"}
+            sent = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def keep(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+
+        await self.app(probe, nothing, keep)
+        return status == [200]
+
+
+async def _read_body(receive: Any, cap: int) -> tuple[list[dict[str, Any]], bytes | None]:
+    """The messages read and the whole body; None for the body once it passes `cap` or the client left."""
+    messages: list[dict[str, Any]] = []
+    size = 0
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            return messages, None
+        size += len(message.get("body", b""))
+        if size > cap:
+            return messages, None
+        if not message.get("more_body", False):
+            return messages, b"".join(m.get("body", b"") for m in messages)
+
+
+async def _answer(send: Any, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({
+        "type": "http.response.start", "status": status,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+    })  # fmt: skip
+    await send({"type": "http.response.body", "body": body})
+
+
 class UploadNudge:
     """ASGI middleware: after each upload, asks the sweeper for a sweep (it runs at most once a second)."""
 
@@ -332,6 +450,7 @@ class FrontDoor:
             keep=lambda: gradio_compat.kept_files(demo),  # the page's examples outlive any upload age
         )
         self.limiter = LoginLimiter()
+        self.http.add_middleware(UnknownEvents, gradio_app=self.gradio_app, login=bool(credentials))
         self.http.add_middleware(UploadNudge, sweeper=self.sweeper)
         # Only this machine can reach a loopback-only app (its user is the operator): no limit there, so local
         # load tests and benchmarks measure the app, not the limiter.

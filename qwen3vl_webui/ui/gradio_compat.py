@@ -101,6 +101,28 @@ def share_concurrency(demo: Any, names: Iterable[str], concurrency_id: str, limi
     return matched
 
 
+def has_event(
+    gradio_app: Any, fn_index: int | None, api_name: str | None, session_hash: str | None = None,
+    default: bool | None = None,
+) -> bool:  # fmt: skip
+    """Whether gradio finds the event a call names (`route_utils.get_fn`: by `fn_index`, else by `api_name`) instead
+    of raising KeyError or FnIndexInferError (an HTTP 500). A session that exists has its own table (`gr.render` adds
+    to it); a new one starts as a copy of the Blocks'."""
+
+    def read() -> bool:
+        holder = _require(gradio_app, "state_holder", "gradio.routes.App")
+        session = _require(holder, "session_data", "StateHolder").get(session_hash) if session_hash else None
+        if session is not None:
+            fns = _require(_require(session, "blocks_config", "SessionState"), "fns", "BlocksConfig")
+        else:
+            fns = _require(_require(gradio_app, "get_blocks", "gradio.routes.App")(), "fns", "Blocks")
+        if fn_index is not None:
+            return fn_index in fns
+        return any(_require(fn, "api_name", "BlockFunction") == api_name for fn in fns.values())
+
+    return _lenient(read, default)
+
+
 def set_max_threads(demo: Any, threads: int) -> None:
     """How many events gradio runs at once (its queue's workers and its thread limiter): `Blocks.max_threads`,
     which `launch()` takes as an argument and a mounted app reads from the Blocks."""
