@@ -7,7 +7,8 @@
 
 `run` takes every flag of `python app.py` (--model, --precision, --demo, --engine, --max-concurrency...); running the
 same command again after a crash, `kill -9` or a reboot resumes the job (service/jobstore.py says why nothing is lost
-or answered twice).
+or answered twice). A resume that loaded another model or precision than the job's is refused (exit 2) unless
+--allow-setup-change says so: the results file would hold the answers of two models.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--temperature", type=float, default=0.0, help="default 0: greedy, reproducible answers")
     run.add_argument("--system", default="", help="system prompt for items that carry none")
     run.add_argument("--no-progress", action="store_true", help="no progress bar (a line per 5%% instead)")
+    run.add_argument("--allow-setup-change", action="store_true",
+                     help="resume a job with another model or precision than it was started with (its results will "
+                          "mix both), and with this run's --temperature, --max-new-tokens and --system")  # fmt: skip
     status = sub.add_parser("status", help="counts of a job's items by status")
     status.add_argument("--db", required=True, metavar="SQLITE")
     status.add_argument("--json", action="store_true", help="one JSON object")
@@ -127,10 +131,6 @@ def _run(args: argparse.Namespace, rest: list[str]) -> int:
                     print(f"resuming {args.db}", file=sys.stderr)
             elif not store.has_items():
                 raise JobError(f"--db {args.db} holds no job yet: give --input or --folder")
-            requeued, gave_up = store.recover()
-            if requeued or gave_up:
-                print(f"{requeued} half-done item(s) will be redone; {gave_up} failed after repeated crashes",
-                      file=sys.stderr)  # fmt: skip
             code = _serve_job(settings, store, args)
             if args.output:
                 lines = store.export(args.output)
@@ -146,7 +146,7 @@ def _serve_job(settings: Any, store: Any, args: argparse.Namespace) -> int:
     from qwen3vl_webui.wiring import build_service
 
     counts = store.counts()
-    if counts.pending == 0:
+    if counts.pending + counts.running == 0:  # running: a dead run's items, redone below
         print(f"nothing to run: {counts.done} done, {counts.failed} failed", file=sys.stderr)
         return EXIT_OK
     service = build_service(settings)
@@ -155,15 +155,23 @@ def _serve_job(settings: Any, store: Any, args: argparse.Namespace) -> int:
     try:  # the rates count from the first item, not from the load
         service.manager.wait_ready(None)
         service.warmed.wait()
+        asked = JobDefaults(
+            max_context=settings.max_context, max_new_tokens=settings.max_new_tokens, temperature=args.temperature,
+            system=args.system, max_files_per_turn=settings.max_files_per_turn,
+        )  # fmt: skip
+        defaults = _job_defaults(service, store, asked, args)  # before anything of the job changes
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        service.close()
-        service.manager.close()
+        _close(service)
         return EXIT_STOPPED
-    defaults = JobDefaults(
-        max_context=settings.max_context, max_new_tokens=settings.max_new_tokens, temperature=args.temperature,
-        system=args.system, max_files_per_turn=settings.max_files_per_turn,
-    )  # fmt: skip
+    except BaseException:
+        _close(service)
+        raise
+    requeued, gave_up = store.recover()
+    if requeued or gave_up:
+        print(f"{requeued} half-done item(s) will be redone; {gave_up} failed after repeated crashes",
+              file=sys.stderr)  # fmt: skip
+    counts = store.counts()
     bar = _ProgressBar(counts.total, counts.finished, quiet=args.no_progress)
     workers = args.workers or 2 * settings.max_concurrency
     runner = JobRunner(service, store, defaults, workers, on_progress=bar.update)
@@ -174,8 +182,7 @@ def _serve_job(settings: Any, store: Any, args: argparse.Namespace) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
         bar.close()
-        service.close()
-        service.manager.close()
+        _close(service)
     c = progress.counts
     print(f"{c.done} done, {c.failed} failed, {c.pending + c.running} left; this run: {progress.finished_now} items "
           f"in {progress.elapsed_s:.1f} s ({progress.items_per_s:.2f} items/s, {progress.tokens_per_s:.1f} tokens/s)",
@@ -184,6 +191,40 @@ def _serve_job(settings: Any, store: Any, args: argparse.Namespace) -> int:
         print(f"stopped; run the same command again to resume {args.db}", file=sys.stderr)
         return EXIT_STOPPED
     return EXIT_OK
+
+
+def _job_defaults(service: Any, store: Any, asked: Any, args: argparse.Namespace) -> Any:
+    """The defaults this run answers with, recorded as the job's setup. JobError (exit 2) if the job was started with
+    another model or precision, unless --allow-setup-change; a resumed job keeps its own sampling defaults unless
+    --allow-setup-change too (a line says so when this run's flags differ)."""
+    from qwen3vl_webui.service.jobs import check_setup, loaded_setup
+    from qwen3vl_webui.service.jobstore import JobError
+
+    check = check_setup(store, loaded_setup(service, asked))
+    recorded, current, allow = check.recorded, check.current, args.allow_setup_change
+    if recorded is not None and check.model_changed:
+        if not allow:
+            raise JobError(
+                f"{args.db} was started with {recorded.model_and_precision}, and this run loaded "
+                f"{current.model_and_precision}: their answers would mix in one job. Run it with the job's --model and "
+                "--precision, or pass --allow-setup-change to go on with this one."
+            )
+        print(f"going on with {current.model_and_precision} although {args.db} was started with "
+              f"{recorded.model_and_precision} (--allow-setup-change): its results mix both", file=sys.stderr)  # fmt: skip
+    if recorded is not None and check.sampling_changed:
+        if allow:
+            print(f"answering the rest with {current.sampling} (the job's was {recorded.sampling})", file=sys.stderr)
+        else:
+            print(f"keeping the job's own {recorded.sampling}; this run's flags ask {current.sampling} "
+                  "(--allow-setup-change to use them)", file=sys.stderr)  # fmt: skip
+    setup = check.go_on(allow)
+    store.record_setup(setup.record())
+    return setup.defaults(asked)
+
+
+def _close(service: Any) -> None:
+    service.close()
+    service.manager.close()
 
 
 class _ProgressBar:

@@ -355,29 +355,38 @@ def test_the_batch_jobs_tab_runs_an_uploaded_zip_and_offers_the_results(tiny_che
 
 class _EchoService:
     """A stand-in ChatService for the board's bookkeeping: each item's answer is its prompt, upper-cased (held until
-    `gate` is set, if given)."""
+    `gate` is set, if given); its model is the demo model in fp32; it keeps the requests it was sent."""
 
     draining = False
 
     def __init__(self, gate: threading.Event | None = None) -> None:
+        from types import SimpleNamespace
+
+        loaded = SimpleNamespace(is_demo=True, source="/somewhere/demo", precision="fp32")
+        self.manager = SimpleNamespace(wait_ready=lambda timeout=None: loaded, backend=None)
         self.gate = gate
+        self.requests: list = []
 
     def chat(self, request, cancel=None, **kw):  # type: ignore[no-untyped-def]
         from qwen3vl_webui.service.chat import Finished
         from qwen3vl_webui.telemetry import RequestStats
 
+        self.requests.append(request)
         if self.gate is not None:
             self.gate.wait(10)
         yield Finished(request.message.text.upper(), RequestStats(3, 0, 0, 2, 0.01, 0.01))
 
 
 def test_the_board_resumes_interrupted_jobs_oldest_first_but_not_stopped_finished_or_locked_ones(tmp_path: Path) -> None:
-    from qwen3vl_webui.service.jobs import JobBoard, JobDefaults
+    from qwen3vl_webui.service.jobs import DEMO_MODEL, JobBoard, JobDefaults
+    from qwen3vl_webui.ui.jobs_tab import describe
 
-    def job(name: str, ended: str | None = None, done: int = 0) -> Path:
+    def job(name: str, ended: str | None = None, done: int = 0, setup: dict | None = None) -> Path:
         folder = tmp_path / name
         with JobStore(folder / "job.sqlite") as store:
             store.add([JobItem(f"{name}-{n}", f"p{n}") for n in range(3)])
+            if setup is not None:
+                store.record_setup(setup)
             for _ in range(done):
                 claimed = store.claim("old-run")
                 store.finish(claimed.seq, "old-run", "kept", 1, 1)
@@ -386,16 +395,23 @@ def test_the_board_resumes_interrupted_jobs_oldest_first_but_not_stopped_finishe
                 store.mark_ended(ended)
         return folder
 
-    first, second = job("20260101-000000-aaaaaa", done=1), job("20260102-000000-bbbbbb")
+    # The first job was started by this model with its own sampling defaults (which it keeps); the second by an
+    # older version (nothing recorded); the third by the same model in bf16: it must not be resumed in fp32.
+    own = {"model": DEMO_MODEL, "precision": "fp32", "temperature": 0.0, "max_new_tokens": 7, "system": "Be brief."}
+    first = job("20260101-000000-aaaaaa", done=1, setup=own)
+    other = job("20260101-120000-hhhhhh", setup=own | {"precision": "bf16"})
+    second = job("20260102-000000-bbbbbb")
     job("20260103-000000-cccccc", ended="stopped")  # the operator's Stop: stays stopped
     job("20260104-000000-dddddd", ended="finished")
     locked = job("20260105-000000-eeeeee")
     (tmp_path / "20260106-000000-ffffff").mkdir()  # a job whose upload never got as far as its database
     held = RunLock(locked / "job.sqlite")
     held.acquire()  # a command-line run is finishing it
-    board = JobBoard(_EchoService(), tmp_path, JobDefaults(), workers=2)  # type: ignore[arg-type]
+    untouched = _rows(other / "job.sqlite")
+    service = _EchoService()
+    board = JobBoard(service, tmp_path, JobDefaults(), workers=2)  # type: ignore[arg-type]
     try:
-        assert board.resume_interrupted() == [first.name, second.name, locked.name]
+        assert board.resume_interrupted() == [first.name, other.name, second.name, locked.name]
         assert _until(lambda: (second / "results.jsonl").exists(), 10)  # one after the other, oldest first
         assert _until(lambda: board.view().state == "finished", 10)
         for folder in (first, second):
@@ -403,9 +419,19 @@ def test_the_board_resumes_interrupted_jobs_oldest_first_but_not_stopped_finishe
             assert [r["id"] for r in records] == [f"{folder.name}-{n}" for n in range(3)]
             assert all(r["status"] == "done" for r in records)
         assert [r["answer"] for r in _lines(first / "results.jsonl")] == ["kept", "P1", "P2"]  # done ones kept
+        assert [(r.sampling.max_new_tokens, r.system_prompt) for r in service.requests] == (
+            [(7, "Be brief.")] * 2 + [(JobDefaults().max_new_tokens, "")] * 3
+        )  # the first job answered with its own defaults, the second (none recorded) with the board's
+        with JobStore(second / "job.sqlite") as store:
+            assert store.setup() == own | {"max_new_tokens": JobDefaults().max_new_tokens, "system": ""}
         assert not (locked / "results.jsonl").exists()  # left to the run that holds it
+        assert not (other / "results.jsonl").exists() and _rows(other / "job.sqlite") == untouched
         view = board.view()
         assert view.job == second.name and view.resumed and view.message == "resumed after a restart: 3 of 3 items left (1 redone)"
+        (why,) = view.held
+        assert why.startswith(f"Job {other.name} was not resumed: it was started with {DEMO_MODEL} in bf16, and this "
+                              f"server runs {DEMO_MODEL} in fp32")  # fmt: skip
+        assert f"--db {other / 'job.sqlite'} --allow-setup-change" in why and why in describe(view)
         with JobStore(tmp_path / "20260103-000000-cccccc" / "job.sqlite") as stopped:
             assert stopped.counts().pending == 2 and stopped.counts().running == 1  # untouched
     finally:
@@ -495,6 +521,70 @@ def test_a_page_job_survives_a_sigkilled_app_and_resumes_when_it_starts_again(
         assert again.jobs.resume_interrupted() == []  # finished: a later start leaves it alone
     finally:
         again.close()
+
+
+def test_a_job_started_in_bf16_is_not_resumed_in_fp32_by_the_page_nor_by_the_cli_unless_allowed(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    import shutil
+
+    from qwen3vl_webui import jobs as jobs_cli
+    from qwen3vl_webui.service.jobs import DEMO_MODEL
+    from qwen3vl_webui.ui.jobs_tab import describe
+    from tests.conftest import start_app
+
+    cache = tmp_path / "cache"  # the page's --cache-dir: the job below lies in its jobs folder, as a page job does
+    cache.mkdir(mode=0o700)
+    shutil.copytree(tiny_checkpoint, cache / tiny_checkpoint.name)
+    folder = cache / "jobs" / "20260101-000000-aaaaaa"
+    folder.mkdir(parents=True)
+    db = folder / "job.sqlite"
+    source = tmp_path / "items.jsonl"
+    source.write_text("".join(json.dumps({"id": f"item-{n}", "prompt": f"Item {n}."}) + "\n" for n in range(3)))
+    flags = ["--demo", "--cache-dir", str(cache), "--warmup", "off", "--max-context", "512", "--max-new-tokens", "16"]
+    run = ["run", "--db", str(db), "--no-progress", *flags]
+    assert jobs_cli.main([*run, "--input", str(source), "--precision", "bf16"]) == 0, capsys.readouterr().err
+    with JobStore(db) as store:
+        assert store.setup() == {"model": DEMO_MODEL, "precision": "bf16", "temperature": 0.0, "max_new_tokens": 16,
+                                 "system": ""}  # fmt: skip
+    with sqlite3.connect(db) as conn:  # as a kill -9 leaves it: the last two items were being answered
+        conn.execute("UPDATE items SET status = 'running', answer = NULL, finished_at = NULL WHERE seq > 0")
+    before = _rows(db)
+    first_answer = before[0][2]
+
+    # The page, started again in fp32 (auto on a CPU), leaves it unfinished and says why on the tab and in the log.
+    app, _ = start_app(cache, *flags[3:])
+    try:
+        assert _until(lambda: app.jobs.view().state == "paused", 30), app.jobs.view()
+        text = describe(app.jobs.view())
+        assert f"it was started with {DEMO_MODEL} in bf16, and this server runs {DEMO_MODEL} in fp32" in text, text
+        assert f"--db {db} --allow-setup-change" in text and "with the job's --model and --precision" in text
+        assert any("was not resumed" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    finally:
+        app.close()
+    assert _rows(db) == before and not (folder / "results.jsonl").exists()  # nothing redone, nothing exported
+
+    # The command line in fp32: one line naming both, exit 2, nothing touched.
+    capsys.readouterr()
+    assert jobs_cli.main(run) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: {db} was started with {DEMO_MODEL} in bf16, and this run loaded {DEMO_MODEL} in fp32: their answers "
+        "would mix in one job. Run it with the job's --model and --precision, or pass --allow-setup-change to go on "
+        "with this one."
+    ]
+    assert _rows(db) == before
+
+    # Told to, it goes on in fp32 (and with this run's answer length), says so, and the job now records both.
+    out = tmp_path / "results.jsonl"
+    assert jobs_cli.main([*run, "--output", str(out), "--allow-setup-change", "--max-new-tokens", "8"]) == 0
+    err = capsys.readouterr().err
+    assert "results mix both" in err and "answering the rest with temperature 0, up to 8 new tokens" in err, err
+    results = _lines(out)
+    assert [r["status"] for r in results] == ["done"] * 3 and results[0]["answer"] == first_answer
+    assert all(0 < r["completion_tokens"] <= 8 for r in results[1:])
+    with JobStore(db) as store:
+        assert (store.setup()["precision"], store.setup()["max_new_tokens"]) == ("fp32", 8)
 
 
 def _ready(httpx, url: str) -> bool:  # type: ignore[no-untyped-def]

@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +134,106 @@ class JobDefaults:
     media: MediaBudget = field(default_factory=default_media)
     max_files_per_turn: int = 8
     ignore_eos: bool = False  # benchmarks: every answer is max_new_tokens long (bench/jobs.py)
+
+
+DEMO_MODEL = "demo model (tiny Qwen3-VL)"  # the manager's name for it (its folder depends on --cache-dir)
+
+
+@dataclass(frozen=True)
+class JobSetup:
+    """What a job's answers depend on besides its items: the model and precision that answer them, and the defaults
+    an item that says nothing falls back on. Recorded in the job's database at each run's start (JobStore.setup), so
+    a resume can tell whether it would mix the answers of two setups in one results file."""
+
+    model: str  # as the manager names it: the checkpoint's id or folder, the demo model, a backend's model
+    precision: str  # the one it loaded in (`auto` resolved)
+    temperature: float
+    max_new_tokens: int
+    system: str
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any] | None) -> JobSetup | None:
+        """The recorded setup; None for a job no run recorded one of (an older version's) or a record not ours."""
+        if not isinstance(record, dict):
+            return None
+        try:
+            return cls(str(record["model"]), str(record["precision"]), float(record["temperature"]),
+                       int(record["max_new_tokens"]), str(record["system"]))  # fmt: skip
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def record(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def model_and_precision(self) -> str:
+        return f"{self.model} in {self.precision}"
+
+    @property
+    def sampling_values(self) -> tuple[float, int, str]:
+        return self.temperature, self.max_new_tokens, self.system
+
+    @property
+    def sampling(self) -> str:
+        system = f"system prompt {_clip(self.system)!r}" if self.system else "no system prompt"
+        return f"temperature {self.temperature:g}, up to {self.max_new_tokens} new tokens, {system}"
+
+    def defaults(self, base: JobDefaults) -> JobDefaults:
+        """`base` with this setup's sampling defaults."""
+        return replace(base, temperature=self.temperature, max_new_tokens=self.max_new_tokens, system=self.system)
+
+
+@dataclass(frozen=True)
+class SetupCheck:
+    """A run's setup beside the one its job recorded (None: none recorded, nothing to compare)."""
+
+    recorded: JobSetup | None
+    current: JobSetup
+
+    @property
+    def model_changed(self) -> bool:
+        """Another model or precision: its answers would mix with the job's. Refused unless the user says so."""
+        return self.recorded is not None and self.recorded.model_and_precision != self.current.model_and_precision
+
+    @property
+    def sampling_changed(self) -> bool:
+        return self.recorded is not None and self.recorded.sampling_values != self.current.sampling_values
+
+    def go_on(self, allow_change: bool = False) -> JobSetup:
+        """What the run answers with: this run's model and precision, and the job's own sampling defaults (so a
+        resume with other --temperature, --max-new-tokens or --system flags does not mix them), or this run's with
+        `allow_change` or for a job that recorded none."""
+        if self.recorded is None or allow_change:
+            return self.current
+        r = self.recorded
+        return replace(self.current, temperature=r.temperature, max_new_tokens=r.max_new_tokens, system=r.system)
+
+
+def loaded_setup(
+    service: ChatService, defaults: JobDefaults, stopped: Callable[[], bool] = lambda: False
+) -> JobSetup | None:
+    """The setup this process answers with, once its model is loaded: None if `stopped` first; RuntimeError if the
+    model failed to load."""
+    while True:
+        try:
+            loaded = service.manager.wait_ready(1.0)
+            break
+        except TimeoutError:
+            if stopped():
+                return None
+    model = DEMO_MODEL if loaded.is_demo else loaded.source
+    backend = service.manager.backend
+    if backend is not None:
+        model = f"backend model {backend.model or '(not known)'}"
+    return JobSetup(model, loaded.precision, float(defaults.temperature), int(defaults.max_new_tokens), defaults.system)
+
+
+def check_setup(store: JobStore, current: JobSetup) -> SetupCheck:
+    return SetupCheck(JobSetup.from_record(store.setup()), current)
+
+
+def _clip(text: str, length: int = 40) -> str:
+    return text if len(text) <= length else text[: length - 1] + "…"
 
 
 @dataclass(frozen=True)
@@ -325,11 +425,12 @@ class BoardView:
     """What the Batch jobs tab shows: the current (or last) job, plain data."""
 
     job: str | None
-    state: str  # idle, running, stopping, finished, stopped, interrupted, failed
+    state: str  # idle, running, stopping, finished, stopped, interrupted, paused, failed
     progress: Progress | None
     results: str | None  # the results file, once written
     message: str = ""
     resumed: bool = False  # a job the last run of the server left unfinished, taken up again at start
+    held: tuple[str, ...] = ()  # why other unfinished jobs were not resumed (made with another model or precision)
 
 
 class JobBoard:
@@ -338,7 +439,9 @@ class JobBoard:
 
     A job survives the server: one that a crash, `kill -9` or a shutdown left unfinished (no `ended` mark in its
     database) is resumed when the server starts again (`resume_interrupted`), oldest first, as a queue does; its
-    half-done items are redone and its done ones kept. A job the operator stopped stays stopped."""
+    half-done items are redone and its done ones kept. A job the operator stopped stays stopped. A job made with
+    another model or precision than this server's is not resumed (its answers would mix): it stays unfinished,
+    `paused`, and the tab and the log say why and how to resume it."""
 
     def __init__(self, service: ChatService, root: str | Path, defaults: JobDefaults, workers: int) -> None:
         self.service = service
@@ -354,6 +457,7 @@ class JobBoard:
         self._last: Progress | None = None
         self._resumed = False
         self._waiting: list[Path] = []  # interrupted jobs to resume after the one running
+        self._held: dict[str, str] = {}  # interrupted jobs not resumed, and why
         self._closed = False
 
     def submit(self, upload: str | Path, prompt: str) -> tuple[str, int]:
@@ -413,10 +517,7 @@ class JobBoard:
                     log.warning("batch job %s not resumed: %s", folder.name, exc)
                     continue
                 store = JobStore(folder / "job.sqlite")
-                requeued, gave_up = store.recover()  # the dead run's items: redone (failed after 3 deaths)
-                counts = store.counts()
-                note = f"resumed after a restart: {counts.pending} of {counts.total} items left ({requeued} redone"
-                note += f", {gave_up} failed)" if gave_up else ")"
+                note = "resumed after a restart: waiting for the model…"
                 self._launch(folder.name, folder, store, lock, note, resumed=True)
                 return
 
@@ -429,29 +530,23 @@ class JobBoard:
         runner = JobRunner(self.service, store, self.defaults, self.workers, on_progress=self._progress, cold=True)
         self._runner, self._job, self._state, self._results, self._last = runner, job, "running", None, None
         self._message, self._resumed = message, resumed
-        thread = threading.Thread(target=self._run, args=(runner, store, folder, lock), name="job-board", daemon=True)
+        thread = threading.Thread(
+            target=self._run, args=(runner, store, folder, lock, resumed), name="job-board", daemon=True
+        )
         thread.start()
 
     def _progress(self, progress: Progress) -> None:
         self._last = progress
 
-    def _run(self, runner: JobRunner, store: JobStore, folder: Path, lock: RunLock) -> None:
-        ended = False
+    def _run(self, runner: JobRunner, store: JobStore, folder: Path, lock: RunLock, resumed: bool) -> None:
+        ended = held = False
         try:
-            progress = runner.run()
-            with self._lock:
-                by_operator = self._state == "stopping"
-            if runner.stopped and not by_operator:  # the server is closing: resumed at its next start
+            held = not self._prepare(runner, store, folder, resumed)
+            if held:
                 with self._lock:
-                    self._last, self._state = progress, "interrupted"
-                return
-            out = folder / "results.jsonl"
-            store.export(out, include_unfinished=runner.stopped)
-            store.mark_ended("stopped" if runner.stopped else "finished")
-            ended = not runner.stopped
-            with self._lock:
-                self._last, self._results = progress, str(out)
-                self._state = "stopped" if runner.stopped else "finished"
+                    self._last, self._state, self._message = runner.progress(), "paused", self._held[folder.name]
+            else:
+                ended = self._finish(runner, store, folder)
         except Exception as exc:  # the page says so; the chats go on
             log.exception("batch job failed")
             with self._lock:
@@ -459,8 +554,56 @@ class JobBoard:
         finally:
             store.close()
             lock.release()
-        if ended:
+        if ended or held:
             self._next()
+
+    def _prepare(self, runner: JobRunner, store: JobStore, folder: Path, resumed: bool) -> bool:
+        """Waits for the model, then checks and records what the job answers with. False: the job was made with
+        another model or precision, and is left unfinished (why, and how to resume it: on the tab and in the log)."""
+        current = loaded_setup(self.service, self.defaults, stopped=lambda: runner.stopped)
+        if current is None:  # stopped (or the server closing) before the model came: the run ends at once
+            return True
+        check = check_setup(store, current)
+        recorded = check.recorded
+        if recorded is not None and check.model_changed:
+            reason = (
+                f"Job {folder.name} was not resumed: it was started with {recorded.model_and_precision}, and this "
+                f"server runs {current.model_and_precision}; its answers would mix. To resume it, start the server "
+                "with the job's --model and --precision, or finish it from the command line with this server's "
+                f"flags: `python -m qwen3vl_webui.jobs run --db {folder / 'job.sqlite'} --allow-setup-change`."
+            )
+            log.warning("%s", reason)
+            with self._lock:
+                self._held[folder.name] = reason
+            return False
+        setup = check.go_on()  # a resumed job keeps its own sampling defaults
+        store.record_setup(setup.record())
+        runner.defaults = setup.defaults(self.defaults)
+        if resumed:
+            requeued, gave_up = store.recover()  # the dead run's items: redone (failed after 3 deaths)
+            counts = store.counts()
+            note = f"resumed after a restart: {counts.pending} of {counts.total} items left ({requeued} redone"
+            note += f", {gave_up} failed)" if gave_up else ")"
+            with self._lock:
+                self._message = note
+        return True
+
+    def _finish(self, runner: JobRunner, store: JobStore, folder: Path) -> bool:
+        """Runs the job to its end or a stop; True if it finished (the next waiting job may start)."""
+        progress = runner.run()
+        with self._lock:
+            by_operator = self._state == "stopping"
+        if runner.stopped and not by_operator:  # the server is closing: resumed at its next start
+            with self._lock:
+                self._last, self._state = progress, "interrupted"
+            return False
+        out = folder / "results.jsonl"
+        store.export(out, include_unfinished=runner.stopped)
+        store.mark_ended("stopped" if runner.stopped else "finished")
+        with self._lock:
+            self._last, self._results = progress, str(out)
+            self._state = "stopped" if runner.stopped else "finished"
+        return not runner.stopped
 
     def stop(self) -> None:
         """The operator's Stop: items in flight go back to pending, the results so far are exported, and the job is
@@ -482,7 +625,8 @@ class JobBoard:
         with self._lock:
             runner, state = self._runner, self._state
             progress = runner.progress() if runner is not None and state in ("running", "stopping") else self._last
-            return BoardView(self._job, state, progress, self._results, self._message, self._resumed)
+            held = tuple(why for job, why in self._held.items() if job != self._job)
+            return BoardView(self._job, state, progress, self._results, self._message, self._resumed, held)
 
 
 def _interrupted(db: Path) -> bool:

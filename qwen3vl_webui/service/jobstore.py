@@ -4,7 +4,8 @@ Why it survives `kill -9`, a reboot or a preempted instance: every change is one
 `pending`, `running` (claimed by this run), `done` (its answer written in the same UPDATE that marks it) or `failed`
 (with the reason). A run that dies leaves `running` rows; the next run (`recover`) puts them back to `pending`, so a
 half-done item is redone and a done one is never run again. One runner per database at a time (`RunLock`, an flock
-the kernel drops when the process dies).
+the kernel drops when the process dies). What the job answers with (model, precision, default sampling) is in its
+`meta` table under `setup`, written at each run's start: a database of an older version has none and reads the same.
 """
 
 from __future__ import annotations
@@ -154,6 +155,22 @@ class JobStore:
         with self._lock:
             row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
+
+    def setup(self) -> dict[str, Any] | None:
+        """What the job's last run answered with (service/jobs.py's JobSetup); None for a job no run recorded it of
+        (one made by an older version, or not run yet)."""
+        raw = self.meta("setup")
+        try:
+            value = json.loads(raw) if raw else None
+        except json.JSONDecodeError:
+            return None
+        return value if isinstance(value, dict) else None
+
+    def record_setup(self, setup: dict[str, Any]) -> None:
+        with self._lock, self._transaction():
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('setup', ?)", (json.dumps(setup, sort_keys=True),)
+            )
 
     # -- running ----------------------------------------------------------------------------
     def recover(self) -> tuple[int, int]:

@@ -53,9 +53,11 @@ class JobsTab:
 def describe(v: BoardView) -> str:
     if v.job is None:
         return "No job yet. Upload a `.jsonl` (one `{\"id\", \"prompt\"}` a line) or a `.zip` of images and videos."
+    held = "".join(f"\n\n⚠️ {why}" for why in v.held)  # other jobs left unfinished, and why
     if v.state == "failed":
-        return f"Job {v.job} failed: {v.message}"
-    line = f"**Job {v.job}**: {v.state}" + (" (resumed after the server restarted)" if v.resumed else "")
+        return f"Job {v.job} failed: {v.message}" + held
+    resumed = " (resumed after the server restarted)" if v.resumed and v.state != "paused" else ""
+    line = f"**Job {v.job}**: {v.state}{resumed}"
     p = v.progress
     if p is not None:
         c = p.counts
@@ -67,7 +69,9 @@ def describe(v: BoardView) -> str:
             line += f" · {p.preempted} items gave their slot to a chat"
     if v.state == "interrupted":
         line += " · the server is closing; the job goes on when it starts again"
-    return line
+    if v.state == "paused":
+        line += f"\n\n⚠️ {v.message}"
+    return line + held
 
 
 def build_jobs_tab(tab: JobsTab) -> gr.Timer:
