@@ -193,7 +193,8 @@ def test_a_client_leaving_a_non_streamed_answer_frees_its_slot_at_once(tiny_chec
     service = app.service
     try:
         long = {"model": MODEL, "messages": _ask("story"), "max_tokens": 8000, "ignore_eos": True, "temperature": 0}
-        tokens, started = service.metrics.totals().generation_tokens, service.counters.generations_started
+        totals = service.metrics.totals()
+        tokens, aborted, started = totals.generation_tokens, totals.success["abort"], service.counters.generations_started
         running = _post_and_leave_open(url, long)
         assert wait_for(lambda: service.counters.active == 1, 30)  # generating: the one slot is taken
         waiting = _post_and_leave_open(url, {**long, "messages": _ask("and me?")})
@@ -205,6 +206,7 @@ def test_a_client_leaving_a_non_streamed_answer_frees_its_slot_at_once(tiny_chec
             assert wait_for(lambda: service.admission.held() == 0 and service.scheduler.state().running == 0, 5)
         assert service.counters.active == 0 and service.counters.generations_started == started + 1  # not the 2nd
         assert 0 < service.metrics.totals().generation_tokens - tokens < 8000  # stopped early
+        assert service.metrics.totals().success["abort"] == aborted + 1  # counted as vLLM does: not "stop"/"length"
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text  # a client left: no error
         reply = _client(url).chat.completions.create(model=MODEL, messages=_ask("still there?"), max_tokens=8)
         assert reply.choices[0].message.content

@@ -348,7 +348,7 @@ class ChatService:
             timer = threading.Timer(max(0.0, deadline - time.monotonic()), active.stop, args=("timeout",))
             timer.daemon = True
             timer.start()
-        text, oom, final = "", None, None
+        text, oom, final, cancelled_first = "", None, None, False
         stopped: list[RequestStats] = []  # a request stopped early reports its figures through on_cancel
         outcome = "abort"  # closed by the caller (client gone) unless it ends otherwise
 
@@ -367,9 +367,13 @@ class ChatService:
                     if stats is not None:
                         self.stats.record(stats)
                         final = Finished(text, stats)
+                        # Cancelled before its end came (Stop, an API client gone: openai_api sets the cancel) is an
+                        # abort, as in vLLM. Read here: a decoder sets the cancel itself once its stream is over.
+                        cancelled_first = active.cancel.is_set()
                     else:
                         yield text
-            outcome = "abort" if final is None or stopped or active.stopped_by else (
+            cancelled = stopped or active.stopped_by or cancelled_first
+            outcome = "abort" if final is None or cancelled else (
                 "length" if final.stats.new_tokens >= request.sampling.max_new_tokens else "stop"
             )
         except Exception as exc:
