@@ -120,6 +120,7 @@ def _run(args: argparse.Namespace, rest: list[str]) -> int:
     settings = parse_settings(rest)  # a bad app flag: one line, exit 2
     items = _items(args)  # bad input is reported before the model loads
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    Path(args.db).parent.mkdir(parents=True, exist_ok=True)  # `--db state/jobs.sqlite` in a new folder
     lock = RunLock(args.db)
     lock.acquire()  # one runner per database; released by the kernel if this process dies
     try:

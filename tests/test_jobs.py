@@ -174,7 +174,7 @@ def test_cli_runs_a_job_with_bad_items_and_exports_in_input_order(tmp_path: Path
     (tmp_path / "notes.xyz").write_text("x")
     source = tmp_path / "items.jsonl"
     source.write_text("\n".join(json.dumps(i) for i in items) + "\nnot json\n")
-    db, out = tmp_path / "job.sqlite", tmp_path / "results.jsonl"
+    db, out = tmp_path / "state" / "job.sqlite", tmp_path / "results.jsonl"  # a folder the run makes
     done = _jobs("run", "--input", str(source), "--db", str(db), "--output", str(out),
                  *_model_flags(tiny_checkpoint.parent))  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
