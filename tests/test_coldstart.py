@@ -206,6 +206,7 @@ def test_the_compile_flag_reaches_the_engine_process_and_precompile_uses_its_opt
     assert (default.background_compile, default.compile) == (None, None)  # background wherever it compiles on CUDA
     assert (before.background_compile, off.compile) == (False, False)
     assert default.artifacts_dir == str(tmp_path / "compiled") and default.max_len == 2048 and default.max_batch == 4
+    assert default.kernel_cache_dir == str(tmp_path / "triton")  # our Triton kernels' builds live with the rest
     with pytest.raises(SystemExit):
         parse_settings(["--compile", "later"])
 
@@ -450,3 +451,17 @@ def test_regional_compile_traces_one_decoder_layer_for_all_of_them(
         streams = {n: engine.submit_tokens(prompts[n], GREEDY, threading.Event()) for n in names}
         assert {n: list(s) for n, s in streams.items()} == expected
     assert not any("forward" in vars(layer) for layer in layers)
+
+
+def test_our_triton_kernels_cache_under_the_cache_dir_unless_the_environment_says_otherwise(
+    loaded: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TRITON_CACHE_DIR (our kernels' JIT builds) goes to the engine's kernel_cache_dir, so that a Docker volume or a
+    Space's /data mounted at --cache-dir keeps them; an operator's own TRITON_CACHE_DIR wins."""
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    plain = dict(max_batch=1, token_budget=512, eos_token_ids=(), buckets=(1,), compile=False)
+    with BatchEngine(loaded, BatchOptions(**plain, kernel_cache_dir=tmp_path / "triton")):
+        assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "triton") and (tmp_path / "triton").is_dir()
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "mine"))
+    with BatchEngine(loaded, BatchOptions(**plain, kernel_cache_dir=tmp_path / "other")):
+        assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "mine") and not (tmp_path / "other").exists()

@@ -115,6 +115,7 @@ class BatchDecoder(InProcess):
         base = Path(cache_dir or Path.home() / ".cache" / "qwen3vl-webui")
         self.compile_cache_dir = base / "inductor"
         self.artifacts_dir = base / "compiled"  # portable compile artifacts (engine/batch/artifacts.py)
+        self.kernel_cache_dir = base / "triton"  # our Triton kernels' builds (unless TRITON_CACHE_DIR is set)
         self.engine = None
         self.fallback: GenerateDecoder | None = None  # used when the engine cannot start
         self.reason = ""
@@ -126,7 +127,7 @@ class BatchDecoder(InProcess):
         budget = self.max_context * self.max_batch
         options = BatchOptions(
             max_batch=self.max_batch, token_budget=budget, compile_cache_dir=self.compile_cache_dir,
-            artifacts_dir=self.artifacts_dir, **self.compile_options,
+            artifacts_dir=self.artifacts_dir, kernel_cache_dir=self.kernel_cache_dir, **self.compile_options,
         )  # fmt: skip
         try:
             self.engine = BatchEngine(loaded, options)

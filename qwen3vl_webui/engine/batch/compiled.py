@@ -40,6 +40,18 @@ def use_cache_dir(path: str | os.PathLike[str] | None) -> Path:
     return target
 
 
+def use_kernel_cache_dir(path: str | os.PathLike[str] | None) -> str | None:
+    """Points Triton's JIT cache (our kernels' builds: GEMV, split-KV attention, W4A16, FP8) at `path` unless the
+    environment already sets TRITON_CACHE_DIR; returns the directory in effect (None: Triton's default)."""
+    if os.environ.get("TRITON_CACHE_DIR"):
+        return os.environ["TRITON_CACHE_DIR"]
+    if path is None:
+        return None
+    Path(path).mkdir(parents=True, exist_ok=True)
+    os.environ["TRITON_CACHE_DIR"] = str(path)
+    return str(path)
+
+
 def should_compile(requested: bool | None, device: str, precision: str) -> bool:
     """None means: on for CUDA bf16/fp16, the weight-only precisions (int8wo, int4, fp8: their matmuls are custom ops)
     and int4-bnb; off on CPU and for LLM.int8.

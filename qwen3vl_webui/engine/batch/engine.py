@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from qwen3vl_webui.engine.batch import prefix
+from qwen3vl_webui.engine.batch import compiled, prefix
 from qwen3vl_webui.engine.batch.core import EngineCore, EngineSnapshot
 from qwen3vl_webui.engine.batch.options import BatchOptions
 from qwen3vl_webui.engine.batch.prefix import Entry
@@ -58,6 +58,7 @@ class BatchEngine:
         """`compile_gate` (tests, benchmarks): the background compile takes one release of it per batch bucket."""
         self.loaded = loaded
         self.options = options if options is not None else BatchOptions()
+        compiled.use_kernel_cache_dir(self.options.kernel_cache_dir)  # before any of our kernels is built
         self._streams = RequestStreams()
         self._listeners: list[Callable[[EngineOutputs], None]] = []
         self.core = EngineCore(loaded, self.options, self._publish)

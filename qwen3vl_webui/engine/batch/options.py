@@ -22,6 +22,9 @@ class BatchOptions:
     cuda_graphs: bool | None = None  # None: on CUDA
     compile: bool | None = None  # None: compiled.should_compile (CUDA 16-bit and weight-only)
     compile_cache_dir: str | os.PathLike[str] | None = None
+    # Where our own Triton kernels' JIT builds persist (TRITON_CACHE_DIR) when the environment names no place: beside
+    # the inductor cache under --cache-dir, so a Docker volume or a Space's /data keeps them (else ~/.triton/cache).
+    kernel_cache_dir: str | os.PathLike[str] | None = None
     # Serve at once, speed up later (graphs.py): decode starts from eager steps captured in CUDA graphs and each batch
     # bucket's compiled graph is swapped in between two decode steps once a background thread has compiled it.
     # None: where the step is compiled on CUDA. False: compile every bucket before the engine serves (precompile).

@@ -48,6 +48,7 @@ class RemoteDecoder:
         # Portable compile artifacts, one file per setup (engine/batch/artifacts.py): written after the first compile,
         # read at the next start (or written ahead of time by `python -m qwen3vl_webui.precompile`).
         self.artifacts_dir = str(base / "compiled")
+        self.kernel_cache_dir = str(base / "triton")  # our Triton kernels' builds (unless TRITON_CACHE_DIR is set)
         self.on_progress = on_progress
         self.on_death = on_death
         self.process: EngineProcess | None = None
@@ -62,6 +63,7 @@ class RemoteDecoder:
             "token_budget": self.max_context * self.max_batch,
             "compile_cache_dir": self.compile_cache_dir,
             "artifacts_dir": self.artifacts_dir,
+            "kernel_cache_dir": self.kernel_cache_dir,
             **self.compile_options,
         }
         return {"source": source, "precision": precision, "device": device, "attn": self.attn, "options": options}
