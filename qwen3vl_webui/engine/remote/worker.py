@@ -73,7 +73,12 @@ def prewarm() -> None:
     arrives; modules that fail to import here fail again, with their message, where they are used."""
     import importlib
 
-    for name in ("transformers", "transformers.models.qwen3_vl.modeling_qwen3_vl", "qwen3vl_webui.weights.loading"):
+    names = (
+        "transformers", "transformers.models.qwen3_vl.modeling_qwen3_vl", "qwen3vl_webui.weights.loading",
+        # The batch engine and what its start compiles with (inductor's compile_fx: ~0.9 s on a 2-core CPU with .pyc).
+        "qwen3vl_webui.engine.batch", "torch._inductor.compile_fx",
+    )  # fmt: skip
+    for name in names:
         try:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001, S112 - reported by the import that needs it
