@@ -35,8 +35,9 @@ EXPOSE 7860
 #      with that GPU, with the serving flags (KV sizes are part of the key), then build a small image on top:
 #        docker run --rm --gpus all -v "$PWD/artifacts:/artifacts" qwen3vl-webui \
 #            python -m qwen3vl_webui.precompile --cache-dir /artifacts --precision bf16 --max-concurrency 8
-#        printf 'FROM qwen3vl-webui\nCOPY --chown=app artifacts/compiled /home/app/.cache/qwen3vl-webui/compiled\n' \
+#        printf 'FROM qwen3vl-webui\nCOPY --chown=app artifacts/compiled /home/app/.cache/qwen3vl-webui/compiled\nCOPY --chown=app artifacts/triton /home/app/.cache/qwen3vl-webui/triton\n' \
 #            | docker build -t qwen3vl-webui:h100 -f - .
+#      (triton/ holds the builds of the app's own Triton kernels: GEMV, attention, int4/fp8 matmuls; optional.)
 #      A file made for another GPU or other versions is ignored with one log line (the app then compiles).
 
 # GET /health: 200 while the process serves HTTP (liveness). GET /ready: 200 once the model is loaded and chats are
