@@ -123,6 +123,16 @@ def summarize(first: Samples, last: Samples, seconds: float, series: list[dict[s
         "peak_kv_usage": max((s["kv"] for s in series), default=0),
         "gpu_memory_used_max": max((s["gpu_used"] for s in series), default=0),
     }
+    # The batch engine's schedule (issue 12): decode steps, rows per step, prefill forwards by kind over the window.
+    steps = total(last, "qwen3vl:engine_decode_steps_total") - total(first, "qwen3vl:engine_decode_steps_total")
+    if steps > 0:
+        made = total(last, "qwen3vl:engine_tokens_total") - total(first, "qwen3vl:engine_tokens_total")
+        forwards = {dict(ls)["kind"]: v - first.get((n, ls), 0.0)
+                    for (n, ls), v in last.items() if n == "qwen3vl:engine_prefill_forwards_total"}  # fmt: skip
+        first_tokens = sum(out["requests"].values())  # each answer's first token comes from its prefill
+        out["engine"] = {"decode_steps": steps, "steps_per_s": round(steps / seconds, 1) if seconds > 0 else None,
+                         "rows_per_step": round(max(0.0, made - first_tokens) / steps, 2),
+                         "prefill_forwards": forwards}  # fmt: skip
     for key, name in (("ttft", "vllm:time_to_first_token_seconds"), ("itl", "vllm:inter_token_latency_seconds"),
                       ("e2e", "vllm:e2e_request_latency_seconds"), ("queue", "vllm:request_queue_time_seconds")):  # fmt: skip
         for q in (0.5, 0.9, 0.99):

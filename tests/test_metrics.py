@@ -282,7 +282,10 @@ def test_every_dashboard_expression_names_only_exported_metrics(app_url: tuple[A
     _, url = app_url
     scraped = {name for name, _ in scrape(url, headers={"Authorization": f"Bearer {KEY}"})}
     gpu_only = {"qwen3vl:gpu_memory_used_bytes", "qwen3vl:gpu_memory_total_bytes", "qwen3vl:torch_memory_bytes"}
-    assert exported - gpu_only - scraped == set()
+    # the batch engine's own counts only with the batch engine (test_the_engine_process_figures_reach_metrics)
+    engine_only = {"qwen3vl:engine_decode_steps_total", "qwen3vl:engine_tokens_total",
+                   "qwen3vl:engine_prefill_forwards_total"}  # fmt: skip
+    assert exported - gpu_only - engine_only - scraped == set()
 
 
 # ------------------------------------------------------------------------------- live cost
@@ -378,6 +381,13 @@ def test_the_engine_process_figures_reach_metrics(tiny_checkpoint: Path) -> None
     app, url = start_app(tiny_checkpoint.parent, "--engine", "batch", "--max-concurrency", "2")
     try:
         model = {"model_name": "qwen3vl-demo", "engine": "0"}
+
+        def settled() -> bool:  # the engine reports every 0.5 s: the start-up warm-up's tokens are in once it is still
+            seen = value(scrape(url), "qwen3vl:engine_tokens_total")
+            time.sleep(0.6)
+            return value(scrape(url), "qwen3vl:engine_tokens_total") == seen
+
+        assert wait_for(settled, 20)
         before = scrape(url)
         body = {"model": "qwen3vl-demo", "messages": [{"role": "user", "content": "The same words again and again"}],
                 "max_tokens": 4, "ignore_eos": True}  # fmt: skip
@@ -394,6 +404,18 @@ def test_the_engine_process_figures_reach_metrics(tiny_checkpoint: Path) -> None
         )
         assert value(after, "qwen3vl:precision_info", decoder="batch") == 1
         assert value(after, "vllm:request_success_total", finished_reason="length", **model) == 2
+
+        def grew(name: str, **labels: str) -> float:  # a series absent before (no forward of that kind yet) was 0
+            had = [v for (n, ls), v in before.items() if n == name and set(labels.items()) <= set(ls)]
+            return value(scrape(url), name, **labels) - sum(had)
+
+        # The engine's schedule: 2 answers of 4 tokens = 2 first tokens from prefill + 6 decode steps of one row.
+        assert wait_for(lambda: grew("qwen3vl:engine_tokens_total") == 8, 5), grew("qwen3vl:engine_tokens_total")
+        assert grew("qwen3vl:engine_decode_steps_total") == 6
+        kinds = {dict(labels)["kind"] for (name, labels) in scrape(url) if name == "qwen3vl:engine_prefill_forwards_total"}
+        assert kinds <= {"batched", "graphed", "eager", "compiled", "tower"} and grew(
+            "qwen3vl:engine_prefill_forwards_total", kind="eager"
+        ) >= 1  # on a CPU: no prefill graphs
         # nothing runs now (the engine's report, every 0.5 s, may still show the last request for a moment)
         assert wait_for(lambda: value(scrape(url), "vllm:kv_cache_usage_perc", **model) == 0, 5)
     finally:
@@ -416,3 +438,22 @@ def test_the_bench_scraper_finds_the_app_a_benchmark_started(tmp_path: Path) -> 
         stand_in.wait()
     with pytest.raises(SystemExit, match="never ran 1 requests"):
         metrics_scrape.wait_running("http://127.0.0.9:4321", None, 1, timeout=1)
+
+
+def test_the_bench_scraper_reads_the_engine_schedule() -> None:
+    """bench.metrics_scrape's engine figures over a window: decode steps, rows per step (decode tokens: each finished
+    answer's first token came from its prefill), prefill forwards by kind; none without the batch engine's counters."""
+    from bench import metrics_scrape
+
+    def samples(steps: float, tokens: float, done: float, **forwards: float) -> dict:
+        out = {("qwen3vl:engine_decode_steps_total", ()): steps, ("qwen3vl:engine_tokens_total", ()): tokens,
+               ("vllm:request_success_total", (("finished_reason", "length"),)): done}  # fmt: skip
+        out.update({("qwen3vl:engine_prefill_forwards_total", (("kind", k),)): v for k, v in forwards.items()})
+        return out
+
+    first = samples(100, 1_000, 10, graphed=10)
+    last = samples(300, 6_032, 42, graphed=30, batched=4)
+    engine = metrics_scrape.summarize(first, last, 2.0, [], None)["engine"]
+    assert engine == {"decode_steps": 200, "steps_per_s": 100.0, "rows_per_step": 25.0,
+                      "prefill_forwards": {"graphed": 20, "batched": 4}}  # (5,032 - 32 first tokens) / 200 steps
+    assert "engine" not in metrics_scrape.summarize({}, {}, 2.0, [], None)

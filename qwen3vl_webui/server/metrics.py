@@ -47,6 +47,13 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "qwen3vl:requests_refused": ("counter", "Requests refused before running, by reason."),
     "qwen3vl:oom_survived": ("counter", "CUDA out-of-memory errors the server recovered from."),
     "qwen3vl:engine_restarts": ("counter", "Engine processes restarted after dying."),
+    "qwen3vl:engine_decode_steps": ("counter", "Decode steps of the batch engine (restarts with its process)."),
+    "qwen3vl:engine_tokens": (
+        "counter", "Tokens the batch engine made (each answer's first comes from its prefill; restarts with it)."
+    ),
+    "qwen3vl:engine_prefill_forwards": (
+        "counter", "Prefill forwards of the batch engine by kind: batched, graphed, eager, compiled, tower."
+    ),
     "qwen3vl:output_tokens_per_second": ("gauge", "Output tokens a second over a window (current 10 s, rolling 5 min)."),
     "qwen3vl:gpu_hourly_cost_usd": ("gauge", "The GPU's price per hour (--gpu-hourly-cost)."),
     "qwen3vl:cost_usd": ("counter", "What the GPU has cost since the app started, at --gpu-hourly-cost."),
@@ -165,6 +172,17 @@ class ServingCollector:
             metric = family(name, [])
             metric.add_metric([], value)
             yield metric
+        engine = s.load().engine
+        if engine is not None and engine.max_batch:  # the batch engine's own counts (not with generate or a backend)
+            for name, value in (("qwen3vl:engine_decode_steps", engine.steps),
+                                ("qwen3vl:engine_tokens", engine.tokens)):  # fmt: skip
+                metric = family(name, [])
+                metric.add_metric([], value)
+                yield metric
+            forwards = family("qwen3vl:engine_prefill_forwards", ["kind"])
+            for kind, count in engine.prefill_kinds:
+                forwards.add_metric([kind], count)
+            yield forwards
         cost = s.cost()
         speed = family("qwen3vl:output_tokens_per_second", ["window"])
         for window, value in (("current", cost.current_tokens_per_s), ("rolling", cost.rolling_tokens_per_s)):

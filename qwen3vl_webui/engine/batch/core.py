@@ -44,6 +44,9 @@ class EngineSnapshot:
     prefix_evicted: int = 0  # entries pushed out (least recently used) to keep a newer one
     prefix_dropped: int = 0  # entries dropped because a prefill ran out of memory
     prefill_forwards: int = 0  # prefill forwards run (a batch of short prompts, a chunk, a vision tower)
+    # Of them, by kind: batched (short texts in one eager forward), graphed, eager or compiled (a prompt's chunk),
+    # tower (the vision tower alone), as (kind, count) pairs.
+    prefill_kinds: tuple[tuple[str, int], ...] = ()
     decode_mode: str = ""  # "compiled graphs", "graphs", "compiled" or "eager" (most buckets, now)
     compile_state: str = "none"  # the decode step's compile: none (not compiled), waiting, compiling, done, failed
     compile_done: int = 0  # batch buckets decoding from their compiled step
@@ -190,6 +193,7 @@ class EngineCore:
             prefix_evicted=pool.evicted,
             prefix_dropped=pool.dropped,
             prefill_forwards=self.scheduler.prefill_forwards,
+            prefill_kinds=tuple(sorted(self.runner.prefill_kinds.items())),
         )
 
     # ------------------------------------------------------------------ prefill

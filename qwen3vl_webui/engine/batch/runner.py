@@ -55,6 +55,8 @@ class ModelRunner:
         self.chunk_forward: Callable[..., Any] = prefill.chunk_forward
         self.chunk_graphs: prefill.ChunkGraphs | None = None
         self.prefill_tokens = 0  # prompt tokens run through prefill forwards (reused ones are not)
+        # Prefill forwards by kind: batched (short texts, eager), graphed / eager / compiled (one prompt's chunk), tower.
+        self.prefill_kinds: dict[str, int] = {}
         self._prompts: dict[int, _PromptTensors] = {}  # by request id
 
     # ------------------------------------------------------------------ decode
@@ -106,11 +108,16 @@ class ModelRunner:
         """
         job = plan.jobs[0]
         if len(plan.jobs) > 1:
+            self._count("batched")
             return self._prefill_texts(plan.jobs)
         state = self._prompts.setdefault(job.req.id, _PromptTensors())
         if job.multimodal and state.media is None and self._encode_media(job, state) and plan.tower_alone:
+            self._count("tower")
             return [(job.done, None)]  # the vision tower was this turn's forward
         return [self._prefill_chunk(job, state)]
+
+    def _count(self, kind: str) -> None:
+        self.prefill_kinds[kind] = self.prefill_kinds.get(kind, 0) + 1
 
     def _new_cache(self) -> Any:
         from transformers import DynamicCache
@@ -233,10 +240,13 @@ class ModelRunner:
         if self.chunk_graphs is not None and self.chunk_graphs.fits(start, end - start):
             # The graphs' output buffer, overwritten by the next replay: a prompt's last chunk is copied into its
             # slot at once (the engine's activation), an earlier one into the prompt's KV.
+            self._count("graphed")
             hidden, kv = self.chunk_graphs.run(embeds, positions, deepstack)
         elif forward is prefill.chunk_forward:
+            self._count("eager")
             hidden, kv = forward(self.lm, embeds, positions, past, deepstack, out)
         else:  # compiled: returns its own output (writing into `out` would be another graph)
+            self._count("compiled")
             hidden, kv = forward(self.lm, embeds, positions, past, deepstack)
         if out is not None and kv is not out:
             out.copy_(kv)
