@@ -44,8 +44,9 @@ _DEFAULT = ranges.REQUEST
 
 BUSY_MESSAGE = "busy — try again: all GPU slots and the wait line are full."
 # Streamed answers reach gradio at most this often (the last text always): each update is a message to every
-# browser and ~1 ms of the server's single Python core, which at 32 chats x 150 tok/s capped the whole app near
-# 1,000 tok/s on an H100 (bench/RESULTS.md, gradio_client load test).
+# browser and ~1 ms of the server's single Python core (1.1 ms at 32 chats, a ceiling near 1,300 a second on a 2-core
+# VM: bench/results/cpu/gradio_updates.json), which at 32 chats x 150 tok/s capped the whole app near 1,000 tok/s on
+# an H100 (bench/RESULTS.md, gradio_client load test).
 STREAM_INTERVAL_S = 0.05
 # ... and, with QWEN3VL_STREAM_UPDATES_PER_S=N, all streaming chats together at most about N a second: past
 # N x STREAM_INTERVAL_S chats, each chat's interval grows with their number (N=250, 32 chats: 128 ms, 8 updates a
