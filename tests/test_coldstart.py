@@ -60,7 +60,7 @@ def options(tmp_path: Path, **changes: Any) -> BatchOptions:
     base = dict(
         max_batch=4, token_budget=4 * 512, eos_token_ids=(), buckets=BUCKETS, compile=True, background_compile=True,
         compile_backend="eager", compile_cache_dir=tmp_path / "inductor", artifacts_dir=tmp_path / "compiled",
-        compile_delay_s=0.0,
+        compile_delay_s=0.0, regional_compile=True,  # as on a GPU, where decode steps replay graphs
     )  # fmt: skip
     return BatchOptions(**{**base, **changes})
 
@@ -406,6 +406,9 @@ def test_a_close_during_a_compile_never_changes_the_model_under_it(
     if in_time:
         threading.Timer(0.5, slow.release.set).start()  # the compile returns while the close waits
     engine.close()
+    layers = list(loaded.model.model.language_model.layers)
+    # The regional compile's routing goes at once, even mid-compile (its region never reads the instance's forward).
+    assert not any("forward" in vars(layer) for layer in layers)
     if not in_time:
         assert graphs.compiling_now and text._attn_implementation == PACKED_DECODE_ATTENTION  # left as it is
         assert any("still compiling: the model keeps its decode changes" in r.getMessage() for r in caplog.records)
@@ -414,6 +417,10 @@ def test_a_close_during_a_compile_never_changes_the_model_under_it(
         assert graphs.restore()
     assert not graphs.compiling_now and text._attn_implementation == "sdpa"
     assert later_steps == [] and graphs.swapped == 0 and not graphs.swap_pending and graphs.artifacts == "absent"
+    # A next engine on the same model (an in-process re-attach after the warm-up's re-size) starts and compiles.
+    again = options(tmp_path / "again", max_batch=2, token_budget=2 * 512, buckets=(1, 2), background_compile=False)
+    with BatchEngine(loaded, again) as engine:
+        assert engine.compile_state == "done", engine.compile_error
 
 
 def test_the_compile_thread_gets_a_device_index_torch_accepts(monkeypatch: Any) -> None:

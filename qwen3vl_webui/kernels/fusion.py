@@ -44,10 +44,15 @@ def _forward(
         if max_rows is not None and x.shape[:-1].numel() > max_rows:
             return alone(linear, x)
         if index == 0:
-            shared.x, shared.parts = x, product(x, shared.weight).split(shared.sizes, dim=-1)
-        elif shared.x is not x or shared.parts is None:  # called out of order: compute this one alone
-            return alone(linear, x)
-        out = shared.parts[index]
+            parts = product(x, shared.weight).split(shared.sizes, dim=-1)
+            shared.x, shared.parts = x, parts
+        else:
+            # Read once: the background compile's thread runs the same layers (its compiled code resets these at
+            # each layer's end), so a check and a second read could see two states.
+            parts = shared.parts
+            if shared.x is not x or parts is None:  # called out of order, or reset meanwhile: compute this one alone
+                return alone(linear, x)
+        out = parts[index]
         if index == last:
             shared.x = shared.parts = None  # nothing outlives the layer
         return out

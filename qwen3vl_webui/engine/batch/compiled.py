@@ -130,9 +130,10 @@ class RegionalDecode:
         self._decode = decode
         self._on = threading.local()
         self._layers = list(layers)
+        taken = [index for index, layer in enumerate(self._layers) if "forward" in vars(layer)]
+        if taken:  # checked before any layer changes: a refusal leaves the model as it was
+            raise RuntimeError(f"decoder layer {taken[0]} already has a forward of its own")
         for index, layer in enumerate(self._layers):
-            if "forward" in vars(layer):
-                raise RuntimeError(f"decoder layer {index} already has a forward of its own")
             layer.forward = self._forward_for(layer, index)
 
     def __call__(self, rows: int, kv: Any) -> Any:

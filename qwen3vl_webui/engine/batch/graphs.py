@@ -76,6 +76,7 @@ class DecodeGraphs:
         self.compile_state = "none" if not self.compile else "waiting"  # none, waiting, compiling, done, failed
         self.compiled_at: dict[int, float] = {}  # bucket -> wall time its compiled step began to serve
         self.artifacts = "off"  # compile artifacts: off, absent, ignored, loaded, saved
+        self.regional = False  # the decode step compiled as one decoder layer every layer runs (RegionalDecode)
         self.gate: threading.Semaphore | None = None  # tests and benchmarks: one release per bucket to compile
         self.on_compiled: Callable[[], None] = lambda: None  # wakes the engine thread for a swap
         self.swapped = 0
@@ -142,10 +143,12 @@ class DecodeGraphs:
             self.gemv_linears = fusion.route_gemv([lm, self.runner.lm_head])
         if self.compile:
             compiled.use_cache_dir(self.options.compile_cache_dir)
+            wanted = self.options.regional_compile
+            self.regional = self.cuda_graphs if wanted is None else bool(wanted)  # part of the artifacts' key
             self._load_artifacts()
             # bitsandbytes layers break the graph (tensor-subclass weights); the pieces between them still fuse.
             fullgraph = not precisions.needs_bitsandbytes(self.loaded.precision)
-            if self.options.regional_compile:  # one decoder layer compiled, every layer running it
+            if self.regional:  # one decoder layer compiled, every layer running it
                 regional = compiled.RegionalDecode(
                     self.runner.decode, self.runner.lm.layers, len(self.buckets), fullgraph=fullgraph,
                     dynamic_batch=self.options.dynamic_batch, backend=self.options.compile_backend,
@@ -216,7 +219,7 @@ class DecodeGraphs:
             "max_batch": self.options.max_batch, "max_len": self.options.max_len, "buckets": list(self.buckets),
             "dynamic_batch": self.options.dynamic_batch, "attention": self.decode_attention, "fuse": self.fuse,
             "gemv": self.gemv, "mode": compiled.COMPILE_MODE, "backend": self.options.compile_backend,
-            "regional": self.options.regional_compile,
+            "regional": self.regional,
         }  # fmt: skip
         return artifacts.setup_key(self.loaded, engine)
 
@@ -364,6 +367,8 @@ class DecodeGraphs:
             return
         if rows is None:
             self.compile_state = "failed"
+            self._restore_regional()  # the layers' own forward again (the compile thread has ended)
+            self._restore_regional = lambda: None
             self._free_compile_memory()
             return
         try:
@@ -621,6 +626,10 @@ class DecodeGraphs:
         """
         if self._restored:
             return True
+        # The layers' own forward first, even mid-compile: the compiled region calls the layer class's forward, never
+        # the instance's, so the compile thread does not notice; a later engine on this model can compile again.
+        self._restore_regional()
+        self._restore_regional = lambda: None
         if self.compiling_now:
             log.warning(
                 "the decode compile thread is still compiling: the model keeps its decode changes (attention routes, "
@@ -628,7 +637,6 @@ class DecodeGraphs:
             )
             return False
         self._restored = True
-        self._restore_regional()
         self._restore_attention()
         self._restore_vision()
         fusion.unfuse(self.loaded.model)

@@ -62,8 +62,10 @@ class BatchOptions:
     # static compile per bucket.
     dynamic_batch: bool = True
     # Compile one decoder layer as a region every layer runs (compiled.RegionalDecode) instead of the whole step: the
-    # compile costs about one layer's, not 36 (CPU, 36 narrow layers: bench/results/cpu/compile_check.json).
-    regional_compile: bool = True
+    # compile costs about one layer's, not 36 (CPU, 36 narrow layers: bench/results/cpu/compile_check.json). None:
+    # wherever decode steps replay CUDA graphs (without graphs each step would pay a Python call and dynamo's guard
+    # check per layer: 0.54x tok/s on that CPU run).
+    regional_compile: bool | None = None
 
     def __post_init__(self) -> None:
         # Tuples whatever was passed (a list from JSON, a generator): the options stay hashable and reusable.
