@@ -437,12 +437,14 @@ def test_the_compile_thread_gets_a_device_index_torch_accepts(monkeypatch: Any) 
     assert cuda_index("cuda:1") == 1 and cuda_index(torch.device("cuda", 2)) == 2
 
 
+@pytest.mark.parametrize("fuse", [False, True])
 def test_regional_compile_traces_one_decoder_layer_for_all_of_them(
-    loaded: LoadedModel, prompts: dict[str, PreparedPrompt], tmp_path: Path
+    loaded: LoadedModel, prompts: dict[str, PreparedPrompt], tmp_path: Path, fuse: bool
 ) -> None:
     """The decode step compiles one decoder layer as a region that every layer runs (compiled.RegionalDecode): as many
     graphs as batch-size classes (bucket 1, then one symbolic for 2 and 4), not that many per layer, with every
-    stream's greedy tokens still `generate`'s; the layers get their own forward back when the engine closes."""
+    stream's greedy tokens still `generate`'s, with the projections fused as on a GPU or not; the layers get their own
+    forward back when the engine closes."""
     from torch._dynamo.utils import counters
 
     layers = list(loaded.model.model.language_model.layers)
@@ -451,8 +453,9 @@ def test_regional_compile_traces_one_decoder_layer_for_all_of_them(
     expected = {n: reference(loaded, prompts[n]) for n in names}
     torch._dynamo.reset()
     before = counters["stats"]["unique_graphs"]
-    with BatchEngine(loaded, options(tmp_path, background_compile=False)) as engine:
+    with BatchEngine(loaded, options(tmp_path, background_compile=False, fuse=fuse)) as engine:
         assert engine.compile_state == "done", engine.compile_error
+        assert (engine.fused_groups > 0) == fuse
         assert counters["stats"]["unique_graphs"] - before == 2  # a compile per layer would make 2 x len(layers)
         assert all("forward" in vars(layer) for layer in layers)
         streams = {n: engine.submit_tokens(prompts[n], GREEDY, threading.Event()) for n in names}
