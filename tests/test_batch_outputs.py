@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import pytest
 
 from qwen3vl_webui.engine.batch import BatchOptions, EngineClosed, EngineOutputs, RequestOutput
-from qwen3vl_webui.engine.batch.requests import Outbox, Request, RequestStreams, text_events, token_events
+from qwen3vl_webui.engine.batch.requests import Outbox, Request, RequestStreams, coalesced, text_events, token_events
 from qwen3vl_webui.engine.request import SamplingParams
 from qwen3vl_webui.telemetry import RequestStats
 
@@ -89,6 +90,35 @@ def test_a_slow_reader_gets_several_steps_tokens_at_once_then_the_stats() -> Non
     for out in (RequestOutput(1, (5,)), RequestOutput(1, (6, 7)), RequestOutput(1, (8,), "stop", STATS)):
         mailbox.put(out)
     assert list(token_events(mailbox, lambda: True, 1.0)) == [([5, 6, 7, 8], None), ([], STATS)]
+
+
+def test_a_coalescing_reader_takes_tokens_in_batches_but_sees_the_end_at_once() -> None:
+    """The engine process's readers take tokens at most every interval (one wake-up per interval, not per step), yet
+    the first tokens come at once and so does the end: a reader that slept out the interval after the last tokens
+    saw the end up to that late (the closed loop's next request with it)."""
+    streams = RequestStreams()
+    mailbox = streams.open(1)
+    seen: list[tuple[float, list[int], object]] = []
+
+    def read() -> None:
+        for new, stats in coalesced(token_events(mailbox, lambda: True, 1.0), mailbox.ended, 0.5):
+            seen.append((time.monotonic(), new, stats))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    streams.deliver(message(RequestOutput(1, (5,))))
+    for token in (6, 7, 8):  # three more steps while the reader waits out its interval
+        time.sleep(0.05)
+        streams.deliver(message(RequestOutput(1, (token,))))
+    time.sleep(0.05)
+    ended = time.monotonic()
+    streams.deliver(message(RequestOutput(1, (9,), "stop", STATS)))
+    reader.join(5)
+    # [5] at once; [6] when it comes (the interval counts from the reader's last wake-up); then [7, 8, 9] together,
+    # when the end woke the reader 0.1 s into its 0.5 s interval.
+    assert [(new, stats) for _, new, stats in seen] == [([5], None), ([6], None), ([7, 8, 9], None), ([], STATS)]
+    assert seen[-1][0] - ended < 0.1  # not the rest of the 0.5 s interval
+    assert streams.open(2).ended.is_set() is False
 
 
 def test_a_reader_gets_the_workers_error_or_hears_that_it_stopped() -> None:

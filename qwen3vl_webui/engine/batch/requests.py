@@ -132,15 +132,28 @@ class Outbox:
         return tuple(out)
 
 
+class Mailbox(queue.SimpleQueue):  # type: ignore[type-arg]
+    """One request's outputs, and `ended`: set once its last one (finished, or an error) is in, so that a reader that
+    waits between two reads to take several tokens at once (`coalesced`) is woken at once by the end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ended = threading.Event()
+
+    def put_last(self, item: RequestOutput) -> None:
+        self.put(item)
+        self.ended.set()
+
+
 class RequestStreams:
     """The reader side's mailboxes: routes each published output to the queue of its request's reader."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._queues: dict[int, queue.SimpleQueue[RequestOutput]] = {}
+        self._queues: dict[int, Mailbox] = {}
 
-    def open(self, request_id: int) -> queue.SimpleQueue[RequestOutput]:
-        mailbox: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
+    def open(self, request_id: int) -> Mailbox:
+        mailbox = Mailbox()
         with self._lock:
             self._queues[request_id] = mailbox
         return mailbox
@@ -154,7 +167,7 @@ class RequestStreams:
         with self._lock:
             queues, self._queues = self._queues, {}
         for request_id, mailbox in queues.items():
-            mailbox.put(RequestOutput(request_id, error=error))
+            mailbox.put_last(RequestOutput(request_id, error=error))
 
     def deliver(self, outputs: EngineOutputs) -> None:
         with self._lock:
@@ -164,7 +177,9 @@ class RequestStreams:
                     continue
                 if out.finished or out.error is not None:
                     del self._queues[out.request_id]
-                mailbox.put(out)
+                    mailbox.put_last(out)
+                else:
+                    mailbox.put(out)
 
 
 class TokenStream:
@@ -216,6 +231,21 @@ def token_events(
             except queue.Empty:
                 break
         yield new, None
+
+
+def coalesced(
+    events: Iterator[tuple[list[int], RequestStats | None]], ended: threading.Event, interval_s: float
+) -> Iterator[tuple[list[int], RequestStats | None]]:
+    """`events` read at most every `interval_s` (what arrived meanwhile comes in one batch), except that the first
+    comes at once and the end of the request wakes the reader at once: a reader that waited out the interval after
+    the last tokens would see the end up to `interval_s` late, and the client's next request with it."""
+    last = 0.0
+    for new, stats in events:
+        yield new, stats
+        now = time.monotonic()
+        if stats is None and now - last < interval_s:
+            ended.wait(interval_s - (now - last))
+        last = time.monotonic()
 
 
 class Detokenizer:

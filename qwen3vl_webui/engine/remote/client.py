@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qwen3vl_webui.engine.batch.requests import RequestStreams, TokenStream, text_events, token_events
+from qwen3vl_webui.engine.batch.requests import RequestStreams, TokenStream, coalesced, text_events, token_events
 from qwen3vl_webui.engine.remote.protocol import Channel, EngineDied, EngineInfo, EngineStats, to_wire
 from qwen3vl_webui.telemetry import RequestStats
 
@@ -262,17 +262,14 @@ class EngineProcess:
             raise EngineDied("The engine process is not running; it is being restarted. Please try again.") from exc
 
         def events() -> Iterator[tuple[list[int], RequestStats | None]]:
-            last = 0.0
-            for new, stats in token_events(mailbox, lambda: not self._dead.is_set(), POLL_S * 10):
+            # The readers (the chat page, the API) send text at most every COALESCE_S: waking for every step's token
+            # would cost 32 threads x ~170 wake-ups a second at 32 chats, all on the front end's one core. Tokens
+            # wait in the mailbox meanwhile; the first one is never held back, nor the end (the client's next
+            # request waits for it: 25 ms on average, ~1.5% of a 32-chat closed loop's throughput).
+            tokens = token_events(mailbox, lambda: not self._dead.is_set(), POLL_S * 10)
+            for new, stats in coalesced(tokens, mailbox.ended, COALESCE_S):
                 tracker.see(len(new))
                 yield new, stats
-                # The readers (the chat page, the API) send text at most every COALESCE_S: waking for every
-                # step's token would cost 32 threads x ~170 wake-ups a second at 32 chats, all on the front
-                # end's one core. Tokens wait in the mailbox meanwhile; the first one is never held back.
-                now = time.monotonic()
-                if stats is None and now - last < COALESCE_S:
-                    time.sleep(COALESCE_S - (now - last))
-                last = time.monotonic()
 
         texts = text_events(events(), tokenizer, sampling.stop, cancel, tracker.stats, on_cancel)
         return TokenStream(texts, cancel)
