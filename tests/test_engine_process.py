@@ -258,3 +258,17 @@ def test_an_early_engine_that_dies_before_attach_is_started_again_and_close_stop
     assert closing.process is None
     workers = [p for p in psutil.Process().children(recursive=True) if "engine.remote.worker" in " ".join(p.cmdline())]
     assert wait_for(lambda: all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in workers), 30)
+
+
+def test_a_prespawned_engine_process_imports_what_its_start_needs_while_it_waits() -> None:
+    """`worker.prewarm` (the process started at launch, before the model is known): transformers' Qwen3-VL and
+    inductor's compile_fx are imported before the spec comes, not on the first answer's path."""
+    wanted = ("transformers.models.qwen3_vl.modeling_qwen3_vl", "torch._inductor.compile_fx")
+    code = (
+        "import sys; from qwen3vl_webui.engine.remote import worker; "
+        f"names = {wanted!r}; before = [n in sys.modules for n in names]; worker.prewarm(); "
+        "print(before, [n in sys.modules for n in names])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[False, False] [True, True]", out.stdout

@@ -75,8 +75,9 @@ def prewarm() -> None:
 
     names = (
         "transformers", "transformers.models.qwen3_vl.modeling_qwen3_vl", "qwen3vl_webui.weights.loading",
-        # The batch engine and what its start compiles with (inductor's compile_fx: ~0.9 s on a 2-core CPU with .pyc).
-        "qwen3vl_webui.engine.batch", "torch._inductor.compile_fx",
+        # What the engine's start compiles with (inductor's compile_fx: ~0.9 s on a 2-core CPU with .pyc); the batch
+        # engine itself is imported with this module.
+        "torch._inductor.compile_fx",
     )  # fmt: skip
     for name in names:
         try:
