@@ -475,3 +475,35 @@ def test_our_triton_kernels_cache_under_the_cache_dir_unless_the_environment_say
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "mine"))
     with BatchEngine(loaded, BatchOptions(**plain, kernel_cache_dir=tmp_path / "other")):
         assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "mine") and not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_failed_regional_compile_gives_way_to_the_whole_steps(
+    loaded: LoadedModel, prompts: dict[str, PreparedPrompt], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture, background: bool,
+) -> None:  # fmt: skip
+    """The regional compile is the default on a GPU; if it fails there (a model or a torch version it does not
+    trace), the whole step is compiled instead, before serving or in the background, and the layers get their own
+    forward back: the engine still reaches full speed, with `generate`'s tokens, and says why in one line."""
+
+    def broken(self: Any, rows: int, kv: Any) -> Any:
+        raise RuntimeError("stand-in: dynamo could not trace the decoder layer")
+
+    monkeypatch.setattr(compiled.RegionalDecode, "__call__", broken)
+    names = ["text", "count"]
+    expected = {n: reference(loaded, prompts[n]) for n in names}
+    layers = list(loaded.model.model.language_model.layers)
+    caplog.set_level(logging.WARNING)
+    with BatchEngine(loaded, options(tmp_path, background_compile=background)) as engine:
+        graphs = engine.core.graphs
+        deadline = time.monotonic() + 120
+        while graphs.compile_state not in ("done", "failed") and time.monotonic() < deadline:
+            streams = [engine.submit_tokens(prompts[n], GREEDY, threading.Event()) for n in names]  # steps for swaps
+            [list(s) for s in streams]
+        assert graphs.compile_state == "done" and len(graphs.compiled_at) == len(BUCKETS), graphs.compile_error
+        assert not graphs.regional and "could not trace the decoder layer" in (graphs.regional_error or "")
+        assert not any("forward" in vars(layer) for layer in layers)
+        streams = {n: engine.submit_tokens(prompts[n], GREEDY, threading.Event()) for n in names}
+        assert {n: list(s) for n, s in streams.items()} == expected
+    said = [r.getMessage() for r in caplog.records if "regional compile" in r.getMessage()]
+    assert len(said) == 1 and "compiling the whole step instead" in said[0], said

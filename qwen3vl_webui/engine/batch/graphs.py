@@ -77,6 +77,7 @@ class DecodeGraphs:
         self.compiled_at: dict[int, float] = {}  # bucket -> wall time its compiled step began to serve
         self.artifacts = "off"  # compile artifacts: off, absent, ignored, loaded, saved
         self.regional = False  # the decode step compiled as one decoder layer every layer runs (RegionalDecode)
+        self.regional_error: str | None = None  # why the regional compile gave way to the whole step's
         self.gate: threading.Semaphore | None = None  # tests and benchmarks: one release per bucket to compile
         self.on_compiled: Callable[[], None] = lambda: None  # wakes the engine thread for a swap
         self.swapped = 0
@@ -146,19 +147,7 @@ class DecodeGraphs:
             wanted = self.options.regional_compile
             self.regional = self.cuda_graphs if wanted is None else bool(wanted)  # part of the artifacts' key
             self._load_artifacts()
-            # bitsandbytes layers break the graph (tensor-subclass weights); the pieces between them still fuse.
-            fullgraph = not precisions.needs_bitsandbytes(self.loaded.precision)
-            if self.regional:  # one decoder layer compiled, every layer running it
-                regional = compiled.RegionalDecode(
-                    self.runner.decode, self.runner.lm.layers, len(self.buckets), fullgraph=fullgraph,
-                    dynamic_batch=self.options.dynamic_batch, backend=self.options.compile_backend,
-                )  # fmt: skip
-                self._compiled, self._restore_regional = regional, regional.restore
-            else:
-                self._compiled = compiled.compile_decode(
-                    self.runner.decode, len(self.buckets), fullgraph=fullgraph,
-                    dynamic_batch=self.options.dynamic_batch, backend=self.options.compile_backend,
-                )  # fmt: skip
+            self._build_compiled()
         if not self.compile and not self.cuda_graphs:
             return  # plain eager: nothing to prepare
         side = torch.cuda.Stream() if on_cuda else None
@@ -173,11 +162,16 @@ class DecodeGraphs:
             return
         forward: Callable[[int], Any] = self.runner.forward
         if self.compile:
-            compiled_step = self._compiled
-            forward = lambda rows: compiled_step(rows, self.kv)  # noqa: E731
+            forward = self._compiled_forward()
             self.compile_state = "compiling"
         try:
-            self._warm_up(forward, side)
+            try:
+                self._warm_up(forward, side)
+            except Exception as exc:
+                if not (self.compile and self._whole_step_instead(exc)):
+                    raise
+                forward = self._compiled_forward()
+                self._warm_up(forward, side)
         except Exception as exc:
             if not self.compile:
                 raise
@@ -197,6 +191,40 @@ class DecodeGraphs:
             self.compiled_at = {rows: time.time() for rows in self.buckets}
             self._save_artifacts()
         self.kv.zero()  # warm-up wrote at position 0 of every slot
+
+    def _build_compiled(self) -> None:
+        """`self._compiled`: the decode step compiled regionally (one decoder layer every layer runs) or whole."""
+        # bitsandbytes layers break the graph (tensor-subclass weights); the pieces between them still fuse.
+        fullgraph = not precisions.needs_bitsandbytes(self.loaded.precision)
+        if self.regional:
+            regional = compiled.RegionalDecode(
+                self.runner.decode, self.runner.lm.layers, len(self.buckets), fullgraph=fullgraph,
+                dynamic_batch=self.options.dynamic_batch, backend=self.options.compile_backend,
+            )  # fmt: skip
+            self._compiled, self._restore_regional = regional, regional.restore
+        else:
+            self._compiled = compiled.compile_decode(
+                self.runner.decode, len(self.buckets), fullgraph=fullgraph,
+                dynamic_batch=self.options.dynamic_batch, backend=self.options.compile_backend,
+            )  # fmt: skip
+
+    def _compiled_forward(self) -> Callable[[int], Any]:
+        compiled_step = self._compiled
+        return lambda rows: compiled_step(rows, self.kv)
+
+    def _whole_step_instead(self, exc: BaseException) -> bool:
+        """After the regional compile failed: the whole step's compile takes over (the layers get their own forward
+        back; buckets already swapped in keep their graphs). False if it was not regional (nothing else to try)."""
+        if not self.regional:
+            return False
+        log.warning("the regional compile of the decode step failed (%s); compiling the whole step instead",
+                    str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__)  # fmt: skip
+        self._restore_regional()
+        self._restore_regional = lambda: None
+        self.regional = False
+        self.regional_error = f"{type(exc).__name__}: {str(exc)[:300]}"
+        self._build_compiled()
+        return True
 
     def _compile_failed(self, exc: BaseException) -> None:
         import torch
@@ -309,10 +337,14 @@ class DecodeGraphs:
                     begun = time.perf_counter()
                     self._compile_seq += 1
                     try:
-                        for _ in range(2):
-                            if self._stop.is_set():
+                        try:
+                            if not self._two_steps(rows, scratch):
                                 return
-                            self._compiled(rows, scratch)
+                        except Exception as exc:  # the regional compile failed: the whole step's takes over
+                            if self._stop.is_set() or not self._whole_step_instead(exc):
+                                raise
+                            if not self._two_steps(rows, scratch):
+                                return
                         if side is not None:
                             side.synchronize()
                     finally:
@@ -345,6 +377,14 @@ class DecodeGraphs:
             return
         log.info("decode step compiled for every batch size in %.1f s", time.perf_counter() - started)
         self._save_artifacts()  # here, not on the engine thread: serialising them takes a moment
+
+    def _two_steps(self, rows: int, scratch: SlotKV) -> bool:
+        """The compile thread's two steps of a bucket (the first compiles); False if told to stop meanwhile."""
+        for _ in range(2):
+            if self._stop.is_set():
+                return False
+            self._compiled(rows, scratch)
+        return True
 
     @property
     def swap_pending(self) -> bool:
