@@ -54,7 +54,11 @@ def child(args: Any) -> dict[str, Any]:
         loaded, max_batch=max(args.streams), token_budget=max(args.streams) * args.max_len, compile=True,
         regional_compile=args.child == "regional", compile_cache_dir=os.environ["TORCHINDUCTOR_CACHE_DIR"],
     )  # fmt: skip
-    out: dict[str, Any] = {"mode": args.child, **info, "graphs": counters["stats"]["unique_graphs"]}
+    graphs = engine.core.graphs
+    out: dict[str, Any] = {
+        "mode": args.child, **info, "graphs": counters["stats"]["unique_graphs"],
+        "regional": graphs.regional, "regional_error": graphs.regional_error,  # a failed regional compile fell back
+    }  # fmt: skip
     try:
         out["compile_s"] = round(sum(info["warmup_s"].values()), 2)
         for n in args.streams:
