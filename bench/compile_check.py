@@ -133,6 +133,8 @@ def main() -> None:
             key = f"streams_{n}"
             ratios[f"tok_s_{n}"] = round(regional[key]["total_tok_s"] / whole[key]["total_tok_s"], 3)
         ratios["greedy_tokens_equal"] = bool(whole["tokens"]) and whole["tokens"] == regional["tokens"]
+        # The regional mode fell back to the whole step (its compile failed): the ratios then compare two whole steps.
+        ratios["regional_fell_back"] = not regional.get("regional", True)
         report["regional_vs_whole"] = ratios
         print("regional / whole:", json.dumps(ratios), flush=True)
         for n in args.streams:
