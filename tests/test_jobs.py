@@ -619,3 +619,19 @@ def test_an_upload_reads_files_only_from_inside_itself(tmp_path: Path) -> None:
     (tmp_path / "job3").mkdir()
     (item,) = items_from_upload(bundle, "", tmp_path / "job3")
     assert item.error is None and Path(item.files[0]).read_bytes() == (ASSETS / "example.png").read_bytes()
+
+
+def test_a_backend_model_not_known_yet_is_not_taken_for_another_model() -> None:
+    """A --backend-url front end that started before its backend answered records "backend model (not known)": a
+    resume that knows the name (or the other way round) is the same model; only another precision is a change; the
+    record keeps the name it knew."""
+    from qwen3vl_webui.service.jobs import UNKNOWN_BACKEND_MODEL, JobSetup, SetupCheck
+
+    known = JobSetup("backend model Qwen/Qwen3-VL-4B-Instruct", "backend", 0.7, 512, "")
+    unknown = JobSetup(UNKNOWN_BACKEND_MODEL, "backend", 0.7, 512, "")
+    assert not SetupCheck(known, unknown).model_changed and not SetupCheck(unknown, known).model_changed
+    assert SetupCheck(known, unknown).go_on().model == known.model  # not overwritten by "not known"
+    assert SetupCheck(unknown, known).go_on().model == known.model
+    other = JobSetup("backend model other/model", "backend", 0.7, 512, "")
+    assert SetupCheck(known, other).model_changed  # two known names still differ
+    assert SetupCheck(known, JobSetup(UNKNOWN_BACKEND_MODEL, "bf16", 0.7, 512, "")).model_changed

@@ -183,6 +183,10 @@ class JobSetup:
         return replace(base, temperature=self.temperature, max_new_tokens=self.max_new_tokens, system=self.system)
 
 
+# A --backend-url front end that started before its backend answered does not know the backend's model name yet.
+UNKNOWN_BACKEND_MODEL = "backend model (not known)"
+
+
 @dataclass(frozen=True)
 class SetupCheck:
     """A run's setup beside the one its job recorded (None: none recorded, nothing to compare)."""
@@ -192,8 +196,14 @@ class SetupCheck:
 
     @property
     def model_changed(self) -> bool:
-        """Another model or precision: its answers would mix with the job's. Refused unless the user says so."""
-        return self.recorded is not None and self.recorded.model_and_precision != self.current.model_and_precision
+        """Another model or precision: its answers would mix with the job's. Refused unless the user says so. A
+        backend's model not known yet (on either side) is not taken for another one: only its precision counts."""
+        if self.recorded is None:
+            return False
+        r, c = self.recorded, self.current
+        if UNKNOWN_BACKEND_MODEL in (r.model, c.model):
+            return r.precision != c.precision
+        return r.model_and_precision != c.model_and_precision
 
     @property
     def sampling_changed(self) -> bool:
@@ -203,10 +213,13 @@ class SetupCheck:
         """What the run answers with: this run's model and precision, and the job's own sampling defaults (so a
         resume with other --temperature, --max-new-tokens or --system flags does not mix them), or this run's with
         `allow_change` or for a job that recorded none."""
+        current = self.current
+        if self.recorded is not None and current.model == UNKNOWN_BACKEND_MODEL:
+            current = replace(current, model=self.recorded.model)  # the record keeps the name it knew
         if self.recorded is None or allow_change:
-            return self.current
+            return current
         r = self.recorded
-        return replace(self.current, temperature=r.temperature, max_new_tokens=r.max_new_tokens, system=r.system)
+        return replace(current, temperature=r.temperature, max_new_tokens=r.max_new_tokens, system=r.system)
 
 
 def loaded_setup(
@@ -224,7 +237,7 @@ def loaded_setup(
     model = DEMO_MODEL if loaded.is_demo else loaded.source
     backend = service.manager.backend
     if backend is not None:
-        model = f"backend model {backend.model or '(not known)'}"
+        model = f"backend model {backend.model}" if backend.model else UNKNOWN_BACKEND_MODEL
     return JobSetup(model, loaded.precision, float(defaults.temperature), int(defaults.max_new_tokens), defaults.system)
 
 
