@@ -134,9 +134,9 @@ class ServingCollector:
             ("vllm:request_queue_time_seconds", totals.queue),
         ):
             yield _histogram(name, histogram, labels, values)
-        yield from self._own(family)
+        yield from self._own(family, load.engine)
 
-    def _own(self, family: Callable[..., Any]) -> Iterator[Any]:
+    def _own(self, family: Callable[..., Any], engine: Any) -> Iterator[Any]:
         s = self.service
         gpu = s.gpu()
         if gpu is not None:
@@ -172,7 +172,6 @@ class ServingCollector:
             metric = family(name, [])
             metric.add_metric([], value)
             yield metric
-        engine = s.load().engine
         if engine is not None and engine.max_batch:  # the batch engine's own counts (not with generate or a backend)
             for name, value in (("qwen3vl:engine_decode_steps", engine.steps),
                                 ("qwen3vl:engine_tokens", engine.tokens)):  # fmt: skip

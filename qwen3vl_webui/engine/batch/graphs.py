@@ -219,12 +219,16 @@ class DecodeGraphs:
             return False
         log.warning("the regional compile of the decode step failed (%s); compiling the whole step instead",
                     str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__)  # fmt: skip
-        self._restore_regional()
-        self._restore_regional = lambda: None
+        self._unroute_regional()
         self.regional = False
         self.regional_error = f"{type(exc).__name__}: {str(exc)[:300]}"
         self._build_compiled()
         return True
+
+    def _unroute_regional(self) -> None:
+        """The decoder layers' own forward again (once; a no-op unless the step was compiled regionally)."""
+        restore, self._restore_regional = self._restore_regional, lambda: None
+        restore()
 
     def _compile_failed(self, exc: BaseException) -> None:
         import torch
@@ -232,8 +236,7 @@ class DecodeGraphs:
         self.compile_error = f"torch.compile failed: {type(exc).__name__}: {str(exc)[:300]}"
         self.compile = False
         self.compile_state = "failed"
-        self._restore_regional()
-        self._restore_regional = lambda: None
+        self._unroute_regional()
         if not self.runner.decode_kernel:  # the packed route was only there for the compiled step
             self._restore_attention()
             self._restore_attention = lambda: None
@@ -407,8 +410,7 @@ class DecodeGraphs:
             return
         if rows is None:
             self.compile_state = "failed"
-            self._restore_regional()  # the layers' own forward again (the compile thread has ended)
-            self._restore_regional = lambda: None
+            self._unroute_regional()  # the layers' own forward again (the compile thread has ended)
             self._free_compile_memory()
             return
         try:
@@ -668,8 +670,7 @@ class DecodeGraphs:
             return True
         # The layers' own forward first, even mid-compile: the compiled region calls the layer class's forward, never
         # the instance's, so the compile thread does not notice; a later engine on this model can compile again.
-        self._restore_regional()
-        self._restore_regional = lambda: None
+        self._unroute_regional()
         if self.compiling_now:
             log.warning(
                 "the decode compile thread is still compiling: the model keeps its decode changes (attention routes, "
