@@ -176,6 +176,7 @@ def build_app(settings: Settings, load: bool = True) -> App:
 
     handlers = Handlers(service, settings, file_roots=[ASSETS])
     board = _job_board(service, settings)
+    service.refuse_switch_while(board.switch_refusal)  # a running job's answers come from one precision
     demo = build_demo(handlers, settings, jobs=JobsTab(board, handlers.is_operator))
     if load:
         board.resume_interrupted()  # jobs a crash or shutdown left unfinished; their items wait for the model

@@ -353,6 +353,34 @@ def test_the_batch_jobs_tab_runs_an_uploaded_zip_and_offers_the_results(tiny_che
         app.close()
 
 
+def test_the_precision_is_not_switched_while_a_page_job_runs(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """A job answers with one model and precision (its setup is recorded): a switch mid-job is refused with the
+    reason, and goes through once the job is stopped."""
+    from conftest import start_app
+    from gradio_client import Client, handle_file
+
+    source = tmp_path / "stories.jsonl"
+    source.write_text("".join(json.dumps({"id": f"s{n}", "prompt": f"Tell a long story number {n}."}) + "\n"
+                              for n in range(300)))  # fmt: skip
+    app, url = start_app(tiny_checkpoint.parent, "--max-context", "1024", "--max-new-tokens", "256", "--warmup", "off")
+    try:
+        client = Client(url, verbose=False)
+        started = client.predict(handle_file(str(source)), "", api_name="/start_job")
+        assert started.startswith("Started job") and "300 items" in started, started
+        job = started.split()[2].rstrip(":")
+        assert _until(lambda: app.jobs.view().state == "running", 30)
+        refused = client.predict("int8", api_name="/switch_precision")
+        assert refused.startswith(f"Not switched: batch job {job} is running (") and "of 300 items answered" in refused
+        assert "stop it on the Batch jobs tab" in refused, refused
+        assert app.service.manager.current().precision == "fp32"
+        assert app.jobs.view().state == "running"  # the job went on
+        client.predict(api_name="/stop_job")
+        assert _until(lambda: app.jobs.view().state == "stopped", 60), app.jobs.view()
+        assert "Switched fp32 → int8" in client.predict("int8", api_name="/switch_precision")
+    finally:
+        app.close()
+
+
 class _EchoService:
     """A stand-in ChatService for the board's bookkeeping: each item's answer is its prompt, upper-cased (held until
     `gate` is set, if given); its model is the demo model in fp32; it keeps the requests it was sent."""

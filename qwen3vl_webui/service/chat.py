@@ -9,7 +9,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -177,6 +177,7 @@ class ChatService:
         self._lock = threading.Lock()
         self._switch_lock = threading.Lock()
         self._last_switch = -1e9
+        self._switch_guards: list[Callable[[], str | None]] = []  # each: why not to switch now, or None
         self._active: set[_Active] = set()
         self._draining = threading.Event()
         # /metrics and the panel's plots and cost (service/metrics.py)
@@ -551,6 +552,10 @@ class ChatService:
             self._shape_cache = (key, planner.ModelShape.from_config(loaded.config))
         return self._shape_cache[1]
 
+    def refuse_switch_while(self, guard: Callable[[], str | None]) -> None:
+        """`guard()` is asked before every precision switch; a reason it returns refuses the switch (SwitchRefused)."""
+        self._switch_guards.append(guard)
+
     def switch_precision(
         self, precision: str, warmup_mode: str = "off", image_pixels: int = 0, min_interval_s: float = 0.0
     ) -> SwitchReport:
@@ -563,6 +568,10 @@ class ChatService:
             raise ShuttingDown(SHUTDOWN_MESSAGE)
         with self._switch_lock:
             loaded = self.manager.current()
+            if not (loaded is not None and loaded.precision == precision):
+                for guard in self._switch_guards:
+                    if reason := guard():
+                        raise SwitchRefused(reason)
             wait = self._last_switch + min_interval_s - time.monotonic()
             if wait > 0 and not (loaded is not None and loaded.precision == precision):
                 raise SwitchRefused(

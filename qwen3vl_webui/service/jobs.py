@@ -618,6 +618,19 @@ class JobBoard:
             self._state = "stopped" if runner.stopped else "finished"
         return not runner.stopped
 
+    def switch_refusal(self) -> str | None:
+        """Why the model's precision may not be switched now: a running job answers with one model and precision
+        (its setup is recorded; a switch mid-job would mix two precisions' answers in one results file)."""
+        with self._lock:
+            if self._state not in ("running", "stopping"):
+                return None
+            job, progress = self._job, self._runner.progress() if self._runner is not None else self._last
+        done = f" ({progress.counts.finished} of {progress.counts.total} items answered)" if progress is not None else ""
+        return (
+            f"batch job {job} is running{done}, and a job answers with one model and precision: stop it on the "
+            "Batch jobs tab, or wait for it to end, then switch."
+        )
+
     def stop(self) -> None:
         """The operator's Stop: items in flight go back to pending, the results so far are exported, and the job is
         not resumed at the next start (the command line can finish it)."""
