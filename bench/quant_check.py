@@ -56,7 +56,10 @@ def int4_configs(rows: int) -> list[Any]:
         return [W4Config(1, bn, split, w, s) for bn in (16, 32, 64) for split in (0, 1, 2, 4) for w in (4, 8)
                 for s in (2, 3)]  # fmt: skip
     bm = 16 if rows <= 16 else 32
-    return [W4Config(bm, bn, split, w, 3) for bn in (32, 64, 128) for split in (0, 1, 2, 4) for w in (4, 8)]
+    planes = [W4Config(bm, bn, split, w, 3) for bn in (32, 64, 128) for split in (0, 1, 2, 4) for w in (4, 8)]
+    tiles = [W4Config(bm, bn, split, w, s, 1) for bn in (32, 64, 128) for split in (0, 1, 2, 4) for w in (4, 8)
+             for s in (2, 3)]  # fmt: skip
+    return tiles + planes  # the tile kernel first: a sweep cut by its time cap has tried it
 
 
 def fp8_configs(rows: int) -> list[Any]:

@@ -36,7 +36,19 @@ class Fp8Config(NamedTuple):
 GEMV_DEFAULT = Fp8Config(1, 8, 4, 2)
 SKINNY_DEFAULT = Fp8Config(16, 64, 4, 4)
 SKINNY32_DEFAULT = Fp8Config(32, 64, 4, 4)
-TUNED: dict[tuple[int, int, int], Fp8Config] = {}
+# Session 10's sweep on one H200 (bench/results/h200/quant_check.json, 4c42a28; the largest shapes were cut by its time cap).
+TUNED: dict[tuple[int, int, int], Fp8Config] = {
+    (1, 6144, 2560): Fp8Config(1, 8, 8, 1),
+    (16, 6144, 2560): Fp8Config(16, 32, 4, 4),
+    (32, 6144, 2560): Fp8Config(32, 64, 4, 3),
+    (1, 2560, 4096): Fp8Config(1, 8, 8, 2),
+    (16, 2560, 4096): Fp8Config(16, 32, 4, 4),
+    (32, 2560, 4096): Fp8Config(32, 32, 8, 4),
+    (1, 19456, 2560): Fp8Config(1, 32, 8, 1),
+    (16, 19456, 2560): Fp8Config(16, 32, 4, 4),
+    (32, 19456, 2560): Fp8Config(32, 64, 4, 3),
+    (1, 2560, 9728): Fp8Config(1, 8, 8, 1),
+}
 
 
 def load_tuning(path: str | None = None) -> int:

@@ -15,6 +15,11 @@ its partial sum once. K is split over `split_k` programs where N alone gives too
 - `_skinny_kernel` (2..SKINNY_MAX_ROWS rows, G >= 128): each plane `q - zero` (integers in [-15, 15], exact in
   bf16/fp16) goes to `tl.dot` against the rows' plane of activations (K = G / 8 = 16 per dot); no weight is ever
   rounded to 16 bits. Smaller groups (tiny test models, some checkpoints) take the GEMV per row.
+- `_tile_kernel` (2..32 rows, the `tile` configs): the `[G, BLOCK_N]` tile of `q - zero` built in k order by
+  reading each packed word once per nibble (element `(k, n)` loads word `k // 8` of row `n` and shifts it by
+  `4 (k % 8)`; the repeats are served by L1, so each byte still crosses from HBM once) and fed to one `tl.dot` with
+  K = G per group instead of eight with K = 16, the scale applied to the group's product as above (session 10's
+  sweep had the planes kernel at 0.29-0.70x cuBLAS bf16's time at 16 and 32 rows: bench/RESULTS.md).
 - `_dequant_kernel` (prefill): the weight written out in 16 bits once per call, then cuBLAS (kernels/int4.py).
 
 Nibble to float: `q | 0x4B000000` read as fp32 is 2^23 + q exactly, so one OR and one subtract (of 2^23 + zero)
@@ -35,17 +40,31 @@ from qwen3vl_webui.kernels.tuning import row_class
 
 class W4Config(NamedTuple):
     """One launch shape. block_m == 1 selects the GEMV kernel (one program per row); `split_k` programs share K
-    (0: as many as `default_split` says for the shape)."""
+    (0: as many as `default_split` says for the shape); `tile` 1 selects `_tile_kernel` for many rows (0: planes)."""
 
     block_m: int
     block_n: int
     split_k: int
     warps: int
     stages: int
+    tile: int = 0
 
 
 # Chosen for the 4B's shapes by bench/quant_check.py's sweep on the GPU; other shapes take the defaults below.
-TUNED: dict[tuple[int, int, int], W4Config] = {}
+# Session 10's sweep on one H200 (bench/results/h200/quant_check.json, 4c42a28; (32, 2560, 9728) was cut by its time cap).
+TUNED: dict[tuple[int, int, int], W4Config] = {
+    (1, 6144, 2560): W4Config(1, 64, 4, 4, 3),
+    (16, 6144, 2560): W4Config(16, 128, 4, 8, 3),
+    (32, 6144, 2560): W4Config(32, 128, 0, 4, 3),
+    (1, 2560, 4096): W4Config(1, 64, 0, 4, 3),
+    (16, 2560, 4096): W4Config(16, 128, 0, 8, 3),
+    (32, 2560, 4096): W4Config(32, 128, 0, 4, 3),
+    (1, 19456, 2560): W4Config(1, 64, 4, 4, 3),
+    (16, 19456, 2560): W4Config(16, 128, 4, 8, 3),
+    (32, 19456, 2560): W4Config(32, 128, 4, 4, 3),
+    (1, 2560, 9728): W4Config(1, 64, 0, 4, 2),
+    (16, 2560, 9728): W4Config(16, 64, 0, 4, 3),
+}
 GEMV_DEFAULT = W4Config(1, 32, 0, 4, 3)
 SKINNY_DEFAULT = W4Config(16, 64, 0, 4, 3)
 SKINNY32_DEFAULT = W4Config(32, 64, 0, 4, 3)
@@ -134,6 +153,40 @@ def _skinny_kernel(
 
 
 @triton.jit
+def _tile_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ys, stride_ym,
+    groups_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, G)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    rows_n = offs_n.to(tl.int64)
+    g_start = split * groups_per_split
+    g_end = tl.minimum(g_start + groups_per_split, K // G)
+    # Element (k, n) of the [G, BLOCK_N] tile: nibble k % 8 of word k // 8 in row n.
+    w_ptrs = w_ptr + rows_n[None, :] * stride_wn + (g_start * (G // 8) + offs_k // 8)[:, None]
+    shifts = ((offs_k % 8) * 4)[:, None]
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (g_start * G + offs_k)[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for g in range(g_start, g_end):
+        words = tl.load(w_ptrs, mask=n_ok[None, :], other=0)
+        zero = tl.load(z_ptr + rows_n * stride_sn + g, mask=n_ok, other=0).to(tl.float32) + 8388608.0
+        scale = tl.load(s_ptr + rows_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+        q = (((words >> shifts) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zero[None, :]
+        a = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
+        acc += tl.dot(a, q.to(x_ptr.dtype.element_ty)) * scale[None, :]
+        w_ptrs += G // 8
+        x_ptrs += G
+    y_ptrs = y_ptr + split * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
 def _nibbles(words, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
     """int32 `[BLOCK_N, WORDS]` -> fp32 2^23 + nibble, `[BLOCK_N, WORDS * 8]` in k order (the prefill's dequantization,
     where writing the 16-bit weight in order matters more than the reshape)."""
@@ -191,7 +244,8 @@ def w4_matmul(x: Any, qweight: Any, scales: Any, zeros: Any, group: int, config:
         )  # fmt: skip
     else:
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m), split)
-        _skinny_kernel[grid](
+        kernel = _tile_kernel if cfg.tile else _skinny_kernel
+        kernel[grid](
             x, qweight, scales, zeros, out, rows, n, k, x.stride(0), qweight.stride(0), scales.stride(0),
             out.stride(0), out.stride(1), per_split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, G=group,
             num_warps=cfg.warps, num_stages=cfg.stages,
