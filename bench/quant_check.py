@@ -71,7 +71,9 @@ def fp8_configs(rows: int) -> list[Any]:
     return [Fp8Config(bm, bn, w, s) for bn in (32, 64, 128) for w in (4, 8) for s in (3, 4)]
 
 
-def sweep_section(report: dict[str, Any], deadline: float) -> None:
+def sweep_section(
+    report: dict[str, Any], deadline: float, rows_swept: tuple[int, ...] = ROWS, formats: tuple[str, ...] = ("int4", "fp8")
+) -> None:
     import torch
     import torch.nn.functional as F
 
@@ -83,7 +85,7 @@ def sweep_section(report: dict[str, Any], deadline: float) -> None:
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(LAYERS)]
         w4 = [int4.quantize_weight(w, 128) for w in ws]
         w8 = [fp8.quantize_weight(w) for w in ws]
-        for rows in ROWS:
+        for rows in rows_swept:
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
             cublas_us = 1e3 * graph_ms(lambda ws=ws, x=x: [F.linear(x, w) for w in ws]) / LAYERS
             row: dict[str, Any] = dict(name=name, n=n, k=k, rows=rows, bf16_cublas_us=round(cublas_us, 2),
@@ -94,6 +96,8 @@ def sweep_section(report: dict[str, Any], deadline: float) -> None:
                 ("fp8", fp8_configs(rows), lambda x, q, cfg: fp8_triton.fp8_matmul(x, *q, 128, cfg), w8,
                  fp8.dequantize_weight(*w8[0]), 1.0),
             ):  # fmt: skip
+                if fmt not in formats:
+                    continue
                 ref = (x.double() @ refw.double().T).float()
                 tried = []
                 for cfg in cfgs:
@@ -202,6 +206,8 @@ def main() -> None:
     ap.add_argument("--out", default="quant_check.json")
     ap.add_argument("--sections", default="sweep,quality")
     ap.add_argument("--sweep-s", type=float, default=200, help="time cap for the sweep")
+    ap.add_argument("--rows", default="1,16,32", help="sweep: the row counts (1, 16, 32: the row classes)")
+    ap.add_argument("--formats", default="int4,fp8", help="sweep: int4, fp8 or both")
     ap.add_argument("--model", default="random-weights:4b", help="quality: random-weights:4b or a checkpoint")
     ap.add_argument("--device", default="cuda", help="quality: cuda, or cpu (the tiny checkpoint: plumbing)")
     args = ap.parse_args()
@@ -210,7 +216,8 @@ def main() -> None:
     report: dict[str, Any] = {**environment(args.device), "command": "python -m bench.quant_check"}
     started = time.monotonic()
     if "sweep" in args.sections:
-        sweep_section(report, started + args.sweep_s)
+        rows = tuple(int(r) for r in args.rows.split(","))
+        sweep_section(report, started + args.sweep_s, rows, tuple(args.formats.split(",")))
     if "quality" in args.sections:
         quality_section(report, args.model, args.device)
     report["seconds"] = round(time.monotonic() - started, 1)
