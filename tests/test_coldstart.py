@@ -144,7 +144,7 @@ def test_a_damaged_or_foreign_artifact_is_ignored_with_one_log_line(
     caplog.clear()
     caplog.set_level(logging.INFO)
     with BatchEngine(loaded, options(tmp_path, max_batch=2, token_budget=2 * 512, buckets=(1, 2)), gate) as engine:
-        assert engine.artifacts == "ignored"
+        assert _artifacts_looked_for(engine) == "ignored"  # by the compile thread, before its gate
         tokens = list(engine.submit_tokens(prompts["text"], GREEDY, threading.Event()))
     lines = [r.getMessage() for r in caplog.records if "compile artifacts" in r.getMessage()]
     assert len(lines) == 1 and lines[0].startswith(f"compile artifacts: ignoring {path}"), lines
@@ -152,6 +152,51 @@ def test_a_damaged_or_foreign_artifact_is_ignored_with_one_log_line(
     assert reason[damage] in lines[0]
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "compile artifacts" not in r.getMessage()]
     assert tokens == reference(loaded, prompts["text"])
+
+
+def _artifacts_looked_for(engine: BatchEngine, timeout: float = 30.0) -> str:
+    """The engine's artifacts state once they were looked for (in the background: by the compile thread)."""
+    deadline = time.monotonic() + timeout
+    while engine.artifacts == "off" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return engine.artifacts
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_the_first_answer_does_not_wait_for_the_artifacts_load_in_the_background_mode(
+    loaded: LoadedModel, prompts: dict[str, PreparedPrompt], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    background: bool,
+) -> None:  # fmt: skip
+    """Loading the artifacts (reading, checking, unpickling into inductor's caches) was on the engine thread before
+    the eager graphs: the first answer waited for it (~3 s from "Starting the batch engine" to "artifacts loaded" on
+    the H200). In the background mode the compile thread loads them, before its first compile; before-serving
+    (precompile, --compile before-serving) still loads them before it compiles on the engine thread."""
+    release = threading.Event()
+    calls: list[str] = []
+    real_load = artifacts.load
+
+    def slow_load(folder: Any, key: dict[str, str]) -> str:
+        calls.append(threading.current_thread().name)
+        if background:
+            release.wait(20)  # a slow load: the engine must serve meanwhile
+        return real_load(folder, key)
+
+    monkeypatch.setattr(artifacts, "load", slow_load)
+    gate = threading.Semaphore(0)  # nothing compiles in the background
+    opts = options(tmp_path, max_batch=2, token_budget=2 * 512, buckets=(1, 2), background_compile=background)
+    started = time.monotonic()
+    with BatchEngine(loaded, opts, gate) as engine:
+        if background:
+            assert time.monotonic() - started < 15, "the engine waited for the artifacts before serving"
+            tokens = list(engine.submit_tokens(prompts["text"], GREEDY, threading.Event()))
+            assert engine.artifacts == "off" and calls == ["decode-compile"]  # still loading: answered meanwhile
+            release.set()
+            assert _artifacts_looked_for(engine) == "absent"
+        else:
+            assert (calls, engine.artifacts, engine.compile_state) == (["batch-engine"], "absent", "done")
+            tokens = list(engine.submit_tokens(prompts["text"], GREEDY, threading.Event()))
+    release.set()
+    assert tokens == reference(loaded, prompts["text"]) and len(calls) == 1
 
 
 @pytest.mark.skipif(not os.environ.get("QWEN3VL_SLOW_TESTS"), reason="compiles with inductor on CPU (~1 min)")

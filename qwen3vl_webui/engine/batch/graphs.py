@@ -146,7 +146,8 @@ class DecodeGraphs:
             compiled.use_cache_dir(self.options.compile_cache_dir)
             wanted = self.options.regional_compile
             self.regional = self.cuda_graphs if wanted is None else bool(wanted)  # part of the artifacts' key
-            self._load_artifacts()
+            if not self.background:  # else the compile thread loads them, off the way to the first answer
+                self._load_artifacts()
             self._build_compiled()
         if not self.compile and not self.cuda_graphs:
             return  # plain eager: nothing to prepare
@@ -325,6 +326,9 @@ class DecodeGraphs:
             if self.cuda_index is not None:
                 torch.cuda.set_device(self.cuda_index)  # a new thread starts on cuda:0
                 side = torch.cuda.Stream()
+            # Here, not in `prepare`: loading them (reading, checking, unpickling into inductor's caches, importing
+            # inductor) delayed the first answer, and nothing uses them before this thread's first compile.
+            self._load_artifacts()
             with (
                 compiled.private_compile_session(),
                 torch.inference_mode(),

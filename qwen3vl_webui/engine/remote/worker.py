@@ -33,6 +33,7 @@ from qwen3vl_webui.engine.remote.protocol import (
 
 log = logging.getLogger("qwen3vl_webui.engine")
 
+
 def main() -> int:
     # Ctrl-C (and a service manager's SIGTERM) reach the whole process group: the front end decides when the
     # engine stops, after its drain; from the first line, so a prespawned process waiting for its spec lives too.
@@ -49,7 +50,9 @@ def main() -> int:
         for name in set(os.environ) - set(env):
             del os.environ[name]
         os.environ.update(env)
-    logging.basicConfig(level=spec.get("log_level", logging.INFO), format="%(asctime)s %(levelname)s engine: %(message)s")
+    logging.basicConfig(
+        level=spec.get("log_level", logging.INFO), format="%(asctime)s %(levelname)s engine: %(message)s"
+    )
     # If the front end dies, however it dies, its end of the socket closes and this process exits (and the stats
     # tick notices a new parent). Not prctl(PR_SET_PDEATHSIG): it fires when the *thread* that started us ends, and
     # the front end starts engines from short-lived threads.
@@ -73,12 +76,10 @@ def prewarm() -> None:
     arrives; modules that fail to import here fail again, with their message, where they are used."""
     import importlib
 
-    names = (
-        "transformers", "transformers.models.qwen3_vl.modeling_qwen3_vl", "qwen3vl_webui.weights.loading",
-        # What the engine's start compiles with (inductor's compile_fx: ~0.9 s on a 2-core CPU with .pyc); the batch
-        # engine itself is imported with this module.
-        "torch._inductor.compile_fx",
-    )  # fmt: skip
+    # Only what building the weights needs (the batch engine itself is imported with this module). Not inductor's
+    # compile_fx (0.6 s of 4.8 on a 2-core CPU, bench/prewarm_check.py): until the spec is read the weights wait for
+    # this, and nothing imports it before the engine serves in the background mode (the compile thread does).
+    names = ("transformers", "transformers.models.qwen3_vl.modeling_qwen3_vl", "qwen3vl_webui.weights.loading")
     for name in names:
         try:
             importlib.import_module(name)
