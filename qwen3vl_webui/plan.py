@@ -5,8 +5,8 @@
 It follows the batch engine's layout (engine/batch/options.py, kv.py): every slot holds `max_context` tokens of KV,
 a quarter as many retained-prefix entries (at least one) may each hold as much, one prompt's KV is staged while it
 prefills, then activations (a prefill chunk through the text model, the largest image through the vision tower, the
-sampler's logits), CUDA graph pools and the prefill graphs' static buffers and allocator slack, and the CUDA context
-that torch does not count.
+sampler's logits), CUDA graph pools, the prefill graphs' static buffers and the allocator's split segments, the CUDA
+context and what else torch does not count, and room for one more prefill transient (figures measured on an H200).
 Weights come from planner.weight_bytes, precisions from precisions.TABLE. bench/plan_check.py measures these on a
 GPU (bench/RESULTS.md).
 """
@@ -25,11 +25,20 @@ MIB = 1024**2
 LEN_ALIGN = 64  # KV rows per slot are a multiple of this (engine/batch/options.py)
 PREFILL_CHUNK = 2048  # prompt tokens one prefill forward takes (BatchOptions.prefill_chunk)
 PREFIX_SHARE = 0.25  # retained-prefix entries per slot (BatchOptions.prefix_share)
-# Not counted by torch's allocator: the CUDA context, cuBLAS/cuDNN handles and kernels' code (~0.5 GiB on an H100).
-CUDA_CONTEXT = 512 * MIB
-# CUDA graph pools, cuBLAS workspaces and the caching allocator's rounding: a share of what torch allocates.
-ALLOCATOR_SLACK = 0.04
-GRAPH_POOLS = 256 * MIB
+# Measured by bench/plan_check.py on one H200 (random 4B weights; the device image's torch 2.11 + cu130), the twelve
+# cases of bench/results/h200/plan_check.json run once more without the cap (under it every case had dropped its
+# retained prefixes, so its `needed` lacked them). Figures in GiB.
+# Not counted by torch's allocator: the CUDA context, cuBLAS handles and workspaces, kernels' code, the CUDA graphs'
+# own memory: 0.67 once the weights are loaded, 1.01-1.04 at the end of every case (it grows while serving: graphs
+# captured, Triton kernels loaded). The H100 estimate of ~0.5 GiB left half of it out.
+CUDA_CONTEXT = 1088 * MIB
+# Free bytes inside partly used segments, which the caching allocator cannot give back to the driver (a segment
+# returns only whole): 0.75-0.79 in bf16 and int4, 0.86-1.07 in int8wo, whatever the context and concurrency (the old
+# planner's 4% of everything over-planned the large cases and under-planned the small ones).
+ALLOCATOR_SPLIT = 1024 * MIB
+# The CUDA graphs' private pools, whole (the live blocks of the captured graphs' outputs and the free rest): 0.46-0.48
+# in bf16; a weight-only precision's first-chunk prefill graphs also hold their dequantized weights (_dequantized).
+GRAPH_POOLS = 512 * MIB
 DEEPSTACK_LAYERS = 3  # text layers that add the vision tower's deepstack features (3 in every Qwen3-VL size)
 
 
@@ -55,6 +64,7 @@ GPUS: tuple[Gpu, ...] = (
 
 def find_gpu(name: str) -> Gpu:
     """A GPU by a loose name: "L4", "a100-40", "A100 80GB", "4090", "rtx4090", "h200"."""
+
     def key(text: str) -> str:
         return "".join(ch for ch in text.lower() if ch.isalnum()).removeprefix("nvidia").removesuffix("gb")
 
@@ -75,18 +85,19 @@ class MemoryPlan:
     kv: int  # the slots' KV cache, allocated at start
     retained_kv: int  # retained-prefix entries at their largest (allocated as they are kept)
     staging_kv: int  # one prompt's KV while it prefills, before it is copied into its slot
-    activations: int  # prefill chunk, vision tower on the largest image, logits
-    overhead: int  # graph pools, allocator slack
-    cuda_context: int
+    activations: int  # one prefill forward's transient: the last chunk's attention or MLP, or the vision tower
+    overhead: int  # prefill graphs' static buffers, graph pools, the allocator's split segments
+    cuda_context: int  # what torch does not count (CUDA context, handles, kernels' code)
+    headroom: int = 0  # one more prefill transient: a fresh segment while free bytes sit in cached ones
 
     @property
     def torch_bytes(self) -> int:
-        """What torch's allocator reserves at the peak (bench/plan_check.py compares this)."""
+        """What torch's allocator cannot do without at the peak (bench/plan_check.py compares this)."""
         return self.weights + self.kv + self.retained_kv + self.staging_kv + self.activations + self.overhead
 
     @property
     def total(self) -> int:
-        return self.torch_bytes + self.cuda_context
+        return self.torch_bytes + self.cuda_context + self.headroom
 
 
 def aligned_context(max_context: int) -> int:
@@ -101,18 +112,26 @@ def plan_memory(
     shape: planner.ModelShape, precision: str, max_context: int, max_concurrency: int,
     image_pixels: int | None = None,
 ) -> MemoryPlan:  # fmt: skip
-    """Peak GPU memory of the batch engine serving `max_concurrency` chats of `max_context` tokens."""
+    """Peak GPU memory of the batch engine serving `max_concurrency` chats of `max_context` tokens.
+
+    The peak (engine/batch/): the slots' KV (allocated at start), the retained entries (each a finished prompt's
+    whole KV, kept while later prompts run: at concurrency 1 too), and the KV of the prompt being prefilled, one
+    allocation of its whole length written chunk by chunk (runner.py `prompt_kv`) - at any concurrency only one
+    prompt prefills at a time - plus that prefill's transient. Measured peaks held exactly these (H200, see the
+    constants): the peak allocated less weights, slots, retained and staged KV was 0.49-0.52 GiB of engine buffers
+    and a transient of 0.23-0.30 GiB at 4,096 tokens and 0.57 at 16,384, at either concurrency.
+    """
     context = aligned_context(max_context)
     per_token = planner.kv_bytes_per_token(shape)
     weights = planner.weight_bytes(shape, precision)
     kv = per_token * context * max_concurrency
     retained = per_token * context * retained_slots(max_concurrency)
     staging = per_token * context
-    activations = _activations(shape, precision, min(context, PREFILL_CHUNK), max_concurrency, image_pixels)
-    graphs = GRAPH_POOLS + _prefill_graph_buffers(shape, precision)
-    overhead = graphs + int(ALLOCATOR_SLACK * (weights + kv + retained + staging + activations))
+    activations = _activations(shape, precision, context, max_concurrency, image_pixels)
+    graphs = GRAPH_POOLS + _dequantized(shape, precision) + _prefill_graph_buffers(shape, precision)
+    overhead = graphs + ALLOCATOR_SPLIT
     return MemoryPlan(precision, context, max_concurrency, weights, kv, retained, staging, activations, overhead,
-                      CUDA_CONTEXT)  # fmt: skip
+                      CUDA_CONTEXT, activations)  # fmt: skip
 
 
 def _prefill_graph_buffers(shape: planner.ModelShape, precision: str) -> int:
@@ -124,21 +143,52 @@ def _prefill_graph_buffers(shape: planner.ModelShape, precision: str) -> int:
     return PREFILL_CHUNK * per_token
 
 
-def _activations(
-    shape: planner.ModelShape, precision: str, chunk: int, batch: int, image_pixels: int | None
-) -> int:
-    """The largest transient: a prefill chunk through one text layer (hidden states, q/k/v, the MLP's gate, up and
-    product), the vision tower on the largest image (per block: qkv, attention output, MLP), the logits."""
+def _dequantized(shape: planner.ModelShape, precision: str) -> int:
+    """A weight-only precision's prefill matmul: the fused gate/up weight dequantized to 16 bits before cuBLAS (int4,
+    fp8: one Triton kernel; int8wo: a cast then a scaled product in torch, two copies). The prefill graphs' pool keeps
+    it as well: its pools measured 0.49-0.51 GiB free in int8wo against 0.28-0.30 in bf16."""
+    copies = {"int8wo": 2, "int4": 1, "fp8": 1}.get(precision, 0)
+    return copies * 2 * _intermediate(shape) * shape.hidden_size * 2
+
+
+def _intermediate(shape: planner.ModelShape) -> int:
+    return shape.hidden_size * 38 // 10  # 9728 / 2560 in Qwen3-VL-4B
+
+
+def _activations(shape: planner.ModelShape, precision: str, context: int, batch: int, image_pixels: int | None) -> int:
+    """The largest transient of one prefill forward (engine/batch/runner.py, prefill.py), the larger of:
+
+    - the last chunk's attention: a chunk after a past attends through transformers' SDPA with a mask, which repeats
+      K and V to every query head over the whole prompt (`repeat_kv`: no GQA in SDPA with a mask), beside the
+      past-and-chunk K/V that ChunkKV concatenates, the boolean mask and its additive bias, q and the output;
+    - the chunk's MLP: the fused gate/up product, the activation and the product (4 x intermediate per token), or a
+      weight-only precision's dequantized weights beside the gate/up product;
+    - the vision tower on the largest image that fits the context (per block: qkv, its fp32 rotary copies, the MLP);
+    plus what a chunk holds throughout (embeddings, deepstack features, hidden states and residual), the media
+    features kept while the prompt prefills, and the sampler's logits. H200: 0.23 GiB (bf16), 0.30 (int8wo), 0.24
+    (int4) of transient at 4,096 tokens (text, the MLP's), 0.57 at 16,384 (the attention over 16,368 tokens).
+    """
     width = 4 if precision == "fp32" else 2
-    q = shape.num_kv_heads * shape.head_dim * 4  # 4B and the tiny model have 4 query heads per KV head
-    intermediate = shape.hidden_size * 38 // 10  # 9728 / 2560 in Qwen3-VL-4B
-    text = chunk * (4 * shape.hidden_size + q + 2 * shape.num_kv_heads * shape.head_dim + 3 * intermediate) * width
+    hidden, kv_heads, head_dim = shape.hidden_size, shape.num_kv_heads, shape.head_dim
+    heads = kv_heads * 4  # 4B and the tiny model have 4 query heads per KV head
+    chunk = min(context, PREFILL_CHUNK)
+    held = chunk * (4 + DEEPSTACK_LAYERS) * hidden * width  # embeddings, deepstack, hidden, residual, normed
+    attention = (
+        context * 2 * (heads + kv_heads) * head_dim * width  # K/V repeated to every head + the concatenated past
+        + chunk * context * (1 + width)  # the boolean mask and its additive bias
+        + 2 * chunk * heads * head_dim * width  # q and the attention's output
+    )
+    mlp = max(chunk * 4 * _intermediate(shape) * width,
+              chunk * 2 * _intermediate(shape) * width + _dequantized(shape, precision))  # fmt: skip
     pixels = ranges.largest_image_pixels() if image_pixels is None else image_pixels
     patches = pixels // (shape.patch_size * shape.patch_size)
+    merge = shape.spatial_merge * shape.spatial_merge
+    patches = min(patches, context * merge)  # an image larger than the context never reaches the tower
+    media = patches // merge * (1 + DEEPSTACK_LAYERS) * hidden * width  # its features, kept through the prefill
     vision_hidden, vision_mlp = 1024, 4096  # Qwen3-VL's vision tower (the same in every size)
     vision = patches * (6 * vision_hidden + 2 * vision_mlp) * width
     logits = batch * shape.vocab_size * 4 * 2  # fp32 logits and the sampler's probabilities
-    return max(text, vision) + logits
+    return max(held + max(attention, mlp) + media, vision) + logits
 
 
 def fits(plan: MemoryPlan, gpu_memory: int) -> bool:
@@ -188,7 +238,7 @@ def summary(shape: planner.ModelShape, precision: str, max_context: int, max_con
     return (
         f"VRAM plan on {gpu_name}: {p.total / GIB:.1f} of {gpu_memory / GIB:.1f} GiB ({verdict}: weights "
         f"{p.weights / GIB:.1f}, KV {(p.kv + p.retained_kv + p.staging_kv) / GIB:.1f}, activations and overhead "
-        f"{(p.activations + p.overhead + p.cuda_context) / GIB:.1f}) · at most {chats} chat{'s' if chats != 1 else ''} "
+        f"{(p.activations + p.overhead + p.cuda_context + p.headroom) / GIB:.1f}) · at most {chats} chat{'s' if chats != 1 else ''} "
         f"of {p.max_context:,} tokens, or {context:,} tokens for {max_concurrency} "
         f"(python -m qwen3vl_webui.plan for every precision)"
     )
@@ -217,9 +267,12 @@ def report(
         f"  kept for follow-up turns (up to {kept})".ljust(44) + _gib(plan.retained_kv),
         "  one prompt's KV while it prefills".ljust(44) + _gib(plan.staging_kv),
         "  activations (prefill chunk, vision tower)".ljust(44) + _gib(plan.activations),
-        "  CUDA graphs + allocator slack".ljust(44) + _gib(plan.overhead),
-        "  CUDA context".ljust(44) + _gib(plan.cuda_context),
-        "  total".ljust(44) + _gib(plan.total) + f"  of {gpu_memory / GIB:.1f} GiB: "
+        "  CUDA graphs + allocator's split segments".ljust(44) + _gib(plan.overhead),
+        "  CUDA context, handles, kernels (not torch)".ljust(44) + _gib(plan.cuda_context),
+        "  room for one more prefill transient".ljust(44) + _gib(plan.headroom),
+        "  total".ljust(44)
+        + _gib(plan.total)
+        + f"  of {gpu_memory / GIB:.1f} GiB: "
         + ("fits" if ok else ("does NOT fit" if runs_on(precision, capability) else "needs a newer GPU")),
         "",
         f"The most that fits on {gpu_name}:",

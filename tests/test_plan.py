@@ -65,14 +65,32 @@ def test_the_plan_follows_the_engine_layout() -> None:
     assert p.retained_kv == per_token * 16384 * 2  # a quarter of 8 entries kept for follow-up turns
     assert p.staging_kv == per_token * 16384
     assert p.weights == planner.weight_bytes(SHAPE, "bf16")
-    assert p.total == p.torch_bytes + p.cuda_context
+    assert p.total == p.torch_bytes + p.cuda_context + p.headroom
+    assert p.headroom == p.activations  # one more prefill transient's room beyond what torch must hold
+    assert p.cuda_context == 1088 * 1024**2  # H200: 1.01-1.04 GiB outside torch at the end of every case
     assert plan.plan_memory(SHAPE, "bf16", 16400, 8).max_context == 16384  # slots align to 64 tokens
     # The prefill graphs' static buffers, one 2,048-token chunk's KV, embeddings, 3 deepstack and hidden states,
-    # whatever the context: 338 MiB in bf16, beside the graphs' pools and the allocator's share.
+    # whatever the context: 338 MiB in bf16, beside the graphs' pools and the allocator's split segments.
     for q in (p, plan.plan_memory(SHAPE, "bf16", 1024, 1)):
-        base = q.weights + q.kv + q.retained_kv + q.staging_kv + q.activations
-        graphs = q.overhead - int(plan.ALLOCATOR_SLACK * base)
+        graphs = q.overhead - plan.ALLOCATOR_SPLIT
         assert graphs == plan.GRAPH_POOLS + 2048 * (per_token + 5 * 2560 * 2) == plan.GRAPH_POOLS + 338 * 1024**2
+    # A weight-only precision's prefill dequantizes the fused gate/up weight (int8wo: twice), in the graphs' pool too.
+    gate_up = 2 * 9728 * 2560 * 2
+    q = plan.plan_memory(SHAPE, "int8wo", 16384, 8)
+    assert q.overhead - p.overhead == 2 * gate_up
+
+
+def test_activations_follow_the_last_chunk() -> None:
+    """H200 (bench/results/h200/plan_check.json's cases without the cap): 0.23 GiB of prefill transient at 4,096
+    tokens (the chunk's MLP), 0.57 at 16,384 (SDPA's K/V repeated to every head over the whole prompt)."""
+    gib = 1024**3
+    text = plan.plan_memory(SHAPE, "bf16", 4096, 1, image_pixels=0).activations
+    long = plan.plan_memory(SHAPE, "bf16", 16384, 1, image_pixels=0).activations
+    assert 0.2 * gib < text < 0.3 * gib
+    assert 0.45 * gib < long < 0.65 * gib
+    # the attention grows with the context: 32 heads' K and V plus the concatenated 8, 20 KiB a token in bf16
+    longer = plan.plan_memory(SHAPE, "bf16", 65536, 1, image_pixels=0).activations
+    assert longer - long > (65536 - 16384) * 20 * 1024
 
 
 def test_largest_figures_are_the_edge_of_fitting() -> None:
