@@ -205,8 +205,10 @@ def _held(torch: Any) -> dict[str, int]:
 
 
 def run_case(device: str, precision: str, context: int, concurrency: int, new_tokens: int,
-             loaded: Any = None) -> dict[str, Any]:  # fmt: skip
-    """One case, the plan's figures beside what it measured; on a GPU with torch capped at the plan's total."""
+             loaded: Any = None, cap: bool = True) -> dict[str, Any]:  # fmt: skip
+    """One case, the plan's figures beside what it measured; on a GPU with torch capped at the plan's total unless
+    `cap` is off (then the need is measured whole: under the cap a prefill that runs out of memory drops retained
+    prefixes and goes on, so the capped run's need leaves out what it dropped)."""
     from qwen3vl_webui import plan, planner, ranges
     from qwen3vl_webui.weights.random_weights import load_random, source_for
 
@@ -221,7 +223,7 @@ def run_case(device: str, precision: str, context: int, concurrency: int, new_to
                            "planned_torch": estimate.torch_bytes, "planned_retained": estimate.retained_kv,
                            "planned_total": estimate.total, "planned_weights": estimate.weights,
                            "weights": loaded.weights_bytes}  # fmt: skip
-    if device != "cpu":
+    if device != "cpu" and cap:
         row.update(_cap(estimate.total))
     try:
         row.update(measure(loaded, context, concurrency, new_tokens, image_pixels))
@@ -266,12 +268,12 @@ def _judge(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _in_fresh_process(precision: str, context: int, concurrency: int, new_tokens: int) -> dict[str, Any]:
+def _in_fresh_process(precision: str, context: int, concurrency: int, new_tokens: int, cap: bool = True) -> dict[str, Any]:
     """One GPU case in a process of its own (the cap is per process; no earlier case's cache in it)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
         cmd = [sys.executable, "-m", "bench.plan_check", "--case", f"{precision}:{context}:{concurrency}",
-               "--new-tokens", str(new_tokens), "--out", str(out)]  # fmt: skip
+               "--new-tokens", str(new_tokens), "--out", str(out), *([] if cap else ["--no-cap"])]  # fmt: skip
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=CASE_TIMEOUT_S,
                                   cwd=Path(__file__).resolve().parents[1])  # fmt: skip
@@ -287,7 +289,7 @@ def _in_fresh_process(precision: str, context: int, concurrency: int, new_tokens
 
 
 def run(device: str, precisions: list[str], contexts: tuple[int, ...], concurrencies: tuple[int, ...],
-        new_tokens: int, budget_s: float) -> list[dict[str, Any]]:  # fmt: skip
+        new_tokens: int, budget_s: float, cap: bool = True) -> list[dict[str, Any]]:  # fmt: skip
     """Every case; on a GPU each in a fresh process (this one never touches CUDA), on a CPU here."""
     rows: list[dict[str, Any]] = []
     started = time.monotonic()
@@ -306,7 +308,7 @@ def run(device: str, precisions: list[str], contexts: tuple[int, ...], concurren
                 if device == "cpu":
                     row = run_case(device, precision, context, concurrency, new_tokens, loaded)
                 else:
-                    row = _in_fresh_process(precision, context, concurrency, new_tokens)
+                    row = _in_fresh_process(precision, context, concurrency, new_tokens, cap)
                 row["case_s"] = round(time.monotonic() - started, 1)
                 rows.append(row)
                 print(_line(row), flush=True)
@@ -325,13 +327,50 @@ def _line(row: dict[str, Any]) -> str:
     if "allocator" in row:
         return f"{head} planned {gib(row['planned_torch'])} · {row['kept_before']} kept · {row['allocator']}"
     held = row["held_at_end"]
+    capped = (
+        f"(b) capped at {gib(row['cap'])} of total {gib(row['planned_total'])}: "
+        f"{'enough' if row['sufficient'] else 'NOT enough'} (completed: {row['completed']}, "
+        if "cap" in row else f"no cap, total {gib(row['planned_total'])} ("
+    )  # fmt: skip
     return (f"{head} (a) planned {gib(row['planned_torch'])} · needed {gib(row['needed'])} = allocated "
             f"{gib(row['peak_allocated'])} + graph pools {gib(held['graph_pools'])} + split free "
-            f"{gib(held['split_free'])} · error {row['error_pct']}% · (b) capped at {gib(row['cap'])} of total "
-            f"{gib(row['planned_total'])}: {'enough' if row['sufficient'] else 'NOT enough'} (completed: {row['completed']}, reserved "
+            f"{gib(held['split_free'])} · error {row['error_pct']}% · {capped}reserved "
             f"{gib(row['peak_reserved'])} + non-torch {gib(row['non_torch'])}, {row['kept_before']} of "
             f"{row['retained_slots']} kept, {row['prefix_dropped']} dropped) · start-up reserved "
             f"{gib(row['reserved_at_start'])}, allocated {gib(row['allocated_at_start'])} · {row['seconds']} s")
+
+
+def rejudge(path: str) -> list[dict[str, Any]]:
+    """The planner of this tree against the needs a GPU run measured (`path`, rows of `--no-cap`: without a cap the
+    need does not depend on the plan, so a changed planner is judged on (a) without the GPU). Also whether the plan's
+    total covers the run's peak reserved bytes plus the non-torch ones (check (b)'s sum; the capped run is what
+    decides (b))."""
+    from qwen3vl_webui import plan, planner, ranges
+
+    shape = planner.ModelShape.qwen3vl_4b()
+    rows = json.loads(Path(path).read_text())
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    out = []
+    for row in rows:
+        if "needed" not in row or "cap" in row:
+            continue
+        estimate = plan.plan_memory(shape, row["precision"], row["context"], row["concurrency"],
+                                    ranges.largest_image_pixels())  # fmt: skip
+        peak = row["peak_reserved"] + row["non_torch"]
+        out.append({
+            "precision": row["precision"], "context": row["context"], "concurrency": row["concurrency"],
+            "needed": row["needed"], "measured_planned_torch": row["planned_torch"],
+            "planned_torch": estimate.torch_bytes, "planned_total": estimate.total,
+            "error_pct": round(100 * (estimate.torch_bytes / row["needed"] - 1), 1),
+            "peak_reserved_plus_non_torch": peak, "total_margin": estimate.total - peak,
+        })  # fmt: skip
+        r = out[-1]
+        r["within"] = abs(r["error_pct"]) <= 100 * TOLERANCE
+        print(f"{r['precision']:<8} {r['context']:>6} x {r['concurrency']:<2} planned {r['planned_torch'] / GIB:6.2f} GiB "
+              f"(was {r['measured_planned_torch'] / GIB:6.2f}) · needed {r['needed'] / GIB:6.2f} · error "
+              f"{r['error_pct']:+.1f}% · total {r['planned_total'] / GIB:6.2f} against peak reserved + non-torch "
+              f"{peak / GIB:6.2f} ({r['total_margin'] / GIB:+.2f})", flush=True)  # fmt: skip
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -343,15 +382,24 @@ def main(argv: list[str] | None = None) -> int:
                                    "case's fresh process runs)")  # fmt: skip
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting new cases after this long")
+    ap.add_argument("--no-cap", action="store_true", help="measure each case's whole need: no cap, check (a) only")
+    ap.add_argument("--rejudge", metavar="FILE", help="this tree's planner against a --no-cap run's file (no GPU)")
     args = ap.parse_args(argv)
+    if args.rejudge:
+        rows = rejudge(args.rejudge)
+        Path(args.out).write_text(json.dumps({"measured": args.rejudge, "tolerance": TOLERANCE, "rows": rows}, indent=1))
+        bad = [r for r in rows if not r["within"] or r["total_margin"] < 0]
+        print(f"{len(rows)} cases, {len(bad)} outside ±{TOLERANCE:.0%} or with a total under the peak")
+        return 1 if bad or not rows else 0
     device = "cpu" if args.cpu else "cuda"
     if args.case:
         precision, context, concurrency = args.case.split(":")
-        rows = [run_case(device, precision, int(context), int(concurrency), args.new_tokens)]
+        rows = [run_case(device, precision, int(context), int(concurrency), args.new_tokens, cap=not args.no_cap)]
     else:
         cases = CPU_CASES if args.cpu else DEVICE_CASES
         chosen = args.precisions.split(",") if args.precisions else default_precisions(device)
-        rows = run(device, chosen, cases["contexts"], cases["concurrencies"], args.new_tokens, args.budget_s)
+        rows = run(device, chosen, cases["contexts"], cases["concurrencies"], args.new_tokens, args.budget_s,
+                   cap=not args.no_cap)  # fmt: skip
     Path(args.out).write_text(json.dumps({"device": device, "tolerance": TOLERANCE, "rows": rows}, indent=1))
     if args.case:
         return 0

@@ -81,7 +81,7 @@ def test_the_plan_follows_the_engine_layout() -> None:
 
 
 def test_activations_follow_the_last_chunk() -> None:
-    """H200 (bench/results/h200/plan_check.json's cases without the cap): 0.23 GiB of prefill transient at 4,096
+    """H200 (bench/results/h200/plan_check_uncapped.json: the cases without the cap): 0.23 GiB of prefill transient at 4,096
     tokens (the chunk's MLP), 0.57 at 16,384 (SDPA's K/V repeated to every head over the whole prompt)."""
     gib = 1024**3
     text = plan.plan_memory(SHAPE, "bf16", 4096, 1, image_pixels=0).activations
@@ -136,3 +136,18 @@ def test_the_slider_line_says_what_fits_on_this_gpu() -> None:
     assert f"at most {chats} chat" in line
     assert ": fits" not in line
     assert "(fits" in plan.summary(SHAPE, "bf16", 4096, 1, "H200", plan.find_gpu("H200").memory)
+
+
+def test_the_planner_against_the_needs_an_h200_measured(tmp_path: Path) -> None:
+    """This tree's planner against bench/results/h200/plan_check_uncapped.json (12 cases run without a cap, so each
+    need is whole and does not depend on the plan): within ±10% in every case, and the total a user would buy at
+    least the run's peak reserved bytes plus the driver's own. A planner change that parts from the GPU fails here."""
+    from bench import plan_check
+
+    out = tmp_path / "rejudged.json"
+    measured = ROOT / "bench" / "results" / "h200" / "plan_check_uncapped.json"
+    code = plan_check.main(["--rejudge", str(measured), "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 12 and {r["precision"] for r in rows} == {"bf16", "int8wo", "int4"}
+    assert all(r["within"] and r["total_margin"] >= 0 for r in rows), rows
+    assert code == 0
