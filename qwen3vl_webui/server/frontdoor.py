@@ -325,7 +325,8 @@ class UnknownEvents:
                 return None
         if session is not None and not isinstance(session, str):
             return None
-        if gradio_compat.has_event(self.gradio_app, fn_index, name, session, default=True):  # unsure: gradio decides
+        public = kind == "call/v2"  # v2 finds only the API docs' events
+        if gradio_compat.has_event(self.gradio_app, fn_index, name, session, default=True, public=public):
             return None
         if fn_index is not None:
             return f"This app has no event with fn_index {fn_index}."

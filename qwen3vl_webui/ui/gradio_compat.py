@@ -103,11 +103,12 @@ def share_concurrency(demo: Any, names: Iterable[str], concurrency_id: str, limi
 
 def has_event(
     gradio_app: Any, fn_index: int | None, api_name: str | None, session_hash: str | None = None,
-    default: bool | None = None,
+    default: bool | None = None, public: bool = False,
 ) -> bool:  # fmt: skip
     """Whether gradio finds the event a call names (`route_utils.get_fn`: by `fn_index`, else by `api_name`) instead
     of raising KeyError or FnIndexInferError (an HTTP 500). A session that exists has its own table (`gr.render` adds
-    to it); a new one starts as a copy of the Blocks'."""
+    to it); a new one starts as a copy of the Blocks'. `public`: only an event of the API docs counts (`call/v2`
+    looks its name up there, `Blocks.get_api_info`, and answers 500 for any other)."""
 
     def read() -> bool:
         holder = _require(gradio_app, "state_holder", "gradio.routes.App")
@@ -118,7 +119,11 @@ def has_event(
             fns = _require(_require(gradio_app, "get_blocks", "gradio.routes.App")(), "fns", "Blocks")
         if fn_index is not None:
             return fn_index in fns
-        return any(_require(fn, "api_name", "BlockFunction") == api_name for fn in fns.values())
+        return any(
+            _require(fn, "api_name", "BlockFunction") == api_name
+            and (not public or (_require(fn, "api_visibility", "BlockFunction") == "public" and fn.fn is not None))
+            for fn in fns.values()
+        )
 
     return _lenient(read, default)
 
