@@ -193,7 +193,9 @@ def test_the_first_answer_does_not_wait_for_the_artifacts_load_in_the_background
             release.set()
             assert _artifacts_looked_for(engine) == "absent"
         else:
-            assert (calls, engine.artifacts, engine.compile_state) == (["batch-engine"], "absent", "done")
+            # looked for on the engine thread and none found; what the compile made is then saved if torch has any
+            # artifacts to give (it may, after other tests' compiles in this process: "saved")
+            assert (calls, engine.compile_state) == (["batch-engine"], "done") and engine.artifacts in ("absent", "saved")
             tokens = list(engine.submit_tokens(prompts["text"], GREEDY, threading.Event()))
     release.set()
     assert tokens == reference(loaded, prompts["text"]) and len(calls) == 1

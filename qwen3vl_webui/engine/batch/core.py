@@ -72,8 +72,9 @@ class EngineCore:
         self.loaded = loaded
         self.options = options
         self.scheduler = Scheduler(
-            options.max_batch, options.prefill_chunk, options.idle_prefill_factor, options.burst_forwards
-        )
+            options.max_batch, options.prefill_chunk, options.idle_prefill_factor, options.burst_forwards,
+            batch_tokens=options.max_len,
+        )  # fmt: skip
         self.kv = SlotKV(loaded, options.max_batch, options.max_len, options.retained_slots)
         self.runner = ModelRunner(loaded, self.kv, options.prefill_chunk)
         self.sampler = Sampler(loaded.device, options.max_batch)

@@ -56,11 +56,16 @@ class Scheduler:
     """
 
     def __init__(
-        self, max_batch: int, prefill_chunk: int, idle_prefill_factor: int = 4, burst_forwards: int = 2
-    ) -> None:
+        self, max_batch: int, prefill_chunk: int, idle_prefill_factor: int = 4, burst_forwards: int = 2,
+        batch_tokens: int = 0,
+    ) -> None:  # fmt: skip
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         self.idle_prefill_factor = idle_prefill_factor
+        # The most padded tokens (rows x the widest prompt) one batched forward of short prompts may hold (0: no
+        # bound beyond the budget): the batch's KV and transient then stay within one whole-context prompt's, which
+        # the VRAM planner counts (plan.py); a long prompt among short ones no longer pads them all to its length.
+        self.batch_tokens = batch_tokens
         self.burst_forwards = burst_forwards
         self._cond = threading.Condition()  # its lock is re-entrant: hold() may wrap add()
         self._waiting: deque[Request] = deque()
@@ -146,7 +151,8 @@ class Scheduler:
         return all(j.short_text(self.prefill_chunk) for j in self.prefilling)
 
     def next_prefill(self) -> PrefillPlan | None:
-        """The next forward's prompts: short text prompts together up to `prefill_chunk` tokens, else one prompt.
+        """The next forward's prompts: short text prompts together up to `prefill_chunk` padded tokens (rows times the
+        widest, as the forward holds them; and at most `batch_tokens`), else one prompt.
 
         With no stream mid-answer there is nobody to stall, so short prompts batch up to idle_prefill_factor times
         more tokens: a burst of arrivals then takes a few large forwards instead of many small ones (each eager
@@ -157,9 +163,11 @@ class Scheduler:
             return None
         group: list[PrefillJob] = []
         cancelled: list[PrefillJob] = []
-        tokens = 0
         chunk = self.prefill_chunk
         budget = chunk * (1 if self.mid_answer() else self.idle_prefill_factor)
+        if self.batch_tokens:
+            budget = min(budget, self.batch_tokens)
+        width = 0
         for job in list(self.prefilling):
             if job.req.cancel.is_set():
                 self.prefilling.remove(job)
@@ -168,12 +176,12 @@ class Scheduler:
             short = job.short_text(chunk)
             if not group:
                 group.append(job)
-                tokens = job.length
+                width = job.length
                 if not short:
                     break
-            elif short and tokens + job.length <= budget:
+            elif short and (len(group) + 1) * max(width, job.length) <= budget:  # padded rows x widest
                 group.append(job)
-                tokens += job.length
+                width = max(width, job.length)
             else:
                 break
         if not group:
