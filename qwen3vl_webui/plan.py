@@ -24,6 +24,7 @@ GIB = 1024**3
 MIB = 1024**2
 LEN_ALIGN = 64  # KV rows per slot are a multiple of this (engine/batch/options.py)
 PREFILL_CHUNK = 2048  # prompt tokens one prefill forward takes (BatchOptions.prefill_chunk)
+IDLE_PREFILL_FACTOR = 4  # short prompts batch up to this many chunks, padded, at most a slot's length (options.py)
 PREFIX_SHARE = 0.25  # retained-prefix entries per slot (BatchOptions.prefix_share)
 # Measured by bench/plan_check.py on one H200 (random 4B weights; the device image's torch 2.11 + cu130), the twelve
 # cases of bench/results/h200/plan_check.json run once more without the cap (under it every case had dropped its
@@ -172,14 +173,17 @@ def _activations(shape: planner.ModelShape, precision: str, context: int, batch:
     hidden, kv_heads, head_dim = shape.hidden_size, shape.num_kv_heads, shape.head_dim
     heads = kv_heads * 4  # 4B and the tiny model have 4 query heads per KV head
     chunk = min(context, PREFILL_CHUNK)
-    held = chunk * (4 + DEEPSTACK_LAYERS) * hidden * width  # embeddings, deepstack, hidden, residual, normed
+    # A batched forward of short prompts holds up to this many padded tokens (engine/batch/scheduler.py next_prefill:
+    # the idle budget, at most the slot's length): its MLP and held activations, not its attention (no past).
+    batched = min(context, IDLE_PREFILL_FACTOR * PREFILL_CHUNK)
+    held = batched * (4 + DEEPSTACK_LAYERS) * hidden * width  # embeddings, deepstack, hidden, residual, normed
     attention = (
         context * 2 * (heads + kv_heads) * head_dim * width  # K/V repeated to every head + the concatenated past
         + chunk * context * (1 + width)  # the boolean mask and its additive bias
         + 2 * chunk * heads * head_dim * width  # q and the attention's output
     )
-    mlp = max(chunk * 4 * _intermediate(shape) * width,
-              chunk * 2 * _intermediate(shape) * width + _dequantized(shape, precision))  # fmt: skip
+    mlp = max(batched * 4 * _intermediate(shape) * width,
+              batched * 2 * _intermediate(shape) * width + _dequantized(shape, precision))  # fmt: skip
     pixels = ranges.largest_image_pixels() if image_pixels is None else image_pixels
     patches = pixels // (shape.patch_size * shape.patch_size)
     merge = shape.spatial_merge * shape.spatial_merge
