@@ -493,6 +493,27 @@ def test_a_start_refused_while_a_job_runs_leaves_no_folder_behind(tmp_path: Path
     assert [p.name for p in root.iterdir()] == [job]
 
 
+def test_no_job_starts_while_a_precision_switch_is_under_way(tmp_path: Path) -> None:
+    """A switch that passed its guard (no job then) and is reloading: a job started now would record the old
+    precision and be answered by the new one. It is refused with a sentence, and starts once the switch is over."""
+    from qwen3vl_webui.service.jobs import JobBoard, JobDefaults
+    from qwen3vl_webui.ui.jobs_tab import JobsTab
+
+    source = tmp_path / "items.jsonl"
+    source.write_text(json.dumps({"id": "i0", "prompt": "p0"}) + "\n")
+    service = _EchoService()
+    switching = [True]
+    service.switching = lambda: switching[0]  # type: ignore[attr-defined]
+    board = JobBoard(service, tmp_path / "jobs", JobDefaults(), workers=1)  # type: ignore[arg-type]
+    tab = JobsTab(board, is_operator=lambda request: True)
+    refused = tab.start(str(source), "")
+    assert refused == "⚠️ the model is being switched to another precision; start the job once the switch is done."
+    assert not (tmp_path / "jobs").exists() or not list((tmp_path / "jobs").iterdir())  # nothing written
+    switching[0] = False
+    assert tab.start(str(source), "").startswith("Started job")
+    assert _until(lambda: board.view().state == "finished", 10)
+
+
 def test_a_page_job_survives_a_sigkilled_app_and_resumes_when_it_starts_again(
     tiny_checkpoint: Path, tmp_path: Path
 ) -> None:

@@ -178,6 +178,7 @@ class ChatService:
         self._switch_lock = threading.Lock()
         self._last_switch = -1e9
         self._switch_guards: list[Callable[[], str | None]] = []  # each: why not to switch now, or None
+        self._switching = False
         self._active: set[_Active] = set()
         self._draining = threading.Event()
         # /metrics and the panel's plots and cost (service/metrics.py)
@@ -568,22 +569,38 @@ class ChatService:
             raise ShuttingDown(SHUTDOWN_MESSAGE)
         with self._switch_lock:
             loaded = self.manager.current()
-            if not (loaded is not None and loaded.precision == precision):
-                for guard in self._switch_guards:
-                    if reason := guard():
-                        raise SwitchRefused(reason)
-            wait = self._last_switch + min_interval_s - time.monotonic()
-            if wait > 0 and not (loaded is not None and loaded.precision == precision):
-                raise SwitchRefused(
-                    f"the last switch was under {min_interval_s:g} s ago; try again in {math.ceil(wait)} s."
-                )
+            # a no-op, or a backend's model (the manager refuses that itself): no guard to ask
+            change = not (loaded is not None and loaded.precision == precision) and self.manager.backend is None
+            self._switching = change  # before the guards: a job board refuses to start a job from here on
             try:
-                report = self.manager.switch(precision)
+                if change:
+                    for guard in self._switch_guards:
+                        if reason := guard():
+                            raise SwitchRefused(reason)
+                return self._switch(precision, loaded, warmup_mode, image_pixels, min_interval_s)
             finally:
-                self._last_switch = time.monotonic()
-            if report.old != report.new and warmup_mode != "off":
-                self.warm_up(warmup_mode, image_pixels)
-            return report
+                self._switching = False
+
+    def switching(self) -> bool:
+        """A precision switch is under way (from its guards to the end of its warm-up)."""
+        return self._switching
+
+    def _switch(
+        self, precision: str, loaded: LoadedModel | None, warmup_mode: str, image_pixels: int, min_interval_s: float
+    ) -> SwitchReport:
+        """switch_precision's reload, under the switch lock."""
+        wait = self._last_switch + min_interval_s - time.monotonic()
+        if wait > 0 and not (loaded is not None and loaded.precision == precision):
+            raise SwitchRefused(
+                f"the last switch was under {min_interval_s:g} s ago; try again in {math.ceil(wait)} s."
+            )
+        try:
+            report = self.manager.switch(precision)
+        finally:
+            self._last_switch = time.monotonic()
+        if report.old != report.new and warmup_mode != "off":
+            self.warm_up(warmup_mode, image_pixels)
+        return report
 
     def release_memory(self) -> None:
         gc.collect()

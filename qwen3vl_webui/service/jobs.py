@@ -522,6 +522,11 @@ class JobBoard:
             with self._lock:
                 if self._closed or not self._waiting or self._state in ("running", "stopping"):
                     return
+                if self._switching():  # after the switch: the job's recorded setup is then checked against it
+                    timer = threading.Timer(1.0, self._next)
+                    timer.daemon = True
+                    timer.start()
+                    return
                 folder = self._waiting.pop(0)
                 lock = RunLock(folder / "job.sqlite")
                 try:
@@ -537,6 +542,15 @@ class JobBoard:
     def _refuse_if_busy(self) -> None:
         if self._state in ("running", "stopping"):
             raise JobError(f"job {self._job} is still running; stop it or wait for it to finish.")
+        if self._switching():
+            raise JobError("the model is being switched to another precision; start the job once the switch is done.")
+
+    def _switching(self) -> bool:
+        """A precision switch is under way (ChatService.switching): a job started now would record one precision
+        and be answered by another. The switch marks itself before it asks `switch_refusal`, and a start checks
+        this under the board's lock before it sets "running", so one of the two always sees the other."""
+        switching = getattr(self.service, "switching", None)
+        return bool(switching is not None and switching())
 
     def _launch(self, job: str, folder: Path, store: JobStore, lock: RunLock, message: str, resumed: bool) -> None:
         """Under the board's lock, holding the job's RunLock (one runner per database, the CLI's too): starts it."""

@@ -146,7 +146,9 @@ class DecodeGraphs:
             compiled.use_cache_dir(self.options.compile_cache_dir)
             wanted = self.options.regional_compile
             self.regional = self.cuda_graphs if wanted is None else bool(wanted)  # part of the artifacts' key
-            if not self.background:  # else the compile thread loads them, off the way to the first answer
+            # In the background mode the compile thread loads them, off the way to the first answer; not when the
+            # prefill compiles here before serving (compile_prefill), which uses them too.
+            if not self.background or self.options.compile_prefill:
                 self._load_artifacts()
             self._build_compiled()
         if not self.compile and not self.cuda_graphs:
@@ -328,7 +330,11 @@ class DecodeGraphs:
                 side = torch.cuda.Stream()
             # Here, not in `prepare`: loading them (reading, checking, unpickling into inductor's caches, importing
             # inductor) delayed the first answer, and nothing uses them before this thread's first compile.
-            self._load_artifacts()
+            if self.artifacts == "off" and not self._stop.is_set():
+                try:
+                    self._load_artifacts()
+                except Exception as exc:  # artifacts.load never raises; the key's inputs might: compile without
+                    log.warning("compile artifacts: not looked for (%r); compiling", exc)
             with (
                 compiled.private_compile_session(),
                 torch.inference_mode(),
