@@ -403,8 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).write_text(json.dumps({"device": device, "tolerance": TOLERANCE, "rows": rows}, indent=1))
     if args.case:
         return 0
-    checked = [r for r in rows if r["within"] is not None or r["sufficient"] is not None]
-    bad = [r for r in checked if r["within"] is False or r["sufficient"] is False]
+    checked = [r for r in rows if r["within"] is not None or r["sufficient"] is not None or "error" in r]
+    bad = [r for r in checked if r["within"] is False or r["sufficient"] is False or "error" in r]
     print(f"{len(checked)} cases measured, {len(bad)} outside ±{TOLERANCE:.0%} or not enough under the plan's total"
           if checked else "no GPU figures (CPU plumbing)")  # fmt: skip
     return 1 if bad else 0
