@@ -26,16 +26,18 @@ LEN_ALIGN = 64  # KV rows per slot are a multiple of this (engine/batch/options.
 PREFILL_CHUNK = 2048  # prompt tokens one prefill forward takes (BatchOptions.prefill_chunk)
 IDLE_PREFILL_FACTOR = 4  # short prompts batch up to this many chunks, padded, at most a slot's length (options.py)
 PREFIX_SHARE = 0.25  # retained-prefix entries per slot (BatchOptions.prefix_share)
-# Measured by bench/plan_check.py on one H200 (random 4B weights; the device image's torch 2.11 + cu130), the twelve
-# cases of bench/results/h200/plan_check.json run once more without the cap (under it every case had dropped its
-# retained prefixes, so its `needed` lacked them). Figures in GiB.
+# Measured by bench/plan_check.py on one H200 (random 4B weights; the device image's torch 2.11 + cu130): the twelve
+# cases run without the cap (bench/results/h200/plan_check_uncapped.json; under the cap, plan_check.json, every case
+# had dropped its retained prefixes, so its `needed` lacked them). Figures in GiB.
 # Not counted by torch's allocator: the CUDA context, cuBLAS handles and workspaces, kernels' code, the CUDA graphs'
-# own memory: 0.67 once the weights are loaded, 1.01-1.04 at the end of every case (it grows while serving: graphs
-# captured, Triton kernels loaded). The H100 estimate of ~0.5 GiB left half of it out.
+# own memory: 0.95-0.98 at the end of every uncapped case, 1.01-1.04 in the capped runs (whose cap set-up adds
+# cuBLAS's fp32 handle), 0.67 once the weights are loaded (it grows while serving: graphs captured, Triton kernels
+# loaded). The H100 estimate of ~0.5 GiB left half of it out.
 CUDA_CONTEXT = 1088 * MIB
 # Free bytes inside partly used segments, which the caching allocator cannot give back to the driver (a segment
-# returns only whole): 0.75-0.79 in bf16 and int4, 0.86-1.07 in int8wo, whatever the context and concurrency (the old
-# planner's 4% of everything over-planned the large cases and under-planned the small ones).
+# returns only whole): 0.77-0.78 in bf16, 0.75-0.88 in int4, 0.86-0.99 in int8wo (1.01 in one capped int8wo run),
+# whatever the context and concurrency (the old planner's 4% of everything over-planned the large cases and
+# under-planned the small ones).
 ALLOCATOR_SPLIT = 1024 * MIB
 # The CUDA graphs' private pools, whole (the live blocks of the captured graphs' outputs and the free rest): 0.46-0.48
 # in bf16; a weight-only precision's first-chunk prefill graphs also hold their dequantized weights (_dequantized).
@@ -146,8 +148,9 @@ def _prefill_graph_buffers(shape: planner.ModelShape, precision: str) -> int:
 
 def _dequantized(shape: planner.ModelShape, precision: str) -> int:
     """A weight-only precision's prefill matmul: the fused gate/up weight dequantized to 16 bits before cuBLAS (int4,
-    fp8: one Triton kernel; int8wo: a cast then a scaled product in torch, two copies). The prefill graphs' pool keeps
-    it as well: its pools measured 0.49-0.51 GiB free in int8wo against 0.28-0.30 in bf16."""
+    fp8: one Triton kernel; int8wo: a cast to 16 bits, then the product in fp32 before its scale: counted as a second
+    copy, which covers a 2,048-token chunk's fp32 product). The prefill graphs' pool keeps it as well: its pools
+    measured 0.49-0.51 GiB in int8wo against 0.28-0.30 in bf16."""
     copies = {"int8wo": 2, "int4": 1, "fp8": 1}.get(precision, 0)
     return copies * 2 * _intermediate(shape) * shape.hidden_size * 2
 

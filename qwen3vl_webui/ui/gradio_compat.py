@@ -121,7 +121,7 @@ def has_event(
             return fn_index in fns
         return any(
             _require(fn, "api_name", "BlockFunction") == api_name
-            and (not public or (_require(fn, "api_visibility", "BlockFunction") == "public" and fn.fn is not None))
+            and (not public or (_require(fn, "api_visibility", "BlockFunction") == "public" and _require(fn, "fn", "BlockFunction") is not None))
             for fn in fns.values()
         )
 
