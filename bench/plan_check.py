@@ -6,7 +6,9 @@
 Each case (precision x context x concurrency) is the app's steady worst case: the retained-prefix pool full (one
 text-only prompt of the whole context per pool slot, run first and kept, as finished chats keep theirs), then every
 slot at once a prompt of the whole context with an image of the largest size, as the start-up warm-up runs it, but
-each image its own (identical ones would let a later prompt reuse an earlier one's prefix KV and skip its prefill). Random weights
+each image its own (identical ones would let a later prompt reuse an earlier one's prefix KV and skip its prefill);
+between the two, at concurrency 2 and more, a burst of short text prompts (one a slot) that one batched forward takes
+together, at most the slot's length of padded tokens (its KV and its transient: the planner counts them). Random weights
 of the real 4B architecture built in memory (--random-weights 4b) for each precision that can be built so
 (precisions.IN_MEMORY); decode steps CUDA-graphed but not compiled (compiling adds code, not memory, and minutes).
 On a GPU each case runs in a fresh process (the memory cap below is per process, and an earlier case's cached
@@ -68,20 +70,23 @@ def default_precisions(device: str) -> list[str]:
 
 
 def _serve(engine: Any, prompts: list[Any], new_tokens: int) -> None:
-    """Runs `prompts` at once to their end; re-raises the first error."""
+    """Runs `prompts` to their end, admitted together (so short ones share a batched forward, as a burst of
+    arrivals at an idle engine does); re-raises the first error."""
     from qwen3vl_webui.engine.request import SamplingParams
 
     sampling = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     errors: list[BaseException] = []
+    with engine.hold_admission():
+        streams = [engine.submit_tokens(p, sampling, threading.Event()) for p in prompts]
 
-    def one(prompt: Any) -> None:
+    def one(stream: Any) -> None:
         try:
-            for _ in engine.submit(prompt, sampling, threading.Event()):
+            for _ in stream:
                 pass
         except BaseException as exc:  # re-raised below
             errors.append(exc)
 
-    threads = [threading.Thread(target=one, args=(p,), daemon=True) for p in prompts]
+    threads = [threading.Thread(target=one, args=(s,), daemon=True) for s in streams]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -99,6 +104,29 @@ def _fillers(loaded: Any, count: int, tokens: int, image_pixels: int) -> list[An
     for name in FILLER_NAMES[:count]:
         inputs = warmup._fill(loaded, warmup._encode(loaded, None, f"{name}: summarise this memo.", image_pixels),
                               tokens)  # fmt: skip
+        n = int(inputs["input_ids"].shape[1])
+        out.append(PreparedPrompt(inputs, n, n, 0, 0, 0))
+    return out
+
+
+def _burst(loaded: Any, concurrency: int, context: int, new_tokens: int) -> list[Any]:
+    """Short text prompts arriving at once, one per slot, as long as one batched prefill forward may hold them
+    together (engine/batch/scheduler.py next_prefill: rows x the widest within the idle budget and the slot's
+    length): the forward's KV and transient, which the planner counts (plan.py `_activations`). Empty at concurrency
+    1 (nothing to batch). Their own texts: no prefix of theirs is retained or reused by another."""
+    from qwen3vl_webui import plan
+    from qwen3vl_webui.engine.request import PreparedPrompt
+    from qwen3vl_webui.service import warmup
+
+    if concurrency < 2:
+        return []
+    chunk = plan.PREFILL_CHUNK
+    batch = min(plan.IDLE_PREFILL_FACTOR * chunk, plan.aligned_context(context), concurrency * min(chunk, context))
+    tokens = min(chunk, batch // concurrency, context - new_tokens)
+    out = []
+    for name in FILLER_NAMES[:concurrency]:
+        text = f"{name.lower()} wants every date listed."  # its own first words: no prefix shared with another
+        inputs = warmup._fill(loaded, warmup._encode(loaded, None, text, 0), tokens)
         n = int(inputs["input_ids"].shape[1])
         out.append(PreparedPrompt(inputs, n, n, 0, 0, 0))
     return out
@@ -149,6 +177,9 @@ def measure(loaded: Any, context: int, concurrency: int, new_tokens: int, image_
         # First fill the retained-prefix pool, as finished chats do in a running app, then the worst case on top.
         _serve(engine, _fillers(loaded, options.retained_slots, context - new_tokens, image_pixels), new_tokens)
         kept_before = len(engine.prefix_entries)
+        burst = _burst(loaded, concurrency, context, new_tokens)
+        _serve(engine, burst, new_tokens)  # a burst of short prompts: one batched forward's KV and transient
+        forwards = engine.snapshot().prefill_forwards if burst else None
         _serve(engine, prompts, new_tokens)
         if cuda:
             torch.cuda.synchronize()
@@ -156,6 +187,8 @@ def measure(loaded: Any, context: int, concurrency: int, new_tokens: int, image_
         row: dict[str, Any] = {
             "prompt_tokens": prompts[0].tokens,
             "image_tokens": prompts[0].image_tokens,
+            "burst": [len(burst), burst[0].tokens if burst else 0],  # short prompts served at once, tokens each
+            "burst_forwards": forwards,  # prefill forwards up to the burst's end (fillers' included)
             "retained_slots": options.retained_slots,
             "kept_before": kept_before,  # entries held while the worst case ran (the pool full: retained_slots)
             "kept_entries": len(engine.prefix_entries),
