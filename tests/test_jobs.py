@@ -395,6 +395,9 @@ class _EchoService:
         self.gate = gate
         self.requests: list = []
 
+    def switching(self) -> bool:  # no precision switch under way
+        return False
+
     def chat(self, request, cancel=None, **kw):  # type: ignore[no-untyped-def]
         from qwen3vl_webui.service.chat import Finished
         from qwen3vl_webui.telemetry import RequestStats

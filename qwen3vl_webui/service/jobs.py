@@ -549,8 +549,7 @@ class JobBoard:
         """A precision switch is under way (ChatService.switching): a job started now would record one precision
         and be answered by another. The switch marks itself before it asks `switch_refusal`, and a start checks
         this under the board's lock before it sets "running", so one of the two always sees the other."""
-        switching = getattr(self.service, "switching", None)
-        return bool(switching is not None and switching())
+        return self.service.switching()
 
     def _launch(self, job: str, folder: Path, store: JobStore, lock: RunLock, message: str, resumed: bool) -> None:
         """Under the board's lock, holding the job's RunLock (one runner per database, the CLI's too): starts it."""
