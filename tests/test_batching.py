@@ -634,9 +634,8 @@ class _EagerReplay:
         self._out.copy_(self._forward()[0])
 
 
-def test_first_chunks_padded_to_a_graph_length_answer_like_generate(loaded, prompts) -> None:
-    """engine/batch/prefill.ChunkGraphs' padding, on CPU: each first chunk runs at the next graph length on static buffers
-    that hold a previous prompt's rows (here: random values) after it; later chunks run eagerly after it."""
+def _EagerGraphs() -> type:
+    """prefill.ChunkGraphs whose 'graphs' are _EagerReplay stand-ins (CPU)."""
     from qwen3vl_webui.engine.batch import prefill
 
     class EagerGraphs(prefill.ChunkGraphs):
@@ -644,6 +643,81 @@ def test_first_chunks_padded_to_a_graph_length_answer_like_generate(loaded, prom
             for n in self.lengths:
                 self._graphs[n] = _EagerReplay(functools.partial(prefill.chunk_forward, *self._args(n)), self._hidden[:, :n])  # fmt: skip
 
+    return EagerGraphs
+
+
+def _install_graphs(engine: BatchEngine, lengths: tuple[int, ...]) -> None:
+    """Stand-in first-chunk graphs on CPU, their static buffers filled with random values (padding must not matter)."""
+    runner = engine.core.runner
+    graphs = runner.new_chunk_graphs(lengths, _EagerGraphs())
+    with torch.inference_mode():
+        graphs.capture()
+        for buffer in (graphs._embeds, graphs._deepstack, graphs._kv, graphs._hidden):
+            buffer.normal_()
+    runner.chunk_graphs = graphs
+
+
+def _kinds(engine: BatchEngine) -> dict[str, int]:
+    return dict(engine.snapshot().prefill_kinds)
+
+
+@pytest.mark.parametrize("prefer", [True, False], ids=["graph-replays", "eager-batch"])
+def test_short_prompts_arriving_mid_answer_replay_graphs_instead_of_one_eager_batch(loaded, prompts, prefer) -> None:
+    """While a stream is mid-answer, short prompts admitted together run one graph replay each (no eager forward
+    through transformers for the stream to wait on), still as one scheduled forward; answers equal `generate`'s.
+    With prefer_prefill_graphs off they share one eager batched forward, as before."""
+    long = SamplingParams(max_new_tokens=64, temperature=0.0, repetition_penalty=1.0)
+    short = [prompts["text"], prompts["long"], prompts["text"]]
+    expected = [reference(loaded, p, GREEDY) for p in short]
+    options = BatchOptions(
+        max_batch=4, token_budget=4 * 512, prefill_chunk=64, prefix_slots=0, prefer_prefill_graphs=prefer
+    )
+    with BatchEngine(loaded, options) as engine:
+        _install_graphs(engine, (32, 64))
+        background = engine.submit_tokens(prompts["long"], long, threading.Event())
+        [next(background) for _ in range(3)]  # mid-answer
+        kinds, forwards = _kinds(engine), engine.snapshot().prefill_forwards
+        with engine.hold_admission():
+            streams = [engine.submit_tokens(p, GREEDY, threading.Event()) for p in short]
+        got = [list(s) for s in streams]
+        after, forwards = _kinds(engine), engine.snapshot().prefill_forwards - forwards
+        background.close()
+    assert got == expected
+    added = {k: after.get(k, 0) - kinds.get(k, 0) for k in after}
+    assert forwards == 2  # the first two fit one padded 64-token forward, the third waits (as without graphs)
+    if prefer:
+        assert added.get("graphed") == 3 and not added.get("batched")
+    else:
+        assert added.get("batched") == 1 and added.get("graphed") == 1
+
+
+@pytest.mark.parametrize("prefer", [True, False], ids=["graph-replay", "reuse"])
+def test_a_prefix_under_half_a_graphed_prompt_is_not_reused(loaded, prefer) -> None:
+    """A retained prefix covering under half of a prompt that one graph replay takes is not reused (the rest would be
+    an eager later chunk); with prefer_prefill_graphs off it is. Answers equal `generate`'s either way."""
+    words = "alpha beta gamma"
+    first = build_prompt(loaded, ChatRequest(UserMessage(words), sampling=GREEDY))
+    second = build_prompt(loaded, ChatRequest(UserMessage(words + " upsilon phi chi psi omega" * 2), sampling=GREEDY))
+    shared = _common(_ids(first), _ids(second))
+    assert 16 <= shared < len(_ids(second)) // 2 and len(_ids(second)) <= 128
+    options = BatchOptions(max_batch=2, token_budget=2 * 512, prefill_chunk=128, prefer_prefill_graphs=prefer)
+    with BatchEngine(loaded, options) as engine:
+        _install_graphs(engine, (64, 128))
+        list(engine.submit_tokens(first, GREEDY, threading.Event()))
+        before, kinds = engine.snapshot(), _kinds(engine)
+        got = list(engine.submit_tokens(second, GREEDY, threading.Event()))
+        after = engine.snapshot()
+    assert got == reference(loaded, second, GREEDY)
+    added = {k: v - kinds.get(k, 0) for k, v in dict(after.prefill_kinds).items()}
+    if prefer:
+        assert after.prefix_hits == before.prefix_hits and added == {"graphed": 1}
+    else:
+        assert after.prefix_hits == before.prefix_hits + 1 and added.get("eager") == 1
+
+
+def test_first_chunks_padded_to_a_graph_length_answer_like_generate(loaded, prompts) -> None:
+    """engine/batch/prefill.ChunkGraphs' padding, on CPU: each first chunk runs at the next graph length on static buffers
+    that hold a previous prompt's rows (here: random values) after it; later chunks run eagerly after it."""
     names = ["image", "mixed", "long", "text"]
     expected = {n: reference(loaded, prompts[n], GREEDY) for n in names}
     with BatchEngine(
@@ -651,7 +725,7 @@ def test_first_chunks_padded_to_a_graph_length_answer_like_generate(loaded, prom
     ) as engine:
         text = loaded.model.config.text_config
         runner = engine.core.runner  # first chunks replay runner.chunk_graphs where it fits
-        graphs = runner.new_chunk_graphs((64, 128), EagerGraphs)
+        graphs = runner.new_chunk_graphs((64, 128), _EagerGraphs())
         with torch.inference_mode():
             graphs.capture()
             for buffer in (graphs._embeds, graphs._deepstack, graphs._kv, graphs._hidden):

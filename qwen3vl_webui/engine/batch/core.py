@@ -77,6 +77,7 @@ class EngineCore:
         )  # fmt: skip
         self.kv = SlotKV(loaded, options.max_batch, options.max_len, options.retained_slots)
         self.runner = ModelRunner(loaded, self.kv, options.prefill_chunk)
+        self.runner.prefer_graphs = options.prefer_prefill_graphs
         self.sampler = Sampler(loaded.device, options.max_batch)
         self.graphs = DecodeGraphs(loaded, self.runner, self.kv, options)
         eos_ids = options.eos_token_ids
@@ -119,7 +120,9 @@ class EngineCore:
         for req in admission.dropped:
             self._out.finish(req, "cancelled")
         for req in admission.admitted:
-            hit = self.kv.reuse_prefix(req)
+            # A short reused prefix would turn a prompt that one graph replay takes into an eager later chunk.
+            graphed = self.options.prefer_prefill_graphs and not req.multimodal and self.runner.graphed(req.length)
+            hit = self.kv.reuse_prefix(req, at_least=req.length // 2 if graphed else 0)
             job = self.scheduler.start_prefill(req, reused=hit[1] if hit else 0)
             if hit:
                 self.runner.adopt(job, hit[0])

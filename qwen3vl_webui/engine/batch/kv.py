@@ -144,8 +144,9 @@ class SlotKV:
         """An empty prompt KV of `length` tokens in prefill's layout."""
         return self.no_past.new_empty(length, *self.no_past.shape[1:])
 
-    def reuse_prefix(self, req: Request) -> tuple[Any, int] | None:
-        """The retained entry sharing the longest usable prefix with the request's prompt: (prompt KV, tokens).
+    def reuse_prefix(self, req: Request, at_least: int = 0) -> tuple[Any, int] | None:
+        """The retained entry sharing the longest usable prefix with the request's prompt, if at least `at_least`
+        tokens long: (prompt KV, tokens).
 
         The entry's KV for that prefix is copied (on the device) into a prompt KV of the request's own at once, so
         the entry may be evicted meanwhile; the prefill then starts mid-prompt, like a long prompt's next chunk.
@@ -153,7 +154,7 @@ class SlotKV:
         if not self.pool or not req.reusable:
             return None
         try:
-            entry, reuse = self.pool.match(req.ids, req.media)
+            entry, reuse = self.pool.match(req.ids, req.media, at_least)
             if entry is None:
                 return None
             kv = self.prompt_kv(req.length)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # KV rows per slot are rounded to this (SDPA's memory-efficient kernel wants 16-aligned masks).
 LEN_ALIGN = 64
@@ -47,6 +47,12 @@ class BatchOptions:
     # Padded lengths of the first-chunk prefill graphs (engine/batch/prefill.py), capped at the prefill chunk: every
     # multiple of LEN_ALIGN, so a prompt pays at most 63 tokens of padding (capturing one takes ~0.1 s on an H100).
     prefill_graph_step: int = LEN_ALIGN
+    # While streams are mid-answer, prompts whose first chunk fits a prefill graph replay it rather than run eagerly:
+    # a batch of short prompts runs as one replay each instead of one eager forward through transformers (~30 ms of
+    # Python launches on an H200 host, which the decoding streams wait for), and a retained prefix covering less than
+    # half such a prompt is not reused (the rest of the prompt would be a later chunk, eager). QWEN3VL_PREFER_PREFILL_
+    # GRAPHS=0 turns it off (bench.ab compares the two).
+    prefer_prefill_graphs: bool = field(default_factory=lambda: os.environ.get("QWEN3VL_PREFER_PREFILL_GRAPHS") != "0")
     # Short text prompts batch up to this many times prefill_chunk tokens in one forward while no stream is mid-answer.
     idle_prefill_factor: int = 4
     # A burst's first decode step waits for at most this many prefill forwards (32 prompts of 512 tokens: 2), so

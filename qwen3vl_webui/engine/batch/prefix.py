@@ -149,8 +149,9 @@ class PrefixPool:
     def __bool__(self) -> bool:
         return bool(self.slots)
 
-    def match(self, ids: Any, media: tuple[Medium, ...]) -> tuple[Entry | None, int]:
-        """The entry sharing the longest usable prefix with prompt `ids`, and that prefix's length.
+    def match(self, ids: Any, media: tuple[Medium, ...], at_least: int = 0) -> tuple[Entry | None, int]:
+        """The entry sharing the longest usable prefix with prompt `ids`, and that prefix's length (None, 0 when
+        shorter than `min_tokens` or `at_least`).
 
         Usable: equal tokens, every medium inside it equal (same place, same pixels), never ending inside a
         medium (so the rest of the prompt holds whole media only), and at least one prompt token left to
@@ -166,7 +167,7 @@ class PrefixPool:
             common = _media_cut(int(differ[0]) if len(differ) else n, media, entry.media)
             if common > best_len:
                 best, best_len = entry, common
-        if best is None or best_len < self.min_tokens:
+        if best is None or best_len < max(self.min_tokens, at_least):
             return None, 0
         self._clock += 1
         best.used = self._clock

@@ -54,6 +54,7 @@ class ModelRunner:
         self.decode_kernel = False  # decode attention reads each row's live length (set at start-up)
         self.chunk_forward: Callable[..., Any] = prefill.chunk_forward
         self.chunk_graphs: prefill.ChunkGraphs | None = None
+        self.prefer_graphs = False  # a batch of short prompts mid-answer runs as graph replays (BatchOptions)
         self.prefill_tokens = 0  # prompt tokens run through prefill forwards (reused ones are not)
         # Prefill forwards by kind: batched (short texts, eager), graphed / eager / compiled (one prompt's chunk), tower.
         self.prefill_kinds: dict[str, int] = {}
@@ -107,6 +108,8 @@ class ModelRunner:
         Per job: (prompt tokens now in its KV, None while pieces are left, else its Prefilled).
         """
         job = plan.jobs[0]
+        if len(plan.jobs) > 1 and plan.decoding and self.prefer_graphs and all(self.graphed(j.length) for j in plan.jobs):
+            return self._prefill_replays(plan.jobs)
         if len(plan.jobs) > 1:
             self._count("batched")
             return self._prefill_texts(plan.jobs)
@@ -115,6 +118,21 @@ class ModelRunner:
             self._count("tower")
             return [(job.done, None)]  # the vision tower was this turn's forward
         return [self._prefill_chunk(job, state)]
+
+    def graphed(self, length: int) -> bool:
+        """Whether a fresh prompt of `length` tokens runs as one first-chunk graph replay."""
+        graphs = self.chunk_graphs
+        return graphs is not None and length <= self.prefill_chunk and graphs.fits(0, length)
+
+    def _prefill_replays(self, jobs: list[PrefillJob]) -> list[tuple[int, Prefilled | None]]:
+        """Short text prompts one graph replay each: no Python launches for the decoding streams to wait on. The
+        graphs share one output buffer, so each prompt's KV is copied into a tensor of its own before the next."""
+        results = []
+        for job in jobs:
+            state = self._prompts.setdefault(job.req.id, _PromptTensors())
+            state.kv = self.kv.prompt_kv(job.length)
+            results.append(self._prefill_chunk(job, state))
+        return results
 
     def _count(self, kind: str) -> None:
         self.prefill_kinds[kind] = self.prefill_kinds.get(kind, 0) + 1

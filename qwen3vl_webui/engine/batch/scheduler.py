@@ -47,6 +47,7 @@ class PrefillPlan:
     # An image/video prompt whose vision tower has not run: the tower alone is this forward (streams are decoding and
     # more than half a chunk of its text is left), else the text follows it in the same forward.
     tower_alone: bool = False
+    decoding: bool = False  # a running stream is mid-answer: this forward stalls it
 
 
 class Scheduler:
@@ -164,7 +165,8 @@ class Scheduler:
         group: list[PrefillJob] = []
         cancelled: list[PrefillJob] = []
         chunk = self.prefill_chunk
-        budget = chunk * (1 if self.mid_answer() else self.idle_prefill_factor)
+        decoding = self.mid_answer()
+        budget = chunk * (1 if decoding else self.idle_prefill_factor)
         if self.batch_tokens:
             budget = min(budget, self.batch_tokens)
         width = 0
@@ -192,7 +194,7 @@ class Scheduler:
         # The vision tower costs under half as much per token as the text model: with the text left within half a
         # chunk, tower and text together stall the running streams no longer than a full chunk would.
         alone = len(group) == 1 and first.multimodal and bool(self.running) and first.length - first.done > chunk // 2
-        return PrefillPlan(group, cancelled, alone)
+        return PrefillPlan(group, cancelled, alone, decoding)
 
     def advance(self, job: PrefillJob, done: int) -> None:
         job.done = done
