@@ -92,6 +92,28 @@ def test_request_joining_mid_batch_leaves_both_streams_equal_to_generate(loaded,
     assert got_b == expected_b
 
 
+def test_a_joining_request_does_not_leave_the_gpu_waiting_for_the_host(loaded, prompts) -> None:
+    """The decode step after a join is enqueued before the previous step's tokens go out (the joined row in it), as
+    when nobody joins: the message of that step already counts one launch more than the steps read back."""
+    long = SamplingParams(max_new_tokens=96, temperature=0.0, repetition_penalty=1.0)
+    messages: list[EngineOutputs] = []
+    options = BatchOptions(max_batch=2, token_budget=2 * 1024, eos_token_ids=(), prefix_slots=0)
+    with BatchEngine(loaded, options) as engine:
+        engine.add_listener(messages.append)
+        a = engine.submit_tokens(prompts["long"], long, threading.Event())
+        head = [next(a) for _ in range(4)]
+        b = engine.submit_tokens(prompts["text"], GREEDY, threading.Event())
+        got_b = list(b)
+        got_a = head + list(a)
+    assert got_a == reference(loaded, prompts["long"], long, eos_token_id=None)
+    assert got_b == reference(loaded, prompts["text"], GREEDY, eos_token_id=None)
+    first_id = messages[0].outputs[0].request_id
+    join = next(i for i, m in enumerate(messages) if any(o.request_id != first_id for o in m.outputs))
+    after = messages[join + 1]  # the step that was in flight during the join, read back
+    assert [o.request_id for o in after.outputs] == [first_id]
+    assert after.decode_launches == after.steps + 1
+
+
 def test_cancel_and_close_free_the_slot(loaded, prompts) -> None:
     long = SamplingParams(max_new_tokens=400, temperature=0.0, repetition_penalty=1.0)
     with BatchEngine(loaded, BatchOptions(max_batch=1, token_budget=1024, eos_token_ids=())) as engine:
