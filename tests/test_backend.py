@@ -456,6 +456,11 @@ class _FakeVllm:
                              "type": "BadRequestError", "param": None, "code": 400}  # fmt: skip
                     self._send(400, json.dumps(error).encode())
                     return
+                if text == "markup":  # a backend's error that would render as a picture, a link and HTML
+                    error = {"object": "error", "type": "BadRequestError", "code": 400,
+                             "message": "![pixel](http://127.0.0.1:9/p.png) <b>bold</b> [click](http://x.test/)"}  # fmt: skip
+                    self._send(400, json.dumps(error).encode())
+                    return
                 if text == "huge error":  # 8 MiB of error body
                     self._send(500, b"x" * 8 * 2**20, "text/plain")
                     return
@@ -781,6 +786,24 @@ def test_the_backends_key_and_address_are_the_operators_alone(tmp_path: Path, ca
             for secret in ("hunter2", "admin:", "sekrit", address, "--backend-api-key"):
                 assert secret not in text, (where, secret, text)
         assert "the model server" in shown["panel"]
+    finally:
+        front.close()
+        fake.close()
+
+
+def test_a_backends_error_words_reach_the_chat_as_text_not_markdown(tiny_checkpoint: Path) -> None:
+    """A backend's 400 quotes its own message: the chat shows it escaped (no picture fetched from its address, no link,
+    no HTML), and the front end lives on."""
+    fake = _FakeVllm(model=MODEL)
+    front, url = start_front(tiny_checkpoint.parent, fake.url)
+    try:
+        ui = Client(url, verbose=False)
+        said = ui.predict({"text": "markup", "files": []}, max_new_tokens=8, api_name="/chat")
+        assert said.startswith(ERROR_PREFIX) and "model server refused" in said, said
+        for raw in ("![pixel](", "<b>", "[click](http"):
+            assert raw not in said, said
+        assert "\\!\\[pixel\\]" in said and "\\<b\\>bold" in said
+        assert not ui.predict({"text": "count the cats", "files": []}, max_new_tokens=8, api_name="/chat").startswith(ERROR_PREFIX)
     finally:
         front.close()
         fake.close()

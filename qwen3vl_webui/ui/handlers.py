@@ -26,7 +26,7 @@ from qwen3vl_webui.conversation import (
     parse_history,
     parse_message,
 )
-from qwen3vl_webui.engine.backend.client import BackendError
+from qwen3vl_webui.engine.backend.client import BackendError, BackendRefused
 from qwen3vl_webui.engine.remote.protocol import EngineDied
 from qwen3vl_webui.engine.request import RequestError, SamplingParams
 from qwen3vl_webui.engine.stops import parse_stop_lines
@@ -37,7 +37,7 @@ from qwen3vl_webui.service.longdoc import Reading
 from qwen3vl_webui.service.manager import SwitchRefused
 from qwen3vl_webui.service.prompt import ChatRequest, RequestTimedOut
 from qwen3vl_webui.ui import gradio_compat
-from qwen3vl_webui.ui.panels import format_panel, format_status
+from qwen3vl_webui.ui.panels import format_panel, format_status, plain_markdown
 
 log = logging.getLogger(__name__)
 _DEFAULT = ranges.REQUEST
@@ -181,7 +181,10 @@ class Handlers:
         except RequestTimedOut as exc:
             failed = True
             yield ERROR_PREFIX + str(exc) + (f"\n\nThe answer so far:\n\n{exc.partial}" if exc.partial else "")
-        except (RequestError, ValueError, ShuttingDown, TimeoutError, EngineDied, BackendError) as exc:
+        except (BackendError, BackendRefused) as exc:  # they may quote the backend's words: text, never Markdown
+            failed = True
+            yield ERROR_PREFIX + plain_markdown(str(exc))
+        except (RequestError, ValueError, ShuttingDown, TimeoutError, EngineDied) as exc:
             failed = True
             yield ERROR_PREFIX + str(exc)
         except Busy as exc:

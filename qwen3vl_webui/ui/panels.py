@@ -84,11 +84,11 @@ def _backend_rows(snap: PanelSnapshot) -> list[tuple[str, str]]:
     if b.reachable is None:
         state = "connecting…"
     elif b.problem:
-        state = f"⚠️ {_escape(b.problem)}"
+        state = f"⚠️ {plain_markdown(b.problem)}"
     else:
         state = "reachable"
     # Every visitor sees the panel: the backend's address stays in the log; its model name and words are its own text
-    model = _escape(b.model) if b.model else "model not known yet"
+    model = plain_markdown(b.model) if b.model else "model not known yet"
     rows = [("backend", f"the model server · {model} · {state}"), ("local GPU", BACKEND_LINE)]
     load = b.load
     if b.metrics is False:
@@ -104,12 +104,13 @@ def _backend_rows(snap: PanelSnapshot) -> list[tuple[str, str]]:
             used = f.gpu_memory_used or 0
             rows.append(("backend GPU memory", f"{format_bytes(used)} / {format_bytes(f.gpu_memory_total)}"))
         if f.precision:
-            rows.append(("backend precision", _escape(f.precision[:80])))
+            rows.append(("backend precision", plain_markdown(f.precision[:80])))
     return rows
 
 
-def _escape(text: str) -> str:
-    """Text from the backend as plain text in a Markdown table cell (no links, images, HTML or new cells)."""
+def plain_markdown(text: str) -> str:
+    """Text from the backend as plain Markdown text: a table cell, a chat message (no links, images, HTML or new
+    cells; whitespace runs become one space)."""
     text = " ".join(text.split())
     return "".join("\\" + c if c in "\\`*_{}[]()<>#+-.!|~&" else c for c in text)
 
