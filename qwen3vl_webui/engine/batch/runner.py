@@ -147,6 +147,8 @@ class ModelRunner:
         import torch
 
         dev = self.device
+        for j in jobs:  # a replay that ran out of memory may have left a prompt KV of its own: retried here instead
+            self._prompts.pop(j.req.id, None)
         lengths = [j.length for j in jobs]
         width = max(lengths)
         ids = torch.zeros(len(jobs), width, dtype=torch.long)
