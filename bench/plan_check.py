@@ -111,8 +111,8 @@ def _fillers(loaded: Any, count: int, tokens: int, image_pixels: int) -> list[An
 
 def _burst(loaded: Any, concurrency: int, context: int, new_tokens: int) -> list[Any]:
     """Short text prompts arriving at once, one per slot, as long as one batched prefill forward may hold them
-    together (engine/batch/scheduler.py next_prefill: rows x the widest within the idle budget and the slot's
-    length): the forward's KV and transient, which the planner counts (plan.py `_activations`). Empty at concurrency
+    together (engine/batch/scheduler.py next_prefill: rows x the widest within the idle budget): the forward's KV
+    and transient, which the planner counts (plan.py `burst_tokens`). Empty at concurrency
     1 (nothing to batch). Their own texts: no prefix of theirs is retained or reused by another."""
     from qwen3vl_webui import plan
     from qwen3vl_webui.engine.request import PreparedPrompt
@@ -121,7 +121,7 @@ def _burst(loaded: Any, concurrency: int, context: int, new_tokens: int) -> list
     if concurrency < 2:
         return []
     chunk = plan.PREFILL_CHUNK
-    batch = min(plan.IDLE_PREFILL_FACTOR * chunk, plan.aligned_context(context), concurrency * min(chunk, context))
+    batch = plan.burst_tokens(plan.aligned_context(context), concurrency)
     tokens = min(chunk, batch // concurrency, context - new_tokens)
     out = []
     for name in FILLER_NAMES[:concurrency]:
@@ -377,7 +377,8 @@ def rejudge(path: str) -> list[dict[str, Any]]:
     """The planner of this tree against the needs a GPU run measured (`path`, rows of `--no-cap`: without a cap the
     need does not depend on the plan, so a changed planner is judged on (a) without the GPU). Also whether the plan's
     total covers the run's peak reserved bytes plus the non-torch ones (check (b)'s sum; the capped run is what
-    decides (b))."""
+    decides (b)). Each case is planned for the burst of short prompts it served (the engine's largest burst grew
+    after session 11, when bursts were bounded by the slot's length)."""
     from qwen3vl_webui import plan, planner, ranges
 
     shape = planner.ModelShape.qwen3vl_4b()
@@ -387,8 +388,9 @@ def rejudge(path: str) -> list[dict[str, Any]]:
     for row in rows:
         if "needed" not in row or "cap" in row:
             continue
+        rows_, tokens = row.get("burst") or (0, 0)  # the burst this run served (none before session 11)
         estimate = plan.plan_memory(shape, row["precision"], row["context"], row["concurrency"],
-                                    ranges.largest_image_pixels())  # fmt: skip
+                                    ranges.largest_image_pixels(), burst=rows_ * tokens)  # fmt: skip
         peak = row["peak_reserved"] + row["non_torch"]
         out.append({
             "precision": row["precision"], "context": row["context"], "concurrency": row["concurrency"],

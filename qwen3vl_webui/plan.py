@@ -24,7 +24,7 @@ GIB = 1024**3
 MIB = 1024**2
 LEN_ALIGN = 64  # KV rows per slot are a multiple of this (engine/batch/options.py)
 PREFILL_CHUNK = 2048  # prompt tokens one prefill forward takes (BatchOptions.prefill_chunk)
-IDLE_PREFILL_FACTOR = 4  # short prompts batch up to this many chunks, padded, at most a slot's length (options.py)
+IDLE_PREFILL_FACTOR = 4  # short prompts batch up to this many chunks, padded (BatchOptions.idle_prefill_factor)
 PREFIX_SHARE = 0.25  # retained-prefix entries per slot (BatchOptions.prefix_share)
 # Measured by bench/plan_check.py on one H200 (random 4B weights; the device image's torch 2.11 + cu130): the twelve
 # cases run without the cap (bench/results/h200/plan_check_uncapped.json; under the cap, plan_check.json, every case
@@ -87,7 +87,7 @@ class MemoryPlan:
     weights: int
     kv: int  # the slots' KV cache, allocated at start
     retained_kv: int  # retained-prefix entries at their largest (allocated as they are kept)
-    staging_kv: int  # one prompt's KV while it prefills, before it is copied into its slot
+    staging_kv: int  # one prompt's (or a burst's) KV while it prefills, before it is copied into its slot
     activations: int  # one prefill forward's transient: the last chunk's attention or MLP, or the vision tower
     overhead: int  # prefill graphs' static buffers, graph pools, the allocator's split segments
     cuda_context: int  # what torch does not count (CUDA context, handles, kernels' code)
@@ -113,14 +113,15 @@ def retained_slots(max_concurrency: int) -> int:
 
 def plan_memory(
     shape: planner.ModelShape, precision: str, max_context: int, max_concurrency: int,
-    image_pixels: int | None = None,
+    image_pixels: int | None = None, burst: int | None = None,
 ) -> MemoryPlan:  # fmt: skip
     """Peak GPU memory of the batch engine serving `max_concurrency` chats of `max_context` tokens.
 
     The peak (engine/batch/): the slots' KV (allocated at start), the retained entries (each a finished prompt's
     whole KV, kept while later prompts run: at concurrency 1 too), and the KV of the prompt being prefilled, one
     allocation of its whole length written chunk by chunk (runner.py `prompt_kv`) - at any concurrency only one
-    prompt prefills at a time - plus that prefill's transient. Measured peaks held exactly these (H200, see the
+    prompt prefills at a time, or one burst of short prompts batched (`burst_tokens`: more than a short context's
+    whole prompt; `burst` gives a run's own, for bench/plan_check.py's rejudging) - plus that prefill's transient. Measured peaks held exactly these (H200, see the
     constants): the peak allocated less weights, slots, retained and staged KV was 0.49-0.52 GiB of engine buffers
     and a transient of 0.23-0.30 GiB at 4,096 tokens and 0.57 at 16,384, at either concurrency.
     """
@@ -129,12 +130,20 @@ def plan_memory(
     weights = planner.weight_bytes(shape, precision)
     kv = per_token * context * max_concurrency
     retained = per_token * context * retained_slots(max_concurrency)
-    staging = per_token * context
-    activations = _activations(shape, precision, context, max_concurrency, image_pixels)
+    burst = burst_tokens(context, max_concurrency) if burst is None else burst
+    staging = per_token * max(context, burst)
+    activations = _activations(shape, precision, context, max_concurrency, image_pixels, burst)
     graphs = GRAPH_POOLS + _dequantized(shape, precision) + _prefill_graph_buffers(shape, precision)
     overhead = graphs + ALLOCATOR_SPLIT
     return MemoryPlan(precision, context, max_concurrency, weights, kv, retained, staging, activations, overhead,
                       CUDA_CONTEXT, activations)  # fmt: skip
+
+
+def burst_tokens(context: int, concurrency: int) -> int:
+    """The most padded tokens one batched forward of short prompts holds (engine/batch/scheduler.py next_prefill):
+    rows x the widest within the idle budget, each row one slot's prompt of at most a chunk. Its KV lives until the
+    rows are copied into their slots, so at a short context a burst stages more KV than one whole-context prompt."""
+    return min(IDLE_PREFILL_FACTOR * PREFILL_CHUNK, concurrency * min(context, PREFILL_CHUNK))
 
 
 def _prefill_graph_buffers(shape: planner.ModelShape, precision: str) -> int:
@@ -159,7 +168,9 @@ def _intermediate(shape: planner.ModelShape) -> int:
     return shape.hidden_size * 38 // 10  # 9728 / 2560 in Qwen3-VL-4B
 
 
-def _activations(shape: planner.ModelShape, precision: str, context: int, batch: int, image_pixels: int | None) -> int:
+def _activations(
+    shape: planner.ModelShape, precision: str, context: int, batch: int, image_pixels: int | None, burst: int
+) -> int:
     """The largest transient of one prefill forward (engine/batch/runner.py, prefill.py), the larger of:
 
     - the last chunk's attention: a chunk after a past attends through transformers' SDPA with a mask, which repeats
@@ -176,9 +187,9 @@ def _activations(shape: planner.ModelShape, precision: str, context: int, batch:
     hidden, kv_heads, head_dim = shape.hidden_size, shape.num_kv_heads, shape.head_dim
     heads = kv_heads * 4  # 4B and the tiny model have 4 query heads per KV head
     chunk = min(context, PREFILL_CHUNK)
-    # A batched forward of short prompts holds up to this many padded tokens (engine/batch/scheduler.py next_prefill:
-    # the idle budget, at most the slot's length): its MLP and held activations, not its attention (no past).
-    batched = min(context, IDLE_PREFILL_FACTOR * PREFILL_CHUNK)
+    # A batched forward of short prompts holds up to this many padded tokens: its MLP and held activations, not its
+    # attention (no past). The first term is what the measured checks held (bench/RESULTS.md), the second a burst.
+    batched = max(min(context, IDLE_PREFILL_FACTOR * PREFILL_CHUNK), burst)
     held = batched * (4 + DEEPSTACK_LAYERS) * hidden * width  # embeddings, deepstack, hidden, residual, normed
     attention = (
         context * 2 * (heads + kv_heads) * head_dim * width  # K/V repeated to every head + the concatenated past
@@ -272,7 +283,7 @@ def report(
         f"  weights                                   {_gib(plan.weights)}",
         f"  KV cache ({max_concurrency} slots x {plan.max_context:,} tokens)".ljust(44) + _gib(plan.kv),
         f"  kept for follow-up turns (up to {kept})".ljust(44) + _gib(plan.retained_kv),
-        "  one prompt's KV while it prefills".ljust(44) + _gib(plan.staging_kv),
+        "  a prompt's (or a burst's) KV as it prefills".ljust(44) + _gib(plan.staging_kv),
         "  activations (prefill chunk, vision tower)".ljust(44) + _gib(plan.activations),
         "  CUDA graphs + allocator's split segments".ljust(44) + _gib(plan.overhead),
         "  CUDA context, handles, kernels (not torch)".ljust(44) + _gib(plan.cuda_context),

@@ -126,7 +126,9 @@ def test_the_device_check_runs_on_a_cpu(tmp_path: Path) -> None:
     assert all(r["prefix_dropped"] == 0 and r["prefix_hits"] == 0 for r in rows), rows  # no prompt reused another's
     # At 2 slots a burst of 2 short prompts ran between, in one batched forward (after the filler's one).
     assert [(r["concurrency"], r["burst"][0], r["burst_forwards"]) for r in rows] == [(1, 0, None), (2, 2, 2)] * 2
-    assert all(r["burst"][1] == min(r["context"], 2 * min(2048, r["context"])) // 2 for r in rows if r["burst"][0])
+    # Each as long as a slot allows (its answer's 2 tokens after it): the burst stages more KV than one slot holds.
+    assert all(r["burst"][1] == min(2048, r["context"] - 2) for r in rows if r["burst"][0])
+    assert plan.burst_tokens(512, 2) == 1024 > 512 and plan.burst_tokens(4096, 8) == 8192
     one = tmp_path / "one.json"
     assert plan_check.main(["--cpu", "--case", "fp32:512:2", "--out", str(one), "--new-tokens", "2"]) == 0
     (row,) = json.loads(one.read_text())["rows"]

@@ -71,10 +71,10 @@ class EngineCore:
     def __init__(self, loaded: LoadedModel, options: BatchOptions, publish: Callable[[EngineOutputs], None]) -> None:
         self.loaded = loaded
         self.options = options
+        # A burst's batched forward may stage more KV than a slot holds: the VRAM planner counts it (plan.burst_tokens).
         self.scheduler = Scheduler(
-            options.max_batch, options.prefill_chunk, options.idle_prefill_factor, options.burst_forwards,
-            batch_tokens=options.max_len,
-        )  # fmt: skip
+            options.max_batch, options.prefill_chunk, options.idle_prefill_factor, options.burst_forwards
+        )
         self.kv = SlotKV(loaded, options.max_batch, options.max_len, options.retained_slots)
         self.runner = ModelRunner(loaded, self.kv, options.prefill_chunk)
         self.runner.prefer_graphs = options.prefer_prefill_graphs

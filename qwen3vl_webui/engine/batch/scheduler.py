@@ -57,16 +57,11 @@ class Scheduler:
     """
 
     def __init__(
-        self, max_batch: int, prefill_chunk: int, idle_prefill_factor: int = 4, burst_forwards: int = 2,
-        batch_tokens: int = 0,
-    ) -> None:  # fmt: skip
+        self, max_batch: int, prefill_chunk: int, idle_prefill_factor: int = 4, burst_forwards: int = 2
+    ) -> None:
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         self.idle_prefill_factor = idle_prefill_factor
-        # The most padded tokens (rows x the widest prompt) one batched forward of short prompts may hold (0: no
-        # bound beyond the budget): the batch's KV and transient then stay within one whole-context prompt's, which
-        # the VRAM planner counts (plan.py); a long prompt among short ones no longer pads them all to its length.
-        self.batch_tokens = batch_tokens
         self.burst_forwards = burst_forwards
         self._cond = threading.Condition()  # its lock is re-entrant: hold() may wrap add()
         self._waiting: deque[Request] = deque()
@@ -153,7 +148,8 @@ class Scheduler:
 
     def next_prefill(self) -> PrefillPlan | None:
         """The next forward's prompts: short text prompts together up to `prefill_chunk` padded tokens (rows times the
-        widest, as the forward holds them; and at most `batch_tokens`), else one prompt.
+        widest, as the forward holds them: a long prompt among short ones no longer pads them all to its length),
+        else one prompt.
 
         With no stream mid-answer there is nobody to stall, so short prompts batch up to idle_prefill_factor times
         more tokens: a burst of arrivals then takes a few large forwards instead of many small ones (each eager
@@ -167,8 +163,6 @@ class Scheduler:
         chunk = self.prefill_chunk
         decoding = self.mid_answer()
         budget = chunk * (1 if decoding else self.idle_prefill_factor)
-        if self.batch_tokens:
-            budget = min(budget, self.batch_tokens)
         width = 0
         for job in list(self.prefilling):
             if job.req.cancel.is_set():
