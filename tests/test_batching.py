@@ -108,10 +108,39 @@ def test_a_joining_request_does_not_leave_the_gpu_waiting_for_the_host(loaded, p
     assert got_a == reference(loaded, prompts["long"], long, eos_token_id=None)
     assert got_b == reference(loaded, prompts["text"], GREEDY, eos_token_id=None)
     first_id = messages[0].outputs[0].request_id
-    join = next(i for i, m in enumerate(messages) if any(o.request_id != first_id for o in m.outputs))
-    after = messages[join + 1]  # the step that was in flight during the join, read back
-    assert [o.request_id for o in after.outputs] == [first_id]
-    assert after.decode_launches == after.steps + 1
+    at = next(i for i, m in enumerate(messages) if any(o.request_id != first_id for o in m.outputs))
+    join, after = messages[at], messages[at + 1]
+    # The joined prompt's first token goes out after the next step is enqueued, the joined row in it: the message
+    # after the join's already holds the joined request's second token (until session 12 that step was launched
+    # before the join and held the first request alone).
+    assert join.decode_launches == join.steps + 1
+    assert {o.request_id for o in after.outputs} == {o.request_id for o in join.outputs} and len(after.outputs) == 2
+
+
+def test_a_leaving_request_does_not_leave_the_gpu_waiting_for_the_host(loaded, prompts) -> None:
+    """The step after a request ends is enqueued before that end goes out, the ended row riding along (its token
+    dropped); the slots are compacted under it: the last running request moves into the hole while that step
+    writes its next KV row in the old slot, and every stream still answers like `generate`."""
+    lengths = {"long": 64, "video": 40, "text": 12}  # ends in the order text, video, long
+    messages: list[EngineOutputs] = []
+    options = BatchOptions(max_batch=3, token_budget=3 * 1024, eos_token_ids=(), prefix_slots=2)
+    with BatchEngine(loaded, options) as engine:
+        engine.add_listener(messages.append)
+        with (
+            engine.hold_admission()
+        ):  # admitted together: "text" takes slot 0, so the others move down as it and "video" leave
+            streams = {
+                n: engine.submit_tokens(prompts[n], dataclasses.replace(GREEDY, max_new_tokens=k), threading.Event())
+                for n, k in (("text", 12), ("video", 40), ("long", 64))
+            }
+        got = {n: list(s) for n, s in streams.items()}
+    for n, k in lengths.items():
+        assert got[n] == reference(
+            loaded, prompts[n], dataclasses.replace(GREEDY, max_new_tokens=k), eos_token_id=None
+        ), n
+    ends = [m for m in messages if any(o.finished for o in m.outputs)]
+    assert len(ends) == 3
+    assert all(m.decode_launches == m.steps + 1 for m in ends[:2]), [(m.steps, m.decode_launches) for m in ends]
 
 
 def test_cancel_and_close_free_the_slot(loaded, prompts) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from qwen3vl_webui.engine.batch.graphs import DecodeGraphs
 from qwen3vl_webui.engine.batch.kv import SlotKV
@@ -15,6 +14,7 @@ from qwen3vl_webui.engine.batch.requests import EngineClosed, EngineOutputs, Out
 from qwen3vl_webui.engine.batch.runner import ModelRunner, Prefilled
 from qwen3vl_webui.engine.batch.sampler import Sampler
 from qwen3vl_webui.engine.batch.scheduler import PrefillJob, PrefillPlan, Scheduler
+from qwen3vl_webui.engine.batch.transfer import OnDevice
 from qwen3vl_webui.engine.faults import is_out_of_memory
 from qwen3vl_webui.weights.model import LoadedModel
 
@@ -61,6 +61,24 @@ class EngineSnapshot:
         return self.compile_state in ("none", "done")
 
 
+@dataclass
+class _Step:
+    """A decode step enqueued on the GPU: row i is reqs[i] (the running batch when it was launched; slots may move
+    and requests leave before it is read back)."""
+
+    reqs: list[Request]
+    out: OnDevice
+
+
+@dataclass
+class _Join:
+    """A prompt whose first token is chosen on the GPU and whose KV is on its way into its slot; the host has yet to
+    read the token and emit it (after the next decode step is enqueued)."""
+
+    req: Request
+    first: OnDevice
+
+
 class EngineCore:
     """Scheduler, KV slots, model runner, graphs and sampler, driven one `step()` at a time by the worker.
 
@@ -91,7 +109,7 @@ class EngineCore:
         self.serving_at = 0.0  # wall time the engine could first answer
         self._publish = publish
         self._out = Outbox()
-        self._inflight: tuple[int, Any] | None = None  # (rows, device tokens) of the enqueued decode step
+        self._inflight: _Step | None = None  # the enqueued decode step, not yet read back
 
     def start(self) -> None:
         """Allocates the KV, compiles and captures: all before the first request (worker thread, inference mode)."""
@@ -127,8 +145,7 @@ class EngineCore:
             if hit:
                 self.runner.adopt(job, hit[0])
         plan = self.scheduler.next_prefill()
-        if plan is not None:
-            self._prefill(plan)
+        joins = self._prefill(plan) if plan is not None else []
         try:
             if self._inflight is None:
                 self.graphs.swap_ready()  # between two decode steps: a compiled bucket replaces its eager graph
@@ -136,8 +153,14 @@ class EngineCore:
                     self._release(slot, "cancelled")
                 if self.scheduler.decode_now():
                     self._launch()
-            if self._inflight is not None:
-                self._collect()  # launches the following step first when no request leaves
+                self._finish_joins(joins)  # before the step they are in is read back
+                if self._inflight is not None:
+                    self._collect()
+            else:
+                # The step in flight first: reading it waits for it alone, and the next one (the joined rows in it)
+                # is enqueued behind the prefill before the host waits for the new prompts' first tokens.
+                self._collect()
+                self._finish_joins(joins)
         except BaseException as exc:  # fail this batch's requests, keep serving the next ones
             self._inflight = None
             for req in self.scheduler.fail_running():
@@ -202,38 +225,45 @@ class EngineCore:
 
     # ------------------------------------------------------------------ prefill
 
-    def _prefill(self, plan: PrefillPlan) -> None:
-        """One prefill forward; a failing prompt (bad media, out of memory) fails its own requests only."""
+    def _prefill(self, plan: PrefillPlan) -> list[_Join]:
+        """One prefill forward; a failing prompt (bad media, out of memory) fails its own requests only. Returns the
+        prompts it finished, joined on the device (their first tokens are read by `_finish_joins`)."""
         for job in plan.cancelled:
             self.runner.forget(job)
             self._out.finish(job.req, "cancelled")
         if not plan.jobs:
-            return
+            return []
         try:
             results = self.runner.prefill(plan)
         except Exception as exc:
             if is_out_of_memory(exc) and self.scheduler.may_retry(plan.jobs):
                 # The jobs restart from their last whole step (a chunk's keys/values join their KV only once done).
                 self.kv.relieve_memory()
-                return
+                return []
             for job in plan.jobs:
                 self.scheduler.prefill_done(job)
                 self.runner.forget(job)
                 self._out.fail(job.req, exc)
-            return
+            return []
+        joins = []
         for job, (done, prefilled) in zip(plan.jobs, results):
             self.scheduler.advance(job, done)
             if prefilled is None:
                 continue  # more chunks to go
             self.scheduler.prefill_done(job)
-            self._activate(job, prefilled)
+            join = self._activate(job, prefilled)
+            if join is not None:
+                joins.append(join)
+        return joins
 
-    def _activate(self, job: PrefillJob, prefilled: Prefilled) -> None:
-        """Joins the running batch in the next free slot, emits the first token, copies the prompt's KV into the slot."""
+    def _activate(self, job: PrefillJob, prefilled: Prefilled) -> _Join | None:
+        """Joins the running batch in the next free slot, on the device only: the first token is chosen and becomes
+        the slot's next input, the prompt's KV is copied into the slot (the next replay may overwrite the prefill's
+        output). No host sync: the next decode step can be enqueued before the host reads the first token."""
         req, length = job.req, job.length
         if req.cancel.is_set():
             self._out.finish(req, "cancelled")
-            return
+            return None
         slot = len(self.scheduler.running)
         try:
             req.kv_len = length
@@ -243,19 +273,32 @@ class EngineCore:
             token = self.sampler.choose(prefilled.logits.float(), [req], slot)
             self.kv.set_next(slot, token[0])
             self.sampler.saw([req], slot, token)
-            first = int(token[0])
-            reason = req.ends(first, self.eos)
-            self._emit(req, first, time.perf_counter())
-            # The first token goes out before the prompt's KV is copied into the slot (72 launches off the time to
-            # first token); the next decode step is enqueued after these copies.
-            self._flush()
             self.kv.write_prompt(slot, prefilled.layer_kv, length)
-            if reason:
-                self._release(slot, reason)
+            return _Join(req, OnDevice.of(token))
         except Exception as exc:
             if self.scheduler.unjoin(req) is not None:
                 self.kv.clear_slot(slot)
             self._out.fail(req, exc)
+            return None
+
+    def _finish_joins(self, joins: list[_Join]) -> None:
+        """The joined prompts' first tokens reach the host and go out at once; one that ends its request there
+        (a stop token, one new token asked) leaves its slot."""
+        for join in joins:
+            req = join.req
+            if req.finish_reason is not None:  # left already (cancelled while its token was on its way)
+                continue
+            try:
+                first = join.first.values()[0]
+                reason = req.ends(first, self.eos)
+                self._emit(req, first, time.perf_counter())
+            except Exception as exc:
+                self._release(self.scheduler.running.index(req), "error", error=exc)
+                continue
+            if reason:
+                self._release(self.scheduler.running.index(req), reason)
+        if joins:
+            self._flush()
 
     # ------------------------------------------------------------------ decode
 
@@ -268,33 +311,38 @@ class EngineCore:
         tokens = self.sampler.choose(logits, reqs, 0)
         self.kv.advance(n, tokens)
         self.sampler.saw(reqs, 0, tokens)
-        self._inflight = (n, tokens)
+        self._inflight = _Step(reqs, OnDevice.of(tokens))
 
     def _collect(self) -> None:
-        """Reads the step in flight; if nobody leaves, the next step is enqueued before the tokens are handed out.
+        """Reads the step in flight back; the next step is enqueued before its tokens are handed out.
 
-        Handing tokens to readers wakes their threads (GIL), and slots only move (compaction) between steps,
-        so the GPU runs step k+1 while the host emits step k. Requests only join meanwhile (prefill appends a
-        slot past the step's rows), never leave, so rows [0, n) still map to the first n running requests; step k+1
-        takes the joined rows too (their prompt KV and first token are already enqueued): a join no longer leaves
-        the GPU idle while the host emits and loops back to launch (it did until session 11: ~13 joins a second at
-        32 closed-loop chats).
+        Handing tokens to readers wakes their threads (GIL), so the GPU runs step k+1 while the host emits step k.
+        Step k+1 holds every running row, the joined ones (their prompt KV and first token are already enqueued) and
+        those that end with step k (their extra token is dropped: one row of a memory-bound step costs next to
+        nothing, against the GPU idling while the host emits, keeps and compacts). Slots then move under the step in
+        flight: it is read back through its own row list (`_Step.reqs`), and a moved slot takes the row that step
+        writes along (`_release`). Until session 12 a leave waited for the host (17 leaves a second at 32
+        closed-loop chats), and a join until session 11.
         """
-        n, tokens = self._inflight  # type: ignore[misc]
+        step = self._inflight
+        assert step is not None
         self._inflight = None
-        values = tokens.tolist()
+        values = step.out.values()
         now = time.perf_counter()
         self.steps += 1
-        reqs = self.scheduler.running[:n]
-        reasons = [req.ends(token, self.eos) for req, token in zip(reqs, values)]
-        if not any(reasons) and not self.graphs.swap_pending and self.scheduler.decode_now():
+        rows = [(req, token) for req, token in zip(step.reqs, values) if req.finish_reason is None]
+        reasons = [req.ends(token, self.eos) for req, token in rows]
+        sched = self.scheduler
+        going_on = any(req.finish_reason is None for req in sched.running)
+        if going_on and not self.graphs.swap_pending and sched.decode_now():
             self._launch()
-        for req, token in zip(reqs, values):
+        for req, token in rows:
             req.kv_len += 1
             self._emit(req, token, now)
-        for slot in reversed(range(n)):  # highest first: moving the last slot down never moves a finished one
-            if reasons[slot]:
-                self._release(slot, reasons[slot])  # type: ignore[arg-type]
+        slots = {id(req): slot for slot, req in enumerate(sched.running)}
+        ended = sorted(((slots[id(req)], reason) for (req, _), reason in zip(rows, reasons) if reason), reverse=True)
+        for slot, reason in ended:  # highest first: moving the last slot down never moves an ended one
+            self._release(slot, reason)
 
     def _emit(self, req: Request, token: int, now: float) -> None:
         req.tokens.append(token)
@@ -303,14 +351,22 @@ class EngineCore:
         self.tokens += 1
         self._out.token(req, token)
 
-    def _release(self, slot: int, reason: str) -> None:
-        """Ends the request in `slot` and moves the last running request into the hole (slots stay dense)."""
+    def _release(self, slot: int, reason: str, error: BaseException | None = None) -> None:
+        """Ends the request in `slot` and moves the last running request into the hole (slots stay dense).
+
+        A decode step may be in flight with the moved request's row in the old slot: the move is enqueued behind it
+        and takes the KV row it writes too (one past the request's `kv_len`), and its inputs for the next step."""
         req = self.scheduler.running[slot]
-        self.kv.retain(req, slot)  # before the reader hears of the end: its next turn finds the entry
-        self._out.finish(req, reason)
+        req.finish_reason = reason
+        if error is None:
+            self.kv.retain(req, slot)  # before the reader hears of the end: its next turn finds the entry
+            self._out.finish(req, reason)
+        else:
+            self._out.fail(req, error)
         last = self.scheduler.release(slot)
         if last != slot:
-            self.kv.move(last, slot, self.scheduler.running[slot].kv_len)
+            moved = self.scheduler.running[slot]
+            self.kv.move(last, slot, min(moved.kv_len + 1, self.options.max_len))
             self.sampler.move(last, slot)
         self.kv.clear_slot(last)
 

@@ -165,8 +165,10 @@ class SlotKV:
         return kv, reuse
 
     def join(self, slot: int, length: int, delta: int) -> None:
-        self.pos[slot] = length
-        self.delta[slot] = delta
+        # fill_ with a Python number is one kernel; `pos[slot] = length` would copy a host scalar in, which waits for
+        # the GPU (a pageable copy syncs the stream): for the decode step in flight and the prefill just enqueued.
+        self.pos[slot].fill_(length)
+        self.delta[slot].fill_(delta)
 
     def write_prompt(self, slot: int, layer_kv: LayerKV, length: int) -> None:
         """Copies a prompt's KV into its slot."""
@@ -193,7 +195,7 @@ class SlotKV:
             buf[dst].copy_(buf[src])
 
     def clear_slot(self, slot: int) -> None:
-        self.pos[slot] = 0  # padding rows of a graph bucket write at position 0 of a free slot
+        self.pos[slot].fill_(0)  # padding rows of a graph bucket write at position 0 of a free slot
         self.delta[slot] = 0
 
     def clear_all(self) -> None:

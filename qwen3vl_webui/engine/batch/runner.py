@@ -12,6 +12,7 @@ import numpy as np
 from qwen3vl_webui.engine.batch import prefill
 from qwen3vl_webui.engine.batch.kv import LayerKV, SlotKV
 from qwen3vl_webui.engine.batch.scheduler import PrefillJob, PrefillPlan
+from qwen3vl_webui.engine.batch.transfer import to_device
 from qwen3vl_webui.kernels import vision
 from qwen3vl_webui.weights.model import LoadedModel
 
@@ -159,12 +160,12 @@ class ModelRunner:
         positions = torch.arange(width, device=dev).view(1, 1, -1).expand(4, len(jobs), -1)
         cache = self._new_cache()
         out = self.loaded.model.model(
-            input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions, past_key_values=cache,
-            use_cache=True,
+            input_ids=to_device(ids, dev), attention_mask=to_device(mask, dev), position_ids=positions,
+            past_key_values=cache, use_cache=True,
         )  # fmt: skip
         self.prefill_tokens += sum(lengths)
         rows = torch.arange(len(jobs), device=dev)
-        logits = self.lm_head(out.last_hidden_state[rows, torch.tensor(lengths, device=dev) - 1])
+        logits = self.lm_head(out.last_hidden_state[rows, to_device(torch.tensor(lengths), dev) - 1])
 
         def layer_kv(row: int, n: int) -> LayerKV:
             return lambda layer: (cache.layers[layer].keys[row, :, :n], cache.layers[layer].values[row, :, :n])
@@ -232,7 +233,7 @@ class ModelRunner:
 
         dev = self.device
         if state.ids is None:  # a text prompt's first chunk
-            state.ids = job.req.prompt.inputs["input_ids"].to(dev)
+            state.ids = to_device(job.req.prompt.inputs["input_ids"], dev)
             state.positions = torch.arange(job.length, device=dev).view(1, 1, -1).expand(4, 1, -1)
         start, end = job.done, min(job.length, job.done + self.prefill_chunk)
         last = end == job.length
@@ -252,7 +253,7 @@ class ModelRunner:
                 lo, where = int(placeholders[job.base : start].sum()), np.flatnonzero(placeholders[start:end])
                 if len(where):
                     embeds, deepstack = state.media[kind]
-                    pieces.append((self._to_device(where), embeds[lo : lo + len(where)], deepstack[:, lo : lo + len(where)]))  # fmt: skip
+                    pieces.append((to_device(where, self.device), embeds[lo : lo + len(where)], deepstack[:, lo : lo + len(where)]))  # fmt: skip
         embeds, deepstack = prefill.media_inputs(self.lm.embed_tokens(state.ids[:, start:end]), self.deepstack_layers, pieces)  # fmt: skip
         forward = self.chunk_forward if prefill.compiles(start, end - start) else prefill.chunk_forward
         # Contiguous positions: a text prompt's are an expanded view, an image prompt's not, and dynamo guards strides.
@@ -277,15 +278,6 @@ class ModelRunner:
             kv = state.kv
         del self._prompts[job.req.id]
         return end, Prefilled(_layer_view(kv, job.length), state.delta, self.lm_head(hidden[:, -1]))
-
-    def _to_device(self, array: Any) -> Any:
-        """A small host array on the device without waiting for the GPU (pinned, so the copy is asynchronous)."""
-        import torch
-
-        host = torch.from_numpy(array)
-        if str(self.device).startswith("cuda"):
-            return host.pin_memory().to(self.device, non_blocking=True)
-        return host.to(self.device)
 
 
 def _layer_view(kv: Any, length: int) -> LayerKV:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from qwen3vl_webui.engine.batch.requests import Request
+from qwen3vl_webui.engine.batch.transfer import to_device
 
 
 class Sampler:
@@ -44,13 +45,14 @@ class Sampler:
         import torch
 
         sampling = req.sampling
-        self.penalty[slot] = sampling.repetition_penalty
-        self.seen[slot] = False
+        # fill_ (one kernel each), not `buf[slot] = value`: copying a host scalar in waits for the GPU.
+        self.penalty[slot].fill_(sampling.repetition_penalty)
+        self.seen[slot].fill_(False)
         if sampling.repetition_penalty != 1.0:
-            self.seen[slot, req.prompt.inputs["input_ids"][0].to(self.device)] = True
-        self.temperature[slot] = max(0.0, sampling.temperature)
-        self.top_k[slot] = self._k(req)
-        self.top_p[slot] = sampling.top_p
+            self.seen[slot, to_device(req.prompt.inputs["input_ids"][0], self.device)] = True
+        self.temperature[slot].fill_(max(0.0, sampling.temperature))
+        self.top_k[slot].fill_(self._k(req))
+        self.top_p[slot].fill_(sampling.top_p)
         if sampling.temperature > 0 and sampling.seed is not None:
             req.generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
 
