@@ -308,3 +308,15 @@ def test_a_nudge_that_lands_while_busy_still_wakes_the_next_idle_wait() -> None:
     s.close()
     waiter.join(timeout=2)
     assert not waiter.is_alive() and got[-1] is None
+
+
+def test_a_stream_that_just_ended_is_not_mid_answer() -> None:
+    """The step after a leave is enqueued before the leave is handled: a burst is not held back for a stream that
+    ended with the step just read (it is still in `running` until released)."""
+    s = scheduler(max_batch=8)
+    running = fake()
+    s.join(running)
+    running.tokens = [1, 2]
+    assert s.mid_answer()
+    running.finish_reason = "length"
+    assert not s.mid_answer()

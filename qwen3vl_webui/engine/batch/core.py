@@ -82,8 +82,8 @@ class _Join:
 class EngineCore:
     """Scheduler, KV slots, model runner, graphs and sampler, driven one `step()` at a time by the worker.
 
-    `publish` receives each EngineOutputs: once per step, and once more as a prompt's first token is chosen (before
-    its KV is copied into its slot, so that copy is off the time to first token).
+    `publish` receives each EngineOutputs: once per step, and once more when prompts' first tokens are read (after
+    the next decode step, their rows in it, is enqueued).
     """
 
     def __init__(self, loaded: LoadedModel, options: BatchOptions, publish: Callable[[EngineOutputs], None]) -> None:
@@ -273,8 +273,9 @@ class EngineCore:
             token = self.sampler.choose(prefilled.logits.float(), [req], slot)
             self.kv.set_next(slot, token[0])
             self.sampler.saw([req], slot, token)
+            first = OnDevice.of(token)  # before the KV copies: the first token does not wait for them
             self.kv.write_prompt(slot, prefilled.layer_kv, length)
-            return _Join(req, OnDevice.of(token))
+            return _Join(req, first)
         except Exception as exc:
             if self.scheduler.unjoin(req) is not None:
                 self.kv.clear_slot(slot)

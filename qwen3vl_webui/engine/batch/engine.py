@@ -250,6 +250,9 @@ class BatchEngine:
     def _run(self) -> None:
         import torch
 
+        device = torch.device(self.core.loaded.device)
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # a new thread starts on cuda:0: streams and events on the model's GPU
         try:
             with torch.inference_mode():
                 self.core.start()

@@ -196,7 +196,7 @@ class SlotKV:
 
     def clear_slot(self, slot: int) -> None:
         self.pos[slot].fill_(0)  # padding rows of a graph bucket write at position 0 of a free slot
-        self.delta[slot] = 0
+        self.delta[slot].fill_(0)
 
     def clear_all(self) -> None:
         self.pos.zero_()

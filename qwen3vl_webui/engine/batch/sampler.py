@@ -49,7 +49,7 @@ class Sampler:
         self.penalty[slot].fill_(sampling.repetition_penalty)
         self.seen[slot].fill_(False)
         if sampling.repetition_penalty != 1.0:
-            self.seen[slot, to_device(req.prompt.inputs["input_ids"][0], self.device)] = True
+            self.seen[slot].index_fill_(0, to_device(req.prompt.inputs["input_ids"][0], self.device), True)
         self.temperature[slot].fill_(max(0.0, sampling.temperature))
         self.top_k[slot].fill_(self._k(req))
         self.top_p[slot].fill_(sampling.top_p)
@@ -79,10 +79,15 @@ class Sampler:
         probs = scores.softmax(-1)
         # Keep the smallest head whose mass reaches top_p (the first token always stays).
         probs = probs.masked_fill(probs.cumsum(-1) - probs > self.top_p[lo:hi], 0.0)
-        pick = torch.multinomial(probs, 1)
-        for i, req in enumerate(reqs):  # a seeded request draws from its own generator
+        # The exponential race: argmax of p / E with E ~ Exp(1) draws index i with probability p_i, like
+        # torch.multinomial, which checks its input on the host (a stream sync: the decode step just enqueued would
+        # finish before the host could emit the previous one's tokens). A seeded request draws its own k values from
+        # its own generator, so its tokens are the same alone or batched.
+        race = torch.empty_like(probs).exponential_()
+        for i, req in enumerate(reqs):
             if req.generator is not None:
-                pick[i] = torch.multinomial(probs[i], 1, generator=req.generator)
+                race[i, : self._k(req)].exponential_(generator=req.generator)
+        pick = (probs / race).argmax(-1, keepdim=True)
         sampled = order.gather(1, pick).squeeze(1)
         return torch.where(temperature.squeeze(1) > 0, sampled, greedy)
 

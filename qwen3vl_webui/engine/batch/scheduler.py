@@ -136,7 +136,7 @@ class Scheduler:
 
     def mid_answer(self) -> bool:
         """Whether a running stream is past its first token (a stall would break an answer under way)."""
-        return any(len(r.tokens) > 1 for r in self.running)
+        return any(len(r.tokens) > 1 and r.finish_reason is None for r in self.running)  # not one that just ended
 
     def burst_pending(self) -> bool:
         """Short text prompts still to prefill while every running stream holds only its first token: a burst of
