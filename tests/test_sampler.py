@@ -7,7 +7,7 @@ import math
 import torch
 
 from qwen3vl_webui.engine.batch.requests import Request
-from qwen3vl_webui.engine.batch.sampler import Sampler
+from qwen3vl_webui.engine.batch.sampler import Sampler, race_pick
 from qwen3vl_webui.engine.request import SamplingParams
 
 
@@ -57,3 +57,10 @@ def test_top_p_keeps_the_head_and_a_seeded_row_draws_the_same_alone_or_batched()
     assert solo == pair
     head = math.ceil(vocab * 0.4)  # top-20 of a falling ramp, then the 0.9 head: never the tail
     assert max(solo) < head and len(set(solo)) > 1
+
+
+def test_a_drawn_zero_never_picks_a_removed_token() -> None:
+    probs = torch.tensor([[0.0, 0.7, 0.3, 0.0]])
+    race = torch.tensor([[0.0, 1.0, 0.2, 2.0]])  # 0 / 0 would be NaN, and argmax takes NaN for the largest
+    assert race_pick(probs, race).tolist() == [[2]]
+    assert race_pick(probs, torch.tensor([[3.0, 0.0, 0.5, 0.0]])).tolist() == [[1]]  # a 0 under a kept token wins

@@ -87,8 +87,7 @@ class Sampler:
         for i, req in enumerate(reqs):
             if req.generator is not None:
                 race[i, : self._k(req)].exponential_(generator=req.generator)
-        pick = (probs / race).argmax(-1, keepdim=True)
-        sampled = order.gather(1, pick).squeeze(1)
+        sampled = order.gather(1, race_pick(probs, race)).squeeze(1)
         return torch.where(temperature.squeeze(1) > 0, sampled, greedy)
 
     def saw(self, reqs: Sequence[Request], lo: int, tokens: Any) -> None:
@@ -102,3 +101,12 @@ class Sampler:
 
     def free(self) -> None:
         self.seen = None
+
+
+def race_pick(probs: Any, race: Any) -> Any:
+    """Index `[rows, 1]` of the largest p / E per row. E is never 0 here: a drawn 0 under a 0 probability would be
+    NaN, which argmax takes for the largest (a token the filters removed)."""
+    import torch
+
+    return (probs / race.clamp_min(torch.finfo(race.dtype).tiny)).argmax(-1, keepdim=True)
+
