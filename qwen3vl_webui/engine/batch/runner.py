@@ -201,10 +201,11 @@ class ModelRunner:
         dev = self.device
         inputs = job.req.prompt.inputs
         shapes = ("input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw", "attention_mask")
-        state.positions, state.delta = self._prompt_positions(
-            {k: inputs[k].to(dev) for k in shapes if inputs.get(k) is not None}
-        )
-        state.ids = inputs["input_ids"].to(dev)
+        # On the host, where the prompt is: transformers' rope index loops over the media with host reads, which on
+        # the GPU would wait for the decode step in flight at each one. Then in through pinned memory, like the rest.
+        positions, state.delta = self._prompt_positions({k: inputs[k] for k in shapes if inputs.get(k) is not None})
+        state.positions = to_device(positions, dev)
+        state.ids = to_device(inputs["input_ids"], dev)
         media = {}
         model = self.loaded.model.model
         for kind, pixels, grid in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw")):  # fmt: skip
@@ -218,9 +219,9 @@ class ModelRunner:
                 first_row, first = fresh[0].rows[0], fresh[0].index
             # Grid-derived inputs from the CPU grid: the tower then never waits on the GPU (kernels/vision.py).
             extra = vision.vision_kwargs(model.visual, inputs[grid][first:], dev)
-            grid_thw = inputs[grid][first:] if extra else inputs[grid][first:].to(dev)
+            grid_thw = inputs[grid][first:] if extra else to_device(inputs[grid][first:], dev)
             out = model.get_image_features(
-                inputs[pixels][first_row:].to(dev), grid_thw, return_dict=True, **extra
+                to_device(inputs[pixels][first_row:], dev), grid_thw, return_dict=True, **extra
             )  # videos: the same  # fmt: skip
             deepstack = torch.stack([torch.cat(f) for f in out.deepstack_features])  # [layers, tokens, hidden]
             media[kind] = (torch.cat(out.pooler_output), deepstack)

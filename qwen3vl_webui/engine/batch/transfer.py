@@ -13,12 +13,13 @@ from typing import Any
 
 
 def to_device(host: Any, device: Any) -> Any:
-    """A small host tensor (or numpy array) on `device`; on a GPU through pinned memory, asynchronously."""
+    """A host tensor (or numpy array) on `device`; on a GPU through pinned memory, asynchronously (one already on a
+    GPU is moved as torch moves it)."""
     import torch
 
     if not isinstance(host, torch.Tensor):
         host = torch.from_numpy(host)
-    if torch.device(device).type != "cuda":
+    if torch.device(device).type != "cuda" or host.device.type != "cpu":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
 
