@@ -121,9 +121,10 @@ def plan_memory(
     whole KV, kept while later prompts run: at concurrency 1 too), and the KV of the prompt being prefilled, one
     allocation of its whole length written chunk by chunk (runner.py `prompt_kv`) - at any concurrency only one
     prompt prefills at a time, or one burst of short prompts batched (`burst_tokens`: more than a short context's
-    whole prompt; `burst` gives a run's own, for bench/plan_check.py's rejudging) - plus that prefill's transient. Measured peaks held exactly these (H200, see the
-    constants): the peak allocated less weights, slots, retained and staged KV was 0.49-0.52 GiB of engine buffers
-    and a transient of 0.23-0.30 GiB at 4,096 tokens and 0.57 at 16,384, at either concurrency.
+    whole prompt; `burst` gives a run's own, for bench/plan_check.py's rejudging) - plus that prefill's transient.
+    Measured peaks held exactly these (H200, see the constants): the peak allocated less weights, slots, retained and
+    staged KV was 0.49-0.52 GiB of engine buffers and a transient of 0.23-0.30 GiB at 4,096 tokens and 0.57 at
+    16,384, at either concurrency.
     """
     context = aligned_context(max_context)
     per_token = planner.kv_bytes_per_token(shape)
