@@ -218,7 +218,10 @@ class ModelRunner:
                     continue
                 first_row, first = fresh[0].rows[0], fresh[0].index
             # Grid-derived inputs from the CPU grid: the tower then never waits on the GPU (kernels/vision.py).
-            extra = vision.vision_kwargs(model.visual, inputs[grid][first:], dev)
+            extra = {  # on the host, then in pinned (a pageable copy in, even non_blocking, syncs the stream)
+                k: to_device(v, dev) if isinstance(v, torch.Tensor) else v
+                for k, v in vision.vision_kwargs(model.visual, inputs[grid][first:], "cpu").items()
+            }
             grid_thw = inputs[grid][first:] if extra else to_device(inputs[grid][first:], dev)
             out = model.get_image_features(
                 to_device(inputs[pixels][first_row:], dev), grid_thw, return_dict=True, **extra
