@@ -402,3 +402,18 @@ def test_demo_checkpoint_in_a_folder_others_can_write_is_refused(tiny_checkpoint
         os.chown(owned / tiny_checkpoint.name, 12345, 12345)
         with pytest.raises(UnsafeCheckpointDir, match="belongs to another user"):
             ensure_demo_checkpoint(owned)
+
+
+def test_the_servers_connections_send_small_writes_at_once_nagle_off(open_app) -> None:
+    """Every streamed answer is many small writes (gradio's SSE messages, the API's chunks). With Nagle's algorithm
+    on, each write after the first waits for the client's delayed ACK (~40 ms on Linux), so a chat's first token
+    arrived with the queue's earlier messages in one bunch. asyncio turns Nagle off only for sockets whose proto
+    says TCP; the listener's proto is what accepted connections inherit."""
+    app, url = open_app
+    with httpx.Client(base_url=url, timeout=30) as http:
+        assert http.get("config").status_code == 200  # the keep-alive connection stays open for the look below
+        connections = list(app.front.server.server_state.connections)
+        assert connections, "uvicorn lists no open connection"
+        for protocol in connections:
+            sock = protocol.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0

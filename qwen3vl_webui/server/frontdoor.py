@@ -46,7 +46,11 @@ def listen_socket(host: str, port: int) -> socket.socket:
     """A bound socket for uvicorn (it listens on it); bound here so a busy port is one clear line, not a trace."""
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     family = socket.AF_INET6 if ":" in bare else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not the default 0: asyncio turns Nagle off (TCP_NODELAY) only on connections whose socket says
+    # TCP, and accepted sockets inherit the listener's proto. With Nagle on, each small SSE write after the first
+    # waits for the client's delayed ACK (~40 ms on Linux): gradio's queue messages and streamed tokens arrived in
+    # bunches, and the gradio door's first token came ~45 ms late at 1 chat, ~0.5 s at 32 (bench/RESULTS.md).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # what uvicorn does: no wait after a restart
     try:
         sock.bind((bare, port))
