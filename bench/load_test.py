@@ -34,7 +34,10 @@ flamegraph.pl read them), the top functions per process into the report.
 In a mixed run the figures are also given per kind (`by_kind`: text, image). --budget-s shortens the scenarios
 (down to --min-seconds, then drops the last ones) so that the whole run, start-up included, ends in time.
 
-Doors: `gradio` (gradio_client on `/chat`, the endpoint the browser UI drives) and `openai` (`POST
+Doors: `gradio` (gradio_client on `/chat`, the endpoint the browser UI drives), `gradio-raw` (the same `/chat` event
+over gradio's queue protocol with plain httpx, as the browser's page speaks it: `POST /queue/join`, then the event
+stream of `/queue/data`, one keep-alive connection per chat; gradio_client instead opens new connections, each with a
+new TLS context of ~30 ms of CPU, for the join, the stream and the heartbeat of every request) and `openai` (`POST
 /v1/chat/completions` over httpx, streamed with `stream_options.include_usage`, `ignore_eos: true`, images as data:
 URIs; a 429 is a busy refusal; the key from $QWEN3VL_API_KEY if the app wants one). A door is a class with `name`
 and `connect() -> Chat`; a Chat has `new_conversation()`, `stream(text, image, new_tokens, temperature, timeout)`
@@ -183,6 +186,162 @@ class GradioDoor:
         return GradioChat(Client(self.url, verbose=False), self.poll_s)
 
 
+_TEXT, _TOKENS, _TEMPERATURE = "\x00sentinel text\x00", 4321, 0.123  # values no default has, found in the captured body
+
+
+def join_template(url: str) -> dict[str, Any]:
+    """What gradio_client would POST to `/queue/join` for one `/chat` message, captured before it is sent (nothing
+    reaches the server): the body, with `message_at`, `tokens_at` and `temperature_at` saying which inputs carry the
+    message, max_new_tokens and temperature, and the `join`, `data` and `upload` URLs."""
+    from gradio_client import Client
+
+    client = Client(url, verbose=False)
+    captured: dict[str, Any] = {}
+
+    class Captured(Exception):
+        pass
+
+    def send_data(data: dict[str, Any], hash_data: dict[str, Any], protocol: str, request_headers: Any) -> str:
+        captured.update(data, **hash_data)
+        raise Captured
+
+    client.send_data = send_data  # type: ignore[method-assign]
+    message = {"text": _TEXT, "files": []}
+    job = client.submit(message, api_name="/chat", max_new_tokens=_TOKENS, temperature=_TEMPERATURE)
+    try:
+        job.result(timeout=60)
+    except Captured:
+        pass
+    finally:
+        client.close()
+    values = captured.get("data") or []
+    where = {
+        "message_at": [i for i, v in enumerate(values) if v == message],
+        "tokens_at": [i for i, v in enumerate(values) if v == _TOKENS],
+        "temperature_at": [i for i, v in enumerate(values) if v == _TEMPERATURE],
+    }
+    if any(len(found) != 1 for found in where.values()):
+        raise RuntimeError(f"cannot find /chat's inputs in the body gradio_client builds: {where} in {captured}")
+    body = {k: v for k, v in captured.items() if k != "session_hash"}
+    urls = {"join": client.sse_data_url, "data": client.sse_url, "upload": client.upload_url}
+    return {"body": body, **{k: found[0] for k, found in where.items()}, **urls}
+
+
+def apply_text_diff(text: str | None, diff: Any) -> str | None:
+    """A text output after one `process_generating` message: the full value, or gradio's diff of the earlier one
+    (a list of [action, path, value]; for a text only `replace` and `append` at the root occur)."""
+    if not isinstance(diff, list):
+        return diff
+    for action, path, value in diff:
+        if path:
+            raise ValueError(f"a diff inside a text output: {action} at {path}")
+        if action == "replace":
+            text = value
+        elif action == "append":
+            text = (text or "") + value
+        else:
+            raise ValueError(f"unknown diff action for a text output: {action!r}")
+    return text
+
+
+class GradioRawChat:
+    """One keep-alive HTTP connection speaking gradio's queue protocol as the browser's page does, without
+    gradio_client: POST `/queue/join` with the session's hash, then read `/queue/data` (server-sent events) to the
+    event's end. A session keeps the chat history on the server, so a new conversation is a new session hash."""
+
+    def __init__(self, http: Any, template: dict[str, Any]) -> None:
+        self.http, self.template = http, template
+        self.usage: int | None = None  # the gradio API returns text only
+        self.new_conversation()
+
+    def new_conversation(self) -> None:
+        import uuid
+
+        self.session = uuid.uuid4().hex[:11]
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _upload(self, path: str) -> dict[str, Any]:
+        """The picture sent to `/upload` as the page does; the FileData the message then carries."""
+        with open(path, "rb") as f:
+            reply = self.http.post(self.template["upload"], files=[("files", (Path(path).name, f))])
+        reply.raise_for_status()
+        return {"path": reply.json()[0], "orig_name": Path(path).name, "meta": {"_type": "gradio.FileData"}}
+
+    def stream(self, text: str, image: str | None, new_tokens: int, temperature: float, timeout: float) -> Iterator[str]:  # fmt: skip
+        t = self.template
+        data = list(t["body"]["data"])
+        data[t["message_at"]] = {"text": text, "files": [self._upload(image)] if image else []}
+        data[t["tokens_at"]], data[t["temperature_at"]] = new_tokens, temperature
+        started = time.monotonic()
+        reply = self.http.post(t["join"], json={**t["body"], "data": data, "session_hash": self.session})
+        if reply.status_code != 200:
+            detail = f"HTTP {reply.status_code}: {reply.text[:300]}"
+            if reply.status_code == 503 and "Queue is full" in reply.text:
+                raise Refused("refused_busy", detail)
+            raise RuntimeError(detail)
+        event_id = reply.json()["event_id"]
+        answer: str | None = None
+        last = ""
+        with self.http.stream("GET", t["data"], params={"session_hash": self.session}) as events:
+            if events.status_code != 200:
+                raise RuntimeError(f"HTTP {events.status_code} from /queue/data: {events.read()[:300]!r}")
+            for line in events.iter_lines():
+                if not line.startswith("data:"):
+                    continue
+                msg = json.loads(line[5:])
+                kind = msg.get("msg")
+                if kind == "close_stream":
+                    break
+                if msg.get("event_id") not in (None, event_id):
+                    continue
+                if kind == "unexpected_error":
+                    raise RuntimeError(f"unexpected_error: {msg.get('message')}")
+                if kind == "process_generating":
+                    answer = apply_text_diff(answer, msg["output"]["data"][0])
+                elif kind == "process_completed":
+                    if not msg.get("success", True):
+                        raise RuntimeError(f"the event failed: {msg['output'].get('error')}")
+                    answer = msg["output"]["data"][0]
+                else:
+                    continue
+                if isinstance(answer, str) and answer and answer != last and not answer.startswith((WAITING, WARNING)):
+                    last = answer
+                    yield answer
+                if kind == "process_completed":
+                    break
+                if time.monotonic() - started > timeout:
+                    raise TimeoutError(f"no full answer within {timeout:.0f} s")
+        if isinstance(answer, str) and answer.startswith(WARNING):
+            raise Refused(refusal_status(answer), answer)
+
+
+class GradioRawDoor:
+    """The `/chat` event over gradio's queue protocol with plain httpx (`gradio-raw`): what the browser's page
+    sends, one keep-alive connection per chat, without gradio_client's per-request connections (a new httpx client,
+    so a new TLS context of ~30 ms, for the join, the event stream and the heartbeat of every request). The body is
+    the one gradio_client builds for `/chat` (captured once, never sent); no heartbeat stream is held, so the server
+    keeps a session's state until its own expiry."""
+
+    name = "gradio-raw"
+
+    def __init__(self, url: str, poll_s: float) -> None:
+        self.url = url
+        self.template: dict[str, Any] | None = None
+
+    def connect(self) -> GradioRawChat:
+        import httpx
+
+        if self.template is None:
+            self.template = join_template(self.url)
+        http = httpx.Client(
+            trust_env=False, timeout=httpx.Timeout(600.0, connect=30.0),
+            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+        )  # fmt: skip
+        return GradioRawChat(http, self.template)
+
+
 @functools.lru_cache(maxsize=512)
 def data_uri(path: str) -> str:
     """The file as a base64 data: URI (cached: the pool's pictures are encoded before the clock starts)."""
@@ -272,7 +431,7 @@ class OpenAIDoor:
         return OpenAIChat(client, self.model)
 
 
-DOORS: dict[str, Any] = {"gradio": GradioDoor, "openai": OpenAIDoor}
+DOORS: dict[str, Any] = {"gradio": GradioDoor, "gradio-raw": GradioRawDoor, "openai": OpenAIDoor}
 
 
 def load_tokenizer(name: str) -> Any:
@@ -901,18 +1060,18 @@ def _server_lines(log_path: Path) -> list[str]:
 
 
 def print_table(report: dict[str, Any]) -> None:
-    print(f"{'door':>6} {'chats':>5} {'img':>3} {'ok':>5} {'busy':>4} {'err':>4} {'TTFT p50':>9} {'p95':>7} {'p99':>7} "
+    print(f"{'door':>10} {'chats':>5} {'img':>3} {'ok':>5} {'busy':>4} {'err':>4} {'TTFT p50':>9} {'p95':>7} {'p99':>7} "
           f"{'chat tok/s p5':>13} {'p50':>6} {'p95':>6} {'total tok/s':>11} {'cores fe+eng+oth/cli':>20}")  # fmt: skip
     for s in report.get("scenarios", []):
         t, r, cpu = s["ttft_s"], s["chat_tok_s"], s["cpu_cores_busy"]
         bad = s["error"] + s["refused"] + s["refused_per_client"]
         cores = f"{cpu.get('server', '-')}+{cpu.get('engine', '-')}+{cpu.get('other_children', '-')}/{cpu.get('client', '-')}"
-        print(f"{s['door']:>6} {s['chats']:>5} {s['image_chats']:>3} {s['ok']:>5} {s['refused_busy']:>4} {bad:>4} "
+        print(f"{s['door']:>10} {s['chats']:>5} {s['image_chats']:>3} {s['ok']:>5} {s['refused_busy']:>4} {bad:>4} "
               f"{_f(t['p50'], 3):>9} {_f(t['p95'], 3):>7} {_f(t['p99'], 3):>7} {_f(r['p5'], 1):>13} "
               f"{_f(r['p50'], 1):>6} {_f(r['p95'], 1):>6} {_f(s['total_tok_s'], 0):>11} {cores:>20}"
               + ("  (py-spy)" if s.get("profiled") else ""))  # fmt: skip
         for kind, k in s.get("by_kind", {}).items():
-            print(f"{'':>6} {kind:>9} {k['ok']:>5} TTFT p50 {_f(k['ttft_s']['p50'], 3)} p95 {_f(k['ttft_s']['p95'], 3)}"
+            print(f"{'':>10} {kind:>9} {k['ok']:>5} TTFT p50 {_f(k['ttft_s']['p50'], 3)} p95 {_f(k['ttft_s']['p95'], 3)}"
                   f" chat tok/s p50 {_f(k['chat_tok_s']['p50'], 1)}")  # fmt: skip
     for s in report.get("skipped", []):
         print(f"skipped: {s}")

@@ -385,7 +385,7 @@ def print_summary(report: dict[str, Any]) -> None:
               f"answer {app['startup_s']} s after launch, SIGTERM to exit {app['shutdown_s']} s (code {app['exit_code']}); "
               f"processes {app['processes']}" + (f"; skipped {app['skipped']}" if app["skipped"] else ""))  # fmt: skip
     if load.get("scenarios"):
-        print(f"  {'engine':>12} {'door':>6} {'chats':>9} {'ok':>4} {'ref':>3} {'err':>3} {'short':>5} {'tok/s':>7} {'vs eng':>6} "
+        print(f"  {'engine':>12} {'door':>10} {'chats':>9} {'ok':>4} {'ref':>3} {'err':>3} {'short':>5} {'tok/s':>7} {'vs eng':>6} "
               f"{'TTFT p50/p95/p99':>18} {'chat p50':>8} {'cores fe/eng/cli(max)':>22}")  # fmt: skip
         for s in load["scenarios"]:
             label = (
@@ -395,11 +395,11 @@ def print_summary(report: dict[str, Any]) -> None:
             )
             ttft = f"{s['ttft_p50_s']}/{s['ttft_p95_s']}/{s['ttft_p99_s']}"
             cores = f"{s['cores_frontend']}/{s['cores_engine']}/{s['cores_client']}({s['cores_client_process_max']})"
-            print(f"  {s['engine']:>12} {s['door']:>6} {label:>9} {s['ok']:>4} {s['refused']:>3} {s['errors']:>3} "
+            print(f"  {s['engine']:>12} {s['door']:>10} {label:>9} {s['ok']:>4} {s['refused']:>3} {s['errors']:>3} "
                   f"{s['short_answers']!s:>5} {s['total_tok_s']!s:>7} {s['vs_engine']!s:>6} {ttft:>18} "
                   f"{s['chat_tok_s_p50']!s:>8} {cores:>22}")  # fmt: skip
             if s["image_chats"]:
-                print(f"  {'':>12} {'':>6} TTFT p50/p95 text {s.get('text_ttft_p50_p95_s')} image {s.get('image_ttft_p50_p95_s')}")  # fmt: skip
+                print(f"  {'':>12} {'':>10} TTFT p50/p95 text {s.get('text_ttft_p50_p95_s')} image {s.get('image_ttft_p50_p95_s')}")  # fmt: skip
         print(
             "  (* profiled with py-spy, non-blocking; cores: front end / engine process / client processes (busiest))"
         )

@@ -166,3 +166,72 @@ def test_percentiles_interpolate_between_ranks() -> None:
     assert percentile([3.0], 99) == 3.0
     assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
     assert percentile(list(range(101)), 95) == 95
+
+
+def test_the_raw_gradio_door_gets_what_gradio_client_gets(demo_app_server: tuple[Any, str]) -> None:
+    # gradio's queue protocol spoken with plain httpx (what the page does) against gradio_client on the same /chat
+    # event: the same greedy answers, with a picture, and on a second turn of the same session (its history counts).
+    _, url = demo_app_server
+    raw_door = load_test.GradioRawDoor(url, 0.0)
+    raw, client = raw_door.connect(), load_test.GradioDoor(url, 0.005).connect()
+    template = raw_door.template
+    assert template is not None and template["join"].endswith("/queue/join") and template["data"].endswith("/queue/data")
+    assert len({template["message_at"], template["tokens_at"], template["temperature_at"]}) == 3
+    picture = str(Path(__file__).resolve().parents[1] / "assets" / "example.png")
+    try:
+        for text, image in (("Name the colours you see.", None), ("What is in the picture?", picture)):
+            got = [list(chat.stream(text, image, 12, 0.0, 120)) for chat in (raw, client)]
+            assert got[0] and got[1] and got[0][-1] == got[1][-1], got
+            assert all(not g.startswith((load_test.WAITING, load_test.WARNING)) for g in got[0]), got[0]
+            # partial answers grow: each diff applied to the one before
+            assert all(later.startswith(earlier) for earlier, later in zip(got[0], got[0][1:])), got[0]
+            second = [list(chat.stream("And then?", None, 12, 0.0, 120))[-1] for chat in (raw, client)]
+            assert second[0] == second[1], second
+            raw.new_conversation()
+            client.new_conversation()
+    finally:
+        raw.close()
+        client.client.close()
+
+
+def test_gradio_text_diffs_apply_as_gradio_client_applies_them() -> None:
+    from gradio_client.utils import apply_diff
+
+    steps = [None, "⏳ waiting", [["replace", [], "Hel"]], [["append", [], "lo"]], [["append", [], ""], ["append", [], "!"]]]
+    mine = theirs = None
+    for step in steps:
+        mine = load_test.apply_text_diff(mine, step)
+        theirs = step if not isinstance(step, list) else apply_diff(theirs, step)
+        assert mine == theirs
+    assert mine == "Hello!"
+    with pytest.raises(ValueError, match="inside a text"):
+        load_test.apply_text_diff("a", [["replace", [0], "b"]])
+    with pytest.raises(ValueError, match="unknown diff action"):
+        load_test.apply_text_diff("a", [["delete", [], None]])
+
+
+def test_load_test_through_the_raw_gradio_door_counts_refusals_and_pictures(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    # One slot and one waiting place: three chats see busy refusals ("Queue is full" at /queue/join, or the app's);
+    # a mixed scenario uploads its pictures through /upload as the page does.
+    out = tmp_path / "report.json"
+    code = load_test.main([
+        "--doors", "gradio-raw", "--chats", "1,3", "--mixed", "2", "--image-share", "0.5", "--image-pool", "2",
+        "--requests", "6", "--seconds", "120", "--prompt-tokens", "48", "--new-tokens", "16", "--warm-requests", "1",
+        "--workdir", str(tmp_path / "work"), "--json", str(out),
+        "--", "--demo", "--cache-dir", str(tiny_checkpoint.parent), "--max-concurrency", "1", "--queue-size", "1",
+    ])  # fmt: skip
+    report = json.loads(out.read_text())
+    assert code == 0, report
+    one, three, mixed = report["scenarios"]
+    assert one["door"] == three["door"] == mixed["door"] == "gradio-raw"
+    _check_sane(one, 6, 1)
+    assert one["ok"] == 6 and one["refused_busy"] == 0
+    _check_sane(three, 6, 3)
+    assert three["refused_busy"] >= 1, three
+    busy = [r["detail"] for r in three["requests"] if r["status"] == "refused_busy"]
+    # gradio's own queue (HTTP 503 at the join) or the app's admission (a ⚠️ answer) said no
+    assert all(d.startswith("HTTP 503") and "Queue is full" in d or "busy" in d for d in busy), busy
+    _check_sane(mixed, 6, 2)
+    pictures = [r for r in mixed["requests"] if r["kind"] == "image"]
+    assert pictures and any(r["status"] == "ok" for r in pictures), mixed["requests"]
+    assert mixed["image_requests"] == len(pictures), mixed
