@@ -175,7 +175,8 @@ def test_the_raw_gradio_door_gets_what_gradio_client_gets(demo_app_server: tuple
     raw_door = load_test.GradioRawDoor(url, 0.0)
     raw, client = raw_door.connect(), load_test.GradioDoor(url, 0.005).connect()
     template = raw_door.template
-    assert template is not None and template["join"].endswith("/queue/join") and template["data"].endswith("/queue/data")
+    assert template is not None
+    assert template["join"].endswith("/queue/join") and template["data"].endswith("/queue/data")
     assert len({template["message_at"], template["tokens_at"], template["temperature_at"]}) == 3
     picture = str(Path(__file__).resolve().parents[1] / "assets" / "example.png")
     try:
@@ -197,7 +198,13 @@ def test_the_raw_gradio_door_gets_what_gradio_client_gets(demo_app_server: tuple
 def test_gradio_text_diffs_apply_as_gradio_client_applies_them() -> None:
     from gradio_client.utils import apply_diff
 
-    steps = [None, "⏳ waiting", [["replace", [], "Hel"]], [["append", [], "lo"]], [["append", [], ""], ["append", [], "!"]]]
+    steps = [
+        None,
+        "⏳ waiting",
+        [["replace", [], "Hel"]],
+        [["append", [], "lo"]],
+        [["append", [], ""], ["append", [], "!"]],
+    ]
     mine = theirs = None
     for step in steps:
         mine = load_test.apply_text_diff(mine, step)
@@ -210,7 +217,9 @@ def test_gradio_text_diffs_apply_as_gradio_client_applies_them() -> None:
         load_test.apply_text_diff("a", [["delete", [], None]])
 
 
-def test_load_test_through_the_raw_gradio_door_counts_refusals_and_pictures(tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_load_test_through_the_raw_gradio_door_counts_refusals_and_pictures(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
     # One slot and one waiting place: three chats see busy refusals ("Queue is full" at /queue/join, or the app's);
     # a mixed scenario uploads its pictures through /upload as the page does.
     out = tmp_path / "report.json"
