@@ -28,16 +28,23 @@ def _check_sane(s: dict[str, Any], issued: int, chats: int) -> None:
     assert s["prompt_tokens_mean"] == pytest.approx(s["prompt_tokens_target"], abs=2)
 
 
-def test_load_test_drives_the_demo_app_and_counts_answers_and_refusals(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    # One slot and one waiting place: three chats at once must see some "Queue is full" refusals.
+def _run(tmp_path: Path, checkpoint: Path, load_flags: list[str], app_flags: list[str]) -> dict[str, Any]:
+    """`bench.load_test` against the --demo app it starts (the tiny checkpoint, one slot, one waiting place unless
+    `app_flags` say otherwise), 6 requests per scenario of 48-token prompts; its report, after checking it exited 0."""
     out = tmp_path / "report.json"
     code = load_test.main([
-        "--chats", "1,3", "--requests", "6", "--seconds", "120", "--prompt-tokens", "48", "--new-tokens", "32",
-        "--warm-requests", "1", "--workdir", str(tmp_path / "work"), "--json", str(out),
-        "--", "--demo", "--cache-dir", str(tiny_checkpoint.parent), "--max-concurrency", "1", "--queue-size", "1",
+        *load_flags, "--requests", "6", "--seconds", "120", "--prompt-tokens", "48", "--warm-requests", "1",
+        "--workdir", str(tmp_path / "work"), "--json", str(out),
+        "--", "--demo", "--cache-dir", str(checkpoint.parent), "--max-concurrency", "1", "--queue-size", "1", *app_flags,
     ])  # fmt: skip
     report = json.loads(out.read_text())
     assert code == 0, report
+    return report
+
+
+def test_load_test_drives_the_demo_app_and_counts_answers_and_refusals(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    # One slot and one waiting place: three chats at once must see some "Queue is full" refusals.
+    report = _run(tmp_path, tiny_checkpoint, ["--chats", "1,3", "--new-tokens", "32"], [])
     assert report["tokenizer"] == "tiny" and report["exit_code"] == 0, report
     assert report["startup_s"] >= report["first_answer_s"] > 0
     one, three = report["scenarios"]
@@ -54,15 +61,8 @@ def test_load_test_drives_the_demo_app_through_the_openai_door_with_its_engine_p
     # The same counts through /v1/chat/completions: 429 is a busy refusal, usage gives the tokens, ignore_eos makes
     # every answer exactly as long as asked; three chats run in two client processes; the engine's own process is
     # found and its CPU counted apart from the front end's.
-    out = tmp_path / "report.json"
-    code = load_test.main([
-        "--doors", "openai", "--chats", "1,3", "--requests", "6", "--seconds", "120", "--prompt-tokens", "48",
-        "--new-tokens", "32", "--warm-requests", "1", "--chats-per-process", "2", "--workdir", str(tmp_path / "work"),
-        "--json", str(out), "--", "--demo", "--engine", "batch", "--cache-dir", str(tiny_checkpoint.parent),
-        "--max-concurrency", "1", "--queue-size", "1",
-    ])  # fmt: skip
-    report = json.loads(out.read_text())
-    assert code == 0, report
+    report = _run(tmp_path, tiny_checkpoint, ["--doors", "openai", "--chats", "1,3", "--new-tokens", "32",
+                                              "--chats-per-process", "2"], ["--engine", "batch"])  # fmt: skip
     assert report["exit_code"] == 0 and report["app_processes"]["engine"], report["app_processes"]
     one, three = report["scenarios"]
     assert one["door"] == three["door"] == "openai"
@@ -222,15 +222,8 @@ def test_load_test_through_the_raw_gradio_door_counts_refusals_and_pictures(
 ) -> None:
     # One slot and one waiting place: three chats see busy refusals ("Queue is full" at /queue/join, or the app's);
     # a mixed scenario uploads its pictures through /upload as the page does.
-    out = tmp_path / "report.json"
-    code = load_test.main([
-        "--doors", "gradio-raw", "--chats", "1,3", "--mixed", "2", "--image-share", "0.5", "--image-pool", "2",
-        "--requests", "6", "--seconds", "120", "--prompt-tokens", "48", "--new-tokens", "16", "--warm-requests", "1",
-        "--workdir", str(tmp_path / "work"), "--json", str(out),
-        "--", "--demo", "--cache-dir", str(tiny_checkpoint.parent), "--max-concurrency", "1", "--queue-size", "1",
-    ])  # fmt: skip
-    report = json.loads(out.read_text())
-    assert code == 0, report
+    flags = ["--doors", "gradio-raw", "--chats", "1,3", "--mixed", "2", "--image-share", "0.5", "--image-pool", "2"]
+    report = _run(tmp_path, tiny_checkpoint, [*flags, "--new-tokens", "16"], [])
     one, three, mixed = report["scenarios"]
     assert one["door"] == three["door"] == mixed["door"] == "gradio-raw"
     _check_sane(one, 6, 1)
