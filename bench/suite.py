@@ -2,6 +2,7 @@
 
     python -m bench.suite --out $OUT --commit C --plan a    # H200: ~9 min; bench/README.md has the device lines
     python -m bench.suite --out $OUT --commit C --plan b    # H200: ~9 min, a cold start included
+    python -m bench.suite --out $OUT --commit C --plan c    # ~8 min: the engine, then the three doors
     python -m bench.suite --out /tmp/s --cpu --plan a --load-seconds 5    # the plumbing on CPU (tiny model)
 
 Plan a (the baseline and the two doors at 1 and 32 chats):
@@ -22,6 +23,9 @@ same machine):
             profiles.txt, their top functions in the JSON).
 2. inproc   if time is left: the old layout (`--engine batch-inproc`, the engine on a thread of the web server)
             at 32 chats through gradio_client, py-spy on as in load64's profiled run: what the process split bought.
+Plan c (the gradio door's cost, client or server): the matrix's engine section only (1 and 32 streams, no
+`generate`), then the load stage at 1 and 32 chats through gradio_client, `gradio-raw` (gradio's queue protocol
+over httpx, as the page speaks it) and the OpenAI API: issue 12's targets checked for each of the three.
 `oom` (bench.oom_check on the random 4B shape) runs only when named: `--stages oom`.
 
 Each stage is its own process (its GPU memory is gone when it exits; one crash does not end the run), started only
@@ -53,7 +57,8 @@ APP_FLAGS = [
     "--queue-size", "64", "--max-context", "2048", "--max-new-tokens", "256", "--warmup", "quick",
     "--cache-dir", APP_CACHE,
 ]  # fmt: skip
-PLANS = {"a": ("matrix", "load", "greedy"), "b": ("load64", "inproc")}
+PLANS = {"a": ("matrix", "load", "greedy"), "b": ("load64", "inproc"), "c": ("matrix", "load")}
+DOORS_C = "gradio,gradio-raw,openai"  # plan c: which of gradio_client and the server's gradio path costs the door
 STAGES = ("matrix", "load", "greedy", "oom", "load64", "inproc")
 LOAD_STAGES = ("load", "load64", "inproc")
 OPTIONAL = {"greedy", "inproc", "oom"}  # run if time is left; no time is kept for them
@@ -119,7 +124,8 @@ def plan(args: argparse.Namespace) -> list[Stage]:
         small = ["--prompt-tokens", "32", "--new-tokens", "16", "--warm-requests", "1", "--image-pool", "4",
                  "--chats-per-process", "1", "--scenario-overhead-s", "6", "--min-seconds", "3"]  # fmt: skip
         profile = ["--profile-seconds", "3", "--profile-lead-s", "1"]
-        load = [*py, "bench.load_test", "--doors", "gradio,openai", "--chats", "1,2", *small]
+        doors = DOORS_C if args.plan == "c" else "gradio,openai"
+        load = [*py, "bench.load_test", "--doors", doors, "--chats", "1,2", *small]
         load64 = [*py, "bench.load_test", "--doors", "gradio,openai", "--chats", "4", "--mixed", "2", "--image-share",
                   "0.5", "--profile", "2", *small, *profile]  # fmt: skip
         load64_app = _with(app, max_concurrency="4")
@@ -132,8 +138,11 @@ def plan(args: argparse.Namespace) -> list[Stage]:
                   "--slot-tokens", "2048", "--cache-dir", f"{APP_CACHE}/inductor", "--out", str(out / "matrix_bf16.json")]  # fmt: skip
         if generate_runs:
             matrix += ["--generate-runs", str(generate_runs)]
+        if args.plan == "c":
+            matrix[matrix.index("--streams") + 1] = "1,32"
+            matrix += ["--sections", "engine"]
         greedy = [*py, "bench.greedy", "--out", str(out / "greedy_fp32.json")]
-        load = [*py, "bench.load_test", "--doors", "gradio,openai", "--chats", "1,32"]
+        load = [*py, "bench.load_test", "--doors", DOORS_C if args.plan == "c" else "gradio,openai", "--chats", "1,32"]
         load64 = [*py, "bench.load_test", "--doors", "gradio,openai", "--chats", "64", "--mixed", "32", "--profile",
                   "32", "--image-pool", "256"]  # fmt: skip
         load64_app = _with(APP_FLAGS, max_concurrency="64", queue_size="128")
@@ -155,8 +164,8 @@ def plan(args: argparse.Namespace) -> list[Stage]:
 
     scale = 0.2 if args.cpu else 1.0
     stages = {
-        "matrix": Stage("matrix", matrix, 240 * scale, "matrix_bf16.json"),
-        "load": Stage("load", load, load_estimate("load", 4, 0), "load_test.json"),
+        "matrix": Stage("matrix", matrix, (150 if args.plan == "c" else 240) * scale, "matrix_bf16.json"),
+        "load": Stage("load", load, load_estimate("load", 6 if args.plan == "c" else 4, 0), "load_test.json"),
         "greedy": Stage("greedy", greedy, 60 * scale, "greedy_fp32.json"),
         "oom": Stage("oom", oom, 150 * scale, "oom_check.json"),
         "load64": Stage("load64", load64, load_estimate("load64", 4, 2), "load_test_64.json"),
@@ -430,7 +439,7 @@ def print_summary(report: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="folder for the JSON files and logs (the device's $OUT)")
-    ap.add_argument("--plan", choices=sorted(PLANS), default="a", help="a: matrix, load (1, 32 chats), greedy; b: load64, inproc")  # fmt: skip
+    ap.add_argument("--plan", choices=sorted(PLANS), default="a", help="a: matrix, load (1, 32 chats), greedy; b: load64, inproc; c: the engine, then three doors")  # fmt: skip
     ap.add_argument("--stages", help=f"instead of the plan's, in order, from: {', '.join(STAGES)}")
     ap.add_argument("--deadline-s", type=float, default=540.0, help="the whole suite's seconds (default 540)")
     ap.add_argument("--load-seconds", type=float, default=25.0, help="seconds of traffic per load scenario, at most (default 25)")  # fmt: skip
