@@ -64,6 +64,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -255,8 +256,6 @@ class GradioRawChat:
         self.new_conversation()
 
     def new_conversation(self) -> None:
-        import uuid
-
         self.session = uuid.uuid4().hex[:11]
 
     def close(self) -> None:
@@ -290,6 +289,8 @@ class GradioRawChat:
             for line in events.iter_lines():
                 if not line.startswith("data:"):
                     continue
+                if time.monotonic() - started > timeout:  # heartbeats arrive every 15 s even while nothing else does
+                    raise TimeoutError(f"no full answer within {timeout:.0f} s")
                 msg = json.loads(line[5:])
                 kind = msg.get("msg")
                 if kind == "close_stream":
@@ -311,8 +312,6 @@ class GradioRawChat:
                     yield answer
                 if kind == "process_completed":
                     break
-                if time.monotonic() - started > timeout:
-                    raise TimeoutError(f"no full answer within {timeout:.0f} s")
         if isinstance(answer, str) and answer.startswith(WARNING):
             raise Refused(refusal_status(answer), answer)
 

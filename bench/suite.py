@@ -113,6 +113,7 @@ def plan(args: argparse.Namespace) -> list[Stage]:
     py = [sys.executable, "-m"]
     seconds = str(args.load_seconds)
     generate_runs = args.generate_runs or (2 if args.plan == "a" else None)
+    doors = DOORS_C if args.plan == "c" else "gradio,openai"
     if args.cpu:
         model = ["--model", "random-weights:tiny", "--device", "cpu", "--precision", "fp32"]
         matrix = [*py, "bench.matrix", *model, "--streams", "1,2", "--prompt-tokens", "32", "--new-tokens", "8",
@@ -124,7 +125,6 @@ def plan(args: argparse.Namespace) -> list[Stage]:
         small = ["--prompt-tokens", "32", "--new-tokens", "16", "--warm-requests", "1", "--image-pool", "4",
                  "--chats-per-process", "1", "--scenario-overhead-s", "6", "--min-seconds", "3"]  # fmt: skip
         profile = ["--profile-seconds", "3", "--profile-lead-s", "1"]
-        doors = DOORS_C if args.plan == "c" else "gradio,openai"
         load = [*py, "bench.load_test", "--doors", doors, "--chats", "1,2", *small]
         load64 = [*py, "bench.load_test", "--doors", "gradio,openai", "--chats", "4", "--mixed", "2", "--image-share",
                   "0.5", "--profile", "2", *small, *profile]  # fmt: skip
@@ -142,7 +142,7 @@ def plan(args: argparse.Namespace) -> list[Stage]:
             matrix[matrix.index("--streams") + 1] = "1,32"
             matrix += ["--sections", "engine"]
         greedy = [*py, "bench.greedy", "--out", str(out / "greedy_fp32.json")]
-        load = [*py, "bench.load_test", "--doors", DOORS_C if args.plan == "c" else "gradio,openai", "--chats", "1,32"]
+        load = [*py, "bench.load_test", "--doors", doors, "--chats", "1,32"]
         load64 = [*py, "bench.load_test", "--doors", "gradio,openai", "--chats", "64", "--mixed", "32", "--profile",
                   "32", "--image-pool", "256"]  # fmt: skip
         load64_app = _with(APP_FLAGS, max_concurrency="64", queue_size="128")

@@ -48,8 +48,8 @@ def listen_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in bare else socket.AF_INET
     # IPPROTO_TCP, not the default 0: asyncio turns Nagle off (TCP_NODELAY) only on connections whose socket says
     # TCP, and accepted sockets inherit the listener's proto. With Nagle on, each small SSE write after the first
-    # waits for the client's delayed ACK (~40 ms on Linux): gradio's queue messages and streamed tokens arrived in
-    # bunches, and the gradio door's first token came ~45 ms late at 1 chat, ~0.5 s at 32 (bench/RESULTS.md).
+    # waits for the client's delayed ACK (~40 ms on Linux): at 1 chat the gradio door's first token came ~35 ms late
+    # (join to first message 48 -> 14 ms on CPU); at 32 chats on an H100 no change was measured (bench/RESULTS.md).
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # what uvicorn does: no wait after a restart
     try:
