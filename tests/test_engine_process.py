@@ -185,6 +185,7 @@ def test_an_engine_started_early_serves_its_model_and_another_model_replaces_it(
         decoder.start_early(source, "fp32", "cpu")
         decoder.attach(loading.load_front(source, "fp32", "cpu"))
         assert started == [decoder.pid] and decoder.info.source == source
+        assert 0 < decoder.info.imported_at <= decoder.info.loaded_at <= decoder.info.serving_at  # issue 14's stages
         decoder.start_early("random-weights:tiny", "fp32", "cpu")  # not the model attach loads next
         assert not psutil.pid_exists(started[0]) or psutil.Process(started[0]).status() == psutil.STATUS_ZOMBIE
         decoder.attach(loading.load_front(source, "fp32", "cpu"))

@@ -13,7 +13,7 @@ from qwen3vl_webui import precisions
 from qwen3vl_webui.engine.decoders import Decoder, make_decoder
 from qwen3vl_webui.service.admission import Scheduler
 from qwen3vl_webui.service.limits import ContextLimits, Limits
-from qwen3vl_webui.service.timeline import LOADED, LOCATED, SERVING, StartTimeline, decode_progress
+from qwen3vl_webui.service.timeline import IMPORTED, LOADED, LOCATED, SERVING, StartTimeline, decode_progress
 from qwen3vl_webui.telemetry import format_bytes
 from qwen3vl_webui.weights import checkpoints, loading, random_weights
 from qwen3vl_webui.weights.loading import ModelUnavailable
@@ -213,6 +213,8 @@ class ModelManager:
         self._progress(f"Starting the decoder: {decoder.name}…{note}")
         decoder.attach(loaded)  # before "Ready": CUDA graphs are captured here, not on a first chat
         info = getattr(decoder, "info", None)  # the engine process's own stamps (wall clock)
+        if info is not None and getattr(info, "imported_at", 0.0):
+            self.timeline.mark(IMPORTED, at=info.imported_at)
         if info is not None and getattr(info, "loaded_at", 0.0):
             self.timeline.mark(LOADED, at=info.loaded_at, detail=f"{info.load_seconds:.1f} s in the engine process")
         self.timeline.mark(SERVING, at=getattr(info, "serving_at", 0.0) or None, detail=decoder.name)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 log = logging.getLogger("qwen3vl_webui")
 
 # Stage names, in the order a start goes through them (a stage may be skipped: generate compiles nothing).
+IMPORTED = "engine process imported"  # torch and the model's code, in the engine process (started at launch)
 LOCATED = "checkpoint located"  # downloaded, or found in the Hugging Face cache or a local folder
 LOADED = "weights loaded"
 SERVING = "first-serving path ready"  # the decoder can answer (the batch engine: eager decode in CUDA graphs)
@@ -75,7 +76,7 @@ class StartTimeline:
 
 
 def _short(name: str) -> str:
-    return {LOCATED: "located", LOADED: "loaded", SERVING: "serving", READY: "ready", FULL_SPEED: "full speed"}.get(
+    return {IMPORTED: "imported", LOCATED: "located", LOADED: "loaded", SERVING: "serving", READY: "ready", FULL_SPEED: "full speed"}.get(
         name, name
     )
 

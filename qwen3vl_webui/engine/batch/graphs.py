@@ -108,8 +108,13 @@ class DecodeGraphs:
     # ------------------------------------------------------------------ start-up (worker thread)
 
     def prepare(self) -> None:
+        started = time.perf_counter()
         self._prepare_decode()
+        decode_s = time.perf_counter() - started
         self._prepare_prefill()
+        if self.cuda_graphs or self.compile:  # the start-up's two slow stages, apart (issue 14's timeline)
+            log.info("decode steps ready in %.1f s (%s), prefill in %.1f s (%s)", decode_s, self.decode_mode,
+                     self.prefill_warmup_s, "graphs" if self.runner.chunk_graphs is not None else "eager")  # fmt: skip
 
     def _prepare_decode(self) -> None:
         """Compiles (if asked) and warms up every bucket, then captures the graphs: all before the first request."""

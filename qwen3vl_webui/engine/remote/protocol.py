@@ -97,6 +97,7 @@ class EngineInfo:
     pid: int = 0
     loaded_at: float = 0.0  # wall time the weights were loaded (start-up stages, service/timeline.py)
     serving_at: float = 0.0  # wall time the engine could first answer
+    imported_at: float = 0.0  # wall time the engine process had imported torch and the model's code
 
 
 @dataclass(frozen=True)

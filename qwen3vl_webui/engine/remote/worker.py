@@ -32,6 +32,7 @@ from qwen3vl_webui.engine.remote.protocol import (
 )
 
 log = logging.getLogger("qwen3vl_webui.engine")
+_imported_at = 0.0  # wall time the imports were done (the prewarm's, when started with --prewarm)
 
 
 def main() -> int:
@@ -39,8 +40,10 @@ def main() -> int:
     # engine stops, after its drain; from the first line, so a prespawned process waiting for its spec lives too.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    global _imported_at
     if "--prewarm" in sys.argv[1:]:  # started at launch (client.prespawn): the slow imports before the model is known
         prewarm()
+    _imported_at = time.time()
     try:
         spec: dict[str, Any] = pickle.load(sys.stdin.buffer)
     except EOFError:  # the front end exited (or never needed this process)
@@ -115,7 +118,7 @@ def _start(spec: dict[str, Any], channel: Channel) -> tuple[Any, EngineInfo]:
         is_demo=loaded.is_demo, load_seconds=loaded.load_seconds, weights_bytes=loaded.weights_bytes,
         max_batch=engine.max_batch, max_len=engine.max_len, prefix_slots=engine.prefix_slots,
         decode_path=engine.decode_path, note=note, pid=os.getpid(), loaded_at=loaded_at,
-        serving_at=engine.core.serving_at,
+        serving_at=engine.core.serving_at, imported_at=_imported_at,
     )  # fmt: skip
     return engine, info
 
