@@ -34,7 +34,8 @@ flamegraph.pl read them), the top functions per process into the report.
 In a mixed run the figures are also given per kind (`by_kind`: text, image). --budget-s shortens the scenarios
 (down to --min-seconds, then drops the last ones) so that the whole run, start-up included, ends in time.
 
-Doors: `gradio` (gradio_client on `/chat`, the endpoint the browser UI drives), `gradio-raw` (the same `/chat` event
+Doors: `gradio` (gradio_client on `/chat`, the endpoint the browser UI drives), `gradio-noverify` (the same with
+`Client(url, ssl_verify=False)`, as the README advises for a plain http:// URL), `gradio-raw` (the same `/chat` event
 over gradio's queue protocol with plain httpx, as the browser's page speaks it: `POST /queue/join`, then the event
 stream of `/queue/data`, one keep-alive connection per chat; gradio_client instead opens new connections, each with a
 new TLS context of ~30 ms of CPU, for the join, the stream and the heartbeat of every request) and `openai` (`POST
@@ -185,6 +186,20 @@ class GradioDoor:
         from gradio_client import Client
 
         return GradioChat(Client(self.url, verbose=False), self.poll_s)
+
+
+class GradioNoVerifyDoor(GradioDoor):
+    """gradio_client as the README advises for a plain http:// URL: `Client(url, ssl_verify=False)`. The client
+    builds new httpx clients for every request (the join, the event stream, a new session's heartbeat); with
+    verification on, each loads the CA bundle (20-40 ms of CPU on the 2-core VM, bench/RESULTS.md "CPU, session
+    14"), which an http:// URL never uses."""
+
+    name = "gradio-noverify"
+
+    def connect(self) -> GradioChat:
+        from gradio_client import Client
+
+        return GradioChat(Client(self.url, verbose=False, ssl_verify=False), self.poll_s)
 
 
 _TEXT, _TOKENS, _TEMPERATURE = "\x00sentinel text\x00", 4321, 0.123  # values no default has, found in the captured body
@@ -430,7 +445,9 @@ class OpenAIDoor:
         return OpenAIChat(client, self.model)
 
 
-DOORS: dict[str, Any] = {"gradio": GradioDoor, "gradio-raw": GradioRawDoor, "openai": OpenAIDoor}
+DOORS: dict[str, Any] = {
+    "gradio": GradioDoor, "gradio-noverify": GradioNoVerifyDoor, "gradio-raw": GradioRawDoor, "openai": OpenAIDoor
+}  # fmt: skip
 
 
 def load_tokenizer(name: str) -> Any:

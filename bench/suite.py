@@ -2,7 +2,7 @@
 
     python -m bench.suite --out $OUT --commit C --plan a    # H200: ~9 min; bench/README.md has the device lines
     python -m bench.suite --out $OUT --commit C --plan b    # H200: ~9 min, a cold start included
-    python -m bench.suite --out $OUT --commit C --plan c    # ~8 min: the engine, then the three doors
+    python -m bench.suite --out $OUT --commit C --plan c    # ~8 min: the engine, then four doors
     python -m bench.suite --out /tmp/s --cpu --plan a --load-seconds 5    # the plumbing on CPU (tiny model)
 
 Plan a (the baseline and the two doors at 1 and 32 chats):
@@ -24,8 +24,9 @@ same machine):
 2. inproc   if time is left: the old layout (`--engine batch-inproc`, the engine on a thread of the web server)
             at 32 chats through gradio_client, py-spy on as in load64's profiled run: what the process split bought.
 Plan c (the gradio door's cost, client or server): the matrix's engine section only (1 and 32 streams, no
-`generate`), then the load stage at 1 and 32 chats through gradio_client, `gradio-raw` (gradio's queue protocol
-over httpx, as the page speaks it) and the OpenAI API: issue 12's targets checked for each of the three.
+`generate`), then the load stage at 32 and then 1 chat (20 s of traffic each at most) through gradio_client,
+gradio_client with `ssl_verify=False` (no TLS context per request), `gradio-raw` (gradio's queue protocol over
+httpx, as the page speaks it) and the OpenAI API: issue 12's targets checked for each of the four.
 `oom` (bench.oom_check on the random 4B shape) runs only when named: `--stages oom`.
 
 Each stage is its own process (its GPU memory is gone when it exits; one crash does not end the run), started only
@@ -58,7 +59,9 @@ APP_FLAGS = [
     "--cache-dir", APP_CACHE,
 ]  # fmt: skip
 PLANS = {"a": ("matrix", "load", "greedy"), "b": ("load64", "inproc"), "c": ("matrix", "load")}
-DOORS_C = "gradio,gradio-raw,openai"  # plan c: which of gradio_client and the server's gradio path costs the door
+# Plan c: which of gradio_client (and its TLS contexts) and the server's gradio path costs the door.
+DOORS_C = "gradio,gradio-noverify,gradio-raw,openai"
+PLAN_C_SECONDS = 20.0  # traffic per scenario at most: eight scenarios and the engine's figures in one call
 STAGES = ("matrix", "load", "greedy", "oom", "load64", "inproc")
 LOAD_STAGES = ("load", "load64", "inproc")
 OPTIONAL = {"greedy", "inproc", "oom"}  # run if time is left; no time is kept for them
@@ -111,7 +114,8 @@ def plan(args: argparse.Namespace) -> list[Stage]:
     """The stages' commands for this run (the device's, or the tiny CPU plumbing run with --cpu)."""
     out = Path(args.out)
     py = [sys.executable, "-m"]
-    seconds = str(args.load_seconds)
+    load_seconds = min(args.load_seconds, PLAN_C_SECONDS) if args.plan == "c" else args.load_seconds
+    seconds = str(load_seconds)
     generate_runs = args.generate_runs or (2 if args.plan == "a" else None)
     doors = DOORS_C if args.plan == "c" else "gradio,openai"
     if args.cpu:
@@ -142,7 +146,8 @@ def plan(args: argparse.Namespace) -> list[Stage]:
             matrix[matrix.index("--streams") + 1] = "1,32"
             matrix += ["--sections", "engine"]
         greedy = [*py, "bench.greedy", "--out", str(out / "greedy_fp32.json")]
-        load = [*py, "bench.load_test", "--doors", doors, "--chats", "1,32"]
+        # Plan c: 32 chats first (the target the doors miss); --budget-s drops the last scenarios first.
+        load = [*py, "bench.load_test", "--doors", doors, "--chats", "32,1" if args.plan == "c" else "1,32"]
         load64 = [*py, "bench.load_test", "--doors", "gradio,openai", "--chats", "64", "--mixed", "32", "--profile",
                   "32", "--image-pool", "256"]  # fmt: skip
         load64_app = _with(APP_FLAGS, max_concurrency="64", queue_size="128")
@@ -157,15 +162,15 @@ def plan(args: argparse.Namespace) -> list[Stage]:
     inproc += ["--seconds", seconds, "--workdir", "/tmp/qwen3vl-load-inproc", "--json", str(out / "load_test_inproc.json"),
                "--profile-out", str(out / "profiles.txt"), "--", *inproc_app]  # fmt: skip
     overhead = 6 if args.cpu else SCENARIO_OVERHEAD_S
-    profiled = max(args.load_seconds, 6 if args.cpu else 15)  # a profiled scenario's traffic at least
+    profiled = max(load_seconds, 6 if args.cpu else 15)  # a profiled scenario's traffic at least
 
     def load_estimate(name: str, plain: int, profiles: int) -> float:
-        return startup[name] + LOAD_FIXED_S + plain * (args.load_seconds + overhead) + profiles * (profiled + overhead)
+        return startup[name] + LOAD_FIXED_S + plain * (load_seconds + overhead) + profiles * (profiled + overhead)
 
     scale = 0.2 if args.cpu else 1.0
     stages = {
         "matrix": Stage("matrix", matrix, (150 if args.plan == "c" else 240) * scale, "matrix_bf16.json"),
-        "load": Stage("load", load, load_estimate("load", 6 if args.plan == "c" else 4, 0), "load_test.json"),
+        "load": Stage("load", load, load_estimate("load", 8 if args.plan == "c" else 4, 0), "load_test.json"),
         "greedy": Stage("greedy", greedy, 60 * scale, "greedy_fp32.json"),
         "oom": Stage("oom", oom, 150 * scale, "oom_check.json"),
         "load64": Stage("load64", load64, load_estimate("load64", 4, 2), "load_test_64.json"),
@@ -439,7 +444,7 @@ def print_summary(report: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="folder for the JSON files and logs (the device's $OUT)")
-    ap.add_argument("--plan", choices=sorted(PLANS), default="a", help="a: matrix, load (1, 32 chats), greedy; b: load64, inproc; c: the engine, then three doors")  # fmt: skip
+    ap.add_argument("--plan", choices=sorted(PLANS), default="a", help="a: matrix, load (1, 32 chats), greedy; b: load64, inproc; c: the engine, then four doors")  # fmt: skip
     ap.add_argument("--stages", help=f"instead of the plan's, in order, from: {', '.join(STAGES)}")
     ap.add_argument("--deadline-s", type=float, default=540.0, help="the whole suite's seconds (default 540)")
     ap.add_argument("--load-seconds", type=float, default=25.0, help="seconds of traffic per load scenario, at most (default 25)")  # fmt: skip

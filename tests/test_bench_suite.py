@@ -67,9 +67,9 @@ def test_every_device_command_of_plan_b_parses_and_fits_64_chats(tmp_path: Path)
     assert "inproc" in suite.OPTIONAL and "load64" not in suite.OPTIONAL  # the A/B runs if time is left
 
 
-def test_plan_c_runs_the_engine_then_the_three_doors(tmp_path: Path) -> None:
-    # The engine's own figures (no `generate`), then gradio_client, gradio's protocol over httpx and /v1 against one
-    # app: issue 12's targets for each door from one call.
+def test_plan_c_runs_the_engine_then_four_doors(tmp_path: Path) -> None:
+    # The engine's own figures (no `generate`), then gradio_client (with and without its TLS contexts), gradio's
+    # protocol over httpx and /v1 against one app: issue 12's targets for each door from one call, 32 chats first.
     assert suite.PLANS["c"] == ("matrix", "load")
     args = argparse.Namespace(out=str(tmp_path), cpu=False, load_seconds=25.0, generate_runs=None, plan="c",
                               stages=list(suite.PLANS["c"]))  # fmt: skip
@@ -77,7 +77,8 @@ def test_plan_c_runs_the_engine_then_the_three_doors(tmp_path: Path) -> None:
     m = matrix.parse_args(stages["matrix"].command[3:])
     assert m.streams == [1, 32] and m.sections == {"engine"} and m.max_batch == 32
     lt, app_flags = load_test.parse_args(stages["load"].command[3:])
-    assert lt.doors == ["gradio", "gradio-raw", "openai"] and lt.chats == [1, 32] and lt.seconds == 25
+    assert lt.doors == ["gradio", "gradio-noverify", "gradio-raw", "openai"] and lt.chats == [32, 1]
+    assert lt.seconds == 20
     assert app_flags == suite.APP_FLAGS
     assert stages["matrix"].estimate_s + stages["load"].estimate_s <= 540.0  # --deadline-s's default
     # the summary checks the targets for each door
@@ -85,7 +86,7 @@ def test_plan_c_runs_the_engine_then_the_three_doors(tmp_path: Path) -> None:
     rows = [dict(engine="batch", door=d, chats=32, image_chats=0, profiled=False, vs_engine=0.9, ttft_p95_s=0.5)
             for d in lt.doors]  # fmt: skip
     checked = {c["check"].split(":")[0] for c in suite.targets(engine, rows)}
-    assert checked == {"gradio 32 chats", "gradio-raw 32 chats", "openai 32 chats"}, checked
+    assert checked == {f"{door} 32 chats" for door in lt.doors}, checked
 
 
 def test_each_plan_s_required_stages_fit_the_default_deadline_on_paper(tmp_path: Path) -> None:

@@ -43,15 +43,22 @@ def _run(tmp_path: Path, checkpoint: Path, load_flags: list[str], app_flags: lis
 
 
 def test_load_test_drives_the_demo_app_and_counts_answers_and_refusals(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    # One slot and one waiting place: three chats at once must see some "Queue is full" refusals.
-    report = _run(tmp_path, tiny_checkpoint, ["--chats", "1,3", "--new-tokens", "32"], [])
+    # One slot and one waiting place: three chats at once must see some "Queue is full" refusals. gradio_client as
+    # it comes and as the README advises for http:// (ssl_verify=False): the same counts.
+    flags = ["--doors", "gradio,gradio-noverify", "--chats", "1,3", "--new-tokens", "32"]
+    report = _run(tmp_path, tiny_checkpoint, flags, [])
     assert report["tokenizer"] == "tiny" and report["exit_code"] == 0, report
     assert report["startup_s"] >= report["first_answer_s"] > 0
-    one, three = report["scenarios"]
-    _check_sane(one, 6, 1)
-    assert one["ok"] == 6 and one["refused_busy"] == 0  # one chat alone never finds the queue full
-    _check_sane(three, 6, 3)
-    assert three["refused_busy"] >= 1, three
+    scenarios = report["scenarios"]
+    assert [(s["door"], s["chats"]) for s in scenarios] == [
+        ("gradio", 1), ("gradio-noverify", 1), ("gradio", 3), ("gradio-noverify", 3)
+    ]  # fmt: skip
+    for one in scenarios[:2]:
+        _check_sane(one, 6, 1)
+        assert one["ok"] == 6 and one["refused_busy"] == 0  # one chat alone never finds the queue full
+    for three in scenarios[2:]:
+        _check_sane(three, 6, 3)
+        assert three["refused_busy"] >= 1, three
     assert any("Ready: demo model" in line for line in report["server_log"]), report["server_log"]
 
 
