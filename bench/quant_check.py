@@ -33,6 +33,7 @@ HIDDEN, HEADS_DIM, KV_DIM, INTER, LAYERS = 2560, 4096, 1024, 9728, 36
 SHAPES = [("qkv", HEADS_DIM + 2 * KV_DIM, HIDDEN), ("o", HIDDEN, HEADS_DIM), ("gate_up", 2 * INTER, HIDDEN),
           ("down", HIDDEN, INTER)]  # fmt: skip
 ROWS = (1, 16, 32)
+TINYGEMM_TILES = (8, 4, 2)  # aten._convert_weight_to_int4pack's inner_k_tiles: the "configs" of tinygemm
 
 
 QUALITY = ("int8wo", "fp8", "int4", "int4-bnb", "int8")
@@ -47,6 +48,11 @@ PROMPTS = [
     "SELECT customer_id, SUM(amount) AS total FROM orders WHERE created_at >= '2026-01-01' GROUP BY " * 6,
     "In 1969 the Apollo 11 mission landed two astronauts on the Moon. Neil Armstrong stepped out first and " * 6,
 ]
+
+
+def _as_list(cfg: Any) -> list[Any]:
+    """A launch config as JSON: a kernel's config tuple, or tinygemm's inner_k_tiles alone."""
+    return list(cfg) if isinstance(cfg, tuple) else [cfg]
 
 
 def int4_configs(rows: int, n: int = 0, k: int = 0) -> list[Any]:
@@ -78,8 +84,10 @@ def fp8_configs(rows: int) -> list[Any]:
 
 
 def sweep_section(
-    report: dict[str, Any], deadline: float, rows_swept: tuple[int, ...] = ROWS, formats: tuple[str, ...] = ("int4", "fp8")
+    report: dict[str, Any], deadline: float, rows_swept: tuple[int, ...] = ROWS, formats: tuple[str, ...] = ("int4", "fp8"),
+    defaults_only: bool = False,
 ) -> None:
+    """`defaults_only`: int4 and fp8 at the config their kernels pick today (no tuning: seconds, not minutes)."""
     import torch
     import torch.nn.functional as F
 
@@ -90,6 +98,9 @@ def sweep_section(
     for name, n, k in SHAPES:
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(LAYERS)]
         w4 = [int4.quantize_weight(w, 128) for w in ws]
+        refw4 = int4.dequantize_weight(*w4[0])
+        # torch's own W4A16 kernel (tinygemm) on the same quantized weights, one packing per inner_k_tiles
+        tiny = [{t: int4.to_tinygemm(*q, t) for t in TINYGEMM_TILES} for q in w4] if "tinygemm" in formats else []
         w8 = [fp8.quantize_weight(w) for w in ws]
         for rows in rows_swept:
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
@@ -97,9 +108,11 @@ def sweep_section(
             row: dict[str, Any] = dict(name=name, n=n, k=k, rows=rows, bf16_cublas_us=round(cublas_us, 2),
                                        bf16_gb_s=round(2 * n * k / cublas_us / 1e3))  # fmt: skip
             for fmt, cfgs, run, weights, refw, bytes_per in (
-                ("int4", int4_configs(rows, n, k), lambda x, q, cfg: w4a16_triton.w4_matmul(x, *q, 128, cfg), w4,
-                 int4.dequantize_weight(*w4[0]), 0.5 + 3 / 128),
-                ("fp8", fp8_configs(rows), lambda x, q, cfg: fp8_triton.fp8_matmul(x, *q, 128, cfg), w8,
+                ("tinygemm", TINYGEMM_TILES, lambda x, q, cfg: int4.tinygemm_linear(x, *q[cfg], 128), tiny, refw4,
+                 0.5 + 4 / 128),
+                ("int4", int4_configs(rows, n, k)[:1] if defaults_only else int4_configs(rows, n, k), lambda x, q, cfg: w4a16_triton.w4_matmul(x, *q, 128, cfg), w4,
+                 refw4, 0.5 + 3 / 128),
+                ("fp8", [fp8_triton.pick_config(rows, n, k)] if defaults_only else fp8_configs(rows), lambda x, q, cfg: fp8_triton.fp8_matmul(x, *q, 128, cfg), w8,
                  fp8.dequantize_weight(*w8[0]), 1.0),
             ):  # fmt: skip
                 if fmt not in formats:
@@ -113,25 +126,27 @@ def sweep_section(
                         out = run(x, weights[0], cfg)
                         err = float((out.float() - ref).norm() / ref.norm())
                         if not err < 1e-2:
-                            print("wrong", fmt, name, rows, list(cfg), err, flush=True)
+                            print("wrong", fmt, name, rows, _as_list(cfg), err, flush=True)
                             continue
                         us = 1e3 * graph_ms(lambda x=x, cfg=cfg, run=run, weights=weights: [run(x, q, cfg) for q in weights]) / LAYERS
                     except Exception as exc:  # a config triton cannot build (registers, shared memory)
-                        print("config failed", fmt, name, rows, list(cfg), type(exc).__name__, str(exc)[:120], flush=True)
+                        print("config failed", fmt, name, rows, _as_list(cfg), type(exc).__name__, str(exc)[:120], flush=True)
                         continue
-                    tried.append((us, list(cfg)))
+                    tried.append((us, _as_list(cfg)))
                 tried.sort()
                 if tried:
                     us, cfg = tried[0]
                     row[f"{fmt}_us"], row[f"{fmt}_cfg"] = round(us, 2), cfg
                     row[f"{fmt}_gb_s"] = round(bytes_per * n * k / us / 1e3)
                     row[f"{fmt}_vs_cublas"] = round(cublas_us / us, 2)
+                    if fmt == "tinygemm":
+                        continue
                     default = (w4a16_triton if fmt == "int4" else fp8_triton).pick_config(rows, n, k)
                     row[f"{fmt}_default_us"] = next((round(t, 2) for t, c in tried if c == list(default)), None)
                     tuned[fmt][f"{w4a16_triton.row_class(rows)},{n},{k}"] = cfg
             print("sweep", json.dumps(row), flush=True)
             rows_out.append(row)
-        del ws, w4, w8
+        del ws, w4, w8, tiny
         torch.cuda.empty_cache()
     report["sweep"] = rows_out
     report["tuned"] = tuned
@@ -213,7 +228,8 @@ def main() -> None:
     ap.add_argument("--sections", default="sweep,quality")
     ap.add_argument("--sweep-s", type=float, default=200, help="time cap for the sweep")
     ap.add_argument("--rows", default="1,16,32", help="sweep: the row counts (1, 16, 32: the row classes)")
-    ap.add_argument("--formats", default="int4,fp8", help="sweep: int4, fp8 or both")
+    ap.add_argument("--formats", default="int4,fp8", help="sweep: int4, fp8, tinygemm (torch's own W4A16 kernel on the int4 weights), comma list")  # fmt: skip
+    ap.add_argument("--defaults-only", action="store_true", help="sweep: int4 and fp8 at their kernels' picks only")
     ap.add_argument("--model", default="random-weights:4b", help="quality: random-weights:4b or a checkpoint")
     ap.add_argument("--device", default="cuda", help="quality: cuda, or cpu (the tiny checkpoint: plumbing)")
     args = ap.parse_args()
@@ -223,7 +239,7 @@ def main() -> None:
     started = time.monotonic()
     if "sweep" in args.sections:
         rows = tuple(int(r) for r in args.rows.split(","))
-        sweep_section(report, started + args.sweep_s, rows, tuple(args.formats.split(",")))
+        sweep_section(report, started + args.sweep_s, rows, tuple(args.formats.split(",")), args.defaults_only)
     if "quality" in args.sections:
         quality_section(report, args.model, args.device)
     report["seconds"] = round(time.monotonic() - started, 1)

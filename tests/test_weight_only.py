@@ -59,6 +59,27 @@ def test_int4_packing_round_trips_and_quantization_is_within_half_a_step() -> No
     assert int4.group_size_for(2560) == 128 and int4.group_size_for(64) == 64 and int4.group_size_for(200) == 8
 
 
+def test_int4_weights_convert_to_torch_s_own_w4a16_kernel_layout() -> None:
+    # tinygemm (aten._weight_int4pack_mm, its CPU twin here) on `to_tinygemm`'s operands computes the product with
+    # the dequantized weight: (q - 8) * scale + (8 - zero) * scale, the zero term rounded once to bf16.
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 512, generator=gen)
+    qweight, scales, zeros = int4.quantize_weight(w, 128)
+    x = torch.randn(5, 512, generator=gen).to(torch.bfloat16)
+    reference = x.double() @ int4.dequantize_weight(qweight, scales, zeros).double().T
+    for tiles in (2, 4, 8):
+        packed, scales_and_zeros = int4.to_tinygemm(qweight, scales, zeros, tiles)
+        assert scales_and_zeros.shape == (4, 64, 2) and scales_and_zeros.dtype == torch.bfloat16
+        assert torch.equal(scales_and_zeros[:, :, 0], scales.T)
+        got = int4.tinygemm_linear(x.view(1, 5, 512), packed, scales_and_zeros, 128)
+        assert got.shape == (1, 5, 64) and got.dtype == torch.bfloat16
+        err = float((got[0].double() - reference).norm() / reference.norm())
+        assert err < 4e-3, (tiles, err)  # bf16 output and zero term; a wrong nibble order or zero is ~0.1-1
+    swapped = int4.to_tinygemm(qweight, scales, 15 - zeros, 8)  # the zero points matter: a wrong one is far off
+    wrong = int4.tinygemm_linear(x, *swapped, 128).double()
+    assert float((wrong - reference).norm() / reference.norm()) > 0.1
+
+
 def test_fp8_block_scales_cover_ragged_edges_and_stay_within_e4m3_rounding() -> None:
     w = torch.randn(200, 300, generator=torch.Generator().manual_seed(1))
     q, scale_inv = fp8.quantize_weight(w)

@@ -81,6 +81,37 @@ def dequantize_weight(
 
 
 @functools.cache
+def to_tinygemm(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, inner_k_tiles: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This layout -> the operands of torch's own W4A16 kernel (`aten._weight_int4pack_mm`, "tinygemm", the one
+    torchao's int4 weight-only path runs): the weight packed by `aten._convert_weight_to_int4pack` (its CPU twin on a
+    CPU) and bf16 `scales_and_zeros [K/G, N, 2]`. tinygemm dequantizes `(q - 8) * scale + zero_f`, so
+    `zero_f = (8 - zero) * scale`, rounded once to bf16 (at most 1/64 of a quantization step off; the rest exact).
+    CUDA wants K a multiple of 16 x inner_k_tiles (2, 4 or 8) and N of 8; not yet used by `Int4Linear` (issue 13:
+    `bench.quant_check --formats tinygemm` times it against this module's kernels first)."""
+    q = unpack(qweight).to(torch.int32)
+    if q.device.type == "cpu":
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), inner_k_tiles)
+    else:  # even columns in the high nibble (torch >= 2.5's uint8 input)
+        pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8).contiguous()
+        packed = torch.ops.aten._convert_weight_to_int4pack(pairs, inner_k_tiles)
+    scale = scales.to(torch.float32)
+    zero_f = (8.0 - zeros.to(torch.float32)) * scale
+    pairs_sz = torch.stack([scales.to(torch.bfloat16), zero_f.to(torch.bfloat16)], dim=2)
+    return packed, pairs_sz.transpose(0, 1).contiguous()
+
+
+def tinygemm_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int) -> torch.Tensor:
+    """`x @ W.T` through tinygemm (`to_tinygemm`'s operands): bf16 in, bf16 out."""
+    rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+    if x.device.type == "cpu":
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, group, scales_and_zeros)
+    else:
+        out = torch.ops.aten._weight_int4pack_mm(rows, packed, group, scales_and_zeros)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
 def _kernels() -> Any:
     """The Triton kernel module, or None where triton cannot be imported (the torch path is used then)."""
     try:
