@@ -110,7 +110,7 @@ def sweep_section(
             for fmt, cfgs, run, weights, refw, bytes_per in (
                 ("tinygemm", TINYGEMM_TILES, lambda x, q, cfg: int4.tinygemm_linear(x, *q[cfg], 128), tiny, refw4,
                  0.5 + 4 / 128),
-                ("int4", int4_configs(rows, n, k)[:1] if defaults_only else int4_configs(rows, n, k), lambda x, q, cfg: w4a16_triton.w4_matmul(x, *q, 128, cfg), w4,
+                ("int4", [w4a16_triton.pick_config(rows, n, k)] if defaults_only else int4_configs(rows, n, k), lambda x, q, cfg: w4a16_triton.w4_matmul(x, *q, 128, cfg), w4,
                  refw4, 0.5 + 3 / 128),
                 ("fp8", [fp8_triton.pick_config(rows, n, k)] if defaults_only else fp8_configs(rows), lambda x, q, cfg: fp8_triton.fp8_matmul(x, *q, 128, cfg), w8,
                  fp8.dequantize_weight(*w8[0]), 1.0),

@@ -78,6 +78,8 @@ def test_int4_weights_convert_to_torch_s_own_w4a16_kernel_layout() -> None:
     swapped = int4.to_tinygemm(qweight, scales, 15 - zeros, 8)  # the zero points matter: a wrong one is far off
     wrong = int4.tinygemm_linear(x, *swapped, 128).double()
     assert float((wrong - reference).norm() / reference.norm()) > 0.1
+    # the kernels' module is looked up once per process, not on every int4 forward
+    assert int4._kernels.cache_info().currsize <= 1 and not hasattr(int4.to_tinygemm, "cache_info")
 
 
 def test_fp8_block_scales_cover_ragged_edges_and_stay_within_e4m3_rounding() -> None:

@@ -80,7 +80,6 @@ def dequantize_weight(
     return w.reshape(n, k).to(dtype)
 
 
-@functools.cache
 def to_tinygemm(
     qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, inner_k_tiles: int = 8
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,6 +111,7 @@ def tinygemm_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: tor
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
+@functools.cache
 def _kernels() -> Any:
     """The Triton kernel module, or None where triton cannot be imported (the torch path is used then)."""
     try:

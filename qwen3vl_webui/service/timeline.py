@@ -76,9 +76,9 @@ class StartTimeline:
 
 
 def _short(name: str) -> str:
-    return {IMPORTED: "imported", LOCATED: "located", LOADED: "loaded", SERVING: "serving", READY: "ready", FULL_SPEED: "full speed"}.get(
-        name, name
-    )
+    short = {IMPORTED: "imported", LOCATED: "located", LOADED: "loaded", SERVING: "serving", READY: "ready",
+             FULL_SPEED: "full speed"}  # fmt: skip
+    return short.get(name, name)
 
 
 def decode_progress(snap: object) -> str:
