@@ -67,7 +67,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -99,6 +99,7 @@ class Outcome:
     outputs: int = 0  # partial answers received
     detail: str = ""
     image: str = ""  # the picture's file name (image requests)
+    stages: dict[str, float] = field(default_factory=dict)  # the protocol's milestones before the first text, s
 
 
 class Refused(Exception):
@@ -268,6 +269,7 @@ class GradioRawChat:
     def __init__(self, http: Any, template: dict[str, Any]) -> None:
         self.http, self.template = http, template
         self.usage: int | None = None  # the gradio API returns text only
+        self.stages: dict[str, float] = {}
         self.new_conversation()
 
     def new_conversation(self) -> None:
@@ -289,7 +291,9 @@ class GradioRawChat:
         data[t["message_at"]] = {"text": text, "files": [self._upload(image)] if image else []}
         data[t["tokens_at"]], data[t["temperature_at"]] = new_tokens, temperature
         started = time.monotonic()
+        self.stages = stages = {}
         reply = self.http.post(t["join"], json={**t["body"], "data": data, "session_hash": self.session})
+        stages["joined"] = time.monotonic() - started  # gradio queued the event
         if reply.status_code != 200:
             detail = f"HTTP {reply.status_code}: {reply.text[:300]}"
             if reply.status_code == 503 and "Queue is full" in reply.text:
@@ -314,7 +318,10 @@ class GradioRawChat:
                     continue
                 if kind == "unexpected_error":
                     raise RuntimeError(f"unexpected_error: {msg.get('message')}")
+                if kind == "process_starts":  # a worker took the event: the handler runs from here
+                    stages.setdefault("started", time.monotonic() - started)
                 if kind == "process_generating":
+                    stages.setdefault("first_update", time.monotonic() - started)  # maybe a ⏳ status
                     answer = apply_text_diff(answer, msg["output"]["data"][0])
                 elif kind == "process_completed":
                     if not msg.get("success", True):
@@ -371,6 +378,7 @@ class OpenAIChat:
         self.client, self.model = client, model
         self.usage: int | None = None
         self.messages: list[dict[str, Any]] = []
+        self.stages: dict[str, float] = {}
 
     def new_conversation(self) -> None:
         self.messages = []
@@ -390,8 +398,10 @@ class OpenAIChat:
             "ignore_eos": True,  # every answer exactly `new_tokens` long, as with vLLM's benchmarks
         }  # fmt: skip
         started = time.monotonic()
+        self.stages = stages = {}
         answer = ""
         with self.client.stream("POST", "v1/chat/completions", json=body) as response:
+            stages["headers"] = time.monotonic() - started  # the handler began its stream
             if response.status_code != 200:
                 detail = f"HTTP {response.status_code}: {response.read().decode(errors='replace')[:300]}"
                 if response.status_code == 429:
@@ -576,6 +586,7 @@ def one_request(chat: Chat, text: str, image: str | None, options: dict[str, Any
         out.status, out.detail = "error", "empty answer"
         return
     out.status = "ok"
+    out.stages = dict(getattr(chat, "stages", None) or {})
     out.tokens = chat.usage if chat.usage is not None else count_tokens(tokenizer, answer)
     out.ttft_s = first - started if first else None
     out.duration_s = (last or time.monotonic()) - started
@@ -890,9 +901,11 @@ def run_scenario(
     tokenizer_name: str | None = None,
     profiler: Profiler | None = None,
     picture_offset: int = 0,
+    server_metrics: bool = False,
 ) -> dict[str, Any]:
     """`chats` chats through `door` against `url`, bounded by `requests` and `seconds`: on threads of this process
-    (`processes` 1), or spread over `processes` client processes (which load `tokenizer_name` themselves)."""
+    (`processes` 1), or spread over `processes` client processes (which load `tokenizer_name` themselves).
+    `server_metrics`: the app's own figures over the scenario too (GET /metrics before and after: `server`)."""
     with_image = image_chats(chats, image_share) if images else set()
     work = _Work(
         url=url, door=door, poll_s=poll_s, prompt_tokens=prompt_tokens, new_tokens=new_tokens, temperature=temperature,
@@ -906,6 +919,7 @@ def run_scenario(
         go, t0 = threading.Event(), [0.0]
         tickets = _Tickets(requests, float("inf"))
         threads, outcomes = _chat_threads(work, connections, tokenizer, tickets, go, lambda: t0[0])
+        before = _scrape(url) if server_metrics else None
         cpu = _CpuClock(server_pid)
         t0[0] = time.monotonic()
         tickets.stop_at = t0[0] + seconds
@@ -938,6 +952,7 @@ def run_scenario(
             for worker in workers:
                 worker.kill()
             raise RuntimeError(f"a client process failed to start: {failures or 'timed out'}") from None
+        before = _scrape(url) if server_metrics else None
         cpu = _CpuClock(server_pid)
         t0_now = time.monotonic()
         start.value = t0_now
@@ -960,6 +975,8 @@ def run_scenario(
         issued = shared.issued
         client_cpu = sum(spents)
     result = summarize(outcomes, chats, wall, prompt_tokens, new_tokens, issued, cpu.shares(wall, client_cpu))
+    if server_metrics:
+        result["server"] = server_figures(before, _scrape(url), wall)
     if processes > 1:
         result["cpu_cores_busy"]["client_process_max"] = round(max(spents, default=0.0) / max(wall, 1e-9), 2)
     image_requests = [o.image for o in outcomes if o.kind == "image"]
@@ -974,6 +991,31 @@ def run_scenario(
     if profiler:
         result["profile"] = profiler.finish()
     return result
+
+
+def _scrape(url: str) -> Any:
+    """The app's /metrics samples (bench.metrics_scrape), or the error's text: a scenario never fails on it."""
+    from bench.metrics_scrape import scrape
+
+    try:
+        return scrape(url, os.environ.get("QWEN3VL_API_KEY"))[1]
+    except Exception as exc:  # noqa: BLE001 - reported in the result
+        return f"{type(exc).__name__}: {exc}"[:200]
+
+
+def server_figures(before: Any, after: Any, wall: float) -> dict[str, Any]:
+    """What the app measured over a scenario: its TTFT (from the handler's start, the door's queue not counted), the
+    wait for a GPU slot (the prompt's building included), the engine's steps; set beside the client's TTFT, the rest
+    is the door's (its queue, its delivery of the first text)."""
+    from bench.metrics_scrape import summarize as from_metrics
+
+    for samples in (before, after):
+        if isinstance(samples, str):
+            return {"error": samples}
+    full = from_metrics(before, after, wall, [], None)
+    keep = ("output_tokens_per_s", "requests", "engine", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "queue_p50_s",
+            "queue_p90_s", "itl_p50_s", "e2e_p50_s")  # fmt: skip
+    return {k: full[k] for k in keep if k in full}
 
 
 def summarize(
@@ -997,6 +1039,8 @@ def summarize(
     def pct(values: list[float], qs: tuple[int, ...]) -> dict[str, float | None]:
         return {f"p{q}": _round(percentile(values, q)) for q in qs}
 
+    names = sorted({name for o in ok for name in o.stages})
+    stages = {name: pct([o.stages[name] for o in ok if name in o.stages], (50, 95)) for name in names}
     return {
         "chats": chats,
         "issued": len(outcomes) if issued is None else issued,
@@ -1014,6 +1058,8 @@ def summarize(
             "min": _round(min(ttft, default=None)),
             "max": _round(max(ttft, default=None)),
         },
+        # Where the client's wait for its first text went, door by door (GradioRawChat, OpenAIChat: `stages`).
+        **({"stages_s": stages} if stages else {}),
         "chat_tok_s": pct(rates, (5, 50, 95)),
         "chat_end_to_end_tok_s": pct(end_to_end, (5, 50, 95)),
         "total_tok_s": _round(tokens / span if span > 0 else None),
@@ -1229,7 +1275,7 @@ def run(args: argparse.Namespace, app_flags: list[str]) -> dict[str, Any]:
                 url, n, tokenizer, requests=args.requests, seconds=seconds, door=scenario.door, image_share=share,
                 turns=args.turns, request_timeout=args.request_timeout, seed=1 + ordinal,
                 server_pid=server.pid if server else None, processes=math.ceil(n / args.chats_per_process),
-                profiler=profiler, picture_offset=used, **shared,
+                profiler=profiler, picture_offset=used, server_metrics=True, **shared,
             )  # fmt: skip
             used += result["image_requests"]
             ordinal += 1

@@ -279,6 +279,14 @@ def summarize(out: Path) -> dict[str, Any]:
                 cores_other=cores.get("other_children"), cores_client=cores.get("client"),
                 cores_client_process_max=cores.get("client_process_max"), client_processes=s.get("client_processes"),
             )  # fmt: skip
+            server = s.get("server") or {}
+            if server:  # the app's own TTFT (from its handler's start) and slot wait, beside the client's
+                row["server_ttft_p50_p90_s"] = [_r(server.get("ttft_p50_s"), 3), _r(server.get("ttft_p90_s"), 3)]
+                # (its slot wait, vllm:request_queue_time_seconds, is not shown: vLLM's first bucket is 0.3 s wide)
+                row["server_steps_per_s"] = (server.get("engine") or {}).get("steps_per_s")
+                row["server_rows_per_step"] = (server.get("engine") or {}).get("rows_per_step")
+            if s.get("stages_s"):
+                row["client_stages_p50_s"] = {k: _r(v["p50"], 3) for k, v in s["stages_s"].items()}
             for kind, k in s.get("by_kind", {}).items():
                 row[f"{kind}_ttft_p50_p95_s"] = [_r(k["ttft_s"]["p50"], 3), _r(k["ttft_s"]["p95"], 3)]
                 row[f"{kind}_ok"] = k["ok"]
@@ -412,6 +420,10 @@ def print_summary(report: dict[str, Any]) -> None:
             print(f"  {s['engine']:>12} {s['door']:>10} {label:>9} {s['ok']:>4} {s['refused']:>3} {s['errors']:>3} "
                   f"{s['short_answers']!s:>5} {s['total_tok_s']!s:>7} {s['vs_engine']!s:>6} {ttft:>18} "
                   f"{s['chat_tok_s_p50']!s:>8} {cores:>22}")  # fmt: skip
+            if s.get("server_ttft_p50_p90_s") or s.get("client_stages_p50_s"):
+                print(f"  {'':>12} {'':>10} first token: client stages p50 {s.get('client_stages_p50_s')}; server TTFT "
+                      f"p50/p90 {s.get('server_ttft_p50_p90_s')}; "
+                      f"{s.get('server_steps_per_s')} steps/s x {s.get('server_rows_per_step')} rows")  # fmt: skip
             if s["image_chats"]:
                 print(f"  {'':>12} {'':>10} TTFT p50/p95 text {s.get('text_ttft_p50_p95_s')} image {s.get('image_ttft_p50_p95_s')}")  # fmt: skip
         print(

@@ -85,6 +85,14 @@ def test_load_test_drives_the_demo_app_through_the_openai_door_with_its_engine_p
         assert cores["engine"] > 0 and cores["engine_pids"] == [report["app_processes"]["engine"]], cores
         assert cores["server_children"] >= cores["engine"] and cores["server"] > 0, cores
     assert "client_process_max" in three["cpu_cores_busy"]
+    # The app's own figures over each scenario (GET /metrics before and after): the answers it finished, counted by
+    # its finish reason, and its TTFT; the client's wait for the response's headers comes before its first text.
+    server = one["server"]
+    assert server["requests"]["length"] == one["ok"] == 6 and server["output_tokens_per_s"] > 0, server
+    assert server["ttft_p50_s"] > 0 and server["engine"]["decode_steps"] > 0, server
+    ok = [r for r in one["requests"] if r["status"] == "ok"]
+    assert all(0 < r["stages"]["headers"] <= r["ttft_s"] for r in ok), ok
+    assert set(one["stages_s"]) == {"headers"}
 
 
 def test_stacks_summary_and_the_budget_arithmetic() -> None:
@@ -235,6 +243,12 @@ def test_load_test_through_the_raw_gradio_door_counts_refusals_and_pictures(
     assert one["door"] == three["door"] == mixed["door"] == "gradio-raw"
     _check_sane(one, 6, 1)
     assert one["ok"] == 6 and one["refused_busy"] == 0
+    # The protocol's milestones before the first text: the join answered, a worker took the event, its first update.
+    ok = [r for r in one["requests"] if r["status"] == "ok"]
+    assert all(0 < r["stages"]["joined"] <= r["stages"]["started"] <= r["stages"]["first_update"] <= r["ttft_s"]
+               for r in ok), ok  # fmt: skip
+    assert set(one["stages_s"]) == {"joined", "started", "first_update"}
+    assert one["server"]["requests"]["stop"] + one["server"]["requests"]["length"] == 6, one["server"]
     _check_sane(three, 6, 3)
     assert three["refused_busy"] >= 1, three
     busy = [r["detail"] for r in three["requests"] if r["status"] == "refused_busy"]
