@@ -1004,17 +1004,26 @@ def _scrape(url: str) -> Any:
 
 
 def server_figures(before: Any, after: Any, wall: float) -> dict[str, Any]:
-    """What the app measured over a scenario: its TTFT (from the handler's start, the door's queue not counted), the
-    wait for a GPU slot (the prompt's building included), the engine's steps; set beside the client's TTFT, the rest
-    is the door's (its queue, its delivery of the first text)."""
+    """What the app measured over a scenario: its TTFT (the service's arrival to the first token), the wait for a GPU
+    slot (the prompt's building included), the engine's steps, and the door's own times from the HTTP request's
+    arrival (`door_start`: to the handler's start; `door_first_text`: to the first text handed to the door); set
+    beside the client's TTFT, the rest is the network and the client's."""
     from bench.metrics_scrape import summarize as from_metrics
 
     for samples in (before, after):
         if isinstance(samples, str):
             return {"error": samples}
+    from bench.metrics_scrape import quantile
+
     full = from_metrics(before, after, wall, [], None)
+    for key, name in (("door_start", "qwen3vl:frontdoor_handler_start_seconds"),
+                      ("door_first_text", "qwen3vl:frontdoor_first_text_seconds")):  # fmt: skip
+        for q in (0.5, 0.9):  # one door runs a scenario: the sum over the door label is that door's
+            value = quantile(before, after, name, q)
+            full[f"{key}_p{int(q * 100)}_s"] = None if value is None else round(value, 4)
     keep = ("output_tokens_per_s", "requests", "engine", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "queue_p50_s",
-            "queue_p90_s", "itl_p50_s", "e2e_p50_s")  # fmt: skip
+            "queue_p90_s", "itl_p50_s", "e2e_p50_s", "door_start_p50_s", "door_start_p90_s", "door_first_text_p50_s",
+            "door_first_text_p90_s")  # fmt: skip
     return {k: full[k] for k in keep if k in full}
 
 

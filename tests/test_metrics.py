@@ -459,3 +459,38 @@ def test_the_bench_scraper_reads_the_engine_schedule() -> None:
     assert engine == {"decode_steps": 200, "steps_per_s": 100.0, "rows_per_step": 25.0,
                       "prefill_forwards": {"graphed": 20, "batched": 4}}  # (5,032 - 32 first tokens) / 200 steps
     assert "engine" not in metrics_scrape.summarize({}, {}, 2.0, [], None)
+
+
+def test_each_front_door_reports_its_own_share_of_the_first_text(demo_app_server: tuple[Any, str]) -> None:
+    # The door's own times, from the HTTP request's arrival (the outermost middleware's stamp): to the handler's start
+    # and to the first text it hands on, for the page's gradio queue (the raw protocol, as the page speaks it) and for
+    # a streamed API answer; a whole (non-streamed) answer starts a handler but sends no first text early.
+    from bench import load_test
+
+    _, url = demo_app_server
+    start, first = "qwen3vl:frontdoor_handler_start_seconds", "qwen3vl:frontdoor_first_text_seconds"
+    before = scrape(url)
+    chat = load_test.GradioRawDoor(url, 0.0).connect()
+    try:
+        assert list(chat.stream("Name the colours you see.", None, 6, 0.0, 120))
+    finally:
+        chat.close()
+    body = {"model": "qwen3vl-demo", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 6,
+            "ignore_eos": True, "stream": True}  # fmt: skip
+    with httpx.stream("POST", url + "v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200 and any(line.startswith("data: ") for line in r.iter_lines())
+    r = httpx.post(url + "v1/chat/completions", json={**body, "stream": False}, timeout=60)
+    assert r.status_code == 200, r.text
+    after = scrape(url)
+
+    def added(name: str, suffix: str, door: str) -> float:
+        return value(after, name + suffix, door=door) - value(before, name + suffix, door=door)
+
+    assert added(start, "_count", "gradio") == 1 and added(first, "_count", "gradio") == 1
+    assert added(start, "_count", "api") == 2 and added(first, "_count", "api") == 1
+    for door in ("gradio", "api"):
+        assert 0 < added(start, "_sum", door) and 0 < added(first, "_sum", door) < 60, door
+    # the gradio request's first text comes after its handler started (one request: the sums are its times)
+    assert added(first, "_sum", "gradio") >= added(start, "_sum", "gradio")
+    cumulative = [v for (n, ls), v in after.items() if n == first + "_bucket" and ("door", "gradio") in ls]
+    assert cumulative == sorted(cumulative) and len(cumulative) > 10

@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from qwen3vl_webui.service.metrics import ARRIVED
+
 if TYPE_CHECKING:
     from qwen3vl_webui.config import Settings
     from qwen3vl_webui.server.uploads import UploadSweeper
@@ -382,6 +384,20 @@ async def _answer(send: Any, status: int, detail: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class Arrival:
+    """ASGI middleware, outermost: stamps each HTTP request's arrival into its scope's state, where a handler finds it
+    through its request (`arrived_at`) to say how long the door took before and after it (service/metrics.DoorMetrics).
+    gradio keeps the `/queue/join` request in the event, so the chat handler gets that request's stamp."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            scope.setdefault("state", {})[ARRIVED] = time.monotonic()
+        await self.app(scope, receive, send)
+
+
 class UploadNudge:
     """ASGI middleware: after each upload, asks the sweeper for a sweep (it runs at most once a second)."""
 
@@ -463,7 +479,8 @@ class FrontDoor:
         if s.event_rate_limit and not s.local_only:
             self.http.add_middleware(EventRateLimit, limiter=self.events)
         if credentials:  # without a login, gradio's /login only redirects: nothing to guess
-            self.http.add_middleware(LoginRateLimit, limiter=self.limiter)  # outermost: refused before anything runs
+            self.http.add_middleware(LoginRateLimit, limiter=self.limiter)  # refused before anything runs
+        self.http.add_middleware(Arrival)  # outermost: the door's own time counts from here
         self.server: Any = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

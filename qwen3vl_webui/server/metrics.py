@@ -39,6 +39,12 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "vllm:inter_token_latency_seconds": ("histogram", "Histogram of inter-token latency in seconds."),
     "vllm:e2e_request_latency_seconds": ("histogram", "Histogram of e2e request latency in seconds."),
     "vllm:request_queue_time_seconds": ("histogram", "Histogram of time spent in WAITING phase for request."),
+    "qwen3vl:frontdoor_handler_start_seconds": (
+        "histogram", "From a chat's HTTP request reaching the server to its handler's start, by front door."
+    ),
+    "qwen3vl:frontdoor_first_text_seconds": (
+        "histogram", "From a chat's HTTP request reaching the server to its first text handed to the door, by door."
+    ),
     "qwen3vl:gpu_memory_used_bytes": ("gauge", "GPU memory in use on the card, every process (NVML)."),
     "qwen3vl:gpu_memory_total_bytes": ("gauge", "GPU memory of the card (NVML)."),
     "qwen3vl:torch_memory_bytes": ("gauge", "The model process's torch allocator: allocated, reserved, peak."),
@@ -134,6 +140,10 @@ class ServingCollector:
             ("vllm:request_queue_time_seconds", totals.queue),
         ):
             yield _histogram(name, histogram, labels, values)
+        doors = s.door_metrics.totals()
+        for name, key in (("qwen3vl:frontdoor_handler_start_seconds", "start"),
+                          ("qwen3vl:frontdoor_first_text_seconds", "first_text")):  # fmt: skip
+            yield _histograms(name, doors[key], [*labels, "door"], values)
         yield from self._own(family, load.engine)
 
     def _own(self, family: Callable[..., Any], engine: Any) -> Iterator[Any]:
@@ -207,6 +217,17 @@ def _histogram(name: str, histogram: Histogram, labels: list[str], values: list[
     metric = HistogramMetricFamily(name, FAMILIES[name][1], labels=labels)
     buckets = [("+Inf" if math.isinf(bound) else repr(float(bound)), count) for bound, count in histogram.cumulative()]
     metric.add_metric(values, buckets, histogram.total)
+    return metric
+
+
+def _histograms(name: str, by_label: dict[str, Histogram], labels: list[str], values: list[str]) -> Any:
+    """One family, one histogram per value of its last label."""
+    from prometheus_client.core import HistogramMetricFamily
+
+    metric = HistogramMetricFamily(name, FAMILIES[name][1], labels=labels)
+    for label, histogram in by_label.items():
+        buckets = [("+Inf" if math.isinf(b) else repr(float(b)), n) for b, n in histogram.cumulative()]
+        metric.add_metric([*values, label], buckets, histogram.total)
     return metric
 
 

@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from qwen3vl_webui.conversation import Turn, UserMessage
 from qwen3vl_webui.server.media_urls import MediaRefused, save_media
+from qwen3vl_webui.service.metrics import arrived_at
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,8 @@ def build_router(service: Any, config: ApiConfig, media_folder: Callable[[], Pat
         from qwen3vl_webui.service.admission import Client
 
         client = Client(request.client.host if request.client else "unknown", exempt=config.local_only)
+        arrived = arrived_at(request)
+        service.door_metrics.started("api", arrived)  # the body read, parsed and its media checked
         run = _Run(service, chat, client)
         # Until a stream's first chunk (its response watches the connection from then on) or a whole answer, nothing
         # else reads the connection: a client that gives up (a timeout, Ctrl-C) would keep its GPU slot to the end.
@@ -130,6 +133,8 @@ def build_router(service: Any, config: ApiConfig, media_folder: Callable[[], Pat
             return refuse(exc)
         finally:
             watch.cancel()
+        if first[0] == "text":  # the first chunks go out now (a stream's; a whole answer's first text is not sent)
+            service.door_metrics.first("api", arrived)
         chunks = _stream(run, first, rid, created, name, options["include_usage"], chat.sampling.max_new_tokens)
         return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

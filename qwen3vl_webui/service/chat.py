@@ -34,7 +34,15 @@ from qwen3vl_webui.service.limits import Limits
 from qwen3vl_webui.service.longdoc import LongDocuments, has_documents
 from qwen3vl_webui.service.longvideo import LongVideos, long_video
 from qwen3vl_webui.service.manager import ModelManager, SwitchRefused, SwitchReport
-from qwen3vl_webui.service.metrics import CostView, LoadHistory, MonotonicTotal, RequestMetrics, Sample, cost_view
+from qwen3vl_webui.service.metrics import (
+    CostView,
+    DoorMetrics,
+    LoadHistory,
+    MonotonicTotal,
+    RequestMetrics,
+    Sample,
+    cost_view,
+)
 from qwen3vl_webui.service.prompt import ChatRequest, MediaCache, RequestTimedOut, TurnCounts, build_prompt
 from qwen3vl_webui.telemetry import (
     GenerationStats,
@@ -183,6 +191,7 @@ class ChatService:
         self._draining = threading.Event()
         # /metrics and the panel's plots and cost (service/metrics.py)
         self.metrics = RequestMetrics()
+        self.door_metrics = DoorMetrics()  # the front doors' own share of a chat's first-token wait
         self.gpu_hourly_cost = gpu_hourly_cost
         self.started_at = time.monotonic()
         self.history = LoadHistory(self._sample)

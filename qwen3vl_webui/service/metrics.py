@@ -18,6 +18,10 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
                    480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+# The front doors' own latencies (handler start, first text): finer than vLLM's TTFT bounds where a door's costs lie.
+DOOR_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+                30.0, 120.0)  # fmt: skip
+DOORS = ("gradio", "api")  # the page and gradio's API (one queue), the OpenAI-compatible API
 # vLLM's FinishReason strings (stop, length, abort) and the "error" newer vLLMs add.
 FINISH_REASONS = ("stop", "length", "abort", "error")
 # Why a request was refused before it ran: the admission's wait line was full ("busy"), the client had its share
@@ -60,6 +64,54 @@ class Histogram:
 
     def copy(self) -> Histogram:
         return Histogram(self.bounds, list(self.counts), self.total, self.count)
+
+
+ARRIVED = "qwen3vl_arrived"  # the ASGI scope's state key of a request's arrival (server/frontdoor.Arrival)
+
+
+def arrived_at(request: object) -> float | None:
+    """The arrival stamp of a FastAPI/Starlette request or of a gradio `gr.Request` (None where there is none)."""
+    # Through __dict__ only: gr.Request's __getattr__ would JSON-copy whatever it forwards (the whole scope).
+    attrs = getattr(request, "__dict__", {})
+    inner = attrs.get("request", request)  # a gr.Request holds the join's Starlette request
+    scope = getattr(inner, "__dict__", {}).get("scope")
+    if not isinstance(scope, dict):
+        return None
+    value = (scope.get("state") or {}).get(ARRIVED)
+    return value if isinstance(value, float) else None
+
+
+class DoorMetrics:
+    """Where a chat's wait for its first text goes before and after the service, per front door: from the HTTP
+    request's arrival at the server (the ASGI middleware's stamp, server/frontdoor.py) to the handler's first line
+    (`start`: gradio's queue and its event plumbing; the API's body parsing and media checks), and to the first text
+    handed to the door's transport (`first_text`). Beside vLLM's TTFT (the service's arrival to the first token) they
+    say how much of a client's wait is the door's."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.start = {door: Histogram(DOOR_BUCKETS) for door in DOORS}
+        self.first_text = {door: Histogram(DOOR_BUCKETS) for door in DOORS}
+
+    def started(self, door: str, arrived: float | None, now: float | None = None) -> None:
+        """`arrived`: time.monotonic() of the request's arrival (None: not stamped, nothing observed)."""
+        self._observe(self.start, door, arrived, now)
+
+    def first(self, door: str, arrived: float | None, now: float | None = None) -> None:
+        self._observe(self.first_text, door, arrived, now)
+
+    def _observe(self, table: dict[str, Histogram], door: str, arrived: float | None, now: float | None) -> None:
+        if arrived is None or door not in table:
+            return
+        elapsed = max(0.0, (time.monotonic() if now is None else now) - arrived)
+        with self._lock:
+            table[door].observe(elapsed)
+
+    def totals(self) -> dict[str, dict[str, Histogram]]:
+        """{"start": {door: copy}, "first_text": {door: copy}}."""
+        with self._lock:
+            return {"start": {d: h.copy() for d, h in self.start.items()},
+                    "first_text": {d: h.copy() for d, h in self.first_text.items()}}  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from qwen3vl_webui.service.admission import Busy, Cancelled, Client
 from qwen3vl_webui.service.chat import ChatService, ShuttingDown, Waiting
 from qwen3vl_webui.service.longdoc import Reading
 from qwen3vl_webui.service.manager import SwitchRefused
+from qwen3vl_webui.service.metrics import arrived_at
 from qwen3vl_webui.service.prompt import ChatRequest, RequestTimedOut
 from qwen3vl_webui.ui import gradio_compat
 from qwen3vl_webui.ui.panels import format_panel, format_status, plain_markdown
@@ -142,6 +143,9 @@ class Handlers:
         `request` is filled in by gradio (the session, the client's address, the logged-in user).
         """
         session = getattr(request, "session_hash", None)
+        arrived = arrived_at(request)  # the /queue/join's arrival: gradio's queue and plumbing took the time since
+        doors = self.service.door_metrics
+        doors.started("gradio", arrived)
         context: History | None = None
         chat: ChatRequest | None = None
         shown: str | None = None  # the last answer text streamed: what the client will show
@@ -170,6 +174,8 @@ class Handlers:
                     if now - last < self.stream_interval():
                         held = item  # a newer text replaces it before the browser would have drawn it
                         continue
+                    if shown is None:
+                        doors.first("gradio", arrived)
                     held, last, shown = None, now, item
                     yield item
                 if held is not None:
