@@ -554,3 +554,82 @@ def test_a_failed_regional_compile_gives_way_to_the_whole_steps(
         assert {n: list(s) for n, s in streams.items()} == expected
     said = [r.getMessage() for r in caplog.records if "regional compile" in r.getMessage()]
     assert len(said) == 1 and "compiling the whole step instead" in said[0], said
+
+
+def _fake_triton_cache(root: Path) -> dict[str, bytes]:
+    """A Triton cache with one entry of ours (split-KV attention's partials) and one of another program's."""
+    files = {
+        "abcdef0123456789ABCD/__grp__split_kv_partials.json": b'{"child_paths": {}}',
+        "abcdef0123456789ABCD/split_kv_partials.cubin": np.random.default_rng(1).bytes(3000),
+        "abcdef0123456789ABCD/split_kv_partials.json": b'{"name": "split_kv_partials"}',
+        "ZZZZdef0123456789XYZ/__grp__someone_elses_kernel.json": b"{}",
+        "ZZZZdef0123456789XYZ/someone_elses_kernel.cubin": b"not ours",
+    }
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return files
+
+
+def test_our_kernels_builds_travel_with_the_artifacts_and_never_overwrite(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # What the engine's first-serving path would otherwise build before its first answer (5.4 s on an H200): packed
+    # after a compile, unpacked into an empty Triton cache at the next start; another program's entries stay home.
+    assert {"split_kv_partials", "combine_splits", "_gemv_kernel", "_tile_kernel"} <= artifacts.kernel_names()
+    key = {"kind": "triton kernels", "gpu": "NVIDIA H200 (sm_90, CUDA 13.0)", "torch": "2.11", "triton": "3.6"}
+    files = _fake_triton_cache(tmp_path / "made")
+    caplog.set_level(logging.INFO)
+    assert artifacts.load_kernels(tmp_path / "compiled", key, tmp_path / "fresh") == "absent"
+    path = artifacts.save_kernels(tmp_path / "compiled", key, tmp_path / "made")
+    assert path is not None and path.name.startswith(artifacts.KERNELS_PREFIX)
+    assert artifacts.read_header(path)[0]["entries"] == {"triton entries": 1}
+    assert artifacts.load_kernels(tmp_path / "compiled", key, tmp_path / "fresh") == "loaded"
+    got = {str(p.relative_to(tmp_path / "fresh")): p.read_bytes() for p in (tmp_path / "fresh").rglob("*") if p.is_file()}
+    assert got == {k: v for k, v in files.items() if k.startswith("abcdef")}
+    mine = tmp_path / "fresh" / "abcdef0123456789ABCD" / "split_kv_partials.json"
+    mine.write_bytes(b"built here")  # a build already in the cache is never replaced
+    caplog.clear()
+    assert artifacts.load_kernels(tmp_path / "compiled", key, tmp_path / "fresh") == "loaded"
+    assert mine.read_bytes() == b"built here"
+    assert [r.getMessage() for r in caplog.records][-1].endswith("(0 files new)")
+    # another GPU's file is not this one's (each GPU and version set has its own file name)
+    other = {**key, "gpu": "NVIDIA L4 (sm_89, CUDA 13.0)"}
+    assert artifacts.kernels_path_for(tmp_path / "compiled", other) != path
+    assert artifacts.load_kernels(tmp_path / "compiled", other, tmp_path / "l4") == "absent"
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "path outside an entry", "another setup"])
+def test_a_damaged_or_hostile_kernels_file_is_ignored_and_writes_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    import io
+    import tarfile
+
+    key = {"kind": "triton kernels", "gpu": "NVIDIA H200 (sm_90, CUDA 13.0)", "torch": "2.11", "triton": "3.6"}
+    _fake_triton_cache(tmp_path / "made")
+    path = artifacts.save_kernels(tmp_path / "compiled", key, tmp_path / "made")
+    assert path is not None
+    if damage == "flipped byte":
+        data = bytearray(path.read_bytes())
+        data[-100] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif damage == "path outside an entry":  # a valid header and checksum around a tar naming ../
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for name in ("abcdef0123456789ABCD/ok.json", "abcdef0123456789ABCD/../../escaped.txt"):
+                info = tarfile.TarInfo(name)
+                info.size = 2
+                tar.addfile(info, io.BytesIO(b"hi"))
+        artifacts._write(path, key, buffer.getvalue(), {})
+    else:  # this setup's file name, another setup's file (a copy renamed by hand)
+        artifacts._write(path, {**key, "triton": "3.4"}, path.read_bytes(), {})
+    caplog.set_level(logging.INFO)
+    assert artifacts.load_kernels(tmp_path / "compiled", key, tmp_path / "cache" / "triton") == "ignored"
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1 and lines[0].startswith(f"kernel builds: ignoring {path}"), lines
+    reason = {"flipped byte": "damaged", "path outside an entry": "not a Triton cache file",
+              "another setup": "differs in triton"}  # fmt: skip
+    assert reason[damage] in lines[0]
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.*"))
+    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "cache" / "escaped.txt").exists()

@@ -8,14 +8,22 @@ every entry there and compiles nothing (dynamo still traces the Python, seconds,
 One file per setup, named after a hash of its key: GPU, torch, triton and transformers versions, precision, the
 model's config and the engine options that shape the compiled step. A file that is not ours, damaged, made for
 another setup or refused by torch is ignored with one log line: the engine then compiles as if it were not there.
+
+Beside it, one file per GPU and torch/triton versions holds the JIT builds of our own Triton kernels (split-KV
+attention, the GEMVs, W4A16, FP8: `kernels/*_triton.py`), which no torch cache covers and which the engine's
+first-serving path builds before its first answer (5.4 s of its 9.5 s on an H200, bench/RESULTS.md, session 16):
+`load_kernels` unpacks them into Triton's cache before the engine starts, `save_kernels` packs them after a compile.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
+import re
+import tarfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,8 +35,13 @@ log = logging.getLogger(__name__)
 MAGIC = b"QWEN3VL-COMPILE-ARTIFACTS\n"
 FORMAT = 1
 PREFIX = "decode-"
+KERNELS_PREFIX = "kernels-"
 SUFFIX = ".artifacts"
 _HEADER_MAX = 64 * 1024
+KERNELS_MAX_BYTES = 256 * 1024 * 1024  # a Triton cache past this is not ours alone: not packed
+_KERNELS_DIR = Path(__file__).resolve().parents[2] / "kernels"
+# A Triton cache entry: <hash>/<file>, one level, plain names (what Triton writes; anything else is refused).
+_ENTRY = re.compile(r"^[A-Za-z0-9_=-]{8,128}/[A-Za-z0-9_.=-]{1,200}$")
 
 
 def setup_key(loaded: Any, engine: dict[str, Any]) -> dict[str, str]:
@@ -108,13 +121,7 @@ def load(folder: str | os.PathLike[str], key: dict[str, str]) -> str:
         return "absent"
     try:
         _check_owner(path)
-        header, offset = read_header(path)
-        if header["key"] != key:
-            raise ValueError(f"made for another setup (it differs in {', '.join(_differing(header['key'], key))})")
-        payload = path.read_bytes()[offset:]
-        if len(payload) != header.get("bytes") or hashlib.sha256(payload).hexdigest() != header.get("sha256"):
-            raise ValueError("damaged (its checksum does not match)")
-        info = _populate(payload)
+        info = _populate(_read_verified(path, key))
     except Exception as exc:  # whatever is wrong with the file, the engine compiles as if it were not there
         log.warning("compile artifacts: ignoring %s: %s; compiling instead", path, _one_line(exc))
         return "ignored"
@@ -159,24 +166,141 @@ def save(folder: str | os.PathLike[str], key: dict[str, str]) -> Path | None:
             log.info("compile artifacts: nothing to save (the compile left no cache entries)")
             return None
         payload, info = result
-        header = {
-            "format": FORMAT,
-            "key": key,
-            "bytes": len(payload),
-            "sha256": hashlib.sha256(payload).hexdigest(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "entries": {kind: len(keys) for kind, keys in getattr(info, "artifacts", {}).items()},
-        }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + payload)
-        os.replace(tmp, path)
+        _write(path, key, payload, {kind: len(keys) for kind, keys in getattr(info, "artifacts", {}).items()})
     except Exception as exc:
         log.warning("compile artifacts: could not save to %s: %s", path, _one_line(exc))
         return None
     log.info("compile artifacts: saved %s (%.1f MB)", path, len(payload) / 1e6)
     return path
+
+
+# ------------------------------------------------------------------ our own Triton kernels' builds
+
+
+def kernel_names() -> set[str]:
+    """The names of our @triton.jit functions (read from kernels/*.py, no import): a Triton cache entry is ours
+    when it has a `__grp__<name>.json` for one of them."""
+    names: set[str] = set()
+    for path in sorted(_KERNELS_DIR.glob("*.py")):
+        jit = False
+        for line in path.read_text().splitlines():
+            if line.startswith("@triton.jit"):
+                jit = True
+            elif jit and line.startswith("def "):
+                names.add(line[4:].split("(", 1)[0].strip())
+                jit = False
+    return names
+
+
+def kernels_key(loaded: Any) -> dict[str, str]:
+    """What our kernels' builds depend on besides their source (which Triton hashes into each entry's name)."""
+    key = setup_key(loaded, {})
+    return {"kind": "triton kernels", **{name: key[name] for name in ("gpu", "torch", "triton")}}
+
+
+def kernels_path_for(folder: str | os.PathLike[str], key: dict[str, str]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(folder) / f"{KERNELS_PREFIX}{digest}{SUFFIX}"
+
+
+def triton_cache_dir() -> Path:
+    """The Triton JIT cache in effect: $TRITON_CACHE_DIR (the engine sets it, compiled.use_kernel_cache_dir), else
+    Triton's default."""
+    if os.environ.get("TRITON_CACHE_DIR"):
+        return Path(os.environ["TRITON_CACHE_DIR"])
+    return Path.home() / ".triton" / "cache"
+
+
+def save_kernels(folder: str | os.PathLike[str], key: dict[str, str], cache: Path | None = None) -> Path | None:
+    """Packs the entries of Triton's cache that hold our kernels into one file; None if there are none (or on a
+    failure, logged in one line)."""
+    cache = triton_cache_dir() if cache is None else cache
+    path = kernels_path_for(folder, key)
+    try:
+        names = kernel_names()
+        entries = sorted(d for d in cache.iterdir() if d.is_dir() and any(
+            (d / f"__grp__{name}.json").is_file() for name in names
+        )) if cache.is_dir() else []  # fmt: skip
+        if not entries:
+            log.info("kernel builds: none of ours in %s to save", cache)
+            return None
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for entry in entries:
+                for file in sorted(entry.iterdir()):
+                    name = f"{entry.name}/{file.name}"
+                    if file.is_file() and not file.is_symlink() and _ENTRY.match(name):
+                        tar.add(file, arcname=name, recursive=False)
+        payload = buffer.getvalue()
+        if len(payload) > KERNELS_MAX_BYTES:
+            log.info("kernel builds: %.0f MB in %s, over the %d MB cap; not saved", len(payload) / 1e6, cache,
+                     KERNELS_MAX_BYTES // 2**20)  # fmt: skip
+            return None
+        _write(path, key, payload, {"triton entries": len(entries)})
+    except Exception as exc:
+        log.warning("kernel builds: could not save to %s: %s", path, _one_line(exc))
+        return None
+    log.info("kernel builds: saved %d Triton cache entries to %s (%.1f MB)", len(entries), path, len(payload) / 1e6)
+    return path
+
+
+def load_kernels(folder: str | os.PathLike[str], key: dict[str, str], cache: Path | None = None) -> str:
+    """Unpacks this GPU's kernel builds into Triton's cache (never over a file already there). Returns "loaded",
+    "absent" or "ignored"; never raises. A damaged or foreign file, or one naming a path outside an entry, is
+    ignored with one log line: the kernels are then built as if it were not there."""
+    cache = triton_cache_dir() if cache is None else cache
+    path = kernels_path_for(folder, key)
+    if not path.exists():
+        return "absent"
+    try:
+        _check_owner(path)
+        payload = _read_verified(path, key)
+        with tarfile.open(fileobj=io.BytesIO(payload), mode="r:") as tar:
+            members = tar.getmembers()
+            for member in members:  # every member checked before any is written
+                if not member.isfile() or not _ENTRY.match(member.name):
+                    raise ValueError(f"it holds {member.name!r}, not a Triton cache file")
+            written = 0
+            for member in members:
+                target = cache / member.name
+                if target.exists():
+                    continue
+                source = tar.extractfile(member)
+                if source is None:
+                    raise ValueError(f"{member.name!r} cannot be read")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+                tmp.write_bytes(source.read())
+                os.replace(tmp, target)
+                written += 1
+    except Exception as exc:
+        log.warning("kernel builds: ignoring %s: %s; building them instead", path, _one_line(exc))
+        return "ignored"
+    entries = len({m.name.split("/", 1)[0] for m in members})
+    log.info("kernel builds: %d Triton cache entries from %s into %s (%d files new)", entries, path, cache, written)
+    return "loaded"
+
+
+def _write(path: Path, key: dict[str, str], payload: bytes, entries: dict[str, int]) -> None:
+    header = {
+        "format": FORMAT, "key": key, "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "entries": entries,
+    }  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + payload)
+    os.replace(tmp, path)
+
+
+def _read_verified(path: Path, key: dict[str, str]) -> bytes:
+    header, offset = read_header(path)
+    if header["key"] != key:
+        raise ValueError(f"made for another setup (it differs in {', '.join(_differing(header['key'], key))})")
+    payload = path.read_bytes()[offset:]
+    if len(payload) != header.get("bytes") or hashlib.sha256(payload).hexdigest() != header.get("sha256"):
+        raise ValueError("damaged (its checksum does not match)")
+    return payload
 
 
 def _differences(folder: Path, key: dict[str, str]) -> str:

@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from qwen3vl_webui.engine.batch import compiled, prefix
+from qwen3vl_webui.engine.batch import artifacts, compiled, prefix
 from qwen3vl_webui.engine.batch.core import EngineCore, EngineSnapshot
 from qwen3vl_webui.engine.batch.options import BatchOptions
 from qwen3vl_webui.engine.batch.prefix import Entry
@@ -59,10 +59,14 @@ class BatchEngine:
         self.loaded = loaded
         self.options = options if options is not None else BatchOptions()
         compiled.use_kernel_cache_dir(self.options.kernel_cache_dir)  # before any of our kernels is built
+        kernels = "off"  # our Triton kernels' builds carried with the compile artifacts (artifacts.load_kernels)
+        if self.options.artifacts_dir is not None and str(loaded.device).startswith("cuda"):
+            kernels = artifacts.load_kernels(self.options.artifacts_dir, artifacts.kernels_key(loaded))
         self._streams = RequestStreams()
         self._listeners: list[Callable[[EngineOutputs], None]] = []
         self.core = EngineCore(loaded, self.options, self._publish)
         self.core.graphs.gate = compile_gate
+        self.core.graphs.kernel_artifacts = kernels
         self._tokenizer = loaded.processor.tokenizer
         self._token_bytes = TokenBytes(self._tokenizer)
         self._startup_error: BaseException | None = None
@@ -180,6 +184,7 @@ class BatchEngine:
     warmup_s = _graphs_attr("warmup_s", "Per bucket: seconds of compile (if any) and two warm-up steps.")
     compile_state = _graphs_attr("compile_state", "The decode step's compile: none, waiting, compiling, done, failed.")
     artifacts = _graphs_attr("artifacts", "Compile artifacts: off, absent, ignored, loaded, saved.")
+    kernel_artifacts = _graphs_attr("kernel_artifacts", "Our kernels' builds: off, absent, ignored, loaded, saved.")
     prefill_warmup_s = _graphs_attr("prefill_warmup_s", "Seconds spent readying prompt chunks at start-up.")
     fused_groups = _graphs_attr("fused_groups", "Projection groups fused into one product.")
     gemv_linears = _graphs_attr("gemv_linears", "Linears routed through the Triton GEMV.")

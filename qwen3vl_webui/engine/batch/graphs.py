@@ -76,6 +76,7 @@ class DecodeGraphs:
         self.compile_state = "none" if not self.compile else "waiting"  # none, waiting, compiling, done, failed
         self.compiled_at: dict[int, float] = {}  # bucket -> wall time its compiled step began to serve
         self.artifacts = "off"  # compile artifacts: off, absent, ignored, loaded, saved
+        self.kernel_artifacts = "off"  # our kernels' builds (BatchEngine loads them): off, absent, ignored, loaded, saved
         self.regional = False  # the decode step compiled as one decoder layer every layer runs (RegionalDecode)
         self.regional_error: str | None = None  # why the regional compile gave way to the whole step's
         self.gate: threading.Semaphore | None = None  # tests and benchmarks: one release per bucket to compile
@@ -272,6 +273,10 @@ class DecodeGraphs:
         if folder is not None and self.artifacts != "loaded":
             if artifacts.save(folder, self.artifact_key()) is not None:
                 self.artifacts = "saved"
+        # Our kernels are all built by now (the warm-ups ran every decode and prefill shape): carry them too.
+        if folder is not None and self.kernel_artifacts in ("absent", "ignored"):
+            if artifacts.save_kernels(folder, artifacts.kernels_key(self.loaded)) is not None:
+                self.kernel_artifacts = "saved"
 
     # ------------------------------------------------------------------ serve at once, speed up in the background
 
