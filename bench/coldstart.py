@@ -285,7 +285,8 @@ def greedy_summary(rounds: list[dict[str, Any]], reference: dict[str, Any] | Non
 
 def app_stages(log_path: Path) -> list[str]:
     lines = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
-    keep = ("start-up:", "compile artifacts", "kernel builds", "decode steps ready", "decode step compiled", "swapped in", "Ready:", "warm-up", "error")
+    keep = ("start-up:", "compile artifacts", "kernel builds", "decode steps ready", "decode step compiled",
+            "swapped in", "Ready:", "warm-up", "error")  # fmt: skip
     return [line[:300] for line in lines if any(k in line for k in keep)][:60]
 
 
