@@ -218,9 +218,7 @@ def save_kernels(folder: str | os.PathLike[str], key: dict[str, str], cache: Pat
     path = kernels_path_for(folder, key)
     try:
         names = kernel_names()
-        entries = sorted(d for d in cache.iterdir() if d.is_dir() and any(
-            (d / f"__grp__{name}.json").is_file() for name in names
-        )) if cache.is_dir() else []  # fmt: skip
+        entries = sorted(d for d in cache.iterdir() if d.is_dir() and _ours(d, names)) if cache.is_dir() else []
         if not entries:
             log.info("kernel builds: none of ours in %s to save", cache)
             return None
@@ -242,6 +240,12 @@ def save_kernels(folder: str | os.PathLike[str], key: dict[str, str], cache: Pat
         return None
     log.info("kernel builds: saved %d Triton cache entries to %s (%.1f MB)", len(entries), path, len(payload) / 1e6)
     return path
+
+
+def _ours(entry: Path, names: set[str]) -> bool:
+    """A build of one of our kernels, or Triton's CUDA helper module (`cuda_utils`, a C extension it compiles with
+    the host's C compiler on its first kernel launch in a fresh cache: seconds, on the same path)."""
+    return any((entry / f"__grp__{name}.json").is_file() for name in names) or any(entry.glob("cuda_utils*.so"))
 
 
 def load_kernels(folder: str | os.PathLike[str], key: dict[str, str], cache: Path | None = None) -> str:
