@@ -504,6 +504,9 @@ class FrontDoor:
             # uvicorn trusts X-Forwarded-For from 127.0.0.1 by default: a local client could then pose as any
             # address to the login limit. Only the proxies named by --trusted-proxies are believed.
             proxy_headers=bool(trusted), forwarded_allow_ips=trusted or None,
+            # uvicorn's own defaults ("auto": uvloop and httptools where installed, else asyncio and h11); the
+            # benchmarks' A/B of the event loop every chat update crosses: QWEN3VL_EVENT_LOOP, QWEN3VL_HTTP.
+            loop=os.environ.get("QWEN3VL_EVENT_LOOP", "auto"), http=os.environ.get("QWEN3VL_HTTP", "auto"),
         )  # fmt: skip
         self.server = server = uvicorn.Server(config)  # not in the main thread: it installs no signal handlers
 
