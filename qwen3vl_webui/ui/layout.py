@@ -16,7 +16,8 @@ from qwen3vl_webui.service.limits import Limits
 from qwen3vl_webui.ui import gradio_compat
 from qwen3vl_webui.ui.handlers import Handlers
 from qwen3vl_webui.ui.jobs_tab import JobsTab, build_jobs_tab
-from qwen3vl_webui.zerogpu import gpu_function
+from qwen3vl_webui.ui.streaming import on_event_loop
+from qwen3vl_webui.zerogpu import gpu_function, on_zero_gpu
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 GPU_CONCURRENCY_ID = "gpu"
@@ -54,7 +55,8 @@ def build_demo(handlers: Handlers, settings: Settings, jobs: JobsTab | None = No
                             max_plain_text_length=100_000,
                         )
                         chat = gr.ChatInterface(
-                            fn=gpu_function(handlers.chat),
+                            # On ZeroGPU the GPU exists inside the decorated call only: gradio runs it as is.
+                            fn=gpu_function(handlers.chat) if on_zero_gpu() else on_event_loop(handlers.chat),
                             multimodal=True,
                             chatbot=chatbot,
                             textbox=textbox,
