@@ -401,7 +401,7 @@ class OpenAIChat:
         self.stages = stages = {}
         answer = ""
         with self.client.stream("POST", "v1/chat/completions", json=body) as response:
-            stages["headers"] = time.monotonic() - started  # the handler began its stream
+            stages["headers"] = time.monotonic() - started  # the app answers once the first text is ready
             if response.status_code != 200:
                 detail = f"HTTP {response.status_code}: {response.read().decode(errors='replace')[:300]}"
                 if response.status_code == 429:

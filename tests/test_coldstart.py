@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import threading
@@ -557,9 +558,13 @@ def test_a_failed_regional_compile_gives_way_to_the_whole_steps(
 
 
 def _fake_triton_cache(root: Path) -> dict[str, bytes]:
-    """A Triton cache with one entry of ours (split-KV attention's partials) and one of another program's."""
+    """A Triton cache with one entry of ours (split-KV attention's partials: its group file names its files by
+    absolute path, as Triton's FileCacheManager writes it), Triton's cuda_utils and another program's entry."""
+    ours = root / "abcdef0123456789ABCD"
+    names = ("split_kv_partials.cubin", "split_kv_partials.json")
+    group = {"child_paths": {name: str(ours / name) for name in names}}
     files = {
-        "abcdef0123456789ABCD/__grp__split_kv_partials.json": b'{"child_paths": {}}',
+        "abcdef0123456789ABCD/__grp__split_kv_partials.json": json.dumps(group).encode(),
         "abcdef0123456789ABCD/split_kv_partials.cubin": np.random.default_rng(1).bytes(3000),
         "abcdef0123456789ABCD/split_kv_partials.json": b'{"name": "split_kv_partials"}',
         "cudautils0123456789A/cuda_utils.cpython-312-x86_64-linux-gnu.so": b"\x7fELF stand-in",
@@ -586,8 +591,15 @@ def test_our_kernels_builds_travel_with_the_artifacts_and_never_overwrite(
     assert path is not None and path.name.startswith(artifacts.KERNELS_PREFIX)
     assert artifacts.read_header(path)[0]["entries"] == {"triton entries": 2}
     assert artifacts.load_kernels(tmp_path / "compiled", key, tmp_path / "fresh") == "loaded"
-    got = {str(p.relative_to(tmp_path / "fresh")): p.read_bytes() for p in (tmp_path / "fresh").rglob("*") if p.is_file()}
-    assert got == {k: v for k, v in files.items() if not k.startswith("ZZZZ")}
+    fresh = tmp_path / "fresh"
+    got = {str(p.relative_to(fresh)): p.read_bytes() for p in fresh.rglob("*") if p.is_file()}
+    grp = "abcdef0123456789ABCD/__grp__split_kv_partials.json"
+    carried = {k: v for k, v in files.items() if not k.startswith("ZZZZ") and k != grp}
+    assert {k: v for k, v in got.items() if k != grp} == carried
+    # Triton finds a group's files by the absolute paths in it: they now point into this cache, not the one it was made in
+    children = json.loads(got[grp])["child_paths"]
+    assert children == {name: str(tmp_path / "fresh" / "abcdef0123456789ABCD" / name) for name in children}
+    assert len(children) == 2 and all(Path(p).is_file() for p in children.values())
     mine = tmp_path / "fresh" / "abcdef0123456789ABCD" / "split_kv_partials.json"
     mine.write_bytes(b"built here")  # a build already in the cache is never replaced
     caplog.clear()
@@ -600,7 +612,9 @@ def test_our_kernels_builds_travel_with_the_artifacts_and_never_overwrite(
     assert artifacts.load_kernels(tmp_path / "compiled", other, tmp_path / "l4") == "absent"
 
 
-@pytest.mark.parametrize("damage", ["flipped byte", "path outside an entry", "another setup"])
+@pytest.mark.parametrize(
+    "damage", ["flipped byte", "path outside an entry", "group naming another entry", "another setup"]
+)
 def test_a_damaged_or_hostile_kernels_file_is_ignored_and_writes_nothing(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
 ) -> None:
@@ -623,6 +637,15 @@ def test_a_damaged_or_hostile_kernels_file_is_ignored_and_writes_nothing(
                 info.size = 2
                 tar.addfile(info, io.BytesIO(b"hi"))
         artifacts._write(path, key, buffer.getvalue(), {})
+    elif damage == "group naming another entry":  # a group file pointing Triton at a file it did not carry
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for name, data in (("abcdef0123456789ABCD/k.cubin", b"hi"), ("abcdef0123456789ABCD/__grp__k.json",
+                               json.dumps({"child_paths": {"k.cubin": "/etc/passwd"}}).encode())):  # fmt: skip
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        artifacts._write(path, key, buffer.getvalue(), {})
     else:  # this setup's file name, another setup's file (a copy renamed by hand)
         artifacts._write(path, {**key, "triton": "3.4"}, path.read_bytes(), {})
     caplog.set_level(logging.INFO)
@@ -630,7 +653,32 @@ def test_a_damaged_or_hostile_kernels_file_is_ignored_and_writes_nothing(
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(lines) == 1 and lines[0].startswith(f"kernel builds: ignoring {path}"), lines
     reason = {"flipped byte": "damaged", "path outside an entry": "not a Triton cache file",
-              "another setup": "differs in triton"}  # fmt: skip
+              "group naming another entry": "outside its entry", "another setup": "differs in triton"}  # fmt: skip
     assert reason[damage] in lines[0]
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.*"))
     assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "cache" / "escaped.txt").exists()
+
+
+def test_carried_kernel_builds_are_found_by_tritons_own_cache_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Triton's FileCacheManager writes a kernel's group file with absolute paths and rebuilds the kernel when one is
+    # missing: after the folder it was made in is gone, Triton itself must find the carried build in the new cache.
+    import shutil
+
+    from triton.runtime.cache import FileCacheManager
+
+    made, fresh, entry = tmp_path / "made", tmp_path / "fresh", "ABCDEFGH12345678abcdefgh87654321"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(made))
+    cache = FileCacheManager(entry)
+    children = {"split_kv_partials.cubin": cache.put(b"\x00cubin", "split_kv_partials.cubin"),
+                "split_kv_partials.json": cache.put('{"name": "split_kv_partials"}', "split_kv_partials.json")}  # fmt: skip
+    cache.put_group("split_kv_partials.json", children)
+    key = {"kind": "triton kernels", "gpu": "NVIDIA H100 (sm_90, CUDA 13.0)", "torch": "2.11", "triton": "3.8"}
+    assert artifacts.save_kernels(tmp_path / "compiled", key) is not None  # from TRITON_CACHE_DIR, as the engine
+    shutil.rmtree(made)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(fresh))
+    assert artifacts.load_kernels(tmp_path / "compiled", key) == "loaded"
+    found = FileCacheManager(entry).get_group("split_kv_partials.json")
+    assert found == {name: str(fresh / entry / name) for name in children}
+    assert (fresh / entry / "split_kv_partials.cubin").read_bytes() == b"\x00cubin"

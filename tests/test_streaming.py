@@ -72,26 +72,68 @@ def test_an_error_in_the_handler_reaches_the_event_loop() -> None:
         asyncio.run(run())
 
 
-def test_closing_early_closes_the_handler_after_its_current_step() -> None:
-    # Stop, or a client gone: gradio closes the async generator; the handler's generator is closed on its own thread
-    # at its next yield (its `finally` cancels the request), within one of its steps.
+def test_closing_early_cancels_the_request_and_waits_for_the_handlers_end() -> None:
+    # Stop, or a client gone: gradio closes the async generator. The handler's request is cancelled at once (it
+    # waits on the service, which ends on that cancel), and the close returns once the handler's generator has been
+    # closed on its own thread (its `finally` records the turn and gives the admission's place back).
     seen: dict[str, object] = {}
 
-    async def run() -> float:
-        stream = streaming.on_event_loop(lambda: _texts(1000, 0.01, seen))()
-        assert await stream.__anext__() == "w0 "
-        closed = time.monotonic()
-        await stream.aclose()
-        return closed
+    def handler() -> Iterator[str]:
+        cancel = streaming.current_cancel()
+        try:
+            yield "a"
+            seen["cancelled"] = cancel is not None and cancel.wait(5)  # the service's stream ends on the cancel
+            yield "b"
+            yield "c"
+        finally:
+            seen["closed_on"] = threading.current_thread().name
 
-    closed = asyncio.run(run())
-    deadline = time.monotonic() + 5
-    while "closed_at" not in seen and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert seen["closed_on"] == "chat-stream"
-    assert 0 <= float(seen["closed_at"]) - closed < 0.5  # type: ignore[arg-type]
+    async def run() -> float:
+        stream = streaming.on_event_loop(handler)()
+        assert await stream.__anext__() == "a"
+        started = time.monotonic()
+        await stream.aclose()
+        return time.monotonic() - started
+
+    took = asyncio.run(run())
+    assert seen == {"cancelled": True, "closed_on": "chat-stream"} and took < 1.0, (seen, took)
+    assert streaming.current_cancel() is None  # only on a stream's thread
+
+
+def test_the_handler_runs_in_the_callers_context_and_plain_iterators_pass() -> None:
+    import contextvars
+
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+
+    def handler() -> Iterator[str]:
+        yield var.get()
+
+    async def run() -> list[str]:
+        var.set("the event's")
+        return [t async for t in streaming.on_event_loop(handler)()] + [
+            t async for t in streaming.on_event_loop(lambda: iter(["x", "y"]))()
+        ]
+
+    got = asyncio.run(run())  # a plain iterator has no close(); its "x" may be replaced by "y" before it is taken
+    assert got[0] == "the event's" and got[-1] == "y" and set(got[1:]) <= {"x", "y"}, got
 
 
 def test_the_switch_leaves_gradio_its_own_handling(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(streaming, "ENABLED", False)
     assert streaming.on_event_loop(handler) is handler
+
+
+def test_a_request_that_sets_its_own_cancel_at_its_end_still_delivers_its_last_text() -> None:
+    # The service sets a request's cancel itself once its stream is over (a stop string, the end): the last texts,
+    # which come after that, still reach the page.
+    def handler() -> Iterator[str]:
+        cancel = streaming.current_cancel()
+        yield "the answer"
+        assert cancel is not None
+        cancel.set()
+        yield "the answer, whole"
+
+    async def run() -> list[str]:
+        return [t async for t in streaming.on_event_loop(handler)()]
+
+    assert asyncio.run(run())[-1] == "the answer, whole"

@@ -39,6 +39,7 @@ from qwen3vl_webui.service.metrics import arrived_at
 from qwen3vl_webui.service.prompt import ChatRequest, RequestTimedOut
 from qwen3vl_webui.ui import gradio_compat
 from qwen3vl_webui.ui.panels import format_panel, format_status, plain_markdown
+from qwen3vl_webui.ui.streaming import current_cancel
 
 log = logging.getLogger(__name__)
 _DEFAULT = ranges.REQUEST
@@ -158,7 +159,8 @@ class Handlers:
             )  # fmt: skip
             if whole_video:  # a video longer than the frame budget: read in time segments (service/longvideo.py)
                 chat = dataclasses.replace(chat, whole_video=True)
-            stream = self.service.chat(chat, report_waiting=True, client=self._client(request))
+            # On ui.streaming's thread, its closing (Stop, a client gone) cancels the request at the engine's next step.
+            stream = self.service.chat(chat, current_cancel(), report_waiting=True, client=self._client(request))
             with contextlib.closing(stream), self._counted_stream() as streaming:
                 held, last = None, 0.0
                 for item in stream:

@@ -12,6 +12,8 @@ a newer one. QWEN3VL_CHAT_ON_LOOP=0 keeps gradio's own handling (the benchmarks'
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import functools
 import os
 import threading
@@ -19,6 +21,16 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 ENABLED = os.environ.get("QWEN3VL_CHAT_ON_LOOP", "1") != "0"
+# How long a closed stream (Stop, a client gone) waits for the handler to finish its step and its bookkeeping (the
+# request cancelled, the turn recorded, the admission's place given back), as gradio's own handling waited for it.
+CLOSE_WAIT_S = 10.0
+_local = threading.local()
+
+
+def current_cancel() -> threading.Event | None:
+    """On the thread of an `on_event_loop` stream: the event its closing sets (the handler passes it to the service
+    as the request's cancel, so a Stop reaches the engine at its next step); None elsewhere."""
+    return getattr(_local, "cancel", None)
 
 
 class _Pump:
@@ -32,11 +44,17 @@ class _Pump:
         self._newest: str | None = None
         self._done = False
         self._error: BaseException | None = None
+        # Set by close(): the handler's request stops at its next step. The service may set it too once the request
+        # is over (a stop string, the end), so the pump stops taking texts only on `_closing`.
+        self.cancel = threading.Event()
         self._closing = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="chat-stream", daemon=True)
+        # The caller's context goes along (gradio's own worker threads run the handler in a copy of it too).
+        context = contextvars.copy_context()
+        self.thread = threading.Thread(target=context.run, args=(self._run,), name="chat-stream", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
+        _local.cancel = self.cancel
         try:
             for text in self._texts:
                 if self._closing.is_set():
@@ -49,10 +67,14 @@ class _Pump:
         finally:
             # On this thread, where the generator runs: its `finally` (the conversation's bookkeeping, the request's
             # cancel when closed early) runs here, never on the event loop.
-            self._texts.close()  # type: ignore[attr-defined]
-            with self._lock:
-                self._done = True
-            self._signal()
+            try:
+                close = getattr(self._texts, "close", None)
+                if close is not None:
+                    close()
+            finally:
+                with self._lock:
+                    self._done = True
+                self._signal()
 
     def _signal(self) -> None:
         try:
@@ -75,9 +97,20 @@ class _Pump:
             self._wake.clear()  # a text arriving from here on sets it again (the set runs on this loop)
             await self._wake.wait()
 
-    def close(self) -> None:
-        """The client went or pressed Stop: the generator is closed on its thread after its current step."""
+    @property
+    def done(self) -> bool:
+        with self._lock:
+            return self._done
+
+    async def close(self) -> None:
+        """The client went or pressed Stop: the request is cancelled (it leaves the engine at its next step) and the
+        generator closed on its thread after its current step, which this waits for (at most CLOSE_WAIT_S)."""
         self._closing.set()
+        self.cancel.set()
+        if self.done:
+            return
+        with contextlib.suppress(Exception):  # the loop shutting down (no executor): the thread ends on its own
+            await asyncio.shield(asyncio.to_thread(self.thread.join, CLOSE_WAIT_S))
 
 
 def on_event_loop(fn: Callable[..., Iterator[str]]) -> Callable[..., Any]:
@@ -93,6 +126,6 @@ def on_event_loop(fn: Callable[..., Iterator[str]]) -> Callable[..., Any]:
             while (text := await pump.next()) is not None:
                 yield text
         finally:
-            pump.close()
+            await pump.close()
 
     return stream

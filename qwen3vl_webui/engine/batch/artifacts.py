@@ -41,7 +41,7 @@ _HEADER_MAX = 64 * 1024
 KERNELS_MAX_BYTES = 256 * 1024 * 1024  # a Triton cache past this is not ours alone: not packed
 _KERNELS_DIR = Path(__file__).resolve().parents[2] / "kernels"
 # A Triton cache entry: <hash>/<file>, one level, plain names (what Triton writes; anything else is refused).
-_ENTRY = re.compile(r"^[A-Za-z0-9_=-]{8,128}/[A-Za-z0-9_.=-]{1,200}$")
+_ENTRY = re.compile(r"^[A-Za-z0-9_=-]{8,128}/[A-Za-z0-9_=-][A-Za-z0-9_.=-]{0,199}$")  # no dot files (our temps)
 
 
 def setup_key(loaded: Any, engine: dict[str, Any]) -> dict[str, str]:
@@ -193,9 +193,11 @@ def kernel_names() -> set[str]:
 
 
 def kernels_key(loaded: Any) -> dict[str, str]:
-    """What our kernels' builds depend on besides their source (which Triton hashes into each entry's name)."""
+    """What our kernels' builds depend on: the GPU, torch and Triton, and our kernels' source (an edited kernel is
+    a new file, saved after the next compile; the old one is no longer read)."""
     key = setup_key(loaded, {})
-    return {"kind": "triton kernels", **{name: key[name] for name in ("gpu", "torch", "triton")}}
+    source = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(_KERNELS_DIR.glob("*.py")))).hexdigest()[:16]
+    return {"kind": "triton kernels", **{name: key[name] for name in ("gpu", "torch", "triton")}, "source": source}
 
 
 def kernels_path_for(folder: str | os.PathLike[str], key: dict[str, str]) -> Path:
@@ -261,28 +263,51 @@ def load_kernels(folder: str | os.PathLike[str], key: dict[str, str], cache: Pat
         payload = _read_verified(path, key)
         with tarfile.open(fileobj=io.BytesIO(payload), mode="r:") as tar:
             members = tar.getmembers()
-            for member in members:  # every member checked before any is written
-                if not member.isfile() or not _ENTRY.match(member.name):
-                    raise ValueError(f"it holds {member.name!r}, not a Triton cache file")
-            written = 0
-            for member in members:
-                target = cache / member.name
-                if target.exists():
-                    continue
-                source = tar.extractfile(member)
+            names = {m.name for m in members}
+            files: dict[str, bytes] = {}
+            for member in members:  # every member checked (and its group rehomed) before any is written
+                source = tar.extractfile(member) if member.isfile() and _ENTRY.match(member.name) else None
                 if source is None:
-                    raise ValueError(f"{member.name!r} cannot be read")
+                    raise ValueError(f"it holds {member.name!r}, not a Triton cache file")
+                data = source.read()
+                if Path(member.name).name.startswith("__grp__"):
+                    data = _rehome_group(data, member.name, names, cache)
+                files[member.name] = data
+        written = 0
+        for name, data in files.items():
+            target = cache / name
+            if not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-                tmp.write_bytes(source.read())
-                os.replace(tmp, target)
+                try:
+                    tmp.write_bytes(data)
+                    os.replace(tmp, target)
+                finally:
+                    tmp.unlink(missing_ok=True)
                 written += 1
     except Exception as exc:
         log.warning("kernel builds: ignoring %s: %s; building them instead", path, _one_line(exc))
         return "ignored"
-    entries = len({m.name.split("/", 1)[0] for m in members})
+    entries = len({name.split("/", 1)[0] for name in files})
     log.info("kernel builds: %d Triton cache entries from %s into %s (%d files new)", entries, path, cache, written)
     return "loaded"
+
+
+def _rehome_group(data: bytes, name: str, names: set[str], cache: Path) -> bytes:
+    """A `__grp__` file lists its entry's files by absolute path (Triton's FileCacheManager.put_group), and Triton
+    rebuilds the kernel when one is missing: point them into this cache. Each must be a file of the same entry."""
+    entry = name.split("/", 1)[0]
+    group = json.loads(data)
+    children = group.get("child_paths") if isinstance(group, dict) else None
+    if not isinstance(children, dict):
+        raise ValueError(f"{name!r} is not a Triton group file")
+    rehomed = {}
+    for child, old in children.items():
+        own = f"{entry}/{Path(str(old)).name}"
+        if not isinstance(child, str) or own not in names:
+            raise ValueError(f"{name!r} names a file outside its entry")
+        rehomed[child] = str(cache / own)
+    return json.dumps({**group, "child_paths": rehomed}).encode()
 
 
 def _write(path: Path, key: dict[str, str], payload: bytes, entries: dict[str, int]) -> None:
@@ -292,9 +317,12 @@ def _write(path: Path, key: dict[str, str], payload: bytes, entries: dict[str, i
     }  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + payload)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + payload)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _read_verified(path: Path, key: dict[str, str]) -> bytes:
