@@ -439,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
             carried = work / "carried"
             if (work / "pre" / "compiled").exists():
                 shutil.copytree(work / "pre" / "compiled", carried / "compiled")
+            # As on another machine: nothing the precompile left may be found (a carried Triton build whose paths
+            # still pointed into its folder would otherwise be found there).
+            shutil.rmtree(work / "pre", ignore_errors=True)
             log("launch with the precompiled artifacts only")
             report["artifacts"] = run_launch("artifacts", flags, carried, out, args, log, deadline,
                                              measure_compiled=False)  # fmt: skip
