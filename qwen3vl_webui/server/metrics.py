@@ -139,11 +139,11 @@ class ServingCollector:
             ("vllm:e2e_request_latency_seconds", totals.e2e),
             ("vllm:request_queue_time_seconds", totals.queue),
         ):
-            yield _histogram(name, histogram, labels, values)
+            yield _histogram(name, labels, [(values, histogram)])
         doors = s.door_metrics.totals()
         for name, key in (("qwen3vl:frontdoor_handler_start_seconds", "start"),
                           ("qwen3vl:frontdoor_first_text_seconds", "first_text")):  # fmt: skip
-            yield _histograms(name, doors[key], [*labels, "door"], values)
+            yield _histogram(name, [*labels, "door"], [([*values, d], h) for d, h in doors[key].items()])
         yield from self._own(family, load.engine)
 
     def _own(self, family: Callable[..., Any], engine: Any) -> Iterator[Any]:
@@ -211,23 +211,14 @@ class ServingCollector:
         yield from (hourly, total, per_million)
 
 
-def _histogram(name: str, histogram: Histogram, labels: list[str], values: list[str]) -> Any:
+def _histogram(name: str, labels: list[str], series: list[tuple[list[str], Histogram]]) -> Any:
+    """One histogram family: a histogram per label values."""
     from prometheus_client.core import HistogramMetricFamily
 
     metric = HistogramMetricFamily(name, FAMILIES[name][1], labels=labels)
-    buckets = [("+Inf" if math.isinf(bound) else repr(float(bound)), count) for bound, count in histogram.cumulative()]
-    metric.add_metric(values, buckets, histogram.total)
-    return metric
-
-
-def _histograms(name: str, by_label: dict[str, Histogram], labels: list[str], values: list[str]) -> Any:
-    """One family, one histogram per value of its last label."""
-    from prometheus_client.core import HistogramMetricFamily
-
-    metric = HistogramMetricFamily(name, FAMILIES[name][1], labels=labels)
-    for label, histogram in by_label.items():
+    for values, histogram in series:
         buckets = [("+Inf" if math.isinf(b) else repr(float(b)), n) for b, n in histogram.cumulative()]
-        metric.add_metric([*values, label], buckets, histogram.total)
+        metric.add_metric(values, buckets, histogram.total)
     return metric
 
 
