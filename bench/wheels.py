@@ -34,6 +34,7 @@ CARRY = (
     "qwen-vl-utils==0.0.14",  # vision_rules.py compiles its budget rules from its source file
     "py-spy==0.4.3",  # bench.suite plan b profiles both processes (a Rust binary: py3-none-manylinux x86_64)
     "prometheus-client==0.26.0",  # GET /metrics (bench.metrics_scrape reads it under load)
+    "httptools==0.9.0",  # uvicorn's HTTP parser, as requirements.txt pins it (uvloop: the image has one)
 )  # fmt: skip
 # Carried for their files only, never imported (vision_rules.py reads qwen_vl_utils' source): their requirements
 # (av, requests) need not be met.
