@@ -27,7 +27,8 @@ from typing import Any
 
 from bench.common import gpu_name
 
-FIGURES = (("total_tok_s", "tok/s"), ("ttft_p50_s", "TTFT p50 s"), ("ttft_p95_s", "TTFT p95 s"))
+FIGURES = (("total_tok_s", "tok/s"), ("ttft_p50_s", "TTFT p50 s"), ("ttft_p95_s", "TTFT p95 s"),
+           ("door_start_p50_s", "door start p50 s"), ("loop_lag_p90_s", "loop lag p90 s"))  # the last two: /metrics
 
 
 def parse_env(pairs: list[str]) -> dict[str, str]:
@@ -47,7 +48,9 @@ def scenario_figures(report: dict[str, Any]) -> dict[str, dict[str, float]]:
         kind = f", {s['image_chats']} with images" if s.get("image_chats") else ""
         key = f"{s['chats']} chats, {s['door']}{kind}" + (" (py-spy)" if s.get("profiled") else "")
         ttft = s.get("ttft_s") or {}
-        out[key] = {"total_tok_s": s["total_tok_s"], "ttft_p50_s": ttft.get("p50"), "ttft_p95_s": ttft.get("p95")}
+        server = s.get("server") or {}
+        out[key] = {"total_tok_s": s["total_tok_s"], "ttft_p50_s": ttft.get("p50"), "ttft_p95_s": ttft.get("p95"),
+                    "door_start_p50_s": server.get("door_start_p50_s"), "loop_lag_p90_s": server.get("loop_lag_p90_s")}
     return out
 
 
@@ -83,7 +86,7 @@ def print_table(summary: dict[str, Any], labels: dict[str, str]) -> None:
         for name, title in FIGURES:
             a, b = entry.get("a", {}).get(name), entry.get("b", {}).get(name)
             ratio = entry.get("b_over_a", {}).get(name)
-            cells = [f"{v:22.3f}" if v is not None else f"{'-':>22}" for v in (a, b)]
+            cells = [f"{v:22.4f}" if v is not None else f"{'-':>22}" for v in (a, b)]
             print(f"{key:28} {title:11} {cells[0]} {cells[1]} {ratio if ratio is not None else '-':>7}")
 
 

@@ -1021,9 +1021,12 @@ def server_figures(before: Any, after: Any, wall: float) -> dict[str, Any]:
         for q in (0.5, 0.9):  # one door runs a scenario: the sum over the door label is that door's
             value = quantile(before, after, name, q)
             full[f"{key}_p{int(q * 100)}_s"] = None if value is None else round(value, 4)
+    for q in (0.5, 0.9, 0.99):  # how late the front end's event loop ran its timers over the scenario
+        value = quantile(before, after, "qwen3vl:frontend_event_loop_lag_seconds", q)
+        full[f"loop_lag_p{int(q * 100)}_s"] = None if value is None else round(value, 4)
     keep = ("output_tokens_per_s", "requests", "engine", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "queue_p50_s",
             "queue_p90_s", "itl_p50_s", "e2e_p50_s", "door_start_p50_s", "door_start_p90_s", "door_first_text_p50_s",
-            "door_first_text_p90_s")  # fmt: skip
+            "door_first_text_p90_s", "loop_lag_p50_s", "loop_lag_p90_s", "loop_lag_p99_s")  # fmt: skip
     return {k: full[k] for k in keep if k in full}
 
 

@@ -285,6 +285,7 @@ def summarize(out: Path) -> dict[str, Any]:
                 # (its slot wait, vllm:request_queue_time_seconds, is not shown: vLLM's first bucket is 0.3 s wide)
                 row["server_door_start_first_text_p50_s"] = [_r(server.get("door_start_p50_s"), 3),
                                                              _r(server.get("door_first_text_p50_s"), 3)]  # fmt: skip
+                row["server_loop_lag_p50_p90_s"] = [_r(server.get("loop_lag_p50_s"), 4), _r(server.get("loop_lag_p90_s"), 4)]
                 row["server_steps_per_s"] = (server.get("engine") or {}).get("steps_per_s")
                 row["server_rows_per_step"] = (server.get("engine") or {}).get("rows_per_step")
             if s.get("stages_s"):
@@ -425,7 +426,8 @@ def print_summary(report: dict[str, Any]) -> None:
             if s.get("server_ttft_p50_p90_s") or s.get("client_stages_p50_s"):
                 print(f"  {'':>12} {'':>10} first token: client stages p50 {s.get('client_stages_p50_s')}; server TTFT "
                       f"p50/p90 {s.get('server_ttft_p50_p90_s')}; door: handler start / first text p50 "
-                      f"{s.get('server_door_start_first_text_p50_s')}; "
+                      f"{s.get('server_door_start_first_text_p50_s')}; loop lag p50/p90 "
+                      f"{s.get('server_loop_lag_p50_p90_s')}; "
                       f"{s.get('server_steps_per_s')} steps/s x {s.get('server_rows_per_step')} rows")  # fmt: skip
             if s["image_chats"]:
                 print(f"  {'':>12} {'':>10} TTFT p50/p95 text {s.get('text_ttft_p50_p95_s')} image {s.get('image_ttft_p50_p95_s')}")  # fmt: skip

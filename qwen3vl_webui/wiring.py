@@ -44,6 +44,7 @@ class App:
         self.front = FrontDoor(
             self.demo, s, session_capacity=SESSION_CAPACITY, css_paths=[ASSETS / "style.css"], allowed=[str(ASSETS)],
             routers=(self._openai_router(), self._metrics_router(), self._health_router()),
+            on_loop_lag=self.service.door_metrics.lagged,
         )  # fmt: skip
         self.front.start(sock, quiet=quiet)
         if not prevent_thread_lock:

@@ -417,3 +417,21 @@ def test_the_servers_connections_send_small_writes_at_once_nagle_off(open_app) -
         for protocol in connections:
             sock = protocol.transport.get_extra_info("socket")
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+def test_the_chats_inputs_reach_the_handler_without_a_thread_each(demo_app_server: tuple[Any, str]) -> None:
+    # The page's protocol (as a browser speaks it): the chat's 15 converted inputs (the message, the sampling and
+    # budget controls) are converted on the event loop, not in one worker thread each, and the answer streams.
+    import gradio.blocks as blocks
+
+    from bench import load_test
+
+    _, url = demo_app_server
+    to_thread = blocks.anyio.to_thread
+    before = to_thread.inlined
+    chat = load_test.GradioRawDoor(url, 0.0).connect()
+    try:
+        texts = list(chat.stream("Name the colours you see.", None, 6, 0.0, 120))
+    finally:
+        chat.close()
+    assert texts and to_thread.inlined - before >= 15

@@ -205,3 +205,51 @@ def test_has_event_finds_what_gradios_own_lookup_finds(mounted: tuple[Any, Any])
     with pytest.raises(GradioChanged, match="no `state_holder`"):
         gradio_compat.has_event(object(), 0, None)
     assert gradio_compat.has_event(object(), 0, None, default=True)  # the front door lets gradio decide then
+
+
+def test_cheap_conversions_run_on_the_loop_and_others_in_a_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What gradio.blocks awaits for a component's preprocess / postprocess: a listed type's runs on the event loop's
+    # own thread (no hand-off), with its result and its errors as they are; an unlisted type's (an image) still
+    # goes to a worker thread, and so does any other function.
+    import asyncio
+    import threading
+
+    import gradio as gr
+    import gradio.blocks as blocks
+
+    gradio_compat.inline_processing()
+    assert gradio_compat.inline_processing() is False  # once per process
+    ran: dict[str, str] = {}
+
+    def recorder(name: str, result: Any) -> Any:
+        def convert(self: Any, value: Any) -> Any:
+            ran[name] = threading.current_thread().name
+            if value == "bad":
+                raise gr.Error("refused")
+            return result
+
+        convert.__name__ = "preprocess"
+        return convert
+
+    monkeypatch.setattr(gr.Slider, "preprocess", recorder("slider", 0.5))
+    monkeypatch.setattr(gr.Image, "preprocess", recorder("image", "pixels"))
+    limiter_args = {"limiter": None}
+
+    async def main() -> tuple[Any, ...]:
+        threading.current_thread().name = "the-loop"
+        to_thread = blocks.anyio.to_thread
+        before = to_thread.inlined
+        slider = await to_thread.run_sync(gr.Slider().preprocess, 0.3, **limiter_args)
+        image = await to_thread.run_sync(gr.Image().preprocess, None, **limiter_args)
+        other = await to_thread.run_sync(lambda: threading.current_thread().name)
+        with pytest.raises(gr.Error, match="refused"):
+            await to_thread.run_sync(gr.Slider().preprocess, "bad", **limiter_args)
+        return slider, image, other, to_thread.inlined - before
+
+    name = threading.current_thread().name
+    try:
+        slider, image, other, inlined = asyncio.run(main())
+    finally:
+        threading.current_thread().name = name
+    assert (slider, image) == (0.5, "pixels") and inlined == 2
+    assert ran["slider"] == "the-loop" and ran["image"] != "the-loop" and other != "the-loop"

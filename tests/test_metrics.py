@@ -494,3 +494,24 @@ def test_each_front_door_reports_its_own_share_of_the_first_text(demo_app_server
     assert added(first, "_sum", "gradio") >= added(start, "_sum", "gradio")
     cumulative = [v for (n, ls), v in after.items() if n == first + "_bucket" and ("door", "gradio") in ls]
     assert cumulative == sorted(cumulative) and len(cumulative) > 10
+
+
+def test_the_event_loops_lag_shows_a_blocked_loop(demo_app_server: tuple[Any, str]) -> None:
+    # The web server's event loop is read 20 times a second; a callback that holds it for 0.3 s (as a slow handler
+    # step would) shows as a reading between 0.25 and 0.5 s, and an idle loop's readings stay small.
+    app, url = demo_app_server
+    name = "qwen3vl:frontend_event_loop_lag_seconds"
+
+    def bucket(samples: dict, le: str) -> float:
+        return value(samples, name + "_bucket", le=le)
+
+    def slow(samples: dict) -> float:  # readings between 0.25 and 0.5 s
+        return bucket(samples, "0.5") - bucket(samples, "0.25")
+
+    before = scrape(url)
+    time.sleep(0.5)
+    idle = scrape(url)
+    assert value(idle, name + "_count") - value(before, name + "_count") >= 5  # read ~20 times a second
+    assert bucket(idle, "0.05") - bucket(before, "0.05") >= 5  # idle: each one late by well under 50 ms
+    app.front._loop.call_soon_threadsafe(time.sleep, 0.3)
+    assert wait_for(lambda: slow(scrape(url)) > slow(idle), 5)

@@ -17,6 +17,7 @@ import math
 import os
 import re
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +39,17 @@ LOGIN_CLIENTS = 10_000
 # How long uvicorn waits for open connections (queue streams) once the server stops.
 _GRACEFUL_S = 5
 _START_TIMEOUT_S = 60.0
+LAG_PROBE_S = 0.05  # the event loop's lag is read this often (/metrics: qwen3vl:frontend_event_loop_lag_seconds)
+
+
+async def watch_loop_lag(report: Callable[[float], None], every: float = LAG_PROBE_S) -> None:
+    """Reports, every `every` seconds, how late the running loop woke a timer: the time a callback ready now waits
+    behind the loop's other work (and, with threads beside it, for the GIL). Runs until cancelled."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + every
+        await asyncio.sleep(every)
+        report(loop.time() - due)
 
 
 class PortError(RuntimeError):
@@ -427,6 +439,7 @@ class FrontDoor:
         css_paths: list,
         allowed: list,
         routers: tuple[Any, ...] = (),
+        on_loop_lag: Callable[[float], None] | None = None,
     ) -> None:
         import fastapi
         import gradio as gr
@@ -438,6 +451,7 @@ class FrontDoor:
         credentials = s.credentials()  # reads --auth-file once
         self.demo = demo
         self.settings = settings
+        self.on_loop_lag = on_loop_lag
         demo.queue(max_size=s.queue_size, default_concurrency_limit=s.max_concurrency)
         # launch() takes this as an argument; mount_gradio_app reads it from the Blocks (gradio's StateHolder).
         gradio_compat.set_session_capacity(demo, session_capacity)
@@ -464,6 +478,8 @@ class FrontDoor:
         self.gradio_app = gradio_compat.mounted_app(self.http)
         if os.environ.get("QWEN3VL_GRADIO_STOCK_SESSIONS") != "1":  # the benchmarks' A/B switch (bench/README.md)
             gradio_compat.lazy_session_configs(self.gradio_app)  # ~20 ms less of the event loop per new session
+        if os.environ.get("QWEN3VL_GRADIO_INLINE") != "0":  # the benchmarks' A/B switch (process-wide once on)
+            gradio_compat.inline_processing()  # the chat's 15 inputs converted on the loop, not in 15 threads
         self.sweeper = UploadSweeper(
             gradio_compat.upload_dir(self.gradio_app),
             s.upload_max_age_minutes * 60.0,
@@ -509,10 +525,19 @@ class FrontDoor:
             loop=os.environ.get("QWEN3VL_EVENT_LOOP", "auto"), http=os.environ.get("QWEN3VL_HTTP", "auto"),
         )  # fmt: skip
         self.server = server = uvicorn.Server(config)  # not in the main thread: it installs no signal handlers
+        switch_ms = os.environ.get("QWEN3VL_SWITCH_INTERVAL_MS")  # the benchmarks' A/B of the GIL's hand-over
+        if switch_ms:
+            sys.setswitchinterval(float(switch_ms) / 1000)
 
         async def serve() -> None:
             self._loop = asyncio.get_running_loop()  # close() sets gradio's stop event on it
-            await server.serve(sockets=[sock])
+            if self.on_loop_lag is not None:
+                probe = asyncio.create_task(watch_loop_lag(self.on_loop_lag))
+            try:
+                await server.serve(sockets=[sock])
+            finally:
+                if self.on_loop_lag is not None:
+                    probe.cancel()
 
         def run() -> None:
             with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:  # what uvicorn.run does

@@ -45,6 +45,9 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "qwen3vl:frontdoor_first_text_seconds": (
         "histogram", "From a chat's HTTP request reaching the server to its first text handed to the door, by door."
     ),
+    "qwen3vl:frontend_event_loop_lag_seconds": (
+        "histogram", "How late the web server's event loop ran a timer due every 50 ms (read 20 times a second)."
+    ),
     "qwen3vl:gpu_memory_used_bytes": ("gauge", "GPU memory in use on the card, every process (NVML)."),
     "qwen3vl:gpu_memory_total_bytes": ("gauge", "GPU memory of the card (NVML)."),
     "qwen3vl:torch_memory_bytes": ("gauge", "The model process's torch allocator: allocated, reserved, peak."),
@@ -144,6 +147,7 @@ class ServingCollector:
         for name, key in (("qwen3vl:frontdoor_handler_start_seconds", "start"),
                           ("qwen3vl:frontdoor_first_text_seconds", "first_text")):  # fmt: skip
             yield _histogram(name, [*labels, "door"], [([*values, d], h) for d, h in doors[key].items()])
+        yield _histogram("qwen3vl:frontend_event_loop_lag_seconds", labels, [(values, s.door_metrics.lag())])
         yield from self._own(family, load.engine)
 
     def _own(self, family: Callable[..., Any], engine: Any) -> Iterator[Any]:

@@ -21,6 +21,9 @@ LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.
 # The front doors' own latencies (handler start, first text): finer than vLLM's TTFT bounds where a door's costs lie.
 DOOR_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
                 30.0, 120.0)  # fmt: skip
+# How late the front end's event loop runs a timer (its lag): every update and every request's hop through gradio
+# waits that long on top of its own work.
+LOOP_LAG_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 DOORS = ("gradio", "api")  # the page and gradio's API (one queue), the OpenAI-compatible API
 # vLLM's FinishReason strings (stop, length, abort) and the "error" newer vLLMs add.
 FINISH_REASONS = ("stop", "length", "abort", "error")
@@ -92,6 +95,7 @@ class DoorMetrics:
         self._lock = threading.Lock()
         self.start = {door: Histogram(DOOR_BUCKETS) for door in DOORS}
         self.first_text = {door: Histogram(DOOR_BUCKETS) for door in DOORS}
+        self.loop_lag = Histogram(LOOP_LAG_BUCKETS)  # the HTTP server's event loop (server/frontdoor.py's probe)
 
     def started(self, door: str, arrived: float | None, now: float | None = None) -> None:
         """`arrived`: time.monotonic() of the request's arrival (None: not stamped, nothing observed)."""
@@ -107,11 +111,20 @@ class DoorMetrics:
         with self._lock:
             table[door].observe(elapsed)
 
+    def lagged(self, seconds: float) -> None:
+        """One reading of the event loop's lag (a timer's lateness)."""
+        with self._lock:
+            self.loop_lag.observe(max(0.0, seconds))
+
     def totals(self) -> dict[str, dict[str, Histogram]]:
         """{"start": {door: copy}, "first_text": {door: copy}}."""
         with self._lock:
             return {"start": {d: h.copy() for d, h in self.start.items()},
                     "first_text": {d: h.copy() for d, h in self.first_text.items()}}  # fmt: skip
+
+    def lag(self) -> Histogram:
+        with self._lock:
+            return self.loop_lag.copy()
 
 
 @dataclass(frozen=True)

@@ -388,3 +388,60 @@ def skip_absent_matplotlib() -> bool:
         return False
     sys.modules["matplotlib"] = None  # type: ignore[assignment]
     return True
+
+
+# ------------------------------------------------------------------------------- inputs and outputs on the loop
+
+# Components whose preprocess and postprocess only convert a value in memory (no file, image, audio or network work,
+# no pandas): the chat's inputs and outputs, the panel's Markdown. Exact types: a subclass may do more.
+INLINE_COMPONENTS = ("Slider", "Number", "Checkbox", "Textbox", "State", "JSON", "Markdown", "Dropdown", "Radio",
+                     "MultimodalTextbox", "Chatbot")  # fmt: skip
+
+
+def inline_processing() -> bool:
+    """gradio runs each input's `preprocess` and each output's `postprocess` of an event in a worker thread of its
+    own (`Blocks.preprocess_data` / `postprocess_data`: `anyio.to_thread.run_sync`, one after the other). The chat
+    event has 15 such inputs (the message, the sampling and budget controls): 15 hand-offs to a thread and back
+    before the handler starts, each waiting its turn for the GIL and the event loop under load, ~50 ms of a 16-chat
+    load's 62 ms from the request's arrival to the handler on a 2-core VM (0.2 ms inline); and one more per streamed
+    update. For the components named in INLINE_COMPONENTS the conversion runs where gradio awaits it, on the event
+    loop: the same function, the same errors, no thread. Every other component keeps its thread. Process-wide (it
+    changes what `gradio.blocks` sees as `anyio`); False if it was in place already.
+    """
+    import gradio
+    import gradio.blocks as blocks
+
+    real = _require(blocks, "anyio", "gradio.blocks")
+    if isinstance(real, _InlineAnyio):
+        return False
+    _require(_require(real, "to_thread", "anyio"), "run_sync", "anyio.to_thread")
+    kinds = tuple(_require(gradio, name, "gradio") for name in INLINE_COMPONENTS)
+    blocks.anyio = _InlineAnyio(real, kinds)
+    return True
+
+
+class _InlineAnyio:
+    """`anyio` as gradio.blocks sees it: `to_thread.run_sync(component.preprocess | postprocess, value)` of the
+    given component types runs inline; everything else is the real anyio."""
+
+    def __init__(self, real: Any, kinds: tuple[type, ...]) -> None:
+        self._real, self.to_thread = real, _InlineToThread(real.to_thread, kinds)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+class _InlineToThread:
+    def __init__(self, real: Any, kinds: tuple[type, ...]) -> None:
+        self._real, self._kinds = real, frozenset(kinds)
+        self.inlined = 0  # calls run inline (tests read it)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    async def run_sync(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        owner = getattr(fn, "__self__", None)
+        if type(owner) in self._kinds and getattr(fn, "__name__", "") in ("preprocess", "postprocess"):
+            self.inlined += 1
+            return fn(*args)
+        return await self._real.run_sync(fn, *args, **kwargs)
