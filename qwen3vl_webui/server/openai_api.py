@@ -32,12 +32,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from qwen3vl_webui.conversation import Turn, UserMessage
 from qwen3vl_webui.server.media_urls import MediaRefused, save_media
 from qwen3vl_webui.service.metrics import arrived_at
+from qwen3vl_webui.workers import Workers
 
 log = logging.getLogger(__name__)
 
 # Streamed deltas leave at most this often (the last always): what the chat page does, for the same reason
 # (each message is Python on the front end's one core).
 STREAM_INTERVAL_S = 0.05
+_WORKERS = Workers("api-chat")
 MEGA = 1_000_000
 
 
@@ -310,7 +312,7 @@ class _Run:
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._stream = service.chat(chat, self.cancel, client=client, report_end=True)
-        threading.Thread(target=self._pump, name="api-chat", daemon=True).start()
+        _WORKERS.run(self._pump)  # a pooled thread: Thread.start would hold the event loop until it ran (workers.py)
 
     def _pump(self) -> None:
         from qwen3vl_webui.service.chat import Finished

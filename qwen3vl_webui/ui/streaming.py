@@ -12,7 +12,6 @@ a newer one. QWEN3VL_CHAT_ON_LOOP=0 keeps gradio's own handling (the benchmarks'
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import functools
 import os
@@ -20,7 +19,10 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+from qwen3vl_webui.workers import Workers
+
 ENABLED = os.environ.get("QWEN3VL_CHAT_ON_LOOP", "1") != "0"
+_WORKERS = Workers("chat-stream")
 # How long a closed stream (Stop, a client gone) waits for the handler to finish its step and its bookkeeping (the
 # request cancelled, the turn recorded, the admission's place given back), as gradio's own handling waited for it.
 CLOSE_WAIT_S = 10.0
@@ -48,13 +50,13 @@ class _Pump:
         # is over (a stop string, the end), so the pump stops taking texts only on `_closing`.
         self.cancel = threading.Event()
         self._closing = threading.Event()
-        # The caller's context goes along (gradio's own worker threads run the handler in a copy of it too).
+        # The caller's context goes along (gradio's own worker threads run the handler in a copy of it too). A thread
+        # of the pool, not a new one: Thread.start would hold the event loop until the thread ran (workers.py).
         context = contextvars.copy_context()
-        self.thread = threading.Thread(target=context.run, args=(self._run,), name="chat-stream", daemon=True)
-        self.thread.start()
+        _WORKERS.run(functools.partial(context.run, self._run))
 
     def _run(self) -> None:
-        _local.cancel = self.cancel
+        _local.cancel = self.cancel  # this stream's, for as long as it runs on this (pooled) thread
         try:
             for text in self._texts:
                 if self._closing.is_set():
@@ -72,6 +74,7 @@ class _Pump:
                 if close is not None:
                     close()
             finally:
+                _local.cancel = None
                 with self._lock:
                     self._done = True
                 self._signal()
@@ -107,10 +110,15 @@ class _Pump:
         generator closed on its thread after its current step, which this waits for (at most CLOSE_WAIT_S)."""
         self._closing.set()
         self.cancel.set()
-        if self.done:
-            return
-        with contextlib.suppress(Exception):  # the loop shutting down (no executor): the thread ends on its own
-            await asyncio.shield(asyncio.to_thread(self.thread.join, CLOSE_WAIT_S))
+        deadline = self._loop.time() + CLOSE_WAIT_S
+        while not self.done:  # the thread's last `_signal` comes after `done` is set
+            self._wake.clear()
+            if self.done:
+                break
+            try:
+                await asyncio.wait_for(self._wake.wait(), max(0.0, deadline - self._loop.time()))
+            except TimeoutError:  # the thread ends on its own; its request is cancelled
+                break
 
 
 def on_event_loop(fn: Callable[..., Iterator[str]]) -> Callable[..., Any]:
