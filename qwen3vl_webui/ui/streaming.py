@@ -5,7 +5,8 @@ loop: two thread hand-offs for the first text and one per update, each waiting b
 the one event loop (bench/RESULTS.md, session 16: at 32 chats 0.18 s of the door's time passed before the handler's
 first line). `on_event_loop(fn)` gives gradio an async generator instead: `fn`'s generator runs on one thread for the
 whole answer (as the OpenAI API's `_Run` does) and each text it yields reaches the loop with one `call_soon_threadsafe`;
-gradio awaits it without a worker thread. Each text is the whole answer so far, so a text not yet taken is replaced by
+gradio awaits it without a worker thread. The thread comes from a pool (workers.py), so the loop never waits for a
+thread to start. Each text is the whole answer so far, so a text not yet taken is replaced by
 a newer one. QWEN3VL_CHAT_ON_LOOP=0 keeps gradio's own handling (the benchmarks' A/B).
 """
 
