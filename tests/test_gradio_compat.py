@@ -242,6 +242,12 @@ def test_cheap_conversions_run_on_the_loop_and_others_in_a_thread(monkeypatch: p
         slider = await to_thread.run_sync(gr.Slider().preprocess, 0.3, **limiter_args)
         image = await to_thread.run_sync(gr.Image().preprocess, None, **limiter_args)
         other = await to_thread.run_sync(lambda: threading.current_thread().name)
+
+        async def texts(prefix: str) -> Any:  # an event function that is an async generator function (the chat's)
+            yield prefix
+
+        made = await to_thread.run_sync(texts, "made")  # counted in `inlined`: no thread to make it
+        assert [text async for text in made] == ["made"]
         with pytest.raises(gr.Error, match="refused"):
             await to_thread.run_sync(gr.Slider().preprocess, "bad", **limiter_args)
         return slider, image, other, to_thread.inlined - before
@@ -251,5 +257,5 @@ def test_cheap_conversions_run_on_the_loop_and_others_in_a_thread(monkeypatch: p
         slider, image, other, inlined = asyncio.run(main())
     finally:
         threading.current_thread().name = name
-    assert (slider, image) == (0.5, "pixels") and inlined == 2
+    assert (slider, image) == (0.5, "pixels") and inlined == 3
     assert ran["slider"] == "the-loop" and ran["image"] != "the-loop" and other != "the-loop"

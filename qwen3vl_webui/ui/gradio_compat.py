@@ -11,6 +11,7 @@ Nothing here imports gradio at module import time.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
@@ -405,7 +406,8 @@ def inline_processing() -> bool:
     before the handler starts, each waiting its turn for the GIL and the event loop under load, ~50 ms of a 16-chat
     load's 62 ms from the request's arrival to the handler on a 2-core VM (0.2 ms inline); and one more per streamed
     update. For the components named in INLINE_COMPONENTS the conversion runs where gradio awaits it, on the event
-    loop: the same function, the same errors, no thread. Every other component keeps its thread. Process-wide (it
+    loop: the same function, the same errors, no thread; so does the call of an async generator function (the chat
+    handler as `ui.streaming` gives it), which gradio also hands to a thread. Everything else keeps its thread. Process-wide (it
     changes what `gradio.blocks` sees as `anyio`); False if it was in place already.
     """
     import gradio
@@ -442,6 +444,11 @@ class _InlineToThread:
     async def run_sync(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         owner = getattr(fn, "__self__", None)
         if type(owner) in self._kinds and getattr(fn, "__name__", "") in ("preprocess", "postprocess"):
+            self.inlined += 1
+            return fn(*args)
+        if inspect.isasyncgenfunction(fn):
+            # `Blocks.call_function` awaits an event function that is not a coroutine function in a thread, an async
+            # generator function included (the chat's): calling one only makes the generator object.
             self.inlined += 1
             return fn(*args)
         return await self._real.run_sync(fn, *args, **kwargs)
