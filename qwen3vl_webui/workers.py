@@ -10,6 +10,7 @@ is busy; a thread idle for `idle_s` ends.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import queue
 import threading
@@ -75,7 +76,7 @@ class _Worker:
                     return
                 continue  # taken by `run` just now: its job is on the way
             try:
-                job()
+                contextvars.Context().run(job)  # each job in a context of its own, as on a new thread
             except BaseException:  # noqa: BLE001 - a job's own errors are its own to report; the thread serves on
                 log.exception("a %s job failed", self.pool.name)
             del job

@@ -429,10 +429,14 @@ def test_the_chats_inputs_reach_the_handler_without_a_thread_each(demo_app_serve
 
     _, url = demo_app_server
     to_thread = blocks.anyio.to_thread
-    before = to_thread.inlined
+    before = to_thread.inlined.copy()
     chat = load_test.GradioRawDoor(url, 0.0).connect()
     try:
         texts = list(chat.stream("Name the colours you see.", None, 6, 0.0, 120))
     finally:
         chat.close()
-    assert texts and to_thread.inlined - before >= 15 + 1
+    added = to_thread.inlined - before
+    inputs = {k: v for k, v in added.items() if k.endswith(".preprocess")}
+    assert texts and inputs == {"MultimodalTextbox.preprocess": 1, "Textbox.preprocess": 2, "Slider.preprocess": 10,
+                                "Number.preprocess": 1, "Checkbox.preprocess": 1}  # fmt: skip
+    assert added["async generator"] == 1

@@ -210,38 +210,50 @@ def test_has_event_finds_what_gradios_own_lookup_finds(mounted: tuple[Any, Any])
 def test_cheap_conversions_run_on_the_loop_and_others_in_a_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     # What gradio.blocks awaits for a component's preprocess / postprocess: a listed type's runs on the event loop's
     # own thread (no hand-off), with its result and its errors as they are; an unlisted type's (an image) still
-    # goes to a worker thread, and so does any other function.
+    # goes to a worker thread, and so does any other function. The Chatbot's preprocess (which builds any component
+    # a client names in a message) keeps its thread; its postprocess is inlined for a short text-only history only.
     import asyncio
     import threading
 
     import gradio as gr
     import gradio.blocks as blocks
 
-    gradio_compat.inline_processing()
+    real = getattr(blocks.anyio, "_real", blocks.anyio)  # an app started earlier in this process installed it
+    monkeypatch.setattr(blocks, "anyio", real)  # restored after the test
+    assert gradio_compat.inline_processing() is True
     assert gradio_compat.inline_processing() is False  # once per process
     ran: dict[str, str] = {}
 
-    def recorder(name: str, result: Any) -> Any:
+    def recorder(name: str, result: Any, method: str = "preprocess") -> Any:
         def convert(self: Any, value: Any) -> Any:
             ran[name] = threading.current_thread().name
             if value == "bad":
                 raise gr.Error("refused")
             return result
 
-        convert.__name__ = "preprocess"
+        convert.__name__ = method
         return convert
 
     monkeypatch.setattr(gr.Slider, "preprocess", recorder("slider", 0.5))
     monkeypatch.setattr(gr.Image, "preprocess", recorder("image", "pixels"))
+    monkeypatch.setattr(gr.Chatbot, "preprocess", recorder("chatbot in", []))
+    monkeypatch.setattr(gr.Chatbot, "postprocess", recorder("chatbot out", [], "postprocess"))
     limiter_args = {"limiter": None}
+    text_history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    file_history = [{"role": "user", "content": {"path": "/tmp/x.png"}}]
 
     async def main() -> tuple[Any, ...]:
         threading.current_thread().name = "the-loop"
         to_thread = blocks.anyio.to_thread
-        before = to_thread.inlined
+        before = to_thread.inlined.copy()
         slider = await to_thread.run_sync(gr.Slider().preprocess, 0.3, **limiter_args)
         image = await to_thread.run_sync(gr.Image().preprocess, None, **limiter_args)
         other = await to_thread.run_sync(lambda: threading.current_thread().name)
+        await to_thread.run_sync(gr.Chatbot().preprocess, text_history, **limiter_args)
+        seen = {"chatbot in": ran["chatbot in"]}
+        for label, history in (("text", text_history), ("file", file_history), ("long", text_history * 40)):
+            await to_thread.run_sync(gr.Chatbot().postprocess, history, **limiter_args)
+            seen[label] = ran["chatbot out"]
 
         async def texts(prefix: str) -> Any:  # an event function that is an async generator function (the chat's)
             yield prefix
@@ -250,12 +262,14 @@ def test_cheap_conversions_run_on_the_loop_and_others_in_a_thread(monkeypatch: p
         assert [text async for text in made] == ["made"]
         with pytest.raises(gr.Error, match="refused"):
             await to_thread.run_sync(gr.Slider().preprocess, "bad", **limiter_args)
-        return slider, image, other, to_thread.inlined - before
+        return slider, image, other, seen, to_thread.inlined - before
 
     name = threading.current_thread().name
     try:
-        slider, image, other, inlined = asyncio.run(main())
+        slider, image, other, seen, inlined = asyncio.run(main())
     finally:
         threading.current_thread().name = name
-    assert (slider, image) == (0.5, "pixels") and inlined == 3
+    assert (slider, image) == (0.5, "pixels")
+    assert inlined == {"Slider.preprocess": 2, "Chatbot.postprocess": 1, "async generator": 1}
     assert ran["slider"] == "the-loop" and ran["image"] != "the-loop" and other != "the-loop"
+    assert seen["text"] == "the-loop" and "the-loop" not in (seen["chatbot in"], seen["file"], seen["long"])

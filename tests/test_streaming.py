@@ -137,3 +137,63 @@ def test_a_request_that_sets_its_own_cancel_at_its_end_still_delivers_its_last_t
         return [t async for t in streaming.on_event_loop(handler)()]
 
     assert asyncio.run(run())[-1] == "the answer, whole"
+
+
+def test_a_handler_that_ignores_the_close_is_waited_for_at_most_close_wait_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Stop pressed while the handler is deaf to its cancel (a long step): the close gives up after CLOSE_WAIT_S and
+    # the page moves on; the handler's thread finishes on its own later, its `finally` on that thread.
+    monkeypatch.setattr(streaming, "CLOSE_WAIT_S", 0.3)
+    release = threading.Event()
+    seen: dict[str, object] = {}
+
+    def deaf() -> Iterator[str]:
+        try:
+            yield "first"
+            release.wait(10)  # ignores current_cancel()
+            yield "never read"
+        finally:
+            seen["closed_on"] = threading.current_thread().name
+
+    async def run() -> float:
+        stream = streaming.on_event_loop(deaf)()
+        assert await stream.__anext__() == "first"
+        started = time.monotonic()
+        await stream.aclose()
+        return time.monotonic() - started
+
+    waited = asyncio.run(run())
+    assert 0.25 <= waited < 2.0 and "closed_on" not in seen
+    release.set()
+    deadline = time.monotonic() + 5
+    while "closed_on" not in seen and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert seen["closed_on"] == "chat-stream"
+
+
+def test_a_reused_thread_carries_no_cancel_over() -> None:
+    # The streams' threads are pooled: the next job on the thread a stream used sees no cancel of that stream.
+    during: dict[str, object] = {}
+
+    def handler_with_state() -> Iterator[str]:
+        during["cancel"] = streaming.current_cancel()
+        during["thread"] = threading.get_ident()
+        yield "done"
+
+    async def run() -> list[str]:
+        return [t async for t in streaming.on_event_loop(handler_with_state)()]
+
+    assert asyncio.run(run()) == ["done"]
+    after: dict[str, object] = {}
+    finished = threading.Event()
+
+    def next_job() -> None:
+        after.update(cancel=streaming.current_cancel(), thread=threading.get_ident())
+        finished.set()
+
+    deadline = time.monotonic() + 5
+    while streaming._WORKERS.idle == 0 and time.monotonic() < deadline:  # the stream's thread back in the pool
+        time.sleep(0.01)
+    streaming._WORKERS.run(next_job)
+    assert finished.wait(5)
+    assert during["cancel"] is not None and after["thread"] == during["thread"]  # the same, reused thread
+    assert after["cancel"] is None

@@ -62,3 +62,24 @@ def test_a_job_handed_over_as_the_thread_times_out_still_runs() -> None:
         assert done.wait(5), i
         time.sleep(0.01 * (i % 3))  # around the idle timeout
     assert ran == list(range(200))
+
+
+def test_each_job_runs_in_a_context_of_its_own() -> None:
+    # A job that sets a context variable (the OpenAI API's stream runs its chat directly on the pooled thread) leaves
+    # nothing for the next job on the same thread, as a new thread would.
+    import contextvars
+
+    marker: contextvars.ContextVar[str] = contextvars.ContextVar("marker", default="unset")
+    pool = Workers("test-workers-context", idle_s=30)
+    seen: list[tuple[int, str]] = []
+    for value in ("first job's", "second job's"):
+        done = threading.Event()
+
+        def job(value: str = value, done: threading.Event = done) -> None:
+            seen.append((threading.get_ident(), marker.get()))
+            marker.set(value)
+            done.set()
+
+        pool.run(job)
+        assert done.wait(5) and wait_for(lambda: pool.idle == 1, 5)
+    assert seen[0][0] == seen[1][0] and [m for _, m in seen] == ["unset", "unset"]

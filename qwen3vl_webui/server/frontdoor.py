@@ -45,11 +45,10 @@ LAG_PROBE_S = 0.05  # the event loop's lag is read this often (/metrics: qwen3vl
 async def watch_loop_lag(report: Callable[[float], None], every: float = LAG_PROBE_S) -> None:
     """Reports, every `every` seconds, how late the running loop woke a timer: the time a callback ready now waits
     behind the loop's other work (and, with threads beside it, for the GIL). Runs until cancelled."""
-    loop = asyncio.get_running_loop()
-    while True:
-        due = loop.time() + every
+    while True:  # time.monotonic, not loop.time: uvloop's is the pass's start time, to the millisecond
+        due = time.monotonic() + every
         await asyncio.sleep(every)
-        report(loop.time() - due)
+        report(time.monotonic() - due)
 
 
 class PortError(RuntimeError):

@@ -10,6 +10,7 @@ Nothing here imports gradio at module import time.
 
 from __future__ import annotations
 
+import collections
 import functools
 import inspect
 import logging
@@ -394,21 +395,26 @@ def skip_absent_matplotlib() -> bool:
 # ------------------------------------------------------------------------------- inputs and outputs on the loop
 
 # Components whose preprocess and postprocess only convert a value in memory (no file, image, audio or network work,
-# no pandas): the chat's inputs and outputs, the panel's Markdown. Exact types: a subclass may do more.
+# no pandas): the chat's inputs and outputs, the panel's Markdown. Exact types: a subclass may do more. The Chatbot
+# is not among them: its preprocess builds (and preprocesses) any component a client names inside a message, an
+# image decoded or an audio file run through ffmpeg; only its postprocess of a short text-only history is inlined.
 INLINE_COMPONENTS = ("Slider", "Number", "Checkbox", "Textbox", "State", "JSON", "Markdown", "Dropdown", "Radio",
-                     "MultimodalTextbox", "Chatbot")  # fmt: skip
+                     "MultimodalTextbox")  # fmt: skip
+INLINE_HISTORY_MESSAGES = 64  # a longer history's postprocess (~0.9 ms at 50 turns, 11 ms at 200) keeps its thread
 
 
 def inline_processing() -> bool:
     """gradio runs each input's `preprocess` and each output's `postprocess` of an event in a worker thread of its
     own (`Blocks.preprocess_data` / `postprocess_data`: `anyio.to_thread.run_sync`, one after the other). The chat
     event has 15 such inputs (the message, the sampling and budget controls): 15 hand-offs to a thread and back
-    before the handler starts, each waiting its turn for the GIL and the event loop under load, ~50 ms of a 16-chat
-    load's 62 ms from the request's arrival to the handler on a 2-core VM (0.2 ms inline); and one more per streamed
-    update. For the components named in INLINE_COMPONENTS the conversion runs where gradio awaits it, on the event
-    loop: the same function, the same errors, no thread; so does the call of an async generator function (the chat
-    handler as `ui.streaming` gives it), which gradio also hands to a thread. Everything else keeps its thread. Process-wide (it
-    changes what `gradio.blocks` sees as `anyio`); False if it was in place already.
+    before the handler starts, each waiting its turn for the GIL and the event loop under load, ~46 ms p50 of a
+    16-chat load's wait from the request's arrival to the handler on a 2-core VM (0.2 ms inline; on an H100 at 32
+    chats the whole wait went 0.226 -> 0.058 s p50); and one more per streamed update. For the components named in
+    INLINE_COMPONENTS, and the Chatbot's postprocess of a text-only history of at most INLINE_HISTORY_MESSAGES
+    messages, the conversion runs where gradio awaits it, on the event loop: the same function, the same errors, no
+    thread; so does the call of an async generator function (the chat handler as `ui.streaming` gives it), which
+    gradio also hands to a thread. Everything else keeps its thread. Process-wide (it changes what `gradio.blocks`
+    sees as `anyio`); False if it was in place already.
     """
     import gradio
     import gradio.blocks as blocks
@@ -418,7 +424,7 @@ def inline_processing() -> bool:
         return False
     _require(_require(real, "to_thread", "anyio"), "run_sync", "anyio.to_thread")
     kinds = tuple(_require(gradio, name, "gradio") for name in INLINE_COMPONENTS)
-    blocks.anyio = _InlineAnyio(real, kinds)
+    blocks.anyio = _InlineAnyio(real, kinds, _require(gradio, "Chatbot", "gradio"))
     return True
 
 
@@ -426,29 +432,45 @@ class _InlineAnyio:
     """`anyio` as gradio.blocks sees it: `to_thread.run_sync(component.preprocess | postprocess, value)` of the
     given component types runs inline; everything else is the real anyio."""
 
-    def __init__(self, real: Any, kinds: tuple[type, ...]) -> None:
-        self._real, self.to_thread = real, _InlineToThread(real.to_thread, kinds)
+    def __init__(self, real: Any, kinds: tuple[type, ...], chatbot: type) -> None:
+        self._real, self.to_thread = real, _InlineToThread(real.to_thread, kinds, chatbot)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
 
 
 class _InlineToThread:
-    def __init__(self, real: Any, kinds: tuple[type, ...]) -> None:
-        self._real, self._kinds = real, frozenset(kinds)
-        self.inlined = 0  # calls run inline (tests read it)
+    def __init__(self, real: Any, kinds: tuple[type, ...], chatbot: type) -> None:
+        self._real, self._kinds, self._chatbot = real, frozenset(kinds), chatbot
+        self.inlined: collections.Counter[str] = collections.Counter()  # "Slider.preprocess" -> calls run inline
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
 
     async def run_sync(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        owner = getattr(fn, "__self__", None)
-        if type(owner) in self._kinds and getattr(fn, "__name__", "") in ("preprocess", "postprocess"):
-            self.inlined += 1
+        kind, name = type(getattr(fn, "__self__", None)), getattr(fn, "__name__", "")
+        inline = name in ("preprocess", "postprocess") and kind in self._kinds
+        if kind is self._chatbot and name == "postprocess":
+            inline = len(args) == 1 and _plain_history(args[0])
+        if inline:
+            self.inlined[f"{kind.__name__}.{name}"] += 1
             return fn(*args)
         if inspect.isasyncgenfunction(fn):
             # `Blocks.call_function` awaits an event function that is not a coroutine function in a thread, an async
             # generator function included (the chat's): calling one only makes the generator object.
-            self.inlined += 1
+            self.inlined["async generator"] += 1
             return fn(*args)
         return await self._real.run_sync(fn, *args, **kwargs)
+
+
+def _plain_history(value: Any) -> bool:
+    """A chat history whose every message's content is a string (no file, no component), and not a long one."""
+    if value is None:
+        return True
+    if not isinstance(value, list) or len(value) > INLINE_HISTORY_MESSAGES:
+        return False
+    for message in value:
+        content = message.get("content") if isinstance(message, dict) else getattr(message, "content", None)
+        if not isinstance(content, str):
+            return False
+    return True

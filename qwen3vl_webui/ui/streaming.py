@@ -118,7 +118,7 @@ class _Pump:
                 break
             try:
                 await asyncio.wait_for(self._wake.wait(), max(0.0, deadline - self._loop.time()))
-            except TimeoutError:  # the thread ends on its own; its request is cancelled
+            except asyncio.TimeoutError:  # the thread ends on its own; its request is cancelled
                 break
 
 
