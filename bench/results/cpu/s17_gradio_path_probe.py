@@ -6,10 +6,20 @@ Session 17's probe (bench/RESULTS.md): wraps gradio's Queue.process_events, call
 preprocess_data, call_function and the handler's first line with timestamps, runs CHATS closed-loop chats through the
 page's protocol for 12 s and prints each stage's p50 / p90. CACHE_DIR holds the tiny checkpoint (demo-tiny-v1).
 """
-import contextvars, statistics, sys, threading, time, functools
+import contextvars
+import functools
+import statistics
+import sys
+import threading
+import time
+
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[3]))
 from pathlib import Path
-import gradio.queueing as gq, gradio.route_utils as ru, gradio.blocks as gb
+
+import gradio.blocks as gb
+import gradio.queueing as gq
+import gradio.route_utils as ru
+
 from qwen3vl_webui.service import metrics as sm
 
 CV = contextvars.ContextVar("probe", default=None)
@@ -36,7 +46,6 @@ orig_pe = gq.Queue.process_events
 async def pe(self, events, batch, begin_time, fn):
     d = {"pe": time.monotonic(), "enq": events[0].enqueue_time if hasattr(events[0], "enqueue_time") else None}
     req = events[0].request
-    arr = getattr(getattr(req, "request", req), "scope", {}).get("state", {}) if req is not None else {}
     d["arrived"] = sm.arrived_at(req) if req is not None else None
     CV.set(d)
     try:
@@ -61,9 +70,9 @@ def started(self, door, arrived, now=None):
     return orig_started(self, door, arrived, now)
 sm.DoorMetrics.started = started
 
-from tests.conftest import start_app
-from bench import load_test
-import tests.conftest as c
+from bench import load_test  # noqa: E402 - after sys.path names the repository
+from tests.conftest import start_app  # noqa: E402
+
 ckpt = Path(sys.argv[1])
 chats = int(sys.argv[2]) if len(sys.argv) > 2 else 16
 app, url = start_app(ckpt, "--engine", "batch", "--max-concurrency", str(chats), "--queue-size", str(2 * chats), "--max-new-tokens", "64")
@@ -76,7 +85,10 @@ def one():
     finally:
         chat.close()
 ts = [threading.Thread(target=one) for _ in range(chats)]
-[t.start() for t in ts]; [t.join() for t in ts]
+for t in ts:
+    t.start()
+for t in ts:
+    t.join()
 for fn in app.demo.fns.values():
     if fn.api_name == "chat":
         print("chat fn inputs", len(fn.inputs), [type(b).__name__ for b in fn.inputs], "outputs", [type(b).__name__ for b in fn.outputs])
