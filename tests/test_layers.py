@@ -2,7 +2,7 @@
 functions and under TYPE_CHECKING alike, so that they stay true.
 
     base     config, precisions, ranges, conversation, media (+ media_child), vision_rules, planner, telemetry,
-             heap, zerogpu: plain data and arithmetic
+             heap, zerogpu, workers: plain data, arithmetic and threads
     kernels  attention, GEMV, int8, fusion, vision attention: a leaf, imports nothing of ours but kernels
     weights  loading, the demo and random weights, the chat template
     engine   the batch engine, plain generate, the engine process
@@ -30,7 +30,7 @@ PACKAGE = "qwen3vl_webui"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 BASE = {
     "config", "precisions", "ranges", "conversation", "media", "media_child", "vision_rules", "planner",
-    "telemetry", "heap", "zerogpu", "plan", "documents",
+    "telemetry", "heap", "zerogpu", "plan", "documents", "workers",
 }  # fmt: skip
 RANKS = {"base": 0, "kernels": 1, "weights": 2, "engine": 3, "service": 4, "ui": 5, "server": 6, "wiring": 7,
          "cli": 8, "precompile": 8, "jobs": 8, "__main__": 9}  # fmt: skip
