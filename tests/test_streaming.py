@@ -6,11 +6,12 @@ import asyncio
 import inspect
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from qwen3vl_webui.ui import streaming
+from tests.conftest import wait_for
 
 
 def _texts(n: int, pause_s: float, seen: dict[str, object]) -> Iterator[str]:
@@ -24,6 +25,15 @@ def _texts(n: int, pause_s: float, seen: dict[str, object]) -> Iterator[str]:
     finally:
         seen["closed_on"] = threading.current_thread().name
         seen["closed_at"] = time.monotonic()
+
+
+async def _close_after_first(handler: Callable[[], Iterator[str]], first: str) -> float:
+    """Reads the first text of `handler` streamed on the loop, then closes the stream (Stop): the close's seconds."""
+    stream = streaming.on_event_loop(handler)()
+    assert await stream.__anext__() == first
+    started = time.monotonic()
+    await stream.aclose()
+    return time.monotonic() - started
 
 
 def handler(message: str, history: list, request: object = None) -> Iterator[str]:  # the shape gradio inspects
@@ -88,14 +98,7 @@ def test_closing_early_cancels_the_request_and_waits_for_the_handlers_end() -> N
         finally:
             seen["closed_on"] = threading.current_thread().name
 
-    async def run() -> float:
-        stream = streaming.on_event_loop(handler)()
-        assert await stream.__anext__() == "a"
-        started = time.monotonic()
-        await stream.aclose()
-        return time.monotonic() - started
-
-    took = asyncio.run(run())
+    took = asyncio.run(_close_after_first(handler, "a"))
     assert seen == {"cancelled": True, "closed_on": "chat-stream"} and took < 1.0, (seen, took)
     assert streaming.current_cancel() is None  # only on a stream's thread
 
@@ -154,20 +157,10 @@ def test_a_handler_that_ignores_the_close_is_waited_for_at_most_close_wait_s(mon
         finally:
             seen["closed_on"] = threading.current_thread().name
 
-    async def run() -> float:
-        stream = streaming.on_event_loop(deaf)()
-        assert await stream.__anext__() == "first"
-        started = time.monotonic()
-        await stream.aclose()
-        return time.monotonic() - started
-
-    waited = asyncio.run(run())
+    waited = asyncio.run(_close_after_first(deaf, "first"))
     assert 0.25 <= waited < 2.0 and "closed_on" not in seen
     release.set()
-    deadline = time.monotonic() + 5
-    while "closed_on" not in seen and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert seen["closed_on"] == "chat-stream"
+    assert wait_for(lambda: "closed_on" in seen, 5) and seen["closed_on"] == "chat-stream"
 
 
 def test_a_reused_thread_carries_no_cancel_over() -> None:
@@ -190,9 +183,7 @@ def test_a_reused_thread_carries_no_cancel_over() -> None:
         after.update(cancel=streaming.current_cancel(), thread=threading.get_ident())
         finished.set()
 
-    deadline = time.monotonic() + 5
-    while streaming._WORKERS.idle == 0 and time.monotonic() < deadline:  # the stream's thread back in the pool
-        time.sleep(0.01)
+    assert wait_for(lambda: streaming._WORKERS.idle > 0, 5)  # the stream's thread back in the pool
     streaming._WORKERS.run(next_job)
     assert finished.wait(5)
     assert during["cancel"] is not None and after["thread"] == during["thread"]  # the same, reused thread
