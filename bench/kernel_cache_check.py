@@ -36,21 +36,28 @@ loaded = load(sys.argv[2], sys.argv[3], sys.argv[4])
 weights_s = time.perf_counter() - t
 t = time.perf_counter()
 engine = BatchEngine(loaded, BatchOptions(max_batch=32, token_budget=32 * 2048, compile=False,
-                                          kernel_cache_dir=sys.argv[1]))
+                                          kernel_cache_dir=sys.argv[1], **json.loads(sys.argv[5])))
 engine_s = time.perf_counter() - t
+deadline = time.monotonic() + 60
+while "capturing" in engine.prefill_path and time.monotonic() < deadline:
+    time.sleep(0.02)
 print("RESULT " + json.dumps({"weights_s": round(weights_s, 2), "engine_s": round(engine_s, 2),
+                              "prefill_graphs_done_s": round(time.perf_counter() - t, 2),
                               "decode_path": engine.decode_path, "prefill_path": engine.prefill_path}), flush=True)
 engine.close()
 """
+BUILDS = re.compile(r"kernel builds: (\d+) Triton kernels built in ([\d.]+) s on (\d+) threads")
 
 READY = re.compile(r"decode steps ready in ([\d.]+) s \((\w[\w ]*)\), prefill in ([\d.]+) s")
 
 
-def engine_run(cache: Path, label: str, model: tuple[str, str, str]) -> dict:
-    env = {**os.environ, "TRITON_CACHE_DIR": str(cache), "PYTHONUNBUFFERED": "1"}
+def engine_run(
+    cache: Path, label: str, model: tuple[str, str, str], options: dict | None = None, env: dict | None = None
+) -> dict:
+    env = {**os.environ, "TRITON_CACHE_DIR": str(cache), "PYTHONUNBUFFERED": "1", **(env or {})}
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(cache), *model], capture_output=True, text=True, env=env,
-                          timeout=300)  # fmt: skip
+    argv = [sys.executable, "-c", CHILD, str(cache), *model, json.dumps(options or {})]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     out = {"label": label, "wall_s": round(time.perf_counter() - started, 2), "exit_code": proc.returncode}
     text = proc.stdout + proc.stderr
     for line in text.splitlines():
@@ -58,6 +65,8 @@ def engine_run(cache: Path, label: str, model: tuple[str, str, str]) -> dict:
             out.update(json.loads(line[7:]))
         if m := READY.search(line):
             out.update(decode_ready_s=float(m.group(1)), decode_mode=m.group(2), prefill_ready_s=float(m.group(3)))
+        if m := BUILDS.search(line):
+            out.update(builds=int(m.group(1)), builds_s=float(m.group(2)), build_threads=int(m.group(3)))
     out["triton_entries"] = sum(1 for p in cache.iterdir() if p.is_dir()) if cache.exists() else 0
     if proc.returncode:
         out["tail"] = text[-1500:]
@@ -91,8 +100,14 @@ def main() -> int:
     ap.add_argument("--out", required=True, help="the JSON report")
     ap.add_argument("--runs", type=int, default=2, help="runs with the warm Triton cache (default 2)")
     ap.add_argument("--cpu", action="store_true", help="plumbing: the tiny random model on a CPU (no Triton)")
+    ap.add_argument("--ab", type=int, default=0, metavar="ROUNDS",
+                    help="instead: ROUNDS x (a: kernels built one by one at first launch and prefill graphs captured "
+                         "before serving, as before session 18; b: both as now), each with an empty Triton cache")  # fmt: skip
+    ap.add_argument("--precision", default="bf16", help="with --ab (default bf16)")
     args = ap.parse_args()
     model = ("random-weights:tiny", "fp32", "cpu") if args.cpu else ("random-weights:4b", "bf16", "cuda")
+    if args.ab:
+        return start_ab(args, (model[0], "fp32" if args.cpu else args.precision, model[2]))
     report: dict = {"imports": imports()}
     cache = Path(tempfile.mkdtemp(prefix="qwen3vl-triton-"))
     report["cold"] = engine_run(cache, "empty Triton cache", model)
@@ -102,6 +117,27 @@ def main() -> int:
         report["saved_s"] = round(report["cold"]["engine_s"] - min(warm), 2)
         print(f"engine start (graphs, no compile): cold Triton cache {report['cold']['engine_s']} s, warm {warm} s: "
               f"the kernels' builds cost {report['saved_s']} s", flush=True)  # fmt: skip
+    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+def start_ab(args: argparse.Namespace, model: tuple[str, str, str]) -> int:
+    """The engine's start with an empty Triton cache, the two ways alternated: engine_s is until it serves."""
+    sides = {
+        "a": ({"defer_prefill_graphs": False}, {"QWEN3VL_PARALLEL_BUILDS": "0"}),
+        "b": ({}, {"QWEN3VL_PARALLEL_BUILDS": "1"}),
+    }
+    report: dict = {"model": list(model), "a": [], "b": []}
+    for k in range(args.ab):
+        for side, (options, env) in sides.items():
+            cache = Path(tempfile.mkdtemp(prefix=f"qwen3vl-triton-{side}-"))
+            report[side].append(engine_run(cache, f"{side}, round {k + 1}", model, options, env))
+    for side in sides:
+        runs = [r["engine_s"] for r in report[side] if "engine_s" in r]
+        report[f"{side}_engine_s_median"] = sorted(runs)[len(runs) // 2] if runs else None
+    a, b = report["a_engine_s_median"], report["b_engine_s_median"]
+    if a and b:
+        print(f"engine start, empty Triton cache: a {a} s, b {b} s (b / a {b / a:.2f})", flush=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     return 0
 

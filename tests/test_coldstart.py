@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -276,6 +277,80 @@ def test_the_background_compile_waits_for_the_first_idle_moment(
         while engine.compile_state != "compiling" and time.monotonic() < deadline:
             time.sleep(0.01)
         assert not graphs.compile_pending and engine.compile_state == "compiling"  # started, held at the gate
+
+
+class _StandInChunkGraphs:
+    """engine/batch/prefill.ChunkGraphs whose 'capture' of a length records when it ran and makes a stand-in replay
+    (the forward rerun on the static buffers; CPU has no CUDA graphs)."""
+
+    def __new__(cls, graphs: Any, log: list[tuple[int, str]]) -> Any:
+        from qwen3vl_webui.engine.batch import prefill
+
+        class StandIn(prefill.ChunkGraphs):
+            def _capture_one(self, n: int) -> None:
+                log.append((n, graphs.compile_state))
+                forward = functools.partial(prefill.chunk_forward, *self._args(n))
+                out = self._hidden[:, :n]
+                self._graphs[n] = type("Replay", (), {"replay": lambda _: out.copy_(forward()[0])})()
+
+        return StandIn
+
+
+def test_first_chunk_graphs_are_captured_between_steps_after_the_first_answers_and_before_the_compile(
+    loaded: LoadedModel, prompts: dict[str, PreparedPrompt], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the decode step compiles in the background, the first-chunk graphs are not captured before the engine
+    serves (~3.5 s on an H100): a prompt prefills eagerly until its length is captured, the captures come one per
+    step boundary (longest first) while a stream decodes, the background compile asked for meanwhile starts only
+    after the last, and every answer equals `generate`'s before, during and after."""
+    from qwen3vl_webui.engine.batch import graphs as graphs_module
+
+    monkeypatch.setattr(graphs_module, "PREFILL_CAPTURE_GAP_S", 0.0)  # one capture at every boundary while busy
+    names = ["text", "count"]
+    expected = {n: reference(loaded, prompts[n]) for n in names}
+    captured: list[tuple[int, str]] = []  # (length, compile state) at each capture
+    gate = threading.Semaphore(0)  # the compile, once started, waits at its first bucket
+    opts = options(tmp_path, compile_delay_s=600.0, prefill_chunk=64, prefix_slots=0)
+    with BatchEngine(loaded, opts, gate) as engine:
+        graphs, runner = engine.core.graphs, engine.core.runner
+        assert runner.chunk_graphs is None  # CPU: none of its own
+        # The engine thread is idle (blocked for work): nothing reads these two attributes until a request arrives.
+        graphs.defer_prefill_capture(runner.new_chunk_graphs((32, 64), _StandInChunkGraphs(graphs, captured)))
+        assert "capturing, 0 of 2 lengths" in engine.prefill_path
+        graphs.start_now()  # as the compile's timer would: held until the captures are done
+        assert engine.compile_state == "waiting" and captured == []
+        kinds = dict(engine.snapshot().prefill_kinds)
+        first = list(engine.submit_tokens(prompts["text"], GREEDY, threading.Event()))
+        during = dict(engine.snapshot().prefill_kinds)
+        deadline = time.monotonic() + 10
+        while engine.compile_state != "compiling" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.compile_state == "compiling"  # started after the last capture, held at the gate
+        second = {n: list(engine.submit_tokens(prompts[n], GREEDY, threading.Event())) for n in names}
+        after = dict(engine.snapshot().prefill_kinds)
+        path = engine.prefill_path
+    assert first == expected["text"] and second == expected
+    assert [n for n, _ in captured] == [64, 32] and {state for _, state in captured} == {"waiting"}
+    assert during.get("eager", 0) == kinds.get("eager", 0) + 1  # the first prompt: before any capture, eagerly
+    assert after.get("graphed", 0) - during.get("graphed", 0) == 2  # later ones replay their length's graph
+    assert path == "cuda graphs (first chunks) + eager" and graphs.prefill_capture_s >= 0.0
+
+
+def test_an_engine_on_a_gpu_defers_its_prefill_graphs_only_where_the_compile_is_in_the_background() -> None:
+    """The choice itself (BatchOptions -> DecodeGraphs.defer_prefill): on by default where decode compiles in the
+    background, off for `--compile before-serving` and for compiled prompt chunks, and as the option says."""
+    from qwen3vl_webui.engine.batch.graphs import DecodeGraphs
+
+    def defer(**changes: Any) -> bool:
+        graphs = DecodeGraphs.__new__(DecodeGraphs)
+        opts = BatchOptions(max_batch=2, token_budget=2 * 512, **changes)
+        graphs.background = True if opts.background_compile is None else opts.background_compile  # a CUDA engine's
+        graphs.compile_prefill = opts.compile_prefill
+        return DecodeGraphs._defers_prefill(graphs, opts)
+
+    assert defer() and defer(compile=False)
+    assert not defer(background_compile=False) and not defer(compile_prefill=True)
+    assert not defer(defer_prefill_graphs=False) and defer(background_compile=False, defer_prefill_graphs=True)
 
 
 # ------------------------------------------------------------ a compile that takes its time (second reader's items)

@@ -149,6 +149,8 @@ class EngineCore:
         try:
             if self._inflight is None:
                 self.graphs.swap_ready()  # between two decode steps: a compiled bucket replaces its eager graph
+                if self.graphs.prefill_capture_due(idle=self._idle()):
+                    self.graphs.capture_prefill_next()  # a first-chunk graph left from start-up
                 for slot in self.scheduler.cancelled_slots():
                     self._release(slot, "cancelled")
                 if self.scheduler.decode_now():
@@ -167,6 +169,8 @@ class EngineCore:
                 self._out.fail(req, exc)
             self.kv.clear_all()
         self._flush()
+        if self.graphs.prefill_capturing and self._idle():
+            self.scheduler.nudge()  # the next capture at once, unless a request arrives first
         if self.graphs.compile_pending and self._idle():
             self.graphs.start_now()
         return True
@@ -335,7 +339,7 @@ class EngineCore:
         reasons = [req.ends(token, self.eos) for req, token in rows]
         sched = self.scheduler
         going_on = any(req.finish_reason is None for req in sched.running)
-        if going_on and not self.graphs.swap_pending and sched.decode_now():
+        if going_on and not self.graphs.boundary_wanted and sched.decode_now():
             self._launch()
         for req, token in rows:
             req.kv_len += 1

@@ -16,13 +16,15 @@ from qwen3vl_webui.engine.batch import artifacts, compiled, prefill
 from qwen3vl_webui.engine.batch.kv import SlotKV
 from qwen3vl_webui.engine.batch.options import LEN_ALIGN, BatchOptions
 from qwen3vl_webui.engine.batch.runner import ModelRunner
-from qwen3vl_webui.kernels import attention, fusion, vision
+from qwen3vl_webui.kernels import attention, builds, fusion, vision
 from qwen3vl_webui.weights.model import LoadedModel
 
 log = logging.getLogger(__name__)
 
 # The switch interval while the compile thread runs (Python's default: 5 ms); see DecodeGraphs._compile_buckets.
 SWITCH_INTERVAL_S = 0.00005
+# While streams are under way, one first-chunk capture (~0.1 s) per this many seconds (DecodeGraphs.prefill_capture_due).
+PREFILL_CAPTURE_GAP_S = 0.3
 
 
 def cuda_index(device: Any) -> int:
@@ -62,6 +64,10 @@ class DecodeGraphs:
         self.compile_prefill = bool(options.compile_prefill)
         self.prefill_error: str | None = None
         self.prefill_warmup_s = 0.0
+        self.prefill_capture_s = 0.0
+        self._prefill_todo: prefill.ChunkGraphs | None = None
+        self._prefill_last = 0.0
+        self._start_after_prefill = False
         # Decode Linears (kernels/fusion.py): q/k/v and gate/up as one product each, and one-row products on 16-bit
         # weights through the Triton GEMV. On by default on CUDA (bf16 1 stream 219 -> 270 tok/s on an H100,
         # bench/results/h100/gemv_check.json); each skips the layers it cannot take (quantized, fp32).
@@ -71,8 +77,13 @@ class DecodeGraphs:
         self.fused_groups = 0
         self.decode_attention = ""
         self.warmup_s: dict[int, float] = {}  # per bucket: compile (if any) + two warm-up steps
+        self.kernel_builds: builds.DryRun | None = None  # the parallel builds' pass (CUDA), once it ran
+        self.kernel_build_s = 0.0
         # Compiling in the background (None: wherever the step is compiled on CUDA): serve from eager graphs first.
         self.background = on_cuda if options.background_compile is None else bool(options.background_compile)
+        # First-chunk graphs captured between the first steps (None: wherever the decode step compiles in the
+        # background, or would: `--compile off` serves at once as well).
+        self.defer_prefill = self._defers_prefill(options)
         self.compile_state = "none" if not self.compile else "waiting"  # none, waiting, compiling, done, failed
         self.compiled_at: dict[int, float] = {}  # bucket -> wall time its compiled step began to serve
         self.artifacts = "off"  # compile artifacts: off, absent, ignored, loaded, saved
@@ -106,6 +117,10 @@ class DecodeGraphs:
         # H100, and an engine process that exits gets 30 s before it is killed (remote/client.py STOP_WAIT_S).
         self.stop_timeout_s = 5.0
 
+    def _defers_prefill(self, options: BatchOptions) -> bool:
+        wanted = options.defer_prefill_graphs
+        return (self.background if wanted is None else bool(wanted)) and not self.compile_prefill
+
     # ------------------------------------------------------------------ start-up (worker thread)
 
     def prepare(self) -> None:
@@ -114,8 +129,11 @@ class DecodeGraphs:
         decode_s = time.perf_counter() - started
         self._prepare_prefill()
         if self.cuda_graphs or self.compile:  # the start-up's two slow stages, apart (issue 14's timeline)
+            prefill_mode = "eager" if self.runner.chunk_graphs is None else "graphs"
+            if self._prefill_todo is not None:
+                prefill_mode = "graphs to capture between steps"
             log.info("decode steps ready in %.1f s (%s), prefill in %.1f s (%s)", decode_s, self.decode_mode,
-                     self.prefill_warmup_s, "graphs" if self.runner.chunk_graphs is not None else "eager")  # fmt: skip
+                     self.prefill_warmup_s, prefill_mode)  # fmt: skip
 
     def _prepare_decode(self) -> None:
         """Compiles (if asked) and warms up every bucket, then captures the graphs: all before the first request."""
@@ -165,6 +183,7 @@ class DecodeGraphs:
             # swapped in bucket by bucket between two decode steps (`swap_ready`).
             self.compile_state = "waiting"
             if self.cuda_graphs:
+                self._build_kernels(self.runner.forward, side)
                 self._warm_up(self.runner.forward, side)
                 self._capture(self.runner.forward)
             self.kv.zero()
@@ -173,6 +192,8 @@ class DecodeGraphs:
         if self.compile:
             forward = self._compiled_forward()
             self.compile_state = "compiling"
+        else:
+            self._build_kernels(forward, side)
         try:
             try:
                 self._warm_up(forward, side)
@@ -302,6 +323,9 @@ class DecodeGraphs:
         with self._start_lock:
             if self.compile_state != "waiting" or self._compiler is not None or self._stop.is_set():
                 return
+            if self._prefill_todo is not None:  # after the prefill's captures (`capture_prefill_next`)
+                self._start_after_prefill = True
+                return
             self._compiler = threading.Thread(target=self._compile_buckets, name="decode-compile", daemon=True)
             self._compiler.start()
 
@@ -414,6 +438,11 @@ class DecodeGraphs:
         """A compiled bucket waits to be swapped in: the engine leaves a step boundary free for it."""
         return not self._ready.empty()
 
+    @property
+    def boundary_wanted(self) -> bool:
+        """The next step boundary has work of ours (a swap, a prefill capture): the engine leaves it free."""
+        return self.swap_pending or self.prefill_capture_due(idle=False)
+
     def swap_ready(self) -> None:
         """Between two decode steps (nothing in flight), on the engine thread: swaps in one compiled bucket.
 
@@ -525,6 +554,33 @@ class DecodeGraphs:
         thread = self._compiler
         return thread is not None and thread.is_alive()
 
+    def _build_kernels(self, forward: Callable[[int], Any], stream: Any) -> None:
+        """Before the first warm-up (CUDA): one dry pass over every bucket builds the Triton kernels the steps launch,
+        in parallel threads (kernels/builds.py); the warm-up then finds them built. Its outputs are garbage: the
+        warm-up runs next and the KV is zeroed after it. A failure leaves the builds to the warm-up, one by one."""
+        if stream is None or not builds.available():
+            return
+        import torch
+
+        started = time.perf_counter()
+        stream.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(stream), builds.dry_launches() as run:
+                for rows in self.buckets:
+                    forward(rows)
+            stream.synchronize()
+        except Exception as exc:
+            log.warning("kernel builds: the parallel pass failed (%r); each builds at its first launch", exc)
+            return
+        finally:
+            torch.cuda.current_stream().wait_stream(stream)
+        self.kernel_builds = run
+        self.kernel_build_s = round(time.perf_counter() - started, 2)
+        log.info(
+            "kernel builds: %d Triton kernels built in %.1f s on %d threads (%d launches skipped, %.1f s waited)",
+            run.built, self.kernel_build_s, run.workers, run.skipped, run.wait_s,
+        )  # fmt: skip
+
     def _warm_up(self, forward: Callable[[int], Any], stream: Any) -> None:
         """Two steps per bucket (the first one compiles), off the capture stream as torch.cuda.graph asks."""
         import contextlib
@@ -564,7 +620,9 @@ class DecodeGraphs:
         torch.cuda.synchronize()
 
     def _prepare_prefill(self) -> None:
-        """Captures the first-chunk graphs and/or compiles chunks, so no request waits for either.
+        """Captures the first-chunk graphs and/or compiles chunks, so no request waits for either; or, where the decode
+        step compiles in the background, leaves the captures for the engine thread between its first steps
+        (`defer_prefill_graphs`): ~3.5 s of captures (32 lengths) off the way to the first answer.
 
         A failure leaves prompts on the eager path, correct and slower, and says why in `prefill_path`.
         """
@@ -575,14 +633,65 @@ class DecodeGraphs:
             steps = range(self.options.prefill_graph_step, chunk, self.options.prefill_graph_step)
             try:
                 graphs = self.runner.new_chunk_graphs((*steps, chunk))
-                graphs.capture()
-                self.runner.chunk_graphs = graphs
+                if self.defer_prefill:
+                    self.defer_prefill_capture(graphs)
+                else:
+                    graphs.capture()
+                    self.runner.chunk_graphs = graphs
             except Exception as exc:
                 log.warning("CUDA graph capture of the prefill failed; prompts prefill eagerly: %r", exc)
                 self.prefill_error = f"graph capture failed: {type(exc).__name__}: {str(exc)[:300]}"
         if self.compile_prefill:
             self._compile_prefill()
         self.prefill_warmup_s = round(time.perf_counter() - started, 2)
+
+    def defer_prefill_capture(self, graphs: prefill.ChunkGraphs) -> None:
+        """Serves prompts eagerly until their length's graph is captured by `capture_prefill_next` (engine thread,
+        between steps); holds the background compile until the last one (a capture must not overlap the compile
+        thread's GPU work: inductor's autotuning synchronises the device)."""
+        self.runner.chunk_graphs = graphs
+        self._prefill_todo = graphs
+
+    @property
+    def prefill_capturing(self) -> bool:
+        """First-chunk graphs are left to capture between steps."""
+        return self._prefill_todo is not None
+
+    def prefill_capture_due(self, idle: bool) -> bool:
+        """Whether the next step boundary captures one (always when idle; while serving, one per
+        PREFILL_CAPTURE_GAP_S, so the streams under way lose at most ~a third of their pace meanwhile)."""
+        if self._prefill_todo is None:
+            return False
+        return idle or time.perf_counter() - self._prefill_last >= PREFILL_CAPTURE_GAP_S
+
+    def capture_prefill_next(self) -> None:
+        """Between two steps, on the engine thread: captures one more first-chunk length (longest first)."""
+        graphs = self._prefill_todo
+        if graphs is None:
+            return
+        more = False
+        try:
+            more = graphs.capture_next()
+        except Exception as exc:  # prompts prefill eagerly, as when the capture before serving fails
+            log.warning("CUDA graph capture of the prefill failed; prompts prefill eagerly: %r", exc)
+            self.prefill_error = f"graph capture failed: {type(exc).__name__}: {str(exc)[:300]}"
+            self.runner.chunk_graphs = None
+        self._prefill_last = time.perf_counter()
+        if more and self.prefill_error is None:
+            return
+        if self.prefill_error is None:
+            log.info("prefill: %d first-chunk graphs captured between steps (%.1f s of captures)",
+                     len(graphs.lengths), graphs.capture_s)  # fmt: skip
+        self.prefill_capture_s = round(graphs.capture_s, 2)
+        with self._start_lock:
+            self._prefill_todo = None
+            start, self._start_after_prefill = self._start_after_prefill, False
+        if str(self.loaded.device).startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()  # the eager runs' transients, cached on the captures' side stream
+        if start:
+            self.start_now()
 
     def _compile_prefill(self) -> None:
         """Compiles prompt chunks and warms both graphs.
@@ -665,7 +774,11 @@ class DecodeGraphs:
     def prefill_path(self) -> str:
         """How prompt chunks run, in words."""
         paths = []
-        if self.runner.chunk_graphs is not None:
+        graphs = self.runner.chunk_graphs
+        if graphs is not None and self._prefill_todo is graphs:
+            done = len(graphs.lengths) - len(graphs.pending)
+            paths.append(f"cuda graphs (first chunks: capturing, {done} of {len(graphs.lengths)} lengths)")
+        elif graphs is not None:
             paths.append("cuda graphs (first chunks)")
         paths.append("torch.compile" if self.runner.chunk_forward is not prefill.chunk_forward else "eager")
         return " + ".join(paths) + (f" ({self.prefill_error})" if self.prefill_error else "")

@@ -44,6 +44,9 @@ class BatchOptions:
     gemv: bool | None = None  # one-row products through the Triton GEMV; None: on CUDA
     prefill_graphs: bool | None = None  # first prompt chunks replayed from CUDA graphs; None: where decode is graphed
     compile_prefill: bool = False  # prompt chunks through torch.compile (minutes of start-up on an H100)
+    # First-chunk graphs captured one length at a time between the engine's first steps rather than before it serves
+    # (graphs.DecodeGraphs.capture_prefill_next); None: wherever decode compiles in the background.
+    defer_prefill_graphs: bool | None = None
     # Padded lengths of the first-chunk prefill graphs (engine/batch/prefill.py), capped at the prefill chunk: every
     # multiple of LEN_ALIGN, so a prompt pays at most 63 tokens of padding (capturing one takes ~0.1 s on an H100).
     prefill_graph_step: int = LEN_ALIGN

@@ -7,6 +7,7 @@ few padded lengths at start-up, so a fresh prompt's text forward costs one graph
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 # A chunk compiles for lengths >= 2 after an empty past or one of >= 2 tokens: dynamo specialises sizes 0 and 1, so
@@ -105,13 +106,17 @@ def media_inputs(embeds: Any, layers: int, pieces: list[tuple[Any, Any, Any]]) -
 
 
 class ChunkGraphs:
-    """First chunks (empty past) replayed from CUDA graphs, one per padded length, captured at start-up.
+    """First chunks (empty past) replayed from CUDA graphs, one per padded length.
 
     A chunk of n tokens runs in the graph of the smallest length >= n: its inputs are copied into static buffers,
     the padding rows after them are zeroed (causal attention never lets the real rows see them; zeros keep them
     finite), and the real rows' hidden states and keys/values are read back. Every graph
     shares one memory pool and writes into the same output buffers, so what the graphs pin is about one longest
     chunk's prefill transient, however many lengths there are; the next replay overwrites the outputs.
+
+    The lengths are captured longest first (the pool fits the shorter ones in what the longest left), all at once
+    (`capture`) or one at a time between the engine's steps (`capture_next`, issue 14: the first answer does not
+    wait for ~3.5 s of captures); until its own length is captured, a chunk runs eagerly (`fits`).
     """
 
     def __init__(self, lm: Any, lengths: tuple[int, ...], deepstack_layers: int, kv_dims: tuple[int, ...]) -> None:
@@ -128,26 +133,54 @@ class ChunkGraphs:
         self._hidden = torch.zeros_like(self._embeds)
         self._past = self._embeds.new_zeros(0, *kv_dims)
         self._graphs: dict[int, Any] = {}
+        self._pool: Any = None
+        self._side: Any = None
+        self.capture_s = 0.0  # seconds spent capturing so far
+
+    @property
+    def pending(self) -> tuple[int, ...]:
+        """Lengths not captured yet, in the order they will be (longest first)."""
+        return tuple(n for n in reversed(self.lengths) if n not in self._graphs)
 
     def capture(self) -> None:
-        """Eager runs on a side stream (as torch.cuda.graph asks: one per length, two for the first), then the
-        captures, longest first."""
+        """Every length not captured yet."""
+        while self.capture_next():
+            pass
+
+    def capture_next(self) -> bool:
+        """Captures the longest length not captured yet; True while lengths remain. Between two engine steps (nothing
+        in flight), on the engine's thread."""
+        pending = self.pending
+        if pending:
+            started = time.perf_counter()
+            self._capture_one(pending[0])
+            self.capture_s += time.perf_counter() - started
+        return len(pending) > 1
+
+    def _capture_one(self, n: int) -> None:
+        """Eager runs on a side stream (as CUDA graph capture asks: two before the first capture, one before each
+        later one), then the capture on it. Not `torch.cuda.graph`, whose entry synchronises the device, collects
+        garbage and empties the allocator's cache: between two steps nothing of ours is in flight, and the side stream
+        waits for the current one."""
         import torch
 
-        pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+            self._side = torch.cuda.Stream()
+        side = self._side
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for n in (self.lengths[0], *self.lengths):
+            for _ in range(1 if self._graphs else 2):
                 chunk_forward(*self._args(n))
-        torch.cuda.current_stream().wait_stream(side)
-        for n in reversed(self.lengths):
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+            try:
                 hidden, _ = chunk_forward(*self._args(n))
                 self._hidden[:, :n].copy_(hidden)
-            self._graphs[n] = graph
-        torch.cuda.synchronize()
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream().wait_stream(side)
+        self._graphs[n] = graph
 
     def _args(self, n: int) -> tuple[Any, ...]:
         return (
@@ -155,13 +188,18 @@ class ChunkGraphs:
             self._kv[:n],
         )  # fmt: skip
 
+    def padded(self, length: int) -> int | None:
+        """The graph length a first chunk of `length` tokens runs at, or None if longer than every length."""
+        return next((m for m in self.lengths if m >= length), None)
+
     def fits(self, past: int, length: int) -> bool:
-        return past == 0 and length <= self.lengths[-1] and bool(self._graphs)
+        """A first chunk whose padded length is captured."""
+        return past == 0 and self.padded(length) in self._graphs
 
     def run(self, embeds: Any, positions: Any, deepstack: Any) -> tuple[Any, Any]:
         """`chunk_forward` of a first chunk (empty past): hidden states [1, n, hidden], keys/values [n, ...] (views)."""
         n = embeds.shape[1]
-        padded = next(m for m in self.lengths if m >= n)
+        padded = self.padded(n)
         self._embeds[:, :n].copy_(embeds)
         self._embeds[:, n:padded].zero_()
         self._positions[:, :, :n].copy_(positions)
