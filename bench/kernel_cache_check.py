@@ -65,6 +65,8 @@ def engine_run(
             out.update(json.loads(line[7:]))
         if m := READY.search(line):
             out.update(decode_ready_s=float(m.group(1)), decode_mode=m.group(2), prefill_ready_s=float(m.group(3)))
+        if "decode start-up:" in line:
+            out["decode_startup"] = line.split("decode start-up:", 1)[1].strip()
         if m := BUILDS.search(line):
             out.update(builds=int(m.group(1)), builds_s=float(m.group(2)), build_threads=int(m.group(3)))
     out["triton_entries"] = sum(1 for p in cache.iterdir() if p.is_dir()) if cache.exists() else 0

@@ -128,6 +128,8 @@ class EngineCore:
         # It starts when the engine is first idle (after the start-up warm-up's requests, whose prefills would
         # otherwise share the GIL with dynamo) or after `compile_delay_s`, whichever comes first.
         self.graphs.start_background(self.options.compile_delay_s)
+        if self.graphs.prefill_capturing:
+            self.scheduler.nudge()  # the first-chunk graphs: captured from the first step on, between requests' steps
 
     def step(self) -> bool:
         """Admission, at most one prefill forward (so a new prompt stalls running streams for one forward at most),

@@ -79,6 +79,7 @@ class DecodeGraphs:
         self.warmup_s: dict[int, float] = {}  # per bucket: compile (if any) + two warm-up steps
         self.kernel_builds: builds.DryRun | None = None  # the parallel builds' pass (CUDA), once it ran
         self.kernel_build_s = 0.0
+        self.capture_s = 0.0  # the decode graphs' captures at start-up
         # Compiling in the background (None: wherever the step is compiled on CUDA): serve from eager graphs first.
         self.background = on_cuda if options.background_compile is None else bool(options.background_compile)
         # First-chunk graphs captured between the first steps (None: wherever the decode step compiles in the
@@ -134,6 +135,8 @@ class DecodeGraphs:
                 prefill_mode = "graphs to capture between steps"
             log.info("decode steps ready in %.1f s (%s), prefill in %.1f s (%s)", decode_s, self.decode_mode,
                      self.prefill_warmup_s, prefill_mode)  # fmt: skip
+            log.info("decode start-up: kernel builds %.2f s, warm-up per batch size %s s, captures %.2f s",
+                     self.kernel_build_s, self.warmup_s, self.capture_s)  # fmt: skip
 
     def _prepare_decode(self) -> None:
         """Compiles (if asked) and warms up every bucket, then captures the graphs: all before the first request."""
@@ -604,6 +607,7 @@ class DecodeGraphs:
     def _capture(self, forward: Callable[[int], Any]) -> None:
         import torch
 
+        started = time.perf_counter()
         pool = self._pool = torch.cuda.graph_pool_handle()
         self._side = torch.cuda.Stream()
         try:
@@ -618,6 +622,7 @@ class DecodeGraphs:
             self.cuda_graphs = False
             self.graph_error = f"graph capture failed: {type(exc).__name__}: {str(exc)[:300]}"
         torch.cuda.synchronize()
+        self.capture_s = round(time.perf_counter() - started, 2)
 
     def _prepare_prefill(self) -> None:
         """Captures the first-chunk graphs and/or compiles chunks, so no request waits for either; or, where the decode
