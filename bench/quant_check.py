@@ -55,23 +55,27 @@ def _as_list(cfg: Any) -> list[Any]:
     return list(cfg) if isinstance(cfg, tuple) else [cfg]
 
 
-def int4_configs(rows: int, n: int = 0, k: int = 0) -> list[Any]:
+def int4_configs(rows: int, n: int = 0, k: int = 0, kernels: tuple[int, ...] = (2, 1, 0)) -> list[Any]:
     """The sweep's int4 launch shapes for `rows`; with the shape, what the kernels pick today comes first, so a
-    sweep cut by its time cap has the default's time to compare with."""
+    sweep cut by its time cap has the default's time to compare with. `kernels`: the many-row kernels to sweep, in
+    that order (W4Config.tile: 2 swap, 1 tile, 0 planes)."""
     from qwen3vl_webui.kernels.w4a16_triton import W4Config, pick_config
 
     if n and k:
         default = pick_config(rows, n, k)
-        return [default, *(c for c in int4_configs(rows) if c != default)]
+        return [default, *(c for c in int4_configs(rows, kernels=kernels) if c != default)]
 
     if rows == 1:
         return [W4Config(1, bn, split, w, s) for bn in (16, 32, 64) for split in (0, 1, 2, 4) for w in (4, 8)
                 for s in (2, 3)]  # fmt: skip
     bm = 16 if rows <= 16 else 32
-    planes = [W4Config(bm, bn, split, w, 3) for bn in (32, 64, 128) for split in (0, 1, 2, 4) for w in (4, 8)]
-    tiles = [W4Config(bm, bn, split, w, s, 1) for bn in (32, 64, 128) for split in (0, 1, 2, 4) for w in (4, 8)
-             for s in (2, 3)]  # fmt: skip
-    return tiles + planes  # the tile kernel before the planes: a sweep cut by its time cap has tried it
+    by_kernel = {
+        2: [W4Config(bm, bn, split, w, s, 2) for bn in (64, 128) for split in (0, 2) for w in (4, 8) for s in (2, 3)],
+        1: [W4Config(bm, bn, split, w, s, 1) for bn in (32, 64, 128) for split in (0, 1, 2, 4) for w in (4, 8)
+            for s in (2, 3)],
+        0: [W4Config(bm, bn, split, w, 3) for bn in (32, 64, 128) for split in (0, 1, 2, 4) for w in (4, 8)],
+    }  # fmt: skip
+    return [cfg for kernel in kernels for cfg in by_kernel[kernel]]
 
 
 def fp8_configs(rows: int) -> list[Any]:
@@ -85,7 +89,7 @@ def fp8_configs(rows: int) -> list[Any]:
 
 def sweep_section(
     report: dict[str, Any], deadline: float, rows_swept: tuple[int, ...] = ROWS, formats: tuple[str, ...] = ("int4", "fp8"),
-    defaults_only: bool = False,
+    defaults_only: bool = False, int4_kernels: tuple[int, ...] = (2, 1, 0),
 ) -> None:
     """`defaults_only`: int4 and fp8 at the config their kernels pick today (no tuning: seconds, not minutes)."""
     import torch
@@ -110,7 +114,7 @@ def sweep_section(
             for fmt, cfgs, run, weights, refw, bytes_per in (
                 ("tinygemm", TINYGEMM_TILES, lambda x, q, cfg: int4.tinygemm_linear(x, *q[cfg], 128), tiny, refw4,
                  0.5 + 4 / 128),
-                ("int4", [w4a16_triton.pick_config(rows, n, k)] if defaults_only else int4_configs(rows, n, k), lambda x, q, cfg: w4a16_triton.w4_matmul(x, *q, 128, cfg), w4,
+                ("int4", [w4a16_triton.pick_config(rows, n, k)] if defaults_only else int4_configs(rows, n, k, int4_kernels), lambda x, q, cfg: w4a16_triton.w4_matmul(x, *q, 128, cfg), w4,
                  refw4, 0.5 + 3 / 128),
                 ("fp8", [fp8_triton.pick_config(rows, n, k)] if defaults_only else fp8_configs(rows), lambda x, q, cfg: fp8_triton.fp8_matmul(x, *q, 128, cfg), w8,
                  fp8.dequantize_weight(*w8[0]), 1.0),
@@ -134,6 +138,9 @@ def sweep_section(
                         continue
                     tried.append((us, _as_list(cfg)))
                 tried.sort()
+                if fmt == "int4" and rows > 1:  # the best of each many-row kernel (W4Config.tile: 0, 1, 2)
+                    row["int4_best_by_kernel"] = {str(t): round(min(us for us, c in tried if c[5] == t), 2)
+                                                  for t in {c[5] for _, c in tried}}  # fmt: skip
                 if tried:
                     us, cfg = tried[0]
                     row[f"{fmt}_us"], row[f"{fmt}_cfg"] = round(us, 2), cfg
@@ -230,6 +237,7 @@ def main() -> None:
     ap.add_argument("--rows", default="1,16,32", help="sweep: the row counts (1, 16, 32: the row classes)")
     ap.add_argument("--formats", default="int4,fp8", help="sweep: int4, fp8, tinygemm (torch's own W4A16 kernel on the int4 weights), comma list")  # fmt: skip
     ap.add_argument("--defaults-only", action="store_true", help="sweep: int4 and fp8 at their kernels' picks only")
+    ap.add_argument("--int4-kernels", default="2,1,0", help="sweep: the many-row int4 kernels, in order (2 swap, 1 tile, 0 planes)")  # fmt: skip
     ap.add_argument("--model", default="random-weights:4b", help="quality: random-weights:4b or a checkpoint")
     ap.add_argument("--device", default="cuda", help="quality: cuda, or cpu (the tiny checkpoint: plumbing)")
     args = ap.parse_args()
@@ -239,7 +247,8 @@ def main() -> None:
     started = time.monotonic()
     if "sweep" in args.sections:
         rows = tuple(int(r) for r in args.rows.split(","))
-        sweep_section(report, started + args.sweep_s, rows, tuple(args.formats.split(",")), args.defaults_only)
+        kernels = tuple(int(t) for t in args.int4_kernels.split(","))
+        sweep_section(report, started + args.sweep_s, rows, tuple(args.formats.split(",")), args.defaults_only, kernels)
     if "quality" in args.sections:
         quality_section(report, args.model, args.device)
     report["seconds"] = round(time.monotonic() - started, 1)

@@ -271,6 +271,7 @@ _INTERPRETED = textwrap.dedent(
     cases = [("int4", wk.W4Config(1, 16, 2, 4, 1), 3, torch.bfloat16), ("int4", wk.W4Config(1, 8, 1, 4, 1), 1, torch.bfloat16),
              ("int4", wk.W4Config(16, 32, 1, 4, 1), 5, torch.float16), ("int4", wk.W4Config(32, 16, 1, 4, 1), 20, torch.float16),
              ("int4", wk.W4Config(16, 32, 1, 4, 1, 1), 5, torch.float16), ("int4", wk.W4Config(32, 16, 2, 4, 1, 1), 20, torch.float16),
+             ("int4", wk.W4Config(16, 32, 1, 4, 1, 2), 5, torch.float16), ("int4", wk.W4Config(32, 16, 2, 4, 1, 2), 20, torch.float16),
              ("fp8", fk.Fp8Config(1, 8, 4, 1), 2, torch.bfloat16), ("fp8", fk.Fp8Config(1, 32, 4, 1), 1, torch.bfloat16),
              ("fp8", fk.Fp8Config(16, 32, 4, 1), 5, torch.float16), ("fp8", fk.Fp8Config(32, 64, 4, 1), 20, torch.float16)]
     for name, cfg, rows, dtype in cases:
@@ -309,7 +310,7 @@ def test_triton_kernels_in_the_interpreter() -> None:
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("ok") == 12
+    assert proc.stdout.count("ok") == 14
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")

@@ -20,6 +20,10 @@ its partial sum once. K is split over `split_k` programs where N alone gives too
   `4 (k % 8)`; the repeats are served by L1, so each byte still crosses from HBM once) and fed to one `tl.dot` with
   K = G per group instead of eight with K = 16, the scale applied to the group's product as above (session 10's
   sweep had the planes kernel at 0.29-0.70x cuBLAS bf16's time at 16 and 32 rows: bench/RESULTS.md).
+- `_swap_kernel` (2..32 rows, `tile` 2, session 18, not yet timed on a GPU): the same product transposed, Yᵀ = W Xᵀ,
+  so the weight tile is the dot's first operand (M = BLOCK_N >= 64: Hopper's wgmma takes it from registers, where
+  the rows as the first operand, 16 or 32 of them, are below its 64) and each packed word is read once, four to a
+  16-byte load, then unpacked in registers by a shift per nibble and one merge of its two last dims.
 - `_dequant_kernel` (prefill): the weight written out in 16 bits once per call, then cuBLAS (kernels/int4.py).
 
 Nibble to float: `q | 0x4B000000` read as fp32 is 2^23 + q exactly, so one OR and one subtract (of 2^23 + zero)
@@ -40,7 +44,8 @@ from qwen3vl_webui.kernels.tuning import row_class
 
 class W4Config(NamedTuple):
     """One launch shape. block_m == 1 selects the GEMV kernel (one program per row); `split_k` programs share K
-    (0: as many as `default_split` says for the shape); `tile` 1 selects `_tile_kernel` for many rows (0: planes)."""
+    (0: as many as `default_split` says for the shape); for many rows `tile` picks the kernel: 0 `_skinny_kernel`
+    (planes), 1 `_tile_kernel`, 2 `_swap_kernel` (weights as the dot's first operand)."""
 
     block_m: int
     block_n: int
@@ -187,6 +192,46 @@ def _tile_kernel(
 
 
 @triton.jit
+def _swap_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ys, stride_ym,
+    groups_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr,
+):  # fmt: skip
+    """Yᵀ = W Xᵀ per group: the weights are the dot's first operand (BLOCK_N >= 64 rows, what Hopper's wgmma takes
+    from registers), the rows the second (BLOCK_M = 16 or 32 columns). Each packed word is loaded once, 16 bytes a
+    thread along K (row n's words for a group are contiguous), and unpacked in registers: `[BLOCK_N, G // 8, 8]`
+    nibbles merged into `[BLOCK_N, G]` in k order (k = 8 w + j), the merged dims held by one thread."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    split = tl.program_id(2)
+    WORDS: tl.constexpr = G // 8
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, WORDS)
+    offs_k = tl.arange(0, G)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    rows_n = offs_n.to(tl.int64)
+    g_start = split * groups_per_split
+    g_end = tl.minimum(g_start + groups_per_split, K // G)
+    w_ptrs = w_ptr + rows_n[:, None] * stride_wn + (g_start * WORDS + offs_w)[None, :]
+    x_ptrs = x_ptr + offs_m[None, :] * stride_xm + (g_start * G + offs_k)[:, None]
+    shifts = tl.arange(0, 8) * 4
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for g in range(g_start, g_end):
+        words = tl.load(w_ptrs, mask=n_ok[:, None], other=0)
+        zero = tl.load(z_ptr + rows_n * stride_sn + g, mask=n_ok, other=0).to(tl.float32) + 8388608.0
+        scale = tl.load(s_ptr + rows_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+        q = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 0xF, (BLOCK_N, G))
+        w = (q | 0x4B000000).to(tl.float32, bitcast=True) - zero[:, None]  # integers in [-15, 15]: exact in 16 bits
+        xt = tl.load(x_ptrs, mask=m_ok[None, :], other=0.0)
+        acc += tl.dot(w.to(x_ptr.dtype.element_ty), xt) * scale[:, None]
+        w_ptrs += WORDS
+        x_ptrs += G
+    y_ptrs = y_ptr + split * stride_ys + offs_m[None, :] * stride_ym + offs_n[:, None]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok[:, None])
+
+
+@triton.jit
 def _nibbles(words, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
     """int32 `[BLOCK_N, WORDS]` -> fp32 2^23 + nibble, `[BLOCK_N, WORDS * 8]` in k order (the prefill's dequantization,
     where writing the 16-bit weight in order matters more than the reshape)."""
@@ -244,7 +289,7 @@ def w4_matmul(x: Any, qweight: Any, scales: Any, zeros: Any, group: int, config:
         )  # fmt: skip
     else:
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m), split)
-        kernel = _tile_kernel if cfg.tile else _skinny_kernel
+        kernel = (_skinny_kernel, _tile_kernel, _swap_kernel)[cfg.tile]
         kernel[grid](
             x, qweight, scales, zeros, out, rows, n, k, x.stride(0), qweight.stride(0), scales.stride(0),
             out.stride(0), out.stride(1), per_split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, G=group,
