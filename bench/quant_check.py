@@ -55,27 +55,29 @@ def _as_list(cfg: Any) -> list[Any]:
     return list(cfg) if isinstance(cfg, tuple) else [cfg]
 
 
-def int4_configs(rows: int, n: int = 0, k: int = 0, kernels: tuple[int, ...] = (2, 1, 0)) -> list[Any]:
+def int4_configs(rows: int, n: int = 0, k: int = 0, kernels: tuple[int, ...] = (3, 2, 1, 0)) -> list[Any]:
     """The sweep's int4 launch shapes for `rows`; with the shape, what the kernels pick today comes first, so a
     sweep cut by its time cap has the default's time to compare with. `kernels`: the many-row kernels to sweep, in
-    that order (W4Config.tile: 2 swap, 1 tile, 0 planes)."""
+    that order (W4Config.tile: 3 swap with nibble pairs, 2 swap, 1 tile, 0 planes; at one row, 0 is the GEMV)."""
     from qwen3vl_webui.kernels.w4a16_triton import W4Config, pick_config
 
     if n and k:
         default = pick_config(rows, n, k)
         return [default, *(c for c in int4_configs(rows, kernels=kernels) if c != default)]
 
-    if rows == 1:
-        return [W4Config(1, bn, split, w, s) for bn in (16, 32, 64) for split in (0, 1, 2, 4) for w in (4, 8)
-                for s in (2, 3)]  # fmt: skip
+    gemv = [W4Config(1, bn, split, w, s) for bn in (16, 32, 64) for split in (0, 1, 2, 4) for w in (4, 8) for s in (2, 3)]
     bm = 16 if rows <= 16 else 32
     by_kernel = {
+        3: [W4Config(bm, bn, split, w, s, 3) for bn in (64, 128) for split in (0, 2) for w in (4, 8) for s in (2, 3)],
         2: [W4Config(bm, bn, split, w, s, 2) for bn in (64, 128) for split in (0, 2) for w in (4, 8) for s in (2, 3)],
         1: [W4Config(bm, bn, split, w, s, 1) for bn in (32, 64, 128) for split in (0, 1, 2, 4) for w in (4, 8)
             for s in (2, 3)],
         0: [W4Config(bm, bn, split, w, 3) for bn in (32, 64, 128) for split in (0, 1, 2, 4) for w in (4, 8)],
     }  # fmt: skip
-    return [cfg for kernel in kernels for cfg in by_kernel[kernel]]
+    many = [cfg for kernel in kernels for cfg in by_kernel[kernel]]
+    if rows == 1:  # the swap kernels (15 of their 16 rows masked), and the GEMV where 0 is asked for
+        return [cfg for cfg in many if cfg.tile >= 2] + (gemv if 0 in kernels else [])
+    return many
 
 
 def fp8_configs(rows: int) -> list[Any]:
@@ -89,7 +91,7 @@ def fp8_configs(rows: int) -> list[Any]:
 
 def sweep_section(
     report: dict[str, Any], deadline: float, rows_swept: tuple[int, ...] = ROWS, formats: tuple[str, ...] = ("int4", "fp8"),
-    defaults_only: bool = False, int4_kernels: tuple[int, ...] = (2, 1, 0),
+    defaults_only: bool = False, int4_kernels: tuple[int, ...] = (3, 2, 1, 0),
 ) -> None:
     """`defaults_only`: int4 and fp8 at the config their kernels pick today (no tuning: seconds, not minutes)."""
     import torch
@@ -138,7 +140,7 @@ def sweep_section(
                         continue
                     tried.append((us, _as_list(cfg)))
                 tried.sort()
-                if fmt == "int4" and rows > 1:  # the best of each many-row kernel (W4Config.tile: 0, 1, 2)
+                if fmt == "int4":  # the best of each kernel (W4Config.tile: 0-3; at one row 0 is the GEMV)
                     row["int4_best_by_kernel"] = {str(t): round(min(us for us, c in tried if c[5] == t), 2)
                                                   for t in {c[5] for _, c in tried}}  # fmt: skip
                 if tried:
@@ -237,7 +239,7 @@ def main() -> None:
     ap.add_argument("--rows", default="1,16,32", help="sweep: the row counts (1, 16, 32: the row classes)")
     ap.add_argument("--formats", default="int4,fp8", help="sweep: int4, fp8, tinygemm (torch's own W4A16 kernel on the int4 weights), comma list")  # fmt: skip
     ap.add_argument("--defaults-only", action="store_true", help="sweep: int4 and fp8 at their kernels' picks only")
-    ap.add_argument("--int4-kernels", default="2,1,0", help="sweep: the many-row int4 kernels, in order (2 swap, 1 tile, 0 planes)")  # fmt: skip
+    ap.add_argument("--int4-kernels", default="3,2,1,0", help="sweep: the many-row int4 kernels, in order (3 swap with nibble pairs, 2 swap, 1 tile, 0 planes)")  # fmt: skip
     ap.add_argument("--model", default="random-weights:4b", help="quality: random-weights:4b or a checkpoint")
     ap.add_argument("--device", default="cuda", help="quality: cuda, or cpu (the tiny checkpoint: plumbing)")
     args = ap.parse_args()

@@ -23,7 +23,9 @@ its partial sum once. K is split over `split_k` programs where N alone gives too
 - `_swap_kernel` (2..32 rows, `tile` 2, session 18, not yet timed on a GPU): the same product transposed, Yᵀ = W Xᵀ,
   so the weight tile is the dot's first operand (M = BLOCK_N >= 64: Hopper's wgmma takes it from registers, where
   the rows as the first operand, 16 or 32 of them, are below its 64) and each packed word is read once, four to a
-  16-byte load, then unpacked in registers by a shift per nibble and one merge of its two last dims.
+  16-byte load, then unpacked in registers by a shift per nibble and one merge of its two last dims. `tile` 3: two
+  nibbles per shift and mask, `q - zero` by one packed 16-bit fma per pair (inline PTX; ~1.5 integer/fp operations a
+  weight against ~4.5), the activations read in the pairs' column order.
 - `_dequant_kernel` (prefill): the weight written out in 16 bits once per call, then cuBLAS (kernels/int4.py).
 
 Nibble to float: `q | 0x4B000000` read as fp32 is 2^23 + q exactly, so one OR and one subtract (of 2^23 + zero)
@@ -45,7 +47,8 @@ from qwen3vl_webui.kernels.tuning import row_class
 class W4Config(NamedTuple):
     """One launch shape. block_m == 1 selects the GEMV kernel (one program per row); `split_k` programs share K
     (0: as many as `default_split` says for the shape); for many rows `tile` picks the kernel: 0 `_skinny_kernel`
-    (planes), 1 `_tile_kernel`, 2 `_swap_kernel` (weights as the dot's first operand)."""
+    (planes), 1 `_tile_kernel`, 2 `_swap_kernel` (weights as the dot's first operand), 3 the same with nibble pairs
+    (inline PTX: CUDA only)."""
 
     block_m: int
     block_n: int
@@ -191,15 +194,42 @@ def _tile_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+# Two 16-bit lanes `magic | q` (bf16: 128 + q, fp16: 1024 + q, exactly) -> (q_lo - zero, q_hi - zero): one packed fma
+# per pair with the lanes' -(magic + zero); elementwise, so right for any grouping of elements Triton picks.
+_PAIR_ASM = "{ .reg .b32 one, t; mov.b32 one, %s; fma.rn.%s t, $2, one, $3; mov.b32 {$0, $1}, t; }"
+_PAIR_BF16 = tl.constexpr(_PAIR_ASM % ("0x3F803F80", "bf16x2"))
+_PAIR_FP16 = tl.constexpr(_PAIR_ASM % ("0x3C003C00", "f16x2"))
+
+
+@triton.jit
+def _pair_values_bf16(pairs, neg_zero):
+    return tl.inline_asm_elementwise(
+        _PAIR_BF16, "=h,=h,r,r", [pairs, neg_zero], dtype=(tl.bfloat16, tl.bfloat16),
+        is_pure=True, pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
+def _pair_values_fp16(pairs, neg_zero):
+    return tl.inline_asm_elementwise(
+        _PAIR_FP16, "=h,=h,r,r", [pairs, neg_zero], dtype=(tl.float16, tl.float16),
+        is_pure=True, pack=1,
+    )  # fmt: skip
+
+
 @triton.jit
 def _swap_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ys, stride_ym,
-    groups_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr,
+    groups_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr, PAIRS: tl.constexpr,
 ):  # fmt: skip
     """Yᵀ = W Xᵀ per group: the weights are the dot's first operand (BLOCK_N >= 64 rows, what Hopper's wgmma takes
     from registers), the rows the second (BLOCK_M = 16 or 32 columns). Each packed word is loaded once, 16 bytes a
-    thread along K (row n's words for a group are contiguous), and unpacked in registers: `[BLOCK_N, G // 8, 8]`
-    nibbles merged into `[BLOCK_N, G]` in k order (k = 8 w + j), the merged dims held by one thread."""
+    thread along K (row n's words for a group are contiguous), and unpacked in registers.
+
+    PAIRS off: each nibble through fp32 (`[BLOCK_N, G // 8, 8]` merged into `[BLOCK_N, G]` in k order). PAIRS on
+    (GPU only: inline PTX): nibbles j and j + 4 of a word land in the two 16-bit lanes of one register with one
+    shift and one and/or, become `q - zero` by one packed fma, and are joined as columns 2j, 2j + 1 of the word's 8;
+    the activations are read in that order (`_pair_order`), so the dot sums the same products."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
@@ -208,6 +238,8 @@ def _swap_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_w = tl.arange(0, WORDS)
     offs_k = tl.arange(0, G)
+    if PAIRS:  # column p of the tile holds k = 8 (p // 8) + (p % 8) // 2 + 4 (p % 2)
+        offs_k = (offs_k // 8) * 8 + (offs_k % 8) // 2 + 4 * (offs_k % 2)
     m_ok = offs_m < M
     n_ok = offs_n < N
     rows_n = offs_n.to(tl.int64)
@@ -219,12 +251,26 @@ def _swap_kernel(
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for g in range(g_start, g_end):
         words = tl.load(w_ptrs, mask=n_ok[:, None], other=0)
-        zero = tl.load(z_ptr + rows_n * stride_sn + g, mask=n_ok, other=0).to(tl.float32) + 8388608.0
+        zero = tl.load(z_ptr + rows_n * stride_sn + g, mask=n_ok, other=0).to(tl.int32)
         scale = tl.load(s_ptr + rows_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
-        q = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 0xF, (BLOCK_N, G))
-        w = (q | 0x4B000000).to(tl.float32, bitcast=True) - zero[:, None]  # integers in [-15, 15]: exact in 16 bits
+        if PAIRS:
+            BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
+            # 128 + q in bf16 (1024 + q in fp16) is the lane `magic | q`; -(128 + z) is `neg | z`, in both lanes.
+            magic: tl.constexpr = 0x43004300 if BF16 else 0x64006400
+            neg: tl.constexpr = 0xC300 if BF16 else 0xE400
+            nz = (zero | neg) * 65537
+            pairs = ((words[:, :, None] >> (tl.arange(0, 4) * 4)[None, None, :]) & 0x000F000F) | magic
+            if BF16:
+                lo, hi = _pair_values_bf16(pairs, nz[:, None, None])
+            else:
+                lo, hi = _pair_values_fp16(pairs, nz[:, None, None])
+            w = tl.reshape(tl.join(lo, hi), (BLOCK_N, G))
+        else:
+            q = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 0xF, (BLOCK_N, G))
+            zf = zero.to(tl.float32) + 8388608.0
+            w = ((q | 0x4B000000).to(tl.float32, bitcast=True) - zf[:, None]).to(x_ptr.dtype.element_ty)
         xt = tl.load(x_ptrs, mask=m_ok[None, :], other=0.0)
-        acc += tl.dot(w.to(x_ptr.dtype.element_ty), xt) * scale[:, None]
+        acc += tl.dot(w, xt) * scale[:, None]  # w: integers in [-15, 15], exact in 16 bits
         w_ptrs += WORDS
         x_ptrs += G
     y_ptrs = y_ptr + split * stride_ys + offs_m[None, :] * stride_ym + offs_n[:, None]
@@ -289,11 +335,12 @@ def w4_matmul(x: Any, qweight: Any, scales: Any, zeros: Any, group: int, config:
         )  # fmt: skip
     else:
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m), split)
-        kernel = (_skinny_kernel, _tile_kernel, _swap_kernel)[cfg.tile]
+        kernel = (_skinny_kernel, _tile_kernel, _swap_kernel, _swap_kernel)[cfg.tile]
+        extra = {"PAIRS": cfg.tile == 3} if cfg.tile >= 2 else {}
         kernel[grid](
             x, qweight, scales, zeros, out, rows, n, k, x.stride(0), qweight.stride(0), scales.stride(0),
             out.stride(0), out.stride(1), per_split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, G=group,
-            num_warps=cfg.warps, num_stages=cfg.stages,
+            num_warps=cfg.warps, num_stages=cfg.stages, **extra,
         )  # fmt: skip
     return out[0] if split == 1 else out.sum(dim=0).to(x.dtype)
 
