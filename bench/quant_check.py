@@ -22,6 +22,7 @@ bounds it near 2 TB/s), i.e. a 2560->19456 gate/up product in ~17 us against ~30
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from typing import Any
@@ -97,7 +98,7 @@ def sweep_section(
     import torch
     import torch.nn.functional as F
 
-    from qwen3vl_webui.kernels import fp8, fp8_triton, int4, w4a16_triton
+    from qwen3vl_webui.kernels import builds, fp8, fp8_triton, int4, w4a16_triton
 
     rows_out = []
     tuned: dict[str, dict[str, list[int]]] = {"int4": {}, "fp8": {}}
@@ -124,6 +125,11 @@ def sweep_section(
                 if fmt not in formats:
                     continue
                 ref = (x.double() @ refw.double().T).float()
+                if builds.available():  # every config's kernel built at once, in parallel threads (kernels/builds.py)
+                    with builds.dry_launches():
+                        for cfg in cfgs:
+                            with contextlib.suppress(Exception):  # one Triton cannot build fails again below
+                                run(x, weights[0], cfg)
                 tried = []
                 for cfg in cfgs:
                     if time.monotonic() > deadline:
