@@ -56,10 +56,11 @@ def _as_list(cfg: Any) -> list[Any]:
     return list(cfg) if isinstance(cfg, tuple) else [cfg]
 
 
-def int4_configs(rows: int, n: int = 0, k: int = 0, kernels: tuple[int, ...] = (3, 2, 1, 0)) -> list[Any]:
+def int4_configs(rows: int, n: int = 0, k: int = 0, kernels: tuple[int, ...] = (4, 3, 2, 1, 0)) -> list[Any]:
     """The sweep's int4 launch shapes for `rows`; with the shape, what the kernels pick today comes first, so a
     sweep cut by its time cap has the default's time to compare with. `kernels`: the many-row kernels to sweep, in
-    that order (W4Config.tile: 3 swap with nibble pairs, 2 swap, 1 tile, 0 planes; at one row, 0 is the GEMV)."""
+    that order (W4Config.tile: 4 swap with pairs and scaled weights, 3 swap with nibble pairs, 2 swap, 1 tile,
+    0 planes; at one row, 0 is the GEMV)."""
     from qwen3vl_webui.kernels.w4a16_triton import W4Config, pick_config
 
     if n and k:
@@ -69,6 +70,7 @@ def int4_configs(rows: int, n: int = 0, k: int = 0, kernels: tuple[int, ...] = (
     gemv = [W4Config(1, bn, split, w, s) for bn in (16, 32, 64) for split in (0, 1, 2, 4) for w in (4, 8) for s in (2, 3)]
     bm = 16 if rows <= 16 else 32
     by_kernel = {
+        4: [W4Config(bm, bn, split, w, s, 4) for bn in (64, 128) for split in (0, 2) for w in (4, 8) for s in (2, 3)],
         3: [W4Config(bm, bn, split, w, s, 3) for bn in (64, 128) for split in (0, 2) for w in (4, 8) for s in (2, 3)],
         2: [W4Config(bm, bn, split, w, s, 2) for bn in (64, 128) for split in (0, 2) for w in (4, 8) for s in (2, 3)],
         1: [W4Config(bm, bn, split, w, s, 1) for bn in (32, 64, 128) for split in (0, 1, 2, 4) for w in (4, 8)
@@ -92,7 +94,7 @@ def fp8_configs(rows: int) -> list[Any]:
 
 def sweep_section(
     report: dict[str, Any], deadline: float, rows_swept: tuple[int, ...] = ROWS, formats: tuple[str, ...] = ("int4", "fp8"),
-    defaults_only: bool = False, int4_kernels: tuple[int, ...] = (3, 2, 1, 0),
+    defaults_only: bool = False, int4_kernels: tuple[int, ...] = (4, 3, 2, 1, 0),
 ) -> None:
     """`defaults_only`: int4 and fp8 at the config their kernels pick today (no tuning: seconds, not minutes)."""
     import torch
@@ -146,7 +148,7 @@ def sweep_section(
                         continue
                     tried.append((us, _as_list(cfg)))
                 tried.sort()
-                if fmt == "int4":  # the best of each kernel (W4Config.tile: 0-3; at one row 0 is the GEMV)
+                if fmt == "int4":  # the best of each kernel (W4Config.tile: 0-4; at one row 0 is the GEMV)
                     row["int4_best_by_kernel"] = {str(t): round(min(us for us, c in tried if c[5] == t), 2)
                                                   for t in {c[5] for _, c in tried}}  # fmt: skip
                 if tried:
@@ -245,7 +247,7 @@ def main() -> None:
     ap.add_argument("--rows", default="1,16,32", help="sweep: the row counts (1, 16, 32: the row classes)")
     ap.add_argument("--formats", default="int4,fp8", help="sweep: int4, fp8, tinygemm (torch's own W4A16 kernel on the int4 weights), comma list")  # fmt: skip
     ap.add_argument("--defaults-only", action="store_true", help="sweep: int4 and fp8 at their kernels' picks only")
-    ap.add_argument("--int4-kernels", default="3,2,1,0", help="sweep: the many-row int4 kernels, in order (3 swap with nibble pairs, 2 swap, 1 tile, 0 planes)")  # fmt: skip
+    ap.add_argument("--int4-kernels", default="4,3,2,1,0", help="sweep: the many-row int4 kernels, in order (4 swap with pairs and scaled weights, 3 swap with nibble pairs, 2 swap, 1 tile, 0 planes)")  # fmt: skip
     ap.add_argument("--model", default="random-weights:4b", help="quality: random-weights:4b or a checkpoint")
     ap.add_argument("--device", default="cuda", help="quality: cuda, or cpu (the tiny checkpoint: plumbing)")
     args = ap.parse_args()

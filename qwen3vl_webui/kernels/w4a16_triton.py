@@ -48,7 +48,7 @@ class W4Config(NamedTuple):
     """One launch shape. block_m == 1 selects the GEMV kernel (one program per row); `split_k` programs share K
     (0: as many as `default_split` says for the shape); for many rows `tile` picks the kernel: 0 `_skinny_kernel`
     (planes), 1 `_tile_kernel`, 2 `_swap_kernel` (weights as the dot's first operand), 3 the same with nibble pairs
-    (inline PTX: CUDA only)."""
+    (inline PTX: CUDA only), 4 with pairs and the scales in the weights (one accumulator over K)."""
 
     block_m: int
     block_n: int
@@ -59,19 +59,22 @@ class W4Config(NamedTuple):
 
 
 # Chosen for the 4B's shapes by bench/quant_check.py's sweep on the GPU; other shapes take the defaults below.
-# Session 10's sweep on one H200 (bench/results/h200/quant_check.json, 4c42a28; (32, 2560, 9728) was cut by its time cap).
+# Session 18's sweep on one H200 (bench/results/h200/s18_quant_swap.json, 7b122fb, kernels 3 and 2 against the
+# earlier picks): the swap kernel with nibble pairs won every shape and row count, 1.04-1.10x the GEMV at one row
+# and 1.5-3.7x the earlier picks at 16 and 32 rows.
 TUNED: dict[tuple[int, int, int], W4Config] = {
-    (1, 6144, 2560): W4Config(1, 64, 4, 4, 3),
-    (16, 6144, 2560): W4Config(16, 128, 4, 8, 3),
-    (32, 6144, 2560): W4Config(32, 128, 0, 4, 3),
-    (1, 2560, 4096): W4Config(1, 64, 0, 4, 3),
-    (16, 2560, 4096): W4Config(16, 128, 0, 8, 3),
-    (32, 2560, 4096): W4Config(32, 128, 0, 4, 3),
-    (1, 19456, 2560): W4Config(1, 64, 4, 4, 3),
-    (16, 19456, 2560): W4Config(16, 128, 4, 8, 3),
-    (32, 19456, 2560): W4Config(32, 128, 4, 4, 3),
-    (1, 2560, 9728): W4Config(1, 64, 0, 4, 2),
-    (16, 2560, 9728): W4Config(16, 64, 0, 4, 3),
+    (1, 6144, 2560): W4Config(16, 64, 0, 4, 3, 3),
+    (16, 6144, 2560): W4Config(16, 64, 0, 4, 3, 3),
+    (32, 6144, 2560): W4Config(32, 64, 0, 4, 2, 3),
+    (1, 2560, 4096): W4Config(16, 64, 0, 4, 3, 3),
+    (16, 2560, 4096): W4Config(16, 64, 0, 4, 3, 3),
+    (32, 2560, 4096): W4Config(32, 64, 0, 4, 2, 3),
+    (1, 19456, 2560): W4Config(16, 64, 0, 4, 3, 3),
+    (16, 19456, 2560): W4Config(16, 64, 0, 4, 3, 3),
+    (32, 19456, 2560): W4Config(32, 64, 0, 4, 2, 3),
+    (1, 2560, 9728): W4Config(16, 64, 0, 4, 3, 3),
+    (16, 2560, 9728): W4Config(16, 64, 0, 4, 3, 3),
+    (32, 2560, 9728): W4Config(32, 64, 0, 4, 2, 3),
 }
 GEMV_DEFAULT = W4Config(1, 32, 0, 4, 3)
 SKINNY_DEFAULT = W4Config(16, 64, 0, 4, 3)
@@ -199,6 +202,14 @@ def _tile_kernel(
 _PAIR_ASM = "{ .reg .b32 one, t; mov.b32 one, %s; fma.rn.%s t, $2, one, $3; mov.b32 {$0, $1}, t; }"
 _PAIR_BF16 = tl.constexpr(_PAIR_ASM % ("0x3F803F80", "bf16x2"))
 _PAIR_FP16 = tl.constexpr(_PAIR_ASM % ("0x3C003C00", "f16x2"))
+# The same, times the lanes' scale: `(q - zero) * scale` rounded once (the dequantized weight), a second packed fma
+# with -0.0 added (`mul.bf16x2` needs sm_90).
+_SCALED_ASM = (
+    "{ .reg .b32 one, mz, t; mov.b32 one, %s; mov.b32 mz, 0x80008000; fma.rn.%s t, $2, one, $3; "
+    "fma.rn.%s t, t, $4, mz; mov.b32 {$0, $1}, t; }"
+)
+_SCALED_BF16 = tl.constexpr(_SCALED_ASM % ("0x3F803F80", "bf16x2", "bf16x2"))
+_SCALED_FP16 = tl.constexpr(_SCALED_ASM % ("0x3C003C00", "f16x2", "f16x2"))
 
 
 @triton.jit
@@ -218,9 +229,26 @@ def _pair_values_fp16(pairs, neg_zero):
 
 
 @triton.jit
+def _scaled_values_bf16(pairs, neg_zero, scales):
+    return tl.inline_asm_elementwise(
+        _SCALED_BF16, "=h,=h,r,r,r", [pairs, neg_zero, scales], dtype=(tl.bfloat16, tl.bfloat16),
+        is_pure=True, pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
+def _scaled_values_fp16(pairs, neg_zero, scales):
+    return tl.inline_asm_elementwise(
+        _SCALED_FP16, "=h,=h,r,r,r", [pairs, neg_zero, scales], dtype=(tl.float16, tl.float16),
+        is_pure=True, pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
 def _swap_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ys, stride_ym,
     groups_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr, PAIRS: tl.constexpr,
+    SCALED: tl.constexpr,
 ):  # fmt: skip
     """Yᵀ = W Xᵀ per group: the weights are the dot's first operand (BLOCK_N >= 64 rows, what Hopper's wgmma takes
     from registers), the rows the second (BLOCK_M = 16 or 32 columns). Each packed word is loaded once, 16 bytes a
@@ -229,7 +257,9 @@ def _swap_kernel(
     PAIRS off: each nibble through fp32 (`[BLOCK_N, G // 8, 8]` merged into `[BLOCK_N, G]` in k order). PAIRS on
     (GPU only: inline PTX): nibbles j and j + 4 of a word land in the two 16-bit lanes of one register with one
     shift and one and/or, become `q - zero` by one packed fma, and are joined as columns 2j, 2j + 1 of the word's 8;
-    the activations are read in that order (`_pair_order`), so the dot sums the same products."""
+    the activations are read in that order, so the dot sums the same products. SCALED (with PAIRS): the scale too
+    goes into the weights (a second packed fma: the dequantized 16-bit weight), so one accumulator runs through the
+    whole K and the dots chain without a per-group multiply-add of the accumulator in fp32."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
@@ -252,7 +282,8 @@ def _swap_kernel(
     for g in range(g_start, g_end):
         words = tl.load(w_ptrs, mask=n_ok[:, None], other=0)
         zero = tl.load(z_ptr + rows_n * stride_sn + g, mask=n_ok, other=0).to(tl.int32)
-        scale = tl.load(s_ptr + rows_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+        if not SCALED:
+            scale = tl.load(s_ptr + rows_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
         if PAIRS:
             BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
             # 128 + q in bf16 (1024 + q in fp16) is the lane `magic | q`; -(128 + z) is `neg | z`, in both lanes.
@@ -260,7 +291,15 @@ def _swap_kernel(
             neg: tl.constexpr = 0xC300 if BF16 else 0xE400
             nz = (zero | neg) * 65537
             pairs = ((words[:, :, None] >> (tl.arange(0, 4) * 4)[None, None, :]) & 0x000F000F) | magic
-            if BF16:
+            if SCALED:
+                bits = tl.load(s_ptr + rows_n * stride_sn + g, mask=n_ok, other=0.0).to(x_ptr.dtype.element_ty)
+                bits = bits.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+                both = (bits | (bits << 16))[:, None, None]
+                if BF16:
+                    lo, hi = _scaled_values_bf16(pairs, nz[:, None, None], both)
+                else:
+                    lo, hi = _scaled_values_fp16(pairs, nz[:, None, None], both)
+            elif BF16:
                 lo, hi = _pair_values_bf16(pairs, nz[:, None, None])
             else:
                 lo, hi = _pair_values_fp16(pairs, nz[:, None, None])
@@ -270,7 +309,10 @@ def _swap_kernel(
             zf = zero.to(tl.float32) + 8388608.0
             w = ((q | 0x4B000000).to(tl.float32, bitcast=True) - zf[:, None]).to(x_ptr.dtype.element_ty)
         xt = tl.load(x_ptrs, mask=m_ok[None, :], other=0.0)
-        acc += tl.dot(w, xt) * scale[:, None]  # w: integers in [-15, 15], exact in 16 bits
+        if SCALED:
+            acc = tl.dot(w, xt, acc)
+        else:
+            acc += tl.dot(w, xt) * scale[:, None]  # w: integers in [-15, 15], exact in 16 bits
         w_ptrs += WORDS
         x_ptrs += G
     y_ptrs = y_ptr + split * stride_ys + offs_m[None, :] * stride_ym + offs_n[:, None]
@@ -335,8 +377,8 @@ def w4_matmul(x: Any, qweight: Any, scales: Any, zeros: Any, group: int, config:
         )  # fmt: skip
     else:
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m), split)
-        kernel = (_skinny_kernel, _tile_kernel, _swap_kernel, _swap_kernel)[cfg.tile]
-        extra = {"PAIRS": cfg.tile == 3} if cfg.tile >= 2 else {}
+        kernel = (_skinny_kernel, _tile_kernel, _swap_kernel, _swap_kernel, _swap_kernel)[cfg.tile]
+        extra = {"PAIRS": cfg.tile >= 3, "SCALED": cfg.tile == 4} if cfg.tile >= 2 else {}
         kernel[grid](
             x, qweight, scales, zeros, out, rows, n, k, x.stride(0), qweight.stride(0), scales.stride(0),
             out.stride(0), out.stride(1), per_split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, G=group,
