@@ -137,10 +137,12 @@ def decode_attention(q: Any, k: Any, v: Any, lengths: Any, scale: float) -> Any:
     return torch.ops.qwen3vl_webui.decode_attention(q, k, v, lengths, float(scale))
 
 
+@functools.cache
 def kernel_blocker(device: Any, dtype: Any, heads: int, kv_heads: int, dim: int) -> str | None:
     """Why the Triton kernel cannot serve this model here, or None: it must import, compile and match the reference.
 
-    Runs once at engine start-up on small random data of the model's head shapes (compiling the kernel for them).
+    Runs once per process and shape (cached) on small random data of the model's head shapes, building the kernel
+    for them; the batch engine runs it beside the other kernels' probes (engine/batch/graphs.py `_probe_kernels`).
     """
     import torch
 

@@ -59,11 +59,11 @@ def gemv_blocker(weight: Any) -> str | None:
         return f"weights are {weight.dtype}, not bf16/fp16"
     if _kernels() is None:
         return "triton is not importable"
-    return _probe(str(weight.device), weight.dtype)
+    return probe(str(weight.device), weight.dtype)
 
 
 @functools.cache
-def _probe(device: str, dtype: Any) -> str | None:
+def probe(device: str, dtype: Any) -> str | None:
     """Runs the GEMV once on this GPU against F.linear (a GPU or triton that cannot build it is refused here, at
     start-up, rather than inside the decode warm-up)."""
     import torch

@@ -80,6 +80,7 @@ class DecodeGraphs:
         self.kernel_builds: builds.DryRun | None = None  # the parallel builds' pass (CUDA), once it ran
         self.kernel_build_s = 0.0
         self.capture_s = 0.0  # the decode graphs' captures at start-up
+        self.stages: dict[str, float] = {}  # the decode start-up's other stages, seconds each (the log's line)
         # Compiling in the background (None: wherever the step is compiled on CUDA): serve from eager graphs first.
         self.background = on_cuda if options.background_compile is None else bool(options.background_compile)
         # First-chunk graphs captured between the first steps (None: wherever the decode step compiles in the
@@ -135,8 +136,9 @@ class DecodeGraphs:
                 prefill_mode = "graphs to capture between steps"
             log.info("decode steps ready in %.1f s (%s), prefill in %.1f s (%s)", decode_s, self.decode_mode,
                      self.prefill_warmup_s, prefill_mode)  # fmt: skip
-            log.info("decode start-up: kernel builds %.2f s, warm-up per batch size %s s, captures %.2f s",
-                     self.kernel_build_s, self.warmup_s, self.capture_s)  # fmt: skip
+            log.info("decode start-up: %s, kernel builds %.2f s, warm-up per batch size %s s, captures %.2f s",
+                     ", ".join(f"{k} {v:.2f} s" for k, v in self.stages.items()), self.kernel_build_s, self.warmup_s,
+                     self.capture_s)  # fmt: skip
 
     def _prepare_decode(self) -> None:
         """Compiles (if asked) and warms up every bucket, then captures the graphs: all before the first request."""
@@ -146,6 +148,10 @@ class DecodeGraphs:
         text = model.config.text_config
         device = self.loaded.device
         on_cuda = str(device).startswith("cuda")
+        clock = time.perf_counter()
+        if on_cuda:
+            self._probe_kernels(text)
+        self.stages["probes"] = round(time.perf_counter() - clock, 2)
         if self.cuda_graphs and (blocker := compiled.graph_blocker(model)):
             log.warning("decode steps run eagerly: %s", blocker)
             self.graph_error, self.cuda_graphs = blocker, False
@@ -169,6 +175,7 @@ class DecodeGraphs:
             self.fused_groups = fusion.fuse_projections(lm, gemv=self.gemv)
         if self.gemv:
             self.gemv_linears = fusion.route_gemv([lm, self.runner.lm_head])
+        self.stages["routes"] = round(time.perf_counter() - clock - self.stages["probes"], 2)
         if self.compile:
             compiled.use_cache_dir(self.options.compile_cache_dir)
             wanted = self.options.regional_compile
@@ -178,6 +185,7 @@ class DecodeGraphs:
             if not self.background or self.options.compile_prefill:
                 self._load_artifacts()
             self._build_compiled()
+        self.stages["compile set-up"] = round(time.perf_counter() - clock - sum(self.stages.values()), 2)
         if not self.compile and not self.cuda_graphs:
             return  # plain eager: nothing to prepare
         side = torch.cuda.Stream() if on_cuda else None
@@ -556,6 +564,40 @@ class DecodeGraphs:
         """The compile thread is alive: it may be reading (tracing, running) the model."""
         thread = self._compiler
         return thread is not None and thread.is_alive()
+
+    def _probe_kernels(self, text: Any) -> None:
+        """The kernels' probes (each builds its kernel on this GPU and checks it against torch: the split-KV
+        attention, the GEMV, the vision tower's packed flash attention) at once, one thread each: their builds
+        overlap, and the routing below finds their cached answers. On the H200 the engine spent ~5.4 s before its
+        warm-up, much of it building these one after the other (bench/results/h200/s18_cs_server_cold.log)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        import torch
+
+        from qwen3vl_webui.kernels import gemv
+
+        device, dtype = self.loaded.device, self.kv.dtype
+        heads, kv_heads = text.num_attention_heads, text.num_key_value_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        index = self.cuda_index
+
+        def on_device(probe: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+            def run() -> Any:
+                torch.cuda.set_device(index)  # a new thread starts on cuda:0; Triton launches on the current device
+                with torch.inference_mode():
+                    return probe(*args)
+
+            return run
+
+        # The same keys their callers below cache them under: the vision tower's and the weights' `tensor.device`.
+        probes = [on_device(vision.packed_attention_blocker, torch.device("cuda", index), dtype)]
+        if self.options.decode_kernel:
+            probes.append(on_device(attention.kernel_blocker, device, dtype, heads, kv_heads, head_dim))
+        if self.gemv:
+            probes.append(on_device(gemv.probe, f"cuda:{index}", dtype))
+        with ThreadPoolExecutor(len(probes), thread_name_prefix="kernel-probe") as pool:
+            for future in [pool.submit(p) for p in probes]:
+                future.exception()  # a probe reports its failure as its answer; anything else is asked again below
 
     def _build_kernels(self, forward: Callable[[int], Any], stream: Any) -> None:
         """Before the first warm-up (CUDA): one dry pass over every bucket builds the Triton kernels the steps launch,
