@@ -150,7 +150,10 @@ class DecodeGraphs:
         on_cuda = str(device).startswith("cuda")
         clock = time.perf_counter()
         if on_cuda:
-            self._probe_kernels(text)
+            try:
+                self._probe_kernels(text)
+            except Exception as exc:  # the routing below asks each probe again, one by one
+                log.warning("kernel probes: the parallel pass failed (%r); probing one by one", exc)
         self.stages["probes"] = round(time.perf_counter() - clock, 2)
         if self.cuda_graphs and (blocker := compiled.graph_blocker(model)):
             log.warning("decode steps run eagerly: %s", blocker)
