@@ -198,50 +198,21 @@ def _tile_kernel(
 
 
 # Two 16-bit lanes `magic | q` (bf16: 128 + q, fp16: 1024 + q, exactly) -> (q_lo - zero, q_hi - zero): one packed fma
-# per pair with the lanes' -(magic + zero); elementwise, so right for any grouping of elements Triton picks.
-_PAIR_ASM = "{ .reg .b32 one, t; mov.b32 one, %s; fma.rn.%s t, $2, one, $3; mov.b32 {$0, $1}, t; }"
-_PAIR_BF16 = tl.constexpr(_PAIR_ASM % ("0x3F803F80", "bf16x2"))
-_PAIR_FP16 = tl.constexpr(_PAIR_ASM % ("0x3C003C00", "f16x2"))
-# The same, times the lanes' scale: `(q - zero) * scale` rounded once (the dequantized weight), a second packed fma
-# with -0.0 added (`mul.bf16x2` needs sm_90).
-_SCALED_ASM = (
-    "{ .reg .b32 one, mz, t; mov.b32 one, %s; mov.b32 mz, 0x80008000; fma.rn.%s t, $2, one, $3; "
-    "fma.rn.%s t, t, $4, mz; mov.b32 {$0, $1}, t; }"
-)
-_SCALED_BF16 = tl.constexpr(_SCALED_ASM % ("0x3F803F80", "bf16x2", "bf16x2"))
-_SCALED_FP16 = tl.constexpr(_SCALED_ASM % ("0x3C003C00", "f16x2", "f16x2"))
+# per pair with the lanes' -(magic + zero); elementwise, so right for any grouping of elements Triton picks. $4 (the
+# lanes' scale) is read by the scaled forms only: `(q - zero) * scale` rounded once (the dequantized weight), a second
+# packed fma with -0.0 added (`mul.bf16x2` needs sm_90).
+_PAIR_ASM = "{ .reg .b32 one, mz, t; mov.b32 one, %s; mov.b32 mz, 0x80008000; fma.rn.%s t, $2, one, $3; %s mov.b32 {$0, $1}, t; }"
+_PAIR_BF16 = tl.constexpr(_PAIR_ASM % ("0x3F803F80", "bf16x2", ""))
+_PAIR_FP16 = tl.constexpr(_PAIR_ASM % ("0x3C003C00", "f16x2", ""))
+_SCALED_BF16 = tl.constexpr(_PAIR_ASM % ("0x3F803F80", "bf16x2", "fma.rn.bf16x2 t, t, $4, mz;"))
+_SCALED_FP16 = tl.constexpr(_PAIR_ASM % ("0x3C003C00", "f16x2", "fma.rn.f16x2 t, t, $4, mz;"))
 
 
 @triton.jit
-def _pair_values_bf16(pairs, neg_zero):
+def _pair_values(pairs, neg_zero, scales, ASM: tl.constexpr, DTYPE: tl.constexpr):
     return tl.inline_asm_elementwise(
-        _PAIR_BF16, "=h,=h,r,r", [pairs, neg_zero], dtype=(tl.bfloat16, tl.bfloat16),
-        is_pure=True, pack=1,
-    )  # fmt: skip
-
-
-@triton.jit
-def _pair_values_fp16(pairs, neg_zero):
-    return tl.inline_asm_elementwise(
-        _PAIR_FP16, "=h,=h,r,r", [pairs, neg_zero], dtype=(tl.float16, tl.float16),
-        is_pure=True, pack=1,
-    )  # fmt: skip
-
-
-@triton.jit
-def _scaled_values_bf16(pairs, neg_zero, scales):
-    return tl.inline_asm_elementwise(
-        _SCALED_BF16, "=h,=h,r,r,r", [pairs, neg_zero, scales], dtype=(tl.bfloat16, tl.bfloat16),
-        is_pure=True, pack=1,
-    )  # fmt: skip
-
-
-@triton.jit
-def _scaled_values_fp16(pairs, neg_zero, scales):
-    return tl.inline_asm_elementwise(
-        _SCALED_FP16, "=h,=h,r,r,r", [pairs, neg_zero, scales], dtype=(tl.float16, tl.float16),
-        is_pure=True, pack=1,
-    )  # fmt: skip
+        ASM, "=h,=h,r,r,r", [pairs, neg_zero, scales], dtype=(DTYPE.value, DTYPE.value), is_pure=True, pack=1
+    )
 
 
 @triton.jit
@@ -291,18 +262,15 @@ def _swap_kernel(
             neg: tl.constexpr = 0xC300 if BF16 else 0xE400
             nz = (zero | neg) * 65537
             pairs = ((words[:, :, None] >> (tl.arange(0, 4) * 4)[None, None, :]) & 0x000F000F) | magic
+            both = nz[:, None, None]  # not read unless SCALED
             if SCALED:
                 bits = tl.load(s_ptr + rows_n * stride_sn + g, mask=n_ok, other=0.0).to(x_ptr.dtype.element_ty)
                 bits = bits.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
                 both = (bits | (bits << 16))[:, None, None]
-                if BF16:
-                    lo, hi = _scaled_values_bf16(pairs, nz[:, None, None], both)
-                else:
-                    lo, hi = _scaled_values_fp16(pairs, nz[:, None, None], both)
-            elif BF16:
-                lo, hi = _pair_values_bf16(pairs, nz[:, None, None])
+                ASM: tl.constexpr = _SCALED_BF16 if BF16 else _SCALED_FP16
             else:
-                lo, hi = _pair_values_fp16(pairs, nz[:, None, None])
+                ASM: tl.constexpr = _PAIR_BF16 if BF16 else _PAIR_FP16
+            lo, hi = _pair_values(pairs, nz[:, None, None], both, ASM, x_ptr.dtype.element_ty)
             w = tl.reshape(tl.join(lo, hi), (BLOCK_N, G))
         else:
             q = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 0xF, (BLOCK_N, G))
