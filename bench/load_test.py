@@ -99,7 +99,7 @@ class Outcome:
     outputs: int = 0  # partial answers received
     detail: str = ""
     image: str = ""  # the picture's file name (image requests)
-    stages: dict[str, float] = field(default_factory=dict)  # the protocol's milestones before the first text, s
+    stages: dict[str, float] = field(default_factory=dict)  # the protocol's milestones (first text, end), s
 
 
 class Refused(Exception):
@@ -322,8 +322,11 @@ class GradioRawChat:
                     stages.setdefault("started", time.monotonic() - started)
                 if kind == "process_generating":
                     stages.setdefault("first_update", time.monotonic() - started)  # maybe a ⏳ status
+                    stages["last_update"] = time.monotonic() - started
                     answer = apply_text_diff(answer, msg["output"]["data"][0])
                 elif kind == "process_completed":
+                    # The stream's end as the client learns it, after its last text (the handler's end, gradio's).
+                    stages["end_gap"] = time.monotonic() - started - stages.get("last_update", 0.0)
                     if not msg.get("success", True):
                         raise RuntimeError(f"the event failed: {msg['output'].get('error')}")
                     answer = msg["output"]["data"][0]
@@ -414,6 +417,7 @@ class OpenAIChat:
                     continue
                 data = line[6:]
                 if data == "[DONE]":
+                    stages["end_gap"] = time.monotonic() - started - stages.get("last_text", 0.0)
                     break
                 event = json.loads(data)
                 if "error" in event:  # failed after the answer began
@@ -424,6 +428,7 @@ class OpenAIChat:
                     piece = (choice.get("delta") or {}).get("content")
                     if piece:
                         answer += piece
+                        stages["last_text"] = time.monotonic() - started
                         yield answer
                 if time.monotonic() - started > timeout:
                     raise TimeoutError(f"no full answer within {timeout:.0f} s")

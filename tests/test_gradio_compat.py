@@ -273,3 +273,43 @@ def test_cheap_conversions_run_on_the_loop_and_others_in_a_thread(monkeypatch: p
     assert inlined == {"Slider.preprocess": 2, "Chatbot.postprocess": 1, "async generator": 1}
     assert ran["slider"] == "the-loop" and ran["image"] != "the-loop" and other != "the-loop"
     assert seen["text"] == "the-loop" and "the-loop" not in (seen["chatbot in"], seen["file"], seen["long"])
+
+
+@pytest.mark.parametrize("auth", [None, ("ada", "pw-123456")], ids=["open", "login"])
+def test_gradios_login_check_runs_on_the_loop_with_the_same_answers(
+    monkeypatch: pytest.MonkeyPatch, auth: tuple[str, str] | None
+) -> None:
+    """`login_check_on_loop`: every route's `Depends(login_check)` is awaited on the event loop (no worker thread for
+    a chat's join); behind a login an anonymous join is still refused with 401, and without one it is queued."""
+    import fastapi
+    import fastapi.dependencies.utils as dependency_utils
+    import gradio as gr
+    from fastapi.testclient import TestClient
+
+    with gr.Blocks() as demo:
+        gr.ChatInterface(fn=_echo, api_name="chat")
+    demo.queue()
+    http = fastapi.FastAPI()
+    gr.mount_gradio_app(http, demo, path="/", auth=[auth] if auth else None)
+    app = gradio_compat.mounted_app(http)
+    threaded: list[str] = []
+    real = dependency_utils.run_in_threadpool
+
+    async def counting(call: Any, *args: Any, **kwargs: Any) -> Any:
+        threaded.append(getattr(call, "__name__", ""))
+        return await real(call, *args, **kwargs)
+
+    monkeypatch.setattr(dependency_utils, "run_in_threadpool", counting)
+    body = {"data": ["hi", []], "fn_index": 0, "session_hash": "s1", "event_data": None, "trigger_id": None}
+
+    def join() -> int:
+        with TestClient(http) as client:
+            return client.post("/gradio_api/queue/join", json=body).status_code
+
+    before = join()
+    assert threaded.count("login_check") == 1  # gradio as shipped: a worker thread per join
+    changed = gradio_compat.login_check_on_loop(app)
+    assert changed >= 10 and gradio_compat.login_check_on_loop(app) == 0  # every guarded route, once
+    threaded.clear()
+    assert join() == before == (401 if auth else 200)
+    assert "login_check" not in threaded

@@ -479,6 +479,7 @@ class FrontDoor:
             gradio_compat.lazy_session_configs(self.gradio_app)  # ~20 ms less of the event loop per new session
         if os.environ.get("QWEN3VL_GRADIO_INLINE") != "0":  # the benchmarks' A/B switch (process-wide once on)
             gradio_compat.inline_processing()  # the chat's 15 inputs converted on the loop, not in 15 threads
+            gradio_compat.login_check_on_loop(self.gradio_app)  # and gradio's login check on every join
         self.sweeper = UploadSweeper(
             gradio_compat.upload_dir(self.gradio_app),
             s.upload_max_age_minutes * 60.0,
