@@ -336,6 +336,43 @@ def test_first_chunk_graphs_are_captured_between_steps_after_the_first_answers_a
     assert path == "cuda graphs (first chunks) + eager" and graphs.prefill_capture_s >= 0.0
 
 
+def test_an_idle_engine_captures_every_first_chunk_graph_and_leaves_the_compile_for_after_its_first_requests(
+    loaded: LoadedModel, tmp_path: Path
+) -> None:
+    """At start-up nobody is served yet: the engine nudges itself from capture to capture until every length is
+    captured. The background compile, asked for meanwhile, does not start at those idle steps (with compile
+    artifacts it would then share the GIL with the app's warm-up): only after a request has been decoded."""
+    captured: list[tuple[int, str]] = []
+    gate = threading.Semaphore(0)
+    opts = options(tmp_path, compile_delay_s=600.0, prefill_chunk=64, prefix_slots=0)
+    with BatchEngine(loaded, opts, gate) as engine:
+        graphs, runner = engine.core.graphs, engine.core.runner
+        graphs.defer_prefill_capture(runner.new_chunk_graphs((32, 64), _StandInChunkGraphs(graphs, captured)))
+        graphs.start_now()  # as the compile's timer would: held until the captures are done
+        engine.core.scheduler.nudge()  # what EngineCore.start does when it leaves captures for later
+        deadline = time.monotonic() + 10
+        while graphs.prefill_capturing and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not graphs.prefill_capturing and [n for n, _ in captured] == [64, 32]
+        assert engine.compile_state == "compiling"  # asked for before the captures: started after the last
+    captured.clear()
+    with BatchEngine(loaded, opts, gate) as engine:
+        graphs, runner = engine.core.graphs, engine.core.runner
+        graphs.defer_prefill_capture(runner.new_chunk_graphs((32, 64), _StandInChunkGraphs(graphs, captured)))
+        engine.core.scheduler.nudge()
+        deadline = time.monotonic() + 10
+        while graphs.prefill_capturing and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # idle steps after the captures: none may start the compile
+        assert not graphs.prefill_capturing and engine.compile_state == "waiting"
+        assert len(list(engine.submit_tokens(build_prompt(loaded, ChatRequest(UserMessage("hi"), sampling=GREEDY)),
+                                             GREEDY, threading.Event()))) == GREEDY.max_new_tokens  # fmt: skip
+        deadline = time.monotonic() + 10
+        while engine.compile_state != "compiling" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.compile_state == "compiling"  # the first idle moment after a decoded request
+
+
 def test_an_engine_on_a_gpu_defers_its_prefill_graphs_only_where_the_compile_is_in_the_background() -> None:
     """The choice itself (BatchOptions -> DecodeGraphs.defer_prefill): on by default where decode compiles in the
     background, off for `--compile before-serving` and for compiled prompt chunks, and as the option says."""
