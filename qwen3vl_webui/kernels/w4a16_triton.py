@@ -20,12 +20,14 @@ its partial sum once. K is split over `split_k` programs where N alone gives too
   `4 (k % 8)`; the repeats are served by L1, so each byte still crosses from HBM once) and fed to one `tl.dot` with
   K = G per group instead of eight with K = 16, the scale applied to the group's product as above (session 10's
   sweep had the planes kernel at 0.29-0.70x cuBLAS bf16's time at 16 and 32 rows: bench/RESULTS.md).
-- `_swap_kernel` (2..32 rows, `tile` 2, session 18, not yet timed on a GPU): the same product transposed, Yᵀ = W Xᵀ,
-  so the weight tile is the dot's first operand (M = BLOCK_N >= 64: Hopper's wgmma takes it from registers, where
-  the rows as the first operand, 16 or 32 of them, are below its 64) and each packed word is read once, four to a
-  16-byte load, then unpacked in registers by a shift per nibble and one merge of its two last dims. `tile` 3: two
-  nibbles per shift and mask, `q - zero` by one packed 16-bit fma per pair (inline PTX; ~1.5 integer/fp operations a
-  weight against ~4.5), the activations read in the pairs' column order.
+- `_swap_kernel` (1..32 rows, session 18; `tile` 2, 3, 4): the same product transposed, Yᵀ = W Xᵀ, so the weight
+  tile is the dot's first operand (M = BLOCK_N >= 64: Hopper's wgmma takes it from registers, where the rows as the
+  first operand, 16 or 32 of them, are below its 64) and each packed word is read once, four to a 16-byte load, then
+  unpacked in registers by a shift per nibble and one merge of its two last dims (tile 2). Tile 3: two nibbles per
+  shift and mask, `q - zero` by one packed 16-bit fma per pair (inline PTX; ~1.5 integer/fp operations a weight
+  against ~4.5), the activations read in the pairs' column order: what TUNED picks at 1, 16 and 32 rows since the
+  H200 sweep (1.5-3.7x the earlier kernels at 16-32 rows, still 0.65-0.73x cuBLAS bf16 at 32). Tile 4: the scale
+  folded into the weights too (one accumulator over K; not run on a GPU yet).
 - `_dequant_kernel` (prefill): the weight written out in 16 bits once per call, then cuBLAS (kernels/int4.py).
 
 Nibble to float: `q | 0x4B000000` read as fp32 is 2^23 + q exactly, so one OR and one subtract (of 2^23 + zero)
