@@ -92,7 +92,9 @@ def test_load_test_drives_the_demo_app_through_the_openai_door_with_its_engine_p
     assert server["ttft_p50_s"] > 0 and server["engine"]["decode_steps"] > 0, server
     ok = [r for r in one["requests"] if r["status"] == "ok"]
     assert all(0 < r["stages"]["headers"] <= r["ttft_s"] for r in ok), ok
-    assert set(one["stages_s"]) == {"headers"}
+    # The stream's end after its last text ([DONE]): how long the client waits for it, beside the first text's wait.
+    assert all(r["stages"]["last_text"] >= r["stages"]["headers"] and r["stages"]["end_gap"] >= 0 for r in ok), ok
+    assert set(one["stages_s"]) == {"headers", "last_text", "end_gap"}
 
 
 def test_stacks_summary_and_the_budget_arithmetic() -> None:
@@ -247,7 +249,8 @@ def test_load_test_through_the_raw_gradio_door_counts_refusals_and_pictures(
     ok = [r for r in one["requests"] if r["status"] == "ok"]
     assert all(0 < r["stages"]["joined"] <= r["stages"]["started"] <= r["stages"]["first_update"] <= r["ttft_s"]
                for r in ok), ok  # fmt: skip
-    assert set(one["stages_s"]) == {"joined", "started", "first_update"}
+    assert all(r["stages"]["last_update"] >= r["stages"]["first_update"] and r["stages"]["end_gap"] >= 0 for r in ok)
+    assert set(one["stages_s"]) == {"joined", "started", "first_update", "last_update", "end_gap"}
     assert one["server"]["requests"]["stop"] + one["server"]["requests"]["length"] == 6, one["server"]
     _check_sane(three, 6, 3)
     assert three["refused_busy"] >= 1, three
