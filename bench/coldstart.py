@@ -17,7 +17,9 @@ compiled, /ready's compiled count read just before and after each round; then th
 speed (the reference, and a repeat that shows the comparison itself is deterministic). A round whose count moved
 decoded across a swap; its answers must equal the reference (report["cold"]["greedy_swap"]). Rounds that are
 entirely eager may part from it at a bf16 near-tie (eager and compiled steps round differently), not because of a
-swap. Only the text comes back through /v1: answers are compared as text.
+swap. Only the text comes back through /v1: answers are compared as text. Where the compile ends within the
+while-compiling streams (sessions 16-18: no round crossed a swap), `--greedy-first` runs the rounds right after the
+first answer instead; the streams then come after full speed (the compiled figures, no while-compiling ones).
 
 Writes coldstart.json (the timelines, tok/s per phase, the targets of issue 14 checked), coldstart.log,
 server_cold.log, precompile.log, server_artifacts.log into --out. The run ends itself within --deadline-s: the
@@ -283,6 +285,19 @@ def greedy_summary(rounds: list[dict[str, Any]], reference: dict[str, Any] | Non
     }
 
 
+def greedy_until_full_speed(name: str, url: str, args: argparse.Namespace, watch: ReadyWatch,
+                            server: subprocess.Popen, deadline: float, log: Log) -> list[dict[str, Any]]:  # fmt: skip
+    """Greedy rounds until every batch size is compiled (or the time kept for what follows runs out)."""
+    left = deadline - time.monotonic() - args.reserve_s
+    log(f"{name}: greedy rounds for up to {left:.0f} s, until full compiled speed")
+    end = time.monotonic() + max(0.0, left)
+    rounds = []
+    while watch.full_speed_s is None and time.monotonic() < end and server.poll() is None:
+        rounds.append(greedy_round(url, args.greedy_prompts, args.greedy_tokens))
+    watch.wait("full_speed_s", max(0.0, end - time.monotonic()), server)
+    return rounds
+
+
 def app_stages(log_path: Path) -> list[str]:
     lines = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
     keep = ("start-up:", "compile artifacts", "kernel builds", "decode steps ready", "decode step compiled",
@@ -310,19 +325,19 @@ def run_launch(name: str, flags: list[str], cache: Path, out: Path, args: argpar
         log(f"{name}: page up {watch.page_up_s} s, ready {watch.ready_s} s, first answer {report['first_answer_s']} s "
             f"({watch.last.get('decode')}, {watch.last.get('compiled_batch_sizes')}/{watch.last.get('batch_sizes')})")
         phase = "at start" if watch.full_speed_s is not None else "while compiling"
+        greedy: list[dict[str, Any]] = []
+        if args.greedy_first and measure_compiled and phase == "while compiling":
+            # Rounds from the first answer on, while the compile swaps buckets in: some decode across a swap.
+            greedy = greedy_until_full_speed(name, url, args, watch, server, deadline, log)
+            if watch.full_speed_s is not None:
+                phase = "compiled"  # the streams below are then the compiled figures
         for chats in (1, args.chats):
             seconds = min(args.seconds, max(2.0, (deadline - time.monotonic() - 60) / 6))
             report["phases"].setdefault(phase, {})[str(chats)] = streams(url, chats, seconds, args, watch, server.pid,
                                                                           tokenizer)  # fmt: skip
             log(f"{name} {phase}: {chats} streams {report['phases'][phase][str(chats)]['total_tok_s']} tok/s")
-        greedy: list[dict[str, Any]] = []
         if measure_compiled and watch.full_speed_s is None:
-            left = deadline - time.monotonic() - args.reserve_s
-            log(f"{name}: greedy rounds for up to {left:.0f} s, until full compiled speed")
-            end = time.monotonic() + max(0.0, left)
-            while watch.full_speed_s is None and time.monotonic() < end and server.poll() is None:
-                greedy.append(greedy_round(url, args.greedy_prompts, args.greedy_tokens))
-            watch.wait("full_speed_s", max(0.0, end - time.monotonic()), server)
+            greedy += greedy_until_full_speed(name, url, args, watch, server, deadline, log)
         if measure_compiled and watch.full_speed_s is not None:
             reference = greedy_round(url, args.greedy_prompts, args.greedy_tokens)
             repeat = greedy_round(url, args.greedy_prompts, args.greedy_tokens)
@@ -336,7 +351,7 @@ def run_launch(name: str, flags: list[str], cache: Path, out: Path, args: argpar
                 f"{name} greedy: {summary.get('across_swap_rounds')} round(s) across a swap, equal: "
                 f"{summary.get('across_swap_equal')}; repeat at full speed equal: {summary.get('reference_repeat_equal')}"
             )
-        if measure_compiled and watch.full_speed_s is not None and phase != "at start":
+        if measure_compiled and watch.full_speed_s is not None and phase == "while compiling":
             for chats in (1, args.chats):
                 seconds = min(args.seconds, max(2.0, (deadline - time.monotonic() - args.reserve_s) / 3))
                 report["phases"].setdefault("compiled", {})[str(chats)] = streams(url, chats, seconds, args, watch,
@@ -396,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reserve-s", type=float, default=200.0,
                     help="time kept for the precompile + artifacts launch when waiting for full speed (default 200)")
     ap.add_argument("--cold-only", action="store_true", help="the cold launch alone (no precompile, no second launch)")
+    ap.add_argument("--greedy-first", action="store_true",
+                    help="greedy rounds from the first answer until full speed, before the streams (which are then "
+                         "the compiled figures): rounds that cross a swap, where the compile ends within the streams")  # fmt: skip
     ap.add_argument("--commit", default="", help="the tree's commit, recorded in the report")
     ap.add_argument("app_flags", nargs="*", help="extra app flags after --")
     args = ap.parse_args(argv)
