@@ -93,11 +93,11 @@ def packed_attention_blocker(device: Any, dtype: Any) -> str | None:
         return "not on CUDA"
     if dtype not in (torch.bfloat16, torch.float16):
         return f"vision weights are {dtype}, not bf16/fp16"
-    return _probe(str(device), dtype)
+    return probe(str(device), dtype)
 
 
 @functools.cache
-def _probe(device: str, dtype: Any) -> str | None:
+def probe(device: str, dtype: Any) -> str | None:
     """Runs `flash_varlen` once on this GPU against per-segment SDPA (flash needs Ampere or newer)."""
     import torch
     import torch.nn.functional as F

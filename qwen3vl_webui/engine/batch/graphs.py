@@ -593,14 +593,19 @@ class DecodeGraphs:
             return run
 
         # The same keys their callers below cache them under: the vision tower's and the weights' `tensor.device`.
-        probes = [on_device(vision.packed_attention_blocker, torch.device("cuda", index), dtype)]
+        # Each with the cache its answer is kept in: a refusal seen here is dropped, so that the routing below asks
+        # once more, alone (a failure of this concurrent pass must not turn a kernel off for the process's life).
+        probes = [(on_device(vision.packed_attention_blocker, torch.device("cuda", index), dtype), vision.probe)]
         if self.options.decode_kernel:
-            probes.append(on_device(attention.kernel_blocker, device, dtype, heads, kv_heads, head_dim))
+            probe = on_device(attention.kernel_blocker, device, dtype, heads, kv_heads, head_dim)
+            probes.append((probe, attention.kernel_blocker))
         if self.gemv:
-            probes.append(on_device(gemv.probe, f"cuda:{index}", dtype))
+            probes.append((on_device(gemv.probe, f"cuda:{index}", dtype), gemv.probe))
         with ThreadPoolExecutor(len(probes), thread_name_prefix="kernel-probe") as pool:
-            for future in [pool.submit(p) for p in probes]:
-                future.exception()  # a probe reports its failure as its answer; anything else is asked again below
+            futures = [(pool.submit(probe), cached) for probe, cached in probes]
+            for future, cached in futures:
+                if future.exception() is not None or future.result() is not None:
+                    cached.cache_clear()
 
     def _build_kernels(self, forward: Callable[[int], Any], stream: Any) -> None:
         """Before the first warm-up (CUDA): one dry pass over every bucket builds the Triton kernels the steps launch,
