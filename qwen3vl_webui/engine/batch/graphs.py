@@ -64,7 +64,6 @@ class DecodeGraphs:
         self.compile_prefill = bool(options.compile_prefill)
         self.prefill_error: str | None = None
         self.prefill_warmup_s = 0.0
-        self.prefill_capture_s = 0.0
         self._prefill_todo: prefill.ChunkGraphs | None = None
         self._prefill_last = 0.0
         self._start_after_prefill = False
@@ -77,7 +76,6 @@ class DecodeGraphs:
         self.fused_groups = 0
         self.decode_attention = ""
         self.warmup_s: dict[int, float] = {}  # per bucket: compile (if any) + two warm-up steps
-        self.kernel_builds: builds.DryRun | None = None  # the parallel builds' pass (CUDA), once it ran
         self.kernel_build_s = 0.0
         self.capture_s = 0.0  # the decode graphs' captures at start-up
         self.stages: dict[str, float] = {}  # the decode start-up's other stages, seconds each (the log's line)
@@ -627,7 +625,6 @@ class DecodeGraphs:
             return
         finally:
             torch.cuda.current_stream().wait_stream(stream)
-        self.kernel_builds = run
         self.kernel_build_s = round(time.perf_counter() - started, 2)
         log.info(
             "kernel builds: %d Triton kernels built in %.1f s on %d threads (%d launches skipped, %.1f s waited)",
@@ -737,7 +734,6 @@ class DecodeGraphs:
         if self.prefill_error is None:
             log.info("prefill: %d first-chunk graphs captured between steps (%.1f s of captures)",
                      len(graphs.lengths), graphs.capture_s)  # fmt: skip
-        self.prefill_capture_s = round(graphs.capture_s, 2)
         with self._start_lock:
             self._prefill_todo = None
             start, self._start_after_prefill = self._start_after_prefill, False
