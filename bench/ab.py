@@ -4,12 +4,14 @@
         --label-a "gradio's sessions" --label-b "lazy sessions" --rounds 2 --out bench/results/cpu/lazy_sessions.json \\
         -- --chats 16 --doors gradio --seconds 25 --prompt-tokens 128 --new-tokens 64 \\
         -- --demo --engine batch --max-concurrency 16 --queue-size 64 --max-context 2048 --max-new-tokens 256
+    python -m bench.ab --b QWEN3VL_STREAM_UPDATES_PER_S=250 --c QWEN3VL_GRADIO_INLINE=0 --rounds 1 --out ab.json -- ...
 
 Everything after the first `--` goes to `bench.load_test` as is (its own `--` and the app's flags included); each run
 starts a fresh app (`python app.py ...`) with the side's variables set, so both sides get the same work, the same
 start-up and warm-up. The sides alternate a, b, a, b, ... (--rounds pairs), so a drift of the machine (another
-process, thermal state) falls on both. Per scenario (chats x door) it prints and writes the median over rounds of
-total tok/s and TTFT p50 / p95 of each side, and b's over a's.
+process, thermal state) falls on both. A third side (--c, a second change against the same baseline) joins each
+round: a, b, c, a, b, c, ... Per scenario (chats x door) it prints and writes the median over rounds of total tok/s
+and TTFT p50 / p95 of each side, and b's (and c's) over a's.
 """
 
 from __future__ import annotations
@@ -70,24 +72,28 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         for side, figures in sides.items():
             entry[side] = {name: round(statistics.median(values), 4) for name, values in figures.items()}
             entry[side]["runs"] = {name: values for name, values in figures.items()}
-        if "a" in entry and "b" in entry:
-            entry["b_over_a"] = {
-                name: round(entry["b"][name] / entry["a"][name], 3)
-                for name, _ in FIGURES
-                if entry["a"].get(name) and entry["b"].get(name) is not None
-            }
+        for side in ("b", "c"):
+            if "a" in entry and side in entry:
+                entry[f"{side}_over_a"] = {
+                    name: round(entry[side][name] / entry["a"][name], 3)
+                    for name, _ in FIGURES
+                    if entry["a"].get(name) and entry[side].get(name) is not None
+                }
         summary[key] = entry
     return summary
 
 
 def print_table(summary: dict[str, Any], labels: dict[str, str]) -> None:
-    print(f"{'scenario':28} {'figure':11} {labels['a'][:22]:>22} {labels['b'][:22]:>22} {'b / a':>7}")
+    sides = [s for s in ("a", "b", "c") if s in labels]
+    changes = [s for s in sides if s != "a"]
+    head = " ".join(f"{labels[s][:22]:>22}" for s in sides) + " " + " ".join(f"{s + ' / a':>7}" for s in changes)
+    print(f"{'scenario':28} {'figure':11} {head}")
     for key, entry in summary.items():
         for name, title in FIGURES:
-            a, b = entry.get("a", {}).get(name), entry.get("b", {}).get(name)
-            ratio = entry.get("b_over_a", {}).get(name)
-            cells = [f"{v:22.4f}" if v is not None else f"{'-':>22}" for v in (a, b)]
-            print(f"{key:28} {title:11} {cells[0]} {cells[1]} {ratio if ratio is not None else '-':>7}")
+            values = [entry.get(s, {}).get(name) for s in sides]
+            ratios = [entry.get(f"{s}_over_a", {}).get(name) for s in changes]
+            cells = " ".join(f"{v:22.4f}" if v is not None else f"{'-':>22}" for v in values)
+            print(f"{key:28} {title:11} {cells} " + " ".join(f"{r if r is not None else '-':>7}" for r in ratios))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--a", nargs="*", default=[], help="NAME=VALUE environment of side a (the baseline)")
     parser.add_argument("--b", nargs="*", default=[], help="NAME=VALUE environment of side b (the change)")
+    parser.add_argument("--c", nargs="*", default=None, help="NAME=VALUE environment of an optional side c (a second change)")  # fmt: skip
     parser.add_argument("--label-a", default="a")
     parser.add_argument("--label-b", default="b")
+    parser.add_argument("--label-c", default="c")
     parser.add_argument("--rounds", type=int, default=2, help="pairs of runs (a then b), default 2")
     parser.add_argument("--out", required=True, help="the report (JSON)")
     parser.add_argument("--commit", default="", help="the commit measured (for the report)")
@@ -109,11 +117,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rounds >= 1")
     envs = {"a": parse_env(args.a), "b": parse_env(args.b)}
     labels = {"a": args.label_a, "b": args.label_b}
-    runs: dict[str, list[dict[str, Any]]] = {"a": [], "b": []}
+    if args.c is not None:
+        envs["c"], labels["c"] = parse_env(args.c), args.label_c
+    runs: dict[str, list[dict[str, Any]]] = {side: [] for side in envs}
     work = Path(tempfile.mkdtemp(prefix="qwen3vl-ab-"))
     started = time.monotonic()
     for r in range(args.rounds):
-        for side in ("a", "b"):
+        for side in envs:
             path = work / f"{side}{r}.json"
             command = [sys.executable, "-m", "bench.load_test", "--json", str(path), *load_args]
             print(f"--- round {r + 1}, {side} ({labels[side]}): {' '.join(f'{k}={v}' for k, v in envs[side].items())}", flush=True)  # fmt: skip
@@ -135,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     print_table(summary, labels)
-    return 0 if runs["a"] and runs["b"] else 1
+    return 0 if all(runs.values()) else 1
 
 
 if __name__ == "__main__":

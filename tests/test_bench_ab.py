@@ -30,3 +30,16 @@ def test_a_side_without_runs_has_no_ratio_and_bad_env_is_refused() -> None:
     assert ab.parse_env(["X=1", "Y="]) == {"X": "1", "Y": ""}
     with pytest.raises(SystemExit, match="not NAME=VALUE"):
         ab.parse_env(["X"])
+
+
+def test_a_third_side_gets_its_own_ratio_to_a_and_the_table_prints_it(capsys: pytest.CaptureFixture[str]) -> None:
+    runs = {"a": [_report(100, 2.0, 4.0)], "b": [_report(150, 1.0, 2.0)], "c": [_report(90, 4.0, 8.0)]}
+    summary = ab.summarize(runs)
+    entry = summary["16 chats, gradio"]
+    assert entry["b_over_a"]["total_tok_s"] == 1.5 and entry["c_over_a"]["total_tok_s"] == 0.9
+    assert entry["c_over_a"]["ttft_p95_s"] == 2.0
+    ab.print_table(summary, {"a": "base", "b": "more", "c": "less"})
+    out = capsys.readouterr().out
+    assert "c / a" in out and "less" in out
+    tok_row = next(line for line in out.splitlines() if "tok/s" in line)
+    assert tok_row.split()[-2:] == ["1.5", "0.9"]
