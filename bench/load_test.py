@@ -303,11 +303,13 @@ class GradioRawChat:
         answer: str | None = None
         last = ""
         with self.http.stream("GET", t["data"], params={"session_hash": self.session}) as events:
+            stages["stream_open"] = time.monotonic() - started  # /queue/data's headers: the stream's route ran
             if events.status_code != 200:
                 raise RuntimeError(f"HTTP {events.status_code} from /queue/data: {events.read()[:300]!r}")
             for line in events.iter_lines():
                 if not line.startswith("data:"):
                     continue
+                stages.setdefault("first_message", time.monotonic() - started)  # gradio's `estimation`, queued at the join
                 if time.monotonic() - started > timeout:  # heartbeats arrive every 15 s even while nothing else does
                     raise TimeoutError(f"no full answer within {timeout:.0f} s")
                 msg = json.loads(line[5:])

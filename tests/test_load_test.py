@@ -247,10 +247,11 @@ def test_load_test_through_the_raw_gradio_door_counts_refusals_and_pictures(
     assert one["ok"] == 6 and one["refused_busy"] == 0
     # The protocol's milestones before the first text: the join answered, a worker took the event, its first update.
     ok = [r for r in one["requests"] if r["status"] == "ok"]
-    assert all(0 < r["stages"]["joined"] <= r["stages"]["started"] <= r["stages"]["first_update"] <= r["ttft_s"]
-               for r in ok), ok  # fmt: skip
+    assert all(0 < r["stages"]["joined"] <= r["stages"]["stream_open"] <= r["stages"]["first_message"]
+               <= r["stages"]["started"] <= r["stages"]["first_update"] <= r["ttft_s"] for r in ok), ok  # fmt: skip
     assert all(r["stages"]["last_update"] >= r["stages"]["first_update"] and r["stages"]["end_gap"] >= 0 for r in ok)
-    assert set(one["stages_s"]) == {"joined", "started", "first_update", "last_update", "end_gap"}
+    assert set(one["stages_s"]) == {"joined", "stream_open", "first_message", "started", "first_update", "last_update",
+                                    "end_gap"}  # fmt: skip
     assert one["server"]["requests"]["stop"] + one["server"]["requests"]["length"] == 6, one["server"]
     _check_sane(three, 6, 3)
     assert three["refused_busy"] >= 1, three
