@@ -570,8 +570,10 @@ class _SharedTickets:
 
 
 def one_request(chat: Chat, text: str, image: str | None, options: dict[str, Any], tokenizer: Any, out: Outcome,
-                t0: float, timeout: float) -> None:  # fmt: skip
-    """Sends one message through `chat` and fills `out` with what the client saw."""
+                t0: float, timeout: float) -> str:  # fmt: skip
+    """Sends one message through `chat` and fills `out` with what the client saw; returns the answer. With `tokenizer`
+    None, an answer whose door reports no count is left uncounted (`out.tokens` 0): the caller counts it later, off
+    the chat's turnaround (count_answers)."""
     started = time.monotonic()
     out.submitted_s = started - t0
     first = last = None
@@ -585,19 +587,32 @@ def one_request(chat: Chat, text: str, image: str | None, options: dict[str, Any
             out.outputs += 1
     except Refused as exc:
         out.status, out.detail = exc.status, str(exc)[:300]
-        return
+        return ""
     except Exception as exc:
         out.status, out.detail = "error", f"{type(exc).__name__}: {exc}"[:300]
-        return
+        return ""
     if not answer:
         out.status, out.detail = "error", "empty answer"
-        return
+        return ""
     out.status = "ok"
     out.stages = dict(getattr(chat, "stages", None) or {})
-    out.tokens = chat.usage if chat.usage is not None else count_tokens(tokenizer, answer)
+    if chat.usage is not None:
+        out.tokens = chat.usage
+    elif tokenizer is not None:
+        out.tokens = count_tokens(tokenizer, answer)
     out.ttft_s = first - started if first else None
     out.duration_s = (last or time.monotonic()) - started
     out.decode_s = (last - first) if first and last else None
+    return answer
+
+
+def count_answers(tokenizer: Any, answers: list[tuple[Outcome, str]]) -> None:
+    """The answers no door counted, re-tokenized after the chat's last request: counting between two requests would
+    add the client's own CPU (and its threads' wait for the GIL) to every turnaround, time the app's slot sits idle
+    in a closed loop (session 19: 16-49 ms per request through the gradio doors, 4 ms through `/v1`)."""
+    for out, answer in answers:
+        if out.status == "ok" and out.tokens == 0:
+            out.tokens = count_tokens(tokenizer, answer)
 
 
 @dataclass
@@ -631,6 +646,7 @@ def _chat_threads(work: _Work, connections: dict[int, Chat], tokenizer: Any, tic
 
     def chat_loop(i: int) -> None:
         chat, done_turns, pictures = connections[i], 0, 0
+        answers: list[tuple[Outcome, str]] = []
         go.wait()
         start = t0()
         while (k := tickets.take()) is not None:
@@ -644,10 +660,11 @@ def _chat_threads(work: _Work, connections: dict[int, Chat], tokenizer: Any, tic
                 pictures += 1
             out = Outcome(chat=i, index=k, status="error", submitted_s=0.0, kind="image" if image else "text",
                           prompt_tokens=length, image=Path(image).name if image else "")  # fmt: skip
-            one_request(chat, text, image, options, tokenizer, out, start, work.request_timeout)
+            answers.append((out, one_request(chat, text, image, options, None, out, start, work.request_timeout)))
             done_turns += 1
-            with lock:
-                outcomes.append(out)
+        count_answers(tokenizer, answers)  # before the outcomes are seen: the thread's join comes after this
+        with lock:
+            outcomes.extend(out for out, _ in answers)
 
     threads = [threading.Thread(target=chat_loop, args=(i,), daemon=True) for i in connections]
     for thread in threads:
@@ -1060,6 +1077,7 @@ def summarize(
 
     names = sorted({name for o in ok for name in o.stages})
     stages = {name: pct([o.stages[name] for o in ok if name in o.stages], (50, 95)) for name in names}
+    gaps = client_gaps(outcomes)
     return {
         "chats": chats,
         "issued": len(outcomes) if issued is None else issued,
@@ -1079,6 +1097,8 @@ def summarize(
         },
         # Where the client's wait for its first text went, door by door (GradioRawChat, OpenAIChat: `stages`).
         **({"stages_s": stages} if stages else {}),
+        # The client's own turnaround: a chat's answer received to its next request sent (the slot idles meanwhile).
+        "client_gap_s": pct(gaps, (50, 95)),
         "chat_tok_s": pct(rates, (5, 50, 95)),
         "chat_end_to_end_tok_s": pct(end_to_end, (5, 50, 95)),
         "total_tok_s": _round(tokens / span if span > 0 else None),
@@ -1086,6 +1106,18 @@ def summarize(
         "errors": sorted({o.detail for o in outcomes if o.status not in ("ok", "refused_busy")})[:10],
         "requests": [asdict(o) for o in sorted(outcomes, key=lambda o: o.index)],
     }
+
+
+def client_gaps(outcomes: list[Outcome]) -> list[float]:
+    """Per chat, the seconds from each answered request's end (its last output) to the chat's next send."""
+    by_chat: dict[int, list[Outcome]] = {}
+    for o in outcomes:
+        by_chat.setdefault(o.chat, []).append(o)
+    gaps = []
+    for chat in by_chat.values():
+        chat.sort(key=lambda o: o.submitted_s)
+        gaps += [b.submitted_s - a.submitted_s - a.duration_s for a, b in zip(chat, chat[1:]) if a.duration_s is not None]
+    return gaps
 
 
 def _round(value: float | None, digits: int = 4) -> float | None:

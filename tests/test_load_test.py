@@ -262,3 +262,16 @@ def test_load_test_through_the_raw_gradio_door_counts_refusals_and_pictures(
     pictures = [r for r in mixed["requests"] if r["kind"] == "image"]
     assert pictures and any(r["status"] == "ok" for r in pictures), mixed["requests"]
     assert mixed["image_requests"] == len(pictures), mixed
+
+
+def test_client_gaps_are_per_chat_from_an_answer_end_to_the_next_send() -> None:
+    from bench.load_test import Outcome, client_gaps
+
+    outcomes = [
+        Outcome(chat=0, index=0, status="ok", submitted_s=0.0, duration_s=1.0),
+        Outcome(chat=1, index=1, status="ok", submitted_s=0.1, duration_s=2.0),
+        Outcome(chat=0, index=2, status="ok", submitted_s=1.02, duration_s=1.0),
+        Outcome(chat=1, index=3, status="error", submitted_s=2.2),  # an error's end is unknown: no gap after it
+        Outcome(chat=1, index=4, status="ok", submitted_s=2.5, duration_s=1.0),
+    ]
+    assert sorted(round(g, 3) for g in client_gaps(outcomes)) == [0.02, 0.1]
