@@ -306,7 +306,9 @@ class GradioRawChat:
             stages["stream_open"] = time.monotonic() - started  # /queue/data's headers: the stream's route ran
             if events.status_code != 200:
                 raise RuntimeError(f"HTTP {events.status_code} from /queue/data: {events.read()[:300]!r}")
-            for line in events.iter_lines():
+            completed = False
+            lines = events.iter_lines()  # one iterator: read on past the event's end below
+            for line in lines:
                 if not line.startswith("data:"):
                     continue
                 stages.setdefault("first_message", time.monotonic() - started)  # gradio's `estimation`, queued at the join
@@ -338,7 +340,13 @@ class GradioRawChat:
                     last = answer
                     yield answer
                 if kind == "process_completed":
+                    # The stream's own end (`close_stream`, sent right after) is read too, as the page's client reads
+                    # it: a response left unread closes its connection, and the chat's next join would open another.
+                    completed = True
                     break
+            if completed:
+                for _ in lines:  # close_stream, then the response's end: the server returns right after it
+                    pass
         if isinstance(answer, str) and answer.startswith(WARNING):
             raise Refused(refusal_status(answer), answer)
 
