@@ -29,6 +29,9 @@ flamegraph.pl read them), the top functions per process into the report.
   asked: 0 for both doors there);
 - per-chat tokens/s: a request's tokens after its first output over the time from first to last output;
 - total tokens/s: all answered tokens over the scenario's wall time (first send to last answer);
+- client gap: a chat's answer received to its next request sent (`client_gap_s`): the client's own turnaround, time
+  an app's slot idles in this closed loop. Answers a door does not count are re-tokenized after a chat's last request,
+  not in this gap;
 - CPU cores busy: the app's process (the front end), its engine process (`qwen3vl_webui.engine.remote.worker`, with
   `--engine batch`), its other child processes, and the client processes, over the scenario.
 In a mixed run the figures are also given per kind (`by_kind`: text, image). --budget-s shortens the scenarios
