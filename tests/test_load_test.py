@@ -196,17 +196,26 @@ def test_the_raw_gradio_door_gets_what_gradio_client_gets(demo_app_server: tuple
     assert template["join"].endswith("/queue/join") and template["data"].endswith("/queue/data")
     assert len({template["message_at"], template["tokens_at"], template["temperature_at"]}) == 3
     picture = str(Path(__file__).resolve().parents[1] / "assets" / "example.png")
+    connections: set[int] = set()  # the raw chat's keep-alive connections (httpcore's pool), seen after each request
+
+    def seen() -> None:
+        connections.update(id(c) for c in raw.http._transport._pool.connections)
+
     try:
         for text, image in (("Name the colours you see.", None), ("What is in the picture?", picture)):
             got = [list(chat.stream(text, image, 12, 0.0, 120)) for chat in (raw, client)]
+            seen()
             assert got[0] and got[1] and got[0][-1] == got[1][-1], got
             assert all(not g.startswith((load_test.WAITING, load_test.WARNING)) for g in got[0]), got[0]
             # partial answers grow: each diff applied to the one before
             assert all(later.startswith(earlier) for earlier, later in zip(got[0], got[0][1:])), got[0]
             second = [list(chat.stream("And then?", None, 12, 0.0, 120))[-1] for chat in (raw, client)]
             assert second[0] == second[1], second
+            seen()
             raw.new_conversation()
             client.new_conversation()
+        # Each event stream was read to its end, so one connection carried every join, upload and stream.
+        assert len(connections) == 1, connections
     finally:
         raw.close()
         client.client.close()
