@@ -273,7 +273,11 @@ _INTERPRETED = textwrap.dedent(
              ("int4", wk.W4Config(16, 32, 1, 4, 1, 1), 5, torch.float16), ("int4", wk.W4Config(32, 16, 2, 4, 1, 1), 20, torch.float16),
              ("int4", wk.W4Config(16, 32, 1, 4, 1, 2), 5, torch.float16), ("int4", wk.W4Config(32, 16, 2, 4, 1, 2), 20, torch.float16),
              ("fp8", fk.Fp8Config(1, 8, 4, 1), 2, torch.bfloat16), ("fp8", fk.Fp8Config(1, 32, 4, 1), 1, torch.bfloat16),
-             ("fp8", fk.Fp8Config(16, 32, 4, 1), 5, torch.float16), ("fp8", fk.Fp8Config(32, 64, 4, 1), 20, torch.float16)]
+             ("fp8", fk.Fp8Config(16, 32, 4, 1), 5, torch.float16), ("fp8", fk.Fp8Config(32, 64, 4, 1), 20, torch.float16),
+             # the swap kernel: one row (15 of 16 masked), K in 3 blocks split 2 ways (the last split one block, the
+             # last block 44 wide), split by default; N = 200 not a multiple of BLOCK_N
+             ("fp8", fk.Fp8Config(16, 64, 4, 1, 2, 1), 1, torch.float16), ("fp8", fk.Fp8Config(16, 64, 4, 1, 0, 1), 5, torch.float16),
+             ("fp8", fk.Fp8Config(32, 64, 4, 1, 1, 1), 20, torch.float16), ("fp8", fk.Fp8Config(32, 128, 4, 1, 4, 1), 33, torch.float16)]
     for name, cfg, rows, dtype in cases:
         reference_w = w4 if name == "int4" else w8
         x = torch.randn(rows, reference_w.shape[1], generator=gen).to(dtype)
@@ -295,6 +299,7 @@ _INTERPRETED = textwrap.dedent(
         err = float((out.double() - ref).norm() / ref.norm())
         assert out.dtype == dtype and err < 1e-2, (rows, err)
     assert wk.default_split(5, 8) == 2 and wk.default_split(1000, 76) == 1 and wk.default_split(80, 76) == 4
+    assert fk.default_split(40, 32) == 8 and fk.default_split(304, 20) == 1 and fk.default_split(3, 3) == 1
     print("ok split")
     # The prefill path's dequantization: exactly the reference's fp32 values.
     assert torch.equal(wk.w4_dequantize(qweight, scales, zeros, 128, torch.float32), w4.float())
@@ -310,7 +315,7 @@ def test_triton_kernels_in_the_interpreter() -> None:
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("ok") == 14
+    assert proc.stdout.count("ok") == 18
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")

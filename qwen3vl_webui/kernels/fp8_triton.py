@@ -9,6 +9,10 @@ checkpoint and transformers' fine-grained FP8: the weight is `weight * scale_inv
 - `_skinny_kernel` (2..SKINNY_MAX_ROWS rows): fp8 -> 16-bit (exact: e4m3's 3 mantissa bits fit bf16 and fp16's
   range holds every e4m3 value) in registers and `tl.dot`, one weight block of K per iteration, its scale applied to
   the fp32 partial product.
+- `_swap_kernel` (any rows, chosen by a sweep: `Fp8Config.swap`): Yᵀ = W Xᵀ, the weights the dot's first operand
+  (BLOCK_N >= 64 rows, what Hopper's wgmma takes from registers) and the rows its second (BLOCK_M = 16 or 32 columns,
+  at one row 15 of 16 masked), K split over `split_k` programs whose fp32 partial products are summed after; the
+  int4 swap kernel's layout (w4a16_triton.py), which was 1.5-3.7x the skinny tile at 16 and 32 rows there.
 - `_dequant_kernel` (prefill): the 16-bit weight once per call, then cuBLAS (kernels/fp8.py).
 
 The weights are read as 1 byte each (int8wo's rate) with no activation quantization: at decode's few rows the
@@ -31,6 +35,8 @@ class Fp8Config(NamedTuple):
     block_n: int
     warps: int
     stages: int
+    split_k: int = 1  # the swap kernel: programs that share K (0: as many as `default_split` says)
+    swap: int = 0  # 1: `_swap_kernel` (block_m 16 or 32, also for one row)
 
 
 GEMV_DEFAULT = Fp8Config(1, 8, 4, 2)
@@ -113,6 +119,37 @@ def _skinny_kernel(
 
 
 @triton.jit
+def _swap_kernel(
+    x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ys, stride_ym, blocks_per_split,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, B: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, B)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    kb_start = split * blocks_per_split
+    kb_end = tl.minimum(kb_start + blocks_per_split, tl.cdiv(K, B))
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (kb_start * B + offs_k)[None, :]
+    x_ptrs = x_ptr + offs_m[None, :] * stride_xm + (kb_start * B + offs_k)[:, None]
+    s_ptrs = s_ptr + (offs_n // B) * stride_sn
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for kb in range(kb_start, kb_end):
+        k_ok = offs_k < K - kb * B
+        w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(x_ptr.dtype.element_ty)
+        xt = tl.load(x_ptrs, mask=k_ok[:, None] & m_ok[None, :], other=0.0)
+        scale = tl.load(s_ptrs + kb, mask=n_ok, other=0.0)
+        acc += tl.dot(w, xt) * scale[:, None]
+        w_ptrs += B
+        x_ptrs += B
+    y_ptrs = y_ptr + split * stride_ys + offs_m[None, :] * stride_ym + offs_n[:, None]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
+
+
+@triton.jit
 def _dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on, B: tl.constexpr):
     nb = tl.program_id(0)
     kb = tl.program_id(1)
@@ -132,6 +169,20 @@ def fp8_matmul(x: Any, weight: Any, scale_inv: Any, block: int, config: Fp8Confi
     rows, k = x.shape
     n = weight.shape[0]
     cfg = config or pick_config(rows, n, k)
+    if cfg.swap:
+        blocks = triton.cdiv(k, block)
+        tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(rows, cfg.block_m)
+        split = max(1, min(cfg.split_k or default_split(tiles, blocks), blocks))
+        per_split = triton.cdiv(blocks, split)
+        split = triton.cdiv(blocks, per_split)  # no empty split
+        out = torch.empty((split, rows, n), device=x.device, dtype=x.dtype if split == 1 else torch.float32)
+        grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m), split)
+        _swap_kernel[grid](
+            x, weight, scale_inv, out, rows, n, k, x.stride(0), weight.stride(0), scale_inv.stride(0), out.stride(0),
+            out.stride(1), per_split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, B=block, num_warps=cfg.warps,
+            num_stages=cfg.stages,
+        )  # fmt: skip
+        return out[0] if split == 1 else out.sum(dim=0).to(x.dtype)
     out = torch.empty((rows, n), device=x.device, dtype=x.dtype)
     if cfg.block_m == 1:
         grid = (triton.cdiv(n, cfg.block_n), rows)
@@ -146,6 +197,17 @@ def fp8_matmul(x: Any, weight: Any, scale_inv: Any, block: int, config: Fp8Confi
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, B=block, num_warps=cfg.warps, num_stages=cfg.stages,
         )  # fmt: skip
     return out
+
+
+MIN_PROGRAMS = 264  # two per SM of an H100 / H200: below it the swap kernel's default splits K
+
+
+def default_split(programs: int, blocks: int) -> int:
+    """How many ways to split K's `blocks` so that about MIN_PROGRAMS programs run (1 where the tiles give that)."""
+    split = 1
+    while programs * split < MIN_PROGRAMS and blocks // (split * 2) >= 2:
+        split *= 2
+    return split
 
 
 def fp8_dequantize(weight: Any, scale_inv: Any, block: int, dtype: Any) -> Any:
