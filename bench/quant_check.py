@@ -88,12 +88,11 @@ def int4_configs(rows: int, n: int = 0, k: int = 0, kernels: tuple[int, ...] = (
 
 def fp8_configs(rows: int) -> list[Any]:
     """The sweep's fp8 launch shapes for `rows`: the swap kernel's first (weights as the dot's first operand, K split
-    0 = by default, 1, 2 or 4 ways), then the GEMV's (one row) or the skinny tile's."""
+    by default (0), not at all or 4 ways), then the GEMV's (one row) or the skinny tile's."""
     from qwen3vl_webui.kernels.fp8_triton import Fp8Config
 
     bm = 16 if rows <= 16 else 32
-    swap = [Fp8Config(bm, bn, w, s, split, 1) for bn in (64, 128) for split in (0, 1, 2, 4) for w in (4, 8)
-            for s in (2, 3)]  # fmt: skip
+    swap = [Fp8Config(bm, bn, 4, s, split, 1) for bn in (64, 128) for split in (0, 1, 4) for s in (2, 3)]
     if rows == 1:
         return swap + [Fp8Config(1, bn, w, s) for bn in (4, 8, 16, 32) for w in (4, 8) for s in (1, 2)]
     return swap + [Fp8Config(bm, bn, w, s) for bn in (32, 64, 128) for w in (4, 8) for s in (3, 4)]
