@@ -69,12 +69,17 @@ def int4_configs(rows: int, n: int = 0, k: int = 0, kernels: tuple[int, ...] = (
 
     gemv = [W4Config(1, bn, split, w, s) for bn in (16, 32, 64) for split in (0, 1, 2, 4) for w in (4, 8) for s in (2, 3)]
     bm = 16 if rows <= 16 else 32
-    # Tile 3 at 16 rows and fewer: K split further too. There the products are latency-bound, not compute-bound:
-    # session 19's H100 read 0.5-1.3 TB/s of packed weights at one row, where the GPU copies at 3.0 TB/s.
-    splits3 = (0, 2, 4, 8, 16) if rows <= 16 else (0, 2)
+    # Tile 3 at 16 rows and fewer: K split further and a deeper load pipeline (4 stages). There the products are
+    # latency-bound, not compute-bound: session 19's H100 read 0.5-1.3 TB/s of packed weights at one row, where the
+    # GPU copies at 3.0 TB/s. 8 warps never won tile 3 (sessions 18 and 19), so only 4 there.
+    tile3 = (
+        [W4Config(bm, bn, split, 4, s, 3) for bn in (64, 128) for split in (0, 2, 4, 8, 16) for s in (2, 3, 4)]
+        if rows <= 16
+        else [W4Config(bm, bn, split, w, s, 3) for bn in (64, 128) for split in (0, 2) for w in (4, 8) for s in (2, 3)]
+    )
     by_kernel = {
         4: [W4Config(bm, bn, split, w, s, 4) for bn in (64, 128) for split in (0, 2) for w in (4, 8) for s in (2, 3)],
-        3: [W4Config(bm, bn, split, w, s, 3) for bn in (64, 128) for split in splits3 for w in (4, 8) for s in (2, 3)],
+        3: tile3,
         2: [W4Config(bm, bn, split, w, s, 2) for bn in (64, 128) for split in (0, 2) for w in (4, 8) for s in (2, 3)],
         1: [W4Config(bm, bn, split, w, s, 1) for bn in (32, 64, 128) for split in (0, 1, 2, 4) for w in (4, 8)
             for s in (2, 3)],
