@@ -298,8 +298,11 @@ _INTERPRETED = textwrap.dedent(
         ref = x.double() @ ref_w2.T
         err = float((out.double() - ref).norm() / ref.norm())
         assert out.dtype == dtype and err < 1e-2, (rows, err)
-    assert wk.default_split(5, 8) == 2 and wk.default_split(1000, 76) == 1 and wk.default_split(80, 76) == 4
-    assert fk.default_split(40, 32) == 8 and fk.default_split(304, 20) == 1 and fk.default_split(3, 3) == 1
+    from qwen3vl_webui.kernels.tuning import default_split, split_k
+    g4, b8 = wk.SPLIT_LEAST_GROUPS, fk.SPLIT_LEAST_BLOCKS
+    assert default_split(5, 8, g4) == 2 and default_split(1000, 76, g4) == 1 and default_split(80, 76, g4) == 4
+    assert default_split(40, 32, b8) == 8 and default_split(304, 20, b8) == 1 and default_split(3, 3, b8) == 1
+    assert split_k(16, 10, 20, g4) == (10, 2) and split_k(3, 10, 8, g4) == (3, 3) and split_k(0, 5, 8, g4) == (2, 4)
     print("ok split")
     # The prefill path's dequantization: exactly the reference's fp32 values.
     assert torch.equal(wk.w4_dequantize(qweight, scales, zeros, 128, torch.float32), w4.float())

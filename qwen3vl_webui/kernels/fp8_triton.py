@@ -35,13 +35,14 @@ class Fp8Config(NamedTuple):
     block_n: int
     warps: int
     stages: int
-    split_k: int = 1  # the swap kernel: programs that share K (0: as many as `default_split` says)
+    split_k: int = 1  # the swap kernel: programs that share K (0: as many as `tuning.default_split` says)
     swap: int = 0  # 1: `_swap_kernel` (block_m 16 or 32, also for one row)
 
 
 GEMV_DEFAULT = Fp8Config(1, 8, 4, 2)
 SKINNY_DEFAULT = Fp8Config(16, 64, 4, 4)
 SKINNY32_DEFAULT = Fp8Config(32, 64, 4, 4)
+SPLIT_LEAST_BLOCKS = 2  # the swap kernel's default split keeps this many 128-wide blocks of K at least
 # Session 10's sweep on one H200 (bench/results/h200/quant_check.json, 4c42a28; the largest shapes were cut by its time cap).
 TUNED: dict[tuple[int, int, int], Fp8Config] = {
     (1, 6144, 2560): Fp8Config(1, 8, 8, 1),
@@ -170,11 +171,8 @@ def fp8_matmul(x: Any, weight: Any, scale_inv: Any, block: int, config: Fp8Confi
     n = weight.shape[0]
     cfg = config or pick_config(rows, n, k)
     if cfg.swap:
-        blocks = triton.cdiv(k, block)
         tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(rows, cfg.block_m)
-        split = max(1, min(cfg.split_k or default_split(tiles, blocks), blocks))
-        per_split = triton.cdiv(blocks, split)
-        split = triton.cdiv(blocks, per_split)  # no empty split
+        split, per_split = tuning.split_k(cfg.split_k, tiles, triton.cdiv(k, block), SPLIT_LEAST_BLOCKS)
         out = torch.empty((split, rows, n), device=x.device, dtype=x.dtype if split == 1 else torch.float32)
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m), split)
         _swap_kernel[grid](
@@ -197,17 +195,6 @@ def fp8_matmul(x: Any, weight: Any, scale_inv: Any, block: int, config: Fp8Confi
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, B=block, num_warps=cfg.warps, num_stages=cfg.stages,
         )  # fmt: skip
     return out
-
-
-MIN_PROGRAMS = 264  # two per SM of an H100 / H200: below it the swap kernel's default splits K
-
-
-def default_split(programs: int, blocks: int) -> int:
-    """How many ways to split K's `blocks` so that about MIN_PROGRAMS programs run (1 where the tiles give that)."""
-    split = 1
-    while programs * split < MIN_PROGRAMS and blocks // (split * 2) >= 2:
-        split *= 2
-    return split
 
 
 def fp8_dequantize(weight: Any, scale_inv: Any, block: int, dtype: Any) -> Any:

@@ -48,7 +48,7 @@ from qwen3vl_webui.kernels.tuning import row_class
 
 class W4Config(NamedTuple):
     """One launch shape. block_m == 1 selects the GEMV kernel (one program per row); `split_k` programs share K
-    (0: as many as `default_split` says for the shape); for many rows `tile` picks the kernel: 0 `_skinny_kernel`
+    (0: as many as `tuning.default_split` says for the shape); for many rows `tile` picks the kernel: 0 `_skinny_kernel`
     (planes), 1 `_tile_kernel`, 2 `_swap_kernel` (weights as the dot's first operand), 3 the same with nibble pairs
     (inline PTX: CUDA only), 4 with pairs and the scales in the weights (one accumulator over K)."""
 
@@ -81,7 +81,6 @@ TUNED: dict[tuple[int, int, int], W4Config] = {
 GEMV_DEFAULT = W4Config(1, 32, 0, 4, 3)
 SKINNY_DEFAULT = W4Config(16, 64, 0, 4, 3)
 SKINNY32_DEFAULT = W4Config(32, 64, 0, 4, 3)
-MIN_PROGRAMS = 264  # two per SM of an H100 / H200: below it the defaults split K
 
 
 def load_tuning(path: str | None = None) -> int:
@@ -317,12 +316,7 @@ def _dequant_kernel(
     tl.store(out, w.to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
 
 
-def default_split(programs: int, groups: int) -> int:
-    """How many ways to split K so that about MIN_PROGRAMS programs run (1 where the tiles alone give that many)."""
-    split = 1
-    while programs * split < MIN_PROGRAMS and groups // (split * 2) >= 4:
-        split *= 2
-    return split
+SPLIT_LEAST_GROUPS = 4  # a default split keeps this many groups of K at least (tuning.default_split)
 
 
 def w4_matmul(x: Any, qweight: Any, scales: Any, zeros: Any, group: int, config: W4Config | None = None) -> Any:
@@ -335,9 +329,7 @@ def w4_matmul(x: Any, qweight: Any, scales: Any, zeros: Any, group: int, config:
     cfg = config or pick_config(rows, n, k)
     gemv = cfg.block_m == 1 or group < 128  # tl.dot needs K >= 16 words' planes: groups of 128 and more
     tiles = triton.cdiv(n, cfg.block_n) * (rows if gemv else triton.cdiv(rows, cfg.block_m))
-    split = max(1, min(cfg.split_k or default_split(tiles, groups), groups))
-    per_split = triton.cdiv(groups, split)
-    split = triton.cdiv(groups, per_split)  # no empty split
+    split, per_split = tuning.split_k(cfg.split_k, tiles, groups, SPLIT_LEAST_GROUPS)
     out = torch.empty((split, rows, n), device=x.device, dtype=x.dtype if split == 1 else torch.float32)
     if gemv:
         grid = (triton.cdiv(n, cfg.block_n), split, rows)
