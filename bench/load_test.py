@@ -580,11 +580,10 @@ class _SharedTickets:
             return int(self.count.value) - 1
 
 
-def one_request(chat: Chat, text: str, image: str | None, options: dict[str, Any], tokenizer: Any, out: Outcome,
-                t0: float, timeout: float) -> str:  # fmt: skip
-    """Sends one message through `chat` and fills `out` with what the client saw; returns the answer. With `tokenizer`
-    None, an answer whose door reports no count is left uncounted (`out.tokens` 0): the caller counts it later, off
-    the chat's turnaround (count_answers)."""
+def one_request(chat: Chat, text: str, image: str | None, options: dict[str, Any], out: Outcome, t0: float,
+                timeout: float) -> str:  # fmt: skip
+    """Sends one message through `chat` and fills `out` with what the client saw; returns the answer. An answer whose
+    door reports no count is left uncounted (`out.tokens` 0): count_answers counts it later, off the turnaround."""
     started = time.monotonic()
     out.submitted_s = started - t0
     first = last = None
@@ -609,8 +608,6 @@ def one_request(chat: Chat, text: str, image: str | None, options: dict[str, Any
     out.stages = dict(getattr(chat, "stages", None) or {})
     if chat.usage is not None:
         out.tokens = chat.usage
-    elif tokenizer is not None:
-        out.tokens = count_tokens(tokenizer, answer)
     out.ttft_s = first - started if first else None
     out.duration_s = (last or time.monotonic()) - started
     out.decode_s = (last - first) if first and last else None
@@ -671,7 +668,7 @@ def _chat_threads(work: _Work, connections: dict[int, Chat], tokenizer: Any, tic
                 pictures += 1
             out = Outcome(chat=i, index=k, status="error", submitted_s=0.0, kind="image" if image else "text",
                           prompt_tokens=length, image=Path(image).name if image else "")  # fmt: skip
-            answers.append((out, one_request(chat, text, image, options, None, out, start, work.request_timeout)))
+            answers.append((out, one_request(chat, text, image, options, out, start, work.request_timeout)))
             done_turns += 1
         count_answers(tokenizer, answers)  # before the outcomes are seen: the thread's join comes after this
         with lock:
