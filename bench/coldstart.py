@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -135,6 +136,103 @@ def launch(flags: list[str], cache: Path, log_path: Path) -> tuple[subprocess.Po
     with open(log_path, "w") as log:
         server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     return server, f"http://127.0.0.1:{port}/", launched
+
+
+class StartProfile:
+    """py-spy on a launched app from its first moments to its first answer (`--py-spy`): every process of it (the
+    front end, the engine process, their children), every busy thread, non-blocking, into `startup_<name>.txt`
+    (collapsed stacks, `process PID:"cmd";thread (tid): name;frames... count`). `finish` stops it and summarizes:
+    per process and thread, the samples, the modules whose import the thread was in (the outermost import of each
+    sample) and our own functions on the stack."""
+
+    def __init__(self, exe: str, pid: int, path: Path, rate: int = 100) -> None:
+        self.path, self.rate = path, rate
+        command = [exe, "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--threads", "--rate",
+                   str(rate), "--format", "raw", "--output", str(path)]  # fmt: skip
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def finish(self) -> dict[str, Any]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # py-spy writes what it has and exits
+        try:
+            output, _ = self.proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            output, _ = self.proc.communicate()
+        lines = self.path.read_text(errors="replace").splitlines() if self.path.exists() else []
+        return {"file": self.path.name, "rate_hz": self.rate, "exit_code": self.proc.returncode,
+                "output": (output or "")[-400:].strip(), "processes": summarize_start(lines, self.rate)}  # fmt: skip
+
+
+_PROCESS = re.compile(r'^process (\d+):"([^"]*)"$')
+_MODULE = re.compile(r"^<module> \((.+?)(?::\d+)?\)$")
+
+
+def process_role(command: str) -> str:
+    if "qwen3vl_webui.engine.remote.worker" in command:
+        return "engine"
+    if "app.py" in command or "qwen3vl_webui" in command and "media_child" not in command:
+        return "frontend"
+    return "media child" if "media_child" in command else "other"
+
+
+def summarize_start(lines: list[str], rate: int, top: int = 15) -> dict[str, Any]:
+    """Collapsed stacks from `py-spy record --subprocesses --threads` -> {role (pid): {thread: {samples, seconds,
+    imports: [[module file, samples]...], ours: [[function, samples]...]}}}. A sample's import is the outermost
+    `<module>` frame outside this project (the package a line of ours imported); `ours` is the innermost frame of
+    ours (qwen3vl_webui/, app.py) in it."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for line in lines:
+        stack, _, count = line.rstrip().rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        processes = [m for m in (_PROCESS.match(f) for f in frames) if m]
+        if not processes:
+            continue
+        pid, command = processes[-1].groups()  # the innermost process: the one sampled
+        frames = [f for f in frames if not _PROCESS.match(f)]
+        thread = frames[0] if frames and frames[0].startswith("thread (") else "?"
+        thread = re.sub(r"^thread \((\d+)\):? ?", "", thread) or "?"
+        n = int(count)
+        entry = out.setdefault(f"{process_role(command)} ({pid})", {}).setdefault(
+            thread, {"samples": 0, "imports": {}, "ours": {}}
+        )
+        entry["samples"] += n
+        calls = frames[1:] if frames and frames[0].startswith("thread (") else frames
+        modules = [m.group(1) for m in map(_MODULE.match, calls) if m]
+        if thread in ("MainThread", "?"):  # its outermost <module> is the script's (app.py, the -m engine worker)
+            modules = modules[1:]
+        module = next((m for m in modules if "qwen3vl_webui/" not in m), None)
+        if module:
+            entry["imports"][module] = entry["imports"].get(module, 0) + n
+        own = [f for f in calls if _ours(f)]
+        if own:
+            name = re.sub(r":\d+\)$", ")", own[-1])
+            entry["ours"][name] = entry["ours"].get(name, 0) + n
+    for threads in out.values():
+        for entry in threads.values():
+            entry["seconds"] = round(entry["samples"] / rate, 2)
+            for key in ("imports", "ours"):
+                best = sorted(entry[key].items(), key=lambda kv: -kv[1])[:top]
+                entry[key] = [[name, n, round(n / rate, 2)] for name, n in best]
+    return out
+
+
+def _ours(frame: str) -> bool:
+    return "qwen3vl_webui/" in frame or "(app.py" in frame
+
+
+def start_profile(args: argparse.Namespace, pid: int, path: Path) -> StartProfile | None:
+    """With --py-spy: py-spy on the app just launched (None without the flag; an error if py-spy is missing)."""
+    if not getattr(args, "py_spy", False):
+        return None
+    from bench.load_test import find_py_spy
+
+    exe = find_py_spy()
+    if exe is None:
+        raise RuntimeError("--py-spy: py-spy is not installed (pip install py-spy, or carry its wheel)")
+    return StartProfile(exe, pid, path)
 
 
 def stop(server: subprocess.Popen, timeout: float = 30.0) -> None:
@@ -313,6 +411,7 @@ def run_launch(name: str, flags: list[str], cache: Path, out: Path, args: argpar
     tokenizer = load_tokenizer(args.tokenizer)
     log_path = out / f"server_{name}.log"
     server, url, launched = launch(flags, cache, log_path)
+    profile = start_profile(args, server.pid, out / f"startup_{name}.txt")
     watch = ReadyWatch(url, launched)
     report: dict[str, Any] = {"flags": flags, "phases": {}}
     try:
@@ -321,6 +420,8 @@ def run_launch(name: str, flags: list[str], cache: Path, out: Path, args: argpar
             raise RuntimeError(f"/ready never answered 200; see {log_path}")
         answered = first_answer(url, max(10.0, deadline - time.monotonic() - 30))
         report["first_answer_s"] = round(answered - launched, 2)
+        if profile is not None:
+            report["start_profile"], profile = profile.finish(), None
         report["full_speed_at_first_answer"] = bool(watch.last.get("full_speed"))
         log(f"{name}: page up {watch.page_up_s} s, ready {watch.ready_s} s, first answer {report['first_answer_s']} s "
             f"({watch.last.get('decode')}, {watch.last.get('compiled_batch_sizes')}/{watch.last.get('batch_sizes')})")
@@ -358,6 +459,8 @@ def run_launch(name: str, flags: list[str], cache: Path, out: Path, args: argpar
                                                                                    server.pid, tokenizer)  # fmt: skip
                 log(f"{name} compiled: {chats} streams {report['phases']['compiled'][str(chats)]['total_tok_s']} tok/s")
     finally:
+        if profile is not None:
+            report["start_profile"] = profile.finish()
         watch.stop()
         report.update(page_up_s=watch.page_up_s, ready_s=watch.ready_s, full_speed_s=watch.full_speed_s,
                       ready_changes=watch.changes, last_ready=watch.last)  # fmt: skip
@@ -414,6 +517,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--greedy-first", action="store_true",
                     help="greedy rounds from the first answer until full speed, before the streams (which are then "
                          "the compiled figures): rounds that cross a swap, where the compile ends within the streams")  # fmt: skip
+    ap.add_argument("--py-spy", action="store_true",
+                    help="py-spy on each launch (every process, non-blocking) from launch to its first answer: "
+                         "startup_<launch>.txt and a summary per process and thread in the report")  # fmt: skip
     ap.add_argument("--commit", default="", help="the tree's commit, recorded in the report")
     ap.add_argument("app_flags", nargs="*", help="extra app flags after --")
     args = ap.parse_args(argv)
