@@ -12,9 +12,11 @@ per-client cap (--max-requests-per-client) and event rate limit do not apply to 
 
 For each value of --chats and each door in --doors it runs that many chats, each with its own connection (a
 connection keeps the chat history, so each request starts a new conversation unless --turns says otherwise),
-sending requests until --requests were issued or --seconds passed; requests in flight then finish. The chats run
-as threads of --chats-per-process per client process (more chats: more processes, so the client's own interpreter
-is never what limits the run; one process runs them on threads of this one). Each request is a text of
+sending requests until --requests were issued or --seconds passed; requests in flight then finish. Each chat runs
+in a client process of its own, as each user has an interpreter of their own (--chats-per-process packs more into
+one, as threads; a scenario of one chat runs on a thread of this process). Packing misleads: gradio_client builds an
+SSL context for each request, and with 8 chats per process the busiest client process was 0.74 cores busy and the
+gradio door 0.82 of the engine, against 0.86 with `ssl_verify=False` (H100, session 20). Each request is a text of
 --prompt-tokens tokens (distinct per request). Then each value of --mixed runs a mixed scenario: that many chats,
 of which --image-share (default a quarter) also send a 1280x720 JPEG with each request (distinct pictures from a
 pool, so no request reuses another's image prefix until the pool is used up: `images_distinct` says). Then each
@@ -1389,7 +1391,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for the first answer")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="client-side limit per request")
     parser.add_argument("--client-poll-ms", type=float, default=5.0, help="gradio_client's queue poll (stock 50)")
-    parser.add_argument("--chats-per-process", type=int, default=8, help="chats per client process (default 8; a scenario of at most this many runs on threads of this process)")  # fmt: skip
+    parser.add_argument("--chats-per-process", type=int, default=1, help="chats per client process (default 1: each chat in its own interpreter, as each user has one; a scenario of at most this many runs on threads of this process)")  # fmt: skip
     parser.add_argument("--profile-seconds", type=float, default=10.0, help="py-spy's recording per profiled scenario")
     parser.add_argument(
         "--profile-lead-s", type=float, default=3.0, help="seconds into a profiled scenario py-spy starts"

@@ -63,18 +63,19 @@ class W4Config(NamedTuple):
 # Chosen for the 4B's shapes by bench/quant_check.py's sweep on the GPU; other shapes take the defaults below.
 # Session 18's sweep on one H200 (bench/results/h200/s18_quant_swap.json, 7b122fb, kernels 3 and 2 against the
 # earlier picks): the swap kernel with nibble pairs won every shape and row count, 1.04-1.10x the GEMV at one row
-# and 1.5-3.7x the earlier picks at 16 and 32 rows.
+# and 1.5-3.7x the earlier picks at 16 and 32 rows. Session 20's sweep on one H100 (bench/results/h100/
+# s20_quant_int4.json, b9da3b5) split K 4-16 ways at one and 16 rows where that won: 1-10% on o, qkv and down.
 TUNED: dict[tuple[int, int, int], W4Config] = {
-    (1, 6144, 2560): W4Config(16, 64, 0, 4, 3, 3),
-    (16, 6144, 2560): W4Config(16, 64, 0, 4, 3, 3),
+    (1, 6144, 2560): W4Config(16, 64, 4, 4, 3, 3),
+    (16, 6144, 2560): W4Config(16, 64, 4, 4, 3, 3),
     (32, 6144, 2560): W4Config(32, 64, 0, 4, 2, 3),
-    (1, 2560, 4096): W4Config(16, 64, 0, 4, 3, 3),
-    (16, 2560, 4096): W4Config(16, 64, 0, 4, 3, 3),
+    (1, 2560, 4096): W4Config(16, 64, 16, 4, 2, 3),
+    (16, 2560, 4096): W4Config(16, 64, 8, 4, 3, 3),
     (32, 2560, 4096): W4Config(32, 64, 0, 4, 2, 3),
     (1, 19456, 2560): W4Config(16, 64, 0, 4, 3, 3),
     (16, 19456, 2560): W4Config(16, 64, 0, 4, 3, 3),
     (32, 19456, 2560): W4Config(32, 64, 0, 4, 2, 3),
-    (1, 2560, 9728): W4Config(16, 64, 0, 4, 3, 3),
+    (1, 2560, 9728): W4Config(16, 64, 16, 4, 3, 3),
     (16, 2560, 9728): W4Config(16, 64, 0, 4, 3, 3),
     (32, 2560, 9728): W4Config(32, 64, 0, 4, 2, 3),
 }
