@@ -118,3 +118,46 @@ def test_cudnn_attention_is_turned_off_for_gpu_loads_only(tiny_checkpoint: Path)
         assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+def test_text_heads_come_from_the_preset_or_the_checkpoints_config_without_loading(tiny_checkpoint: Path) -> None:
+    from transformers import AutoConfig
+
+    from qwen3vl_webui.weights.loading import text_heads
+
+    text = AutoConfig.from_pretrained(tiny_checkpoint).text_config
+    assert text_heads(str(tiny_checkpoint)) == (text.num_attention_heads, text.num_key_value_heads, text.head_dim)
+    assert text_heads("random-weights:4b") == (32, 8, 128)  # Qwen3-VL-4B-Instruct's text model
+    assert text_heads(str(tiny_checkpoint / "no-such-folder")) is None
+    assert text_heads("random-weights:no-such-preset") is None
+
+
+def test_the_engines_probe_pass_waits_for_the_early_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine process starts the kernels' probes before the weights load; the engine's own pass joins that
+    thread first, so no probe ever runs twice at once (their answers are cached, not their runs)."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from qwen3vl_webui.engine.batch import graphs
+
+    running, calls, overlap = threading.Lock(), [], []
+
+    def probe_kernels(*args: object) -> None:
+        if not running.acquire(blocking=False):
+            overlap.append(args)
+            return
+        calls.append(args)
+        time.sleep(0.3)
+        running.release()
+
+    monkeypatch.setattr(graphs, "probe_kernels", probe_kernels)
+    monkeypatch.setattr(graphs, "_early_probes", {})
+    early = graphs.start_early_probes("cuda:0", torch.bfloat16, 32, 8, 128, decode_kernel=True, gemv_on=True)
+    engine = SimpleNamespace(loaded=SimpleNamespace(device="cuda:0"), kv=SimpleNamespace(dtype=torch.bfloat16),
+                             options=SimpleNamespace(decode_kernel=True), gemv=True)  # fmt: skip
+    text = SimpleNamespace(num_attention_heads=32, num_key_value_heads=8, head_dim=128, hidden_size=2560)
+    graphs.DecodeGraphs._probe_kernels(engine, text)
+    assert not early.is_alive() and not overlap
+    assert calls == [("cuda:0", torch.bfloat16, 32, 8, 128, True, True)] * 2  # the same key: the second is a cache hit
+    assert graphs._early_probes == {}  # taken: a later engine (a reload) probes for itself

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -85,6 +86,29 @@ def cached_checkpoint(source: str) -> Path | None:
     try:
         return Path(snapshot_download(source, allow_patterns=CHECKPOINT_FILES, local_files_only=True))
     except (LocalEntryNotFoundError, ValueError, OSError):  # not cached; not a repo id
+        return None
+
+
+def text_heads(source: str) -> tuple[int, int, int] | None:
+    """(attention heads, KV heads, head dim) of `source`'s text model without loading anything: a random-weights
+    preset's, or the config.json of a checkpoint already on this machine; None when neither is at hand."""
+    from qwen3vl_webui.weights import random_weights
+
+    if random_weights.is_random_source(source):
+        from qwen3vl_webui.weights.tiny_model import PRESETS
+
+        preset = PRESETS.get(source.removeprefix(random_weights.PREFIX))
+        text = preset["text"] if preset else None
+    else:
+        try:
+            path = cached_checkpoint(source)
+            text = json.loads((path / "config.json").read_text()).get("text_config") if path else None
+        except (OSError, ValueError):
+            return None
+    try:
+        heads, kv_heads = int(text["num_attention_heads"]), int(text["num_key_value_heads"])
+        return heads, kv_heads, int(text.get("head_dim") or int(text["hidden_size"]) // heads)
+    except (TypeError, KeyError, ValueError):
         return None
 
 

@@ -119,14 +119,12 @@ class RegionalDecode:
         self, decode: Callable[..., Any], layers: Any, buckets: int, fullgraph: bool, dynamic_batch: bool = False,
         backend: str = "inductor",
     ) -> None:  # fmt: skip
-        import torch
-
         _set_recompile_limit(buckets + 4)
         dynamic = None if dynamic_batch else False
-        if backend != "inductor":
-            self._body = torch.compile(_layer_body, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
-        else:
-            self._body = torch.compile(_layer_body, mode=COMPILE_MODE, fullgraph=fullgraph, dynamic=dynamic)
+        options = dict(backend=backend) if backend != "inductor" else dict(mode=COMPILE_MODE)
+        self._compile_args = dict(fullgraph=fullgraph, dynamic=dynamic, **options)
+        self._body: Callable[..., Any] | None = None  # made at the first compiled call: `body`
+        self._body_lock = threading.Lock()
         self._decode = decode
         self._on = threading.local()
         self._layers = list(layers)
@@ -144,13 +142,27 @@ class RegionalDecode:
         finally:
             self._on.value = previous
 
+    def body(self) -> Callable[..., Any]:
+        """The compiled region, made at the first compiled call (the compile thread's, after the engine serves):
+        `torch.compile` imports AOT autograd and dynamo's debugging modules first, ~1 s of the engine's start on an
+        H100 host (bench/results/h100/s20_cs_pyspy_coldstart.json) that the eager graphs do not need."""
+        body = self._body
+        if body is None:
+            with self._body_lock:
+                if self._body is None:
+                    import torch
+
+                    self._body = torch.compile(_layer_body, **self._compile_args)
+                body = self._body
+        return body
+
     def _forward_for(self, layer: Any, index: int) -> Callable[..., Any]:
         eager = type(layer).forward.__get__(layer)
-        body, on = self._body, self._on
+        on = self._on
 
         def forward(*args: Any, past_key_values: Any = None, **kwargs: Any) -> Any:
             if getattr(on, "value", False) and hasattr(past_key_values, "layer"):
-                return body(layer, *args, past_key_values=past_key_values.layer(index), **kwargs)
+                return self.body()(layer, *args, past_key_values=past_key_values.layer(index), **kwargs)
             return eager(*args, past_key_values=past_key_values, **kwargs)
 
         return forward

@@ -36,6 +36,73 @@ def cuda_index(device: Any) -> int:
     return torch.cuda.current_device() if index is None else index
 
 
+# Probe passes started before the engine (the engine process's, while the weights load), by device: the engine's
+# own pass joins the one for its device first, so that no probe runs twice at once.
+_early_probes: dict[str, threading.Thread] = {}
+
+
+def probe_kernels(
+    device: str, dtype: Any, heads: int, kv_heads: int, head_dim: int, decode_kernel: bool, gemv_on: bool
+) -> None:
+    """The kernels' probes (each builds its kernel on this GPU and checks it against torch: the split-KV attention,
+    the GEMV, the vision tower's packed flash attention) at once, one thread each: their builds overlap, and the
+    routing finds their cached answers. On the H200 the engine spent ~5.4 s before its warm-up, much of it building
+    these one after the other (bench/results/h200/s18_cs_server_cold.log); on an H100 host they were still 3.3 s of
+    a cold start (bench/results/h100/s20_cs_pyspy_server_cold.log), hence `start_early_probes`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from qwen3vl_webui.kernels import gemv
+
+    index = cuda_index(device)
+
+    def on_device(probe: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+        def run() -> Any:
+            torch.cuda.set_device(index)  # a new thread starts on cuda:0; Triton launches on the current device
+            with torch.inference_mode():
+                return probe(*args)
+
+        return run
+
+    # The same keys their callers below cache them under: the vision tower's and the weights' `tensor.device`.
+    # Each with the cache its answer is kept in: a refusal seen here is dropped, so that the routing below asks
+    # once more, alone (a failure of this concurrent pass must not turn a kernel off for the process's life).
+    probes = [(on_device(vision.packed_attention_blocker, torch.device("cuda", index), dtype), vision.probe)]
+    if decode_kernel:
+        probe = on_device(attention.kernel_blocker, device, dtype, heads, kv_heads, head_dim)
+        probes.append((probe, attention.kernel_blocker))
+    if gemv_on:
+        probes.append((on_device(gemv.probe, f"cuda:{index}", dtype), gemv.probe))
+    with ThreadPoolExecutor(len(probes), thread_name_prefix="kernel-probe") as pool:
+        futures = [(pool.submit(probe), cached) for probe, cached in probes]
+        for future, cached in futures:
+            if future.exception() is not None or future.result() is not None:
+                cached.cache_clear()
+
+
+def start_early_probes(
+    device: str, dtype: Any, heads: int, kv_heads: int, head_dim: int, decode_kernel: bool, gemv_on: bool
+) -> threading.Thread:
+    """`probe_kernels` on a thread now: the engine process starts it before the weights load (the probes need only
+    the GPU, the dtype and the head shapes), and the engine's own pass joins it. A failure here is the engine's to
+    see again: a probe that raised or refused is asked once more, alone."""
+
+    def run() -> None:
+        started = time.perf_counter()
+        try:
+            probe_kernels(device, dtype, heads, kv_heads, head_dim, decode_kernel, gemv_on)
+        except Exception as exc:  # noqa: BLE001 - the engine probes again and reports
+            log.info("kernel probes beside the weights' load: %r (the engine probes again)", exc)
+        else:
+            log.info("kernel probes: %.2f s, beside the weights' load", time.perf_counter() - started)
+
+    thread = threading.Thread(target=run, name="early-probes", daemon=True)
+    _early_probes[device] = thread
+    thread.start()
+    return thread
+
+
 class DecodeGraphs:
     """How decode steps (and prompt chunks) run: eager, compiled by inductor, and/or replayed from CUDA graphs.
 
@@ -567,43 +634,14 @@ class DecodeGraphs:
         return thread is not None and thread.is_alive()
 
     def _probe_kernels(self, text: Any) -> None:
-        """The kernels' probes (each builds its kernel on this GPU and checks it against torch: the split-KV
-        attention, the GEMV, the vision tower's packed flash attention) at once, one thread each: their builds
-        overlap, and the routing below finds their cached answers. On the H200 the engine spent ~5.4 s before its
-        warm-up, much of it building these one after the other (bench/results/h200/s18_cs_server_cold.log)."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        import torch
-
-        from qwen3vl_webui.kernels import gemv
-
-        device, dtype = self.loaded.device, self.kv.dtype
+        """The kernels' probes for this model (`probe_kernels`): answered at once when the engine process started
+        them while the weights loaded (`start_early_probes`)."""
         heads, kv_heads = text.num_attention_heads, text.num_key_value_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        index = self.cuda_index
-
-        def on_device(probe: Callable[..., Any], *args: Any) -> Callable[[], Any]:
-            def run() -> Any:
-                torch.cuda.set_device(index)  # a new thread starts on cuda:0; Triton launches on the current device
-                with torch.inference_mode():
-                    return probe(*args)
-
-            return run
-
-        # The same keys their callers below cache them under: the vision tower's and the weights' `tensor.device`.
-        # Each with the cache its answer is kept in: a refusal seen here is dropped, so that the routing below asks
-        # once more, alone (a failure of this concurrent pass must not turn a kernel off for the process's life).
-        probes = [(on_device(vision.packed_attention_blocker, torch.device("cuda", index), dtype), vision.probe)]
-        if self.options.decode_kernel:
-            probe = on_device(attention.kernel_blocker, device, dtype, heads, kv_heads, head_dim)
-            probes.append((probe, attention.kernel_blocker))
-        if self.gemv:
-            probes.append((on_device(gemv.probe, f"cuda:{index}", dtype), gemv.probe))
-        with ThreadPoolExecutor(len(probes), thread_name_prefix="kernel-probe") as pool:
-            futures = [(pool.submit(probe), cached) for probe, cached in probes]
-            for future, cached in futures:
-                if future.exception() is not None or future.result() is not None:
-                    cached.cache_clear()
+        early = _early_probes.pop(self.loaded.device, None)
+        if early is not None:
+            early.join()
+        probe_kernels(self.loaded.device, self.kv.dtype, heads, kv_heads, head_dim, self.options.decode_kernel, self.gemv)
 
     def _build_kernels(self, forward: Callable[[int], Any], stream: Any) -> None:
         """Before the first warm-up (CUDA): one dry pass over every bucket builds the Triton kernels the steps launch,

@@ -101,6 +101,7 @@ def _start(spec: dict[str, Any], channel: Channel) -> tuple[Any, EngineInfo]:
         channel.send(("progress", text))
 
     torch.set_grad_enabled(False)
+    _start_early_probes(spec)
     loaded = load_model(spec["source"], spec["precision"], spec["device"], spec["attn"], progress)
     loaded_at = time.time()
     progress("Starting the batch engine (eager decode in CUDA graphs first; the compiled one follows in the "
@@ -121,6 +122,25 @@ def _start(spec: dict[str, Any], channel: Channel) -> tuple[Any, EngineInfo]:
         serving_at=engine.core.serving_at, imported_at=_imported_at,
     )  # fmt: skip
     return engine, info
+
+
+def _start_early_probes(spec: dict[str, Any]) -> None:
+    """The kernels' probes on a thread while the weights load (CUDA): they need the GPU, the dtype and the head
+    shapes only; the engine's own pass then finds their answers (engine/batch/graphs.py `start_early_probes`)."""
+    device = str(spec["device"])
+    if not device.startswith("cuda"):
+        return
+    from qwen3vl_webui.engine.batch.graphs import start_early_probes
+    from qwen3vl_webui.weights.loading import text_heads
+    from qwen3vl_webui.weights.model import compute_dtype
+
+    shape = text_heads(spec["source"])
+    if shape is None:
+        return
+    options = spec["options"]
+    gemv = options.get("gemv")
+    start_early_probes(device, compute_dtype(spec["precision"], device), *shape,
+                       decode_kernel=bool(options.get("decode_kernel", True)), gemv_on=gemv is None or bool(gemv))  # fmt: skip
 
 
 class Worker:
