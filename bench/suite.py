@@ -117,7 +117,7 @@ def plan(args: argparse.Namespace) -> list[Stage]:
     load_seconds = min(args.load_seconds, PLAN_C_SECONDS) if args.plan == "c" else args.load_seconds
     seconds = str(load_seconds)
     generate_runs = args.generate_runs or (2 if args.plan == "a" else None)
-    doors = DOORS_C if args.plan == "c" else "gradio,openai"
+    doors = getattr(args, "doors", None) or (DOORS_C if args.plan == "c" else "gradio,openai")
     if args.cpu:
         model = ["--model", "random-weights:tiny", "--device", "cpu", "--precision", "fp32"]
         matrix = [*py, "bench.matrix", *model, "--streams", "1,2", "--prompt-tokens", "32", "--new-tokens", "8",
@@ -170,7 +170,7 @@ def plan(args: argparse.Namespace) -> list[Stage]:
     scale = 0.2 if args.cpu else 1.0
     stages = {
         "matrix": Stage("matrix", matrix, (150 if args.plan == "c" else 240) * scale, "matrix_bf16.json"),
-        "load": Stage("load", load, load_estimate("load", 8 if args.plan == "c" else 4, 0), "load_test.json"),
+        "load": Stage("load", load, load_estimate("load", 2 * len(doors.split(",")), 0), "load_test.json"),
         "greedy": Stage("greedy", greedy, 60 * scale, "greedy_fp32.json"),
         "oom": Stage("oom", oom, 150 * scale, "oom_check.json"),
         "load64": Stage("load64", load64, load_estimate("load64", 4, 2), "load_test_64.json"),
@@ -462,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="folder for the JSON files and logs (the device's $OUT)")
     ap.add_argument("--plan", choices=sorted(PLANS), default="a", help="a: matrix, load (1, 32 chats), greedy; b: load64, inproc; c: the engine, then four doors")  # fmt: skip
+    ap.add_argument("--doors", help=f"the load stage's doors (plan c: {DOORS_C}; else gradio,openai)")
     ap.add_argument("--stages", help=f"instead of the plan's, in order, from: {', '.join(STAGES)}")
     ap.add_argument("--deadline-s", type=float, default=540.0, help="the whole suite's seconds (default 540)")
     ap.add_argument("--load-seconds", type=float, default=25.0, help="seconds of traffic per load scenario, at most (default 25)")  # fmt: skip
