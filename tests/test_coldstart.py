@@ -624,6 +624,35 @@ def test_regional_compile_traces_one_decoder_layer_for_all_of_them(
     assert not any("forward" in vars(layer) for layer in layers)
 
 
+def test_the_regional_compile_is_made_by_the_compile_thread_not_before_serving(
+    loaded: LoadedModel, prompts: dict[str, PreparedPrompt], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch.compile's wrapper (it imports AOT autograd and dynamo's debugging modules: ~1 s of an H100 host's start)
+    is made at the first compiled call, on the compile thread: the engine serves before any exists, and the compiled
+    buckets still answer as `generate` does."""
+    made: list[str] = []
+    real = torch.compile
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        made.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", counted)
+    expected = reference(loaded, prompts["text"])
+    torch._dynamo.reset()
+    with BatchEngine(loaded, options(tmp_path, background_compile=True, compile_delay_s=30.0)) as engine:
+        assert engine.compile_state == "waiting" and made == []  # serving, nothing compiled or wrapped yet
+        assert list(engine.submit_tokens(prompts["text"], GREEDY, threading.Event())) == expected
+        engine.core.graphs.start_now()
+        deadline = time.monotonic() + 300
+        while engine.compile_state not in ("done", "failed") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert engine.compile_state == "done", engine.compile_error
+        assert made == ["decode-compile"]  # one wrapper, every layer's region, on the compile thread
+        assert isinstance(engine.core.graphs._compiled, compiled.RegionalDecode)
+        assert list(engine.submit_tokens(prompts["text"], GREEDY, threading.Event())) == expected
+
+
 def test_our_triton_kernels_cache_under_the_cache_dir_unless_the_environment_says_otherwise(
     loaded: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
