@@ -80,6 +80,11 @@ def test_scrape_after_chats_reads_vllm_counters(app_url: tuple[Any, str]) -> Non
     assert grew("vllm:time_to_first_token_seconds_count", **model) == 3
     assert grew("vllm:e2e_request_latency_seconds_count", **model) == 3
     assert grew("vllm:request_queue_time_seconds_count", **model) == 3
+    # Nothing waited for a slot: the queue times (admission and prompt building, milliseconds here) fall below vLLM's
+    # first bound, into the finer ones under it, where a quantile can tell them apart.
+    assert grew("vllm:request_queue_time_seconds_bucket", le="0.2", **model) == 3
+    for bound in ("0.3", "0.5", "7680.0"):  # vLLM's bounds are all there: its dashboards read ours
+        value(after, "vllm:request_queue_time_seconds_bucket", le=bound, **model)
     assert grew("vllm:inter_token_latency_seconds_count", **model) == 3 * 5  # one per gap between 6 tokens
     assert value(after, "vllm:e2e_request_latency_seconds_bucket", le="+Inf", **model) == value(
         after, "vllm:e2e_request_latency_seconds_count", **model
