@@ -754,6 +754,34 @@ def test_our_kernels_builds_travel_with_the_artifacts_and_never_overwrite(
     assert artifacts.load_kernels(tmp_path / "compiled", other, tmp_path / "l4") == "absent"
 
 
+def test_the_engine_process_prepares_tritons_cache_once_before_any_kernel_is_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """engine.prepare_kernels (the engine process calls it before its weights load, for the early probes; the engine
+    again when it starts): Triton's cache pointed at the engine's folder, the carried builds unpacked into it once;
+    a file that was absent is looked for again; nothing off CUDA."""
+    from qwen3vl_webui.engine.batch import engine
+
+    key = {"kind": "triton kernels", "gpu": "NVIDIA H100 (sm_90, CUDA 13.0)", "torch": "2.11", "triton": "3.8"}
+    monkeypatch.setattr(artifacts, "kernels_key", lambda device: key)
+    monkeypatch.setattr(engine, "_prepared_kernels", set())
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    cache = tmp_path / "cache" / "triton"
+    opts = BatchOptions(kernel_cache_dir=cache, artifacts_dir=tmp_path / "compiled")
+    assert engine.prepare_kernels(opts, "cuda:0") == "absent"
+    assert os.environ["TRITON_CACHE_DIR"] == str(cache)
+    _fake_triton_cache(tmp_path / "made")
+    assert artifacts.save_kernels(tmp_path / "compiled", key, tmp_path / "made") is not None  # a compile saved since
+    caplog.set_level(logging.INFO)
+    assert engine.prepare_kernels(opts, "cuda:0") == "loaded"
+    assert (cache / "abcdef0123456789ABCD" / "split_kv_partials.json").is_file()
+    unpacked = [r for r in caplog.records if "kernel builds:" in r.getMessage()]
+    assert len(unpacked) == 1 and "files new" in unpacked[0].getMessage()
+    assert engine.prepare_kernels(opts, "cuda:0") == "loaded"  # the engine's own call: already done
+    assert [r for r in caplog.records if "kernel builds:" in r.getMessage()] == unpacked
+    assert engine.prepare_kernels(opts, "cpu") == "off"
+
+
 @pytest.mark.parametrize(
     "damage", ["flipped byte", "path outside an entry", "group naming another entry", "another setup"]
 )

@@ -161,3 +161,32 @@ def test_the_engines_probe_pass_waits_for_the_early_one(monkeypatch: pytest.Monk
     assert not early.is_alive() and not overlap
     assert calls == [("cuda:0", torch.bfloat16, 32, 8, 128, True, True)] * 2  # the same key: the second is a cache hit
     assert graphs._early_probes == {}  # taken: a later engine (a reload) probes for itself
+
+
+def test_the_engine_process_starts_the_probes_with_the_engines_own_settings(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the engine process hands the early probes, from the spec the front end sends: the checkpoint's head
+    shapes, the precision's compute dtype, the engine options' kernels (unset GEMV: on), and Triton's cache set up
+    first, where the engine builds and saves (BatchOptions.kernel_cache_dir)."""
+    from transformers import AutoConfig
+
+    from qwen3vl_webui.engine.batch import engine, graphs
+    from qwen3vl_webui.engine.remote import worker
+
+    order: list[object] = []
+    monkeypatch.setattr(engine, "prepare_kernels", lambda options, device: order.append(("cache", options.kernel_cache_dir, device)))
+    monkeypatch.setattr(graphs, "start_early_probes", lambda *args, **kwargs: order.append(("probes", args, kwargs)))
+    text = AutoConfig.from_pretrained(tiny_checkpoint).text_config
+    spec = {"device": "cuda:0", "source": str(tiny_checkpoint), "precision": "int4",
+            "options": {"max_batch": 2, "kernel_cache_dir": tmp_path / "triton", "decode_kernel": False}}  # fmt: skip
+    worker._start_early_probes(spec)
+    assert order == [
+        ("cache", tmp_path / "triton", "cuda:0"),
+        ("probes", ("cuda:0", torch.bfloat16, text.num_attention_heads, text.num_key_value_heads, text.head_dim),
+         {"decode_kernel": False, "gemv_on": True}),
+    ]  # fmt: skip
+    order.clear()
+    worker._start_early_probes({**spec, "device": "cpu"})  # nothing to probe off CUDA
+    worker._start_early_probes({**spec, "source": str(tmp_path / "elsewhere")})  # no config at hand: the engine probes
+    assert order == []

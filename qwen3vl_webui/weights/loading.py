@@ -107,7 +107,7 @@ def text_heads(source: str) -> tuple[int, int, int] | None:
             return None
     try:
         heads, kv_heads = int(text["num_attention_heads"]), int(text["num_key_value_heads"])
-        return heads, kv_heads, int(text.get("head_dim") or int(text["hidden_size"]) // heads)
+        return heads, kv_heads, int(text.get("head_dim") or 128)  # Qwen3VLTextConfig's default, as the engine reads
     except (TypeError, KeyError, ValueError):
         return None
 

@@ -44,12 +44,11 @@ _KERNELS_DIR = Path(__file__).resolve().parents[2] / "kernels"
 _ENTRY = re.compile(r"^[A-Za-z0-9_=-]{8,128}/[A-Za-z0-9_=-][A-Za-z0-9_.=-]{0,199}$")  # no dot files (our temps)
 
 
-def setup_key(loaded: Any, engine: dict[str, Any]) -> dict[str, str]:
-    """What the compiled code depends on, as strings: the machine and library versions, the model, the engine."""
+def machine_key(device: str) -> dict[str, str]:
+    """The GPU (or CPU) and the torch and Triton versions that compiled code and our kernels' builds depend on."""
     import platform
 
     import torch
-    import transformers
 
     try:
         import triton
@@ -57,17 +56,22 @@ def setup_key(loaded: Any, engine: dict[str, Any]) -> dict[str, str]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
-    device = str(loaded.device)
+    device = str(device)
     if device.startswith("cuda"):
         index = torch.device(device).index or 0
         major, minor = torch.cuda.get_device_capability(index)
         gpu = f"{torch.cuda.get_device_name(index)} (sm_{major}{minor}, CUDA {torch.version.cuda})"
     else:
         gpu = f"cpu ({platform.machine()})"
+    return {"gpu": gpu, "torch": torch.__version__, "triton": triton_version}
+
+
+def setup_key(loaded: Any, engine: dict[str, Any]) -> dict[str, str]:
+    """What the compiled code depends on, as strings: the machine and library versions, the model, the engine."""
+    import transformers
+
     return {
-        "gpu": gpu,
-        "torch": torch.__version__,
-        "triton": triton_version,
+        **machine_key(loaded.device),
         "transformers": transformers.__version__,
         "precision": str(loaded.precision),
         "model": config_digest(loaded.model.config),
@@ -192,12 +196,12 @@ def kernel_names() -> set[str]:
     return names
 
 
-def kernels_key(loaded: Any) -> dict[str, str]:
-    """What our kernels' builds depend on: the GPU, torch and Triton, and our kernels' source (an edited kernel is
-    a new file, saved after the next compile; the old one is no longer read)."""
-    key = setup_key(loaded, {})
+def kernels_key(device: str) -> dict[str, str]:
+    """What our kernels' builds on `device` depend on: the GPU, torch and Triton, and our kernels' source (an edited
+    kernel is a new file, saved after the next compile; the old one is no longer read). No model: the engine process
+    unpacks them before its weights load (engine.prepare_kernels)."""
     source = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(_KERNELS_DIR.glob("*.py")))).hexdigest()[:16]
-    return {"kind": "triton kernels", **{name: key[name] for name in ("gpu", "torch", "triton")}, "source": source}
+    return {"kind": "triton kernels", **machine_key(device), "source": source}
 
 
 def kernels_path_for(folder: str | os.PathLike[str], key: dict[str, str]) -> Path:

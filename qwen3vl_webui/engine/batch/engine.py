@@ -32,6 +32,32 @@ def _graphs_attr(name: str, doc: str) -> Any:
     return property(lambda self: getattr(self.core.graphs, name), doc=doc)
 
 
+
+# (artifacts folder, device, Triton cache) already unpacked in this process: the engine process does it before its
+# weights load, for the kernels' early probes, and the engine then finds it done. Only what loaded is kept: a file
+# absent or refused is looked at again (a compile may have saved one since).
+_prepared_kernels: set[tuple[str, str, str]] = set()
+_prepared_lock = threading.Lock()
+
+
+def prepare_kernels(options: BatchOptions, device: str) -> str:
+    """Points Triton's cache at `options.kernel_cache_dir` (unless TRITON_CACHE_DIR is set) and unpacks this GPU's
+    carried kernel builds into it (artifacts.load_kernels): before any of our kernels is built, or they are built
+    again where Triton looks by default and the saved artifacts miss them. Returns "off" (no artifacts folder, or
+    not CUDA), "loaded", "absent" or "ignored"."""
+    cache = compiled.use_kernel_cache_dir(options.kernel_cache_dir)
+    if options.artifacts_dir is None or not str(device).startswith("cuda"):
+        return "off"
+    key = (str(options.artifacts_dir), str(device), str(cache))
+    with _prepared_lock:
+        if key in _prepared_kernels:
+            return "loaded"
+        answer = artifacts.load_kernels(options.artifacts_dir, artifacts.kernels_key(device))
+        if answer == "loaded":
+            _prepared_kernels.add(key)
+        return answer
+
+
 class BatchEngine:
     """Serves many generations at once from one worker thread that owns the model.
 
@@ -58,10 +84,7 @@ class BatchEngine:
         """`compile_gate` (tests, benchmarks): the background compile takes one release of it per batch bucket."""
         self.loaded = loaded
         self.options = options if options is not None else BatchOptions()
-        compiled.use_kernel_cache_dir(self.options.kernel_cache_dir)  # before any of our kernels is built
-        kernels = "off"  # our Triton kernels' builds carried with the compile artifacts (artifacts.load_kernels)
-        if self.options.artifacts_dir is not None and str(loaded.device).startswith("cuda"):
-            kernels = artifacts.load_kernels(self.options.artifacts_dir, artifacts.kernels_key(loaded))
+        kernels = prepare_kernels(self.options, loaded.device)  # before any of our kernels is built
         self._streams = RequestStreams()
         self._listeners: list[Callable[[EngineOutputs], None]] = []
         self.core = EngineCore(loaded, self.options, self._publish)

@@ -375,7 +375,7 @@ class DecodeGraphs:
                 self.artifacts = "saved"
         # Our kernels are all built by now (the warm-ups ran every decode and prefill shape): carry them too.
         if folder is not None and self.kernel_artifacts in ("absent", "ignored"):
-            if artifacts.save_kernels(folder, artifacts.kernels_key(self.loaded)) is not None:
+            if artifacts.save_kernels(folder, artifacts.kernels_key(self.loaded.device)) is not None:
                 self.kernel_artifacts = "saved"
 
     # ------------------------------------------------------------------ serve at once, speed up in the background

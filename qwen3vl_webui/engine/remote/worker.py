@@ -20,7 +20,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from qwen3vl_webui.engine.batch import EngineOutputs, RequestOutput
+from qwen3vl_webui.engine.batch import BatchOptions, EngineOutputs, RequestOutput
 from qwen3vl_webui.engine.remote.protocol import (
     STATS_EVERY_S,
     Channel,
@@ -93,7 +93,7 @@ def prewarm() -> None:
 def _start(spec: dict[str, Any], channel: Channel) -> tuple[Any, EngineInfo]:
     import torch
 
-    from qwen3vl_webui.engine.batch import BatchEngine, BatchOptions
+    from qwen3vl_webui.engine.batch import BatchEngine
     from qwen3vl_webui.weights.loading import load_model
 
     def progress(text: str) -> None:
@@ -126,21 +126,28 @@ def _start(spec: dict[str, Any], channel: Channel) -> tuple[Any, EngineInfo]:
 
 def _start_early_probes(spec: dict[str, Any]) -> None:
     """The kernels' probes on a thread while the weights load (CUDA): they need the GPU, the dtype and the head
-    shapes only; the engine's own pass then finds their answers (engine/batch/graphs.py `start_early_probes`)."""
+    shapes only; the engine's own pass then finds their answers (engine/batch/graphs.py `start_early_probes`).
+    Triton's cache is set up first, with the carried kernel builds unpacked into it (engine.prepare_kernels), as the
+    engine would before building anything: the probes build where the engine looks and its artifacts save. Only a
+    speed-up: any failure here leaves the probes to the engine, with one log line."""
     device = str(spec["device"])
     if not device.startswith("cuda"):
         return
-    from qwen3vl_webui.engine.batch.graphs import start_early_probes
-    from qwen3vl_webui.weights.loading import text_heads
-    from qwen3vl_webui.weights.model import compute_dtype
+    try:
+        from qwen3vl_webui.engine.batch.engine import prepare_kernels
+        from qwen3vl_webui.engine.batch.graphs import start_early_probes
+        from qwen3vl_webui.weights.loading import text_heads
+        from qwen3vl_webui.weights.model import compute_dtype
 
-    shape = text_heads(spec["source"])
-    if shape is None:
-        return
-    options = spec["options"]
-    gemv = options.get("gemv")
-    start_early_probes(device, compute_dtype(spec["precision"], device), *shape,
-                       decode_kernel=bool(options.get("decode_kernel", True)), gemv_on=gemv is None or bool(gemv))  # fmt: skip
+        shape = text_heads(spec["source"])
+        if shape is None:
+            return
+        options = BatchOptions(**spec["options"])
+        prepare_kernels(options, device)
+        start_early_probes(device, compute_dtype(spec["precision"], device), *shape,
+                           decode_kernel=options.decode_kernel, gemv_on=options.gemv is None or bool(options.gemv))  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - the engine probes (and sets up its cache) itself
+        log.warning("kernel probes before the weights: not started (%s)", exc)
 
 
 class Worker:
