@@ -284,3 +284,30 @@ def test_client_gaps_are_per_chat_from_an_answer_end_to_the_next_send() -> None:
         Outcome(chat=1, index=4, status="ok", submitted_s=2.5, duration_s=1.0),
     ]
     assert sorted(round(g, 3) for g in client_gaps(outcomes)) == [0.02, 0.1]
+
+
+def test_client_processes_tokenize_as_the_checkpoints_tokenizer_without_torch(tmp_path: Path) -> None:
+    """A client process gets the tokenizer's serialized backend: the same prompts and token counts as the
+    checkpoint's tokenizer, and neither transformers nor torch imported (each of 32 client processes paid 3-4 s of
+    imports for them on an H100 host)."""
+    import subprocess
+    import sys
+
+    from bench.common import ROOT
+
+    tokenizer = load_test.load_tokenizer("tiny")
+    kind, serialized = load_test.client_tokenizer(tokenizer, "tiny")
+    assert kind == "backend"
+    backend = load_test.BackendTokenizer(serialized)
+    for seed in range(20):
+        assert load_test.make_prompt(backend, 128, seed) == load_test.make_prompt(tokenizer, 128, seed)
+    answer = load_test.make_prompt(tokenizer, 300, 99)[0]
+    assert load_test.count_tokens(backend, answer) == load_test.count_tokens(tokenizer, answer) > 250
+    (tmp_path / "tokenizer.json").write_text(serialized)
+    code = ("import sys; from bench import load_test as lt; "
+            f"t = lt._tokenizer_from(('backend', open({str(tmp_path / 'tokenizer.json')!r}).read())); "
+            "print(lt.make_prompt(t, 64, 7)[1], 'torch' in sys.modules, 'transformers' in sys.modules)")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(load_test.make_prompt(tokenizer, 64, 7)[1]), "False", "False"]
+    assert load_test.client_tokenizer(object(), "some/checkpoint") == ("name", "some/checkpoint")  # no backend: loaded
