@@ -66,3 +66,43 @@ def test_whole_plan_on_cpu(tmp_path: Path) -> None:
     assert coldstart.main(["--out", str(tmp_path), "--cpu"]) == 0
     report = json.loads((tmp_path / "coldstart.json").read_text())
     assert report["precompile"]["exit_code"] == 0 and report["artifacts"]["first_answer_s"] > 0
+
+
+def test_a_launch_profile_is_summed_per_process_and_thread_into_imports_and_our_functions() -> None:
+    """`--py-spy`'s summary, on stacks in py-spy's own `record --subprocesses --threads --format raw` shape: each sample
+    goes to its innermost process (the engine process is a child of the front end's), its thread, the outermost
+    third-party module being imported (not the script's own `<module>`), and our innermost function."""
+    front = 'process 10:"/usr/bin/python3 app.py --random-weights 4b"'
+    engine = front + ';process 11:"/usr/bin/python3 -m qwen3vl_webui.engine.remote.worker --prewarm"'
+    boot = "Thread._bootstrap (threading.py:1002);Thread.run (threading.py:982)"
+    importing = "_find_and_load (<frozen importlib._bootstrap>:1176);_call_with_frames_removed (<frozen importlib._bootstrap>:241)"  # noqa: E501
+    lines = [
+        f"{front};thread (10): MainThread;<module> (app.py:6);main (qwen3vl_webui/cli.py:40);"
+        f"<module> (qwen3vl_webui/ui/handlers.py:15);{importing};<module> (gradio/__init__.py:3);"
+        f"{importing};<module> (gradio/components/base.py:20) 30",
+        f"{front};thread (12): model-load;{boot};load_front (qwen3vl_webui/weights/loading.py:41);{importing};"
+        f"<module> (transformers/models/auto/processing_auto.py:9);{importing};<module> (torch/_dynamo/__init__.py:1) 50",
+        f"{front};thread (12): model-load;{boot};resolve_device (qwen3vl_webui/weights/loading.py:29);{importing};"
+        f"<module> (torch/__init__.py:300) 20",
+        f"{engine};thread (11): MainThread;_run_module_as_main (<frozen runpy>:198);<module> (worker.py:1);"
+        f"_start (qwen3vl_webui/engine/remote/worker.py:104);{importing};"
+        f"<module> (transformers/models/qwen3_vl/modeling_qwen3_vl.py:30) 70",
+        f"{engine};thread (11): MainThread;<module> (worker.py:1);_start (qwen3vl_webui/engine/remote/worker.py:105);"
+        f"build (qwen3vl_webui/weights/random_weights.py:90);normal_ (torch/nn/init.py:200) 5",
+        "not a stack line",
+    ]
+    report = coldstart.summarize_start(lines, rate=100)
+    assert set(report) == {"frontend (10)", "engine (11)"}
+    main, load = report["frontend (10)"]["MainThread"], report["frontend (10)"]["model-load"]
+    assert (main["samples"], main["seconds"]) == (30, 0.3)
+    assert main["imports"] == [["gradio/__init__.py", 30, 0.3]]  # the outermost import, not gradio's own modules
+    assert main["ours"] == [["<module> (qwen3vl_webui/ui/handlers.py)", 30, 0.3]]
+    assert load["samples"] == 70
+    assert load["imports"] == [["transformers/models/auto/processing_auto.py", 50, 0.5], ["torch/__init__.py", 20, 0.2]]
+    assert load["ours"] == [["load_front (qwen3vl_webui/weights/loading.py)", 50, 0.5],
+                            ["resolve_device (qwen3vl_webui/weights/loading.py)", 20, 0.2]]  # fmt: skip
+    worker = report["engine (11)"]["MainThread"]
+    assert worker["samples"] == 75
+    assert worker["imports"] == [["transformers/models/qwen3_vl/modeling_qwen3_vl.py", 70, 0.7]]  # worker.py: the script
+    assert worker["ours"][0] == ["_start (qwen3vl_webui/engine/remote/worker.py)", 70, 0.7]
+    assert worker["ours"][1] == ["build (qwen3vl_webui/weights/random_weights.py)", 5, 0.05]
