@@ -169,11 +169,12 @@ _MODULE = re.compile(r"^<module> \((.+?)(?::\d+)?\)$")
 
 
 def process_role(command: str) -> str:
+    """Which of the app's processes a py-spy `process` frame's command line is."""
     if "qwen3vl_webui.engine.remote.worker" in command:
         return "engine"
-    if "app.py" in command or "qwen3vl_webui" in command and "media_child" not in command:
-        return "frontend"
-    return "media child" if "media_child" in command else "other"
+    if "media_child" in command:
+        return "media child"
+    return "frontend" if "app.py" in command or "qwen3vl_webui" in command else "other"
 
 
 def summarize_start(lines: list[str], rate: int, top: int = 15) -> dict[str, Any]:

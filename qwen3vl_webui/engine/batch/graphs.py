@@ -65,9 +65,9 @@ def probe_kernels(
 
         return run
 
-    # The same keys their callers below cache them under: the vision tower's and the weights' `tensor.device`.
-    # Each with the cache its answer is kept in: a refusal seen here is dropped, so that the routing below asks
-    # once more, alone (a failure of this concurrent pass must not turn a kernel off for the process's life).
+    # The same keys the routing in DecodeGraphs._prepare_decode caches them under: the vision tower's and the weights'
+    # `tensor.device`. Each with the cache its answer is kept in: a refusal seen here is dropped, so that the routing
+    # asks once more, alone (a failure of this concurrent pass must not turn a kernel off for the process's life).
     probes = [(on_device(vision.packed_attention_blocker, torch.device("cuda", index), dtype), vision.probe)]
     if decode_kernel:
         probe = on_device(attention.kernel_blocker, device, dtype, heads, kv_heads, head_dim)
