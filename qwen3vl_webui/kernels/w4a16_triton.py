@@ -28,6 +28,9 @@ its partial sum once. K is split over `split_k` programs where N alone gives too
   against ~4.5), the activations read in the pairs' column order: what TUNED picks at 1, 16 and 32 rows since the
   H200 sweep (1.5-3.7x the earlier kernels at 16-32 rows, still 0.65-0.73x cuBLAS bf16 at 32). Tile 4: the scale
   folded into the weights too (one accumulator over K; not run on a GPU yet).
+- `_atomic_gemv_kernel` (`tile` 5, session 21; any rows, one per program, meant for one): no loop over K; each
+  program reads `split_k` groups of BLOCK_N rows at once and adds its fp32 partial sums atomically into a zeroed
+  output, cast to x's dtype after. The grid is thousands of programs, so every SM keeps many loads in flight.
 - `_dequant_kernel` (prefill): the weight written out in 16 bits once per call, then cuBLAS (kernels/int4.py).
 
 Nibble to float: `q | 0x4B000000` read as fp32 is 2^23 + q exactly, so one OR and one subtract (of 2^23 + zero)
@@ -50,7 +53,8 @@ class W4Config(NamedTuple):
     """One launch shape. block_m == 1 selects the GEMV kernel (one program per row); `split_k` programs share K
     (0: as many as `tuning.default_split` says for the shape); for many rows `tile` picks the kernel: 0 `_skinny_kernel`
     (planes), 1 `_tile_kernel`, 2 `_swap_kernel` (weights as the dot's first operand), 3 the same with nibble pairs
-    (inline PTX: CUDA only), 4 with pairs and the scales in the weights (one accumulator over K)."""
+    (inline PTX: CUDA only), 4 with pairs and the scales in the weights (one accumulator over K), 5
+    `_atomic_gemv_kernel` (block_m unused, `split_k` the groups per program)."""
 
     block_m: int
     block_n: int
