@@ -100,8 +100,9 @@ def fp8_configs(rows: int) -> list[Any]:
 
     bm = 16 if rows <= 16 else 32
     swap = [Fp8Config(bm, bn, 4, s, split, 1) for bn in (64, 128) for split in (0, 1, 4) for s in (2, 3)]
-    if rows == 1:
-        return swap + [Fp8Config(1, bn, w, s) for bn in (4, 8, 16, 32) for w in (4, 8) for s in (1, 2)]
+    if rows == 1:  # and the atomic GEMV (swap 2: split_k blocks of K per program)
+        atomic = [Fp8Config(1, bn, w, 1, per, 2) for bn in (8, 16, 32, 64) for w in (2, 4) for per in (1, 2, 4)]
+        return swap + atomic + [Fp8Config(1, bn, w, s) for bn in (4, 8, 16, 32) for w in (4, 8) for s in (1, 2)]
     return swap + [Fp8Config(bm, bn, w, s) for bn in (32, 64, 128) for w in (4, 8) for s in (3, 4)]
 
 

@@ -278,6 +278,8 @@ _INTERPRETED = textwrap.dedent(
              ("fp8", fk.Fp8Config(16, 32, 4, 1), 5, torch.float16), ("fp8", fk.Fp8Config(32, 64, 4, 1), 20, torch.float16),
              # the swap kernel: one row (15 of 16 masked), K in 3 blocks split 2 ways (the last split one block, the
              # last block 44 wide), split by default; N = 200 not a multiple of BLOCK_N
+             # the atomic GEMV: K = 300 in 3 blocks (the last 44 wide), 2 asked (not a divisor: 1), all 3 in one
+             ("fp8", fk.Fp8Config(1, 16, 4, 1, 2, 2), 1, torch.bfloat16), ("fp8", fk.Fp8Config(1, 64, 4, 1, 3, 2), 2, torch.bfloat16),
              ("fp8", fk.Fp8Config(16, 64, 4, 1, 2, 1), 1, torch.float16), ("fp8", fk.Fp8Config(16, 64, 4, 1, 0, 1), 5, torch.float16),
              ("fp8", fk.Fp8Config(32, 64, 4, 1, 1, 1), 20, torch.float16), ("fp8", fk.Fp8Config(32, 128, 4, 1, 4, 1), 33, torch.float16)]
     for name, cfg, rows, dtype in cases:
@@ -320,7 +322,7 @@ def test_triton_kernels_in_the_interpreter() -> None:
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("ok") == 20
+    assert proc.stdout.count("ok") == 22
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")

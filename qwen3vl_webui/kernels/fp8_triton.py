@@ -13,6 +13,8 @@ checkpoint and transformers' fine-grained FP8: the weight is `weight * scale_inv
   (BLOCK_N >= 64 rows, what Hopper's wgmma takes from registers) and the rows its second (BLOCK_M = 16 or 32 columns,
   at one row 15 of 16 masked), K split over `split_k` programs whose fp32 partial products are summed after; the
   int4 swap kernel's layout (w4a16_triton.py), which was 1.5-3.7x the skinny tile at 16 and 32 rows there.
+- `_atomic_gemv_kernel` (`swap` 2, session 21; meant for one row): no loop, `split_k` blocks of K per program, fp32
+  partial sums added atomically into a zeroed output (w4a16_triton.py's, with fp8 bytes).
 - `_dequant_kernel` (prefill): the 16-bit weight once per call, then cuBLAS (kernels/fp8.py).
 
 The weights are read as 1 byte each (int8wo's rate) with no activation quantization: at decode's few rows the
@@ -36,7 +38,10 @@ class Fp8Config(NamedTuple):
     warps: int
     stages: int
     split_k: int = 1  # the swap kernel: programs that share K (0: as many as `tuning.default_split` says)
-    swap: int = 0  # 1: `_swap_kernel` (block_m 16 or 32, also for one row)
+    swap: int = 0  # 1: `_swap_kernel` (block_m 16 or 32, also for one row); 2 (ATOMIC): `_atomic_gemv_kernel`
+
+
+ATOMIC = 2  # Fp8Config.swap of the atomic GEMV (one row per program column; split_k: K's blocks per program)
 
 
 GEMV_DEFAULT = Fp8Config(1, 8, 4, 2)
@@ -154,6 +159,32 @@ def _swap_kernel(
 
 
 @triton.jit
+def _atomic_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+    BLOCK_N: tl.constexpr, B: tl.constexpr, BLOCKS: tl.constexpr,
+):  # fmt: skip
+    """One row times BLOCKS blocks of K for BLOCK_N outputs, added atomically into fp32 `y` (zeroed by the caller):
+    no loop, thousands of programs (w4a16_triton's `_atomic_gemv_kernel`, with fp8 bytes)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    row = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, B)
+    n_ok = offs_n < N
+    rows_n = offs_n.to(tl.int64)
+    out = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for i in tl.static_range(BLOCKS):
+        kb = pid_k * BLOCKS + i
+        k_ok = offs_k < K - kb * B
+        w = tl.load(w_ptr + rows_n[:, None] * stride_wn + (kb * B + offs_k)[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                    other=0.0).to(tl.float32)  # fmt: skip
+        x = tl.load(x_ptr + row * stride_xm + kb * B + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        scale = tl.load(s_ptr + (offs_n // B) * stride_sn + kb, mask=n_ok, other=0.0)
+        out += tl.sum(w * x[None, :], axis=1) * scale
+    tl.atomic_add(y_ptr + row * stride_ym + offs_n, out, mask=n_ok, sem="relaxed")
+
+
+@triton.jit
 def _dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on, B: tl.constexpr):
     nb = tl.program_id(0)
     kb = tl.program_id(1)
@@ -173,6 +204,17 @@ def fp8_matmul(x: Any, weight: Any, scale_inv: Any, block: int, config: Fp8Confi
     rows, k = x.shape
     n = weight.shape[0]
     cfg = config or pick_config(rows, n, k)
+    if cfg.swap == ATOMIC:
+        blocks = triton.cdiv(k, block)
+        per = max(1, min(cfg.split_k or 1, blocks))
+        while blocks % per:  # the programs' blocks tile K exactly
+            per -= 1
+        acc = torch.zeros((rows, n), device=x.device, dtype=torch.float32)
+        _atomic_gemv_kernel[(triton.cdiv(n, cfg.block_n), blocks // per, rows)](
+            x, weight, scale_inv, acc, n, k, x.stride(0), weight.stride(0), scale_inv.stride(0), acc.stride(0),
+            BLOCK_N=cfg.block_n, B=block, BLOCKS=per, num_warps=cfg.warps, num_stages=cfg.stages,
+        )  # fmt: skip
+        return acc.to(x.dtype)
     if cfg.swap:
         tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(rows, cfg.block_m)
         split, per_split = tuning.split_k(cfg.split_k, tiles, triton.cdiv(k, block), SPLIT_LEAST_BLOCKS)
