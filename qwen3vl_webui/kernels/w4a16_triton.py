@@ -27,7 +27,10 @@ its partial sum once. K is split over `split_k` programs where N alone gives too
   shift and mask, `q - zero` by one packed 16-bit fma per pair (inline PTX; ~1.5 integer/fp operations a weight
   against ~4.5), the activations read in the pairs' column order: what TUNED picks at 1, 16 and 32 rows since the
   H200 sweep (1.5-3.7x the earlier kernels at 16-32 rows, still 0.65-0.73x cuBLAS bf16 at 32). Tile 4: the scale
-  folded into the weights too (one accumulator over K; not run on a GPU yet).
+  folded into the weights too (one accumulator over K; not run on a GPU yet). Tile 6 (session 21): tile 3 with the
+  activations read in k order, 16 bytes a pipelined load, then permuted to the pairs' order on their way to shared
+  memory; tile 3 gathers them one 2-byte load at a time (compiled for sm_90 here: 2 global loads a thread per group
+  instead of 18 at 16 rows and 34 at 32, bench/kernel_asm.py; not run on a GPU yet).
 - `_atomic_gemv_kernel` (`tile` 5, session 21; any rows, one per program, meant for one): no loop over K; each
   program reads `split_k` groups of BLOCK_N rows at once and adds its fp32 partial sums atomically into a zeroed
   output, cast to x's dtype after. The grid is thousands of programs, so every SM keeps many loads in flight.
@@ -54,7 +57,8 @@ class W4Config(NamedTuple):
     (0: as many as `tuning.default_split` says for the shape); for many rows `tile` picks the kernel: 0 `_skinny_kernel`
     (planes), 1 `_tile_kernel`, 2 `_swap_kernel` (weights as the dot's first operand), 3 the same with nibble pairs
     (inline PTX: CUDA only), 4 with pairs and the scales in the weights (one accumulator over K), 5
-    `_atomic_gemv_kernel` (block_m unused, `split_k` the groups per program)."""
+    `_atomic_gemv_kernel` (block_m unused, `split_k` the groups per program), 6 tile 3 with the activations read in
+    k order and permuted to the pairs' order in the kernel."""
 
     block_m: int
     block_n: int
@@ -225,7 +229,7 @@ def _pair_values(pairs, neg_zero, scales, ASM: tl.constexpr, DTYPE: tl.constexpr
 def _swap_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ys, stride_ym,
     groups_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr, PAIRS: tl.constexpr,
-    SCALED: tl.constexpr,
+    SCALED: tl.constexpr, NATURAL: tl.constexpr = False,
 ):  # fmt: skip
     """Yᵀ = W Xᵀ per group: the weights are the dot's first operand (BLOCK_N >= 64 rows, what Hopper's wgmma takes
     from registers), the rows the second (BLOCK_M = 16 or 32 columns). Each packed word is loaded once, 16 bytes a
@@ -236,7 +240,11 @@ def _swap_kernel(
     shift and one and/or, become `q - zero` by one packed fma, and are joined as columns 2j, 2j + 1 of the word's 8;
     the activations are read in that order, so the dot sums the same products. SCALED (with PAIRS): the scale too
     goes into the weights (a second packed fma: the dequantized 16-bit weight), so one accumulator runs through the
-    whole K and the dots chain without a per-group multiply-add of the accumulator in fp32."""
+    whole K and the dots chain without a per-group multiply-add of the accumulator in fp32. NATURAL (with PAIRS, tile
+    6): the activations are read in k order, 16 bytes a load, pipelined like the weights, and their tile is permuted
+    to the pairs' order on its way to shared memory (tile 3 gathers them one value at a time in the pairs' order).
+    Putting the weights' pairs back in k order instead compiles to a shared-memory round trip of the larger tile
+    (28 KB of shared memory against 20 KB, ~1.8x the PTX: bench/kernel_asm.py)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
@@ -245,7 +253,7 @@ def _swap_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_w = tl.arange(0, WORDS)
     offs_k = tl.arange(0, G)
-    if PAIRS:  # column p of the tile holds k = 8 (p // 8) + (p % 8) // 2 + 4 (p % 2)
+    if PAIRS and not NATURAL:  # column p of the tile holds k = 8 (p // 8) + (p % 8) // 2 + 4 (p % 2)
         offs_k = (offs_k // 8) * 8 + (offs_k % 8) // 2 + 4 * (offs_k % 2)
     m_ok = offs_m < M
     n_ok = offs_n < N
@@ -283,6 +291,8 @@ def _swap_kernel(
             zf = zero.to(tl.float32) + 8388608.0
             w = ((q | 0x4B000000).to(tl.float32, bitcast=True) - zf[:, None]).to(x_ptr.dtype.element_ty)
         xt = tl.load(x_ptrs, mask=m_ok[None, :], other=0.0)
+        if NATURAL:  # row 8a + 4h + j -> row 8a + 2j + h, the pairs' order
+            xt = tl.reshape(tl.permute(tl.reshape(xt, (G // 8, 2, 4, BLOCK_M)), (0, 2, 1, 3)), (G, BLOCK_M))
         if SCALED:
             acc = tl.dot(w, xt, acc)
         else:
@@ -316,12 +326,14 @@ def _atomic_gemv_kernel(
     for i in tl.static_range(GROUPS):
         g = pid_g * GROUPS + i
         words = tl.load(w_ptr + rows_n[:, None] * stride_wn + (g * WORDS + offs_w)[None, :], mask=n_ok[:, None], other=0)
-        zero = tl.load(z_ptr + rows_n * stride_sn + g, mask=n_ok, other=0).to(tl.float32) + 8388608.0
-        scale = tl.load(s_ptr + rows_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + row * stride_xm + (g * G + offs_w * 8)[:, None] + tl.arange(0, 8)[None, :]).to(tl.float32)
-        q = (((words[:, :, None] >> shifts[None, None, :]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
-        part = tl.sum(tl.sum((q - zero[:, None, None]) * x[None, :, :], axis=2), axis=1)
-        out += part * scale
+        q = (((words[:, :, None] >> shifts[None, None, :]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        dot = tl.sum(tl.sum(q * x[None, :, :], axis=2), axis=1)
+        # sum (q - zero) x = sum q x - zero sum x: the zero point never enters the [BLOCK_N, WORDS, 8] product, so
+        # its per-row vector is not spread over that tile's layout (64 one-byte loads a thread when it was)
+        zero = tl.load(z_ptr + rows_n * stride_sn + g, mask=n_ok, other=0).to(tl.float32)
+        scale = tl.load(s_ptr + rows_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+        out += (dot - zero * tl.sum(tl.sum(x, axis=1), axis=0)) * scale
     tl.atomic_add(y_ptr + row * stride_ym + offs_n, out, mask=n_ok, sem="relaxed")
 
 
@@ -387,8 +399,8 @@ def w4_matmul(x: Any, qweight: Any, scales: Any, zeros: Any, group: int, config:
         )  # fmt: skip
     else:
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m), split)
-        kernel = (_skinny_kernel, _tile_kernel, _swap_kernel, _swap_kernel, _swap_kernel)[cfg.tile]
-        extra = {"PAIRS": cfg.tile >= 3, "SCALED": cfg.tile == 4} if cfg.tile >= 2 else {}
+        kernel = (_skinny_kernel, _tile_kernel, _swap_kernel, _swap_kernel, _swap_kernel, None, _swap_kernel)[cfg.tile]
+        extra = {"PAIRS": cfg.tile >= 3, "SCALED": cfg.tile == 4, "NATURAL": cfg.tile == 6} if cfg.tile >= 2 else {}
         kernel[grid](
             x, qweight, scales, zeros, out, rows, n, k, x.stride(0), qweight.stride(0), scales.stride(0),
             out.stride(0), out.stride(1), per_split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, G=group,
