@@ -110,7 +110,7 @@ def fp8_configs(rows: int) -> list[Any]:
 
 def sweep_section(
     report: dict[str, Any], deadline: float, rows_swept: tuple[int, ...] = ROWS, formats: tuple[str, ...] = ("int4", "fp8"),
-    defaults_only: bool = False, int4_kernels: tuple[int, ...] = (4, 3, 2, 1, 0),
+    defaults_only: bool = False, int4_kernels: tuple[int, ...] = (4, 3, 2, 1, 0), shapes: tuple[str, ...] = (),
 ) -> None:
     """`defaults_only`: int4 and fp8 at the config their kernels pick today (no tuning: seconds, not minutes)."""
     import torch
@@ -120,7 +120,7 @@ def sweep_section(
 
     rows_out = []
     tuned: dict[str, dict[str, list[int]]] = {"int4": {}, "fp8": {}}
-    for name, n, k in SHAPES:
+    for name, n, k in [shape for shape in SHAPES if not shapes or shape[0] in shapes]:
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(LAYERS)]
         w4 = [int4.quantize_weight(w, 128) for w in ws]
         refw4 = int4.dequantize_weight(*w4[0])
@@ -264,6 +264,7 @@ def main() -> None:
     ap.add_argument("--formats", default="int4,fp8", help="sweep: int4, fp8, tinygemm (torch's own W4A16 kernel on the int4 weights), comma list")  # fmt: skip
     ap.add_argument("--defaults-only", action="store_true", help="sweep: int4 and fp8 at their kernels' picks only")
     ap.add_argument("--int4-kernels", default="4,3,2,1,0", help="sweep: the int4 kernels, in order (6 swap with pairs, the activations read in k order, 5 the atomic GEMV at one row, 4 swap with pairs and scaled weights, 3 swap with nibble pairs, 2 swap, 1 tile, 0 planes)")  # fmt: skip
+    ap.add_argument("--shapes", default="", help="sweep: only these shapes (qkv, o, gate_up, down; default all)")
     ap.add_argument("--model", default="random-weights:4b", help="quality: random-weights:4b or a checkpoint")
     ap.add_argument("--device", default="cuda", help="quality: cuda, or cpu (the tiny checkpoint: plumbing)")
     args = ap.parse_args()
@@ -274,7 +275,9 @@ def main() -> None:
     if "sweep" in args.sections:
         rows = tuple(int(r) for r in args.rows.split(","))
         kernels = tuple(int(t) for t in args.int4_kernels.split(","))
-        sweep_section(report, started + args.sweep_s, rows, tuple(args.formats.split(",")), args.defaults_only, kernels)
+        shapes = tuple(name for name in args.shapes.split(",") if name)
+        sweep_section(report, started + args.sweep_s, rows, tuple(args.formats.split(",")), args.defaults_only, kernels,
+                      shapes)  # fmt: skip
     if "quality" in args.sections:
         quality_section(report, args.model, args.device)
     report["seconds"] = round(time.monotonic() - started, 1)
