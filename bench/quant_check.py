@@ -78,8 +78,9 @@ def int4_configs(rows: int, n: int = 0, k: int = 0, kernels: tuple[int, ...] = (
         else [W4Config(bm, bn, split, w, s, 3) for bn in (64, 128) for split in (0, 2) for w in (4, 8) for s in (2, 3)]
     )
     by_kernel = {
-        6: [W4Config(bm, bn, split, 4, s, 6) for bn in (64, 128) for split in ((0, 4, 16) if rows <= 16 else (0, 2))
-            for s in (2, 3)],
+        # Tile 6 at 32 rows (session 21's first sweep: 1.2-1.85x tile 3): also 8 warps, 4 stages, K split 4 ways.
+        6: [W4Config(bm, bn, split, 4, s, 6) for bn in (64, 128) for split in (0, 4, 16) for s in (2, 3)] if rows <= 16
+        else [W4Config(bm, bn, split, w, s, 6) for bn in (64, 128) for split in (0, 2, 4) for w in (4, 8) for s in (2, 3, 4)],
         4: [W4Config(bm, bn, split, w, s, 4) for bn in (64, 128) for split in (0, 2) for w in (4, 8) for s in (2, 3)],
         3: tile3,
         2: [W4Config(bm, bn, split, w, s, 2) for bn in (64, 128) for split in (0, 2) for w in (4, 8) for s in (2, 3)],
