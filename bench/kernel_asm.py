@@ -85,11 +85,6 @@ def compile_w4(cfg: Any, rows: int, n: int, k: int, group: int = 128, capability
     """One int4 launch config (`w4a16_triton.W4Config`) compiled as `w4_matmul` would launch it for these shapes."""
     from qwen3vl_webui.kernels import w4a16_triton as wk
 
-    if cfg.tile == wk.ATOMIC:
-        args = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*bf16", z_ptr="*u8", y_ptr="*fp32", N=n, stride_xm=k,
-                    stride_wn=k // 8, stride_sn=k // group, stride_ym=n)  # fmt: skip
-        constexprs = dict(BLOCK_N=cfg.block_n, G=group, GROUPS=max(1, cfg.split_k))
-        return compile_offline(wk._atomic_gemv_kernel, args, constexprs, cfg.warps, cfg.stages, capability)
     if cfg.tile < 2:
         raise ValueError("tiles 0 and 1 are not compiled here (the sweep no longer picks them)")
     constexprs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, G=group, PAIRS=cfg.tile in (3, 4, 6),
@@ -120,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     from qwen3vl_webui.kernels import w4a16_triton as wk
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiles", default="2,3,4,6", help="int4 W4Config.tile values (2-4 and 6: the swap kernel; 5: the atomic GEMV)")  # fmt: skip
+    ap.add_argument("--tiles", default="2,3,4,6", help="int4 W4Config.tile values (2-4 and 6: the swap kernel)")
     ap.add_argument("--rows", default="16,32", help="row counts (block_m 16 up to 16 rows, else 32)")
     ap.add_argument("--n", type=int, default=19456, help="output features (default: the fused gate/up)")
     ap.add_argument("--k", type=int, default=2560, help="input features")
@@ -131,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     for rows in (int(r) for r in args.rows.split(",")):
         for tile in (int(t) for t in args.tiles.split(",")):
-            cfg = wk.W4Config(1 if tile == wk.ATOMIC else 16 if rows <= 16 else 32, args.block_n, 1, 4, args.stages, tile)
+            cfg = wk.W4Config(16 if rows <= 16 else 32, args.block_n, 1, 4, args.stages, tile)
             kernel = compile_w4(cfg, rows, args.n, args.k, capability=args.capability)
             ptx = kernel.asm["ptx"]
             lines = sum(1 for line in ptx.splitlines() if line.rstrip().endswith(";"))

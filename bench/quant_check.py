@@ -56,10 +56,10 @@ def _as_list(cfg: Any) -> list[Any]:
     return list(cfg) if isinstance(cfg, tuple) else [cfg]
 
 
-def int4_configs(rows: int, n: int = 0, k: int = 0, kernels: tuple[int, ...] = (4, 3, 2, 1, 0)) -> list[Any]:
+def int4_configs(rows: int, n: int = 0, k: int = 0, kernels: tuple[int, ...] = (6, 3, 4, 2, 1, 0)) -> list[Any]:
     """The sweep's int4 launch shapes for `rows`; with the shape, what the kernels pick today comes first, so a
     sweep cut by its time cap has the default's time to compare with. `kernels`: the many-row kernels to sweep, in
-    that order (W4Config.tile: 6 tile 3 with the activations read in k order, 5 the atomic GEMV (one row only), 4 swap with pairs and scaled weights, 3 swap with nibble pairs, 2 swap, 1 tile,
+    that order (W4Config.tile: 6 tile 3 with the activations read in k order, 4 swap with pairs and scaled weights, 3 swap with nibble pairs, 2 swap, 1 tile,
     0 planes; at one row, 0 is the GEMV)."""
     from qwen3vl_webui.kernels.w4a16_triton import W4Config, pick_config
 
@@ -88,11 +88,9 @@ def int4_configs(rows: int, n: int = 0, k: int = 0, kernels: tuple[int, ...] = (
             for s in (2, 3)],
         0: [W4Config(bm, bn, split, w, 3) for bn in (32, 64, 128) for split in (0, 1, 2, 4) for w in (4, 8)],
     }  # fmt: skip
-    # Tile 5, the atomic GEMV (one row, no loop): split_k is the groups each program reads.
-    atomic = [W4Config(1, bn, per, w, 1, 5) for bn in (16, 32, 64, 128) for per in (1, 2, 4) for w in (1, 2, 4)]
-    many = [cfg for kernel in kernels if kernel != 5 for cfg in by_kernel[kernel]]
-    if rows == 1:  # the swap kernels (15 of their 16 rows masked), the atomic GEMV and the GEMV where asked for
-        return [cfg for cfg in many if cfg.tile >= 2] + (atomic if 5 in kernels else []) + (gemv if 0 in kernels else [])
+    many = [cfg for kernel in kernels for cfg in by_kernel[kernel]]
+    if rows == 1:  # the swap kernels (15 of their 16 rows masked), and the GEMV where 0 is asked for
+        return [cfg for cfg in many if cfg.tile >= 2] + (gemv if 0 in kernels else [])
     return many
 
 
@@ -111,7 +109,7 @@ def fp8_configs(rows: int) -> list[Any]:
 
 def sweep_section(
     report: dict[str, Any], deadline: float, rows_swept: tuple[int, ...] = ROWS, formats: tuple[str, ...] = ("int4", "fp8"),
-    defaults_only: bool = False, int4_kernels: tuple[int, ...] = (4, 3, 2, 1, 0), shapes: tuple[str, ...] = (),
+    defaults_only: bool = False, int4_kernels: tuple[int, ...] = (6, 3, 4, 2, 1, 0), shapes: tuple[str, ...] = (),
 ) -> None:
     """`defaults_only`: int4 and fp8 at the config their kernels pick today (no tuning: seconds, not minutes)."""
     import torch
@@ -264,7 +262,7 @@ def main() -> None:
     ap.add_argument("--rows", default="1,16,32", help="sweep: the row counts (1, 16, 32: the row classes)")
     ap.add_argument("--formats", default="int4,fp8", help="sweep: int4, fp8, tinygemm (torch's own W4A16 kernel on the int4 weights), comma list")  # fmt: skip
     ap.add_argument("--defaults-only", action="store_true", help="sweep: int4 and fp8 at their kernels' picks only")
-    ap.add_argument("--int4-kernels", default="4,3,2,1,0", help="sweep: the int4 kernels, in order (6 swap with pairs, the activations read in k order, 5 the atomic GEMV at one row, 4 swap with pairs and scaled weights, 3 swap with nibble pairs, 2 swap, 1 tile, 0 planes)")  # fmt: skip
+    ap.add_argument("--int4-kernels", default="6,3,4,2,1,0", help="sweep: the int4 kernels, in order (6 swap with pairs, the activations read in k order, 4 swap with pairs and scaled weights, 3 swap with nibble pairs, 2 swap, 1 tile, 0 planes)")  # fmt: skip
     ap.add_argument("--shapes", default="", help="sweep: only these shapes (qkv, o, gate_up, down; default all)")
     ap.add_argument("--model", default="random-weights:4b", help="quality: random-weights:4b or a checkpoint")
     ap.add_argument("--device", default="cuda", help="quality: cuda, or cpu (the tiny checkpoint: plumbing)")

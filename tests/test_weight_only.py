@@ -272,8 +272,6 @@ _INTERPRETED = textwrap.dedent(
              ("int4", wk.W4Config(16, 32, 1, 4, 1), 5, torch.float16), ("int4", wk.W4Config(32, 16, 1, 4, 1), 20, torch.float16),
              ("int4", wk.W4Config(16, 32, 1, 4, 1, 1), 5, torch.float16), ("int4", wk.W4Config(32, 16, 2, 4, 1, 1), 20, torch.float16),
              ("int4", wk.W4Config(16, 32, 1, 4, 1, 2), 5, torch.float16), ("int4", wk.W4Config(32, 16, 2, 4, 1, 2), 20, torch.float16),
-             # the atomic GEMV: 3 groups one per program (2 asked: not a divisor of 3), all 3 in one, 3 rows
-             ("int4", wk.W4Config(1, 16, 2, 4, 1, 5), 1, torch.bfloat16), ("int4", wk.W4Config(1, 64, 3, 4, 1, 5), 3, torch.bfloat16),
              ("fp8", fk.Fp8Config(1, 8, 4, 1), 2, torch.bfloat16), ("fp8", fk.Fp8Config(1, 32, 4, 1), 1, torch.bfloat16),
              ("fp8", fk.Fp8Config(16, 32, 4, 1), 5, torch.float16), ("fp8", fk.Fp8Config(32, 64, 4, 1), 20, torch.float16),
              # the swap kernel: one row (15 of 16 masked), K in 3 blocks split 2 ways (the last split one block, the
@@ -322,7 +320,7 @@ def test_triton_kernels_in_the_interpreter() -> None:
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("ok") == 22
+    assert proc.stdout.count("ok") == 20
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")

@@ -20,20 +20,19 @@ its partial sum once. K is split over `split_k` programs where N alone gives too
   `4 (k % 8)`; the repeats are served by L1, so each byte still crosses from HBM once) and fed to one `tl.dot` with
   K = G per group instead of eight with K = 16, the scale applied to the group's product as above (session 10's
   sweep had the planes kernel at 0.29-0.70x cuBLAS bf16's time at 16 and 32 rows: bench/RESULTS.md).
-- `_swap_kernel` (1..32 rows, session 18; `tile` 2, 3, 4): the same product transposed, Yᵀ = W Xᵀ, so the weight
+- `_swap_kernel` (1..32 rows, session 18; `tile` 2, 3, 4, 6): the same product transposed, Yᵀ = W Xᵀ, so the weight
   tile is the dot's first operand (M = BLOCK_N >= 64: Hopper's wgmma takes it from registers, where the rows as the
   first operand, 16 or 32 of them, are below its 64) and each packed word is read once, four to a 16-byte load, then
   unpacked in registers by a shift per nibble and one merge of its two last dims (tile 2). Tile 3: two nibbles per
   shift and mask, `q - zero` by one packed 16-bit fma per pair (inline PTX; ~1.5 integer/fp operations a weight
-  against ~4.5), the activations read in the pairs' column order: what TUNED picks at 1, 16 and 32 rows since the
-  H200 sweep (1.5-3.7x the earlier kernels at 16-32 rows, still 0.65-0.73x cuBLAS bf16 at 32). Tile 4: the scale
+  against ~4.5), the activations read in the pairs' column order (1.5-3.7x the earlier kernels at 16-32 rows on session 18's
+  H200, still 0.65-0.73x cuBLAS bf16 at 32). Tile 4: the scale
   folded into the weights too (one accumulator over K; not run on a GPU yet). Tile 6 (session 21): tile 3 with the
   activations read in k order, 16 bytes a pipelined load, then permuted to the pairs' order on their way to shared
   memory; tile 3 gathers them one 2-byte load at a time (compiled for sm_90 here: 2 global loads a thread per group
-  instead of 18 at 16 rows and 34 at 32, bench/kernel_asm.py; not run on a GPU yet).
-- `_atomic_gemv_kernel` (`tile` 5, session 21; any rows, one per program, meant for one): no loop over K; each
-  program reads `split_k` groups of BLOCK_N rows at once and adds its fp32 partial sums atomically into a zeroed
-  output, cast to x's dtype after. The grid is thousands of programs, so every SM keeps many loads in flight.
+  instead of 18 at 16 rows and 34 at 32, bench/kernel_asm.py). On an H100 (session 21) it took 1.2-1.85x less time
+  than tile 3 at 32 rows and ~1.1-1.25x less at 16 (1.4x cuBLAS bf16's speed at 32 rows, summed over the four
+  shapes), and TUNED picks it for every shape at 16 and 32 rows.
 - `_dequant_kernel` (prefill): the weight written out in 16 bits once per call, then cuBLAS (kernels/int4.py).
 
 Nibble to float: `q | 0x4B000000` read as fp32 is 2^23 + q exactly, so one OR and one subtract (of 2^23 + zero)
@@ -56,9 +55,9 @@ class W4Config(NamedTuple):
     """One launch shape. block_m == 1 selects the GEMV kernel (one program per row); `split_k` programs share K
     (0: as many as `tuning.default_split` says for the shape); for many rows `tile` picks the kernel: 0 `_skinny_kernel`
     (planes), 1 `_tile_kernel`, 2 `_swap_kernel` (weights as the dot's first operand), 3 the same with nibble pairs
-    (inline PTX: CUDA only), 4 with pairs and the scales in the weights (one accumulator over K), 5
-    `_atomic_gemv_kernel` (block_m unused, `split_k` the groups per program), 6 tile 3 with the activations read in
-    k order and permuted to the pairs' order in the kernel."""
+    (inline PTX: CUDA only), 4 with pairs and the scales in the weights (one accumulator over K), 6 tile 3 with the
+    activations read in k order and permuted to the pairs' order in the kernel (5 was session 21's atomic GEMV,
+    removed: it lost every one-row shape to tile 3, bench/results/h100/s21_quant_a.json)."""
 
     block_m: int
     block_n: int
@@ -69,23 +68,24 @@ class W4Config(NamedTuple):
 
 
 # Chosen for the 4B's shapes by bench/quant_check.py's sweep on the GPU; other shapes take the defaults below.
-# Session 18's sweep on one H200 (bench/results/h200/s18_quant_swap.json, 7b122fb, kernels 3 and 2 against the
-# earlier picks): the swap kernel with nibble pairs won every shape and row count, 1.04-1.10x the GEMV at one row
-# and 1.5-3.7x the earlier picks at 16 and 32 rows. Session 20's sweep on one H100 (bench/results/h100/
-# s20_quant_int4.json, b9da3b5) split K 4-16 ways at one and 16 rows where that won: 1-10% on o, qkv and down.
+# Session 18's sweep on one H200 (bench/results/h200/s18_quant_swap.json): the swap kernel with nibble pairs (tile 3)
+# won every shape and row count. Session 20's H100 sweep split K 4-16 ways at one and 16 rows (1-10%). Session 21's
+# H100 sweeps (bench/results/h100/s21_quant_{a,b,c}.json, merged in s21_tuned.json): tile 6, which reads the
+# activations in k order, won every shape at 16 and 32 rows (1.2-1.85x tile 3 at 32: gate/up 42.7 -> 23.0 us) and
+# qkv and gate/up at one row; the atomic GEMV (tile 5) lost everywhere (1.3-2.2x tile 3's time at one row).
 TUNED: dict[tuple[int, int, int], W4Config] = {
-    (1, 6144, 2560): W4Config(16, 64, 4, 4, 3, 3),
-    (16, 6144, 2560): W4Config(16, 64, 4, 4, 3, 3),
-    (32, 6144, 2560): W4Config(32, 64, 0, 4, 2, 3),
-    (1, 2560, 4096): W4Config(16, 64, 16, 4, 2, 3),
-    (16, 2560, 4096): W4Config(16, 64, 8, 4, 3, 3),
-    (32, 2560, 4096): W4Config(32, 64, 0, 4, 2, 3),
-    (1, 19456, 2560): W4Config(16, 64, 0, 4, 3, 3),
-    (16, 19456, 2560): W4Config(16, 64, 0, 4, 3, 3),
-    (32, 19456, 2560): W4Config(32, 64, 0, 4, 2, 3),
+    (1, 6144, 2560): W4Config(16, 64, 4, 4, 3, 6),
+    (16, 6144, 2560): W4Config(16, 64, 4, 4, 3, 6),
+    (32, 6144, 2560): W4Config(32, 64, 4, 4, 3, 6),
+    (1, 2560, 4096): W4Config(16, 64, 8, 4, 3, 3),
+    (16, 2560, 4096): W4Config(16, 64, 0, 4, 3, 6),
+    (32, 2560, 4096): W4Config(32, 64, 0, 4, 3, 6),
+    (1, 19456, 2560): W4Config(16, 64, 0, 4, 3, 6),
+    (16, 19456, 2560): W4Config(16, 64, 0, 4, 3, 6),
+    (32, 19456, 2560): W4Config(32, 64, 0, 4, 3, 6),
     (1, 2560, 9728): W4Config(16, 64, 16, 4, 3, 3),
-    (16, 2560, 9728): W4Config(16, 64, 0, 4, 3, 3),
-    (32, 2560, 9728): W4Config(32, 64, 0, 4, 2, 3),
+    (16, 2560, 9728): W4Config(16, 64, 16, 4, 3, 6),
+    (32, 2560, 9728): W4Config(32, 64, 0, 4, 3, 6),
 }
 GEMV_DEFAULT = W4Config(1, 32, 0, 4, 3)
 SKINNY_DEFAULT = W4Config(16, 64, 0, 4, 3)
@@ -304,40 +304,6 @@ def _swap_kernel(
 
 
 @triton.jit
-def _atomic_gemv_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, stride_xm, stride_wn, stride_sn, stride_ym,
-    BLOCK_N: tl.constexpr, G: tl.constexpr, GROUPS: tl.constexpr,
-):  # fmt: skip
-    """One row's product over GROUPS groups of K for BLOCK_N outputs, added atomically into fp32 `y` (zeroed by the
-    caller). No loop: a program issues all its loads at once, and the grid (N / BLOCK_N x K / (G GROUPS) x rows) is
-    thousands of programs, so every SM keeps many loads in flight (the looping kernels run a few hundred programs
-    of a few iterations each, and read 0.5-1.3 TB/s at one row). Each packed word is read once, 16 bytes a thread
-    along K; its 8 nibbles meet the word's 8 activations, read as one contiguous `[words, 8]` tile."""
-    pid_n = tl.program_id(0)
-    pid_g = tl.program_id(1)
-    row = tl.program_id(2)
-    WORDS: tl.constexpr = G // 8
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    rows_n = offs_n.to(tl.int64)
-    offs_w = tl.arange(0, WORDS)
-    shifts = tl.arange(0, 8) * 4
-    out = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for i in tl.static_range(GROUPS):
-        g = pid_g * GROUPS + i
-        words = tl.load(w_ptr + rows_n[:, None] * stride_wn + (g * WORDS + offs_w)[None, :], mask=n_ok[:, None], other=0)
-        x = tl.load(x_ptr + row * stride_xm + (g * G + offs_w * 8)[:, None] + tl.arange(0, 8)[None, :]).to(tl.float32)
-        q = (((words[:, :, None] >> shifts[None, None, :]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        dot = tl.sum(tl.sum(q * x[None, :, :], axis=2), axis=1)
-        # sum (q - zero) x = sum q x - zero sum x: the zero point never enters the [BLOCK_N, WORDS, 8] product, so
-        # its per-row vector is not spread over that tile's layout (64 one-byte loads a thread when it was)
-        zero = tl.load(z_ptr + rows_n * stride_sn + g, mask=n_ok, other=0).to(tl.float32)
-        scale = tl.load(s_ptr + rows_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
-        out += (dot - zero * tl.sum(tl.sum(x, axis=1), axis=0)) * scale
-    tl.atomic_add(y_ptr + row * stride_ym + offs_n, out, mask=n_ok, sem="relaxed")
-
-
-@triton.jit
 def _nibbles(words, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
     """int32 `[BLOCK_N, WORDS]` -> fp32 2^23 + nibble, `[BLOCK_N, WORDS * 8]` in k order (the prefill's dequantization,
     where writing the 16-bit weight in order matters more than the reshape)."""
@@ -365,7 +331,6 @@ def _dequant_kernel(
     tl.store(out, w.to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
 
 
-ATOMIC = 5  # W4Config.tile of `_atomic_gemv_kernel` (its split_k: groups per program)
 SPLIT_LEAST_GROUPS = 4  # a default split keeps this many groups of K at least (tuning.default_split)
 
 
@@ -377,16 +342,6 @@ def w4_matmul(x: Any, qweight: Any, scales: Any, zeros: Any, group: int, config:
     n = qweight.shape[0]
     groups = k // group
     cfg = config or pick_config(rows, n, k)
-    if cfg.tile == ATOMIC:
-        per = max(1, min(cfg.split_k or 1, groups))
-        while groups % per:  # the programs' groups tile K exactly (no masks along K)
-            per -= 1
-        acc = torch.zeros((rows, n), device=x.device, dtype=torch.float32)
-        _atomic_gemv_kernel[(triton.cdiv(n, cfg.block_n), groups // per, rows)](
-            x, qweight, scales, zeros, acc, n, x.stride(0), qweight.stride(0), scales.stride(0), acc.stride(0),
-            BLOCK_N=cfg.block_n, G=group, GROUPS=per, num_warps=cfg.warps, num_stages=cfg.stages,
-        )  # fmt: skip
-        return acc.to(x.dtype)
     gemv = cfg.block_m == 1 or group < 128  # tl.dot needs K >= 16 words' planes: groups of 128 and more
     tiles = triton.cdiv(n, cfg.block_n) * (rows if gemv else triton.cdiv(rows, cfg.block_m))
     split, per_split = tuning.split_k(cfg.split_k, tiles, groups, SPLIT_LEAST_GROUPS)
