@@ -31,7 +31,7 @@ its partial sum once. K is split over `split_k` programs where N alone gives too
   activations read in k order, 16 bytes a pipelined load, then permuted to the pairs' order on their way to shared
   memory; tile 3 gathers them one 2-byte load at a time (compiled for sm_90 here: 2 global loads a thread per group
   instead of 18 at 16 rows and 34 at 32, bench/kernel_asm.py). On an H100 (session 21) it took 1.2-1.85x less time
-  than tile 3 at 32 rows and ~1.1-1.25x less at 16 (1.4x cuBLAS bf16's speed at 32 rows, summed over the four
+  than tile 3 at 32 rows and 1.07-1.24x less at 16 (1.4x cuBLAS bf16's speed at 32 rows, summed over the four
   shapes), and TUNED picks it for every shape at 16 and 32 rows.
 - `_dequant_kernel` (prefill): the weight written out in 16 bits once per call, then cuBLAS (kernels/int4.py).
 
