@@ -39,9 +39,10 @@ BY_NAME = {p.name: p for p in TABLE}
 # `--precision auto` on a GPU: the first of these that fits and can run there, fastest first by the engine's measured
 # tok/s (bench/RESULTS.md): bf16 332 / 5,294 tok/s at 1 / 32 streams on an H200, fp8 215 / 3,945, int4 (ours) 119 /
 # 2,355 with the first W4A16 kernels; int8wo 311 / 3,713 against bf16's 268 / 4,113 on an H100; bitsandbytes last.
-# Session 20's H100 (the swap kernels tuned): bf16 262 / 4,184, fp8 294 / 4,419, int4 312 / 4,026. fp8 now leads at
-# both loads there, by 6-12%, from one run on one GPU model; bf16 stays first until a second run (and another FP8
-# GPU) confirms it, since auto would then quantize a model that fits unquantized.
+# Session 20's H100 (the swap kernels tuned): bf16 262 / 4,184, fp8 294 / 4,419, int4 312 / 4,026. Session 21's H100
+# (tile 6, fp8's atomic GEMV): bf16 262 / 4,369, fp8 328 / 4,474, int8wo 328 / 4,418, int4 312 / 4,898. fp8 has led
+# at both loads in two runs, but on one GPU model; bf16 stays first until another FP8 GPU (an H200 run) confirms it,
+# since auto would then quantize a model that fits unquantized.
 AUTO_ORDER = ("bf16", "int8wo", "fp8", "int4", "int4-bnb", "int8")
 
 # What a model can be loaded in (the planner's precisions).
