@@ -52,3 +52,13 @@ def test_every_fp8_decode_kernel_the_sweep_can_pick_compiles_for_sm90() -> None:
 
     for cfg, rows in ((Fp8Config(1, 8, 4, 2), 1), (Fp8Config(16, 64, 4, 3, 0, 1), 16), (Fp8Config(1, 16, 2, 1, 4, 2), 1)):
         assert compile_fp8(cfg, rows, 2560, 9728).asm["cubin"], cfg
+
+
+def test_the_split_k_reduction_compiles_for_sm90_with_16_byte_loads() -> None:
+    from bench.kernel_asm import compile_offline
+    from qwen3vl_webui.kernels import splitk
+
+    kernel = compile_offline(splitk._reduce_kernel, dict(p_ptr="*fp32", y_ptr="*bf16", total=2560),
+                             dict(SPLIT=8, BLOCK=splitk.BLOCK), 4, 1)  # fmt: skip
+    counts = _counts(kernel)
+    assert counts.get("ld.global.v4.b32", 0) >= 8 and _count(counts, "ld.global.b32") == 0, counts

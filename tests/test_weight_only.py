@@ -306,6 +306,16 @@ _INTERPRETED = textwrap.dedent(
     assert default_split(40, 32, b8) == 8 and default_split(304, 20, b8) == 1 and default_split(3, 3, b8) == 1
     assert split_k(16, 10, 20, g4) == (10, 2) and split_k(3, 10, 8, g4) == (3, 3) and split_k(0, 5, 8, g4) == (2, 4)
     print("ok split")
+    # The split-K partial sums added by one kernel: in fp32, in the order of the splits, rounded once to the dtype.
+    from qwen3vl_webui.kernels import splitk
+    parts = torch.randn(3, 5, 40, generator=gen)
+    ref_sum = ((parts[0] + parts[1]) + parts[2])
+    for dtype in (torch.float16, torch.float32):
+        got = splitk.reduce_partials(parts, dtype)
+        assert got.dtype == dtype and got.shape == (5, 40) and torch.equal(got, ref_sum.to(dtype)), dtype
+    got = splitk.reduce_partials(parts, torch.bfloat16)  # the interpreter truncates to bf16 (the GPU rounds): 1 ulp
+    assert got.dtype == torch.bfloat16 and bool(((got.float() - ref_sum).abs() <= ref_sum.abs() * 2**-7).all())
+    print("ok reduce")
     # The prefill path's dequantization: exactly the reference's fp32 values.
     assert torch.equal(wk.w4_dequantize(qweight, scales, zeros, 128, torch.float32), w4.float())
     assert torch.equal(fk.fp8_dequantize(q8, s8, 128, torch.float32), w8.float())
@@ -320,7 +330,7 @@ def test_triton_kernels_in_the_interpreter() -> None:
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("ok") == 20
+    assert proc.stdout.count("ok") == 21
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import triton
 import triton.language as tl
 
-from qwen3vl_webui.kernels import tuning
+from qwen3vl_webui.kernels import splitk, tuning
 from qwen3vl_webui.kernels.tuning import row_class
 
 
@@ -227,7 +227,7 @@ def fp8_matmul(x: Any, weight: Any, scale_inv: Any, block: int, config: Fp8Confi
             out.stride(1), per_split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, B=block, num_warps=cfg.warps,
             num_stages=cfg.stages,
         )  # fmt: skip
-        return out[0] if split == 1 else out.sum(dim=0).to(x.dtype)
+        return out[0] if split == 1 else splitk.reduce_partials(out, x.dtype)
     out = torch.empty((rows, n), device=x.device, dtype=x.dtype)
     if cfg.block_m == 1:
         grid = (triton.cdiv(n, cfg.block_n), rows)

@@ -9,7 +9,7 @@ of packed words is `(words >> 4j) & 0xF`, the weights of columns `8w + j`, multi
 with stride 8 from column j. No tensor is reshaped (v1 built `[BLOCK_N, groups, G]` through `tl.reshape`, which
 Triton lays out through shared memory: 0.2-0.3 TB/s on an H200, bench/RESULTS.md), and a group's scale multiplies
 its partial sum once. K is split over `split_k` programs where N alone gives too few (o and down have N = 2560:
-80 tiles of 32 rows for 132 SMs); their fp32 partial sums are added by one small torch reduction.
+80 tiles of 32 rows for 132 SMs); their fp32 partial sums are added and rounded by one small kernel (kernels/splitk.py).
 
 - `_gemv_kernel` (decode, one token row per program): fp32 FMAs, no tensor cores; each packed byte read once per row.
 - `_skinny_kernel` (2..SKINNY_MAX_ROWS rows, G >= 128): each plane `q - zero` (integers in [-15, 15], exact in
@@ -47,7 +47,7 @@ from typing import Any, NamedTuple
 import triton
 import triton.language as tl
 
-from qwen3vl_webui.kernels import tuning
+from qwen3vl_webui.kernels import splitk, tuning
 from qwen3vl_webui.kernels.tuning import row_class
 
 
@@ -361,7 +361,7 @@ def w4_matmul(x: Any, qweight: Any, scales: Any, zeros: Any, group: int, config:
             out.stride(0), out.stride(1), per_split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, G=group,
             num_warps=cfg.warps, num_stages=cfg.stages, **extra,
         )  # fmt: skip
-    return out[0] if split == 1 else out.sum(dim=0).to(x.dtype)
+    return out[0] if split == 1 else splitk.reduce_partials(out, x.dtype)
 
 
 def w4_dequantize(qweight: Any, scales: Any, zeros: Any, group: int, dtype: Any) -> Any:

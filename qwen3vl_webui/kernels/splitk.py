@@ -1,0 +1,36 @@
+"""The last step of a split-K product: `[split, rows, n]` fp32 partial sums added and written in the output's dtype by
+one Triton kernel. `out.sum(dim=0).to(dtype)` was two kernels (the sum, then the cast), and the decode step runs
+three split products per layer (o and down at every row count, qkv where its tuned config splits), so each layer
+paid three extra launches inside the CUDA graph. Nothing imports this module at package import time: the kernel
+modules import it, where Triton runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import triton
+import triton.language as tl
+
+BLOCK = 1024  # outputs per program: 2560 outputs (o, down at one row) make 3 programs, 32 rows x 2560 make 80
+
+
+@triton.jit
+def _reduce_kernel(p_ptr, y_ptr, total, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < total
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        acc += tl.load(p_ptr + s * total + offs, mask=ok, other=0.0)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def reduce_partials(partials: Any, dtype: Any) -> Any:
+    """`partials` fp32 `[split, rows, n]` (contiguous) -> their sum over `split`, `[rows, n]` in `dtype`, rounded once."""
+    import torch
+
+    split, rows, n = partials.shape
+    out = torch.empty((rows, n), device=partials.device, dtype=dtype)
+    total = rows * n
+    _reduce_kernel[(triton.cdiv(total, BLOCK),)](partials, out, total, SPLIT=split, BLOCK=BLOCK, num_warps=4)
+    return out
