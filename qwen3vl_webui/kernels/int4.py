@@ -8,7 +8,9 @@ checkpoints are converted to (weights/checkpoints.py: compressed-tensors pack-qu
 
 Matmul: one row on CUDA -> the Triton GEMV (0.5 byte read per weight); 2..SKINNY_MAX_ROWS rows -> the Triton
 tensor-core kernel that unpacks in registers; more rows (prefill) -> the weight dequantized to 16 bits by a Triton
-kernel, then cuBLAS. On a CPU (tests) or without Triton: dequantize in torch, then F.linear.
+kernel, then cuBLAS. On a CPU (tests) or without Triton: dequantize in torch, then F.linear. Under torch.compile a
+one-row product whose K is split (qkv, o, down at one stream) comes back as its fp32 partial sums, and the compiled
+graph adds them where it consumes the product (`int4_linear_parts`), saving the reduction's own launch.
 """
 
 from __future__ import annotations
@@ -138,9 +140,36 @@ def int4_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     return F.linear(x2, weight).reshape(*x.shape[:-1], n)
 
 
+def parts_split(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> int:
+    """How many partial sums `int4_parts_impl` returns for `x` (its shape, device and dtype only): the Triton
+    kernels' K split for a decode-sized product on CUDA, else 1."""
+    k, n = x.shape[-1], qweight.shape[0]
+    rows = x.numel() // k if k else 0
+    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and 0 < rows <= SKINNY_MAX_ROWS):
+        return 1
+    kernels = _kernels()
+    return 1 if kernels is None else kernels.w4_split(rows, n, k, k // scales.shape[1])
+
+
+def int4_parts_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """`x [..., K] @ Wᵀ` as `[split, ..., N]` partial sums (`parts_split`): fp32 when split > 1, whose sum over the
+    first dim is the product; the product itself in x's dtype when 1."""
+    split = parts_split(x, qweight, scales)
+    if split == 1:
+        return int4_linear_impl(x, qweight, scales, zeros)[None]
+    k, n = x.shape[-1], qweight.shape[0]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1 or x2.stride(0) != k:
+        x2 = x2.contiguous()
+    parts = _kernels().w4_partials(x2, qweight, scales, zeros, k // scales.shape[1])
+    return parts.reshape(split, *x.shape[:-1], n)
+
+
 @functools.cache
 def register_op() -> Any:
-    """`torch.ops.qwen3vl_webui.int4_linear`: opaque to dynamo (inductor calls it as an extern kernel), as int8wo's."""
+    """`torch.ops.qwen3vl_webui.int4_linear`: opaque to dynamo (inductor calls it as an extern kernel), as int8wo's;
+    and `int4_linear_parts`, the same product as its split-K partial sums, whose addition Int4Linear leaves to the
+    compiled graph (fused into the kernel that consumes the product, not a launch of its own)."""
 
     @torch.library.custom_op(f"{OP_NAMESPACE}::{OP_NAME}", mutates_args=())
     def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
@@ -149,6 +178,15 @@ def register_op() -> Any:
     @int4_linear.register_fake
     def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
         return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+    @torch.library.custom_op(f"{OP_NAMESPACE}::{OP_NAME}_parts", mutates_args=())
+    def int4_linear_parts(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+        return int4_parts_impl(x, qweight, scales, zeros)
+
+    @int4_linear_parts.register_fake
+    def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+        split = parts_split(x, qweight, scales)  # one row, a static shape (Int4Linear.forward checks)
+        return x.new_empty((split, *x.shape[:-1], qweight.shape[0]), dtype=x.dtype if split == 1 else torch.float32)
 
     return int4_linear
 
@@ -199,10 +237,16 @@ class Int4Linear(nn.Module):
         return dequantize_weight(self.qweight, self.scales, self.zeros, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_dynamo_compiling():
-            y = torch.ops.qwen3vl_webui.int4_linear(x, self.qweight, self.scales, self.zeros)
-        else:  # eager: skip the custom op's dispatch
+        if not torch.compiler.is_dynamo_compiling():  # eager: skip the custom ops' dispatch
             y = int4_linear_impl(x, self.qweight, self.scales, self.zeros)
+        elif x.numel() == x.shape[-1]:
+            # One row (the one-stream decode step; dynamo specializes a size of 1, so this holds for the graph): the
+            # split-K partial sums come back unsummed and their sum is this graph's, fused by inductor into the kernel
+            # that consumes the product, one launch less for each split product (qkv, o and down: 108 a step).
+            parts = torch.ops.qwen3vl_webui.int4_linear_parts(x, self.qweight, self.scales, self.zeros)
+            y = parts[0] if parts.shape[0] == 1 else parts.sum(dim=0).to(x.dtype)
+        else:  # more rows, often a symbolic count (the shared decode compile, prefill): the split depends on it
+            y = torch.ops.qwen3vl_webui.int4_linear(x, self.qweight, self.scales, self.zeros)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:

@@ -334,17 +334,34 @@ def _dequant_kernel(
 SPLIT_LEAST_GROUPS = 4  # a default split keeps this many groups of K at least (tuning.default_split)
 
 
+def _launch_split(rows: int, n: int, k: int, group: int, cfg: W4Config) -> tuple[bool, int, int]:
+    """(GEMV?, K's splits, groups per split) of a launch."""
+    gemv = cfg.block_m == 1 or group < 128  # tl.dot needs K >= 16 words' planes: groups of 128 and more
+    tiles = triton.cdiv(n, cfg.block_n) * (rows if gemv else triton.cdiv(rows, cfg.block_m))
+    return (gemv, *tuning.split_k(cfg.split_k, tiles, k // group, SPLIT_LEAST_GROUPS))
+
+
+def w4_split(rows: int, n: int, k: int, group: int, config: W4Config | None = None) -> int:
+    """How many partial sums `w4_partials` returns for this product (1: the product itself, in x's dtype)."""
+    return _launch_split(rows, n, k, group, config or pick_config(rows, n, k))[1]
+
+
 def w4_matmul(x: Any, qweight: Any, scales: Any, zeros: Any, group: int, config: W4Config | None = None) -> Any:
     """`x [M, K]` (bf16/fp16, rows contiguous) times the W4 weight ᵀ: `[M, N]` in x's dtype."""
+    out = w4_partials(x, qweight, scales, zeros, group, config)
+    return out[0] if out.shape[0] == 1 else splitk.reduce_partials(out, x.dtype)
+
+
+def w4_partials(x: Any, qweight: Any, scales: Any, zeros: Any, group: int, config: W4Config | None = None) -> Any:
+    """The product's K split into `w4_split(...)` parts: `[split, M, N]`, fp32 partial sums (their sum is the product),
+    or the product itself in x's dtype when split is 1. Left unsummed, a compiled caller adds them in the kernel that
+    consumes the product (Int4Linear under torch.compile) instead of a launch of their own."""
     import torch
 
     rows, k = x.shape
     n = qweight.shape[0]
-    groups = k // group
     cfg = config or pick_config(rows, n, k)
-    gemv = cfg.block_m == 1 or group < 128  # tl.dot needs K >= 16 words' planes: groups of 128 and more
-    tiles = triton.cdiv(n, cfg.block_n) * (rows if gemv else triton.cdiv(rows, cfg.block_m))
-    split, per_split = tuning.split_k(cfg.split_k, tiles, groups, SPLIT_LEAST_GROUPS)
+    gemv, split, per_split = _launch_split(rows, n, k, group, cfg)
     out = torch.empty((split, rows, n), device=x.device, dtype=x.dtype if split == 1 else torch.float32)
     if gemv:
         grid = (triton.cdiv(n, cfg.block_n), split, rows)
@@ -361,7 +378,7 @@ def w4_matmul(x: Any, qweight: Any, scales: Any, zeros: Any, group: int, config:
             out.stride(0), out.stride(1), per_split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, G=group,
             num_warps=cfg.warps, num_stages=cfg.stages, **extra,
         )  # fmt: skip
-    return out[0] if split == 1 else splitk.reduce_partials(out, x.dtype)
+    return out
 
 
 def w4_dequantize(qweight: Any, scales: Any, zeros: Any, group: int, dtype: Any) -> Any:
