@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from qwen3vl_webui.kernels.parts import compiled_product
+
 OP_NAMESPACE = "qwen3vl_webui"
 OP_NAME = "fp8_linear"
 BLOCK = 128
@@ -70,9 +72,32 @@ def fp8_linear_impl(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tens
     return F.linear(x2, kernels.fp8_dequantize(weight, scale_inv, BLOCK, x.dtype)).reshape(*x.shape[:-1], n)
 
 
+def parts_layout(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, bool]:
+    """(partial sums, whether fp32) that `fp8_parts_impl` returns for `x` (its shape, device and dtype only)."""
+    k, n = x.shape[-1], weight.shape[0]
+    rows = x.numel() // k if k else 0
+    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and 0 < rows <= SKINNY_MAX_ROWS):
+        return 1, False
+    kernels = _kernels()
+    return (1, False) if kernels is None else kernels.fp8_parts(rows, n, k, BLOCK)
+
+
+def fp8_parts_impl(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """`x [..., K] @ Wᵀ` as `[split, ..., N]` partial sums (`parts_layout`), to be added and cast to x's dtype."""
+    split, fp32 = parts_layout(x, weight)
+    if split == 1 and not fp32:
+        return fp8_linear_impl(x, weight, scale_inv)[None]
+    k, n = x.shape[-1], weight.shape[0]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1 or x2.stride(0) != k:
+        x2 = x2.contiguous()
+    return _kernels().fp8_partials(x2, weight, scale_inv, BLOCK).reshape(split, *x.shape[:-1], n)
+
+
 @functools.cache
 def register_op() -> Any:
-    """`torch.ops.qwen3vl_webui.fp8_linear`: opaque to dynamo, as int8wo's and int4's."""
+    """`torch.ops.qwen3vl_webui.fp8_linear`: opaque to dynamo, as int8wo's and int4's; `fp8_linear_parts`, the
+    product's partial sums for the compiled graph to add and cast (kernels/parts.py)."""
 
     @torch.library.custom_op(f"{OP_NAMESPACE}::{OP_NAME}", mutates_args=())
     def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
@@ -81,6 +106,15 @@ def register_op() -> Any:
     @fp8_linear.register_fake
     def _(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    @torch.library.custom_op(f"{OP_NAMESPACE}::{OP_NAME}_parts", mutates_args=())
+    def fp8_linear_parts(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+        return fp8_parts_impl(x, weight, scale_inv)
+
+    @fp8_linear_parts.register_fake
+    def _(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+        split, fp32 = parts_layout(x, weight)  # one row, a static shape (parts.compiled_product checks)
+        return x.new_empty((split, *x.shape[:-1], weight.shape[0]), dtype=torch.float32 if fp32 else x.dtype)
 
     return fp8_linear
 
@@ -122,8 +156,9 @@ class Fp8Linear(nn.Module):
         return dequantize_weight(self.weight, self.weight_scale_inv, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_dynamo_compiling():
-            y = torch.ops.qwen3vl_webui.fp8_linear(x, self.weight, self.weight_scale_inv)
+        if torch.compiler.is_dynamo_compiling():  # one row: the partial sums added and cast by the graph (parts.py)
+            ops = torch.ops.qwen3vl_webui
+            y = compiled_product(x, ops.fp8_linear, ops.fp8_linear_parts, self.weight, self.weight_scale_inv)
         else:
             y = fp8_linear_impl(x, self.weight, self.weight_scale_inv)
         return y if self.bias is None else y + self.bias.to(y.dtype)

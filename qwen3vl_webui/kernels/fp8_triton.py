@@ -199,8 +199,30 @@ def _dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on
     tl.store(out_ptr + rows * stride_on + offs_k[None, :], w.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+def fp8_parts(rows: int, n: int, k: int, block: int, config: Fp8Config | None = None) -> tuple[int, bool]:
+    """What `fp8_partials` returns for this product: (how many partial sums, whether in fp32 rather than x's dtype)."""
+    cfg = config or pick_config(rows, n, k)
+    if cfg.swap == ATOMIC:
+        return 1, True
+    if cfg.swap:
+        tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(rows, cfg.block_m)
+        split = tuning.split_k(cfg.split_k, tiles, triton.cdiv(k, block), SPLIT_LEAST_BLOCKS)[0]
+        return split, split > 1
+    return 1, False
+
+
 def fp8_matmul(x: Any, weight: Any, scale_inv: Any, block: int, config: Fp8Config | None = None) -> Any:
     """`x [M, K]` (bf16/fp16, rows contiguous) times the block-scaled fp8 weight ᵀ: `[M, N]` in x's dtype."""
+    out = fp8_partials(x, weight, scale_inv, block, config)
+    if out.shape[0] > 1:
+        return splitk.reduce_partials(out, x.dtype)
+    return out[0] if out.dtype == x.dtype else out[0].to(x.dtype)
+
+
+def fp8_partials(x: Any, weight: Any, scale_inv: Any, block: int, config: Fp8Config | None = None) -> Any:
+    """The product as `fp8_parts(...)` partial sums, `[split, M, N]`: fp32 where K is split (or added atomically),
+    else the product itself in x's dtype. Left unsummed and uncast, a compiled caller finishes them in the kernel that
+    consumes the product (Fp8Linear under torch.compile, kernels/parts.py)."""
     import torch
 
     rows, k = x.shape
@@ -211,12 +233,12 @@ def fp8_matmul(x: Any, weight: Any, scale_inv: Any, block: int, config: Fp8Confi
         per = max(1, min(cfg.split_k or 1, blocks))
         while blocks % per:  # the programs' blocks tile K exactly
             per -= 1
-        acc = torch.zeros((rows, n), device=x.device, dtype=torch.float32)
+        acc = torch.zeros((1, rows, n), device=x.device, dtype=torch.float32)
         _atomic_gemv_kernel[(triton.cdiv(n, cfg.block_n), blocks // per, rows)](
-            x, weight, scale_inv, acc, n, k, x.stride(0), weight.stride(0), scale_inv.stride(0), acc.stride(0),
+            x, weight, scale_inv, acc, n, k, x.stride(0), weight.stride(0), scale_inv.stride(0), acc.stride(1),
             BLOCK_N=cfg.block_n, B=block, BLOCKS=per, num_warps=cfg.warps, num_stages=cfg.stages,
         )  # fmt: skip
-        return acc.to(x.dtype)
+        return acc
     if cfg.swap:
         tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(rows, cfg.block_m)
         split, per_split = tuning.split_k(cfg.split_k, tiles, triton.cdiv(k, block), SPLIT_LEAST_BLOCKS)
@@ -227,18 +249,18 @@ def fp8_matmul(x: Any, weight: Any, scale_inv: Any, block: int, config: Fp8Confi
             out.stride(1), per_split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, B=block, num_warps=cfg.warps,
             num_stages=cfg.stages,
         )  # fmt: skip
-        return out[0] if split == 1 else splitk.reduce_partials(out, x.dtype)
-    out = torch.empty((rows, n), device=x.device, dtype=x.dtype)
+        return out
+    out = torch.empty((1, rows, n), device=x.device, dtype=x.dtype)
     if cfg.block_m == 1:
         grid = (triton.cdiv(n, cfg.block_n), rows)
         _gemv_kernel[grid](
-            x, weight, scale_inv, out, n, k, x.stride(0), weight.stride(0), scale_inv.stride(0), out.stride(0),
+            x, weight, scale_inv, out, n, k, x.stride(0), weight.stride(0), scale_inv.stride(0), out.stride(1),
             BLOCK_N=cfg.block_n, B=block, num_warps=cfg.warps, num_stages=cfg.stages,
         )  # fmt: skip
     else:
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m))
         _skinny_kernel[grid](
-            x, weight, scale_inv, out, rows, n, k, x.stride(0), weight.stride(0), scale_inv.stride(0), out.stride(0),
+            x, weight, scale_inv, out, rows, n, k, x.stride(0), weight.stride(0), scale_inv.stride(0), out.stride(1),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, B=block, num_warps=cfg.warps, num_stages=cfg.stages,
         )  # fmt: skip
     return out

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from qwen3vl_webui.kernels.parts import compiled_product
+
 OP_NAMESPACE = "qwen3vl_webui"
 OP_NAME = "int4_linear"
 GROUP_SIZE = 128  # the 4B's K (2560, 4096, 9728) are multiples; smaller shapes take the largest power of 2 dividing K
@@ -237,16 +239,11 @@ class Int4Linear(nn.Module):
         return dequantize_weight(self.qweight, self.scales, self.zeros, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.compiler.is_dynamo_compiling():  # eager: skip the custom ops' dispatch
+        if torch.compiler.is_dynamo_compiling():  # one row: the split-K partial sums added by the graph (parts.py)
+            ops = torch.ops.qwen3vl_webui
+            y = compiled_product(x, ops.int4_linear, ops.int4_linear_parts, self.qweight, self.scales, self.zeros)
+        else:  # eager: skip the custom ops' dispatch
             y = int4_linear_impl(x, self.qweight, self.scales, self.zeros)
-        elif x.numel() == x.shape[-1]:
-            # One row (the one-stream decode step; dynamo specializes a size of 1, so this holds for the graph): the
-            # split-K partial sums come back unsummed and their sum is this graph's, fused by inductor into the kernel
-            # that consumes the product, one launch less for each split product (qkv, o and down: 108 a step).
-            parts = torch.ops.qwen3vl_webui.int4_linear_parts(x, self.qweight, self.scales, self.zeros)
-            y = parts[0] if parts.shape[0] == 1 else parts.sum(dim=0).to(x.dtype)
-        else:  # more rows, often a symbolic count (the shared decode compile, prefill): the split depends on it
-            y = torch.ops.qwen3vl_webui.int4_linear(x, self.qweight, self.scales, self.zeros)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
