@@ -82,7 +82,8 @@ def w4_args(rows: int, n: int, k: int, group: int = 128, split: int = 1) -> dict
 
 
 def compile_w4(cfg: Any, rows: int, n: int, k: int, group: int = 128, capability: int = SM90) -> Any:
-    """One int4 launch config (`w4a16_triton.W4Config`) compiled as `w4_matmul` would launch it for these shapes."""
+    """One int4 launch config (`w4a16_triton.W4Config`) compiled as `w4_matmul` would launch it for these shapes with K
+    whole (one split: a bf16 output; a split launch differs only in its fp32 output and K range arguments)."""
     from qwen3vl_webui.kernels import w4a16_triton as wk
 
     if cfg.tile < 2:
@@ -94,7 +95,7 @@ def compile_w4(cfg: Any, rows: int, n: int, k: int, group: int = 128, capability
 
 def compile_fp8(cfg: Any, rows: int, n: int, k: int, block: int = 128, capability: int = SM90) -> Any:
     """One fp8 launch config (`fp8_triton.Fp8Config`) compiled as `fp8_matmul` would launch it (GEMV, atomic GEMV,
-    swap; not the skinny tile)."""
+    swap; not the skinny tile), K whole for the swap kernel and `split_k` blocks per atomic program as asked."""
     from qwen3vl_webui.kernels import fp8_triton as fk
 
     common = dict(x_ptr="*bf16", w_ptr="*fp8e4nv", s_ptr="*fp32", N=n, K=k, stride_xm=k, stride_wn=k,

@@ -333,6 +333,57 @@ def test_triton_kernels_in_the_interpreter() -> None:
     assert proc.stdout.count("ok") == 21
 
 
+_PAIRS_INTERPRETED = textwrap.dedent(
+    """
+    import torch, triton, triton.language as tl
+    from qwen3vl_webui.kernels import int4, w4a16_triton as wk
+
+    @triton.jit
+    def pair_values(pairs, neg_zero, scales, ASM: tl.constexpr, DTYPE: tl.constexpr):
+        # what the inline PTX computes for the unscaled pairs: each 16-bit lane's nibble minus the zero point
+        zero = neg_zero & 0xF
+        return (((pairs & 0xF) - zero).to(tl.float32).to(DTYPE), (((pairs >> 16) & 0xF) - zero).to(tl.float32).to(DTYPE))
+
+    wk._swap_kernel.fn.__globals__["_pair_values"] = pair_values
+    gen = torch.Generator().manual_seed(0)
+    qweight, scales, zeros = int4.quantize_weight(torch.randn(72, 640, generator=gen), 128)  # 5 groups; N = 72
+    reference = int4.dequantize_weight(qweight, scales, zeros).double()
+    for tile in (3, 6):
+        for rows, block_m, split in ((1, 16, 1), (5, 16, 2), (20, 32, 3), (33, 32, 0), (16, 16, 5)):
+            x = torch.randn(rows, 640, generator=gen).to(torch.float16)
+            cfg = wk.W4Config(block_m, 64, split, 4, 1, tile)
+            parts = wk.w4_partials(x, qweight, scales, zeros, 128, cfg)
+            assert parts.shape[0] == wk.w4_split(rows, 72, 640, 128, cfg), (tile, rows, parts.shape)
+            out = wk.w4_matmul(x, qweight, scales, zeros, 128, cfg)
+            ref = x.double() @ reference.T
+            err = float((out.double() - ref).norm() / ref.norm())
+            assert err < 1e-2, (tile, rows, split, err)
+            print("ok", tile, rows, split, f"{err:.1e}")
+    """
+)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_the_pairs_kernels_indexing_in_the_interpreter() -> None:
+    """Tiles 3 and 6 (the activations gathered in the pairs' order, or read in k order and permuted) on the CPU, their
+    inline PTX stood in for by the same arithmetic in plain Triton: the pairs' column order, K splits (uneven ones
+    included), N and row masks. The PTX itself is checked on the GPU by bench.quant_check's sweep."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", _PAIRS_INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("ok") == 10
+
+
+def test_a_config_naming_no_kernel_is_refused_with_a_sentence() -> None:
+    pytest.importorskip("triton")
+    from qwen3vl_webui.kernels import w4a16_triton
+
+    x = torch.zeros(1, 256, dtype=torch.bfloat16)
+    qweight, scales, zeros = int4.quantize_weight(torch.randn(8, 256), 128)
+    with pytest.raises(ValueError, match="tile 5 is not a kernel"):
+        w4a16_triton.w4_partials(x, qweight, scales, zeros, 128, w4a16_triton.W4Config(1, 32, 1, 4, 1, 5))
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_a_sweeps_best_configs_are_picked_up_from_its_report(tmp_path: Path) -> None:
     import json

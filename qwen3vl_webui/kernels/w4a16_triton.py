@@ -331,6 +331,7 @@ def _dequant_kernel(
     tl.store(out, w.to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
 
 
+TILES = (0, 1, 2, 3, 4, 6)  # W4Config.tile values with a kernel (5 was session 21's atomic GEMV, removed)
 SPLIT_LEAST_GROUPS = 4  # a default split keeps this many groups of K at least (tuning.default_split)
 
 
@@ -361,6 +362,8 @@ def w4_partials(x: Any, qweight: Any, scales: Any, zeros: Any, group: int, confi
     rows, k = x.shape
     n = qweight.shape[0]
     cfg = config or pick_config(rows, n, k)
+    if cfg.tile not in TILES:  # e.g. a sweep report of session 21's removed atomic GEMV (tile 5)
+        raise ValueError(f"W4Config tile {cfg.tile} is not a kernel here (tiles: {', '.join(map(str, TILES))})")
     gemv, split, per_split = _launch_split(rows, n, k, group, cfg)
     out = torch.empty((split, rows, n), device=x.device, dtype=x.dtype if split == 1 else torch.float32)
     if gemv:
