@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from qwen3vl_webui.kernels.parts import compiled_product
+from qwen3vl_webui.kernels.parts import compiled_product, decode_kernels, rows_of
 
 OP_NAMESPACE = "qwen3vl_webui"
 OP_NAME = "fp8_linear"
@@ -74,12 +74,9 @@ def fp8_linear_impl(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tens
 
 def parts_layout(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, bool]:
     """(partial sums, whether fp32) that `fp8_parts_impl` returns for `x` (its shape, device and dtype only)."""
-    k, n = x.shape[-1], weight.shape[0]
-    rows = x.numel() // k if k else 0
-    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and 0 < rows <= SKINNY_MAX_ROWS):
-        return 1, False
-    kernels = _kernels()
-    return (1, False) if kernels is None else kernels.fp8_parts(rows, n, k, BLOCK)
+    kernels = decode_kernels(x, _kernels, SKINNY_MAX_ROWS)
+    k = x.shape[-1]
+    return (1, False) if kernels is None else kernels.fp8_parts(x.numel() // k, weight.shape[0], k, BLOCK)
 
 
 def fp8_parts_impl(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
@@ -87,11 +84,7 @@ def fp8_parts_impl(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tenso
     split, fp32 = parts_layout(x, weight)
     if split == 1 and not fp32:
         return fp8_linear_impl(x, weight, scale_inv)[None]
-    k, n = x.shape[-1], weight.shape[0]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1 or x2.stride(0) != k:
-        x2 = x2.contiguous()
-    return _kernels().fp8_partials(x2, weight, scale_inv, BLOCK).reshape(split, *x.shape[:-1], n)
+    return _kernels().fp8_partials(rows_of(x), weight, scale_inv, BLOCK).reshape(split, *x.shape[:-1], weight.shape[0])
 
 
 @functools.cache

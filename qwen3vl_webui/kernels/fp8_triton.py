@@ -199,16 +199,19 @@ def _dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on
     tl.store(out_ptr + rows * stride_on + offs_k[None, :], w.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+def _swap_split(rows: int, n: int, k: int, block: int, cfg: Fp8Config) -> tuple[int, int]:
+    """(K's splits, blocks per split) of a swap-kernel launch."""
+    tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(rows, cfg.block_m)
+    return tuning.split_k(cfg.split_k, tiles, triton.cdiv(k, block), SPLIT_LEAST_BLOCKS)
+
+
 def fp8_parts(rows: int, n: int, k: int, block: int, config: Fp8Config | None = None) -> tuple[int, bool]:
     """What `fp8_partials` returns for this product: (how many partial sums, whether in fp32 rather than x's dtype)."""
     cfg = config or pick_config(rows, n, k)
     if cfg.swap == ATOMIC:
         return 1, True
-    if cfg.swap:
-        tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(rows, cfg.block_m)
-        split = tuning.split_k(cfg.split_k, tiles, triton.cdiv(k, block), SPLIT_LEAST_BLOCKS)[0]
-        return split, split > 1
-    return 1, False
+    split = _swap_split(rows, n, k, block, cfg)[0] if cfg.swap else 1
+    return split, split > 1
 
 
 def fp8_matmul(x: Any, weight: Any, scale_inv: Any, block: int, config: Fp8Config | None = None) -> Any:
@@ -240,8 +243,7 @@ def fp8_partials(x: Any, weight: Any, scale_inv: Any, block: int, config: Fp8Con
         )  # fmt: skip
         return acc
     if cfg.swap:
-        tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(rows, cfg.block_m)
-        split, per_split = tuning.split_k(cfg.split_k, tiles, triton.cdiv(k, block), SPLIT_LEAST_BLOCKS)
+        split, per_split = _swap_split(rows, n, k, block, cfg)
         out = torch.empty((split, rows, n), device=x.device, dtype=x.dtype if split == 1 else torch.float32)
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m), split)
         _swap_kernel[grid](

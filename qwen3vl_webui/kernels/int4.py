@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from qwen3vl_webui.kernels.parts import compiled_product
+from qwen3vl_webui.kernels.parts import compiled_product, decode_kernels, rows_of
 
 OP_NAMESPACE = "qwen3vl_webui"
 OP_NAME = "int4_linear"
@@ -145,12 +145,9 @@ def int4_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
 def parts_split(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> int:
     """How many partial sums `int4_parts_impl` returns for `x` (its shape, device and dtype only): the Triton
     kernels' K split for a decode-sized product on CUDA, else 1."""
-    k, n = x.shape[-1], qweight.shape[0]
-    rows = x.numel() // k if k else 0
-    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and 0 < rows <= SKINNY_MAX_ROWS):
-        return 1
-    kernels = _kernels()
-    return 1 if kernels is None else kernels.w4_split(rows, n, k, k // scales.shape[1])
+    kernels = decode_kernels(x, _kernels, SKINNY_MAX_ROWS)
+    k = x.shape[-1]
+    return 1 if kernels is None else kernels.w4_split(x.numel() // k, qweight.shape[0], k, k // scales.shape[1])
 
 
 def int4_parts_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
@@ -159,12 +156,8 @@ def int4_parts_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     split = parts_split(x, qweight, scales)
     if split == 1:
         return int4_linear_impl(x, qweight, scales, zeros)[None]
-    k, n = x.shape[-1], qweight.shape[0]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1 or x2.stride(0) != k:
-        x2 = x2.contiguous()
-    parts = _kernels().w4_partials(x2, qweight, scales, zeros, k // scales.shape[1])
-    return parts.reshape(split, *x.shape[:-1], n)
+    parts = _kernels().w4_partials(rows_of(x), qweight, scales, zeros, x.shape[-1] // scales.shape[1])
+    return parts.reshape(split, *x.shape[:-1], qweight.shape[0])
 
 
 @functools.cache

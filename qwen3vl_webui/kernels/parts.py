@@ -11,6 +11,7 @@ size of 1, so the one-stream decode step's graph is static; larger buckets share
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -25,3 +26,20 @@ def compiled_product(x: torch.Tensor, whole: Callable[..., torch.Tensor], parts:
     if out.shape[0] == 1:
         return out[0] if out.dtype == x.dtype else out[0].to(x.dtype)
     return out.sum(dim=0).to(x.dtype)
+
+
+def decode_kernels(x: torch.Tensor, kernels: Callable[[], Any], max_rows: int) -> Any | None:
+    """`kernels()` (a Triton kernel module, or None without Triton) when `x` is a decode-sized product the kernels
+    serve: 16-bit on CUDA, 1..max_rows rows. None otherwise (the torch path, or prefill's dequantize + cuBLAS)."""
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and 0 < rows <= max_rows):
+        return None
+    return kernels()
+
+
+def rows_of(x: torch.Tensor) -> torch.Tensor:
+    """`x [..., K]` as the contiguous `[rows, K]` the kernels read (a view where it already is)."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    return x2 if x2.stride(-1) == 1 and x2.stride(0) == k else x2.contiguous()

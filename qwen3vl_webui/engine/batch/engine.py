@@ -32,7 +32,6 @@ def _graphs_attr(name: str, doc: str) -> Any:
     return property(lambda self: getattr(self.core.graphs, name), doc=doc)
 
 
-
 # (artifacts folder, device, Triton cache) already unpacked in this process: the engine process does it before its
 # weights load, for the kernels' early probes, and the engine then finds it done. Only what loaded is kept: a file
 # absent or refused is looked at again (a compile may have saved one since).
