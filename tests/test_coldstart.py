@@ -337,6 +337,44 @@ def test_first_chunk_graphs_are_captured_between_steps_after_the_first_answers_a
     assert path == "cuda graphs (first chunks) + eager" and chunk_graphs.capture_s > 0  # both captures timed
 
 
+def test_with_this_setups_artifacts_on_disk_the_compile_goes_before_the_captures_left_and_they_follow_it(
+    loaded: LoadedModel, prompts: dict[str, PreparedPrompt], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From artifacts the compile takes seconds: it starts when asked for, the first-chunk captures left wait while it
+    runs (none beside its GPU work), prompts prefill eagerly meanwhile, and the captures resume once every bucket is
+    swapped in. Answers equal `generate`'s throughout. Without such a file the captures go first (the tests above)."""
+    from qwen3vl_webui.engine.batch import graphs as graphs_module
+
+    monkeypatch.setattr(graphs_module, "PREFILL_CAPTURE_GAP_S", 0.0)
+    opts = options(tmp_path, max_batch=2, token_budget=2 * 512, buckets=(1, 2), compile_delay_s=600.0,
+                   prefill_chunk=64, prefix_slots=0)  # fmt: skip
+    gate = threading.Semaphore(0)
+    with BatchEngine(loaded, opts, gate) as engine:
+        key = engine.core.graphs.artifact_key()
+    path = artifacts.path_for(tmp_path / "compiled", key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {"format": artifacts.FORMAT, "key": key, "bytes": 4, "sha256": "0" * 64}  # its payload: cut short
+    path.write_bytes(artifacts.MAGIC + json.dumps(header).encode() + b"\n" + b"ab")
+    expected = reference(loaded, prompts["text"])
+    captured: list[tuple[int, str]] = []
+    with BatchEngine(loaded, opts, gate) as engine:
+        graphs, runner = engine.core.graphs, engine.core.runner
+        graphs.defer_prefill_capture(runner.new_chunk_graphs((32, 64), _StandInChunkGraphs(graphs, captured)))
+        graphs.start_now()  # as the first idle moment after the warm-up would: at once, the captures left waiting
+        assert engine.compile_state == "compiling" and graphs.prefill_capturing
+        during = list(engine.submit_tokens(prompts["text"], GREEDY, threading.Event()))
+        assert captured == [] and graphs.prefill_capturing  # held at the gate: still compiling, nothing captured
+        gate.release(2)
+        deadline = time.monotonic() + 60
+        while (graphs.prefill_capturing or engine.compile_state == "compiling") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        after = list(engine.submit_tokens(prompts["text"], GREEDY, threading.Event()))
+        state, looked = engine.compile_state, engine.artifacts
+    assert (state, looked) == ("done", "ignored")  # its damaged payload compiled past, as without it
+    assert [n for n, _ in captured] == [64, 32] and {s for _, s in captured} == {"done"}
+    assert during == after == expected
+
+
 def test_an_idle_engine_captures_every_first_chunk_graph_and_leaves_the_compile_for_after_its_first_requests(
     loaded: LoadedModel, tmp_path: Path
 ) -> None:

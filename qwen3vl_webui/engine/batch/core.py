@@ -171,8 +171,8 @@ class EngineCore:
                 self._out.fail(req, exc)
             self.kv.clear_all()
         self._flush()
-        if self.graphs.prefill_capturing and self._idle():
-            self.scheduler.nudge()  # the next capture at once, unless a request arrives first
+        if self.graphs.prefill_capture_due(idle=True) and self._idle():
+            self.scheduler.nudge()  # the next capture at once, unless a request arrives first (none while compiling)
         # Not at the start-up's own idle moments (the prefill captures' steps): after the first requests (the app's
         # warm-up) are done, or `compile_delay_s` after serving began. With compile artifacts the compile takes
         # seconds, and started at once it made the warm-up 3.7x as long (bench/results/h200/s18_cs_*).

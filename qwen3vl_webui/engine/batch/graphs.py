@@ -167,6 +167,7 @@ class DecodeGraphs:
         self._compiler: threading.Thread | None = None
         self._timer: threading.Timer | None = None
         self._start_lock = threading.Lock()
+        self._first: bool | None = None  # `_compile_first`, decided once
         self._ready: queue.SimpleQueue[int | None] = queue.SimpleQueue()  # compiled buckets waiting for their swap
         self._stop = threading.Event()
         self._swapped = threading.Event()  # the engine thread took the last compiled bucket (see _compile_buckets)
@@ -402,11 +403,35 @@ class DecodeGraphs:
         with self._start_lock:
             if self.compile_state != "waiting" or self._compiler is not None or self._stop.is_set():
                 return
-            if self._prefill_todo is not None:  # after the prefill's captures (`capture_prefill_next`)
-                self._start_after_prefill = True
+            if self._prefill_todo is not None and not self._compile_first():
+                self._start_after_prefill = True  # after the prefill's captures (`capture_prefill_next`)
                 return
+            self.compile_state = "compiling"  # from here no prefill capture starts (`prefill_capture_due`)
             self._compiler = threading.Thread(target=self._compile_buckets, name="decode-compile", daemon=True)
             self._compiler.start()
+
+    def _compile_first(self) -> bool:
+        """Whether the background compile goes before the first-chunk captures left (which then wait for it): where
+        this setup's compile artifacts are on disk. From them every bucket compiles in seconds (6.7 s under traffic
+        on an H100), while the 32 captures, one per PREFILL_CAPTURE_GAP_S while streams run, took 8 s and held the
+        compile, hence full speed, until +32.6 s (bench/results/h100/s20_cs_server_artifacts.log). A cold compile
+        (about a minute) keeps the captures first: they take seconds and cut prompts' time to the first token."""
+        if self._first is None:
+            self._first = self.compile and self._artifacts_on_disk()
+        return self._first
+
+    def _artifacts_on_disk(self) -> bool:
+        """This setup's artifact file is in the artifacts folder and its header names this setup (not its payload
+        read: a damaged one is found, and compiled past, by the compile thread's load)."""
+        folder = self.options.artifacts_dir
+        if folder is None:
+            return False
+        try:
+            key = self.artifact_key()
+            header, _ = artifacts.read_header(artifacts.path_for(folder, key))
+        except Exception:  # noqa: BLE001 - absent or unreadable: the captures go first, as without artifacts
+            return False
+        return header.get("key") == key
 
     def _compile_buckets(self) -> None:
         """The compile thread: each bucket in ascending order (a dynamic batch size compiles at the second), two
@@ -750,7 +775,7 @@ class DecodeGraphs:
     def prefill_capture_due(self, idle: bool) -> bool:
         """Whether the next step boundary captures one (always when idle; while serving, one per
         PREFILL_CAPTURE_GAP_S, so the streams under way lose at most ~a third of their pace meanwhile)."""
-        if self._prefill_todo is None:
+        if self._prefill_todo is None or self.compile_state == "compiling":  # no capture beside the compile's GPU work
             return False
         return idle or time.perf_counter() - self._prefill_last >= PREFILL_CAPTURE_GAP_S
 
