@@ -197,3 +197,39 @@ def test_a_lowered_warmup_resizes_the_batch_engine_to_the_caps_requests_are_held
         assert answer and "1,024 tokens a slot" in manager.decoder.describe()  # held to 1,024, by the new engine
     finally:
         manager.close()
+
+
+@pytest.mark.parametrize("decoder", ["batch", "generate"])
+def test_the_full_warmup_runs_as_many_worst_case_chats_as_reach_the_decoders_peak(
+    tiny_checkpoint: Path, decoder: str
+) -> None:
+    """The batch engine reserves every chat's KV cache at start and prefills a long prompt alone in its forward: two
+    worst-case chats at once reach its peak, so the warm-up of 4 runs 2 and says so. generate's cache grows per chat:
+    all 4 run."""
+    from qwen3vl_webui.engine.batch.options import PEAK_CHATS
+    from qwen3vl_webui.service.chat import ChatService
+    from qwen3vl_webui.telemetry import GenerationStats, GpuProbe
+
+    manager = ModelManager(
+        str(tiny_checkpoint), "fp32", "cpu", "sdpa", Scheduler(4, 4), decoder=decoder, limits=Limits(1024, 256)
+    )
+    manager.load()
+    service = ChatService(manager, manager.scheduler, GenerationStats(), GpuProbe())
+    chats: list[int] = []
+    real = manager.decoder.stream
+
+    def counted(*args, **kwargs):
+        chats.append(1)
+        return real(*args, **kwargs)
+
+    manager.decoder.stream = counted
+    try:
+        result = service.warm_up("full", 64 * 64)
+    finally:
+        manager.close()
+    assert result is not None and not result.failed and result.max_context == 1024, result
+    if decoder == "batch":
+        assert PEAK_CHATS == 2 and len(chats) == 2
+        assert "1,024 tokens × 4 concurrent (2 of them run: every chat's KV cache is reserved at start" in result.note
+    else:
+        assert len(chats) == 4 and "1,024 tokens × 4 concurrent in" in result.note

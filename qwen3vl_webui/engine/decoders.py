@@ -24,6 +24,9 @@ class Decoder(Protocol):
     max_context: int  # tokens per request the next `attach` sizes the KV slots for; 0: nothing to size (generate)
     remote: bool  # the weights load in a process of the decoder's, not here (the front end loads processor + config)
     pid: int | None  # that process, while it runs
+    # How many worst-case chats at once reach this decoder's memory peak (the start-up warm-up runs that many of the
+    # concurrency), or None: all of them.
+    warmup_chats: int | None
 
     def attach(self, loaded: LoadedModel) -> None: ...  # a model was loaded: build what decoding needs
 
@@ -57,6 +60,7 @@ class InProcess:
 
     remote = False
     pid: int | None = None
+    warmup_chats: int | None = None
 
     def loaded_view(self, loaded: LoadedModel) -> LoadedModel:
         return loaded
@@ -102,6 +106,13 @@ class BatchDecoder(InProcess):
     """
 
     name = "batch"
+
+    @property
+    def warmup_chats(self) -> int | None:
+        """The engine's `PEAK_CHATS` while it serves (its fallback, generate, grows a cache per chat: all)."""
+        from qwen3vl_webui.engine.batch.options import PEAK_CHATS
+
+        return PEAK_CHATS if self.engine is not None else None
 
     def __init__(
         self, max_batch: int, max_context: int, cache_dir: str | None = None, compile_mode: str = "background"

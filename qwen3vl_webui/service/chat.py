@@ -485,6 +485,7 @@ class ChatService:
                     loaded, plan, self.configured_limits.max_context, self.configured_limits.max_new_tokens,
                     self.scheduler.max_concurrency, image_pixels, self.faults, self.release_memory,
                     **({"stream": decoder.stream} if decoder is not None else {}),
+                    peak_chats=getattr(decoder, "warmup_chats", None),
                 )  # fmt: skip
                 del loaded, decoder
                 self.context.set_current(Limits(result.max_context, result.max_new_tokens))

@@ -25,6 +25,8 @@ from qwen3vl_webui.weights.model import LoadedModel
 StreamFn = Callable[..., Any]
 
 MIN_CONTEXT = 1024
+# Why a decoder with `warmup_chats` runs fewer worst-case chats than the concurrency (the status line says it).
+PEAK_REASON = "every chat's KV cache is reserved at start, and long prompts prefill one per forward"
 _NEW_TOKENS = 2
 _QUICK_IMAGE = (64, 64)
 
@@ -57,8 +59,13 @@ def run(
     faults: FaultInjector | None = None,
     release_memory: Callable[[], None] | None = None,
     stream: StreamFn = stream_generate,
+    peak_chats: int | None = None,
 ) -> WarmupResult:
-    """Runs the warm-up (the caller holds the scheduler's exclusive section)."""
+    """Runs the warm-up (the caller holds the scheduler's exclusive section).
+
+    `peak_chats`: how many worst-case chats at once reach the decoder's memory peak, where fewer than `concurrency`
+    do (the batch engine: `BatchDecoder.warmup_chats`); None runs all `concurrency` of them (generate, whose KV
+    cache grows with each chat)."""
     started = time.perf_counter()
     if mode == "quick":
         _generate_all(loaded, [_prompt(loaded, _QUICK_IMAGE[0] * _QUICK_IMAGE[1], "Hello.", None)], faults, stream)
@@ -66,12 +73,14 @@ def run(
         note = f"warm-up done in {seconds:.1f} s (short text + image turn)"
         return WarmupResult(mode, max_context, max_new_tokens, (max_context,), seconds, None, False, note)
 
+    running = concurrency if peak_chats is None else max(1, min(concurrency, peak_chats))
+    ran = "" if running == concurrency else f" ({running} of them run: {PEAK_REASON})"
     floor = min(MIN_CONTEXT, max_context)
     context, tried = max_context, []
     while True:
         tried.append(context)
         try:
-            peak = _worst_case(loaded, context, concurrency, image_pixels, faults, stream)
+            peak = _worst_case(loaded, context, running, image_pixels, faults, stream)
             break
         except Exception as exc:
             if not is_out_of_memory(exc):
@@ -96,7 +105,10 @@ def run(
             f"max context lowered to {context:,} (max new tokens {new_tokens:,}){peak_text}."
         )
         return WarmupResult(mode, context, new_tokens, tuple(tried), seconds, peak, False, note)
-    note = f"warm-up passed at the worst case: {context:,} tokens × {concurrency} concurrent in {seconds:.1f} s{peak_text}"
+    note = (
+        f"warm-up passed at the worst case: {context:,} tokens × {concurrency} concurrent{ran} in {seconds:.1f} s"
+        f"{peak_text}"
+    )
     return WarmupResult(mode, context, max_new_tokens, tuple(tried), seconds, peak, False, note)
 
 

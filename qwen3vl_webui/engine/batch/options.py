@@ -10,6 +10,13 @@ from dataclasses import dataclass, field
 LEN_ALIGN = 64
 
 
+# The batch engine reserves every slot's KV cache when it starts and prefills a long prompt alone in its forward
+# (engine/batch/scheduler.py `next_prefill`): one such prompt prefilling while another decodes reaches its memory
+# peak, and more worst-case chats at once only repeat it (the warm-up of 32 took 2.2 s of an H100 start,
+# bench/results/h100/s20_cs_server_artifacts.log).
+PEAK_CHATS = 2
+
+
 @dataclass(frozen=True)
 class BatchOptions:
     """Everything a BatchEngine is built from; benchmarks vary these instead of module globals."""

@@ -10,6 +10,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from qwen3vl_webui.engine.batch.options import PEAK_CHATS
 from qwen3vl_webui.engine.remote.client import EngineProcess, EngineStartFailed
 from qwen3vl_webui.engine.remote.protocol import EngineInfo
 
@@ -25,6 +26,7 @@ class RemoteDecoder:
 
     name = "batch"
     remote = True  # the weights load in the engine process, not here
+    warmup_chats = PEAK_CHATS  # the batch engine's, in its process
 
     def __init__(
         self,
