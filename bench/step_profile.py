@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> Any:
     ap.add_argument("--max-batch", type=int, default=32, help="engine slots: the buckets the app has (default 32)")
     ap.add_argument("--slot-tokens", type=int, default=1280)
     ap.add_argument("--top", type=int, default=25, help="kernels listed (default 25)")
+    ap.add_argument("--cache-dir", default="/tmp/qwen3vl-cache/inductor", help="inductor cache (the matrix's default)")
     return ap.parse_args(argv)
 
 
@@ -57,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = dict(**common.environment(args.device), model=args.model, precision=args.precision,
                                   streams=args.streams, steps=args.steps)  # fmt: skip
     engine, report["engine_startup"] = common.start_engine(
-        loaded, max_batch=args.max_batch, token_budget=args.max_batch * args.slot_tokens
+        loaded,
+        max_batch=args.max_batch,
+        token_budget=args.max_batch * args.slot_tokens,
+        compile_cache_dir=args.cache_dir,
     )
     vocab = common.ordinary_vocab(loaded)
     warm, window = 16, args.steps
