@@ -370,7 +370,9 @@ def test_with_this_setups_artifacts_on_disk_the_compile_goes_before_the_captures
             time.sleep(0.01)
         after = list(engine.submit_tokens(prompts["text"], GREEDY, threading.Event()))
         state, looked = engine.compile_state, engine.artifacts
-    assert (state, looked) == ("done", "ignored")  # its damaged payload compiled past, as without it
+    # Its damaged payload compiled past, as without it ("saved": what the compile made replaced it, where torch had
+    # artifacts to give after other tests' compiles in this process).
+    assert state == "done" and looked in ("ignored", "saved")
     assert [n for n, _ in captured] == [64, 32] and {s for _, s in captured} == {"done"}
     assert during == after == expected
 
