@@ -128,9 +128,11 @@ class RegionalDecode:
         self._decode = decode
         self._on = threading.local()
         self._layers = list(layers)
-        taken = [index for index, layer in enumerate(self._layers) if "forward" in vars(layer)]
+        taken = [index for index, layer in enumerate(self._layers) if getattr(vars(layer).get("forward"), "regional", False)]
         if taken:  # checked before any layer changes: a refusal leaves the model as it was
-            raise RuntimeError(f"decoder layer {taken[0]} already has a forward of its own")
+            raise RuntimeError(f"decoder layer {taken[0]} is compiled regionally already")
+        # What each layer had of its own (the fused decode layer's forward, kernels/layer.py), put back by `restore`.
+        self._previous = [vars(layer).get("forward") for layer in self._layers]
         for index, layer in enumerate(self._layers):
             layer.forward = self._forward_for(layer, index)
 
@@ -157,7 +159,7 @@ class RegionalDecode:
         return body
 
     def _forward_for(self, layer: Any, index: int) -> Callable[..., Any]:
-        eager = type(layer).forward.__get__(layer)
+        eager = layer.forward  # the layer's own (an instance's forward, if it has one) for every other caller
         on = self._on
 
         def forward(*args: Any, past_key_values: Any = None, **kwargs: Any) -> Any:
@@ -165,13 +167,17 @@ class RegionalDecode:
                 return self.body()(layer, *args, past_key_values=past_key_values.layer(index), **kwargs)
             return eager(*args, past_key_values=past_key_values, **kwargs)
 
+        forward.regional = True  # type: ignore[attr-defined]
         return forward
 
     def restore(self) -> None:
-        """The layers' own forward again (the compiled regions stay in dynamo's cache, unused)."""
-        for layer in self._layers:
-            vars(layer).pop("forward", None)
-        self._layers = []
+        """The layers' forward as before (the compiled regions stay in dynamo's cache, unused)."""
+        for layer, previous in zip(self._layers, self._previous, strict=True):
+            if previous is None:
+                vars(layer).pop("forward", None)
+            else:
+                layer.forward = previous
+        self._layers, self._previous = [], []
 
 
 def graph_blocker(model: Any) -> str | None:

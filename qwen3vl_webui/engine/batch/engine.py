@@ -210,6 +210,7 @@ class BatchEngine:
     prefill_warmup_s = _graphs_attr("prefill_warmup_s", "Seconds spent readying prompt chunks at start-up.")
     fused_groups = _graphs_attr("fused_groups", "Projection groups fused into one product.")
     gemv_linears = _graphs_attr("gemv_linears", "Linears routed through the Triton GEMV.")
+    layers_path = _graphs_attr("layers_path", "The eager decode step's layers: fused kernels, or transformers' (why).")
 
     # ------------------------------------------------------------------ reader side
 

@@ -17,6 +17,7 @@ from qwen3vl_webui.engine.batch.kv import SlotKV
 from qwen3vl_webui.engine.batch.options import LEN_ALIGN, BatchOptions
 from qwen3vl_webui.engine.batch.runner import ModelRunner
 from qwen3vl_webui.kernels import attention, builds, fusion, vision
+from qwen3vl_webui.kernels import layer as fused_layer
 from qwen3vl_webui.weights.model import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,9 @@ def probe_kernels(
     if decode_kernel:
         probe = on_device(attention.kernel_blocker, device, dtype, heads, kv_heads, head_dim)
         probes.append((probe, attention.kernel_blocker))
+        # The fused layer's kernels (it runs only with the split-KV attention); keyed as the routing asks.
+        layer_probe = on_device(fused_layer.probe, f"cuda:{index}", dtype, heads, kv_heads, head_dim)
+        probes.append((layer_probe, fused_layer.probe))
     if gemv_on:
         probes.append((on_device(gemv.probe, f"cuda:{index}", dtype), gemv.probe))
     with ThreadPoolExecutor(len(probes), thread_name_prefix="kernel-probe") as pool:
@@ -141,6 +145,8 @@ class DecodeGraphs:
         self.gemv = on_cuda if options.gemv is None else bool(options.gemv)
         self.gemv_linears = 0
         self.fused_groups = 0
+        self.fused_layers = on_cuda if options.fused_layers is None else bool(options.fused_layers)
+        self.layers_path = "transformers"  # the eager decode step's layers: "fused kernels", or why not
         self.decode_attention = ""
         self.warmup_s: dict[int, float] = {}  # per bucket: compile (if any) + two warm-up steps
         self.kernel_build_s = 0.0
@@ -179,6 +185,7 @@ class DecodeGraphs:
         self._restore_attention: Callable[[], None] = lambda: None
         self._restore_vision: Callable[[], None] = lambda: None
         self._restore_regional: Callable[[], None] = lambda: None
+        self._restore_layers: Callable[[], None] = lambda: None
         self._restored = False
         # How long a close waits for the compile thread's next safe point. Correctness does not hang on it (past it
         # the model is left as the engine changed it, `restore`); a cold bucket compiles for about a minute on an
@@ -244,6 +251,7 @@ class DecodeGraphs:
             self.fused_groups = fusion.fuse_projections(lm, gemv=self.gemv)
         if self.gemv:
             self.gemv_linears = fusion.route_gemv([lm, self.runner.lm_head])
+        self._route_layers(text, decode_kernel)
         self.stages["routes"] = round(time.perf_counter() - clock - self.stages["probes"], 2)
         if self.compile:
             compiled.use_cache_dir(self.options.compile_cache_dir)
@@ -301,6 +309,29 @@ class DecodeGraphs:
             self.compiled_at = {rows: time.time() for rows in self.buckets}
             self._save_artifacts()
         self.kv.zero()  # warm-up wrote at position 0 of every slot
+
+    def _route_layers(self, text: Any, decode_kernel: bool) -> None:
+        """The eager decode step's layers through the fused kernels (kernels/layer.py), where they run: before the
+        regional compile wraps the layers, whose eager side then calls them (its compiled side traces transformers')."""
+        if not self.fused_layers:
+            self.layers_path = "transformers (turned off)"
+            return
+        if not decode_kernel:
+            self.layers_path = "transformers (the fused layer needs the split-KV decode attention)"
+            return
+        device = self.loaded.device
+        if str(device).startswith("cuda"):
+            heads, kv_heads = text.num_attention_heads, text.num_key_value_heads
+            head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+            blocker = fused_layer.probe(f"cuda:{cuda_index(device)}", self.kv.dtype, heads, kv_heads, head_dim)
+            if blocker is not None:
+                log.warning("decode layers stay on transformers' forward: %s", blocker)
+                self.layers_path = f"transformers ({blocker})"
+                return
+        layers = list(self.runner.lm.layers)
+        self._restore_layers = fused_layer.use_fused_layers(layers)
+        fused = sum("forward" in vars(layer) for layer in layers)
+        self.layers_path = "fused kernels" if fused == len(layers) else f"fused kernels ({fused} of {len(layers)} layers)"
 
     def _build_compiled(self) -> None:
         """`self._compiled`: the decode step compiled regionally (one decoder layer every layer runs) or whole."""
@@ -925,6 +956,7 @@ class DecodeGraphs:
             )
             return False
         self._restored = True
+        self._restore_layers()
         self._restore_attention()
         self._restore_vision()
         fusion.unfuse(self.loaded.model)

@@ -47,12 +47,21 @@ class LayerSlotCache:
         self._keys, self._values, self._shape, self._rows, self._index = keys, values, shape, rows, index
 
     def update(self, key_states: Any, value_states: Any, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
-        keys, values = self._keys, self._values
-        slots, heads, length, dim = self._shape
-        keys.index_copy_(0, self._index, key_states.reshape(-1, dim))  # [rows, heads, 1, dim] -> rows x heads
-        values.index_copy_(0, self._index, value_states.reshape(-1, dim))
+        dim = self._shape[3]
+        self._keys.index_copy_(0, self._index, key_states.reshape(-1, dim))  # [rows, heads, 1, dim] -> rows x heads
+        self._values.index_copy_(0, self._index, value_states.reshape(-1, dim))
+        return self.views()
+
+    def flat(self) -> tuple[Any, Any, Any]:
+        """The flat K and V [*, head_dim] and the step's row in them for each (row, kv head): what the fused decode
+        layer writes itself (kernels/layer.py), instead of `update`."""
+        return self._keys, self._values, self._index
+
+    def views(self) -> tuple[Any, Any]:
+        """K and V as [rows, kv_heads, max_len, head_dim] views."""
+        slots, heads, length, _ = self._shape
         n = slots * heads * length  # the scratch rows after them are never read
-        return keys[:n].view(self._shape)[: self._rows], values[:n].view(self._shape)[: self._rows]
+        return self._keys[:n].view(self._shape)[: self._rows], self._values[:n].view(self._shape)[: self._rows]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0

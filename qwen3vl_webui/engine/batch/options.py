@@ -49,6 +49,12 @@ class BatchOptions:
     prefix_slots: int | None = None  # retained-KV entries; None: prefix_share of max_batch (at least one); 0: off
     fuse: bool | None = None  # fused q/k/v and gate/up projections; None: on CUDA
     gemv: bool | None = None  # one-row products through the Triton GEMV; None: on CUDA
+    # The eager decode step's layers in ~11 kernels each (kernels/layer.py: add+RMSNorm, q/k norm + RoPE + KV write,
+    # SiLU·mul) instead of transformers' ~55: the path that serves before (or without) the compile. None: on CUDA
+    # with the split-KV decode attention, where the kernels pass their probe. QWEN3VL_FUSED_LAYERS=0 turns it off.
+    fused_layers: bool | None = field(
+        default_factory=lambda: False if os.environ.get("QWEN3VL_FUSED_LAYERS") == "0" else None
+    )
     prefill_graphs: bool | None = None  # first prompt chunks replayed from CUDA graphs; None: where decode is graphed
     compile_prefill: bool = False  # prompt chunks through torch.compile (minutes of start-up on an H100)
     # First-chunk graphs captured one length at a time between the engine's first steps rather than before it serves

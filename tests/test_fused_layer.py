@@ -1,0 +1,209 @@
+"""The fused decode layer (kernels/layer.py): its kernels against transformers' eager ops, the layer against
+transformers' layer, the engine's decode through it against `generate`."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from qwen3vl_webui.conversation import UserMessage
+from qwen3vl_webui.engine.batch import BatchEngine, BatchOptions
+from qwen3vl_webui.engine.batch.kv import LayerSlotCache
+from qwen3vl_webui.engine.request import SamplingParams
+from qwen3vl_webui.kernels import attention
+from qwen3vl_webui.kernels import layer as fused
+from qwen3vl_webui.service.prompt import ChatRequest, build_prompt
+
+ROOT = Path(__file__).resolve().parents[1]
+GREEDY = SamplingParams(max_new_tokens=40, temperature=0.0, repetition_penalty=1.0)
+
+
+def _layer_case(loaded: Any, rows: int, max_len: int = 24, seed: int = 0) -> dict[str, Any]:
+    """Layer 1 of the tiny model with a decode step's inputs: hidden states, rotary tables, a slot cache, lengths."""
+    text = loaded.model.model.language_model
+    config = text.config
+    gen = torch.Generator().manual_seed(seed)
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    hidden = torch.randn(rows, 1, config.hidden_size, generator=gen)
+    positions = torch.randint(3, max_len - 2, (rows,), generator=gen)
+    cos, sin = text.rotary_emb(hidden, positions.view(1, rows, 1).expand(3, rows, 1))
+    slots = rows + 1
+    keys = torch.randn(slots * kv_heads * max_len, dim, generator=gen)
+    values = torch.randn(slots * kv_heads * max_len, dim, generator=gen)
+    shape = (slots, kv_heads, max_len, dim)
+    index = ((torch.arange(rows).view(-1, 1) * kv_heads + torch.arange(kv_heads)) * max_len + positions.view(-1, 1))
+    return dict(
+        layer=text.layers[1], hidden=hidden, cos=cos, sin=sin, keys=keys, values=values, shape=shape, rows=rows,
+        index=index.view(-1), lengths=positions + 1,
+    )  # fmt: skip
+
+
+def _run(case: dict[str, Any], forward: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    keys, values = case["keys"].clone(), case["values"].clone()
+    cache = LayerSlotCache(keys, values, case["shape"], case["rows"], case["index"])
+    with torch.inference_mode():
+        out = forward(case["hidden"], position_embeddings=(case["cos"], case["sin"]), attention_mask=None,
+                      past_key_values=cache, kv_lengths=case["lengths"])  # fmt: skip
+    return out, keys, values
+
+
+@pytest.fixture
+def packed_attention(tiny_loaded: Any):
+    """The text model's attention routed as the engine routes it (the decode op's reference on CPU)."""
+    restore = attention.use_packed_decode_attention(tiny_loaded.model.config.text_config)
+    yield
+    restore()
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_the_fused_layer_equals_transformers_layer_with_the_kv_writes(tiny_loaded: Any, packed_attention, rows: int) -> None:
+    case = _layer_case(tiny_loaded, rows)
+    layer = case["layer"]
+    assert fused.fusable(layer) is None
+    want, want_keys, want_values = _run(case, layer.forward)  # transformers' forward: the cache's update writes
+    got, got_keys, got_values = _run(case, fused.decode_layer_forward(layer, layer.forward))
+    assert torch.equal(got, want)  # fp32 on CPU: the references are transformers' ops in its order
+    assert torch.equal(got_keys, want_keys) and torch.equal(got_values, want_values)
+    assert not torch.equal(got_keys, case["keys"])  # the step's K was written (the check above could not pass idle)
+
+
+def test_the_fused_layer_gives_way_where_it_does_not_apply(tiny_loaded: Any, packed_attention) -> None:
+    case = _layer_case(tiny_loaded, 2)
+    layer = case["layer"]
+    calls: list[str] = []
+
+    def original(*args: Any, **kwargs: Any) -> Any:
+        calls.append("original")
+        return layer.forward(*args, **kwargs)
+
+    forward = fused.decode_layer_forward(layer, original)
+    _run(case, forward)
+    assert calls == []  # a decode step: the fused path
+    prefill = dict(case, hidden=torch.randn(1, 5, case["hidden"].shape[-1]))
+    with torch.inference_mode():
+        forward(prefill["hidden"], position_embeddings=(case["cos"][:1].expand(1, 5, -1), case["sin"][:1].expand(1, 5, -1)),
+                attention_mask=None, past_key_values=None)  # fmt: skip
+    assert calls == ["original"]  # several tokens, no kv_lengths, no slot cache: transformers' forward
+    assert fused.fusable(torch.nn.Linear(2, 2)) == "not a Qwen3-VL text decoder layer"
+
+
+def _prompts(loaded: Any, texts: tuple[str, ...]) -> list[Any]:
+    return [build_prompt(loaded, ChatRequest(UserMessage(t), sampling=GREEDY)) for t in texts]
+
+
+def _generate(loaded: Any, prompt: Any, tokens: int) -> list[int]:
+    with torch.inference_mode():
+        out = loaded.model.generate(**prompt.inputs, do_sample=False, max_new_tokens=tokens, eos_token_id=None)
+    return out[0, prompt.inputs["input_ids"].shape[1] :].tolist()
+
+
+def test_the_engine_decodes_through_the_fused_layers_as_generate(tiny_loaded: Any, monkeypatch) -> None:
+    monkeypatch.setattr(attention, "decode_kernel_blocker", lambda *args: None)  # the decode op's route on CPU
+    calls: list[int] = []
+    reference = fused.norm_rope_reference
+
+    def counted(x: Any, *args: Any) -> Any:
+        calls.append(x.shape[0])
+        return reference(x, *args)
+
+    monkeypatch.setattr(fused, "norm_rope_reference", counted)
+    prompts = _prompts(tiny_loaded, ("hello there", "Count the objects"))
+    expected = [_generate(tiny_loaded, prompts[0], 60), _generate(tiny_loaded, prompts[1], 40)]
+    options = BatchOptions(max_batch=2, token_budget=2 * 512, eos_token_ids=(), fused_layers=True)
+    layers = tiny_loaded.model.model.language_model.layers
+    with BatchEngine(tiny_loaded, options) as engine:
+        assert engine.layers_path == "fused kernels"
+        first = engine.submit_tokens(prompts[0], SamplingParams(max_new_tokens=60, temperature=0.0, repetition_penalty=1.0), threading.Event())
+        head = [next(first) for _ in range(3)]
+        joined = list(engine.submit_tokens(prompts[1], GREEDY, threading.Event()))  # joins mid-batch
+        got = head + list(first)
+        steps = engine.snapshot().steps
+    assert got == expected[0] and joined == expected[1]
+    # Every decode step (1 or 2 rows) ran the fused layer: q then k rotated per layer; prefill never did.
+    assert len(calls) == 2 * len(layers) * steps and set(calls) == {1, 2}
+    assert all("forward" not in vars(layer) for layer in layers)  # restored on close
+
+
+def test_the_engine_keeps_transformers_layers_when_turned_off_or_without_the_decode_kernel(tiny_loaded: Any) -> None:
+    with BatchEngine(tiny_loaded, BatchOptions(max_batch=1, token_budget=512, fused_layers=True)) as engine:
+        assert engine.layers_path == "transformers (the fused layer needs the split-KV decode attention)"
+    with BatchEngine(tiny_loaded, BatchOptions(max_batch=1, token_budget=512)) as engine:
+        assert engine.layers_path == "transformers (turned off)"  # None: on CUDA only
+
+
+def test_the_probe_refuses_off_cuda() -> None:
+    assert fused.probe("cpu", torch.bfloat16, 4, 2, 16) == "not on CUDA"
+
+
+INTERPRETER_SCRIPT = r"""
+import json, os, sys
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+import torch
+sys.path.insert(0, sys.argv[1])
+from qwen3vl_webui.kernels import layer as fused
+
+def err(got, ref):
+    ref = ref.double()
+    return float((got.double() - ref).norm() / ref.norm())
+
+results = []
+gen = torch.Generator().manual_seed(0)
+for dtype in (torch.float32, torch.float16):  # the interpreter's bf16 casts truncate (the GPU's probe checks bf16)
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+    rows, heads, kv_heads, dim, n, width = 3, 4, 2, 32, 200, 1500
+    x, r, w = rand(rows, n), rand(rows, n), rand(n)
+    out, total = fused.add_rms_norm(x, r, w, 1e-6)
+    ref_total = x + r
+    ref = fused.rms_norm_reference(ref_total, w, 1e-6)
+    results.append(dict(op="add_rms_norm", dtype=str(dtype), err=err(out, ref), exact_sum=bool(torch.equal(total, ref_total))))
+    alone, same = fused.add_rms_norm(x, None, w, 1e-6)
+    results.append(dict(op="rms_norm", dtype=str(dtype), err=err(alone, fused.rms_norm_reference(x, w, 1e-6)), exact_sum=same is x))
+    cols = (heads + 2 * kv_heads) * dim
+    qkv = rand(rows, cols + 24)[:, :cols]  # strided rows, as a fused product's slice
+    qw, kw, cos, sin = rand(dim), rand(dim), rand(rows, dim), rand(rows, dim)
+    index = torch.randperm(4 * rows * kv_heads, generator=gen)[: rows * kv_heads]
+    keys = torch.full((4 * rows * kv_heads, dim), float("nan"), dtype=dtype)
+    values = keys.clone()
+    q = fused.qk_norm_rope_kv(qkv, heads, kv_heads, qw, kw, cos, sin, 1e-6, keys, values, index)
+    split = qkv.view(rows, heads + 2 * kv_heads, dim)
+    ref_q = fused.norm_rope_reference(split[:, :heads], qw, cos, sin, 1e-6)
+    ref_k = fused.norm_rope_reference(split[:, heads:heads + kv_heads], kw, cos, sin, 1e-6).reshape(-1, dim)
+    untouched = torch.ones(keys.shape[0], dtype=torch.bool)
+    untouched[index] = False
+    results.append(dict(op="q", dtype=str(dtype), err=err(q, ref_q), exact_sum=True))
+    results.append(dict(op="k", dtype=str(dtype), err=err(keys[index], ref_k),
+                        exact_sum=bool(keys[untouched].isnan().all() and values[untouched].isnan().all())))
+    results.append(dict(op="v", dtype=str(dtype), err=err(values[index], split[:, heads + kv_heads:].reshape(-1, dim)),
+                        exact_sum=bool(torch.equal(values[index], split[:, heads + kv_heads:].reshape(-1, dim)))))
+    gate, up = rand(rows, 2 * width).split(width, dim=-1)
+    results.append(dict(op="silu_mul", dtype=str(dtype), err=err(fused.silu_mul(gate, up), fused.silu_mul_reference(gate, up)), exact_sum=True))
+print("RESULTS " + json.dumps(results))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_the_triton_kernels_under_the_interpreter_match_transformers_ops() -> None:
+    """The real kernels on CPU through Triton's interpreter (fp32, fp16), strided rows, a poisoned cache."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", INTERPRETER_SCRIPT, str(ROOT)], capture_output=True, text=True, env=env, timeout=240
+    )
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")), None)
+    assert line is not None, proc.stderr[-3000:]
+    results = json.loads(line.removeprefix("RESULTS "))
+    assert len(results) == 12
+    for r in results:
+        # fp32: the sums' order alone; 16-bit: a rounding apart at most where a sum's order tips one
+        assert r["err"] < (1e-6 if r["dtype"] == "torch.float32" else 1e-2), r
+        assert r["exact_sum"], r  # the residual sum, the untouched cache rows, v copied bit for bit
