@@ -340,7 +340,7 @@ def start_engine(loaded: Any, **options: Any) -> tuple[Any, dict[str, Any]]:
         decode_path=engine.decode_path, compile_error=engine.compile_error, graph_error=engine.graph_error,
         buckets=list(engine.buckets), max_batch=engine.max_batch, max_len=engine.max_len,
         startup_peak_gib=peak_gib(loaded.device), fused_groups=engine.fused_groups, gemv_linears=engine.gemv_linears,
-        prefill_path=engine.prefill_path, prefill_warmup_s=engine.prefill_warmup_s,
+        prefill_path=engine.prefill_path, prefill_warmup_s=engine.prefill_warmup_s, layers_path=engine.layers_path,
     )  # fmt: skip
     print("engine", {k: str(v) for k, v in options.items()}, json.dumps(info, default=str), flush=True)
     return engine, info

@@ -22,6 +22,7 @@ from bench import common
 # Kernel kinds, first match wins (Triton kernels are named after their function; ours live in kernels/).
 KINDS = (
     ("split-K reduction", r"_reduce_kernel|splitk"),
+    ("fused layer (ours)", r"add_rms_norm|qk_norm_rope_kv|silu_mul"),
     ("our products (Triton)", r"_swap_kernel|_skinny_kernel|_tile_kernel|_atomic_gemv|_gemv_kernel|_dequant"),
     ("attention", r"attn|attention|flash|split_kv|combine_splits|_decode_kernel"),
     ("cuBLAS / GEMM", r"gemm|gemv|cublas|cutlass|nvjet|xmma|sm90_"),
@@ -46,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> Any:
     ap.add_argument("--slot-tokens", type=int, default=1280)
     ap.add_argument("--top", type=int, default=25, help="kernels listed (default 25)")
     ap.add_argument("--cache-dir", default="/tmp/qwen3vl-cache/inductor", help="inductor cache (the matrix's default)")
+    ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                    help="the engine's torch.compile (off: the eager step in CUDA graphs, as served before the compile)")
     return ap.parse_args(argv)
 
 
@@ -62,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         max_batch=args.max_batch,
         token_budget=args.max_batch * args.slot_tokens,
         compile_cache_dir=args.cache_dir,
+        compile={"auto": None, "on": True, "off": False}[args.compile],
     )
     vocab = common.ordinary_vocab(loaded)
     warm, window = 16, args.steps
