@@ -48,7 +48,7 @@ engine.close()
 """
 BUILDS = re.compile(r"kernel builds: (\d+) Triton kernels built in ([\d.]+) s on (\d+) threads")
 
-READY = re.compile(r"decode steps ready in ([\d.]+) s \((\w[\w ]*)\), prefill in ([\d.]+) s")
+READY = re.compile(r"decode steps ready in ([\d.]+) s \((\w[\w ]*)(?:; .*?)?\), prefill in ([\d.]+) s")
 
 
 def engine_run(

@@ -207,8 +207,8 @@ class DecodeGraphs:
             prefill_mode = "eager" if self.runner.chunk_graphs is None else "graphs"
             if self._prefill_todo is not None:
                 prefill_mode = "graphs to capture between steps"
-            log.info("decode steps ready in %.1f s (%s), prefill in %.1f s (%s)", decode_s, self.decode_mode,
-                     self.prefill_warmup_s, prefill_mode)  # fmt: skip
+            log.info("decode steps ready in %.1f s (%s; eager layers: %s), prefill in %.1f s (%s)", decode_s,
+                     self.decode_mode, self.layers_path, self.prefill_warmup_s, prefill_mode)  # fmt: skip
             log.info("decode start-up: %s, kernel builds %.2f s, warm-up per batch size %s s, captures %.2f s",
                      ", ".join(f"{k} {v:.2f} s" for k, v in self.stages.items()), self.kernel_build_s, self.warmup_s,
                      self.capture_s)  # fmt: skip
