@@ -41,7 +41,7 @@ def _layer_case(loaded: Any, rows: int, max_len: int = 24, seed: int = 0) -> dic
     keys = torch.randn(slots * kv_heads * max_len, dim, generator=gen)
     values = torch.randn(slots * kv_heads * max_len, dim, generator=gen)
     shape = (slots, kv_heads, max_len, dim)
-    index = ((torch.arange(rows).view(-1, 1) * kv_heads + torch.arange(kv_heads)) * max_len + positions.view(-1, 1))
+    index = (torch.arange(rows).view(-1, 1) * kv_heads + torch.arange(kv_heads)) * max_len + positions.view(-1, 1)
     return dict(
         layer=text.layers[1], hidden=hidden, cos=cos, sin=sin, keys=keys, values=values, shape=shape, rows=rows,
         index=index.view(-1), lengths=positions + 1,
@@ -66,7 +66,9 @@ def packed_attention(tiny_loaded: Any):
 
 
 @pytest.mark.parametrize("rows", [1, 3])
-def test_the_fused_layer_equals_transformers_layer_with_the_kv_writes(tiny_loaded: Any, packed_attention, rows: int) -> None:
+def test_the_fused_layer_equals_transformers_layer_with_the_kv_writes(
+    tiny_loaded: Any, packed_attention, rows: int
+) -> None:
     case = _layer_case(tiny_loaded, rows)
     layer = case["layer"]
     assert fused.fusable(layer) is None
@@ -123,7 +125,9 @@ def test_the_engine_decodes_through_the_fused_layers_as_generate(tiny_loaded: An
     layers = tiny_loaded.model.model.language_model.layers
     with BatchEngine(tiny_loaded, options) as engine:
         assert engine.layers_path == "fused kernels"
-        first = engine.submit_tokens(prompts[0], SamplingParams(max_new_tokens=60, temperature=0.0, repetition_penalty=1.0), threading.Event())
+        first = engine.submit_tokens(
+            prompts[0], SamplingParams(max_new_tokens=60, temperature=0.0, repetition_penalty=1.0), threading.Event()
+        )
         head = [next(first) for _ in range(3)]
         joined = list(engine.submit_tokens(prompts[1], GREEDY, threading.Event()))  # joins mid-batch
         got = head + list(first)

@@ -23,12 +23,14 @@ references below are the same arithmetic in torch ops, what runs off CUDA (and w
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from qwen3vl_webui.kernels import attention
+
+if TYPE_CHECKING:
+    import torch
 
 SILU_BLOCK = 1024
 
@@ -44,8 +46,6 @@ def _kernels() -> Any:
 
 def _triton(x: torch.Tensor) -> Any:
     """The kernels where they run for `x`: CUDA, or Triton's interpreter on CPU (tests)."""
-    import os
-
     if x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
         return _kernels()
     return None
@@ -56,12 +56,16 @@ def _triton(x: torch.Tensor) -> Any:
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' Qwen3VLTextRMSNorm.forward, op for op."""
+    import torch
+
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    import torch
+
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
@@ -75,6 +79,8 @@ def norm_rope_reference(
 
 
 def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    import torch
+
     return torch.nn.functional.silu(gate) * up
 
 
@@ -85,6 +91,8 @@ def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(x + residual), x + residual) over the last axis of `x [rows, n]`; without `residual`, of x."""
+    import torch
+
     kernels = _triton(x)
     if kernels is None:
         total = x if residual is None else x + residual
@@ -115,6 +123,8 @@ def qk_norm_rope_kv(
 ) -> torch.Tensor:
     """From `qkv [rows, (heads + 2 kv_heads) dim]` (rows may be strided): returns q [rows, heads, dim] normed and
     rotated; writes k (normed, rotated) and v into the flat `keys`/`values` [*, dim] at `index [rows * kv_heads]`."""
+    import torch
+
     rows = qkv.shape[0]
     dim = q_weight.shape[0]
     kernels = _triton(qkv)
@@ -136,6 +146,8 @@ def qk_norm_rope_kv(
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for `[rows, n]` (rows may be strided)."""
+    import torch
+
     kernels = _triton(gate)
     if kernels is None:
         return silu_mul_reference(gate, up)
@@ -156,6 +168,7 @@ def triton_block(n: int) -> int:
 
 def fusable(layer: Any) -> str | None:
     """Why `layer` cannot take `decode_layer_forward`, or None."""
+
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     needed = (attn, mlp, getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None))
     if any(part is None for part in needed):
@@ -187,6 +200,8 @@ def _adjacent(parts: tuple[torch.Tensor, ...]) -> bool:
 
 def _qkv(attn: Any, x: torch.Tensor) -> torch.Tensor:
     """The q/k/v product as one [rows, q|k|v] tensor: the fused product itself (its three slices), else concatenated."""
+    import torch
+
     parts = (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
     if _adjacent(parts):
         first = parts[0]
@@ -197,6 +212,8 @@ def _qkv(attn: Any, x: torch.Tensor) -> torch.Tensor:
 
 def decode_layer_forward(layer: Any, original: Callable[..., Any]) -> Callable[..., Any]:
     """A forward for `layer` (transformers' signature): the fused decode layer where it applies, else `original`."""
+    import torch
+
     attn, mlp = layer.self_attn, layer.mlp
     heads = attn.config.num_attention_heads
     kv_heads = attn.config.num_key_value_heads
@@ -267,6 +284,8 @@ def probe(device: str, dtype: Any, heads: int, kv_heads: int, head_dim: int) -> 
     """Why the fused layer's kernels cannot run here (CUDA, `dtype`, these head shapes), or None: each is built on
     this GPU and checked against its torch reference on small random data (a GPU or Triton that cannot build or
     computes wrong is refused at start-up; the decode step then keeps transformers' layer forward)."""
+    import torch
+
     if torch.device(device).type != "cuda":
         return "not on CUDA"
     if _kernels() is None:
@@ -300,5 +319,6 @@ def probe(device: str, dtype: Any, heads: int, kv_heads: int, head_dim: int) -> 
 
 
 def _error(got: torch.Tensor, ref: torch.Tensor) -> float:
+
     ref = ref.float()
     return float((got.float() - ref).norm() / ref.norm().clamp_min(1e-12))
