@@ -211,3 +211,55 @@ def test_the_triton_kernels_under_the_interpreter_match_transformers_ops() -> No
         # fp32: the sums' order alone; 16-bit: a rounding apart at most where a sum's order tips one
         assert r["err"] < (1e-6 if r["dtype"] == "torch.float32" else 1e-2), r
         assert r["exact_sum"], r  # the residual sum, the untouched cache rows, v copied bit for bit
+
+
+LAYER_SCRIPT = r"""
+import json, os, sys
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+import torch
+sys.path.insert(0, sys.argv[1])
+from qwen3vl_webui.kernels import attention, fusion
+from qwen3vl_webui.kernels import layer as fused
+from qwen3vl_webui.weights.loading import load_model
+from tests.test_fused_layer import _layer_case, _run
+
+loaded = load_model(sys.argv[2], "fp32", "cpu")
+restore = attention.use_packed_decode_attention(loaded.model.config.text_config)
+results = []
+for fuse in (False, True):  # q/k/v apart (concatenated), then one fused product whose slices the kernel reads
+    if fuse:
+        fusion.fuse_projections(loaded.model.model.language_model)
+    for rows in (1, 3):
+        case = _layer_case(loaded, rows, seed=rows)
+        layer = case["layer"]
+        want, want_keys, want_values = _run(case, layer.forward)
+        x = torch.randn(rows, case["hidden"].shape[-1])
+        attn = layer.self_attn
+        adjacent = fused._adjacent((attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)))
+        got, got_keys, got_values = _run(case, fused.decode_layer_forward(layer, layer.forward))
+        err = lambda a, b: float((a.double() - b.double()).norm() / b.double().norm())
+        results.append(dict(fuse=fuse, rows=rows, out=err(got, want), keys=err(got_keys, want_keys),
+                            values=bool(torch.equal(got_values, want_values)), triton=fused._triton(case["hidden"]) is not None,
+                            adjacent=adjacent))
+print("RESULTS " + json.dumps(results))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_the_fused_layer_with_its_triton_kernels_under_the_interpreter_equals_transformers_layer(
+    tiny_checkpoint: Path,
+) -> None:
+    """The layer's Triton path end to end on CPU (fp32): the fused q/k/v product's slices read in place, K and V
+    written into the flat cache by the kernel, against transformers' layer and the cache's own update."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", LAYER_SCRIPT, str(ROOT), str(tiny_checkpoint)],
+        capture_output=True, text=True, env=env, timeout=240, cwd=ROOT,
+    )  # fmt: skip
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")), None)
+    assert line is not None, proc.stderr[-3000:]
+    results = json.loads(line.removeprefix("RESULTS "))
+    assert [(r["fuse"], r["rows"]) for r in results] == [(False, 1), (False, 3), (True, 1), (True, 3)]
+    for r in results:
+        assert r["triton"] and r["values"] and r["adjacent"] == r["fuse"], r
+        assert r["out"] < 1e-5 and r["keys"] < 1e-6, r
