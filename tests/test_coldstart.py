@@ -74,6 +74,52 @@ def _hold_until_the_next_swap(graphs: Any) -> None:
         time.sleep(0.01)
 
 
+def test_the_swap_from_the_fused_eager_layers_to_the_compiled_step_keeps_generates_tokens(
+    loaded: LoadedModel, prompts: dict[str, PreparedPrompt], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As on a GPU: the eager step's layers run the fused layer (kernels/layer.py, its torch references here) and
+    the split-KV decode op; the compiled regions trace transformers' layer. Streams that cross the swap keep
+    `generate`'s greedy tokens, and the fused layers served the steps before it."""
+    from qwen3vl_webui.kernels import attention
+    from qwen3vl_webui.kernels import layer as fused
+
+    monkeypatch.setattr(attention, "decode_kernel_blocker", lambda *args: None)
+    fused_steps: list[int] = []
+    rope = fused.norm_rope_reference
+
+    def counted(x: Any, *args: Any) -> Any:
+        fused_steps.append(x.shape[0])
+        return rope(x, *args)
+
+    monkeypatch.setattr(fused, "norm_rope_reference", counted)
+    names = ["text", "count"]
+    expected = {n: reference(loaded, prompts[n]) for n in names}
+    gate = threading.Semaphore(0)
+    seen: list[int] = []
+    with BatchEngine(loaded, options(tmp_path, fused_layers=True), compile_gate=gate) as engine:
+        graphs = engine.core.graphs
+        assert engine.layers_path == "fused kernels"
+
+        def listener(outputs: EngineOutputs) -> None:
+            seen.append(len(graphs.compiled_at))
+            if len(seen) == 5:
+                gate.release(len(BUCKETS))
+            if len(seen) >= 5:
+                _hold_until_the_next_swap(graphs)
+
+        engine.add_listener(listener)
+        with engine.hold_admission():
+            streams = {n: engine.submit_tokens(prompts[n], GREEDY, threading.Event()) for n in names}
+        got = {n: list(s) for n, s in streams.items()}
+        snap = engine.snapshot()
+        assert engine.compile_error is None
+    assert got == expected
+    assert snap.compile_done == len(BUCKETS) and seen[0] == 0 and seen[-1] == len(BUCKETS)
+    layers = loaded.model.model.language_model.layers
+    assert fused_steps and len(fused_steps) % (2 * len(layers)) == 0  # whole eager steps through the fused layers
+    assert all("forward" not in vars(layer) for layer in layers)  # the regional and fused forwards both undone
+
+
 def test_compiled_buckets_swap_in_mid_stream_and_every_stream_keeps_generates_tokens(
     loaded: LoadedModel, prompts: dict[str, PreparedPrompt], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -197,7 +243,10 @@ def test_the_first_answer_does_not_wait_for_the_artifacts_load_in_the_background
         else:
             # looked for on the engine thread and none found; what the compile made is then saved if torch has any
             # artifacts to give (it may, after other tests' compiles in this process: "saved")
-            assert (calls, engine.compile_state) == (["batch-engine"], "done") and engine.artifacts in ("absent", "saved")
+            assert (calls, engine.compile_state) == (["batch-engine"], "done") and engine.artifacts in (
+                "absent",
+                "saved",
+            )
             tokens = list(engine.submit_tokens(prompts["text"], GREEDY, threading.Event()))
     release.set()
     assert tokens == reference(loaded, prompts["text"]) and len(calls) == 1
