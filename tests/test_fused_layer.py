@@ -263,3 +263,20 @@ def test_the_fused_layer_with_its_triton_kernels_under_the_interpreter_equals_tr
     for r in results:
         assert r["triton"] and r["values"] and r["adjacent"] == r["fuse"], r
         assert r["out"] < 1e-5 and r["keys"] < 1e-6, r
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_the_launch_count_bench_counts_both_layers(tmp_path: Path) -> None:
+    """`bench.layer_launches`: transformers' decode layer launches ~53 kernels, the fused one ~10 (its Triton launches
+    counted under the interpreter, the products and the attention op once each)."""
+    out = tmp_path / "launches.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.layer_launches", "--rows", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=240, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    layers = json.loads(out.read_text())["layers"]
+    plain, fast = layers["transformers"], layers["fused"]
+    assert fast["ops"]["linear"] == plain["ops"]["linear"] == 4  # q/k/v and gate/up fused, o, down: the same products
+    assert fast["ops"]["qk_norm_rope_kv (Triton)"] == 1 and fast["ops"]["add_rms_norm (Triton)"] == 2
+    assert plain["launches"] >= 40 and fast["launches"] <= 12, (plain, fast)
