@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
 
     attention.decode_attention_reference = one_launch
     kernels = fused._kernels()
-    for name in ("add_rms_norm", "qk_norm_rope_kv", "silu_mul"):
+    jit = ("JITFunction", "InterpretedFunction")  # the interpreter's stand-in for @triton.jit functions
+    launched = [n for n in dir(kernels) if not n.startswith("_") and type(getattr(kernels, n)).__name__ in jit]
+    for name in launched:
         launcher = getattr(kernels, name)
 
         class Launch:

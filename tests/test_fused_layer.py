@@ -109,7 +109,19 @@ def _generate(loaded: Any, prompt: Any, tokens: int) -> list[int]:
     return out[0, prompt.inputs["input_ids"].shape[1] :].tolist()
 
 
-def test_the_engine_decodes_through_the_fused_layers_as_generate(tiny_loaded: Any, monkeypatch) -> None:
+@pytest.fixture(scope="module")
+def tiny_int4(tiny_checkpoint: Path) -> Any:
+    """The tiny checkpoint in our int4 (W4A16) on CPU: the fused layer takes its products as the Linears' parts."""
+    from qwen3vl_webui.weights.loading import load_model
+
+    return load_model(str(tiny_checkpoint), "int4", "cpu")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_the_engine_decodes_through_the_fused_layers_as_generate(
+    tiny_loaded: Any, tiny_int4: Any, monkeypatch, precision: str
+) -> None:
+    loaded = tiny_loaded if precision == "fp32" else tiny_int4
     monkeypatch.setattr(attention, "decode_kernel_blocker", lambda *args: None)  # the decode op's route on CPU
     calls: list[int] = []
     reference = fused.norm_rope_reference
@@ -119,11 +131,11 @@ def test_the_engine_decodes_through_the_fused_layers_as_generate(tiny_loaded: An
         return reference(x, *args)
 
     monkeypatch.setattr(fused, "norm_rope_reference", counted)
-    prompts = _prompts(tiny_loaded, ("hello there", "Count the objects"))
-    expected = [_generate(tiny_loaded, prompts[0], 60), _generate(tiny_loaded, prompts[1], 40)]
+    prompts = _prompts(loaded, ("hello there", "Count the objects"))
+    expected = [_generate(loaded, prompts[0], 60), _generate(loaded, prompts[1], 40)]
     options = BatchOptions(max_batch=2, token_budget=2 * 512, eos_token_ids=(), fused_layers=True)
-    layers = tiny_loaded.model.model.language_model.layers
-    with BatchEngine(tiny_loaded, options) as engine:
+    layers = loaded.model.model.language_model.layers
+    with BatchEngine(loaded, options) as engine:
         assert engine.layers_path == "fused kernels"
         first = engine.submit_tokens(
             prompts[0], SamplingParams(max_new_tokens=60, temperature=0.0, repetition_penalty=1.0), threading.Event()
@@ -156,49 +168,23 @@ import torch
 sys.path.insert(0, sys.argv[1])
 from qwen3vl_webui.kernels import layer as fused
 
-def err(got, ref):
-    ref = ref.double()
-    return float((got.double() - ref).norm() / ref.norm())
-
 results = []
-gen = torch.Generator().manual_seed(0)
 for dtype in (torch.float32, torch.float16):  # the interpreter's bf16 casts truncate (the GPU's probe checks bf16)
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen).to(dtype)
-    rows, heads, kv_heads, dim, n, width = 3, 4, 2, 32, 200, 1500
-    x, r, w = rand(rows, n), rand(rows, n), rand(n)
-    out, total = fused.add_rms_norm(x, r, w, 1e-6)
-    ref_total = x + r
-    ref = fused.rms_norm_reference(ref_total, w, 1e-6)
-    results.append(dict(op="add_rms_norm", dtype=str(dtype), err=err(out, ref), exact_sum=bool(torch.equal(total, ref_total))))
-    alone, same = fused.add_rms_norm(x, None, w, 1e-6)
-    results.append(dict(op="rms_norm", dtype=str(dtype), err=err(alone, fused.rms_norm_reference(x, w, 1e-6)), exact_sum=same is x))
-    cols = (heads + 2 * kv_heads) * dim
-    qkv = rand(rows, cols + 24)[:, :cols]  # strided rows, as a fused product's slice
-    qw, kw, cos, sin = rand(dim), rand(dim), rand(rows, dim), rand(rows, dim)
-    index = torch.randperm(4 * rows * kv_heads, generator=gen)[: rows * kv_heads]
-    keys = torch.full((4 * rows * kv_heads, dim), float("nan"), dtype=dtype)
-    values = keys.clone()
-    q = fused.qk_norm_rope_kv(qkv, heads, kv_heads, qw, kw, cos, sin, 1e-6, keys, values, index)
-    split = qkv.view(rows, heads + 2 * kv_heads, dim)
-    ref_q = fused.norm_rope_reference(split[:, :heads], qw, cos, sin, 1e-6)
-    ref_k = fused.norm_rope_reference(split[:, heads:heads + kv_heads], kw, cos, sin, 1e-6).reshape(-1, dim)
-    untouched = torch.ones(keys.shape[0], dtype=torch.bool)
-    untouched[index] = False
-    results.append(dict(op="q", dtype=str(dtype), err=err(q, ref_q), exact_sum=True))
-    results.append(dict(op="k", dtype=str(dtype), err=err(keys[index], ref_k),
-                        exact_sum=bool(keys[untouched].isnan().all() and values[untouched].isnan().all())))
-    results.append(dict(op="v", dtype=str(dtype), err=err(values[index], split[:, heads + kv_heads:].reshape(-1, dim)),
-                        exact_sum=bool(torch.equal(values[index], split[:, heads + kv_heads:].reshape(-1, dim)))))
-    gate, up = rand(rows, 2 * width).split(width, dim=-1)
-    results.append(dict(op="silu_mul", dtype=str(dtype), err=err(fused.silu_mul(gate, up), fused.silu_mul_reference(gate, up)), exact_sum=True))
+    for split in (1, 3):  # the product itself, or a split-K product's fp32 partial sums
+        assert fused._triton(torch.zeros(1)) is not None
+        errors = fused.check("cpu", dtype, 4, 2, 32, split, seed=split)
+        results.append(dict(dtype=str(dtype), split=split, errors=errors))
 print("RESULTS " + json.dumps(results))
 """
+
+# Bit for bit wherever no norm's sum is involved: the residual sum, v's copy, the cache rows the step does not own.
+EXACT = ("add", "rms_norm's x", "v", "cache rows outside the step")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_the_triton_kernels_under_the_interpreter_match_transformers_ops() -> None:
-    """The real kernels on CPU through Triton's interpreter (fp32, fp16), strided rows, a poisoned cache."""
+    """The real kernels on CPU through Triton's interpreter (fp32, fp16), reading products whole or as fp32 partial
+    sums, strided rows, a cache whose other rows must stay as they were (`layer.check`, what the GPU probe runs)."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(
         [sys.executable, "-c", INTERPRETER_SCRIPT, str(ROOT)], capture_output=True, text=True, env=env, timeout=240
@@ -206,11 +192,17 @@ def test_the_triton_kernels_under_the_interpreter_match_transformers_ops() -> No
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")), None)
     assert line is not None, proc.stderr[-3000:]
     results = json.loads(line.removeprefix("RESULTS "))
-    assert len(results) == 12
+    assert [(r["dtype"], r["split"]) for r in results] == [
+        ("torch.float32", 1), ("torch.float32", 3), ("torch.float16", 1), ("torch.float16", 3)
+    ]  # fmt: skip
     for r in results:
-        # fp32: the sums' order alone; 16-bit: a rounding apart at most where a sum's order tips one
-        assert r["err"] < (1e-6 if r["dtype"] == "torch.float32" else 1e-2), r
-        assert r["exact_sum"], r  # the residual sum, the untouched cache rows, v copied bit for bit
+        assert set(r["errors"]) >= {"add_rms_norm", "rms_norm", "q", "k", "silu_mul", "add_product", *EXACT}, r
+        for name, error in r["errors"].items():
+            # fp32: the sums' order alone; fp16: a rounding apart where a norm's sum tips one
+            assert error == 0.0 if name in EXACT else error < (1e-6 if r["dtype"] == "torch.float32" else 1e-2), (
+                name,
+                r,
+            )
 
 
 LAYER_SCRIPT = r"""
@@ -233,14 +225,12 @@ for fuse in (False, True):  # q/k/v apart (concatenated), then one fused product
         case = _layer_case(loaded, rows, seed=rows)
         layer = case["layer"]
         want, want_keys, want_values = _run(case, layer.forward)
-        x = torch.randn(rows, case["hidden"].shape[-1])
-        attn = layer.self_attn
-        adjacent = fused._adjacent((attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)))
+        grouped = getattr(layer.self_attn.q_proj, "_qwen3vl_group", None) is not None
         got, got_keys, got_values = _run(case, fused.decode_layer_forward(layer, layer.forward))
         err = lambda a, b: float((a.double() - b.double()).norm() / b.double().norm())
         results.append(dict(fuse=fuse, rows=rows, out=err(got, want), keys=err(got_keys, want_keys),
                             values=bool(torch.equal(got_values, want_values)), triton=fused._triton(case["hidden"]) is not None,
-                            adjacent=adjacent))
+                            grouped=grouped))
 print("RESULTS " + json.dumps(results))
 """
 
@@ -249,7 +239,7 @@ print("RESULTS " + json.dumps(results))
 def test_the_fused_layer_with_its_triton_kernels_under_the_interpreter_equals_transformers_layer(
     tiny_checkpoint: Path,
 ) -> None:
-    """The layer's Triton path end to end on CPU (fp32): the fused q/k/v product's slices read in place, K and V
+    """The layer's Triton path end to end on CPU (fp32): q/k/v apart (concatenated) and as one fused product, K and V
     written into the flat cache by the kernel, against transformers' layer and the cache's own update."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(
@@ -261,7 +251,7 @@ def test_the_fused_layer_with_its_triton_kernels_under_the_interpreter_equals_tr
     results = json.loads(line.removeprefix("RESULTS "))
     assert [(r["fuse"], r["rows"]) for r in results] == [(False, 1), (False, 3), (True, 1), (True, 3)]
     for r in results:
-        assert r["triton"] and r["values"] and r["adjacent"] == r["fuse"], r
+        assert r["triton"] and r["values"] and r["grouped"] == r["fuse"], r
         assert r["out"] < 1e-5 and r["keys"] < 1e-6, r
 
 
@@ -279,4 +269,37 @@ def test_the_launch_count_bench_counts_both_layers(tmp_path: Path) -> None:
     plain, fast = layers["transformers"], layers["fused"]
     assert fast["ops"]["linear"] == plain["ops"]["linear"] == 4  # q/k/v and gate/up fused, o, down: the same products
     assert fast["ops"]["qk_norm_rope_kv (Triton)"] == 1 and fast["ops"]["add_rms_norm (Triton)"] == 2
+    assert fast["ops"]["silu_mul (Triton)"] == fast["ops"]["add_product (Triton)"] == 1
     assert plain["launches"] >= 40 and fast["launches"] <= 12, (plain, fast)
+
+
+def test_partials_of_a_fused_quantized_group_are_its_members_products(tiny_checkpoint: Path) -> None:
+    """int4's fused q/k/v and gate/up hand the layer one product (their group's), unfused Linears their own."""
+    from qwen3vl_webui.kernels import fusion
+    from qwen3vl_webui.kernels.int4 import Int4Linear
+    from qwen3vl_webui.weights.loading import load_model
+
+    loaded = load_model(str(tiny_checkpoint), "int4", "cpu")
+    layer = loaded.model.model.language_model.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    x = torch.randn(2, loaded.model.config.text_config.hidden_size)
+    with torch.inference_mode():
+        apart = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
+        alone = fused.partials([attn.q_proj, attn.k_proj, attn.v_proj], x)
+        assert alone.shape == (1, *apart.shape) and torch.equal(alone[0], apart)  # not fused: each, concatenated
+        assert fusion.fuse_projections(loaded.model.model.language_model) > 0
+        assert type(attn.q_proj) is Int4Linear and attn.q_proj._qwen3vl_group.members == [
+            attn.q_proj,
+            attn.k_proj,
+            attn.v_proj,
+        ]
+        group = fused.partials([attn.q_proj, attn.k_proj, attn.v_proj], x)
+        torch.testing.assert_close(group[0], apart, rtol=1e-5, atol=1e-5)  # one product over the fused rows
+        gate_up = fused.partials([mlp.gate_proj, mlp.up_proj], x)
+        torch.testing.assert_close(
+            gate_up[0], torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], dim=-1), rtol=1e-5, atol=1e-5
+        )
+        down = fused.partials([mlp.down_proj], torch.randn(2, mlp.down_proj.in_features))
+        assert down.shape[0] == 1  # on CPU a quantized product is one part (CUDA: its split-K partial sums)
+    fusion.unfuse(loaded.model)
+    assert "_qwen3vl_group" not in vars(attn.q_proj)

@@ -148,6 +148,11 @@ class Fp8Linear(nn.Module):
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_weight(self.weight, self.weight_scale_inv, dtype)
 
+    def partials(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The product as `[split, ..., N]` partial sums (`fp8_parts_impl`: fp32, or the product in x's dtype) for a
+        consumer that adds them itself (kernels/layer.py); None with a bias."""
+        return None if self.bias is not None else fp8_parts_impl(x, self.weight, self.weight_scale_inv)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_dynamo_compiling():  # one row: the partial sums added and cast by the graph (parts.py)
             ops = torch.ops.qwen3vl_webui

@@ -27,9 +27,13 @@ from qwen3vl_webui.kernels import gemv as gemv_op
 class _Shared:
     """The fused weight of one group and the pending slices of its last product."""
 
-    def __init__(self, weight: Any, sizes: list[int]) -> None:
+    def __init__(self, weight: Any, sizes: list[int], members: list[Any], partials: Callable[[Any], Any]) -> None:
         self.weight = weight
         self.sizes = sizes
+        self.members = members  # the group's Linears, in order
+        # x -> the whole group's product as [split, rows, sum(sizes)] partial sums, or [1, ...] the product itself: for
+        # a consumer that adds them itself (the fused decode layer, kernels/layer.py)
+        self.partials = partials
         self.x: Any = None
         self.parts: Any = None
 
@@ -73,10 +77,11 @@ def _fuse_group(linears: list[Any], max_rows: int | None, gemv: bool) -> bool:
         fused = fuse(linears) if fuse is not None and all(type(m) is kind for m in linears) else None
         if fused is None:
             return False
-        shared = _Shared(fused, [m.out_features for m in linears])
+        shared = _Shared(fused, [m.out_features for m in linears], linears, _partials_of(fused))
         for index, m in enumerate(linears):
             m.forward = _forward(shared, index, m, max_rows, lambda x, module: module(x))
             m._qwen3vl_fused = True
+            m._qwen3vl_group = shared
         return True
     if any(type(m) is not torch.nn.Linear for m in linears):
         return False
@@ -90,12 +95,24 @@ def _fuse_group(linears: list[Any], max_rows: int | None, gemv: bool) -> bool:
             rows = m.out_features
             m.weight = torch.nn.Parameter(weight[start : start + rows], requires_grad=False)
             start += rows
-    shared = _Shared(weight, [m.out_features for m in linears])
     product = gemv_op.product(gemv and gemv_op.gemv_blocker(weight) is None)
+    shared = _Shared(weight, [m.out_features for m in linears], linears, lambda x: product(x, weight)[None])
     for index, m in enumerate(linears):
         m.forward = _forward(shared, index, m, max_rows, product)
         m._qwen3vl_fused = True
+        m._qwen3vl_group = shared
     return True
+
+
+def _partials_of(module: Any) -> Callable[[Any], Any]:
+    """x -> `module`'s product as partial sums: its own `partials` (int4, fp8), else the product itself, [1, ...]."""
+    own = getattr(module, "partials", None)
+
+    def partials(x: Any) -> Any:
+        parts = own(x) if own is not None else None
+        return parts if parts is not None else module(x)[None]
+
+    return partials
 
 
 def _route_gemv(linear: Any) -> bool:
@@ -103,7 +120,11 @@ def _route_gemv(linear: Any) -> bool:
     import torch
     import torch.nn.functional as F
 
-    if type(linear) is not torch.nn.Linear or linear.bias is not None or gemv_op.gemv_blocker(linear.weight) is not None:
+    if (
+        type(linear) is not torch.nn.Linear
+        or linear.bias is not None
+        or gemv_op.gemv_blocker(linear.weight) is not None
+    ):
         return False
     if "forward" in vars(linear):
         return False  # fused already (its group routes its own product)
@@ -152,3 +173,4 @@ def unfuse(model: Any) -> None:
     for module in model.modules():
         if vars(module).pop("_qwen3vl_fused", False):
             del module.forward
+            vars(module).pop("_qwen3vl_group", None)

@@ -231,6 +231,11 @@ class Int4Linear(nn.Module):
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_weight(self.qweight, self.scales, self.zeros, dtype)
 
+    def partials(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The product as `[split, ..., N]` partial sums (`int4_parts_impl`) for a consumer that adds them itself
+        (the fused decode layer's kernels, kernels/layer.py); None with a bias."""
+        return None if self.bias is not None else int4_parts_impl(x, self.qweight, self.scales, self.zeros)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_dynamo_compiling():  # one row: the split-K partial sums added by the graph (parts.py)
             ops = torch.ops.qwen3vl_webui

@@ -32,7 +32,7 @@ from qwen3vl_webui.kernels import attention
 if TYPE_CHECKING:
     import torch
 
-SILU_BLOCK = 1024
+BLOCK = 1024  # columns per program of the element-wise kernels (silu_mul, add_product)
 
 
 @functools.cache
@@ -85,27 +85,51 @@ def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ the ops
+#
+# A product arrives as `parts [split, rows, n]`: a split-K product's partial sums (fp32: int4, fp8), or the product
+# itself as [1, rows, n] (`Linear(x)[None]`). The kernels add the parts in order and round once, as the product's own
+# reduction would (kernels/splitk.py); `product_reference` is that arithmetic in torch.
+
+
+def product_reference(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The product from its parts: added in part order in fp32, rounded to `dtype` once."""
+    if parts.shape[0] == 1 and parts.dtype == dtype:
+        return parts[0]
+    total = parts[0].float()
+    for part in parts[1:]:
+        total = total + part.float()
+    return total.to(dtype)
+
+
+def _rows(parts: torch.Tensor) -> torch.Tensor:
+    """`parts` with unit stride along the last axis (what the kernels index)."""
+    return parts if parts.stride(-1) == 1 else parts.contiguous()
 
 
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+    parts: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(RMSNorm(x + residual), x + residual) over the last axis of `x [rows, n]`; without `residual`, of x."""
+    """(RMSNorm(x + residual), x + residual) over the last axis, x the product in `parts [split, rows, n]`; without
+    `residual`, RMSNorm(x) and x. Activations in `weight`'s dtype unless `residual` says otherwise."""
     import torch
 
-    kernels = _triton(x)
+    dtype = residual.dtype if residual is not None else (parts.dtype if parts.shape[0] == 1 else weight.dtype)
+    kernels = _triton(parts)
     if kernels is None:
-        total = x if residual is None else x + residual
+        x = product_reference(parts, dtype)
+        total = x if residual is None else residual + x
         return rms_norm_reference(total, weight, eps), total
-    rows, n = x.shape
-    out = torch.empty((rows, n), device=x.device, dtype=x.dtype)
-    total = x if residual is None else torch.empty_like(out)
-    r = x if residual is None else residual
+    parts = _rows(parts)
+    split, rows, n = parts.shape
+    out = torch.empty((rows, n), device=parts.device, dtype=dtype)
+    total = torch.empty_like(out) if residual is not None else None
+    r = residual if residual is not None else out
     kernels.add_rms_norm[(rows,)](
-        x, r, weight, out, total, eps, n, x.stride(0), r.stride(0), out.stride(0), total.stride(0),
-        HAS_R=residual is not None, BLOCK=triton_block(n), num_warps=8 if n >= 2048 else 4,
+        parts, r, weight, out, total if total is not None else out, eps, n, parts.stride(0), parts.stride(1),
+        r.stride(0), out.stride(0), out.stride(0) if total is None else total.stride(0),
+        HAS_R=residual is not None, SPLIT=split, BLOCK=triton_block(n), num_warps=8 if n >= 2048 else 4,
     )  # fmt: skip
-    return out, total
+    return out, total if total is not None else product_reference(parts, dtype)
 
 
 def qk_norm_rope_kv(
@@ -121,41 +145,64 @@ def qk_norm_rope_kv(
     values: torch.Tensor,
     index: torch.Tensor,
 ) -> torch.Tensor:
-    """From `qkv [rows, (heads + 2 kv_heads) dim]` (rows may be strided): returns q [rows, heads, dim] normed and
-    rotated; writes k (normed, rotated) and v into the flat `keys`/`values` [*, dim] at `index [rows * kv_heads]`."""
+    """From the fused q/k/v product `qkv [split, rows, (heads + 2 kv_heads) dim]` (its parts): returns q
+    [rows, heads, dim] normed and rotated; writes k (normed, rotated) and v into the flat `keys`/`values` [*, dim] at
+    `index [rows * kv_heads]`."""
     import torch
 
-    rows = qkv.shape[0]
+    split, rows, _ = qkv.shape
     dim = q_weight.shape[0]
+    dtype = cos.dtype
     kernels = _triton(qkv)
     if kernels is None:
-        split = qkv.view(rows, heads + 2 * kv_heads, dim)
-        q = norm_rope_reference(split[:, :heads], q_weight, cos, sin, eps)
-        k = norm_rope_reference(split[:, heads : heads + kv_heads], k_weight, cos, sin, eps)
+        heads_of = product_reference(qkv, dtype).view(rows, heads + 2 * kv_heads, dim)
+        q = norm_rope_reference(heads_of[:, :heads], q_weight, cos, sin, eps)
+        k = norm_rope_reference(heads_of[:, heads : heads + kv_heads], k_weight, cos, sin, eps)
         keys.index_copy_(0, index, k.reshape(-1, dim))
-        values.index_copy_(0, index, split[:, heads + kv_heads :].reshape(-1, dim))
+        values.index_copy_(0, index, heads_of[:, heads + kv_heads :].reshape(-1, dim))
         return q
-    q = torch.empty((rows, heads, dim), device=qkv.device, dtype=qkv.dtype)
+    qkv = _rows(qkv)
+    q = torch.empty((rows, heads, dim), device=qkv.device, dtype=dtype)
     kernels.qk_norm_rope_kv[(rows, heads + 2 * kv_heads)](
         qkv, q_weight, k_weight, cos, sin, q, keys, values, index, eps,
-        qkv.stride(0), cos.stride(0), q.stride(0),
-        HEADS=heads, KV_HEADS=kv_heads, DIM=dim, HAS_KV=True, num_warps=1,
+        qkv.stride(0), qkv.stride(1), cos.stride(0), q.stride(0),
+        HEADS=heads, KV_HEADS=kv_heads, DIM=dim, SPLIT=split, num_warps=1,
     )  # fmt: skip
     return q
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for `[rows, n]` (rows may be strided)."""
+def silu_mul(gate_up: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """silu(gate) * up from the gate/up product `gate_up [split, rows, 2n]` ([gate | up], its parts), in `dtype`."""
     import torch
 
-    kernels = _triton(gate)
+    kernels = _triton(gate_up)
     if kernels is None:
+        gate, up = product_reference(gate_up, dtype).chunk(2, dim=-1)
         return silu_mul_reference(gate, up)
-    rows, n = gate.shape
-    out = torch.empty((rows, n), device=gate.device, dtype=gate.dtype)
-    kernels.silu_mul[(rows, -(-n // SILU_BLOCK))](
-        gate, up, out, n, gate.stride(0), up.stride(0), out.stride(0), BLOCK=SILU_BLOCK, num_warps=4
+    gate_up = _rows(gate_up)
+    split, rows, width = gate_up.shape
+    n = width // 2
+    out = torch.empty((rows, n), device=gate_up.device, dtype=dtype)
+    kernels.silu_mul[(rows, -(-n // BLOCK))](
+        gate_up, out, n, gate_up.stride(0), gate_up.stride(1), out.stride(0), SPLIT=split, BLOCK=BLOCK, num_warps=4
     )
+    return out
+
+
+def add_product(residual: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
+    """residual + the product in `parts [split, rows, n]`, rounded: the layer's last residual add."""
+    import torch
+
+    kernels = _triton(parts)
+    if kernels is None:
+        return residual + product_reference(parts, residual.dtype)
+    parts = _rows(parts)
+    split, rows, n = parts.shape
+    out = torch.empty((rows, n), device=parts.device, dtype=residual.dtype)
+    kernels.add_product[(rows, -(-n // BLOCK))](
+        residual, parts, out, n, residual.stride(0), parts.stride(0), parts.stride(1), out.stride(0),
+        SPLIT=split, BLOCK=BLOCK, num_warps=4,
+    )  # fmt: skip
     return out
 
 
@@ -184,30 +231,20 @@ def fusable(layer: Any) -> str | None:
     return None
 
 
-def _adjacent(parts: tuple[torch.Tensor, ...]) -> bool:
-    """Whether `parts` are consecutive column ranges of one row-major buffer (a fused product's slices)."""
-    first = parts[0]
-    if first.dim() != 2 or first.stride(1) != 1:
-        return False
-    offset = first.storage_offset()
-    for part in parts:
-        same = part.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
-        if not same or part.stride() != first.stride() or part.storage_offset() != offset:
-            return False
-        offset += part.shape[1]
-    return offset - first.storage_offset() <= first.stride(0)
-
-
-def _qkv(attn: Any, x: torch.Tensor) -> torch.Tensor:
-    """The q/k/v product as one [rows, q|k|v] tensor: the fused product itself (its three slices), else concatenated."""
+def partials(linears: list[Any], x: torch.Tensor) -> torch.Tensor:
+    """The product of `linears` (one Linear, or a group whose outputs are concatenated: q/k/v, gate/up) on `x
+    [rows, K]` as `[split, rows, N]` parts: a fused group's one product (kernels/fusion.py), a quantized Linear's own
+    partial sums (int4, fp8: their split-K reduction left to our kernels), else each product, concatenated."""
     import torch
 
-    parts = (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
-    if _adjacent(parts):
-        first = parts[0]
-        width = sum(p.shape[1] for p in parts)
-        return first.as_strided((first.shape[0], width), first.stride())
-    return torch.cat(parts, dim=-1)
+    group = getattr(linears[0], "_qwen3vl_group", None)
+    if group is not None and len(group.members) == len(linears) and all(a is b for a, b in zip(group.members, linears)):
+        return group.partials(x)
+    if len(linears) == 1:
+        own = getattr(linears[0], "partials", None)
+        parts = own(x) if own is not None else None
+        return parts if parts is not None else linears[0](x)[None]
+    return torch.cat([m(x) for m in linears], dim=-1)[None]
 
 
 def decode_layer_forward(layer: Any, original: Callable[..., Any]) -> Callable[..., Any]:
@@ -222,6 +259,7 @@ def decode_layer_forward(layer: Any, original: Callable[..., Any]) -> Callable[.
     eps_q, eps_k = attn.q_norm.variance_epsilon, attn.k_norm.variance_epsilon
     if eps_q != eps_k:
         return original
+    qkv_linears, gate_up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
 
     def forward(hidden_states: torch.Tensor, position_embeddings: Any = None, attention_mask: Any = None,
                 position_ids: Any = None, past_key_values: Any = None, use_cache: bool | None = False,
@@ -237,19 +275,19 @@ def decode_layer_forward(layer: Any, original: Callable[..., Any]) -> Callable[.
                             **kwargs)  # fmt: skip
         rows, _, width = hidden_states.shape
         x = hidden_states.view(rows, width)
-        normed, _ = add_rms_norm(x, None, layer.input_layernorm.weight, eps_in)
+        normed, _ = add_rms_norm(x[None], None, layer.input_layernorm.weight, eps_in)
         cos, sin = position_embeddings
         keys, values, index = cache.flat()
         q = qk_norm_rope_kv(
-            _qkv(attn, normed), heads, kv_heads, attn.q_norm.weight, attn.k_norm.weight,
+            partials(qkv_linears, normed), heads, kv_heads, attn.q_norm.weight, attn.k_norm.weight,
             cos.reshape(rows, dim), sin.reshape(rows, dim), eps_q, keys, values, index,
         )  # fmt: skip
         k, v = cache.views()
         out = attention.decode_attention(q.view(rows, heads, 1, dim), k, v, lengths, attn.scaling)
-        o = attn.o_proj(out.view(rows, heads * dim))
+        o = partials([attn.o_proj], out.view(rows, heads * dim))
         normed, total = add_rms_norm(o, x, layer.post_attention_layernorm.weight, eps_post)
-        down = mlp.down_proj(silu_mul(mlp.gate_proj(normed), mlp.up_proj(normed)))
-        return (total + down).view(rows, 1, width)
+        act = silu_mul(partials(gate_up, normed), x.dtype)
+        return add_product(total, partials([mlp.down_proj], act)).view(rows, 1, width)
 
     return forward
 
@@ -291,34 +329,61 @@ def probe(device: str, dtype: Any, heads: int, kv_heads: int, head_dim: int) -> 
     if _kernels() is None:
         return "triton is not importable"
     try:
-        gen = torch.Generator(device=device).manual_seed(0)
-
-        def rand(*shape: int) -> torch.Tensor:
-            return torch.randn(*shape, device=device, generator=gen).to(dtype)
-
-        rows, hidden, width = 3, 320, 1000
-        x, r, w = rand(rows, hidden), rand(rows, hidden), rand(hidden)
-        got, total = add_rms_norm(x, r, w, 1e-6)
-        errors = {"add_rms_norm": _error(got, rms_norm_reference(x + r, w, 1e-6)), "add": _error(total, x + r)}
-        qkv = rand(rows, (heads + 2 * kv_heads) * head_dim + 16)[:, : (heads + 2 * kv_heads) * head_dim]
-        qw, kw, cos, sin = rand(head_dim), rand(head_dim), rand(rows, head_dim), rand(rows, head_dim)
-        index = torch.randperm(rows * kv_heads * 2, device=device, generator=gen)[: rows * kv_heads]
-        keys, values = torch.zeros(2, rows * kv_heads * 2, head_dim, device=device, dtype=dtype)
-        q = qk_norm_rope_kv(qkv, heads, kv_heads, qw, kw, cos, sin, 1e-6, keys, values, index)
-        split = qkv.view(rows, heads + 2 * kv_heads, head_dim)
-        errors["q"] = _error(q, norm_rope_reference(split[:, :heads], qw, cos, sin, 1e-6))
-        k = norm_rope_reference(split[:, heads : heads + kv_heads], kw, cos, sin, 1e-6)
-        errors["k"] = _error(keys[index], k.reshape(-1, head_dim))
-        errors["v"] = _error(values[index], split[:, heads + kv_heads :].reshape(-1, head_dim))
-        gate, up = rand(rows, 2 * width).split(width, dim=-1)
-        errors["silu_mul"] = _error(silu_mul(gate, up), silu_mul_reference(gate, up))
+        errors = {f"{name} ({split} parts)": error for split in (1, 3)
+                  for name, error in check(device, dtype, heads, kv_heads, head_dim, split).items()}  # fmt: skip
     except Exception as exc:
         return f"the fused layer's kernels failed here: {type(exc).__name__}: {str(exc)[:200]}"
     wrong = [name for name, error in errors.items() if not error < 1e-2]  # NaN is wrong too
     return f"the fused layer's {wrong[0]} disagreed with torch (relative {errors[wrong[0]]:.3g})" if wrong else None
 
 
-def _error(got: torch.Tensor, ref: torch.Tensor) -> float:
+def check(
+    device: str, dtype: Any, heads: int, kv_heads: int, head_dim: int, split: int, seed: int = 0
+) -> dict[str, float]:
+    """Each kernel against its torch reference on random data (products as `split` parts: fp32 partial sums, or the
+    product itself in `dtype` for 1), relative errors; 1.0 where a cache row outside the step's changed. Runs
+    wherever `_triton` finds the kernels (CUDA, or the interpreter: tests)."""
+    import torch
 
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def rand(*shape: int, like: Any = dtype) -> torch.Tensor:
+        return torch.randn(*shape, device=device, generator=gen).to(like)
+
+    def product(rows: int, n: int) -> torch.Tensor:  # as a Linear hands it over, strided rows included
+        return rand(split, rows, n + 8, like=dtype if split == 1 else torch.float32)[:, :, :n]
+
+    rows, hidden, width = 3, 320, 1000
+    o, r, w = product(rows, hidden), rand(rows, hidden), rand(hidden)
+    got, total = add_rms_norm(o, r, w, 1e-6)
+    want_total = r + product_reference(o, dtype)
+    errors = {"add_rms_norm": _error(got, rms_norm_reference(want_total, w, 1e-6)), "add": _error(total, want_total)}
+    alone, same = add_rms_norm(r[None], None, w, 1e-6)
+    errors["rms_norm"] = _error(alone, rms_norm_reference(r, w, 1e-6))
+    errors["rms_norm's x"] = _error(same, r)
+    qkv = product(rows, (heads + 2 * kv_heads) * head_dim)
+    qw, kw, cos, sin = rand(head_dim), rand(head_dim), rand(rows, head_dim), rand(rows, head_dim)
+    index = torch.randperm(rows * kv_heads * 2, device=device, generator=gen)[: rows * kv_heads]
+    keys, values = rand(2, rows * kv_heads * 2, head_dim)
+    before = keys.clone(), values.clone()
+    q = qk_norm_rope_kv(qkv, heads, kv_heads, qw, kw, cos, sin, 1e-6, keys, values, index)
+    heads_of = product_reference(qkv, dtype).view(rows, heads + 2 * kv_heads, head_dim)
+    errors["q"] = _error(q, norm_rope_reference(heads_of[:, :heads], qw, cos, sin, 1e-6))
+    k = norm_rope_reference(heads_of[:, heads : heads + kv_heads], kw, cos, sin, 1e-6)
+    errors["k"] = _error(keys[index], k.reshape(-1, head_dim))
+    errors["v"] = _error(values[index], heads_of[:, heads + kv_heads :].reshape(-1, head_dim))
+    untouched = torch.ones(keys.shape[0], dtype=torch.bool, device=device)
+    untouched[index] = False
+    kept = torch.equal(keys[untouched], before[0][untouched]) and torch.equal(values[untouched], before[1][untouched])
+    errors["cache rows outside the step"] = 0.0 if kept else 1.0
+    gate_up = product(rows, 2 * width)
+    gate, up = product_reference(gate_up, dtype).chunk(2, dim=-1)
+    errors["silu_mul"] = _error(silu_mul(gate_up, dtype), silu_mul_reference(gate, up))
+    down = product(rows, hidden)
+    errors["add_product"] = _error(add_product(r, down), r + product_reference(down, dtype))
+    return errors
+
+
+def _error(got: torch.Tensor, ref: torch.Tensor) -> float:
     ref = ref.float()
     return float((got.float() - ref).norm() / ref.norm().clamp_min(1e-12))

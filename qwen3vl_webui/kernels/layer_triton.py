@@ -3,6 +3,11 @@
 Each kernel computes what transformers' eager ops compute, rounding to the activations' dtype where they round
 (every bf16 op rounds its result), so the fused layer differs from the eager one only in the order of the fp32 sums
 of a norm's squares.
+
+A product's output comes in as its partial sums `P [SPLIT, rows, n]` (strides `sp` between parts, `sr` between rows):
+a split-K product's fp32 parts (int4, fp8), added here in part order and rounded to the activations' dtype once, as
+its own reduction kernel would (kernels/splitk.py), or the product itself (SPLIT 1, already in that dtype: the
+rounding is exact). The reduction's launch is saved.
 """
 
 from __future__ import annotations
@@ -12,23 +17,33 @@ import triton.language as tl
 
 
 @triton.jit
+def _product(P, sp, offs, ok, SPLIT: tl.constexpr, DTYPE: tl.constexpr):
+    """The product at `offs`: its SPLIT partial sums added in order, rounded to DTYPE, as fp32."""
+    acc = tl.load(P + offs, mask=ok, other=0.0).to(tl.float32)
+    for s in tl.static_range(1, SPLIT):
+        acc += tl.load(P + s * sp + offs, mask=ok, other=0.0).to(tl.float32)
+    return acc.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
 def add_rms_norm(
-    X, R, W, Out, Sum, eps, n, sx, sr, so, ss,
-    HAS_R: tl.constexpr, BLOCK: tl.constexpr,
+    X, R, W, Out, Sum, eps, n, sx_p, sx, sr, so, ss,
+    HAS_R: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """One program per row: Sum = X + R (rounded), Out = W * (Sum * rsqrt(mean(Sum²) + eps)) (HAS_R), or of X alone."""
+    """One program per row: x = the product in X (its SPLIT parts); Sum = x + R (rounded) and Out = W * (Sum *
+    rsqrt(mean(Sum²) + eps)) (HAS_R), or Out of x alone."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < n
-    x = tl.load(X + row * sx + cols, mask=ok, other=0.0)
+    dtype = Out.dtype.element_ty
+    x = _product(X, sx_p, row * sx + cols, ok, SPLIT, dtype)
     if HAS_R:
-        x = (x.to(tl.float32) + tl.load(R + row * sr + cols, mask=ok, other=0.0).to(tl.float32)).to(X.dtype.element_ty)
-        tl.store(Sum + row * ss + cols, x, mask=ok)
-    x = x.to(tl.float32)
+        x = (x + tl.load(R + row * sr + cols, mask=ok, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+        tl.store(Sum + row * ss + cols, x.to(dtype), mask=ok)
     inv = tl.math.rsqrt(tl.sum(x * x, axis=0) / n + eps)
-    y = (x * inv).to(X.dtype.element_ty).to(tl.float32)
+    y = (x * inv).to(dtype).to(tl.float32)
     w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(Out + row * so + cols, (w * y).to(Out.dtype.element_ty), mask=ok)
+    tl.store(Out + row * so + cols, (w * y).to(dtype), mask=ok)
 
 
 @triton.jit
@@ -44,14 +59,13 @@ def _norm_rope(x, xp, w, wp, c, s, first, eps, DIM: tl.constexpr, DTYPE: tl.cons
 @triton.jit
 def qk_norm_rope_kv(
     QKV, QW, KW, Cos, Sin, Q, Keys, Values, Index, eps,
-    s_row, s_cos, s_q,
-    HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, HAS_KV: tl.constexpr,
+    s_part, s_row, s_cos, s_q,
+    HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
-    """One program per (row, head) of q, k and v from one row of the fused q/k/v product [q | k | v].
+    """One program per (row, head) of q, k and v from one row of the fused q/k/v product [q | k | v] (SPLIT parts).
 
     q heads: RMSNorm (q_norm) then RoPE, into Q [rows, HEADS, DIM]. k heads: RMSNorm (k_norm) then RoPE, into the
-    flat per-layer cache Keys at row Index[row * KV_HEADS + head]. v heads: copied into Values there. Without the
-    cache (not HAS_KV), k goes to Keys [rows, KV_HEADS, DIM] and v is left where it is.
+    flat per-layer cache Keys at row Index[row * KV_HEADS + head]. v heads: into Values there.
     """
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -60,42 +74,48 @@ def qk_norm_rope_kv(
     partner = (d + half) % DIM
     first = d < half
     dtype = Q.dtype.element_ty
-    src = QKV + row * s_row + head * DIM
-    if head < HEADS:
-        x = tl.load(src + d).to(tl.float32)
-        xp = tl.load(src + partner).to(tl.float32)
-        w = tl.load(QW + d).to(tl.float32)
-        wp = tl.load(QW + partner).to(tl.float32)
+    base = row * s_row + head * DIM
+    everywhere = d < DIM
+    if head < HEADS + KV_HEADS:
+        x = _product(QKV, s_part, base + d, everywhere, SPLIT, dtype)
+        xp = _product(QKV, s_part, base + partner, everywhere, SPLIT, dtype)
         c = tl.load(Cos + row * s_cos + d).to(tl.float32)
         s = tl.load(Sin + row * s_cos + d).to(tl.float32)
-        tl.store(Q + row * s_q + head * DIM + d, _norm_rope(x, xp, w, wp, c, s, first, eps, DIM, dtype))
-    elif head < HEADS + KV_HEADS:
-        kvh = head - HEADS
-        x = tl.load(src + d).to(tl.float32)
-        xp = tl.load(src + partner).to(tl.float32)
-        w = tl.load(KW + d).to(tl.float32)
-        wp = tl.load(KW + partner).to(tl.float32)
-        c = tl.load(Cos + row * s_cos + d).to(tl.float32)
-        s = tl.load(Sin + row * s_cos + d).to(tl.float32)
-        k = _norm_rope(x, xp, w, wp, c, s, first, eps, DIM, dtype)
-        if HAS_KV:
-            dst = tl.load(Index + row * KV_HEADS + kvh).to(tl.int64)
-            tl.store(Keys + dst * DIM + d, k)
+        if head < HEADS:
+            w = tl.load(QW + d).to(tl.float32)
+            wp = tl.load(QW + partner).to(tl.float32)
+            tl.store(Q + row * s_q + head * DIM + d, _norm_rope(x, xp, w, wp, c, s, first, eps, DIM, dtype))
         else:
-            tl.store(Keys + (row * KV_HEADS + kvh) * DIM + d, k)
-    elif HAS_KV:
-        kvh = head - HEADS - KV_HEADS
-        dst = tl.load(Index + row * KV_HEADS + kvh).to(tl.int64)
-        tl.store(Values + dst * DIM + d, tl.load(src + d))
+            w = tl.load(KW + d).to(tl.float32)
+            wp = tl.load(KW + partner).to(tl.float32)
+            dst = tl.load(Index + row * KV_HEADS + head - HEADS).to(tl.int64)
+            tl.store(Keys + dst * DIM + d, _norm_rope(x, xp, w, wp, c, s, first, eps, DIM, dtype))
+    else:
+        dst = tl.load(Index + row * KV_HEADS + head - HEADS - KV_HEADS).to(tl.int64)
+        tl.store(Values + dst * DIM + d, _product(QKV, s_part, base + d, everywhere, SPLIT, dtype).to(dtype))
 
 
 @triton.jit
-def silu_mul(G, U, Out, n, sg, su, so, BLOCK: tl.constexpr):
-    """Out = silu(G) * U, rounded after each op as transformers' eager MLP; one program per (row, block of columns)."""
+def silu_mul(P, Out, n, sp, sr, so, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """Out = silu(gate) * up from the gate/up product [gate | up] (n columns each, SPLIT parts), rounded after each op
+    as transformers' eager MLP; one program per (row, block of columns)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < n
-    g = tl.load(G + row * sg + cols, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(U + row * su + cols, mask=ok, other=0.0).to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(Out.dtype.element_ty).to(tl.float32)
-    tl.store(Out + row * so + cols, (act * u).to(Out.dtype.element_ty), mask=ok)
+    dtype = Out.dtype.element_ty
+    g = _product(P, sp, row * sr + cols, ok, SPLIT, dtype)
+    u = _product(P, sp, row * sr + n + cols, ok, SPLIT, dtype)
+    act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+    tl.store(Out + row * so + cols, (act * u).to(dtype), mask=ok)
+
+
+@triton.jit
+def add_product(R, P, Out, n, sr, sp, spr, so, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """Out = R + the product in P (its SPLIT parts), rounded: the layer's last residual add."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < n
+    dtype = Out.dtype.element_ty
+    y = _product(P, sp, row * spr + cols, ok, SPLIT, dtype)
+    r = tl.load(R + row * sr + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(Out + row * so + cols, (r + y).to(dtype), mask=ok)
