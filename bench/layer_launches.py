@@ -16,13 +16,11 @@ q/k/v and gate/up fused into one product each, the slot cache, the split-KV deco
 
 from __future__ import annotations
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the fused layer's kernels on CPU
-
 import argparse
 import collections
 import json
+import os
+import subprocess
 import sys
 from typing import Any
 
@@ -35,6 +33,10 @@ ALIASING = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    if os.environ.get("TRITON_INTERPRET") != "1":  # Triton must be imported under it: a process of its own
+        args = sys.argv[1:] if argv is None else argv
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        return subprocess.call([sys.executable, "-m", "bench.layer_launches", *args], env=env)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=1, help="decode rows (streams) in the step")
     ap.add_argument("--out", help="write the JSON report here")

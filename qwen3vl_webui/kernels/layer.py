@@ -46,9 +46,12 @@ def _kernels() -> Any:
 
 def _triton(x: torch.Tensor) -> Any:
     """The kernels where they run for `x`: CUDA, or Triton's interpreter on CPU (tests)."""
-    if x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+    if x.is_cuda:
         return _kernels()
-    return None
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    kernels = _kernels()  # the interpreter only if Triton was imported under it (the variable set later does not count)
+    return kernels if kernels is not None and type(kernels._product).__name__ == "InterpretedFunction" else None
 
 
 # ------------------------------------------------------------------------------------------ the torch references
