@@ -22,7 +22,7 @@ from bench import common
 # Kernel kinds, first match wins (Triton kernels are named after their function; ours live in kernels/).
 KINDS = (
     ("split-K reduction", r"_reduce_kernel|splitk"),
-    ("fused layer (ours)", r"add_rms_norm|qk_norm_rope_kv|silu_mul"),
+    ("fused layer (ours)", r"add_rms_norm|qk_norm_rope_kv|silu_mul|add_product"),
     ("our products (Triton)", r"_swap_kernel|_skinny_kernel|_tile_kernel|_atomic_gemv|_gemv_kernel|_dequant"),
     ("attention", r"attn|attention|flash|split_kv|combine_splits|_decode_kernel"),
     ("cuBLAS / GEMM", r"gemm|gemv|cublas|cutlass|nvjet|xmma|sm90_"),

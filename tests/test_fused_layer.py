@@ -303,3 +303,25 @@ def test_partials_of_a_fused_quantized_group_are_its_members_products(tiny_check
         assert down.shape[0] == 1  # on CPU a quantized product is one part (CUDA: its split-K partial sums)
     fusion.unfuse(loaded.model)
     assert "_qwen3vl_group" not in vars(attn.q_proj)
+
+
+def test_a_warm_up_failure_of_the_fused_layers_turns_them_off_and_warms_up_again(tiny_loaded: Any, monkeypatch) -> None:
+    """Their probe checks the kernels at small shapes; should a build at the step's own shapes fail in the warm-up,
+    the engine goes on with transformers' layer forward rather than failing to start."""
+    monkeypatch.setattr(attention, "decode_kernel_blocker", lambda *args: None)
+    options = BatchOptions(max_batch=2, token_budget=2 * 512, eos_token_ids=(), fused_layers=True)
+    with BatchEngine(tiny_loaded, options) as engine:
+        graphs = engine.core.graphs
+        runs: list[bool] = []
+
+        def forward(rows: int) -> None:
+            runs.append(graphs._fused_layers.on)
+            if graphs._fused_layers.on:
+                raise RuntimeError("PassManager::run failed")  # what a Triton build failure raises
+
+        graphs._warm_up(forward, None)
+        assert runs[0] is True and set(runs[1:]) == {False} and len(runs) == 1 + 2 * len(graphs.buckets)
+        assert engine.layers_path.startswith("transformers (the fused kernels failed in the warm-up: RuntimeError")
+        prompt = _prompts(tiny_loaded, ("hello there",))[0]
+        got = list(engine.submit_tokens(prompt, GREEDY, threading.Event()))  # decodes on, through transformers' layers
+    assert got == _generate(tiny_loaded, prompt, GREEDY.max_new_tokens)

@@ -113,7 +113,8 @@ def add_rms_norm(
     parts: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(x + residual), x + residual) over the last axis, x the product in `parts [split, rows, n]`; without
-    `residual`, RMSNorm(x) and x. Activations in `weight`'s dtype unless `residual` says otherwise."""
+    `residual`, RMSNorm(x) and x. The activations' dtype is the residual's, else the product's if it comes whole
+    (one part), else the weight's."""
     import torch
 
     dtype = residual.dtype if residual is not None else (parts.dtype if parts.shape[0] == 1 else weight.dtype)
@@ -126,9 +127,9 @@ def add_rms_norm(
     split, rows, n = parts.shape
     out = torch.empty((rows, n), device=parts.device, dtype=dtype)
     total = torch.empty_like(out) if residual is not None else None
-    r = residual if residual is not None else out
+    r = _rows(residual) if residual is not None else out
     kernels.add_rms_norm[(rows,)](
-        parts, r, weight, out, total if total is not None else out, eps, n, parts.stride(0), parts.stride(1),
+        parts, r, weight, out, total if total is not None else out, eps, n, 1.0 / n, parts.stride(0), parts.stride(1),
         r.stride(0), out.stride(0), out.stride(0) if total is None else total.stride(0),
         HAS_R=residual is not None, SPLIT=split, BLOCK=triton_block(n), num_warps=8 if n >= 2048 else 4,
     )  # fmt: skip
@@ -165,6 +166,7 @@ def qk_norm_rope_kv(
         values.index_copy_(0, index, heads_of[:, heads + kv_heads :].reshape(-1, dim))
         return q
     qkv = _rows(qkv)
+    cos, sin, index = cos.contiguous(), sin.contiguous(), index.contiguous()  # as the kernel indexes them (no-ops)
     q = torch.empty((rows, heads, dim), device=qkv.device, dtype=dtype)
     kernels.qk_norm_rope_kv[(rows, heads + 2 * kv_heads)](
         qkv, q_weight, k_weight, cos, sin, q, keys, values, index, eps,
@@ -187,8 +189,9 @@ def silu_mul(gate_up: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     n = width // 2
     out = torch.empty((rows, n), device=gate_up.device, dtype=dtype)
     kernels.silu_mul[(rows, -(-n // BLOCK))](
-        gate_up, out, n, gate_up.stride(0), gate_up.stride(1), out.stride(0), SPLIT=split, BLOCK=BLOCK, num_warps=4
-    )
+        gate_up, out, n, gate_up.stride(0), gate_up.stride(1), out.stride(0), SPLIT=split, BLOCK=BLOCK,
+        PRECISE=gate_up.is_cuda, num_warps=4,
+    )  # fmt: skip
     return out
 
 
@@ -201,6 +204,7 @@ def add_product(residual: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
         return residual + product_reference(parts, residual.dtype)
     parts = _rows(parts)
     split, rows, n = parts.shape
+    residual = _rows(residual)
     out = torch.empty((rows, n), device=parts.device, dtype=residual.dtype)
     kernels.add_product[(rows, -(-n // BLOCK))](
         residual, parts, out, n, residual.stride(0), parts.stride(0), parts.stride(1), out.stride(0),
@@ -231,6 +235,8 @@ def fusable(layer: Any) -> str | None:
         return "its attention projections have biases"
     if getattr(attn, "training", False):
         return "training mode"
+    if attn.q_norm.variance_epsilon != attn.k_norm.variance_epsilon:
+        return "its q and k norms have different epsilons"
     return None
 
 
@@ -250,8 +256,11 @@ def partials(linears: list[Any], x: torch.Tensor) -> torch.Tensor:
     return torch.cat([m(x) for m in linears], dim=-1)[None]
 
 
-def decode_layer_forward(layer: Any, original: Callable[..., Any]) -> Callable[..., Any]:
-    """A forward for `layer` (transformers' signature): the fused decode layer where it applies, else `original`."""
+def decode_layer_forward(
+    layer: Any, original: Callable[..., Any], on: Callable[[], bool] = lambda: True
+) -> Callable[..., Any]:
+    """A forward for `layer` (transformers' signature): the fused decode layer where it applies and `on()`, else
+    `original`."""
     import torch
 
     attn, mlp = layer.self_attn, layer.mlp
@@ -260,7 +269,7 @@ def decode_layer_forward(layer: Any, original: Callable[..., Any]) -> Callable[.
     dim = attn.head_dim
     eps_in, eps_post = layer.input_layernorm.variance_epsilon, layer.post_attention_layernorm.variance_epsilon
     eps_q, eps_k = attn.q_norm.variance_epsilon, attn.k_norm.variance_epsilon
-    if eps_q != eps_k:
+    if eps_q != eps_k:  # one kernel normalises both (`fusable` says so)
         return original
     qkv_linears, gate_up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
 
@@ -268,7 +277,7 @@ def decode_layer_forward(layer: Any, original: Callable[..., Any]) -> Callable[.
                 position_ids: Any = None, past_key_values: Any = None, use_cache: bool | None = False,
                 **kwargs: Any) -> torch.Tensor:  # fmt: skip
         lengths = kwargs.get("kv_lengths")
-        plain = not torch.compiler.is_compiling() and lengths is not None and hidden_states.dim() == 3
+        plain = not torch.compiler.is_compiling() and lengths is not None and hidden_states.dim() == 3 and on()
         cache = past_key_values
         if plain and hasattr(cache, "layer"):
             cache = cache.layer(attn.layer_idx)
@@ -295,26 +304,35 @@ def decode_layer_forward(layer: Any, original: Callable[..., Any]) -> Callable[.
     return forward
 
 
-def use_fused_layers(layers: list[Any]) -> Callable[[], None]:
-    """Gives each layer `decode_layer_forward` (over the forward it has); returns the undo. Layers `fusable` refuses
-    keep theirs."""
-    changed: list[tuple[Any, Any]] = []
-    for layer in layers:
-        if fusable(layer) is not None:
-            continue
-        previous = vars(layer).get("forward")
-        layer.forward = decode_layer_forward(layer, layer.forward)
-        changed.append((layer, previous))
+class FusedLayers:
+    """The decoder layers given `decode_layer_forward` (over the forward each had; layers `fusable` refuses keep
+    theirs). `turn_off` sends every later call to the layers' own forward at once, whatever wraps them since (the
+    regional compile's eager side calls these); `restore` puts the forwards back."""
 
-    def restore() -> None:
-        for layer, previous in changed:
+    def __init__(self, layers: list[Any]) -> None:
+        self.on = True
+        self._changed: list[tuple[Any, Any]] = []
+        for layer in layers:
+            if fusable(layer) is not None:
+                continue
+            previous = vars(layer).get("forward")
+            layer.forward = decode_layer_forward(layer, layer.forward, lambda: self.on)
+            self._changed.append((layer, previous))
+
+    @property
+    def count(self) -> int:
+        return len(self._changed)
+
+    def turn_off(self) -> None:
+        self.on = False
+
+    def restore(self) -> None:
+        for layer, previous in self._changed:
             if previous is None:
                 vars(layer).pop("forward", None)
             else:
                 layer.forward = previous
-        changed.clear()
-
-    return restore
+        self._changed.clear()
 
 
 # ------------------------------------------------------------------------------------------ where they run

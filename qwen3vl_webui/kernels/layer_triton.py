@@ -2,7 +2,10 @@
 
 Each kernel computes what transformers' eager ops compute, rounding to the activations' dtype where they round
 (every bf16 op rounds its result), so the fused layer differs from the eager one only in the order of the fp32 sums
-of a norm's squares.
+of a norm's squares. Where torch's CUDA op is exact, so is ours: a norm's mean is its sum times 1/n (torch's
+MeanOps), SiLU divides with `div_rn` and exponentiates with libdevice's expf (Triton's `/` and `tl.exp` are the
+approximate div.full / ex2.approx, a bf16 step off torch's SiLU for some hundreds of bf16 inputs). PRECISE is off only
+under Triton's interpreter, which has no libdevice.
 
 A product's output comes in as its partial sums `P [SPLIT, rows, n]` (strides `sp` between parts, `sr` between rows):
 a split-K product's fp32 parts (int4, fp8), added here in part order and rounded to the activations' dtype once, as
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 
 @triton.jit
@@ -27,7 +31,7 @@ def _product(P, sp, offs, ok, SPLIT: tl.constexpr, DTYPE: tl.constexpr):
 
 @triton.jit
 def add_rms_norm(
-    X, R, W, Out, Sum, eps, n, sx_p, sx, sr, so, ss,
+    X, R, W, Out, Sum, eps, n, inv_n, sx_p, sx, sr, so, ss,
     HAS_R: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """One program per row: x = the product in X (its SPLIT parts); Sum = x + R (rounded) and Out = W * (Sum *
@@ -40,7 +44,7 @@ def add_rms_norm(
     if HAS_R:
         x = (x + tl.load(R + row * sr + cols, mask=ok, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
         tl.store(Sum + row * ss + cols, x.to(dtype), mask=ok)
-    inv = tl.math.rsqrt(tl.sum(x * x, axis=0) / n + eps)
+    inv = tl.math.rsqrt(tl.sum(x * x, axis=0) * inv_n + eps)
     y = (x * inv).to(dtype).to(tl.float32)
     w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
     tl.store(Out + row * so + cols, (w * y).to(dtype), mask=ok)
@@ -49,7 +53,7 @@ def add_rms_norm(
 @triton.jit
 def _norm_rope(x, xp, w, wp, c, s, first, eps, DIM: tl.constexpr, DTYPE: tl.constexpr):
     """One head's RMSNorm then RoPE, as transformers rounds: x at each position, xp at its rotate_half partner."""
-    inv = tl.math.rsqrt(tl.sum(x * x, axis=0) / DIM + eps)
+    inv = tl.math.rsqrt(tl.sum(x * x, axis=0) * (1.0 / DIM) + eps)
     n = (w * (x * inv).to(DTYPE).to(tl.float32)).to(DTYPE).to(tl.float32)
     npart = (wp * (xp * inv).to(DTYPE).to(tl.float32)).to(DTYPE).to(tl.float32)
     rot = tl.where(first, -npart, npart)  # rotate_half: cat(-x[half:], x[:half])
@@ -96,7 +100,7 @@ def qk_norm_rope_kv(
 
 
 @triton.jit
-def silu_mul(P, Out, n, sp, sr, so, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+def silu_mul(P, Out, n, sp, sr, so, SPLIT: tl.constexpr, BLOCK: tl.constexpr, PRECISE: tl.constexpr):
     """Out = silu(gate) * up from the gate/up product [gate | up] (n columns each, SPLIT parts), rounded after each op
     as transformers' eager MLP; one program per (row, block of columns)."""
     row = tl.program_id(0).to(tl.int64)
@@ -105,7 +109,11 @@ def silu_mul(P, Out, n, sp, sr, so, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
     dtype = Out.dtype.element_ty
     g = _product(P, sp, row * sr + cols, ok, SPLIT, dtype)
     u = _product(P, sp, row * sr + n + cols, ok, SPLIT, dtype)
-    act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+    if PRECISE:  # torch's CUDA SiLU: x / (1 + expf(-x)), an IEEE division
+        act = tl.math.div_rn(g, 1.0 + libdevice.exp(-g))
+    else:
+        act = tl.math.div_rn(g, 1.0 + tl.exp(-g))
+    act = act.to(dtype).to(tl.float32)
     tl.store(Out + row * so + cols, (act * u).to(dtype), mask=ok)
 
 

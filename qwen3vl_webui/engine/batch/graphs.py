@@ -186,6 +186,7 @@ class DecodeGraphs:
         self._restore_vision: Callable[[], None] = lambda: None
         self._restore_regional: Callable[[], None] = lambda: None
         self._restore_layers: Callable[[], None] = lambda: None
+        self._fused_layers: fused_layer.FusedLayers | None = None
         self._restored = False
         # How long a close waits for the compile thread's next safe point. Correctness does not hang on it (past it
         # the model is left as the engine changed it, `restore`); a cold bucket compiles for about a minute on an
@@ -329,8 +330,12 @@ class DecodeGraphs:
                 self.layers_path = f"transformers ({blocker})"
                 return
         layers = list(self.runner.lm.layers)
-        self._restore_layers = fused_layer.use_fused_layers(layers)
-        fused = sum("forward" in vars(layer) for layer in layers)
+        self._fused_layers = fused_layer.FusedLayers(layers)
+        self._restore_layers = self._fused_layers.restore
+        fused = self._fused_layers.count
+        if not fused:
+            self.layers_path = f"transformers ({fused_layer.fusable(layers[0]) if layers else 'no layers'})"
+            return
         self.layers_path = "fused kernels" if fused == len(layers) else f"fused kernels ({fused} of {len(layers)} layers)"
 
     def _build_compiled(self) -> None:
@@ -726,6 +731,22 @@ class DecodeGraphs:
         )  # fmt: skip
 
     def _warm_up(self, forward: Callable[[int], Any], stream: Any) -> None:
+        """`_warm_up_steps`; should it fail while the fused layers serve, they are turned off (transformers' layer
+        forward from then on, said in `layers_path`) and the warm-up runs once more. Their probe checks them at
+        small shapes; a build the step's own shapes need (a block, a split count) could still fail here."""
+        try:
+            self._warm_up_steps(forward, stream)
+        except Exception as exc:
+            fused = self._fused_layers
+            if fused is None or not fused.on:
+                raise
+            why = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
+            log.warning("decode layers: the fused kernels failed in the warm-up (%s); transformers' forward instead", why)
+            fused.turn_off()
+            self.layers_path = f"transformers (the fused kernels failed in the warm-up: {why})"
+            self._warm_up_steps(forward, stream)
+
+    def _warm_up_steps(self, forward: Callable[[int], Any], stream: Any) -> None:
         """Two steps per bucket (the first one compiles), off the capture stream as torch.cuda.graph asks."""
         import contextlib
 
