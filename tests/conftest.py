@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -80,3 +84,16 @@ def wait_for(condition: Any, seconds: float) -> bool:
             return True
         time.sleep(0.05)
     return bool(condition())
+
+
+def run_interpreted(script: str, *args: str, timeout: float = 240) -> Any:
+    """Runs `script` in a fresh interpreter with TRITON_INTERPRET=1 (Triton reads it at import: the test process has
+    imported Triton already) and returns what it printed as `RESULTS <json>`."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=root
+    )
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")), None)
+    assert line is not None, proc.stderr[-3000:]
+    return json.loads(line.removeprefix("RESULTS "))

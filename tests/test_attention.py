@@ -4,10 +4,7 @@ Triton's interpreter, and the batch engine routed through the op (CPU)."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -19,6 +16,7 @@ from qwen3vl_webui.engine.batch import BatchEngine, BatchOptions
 from qwen3vl_webui.engine.request import SamplingParams
 from qwen3vl_webui.kernels import attention
 from qwen3vl_webui.service.prompt import ChatRequest, build_prompt
+from tests.conftest import run_interpreted
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,13 +125,7 @@ print("RESULTS " + json.dumps(results))
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_triton_kernel_under_the_interpreter_matches_the_reference() -> None:
     """The real kernels on CPU through Triton's interpreter (fp32 and fp16; its bf16 tl.dot is broken in Triton 3.8)."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, "-c", INTERPRETER_SCRIPT, str(ROOT)], capture_output=True, text=True, env=env, timeout=240
-    )
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")), None)
-    assert line is not None, proc.stderr[-3000:]
-    results = json.loads(line.removeprefix("RESULTS "))
+    results = run_interpreted(INTERPRETER_SCRIPT, str(ROOT))
     assert len(results) == 8
     for r in results:
         assert not r["nan"], r

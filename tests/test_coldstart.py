@@ -74,44 +74,46 @@ def _hold_until_the_next_swap(graphs: Any) -> None:
         time.sleep(0.01)
 
 
+def _swap_mid_stream(
+    engine: BatchEngine, prompts: dict[str, PreparedPrompt], names: list[str], gate: threading.Semaphore, after: int,
+    record: Any,
+) -> tuple[dict[str, list[int]], Any, list[Any]]:  # fmt: skip
+    """Streams `names` together. After `after` published steps the gate lets every bucket compile, and from then on
+    the engine thread holds at each step boundary until the next bucket is ready: one swap per boundary, mid-stream.
+    Returns each stream's tokens, the snapshot at the end, and `record(outputs)` of every published step."""
+    graphs = engine.core.graphs
+    seen: list[Any] = []
+
+    def listener(outputs: EngineOutputs) -> None:
+        seen.append(record(outputs))
+        if len(seen) == after:
+            gate.release(len(BUCKETS))
+        if len(seen) >= after:
+            _hold_until_the_next_swap(graphs)
+
+    engine.add_listener(listener)
+    with engine.hold_admission():
+        streams = {n: engine.submit_tokens(prompts[n], GREEDY, threading.Event()) for n in names}
+    got = {n: list(s) for n, s in streams.items()}
+    return got, engine.snapshot(), seen
+
+
 def test_the_swap_from_the_fused_eager_layers_to_the_compiled_step_keeps_generates_tokens(
     loaded: LoadedModel, prompts: dict[str, PreparedPrompt], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """As on a GPU: the eager step's layers run the fused layer (kernels/layer.py, its torch references here) and
     the split-KV decode op; the compiled regions trace transformers' layer. Streams that cross the swap keep
     `generate`'s greedy tokens, and the fused layers served the steps before it."""
-    from qwen3vl_webui.kernels import attention
-    from qwen3vl_webui.kernels import layer as fused
+    from tests.test_fused_layer import fused_route
 
-    monkeypatch.setattr(attention, "decode_kernel_blocker", lambda *args: None)
-    fused_steps: list[int] = []
-    rope = fused.norm_rope_reference
-
-    def counted(x: Any, *args: Any) -> Any:
-        fused_steps.append(x.shape[0])
-        return rope(x, *args)
-
-    monkeypatch.setattr(fused, "norm_rope_reference", counted)
+    fused_steps = fused_route(monkeypatch)
     names = ["text", "count"]
     expected = {n: reference(loaded, prompts[n]) for n in names}
     gate = threading.Semaphore(0)
-    seen: list[int] = []
     with BatchEngine(loaded, options(tmp_path, fused_layers=True), compile_gate=gate) as engine:
-        graphs = engine.core.graphs
         assert engine.layers_path == "fused kernels"
-
-        def listener(outputs: EngineOutputs) -> None:
-            seen.append(len(graphs.compiled_at))
-            if len(seen) == 5:
-                gate.release(len(BUCKETS))
-            if len(seen) >= 5:
-                _hold_until_the_next_swap(graphs)
-
-        engine.add_listener(listener)
-        with engine.hold_admission():
-            streams = {n: engine.submit_tokens(prompts[n], GREEDY, threading.Event()) for n in names}
-        got = {n: list(s) for n, s in streams.items()}
-        snap = engine.snapshot()
+        graphs = engine.core.graphs
+        got, snap, seen = _swap_mid_stream(engine, prompts, names, gate, 5, lambda outputs: len(graphs.compiled_at))
         assert engine.compile_error is None
     assert got == expected
     assert snap.compile_done == len(BUCKETS) and seen[0] == 0 and seen[-1] == len(BUCKETS)
@@ -132,7 +134,6 @@ def test_compiled_buckets_swap_in_mid_stream_and_every_stream_keeps_generates_to
     names = ["text", "count", "image"]
     expected = {n: reference(loaded, prompts[n]) for n in names}
     gate = threading.Semaphore(0)
-    seen: list[tuple[int, int, str]] = []  # per published step: (tokens in it, buckets compiled, decode mode)
     caplog.set_level(logging.INFO)
     with BatchEngine(loaded, options(tmp_path), compile_gate=gate) as engine:
         graphs = engine.core.graphs
@@ -141,20 +142,10 @@ def test_compiled_buckets_swap_in_mid_stream_and_every_stream_keeps_generates_to
         assert (snap.compile_done, snap.compile_total, snap.decode_mode) == (0, 3, "eager")
         assert not snap.full_speed and "compiling 0 of 3 batch sizes" in snap.decode_path
 
-        def listener(outputs: EngineOutputs) -> None:
-            seen.append(
-                (sum(len(o.new_token_ids) for o in outputs.outputs), len(graphs.compiled_at), graphs.decode_mode)
-            )
-            if len(seen) == 6:  # mid-stream: compile every bucket now
-                gate.release(len(BUCKETS))
-            if len(seen) >= 6:  # hold the engine thread until the next bucket is compiled: one swap per step boundary
-                _hold_until_the_next_swap(graphs)
+        def record(outputs: EngineOutputs) -> tuple[int, int, str]:  # (tokens in it, buckets compiled, decode mode)
+            return sum(len(o.new_token_ids) for o in outputs.outputs), len(graphs.compiled_at), graphs.decode_mode
 
-        engine.add_listener(listener)
-        with engine.hold_admission():
-            streams = {n: engine.submit_tokens(prompts[n], GREEDY, threading.Event()) for n in names}
-        got = {n: list(s) for n, s in streams.items()}
-        snap = engine.snapshot()
+        got, snap, seen = _swap_mid_stream(engine, prompts, names, gate, 6, record)  # compiles after 6 steps
         assert engine.compile_error is None
     assert got == expected
     assert (snap.compile_state, snap.compile_done, snap.decode_mode, snap.full_speed) == ("done", 3, "compiled", True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ from qwen3vl_webui.engine.request import SamplingParams
 from qwen3vl_webui.kernels import attention
 from qwen3vl_webui.kernels import layer as fused
 from qwen3vl_webui.service.prompt import ChatRequest, build_prompt
+from tests.conftest import run_interpreted
 
 ROOT = Path(__file__).resolve().parents[1]
 GREEDY = SamplingParams(max_new_tokens=40, temperature=0.0, repetition_penalty=1.0)
@@ -109,6 +109,21 @@ def _generate(loaded: Any, prompt: Any, tokens: int) -> list[int]:
     return out[0, prompt.inputs["input_ids"].shape[1] :].tolist()
 
 
+def fused_route(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The engine's decode route on CPU as on a GPU (the split-KV decode op, so the fused layers apply); returns the
+    rows of every head-norm + RoPE the fused layers' torch references run (two per layer and decode step)."""
+    monkeypatch.setattr(attention, "decode_kernel_blocker", lambda *args: None)
+    calls: list[int] = []
+    reference = fused.norm_rope_reference
+
+    def counted(x: Any, *args: Any) -> Any:
+        calls.append(x.shape[0])
+        return reference(x, *args)
+
+    monkeypatch.setattr(fused, "norm_rope_reference", counted)
+    return calls
+
+
 @pytest.fixture(scope="module")
 def tiny_int4(tiny_checkpoint: Path) -> Any:
     """The tiny checkpoint in our int4 (W4A16) on CPU: the fused layer takes its products as the Linears' parts."""
@@ -122,15 +137,7 @@ def test_the_engine_decodes_through_the_fused_layers_as_generate(
     tiny_loaded: Any, tiny_int4: Any, monkeypatch, precision: str
 ) -> None:
     loaded = tiny_loaded if precision == "fp32" else tiny_int4
-    monkeypatch.setattr(attention, "decode_kernel_blocker", lambda *args: None)  # the decode op's route on CPU
-    calls: list[int] = []
-    reference = fused.norm_rope_reference
-
-    def counted(x: Any, *args: Any) -> Any:
-        calls.append(x.shape[0])
-        return reference(x, *args)
-
-    monkeypatch.setattr(fused, "norm_rope_reference", counted)
+    calls = fused_route(monkeypatch)
     prompts = _prompts(loaded, ("hello there", "Count the objects"))
     expected = [_generate(loaded, prompts[0], 60), _generate(loaded, prompts[1], 40)]
     options = BatchOptions(max_batch=2, token_budget=2 * 512, eos_token_ids=(), fused_layers=True)
@@ -185,13 +192,7 @@ EXACT = ("add", "rms_norm's x", "v", "cache rows outside the step")
 def test_the_triton_kernels_under_the_interpreter_match_transformers_ops() -> None:
     """The real kernels on CPU through Triton's interpreter (fp32, fp16), reading products whole or as fp32 partial
     sums, strided rows, a cache whose other rows must stay as they were (`layer.check`, what the GPU probe runs)."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, "-c", INTERPRETER_SCRIPT, str(ROOT)], capture_output=True, text=True, env=env, timeout=240
-    )
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")), None)
-    assert line is not None, proc.stderr[-3000:]
-    results = json.loads(line.removeprefix("RESULTS "))
+    results = run_interpreted(INTERPRETER_SCRIPT, str(ROOT))
     assert [(r["dtype"], r["split"]) for r in results] == [
         ("torch.float32", 1), ("torch.float32", 3), ("torch.float16", 1), ("torch.float16", 3)
     ]  # fmt: skip
@@ -241,14 +242,7 @@ def test_the_fused_layer_with_its_triton_kernels_under_the_interpreter_equals_tr
 ) -> None:
     """The layer's Triton path end to end on CPU (fp32): q/k/v apart (concatenated) and as one fused product, K and V
     written into the flat cache by the kernel, against transformers' layer and the cache's own update."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, "-c", LAYER_SCRIPT, str(ROOT), str(tiny_checkpoint)],
-        capture_output=True, text=True, env=env, timeout=240, cwd=ROOT,
-    )  # fmt: skip
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")), None)
-    assert line is not None, proc.stderr[-3000:]
-    results = json.loads(line.removeprefix("RESULTS "))
+    results = run_interpreted(LAYER_SCRIPT, str(ROOT), str(tiny_checkpoint))
     assert [(r["fuse"], r["rows"]) for r in results] == [(False, 1), (False, 3), (True, 1), (True, 3)]
     for r in results:
         assert r["triton"] and r["values"] and r["grouped"] == r["fuse"], r
