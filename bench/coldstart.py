@@ -21,6 +21,10 @@ swap. Only the text comes back through /v1: answers are compared as text. Where 
 while-compiling streams (sessions 16-18: no round crossed a swap), `--greedy-first` runs the rounds right after the
 first answer instead; the streams then come after full speed (the compiled figures, no while-compiling ones).
 
+Before the first launch the packages on PYTHONPATH (a device call's carried wheels, installed with `--no-compile`)
+are compiled to bytecode, as a pip install or a Docker build does (`--no-bytecode` skips it; sessions before 23 did
+not, so their cold launches also compiled transformers' and gradio's modules).
+
 Writes coldstart.json (the timelines, tok/s per phase, the targets of issue 14 checked), coldstart.log,
 server_cold.log, precompile.log, server_artifacts.log into --out. The run ends itself within --deadline-s: the
 second launch is skipped when too little time is left, and each scenario shortens first.
@@ -521,6 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--py-spy", action="store_true",
                     help="py-spy on each launch (every process, non-blocking) from launch to its first answer: "
                          "startup_<launch>.txt and a summary per process and thread in the report")  # fmt: skip
+    ap.add_argument("--no-bytecode", action="store_true",
+                    help="skip compiling PYTHONPATH's packages to bytecode before the first launch (see `bytecode`)")
     ap.add_argument("--commit", default="", help="the tree's commit, recorded in the report")
     ap.add_argument("app_flags", nargs="*", help="extra app flags after --")
     args = ap.parse_args(argv)
@@ -546,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
         (out / "coldstart.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
 
     try:
+        if not args.no_bytecode:
+            report["bytecode"] = bytecode(log)
         log(f"cold launch: {' '.join(flags)} (empty cache dir and Triton cache)")
         report["cold"] = run_launch("cold", flags, work / "cold", out, args, log, deadline, measure_compiled=True)
         save()
@@ -590,6 +598,21 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
         log(f"done in {report['seconds']} s: {report['checks']}")
     return 1 if "error" in report else 0
+
+
+def bytecode(log: Log) -> dict[str, Any]:
+    """Compiles the packages on PYTHONPATH to bytecode, as `pip install` (and so a Docker build) does at install time.
+    A device call carries its wheels installed with `--no-compile` (faster to install), which left the first launch
+    compiling every module it imported (transformers' and gradio's), a cost no user's launch pays. Outside every
+    launch's timeline; its seconds are reported."""
+    dirs = [d for d in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+            if d and Path(d).is_dir() and Path(d).resolve() != ROOT.resolve()]  # fmt: skip
+    started = time.monotonic()
+    for folder in dirs:
+        subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", folder], capture_output=True, check=False)
+    result = {"dirs": dirs, "seconds": round(time.monotonic() - started, 1)}
+    log(f"bytecode compiled as an install would: {result}")
+    return result
 
 
 def checks(report: dict[str, Any]) -> dict[str, Any]:

@@ -106,3 +106,14 @@ def test_a_launch_profile_is_summed_per_process_and_thread_into_imports_and_our_
     assert worker["imports"] == [["transformers/models/qwen3_vl/modeling_qwen3_vl.py", 70, 0.7]]  # worker.py: the script
     assert worker["ours"][0] == ["_start (qwen3vl_webui/engine/remote/worker.py)", 70, 0.7]
     assert worker["ours"][1] == ["build (qwen3vl_webui/weights/random_weights.py)", 5, 0.05]
+
+
+def test_the_packages_on_pythonpath_are_compiled_to_bytecode_as_an_install_would(tmp_path: Path, monkeypatch) -> None:
+    """A device call's wheels are installed with --no-compile; the first launch must not pay their bytecode."""
+    site = tmp_path / "site"
+    (site / "pkg").mkdir(parents=True)
+    (site / "pkg" / "__init__.py").write_text("VALUE = 1\n")
+    monkeypatch.setenv("PYTHONPATH", f"{site}{os.pathsep}{coldstart.ROOT}{os.pathsep}{tmp_path / 'absent'}")
+    result = coldstart.bytecode(coldstart.Log(tmp_path / "log.txt"))
+    assert result["dirs"] == [str(site)] and result["seconds"] >= 0  # the tree itself and absent folders are not
+    assert list((site / "pkg" / "__pycache__").glob("__init__.*.pyc"))
