@@ -1,23 +1,25 @@
-"""The decode step's decoder layer in ~11 kernels instead of ~55: the engine's eager path at the compiled path's speed.
+"""The decode step's decoder layer in 10 launches instead of 53: the engine's eager path near the compiled path's speed.
 
-In a CUDA graph a decode step costs its kernels, and an eager layer of transformers launches ~55 at one token a row:
-RMSNorm alone is 7 (cast, pow, mean, add, rsqrt, mul, cast, weight), q_norm and k_norm 7 each, RoPE 5 each for q
-and k, the KV cache's writes and copies, SiLU and its product, the residual adds. Each is a few microseconds of an
-idle GPU: ~3 ms of a 4B step's ~7 ms at one stream on an H100 (bench/RESULTS.md: eager graphs 146 tok/s against the
-compiled step's ~260). torch.compile fuses them, but costs a compile (a minute per batch size cold, seconds from
-artifacts) before the engine reaches that speed. The kernels here do what vLLM's custom ops do without a compiler:
+In a CUDA graph a decode step costs its kernels, and transformers' eager layer launches 53 at one token a row
+(`python -m bench.layer_launches`): RMSNorm alone is 8 (cast, pow, mean, add, rsqrt, mul, cast, weight), q_norm and
+k_norm as many each, RoPE 5 each for q and k, the KV cache's writes, SiLU and its product, the residual adds. Each is a
+few microseconds of an idle GPU: the eager graphs made 146 tok/s at one stream on an H200 where the compiled step made
+~300. torch.compile fuses them, but costs a compile (a minute per batch size cold, seconds from artifacts) before the
+engine reaches that speed. The kernels here do what vLLM's custom ops do without a compiler:
 
 - `add_rms_norm`: residual add and RMSNorm in one pass over the row (or RMSNorm alone);
-- `qk_norm_rope_kv`: from the fused q/k/v product, q_norm + RoPE for q, k_norm + RoPE for k and v, written
-  straight into the per-layer flat KV cache at the step's slots (what `LayerSlotCache.update` does with two
-  `index_copy_`s after transformers' copies);
-- `silu_mul`: the MLP's SiLU and product.
+- `qk_norm_rope_kv`: from the fused q/k/v product, q_norm + RoPE for q, k_norm + RoPE for k, and k and v written
+  straight into the per-layer flat KV cache at the step's rows (what `LayerSlotCache.update` does with two
+  `index_copy_`s);
+- `silu_mul`: the MLP's SiLU and product; `add_product`: the last residual add.
 
-Each rounds where transformers' eager ops round (kernels/layer_triton.py), so a fused layer differs from the eager
-one only in the order of a norm's fp32 sum. `decode_layer_forward` is the layer: one token per row, the split-KV
-decode attention (`kv_lengths`), a cache that hands out its flat tensors (`flat()`). Anything else — prefill, a
-trace, a cache of another kind, an activation that is not SiLU — takes transformers' own forward. The torch
-references below are the same arithmetic in torch ops, what runs off CUDA (and what tests compare the kernels to).
+Each product reaches the kernel that consumes it as its partial sums (`partials`): int4's and fp8's split-K parts are
+added there, so their reduction needs no launch either. Each kernel rounds where transformers' eager ops round
+(kernels/layer_triton.py), so a fused layer differs from the eager one only in the order of a norm's fp32 sum.
+`decode_layer_forward` is the layer: one token per row, the split-KV decode attention (`kv_lengths`), a cache that
+hands out its flat tensors (`flat()`). Anything else (prefill, a trace, a cache of another kind) takes transformers'
+own forward; `fusable` refuses layers of another shape or activation. The torch references below are the same
+arithmetic in torch ops: what runs off CUDA, and what the probe and the tests compare the kernels to.
 """
 
 from __future__ import annotations
