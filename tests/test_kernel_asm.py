@@ -50,7 +50,11 @@ def test_every_fp8_decode_kernel_the_sweep_can_pick_compiles_for_sm90() -> None:
     from bench.kernel_asm import compile_fp8
     from qwen3vl_webui.kernels.fp8_triton import Fp8Config
 
-    for cfg, rows in ((Fp8Config(1, 8, 4, 2), 1), (Fp8Config(16, 64, 4, 3, 0, 1), 16), (Fp8Config(1, 16, 2, 1, 4, 2), 1)):
+    for cfg, rows in (
+        (Fp8Config(1, 8, 4, 2), 1),
+        (Fp8Config(16, 64, 4, 3, 0, 1), 16),
+        (Fp8Config(1, 16, 2, 1, 4, 2), 1),
+    ):
         assert compile_fp8(cfg, rows, 2560, 9728).asm["cubin"], cfg
 
 
@@ -62,3 +66,38 @@ def test_the_split_k_reduction_compiles_for_sm90_with_16_byte_loads() -> None:
                              dict(SPLIT=8, BLOCK=splitk.BLOCK), 4, 1)  # fmt: skip
     counts = _counts(kernel)
     assert counts.get("ld.global.v4.b32", 0) >= 8 and _count(counts, "ld.global.b32") == 0, counts
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_the_fused_layer_kernels_compile_for_sm90_as_the_4b_launches_them(split: int) -> None:
+    """kernels/layer_triton.py at the 4B's shapes (hidden 2560, 32 q / 8 kv heads of 128, intermediate 9728) in bf16,
+    products whole (bf16) or as fp32 partial sums, SiLU through libdevice: what the interpreter cannot check (it has no
+    libdevice, and it runs Python, not the compiler)."""
+    from bench.kernel_asm import compile_offline
+    from qwen3vl_webui.kernels import layer_triton as lt
+
+    rows, hidden, heads, kv_heads, dim, inter = 4, 2560, 32, 8, 128, 9728
+    width = (heads + 2 * kv_heads) * dim
+    part = "*bf16" if split == 1 else "*fp32"
+    built = {
+        "add_rms_norm": compile_offline(lt.add_rms_norm, dict(
+            X=part, R="*bf16", W="*bf16", Out="*bf16", Sum="*bf16", eps=1e-6, n=hidden, inv_n=1 / hidden,
+            sx_p=rows * hidden, sx=hidden, sr=hidden, so=hidden, ss=hidden,
+        ), dict(HAS_R=True, SPLIT=split, BLOCK=4096), 8, 1),
+        "qk_norm_rope_kv": compile_offline(lt.qk_norm_rope_kv, dict(
+            QKV=part, QW="*bf16", KW="*bf16", Cos="*bf16", Sin="*bf16", Q="*bf16", Keys="*bf16", Values="*bf16",
+            Index="*i64", eps=1e-6, s_part=rows * width, s_row=width, s_cos=dim, s_q=heads * dim,
+        ), dict(HEADS=heads, KV_HEADS=kv_heads, DIM=dim, SPLIT=split), 1, 1),
+        "silu_mul": compile_offline(lt.silu_mul, dict(
+            P=part, Out="*bf16", n=inter, sp=rows * 2 * inter, sr=2 * inter, so=inter,
+        ), dict(SPLIT=split, BLOCK=1024, PRECISE=True), 4, 1),
+        "add_product": compile_offline(lt.add_product, dict(
+            R="*bf16", P=part, Out="*bf16", n=hidden, sr=hidden, sp=rows * hidden, spr=hidden, so=hidden,
+        ), dict(SPLIT=split, BLOCK=1024), 4, 1),
+    }  # fmt: skip
+    for name, kernel in built.items():
+        assert kernel.asm["cubin"], name  # ptxas assembled it for sm_90
+    # SiLU as torch's CUDA op computes it: an IEEE division (not div.full) and libdevice's expf, whose fma steps refine
+    # the hardware ex2 that `tl.exp` alone would use.
+    silu = built["silu_mul"].asm["ptx"]
+    assert "div.rn.f32" in silu and "div.full" not in silu and "fma.rn.f32" in silu
