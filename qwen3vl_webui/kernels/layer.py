@@ -68,17 +68,12 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return weight * h.to(x.dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    import torch
-
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def norm_rope_reference(
     x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float
 ) -> torch.Tensor:
-    """x [rows, heads, dim]: the head norm then `apply_rotary_pos_emb` with cos/sin [rows, dim]."""
+    """x [rows, heads, dim]: the head norm then transformers' RoPE (its `rotate_half`) with cos/sin [rows, dim]."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import rotate_half
+
     n = rms_norm_reference(x, weight, eps)
     return n * cos[:, None] + rotate_half(n) * sin[:, None]
 
@@ -270,9 +265,7 @@ def decode_layer_forward(
     kv_heads = attn.config.num_key_value_heads
     dim = attn.head_dim
     eps_in, eps_post = layer.input_layernorm.variance_epsilon, layer.post_attention_layernorm.variance_epsilon
-    eps_q, eps_k = attn.q_norm.variance_epsilon, attn.k_norm.variance_epsilon
-    if eps_q != eps_k:  # one kernel normalises both (`fusable` says so)
-        return original
+    eps_q = attn.q_norm.variance_epsilon  # k_norm's is the same (`fusable`): one kernel normalises both
     qkv_linears, gate_up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
 
     def forward(hidden_states: torch.Tensor, position_embeddings: Any = None, attention_mask: Any = None,
