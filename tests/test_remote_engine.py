@@ -111,7 +111,43 @@ def test_a_killed_engine_fails_requests_in_flight_at_once_and_reports_its_death(
 
 def test_a_load_failure_is_one_sentence(tmp_path: Path) -> None:
     process = EngineProcess(
-        {"source": str(tmp_path / "nothing-here"), "precision": "fp32", "device": "cpu", "attn": "sdpa", "options": OPTIONS}
+        {
+            "source": str(tmp_path / "nothing-here"),
+            "precision": "fp32",
+            "device": "cpu",
+            "attn": "sdpa",
+            "options": OPTIONS,
+        }
     )
     with pytest.raises(EngineStartFailed):
         process.start()
+
+
+def _mapped(pid: int, package: str) -> bool:
+    """Whether the process has one of `package`'s compiled modules mapped: imported, seen from outside the process."""
+    with open(f"/proc/{pid}/maps") as maps:
+        return any(f"/{package}/" in line for line in maps)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/<pid>/maps")
+def test_the_engine_process_imports_neither_scipy_nor_torchvision_unless_told(
+    tiny_checkpoint, tiny_loaded, monkeypatch
+) -> None:
+    # transformers imports both wherever they are installed (weights/lean.py); the engine process uses neither. With
+    # QWEN3VL_LEAN_IMPORTS=0 it imports both, as before: the check can fail.
+    prompt = build_prompt(tiny_loaded, ChatRequest(UserMessage("hello there"), sampling=GREEDY))
+    seen = {}
+    for lean in ("1", "0"):
+        monkeypatch.setenv("QWEN3VL_LEAN_IMPORTS", lean)
+        process = EngineProcess(
+            {"source": str(tiny_checkpoint), "precision": "fp32", "device": "cpu", "attn": "sdpa", "options": OPTIONS}
+        )
+        try:
+            process.start()
+            text, stats = _answer(process.submit(prompt, GREEDY, tiny_loaded.processor.tokenizer, threading.Event()))
+            seen[lean] = (_mapped(process.pid, "scipy"), _mapped(process.pid, "torchvision"), text, stats.new_tokens)
+        finally:
+            process.stop()
+    assert seen["1"][:2] == (False, False), seen
+    assert seen["0"][:2] == (True, True), seen
+    assert seen["1"][2:] == seen["0"][2:] and seen["1"][3] > 0  # the same greedy answer either way

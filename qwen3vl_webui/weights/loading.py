@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from qwen3vl_webui import precisions
-from qwen3vl_webui.weights import checkpoints, quantize
-from qwen3vl_webui.weights.model import LoadedModel, LoadRefused, compute_dtype, loaded
+from qwen3vl_webui.weights import checkpoints, lean, quantize
+from qwen3vl_webui.weights.model import LoadedModel, LoadRefused, TokenizerOnly, compute_dtype, loaded
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ def resolve_device(requested: str) -> str:
 def load_front(source: str, precision: str, device: str, progress: Callable[[str], None] | None = None) -> LoadedModel:
     """What the front end of an engine process needs of a model: its processor and config, no weights (the engine
     process loads those). A checkpoint is downloaded here, once, so the engine process finds it in the cache."""
+    lean.skip(*lean.FRONT_END)
     from transformers import AutoConfig, AutoProcessor
 
     from qwen3vl_webui.weights import random_weights
@@ -164,9 +165,12 @@ def load_model(
     device: str,
     attn: str = "sdpa",
     progress: Callable[[str], None] | None = None,
+    tokenizer_only: bool = False,
 ) -> LoadedModel:
-    """Loads processor + model exactly as for the real checkpoint (also for the tiny demo one)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    """Loads processor + model exactly as for the real checkpoint (also for the tiny demo one). `tokenizer_only`: the
+    processor's tokenizer alone, in a `TokenizerOnly` (the engine process: it never preprocesses media)."""
+    lean.skip(*(lean.ENGINE_PROCESS if tokenizer_only else lean.FRONT_END))
+    from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
     from qwen3vl_webui.weights import random_weights
     from qwen3vl_webui.weights.tiny_model import is_demo_checkpoint
@@ -174,7 +178,7 @@ def load_model(
     if device.startswith("cuda"):
         avoid_cudnn_attention()
     if random_weights.is_random_source(source):  # --random-weights: benchmarking only, built in memory
-        return random_weights.load_random(source, precision, device, attn, progress)
+        return random_weights.load_random(source, precision, device, attn, progress, tokenizer_only)
     if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         # Without the package transformers tries to fetch a kernel from the Hub, which hangs offline.
         raise LoadRefused("--attn flash_attention_2 needs the flash-attn package; install it or use sdpa.")
@@ -186,7 +190,9 @@ def load_model(
     if progress:
         progress(f"Loading {source} in {precisions.label(precision)} on {device}…")
     started = time.perf_counter()
-    processor = AutoProcessor.from_pretrained(path)
+    processor = (
+        TokenizerOnly(AutoTokenizer.from_pretrained(path)) if tokenizer_only else AutoProcessor.from_pretrained(path)
+    )
     if prequantized is not None:  # an AWQ / compressed-tensors / FP8 checkpoint: its own weights, converted
         model = checkpoints.load(path, prequantized, precision, device, attn)
         return loaded(model.eval(), processor, precision, device, source, started, is_demo=is_demo_checkpoint(path))

@@ -15,6 +15,14 @@ class LoadRefused(RuntimeError):
 
 
 @dataclass(frozen=True)
+class TokenizerOnly:
+    """The processor where only its tokenizer is used: the engine process, whose prompts arrive as token ids and
+    pixel values. Loading the processor there would import its image and video modules (torchvision) for nothing."""
+
+    tokenizer: Any
+
+
+@dataclass(frozen=True)
 class LoadedModel:
     """A model as the app uses it. In the front end of an engine process `model` is None: the weights live in that
     process, and this side holds what prompts need (processor, config) and what the engine reported it loaded."""

@@ -72,17 +72,21 @@ def build_front(source: str) -> tuple[Any, Any]:
     return build_processor(tokenizer), build_config(preset, tokenizer)
 
 
-def build(preset: str, dtype: Any, device: str, attn: str = "sdpa", seed: int = 0) -> tuple[Any, Any]:
-    """(model, processor): random weights of `preset` on `device`, output restricted to word tokens."""
+def build(
+    preset: str, dtype: Any, device: str, attn: str = "sdpa", seed: int = 0, tokenizer_only: bool = False
+) -> tuple[Any, Any]:
+    """(model, processor): random weights of `preset` on `device`, output restricted to word tokens (`tokenizer_only`:
+    the processor is a `TokenizerOnly`, as `load_model` gives the engine process)."""
     import torch
     from transformers import Qwen3VLForConditionalGeneration
 
+    from qwen3vl_webui.weights.model import TokenizerOnly
     from qwen3vl_webui.weights.tiny_model import PRESETS, build_config, build_processor, build_tokenizer
 
     if preset not in PRESETS:
         raise ValueError(f"unknown random-weights preset {preset!r}; valid: {', '.join(sorted(PRESETS))}")
     tokenizer = build_tokenizer()
-    processor = build_processor(tokenizer)
+    processor = TokenizerOnly(tokenizer) if tokenizer_only else build_processor(tokenizer)
     config = build_config(preset, tokenizer)
     torch.manual_seed(seed)
     with torch.device(device):  # initialised where it runs: ~0.5 s for 4B on an H100 instead of minutes on CPU
@@ -102,13 +106,20 @@ def build(preset: str, dtype: Any, device: str, attn: str = "sdpa", seed: int = 
 
 
 def load_random(
-    source: str, precision: str, device: str, attn: str = "sdpa", progress: Callable[[str], None] | None = None
+    source: str,
+    precision: str,
+    device: str,
+    attn: str = "sdpa",
+    progress: Callable[[str], None] | None = None,
+    tokenizer_only: bool = False,
 ) -> LoadedModel:
     """The loader's path for a `random-weights:PRESET` source: a LoadedModel like `load_model`'s."""
     from qwen3vl_webui.weights.model import LoadRefused, compute_dtype, loaded
 
     if precision not in precisions.IN_MEMORY:
-        raise LoadRefused(f"--random-weights offers {', '.join(precisions.IN_MEMORY)} (built in memory), not {precision}.")
+        raise LoadRefused(
+            f"--random-weights offers {', '.join(precisions.IN_MEMORY)} (built in memory), not {precision}."
+        )
     preset = source.removeprefix(PREFIX)
     if progress:
         progress(f"Building RANDOM weights of the {preset} architecture in {precisions.label(precision)} on {device}…")
@@ -116,6 +127,6 @@ def load_random(
     from qwen3vl_webui.weights import quantize
 
     quantize.check_device(precision, device)
-    model, processor = build(preset, compute_dtype(precision, device), device, attn)
+    model, processor = build(preset, compute_dtype(precision, device), device, attn, tokenizer_only=tokenizer_only)
     quantize.quantize(model, precision, device)  # as the loader does for a checkpoint
     return loaded(model.eval(), processor, precision, device, source, started, is_demo=False)

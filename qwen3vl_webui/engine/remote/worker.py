@@ -41,6 +41,9 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     global _imported_at
+    from qwen3vl_webui.weights import lean
+
+    lean.skip(*lean.ENGINE_PROCESS)  # before any transformers module binds its checks (weights/lean.py)
     if "--prewarm" in sys.argv[1:]:  # started at launch (client.prespawn): the slow imports before the model is known
         prewarm()
     _imported_at = time.time()
@@ -102,7 +105,7 @@ def _start(spec: dict[str, Any], channel: Channel) -> tuple[Any, EngineInfo]:
 
     torch.set_grad_enabled(False)
     _start_early_probes(spec)
-    loaded = load_model(spec["source"], spec["precision"], spec["device"], spec["attn"], progress)
+    loaded = load_model(spec["source"], spec["precision"], spec["device"], spec["attn"], progress, tokenizer_only=True)
     loaded_at = time.time()
     progress("Starting the batch engine (eager decode in CUDA graphs first; the compiled one follows in the "
              "background)…" if loaded.device.startswith("cuda") else "Starting the batch engine…")  # fmt: skip
