@@ -79,7 +79,7 @@ def main() -> int:
 
     checkpoint = args.checkpoint or str(ensure_demo_checkpoint())
     sides = {"engine": ENGINE, "front": FRONT}
-    for side, code in sides.items():  # warm-up: bytecode written, files in the page cache
+    for code in sides.values():  # warm-up: bytecode written, files in the page cache
         for lean in ("1", "0"):
             run_child(code, checkpoint, lean, False)
     runs: dict[str, dict[str, list[dict]]] = {side: {"1": [], "0": []} for side in sides}
