@@ -161,8 +161,10 @@ class ModelManager:
         return loaded
 
     def _load_demo(self, device: str) -> LoadedModel:
+        from qwen3vl_webui.weights import lean
         from qwen3vl_webui.weights.tiny_model import ensure_demo_checkpoint
 
+        lean.skip(*lean.FRONT_END)  # writing the demo imports the model's code here: before it, as load_front does
         self._progress("Writing the demo model (random weights)…")
         path = ensure_demo_checkpoint(self.demo_dir)
         precision = self.requested_precision
