@@ -416,7 +416,11 @@ def run_launch(name: str, flags: list[str], cache: Path, out: Path, args: argpar
     tokenizer = load_tokenizer(args.tokenizer)
     log_path = out / f"server_{name}.log"
     server, url, launched = launch(flags, cache, log_path)
-    profile = start_profile(args, server.pid, out / f"startup_{name}.txt")
+    try:
+        profile = start_profile(args, server.pid, out / f"startup_{name}.txt")
+    except BaseException:  # e.g. --py-spy without py-spy: the app just launched must not outlive the run
+        stop(server)
+        raise
     watch = ReadyWatch(url, launched)
     report: dict[str, Any] = {"flags": flags, "phases": {}}
     try:

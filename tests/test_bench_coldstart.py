@@ -117,3 +117,27 @@ def test_the_packages_on_pythonpath_are_compiled_to_bytecode_as_an_install_would
     result = coldstart.bytecode(coldstart.Log(tmp_path / "log.txt"))
     assert result["dirs"] == [str(site)] and result["seconds"] >= 0  # the tree itself and absent folders are not
     assert list((site / "pkg" / "__pycache__").glob("__init__.*.pyc"))
+
+
+def test_a_launch_whose_profiler_cannot_start_leaves_no_app_running(tmp_path: Path, monkeypatch) -> None:
+    # Session 24: `--py-spy` without py-spy raised after the app had launched, and the app outlived the run (another
+    # test then found it). The app just launched is stopped before the error goes up.
+    import argparse
+    import subprocess
+    import sys
+
+    import bench.load_test
+
+    launched: list[subprocess.Popen] = []
+
+    def stand_in(flags, cache, log_path):
+        launched.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]))
+        return launched[-1], "http://127.0.0.1:9", 0.0
+
+    monkeypatch.setattr(coldstart, "launch", stand_in)
+    monkeypatch.setattr(bench.load_test, "find_py_spy", lambda: None)
+    monkeypatch.setattr(bench.load_test, "load_tokenizer", lambda name: None)
+    args = argparse.Namespace(py_spy=True, tokenizer=None)
+    with pytest.raises(RuntimeError, match="py-spy is not installed"):
+        coldstart.run_launch("cold", [], tmp_path, tmp_path, args, None, 0.0, measure_compiled=False)
+    assert launched and launched[0].poll() is not None  # stopped, not left running
