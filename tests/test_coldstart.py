@@ -122,6 +122,37 @@ def test_the_swap_from_the_fused_eager_layers_to_the_compiled_step_keeps_generat
     assert all("forward" not in vars(layer) for layer in layers)  # the regional and fused forwards both undone
 
 
+def test_where_the_fused_layers_serve_the_default_background_compile_is_not_started(
+    loaded: LoadedModel, prompts: dict[str, PreparedPrompt], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The app's default (`--compile background`: BatchOptions.compile None) on a GPU, where the fused eager layers
+    were faster than the compiled step (bench/RESULTS.md, H100 session 24): nothing compiles, the engine is at full
+    speed from the start and keeps `generate`'s tokens. With transformers' layers the same options still compile."""
+    from qwen3vl_webui.engine.batch import compiled
+    from tests.test_fused_layer import fused_route
+
+    fused_steps = fused_route(monkeypatch)
+    on_a_gpu = compiled.should_compile
+    monkeypatch.setattr(
+        compiled, "should_compile", lambda requested, device, precision: on_a_gpu(requested, "cuda", "bf16")
+    )
+    names = ["text", "count"]
+    expected = {n: reference(loaded, prompts[n]) for n in names}
+    with BatchEngine(loaded, options(tmp_path, compile=None, fused_layers=True)) as engine:
+        assert engine.layers_path == "fused kernels" and engine.compile_state == "none"
+        assert engine.core.graphs.compile_skipped and engine.snapshot().full_speed
+        with engine.hold_admission():
+            streams = {n: engine.submit_tokens(prompts[n], GREEDY, threading.Event()) for n in names}
+        got = {n: list(s) for n, s in streams.items()}
+        time.sleep(0.3)  # a background compile, had one been started, would be under way by now
+        assert engine.compile_state == "none" and not engine.core.graphs.compiled_at
+    assert got == expected and fused_steps
+    with BatchEngine(
+        loaded, options(tmp_path, compile=None, fused_layers=False), compile_gate=threading.Semaphore(0)
+    ) as engine:
+        assert engine.compile_state in ("waiting", "compiling") and not engine.core.graphs.compile_skipped
+
+
 def test_compiled_buckets_swap_in_mid_stream_and_every_stream_keeps_generates_tokens(
     loaded: LoadedModel, prompts: dict[str, PreparedPrompt], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -126,6 +126,7 @@ class DecodeGraphs:
         self.cuda_graphs = on_cuda if options.cuda_graphs is None else (options.cuda_graphs and on_cuda)
         self.compile = compiled.should_compile(options.compile, loaded.device, loaded.precision)
         self.compile_error: str | None = None
+        self.compile_skipped = ""  # why a compile that would have run did not (the fused layers serve at full speed)
         self.graph_error: str | None = None
         # Prompt chunks (engine/batch/prefill.py): the eager text model costs ~0.85 ms of host time a layer whatever the
         # length, ~30 ms for any prompt. `prefill_graphs` (None: wherever decode steps are graphed) replays first
@@ -253,6 +254,7 @@ class DecodeGraphs:
         if self.gemv:
             self.gemv_linears = fusion.route_gemv([lm, self.runner.lm_head])
         self._route_layers(text, decode_kernel)
+        self._skip_compile_for_fused_layers()
         self.stages["routes"] = round(time.perf_counter() - clock - self.stages["probes"], 2)
         if self.compile:
             compiled.use_cache_dir(self.options.compile_cache_dir)
@@ -337,6 +339,21 @@ class DecodeGraphs:
             self.layers_path = f"transformers ({fused_layer.fusable(layers[0]) if layers else 'no layers'})"
             return
         self.layers_path = "fused kernels" if fused == len(layers) else f"fused kernels ({fused} of {len(layers)} layers)"
+
+    def _skip_compile_for_fused_layers(self) -> None:
+        """The background compile (the default, not asked for by name) is not started where the fused layers serve
+        every layer: on an H100 their eager step was 2-5% faster than the compiled one for bf16, int4 and fp8 at 1 and
+        32 streams (bench/RESULTS.md, session 24), so a swap would hand a faster step over to a slower one, and the
+        compile would only take CPU and GPU time from the first chats. `--compile before-serving` and precompile
+        (asked for) still compile, and write the artifacts; BatchOptions.compile=True compiles whatever serves."""
+        if not (self.compile and self.background and self.options.compile is None):
+            return
+        if self.layers_path != "fused kernels":
+            return
+        self.compile, self.compile_state = False, "none"
+        self.compile_skipped = "the fused eager layers serve at full speed"
+        log.info("decode step: not compiled (%s; --compile off says so, BatchOptions.compile=True compiles)",
+                 self.compile_skipped)  # fmt: skip
 
     def _build_compiled(self) -> None:
         """`self._compiled`: the decode step compiled regionally (one decoder layer every layer runs) or whole."""
