@@ -153,6 +153,37 @@ def test_where_the_fused_layers_serve_the_default_background_compile_is_not_star
         assert engine.compile_state in ("waiting", "compiling") and not engine.core.graphs.compile_skipped
 
 
+def test_fused_layers_that_fail_their_warm_up_give_the_skipped_compile_back(
+    loaded: LoadedModel, prompts: dict[str, PreparedPrompt], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compile was skipped because the fused layers serve; should they fail in the warm-up (a build at the
+    step's own shapes), transformers' layers serve and the background compile is the fast path again: it runs."""
+    from qwen3vl_webui.engine.batch import compiled
+    from tests.test_fused_layer import fused_route
+
+    fused_route(monkeypatch)
+    on_a_gpu = compiled.should_compile
+    monkeypatch.setattr(
+        compiled, "should_compile", lambda requested, device, precision: on_a_gpu(requested, "cuda", "bf16")
+    )
+    with BatchEngine(loaded, options(tmp_path, compile=None, fused_layers=True)) as engine:
+        graphs = engine.core.graphs
+        assert graphs.compile_skipped and engine.compile_state == "none"
+
+        def forward(rows: int) -> None:
+            if graphs._fused_layers.on:
+                raise RuntimeError("PassManager::run failed")  # what a Triton build failure raises
+
+        graphs._warm_up(forward, None)
+        assert engine.layers_path.startswith("transformers (the fused kernels failed")
+        assert graphs.compile and not graphs.compile_skipped and graphs.compile_pending
+        graphs.start_now()
+        deadline = time.monotonic() + 120
+        while engine.compile_state not in ("done", "failed") and time.monotonic() < deadline:
+            list(engine.submit_tokens(prompts["text"], GREEDY, threading.Event()))  # steps swap compiled buckets in
+        assert engine.compile_state == "done" and engine.compile_error is None
+
+
 def test_compiled_buckets_swap_in_mid_stream_and_every_stream_keeps_generates_tokens(
     loaded: LoadedModel, prompts: dict[str, PreparedPrompt], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

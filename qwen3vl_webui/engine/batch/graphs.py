@@ -257,14 +257,7 @@ class DecodeGraphs:
         self._skip_compile_for_fused_layers()
         self.stages["routes"] = round(time.perf_counter() - clock - self.stages["probes"], 2)
         if self.compile:
-            compiled.use_cache_dir(self.options.compile_cache_dir)
-            wanted = self.options.regional_compile
-            self.regional = self.cuda_graphs if wanted is None else bool(wanted)  # part of the artifacts' key
-            # In the background mode the compile thread loads them, off the way to the first answer; not when the
-            # prefill compiles here before serving (compile_prefill), which uses them too.
-            if not self.background or self.options.compile_prefill:
-                self._load_artifacts()
-            self._build_compiled()
+            self._set_up_compile()
         self.stages["compile set-up"] = round(time.perf_counter() - clock - sum(self.stages.values()), 2)
         if not self.compile and not self.cuda_graphs:
             return  # plain eager: nothing to prepare
@@ -339,6 +332,16 @@ class DecodeGraphs:
             self.layers_path = f"transformers ({fused_layer.fusable(layers[0]) if layers else 'no layers'})"
             return
         self.layers_path = "fused kernels" if fused == len(layers) else f"fused kernels ({fused} of {len(layers)} layers)"
+
+    def _set_up_compile(self) -> None:
+        compiled.use_cache_dir(self.options.compile_cache_dir)
+        wanted = self.options.regional_compile
+        self.regional = self.cuda_graphs if wanted is None else bool(wanted)  # part of the artifacts' key
+        # In the background mode the compile thread loads them, off the way to the first answer; not when the
+        # prefill compiles here before serving (compile_prefill), which uses them too.
+        if not self.background or self.options.compile_prefill:
+            self._load_artifacts()
+        self._build_compiled()
 
     def _skip_compile_for_fused_layers(self) -> None:
         """The background compile (the default, not asked for by name) is not started where the fused layers serve
@@ -761,6 +764,9 @@ class DecodeGraphs:
             log.warning("decode layers: the fused kernels failed in the warm-up (%s); transformers' forward instead", why)
             fused.turn_off()
             self.layers_path = f"transformers (the fused kernels failed in the warm-up: {why})"
+            if self.compile_skipped:  # skipped for them: the background compile is the fast path again
+                self.compile, self.compile_state, self.compile_skipped = True, "waiting", ""
+                self._set_up_compile()
             self._warm_up_steps(forward, stream)
 
     def _warm_up_steps(self, forward: Callable[[int], Any], stream: Any) -> None:
