@@ -273,7 +273,10 @@ class DecodeGraphs:
             self.kv.zero()
             return
         forward: Callable[[int], Any] = self.runner.forward
-        if self.compile:
+        # Read once: fused layers that fail their warm-up give a skipped compile back (`_warm_up`), to run in the
+        # background later, not here.
+        compiling = self.compile
+        if compiling:
             forward = self._compiled_forward()
             self.compile_state = "compiling"
         else:
@@ -282,12 +285,12 @@ class DecodeGraphs:
             try:
                 self._warm_up(forward, side)
             except Exception as exc:
-                if not (self.compile and self._whole_step_instead(exc)):
+                if not (compiling and self._whole_step_instead(exc)):
                     raise
                 forward = self._compiled_forward()
                 self._warm_up(forward, side)
         except Exception as exc:
-            if not self.compile:
+            if not compiling:
                 raise
             # Decoding stays correct uncompiled (graphs only): report it rather than refuse to start.
             log.warning("torch.compile of the decode step failed; decoding uncompiled: %r", exc)
@@ -298,9 +301,9 @@ class DecodeGraphs:
         self._step = forward
         if self.cuda_graphs:
             self._capture(forward)
-        elif self.compile:
+        elif compiling:
             self._steps = {rows: forward for rows in self.buckets}
-        if self.compile:
+        if compiling:
             self.compile_state = "done"
             self.compiled_at = {rows: time.time() for rows in self.buckets}
             self._save_artifacts()
@@ -355,7 +358,7 @@ class DecodeGraphs:
             return
         self.compile, self.compile_state = False, "none"
         self.compile_skipped = "the fused eager layers serve at full speed"
-        log.info("decode step: not compiled (%s; --compile off says so, BatchOptions.compile=True compiles)",
+        log.info("decode step: not compiled (%s; --compile before-serving or BatchOptions.compile=True compiles it)",
                  self.compile_skipped)  # fmt: skip
 
     def _build_compiled(self) -> None:
