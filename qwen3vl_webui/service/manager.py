@@ -164,7 +164,7 @@ class ModelManager:
         from qwen3vl_webui.weights import lean
         from qwen3vl_webui.weights.tiny_model import ensure_demo_checkpoint
 
-        lean.skip(*lean.FRONT_END)  # writing the demo imports the model's code here: before it, as load_front does
+        lean.skip(*lean.NEVER_USED)  # writing the demo imports the model's code here: before it, as load_front does
         self._progress("Writing the demo model (random weights)…")
         path = ensure_demo_checkpoint(self.demo_dir)
         precision = self.requested_precision
@@ -209,7 +209,7 @@ class ModelManager:
         decoder = self._decoder_for(loaded.device)
         if decoder.max_context:  # 0: a decoder with nothing to size (generate's cache grows per request)
             decoder.max_context = configured
-        note = " (eager decode in CUDA graphs first; the compiled one follows in the background)" if (
+        note = " (decode steps in CUDA graphs)" if (
             decoder.name == "batch" and loaded.device.startswith("cuda")
         ) else ""
         self._progress(f"Starting the decoder: {decoder.name}…{note}")

@@ -8,7 +8,8 @@ transformers imports an optional package wherever it is installed, whether the p
 
 `skip(*packages)` makes transformers' availability checks answer False for those packages in this process, before
 transformers' modules that ask are imported (modules bind the check when they import, so it must come first: the
-engine process calls it before its first transformers import, `load_front` and `load_model` before theirs). It never
+engine process hides both first thing in `worker.main`; `load_front`, `load_model` and the demo's writer hide scipy
+before their transformers imports). It never
 hides a package from anything but transformers, and changes no behaviour that this app uses: no object-detection
 loss is ever computed, and the engine process loads a tokenizer, not the processor (`load_model(tokenizer_only=
 True)`), so nothing there reaches for torchvision. `QWEN3VL_LEAN_IMPORTS=0` turns it off (every package imported,
@@ -24,8 +25,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+NEVER_USED = ("scipy",)  # by any process of ours (the front end's processor needs torchvision: its video processor)
 ENGINE_PROCESS = ("scipy", "torchvision")  # a model's forward and a tokenizer: neither is used
-FRONT_END = ("scipy",)  # the processor needs torchvision (its video processor, the fast image processor)
 # transformers' availability check of each package (transformers/utils/import_utils.py)
 _CHECKS = {"scipy": "is_scipy_available", "torchvision": "is_torchvision_available"}
 

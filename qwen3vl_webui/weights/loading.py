@@ -39,7 +39,7 @@ def resolve_device(requested: str) -> str:
 def load_front(source: str, precision: str, device: str, progress: Callable[[str], None] | None = None) -> LoadedModel:
     """What the front end of an engine process needs of a model: its processor and config, no weights (the engine
     process loads those). A checkpoint is downloaded here, once, so the engine process finds it in the cache."""
-    lean.skip(*lean.FRONT_END)
+    lean.skip(*lean.NEVER_USED)
     from transformers import AutoConfig, AutoProcessor
 
     from qwen3vl_webui.weights import random_weights
@@ -169,7 +169,7 @@ def load_model(
 ) -> LoadedModel:
     """Loads processor + model exactly as for the real checkpoint (also for the tiny demo one). `tokenizer_only`: the
     processor's tokenizer alone, in a `TokenizerOnly` (the engine process: it never preprocesses media)."""
-    lean.skip(*(lean.ENGINE_PROCESS if tokenizer_only else lean.FRONT_END))
+    lean.skip(*lean.NEVER_USED)  # torchvision too only in the engine process (worker.main): a process-wide choice
     from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
     from qwen3vl_webui.weights import random_weights

@@ -107,8 +107,8 @@ def _start(spec: dict[str, Any], channel: Channel) -> tuple[Any, EngineInfo]:
     _start_early_probes(spec)
     loaded = load_model(spec["source"], spec["precision"], spec["device"], spec["attn"], progress, tokenizer_only=True)
     loaded_at = time.time()
-    progress("Starting the batch engine (eager decode in CUDA graphs first; the compiled one follows in the "
-             "background)…" if loaded.device.startswith("cuda") else "Starting the batch engine…")  # fmt: skip
+    progress("Starting the batch engine (decode steps in CUDA graphs)…" if loaded.device.startswith("cuda")
+             else "Starting the batch engine…")  # fmt: skip
     options = BatchOptions(**spec["options"])
     note = ""
     try:
