@@ -122,20 +122,26 @@ def test_the_swap_from_the_fused_eager_layers_to_the_compiled_step_keeps_generat
     assert all("forward" not in vars(layer) for layer in layers)  # the regional and fused forwards both undone
 
 
+def compiles_as_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`compiled.should_compile` answers as for bf16 on CUDA: BatchOptions.compile None compiles, as in the app."""
+    from qwen3vl_webui.engine.batch import compiled
+
+    on_a_gpu = compiled.should_compile
+    monkeypatch.setattr(
+        compiled, "should_compile", lambda requested, device, precision: on_a_gpu(requested, "cuda", "bf16")
+    )
+
+
 def test_where_the_fused_layers_serve_the_default_background_compile_is_not_started(
     loaded: LoadedModel, prompts: dict[str, PreparedPrompt], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The app's default (`--compile background`: BatchOptions.compile None) on a GPU, where the fused eager layers
     were faster than the compiled step (bench/RESULTS.md, H100 session 24): nothing compiles, the engine is at full
     speed from the start and keeps `generate`'s tokens. With transformers' layers the same options still compile."""
-    from qwen3vl_webui.engine.batch import compiled
     from tests.test_fused_layer import fused_route
 
     fused_steps = fused_route(monkeypatch)
-    on_a_gpu = compiled.should_compile
-    monkeypatch.setattr(
-        compiled, "should_compile", lambda requested, device, precision: on_a_gpu(requested, "cuda", "bf16")
-    )
+    compiles_as_on_a_gpu(monkeypatch)
     names = ["text", "count"]
     expected = {n: reference(loaded, prompts[n]) for n in names}
     with BatchEngine(loaded, options(tmp_path, compile=None, fused_layers=True)) as engine:
@@ -158,14 +164,10 @@ def test_fused_layers_that_fail_their_warm_up_give_the_skipped_compile_back(
 ) -> None:
     """The compile was skipped because the fused layers serve; should they fail in the warm-up (a build at the
     step's own shapes), transformers' layers serve and the background compile is the fast path again: it runs."""
-    from qwen3vl_webui.engine.batch import compiled
     from tests.test_fused_layer import fused_route
 
     fused_route(monkeypatch)
-    on_a_gpu = compiled.should_compile
-    monkeypatch.setattr(
-        compiled, "should_compile", lambda requested, device, precision: on_a_gpu(requested, "cuda", "bf16")
-    )
+    compiles_as_on_a_gpu(monkeypatch)
     with BatchEngine(loaded, options(tmp_path, compile=None, fused_layers=True)) as engine:
         graphs = engine.core.graphs
         assert graphs.compile_skipped and engine.compile_state == "none"
