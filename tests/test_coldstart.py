@@ -996,3 +996,58 @@ def test_carried_kernel_builds_are_found_by_tritons_own_cache_reader(
     found = FileCacheManager(entry).get_group("split_kv_partials.json")
     assert found == {name: str(fresh / entry / name) for name in children}
     assert (fresh / entry / "split_kv_partials.cubin").read_bytes() == b"\x00cubin"
+
+
+def test_where_nothing_compiles_the_start_up_saves_our_kernels_and_precompile_writes_only_them(
+    loaded: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The fused layers serve, so the app's start compiles nothing (above): no compile's end saves our kernels'
+    builds, so the start-up saves them once they are all built, off the engine thread; precompile with the app's
+    flags then writes that file alone and compiles nothing; a start given the folder unpacks them (CPU: a stand-in
+    Triton cache and GPU key, as a CUDA start would see them)."""
+    from qwen3vl_webui import precompile
+    from qwen3vl_webui.engine.batch import engine as engine_module
+    from tests.test_fused_layer import fused_route
+
+    fused_route(monkeypatch)
+    compiles_as_on_a_gpu(monkeypatch)
+    key = {"kind": "triton kernels", "gpu": "NVIDIA H100 (sm_90, CUDA 13.0)", "torch": "2.11", "triton": "3.8"}
+    monkeypatch.setattr(artifacts, "kernels_key", lambda device: key)
+    cache = tmp_path / "triton"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
+    _fake_triton_cache(cache)  # what the start-up's warm-ups built
+    monkeypatch.setattr(
+        engine_module, "prepare_kernels", lambda opts, device: artifacts.load_kernels(opts.artifacts_dir, key)
+    )
+    folder = tmp_path / "compiled"
+    with BatchEngine(loaded, options(tmp_path, compile=None, fused_layers=True, artifacts_dir=folder)) as engine:
+        assert engine.compile_state == "none"
+        assert engine.core.graphs.kernels_settled.wait(30) and engine.kernel_artifacts == "saved"
+    path = artifacts.kernels_path_for(folder, key)
+    assert path.is_file() and artifacts.read_header(path)[0]["entries"] == {"triton entries": 2}
+    assert not list(folder.glob("decode-*"))  # nothing compiled, so no compile artifacts
+    with BatchEngine(loaded, options(tmp_path, compile=None, fused_layers=True, artifacts_dir=folder)) as engine:
+        assert engine.kernel_artifacts == "loaded" and engine.core.graphs.kernels_settled.is_set()
+
+    # precompile, with the flags the app would get: the same engine start, this file, no compile
+    from qwen3vl_webui.engine.batch import options as options_module
+
+    background = options_module.compile_options("background")
+    assert background == {}  # BatchOptions' defaults: on CUDA, the background compile and the fused layers; here too
+    gpu_defaults = {"background_compile": True, "fused_layers": True}
+    monkeypatch.setattr(options_module, "compile_options", lambda mode: gpu_defaults)
+    monkeypatch.setattr(compiled, "compile_decode", _no_compile)
+    monkeypatch.setattr(compiled, "RegionalDecode", _no_compile)
+    checkpoint = str(loaded.source)
+    flags = ["--model", checkpoint, "--cache-dir", str(tmp_path / "pre"), "--max-concurrency", "2"]
+    flags += ["--max-context", "256", "--max-new-tokens", "64", "--device", "cpu"]
+    assert precompile.main(flags) == 0
+    written = artifacts.kernels_path_for(tmp_path / "pre" / "compiled", key)
+    assert f"wrote {written}" in capsys.readouterr().out and written.is_file()
+    assert sorted(p.name for p in (tmp_path / "pre" / "compiled").iterdir()) == [written.name]
+    assert precompile.main(flags) == 0  # again: the file is there and the start loaded it
+    assert "already built" in capsys.readouterr().out
+
+
+def _no_compile(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("precompile compiled, where the app's start compiles nothing")

@@ -161,7 +161,9 @@ class DecodeGraphs:
         self.compile_state = "none" if not self.compile else "waiting"  # none, waiting, compiling, done, failed
         self.compiled_at: dict[int, float] = {}  # bucket -> wall time its compiled step began to serve
         self.artifacts = "off"  # compile artifacts: off, absent, ignored, loaded, saved
-        self.kernel_artifacts = "off"  # our kernels' builds (BatchEngine loads them): off, absent, ignored, loaded, saved
+        # Our kernels' builds (BatchEngine loads them): off, absent, ignored, loaded, saving, saved.
+        self.kernel_artifacts = "off"
+        self.kernels_settled = threading.Event()  # set once a start-up that compiles nothing has saved them (or needn't)
         self.regional = False  # the decode step compiled as one decoder layer every layer runs (RegionalDecode)
         self.regional_error: str | None = None  # why the regional compile gave way to the whole step's
         self.gate: threading.Semaphore | None = None  # tests and benchmarks: one release per bucket to compile
@@ -205,6 +207,8 @@ class DecodeGraphs:
         self._prepare_decode()
         decode_s = time.perf_counter() - started
         self._prepare_prefill()
+        if self._prefill_todo is None:
+            self._start_up_built()
         if self.cuda_graphs or self.compile:  # the start-up's two slow stages, apart (issue 14's timeline)
             prefill_mode = "eager" if self.runner.chunk_graphs is None else "graphs"
             if self._prefill_todo is not None:
@@ -437,6 +441,27 @@ class DecodeGraphs:
         if folder is not None and self.kernel_artifacts in ("absent", "ignored"):
             if artifacts.save_kernels(folder, artifacts.kernels_key(self.loaded.device)) is not None:
                 self.kernel_artifacts = "saved"
+
+    def _start_up_built(self) -> None:
+        """Every kernel the start-up builds is built (the decode warm-ups, and the first-chunk captures, deferred or
+        not). Where nothing compiles (the fused layers serve, or `--compile off`), no compile's end saves our kernels'
+        builds (`_save_artifacts`), so they are saved now, on a thread of their own: packing them takes a moment,
+        which the first answers need not wait for. The next start on this kind of GPU, or a fresh machine given the
+        folder, unpacks them before its kernels are built (engine.prepare_kernels)."""
+        folder = self.options.artifacts_dir
+        if self.compile or folder is None or self.kernel_artifacts not in ("absent", "ignored"):
+            self.kernels_settled.set()
+            return
+        before, self.kernel_artifacts = self.kernel_artifacts, "saving"
+
+        def save() -> None:
+            try:
+                saved = artifacts.save_kernels(folder, artifacts.kernels_key(self.loaded.device)) is not None
+                self.kernel_artifacts = "saved" if saved else before
+            finally:
+                self.kernels_settled.set()
+
+        threading.Thread(target=save, name="kernel-builds-save", daemon=True).start()
 
     # ------------------------------------------------------------------ serve at once, speed up in the background
 
@@ -878,6 +903,7 @@ class DecodeGraphs:
         with self._start_lock:
             self._prefill_todo = None
             start, self._start_after_prefill = self._start_after_prefill, False
+        self._start_up_built()
         if str(self.loaded.device).startswith("cuda"):
             import torch
 
