@@ -584,8 +584,11 @@ def main(argv: list[str] | None = None) -> int:
                                              measure_compiled=False)  # fmt: skip
             save()
             # The same artifacts, compiled before serving (--compile before-serving): the first answer then waits for
-            # dynamo's re-trace but comes at full speed. First answer only, if a minute is left.
-            if deadline - time.monotonic() > 60:
+            # dynamo's re-trace but comes at full speed. First answer only, if a minute is left, and only where the
+            # precompile compiled (where the fused layers serve it writes our kernels' builds alone: a launch that
+            # compiles before serving would compile cold).
+            compiled_too = any(name.startswith("decode-") for name in report["precompile"]["files"])
+            if compiled_too and deadline - time.monotonic() > 60:
                 shutil.rmtree(carried / "inductor", ignore_errors=True)
                 shutil.rmtree(carried / "triton", ignore_errors=True)
                 log("launch with the precompiled artifacts, --compile before-serving")
