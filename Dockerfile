@@ -24,11 +24,13 @@ COPY --chown=app . .
 USER app
 EXPOSE 7860
 
-# Cold start (issue 14). The app serves within seconds of loading the weights, from eager decode steps in CUDA graphs,
-# and compiles the fast decode step in the background (about a minute per batch size on a fresh machine), swapping
-# each in as it is ready. The compile leaves portable artifacts in the cache dir (compiled/decode-<hash>.artifacts,
-# one file per GPU, torch/triton/transformers versions, precision, model and engine flags); with matching ones a
-# start compiles nothing. Two ways to keep them:
+# Cold start (issue 14). The app serves within seconds of loading the weights, from eager decode steps in CUDA graphs
+# whose layers run our fused Triton kernels: where those serve, nothing compiles and the first answer is at full
+# speed. Otherwise it compiles the decode step in the background (about a minute per batch size on a fresh machine),
+# swapping each in as it is ready. A start leaves portable artifacts in the cache dir: compiled/kernels-<hash>.artifacts
+# (our kernels' builds, per GPU and torch/triton versions) and, where it compiled, compiled/decode-<hash>.artifacts
+# (per GPU, versions, precision, model and engine flags); with matching ones a start builds and compiles nothing.
+# Two ways to keep them:
 #   1. A volume for the cache dir, which every start reuses (a Space with persistent storage: QWEN3VL_CACHE_DIR=/data):
 #        docker run --gpus all -v qwen3vl-cache:/home/app/.cache/qwen3vl-webui -p 7860:7860 qwen3vl-webui
 #   2. Baked into an image for a known GPU. `docker build` sees no GPU, so write them with a container on a machine
