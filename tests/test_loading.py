@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -38,7 +41,11 @@ def test_int4_config_is_nf4_double_quant_bf16_and_skips_vision_and_head() -> Non
 
 @pytest.mark.parametrize(
     "precision, text_linear, dtype",
-    [("int4-bnb", "Linear4bit", torch.bfloat16), ("int8", "Linear8bitLt", torch.float16), ("bf16", "Linear", torch.bfloat16)],
+    [
+        ("int4-bnb", "Linear4bit", torch.bfloat16),
+        ("int8", "Linear8bitLt", torch.float16),
+        ("bf16", "Linear", torch.bfloat16),
+    ],
 )
 def test_precision_decides_which_modules_are_quantized(
     tiny_checkpoint: Path, precision: str, text_linear: str, dtype: torch.dtype
@@ -84,7 +91,9 @@ def test_switching_precision_at_runtime_reloads_and_reports(tiny_checkpoint: Pat
 
 def test_switch_that_would_not_fit_is_refused_and_the_old_model_stays(tiny_checkpoint: Path) -> None:
     # The tiny model's bf16 weights are ~1.5 MB; pretend only 100 KB beyond the loaded weights is free.
-    manager = ModelManager(str(tiny_checkpoint), "int4-bnb", "cpu", "sdpa", Scheduler(1, 4), free_memory=lambda _: 100_000)
+    manager = ModelManager(
+        str(tiny_checkpoint), "int4-bnb", "cpu", "sdpa", Scheduler(1, 4), free_memory=lambda _: 100_000
+    )
     before = manager.load()
     with pytest.raises(SwitchRefused, match=r"bf16 needs about .* but only .* would be free; kept int4-bnb"):
         manager.switch("bf16")
@@ -175,7 +184,9 @@ def test_the_engine_process_starts_the_probes_with_the_engines_own_settings(
     from qwen3vl_webui.engine.remote import worker
 
     order: list[object] = []
-    monkeypatch.setattr(engine, "prepare_kernels", lambda options, device: order.append(("cache", options.kernel_cache_dir, device)))
+    monkeypatch.setattr(
+        engine, "prepare_kernels", lambda options, device: order.append(("cache", options.kernel_cache_dir, device))
+    )
     monkeypatch.setattr(graphs, "start_early_probes", lambda *args, **kwargs: order.append(("probes", args, kwargs)))
     text = AutoConfig.from_pretrained(tiny_checkpoint).text_config
     spec = {"device": "cuda:0", "source": str(tiny_checkpoint), "precision": "int4",
@@ -190,3 +201,53 @@ def test_the_engine_process_starts_the_probes_with_the_engines_own_settings(
     worker._start_early_probes({**spec, "device": "cpu"})  # nothing to probe off CUDA
     worker._start_early_probes({**spec, "source": str(tmp_path / "elsewhere")})  # no config at hand: the engine probes
     assert order == []
+
+
+def test_a_prespawned_engine_process_starts_the_probes_while_it_still_imports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The front end sends the spec once it has imported torch, seconds before the engine process has imported
+    transformers' model code (~11 s on the H200 device): the probes (seconds of Triton builds) start then, beside the
+    imports, not after them; with the spec's environment and log level already applied."""
+    import io
+    import pickle
+
+    from qwen3vl_webui.engine.remote import worker
+
+    probes_started = threading.Event()
+    seen: dict[str, object] = {}
+
+    def early_probes(spec: dict) -> None:
+        seen["env"] = os.environ.get("QWEN3VL_SPEC_ENV")
+        probes_started.set()
+
+    def prewarm() -> None:  # the imports: they end only once the probes have started
+        seen["overlapped"] = probes_started.wait(30)
+
+    class Stop(Exception):
+        pass
+
+    def client(*args: object, **kwargs: object) -> None:
+        raise Stop  # where the process would connect back to the front end: this test ends there
+
+    spec = {"device": "cuda:0", "source": "random-weights:4b", "precision": "bf16", "options": {},
+            "address": str(tmp_path / "socket"), "authkey": b"k"}  # fmt: skip
+    monkeypatch.setattr(worker, "_start_early_probes", early_probes)
+    monkeypatch.setattr(worker, "prewarm", prewarm)
+    monkeypatch.setattr("multiprocessing.connection.Client", client)
+    monkeypatch.setattr(sys, "argv", ["worker", "--prewarm"])
+    monkeypatch.setenv("QWEN3VL_SPEC_ENV", "launch")  # the launch's, which the spec's replaces
+    monkeypatch.setattr(worker.signal, "signal", lambda *args: None)  # the engine process ignores Ctrl-C; not pytest
+    from qwen3vl_webui.weights import lean
+
+    monkeypatch.setattr(lean, "skip", lambda *packages: [])  # torchvision stays visible to this test process
+    spec["env"] = {**os.environ, "QWEN3VL_SPEC_ENV": "front"}
+    monkeypatch.setattr(sys, "stdin", type("Stdin", (), {"buffer": io.BytesIO(pickle.dumps(spec))})())
+    with pytest.raises(Stop):
+        worker.main()
+    assert seen == {"overlapped": True, "env": "front"}
+    # the front end gone before it sent a model: the process ends after its imports
+    monkeypatch.setattr(sys, "stdin", type("Stdin", (), {"buffer": io.BytesIO(b"")})())
+    probes_started.clear()
+    monkeypatch.setattr(worker, "prewarm", lambda: None)
+    assert worker.main() == 0 and not probes_started.is_set()

@@ -45,20 +45,18 @@ def main() -> int:
 
     lean.skip(*lean.ENGINE_PROCESS)  # before any transformers module binds its checks (weights/lean.py)
     if "--prewarm" in sys.argv[1:]:  # started at launch (client.prespawn): the slow imports before the model is known
+        # The spec comes while transformers still imports (the front end sends it once it has imported torch): read
+        # it on a thread, whose kernel probes then run beside the rest of the imports (`_take_spec`).
+        reader = _SpecReader()
+        reader.start()
         prewarm()
-    _imported_at = time.time()
-    try:
-        spec: dict[str, Any] = pickle.load(sys.stdin.buffer)
-    except EOFError:  # the front end exited (or never needed this process)
+        _imported_at = time.time()
+        spec = reader.result()
+    else:
+        _imported_at = time.time()
+        spec = _take_spec()
+    if spec is None:  # the front end exited (or never needed this process)
         return 0
-    env = spec.pop("env", None)
-    if env is not None:  # the front end's environment when it gave the model (a prespawned process has the launch's)
-        for name in set(os.environ) - set(env):
-            del os.environ[name]
-        os.environ.update(env)
-    logging.basicConfig(
-        level=spec.get("log_level", logging.INFO), format="%(asctime)s %(levelname)s engine: %(message)s"
-    )
     # If the front end dies, however it dies, its end of the socket closes and this process exits (and the stats
     # tick notices a new parent). Not prctl(PR_SET_PDEATHSIG): it fires when the *thread* that started us ends, and
     # the front end starts engines from short-lived threads.
@@ -75,6 +73,48 @@ def main() -> int:
     worker = Worker(engine, channel)
     channel.send(("ready", info))
     return worker.serve()
+
+
+def _take_spec() -> dict[str, Any] | None:
+    """The model to load, from stdin (None once the front end has gone), with the front end's environment and log
+    level applied; on CUDA the kernels' probes then start on a thread of their own (`_start_early_probes`): they
+    need the GPU, the dtype and the head shapes only, and take seconds (Triton builds, CUDA's context), which they
+    spend beside the imports or the weights' load."""
+    try:
+        spec: dict[str, Any] = pickle.load(sys.stdin.buffer)
+    except EOFError:
+        return None
+    env = spec.pop("env", None)
+    if env is not None:  # the front end's environment when it gave the model (a prespawned process has the launch's)
+        for name in set(os.environ) - set(env):
+            del os.environ[name]
+        os.environ.update(env)
+    logging.basicConfig(
+        level=spec.get("log_level", logging.INFO), format="%(asctime)s %(levelname)s engine: %(message)s"
+    )
+    _start_early_probes(spec)
+    return spec
+
+
+class _SpecReader(threading.Thread):
+    """`_take_spec` on a thread, while the main thread imports (a prespawned process)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="spec-reader", daemon=True)
+        self._spec: dict[str, Any] | None = None
+        self._error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._spec = _take_spec()
+        except BaseException as exc:  # noqa: BLE001 - raised again on the main thread
+            self._error = exc
+
+    def result(self) -> dict[str, Any] | None:
+        self.join()
+        if self._error is not None:
+            raise self._error
+        return self._spec
 
 
 def prewarm() -> None:
@@ -104,7 +144,6 @@ def _start(spec: dict[str, Any], channel: Channel) -> tuple[Any, EngineInfo]:
         channel.send(("progress", text))
 
     torch.set_grad_enabled(False)
-    _start_early_probes(spec)
     loaded = load_model(spec["source"], spec["precision"], spec["device"], spec["attn"], progress, tokenizer_only=True)
     loaded_at = time.time()
     progress("Starting the batch engine (decode steps in CUDA graphs)…" if loaded.device.startswith("cuda")
