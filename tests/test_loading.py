@@ -246,6 +246,16 @@ def test_a_prespawned_engine_process_starts_the_probes_while_it_still_imports(
     with pytest.raises(Stop):
         worker.main()
     assert seen == {"overlapped": True, "env": "front"}
+    # QWEN3VL_EARLY_PROBES=0 (the A/B's other side): the probes start once the imports are done
+    probes_started.clear()
+    spec["env"] = {**os.environ, "QWEN3VL_SPEC_ENV": "front", "QWEN3VL_EARLY_PROBES": "0"}
+    monkeypatch.setenv("QWEN3VL_EARLY_PROBES", "0")
+    monkeypatch.setattr(sys, "stdin", type("Stdin", (), {"buffer": io.BytesIO(pickle.dumps(spec))})())
+    monkeypatch.setattr(worker, "prewarm", lambda: seen.update(overlapped=probes_started.wait(0.5)))
+    with pytest.raises(Stop):
+        worker.main()
+    assert seen == {"overlapped": False, "env": "front"} and probes_started.is_set()
+    monkeypatch.delenv("QWEN3VL_EARLY_PROBES")
     # the front end gone before it sent a model: the process ends after its imports
     monkeypatch.setattr(sys, "stdin", type("Stdin", (), {"buffer": io.BytesIO(b"")})())
     probes_started.clear()

@@ -47,11 +47,16 @@ def main() -> int:
     if "--prewarm" in sys.argv[1:]:  # started at launch (client.prespawn): the slow imports before the model is known
         # The spec comes while transformers still imports (the front end sends it once it has imported torch): read
         # it on a thread, whose kernel probes then run beside the rest of the imports (`_take_spec`).
-        reader = _SpecReader()
+        # QWEN3VL_EARLY_PROBES=0 starts them after the imports, beside the weights' load (an A/B: both threads
+        # want the GIL).
+        early = os.environ.get("QWEN3VL_EARLY_PROBES", "1") != "0"
+        reader = _SpecReader(probes=early)
         reader.start()
         prewarm()
         _imported_at = time.time()
         spec = reader.result()
+        if spec is not None and not early:
+            _start_early_probes(spec)
     else:
         _imported_at = time.time()
         spec = _take_spec()
@@ -75,7 +80,7 @@ def main() -> int:
     return worker.serve()
 
 
-def _take_spec() -> dict[str, Any] | None:
+def _take_spec(probes: bool = True) -> dict[str, Any] | None:
     """The model to load, from stdin (None once the front end has gone), with the front end's environment and log
     level applied; on CUDA the kernels' probes then start on a thread of their own (`_start_early_probes`): they
     need the GPU, the dtype and the head shapes only, and take seconds (Triton builds, CUDA's context), which they
@@ -92,21 +97,23 @@ def _take_spec() -> dict[str, Any] | None:
     logging.basicConfig(
         level=spec.get("log_level", logging.INFO), format="%(asctime)s %(levelname)s engine: %(message)s"
     )
-    _start_early_probes(spec)
+    if probes:
+        _start_early_probes(spec)
     return spec
 
 
 class _SpecReader(threading.Thread):
     """`_take_spec` on a thread, while the main thread imports (a prespawned process)."""
 
-    def __init__(self) -> None:
+    def __init__(self, probes: bool) -> None:
         super().__init__(name="spec-reader", daemon=True)
+        self._probes = probes
         self._spec: dict[str, Any] | None = None
         self._error: BaseException | None = None
 
     def run(self) -> None:
         try:
-            self._spec = _take_spec()
+            self._spec = _take_spec(self._probes)
         except BaseException as exc:  # noqa: BLE001 - raised again on the main thread
             self._error = exc
 
