@@ -1035,7 +1035,8 @@ def test_where_nothing_compiles_the_start_up_saves_our_kernels_and_precompile_wr
     background = options_module.compile_options("background")
     assert background == {}  # BatchOptions' defaults: on CUDA, the background compile and the fused layers; here too
     gpu_defaults = {"background_compile": True, "fused_layers": True}
-    monkeypatch.setattr(options_module, "compile_options", lambda mode: gpu_defaults)
+    real_options = options_module.compile_options
+    monkeypatch.setattr(options_module, "compile_options", lambda mode: {**gpu_defaults, **real_options(mode)})
     monkeypatch.setattr(compiled, "compile_decode", _no_compile)
     monkeypatch.setattr(compiled, "RegionalDecode", _no_compile)
     checkpoint = str(loaded.source)
@@ -1048,6 +1049,39 @@ def test_where_nothing_compiles_the_start_up_saves_our_kernels_and_precompile_wr
     assert precompile.main(flags) == 0  # again: the file is there and the start loaded it
     assert "already built" in capsys.readouterr().out
 
+    # asked to compile before serving, where the compile fails: a failure, not "nothing to compile"
+    def failing_compile(*args: Any, **kwargs: Any) -> Any:
+        def step(*args: Any) -> Any:
+            raise RuntimeError("inductor failed")
+
+        return step
+
+    monkeypatch.setattr(compiled, "compile_decode", failing_compile)
+    assert precompile.main([*flags, "--compile", "before-serving"]) == 1
+    assert "precompile failed" in capsys.readouterr().err
+
 
 def _no_compile(*args: Any, **kwargs: Any) -> Any:
     raise AssertionError("precompile compiled, where the app's start compiles nothing")
+
+
+def test_a_compile_that_fails_before_serving_says_failed_and_decodes_as_generate(
+    loaded: LoadedModel, prompts: dict[str, PreparedPrompt], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--compile before-serving` whose compile fails: the engine serves uncompiled, says "failed" with the error and
+    keeps `generate`'s tokens; nothing is marked compiled and no artifact is written."""
+
+    def failing_compile(*args: Any, **kwargs: Any) -> Any:
+        def step(*args: Any) -> Any:
+            raise RuntimeError("inductor failed")
+
+        return step
+
+    monkeypatch.setattr(compiled, "compile_decode", failing_compile)
+    expected = reference(loaded, prompts["text"])
+    opts = options(tmp_path, compile=True, background_compile=False, regional_compile=False)
+    with BatchEngine(loaded, opts) as engine:
+        assert engine.compile_state == "failed" and "inductor failed" in (engine.compile_error or "")
+        assert not engine.core.graphs.compiled_at and not engine.snapshot().full_speed
+        assert list(engine.submit_tokens(prompts["text"], GREEDY, threading.Event())) == expected
+    assert not list((tmp_path / "compiled").glob("decode-*"))

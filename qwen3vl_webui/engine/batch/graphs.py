@@ -303,11 +303,12 @@ class DecodeGraphs:
             if self.cuda_graphs:
                 self._warm_up(forward, side)
         self._step = forward
+        compiled_here = compiling and self.compile  # a failed compile turned `compile` off (`_compile_failed`)
         if self.cuda_graphs:
             self._capture(forward)
-        elif compiling:
+        elif compiled_here:
             self._steps = {rows: forward for rows in self.buckets}
-        if compiling:
+        if compiled_here:
             self.compile_state = "done"
             self.compiled_at = {rows: time.time() for rows in self.buckets}
             self._save_artifacts()
