@@ -206,7 +206,9 @@ class BatchEngine:
     warmup_s = _graphs_attr("warmup_s", "Per bucket: seconds of compile (if any) and two warm-up steps.")
     compile_state = _graphs_attr("compile_state", "The decode step's compile: none, waiting, compiling, done, failed.")
     artifacts = _graphs_attr("artifacts", "Compile artifacts: off, absent, ignored, loaded, saved.")
-    kernel_artifacts = _graphs_attr("kernel_artifacts", "Our kernels' builds: off, absent, ignored, loaded, saving, saved.")
+    kernel_artifacts = _graphs_attr(
+        "kernel_artifacts", "Our kernels' builds: off, absent, ignored, loaded, saving, saved."
+    )
     prefill_warmup_s = _graphs_attr("prefill_warmup_s", "Seconds spent readying prompt chunks at start-up.")
     fused_groups = _graphs_attr("fused_groups", "Projection groups fused into one product.")
     gemv_linears = _graphs_attr("gemv_linears", "Linears routed through the Triton GEMV.")

@@ -163,7 +163,8 @@ class DecodeGraphs:
         self.artifacts = "off"  # compile artifacts: off, absent, ignored, loaded, saved
         # Our kernels' builds (BatchEngine loads them): off, absent, ignored, loaded, saving, saved.
         self.kernel_artifacts = "off"
-        self.kernels_settled = threading.Event()  # set once a start-up that compiles nothing has saved them (or needn't)
+        # Set once a start-up that compiles nothing has saved them (or needed not).
+        self.kernels_settled = threading.Event()
         self.regional = False  # the decode step compiled as one decoder layer every layer runs (RegionalDecode)
         self.regional_error: str | None = None  # why the regional compile gave way to the whole step's
         self.gate: threading.Semaphore | None = None  # tests and benchmarks: one release per bucket to compile
@@ -339,7 +340,9 @@ class DecodeGraphs:
         if not fused:
             self.layers_path = f"transformers ({fused_layer.fusable(layers[0]) if layers else 'no layers'})"
             return
-        self.layers_path = "fused kernels" if fused == len(layers) else f"fused kernels ({fused} of {len(layers)} layers)"
+        self.layers_path = (
+            "fused kernels" if fused == len(layers) else f"fused kernels ({fused} of {len(layers)} layers)"
+        )
 
     def _set_up_compile(self) -> None:
         compiled.use_cache_dir(self.options.compile_cache_dir)
@@ -751,7 +754,9 @@ class DecodeGraphs:
         early = _early_probes.pop(self.loaded.device, None)
         if early is not None:
             early.join()
-        probe_kernels(self.loaded.device, self.kv.dtype, heads, kv_heads, head_dim, self.options.decode_kernel, self.gemv)
+        probe_kernels(
+            self.loaded.device, self.kv.dtype, heads, kv_heads, head_dim, self.options.decode_kernel, self.gemv
+        )
 
     def _build_kernels(self, forward: Callable[[int], Any], stream: Any) -> None:
         """Before the first warm-up (CUDA): one dry pass over every bucket builds the Triton kernels the steps launch,
@@ -790,7 +795,9 @@ class DecodeGraphs:
             if fused is None or not fused.on:
                 raise
             why = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
-            log.warning("decode layers: the fused kernels failed in the warm-up (%s); transformers' forward instead", why)
+            log.warning(
+                "decode layers: the fused kernels failed in the warm-up (%s); transformers' forward instead", why
+            )
             fused.turn_off()
             self.layers_path = f"transformers (the fused kernels failed in the warm-up: {why})"
             if self.compile_skipped:  # skipped for them: the background compile is the fast path again
