@@ -25,6 +25,7 @@ from qwen3vl_webui.conversation import UserMessage
 from qwen3vl_webui.engine.batch import BatchEngine, BatchOptions, EngineOutputs, artifacts, compiled
 from qwen3vl_webui.engine.request import PreparedPrompt, SamplingParams
 from qwen3vl_webui.service.prompt import ChatRequest, build_prompt
+from qwen3vl_webui.service.timeline import decode_progress
 from qwen3vl_webui.weights.loading import load_model
 from qwen3vl_webui.weights.model import LoadedModel
 from qwen3vl_webui.weights.tiny_model import ensure_demo_checkpoint
@@ -147,6 +148,8 @@ def test_where_the_fused_layers_serve_the_default_background_compile_is_not_star
     with BatchEngine(loaded, options(tmp_path, compile=None, fused_layers=True)) as engine:
         assert engine.layers_path == "fused kernels" and engine.compile_state == "none"
         assert engine.core.graphs.compile_skipped and engine.snapshot().full_speed
+        # what the status line says: full speed, and why nothing compiles
+        assert decode_progress(engine.snapshot()) == "decode: eager, fused layers (full speed, nothing to compile)"
         with engine.hold_admission():
             streams = {n: engine.submit_tokens(prompts[n], GREEDY, threading.Event()) for n in names}
         got = {n: list(s) for n, s in streams.items()}
@@ -157,6 +160,7 @@ def test_where_the_fused_layers_serve_the_default_background_compile_is_not_star
         loaded, options(tmp_path, compile=None, fused_layers=False), compile_gate=threading.Semaphore(0)
     ) as engine:
         assert engine.compile_state in ("waiting", "compiling") and not engine.core.graphs.compile_skipped
+        assert decode_progress(engine.snapshot()) == "decode: eager; compiling decode graphs: 0 of 3 batch sizes"
 
 
 def test_fused_layers_that_fail_their_warm_up_give_the_skipped_compile_back(

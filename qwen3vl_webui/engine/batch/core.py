@@ -49,6 +49,7 @@ class EngineSnapshot:
     prefill_kinds: tuple[tuple[str, int], ...] = ()
     decode_mode: str = ""  # "compiled graphs", "graphs", "compiled" or "eager" (most buckets, now)
     compile_state: str = "none"  # the decode step's compile: none (not compiled), waiting, compiling, done, failed
+    layers_path: str = ""  # the eager step's decoder layers: "fused kernels", or "transformers (why not)"
     compile_done: int = 0  # batch buckets decoding from their compiled step
     compile_total: int = 0  # batch buckets to compile (0: nothing to compile)
     compiled_at: tuple[tuple[int, float], ...] = ()  # (bucket, wall time its compiled step began to serve)
@@ -215,6 +216,7 @@ class EngineCore:
             decode_path=self.graphs.decode_path,
             decode_mode=self.graphs.decode_mode,
             compile_state=self.graphs.compile_state,
+            layers_path=self.graphs.layers_path,
             compile_done=len(self.graphs.compiled_at),
             compile_total=len(self.graphs.buckets) if self.graphs.compile_state != "none" else 0,
             compiled_at=tuple(sorted(self.graphs.compiled_at.items())),
