@@ -70,7 +70,8 @@ _RULES: dict[str, tuple[Any, str]] = {
     "compile": (
         COMPILE_MODES,
         "the batch engine's compiled decode step (GPU): background = answer at once from eager CUDA graphs and swap "
-        "each batch size's compiled graph in as it is built; before-serving = compile them all before the first "
+        "each batch size's compiled graph in as it is built, except where the fused decode layers serve every layer "
+        "(their eager step is the faster: nothing compiles); before-serving = compile them all before the first "
         "answer (seconds with matching compile artifacts, minutes without); off = eager CUDA graphs only",
     ),
     "warmup": (
