@@ -58,13 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     with BatchEngine(loaded, BatchOptions(**spec["options"]), compile_gate=gate) as engine:
         if engine.compile_state == "none":  # nothing compiles with these flags (a failed compile is "failed")
             return _kernels_only(engine, decoder.artifacts_dir, time.perf_counter() - started)
-        state, outcome, key = engine.compile_state, engine.artifacts, engine.core.graphs.artifact_key()
-        error = engine.compile_error
+        state, outcome, key, error = _outcome(engine)
+    del engine  # its memory, before the next one's
     if state in ("waiting", "compiling"):  # the app compiles in the background (held at the gate): here, at once
+        import gc
+
+        gc.collect()
         options = BatchOptions(**{**spec["options"], "background_compile": False})
         with BatchEngine(loaded, options) as engine:
-            state, outcome, key = engine.compile_state, engine.artifacts, engine.core.graphs.artifact_key()
-            error = engine.compile_error
+            state, outcome, key, error = _outcome(engine)
     seconds = time.perf_counter() - started
     if state != "done":
         print(f"precompile failed after {seconds:.0f} s: {error or state}", file=sys.stderr)
@@ -80,6 +82,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compiled in {seconds:.0f} s but no artifacts were written (see the log)", file=sys.stderr)
         return 1
     return 0
+
+
+def _outcome(engine: Any) -> tuple[str, str, dict[str, str], str | None]:
+    """The compile's state, its artifacts' outcome and key, its error; once a kernels' save under way has ended (a
+    file half written when the process exits would stay behind as a temporary file)."""
+    if engine.kernel_artifacts == "saving":
+        engine.core.graphs.kernels_settled.wait(KERNELS_SAVE_WAIT_S)
+    return engine.compile_state, engine.artifacts, engine.core.graphs.artifact_key(), engine.compile_error
 
 
 def _kernels_only(engine: Any, folder: str, seconds: float) -> int:

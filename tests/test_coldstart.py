@@ -1027,6 +1027,7 @@ def test_where_nothing_compiles_the_start_up_saves_our_kernels_and_precompile_wr
     with BatchEngine(loaded, options(tmp_path, compile=None, fused_layers=True, artifacts_dir=folder)) as engine:
         assert engine.compile_state == "none"
         assert engine.core.graphs.kernels_settled.wait(30) and engine.kernel_artifacts == "saved"
+        assert set(engine.warmup_s) == set(BUCKETS)  # saved once built: every batch size warmed up first
     path = artifacts.kernels_path_for(folder, key)
     assert path.is_file() and artifacts.read_header(path)[0]["entries"] == {"triton entries": 2}
     assert not list(folder.glob("decode-*"))  # nothing compiled, so no compile artifacts
@@ -1089,3 +1090,45 @@ def test_a_compile_that_fails_before_serving_says_failed_and_decodes_as_generate
         assert not engine.core.graphs.compiled_at and not engine.snapshot().full_speed
         assert list(engine.submit_tokens(prompts["text"], GREEDY, threading.Event())) == expected
     assert not list((tmp_path / "compiled").glob("decode-*"))
+
+
+def test_where_the_app_would_compile_in_the_background_precompile_compiles_before_returning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """transformers' layers serve (the fused ones turned off), so the app would compile in the background: precompile
+    starts that engine with its compile held at the gate, closes it, compiles every batch size in a second one and
+    writes the compile artifacts beside our kernels' builds (CPU: a stand-in compile, cache artifacts, Triton cache
+    and GPU key, where a GPU has inductor's)."""
+    from qwen3vl_webui import precompile
+    from qwen3vl_webui.engine.batch import engine as engine_module
+    from qwen3vl_webui.engine.batch import options as options_module
+
+    compiles_as_on_a_gpu(monkeypatch)
+    real_options = options_module.compile_options
+    gpu_defaults = {"background_compile": True, "fused_layers": False}
+    monkeypatch.setattr(options_module, "compile_options", lambda mode: {**gpu_defaults, **real_options(mode)})
+    steps: list[int] = []
+
+    def stand_in_compile(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        def step(rows: int, *rest: Any) -> Any:
+            steps.append(rows)
+            return fn(rows, *rest)
+
+        return step
+
+    monkeypatch.setattr(compiled, "compile_decode", stand_in_compile)
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"inductor's entries", None))
+    key = {"kind": "triton kernels", "gpu": "NVIDIA H100 (sm_90, CUDA 13.0)", "torch": "2.11", "triton": "3.8"}
+    monkeypatch.setattr(artifacts, "kernels_key", lambda device: key)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    _fake_triton_cache(tmp_path / "triton")
+    monkeypatch.setattr(
+        engine_module, "prepare_kernels", lambda opts, device: artifacts.load_kernels(opts.artifacts_dir, key)
+    )
+    flags = ["--model", str(ensure_demo_checkpoint(tmp_path / "demo")), "--cache-dir", str(tmp_path / "pre")]
+    flags += ["--max-concurrency", "2", "--max-context", "256", "--max-new-tokens", "64", "--device", "cpu"]
+    assert precompile.main([*flags, "--precision", "auto"]) == 0
+    out = capsys.readouterr().out
+    written = sorted(p.name for p in (tmp_path / "pre" / "compiled").iterdir())
+    assert [n.split("-")[0] for n in written] == ["decode", "kernels"] and f"wrote {tmp_path}" in out
+    assert set(steps) == {1, 2}  # every batch size went through the compiled step, in the foreground engine

@@ -208,21 +208,21 @@ def test_a_prespawned_engine_process_starts_the_probes_while_it_still_imports(
 ) -> None:
     """The front end sends the spec once it has imported torch, seconds before the engine process has imported
     transformers' model code (~11 s on the H200 device): the probes (seconds of Triton builds) start then, beside the
-    imports, not after them; with the spec's environment and log level already applied."""
+    imports, not after them. The spec's environment is applied on the main thread once the imports are done, keeping
+    the Triton cache folder the probes set; where the spec names another one, the probes wait for it."""
     import io
     import pickle
 
     from qwen3vl_webui.engine.remote import worker
+    from qwen3vl_webui.weights import lean
 
     probes_started = threading.Event()
     seen: dict[str, object] = {}
 
-    def early_probes(spec: dict) -> None:
-        seen["env"] = os.environ.get("QWEN3VL_SPEC_ENV")
+    def early_probes(spec: dict) -> None:  # as engine.prepare_kernels: Triton's cache where the environment names none
+        os.environ.setdefault("TRITON_CACHE_DIR", str(tmp_path / "engine-triton"))
+        seen["probes saw"] = (os.environ.get("QWEN3VL_SPEC_ENV"), os.environ["TRITON_CACHE_DIR"])
         probes_started.set()
-
-    def prewarm() -> None:  # the imports: they end only once the probes have started
-        seen["overlapped"] = probes_started.wait(30)
 
     class Stop(Exception):
         pass
@@ -230,32 +230,46 @@ def test_a_prespawned_engine_process_starts_the_probes_while_it_still_imports(
     def client(*args: object, **kwargs: object) -> None:
         raise Stop  # where the process would connect back to the front end: this test ends there
 
-    spec = {"device": "cuda:0", "source": "random-weights:4b", "precision": "bf16", "options": {},
-            "address": str(tmp_path / "socket"), "authkey": b"k"}  # fmt: skip
+    def run(env: dict[str, str], wait_s: float) -> dict[str, object]:
+        """main() with this spec environment; the imports end once the probes start, or after `wait_s`."""
+        probes_started.clear()
+        seen.clear()
+        monkeypatch.setattr(worker, "prewarm", lambda: seen.update(overlapped=probes_started.wait(wait_s)))
+        spec = {"device": "cuda:0", "source": "random-weights:4b", "precision": "bf16", "options": {},
+                "address": str(tmp_path / "socket"), "authkey": b"k", "env": env}  # fmt: skip
+        monkeypatch.setattr(sys, "stdin", type("Stdin", (), {"buffer": io.BytesIO(pickle.dumps(spec))})())
+        with pytest.raises(Stop):
+            worker.main()
+        return {**seen, "after": (os.environ.get("QWEN3VL_SPEC_ENV"), os.environ.get("TRITON_CACHE_DIR"))}
+
     monkeypatch.setattr(worker, "_start_early_probes", early_probes)
-    monkeypatch.setattr(worker, "prewarm", prewarm)
     monkeypatch.setattr("multiprocessing.connection.Client", client)
     monkeypatch.setattr(sys, "argv", ["worker", "--prewarm"])
-    monkeypatch.setenv("QWEN3VL_SPEC_ENV", "launch")  # the launch's, which the spec's replaces
     monkeypatch.setattr(worker.signal, "signal", lambda *args: None)  # the engine process ignores Ctrl-C; not pytest
-    from qwen3vl_webui.weights import lean
-
     monkeypatch.setattr(lean, "skip", lambda *packages: [])  # torchvision stays visible to this test process
-    spec["env"] = {**os.environ, "QWEN3VL_SPEC_ENV": "front"}
-    monkeypatch.setattr(sys, "stdin", type("Stdin", (), {"buffer": io.BytesIO(pickle.dumps(spec))})())
-    with pytest.raises(Stop):
-        worker.main()
-    assert seen == {"overlapped": True, "env": "front"}
-    # QWEN3VL_EARLY_PROBES=0 (the A/B's other side): the probes start once the imports are done
-    probes_started.clear()
-    spec["env"] = {**os.environ, "QWEN3VL_SPEC_ENV": "front", "QWEN3VL_EARLY_PROBES": "0"}
+    monkeypatch.setenv("QWEN3VL_SPEC_ENV", "launch")  # the launch's, which the spec's replaces
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    monkeypatch.delenv("QWEN3VL_EARLY_PROBES", raising=False)
+    front = {k: v for k, v in os.environ.items() if k != "TRITON_CACHE_DIR"}
+    engine_cache = str(tmp_path / "engine-triton")
+    assert run({**front, "QWEN3VL_SPEC_ENV": "front"}, 30) == {
+        "overlapped": True, "probes saw": ("launch", engine_cache), "after": ("front", engine_cache),
+    }  # fmt: skip
+    # the spec names another Triton cache: the probes start once its environment is in place
+    monkeypatch.delenv("TRITON_CACHE_DIR")
+    elsewhere = str(tmp_path / "front-triton")
+    assert run({**front, "QWEN3VL_SPEC_ENV": "front", "TRITON_CACHE_DIR": elsewhere}, 0.5) == {
+        "overlapped": False, "probes saw": ("front", elsewhere), "after": ("front", elsewhere),
+    }  # fmt: skip
+    # QWEN3VL_EARLY_PROBES=0 (the A/B's other side): after the imports too
+    monkeypatch.delenv("TRITON_CACHE_DIR")
     monkeypatch.setenv("QWEN3VL_EARLY_PROBES", "0")
-    monkeypatch.setattr(sys, "stdin", type("Stdin", (), {"buffer": io.BytesIO(pickle.dumps(spec))})())
-    monkeypatch.setattr(worker, "prewarm", lambda: seen.update(overlapped=probes_started.wait(0.5)))
-    with pytest.raises(Stop):
-        worker.main()
-    assert seen == {"overlapped": False, "env": "front"} and probes_started.is_set()
-    monkeypatch.delenv("QWEN3VL_EARLY_PROBES")
+    off = {**front, "QWEN3VL_SPEC_ENV": "front", "QWEN3VL_EARLY_PROBES": "0"}
+    assert run(off, 0.5) == {
+        "overlapped": False,
+        "probes saw": ("front", engine_cache),
+        "after": ("front", engine_cache),
+    }
     # the front end gone before it sent a model: the process ends after its imports
     monkeypatch.setattr(sys, "stdin", type("Stdin", (), {"buffer": io.BytesIO(b"")})())
     probes_started.clear()

@@ -265,7 +265,12 @@ class DecodeGraphs:
             self._set_up_compile()
         self.stages["compile set-up"] = round(time.perf_counter() - clock - sum(self.stages.values()), 2)
         if not self.compile and not self.cuda_graphs:
-            return  # plain eager: nothing to prepare
+            # Plain eager: nothing to prepare, unless our kernels' builds are to be saved (`_start_up_built`): then
+            # the warm-up builds them here, or the file would hold the probes' builds alone.
+            if self._saves_kernels():
+                self._warm_up(self.runner.forward, None)
+                self.kv.zero()
+            return
         side = torch.cuda.Stream() if on_cuda else None
         if self.compile and self.background:
             # Serve at once: eager steps in CUDA graphs now; the compiled ones are built by `start_background` and
@@ -446,6 +451,10 @@ class DecodeGraphs:
             if artifacts.save_kernels(folder, artifacts.kernels_key(self.loaded.device)) is not None:
                 self.kernel_artifacts = "saved"
 
+    def _saves_kernels(self) -> bool:
+        """Whether this engine saves our kernels' builds: an artifacts folder, and no file of them loaded from it."""
+        return self.options.artifacts_dir is not None and self.kernel_artifacts in ("absent", "ignored")
+
     def _start_up_built(self) -> None:
         """Every kernel the start-up builds is built (the decode warm-ups, and the first-chunk captures, deferred or
         not). Where nothing compiles (the fused layers serve, or `--compile off`), no compile's end saves our kernels'
@@ -453,7 +462,7 @@ class DecodeGraphs:
         which the first answers need not wait for. The next start on this kind of GPU, or a fresh machine given the
         folder, unpacks them before its kernels are built (engine.prepare_kernels)."""
         folder = self.options.artifacts_dir
-        if self.compile or folder is None or self.kernel_artifacts not in ("absent", "ignored"):
+        if self.compile or not self.warmup_s or not self._saves_kernels():  # no warm-up: not all of them are built
             self.kernels_settled.set()
             return
         before, self.kernel_artifacts = self.kernel_artifacts, "saving"

@@ -46,20 +46,22 @@ def main() -> int:
     lean.skip(*lean.ENGINE_PROCESS)  # before any transformers module binds its checks (weights/lean.py)
     if "--prewarm" in sys.argv[1:]:  # started at launch (client.prespawn): the slow imports before the model is known
         # The spec comes while transformers still imports (the front end sends it once it has imported torch): read
-        # it on a thread, whose kernel probes then run beside the rest of the imports (`_take_spec`).
+        # it on a thread, which starts the kernels' probes then, beside the rest of the imports (`_SpecReader`).
         # QWEN3VL_EARLY_PROBES=0 starts them after the imports, beside the weights' load (an A/B: both threads
         # want the GIL).
-        early = os.environ.get("QWEN3VL_EARLY_PROBES", "1") != "0"
-        reader = _SpecReader(probes=early)
+        reader = _SpecReader(probes=os.environ.get("QWEN3VL_EARLY_PROBES", "1") != "0")
         reader.start()
         prewarm()
         _imported_at = time.time()
         spec = reader.result()
-        if spec is not None and not early:
-            _start_early_probes(spec)
+        probes_started = reader.probes_started
     else:
         _imported_at = time.time()
-        spec = _take_spec()
+        spec, probes_started = _read_spec(), False
+    if spec is not None:
+        _apply_spec_env(spec, probes_started)  # here, on the main thread, once its imports are done
+        if not probes_started:
+            _start_early_probes(spec)
     if spec is None:  # the front end exited (or never needed this process)
         return 0
     # If the front end dies, however it dies, its end of the socket closes and this process exits (and the stats
@@ -80,40 +82,50 @@ def main() -> int:
     return worker.serve()
 
 
-def _take_spec(probes: bool = True) -> dict[str, Any] | None:
-    """The model to load, from stdin (None once the front end has gone), with the front end's environment and log
-    level applied; on CUDA the kernels' probes then start on a thread of their own (`_start_early_probes`): they
-    need the GPU, the dtype and the head shapes only, and take seconds (Triton builds, CUDA's context), which they
-    spend beside the imports or the weights' load."""
+def _read_spec() -> dict[str, Any] | None:
+    """The model to load, from stdin; None once the front end has gone (or never needed this process)."""
     try:
-        spec: dict[str, Any] = pickle.load(sys.stdin.buffer)
+        return pickle.load(sys.stdin.buffer)
     except EOFError:
         return None
+
+
+def _apply_spec_env(spec: dict[str, Any], probes_started: bool = False) -> None:
+    """The front end's environment when it gave the model (a prespawned process has the launch's), and its log level.
+    Where the early probes run, Triton's cache folder they set (engine.prepare_kernels: the spec's, where the
+    environment names none) stays: their builds go on there, where the engine looks."""
     env = spec.pop("env", None)
-    if env is not None:  # the front end's environment when it gave the model (a prespawned process has the launch's)
-        for name in set(os.environ) - set(env):
+    if env is not None:
+        kept = {"TRITON_CACHE_DIR"} & set(os.environ) if probes_started else set()
+        for name in set(os.environ) - set(env) - kept:
             del os.environ[name]
         os.environ.update(env)
     logging.basicConfig(
         level=spec.get("log_level", logging.INFO), format="%(asctime)s %(levelname)s engine: %(message)s"
     )
-    if probes:
-        _start_early_probes(spec)
-    return spec
 
 
 class _SpecReader(threading.Thread):
-    """`_take_spec` on a thread, while the main thread imports (a prespawned process)."""
+    """Reads the spec while the main thread imports (a prespawned process) and, on CUDA, starts the kernels' probes
+    at once (`_start_early_probes`): they need the GPU, the dtype and the head shapes only, and take seconds (Triton
+    builds, CUDA's context). The environment stays the launch's until the main thread applies the spec's: the probes
+    start early only where the two agree on Triton's cache folder (they build where the engine looks)."""
 
     def __init__(self, probes: bool) -> None:
         super().__init__(name="spec-reader", daemon=True)
         self._probes = probes
+        self.probes_started = False
         self._spec: dict[str, Any] | None = None
         self._error: BaseException | None = None
 
     def run(self) -> None:
         try:
-            self._spec = _take_spec(self._probes)
+            spec = self._spec = _read_spec()
+            env = spec.get("env") if spec is not None else None
+            same_cache = env is None or env.get("TRITON_CACHE_DIR") == os.environ.get("TRITON_CACHE_DIR")
+            if spec is not None and self._probes and same_cache:
+                _start_early_probes(spec)
+                self.probes_started = True
         except BaseException as exc:  # noqa: BLE001 - raised again on the main thread
             self._error = exc
 
