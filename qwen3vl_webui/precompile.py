@@ -14,6 +14,7 @@ compiles nothing (the Dockerfile says how to bake them into an image, or keep th
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 import threading
@@ -61,8 +62,6 @@ def main(argv: list[str] | None = None) -> int:
         state, outcome, key, error = _outcome(engine)
     del engine  # its memory, before the next one's
     if state in ("waiting", "compiling"):  # the app compiles in the background (held at the gate): here, at once
-        import gc
-
         gc.collect()
         options = BatchOptions(**{**spec["options"], "background_compile": False})
         with BatchEngine(loaded, options) as engine:

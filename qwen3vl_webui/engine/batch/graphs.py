@@ -447,13 +447,18 @@ class DecodeGraphs:
             if artifacts.save(folder, self.artifact_key()) is not None:
                 self.artifacts = "saved"
         # Our kernels are all built by now (the warm-ups ran every decode and prefill shape): carry them too.
-        if folder is not None and self.kernel_artifacts in ("absent", "ignored"):
-            if artifacts.save_kernels(folder, artifacts.kernels_key(self.loaded.device)) is not None:
-                self.kernel_artifacts = "saved"
+        if self._saves_kernels():
+            self._save_kernels(self.kernel_artifacts)
 
     def _saves_kernels(self) -> bool:
         """Whether this engine saves our kernels' builds: an artifacts folder, and no file of them loaded from it."""
         return self.options.artifacts_dir is not None and self.kernel_artifacts in ("absent", "ignored")
+
+    def _save_kernels(self, unsaved: str) -> None:
+        """Packs our kernels' builds into the artifacts folder; `kernel_artifacts` is then "saved", else `unsaved`."""
+        folder = self.options.artifacts_dir
+        saved = folder is not None and artifacts.save_kernels(folder, artifacts.kernels_key(self.loaded.device))
+        self.kernel_artifacts = "saved" if saved else unsaved
 
     def _start_up_built(self) -> None:
         """Every kernel the start-up builds is built (the decode warm-ups, and the first-chunk captures, deferred or
@@ -461,7 +466,6 @@ class DecodeGraphs:
         builds (`_save_artifacts`), so they are saved now, on a thread of their own: packing them takes a moment,
         which the first answers need not wait for. The next start on this kind of GPU, or a fresh machine given the
         folder, unpacks them before its kernels are built (engine.prepare_kernels)."""
-        folder = self.options.artifacts_dir
         if self.compile or not self.warmup_s or not self._saves_kernels():  # no warm-up: not all of them are built
             self.kernels_settled.set()
             return
@@ -469,8 +473,7 @@ class DecodeGraphs:
 
         def save() -> None:
             try:
-                saved = artifacts.save_kernels(folder, artifacts.kernels_key(self.loaded.device)) is not None
-                self.kernel_artifacts = "saved" if saved else before
+                self._save_kernels(before)
             finally:
                 self.kernels_settled.set()
 

@@ -58,12 +58,11 @@ def main() -> int:
     else:
         _imported_at = time.time()
         spec, probes_started = _read_spec(), False
-    if spec is not None:
-        _apply_spec_env(spec, probes_started)  # here, on the main thread, once its imports are done
-        if not probes_started:
-            _start_early_probes(spec)
     if spec is None:  # the front end exited (or never needed this process)
         return 0
+    _apply_spec_env(spec, probes_started)  # here, on the main thread, once its imports are done
+    if not probes_started:
+        _start_early_probes(spec)
     # If the front end dies, however it dies, its end of the socket closes and this process exits (and the stats
     # tick notices a new parent). Not prctl(PR_SET_PDEATHSIG): it fires when the *thread* that started us ends, and
     # the front end starts engines from short-lived threads.
