@@ -43,6 +43,8 @@ def compile_offline(fn: Any, args: dict[str, Any], constexprs: dict[str, Any], w
 
     signature: dict[str, str] = {}
     attrs: dict[tuple[int, ...], list[list[Any]]] = {}
+    # constexprs not given take their defaults (e.g. PDL 0: launched without programmatic dependent launch)
+    constexprs = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **constexprs}
     constants = dict(constexprs)
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from qwen3vl_webui.kernels import pdl
+
 
 @triton.jit
 def split_kv_partials(
@@ -12,7 +14,7 @@ def split_kv_partials(
     scale_log2, num_splits,
     sq_r, sq_h, sk_r, sk_h, sk_n, sv_r, sv_h, sv_n, so_r, so_h,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DIM: tl.constexpr,
-    DIRECT: tl.constexpr, IEEE: tl.constexpr,
+    DIRECT: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0,
 ):  # fmt: skip
     """One program: one row, one KV head (its GROUP query heads packed), one split of the row's live keys.
 
@@ -20,6 +22,7 @@ def split_kv_partials(
     (a CUDA graph replays it as positions grow). DIRECT (one split): writes the normalised output; otherwise
     the split's normalised partial output and its log2-sum-exp, combined by `combine_splits`.
     """
+    pdl.start(PDL)
     row = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -62,6 +65,7 @@ def split_kv_partials(
     has = l_i > 0.0  # a split past the row's length saw no key
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     out_mask = head_ok[:, None] & d_ok[None, :]
+    pdl.finish(PDL)
     if DIRECT:
         tl.store(Out + row * so_r + heads[:, None] * so_h + d[None, :], out.to(Out.dtype.element_ty), mask=out_mask)
     else:
@@ -74,9 +78,10 @@ def split_kv_partials(
 @triton.jit
 def combine_splits(
     Part, Lse, Out, num_splits, so_r, so_h,
-    HEADS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, DIM: tl.constexpr,
+    HEADS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, DIM: tl.constexpr, PDL: tl.constexpr = 0,
 ):  # fmt: skip
     """One program per (row, head): the splits' partial outputs weighted by their share of the softmax mass."""
+    pdl.start(PDL)
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
@@ -88,4 +93,5 @@ def combine_splits(
     weight = tl.where(s_ok, weight, 0.0)
     part = tl.load(Part + (base + s)[:, None] * BLOCK_D + d[None, :], mask=s_ok[:, None], other=0.0)
     out = tl.sum(part * weight[:, None], 0) / tl.sum(weight, 0)
+    pdl.finish(PDL)
     tl.store(Out + row * so_r + head * so_h + d, out.to(Out.dtype.element_ty), mask=d < DIM)

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import triton
 import triton.language as tl
 
-from qwen3vl_webui.kernels import splitk, tuning
+from qwen3vl_webui.kernels import pdl, splitk, tuning
 from qwen3vl_webui.kernels.tuning import row_class
 
 
@@ -81,8 +81,9 @@ def pick_config(rows: int, n: int, k: int) -> Fp8Config:
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-    BLOCK_N: tl.constexpr, B: tl.constexpr,
+    BLOCK_N: tl.constexpr, B: tl.constexpr, PDL: tl.constexpr = 0,
 ):  # fmt: skip
+    pdl.start(PDL)
     pid_n = tl.program_id(0)
     row = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -98,14 +99,16 @@ def _gemv_kernel(
         scale = tl.load(s_ptrs + kb, mask=n_ok, other=0.0)
         acc += tl.sum(w * x[None, :], axis=1) * scale
         w_ptrs += B
+    pdl.finish(PDL)
     tl.store(y_ptr + row * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
 def _skinny_kernel(
     x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, B: tl.constexpr, PDL: tl.constexpr = 0,
 ):  # fmt: skip
+    pdl.start(PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -126,14 +129,16 @@ def _skinny_kernel(
         x_ptrs += B
         w_ptrs += B
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    pdl.finish(PDL)
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
 def _swap_kernel(
     x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ys, stride_ym, blocks_per_split,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, B: tl.constexpr, PDL: tl.constexpr = 0,
 ):  # fmt: skip
+    pdl.start(PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
@@ -157,16 +162,18 @@ def _swap_kernel(
         w_ptrs += B
         x_ptrs += B
     y_ptrs = y_ptr + split * stride_ys + offs_m[None, :] * stride_ym + offs_n[:, None]
+    pdl.finish(PDL)
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
 
 
 @triton.jit
 def _atomic_gemv_kernel(
     x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-    BLOCK_N: tl.constexpr, B: tl.constexpr, BLOCKS: tl.constexpr,
+    BLOCK_N: tl.constexpr, B: tl.constexpr, BLOCKS: tl.constexpr, PDL: tl.constexpr = 0,
 ):  # fmt: skip
     """One row times BLOCKS blocks of K for BLOCK_N outputs, added atomically into fp32 `y` (zeroed by the caller):
     no loop, thousands of programs (w4a16_triton's `_atomic_gemv_kernel`, with fp8 bytes)."""
+    pdl.start(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     row = tl.program_id(2)
@@ -183,6 +190,7 @@ def _atomic_gemv_kernel(
         x = tl.load(x_ptr + row * stride_xm + kb * B + offs_k, mask=k_ok, other=0.0).to(tl.float32)
         scale = tl.load(s_ptr + (offs_n // B) * stride_sn + kb, mask=n_ok, other=0.0)
         out += tl.sum(w * x[None, :], axis=1) * scale
+    pdl.finish(PDL)
     tl.atomic_add(y_ptr + row * stride_ym + offs_n, out, mask=n_ok, sem="relaxed")
 
 
@@ -239,7 +247,7 @@ def fp8_partials(x: Any, weight: Any, scale_inv: Any, block: int, config: Fp8Con
         acc = torch.zeros((1, rows, n), device=x.device, dtype=torch.float32)
         _atomic_gemv_kernel[(triton.cdiv(n, cfg.block_n), blocks // per, rows)](
             x, weight, scale_inv, acc, n, k, x.stride(0), weight.stride(0), scale_inv.stride(0), acc.stride(1),
-            BLOCK_N=cfg.block_n, B=block, BLOCKS=per, num_warps=cfg.warps, num_stages=cfg.stages,
+            BLOCK_N=cfg.block_n, B=block, BLOCKS=per, num_warps=cfg.warps, num_stages=cfg.stages, **pdl.args(x),
         )  # fmt: skip
         return acc
     if cfg.swap:
@@ -249,7 +257,7 @@ def fp8_partials(x: Any, weight: Any, scale_inv: Any, block: int, config: Fp8Con
         _swap_kernel[grid](
             x, weight, scale_inv, out, rows, n, k, x.stride(0), weight.stride(0), scale_inv.stride(0), out.stride(0),
             out.stride(1), per_split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, B=block, num_warps=cfg.warps,
-            num_stages=cfg.stages,
+            num_stages=cfg.stages, **pdl.args(x),
         )  # fmt: skip
         return out
     out = torch.empty((1, rows, n), device=x.device, dtype=x.dtype)
@@ -257,13 +265,14 @@ def fp8_partials(x: Any, weight: Any, scale_inv: Any, block: int, config: Fp8Con
         grid = (triton.cdiv(n, cfg.block_n), rows)
         _gemv_kernel[grid](
             x, weight, scale_inv, out, n, k, x.stride(0), weight.stride(0), scale_inv.stride(0), out.stride(1),
-            BLOCK_N=cfg.block_n, B=block, num_warps=cfg.warps, num_stages=cfg.stages,
+            BLOCK_N=cfg.block_n, B=block, num_warps=cfg.warps, num_stages=cfg.stages, **pdl.args(x),
         )  # fmt: skip
     else:
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m))
         _skinny_kernel[grid](
             x, weight, scale_inv, out, rows, n, k, x.stride(0), weight.stride(0), scale_inv.stride(0), out.stride(1),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, B=block, num_warps=cfg.warps, num_stages=cfg.stages,
+            **pdl.args(x),
         )  # fmt: skip
     return out
 

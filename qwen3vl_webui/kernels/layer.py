@@ -56,6 +56,13 @@ def _triton(x: torch.Tensor) -> Any:
     return kernels if kernels is not None and type(kernels._product).__name__ == "InterpretedFunction" else None
 
 
+def _pdl(x: torch.Tensor) -> dict[str, Any]:
+    """Programmatic dependent launch's arguments for a kernel on `x`'s device (kernels/pdl.py), or none."""
+    from qwen3vl_webui.kernels import pdl
+
+    return pdl.args(x)
+
+
 # ------------------------------------------------------------------------------------------ the torch references
 
 
@@ -129,6 +136,7 @@ def add_rms_norm(
         parts, r, weight, out, total if total is not None else out, eps, n, 1.0 / n, parts.stride(0), parts.stride(1),
         r.stride(0), out.stride(0), out.stride(0) if total is None else total.stride(0),
         HAS_R=residual is not None, SPLIT=split, BLOCK=triton_block(n), num_warps=8 if n >= 2048 else 4,
+        **_pdl(parts),
     )  # fmt: skip
     return out, total if total is not None else product_reference(parts, dtype)
 
@@ -168,7 +176,7 @@ def qk_norm_rope_kv(
     kernels.qk_norm_rope_kv[(rows, heads + 2 * kv_heads)](
         qkv, q_weight, k_weight, cos, sin, q, keys, values, index, eps,
         qkv.stride(0), qkv.stride(1), cos.stride(0), q.stride(0),
-        HEADS=heads, KV_HEADS=kv_heads, DIM=dim, SPLIT=split, num_warps=1,
+        HEADS=heads, KV_HEADS=kv_heads, DIM=dim, SPLIT=split, num_warps=1, **_pdl(qkv),
     )  # fmt: skip
     return q
 
@@ -187,7 +195,7 @@ def silu_mul(gate_up: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty((rows, n), device=gate_up.device, dtype=dtype)
     kernels.silu_mul[(rows, -(-n // BLOCK))](
         gate_up, out, n, gate_up.stride(0), gate_up.stride(1), out.stride(0), SPLIT=split, BLOCK=BLOCK,
-        PRECISE=gate_up.is_cuda, num_warps=4,
+        PRECISE=gate_up.is_cuda, num_warps=4, **_pdl(gate_up),
     )  # fmt: skip
     return out
 
@@ -205,7 +213,7 @@ def add_product(residual: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
     out = torch.empty((rows, n), device=parts.device, dtype=residual.dtype)
     kernels.add_product[(rows, -(-n // BLOCK))](
         residual, parts, out, n, residual.stride(0), parts.stride(0), parts.stride(1), out.stride(0),
-        SPLIT=split, BLOCK=BLOCK, num_warps=4,
+        SPLIT=split, BLOCK=BLOCK, num_warps=4, **_pdl(parts),
     )  # fmt: skip
     return out
 

@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from qwen3vl_webui.kernels import pdl
+
 
 @triton.jit
 def _product(P, sp, offs, ok, SPLIT: tl.constexpr, DTYPE: tl.constexpr):
@@ -32,10 +34,11 @@ def _product(P, sp, offs, ok, SPLIT: tl.constexpr, DTYPE: tl.constexpr):
 @triton.jit
 def add_rms_norm(
     X, R, W, Out, Sum, eps, n, inv_n, sx_p, sx, sr, so, ss,
-    HAS_R: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_R: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = 0,
 ):  # fmt: skip
     """One program per row: x = the product in X (its SPLIT parts); Sum = x + R (rounded) and Out = W * (Sum *
     rsqrt(mean(Sum²) + eps)) (HAS_R), or Out of x alone."""
+    pdl.start(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < n
@@ -43,10 +46,12 @@ def add_rms_norm(
     x = _product(X, sx_p, row * sx + cols, ok, SPLIT, dtype)
     if HAS_R:
         x = (x + tl.load(R + row * sr + cols, mask=ok, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
-        tl.store(Sum + row * ss + cols, x.to(dtype), mask=ok)
     inv = tl.math.rsqrt(tl.sum(x * x, axis=0) * inv_n + eps)
     y = (x * inv).to(dtype).to(tl.float32)
     w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
+    pdl.finish(PDL)
+    if HAS_R:
+        tl.store(Sum + row * ss + cols, x.to(dtype), mask=ok)
     tl.store(Out + row * so + cols, (w * y).to(dtype), mask=ok)
 
 
@@ -64,13 +69,14 @@ def _norm_rope(x, xp, w, wp, c, s, first, eps, DIM: tl.constexpr, DTYPE: tl.cons
 def qk_norm_rope_kv(
     QKV, QW, KW, Cos, Sin, Q, Keys, Values, Index, eps,
     s_part, s_row, s_cos, s_q,
-    HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, SPLIT: tl.constexpr,
+    HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr = 0,
 ):  # fmt: skip
     """One program per (row, head) of q, k and v from one row of the fused q/k/v product [q | k | v] (SPLIT parts).
 
     q heads: RMSNorm (q_norm) then RoPE, into Q [rows, HEADS, DIM]. k heads: RMSNorm (k_norm) then RoPE, into the
     flat per-layer cache Keys at row Index[row * KV_HEADS + head]. v heads: into Values there.
     """
+    pdl.start(PDL)  # mode 2's signal: each branch's last loads done (a kernel this small has one wave)
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     d = tl.arange(0, DIM)
@@ -88,21 +94,28 @@ def qk_norm_rope_kv(
         if head < HEADS:
             w = tl.load(QW + d).to(tl.float32)
             wp = tl.load(QW + partner).to(tl.float32)
+            pdl.finish(PDL)
             tl.store(Q + row * s_q + head * DIM + d, _norm_rope(x, xp, w, wp, c, s, first, eps, DIM, dtype))
         else:
             w = tl.load(KW + d).to(tl.float32)
             wp = tl.load(KW + partner).to(tl.float32)
             dst = tl.load(Index + row * KV_HEADS + head - HEADS).to(tl.int64)
+            pdl.finish(PDL)
             tl.store(Keys + dst * DIM + d, _norm_rope(x, xp, w, wp, c, s, first, eps, DIM, dtype))
     else:
         dst = tl.load(Index + row * KV_HEADS + head - HEADS - KV_HEADS).to(tl.int64)
-        tl.store(Values + dst * DIM + d, _product(QKV, s_part, base + d, everywhere, SPLIT, dtype).to(dtype))
+        v = _product(QKV, s_part, base + d, everywhere, SPLIT, dtype).to(dtype)
+        pdl.finish(PDL)
+        tl.store(Values + dst * DIM + d, v)
 
 
 @triton.jit
-def silu_mul(P, Out, n, sp, sr, so, SPLIT: tl.constexpr, BLOCK: tl.constexpr, PRECISE: tl.constexpr):
+def silu_mul(
+    P, Out, n, sp, sr, so, SPLIT: tl.constexpr, BLOCK: tl.constexpr, PRECISE: tl.constexpr, PDL: tl.constexpr = 0
+):
     """Out = silu(gate) * up from the gate/up product [gate | up] (n columns each, SPLIT parts), rounded after each op
     as transformers' eager MLP; one program per (row, block of columns)."""
+    pdl.start(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < n
@@ -114,16 +127,19 @@ def silu_mul(P, Out, n, sp, sr, so, SPLIT: tl.constexpr, BLOCK: tl.constexpr, PR
     else:
         act = tl.math.div_rn(g, 1.0 + tl.exp(-g))
     act = act.to(dtype).to(tl.float32)
+    pdl.finish(PDL)
     tl.store(Out + row * so + cols, (act * u).to(dtype), mask=ok)
 
 
 @triton.jit
-def add_product(R, P, Out, n, sr, sp, spr, so, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+def add_product(R, P, Out, n, sr, sp, spr, so, SPLIT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
     """Out = R + the product in P (its SPLIT parts), rounded: the layer's last residual add."""
+    pdl.start(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < n
     dtype = Out.dtype.element_ty
     y = _product(P, sp, row * spr + cols, ok, SPLIT, dtype)
     r = tl.load(R + row * sr + cols, mask=ok, other=0.0).to(tl.float32)
+    pdl.finish(PDL)
     tl.store(Out + row * so + cols, (r + y).to(dtype), mask=ok)

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import triton
 import triton.language as tl
 
+from qwen3vl_webui.kernels import pdl
 from qwen3vl_webui.kernels.tuning import row_class
 
 
@@ -86,8 +87,9 @@ def _to_f32(w, FAST_CVT: tl.constexpr):
 def _gemv_kernel(
     x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_ym,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, FAST_CVT: tl.constexpr,
-    HAS_SCALE: tl.constexpr = True,
+    HAS_SCALE: tl.constexpr = True, PDL: tl.constexpr = 0,
 ):  # fmt: skip
+    pdl.start(PDL)
     pid_n = tl.program_id(0)
     row = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -110,6 +112,7 @@ def _gemv_kernel(
     out = tl.sum(acc, axis=1)
     if HAS_SCALE:
         out = out * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
+    pdl.finish(PDL)
     tl.store(y_ptr + row * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -117,8 +120,9 @@ def _gemv_kernel(
 def _skinny_kernel(
     x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    FAST_CVT: tl.constexpr,
+    FAST_CVT: tl.constexpr, PDL: tl.constexpr = 0,
 ):  # fmt: skip
+    pdl.start(PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -144,6 +148,7 @@ def _skinny_kernel(
     scale = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
     out = acc * scale[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    pdl.finish(PDL)
     tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -166,7 +171,7 @@ def int8_matmul(x: Any, weight: Any, scale: Any, config: KernelConfig | None = N
         _gemv_kernel[grid](
             x, weight, weight if scale is None else scale, out, n, k, x.stride(0), weight.stride(0), out.stride(0),
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=even_k, FAST_CVT=cfg.fast_cvt, HAS_SCALE=scale is not None,
-            num_warps=cfg.warps, num_stages=cfg.stages,
+            num_warps=cfg.warps, num_stages=cfg.stages, **pdl.args(x),
         )  # fmt: skip
     else:
         if scale is None:
@@ -175,7 +180,7 @@ def int8_matmul(x: Any, weight: Any, scale: Any, config: KernelConfig | None = N
         _skinny_kernel[grid](
             x, weight, scale, out, rows, n, k, x.stride(0), weight.stride(0), out.stride(0),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=even_k, FAST_CVT=cfg.fast_cvt,
-            num_warps=cfg.warps, num_stages=cfg.stages,
+            num_warps=cfg.warps, num_stages=cfg.stages, **pdl.args(x),
         )  # fmt: skip
     return out
 

@@ -12,16 +12,20 @@ from typing import Any
 import triton
 import triton.language as tl
 
+from qwen3vl_webui.kernels import pdl
+
 BLOCK = 1024  # outputs per program: 2560 outputs (o, down at one row) make 3 programs, 32 rows x 2560 make 80
 
 
 @triton.jit
-def _reduce_kernel(p_ptr, y_ptr, total, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+def _reduce_kernel(p_ptr, y_ptr, total, SPLIT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
+    pdl.start(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < total
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for s in tl.static_range(SPLIT):
         acc += tl.load(p_ptr + s * total + offs, mask=ok, other=0.0)
+    pdl.finish(PDL)
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
@@ -32,5 +36,6 @@ def reduce_partials(partials: Any, dtype: Any) -> Any:
     split, rows, n = partials.shape
     out = torch.empty((rows, n), device=partials.device, dtype=dtype)
     total = rows * n
-    _reduce_kernel[(triton.cdiv(total, BLOCK),)](partials, out, total, SPLIT=split, BLOCK=BLOCK, num_warps=4)
+    _reduce_kernel[(triton.cdiv(total, BLOCK),)](partials, out, total, SPLIT=split, BLOCK=BLOCK, num_warps=4,
+                                                 **pdl.args(partials))
     return out

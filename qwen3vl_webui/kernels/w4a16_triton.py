@@ -47,7 +47,7 @@ from typing import Any, NamedTuple
 import triton
 import triton.language as tl
 
-from qwen3vl_webui.kernels import splitk, tuning
+from qwen3vl_webui.kernels import pdl, splitk, tuning
 from qwen3vl_webui.kernels.tuning import row_class
 
 
@@ -110,8 +110,9 @@ def pick_config(rows: int, n: int, k: int) -> W4Config:
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ys, stride_ym, groups_per_split,
-    BLOCK_N: tl.constexpr, G: tl.constexpr,
+    BLOCK_N: tl.constexpr, G: tl.constexpr, PDL: tl.constexpr = 0,
 ):  # fmt: skip
+    pdl.start(PDL)
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     row = tl.program_id(2)
@@ -137,14 +138,16 @@ def _gemv_kernel(
         acc += part * scale[:, None]
         w_ptrs += WORDS
     out = tl.sum(acc, axis=1)
+    pdl.finish(PDL)
     tl.store(y_ptr + split * stride_ys + row * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
 def _skinny_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ys, stride_ym,
-    groups_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr,
+    groups_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr, PDL: tl.constexpr = 0,
 ):  # fmt: skip
+    pdl.start(PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
@@ -172,14 +175,16 @@ def _skinny_kernel(
         acc += part * scale[None, :]
         w_ptrs += WORDS
     y_ptrs = y_ptr + split * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :]
+    pdl.finish(PDL)
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
 def _tile_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ys, stride_ym,
-    groups_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr,
+    groups_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr, PDL: tl.constexpr = 0,
 ):  # fmt: skip
+    pdl.start(PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
@@ -206,6 +211,7 @@ def _tile_kernel(
         w_ptrs += G // 8
         x_ptrs += G
     y_ptrs = y_ptr + split * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :]
+    pdl.finish(PDL)
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -231,7 +237,7 @@ def _pair_values(pairs, neg_zero, scales, ASM: tl.constexpr, DTYPE: tl.constexpr
 def _swap_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ys, stride_ym,
     groups_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr, PAIRS: tl.constexpr,
-    SCALED: tl.constexpr, NATURAL: tl.constexpr = False, GROUPS: tl.constexpr = 1,
+    SCALED: tl.constexpr, NATURAL: tl.constexpr = False, GROUPS: tl.constexpr = 1, PDL: tl.constexpr = 0,
 ):  # fmt: skip
     """Yᵀ = W Xᵀ per group: the weights are the dot's first operand (BLOCK_N >= 64 rows, what Hopper's wgmma takes
     from registers), the rows the second (BLOCK_M = 16 or 32 columns). Each packed word is loaded once, 16 bytes a
@@ -249,6 +255,7 @@ def _swap_kernel(
     (28 KB of shared memory against 20 KB, ~1.8x the PTX: bench/kernel_asm.py). GROUPS (SCALED only, tile 7): a
     loop step reads that many groups, `GROUPS * G // 2` contiguous bytes of each weight row and one dot with K =
     GROUPS * G; each word's zero and scale are its group's, broadcast along the group's words."""
+    pdl.start(PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
@@ -317,6 +324,7 @@ def _swap_kernel(
         w_ptrs += GROUPS * WORDS
         x_ptrs += SPAN
     y_ptrs = y_ptr + split * stride_ys + offs_m[None, :] * stride_ym + offs_n[:, None]
+    pdl.finish(PDL)
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok[:, None])
 
 
@@ -400,6 +408,7 @@ def w4_partials(x: Any, qweight: Any, scales: Any, zeros: Any, group: int, confi
         _gemv_kernel[grid](
             x, qweight, scales, zeros, out, n, k, x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
             out.stride(1), per_split, BLOCK_N=cfg.block_n, G=group, num_warps=cfg.warps, num_stages=cfg.stages,
+            **pdl.args(x),
         )  # fmt: skip
     else:
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m), split)
@@ -408,7 +417,7 @@ def w4_partials(x: Any, qweight: Any, scales: Any, zeros: Any, group: int, confi
         kernel[grid](
             x, qweight, scales, zeros, out, rows, n, k, x.stride(0), qweight.stride(0), scales.stride(0),
             out.stride(0), out.stride(1), per_split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, G=group,
-            num_warps=cfg.warps, num_stages=cfg.stages, **extra,
+            num_warps=cfg.warps, num_stages=cfg.stages, **extra, **pdl.args(x),
         )  # fmt: skip
     return out
 

@@ -1,0 +1,84 @@
+"""Programmatic dependent launch (PDL) for the decode step's Triton kernels, on GPUs that have it (Hopper and later).
+
+A decode step at one stream is ~380 small kernels in a CUDA graph, and between two of them the GPU idles while the
+next one launches and its programs are placed: ~0.5-0.9 ms of a 2.5-3.4 ms step on an H200 (bench/RESULTS.md,
+session 25's step profile). Launched with PDL, a kernel may start before the one before it has finished: its
+programs are placed and wait at `griddepcontrol.wait` (`start`), which returns once the kernel before has finished
+and its writes are visible. Each of our kernels waits there before its first memory access, so nothing reads or
+writes early; what overlaps is the launch and the placement. Mode 1 ("early") lets the next kernel launch as soon as
+every program of this one has started; mode 2 ("late") once each has done its work, before its stores (a launch
+that waits holds a program's registers and shared memory on an SM; early suits kernels of one wave).
+
+Every kernel that takes PDL must call `start(PDL)` before touching memory, and `finish(PDL)` before its stores;
+a kernel launched without it (cuBLAS, torch's ops, inductor's) is ordered after the one before as usual, and the one
+after it waits for it in full, so kernels of both kinds mix in one stream or graph. QWEN3VL_PDL: 0 off, 1 early,
+2 late (the default is bench/RESULTS.md's pick). Off where the GPU lacks it (compute capability below 9), where
+Triton lacks it, and on a CPU (Triton's interpreter).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import triton
+import triton.language as tl
+
+try:  # Triton 3.3+
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - an older Triton: PDL stays off (`available`), the names are never compiled
+    gdc_launch_dependents = gdc_wait = None
+
+OFF, EARLY, LATE = 0, 1, 2
+DEFAULT = LATE
+
+
+@triton.jit
+def start(PDL: tl.constexpr):
+    """At a kernel's top, before any load or store: wait for the kernel before (mode 1: then let the next launch)."""
+    if PDL != 0:
+        gdc_wait()
+        if PDL == 1:
+            gdc_launch_dependents()
+
+
+@triton.jit
+def finish(PDL: tl.constexpr):
+    """Before a kernel's stores (mode 2): the next kernel may launch now; it waits for this one's end to read."""
+    if PDL == 2:
+        gdc_launch_dependents()
+
+
+@functools.cache
+def mode() -> int:
+    """QWEN3VL_PDL as a mode (0, 1, 2), read once; anything else is the default."""
+    value = os.environ.get("QWEN3VL_PDL", "").strip()
+    return int(value) if value in ("0", "1", "2") else DEFAULT
+
+
+@functools.cache
+def available(device_index: int) -> bool:
+    """Whether this Triton launches with PDL and this GPU has it (sm_90 and later)."""
+    if gdc_wait is None:
+        return False
+    try:
+        import torch
+        from triton.backends.nvidia.compiler import CUDAOptions
+
+        if "launch_pdl" not in CUDAOptions.__dataclass_fields__:
+            return False
+        return torch.cuda.get_device_capability(device_index) >= (9, 0)
+    except Exception:
+        return False
+
+
+def args(tensor: Any) -> dict[str, Any]:
+    """The launch arguments for a kernel on `tensor`'s device: `PDL` (the kernel's constexpr) and Triton's
+    `launch_pdl`, or none (the kernels' PDL defaults to 0) where PDL is off."""
+    if tensor.device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return {}
+    chosen = mode()
+    if chosen == OFF or not available(tensor.get_device()):
+        return {}
+    return {"PDL": chosen, "launch_pdl": True}

@@ -1,0 +1,127 @@
+"""Programmatic dependent launch (kernels/pdl.py): what each decode kernel compiles to for the device's GPUs (sm_90) in
+each mode, and when the launches ask for it."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from types import SimpleNamespace
+
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+def _order(ptx: str) -> dict[str, int | None]:
+    """The PTX line of the first wait, the first trigger, the first global access (a load or an async copy), and the
+    first and last global store (or atomic) and tensor-core instruction."""
+    lines = [line.strip() for line in ptx.splitlines() if line.strip()]
+
+    def where(pattern: str, last: bool = False) -> int | None:
+        found = [i for i, line in enumerate(lines) if re.search(pattern, line)]
+        return (found[-1] if last else found[0]) if found else None
+
+    return {
+        "wait": where(r"griddepcontrol\.wait"),
+        "trigger": where(r"griddepcontrol\.launch_dependents"),
+        "triggers": sum(1 for line in lines if "griddepcontrol.launch_dependents" in line),
+        "access": where(r"\bld\.global|\bcp\.async\.c[ag]\.|\bld\.global\.nc"),
+        "store": where(r"\bst\.global|\b(?:atom|red)\.global"),
+        "last_mma": where(r"wgmma\.mma_async|\bmma\.sync", last=True),
+    }
+
+
+def _decode_kernels(mode: int) -> dict[str, object]:
+    """Each kernel of the decode step compiled as it launches at one row of the 4B (bf16), with PDL `mode`."""
+    from bench.kernel_asm import compile_offline, w4_args
+    from qwen3vl_webui.kernels import attention_triton, fp8_triton, layer_triton, matmul_triton, splitk
+    from qwen3vl_webui.kernels import w4a16_triton as wk
+
+    hidden, heads, kv_heads, dim = 2560, 32, 8, 128
+    pdl = {"PDL": mode}
+    swap = wk.W4Config(16, 64, 1, 4, 3, 6)
+    return {
+        "int4 swap": compile_offline(wk._swap_kernel, w4_args(1, 2560, 4096),
+                                     dict(BLOCK_M=16, BLOCK_N=64, G=128, **wk.swap_constexprs(swap), **pdl), 4, 3),
+        "bf16 gemv": compile_offline(matmul_triton._gemv_kernel,
+                                     dict(x_ptr="*bf16", w_ptr="*bf16", s_ptr="*bf16", y_ptr="*bf16", N=6144, K=2560,
+                                          stride_xm=2560, stride_wn=2560, stride_ym=6144),
+                                     dict(BLOCK_N=8, BLOCK_K=512, EVEN_K=True, FAST_CVT=False, HAS_SCALE=False, **pdl),
+                                     4, 1),
+        "fp8 atomic gemv": compile_offline(fp8_triton._atomic_gemv_kernel,
+                                           dict(x_ptr="*bf16", w_ptr="*fp8e4nv", s_ptr="*fp32", y_ptr="*fp32", N=2560,
+                                                K=9728, stride_xm=9728, stride_wn=9728, stride_sn=76, stride_ym=2560),
+                                           dict(BLOCK_N=16, B=128, BLOCKS=4, **pdl), 2, 1),
+        "add_rms_norm": compile_offline(layer_triton.add_rms_norm,
+                                        dict(X="*fp32", R="*bf16", W="*bf16", Out="*bf16", Sum="*bf16", eps=1e-6,
+                                             n=hidden, inv_n=1.0 / hidden, sx_p=hidden, sx=hidden, sr=hidden,
+                                             so=hidden, ss=hidden),
+                                        dict(HAS_R=True, SPLIT=4, BLOCK=4096, **pdl), 8, 1),
+        "attention": compile_offline(attention_triton.split_kv_partials,
+                                     dict(Q="*bf16", K="*bf16", V="*bf16", Lens="*i32", Out="*bf16", Part="*fp32",
+                                          Lse="*fp32", scale_log2=0.1275, num_splits=4, sq_r=heads * dim, sq_h=dim,
+                                          sk_r=kv_heads * 1280 * dim, sk_h=1280 * dim, sk_n=dim,
+                                          sv_r=kv_heads * 1280 * dim, sv_h=1280 * dim, sv_n=dim, so_r=heads * dim,
+                                          so_h=dim),
+                                     dict(GROUP=4, BLOCK_H=16, BLOCK_N=64, BLOCK_D=128, DIM=128, DIRECT=False,
+                                          IEEE=False, **pdl), 4, 2),
+        "split-K sum": compile_offline(splitk._reduce_kernel, dict(p_ptr="*fp32", y_ptr="*bf16", total=2560),
+                                       dict(SPLIT=8, BLOCK=splitk.BLOCK, **pdl), 4, 1),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_each_decode_kernel_waits_for_the_one_before_before_touching_memory(mode: int) -> None:
+    for name, kernel in _decode_kernels(mode).items():
+        at = _order(kernel.asm["ptx"])
+        assert at["access"] is not None and at["store"] is not None, (name, at)
+        if mode == 0:  # launched as before: no grid dependency control at all
+            assert at["wait"] is None and at["trigger"] is None, (name, at)
+            continue
+        # the wait comes before any read or write of global memory, and each program signals once
+        assert at["wait"] is not None and at["wait"] < at["access"] and at["wait"] < at["store"], (name, at)
+        assert at["triggers"] == 1, (name, at)
+        if mode == 1:  # early: the next kernel may launch as soon as this one's programs have all started
+            assert at["trigger"] < at["access"], (name, at)
+        else:  # late: once this one's work is done, before its stores
+            assert at["trigger"] > at["access"] and at["trigger"] < at["store"], (name, at)
+            if at["last_mma"] is not None:
+                assert at["trigger"] > at["last_mma"], (name, at)
+
+
+def test_launches_ask_for_pdl_only_on_a_gpu_that_has_it_and_as_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from qwen3vl_webui.kernels import pdl
+
+    gpu = SimpleNamespace(device=torch.device("cuda", 0), get_device=lambda: 0)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(pdl, "available", lambda index: True)
+    try:
+        for env, expected in (("", {"PDL": pdl.DEFAULT, "launch_pdl": True}), ("0", {}), ("1", {"PDL": 1, "launch_pdl": True}),
+                              ("2", {"PDL": 2, "launch_pdl": True}), ("yes", {"PDL": pdl.DEFAULT, "launch_pdl": True})):  # fmt: skip
+            monkeypatch.setenv("QWEN3VL_PDL", env)
+            pdl.mode.cache_clear()
+            assert pdl.args(gpu) == expected, env
+            assert pdl.args(torch.zeros(1)) == {}, env  # a CPU tensor: never
+        monkeypatch.setenv("QWEN3VL_PDL", "2")
+        pdl.mode.cache_clear()
+        monkeypatch.setattr(pdl, "available", lambda index: False)  # a GPU before Hopper, or an older Triton
+        assert pdl.args(gpu) == {}
+        monkeypatch.setattr(pdl, "available", lambda index: True)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter runs no PTX
+        assert pdl.args(gpu) == {}
+    finally:
+        pdl.mode.cache_clear()
+
+
+def test_pdl_needs_compute_capability_9(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from qwen3vl_webui.kernels import pdl
+
+    for capability, expected in (((8, 9), False), ((9, 0), True), ((10, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index, c=capability: c)
+        pdl.available.cache_clear()
+        assert pdl.available(0) is expected, capability
+    pdl.available.cache_clear()
