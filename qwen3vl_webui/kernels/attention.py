@@ -96,13 +96,13 @@ def decode_attention_triton(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1),
         GROUP=group, BLOCK_H=block_h, BLOCK_N=BLOCK_N, BLOCK_D=block_d, DIM=dim,
-        DIRECT=direct, IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2, **pdl.args(q),
+        DIRECT=direct, IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2, **pdl.args(q, "attention"),
     )  # fmt: skip
     if not direct:
         kernels.combine_splits[(rows, heads)](
             part, lse, out, splits, out.stride(0), out.stride(1),
             HEADS=heads, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d, DIM=dim, num_warps=4,
-            **pdl.args(q),
+            **pdl.args(q, "attention"),
         )  # fmt: skip
     return out
 

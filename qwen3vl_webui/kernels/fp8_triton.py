@@ -247,7 +247,7 @@ def fp8_partials(x: Any, weight: Any, scale_inv: Any, block: int, config: Fp8Con
         acc = torch.zeros((1, rows, n), device=x.device, dtype=torch.float32)
         _atomic_gemv_kernel[(triton.cdiv(n, cfg.block_n), blocks // per, rows)](
             x, weight, scale_inv, acc, n, k, x.stride(0), weight.stride(0), scale_inv.stride(0), acc.stride(1),
-            BLOCK_N=cfg.block_n, B=block, BLOCKS=per, num_warps=cfg.warps, num_stages=cfg.stages, **pdl.args(x),
+            BLOCK_N=cfg.block_n, B=block, BLOCKS=per, num_warps=cfg.warps, num_stages=cfg.stages, **pdl.args(x, "fp8"),
         )  # fmt: skip
         return acc
     if cfg.swap:
@@ -257,7 +257,7 @@ def fp8_partials(x: Any, weight: Any, scale_inv: Any, block: int, config: Fp8Con
         _swap_kernel[grid](
             x, weight, scale_inv, out, rows, n, k, x.stride(0), weight.stride(0), scale_inv.stride(0), out.stride(0),
             out.stride(1), per_split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, B=block, num_warps=cfg.warps,
-            num_stages=cfg.stages, **pdl.args(x),
+            num_stages=cfg.stages, **pdl.args(x, "fp8"),
         )  # fmt: skip
         return out
     out = torch.empty((1, rows, n), device=x.device, dtype=x.dtype)
@@ -265,14 +265,14 @@ def fp8_partials(x: Any, weight: Any, scale_inv: Any, block: int, config: Fp8Con
         grid = (triton.cdiv(n, cfg.block_n), rows)
         _gemv_kernel[grid](
             x, weight, scale_inv, out, n, k, x.stride(0), weight.stride(0), scale_inv.stride(0), out.stride(1),
-            BLOCK_N=cfg.block_n, B=block, num_warps=cfg.warps, num_stages=cfg.stages, **pdl.args(x),
+            BLOCK_N=cfg.block_n, B=block, num_warps=cfg.warps, num_stages=cfg.stages, **pdl.args(x, "fp8"),
         )  # fmt: skip
     else:
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m))
         _skinny_kernel[grid](
             x, weight, scale_inv, out, rows, n, k, x.stride(0), weight.stride(0), scale_inv.stride(0), out.stride(1),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, B=block, num_warps=cfg.warps, num_stages=cfg.stages,
-            **pdl.args(x),
+            **pdl.args(x, "fp8"),
         )  # fmt: skip
     return out
 

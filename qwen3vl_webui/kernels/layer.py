@@ -60,7 +60,7 @@ def _pdl(x: torch.Tensor) -> dict[str, Any]:
     """Programmatic dependent launch's arguments for a kernel on `x`'s device (kernels/pdl.py), or none."""
     from qwen3vl_webui.kernels import pdl
 
-    return pdl.args(x)
+    return pdl.args(x, "layer")
 
 
 # ------------------------------------------------------------------------------------------ the torch references

@@ -171,7 +171,7 @@ def int8_matmul(x: Any, weight: Any, scale: Any, config: KernelConfig | None = N
         _gemv_kernel[grid](
             x, weight, weight if scale is None else scale, out, n, k, x.stride(0), weight.stride(0), out.stride(0),
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=even_k, FAST_CVT=cfg.fast_cvt, HAS_SCALE=scale is not None,
-            num_warps=cfg.warps, num_stages=cfg.stages, **pdl.args(x),
+            num_warps=cfg.warps, num_stages=cfg.stages, **pdl.args(x, "gemv"),
         )  # fmt: skip
     else:
         if scale is None:
@@ -180,7 +180,7 @@ def int8_matmul(x: Any, weight: Any, scale: Any, config: KernelConfig | None = N
         _skinny_kernel[grid](
             x, weight, scale, out, rows, n, k, x.stride(0), weight.stride(0), out.stride(0),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=even_k, FAST_CVT=cfg.fast_cvt,
-            num_warps=cfg.warps, num_stages=cfg.stages, **pdl.args(x),
+            num_warps=cfg.warps, num_stages=cfg.stages, **pdl.args(x, "gemv"),
         )  # fmt: skip
     return out
 

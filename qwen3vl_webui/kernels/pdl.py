@@ -73,12 +73,18 @@ def available(device_index: int) -> bool:
         return False
 
 
-def args(tensor: Any) -> dict[str, Any]:
-    """The launch arguments for a kernel on `tensor`'s device: `PDL` (the kernel's constexpr) and Triton's
-    `launch_pdl`, or none (the kernels' PDL defaults to 0) where PDL is off."""
+@functools.cache
+def _skipped() -> frozenset[str]:
+    """QWEN3VL_PDL_SKIP: kernel families (comma list: layer, attention, gemv, int4, fp8, splitk) launched without."""
+    return frozenset(name.strip() for name in os.environ.get("QWEN3VL_PDL_SKIP", "").split(",") if name.strip())
+
+
+def args(tensor: Any, family: str = "") -> dict[str, Any]:
+    """The launch arguments for a kernel of `family` on `tensor`'s device: `PDL` (the kernel's constexpr) and
+    Triton's `launch_pdl`, or none (the kernels' PDL defaults to 0) where PDL is off."""
     if tensor.device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return {}
     chosen = mode()
-    if chosen == OFF or not available(tensor.get_device()):
+    if chosen == OFF or family in _skipped() or not available(tensor.get_device()):
         return {}
     return {"PDL": chosen, "launch_pdl": True}

@@ -37,5 +37,5 @@ def reduce_partials(partials: Any, dtype: Any) -> Any:
     out = torch.empty((rows, n), device=partials.device, dtype=dtype)
     total = rows * n
     _reduce_kernel[(triton.cdiv(total, BLOCK),)](partials, out, total, SPLIT=split, BLOCK=BLOCK, num_warps=4,
-                                                 **pdl.args(partials))
+                                                 **pdl.args(partials, "splitk"))
     return out

@@ -74,15 +74,17 @@ class W4Config(NamedTuple):
 # won every shape and row count. Session 20's H100 sweep split K 4-16 ways at one and 16 rows (1-10%). Session 21's
 # H100 sweeps (bench/results/h100/s21_quant_{a,b,c}.json, merged in s21_tuned.json): tile 6, which reads the
 # activations in k order, won every shape at 16 and 32 rows (1.2-1.85x tile 3 at 32: gate/up 42.7 -> 23.0 us) and
-# qkv and gate/up at one row; the atomic GEMV (tile 5) lost everywhere (1.3-2.2x tile 3's time at one row).
+# qkv and gate/up at one row; the atomic GEMV (tile 5) lost everywhere (1.3-2.2x tile 3's time at one row). Session 26's
+# one-row sweep on an H100 with programmatic dependent launch (bench/results/h100/s26_quant.json): tile 6 for qkv and o
+# with K whole, gate/up split 4 ways (17.9 us against 19.1); tile 7 lost every shape (1.3x tile 6's time).
 TUNED: dict[tuple[int, int, int], W4Config] = {
-    (1, 6144, 2560): W4Config(16, 64, 4, 4, 3, 6),
+    (1, 6144, 2560): W4Config(16, 64, 0, 4, 3, 6),
     (16, 6144, 2560): W4Config(16, 64, 4, 4, 3, 6),
     (32, 6144, 2560): W4Config(32, 64, 4, 4, 3, 6),
-    (1, 2560, 4096): W4Config(16, 64, 8, 4, 3, 3),
+    (1, 2560, 4096): W4Config(16, 64, 0, 4, 3, 6),
     (16, 2560, 4096): W4Config(16, 64, 0, 4, 3, 6),
     (32, 2560, 4096): W4Config(32, 64, 0, 4, 3, 6),
-    (1, 19456, 2560): W4Config(16, 64, 0, 4, 3, 6),
+    (1, 19456, 2560): W4Config(16, 64, 4, 4, 3, 6),
     (16, 19456, 2560): W4Config(16, 64, 0, 4, 3, 6),
     (32, 19456, 2560): W4Config(32, 64, 0, 4, 3, 6),
     (1, 2560, 9728): W4Config(16, 64, 16, 4, 3, 3),
@@ -408,7 +410,7 @@ def w4_partials(x: Any, qweight: Any, scales: Any, zeros: Any, group: int, confi
         _gemv_kernel[grid](
             x, qweight, scales, zeros, out, n, k, x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
             out.stride(1), per_split, BLOCK_N=cfg.block_n, G=group, num_warps=cfg.warps, num_stages=cfg.stages,
-            **pdl.args(x),
+            **pdl.args(x, "int4"),
         )  # fmt: skip
     else:
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m), split)
@@ -417,7 +419,7 @@ def w4_partials(x: Any, qweight: Any, scales: Any, zeros: Any, group: int, confi
         kernel[grid](
             x, qweight, scales, zeros, out, rows, n, k, x.stride(0), qweight.stride(0), scales.stride(0),
             out.stride(0), out.stride(1), per_split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, G=group,
-            num_warps=cfg.warps, num_stages=cfg.stages, **extra, **pdl.args(x),
+            num_warps=cfg.warps, num_stages=cfg.stages, **extra, **pdl.args(x, "int4"),
         )  # fmt: skip
     return out
 
