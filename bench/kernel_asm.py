@@ -117,8 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     from qwen3vl_webui.kernels import w4a16_triton as wk
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiles", default="2,3,4,6,7", help="int4 W4Config.tile values (2-4, 6, 7: the swap kernel)")
-    ap.add_argument("--groups", type=int, default=2, help="tile 7: groups of K a loop step reads")
+    ap.add_argument("--tiles", default="2,3,4,6", help="int4 W4Config.tile values (2-4 and 6: the swap kernel)")
     ap.add_argument("--rows", default="16,32", help="row counts (block_m 16 up to 16 rows, else 32)")
     ap.add_argument("--n", type=int, default=19456, help="output features (default: the fused gate/up)")
     ap.add_argument("--k", type=int, default=2560, help="input features")
@@ -129,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     for rows in (int(r) for r in args.rows.split(",")):
         for tile in (int(t) for t in args.tiles.split(",")):
-            cfg = wk.W4Config(16 if rows <= 16 else 32, args.block_n, 1, 4, args.stages, tile, args.groups if tile == 7 else 1)
+            cfg = wk.W4Config(16 if rows <= 16 else 32, args.block_n, 1, 4, args.stages, tile)
             kernel = compile_w4(cfg, rows, args.n, args.k, capability=args.capability)
             ptx = kernel.asm["ptx"]
             lines = sum(1 for line in ptx.splitlines() if line.rstrip().endswith(";"))

@@ -56,7 +56,7 @@ def _as_list(cfg: Any) -> list[Any]:
     return list(cfg) if isinstance(cfg, tuple) else [cfg]
 
 
-def int4_configs(rows: int, n: int = 0, k: int = 0, kernels: tuple[int, ...] = (6, 7, 3, 4, 2, 1, 0)) -> list[Any]:
+def int4_configs(rows: int, n: int = 0, k: int = 0, kernels: tuple[int, ...] = (6, 3, 4, 2, 1, 0)) -> list[Any]:
     """The sweep's int4 launch shapes for `rows`; with the shape, what the kernels pick today comes first, so a
     sweep cut by its time cap has the default's time to compare with. `kernels`: the many-row kernels to sweep, in
     that order (W4Config.tile: 6 tile 3 with the activations read in k order, 4 swap with pairs and scaled weights, 3 swap with nibble pairs, 2 swap, 1 tile,
@@ -82,10 +82,6 @@ def int4_configs(rows: int, n: int = 0, k: int = 0, kernels: tuple[int, ...] = (
         6: [W4Config(bm, bn, split, 4, s, 6) for bn in (64, 128) for split in (0, 4, 16) for s in (2, 3)] if rows <= 16
         else [W4Config(bm, bn, split, w, s, 6) for bn in (64, 128) for split in (0, 2, 4) for w in (4, 8) for s in (2, 3, 4)],
         4: [W4Config(bm, bn, split, w, s, 4) for bn in (64, 128) for split in (0, 2) for w in (4, 8) for s in (2, 3)],
-        # Tile 7 (session 26): tiles 4 and 6 together, 2 or 4 groups a loop step (128 or 256 contiguous bytes of each
-        # weight row a load; one dot with K = 256 or 512).
-        7: [W4Config(bm, bn, split, w, s, 7, gs) for gs in (2, 4) for bn in (64, 128) for split in (0, 4)
-            for w in ((4,) if bn == 64 else (4, 8)) for s in (2, 3)],
         3: tile3,
         2: [W4Config(bm, bn, split, w, s, 2) for bn in (64, 128) for split in (0, 2) for w in (4, 8) for s in (2, 3)],
         1: [W4Config(bm, bn, split, w, s, 1) for bn in (32, 64, 128) for split in (0, 1, 2, 4) for w in (4, 8)
@@ -266,7 +262,7 @@ def main() -> None:
     ap.add_argument("--rows", default="1,16,32", help="sweep: the row counts (1, 16, 32: the row classes)")
     ap.add_argument("--formats", default="int4,fp8", help="sweep: int4, fp8, tinygemm (torch's own W4A16 kernel on the int4 weights), comma list")  # fmt: skip
     ap.add_argument("--defaults-only", action="store_true", help="sweep: int4 and fp8 at their kernels' picks only")
-    ap.add_argument("--int4-kernels", default="6,7,3,4,2,1,0", help="sweep: the int4 kernels, in order (6 swap with pairs, the activations read in k order, 7 that with the scales in the weights and 2 or 4 groups a step, 4 swap with pairs and scaled weights, 3 swap with nibble pairs, 2 swap, 1 tile, 0 planes)")  # fmt: skip
+    ap.add_argument("--int4-kernels", default="6,3,4,2,1,0", help="sweep: the int4 kernels, in order (6 swap with pairs, the activations read in k order, 4 swap with pairs and scaled weights, 3 swap with nibble pairs, 2 swap, 1 tile, 0 planes)")  # fmt: skip
     ap.add_argument("--shapes", default="", help="sweep: only these shapes (qkv, o, gate_up, down; default all)")
     ap.add_argument("--model", default="random-weights:4b", help="quality: random-weights:4b or a checkpoint")
     ap.add_argument("--device", default="cuda", help="quality: cuda, or cpu (the tiny checkpoint: plumbing)")

@@ -203,7 +203,7 @@ def test_the_engine_process_starts_the_probes_with_the_engines_own_settings(
     assert order == []
 
 
-def test_a_prespawned_engine_process_starts_the_probes_while_it_still_imports(
+def test_a_prespawned_engine_process_asked_for_early_probes_starts_them_while_it_still_imports(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The front end sends the spec once it has imported torch, seconds before the engine process has imported
@@ -249,7 +249,7 @@ def test_a_prespawned_engine_process_starts_the_probes_while_it_still_imports(
     monkeypatch.setattr(lean, "skip", lambda *packages: [])  # torchvision stays visible to this test process
     monkeypatch.setenv("QWEN3VL_SPEC_ENV", "launch")  # the launch's, which the spec's replaces
     monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
-    monkeypatch.delenv("QWEN3VL_EARLY_PROBES", raising=False)
+    monkeypatch.setenv("QWEN3VL_EARLY_PROBES", "1")  # asked for (the default starts them after the imports)
     front = {k: v for k, v in os.environ.items() if k != "TRITON_CACHE_DIR"}
     engine_cache = str(tmp_path / "engine-triton")
     assert run({**front, "QWEN3VL_SPEC_ENV": "front"}, 30) == {
@@ -261,10 +261,10 @@ def test_a_prespawned_engine_process_starts_the_probes_while_it_still_imports(
     assert run({**front, "QWEN3VL_SPEC_ENV": "front", "TRITON_CACHE_DIR": elsewhere}, 0.5) == {
         "overlapped": False, "probes saw": ("front", elsewhere), "after": ("front", elsewhere),
     }  # fmt: skip
-    # QWEN3VL_EARLY_PROBES=0 (the A/B's other side): after the imports too
+    # by default (QWEN3VL_EARLY_PROBES unset, or 0): after the imports
     monkeypatch.delenv("TRITON_CACHE_DIR")
-    monkeypatch.setenv("QWEN3VL_EARLY_PROBES", "0")
-    off = {**front, "QWEN3VL_SPEC_ENV": "front", "QWEN3VL_EARLY_PROBES": "0"}
+    monkeypatch.delenv("QWEN3VL_EARLY_PROBES")
+    off = {k: v for k, v in front.items() if k != "QWEN3VL_EARLY_PROBES"} | {"QWEN3VL_SPEC_ENV": "front"}
     assert run(off, 0.5) == {
         "overlapped": False,
         "probes saw": ("front", engine_cache),

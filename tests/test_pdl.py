@@ -109,10 +109,15 @@ def test_launches_ask_for_pdl_only_on_a_gpu_that_has_it_and_as_configured(monkey
         monkeypatch.setattr(pdl, "available", lambda index: False)  # a GPU before Hopper, or an older Triton
         assert pdl.args(gpu) == {}
         monkeypatch.setattr(pdl, "available", lambda index: True)
+        monkeypatch.setenv("QWEN3VL_PDL_SKIP", "fp8, attention")  # families launched as before (an A/B)
+        pdl._skipped.cache_clear()
+        assert pdl.args(gpu, "fp8") == {} and pdl.args(gpu, "attention") == {}
+        assert pdl.args(gpu, "int4") == {"PDL": 2, "launch_pdl": True}
         monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter runs no PTX
-        assert pdl.args(gpu) == {}
+        assert pdl.args(gpu, "int4") == {}
     finally:
         pdl.mode.cache_clear()
+        pdl._skipped.cache_clear()
 
 
 def test_pdl_needs_compute_capability_9(monkeypatch: pytest.MonkeyPatch) -> None:

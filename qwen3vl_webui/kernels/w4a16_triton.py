@@ -57,8 +57,9 @@ class W4Config(NamedTuple):
     (planes), 1 `_tile_kernel`, 2 `_swap_kernel` (weights as the dot's first operand), 3 the same with nibble pairs
     (inline PTX: CUDA only), 4 with pairs and the scales in the weights (one accumulator over K), 6 tile 3 with the
     activations read in k order and permuted to the pairs' order in the kernel (5 was session 21's atomic GEMV,
-    removed: it lost every one-row shape to tile 3, bench/results/h100/s21_quant_a.json), 7 tiles 4 and 6 together
-    (scales in the weights, activations in k order) reading `groups` groups a loop step (session 26)."""
+    removed: it lost every one-row shape to tile 3, bench/results/h100/s21_quant_a.json; 7, session 26's tiles 4 and 6
+    together reading 2 or 4 groups a loop step, lost every one-row shape to tile 6, 1.13-1.33x its time,
+    bench/results/h100/s26/call1_quant.json)."""
 
     block_m: int
     block_n: int
@@ -66,7 +67,6 @@ class W4Config(NamedTuple):
     warps: int
     stages: int
     tile: int = 0
-    groups: int = 1  # groups of K a loop step reads (tile 7; 1 for the others)
 
 
 # Chosen for the 4B's shapes by bench/quant_check.py's sweep on the GPU; other shapes take the defaults below.
@@ -75,8 +75,8 @@ class W4Config(NamedTuple):
 # H100 sweeps (bench/results/h100/s21_quant_{a,b,c}.json, merged in s21_tuned.json): tile 6, which reads the
 # activations in k order, won every shape at 16 and 32 rows (1.2-1.85x tile 3 at 32: gate/up 42.7 -> 23.0 us) and
 # qkv and gate/up at one row; the atomic GEMV (tile 5) lost everywhere (1.3-2.2x tile 3's time at one row). Session 26's
-# one-row sweep on an H100 with programmatic dependent launch (bench/results/h100/s26_quant.json): tile 6 for qkv and o
-# with K whole, gate/up split 4 ways (17.9 us against 19.1); tile 7 lost every shape (1.3x tile 6's time).
+# one-row sweep on an H100 with programmatic dependent launch (bench/results/h100/s26/call1_quant.json): tile 6 for
+# qkv and o with K whole, gate/up split 4 ways (17.9 us against 19.1).
 TUNED: dict[tuple[int, int, int], W4Config] = {
     (1, 6144, 2560): W4Config(16, 64, 0, 4, 3, 6),
     (16, 6144, 2560): W4Config(16, 64, 4, 4, 3, 6),
@@ -239,7 +239,7 @@ def _pair_values(pairs, neg_zero, scales, ASM: tl.constexpr, DTYPE: tl.constexpr
 def _swap_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ys, stride_ym,
     groups_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr, PAIRS: tl.constexpr,
-    SCALED: tl.constexpr, NATURAL: tl.constexpr = False, GROUPS: tl.constexpr = 1, PDL: tl.constexpr = 0,
+    SCALED: tl.constexpr, NATURAL: tl.constexpr = False, PDL: tl.constexpr = 0,
 ):  # fmt: skip
     """Yᵀ = W Xᵀ per group: the weights are the dot's first operand (BLOCK_N >= 64 rows, what Hopper's wgmma takes
     from registers), the rows the second (BLOCK_M = 16 or 32 columns). Each packed word is loaded once, 16 bytes a
@@ -254,20 +254,16 @@ def _swap_kernel(
     6): the activations are read in k order, 16 bytes a load, pipelined like the weights, and their tile is permuted
     to the pairs' order on its way to shared memory (tile 3 gathers them one value at a time in the pairs' order).
     Putting the weights' pairs back in k order instead compiles to a shared-memory round trip of the larger tile
-    (28 KB of shared memory against 20 KB, ~1.8x the PTX: bench/kernel_asm.py). GROUPS (SCALED only, tile 7): a
-    loop step reads that many groups, `GROUPS * G // 2` contiguous bytes of each weight row and one dot with K =
-    GROUPS * G; each word's zero and scale are its group's, broadcast along the group's words."""
+    (28 KB of shared memory against 20 KB, ~1.8x the PTX: bench/kernel_asm.py)."""
     pdl.start(PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
-    tl.static_assert(GROUPS == 1 or SCALED, "several groups a step need the scales in the weights")
     WORDS: tl.constexpr = G // 8
-    SPAN: tl.constexpr = GROUPS * G  # k a loop step covers
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_w = tl.arange(0, GROUPS * WORDS)
-    offs_k = tl.arange(0, SPAN)
+    offs_w = tl.arange(0, WORDS)
+    offs_k = tl.arange(0, G)
     if PAIRS and not NATURAL:  # column p of the tile holds k = 8 (p // 8) + (p % 8) // 2 + 4 (p % 2)
         offs_k = (offs_k // 8) * 8 + (offs_k % 8) // 2 + 4 * (offs_k % 2)
     m_ok = offs_m < M
@@ -279,24 +275,11 @@ def _swap_kernel(
     x_ptrs = x_ptr + offs_m[None, :] * stride_xm + (g_start * G + offs_k)[:, None]
     shifts = tl.arange(0, 8) * 4
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for g in range(g_start, g_end, GROUPS):
-        if GROUPS == 1:
-            words = tl.load(w_ptrs, mask=n_ok[:, None], other=0)
-            zero = tl.load(z_ptr + rows_n * stride_sn + g, mask=n_ok, other=0).to(tl.int32)[:, None]
-            if SCALED:
-                scale = tl.load(s_ptr + rows_n * stride_sn + g, mask=n_ok, other=0.0)[:, None]
-            else:
-                scale = tl.load(s_ptr + rows_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
-            xt = tl.load(x_ptrs, mask=m_ok[None, :], other=0.0)
-        else:  # the step's groups past g_end (the split's last step) read as zero weights, zero scales
-            w_ok = n_ok[:, None] & (g * WORDS + offs_w < g_end * WORDS)[None, :]
-            words = tl.load(w_ptrs, mask=w_ok, other=0)
-            at = rows_n[:, None] * stride_sn + g + tl.arange(0, GROUPS)[None, :]
-            g_ok = n_ok[:, None] & (g + tl.arange(0, GROUPS) < g_end)[None, :]
-            zero = _per_word(tl.load(z_ptr + at, mask=g_ok, other=0).to(tl.int32), BLOCK_N, GROUPS, WORDS)
-            scale = _per_word(tl.load(s_ptr + at, mask=g_ok, other=0.0), BLOCK_N, GROUPS, WORDS)
-            k_ok = (g * G + tl.arange(0, SPAN) < g_end * G)[:, None]
-            xt = tl.load(x_ptrs, mask=m_ok[None, :] & k_ok, other=0.0)
+    for g in range(g_start, g_end):
+        words = tl.load(w_ptrs, mask=n_ok[:, None], other=0)
+        zero = tl.load(z_ptr + rows_n * stride_sn + g, mask=n_ok, other=0).to(tl.int32)
+        if not SCALED:
+            scale = tl.load(s_ptr + rows_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
         if PAIRS:
             BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
             # 128 + q in bf16 (1024 + q in fp16) is the lane `magic | q`; -(128 + z) is `neg | z`, in both lanes.
@@ -304,36 +287,32 @@ def _swap_kernel(
             neg: tl.constexpr = 0xC300 if BF16 else 0xE400
             nz = (zero | neg) * 65537
             pairs = ((words[:, :, None] >> (tl.arange(0, 4) * 4)[None, None, :]) & 0x000F000F) | magic
-            both = nz[:, :, None]  # not read unless SCALED
+            both = nz[:, None, None]  # not read unless SCALED
             if SCALED:
-                bits = scale.to(x_ptr.dtype.element_ty).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-                both = (bits | (bits << 16))[:, :, None]
+                bits = tl.load(s_ptr + rows_n * stride_sn + g, mask=n_ok, other=0.0).to(x_ptr.dtype.element_ty)
+                bits = bits.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+                both = (bits | (bits << 16))[:, None, None]
                 ASM: tl.constexpr = _SCALED_BF16 if BF16 else _SCALED_FP16
             else:
                 ASM: tl.constexpr = _PAIR_BF16 if BF16 else _PAIR_FP16
-            lo, hi = _pair_values(pairs, nz[:, :, None], both, ASM, x_ptr.dtype.element_ty)
-            w = tl.reshape(tl.join(lo, hi), (BLOCK_N, SPAN))
+            lo, hi = _pair_values(pairs, nz[:, None, None], both, ASM, x_ptr.dtype.element_ty)
+            w = tl.reshape(tl.join(lo, hi), (BLOCK_N, G))
         else:
             q = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 0xF, (BLOCK_N, G))
             zf = zero.to(tl.float32) + 8388608.0
-            w = ((q | 0x4B000000).to(tl.float32, bitcast=True) - zf).to(x_ptr.dtype.element_ty)
+            w = ((q | 0x4B000000).to(tl.float32, bitcast=True) - zf[:, None]).to(x_ptr.dtype.element_ty)
+        xt = tl.load(x_ptrs, mask=m_ok[None, :], other=0.0)
         if NATURAL:  # row 8a + 4h + j -> row 8a + 2j + h, the pairs' order
-            xt = tl.reshape(tl.permute(tl.reshape(xt, (SPAN // 8, 2, 4, BLOCK_M)), (0, 2, 1, 3)), (SPAN, BLOCK_M))
+            xt = tl.reshape(tl.permute(tl.reshape(xt, (G // 8, 2, 4, BLOCK_M)), (0, 2, 1, 3)), (G, BLOCK_M))
         if SCALED:
             acc = tl.dot(w, xt, acc)
         else:
             acc += tl.dot(w, xt) * scale[:, None]  # w: integers in [-15, 15], exact in 16 bits
-        w_ptrs += GROUPS * WORDS
-        x_ptrs += SPAN
+        w_ptrs += WORDS
+        x_ptrs += G
     y_ptrs = y_ptr + split * stride_ys + offs_m[None, :] * stride_ym + offs_n[:, None]
     pdl.finish(PDL)
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok[:, None])
-
-
-@triton.jit
-def _per_word(values, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, WORDS: tl.constexpr):
-    """`[BLOCK_N, GROUPS]` per-group values -> `[BLOCK_N, GROUPS * WORDS]`, each word its group's."""
-    return tl.reshape(tl.broadcast_to(values[:, :, None], (BLOCK_N, GROUPS, WORDS)), (BLOCK_N, GROUPS * WORDS))
 
 
 @triton.jit
@@ -364,13 +343,14 @@ def _dequant_kernel(
     tl.store(out, w.to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
 
 
-TILES = (0, 1, 2, 3, 4, 6, 7)  # W4Config.tile values with a kernel (5 was session 21's atomic GEMV, removed)
+TILES = (0, 1, 2, 3, 4, 6)  # W4Config.tile values with a kernel (5 and 7 were removed: see W4Config)
 
 
 def swap_constexprs(cfg: W4Config) -> dict[str, Any]:
-    """`_swap_kernel`'s variant for a config of tile 2, 3, 4, 6 or 7."""
-    groups = cfg.groups if cfg.tile == 7 else 1
-    return {"PAIRS": cfg.tile >= 3, "SCALED": cfg.tile in (4, 7), "NATURAL": cfg.tile in (6, 7), "GROUPS": groups}
+    """`_swap_kernel`'s variant for a config of tile 2, 3, 4 or 6."""
+    return {"PAIRS": cfg.tile >= 3, "SCALED": cfg.tile == 4, "NATURAL": cfg.tile == 6}
+
+
 SPLIT_LEAST_GROUPS = 4  # a default split keeps this many groups of K at least (tuning.default_split)
 
 
@@ -414,7 +394,7 @@ def w4_partials(x: Any, qweight: Any, scales: Any, zeros: Any, group: int, confi
         )  # fmt: skip
     else:
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m), split)
-        kernel = (_skinny_kernel, _tile_kernel, *[_swap_kernel] * 6)[cfg.tile]
+        kernel = (_skinny_kernel, _tile_kernel, _swap_kernel, _swap_kernel, _swap_kernel, None, _swap_kernel)[cfg.tile]
         extra = swap_constexprs(cfg) if cfg.tile >= 2 else {}
         kernel[grid](
             x, qweight, scales, zeros, out, rows, n, k, x.stride(0), qweight.stride(0), scales.stride(0),

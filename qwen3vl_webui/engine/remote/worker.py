@@ -46,10 +46,12 @@ def main() -> int:
     lean.skip(*lean.ENGINE_PROCESS)  # before any transformers module binds its checks (weights/lean.py)
     if "--prewarm" in sys.argv[1:]:  # started at launch (client.prespawn): the slow imports before the model is known
         # The spec comes while transformers still imports (the front end sends it once it has imported torch): read
-        # it on a thread, which starts the kernels' probes then, beside the rest of the imports (`_SpecReader`).
-        # QWEN3VL_EARLY_PROBES=0 starts them after the imports, beside the weights' load (an A/B: both threads
-        # want the GIL).
-        reader = _SpecReader(probes=os.environ.get("QWEN3VL_EARLY_PROBES", "1") != "0")
+        # it on a thread. QWEN3VL_EARLY_PROBES=1 starts the kernels' probes then, beside the rest of the imports
+        # (`_SpecReader`); by default they start after the imports, beside the weights' load. Session 26's A/B on an
+        # H100 (three launches each) found no gain: the imports took ~0.5 s longer beside the probes (both threads
+        # want the GIL), the wait for the probes ~0.4 s shorter, first answer 14.40 s against 14.28 (medians;
+        # bench/RESULTS.md).
+        reader = _SpecReader(probes=os.environ.get("QWEN3VL_EARLY_PROBES", "0") == "1")
         reader.start()
         prewarm()
         _imported_at = time.time()
