@@ -97,15 +97,14 @@ def test_launches_ask_for_pdl_only_on_a_gpu_that_has_it_and_as_configured(monkey
     gpu = SimpleNamespace(device=torch.device("cuda", 0), get_device=lambda: 0)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(pdl, "available", lambda index: True)
+    monkeypatch.setattr(pdl, "_default", pdl.DEFAULT)
     try:
         for env, expected in (("", {"PDL": pdl.DEFAULT, "launch_pdl": True}), ("0", {}), ("1", {"PDL": 1, "launch_pdl": True}),
                               ("2", {"PDL": 2, "launch_pdl": True}), ("yes", {"PDL": pdl.DEFAULT, "launch_pdl": True})):  # fmt: skip
             monkeypatch.setenv("QWEN3VL_PDL", env)
-            pdl.mode.cache_clear()
             assert pdl.args(gpu) == expected, env
             assert pdl.args(torch.zeros(1)) == {}, env  # a CPU tensor: never
         monkeypatch.setenv("QWEN3VL_PDL", "2")
-        pdl.mode.cache_clear()
         monkeypatch.setattr(pdl, "available", lambda index: False)  # a GPU before Hopper, or an older Triton
         assert pdl.args(gpu) == {}
         monkeypatch.setattr(pdl, "available", lambda index: True)
@@ -116,7 +115,6 @@ def test_launches_ask_for_pdl_only_on_a_gpu_that_has_it_and_as_configured(monkey
         monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter runs no PTX
         assert pdl.args(gpu, "int4") == {}
     finally:
-        pdl.mode.cache_clear()
         pdl._skipped.cache_clear()
 
 
@@ -130,3 +128,26 @@ def test_pdl_needs_compute_capability_9(monkeypatch: pytest.MonkeyPatch) -> None
         pdl.available.cache_clear()
         assert pdl.available(0) is expected, capability
     pdl.available.cache_clear()
+
+
+def test_the_engine_launches_with_pdl_only_for_the_precisions_that_gained_unless_told(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Session 26 (H100): bf16 and int4 decoded faster with it, fp8 slower; QWEN3VL_PDL set applies to all."""
+    import torch
+
+    from qwen3vl_webui.kernels import pdl
+
+    gpu = SimpleNamespace(device=torch.device("cuda", 0), get_device=lambda: 0)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("QWEN3VL_PDL", raising=False)
+    monkeypatch.setattr(pdl, "available", lambda index: True)
+    monkeypatch.setattr(pdl, "_default", pdl.DEFAULT)
+    for precision, expected in (("bf16", pdl.LATE), ("int4", pdl.LATE), ("fp8", pdl.OFF), ("int8wo", pdl.OFF),
+                                ("int4-bnb", pdl.OFF), ("fp16", pdl.LATE)):  # fmt: skip
+        assert pdl.use_for(precision) == expected, precision
+        assert pdl.args(gpu, "layer") == ({"PDL": expected, "launch_pdl": True} if expected else {}), precision
+    monkeypatch.setenv("QWEN3VL_PDL", "1")
+    assert pdl.use_for("fp8") == pdl.EARLY and pdl.args(gpu, "fp8") == {"PDL": 1, "launch_pdl": True}
+    monkeypatch.setenv("QWEN3VL_PDL", "0")
+    assert pdl.use_for("bf16") == pdl.OFF and pdl.args(gpu, "int4") == {}

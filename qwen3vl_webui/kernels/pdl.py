@@ -9,6 +9,11 @@ writes early; what overlaps is the launch and the placement. Mode 1 ("early") le
 every program of this one has started; mode 2 ("late") once each has done its work, before its stores (a launch
 that waits holds a program's registers and shared memory on an SM; early suits kernels of one wave).
 
+Measured on an H100 (bench/RESULTS.md, session 26; the engine at 1 / 32 streams, PDL off -> late): bf16 270 -> 279
+tok/s (early: 287), int4 379 -> 410 and 5,335 -> 5,456, but fp8 365 -> 333 at one stream. So the engine turns it on
+for the precisions where it was measured to gain (`use_for`, by default late) and leaves it off for the others;
+QWEN3VL_PDL set to a mode applies that mode to every precision.
+
 Every kernel that takes PDL must call `start(PDL)` before touching memory, and `finish(PDL)` before its stores;
 a kernel launched without it (cuBLAS, torch's ops, inductor's) is ordered after the one before as usual, and the one
 after it waits for it in full, so kernels of both kinds mix in one stream or graph. QWEN3VL_PDL: 0 off, 1 early,
@@ -31,7 +36,10 @@ except ImportError:  # pragma: no cover - an older Triton: PDL stays off (`avail
     gdc_launch_dependents = gdc_wait = None
 
 OFF, EARLY, LATE = 0, 1, 2
+NAMES = ("off", "early", "late")
 DEFAULT = LATE
+MEASURED_GAIN = frozenset({"bf16", "fp16", "int4"})  # precisions whose decode gained with it (session 26)
+_default = DEFAULT  # the mode where QWEN3VL_PDL names none: `use_for` sets it for the loaded precision
 
 
 @triton.jit
@@ -50,11 +58,18 @@ def finish(PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
-@functools.cache
+def use_for(precision: str) -> int:
+    """The engine loaded `precision`: PDL (DEFAULT's mode) where it was measured to gain, else off, unless
+    QWEN3VL_PDL names a mode. Returns the mode its kernels launch with from now on."""
+    global _default
+    _default = DEFAULT if str(precision) in MEASURED_GAIN else OFF
+    return mode()
+
+
 def mode() -> int:
-    """QWEN3VL_PDL as a mode (0, 1, 2), read once; anything else is the default."""
+    """QWEN3VL_PDL as a mode (0, 1, 2); unset (or anything else): the loaded precision's (`use_for`)."""
     value = os.environ.get("QWEN3VL_PDL", "").strip()
-    return int(value) if value in ("0", "1", "2") else DEFAULT
+    return int(value) if value in ("0", "1", "2") else _default
 
 
 @functools.cache

@@ -16,7 +16,7 @@ from qwen3vl_webui.engine.batch import artifacts, compiled, prefill
 from qwen3vl_webui.engine.batch.kv import SlotKV
 from qwen3vl_webui.engine.batch.options import LEN_ALIGN, BatchOptions
 from qwen3vl_webui.engine.batch.runner import ModelRunner
-from qwen3vl_webui.kernels import attention, builds, fusion, vision
+from qwen3vl_webui.kernels import attention, builds, fusion, pdl, vision
 from qwen3vl_webui.kernels import layer as fused_layer
 from qwen3vl_webui.weights.model import LoadedModel
 
@@ -125,6 +125,8 @@ class DecodeGraphs:
         self.cuda_index = cuda_index(loaded.device) if on_cuda else None  # for the compile thread's set_device
         self.cuda_graphs = on_cuda if options.cuda_graphs is None else (options.cuda_graphs and on_cuda)
         self.compile = compiled.should_compile(options.compile, loaded.device, loaded.precision)
+        # our kernels' launches overlap (programmatic dependent launch) where this precision gained from it
+        self.pdl_mode = pdl.use_for(loaded.precision) if on_cuda and pdl.available(self.cuda_index or 0) else pdl.OFF
         self.compile_error: str | None = None
         self.compile_skipped = ""  # why a compile that would have run did not (the fused layers serve at full speed)
         self.graph_error: str | None = None
@@ -214,8 +216,9 @@ class DecodeGraphs:
             prefill_mode = "eager" if self.runner.chunk_graphs is None else "graphs"
             if self._prefill_todo is not None:
                 prefill_mode = "graphs to capture between steps"
-            log.info("decode steps ready in %.1f s (%s; eager layers: %s), prefill in %.1f s (%s)", decode_s,
-                     self.decode_mode, self.layers_path, self.prefill_warmup_s, prefill_mode)  # fmt: skip
+            log.info("decode steps ready in %.1f s (%s; eager layers: %s; programmatic dependent launch: %s), prefill "
+                     "in %.1f s (%s)", decode_s, self.decode_mode, self.layers_path, pdl.NAMES[self.pdl_mode],
+                     self.prefill_warmup_s, prefill_mode)  # fmt: skip
             log.info("decode start-up: %s, kernel builds %.2f s, warm-up per batch size %s s, captures %.2f s",
                      ", ".join(f"{k} {v:.2f} s" for k, v in self.stages.items()), self.kernel_build_s, self.warmup_s,
                      self.capture_s)  # fmt: skip
