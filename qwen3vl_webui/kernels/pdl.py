@@ -52,6 +52,16 @@ def start(PDL: tl.constexpr):
 
 
 @triton.jit
+def prefetch_l2(ptrs, nbytes):
+    """Each of `ptrs` (a row's first weight) and the `nbytes` after it (a multiple of 16) on their way to L2: issued
+    before `start`, while the kernel before still runs (a product's weights do not depend on it)."""
+    addr = ptrs.to(tl.int64, bitcast=True)
+    size = tl.zeros(ptrs.shape, tl.int32) + nbytes
+    tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r", [addr, size],
+                              dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
+
+
+@triton.jit
 def finish(PDL: tl.constexpr):
     """Before a kernel's stores (mode 2): the next kernel may launch now; it waits for this one's end to read."""
     if PDL == 2:
@@ -94,12 +104,14 @@ def _skipped() -> frozenset[str]:
     return frozenset(name.strip() for name in os.environ.get("QWEN3VL_PDL_SKIP", "").split(",") if name.strip())
 
 
-def args(tensor: Any, family: str = "") -> dict[str, Any]:
+def args(tensor: Any, family: str = "", prefetch: bool = False) -> dict[str, Any]:
     """The launch arguments for a kernel of `family` on `tensor`'s device: `PDL` (the kernel's constexpr) and
-    Triton's `launch_pdl`, or none (the kernels' PDL defaults to 0) where PDL is off."""
+    Triton's `launch_pdl`, or none (the kernels' PDL defaults to 0) where PDL is off. `prefetch`: the kernel takes
+    `PREFETCH` (its weights sent to L2 before the wait), on where QWEN3VL_PDL_PREFETCH=1 (an A/B, not yet measured)."""
     if tensor.device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return {}
     chosen = mode()
     if chosen == OFF or family in _skipped() or not available(tensor.get_device()):
         return {}
-    return {"PDL": chosen, "launch_pdl": True}
+    extra = {"PREFETCH": True} if prefetch and os.environ.get("QWEN3VL_PDL_PREFETCH") == "1" else {}
+    return {"PDL": chosen, "launch_pdl": True, **extra}
