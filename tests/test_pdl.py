@@ -186,3 +186,36 @@ def test_the_products_can_send_their_weights_to_l2_before_they_wait(monkeypatch:
     monkeypatch.setenv("QWEN3VL_PDL_PREFETCH", "1")
     assert pdl.args(gpu, "int4", prefetch=True)["PREFETCH"] is True
     assert "PREFETCH" not in pdl.args(gpu, "layer")  # a kernel without the parameter never gets it
+
+
+_ZERO_INTERPRETED = """
+import torch
+from qwen3vl_webui.kernels import splitk
+poisoned = torch.full((3, 700), 7.0)  # more than one program's block (BLOCK 1024) once flattened: 2,100 values
+splitk._zero_kernel[(3,)](poisoned, poisoned.numel(), BLOCK=splitk.BLOCK)
+assert torch.equal(poisoned, torch.zeros(3, 700)), poisoned.sum()
+assert torch.equal(splitk.zeros((1, 2, 5), "cpu", {}), torch.zeros(1, 2, 5))  # PDL off: torch's zeros
+print("ok")
+"""
+
+
+def test_the_atomic_products_output_is_cleared_by_a_kernel_launched_like_them() -> None:
+    """fp8's one-row atomic GEMV adds into zeros: with PDL on they come from our kernel, launched with PDL too (a
+    torch fill in between broke the chain), which waits before it writes; its arithmetic runs in the interpreter."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from bench.kernel_asm import compile_offline
+    from qwen3vl_webui.kernels import splitk
+
+    for mode in (1, 2):
+        kernel = compile_offline(splitk._zero_kernel, dict(y_ptr="*fp32", total=2560), dict(BLOCK=splitk.BLOCK, PDL=mode),
+                                 4, 1)  # fmt: skip
+        at = _order(kernel.asm["ptx"])
+        assert at["wait"] is not None and at["wait"] < at["store"] and at["trigger"] < at["store"], (mode, at)
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, "-c", _ZERO_INTERPRETED], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -244,10 +244,11 @@ def fp8_partials(x: Any, weight: Any, scale_inv: Any, block: int, config: Fp8Con
         per = max(1, min(cfg.split_k or 1, blocks))
         while blocks % per:  # the programs' blocks tile K exactly
             per -= 1
-        acc = torch.zeros((1, rows, n), device=x.device, dtype=torch.float32)
+        launch = pdl.args(x, "fp8")
+        acc = splitk.zeros((1, rows, n), x.device, launch)  # PDL on: cleared by a kernel of ours, launched alike
         _atomic_gemv_kernel[(triton.cdiv(n, cfg.block_n), blocks // per, rows)](
             x, weight, scale_inv, acc, n, k, x.stride(0), weight.stride(0), scale_inv.stride(0), acc.stride(1),
-            BLOCK_N=cfg.block_n, B=block, BLOCKS=per, num_warps=cfg.warps, num_stages=cfg.stages, **pdl.args(x, "fp8"),
+            BLOCK_N=cfg.block_n, B=block, BLOCKS=per, num_warps=cfg.warps, num_stages=cfg.stages, **launch,
         )  # fmt: skip
         return acc
     if cfg.swap:

@@ -10,9 +10,10 @@ every program of this one has started; mode 2 ("late") once each has done its wo
 that waits holds a program's registers and shared memory on an SM; early suits kernels of one wave).
 
 Measured on an H100 (bench/RESULTS.md, session 26; the engine at 1 / 32 streams, PDL off -> late): bf16 270 -> 279
-tok/s (early: 287), int4 379 -> 410 and 5,335 -> 5,456, but fp8 365 -> 333 at one stream. So the engine turns it on
-for the precisions where it was measured to gain (`use_for`, by default late) and leaves it off for the others;
-QWEN3VL_PDL set to a mode applies that mode to every precision.
+tok/s (early: 287), int4 379 -> 410 and 5,335 -> 5,456, but fp8 365 -> 333 at one stream (its one-row atomic GEMV
+then followed a torch fill launched without PDL; that fill is now ours where PDL is on: `splitk.zeros`, not yet
+measured). So the engine turns it on for the precisions where it was measured to gain (`use_for`, by default late)
+and leaves it off for the others; QWEN3VL_PDL set to a mode applies that mode to every precision.
 
 Every kernel that takes PDL must call `start(PDL)` before touching memory, and `finish(PDL)` before its stores;
 a kernel launched without it (cuBLAS, torch's ops, inductor's) is ordered after the one before as usual, and the one
