@@ -144,6 +144,7 @@ def test_the_engine_decodes_through_the_fused_layers_as_generate(
     layers = loaded.model.model.language_model.layers
     with BatchEngine(loaded, options) as engine:
         assert engine.layers_path == "fused kernels"
+        assert engine.pdl_mode == 0  # programmatic dependent launch: CUDA (Hopper and later) only
         first = engine.submit_tokens(
             prompts[0], SamplingParams(max_new_tokens=60, temperature=0.0, repetition_penalty=1.0), threading.Event()
         )

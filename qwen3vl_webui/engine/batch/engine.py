@@ -213,6 +213,7 @@ class BatchEngine:
     fused_groups = _graphs_attr("fused_groups", "Projection groups fused into one product.")
     gemv_linears = _graphs_attr("gemv_linears", "Linears routed through the Triton GEMV.")
     layers_path = _graphs_attr("layers_path", "The eager decode step's layers: fused kernels, or transformers' (why).")
+    pdl_mode = _graphs_attr("pdl_mode", "Our kernels' programmatic dependent launch: 0 off, 1 early, 2 late.")
 
     # ------------------------------------------------------------------ reader side
 
