@@ -188,12 +188,16 @@ def test_the_engine_process_starts_the_probes_with_the_engines_own_settings(
         engine, "prepare_kernels", lambda options, device: order.append(("cache", options.kernel_cache_dir, device))
     )
     monkeypatch.setattr(graphs, "start_early_probes", lambda *args, **kwargs: order.append(("probes", args, kwargs)))
+    from qwen3vl_webui.kernels import pdl
+
+    monkeypatch.setattr(pdl, "use_for", lambda precision: order.append(("pdl", precision)))  # what the probes build
     text = AutoConfig.from_pretrained(tiny_checkpoint).text_config
     spec = {"device": "cuda:0", "source": str(tiny_checkpoint), "precision": "int4",
             "options": {"max_batch": 2, "kernel_cache_dir": tmp_path / "triton", "decode_kernel": False}}  # fmt: skip
     worker._start_early_probes(spec)
     assert order == [
         ("cache", tmp_path / "triton", "cuda:0"),
+        ("pdl", "int4"),
         ("probes", ("cuda:0", torch.bfloat16, text.num_attention_heads, text.num_key_value_heads, text.head_dim),
          {"decode_kernel": False, "gemv_on": True}),
     ]  # fmt: skip

@@ -97,7 +97,7 @@ def test_launches_ask_for_pdl_only_on_a_gpu_that_has_it_and_as_configured(monkey
     gpu = SimpleNamespace(device=torch.device("cuda", 0), get_device=lambda: 0)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(pdl, "available", lambda index: True)
-    monkeypatch.setattr(pdl, "_default", pdl.DEFAULT)
+    monkeypatch.setattr(pdl, "_default", pdl.DEFAULT)  # as `use_for` leaves it for bf16
     try:
         for env, expected in (("", {"PDL": pdl.DEFAULT, "launch_pdl": True}), ("0", {}), ("1", {"PDL": 1, "launch_pdl": True}),
                               ("2", {"PDL": 2, "launch_pdl": True}), ("yes", {"PDL": pdl.DEFAULT, "launch_pdl": True})):  # fmt: skip
@@ -151,41 +151,6 @@ def test_the_engine_launches_with_pdl_only_for_the_precisions_that_gained_unless
     assert pdl.use_for("fp8") == pdl.EARLY and pdl.args(gpu, "fp8") == {"PDL": 1, "launch_pdl": True}
     monkeypatch.setenv("QWEN3VL_PDL", "0")
     assert pdl.use_for("bf16") == pdl.OFF and pdl.args(gpu, "int4") == {}
-
-
-def test_the_products_can_send_their_weights_to_l2_before_they_wait(monkeypatch: pytest.MonkeyPatch) -> None:
-    """QWEN3VL_PDL_PREFETCH=1 (an A/B): int4's swap kernel and the 16-bit GEMV issue an L2 prefetch of their weight
-    rows before `griddepcontrol.wait` (the weights do not depend on the kernel before); off, none is issued."""
-    import torch
-
-    from bench.kernel_asm import compile_offline, w4_args
-    from qwen3vl_webui.kernels import matmul_triton, pdl
-    from qwen3vl_webui.kernels import w4a16_triton as wk
-
-    swap = wk.W4Config(16, 64, 1, 4, 3, 6)
-    gemv_args = dict(x_ptr="*bf16", w_ptr="*bf16", s_ptr="*bf16", y_ptr="*bf16", N=6144, K=2560, stride_xm=2560,
-                     stride_wn=2560, stride_ym=6144)  # fmt: skip
-    for prefetch in (False, True):
-        kernels = (
-            compile_offline(wk._swap_kernel, w4_args(1, 2560, 4096), dict(BLOCK_M=16, BLOCK_N=64, G=128,
-                            **wk.swap_constexprs(swap), PDL=2, PREFETCH=prefetch), 4, 3),
-            compile_offline(matmul_triton._gemv_kernel, gemv_args, dict(BLOCK_N=8, BLOCK_K=512, EVEN_K=True,
-                            FAST_CVT=False, HAS_SCALE=False, PDL=2, PREFETCH=prefetch), 4, 1),
-        )  # fmt: skip
-        for kernel in kernels:
-            lines = [line for line in kernel.asm["ptx"].splitlines() if line.strip()]
-            fetches = [i for i, line in enumerate(lines) if "cp.async.bulk.prefetch.L2" in line]
-            wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
-            assert bool(fetches) is prefetch and all(i < wait for i in fetches), (prefetch, fetches, wait)
-    gpu = SimpleNamespace(device=torch.device("cuda", 0), get_device=lambda: 0)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setenv("QWEN3VL_PDL", "2")
-    monkeypatch.setattr(pdl, "available", lambda index: True)
-    monkeypatch.delenv("QWEN3VL_PDL_PREFETCH", raising=False)
-    assert "PREFETCH" not in pdl.args(gpu, "int4", prefetch=True)
-    monkeypatch.setenv("QWEN3VL_PDL_PREFETCH", "1")
-    assert pdl.args(gpu, "int4", prefetch=True)["PREFETCH"] is True
-    assert "PREFETCH" not in pdl.args(gpu, "layer")  # a kernel without the parameter never gets it
 
 
 _ZERO_INTERPRETED = """

@@ -76,7 +76,7 @@ def qk_norm_rope_kv(
     q heads: RMSNorm (q_norm) then RoPE, into Q [rows, HEADS, DIM]. k heads: RMSNorm (k_norm) then RoPE, into the
     flat per-layer cache Keys at row Index[row * KV_HEADS + head]. v heads: into Values there.
     """
-    pdl.start(PDL)  # mode 2's signal: each branch's last loads done (a kernel this small has one wave)
+    pdl.start(PDL)  # (each branch below calls `finish` once, after its last load)
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     d = tl.arange(0, DIM)

@@ -87,12 +87,8 @@ def _to_f32(w, FAST_CVT: tl.constexpr):
 def _gemv_kernel(
     x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_ym,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, FAST_CVT: tl.constexpr,
-    HAS_SCALE: tl.constexpr = True, PDL: tl.constexpr = 0, PREFETCH: tl.constexpr = False,
+    HAS_SCALE: tl.constexpr = True, PDL: tl.constexpr = 0,
 ):  # fmt: skip
-    if PREFETCH:  # this program's weight rows on their way to L2 while the kernel before ends (K whole: a row each)
-        rows_p = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows_p = tl.where(rows_p < N, rows_p, 0).to(tl.int64)
-        pdl.prefetch_l2(w_ptr + rows_p * stride_wn, (K * (w_ptr.dtype.element_ty.primitive_bitwidth // 8)) // 16 * 16)
     pdl.start(PDL)
     pid_n = tl.program_id(0)
     row = tl.program_id(1)
@@ -175,7 +171,7 @@ def int8_matmul(x: Any, weight: Any, scale: Any, config: KernelConfig | None = N
         _gemv_kernel[grid](
             x, weight, weight if scale is None else scale, out, n, k, x.stride(0), weight.stride(0), out.stride(0),
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=even_k, FAST_CVT=cfg.fast_cvt, HAS_SCALE=scale is not None,
-            num_warps=cfg.warps, num_stages=cfg.stages, **pdl.args(x, "gemv", prefetch=True),
+            num_warps=cfg.warps, num_stages=cfg.stages, **pdl.args(x, "gemv"),
         )  # fmt: skip
     else:
         if scale is None:

@@ -10,10 +10,11 @@ every program of this one has started; mode 2 ("late") once each has done its wo
 that waits holds a program's registers and shared memory on an SM; early suits kernels of one wave).
 
 Measured on an H100 (bench/RESULTS.md, session 26; the engine at 1 / 32 streams, PDL off -> late): bf16 270 -> 279
-tok/s (early: 287), int4 379 -> 410 and 5,335 -> 5,456, but fp8 365 -> 333 at one stream (its one-row atomic GEMV
-then followed a torch fill launched without PDL; that fill is now ours where PDL is on: `splitk.zeros`, not yet
-measured). So the engine turns it on for the precisions where it was measured to gain (`use_for`, by default late)
-and leaves it off for the others; QWEN3VL_PDL set to a mode applies that mode to every precision.
+tok/s (early: 287), int4 379 -> 410 and 5,335 -> 5,456, but fp8 365 -> 333 at one stream (not explained; its
+one-row atomic GEMV then followed a torch fill launched without PDL, now one of ours where PDL is on:
+`splitk.zeros`, not yet measured). So the engine turns it on for the precisions where it was measured to gain
+(`use_for`, by default late) and leaves it off for the others; QWEN3VL_PDL set to a mode applies that mode to every
+precision.
 
 Every kernel that takes PDL must call `start(PDL)` before touching memory, and `finish(PDL)` before its stores;
 a kernel launched without it (cuBLAS, torch's ops, inductor's) is ordered after the one before as usual, and the one
@@ -39,8 +40,9 @@ except ImportError:  # pragma: no cover - an older Triton: PDL stays off (`avail
 OFF, EARLY, LATE = 0, 1, 2
 NAMES = ("off", "early", "late")
 DEFAULT = LATE
-MEASURED_GAIN = frozenset({"bf16", "fp16", "int4"})  # precisions whose decode gained with it (session 26)
-_default = DEFAULT  # the mode where QWEN3VL_PDL names none: `use_for` sets it for the loaded precision
+# Precisions whose decode gained with it (session 26: bf16, int4; fp16 runs bf16's kernels, not measured itself).
+MEASURED_GAIN = frozenset({"bf16", "fp16", "int4"})
+_default = OFF  # the mode where QWEN3VL_PDL names none: off until `use_for` names the loaded precision
 
 
 @triton.jit
@@ -50,16 +52,6 @@ def start(PDL: tl.constexpr):
         gdc_wait()
         if PDL == 1:
             gdc_launch_dependents()
-
-
-@triton.jit
-def prefetch_l2(ptrs, nbytes):
-    """Each of `ptrs` (a row's first weight) and the `nbytes` after it (a multiple of 16) on their way to L2: issued
-    before `start`, while the kernel before still runs (a product's weights do not depend on it)."""
-    addr = ptrs.to(tl.int64, bitcast=True)
-    size = tl.zeros(ptrs.shape, tl.int32) + nbytes
-    tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r", [addr, size],
-                              dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
 
 
 @triton.jit
@@ -105,14 +97,12 @@ def _skipped() -> frozenset[str]:
     return frozenset(name.strip() for name in os.environ.get("QWEN3VL_PDL_SKIP", "").split(",") if name.strip())
 
 
-def args(tensor: Any, family: str = "", prefetch: bool = False) -> dict[str, Any]:
+def args(tensor: Any, family: str = "") -> dict[str, Any]:
     """The launch arguments for a kernel of `family` on `tensor`'s device: `PDL` (the kernel's constexpr) and
-    Triton's `launch_pdl`, or none (the kernels' PDL defaults to 0) where PDL is off. `prefetch`: the kernel takes
-    `PREFETCH` (its weights sent to L2 before the wait), on where QWEN3VL_PDL_PREFETCH=1 (an A/B, not yet measured)."""
+    Triton's `launch_pdl`, or none (the kernels' PDL defaults to 0) where PDL is off."""
     if tensor.device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return {}
     chosen = mode()
     if chosen == OFF or family in _skipped() or not available(tensor.get_device()):
         return {}
-    extra = {"PREFETCH": True} if prefetch and os.environ.get("QWEN3VL_PDL_PREFETCH") == "1" else {}
-    return {"PDL": chosen, "launch_pdl": True, **extra}
+    return {"PDL": chosen, "launch_pdl": True}

@@ -51,9 +51,10 @@ def _zero_kernel(y_ptr, total, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
 
 def zeros(shape: tuple[int, ...], device: Any, launch: dict[str, Any]) -> Any:
     """An fp32 tensor of zeros that atomic partial sums are added into. With programmatic dependent launch on
-    (`launch`: pdl.args' answer) it is cleared by our kernel, launched the same way, so the chain of PDL launches is
-    not broken by torch's fill (launched without it): session 26's fp8, whose one-row atomic GEMV follows such a
-    fill, lost 9% at one stream with PDL, the other precisions gained. Without PDL, torch.zeros."""
+    (`launch`: pdl.args' answer) it is cleared by our kernel, launched the same way, so no torch fill (launched
+    without it) sits between two PDL launches. Session 26's fp8, whose one-row atomic GEMV followed such a fill, lost
+    9% at one stream with PDL where the other precisions gained; whether the fill was why is not measured. Without
+    PDL, torch.zeros."""
     import torch
 
     if not launch:

@@ -239,7 +239,7 @@ def _pair_values(pairs, neg_zero, scales, ASM: tl.constexpr, DTYPE: tl.constexpr
 def _swap_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ys, stride_ym,
     groups_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr, PAIRS: tl.constexpr,
-    SCALED: tl.constexpr, NATURAL: tl.constexpr = False, PDL: tl.constexpr = 0, PREFETCH: tl.constexpr = False,
+    SCALED: tl.constexpr, NATURAL: tl.constexpr = False, PDL: tl.constexpr = 0,
 ):  # fmt: skip
     """Yᵀ = W Xᵀ per group: the weights are the dot's first operand (BLOCK_N >= 64 rows, what Hopper's wgmma takes
     from registers), the rows the second (BLOCK_M = 16 or 32 columns). Each packed word is loaded once, 16 bytes a
@@ -255,12 +255,6 @@ def _swap_kernel(
     to the pairs' order on its way to shared memory (tile 3 gathers them one value at a time in the pairs' order).
     Putting the weights' pairs back in k order instead compiles to a shared-memory round trip of the larger tile
     (28 KB of shared memory against 20 KB, ~1.8x the PTX: bench/kernel_asm.py)."""
-    if PREFETCH:  # this program's packed weights, row by row, on their way to L2 while the kernel before ends
-        rows_p = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        g0 = tl.program_id(2) * groups_per_split
-        groups = tl.minimum(groups_per_split, K // G - g0)
-        rows_p = tl.where(rows_p < N, rows_p, 0).to(tl.int64)
-        pdl.prefetch_l2(w_ptr + rows_p * stride_wn + g0 * (G // 8), groups * (G // 2))
     pdl.start(PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -405,7 +399,7 @@ def w4_partials(x: Any, qweight: Any, scales: Any, zeros: Any, group: int, confi
         kernel[grid](
             x, qweight, scales, zeros, out, rows, n, k, x.stride(0), qweight.stride(0), scales.stride(0),
             out.stride(0), out.stride(1), per_split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, G=group,
-            num_warps=cfg.warps, num_stages=cfg.stages, **extra, **pdl.args(x, "int4", prefetch=cfg.tile >= 2),
+            num_warps=cfg.warps, num_stages=cfg.stages, **extra, **pdl.args(x, "int4"),
         )  # fmt: skip
     return out
 

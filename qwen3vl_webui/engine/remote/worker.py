@@ -204,8 +204,11 @@ def _start_early_probes(spec: dict[str, Any]) -> None:
         shape = text_heads(spec["source"])
         if shape is None:
             return
+        from qwen3vl_webui.kernels import pdl
+
         options = BatchOptions(**spec["options"])
         prepare_kernels(options, device)
+        pdl.use_for(spec["precision"])  # the probes build the kernels the engine will launch (with PDL or without)
         start_early_probes(device, compute_dtype(spec["precision"], device), *shape,
                            decode_kernel=options.decode_kernel, gemv_on=options.gemv is None or bool(options.gemv))  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - the engine probes (and sets up its cache) itself

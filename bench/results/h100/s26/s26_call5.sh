@@ -6,10 +6,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 pack() { tar czf $OUT/r5.tgz -C /tmp r5; }
 # PDL per precision: early (1) / late (2) / off (0); fp8 also late with its own kernels launched as before
 M="python3 -m bench.matrix --model random-weights:4b --streams 1,32 --compile off --sections engine"
-# (a 4th word: QWEN3VL_PDL_PREFETCH, the products' weights sent to L2 before they wait)
-for c in "int4 1 - 1" "int4 2 - 1" "int4 1" "fp8 2" "fp8 0" "fp8 2 fp8" "fp8 1" "int4 2" "bf16 2 - 1" "bf16 1" "bf16 2"; do set -- $c
+for c in "int4 1" "int4 2" "int4 0" "fp8 2" "fp8 0" "fp8 2 fp8" "fp8 1" "bf16 1" "bf16 2" "bf16 0"; do set -- $c
   [ $SECONDS -gt ${BUDGET_S:-300} ] && break
-  skip=${3#-}; n=m_$1_pdl$2${skip:+_skip$skip}${4:+_prefetch}
-  timeout 60 env QWEN3VL_PDL=$2 QWEN3VL_PDL_SKIP=$skip QWEN3VL_PDL_PREFETCH=$4 $M --precision $1 --out $R/$n.json > $R/$n.log 2>&1
+  n=m_$1_pdl$2${3:+_skip$3}
+  timeout 60 env QWEN3VL_PDL=$2 QWEN3VL_PDL_SKIP=$3 $M --precision $1 --out $R/$n.json > $R/$n.log 2>&1
   echo "== $n rc=$? $SECONDS"; grep -E "^$1 engine" $R/$n.log | cut -c1-80; pack
 done
