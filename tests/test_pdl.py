@@ -27,6 +27,8 @@ def _order(ptx: str) -> dict[str, int | None]:
         "triggers": sum(1 for line in lines if "griddepcontrol.launch_dependents" in line),
         "access": where(r"\bld\.global|\bcp\.async\.c[ag]\.|\bld\.global\.nc"),
         "store": where(r"\bst\.global|\b(?:atom|red)\.global"),
+        "last_store": where(r"\bst\.global|\b(?:atom|red)\.global", last=True),
+        "last_trigger": where(r"griddepcontrol\.launch_dependents", last=True),
         "last_mma": where(r"wgmma\.mma_async|\bmma\.sync", last=True),
     }
 
@@ -39,6 +41,10 @@ def _decode_kernels(mode: int) -> dict[str, object]:
 
     hidden, heads, kv_heads, dim = 2560, 32, 8, 128
     pdl = {"PDL": mode}
+    fp8 = dict(x_ptr="*bf16", w_ptr="*fp8e4nv", s_ptr="*fp32", N=2560, K=9728, stride_xm=9728, stride_wn=9728,
+               stride_sn=76)  # fmt: skip
+    w4 = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*bf16", z_ptr="*u8", y_ptr="*fp32", N=2560, K=9728, stride_xm=9728,
+              stride_wn=1216, stride_sn=76, groups_per_split=19)  # fmt: skip
     swap = wk.W4Config(16, 64, 1, 4, 3, 6)
     return {
         "int4 swap": compile_offline(wk._swap_kernel, w4_args(1, 2560, 4096),
@@ -67,24 +73,72 @@ def _decode_kernels(mode: int) -> dict[str, object]:
                                           IEEE=False, **pdl), 4, 2),
         "split-K sum": compile_offline(splitk._reduce_kernel, dict(p_ptr="*fp32", y_ptr="*bf16", total=2560),
                                        dict(SPLIT=8, BLOCK=splitk.BLOCK, **pdl), 4, 1),
+        "zero fill": compile_offline(splitk._zero_kernel, dict(y_ptr="*fp32", total=2560),
+                                     dict(BLOCK=splitk.BLOCK, **pdl), 4, 1),
+        "qk_norm_rope_kv": compile_offline(layer_triton.qk_norm_rope_kv,
+                                           dict(QKV="*fp32", QW="*bf16", KW="*bf16", Cos="*bf16", Sin="*bf16",
+                                                Q="*bf16", Keys="*bf16", Values="*bf16", Index="*i32", eps=1e-6,
+                                                s_part=6144, s_row=6144, s_cos=128, s_q=4096),
+                                           dict(HEADS=32, KV_HEADS=8, DIM=128, SPLIT=2, **pdl), 1, 1),
+        "silu_mul": compile_offline(layer_triton.silu_mul, dict(P="*fp32", Out="*bf16", n=9728, sp=19456, sr=19456,
+                                    so=9728), dict(SPLIT=2, BLOCK=1024, PRECISE=True, **pdl), 4, 1),
+        "add_product": compile_offline(layer_triton.add_product, dict(R="*bf16", P="*fp32", Out="*bf16", n=2560,
+                                       sr=2560, sp=2560, spr=2560, so=2560), dict(SPLIT=2, BLOCK=1024, **pdl), 4, 1),
+        "combine_splits": compile_offline(attention_triton.combine_splits, dict(Part="*fp32", Lse="*fp32",
+                                          Out="*bf16", num_splits=4, so_r=4096, so_h=128),
+                                          dict(HEADS=32, BLOCK_S=4, BLOCK_D=128, DIM=128, **pdl), 4, 1),
+        "fp8 gemv": compile_offline(fp8_triton._gemv_kernel, dict(fp8, y_ptr="*bf16", stride_ym=2560),
+                                    dict(BLOCK_N=16, B=128, **pdl), 4, 1),
+        "fp8 skinny": compile_offline(fp8_triton._skinny_kernel, dict(fp8, y_ptr="*bf16", M=16, stride_ym=2560),
+                                      dict(BLOCK_M=16, BLOCK_N=64, B=128, **pdl), 4, 2),
+        "fp8 swap": compile_offline(fp8_triton._swap_kernel, dict(fp8, y_ptr="*bf16", M=16, stride_ys=16 * 2560,
+                                    stride_ym=2560, blocks_per_split=76), dict(BLOCK_M=16, BLOCK_N=64, B=128, **pdl),
+                                    4, 3),
+        "int4 gemv": compile_offline(wk._gemv_kernel, dict(w4, stride_ys=2560, stride_ym=2560),
+                                     dict(BLOCK_N=16, G=128, **pdl), 4, 2),
+        "int4 skinny": compile_offline(wk._skinny_kernel, dict(w4, M=16, stride_ys=16 * 2560, stride_ym=2560),
+                                       dict(BLOCK_M=16, BLOCK_N=64, G=128, **pdl), 4, 2),
+        "int4 tile": compile_offline(wk._tile_kernel, dict(w4, M=16, stride_ys=16 * 2560, stride_ym=2560),
+                                     dict(BLOCK_M=16, BLOCK_N=64, G=128, **pdl), 4, 2),
+        "int8 gemv": compile_offline(matmul_triton._gemv_kernel, dict(x_ptr="*bf16", w_ptr="*i8", s_ptr="*fp32",
+                                     y_ptr="*bf16", N=9728, K=2560, stride_xm=2560, stride_wn=2560, stride_ym=9728),
+                                     dict(BLOCK_N=16, BLOCK_K=256, EVEN_K=True, FAST_CVT=True, **pdl), 4, 1),
+        "int8 skinny": compile_offline(matmul_triton._skinny_kernel, dict(x_ptr="*bf16", w_ptr="*i8", s_ptr="*fp32",
+                                       y_ptr="*bf16", M=16, N=9728, K=2560, stride_xm=2560, stride_wn=2560,
+                                       stride_ym=9728), dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, EVEN_K=True,
+                                       FAST_CVT=False, **pdl), 4, 4),
     }  # fmt: skip
 
 
 @pytest.mark.parametrize("mode", [0, 1, 2])
 def test_each_decode_kernel_waits_for_the_one_before_before_touching_memory(mode: int) -> None:
-    for name, kernel in _decode_kernels(mode).items():
+    """Every kernel that takes PDL (the decode step's eighteen: the fused layer's, the attention's, each precision's
+    products, the split-K sum and the zero fill; the 16-bit GEMV twice, on bf16 and on int8 weights)."""
+    from triton.runtime.jit import JITFunction
+
+    from qwen3vl_webui.kernels import attention_triton, fp8_triton, layer_triton, matmul_triton, splitk
+    from qwen3vl_webui.kernels import w4a16_triton as wk
+
+    modules = (attention_triton, fp8_triton, layer_triton, matmul_triton, splitk, wk)
+    with_pdl = [
+        name for m in modules for name, fn in vars(m).items() if isinstance(fn, JITFunction) and "PDL" in fn.arg_names
+    ]
+    kernels = _decode_kernels(mode)
+    assert len(with_pdl) == 18 and len(kernels) == 19, (with_pdl, list(kernels))
+    for name, kernel in kernels.items():
         at = _order(kernel.asm["ptx"])
-        assert at["access"] is not None and at["store"] is not None, (name, at)
+        assert at["store"] is not None, (name, at)
+        first = min(i for i in (at["access"], at["store"]) if i is not None)  # its first global read or write
         if mode == 0:  # launched as before: no grid dependency control at all
             assert at["wait"] is None and at["trigger"] is None, (name, at)
             continue
-        # the wait comes before any read or write of global memory, and each program signals once
-        assert at["wait"] is not None and at["wait"] < at["access"] and at["wait"] < at["store"], (name, at)
-        assert at["triggers"] == 1, (name, at)
+        assert at["wait"] is not None and at["wait"] < first, (name, at)
         if mode == 1:  # early: the next kernel may launch as soon as this one's programs have all started
-            assert at["trigger"] < at["access"], (name, at)
-        else:  # late: once this one's work is done, before its stores
-            assert at["trigger"] > at["access"] and at["trigger"] < at["store"], (name, at)
+            assert at["triggers"] == 1 and at["trigger"] < first, (name, at)
+        else:  # late: once this one's work is done, before its stores (qk_norm_rope_kv: once in each branch)
+            assert at["triggers"] == (3 if name == "qk_norm_rope_kv" else 1), (name, at)
+            assert at["trigger"] > (at["access"] if at["access"] is not None else at["wait"]), (name, at)
+            assert at["last_trigger"] < at["last_store"], (name, at)
             if at["last_mma"] is not None:
                 assert at["trigger"] > at["last_mma"], (name, at)
 
@@ -182,5 +236,7 @@ def test_the_atomic_products_output_is_cleared_by_a_kernel_launched_like_them() 
         assert at["wait"] is not None and at["wait"] < at["store"] and at["trigger"] < at["store"], (mode, at)
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
-    proc = subprocess.run([sys.executable, "-c", _ZERO_INTERPRETED], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _ZERO_INTERPRETED], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
