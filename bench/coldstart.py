@@ -4,6 +4,8 @@ into a fresh cache dir and a launch with only those artifacts (launch -> first a
 
     python -m bench.coldstart --out $OUT                       # GPU: random 4B weights, bf16, the engine process
     python -m bench.coldstart --out /tmp/cs --cpu              # CPU plumbing: the tiny model, seconds
+    python -m bench.coldstart --out $OUT --keep-artifacts $OUT/artifacts   # and keep precompile's files ...
+    python -m bench.coldstart --out $OUT --artifacts-from DIR  # ... to launch with them first on a fresh machine
 
 Each launch is `python app.py` as a user would start it (`--random-weights 4b --engine batch`), with caches of its
 own: an empty --cache-dir (the inductor cache and compile artifacts live there) and an empty TRITON_CACHE_DIR, so
@@ -523,6 +525,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reserve-s", type=float, default=200.0,
                     help="time kept for the precompile + artifacts launch when waiting for full speed (default 200)")
     ap.add_argument("--cold-only", action="store_true", help="the cold launch alone (no precompile, no second launch)")
+    ap.add_argument("--keep-artifacts", type=Path,
+                    help="copy the files precompile wrote into this folder (e.g. $OUT/artifacts), to carry them to "
+                         "another machine of the same kind")  # fmt: skip
+    ap.add_argument("--artifacts-from", type=Path,
+                    help="the first launch is the artifacts launch, with these files (written by precompile on an "
+                         "earlier machine, --keep-artifacts) as its only cache: issue 14's protocol on a fresh "
+                         "machine. No cold launch, no precompile")  # fmt: skip
     ap.add_argument("--greedy-first", action="store_true",
                     help="greedy rounds from the first answer until full speed, before the streams (which are then "
                          "the compiled figures): rounds that cross a swap, where the compile ends within the streams")  # fmt: skip
@@ -558,6 +567,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.no_bytecode:
             report["bytecode"] = bytecode(log)
+        if args.artifacts_from is not None:
+            carried = work / "carried"
+            report["carried"] = carry(args.artifacts_from, carried / "compiled")
+            log(f"launch with the carried artifacts only: {report['carried']}")
+            report["artifacts"] = run_launch("artifacts", flags, carried, out, args, log, deadline,
+                                             measure_compiled=False)  # fmt: skip
+            return 0
         log(f"cold launch: {' '.join(flags)} (empty cache dir and Triton cache)")
         report["cold"] = run_launch("cold", flags, work / "cold", out, args, log, deadline, measure_compiled=True)
         save()
@@ -576,6 +592,8 @@ def main(argv: list[str] | None = None) -> int:
             carried = work / "carried"
             if (work / "pre" / "compiled").exists():
                 shutil.copytree(work / "pre" / "compiled", carried / "compiled")
+                if args.keep_artifacts is not None and any((work / "pre" / "compiled").glob("*.artifacts")):
+                    report["kept"] = carry(work / "pre" / "compiled", args.keep_artifacts)
             # As on another machine: nothing the precompile left may be found (a carried Triton build whose paths
             # still pointed into its folder would otherwise be found there).
             shutil.rmtree(work / "pre", ignore_errors=True)
@@ -605,6 +623,18 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
         log(f"done in {report['seconds']} s: {report['checks']}")
     return 1 if "error" in report else 0
+
+
+def carry(source: Path, dest: Path) -> list[str]:
+    """The artifact files of `source` (precompile's compiled/ folder, or a folder they were carried in) copied into
+    `dest`; their names. None there: an error, since a launch without them measures a cold start."""
+    files = sorted(p for p in Path(source).glob("*.artifacts") if p.is_file())
+    if not files:
+        raise RuntimeError(f"no *.artifacts file in {source}")
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        shutil.copy2(path, dest / path.name)
+    return [p.name for p in files]
 
 
 def bytecode(log: Log) -> dict[str, Any]:

@@ -141,3 +141,22 @@ def test_a_launch_whose_profiler_cannot_start_leaves_no_app_running(tmp_path: Pa
     with pytest.raises(RuntimeError, match="py-spy is not installed"):
         coldstart.run_launch("cold", [], tmp_path, tmp_path, args, None, 0.0, measure_compiled=False)
     assert launched and launched[0].poll() is not None  # stopped, not left running
+
+
+def test_artifacts_carried_from_another_machine_make_the_first_launch(tmp_path: Path) -> None:
+    """Issue 14's protocol on a fresh machine: precompile's files, kept by an earlier run (--keep-artifacts), are the
+    only cache of the first launch (--artifacts-from): no cold launch, no precompile. The CPU writes no artifacts, so
+    a stand-in file travels (a mismatched artifact is ignored by the app with one log line)."""
+    carried = tmp_path / "kept"
+    carried.mkdir()
+    (carried / "kernels-0000000000000000.artifacts").write_bytes(b"not an artifact")
+    (carried / "notes.txt").write_text("not carried")
+    out = tmp_path / "out"
+    assert coldstart.main(["--out", str(out), "--cpu", "--artifacts-from", str(carried), "--deadline-s", "150"]) == 0
+    report = json.loads((out / "coldstart.json").read_text())
+    assert report["carried"] == ["kernels-0000000000000000.artifacts"] and "cold" not in report, report.keys()
+    launch = report["artifacts"]
+    assert 0 < launch["page_up_s"] <= launch["ready_s"] <= launch["first_answer_s"], launch
+    assert (out / "server_artifacts.log").exists() and not (out / "server_cold.log").exists()
+    with pytest.raises(RuntimeError, match="no \\*.artifacts file"):
+        coldstart.carry(tmp_path / "out", tmp_path / "elsewhere")
