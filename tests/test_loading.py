@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 import threading
 from pathlib import Path
 
@@ -144,7 +142,6 @@ def test_text_heads_come_from_the_preset_or_the_checkpoints_config_without_loadi
 def test_the_engines_probe_pass_waits_for_the_early_one(monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine process starts the kernels' probes before the weights load; the engine's own pass joins that
     thread first, so no probe ever runs twice at once (their answers are cached, not their runs)."""
-    import threading
     import time
     from types import SimpleNamespace
 
@@ -205,77 +202,3 @@ def test_the_engine_process_starts_the_probes_with_the_engines_own_settings(
     worker._start_early_probes({**spec, "device": "cpu"})  # nothing to probe off CUDA
     worker._start_early_probes({**spec, "source": str(tmp_path / "elsewhere")})  # no config at hand: the engine probes
     assert order == []
-
-
-def test_a_prespawned_engine_process_asked_for_early_probes_starts_them_while_it_still_imports(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The front end sends the spec once it has imported torch, seconds before the engine process has imported
-    transformers' model code (~11 s on the H200 device): the probes (seconds of Triton builds) start then, beside the
-    imports, not after them. The spec's environment is applied on the main thread once the imports are done, keeping
-    the Triton cache folder the probes set; where the spec names another one, the probes wait for it."""
-    import io
-    import pickle
-
-    from qwen3vl_webui.engine.remote import worker
-    from qwen3vl_webui.weights import lean
-
-    probes_started = threading.Event()
-    seen: dict[str, object] = {}
-
-    def early_probes(spec: dict) -> None:  # as engine.prepare_kernels: Triton's cache where the environment names none
-        os.environ.setdefault("TRITON_CACHE_DIR", str(tmp_path / "engine-triton"))
-        seen["probes saw"] = (os.environ.get("QWEN3VL_SPEC_ENV"), os.environ["TRITON_CACHE_DIR"])
-        probes_started.set()
-
-    class Stop(Exception):
-        pass
-
-    def client(*args: object, **kwargs: object) -> None:
-        raise Stop  # where the process would connect back to the front end: this test ends there
-
-    def run(env: dict[str, str], wait_s: float) -> dict[str, object]:
-        """main() with this spec environment; the imports end once the probes start, or after `wait_s`."""
-        probes_started.clear()
-        seen.clear()
-        monkeypatch.setattr(worker, "prewarm", lambda: seen.update(overlapped=probes_started.wait(wait_s)))
-        spec = {"device": "cuda:0", "source": "random-weights:4b", "precision": "bf16", "options": {},
-                "address": str(tmp_path / "socket"), "authkey": b"k", "env": env}  # fmt: skip
-        monkeypatch.setattr(sys, "stdin", type("Stdin", (), {"buffer": io.BytesIO(pickle.dumps(spec))})())
-        with pytest.raises(Stop):
-            worker.main()
-        return {**seen, "after": (os.environ.get("QWEN3VL_SPEC_ENV"), os.environ.get("TRITON_CACHE_DIR"))}
-
-    monkeypatch.setattr(worker, "_start_early_probes", early_probes)
-    monkeypatch.setattr("multiprocessing.connection.Client", client)
-    monkeypatch.setattr(sys, "argv", ["worker", "--prewarm"])
-    monkeypatch.setattr(worker.signal, "signal", lambda *args: None)  # the engine process ignores Ctrl-C; not pytest
-    monkeypatch.setattr(lean, "skip", lambda *packages: [])  # torchvision stays visible to this test process
-    monkeypatch.setenv("QWEN3VL_SPEC_ENV", "launch")  # the launch's, which the spec's replaces
-    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
-    monkeypatch.setenv("QWEN3VL_EARLY_PROBES", "1")  # asked for (the default starts them after the imports)
-    front = {k: v for k, v in os.environ.items() if k != "TRITON_CACHE_DIR"}
-    engine_cache = str(tmp_path / "engine-triton")
-    assert run({**front, "QWEN3VL_SPEC_ENV": "front"}, 30) == {
-        "overlapped": True, "probes saw": ("launch", engine_cache), "after": ("front", engine_cache),
-    }  # fmt: skip
-    # the spec names another Triton cache: the probes start once its environment is in place
-    monkeypatch.delenv("TRITON_CACHE_DIR")
-    elsewhere = str(tmp_path / "front-triton")
-    assert run({**front, "QWEN3VL_SPEC_ENV": "front", "TRITON_CACHE_DIR": elsewhere}, 0.5) == {
-        "overlapped": False, "probes saw": ("front", elsewhere), "after": ("front", elsewhere),
-    }  # fmt: skip
-    # by default (QWEN3VL_EARLY_PROBES unset, or 0): after the imports
-    monkeypatch.delenv("TRITON_CACHE_DIR")
-    monkeypatch.delenv("QWEN3VL_EARLY_PROBES")
-    off = {k: v for k, v in front.items() if k != "QWEN3VL_EARLY_PROBES"} | {"QWEN3VL_SPEC_ENV": "front"}
-    assert run(off, 0.5) == {
-        "overlapped": False,
-        "probes saw": ("front", engine_cache),
-        "after": ("front", engine_cache),
-    }
-    # the front end gone before it sent a model: the process ends after its imports
-    monkeypatch.setattr(sys, "stdin", type("Stdin", (), {"buffer": io.BytesIO(b"")})())
-    probes_started.clear()
-    monkeypatch.setattr(worker, "prewarm", lambda: None)
-    assert worker.main() == 0 and not probes_started.is_set()

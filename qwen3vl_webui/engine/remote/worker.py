@@ -45,26 +45,20 @@ def main() -> int:
 
     lean.skip(*lean.ENGINE_PROCESS)  # before any transformers module binds its checks (weights/lean.py)
     if "--prewarm" in sys.argv[1:]:  # started at launch (client.prespawn): the slow imports before the model is known
-        # The spec comes while transformers still imports (the front end sends it once it has imported torch): read
-        # it on a thread. QWEN3VL_EARLY_PROBES=1 starts the kernels' probes then, beside the rest of the imports
-        # (`_SpecReader`); by default they start after the imports, beside the weights' load. Session 26's A/B on an
-        # H100 (three launches each) found no gain: the imports took ~0.5 s longer beside the probes (both threads
-        # want the GIL), the wait for the probes ~0.4 s shorter, first answer 14.40 s against 14.28 (medians;
-        # bench/RESULTS.md).
-        reader = _SpecReader(probes=os.environ.get("QWEN3VL_EARLY_PROBES", "0") == "1")
-        reader.start()
         prewarm()
-        _imported_at = time.time()
-        spec = reader.result()
-        probes_started = reader.probes_started
-    else:
-        _imported_at = time.time()
-        spec, probes_started = _read_spec(), False
-    if spec is None:  # the front end exited (or never needed this process)
+    _imported_at = time.time()
+    try:
+        spec: dict[str, Any] = pickle.load(sys.stdin.buffer)
+    except EOFError:  # the front end exited (or never needed this process)
         return 0
-    _apply_spec_env(spec, probes_started)  # here, on the main thread, once its imports are done
-    if not probes_started:
-        _start_early_probes(spec)
+    env = spec.pop("env", None)
+    if env is not None:  # the front end's environment when it gave the model (a prespawned process has the launch's)
+        for name in set(os.environ) - set(env):
+            del os.environ[name]
+        os.environ.update(env)
+    logging.basicConfig(
+        level=spec.get("log_level", logging.INFO), format="%(asctime)s %(levelname)s engine: %(message)s"
+    )
     # If the front end dies, however it dies, its end of the socket closes and this process exits (and the stats
     # tick notices a new parent). Not prctl(PR_SET_PDEATHSIG): it fires when the *thread* that started us ends, and
     # the front end starts engines from short-lived threads.
@@ -81,60 +75,6 @@ def main() -> int:
     worker = Worker(engine, channel)
     channel.send(("ready", info))
     return worker.serve()
-
-
-def _read_spec() -> dict[str, Any] | None:
-    """The model to load, from stdin; None once the front end has gone (or never needed this process)."""
-    try:
-        return pickle.load(sys.stdin.buffer)
-    except EOFError:
-        return None
-
-
-def _apply_spec_env(spec: dict[str, Any], probes_started: bool = False) -> None:
-    """The front end's environment when it gave the model (a prespawned process has the launch's), and its log level.
-    Where the early probes run, Triton's cache folder they set (engine.prepare_kernels: the spec's, where the
-    environment names none) stays: their builds go on there, where the engine looks."""
-    env = spec.pop("env", None)
-    if env is not None:
-        kept = {"TRITON_CACHE_DIR"} & set(os.environ) if probes_started else set()
-        for name in set(os.environ) - set(env) - kept:
-            del os.environ[name]
-        os.environ.update(env)
-    logging.basicConfig(
-        level=spec.get("log_level", logging.INFO), format="%(asctime)s %(levelname)s engine: %(message)s"
-    )
-
-
-class _SpecReader(threading.Thread):
-    """Reads the spec while the main thread imports (a prespawned process) and, on CUDA, starts the kernels' probes
-    at once (`_start_early_probes`): they need the GPU, the dtype and the head shapes only, and take seconds (Triton
-    builds, CUDA's context). The environment stays the launch's until the main thread applies the spec's: the probes
-    start early only where the two agree on Triton's cache folder (they build where the engine looks)."""
-
-    def __init__(self, probes: bool) -> None:
-        super().__init__(name="spec-reader", daemon=True)
-        self._probes = probes
-        self.probes_started = False
-        self._spec: dict[str, Any] | None = None
-        self._error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            spec = self._spec = _read_spec()
-            env = spec.get("env") if spec is not None else None
-            same_cache = env is None or env.get("TRITON_CACHE_DIR") == os.environ.get("TRITON_CACHE_DIR")
-            if spec is not None and self._probes and same_cache:
-                _start_early_probes(spec)
-                self.probes_started = True
-        except BaseException as exc:  # noqa: BLE001 - raised again on the main thread
-            self._error = exc
-
-    def result(self) -> dict[str, Any] | None:
-        self.join()
-        if self._error is not None:
-            raise self._error
-        return self._spec
 
 
 def prewarm() -> None:
@@ -164,6 +104,10 @@ def _start(spec: dict[str, Any], channel: Channel) -> tuple[Any, EngineInfo]:
         channel.send(("progress", text))
 
     torch.set_grad_enabled(False)
+    # The kernels' probes beside the weights' load. Sessions 25-26 also started them during the prewarm imports (the
+    # spec read on a thread): no gain on an H100, the imports ~0.5 s longer beside them (one GIL), first answer
+    # 14.40 s against 14.28 (bench/RESULTS.md, session 26); removed.
+    _start_early_probes(spec)
     loaded = load_model(spec["source"], spec["precision"], spec["device"], spec["attn"], progress, tokenizer_only=True)
     loaded_at = time.time()
     progress("Starting the batch engine (decode steps in CUDA graphs)…" if loaded.device.startswith("cuda")
