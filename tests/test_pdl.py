@@ -240,3 +240,16 @@ def test_the_atomic_products_output_is_cleared_by_a_kernel_launched_like_them() 
         [sys.executable, "-c", _ZERO_INTERPRETED], env=env, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_the_engine_imports_triton_only_where_its_kernels_run() -> None:
+    """kernels/pdl.py imports Triton; the engine reaches it inside a CUDA branch, so importing the engine (every CPU
+    start, and every machine without Triton) stays without it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, qwen3vl_webui.engine.batch.engine, qwen3vl_webui.engine.batch.graphs; print('triton' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", (proc.stdout, proc.stderr[-2000:])

@@ -16,7 +16,7 @@ from qwen3vl_webui.engine.batch import artifacts, compiled, prefill
 from qwen3vl_webui.engine.batch.kv import SlotKV
 from qwen3vl_webui.engine.batch.options import LEN_ALIGN, BatchOptions
 from qwen3vl_webui.engine.batch.runner import ModelRunner
-from qwen3vl_webui.kernels import attention, builds, fusion, pdl, vision
+from qwen3vl_webui.kernels import attention, builds, fusion, vision
 from qwen3vl_webui.kernels import layer as fused_layer
 from qwen3vl_webui.weights.model import LoadedModel
 
@@ -26,6 +26,15 @@ log = logging.getLogger(__name__)
 SWITCH_INTERVAL_S = 0.00005
 # While streams are under way, one first-chunk capture (~0.1 s) per this many seconds (DecodeGraphs.prefill_capture_due).
 PREFILL_CAPTURE_GAP_S = 0.3
+
+
+def _pdl_mode(precision: str, index: int | None) -> tuple[int, str]:
+    """Our kernels' launch mode for this precision on this GPU and its name (kernels/pdl.py; imported here, on CUDA:
+    it imports Triton, which nothing imports at package import time)."""
+    from qwen3vl_webui.kernels import pdl
+
+    mode = pdl.use_for(precision) if pdl.available(index or 0) else pdl.OFF
+    return mode, pdl.NAMES[mode]
 
 
 def cuda_index(device: Any) -> int:
@@ -126,7 +135,7 @@ class DecodeGraphs:
         self.cuda_graphs = on_cuda if options.cuda_graphs is None else (options.cuda_graphs and on_cuda)
         self.compile = compiled.should_compile(options.compile, loaded.device, loaded.precision)
         # our kernels' launches overlap (programmatic dependent launch) where this precision gained from it
-        self.pdl_mode = pdl.use_for(loaded.precision) if on_cuda and pdl.available(self.cuda_index or 0) else pdl.OFF
+        self.pdl_mode, self.pdl_name = _pdl_mode(loaded.precision, self.cuda_index) if on_cuda else (0, "off")
         self.compile_error: str | None = None
         self.compile_skipped = ""  # why a compile that would have run did not (the fused layers serve at full speed)
         self.graph_error: str | None = None
@@ -217,7 +226,7 @@ class DecodeGraphs:
             if self._prefill_todo is not None:
                 prefill_mode = "graphs to capture between steps"
             log.info("decode steps ready in %.1f s (%s; eager layers: %s; programmatic dependent launch: %s), prefill "
-                     "in %.1f s (%s)", decode_s, self.decode_mode, self.layers_path, pdl.NAMES[self.pdl_mode],
+                     "in %.1f s (%s)", decode_s, self.decode_mode, self.layers_path, self.pdl_name,
                      self.prefill_warmup_s, prefill_mode)  # fmt: skip
             log.info("decode start-up: %s, kernel builds %.2f s, warm-up per batch size %s s, captures %.2f s",
                      ", ".join(f"{k} {v:.2f} s" for k, v in self.stages.items()), self.kernel_build_s, self.warmup_s,
