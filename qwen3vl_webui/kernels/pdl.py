@@ -9,11 +9,12 @@ writes early; what overlaps is the launch and the placement. Mode 1 ("early") le
 every program of this one has started; mode 2 ("late") once each has done its work, before its stores (a launch
 that waits holds a program's registers and shared memory on an SM; early suits kernels of one wave).
 
-Measured on an H100 (bench/RESULTS.md, session 26; the engine at 1 / 32 streams, PDL off -> late): bf16 270 -> 279
-tok/s (early: 287), int4 379 -> 410 and 5,335 -> 5,456, but fp8 365 -> 333 at one stream (not explained; its
-one-row atomic GEMV then followed a torch fill launched without PDL, now one of ours where PDL is on:
-`splitk.zeros`, not yet measured). So the engine turns it on for the precisions where it was measured to gain
-(`use_for`, by default late) and leaves it off for the others; QWEN3VL_PDL set to a mode applies that mode to every
+Measured on H100s (bench/RESULTS.md, sessions 26 and 27; the engine at 1 / 32 streams, PDL off -> late): bf16 270 ->
+279 tok/s and 273 -> 285, int4 379 -> 410 and 393 -> 424 (5,298 -> 5,310 at 32), but fp8 365 -> 333 and 372 -> 353
+at one stream. fp8's loss is in its own kernels (0.99x with them launched without, `QWEN3VL_PDL_SKIP=fp8`), not in
+the zero fill of its atomic GEMV (`splitk.zeros`, ours where PDL is on: it stayed at 0.95x). Early mode gained more
+at one stream (bf16 1.08x) and lost 1-2% at 32. So the engine turns it on, late, for the precisions where it was
+measured to gain (`use_for`) and leaves it off for the others; QWEN3VL_PDL set to a mode applies that mode to every
 precision.
 
 Every kernel that takes PDL must call `start(PDL)` before touching memory, and `finish(PDL)` before its stores;
@@ -40,7 +41,7 @@ except ImportError:  # pragma: no cover - an older Triton: PDL stays off (`avail
 OFF, EARLY, LATE = 0, 1, 2
 NAMES = ("off", "early", "late")
 DEFAULT = LATE
-# Precisions whose decode gained with it (session 26: bf16, int4; fp16 runs bf16's kernels, not measured itself).
+# Precisions whose decode gained with it (sessions 26-27: bf16, int4; fp16 runs bf16's kernels, not measured itself).
 MEASURED_GAIN = frozenset({"bf16", "fp16", "int4"})
 _default = OFF  # the mode where QWEN3VL_PDL names none: off until `use_for` names the loaded precision
 
