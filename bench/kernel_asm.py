@@ -3,7 +3,7 @@ assembles them for the target, with no GPU and no driver. What a config's code d
 device time is spent on it: its global loads by width (`ld.global.b16` is one 2-byte value, `cp.async ... 16` a
 pipelined 16-byte copy), its shared-memory traffic and size, its tensor-core instructions.
 
-    python -m bench.kernel_asm                               # the int4 swap kernels (tiles 2, 3, 4, 6) at 16 and 32 rows
+    python -m bench.kernel_asm                               # the int4 swap kernels (tiles 2-4, 6, 8) at 16 and 32 rows
     python -m bench.kernel_asm --tiles 3,6 --rows 32 --n 19456 --k 2560 --ptx /tmp/ptx   # and write each PTX file
 
 Launch arguments are specialized as Triton's launcher does on a GPU: pointers and integers divisible by 16 get that
@@ -61,7 +61,9 @@ def compile_offline(fn: Any, args: dict[str, Any], constexprs: dict[str, Any], w
             if value % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn, signature, constants, attrs)
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": warps, "num_stages": stages})
+    return triton.compile(
+        source, target=GPUTarget("cuda", capability, 32), options={"num_warps": warps, "num_stages": stages}
+    )
 
 
 def ptx_counts(ptx: str) -> dict[str, int]:
@@ -74,6 +76,33 @@ def ptx_counts(ptx: str) -> dict[str, int]:
                 text = f"cp.async {int(text.rsplit(',', 1)[1].strip(), 0)} B"
             counts[text] += 1
     return dict(sorted(counts.items()))
+
+
+def sass_loop(cubin: bytes) -> dict[str, int]:
+    """The kernel's longest loop in SASS (the machine code ptxas made: cuobjdump, bundled with Triton), instructions
+    by opcode: what one trip of the K loop issues per thread, where PTX shows what ptxas was asked for (session 27:
+    tile 6's `and` and `or` of each nibble pair stayed two LOP3s, a LOP3 taking one immediate). {} if not found."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.cubin")
+        Path(path).write_bytes(cubin)
+        sass = subprocess.run([str(tool), "-sass", path], capture_output=True, text=True, check=True).stdout
+    code = [(int(at, 16), text) for at, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = [(int(m.group(1), 16), at) for at, text in code
+             if (m := re.search(r"\bBRA (0x[0-9a-f]+)", text)) and int(m.group(1), 16) < at]  # fmt: skip
+    if not loops:
+        return {}
+    start, end = max(loops, key=lambda loop: loop[1] - loop[0])
+    ops = Counter(
+        re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0] for at, text in code if start <= at <= end
+    )
+    return dict(ops.most_common())
 
 
 def w4_args(rows: int, n: int, k: int, group: int = 128, split: int = 1) -> dict[str, Any]:
@@ -117,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     from qwen3vl_webui.kernels import w4a16_triton as wk
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiles", default="2,3,4,6", help="int4 W4Config.tile values (2-4 and 6: the swap kernel)")
+    ap.add_argument("--tiles", default="2,3,4,6,8", help="int4 W4Config.tile values (2-4, 6 and 8: the swap kernel)")
     ap.add_argument("--rows", default="16,32", help="row counts (block_m 16 up to 16 rows, else 32)")
     ap.add_argument("--n", type=int, default=19456, help="output features (default: the fused gate/up)")
     ap.add_argument("--k", type=int, default=2560, help="input features")
@@ -134,6 +163,9 @@ def main(argv: list[str] | None = None) -> None:
             lines = sum(1 for line in ptx.splitlines() if line.rstrip().endswith(";"))
             print(f"rows {rows} tile {tile} {tuple(cfg)}: shared {kernel.metadata.shared} B, {lines} PTX instructions,",
                   ", ".join(f"{name} x{count}" for name, count in ptx_counts(ptx).items()))  # fmt: skip
+            loop = sass_loop(kernel.asm["cubin"])
+            print(f"  its K loop in SASS: {sum(loop.values())} instructions a trip,",
+                  ", ".join(f"{name} x{count}" for name, count in list(loop.items())[:10]))  # fmt: skip
             if args.ptx:
                 args.ptx.mkdir(parents=True, exist_ok=True)
                 (args.ptx / f"w4_tile{tile}_rows{rows}.ptx").write_text(ptx)

@@ -56,10 +56,10 @@ def _as_list(cfg: Any) -> list[Any]:
     return list(cfg) if isinstance(cfg, tuple) else [cfg]
 
 
-def int4_configs(rows: int, n: int = 0, k: int = 0, kernels: tuple[int, ...] = (6, 3, 4, 2, 1, 0)) -> list[Any]:
+def int4_configs(rows: int, n: int = 0, k: int = 0, kernels: tuple[int, ...] = (8, 6, 3, 4, 2, 1, 0)) -> list[Any]:
     """The sweep's int4 launch shapes for `rows`; with the shape, what the kernels pick today comes first, so a
     sweep cut by its time cap has the default's time to compare with. `kernels`: the many-row kernels to sweep, in
-    that order (W4Config.tile: 6 tile 3 with the activations read in k order, 4 swap with pairs and scaled weights, 3 swap with nibble pairs, 2 swap, 1 tile,
+    that order (W4Config.tile: 8 tile 6 with one lop3 a pair, 6 tile 3 with the activations read in k order, 4 swap with pairs and scaled weights, 3 swap with nibble pairs, 2 swap, 1 tile,
     0 planes; at one row, 0 is the GEMV)."""
     from qwen3vl_webui.kernels.w4a16_triton import W4Config, pick_config
 
@@ -77,10 +77,15 @@ def int4_configs(rows: int, n: int = 0, k: int = 0, kernels: tuple[int, ...] = (
         if rows <= 16
         else [W4Config(bm, bn, split, w, s, 3) for bn in (64, 128) for split in (0, 2) for w in (4, 8) for s in (2, 3)]
     )
+    # Tile 6 at 32 rows (session 21's first sweep: 1.2-1.85x tile 3): also 8 warps, 4 stages, K split 4 ways. Tile 8
+    # (session 27) is tile 6 with 12% fewer instructions a loop trip (bench/kernel_asm.py): the same shapes.
+    tile6 = (
+        [(bm, bn, split, 4, s) for bn in (64, 128) for split in (0, 4, 16) for s in (2, 3)] if rows <= 16
+        else [(bm, bn, split, w, s) for bn in (64, 128) for split in (0, 2, 4) for w in (4, 8) for s in (2, 3, 4)]
+    )
     by_kernel = {
-        # Tile 6 at 32 rows (session 21's first sweep: 1.2-1.85x tile 3): also 8 warps, 4 stages, K split 4 ways.
-        6: [W4Config(bm, bn, split, 4, s, 6) for bn in (64, 128) for split in (0, 4, 16) for s in (2, 3)] if rows <= 16
-        else [W4Config(bm, bn, split, w, s, 6) for bn in (64, 128) for split in (0, 2, 4) for w in (4, 8) for s in (2, 3, 4)],
+        8: [W4Config(*shape, 8) for shape in tile6],
+        6: [W4Config(*shape, 6) for shape in tile6],
         4: [W4Config(bm, bn, split, w, s, 4) for bn in (64, 128) for split in (0, 2) for w in (4, 8) for s in (2, 3)],
         3: tile3,
         2: [W4Config(bm, bn, split, w, s, 2) for bn in (64, 128) for split in (0, 2) for w in (4, 8) for s in (2, 3)],
@@ -262,7 +267,7 @@ def main() -> None:
     ap.add_argument("--rows", default="1,16,32", help="sweep: the row counts (1, 16, 32: the row classes)")
     ap.add_argument("--formats", default="int4,fp8", help="sweep: int4, fp8, tinygemm (torch's own W4A16 kernel on the int4 weights), comma list")  # fmt: skip
     ap.add_argument("--defaults-only", action="store_true", help="sweep: int4 and fp8 at their kernels' picks only")
-    ap.add_argument("--int4-kernels", default="6,3,4,2,1,0", help="sweep: the int4 kernels, in order (6 swap with pairs, the activations read in k order, 4 swap with pairs and scaled weights, 3 swap with nibble pairs, 2 swap, 1 tile, 0 planes)")  # fmt: skip
+    ap.add_argument("--int4-kernels", default="8,6,3,4,2,1,0", help="sweep: the int4 kernels, in order (8 tile 6 with one lop3 a pair, 6 swap with pairs, the activations read in k order, 4 swap with pairs and scaled weights, 3 swap with nibble pairs, 2 swap, 1 tile, 0 planes)")  # fmt: skip
     ap.add_argument("--shapes", default="", help="sweep: only these shapes (qkv, o, gate_up, down; default all)")
     ap.add_argument("--model", default="random-weights:4b", help="quality: random-weights:4b or a checkpoint")
     ap.add_argument("--device", default="cuda", help="quality: cuda, or cpu (the tiny checkpoint: plumbing)")

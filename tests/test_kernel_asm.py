@@ -25,7 +25,7 @@ def test_the_int4_swap_kernels_compile_for_sm90_and_tile_6_reads_the_activations
     from qwen3vl_webui.kernels.w4a16_triton import W4Config
 
     counts = {}
-    for tile in (2, 3, 4, 6):
+    for tile in (2, 3, 4, 6, 8):
         kernel = compile_w4(W4Config(32, 64, 1, 4, 2, tile), 32, 19456, 2560)
         assert kernel.asm["cubin"], tile  # ptxas assembled it
         counts[tile] = _counts(kernel)
@@ -35,6 +35,24 @@ def test_the_int4_swap_kernels_compile_for_sm90_and_tile_6_reads_the_activations
     assert counts[3].get("ld.global.b16", 0) >= 32
     assert counts[6].get("ld.global.b16", 0) <= 2
     assert counts[6].get("cp.async 16 B", 0) > counts[3].get("cp.async 16 B", 0)
+
+
+@pytest.mark.parametrize("rows", [1, 16, 32])
+def test_tile_8_masks_and_merges_each_nibble_pair_in_one_lop3_where_tile_6_issues_two(rows: int) -> None:
+    # Session 27: ptxas kept tile 6's `& 0x000F000F` and `| magic` as two LOP3s a pair (one immediate a LOP3), 66 of
+    # its K loop's 258 SASS instructions at one row; tile 8 writes them as one lop3 in its inline PTX.
+    from bench.kernel_asm import compile_w4, sass_loop
+    from qwen3vl_webui.kernels.w4a16_triton import W4Config
+
+    bm = 16 if rows <= 16 else 32
+    loops = {
+        tile: sass_loop(compile_w4(W4Config(bm, 64, 1, 4, 3, tile), rows, 6144, 2560).asm["cubin"]) for tile in (6, 8)
+    }
+    pairs = 64 * 128 // 2 // 128  # a trip: BLOCK_N x G weights, two a pair, over 128 threads
+    assert loops[6]["LOP3"] >= 2 * pairs, loops[6]
+    assert loops[8]["LOP3"] <= loops[6]["LOP3"] - pairs + 2, loops
+    assert loops[8]["HGMMA"] == loops[6]["HGMMA"] > 0, loops  # the same dots
+    assert sum(loops[8].values()) < sum(loops[6].values()), loops
 
 
 def test_the_fp8_atomic_gemv_compiles_for_sm90_and_adds_its_sums_atomically() -> None:

@@ -56,7 +56,8 @@ class W4Config(NamedTuple):
     (0: as many as `tuning.default_split` says for the shape); for many rows `tile` picks the kernel: 0 `_skinny_kernel`
     (planes), 1 `_tile_kernel`, 2 `_swap_kernel` (weights as the dot's first operand), 3 the same with nibble pairs
     (inline PTX: CUDA only), 4 with pairs and the scales in the weights (one accumulator over K), 6 tile 3 with the
-    activations read in k order and permuted to the pairs' order in the kernel (5 was session 21's atomic GEMV,
+    activations read in k order and permuted to the pairs' order in the kernel, 8 tile 6 with each pair's mask and
+    merge in one lop3 (5 was session 21's atomic GEMV,
     removed: it lost every one-row shape to tile 3, bench/results/h100/s21_quant_a.json; 7, session 26's tiles 4 and 6
     together reading 2 or 4 groups a loop step, lost every one-row shape to tile 6, 1.13-1.33x its time,
     bench/results/h100/s26/call1_quant.json)."""
@@ -226,6 +227,14 @@ _PAIR_BF16 = tl.constexpr(_PAIR_ASM % ("0x3F803F80", "bf16x2", ""))
 _PAIR_FP16 = tl.constexpr(_PAIR_ASM % ("0x3C003C00", "f16x2", ""))
 _SCALED_BF16 = tl.constexpr(_PAIR_ASM % ("0x3F803F80", "bf16x2", "fma.rn.bf16x2 t, t, $4, mz;"))
 _SCALED_FP16 = tl.constexpr(_PAIR_ASM % ("0x3C003C00", "f16x2", "fma.rn.f16x2 t, t, $4, mz;"))
+# Tile 8: the same, from the shifted word: `(w & 0x000F000F) | magic` as one lop3 (ptxas kept tile 6's `and` and
+# `or` as two LOP3s, each taking its constant as the one immediate a LOP3 has: 66 LOP3s a loop for 32 pairs).
+_SHIFTED_ASM = (
+    "{ .reg .b32 one, mz, t, m; mov.b32 m, %s; lop3.b32 t, $2, 0x000F000F, m, 0xEA; mov.b32 one, %s; "
+    "mov.b32 mz, 0x80008000; fma.rn.%s t, t, one, $3; mov.b32 {$0, $1}, t; }"
+)
+_SHIFTED_BF16 = tl.constexpr(_SHIFTED_ASM % ("0x43004300", "0x3F803F80", "bf16x2"))
+_SHIFTED_FP16 = tl.constexpr(_SHIFTED_ASM % ("0x64006400", "0x3C003C00", "f16x2"))
 
 
 @triton.jit
@@ -239,7 +248,7 @@ def _pair_values(pairs, neg_zero, scales, ASM: tl.constexpr, DTYPE: tl.constexpr
 def _swap_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ys, stride_ym,
     groups_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr, PAIRS: tl.constexpr,
-    SCALED: tl.constexpr, NATURAL: tl.constexpr = False, PDL: tl.constexpr = 0,
+    SCALED: tl.constexpr, NATURAL: tl.constexpr = False, LOP3: tl.constexpr = False, PDL: tl.constexpr = 0,
 ):  # fmt: skip
     """Yᵀ = W Xᵀ per group: the weights are the dot's first operand (BLOCK_N >= 64 rows, what Hopper's wgmma takes
     from registers), the rows the second (BLOCK_M = 16 or 32 columns). Each packed word is loaded once, 16 bytes a
@@ -254,7 +263,8 @@ def _swap_kernel(
     6): the activations are read in k order, 16 bytes a load, pipelined like the weights, and their tile is permuted
     to the pairs' order on its way to shared memory (tile 3 gathers them one value at a time in the pairs' order).
     Putting the weights' pairs back in k order instead compiles to a shared-memory round trip of the larger tile
-    (28 KB of shared memory against 20 KB, ~1.8x the PTX: bench/kernel_asm.py)."""
+    (28 KB of shared memory against 20 KB, ~1.8x the PTX: bench/kernel_asm.py). LOP3 (with PAIRS and NATURAL, not
+    SCALED; tile 8): a pair's `& 0x000F000F` and `| magic` in one lop3 of the inline PTX (tile 6: two LOP3s in SASS)."""
     pdl.start(PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -286,9 +296,12 @@ def _swap_kernel(
             magic: tl.constexpr = 0x43004300 if BF16 else 0x64006400
             neg: tl.constexpr = 0xC300 if BF16 else 0xE400
             nz = (zero | neg) * 65537
-            pairs = ((words[:, :, None] >> (tl.arange(0, 4) * 4)[None, None, :]) & 0x000F000F) | magic
+            shifted = words[:, :, None] >> (tl.arange(0, 4) * 4)[None, None, :]
+            pairs = shifted if LOP3 else (shifted & 0x000F000F) | magic  # LOP3: masked and merged in the asm
             both = nz[:, None, None]  # not read unless SCALED
-            if SCALED:
+            if LOP3:
+                ASM: tl.constexpr = _SHIFTED_BF16 if BF16 else _SHIFTED_FP16
+            elif SCALED:
                 bits = tl.load(s_ptr + rows_n * stride_sn + g, mask=n_ok, other=0.0).to(x_ptr.dtype.element_ty)
                 bits = bits.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
                 both = (bits | (bits << 16))[:, None, None]
@@ -343,12 +356,12 @@ def _dequant_kernel(
     tl.store(out, w.to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
 
 
-TILES = (0, 1, 2, 3, 4, 6)  # W4Config.tile values with a kernel (5 and 7 were removed: see W4Config)
+TILES = (0, 1, 2, 3, 4, 6, 8)  # W4Config.tile values with a kernel (5 and 7 were removed: see W4Config)
 
 
 def swap_constexprs(cfg: W4Config) -> dict[str, Any]:
-    """`_swap_kernel`'s variant for a config of tile 2, 3, 4 or 6."""
-    return {"PAIRS": cfg.tile >= 3, "SCALED": cfg.tile == 4, "NATURAL": cfg.tile == 6}
+    """`_swap_kernel`'s variant for a config of tile 2, 3, 4, 6 or 8."""
+    return {"PAIRS": cfg.tile >= 3, "SCALED": cfg.tile == 4, "NATURAL": cfg.tile in (6, 8), "LOP3": cfg.tile == 8}
 
 
 SPLIT_LEAST_GROUPS = 4  # a default split keeps this many groups of K at least (tuning.default_split)
@@ -394,7 +407,7 @@ def w4_partials(x: Any, qweight: Any, scales: Any, zeros: Any, group: int, confi
         )  # fmt: skip
     else:
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m), split)
-        kernel = (_skinny_kernel, _tile_kernel, _swap_kernel, _swap_kernel, _swap_kernel, None, _swap_kernel)[cfg.tile]
+        kernel = (_skinny_kernel, _tile_kernel, *[_swap_kernel] * 3, None, _swap_kernel, None, _swap_kernel)[cfg.tile]
         extra = swap_constexprs(cfg) if cfg.tile >= 2 else {}
         kernel[grid](
             x, qweight, scales, zeros, out, rows, n, k, x.stride(0), qweight.stride(0), scales.stride(0),
