@@ -53,6 +53,10 @@ def test_tile_8_masks_and_merges_each_nibble_pair_in_one_lop3_where_tile_6_issue
     assert loops[8]["LOP3"] <= loops[6]["LOP3"] - pairs + 2, loops
     assert loops[8]["HGMMA"] == loops[6]["HGMMA"] > 0, loops  # the same dots
     assert sum(loops[8].values()) < sum(loops[6].values()), loops
+    if rows <= 16:  # the sweep's widest tile 8 (256 weight rows a program) builds too, with fewer instructions a weight
+        wide = sass_loop(compile_w4(W4Config(bm, 256, 4, 4, 3, 8), rows, 6144, 2560).asm["cubin"])
+        assert wide["HGMMA"] == 4 * loops[8]["HGMMA"], wide
+        assert sum(wide.values()) < 4 * sum(loops[8].values()), (wide, loops[8])
 
 
 def test_the_fp8_atomic_gemv_compiles_for_sm90_and_adds_its_sums_atomically() -> None:
