@@ -5,6 +5,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 GRADIO_ANALYTICS_ENABLED=False
 C=${BENCH_COMMIT:-unknown}
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; uptime; date -u; } > $OUT/gpu.txt
+# The files: `git checkout c5fcf8c -- bench/results/h100/s27/carried` (removed from the tree after the call).
 S=bench/results/h100/s27/carried
 for p in bf16 int4; do
   d=/tmp/af_$p; mkdir -p $d/carried
