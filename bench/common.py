@@ -341,7 +341,7 @@ def start_engine(loaded: Any, **options: Any) -> tuple[Any, dict[str, Any]]:
         buckets=list(engine.buckets), max_batch=engine.max_batch, max_len=engine.max_len,
         startup_peak_gib=peak_gib(loaded.device), fused_groups=engine.fused_groups, gemv_linears=engine.gemv_linears,
         prefill_path=engine.prefill_path, prefill_warmup_s=engine.prefill_warmup_s, layers_path=engine.layers_path,
-        pdl_mode=engine.pdl_mode,
+        pdl_mode=engine.pdl_mode, pdl=engine.pdl_name,
     )  # fmt: skip
     print("engine", {k: str(v) for k, v in options.items()}, json.dumps(info, default=str), flush=True)
     return engine, info

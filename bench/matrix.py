@@ -294,7 +294,7 @@ def print_table(report: dict[str, Any]) -> None:
     s = report.get("engine_startup", {})
     if s:
         print(f"engine start-up {s.get('startup_s')} s (per bucket {s.get('warmup_s')}), {s.get('decode_path')}, "
-              f"PDL mode {s.get('pdl_mode')}")
+              f"PDL mode {s.get('pdl_mode')} ({s.get('pdl', '-')})")
     if "engine_image_ttft_idle_s" in report:
         mix = report.get("engine_image_while_decoding", {})
         print(f"image TTFT: generate {report.get('generate_image_ttft_s')} s, engine idle "

@@ -207,6 +207,46 @@ def test_the_engine_launches_with_pdl_only_for_the_precisions_that_gained_unless
     assert pdl.use_for("bf16") == pdl.OFF and pdl.args(gpu, "int4") == {}
 
 
+def test_the_one_row_graph_launches_early_and_the_others_late_where_pdl_is_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Session 27 (H100): at one stream early mode gained bf16 1.08x against late's 1.04x, at 32 it lost 1-2%: each
+    batch size's graph keeps the mode its launches were captured with (`step_rows`, per thread)."""
+    import threading
+
+    import torch
+
+    from qwen3vl_webui.kernels import pdl
+
+    gpu = SimpleNamespace(device=torch.device("cuda", 0), get_device=lambda: 0)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("QWEN3VL_PDL", raising=False)
+    monkeypatch.setattr(pdl, "available", lambda index: True)
+    monkeypatch.setattr(pdl, "_default", pdl.OFF)
+    monkeypatch.setattr(pdl, "_one_row", pdl.OFF)
+    late, early = {"PDL": pdl.LATE, "launch_pdl": True}, {"PDL": pdl.EARLY, "launch_pdl": True}
+    assert pdl.use_for("bf16") == pdl.LATE and pdl.describe() == "late; early at one row"
+    assert pdl.args(gpu, "layer") == late  # outside any step: prefill, probes
+    seen = []
+    with pdl.step_rows(1):
+        assert pdl.args(gpu, "layer") == early and pdl.mode() == pdl.EARLY
+        other = threading.Thread(target=lambda: seen.append(pdl.args(gpu, "layer")))  # another thread: its own
+        other.start()
+        other.join()
+        with pdl.step_rows(32):
+            assert pdl.args(gpu, "int4") == late
+        assert pdl.args(gpu, "int4") == early  # back to the one-row step's
+    assert seen == [late] and pdl.args(gpu, "layer") == late
+    for rows in (2, 16, 32):
+        with pdl.step_rows(rows):
+            assert pdl.args(gpu, "gemv") == late, rows
+    pdl.use_for("fp8")  # no gain measured: off in every step
+    with pdl.step_rows(1):
+        assert pdl.args(gpu, "fp8") == {} and pdl.describe() == "off"
+    monkeypatch.setenv("QWEN3VL_PDL", "2")  # a mode set applies to every step
+    pdl.use_for("bf16")
+    with pdl.step_rows(1):
+        assert pdl.args(gpu, "layer") == late and pdl.describe() == "late"
+
+
 _ZERO_INTERPRETED = """
 import torch
 from qwen3vl_webui.kernels import splitk

@@ -13,9 +13,10 @@ Measured on H100s (bench/RESULTS.md, sessions 26 and 27; the engine at 1 / 32 st
 279 tok/s and 273 -> 285, int4 379 -> 410 and 393 -> 424 (5,298 -> 5,310 at 32), but fp8 365 -> 333 and 372 -> 353
 at one stream. fp8's loss is in its own kernels (0.99x with them launched without, `QWEN3VL_PDL_SKIP=fp8`), not in
 the zero fill of its atomic GEMV (`splitk.zeros`, ours where PDL is on: it stayed at 0.95x). Early mode gained more
-at one stream (bf16 1.08x) and lost 1-2% at 32. So the engine turns it on, late, for the precisions where it was
-measured to gain (`use_for`) and leaves it off for the others; QWEN3VL_PDL set to a mode applies that mode to every
-precision.
+at one stream (bf16 1.08x) and lost 1-2% at 32. So the engine turns it on for the precisions where it was measured
+to gain (`use_for`): early in the one-row decode graph, late in the others (`step_rows`: each batch size's graph
+keeps the mode it was captured with; this combination is not measured as one yet), and leaves it off for the
+others. QWEN3VL_PDL set to a mode applies that mode to every precision and graph.
 
 Every kernel that takes PDL must call `start(PDL)` before touching memory, and `finish(PDL)` before its stores;
 a kernel launched without it (cuBLAS, torch's ops, inductor's) is ordered after the one before as usual, and the one
@@ -26,8 +27,11 @@ Triton lacks it, and on a CPU (Triton's interpreter).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import triton
@@ -43,7 +47,12 @@ NAMES = ("off", "early", "late")
 DEFAULT = LATE
 # Precisions whose decode gained with it (sessions 26-27: bf16, int4; fp16 runs bf16's kernels, not measured itself).
 MEASURED_GAIN = frozenset({"bf16", "fp16", "int4"})
+# The one-row decode graph's mode where PDL is on. At one stream (that graph alone) early mode gained bf16 1.08x
+# against late's 1.04x and int4 1.08x against 1.08x; at 32 streams it lost 1-2% where late did not (session 27, H100).
+ONE_ROW = EARLY
 _default = OFF  # the mode where QWEN3VL_PDL names none: off until `use_for` names the loaded precision
+_one_row = OFF  # the same, for the launches of a one-row decode step (`step_rows`)
+_step = threading.local()  # .rows: the decode step whose graph this thread builds, warms up or captures (0: none)
 
 
 @triton.jit
@@ -65,15 +74,40 @@ def finish(PDL: tl.constexpr):
 def use_for(precision: str) -> int:
     """The engine loaded `precision`: PDL (DEFAULT's mode) where it was measured to gain, else off, unless
     QWEN3VL_PDL names a mode. Returns the mode its kernels launch with from now on."""
-    global _default
-    _default = DEFAULT if str(precision) in MEASURED_GAIN else OFF
+    global _default, _one_row
+    gained = str(precision) in MEASURED_GAIN
+    _default, _one_row = (DEFAULT, ONE_ROW) if gained else (OFF, OFF)
     return mode()
 
 
-def mode() -> int:
-    """QWEN3VL_PDL as a mode (0, 1, 2); unset (or anything else): the loaded precision's (`use_for`)."""
+@contextlib.contextmanager
+def step_rows(rows: int) -> Iterator[None]:
+    """The launches made in this block on this thread are a decode step of `rows` rows (DecodeGraphs wraps each batch
+    size's kernel builds, warm-up and capture): a graph keeps the mode its launches were captured with, so the
+    one-row graph runs ONE_ROW's mode and the others the default."""
+    before = getattr(_step, "rows", 0)
+    _step.rows = rows
+    try:
+        yield
+    finally:
+        _step.rows = before
+
+
+def describe() -> str:
+    """The modes in words, for the start-up line: e.g. "late; early at one row"."""
     value = os.environ.get("QWEN3VL_PDL", "").strip()
-    return int(value) if value in ("0", "1", "2") else _default
+    if value in ("0", "1", "2") or _one_row == _default:
+        return NAMES[mode()]
+    return f"{NAMES[_default]}; {NAMES[_one_row]} at one row"
+
+
+def mode() -> int:
+    """QWEN3VL_PDL as a mode (0, 1, 2); unset (or anything else): the loaded precision's (`use_for`), for a
+    one-row decode step's launches (`step_rows`) its one-row mode."""
+    value = os.environ.get("QWEN3VL_PDL", "").strip()
+    if value in ("0", "1", "2"):
+        return int(value)
+    return _one_row if getattr(_step, "rows", 0) == 1 else _default
 
 
 @functools.cache

@@ -214,6 +214,7 @@ class BatchEngine:
     gemv_linears = _graphs_attr("gemv_linears", "Linears routed through the Triton GEMV.")
     layers_path = _graphs_attr("layers_path", "The eager decode step's layers: fused kernels, or transformers' (why).")
     pdl_mode = _graphs_attr("pdl_mode", "Our kernels' programmatic dependent launch: 0 off, 1 early, 2 late.")
+    pdl_name = _graphs_attr("pdl_name", "The same in words, with the one-row graph's mode where it differs.")
 
     # ------------------------------------------------------------------ reader side
 

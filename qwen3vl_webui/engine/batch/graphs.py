@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import sys
@@ -33,8 +34,9 @@ def _pdl_mode(precision: str, index: int | None) -> tuple[int, str]:
     it imports Triton, which nothing imports at package import time)."""
     from qwen3vl_webui.kernels import pdl
 
-    mode = pdl.use_for(precision) if pdl.available(index or 0) else pdl.OFF
-    return mode, pdl.NAMES[mode]
+    if not pdl.available(index or 0):
+        return pdl.OFF, pdl.NAMES[pdl.OFF]
+    return pdl.use_for(precision), pdl.describe()
 
 
 def cuda_index(device: Any) -> int:
@@ -565,8 +567,6 @@ class DecodeGraphs:
         A stop (`stop_background`) is honoured at the next safe point: before a bucket, between its two steps, while
         its swap waits; a compile cannot be interrupted, so the thread may still be tracing the model for that long.
         """
-        import contextlib
-
         import torch
 
         interval = sys.getswitchinterval()
@@ -719,8 +719,6 @@ class DecodeGraphs:
         )
 
     def _swap_in(self, rows: int) -> None:
-        import contextlib
-
         import torch
         from torch._dynamo.utils import counters
 
@@ -782,6 +780,15 @@ class DecodeGraphs:
             self.loaded.device, self.kv.dtype, heads, kv_heads, head_dim, self.options.decode_kernel, self.gemv
         )
 
+    def _step_rows(self, rows: int) -> Any:
+        """Around a batch size's launches of its build, warm-up and capture: the mode its graph launches our kernels
+        with (kernels/pdl.py, `step_rows`: one row may differ). Nothing on a CPU, where pdl (Triton) is not imported."""
+        if self.pdl_name == "off":
+            return contextlib.nullcontext()
+        from qwen3vl_webui.kernels import pdl
+
+        return pdl.step_rows(rows)
+
     def _build_kernels(self, forward: Callable[[int], Any], stream: Any) -> None:
         """Before the first warm-up (CUDA): one dry pass over every bucket builds the Triton kernels the steps launch,
         in parallel threads (kernels/builds.py); the warm-up then finds them built. Its outputs are garbage: the
@@ -795,7 +802,8 @@ class DecodeGraphs:
         try:
             with torch.cuda.stream(stream), builds.dry_launches() as run:
                 for rows in self.buckets:
-                    forward(rows)
+                    with self._step_rows(rows):
+                        forward(rows)
             stream.synchronize()
         except Exception as exc:
             log.warning("kernel builds: the parallel pass failed (%r); each builds at its first launch", exc)
@@ -831,8 +839,6 @@ class DecodeGraphs:
 
     def _warm_up_steps(self, forward: Callable[[int], Any], stream: Any) -> None:
         """Two steps per bucket (the first one compiles), off the capture stream as torch.cuda.graph asks."""
-        import contextlib
-
         import torch
 
         if stream is not None:
@@ -840,8 +846,9 @@ class DecodeGraphs:
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             for rows in self.buckets:
                 started = time.perf_counter()
-                for _ in range(2):
-                    forward(rows)
+                with self._step_rows(rows):
+                    for _ in range(2):
+                        forward(rows)
                 if stream is not None:
                     stream.synchronize()
                 self.warmup_s[rows] = round(time.perf_counter() - started, 2)
@@ -858,7 +865,7 @@ class DecodeGraphs:
         try:
             for rows in sorted(self.buckets, reverse=True):  # largest first: the shared pool fits them all
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                with self._step_rows(rows), torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                     out = forward(rows)
                 self._graphs[rows] = (graph, out)
         except Exception as exc:
