@@ -653,8 +653,8 @@ def bytecode(log: Log, packages: tuple[str, ...] = ("torch",)) -> dict[str, Any]
         if spec is None or not spec.origin:
             continue
         package = Path(spec.origin).parent
-        if not list((package / "__pycache__").glob("__init__.*.pyc")) and str(package.parent) not in dirs:
-            dirs.append(str(package.parent))
+        if not Path(importlib.util.cache_from_source(spec.origin)).exists() and str(package.parent) not in dirs:
+            dirs.append(str(package.parent))  # no bytecode of its __init__ for this Python
     started = time.monotonic()
     for folder in dirs:
         subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", folder], capture_output=True, check=False)

@@ -95,7 +95,8 @@ def sass_loop(cubin: bytes) -> dict[str, int]:
         sass = subprocess.run([str(tool), "-sass", path], capture_output=True, text=True, check=True).stdout
     code = [(int(at, 16), text) for at, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     loops = [(int(m.group(1), 16), at) for at, text in code
-             if (m := re.search(r"\bBRA (0x[0-9a-f]+)", text)) and int(m.group(1), 16) < at]  # fmt: skip
+             if (m := re.search(r"\bBRA(?:\.\w+)*\s+(?:!?U?P\w+,\s*)?(0x[0-9a-f]+)", text))
+             and int(m.group(1), 16) < at]  # fmt: skip
     if not loops:
         return {}
     start, end = max(loops, key=lambda loop: loop[1] - loop[0])

@@ -117,7 +117,7 @@ def fp8_configs(rows: int) -> list[Any]:
 
 def sweep_section(
     report: dict[str, Any], deadline: float, rows_swept: tuple[int, ...] = ROWS, formats: tuple[str, ...] = ("int4", "fp8"),
-    defaults_only: bool = False, int4_kernels: tuple[int, ...] = (6, 3, 4, 2, 1, 0), shapes: tuple[str, ...] = (),
+    defaults_only: bool = False, int4_kernels: tuple[int, ...] = (8, 6, 3, 4, 2, 1, 0), shapes: tuple[str, ...] = (),
 ) -> None:
     """`defaults_only`: int4 and fp8 at the config their kernels pick today (no tuning: seconds, not minutes)."""
     import torch

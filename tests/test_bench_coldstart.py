@@ -4,6 +4,7 @@ command line's flags are valid app flags, for precompile too."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -128,7 +129,7 @@ def test_a_package_installed_without_bytecode_is_compiled_and_one_with_it_is_lef
         (folder / name / "__init__.py").write_text("VALUE = 1\n")
         monkeypatch.syspath_prepend(str(folder))
     (compiled / "donepkg" / "__pycache__").mkdir()
-    (compiled / "donepkg" / "__pycache__" / "__init__.cpython-312.pyc").write_bytes(b"")
+    Path(importlib.util.cache_from_source(str(compiled / "donepkg" / "__init__.py"))).write_bytes(b"")
     (compiled / "donepkg" / "extra.py").write_text("VALUE = 2\n")
     monkeypatch.setenv("PYTHONPATH", "")
     result = coldstart.bytecode(coldstart.Log(tmp_path / "log.txt"), packages=("barepkg", "donepkg", "absentpkg"))

@@ -646,7 +646,8 @@ class DecodeGraphs:
         for _ in range(2):
             if self._stop.is_set():
                 return False
-            self._compiled(rows, scratch)
+            with self._step_rows(rows):
+                self._compiled(rows, scratch)
         return True
 
     @property
@@ -728,7 +729,7 @@ class DecodeGraphs:
         seq, graphs_before = self._compile_seq, counters["stats"]["unique_graphs"]
         if side is not None:
             side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        with self._step_rows(rows), torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             self._compiled(rows, self.kv)
             if seq % 2 == 0 and seq == self._compile_seq and counters["stats"]["unique_graphs"] != graphs_before:
                 self.recompiled += 1
@@ -989,8 +990,10 @@ class DecodeGraphs:
                 return out[:n]
             step = self._steps.get(rows)
             if step is not None:
-                return step(rows)[:n]
-        return self.runner.forward(n)
+                with self._step_rows(rows):
+                    return step(rows)[:n]
+        with self._step_rows(n):
+            return self.runner.forward(n)
 
     def graph(self, rows: int) -> Any:
         """Benchmarks: the captured decode graph of bucket `rows`, or None."""
