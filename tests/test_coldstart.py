@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import importlib.util
 import json
 import logging
 import os
@@ -1132,3 +1133,35 @@ def test_where_the_app_would_compile_in_the_background_precompile_compiles_befor
     written = sorted(p.name for p in (tmp_path / "pre" / "compiled").iterdir())
     assert [n.split("-")[0] for n in written] == ["decode", "kernels"] and f"wrote {tmp_path}" in out
     assert set(steps) == {1, 2}  # every batch size went through the compiled step, in the foreground engine
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (kernels/pdl.py)")
+def test_each_decode_step_launches_in_its_batch_sizes_pdl_mode(
+    loaded: LoadedModel, prompts: dict[str, PreparedPrompt], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session 27: the one-row decode graph runs PDL's early mode, the others late (kernels/pdl.py `step_rows`).
+    Captures need a GPU; here the steps run without graphs (a CPU), each inside its batch size's `step_rows`, as
+    the warm-ups, captures and compiled swaps are on a GPU. A CPU engine itself never imports pdl (Triton)."""
+    from qwen3vl_webui.kernels import pdl
+
+    steps: list[int] = []
+
+    @contextlib.contextmanager
+    def recorded(rows: int) -> Iterator[None]:
+        steps.append(rows)
+        yield
+
+    monkeypatch.setattr(pdl, "step_rows", recorded)
+    with BatchEngine(loaded, options(tmp_path, compile=False)) as engine:
+        graphs = engine.core.graphs
+        assert graphs.pdl_name == "off"  # a CPU: no launch takes PDL, and pdl is left alone
+        one = list(engine.submit_tokens(prompts["text"], GREEDY, threading.Event()))
+        assert one and steps == []
+        graphs.pdl_name = "late; early at one row"  # as on a GPU with PDL
+        one = list(engine.submit_tokens(prompts["text"], GREEDY, threading.Event()))
+        with engine.hold_admission():
+            both = [engine.submit_tokens(prompts[n], GREEDY, threading.Event()) for n in ("text", "count")]
+        both = [list(s) for s in both]
+    assert len(one) == GREEDY.max_new_tokens and all(len(s) == GREEDY.max_new_tokens for s in both)
+    assert 1 in steps and 2 in steps, sorted(set(steps))  # one stream's steps, then the two streams'
+    assert set(steps) <= {1, 2}, sorted(set(steps))
