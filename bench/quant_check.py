@@ -84,7 +84,8 @@ def int4_configs(rows: int, n: int = 0, k: int = 0, kernels: tuple[int, ...] = (
         else [(bm, bn, split, w, s) for bn in (64, 128) for split in (0, 2, 4) for w in (4, 8) for s in (2, 3, 4)]
     )
     # At 16 rows and fewer tile 8 also takes 256 weight rows a program: 2.65 SASS instructions a weight in its K loop
-    # against 2.84 at 128 and 3.55 at 64 (bench/kernel_asm.py, one row), K split to keep every SM busy.
+    # against 2.84 at 128 and 3.55 at 64 (bench/kernel_asm.py, one row; 5 register spills a trip at 256), K split to
+    # keep every SM busy.
     wide = [(bm, 256, split, 4, s) for split in (4, 16) for s in (2, 3)] if rows <= 16 else []
     by_kernel = {
         8: [W4Config(*shape, 8) for shape in tile6 + wide],
