@@ -93,20 +93,25 @@ def step_rows(rows: int) -> Iterator[None]:
         _step.rows = before
 
 
+def _forced() -> int | None:
+    """QWEN3VL_PDL as a mode (0, 1, 2), or None where it names none (unset, or anything else)."""
+    value = os.environ.get("QWEN3VL_PDL", "").strip()
+    return int(value) if value in ("0", "1", "2") else None
+
+
 def describe() -> str:
     """The modes in words, for the start-up line: e.g. "late; early at one row"."""
-    value = os.environ.get("QWEN3VL_PDL", "").strip()
-    if value in ("0", "1", "2") or _one_row == _default:
+    if _forced() is not None or _one_row == _default:
         return NAMES[mode()]
     return f"{NAMES[_default]}; {NAMES[_one_row]} at one row"
 
 
 def mode() -> int:
-    """QWEN3VL_PDL as a mode (0, 1, 2); unset (or anything else): the loaded precision's (`use_for`), for a
-    one-row decode step's launches (`step_rows`) its one-row mode."""
-    value = os.environ.get("QWEN3VL_PDL", "").strip()
-    if value in ("0", "1", "2"):
-        return int(value)
+    """QWEN3VL_PDL's mode where it names one; else the loaded precision's (`use_for`), for a one-row decode step's
+    launches (`step_rows`) its one-row mode."""
+    forced = _forced()
+    if forced is not None:
+        return forced
     return _one_row if getattr(_step, "rows", 0) == 1 else _default
 
 

@@ -52,9 +52,10 @@ def _zero_kernel(y_ptr, total, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
 def zeros(shape: tuple[int, ...], device: Any, launch: dict[str, Any]) -> Any:
     """An fp32 tensor of zeros that atomic partial sums are added into. With programmatic dependent launch on
     (`launch`: pdl.args' answer) it is cleared by our kernel, launched the same way, so no torch fill (launched
-    without it) sits between two PDL launches. Session 26's fp8, whose one-row atomic GEMV followed such a fill, lost
-    9% at one stream with PDL where the other precisions gained; whether the fill was why is not measured. Without
-    PDL, torch.zeros."""
+    without it) sits between two PDL launches. It was a guess at session 26's fp8 loss under PDL (9% at one stream,
+    its one-row atomic GEMV following such a fill); session 27 measured 5% with this fill and 1% with fp8's own
+    kernels launched without PDL: the loss is in those kernels, so fp8 launches without PDL by default and this
+    runs only where QWEN3VL_PDL turns it on. Without PDL, torch.zeros."""
     import torch
 
     if not launch:
