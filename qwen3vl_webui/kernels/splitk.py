@@ -36,8 +36,9 @@ def reduce_partials(partials: Any, dtype: Any) -> Any:
     split, rows, n = partials.shape
     out = torch.empty((rows, n), device=partials.device, dtype=dtype)
     total = rows * n
-    _reduce_kernel[(triton.cdiv(total, BLOCK),)](partials, out, total, SPLIT=split, BLOCK=BLOCK, num_warps=4,
-                                                 **pdl.args(partials, "splitk"))
+    _reduce_kernel[(triton.cdiv(total, BLOCK),)](
+        partials, out, total, SPLIT=split, BLOCK=BLOCK, num_warps=4, **pdl.args(partials, "splitk")
+    )
     return out
 
 
