@@ -248,6 +248,7 @@ def _swap_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ys, stride_ym,
     groups_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr, PAIRS: tl.constexpr,
     SCALED: tl.constexpr, NATURAL: tl.constexpr = False, LOP3: tl.constexpr = False, PDL: tl.constexpr = 0,
+    PREFETCH: tl.constexpr = 0,
 ):  # fmt: skip
     """Yᵀ = W Xᵀ per group: the weights are the dot's first operand (BLOCK_N >= 64 rows, what Hopper's wgmma takes
     from registers), the rows the second (BLOCK_M = 16 or 32 columns). Each packed word is loaded once, 16 bytes a
@@ -263,7 +264,14 @@ def _swap_kernel(
     to the pairs' order on its way to shared memory (tile 3 gathers them one value at a time in the pairs' order).
     Putting the weights' pairs back in k order instead compiles to a shared-memory round trip of the larger tile
     (28 KB of shared memory against 20 KB, ~1.8x the PTX: bench/kernel_asm.py). LOP3 (with PAIRS and NATURAL, not
-    SCALED; tile 8): a pair's `& 0x000F000F` and `| magic` in one lop3 of the inline PTX (tile 6: two LOP3s in SASS)."""
+    SCALED; tile 8): a pair's `& 0x000F000F` and `| magic` in one lop3 of the inline PTX (tile 6: two LOP3s in SASS).
+    PREFETCH (the program's thread count; 0 off): its packed weights sent to L2 before the wait (kernels/pdl.py)."""
+    if PREFETCH and tl.program_id(1) == 0:
+        n0 = tl.program_id(0) * BLOCK_N
+        g0 = tl.program_id(2) * groups_per_split
+        groups = tl.minimum(groups_per_split, K // G - g0)
+        first = w_ptr + n0.to(tl.int64) * stride_wn + g0 * (G // 8)
+        pdl.prefetch_rows(first, groups * (G // 2), tl.minimum(BLOCK_N, N - n0), stride_wn * 4, BLOCK_N, PREFETCH)
     pdl.start(PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -408,10 +416,13 @@ def w4_partials(x: Any, qweight: Any, scales: Any, zeros: Any, group: int, confi
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m), split)
         kernel = (_skinny_kernel, _tile_kernel, *[_swap_kernel] * 3, None, _swap_kernel, None, _swap_kernel)[cfg.tile]
         extra = swap_constexprs(cfg) if cfg.tile >= 2 else {}
+        launch = pdl.args(x, "int4")
+        if cfg.tile >= 2:  # the swap kernel's rows: `per_split` groups of G // 2 bytes
+            extra.update(pdl.prefetch(launch, qweight, per_split * group // 2, cfg.warps))
         kernel[grid](
             x, qweight, scales, zeros, out, rows, n, k, x.stride(0), qweight.stride(0), scales.stride(0),
             out.stride(0), out.stride(1), per_split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, G=group,
-            num_warps=cfg.warps, num_stages=cfg.stages, **extra, **pdl.args(x, "int4"),
+            num_warps=cfg.warps, num_stages=cfg.stages, **extra, **launch,
         )  # fmt: skip
     return out
 
