@@ -158,6 +158,75 @@ def test_the_engine_decodes_through_the_fused_layers_as_generate(
     assert all("forward" not in vars(layer) for layer in layers)  # restored on close
 
 
+def test_each_fused_layer_ends_in_the_next_norm_and_the_model_takes_its_final_norm_from_the_last(
+    tiny_loaded: Any, monkeypatch
+) -> None:
+    """A decode step runs one `add_rms_norm` per layer boundary (the residual add and the next layer's input norm,
+    or the final norm): 2 per layer and the first layer's input norm, no `add_product`, no final-norm torch ops."""
+    fused_route(monkeypatch)
+    counts = {"add_rms_norm": 0, "add_product": 0, "final norm": 0}
+
+    def counted(name: str, fn: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            counts[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(fused, "add_rms_norm", counted("add_rms_norm", fused.add_rms_norm))
+    monkeypatch.setattr(fused, "add_product", counted("add_product", fused.add_product))
+    text = tiny_loaded.model.model.language_model
+    norm_class = type(text.norm)
+    own = norm_class.forward
+
+    def norm_forward(self: Any, hidden_states: Any) -> Any:
+        counts["final norm"] += self is text.norm
+        return own(self, hidden_states)
+
+    monkeypatch.setattr(norm_class, "forward", norm_forward)
+    layers = len(text.layers)
+    prompt = _prompts(tiny_loaded, ("hello there",))[0]
+    expected = _generate(tiny_loaded, prompt, 12)
+    options = BatchOptions(max_batch=1, token_budget=512, eos_token_ids=(), fused_layers=True)
+    with BatchEngine(tiny_loaded, options) as engine:
+        before = dict(counts)
+        got = list(engine.submit_tokens(prompt, SamplingParams(max_new_tokens=12, temperature=0.0,
+                                                               repetition_penalty=1.0), threading.Event()))  # fmt: skip
+        steps = engine.snapshot().steps
+    assert got == expected
+    assert steps >= 11 and counts["add_product"] == before["add_product"] == 0
+    assert counts["add_rms_norm"] - before["add_rms_norm"] == steps * (2 * layers + 1)
+    # the final norm's own forward ran for the prefill (and `generate`'s calls), never for a decode step
+    assert counts["final norm"] - before["final norm"] == 1
+    assert "forward" not in vars(text.norm)  # restored on close
+    monkeypatch.setenv("QWEN3VL_NORM_HANDOFF", "0")  # the A/B's other side: each layer ends in its residual add
+    with BatchEngine(tiny_loaded, options) as engine:
+        before = dict(counts)
+        got = list(engine.submit_tokens(prompt, SamplingParams(max_new_tokens=12, temperature=0.0,
+                                                               repetition_penalty=1.0), threading.Event()))  # fmt: skip
+        steps = engine.snapshot().steps
+    assert got == expected and counts["add_product"] - before["add_product"] == steps * layers
+    assert counts["final norm"] - before["final norm"] == 1 + steps
+
+
+def test_the_handoff_gives_the_norm_only_for_the_tensor_it_was_left_for() -> None:
+    handoff = fused.Handoff()
+    hidden, normed = torch.randn(2, 1, 8), torch.randn(2, 8)
+    handoff.put(hidden, normed)
+    assert handoff.take(hidden) is normed
+    assert handoff.take(hidden) is None  # taken once
+    handoff.put(hidden, normed)
+    assert handoff.take(hidden.clone()) is None  # e.g. deepstack's clone between layers
+    assert handoff.take(hidden) is None  # a miss clears it too
+    handoff.put(hidden, normed)
+    hidden.add_(1.0)  # changed in place since
+    assert handoff.take(hidden) is None
+    with torch.inference_mode():  # the engine's tensors: no version counter, the identity decides
+        served = torch.randn(2, 1, 8)
+    handoff.put(served, normed)
+    assert handoff.take(served) is normed
+
+
 def test_the_engine_keeps_transformers_layers_when_turned_off_or_without_the_decode_kernel(tiny_loaded: Any) -> None:
     with BatchEngine(tiny_loaded, BatchOptions(max_batch=1, token_budget=512, fused_layers=True)) as engine:
         assert engine.layers_path == "transformers (the fused layer needs the split-KV decode attention)"

@@ -261,11 +261,43 @@ def partials(linears: list[Any], x: torch.Tensor) -> torch.Tensor:
     return torch.cat([m(x) for m in linears], dim=-1)[None]
 
 
+class Handoff:
+    """A fused layer's output and the next norm of it (the next layer's input RMSNorm, or the model's final norm),
+    computed by the layer's last kernel with its residual add: one `add_rms_norm` where `add_product` and the next
+    layer's `add_rms_norm` (or the final norm's ~8 torch ops) were. The next one takes the norm only if it is handed
+    the very tensor the layer returned, unchanged since (its version counter): a clone, an in-place edit or another
+    caller's tensor takes the norm's own path. (Inference tensors, the engine's, keep no version counter: there the
+    identity decides. Between two layers transformers' model assigns the output, or clones it to add deepstack's
+    visual features.)"""
+
+    def __init__(self) -> None:
+        self._held: tuple[Any, int | None, Any] | None = None
+
+    def put(self, hidden: torch.Tensor, normed: torch.Tensor) -> None:
+        self._held = (hidden, _version(hidden), normed)
+
+    def take(self, hidden: torch.Tensor | None) -> torch.Tensor | None:
+        held, self._held = self._held, None
+        if held is None or held[0] is not hidden or held[1] != _version(hidden):
+            return None
+        return held[2]
+
+
+def _version(t: Any) -> int | None:
+    return None if t is None or t.is_inference() else t._version
+
+
 def decode_layer_forward(
-    layer: Any, original: Callable[..., Any], on: Callable[[], bool] = lambda: True
+    layer: Any,
+    original: Callable[..., Any],
+    on: Callable[[], bool] = lambda: True,
+    handoff: Handoff | None = None,
+    next_norm: Any = None,
 ) -> Callable[..., Any]:
     """A forward for `layer` (transformers' signature): the fused decode layer where it applies and `on()`, else
-    `original`."""
+    `original`. With `handoff`, its input norm is taken from there where the layer before left it, and where
+    `next_norm` (an RMSNorm module: the next layer's input norm, or the model's final norm) is given, its output's
+    norm is left there by its last kernel."""
     import torch
 
     attn, mlp = layer.self_attn, layer.mlp
@@ -290,7 +322,9 @@ def decode_layer_forward(
                             **kwargs)  # fmt: skip
         rows, _, width = hidden_states.shape
         x = hidden_states.view(rows, width)
-        normed, _ = add_rms_norm(x[None], None, layer.input_layernorm.weight, eps_in)
+        normed = handoff.take(hidden_states) if handoff is not None else None
+        if normed is None:
+            normed, _ = add_rms_norm(x[None], None, layer.input_layernorm.weight, eps_in)
         cos, sin = position_embeddings
         keys, values, index = cache.flat()
         q = qk_norm_rope_kv(
@@ -302,32 +336,68 @@ def decode_layer_forward(
         o = partials([attn.o_proj], out.view(rows, heads * dim))
         normed, total = add_rms_norm(o, x, layer.post_attention_layernorm.weight, eps_post)
         act = silu_mul(partials(gate_up, normed), x.dtype)
-        return add_product(total, partials([mlp.down_proj], act)).view(rows, 1, width)
+        down = partials([mlp.down_proj], act)
+        if handoff is None or next_norm is None:
+            return add_product(total, down).view(rows, 1, width)
+        normed, out = add_rms_norm(down, total, next_norm.weight, next_norm.variance_epsilon)
+        out = out.view(rows, 1, width)
+        handoff.put(out, normed)  # [rows, width]
+        return out
+
+    return forward
+
+
+def handed_norm_forward(norm: Any, original: Callable[..., Any], handoff: Handoff) -> Callable[..., Any]:
+    """A forward for the model's final RMSNorm: the norm the last fused layer left in `handoff` for this very tensor,
+    else `original`."""
+    import torch
+
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        normed = None if torch.compiler.is_compiling() else handoff.take(hidden_states)
+        return normed.view(hidden_states.shape) if normed is not None else original(hidden_states)
 
     return forward
 
 
 class FusedLayers:
     """The decoder layers given `decode_layer_forward` (over the forward each had; layers `fusable` refuses keep
-    theirs). `turn_off` sends every later call to the layers' own forward at once, whatever wraps them since (the
-    regional compile's eager side calls these); `restore` puts the forwards back."""
+    theirs). A layer followed by a fused layer, or the last one by the model's final norm (`final_norm`, whose
+    forward then takes the norm it left: `handed_norm_forward`), ends in the next norm (`Handoff`). `turn_off` sends
+    every later call to the layers' own forward at once, whatever wraps them since (the regional compile's eager side
+    calls these); `restore` puts the forwards back."""
 
-    def __init__(self, layers: list[Any]) -> None:
+    def __init__(self, layers: list[Any], final_norm: Any = None) -> None:
         self.on = True
+        self.handoff = Handoff()
         self._changed: list[tuple[Any, Any]] = []
-        for layer in layers:
-            if fusable(layer) is not None:
+        fused = [fusable(layer) is None for layer in layers]
+        chained = os.environ.get("QWEN3VL_NORM_HANDOFF", "1").strip() != "0"  # 0: each layer as before (an A/B)
+        norm_fused = chained and final_norm is not None and _is_rms_norm(final_norm) and bool(fused) and fused[-1]
+        for i, layer in enumerate(layers):
+            if not fused[i]:
                 continue
+            if not chained:
+                after = None
+            elif i + 1 < len(layers):
+                after = layers[i + 1].input_layernorm if fused[i + 1] else None
+            else:
+                after = final_norm if norm_fused else None
             previous = vars(layer).get("forward")
-            layer.forward = decode_layer_forward(layer, layer.forward, lambda: self.on)
+            layer.forward = decode_layer_forward(layer, layer.forward, lambda: self.on, self.handoff, after)
             self._changed.append((layer, previous))
+        if norm_fused:
+            previous = vars(final_norm).get("forward")
+            final_norm.forward = handed_norm_forward(final_norm, final_norm.forward, self.handoff)
+            self._changed.append((final_norm, previous))
+        self._layers = sum(fused)
 
     @property
     def count(self) -> int:
-        return len(self._changed)
+        return self._layers
 
     def turn_off(self) -> None:
         self.on = False
+        self.handoff.take(None)  # nothing held for a layer's own forward
 
     def restore(self) -> None:
         for layer, previous in self._changed:
@@ -336,6 +406,11 @@ class FusedLayers:
             else:
                 layer.forward = previous
         self._changed.clear()
+
+
+def _is_rms_norm(norm: Any) -> bool:
+    """Whether `norm` is transformers' RMSNorm as the fused kernel computes it (a weight, `variance_epsilon`)."""
+    return type(norm).__name__.endswith("RMSNorm") and hasattr(norm, "variance_epsilon") and hasattr(norm, "weight")
 
 
 # ------------------------------------------------------------------------------------------ where they run

@@ -353,7 +353,7 @@ class DecodeGraphs:
                 self.layers_path = f"transformers ({blocker})"
                 return
         layers = list(self.runner.lm.layers)
-        self._fused_layers = fused_layer.FusedLayers(layers)
+        self._fused_layers = fused_layer.FusedLayers(layers, getattr(self.runner.lm, "norm", None))
         self._restore_layers = self._fused_layers.restore
         fused = self._fused_layers.count
         if not fused:
