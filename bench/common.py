@@ -63,8 +63,16 @@ def environment(device: str) -> dict[str, Any]:
     return dict(
         device=torch.cuda.get_device_name() if on_cuda else "cpu", torch=torch.__version__,
         transformers=transformers.__version__, commit=git_commit(), date=time.strftime("%Y-%m-%d"),
-        host_cpus=os.cpu_count(),
+        host_cpus=os.cpu_count(), knobs=knobs(),
     )  # fmt: skip
+
+
+KNOBS = ("QWEN3VL_PDL", "QWEN3VL_PDL_SKIP", "QWEN3VL_PREFETCH", "QWEN3VL_NORM_HANDOFF", "QWEN3VL_KERNEL_TUNING")
+
+
+def knobs() -> dict[str, str]:
+    """The engine's A/B switches set in this environment (an A/B's two files then say which side each is)."""
+    return {name: os.environ[name] for name in KNOBS if os.environ.get(name)}
 
 
 def git_commit() -> str | None:

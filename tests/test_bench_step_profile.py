@@ -18,10 +18,13 @@ def test_kernels_are_put_in_their_kind_by_name() -> None:
     assert {name: step_profile.kind_of(name) for name in names} == names
 
 
-def test_plumbing_on_cpu(tmp_path: Path) -> None:
+def test_plumbing_on_cpu(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("QWEN3VL_PREFETCH", "1")  # an A/B switch: the report says which side it ran
+    monkeypatch.delenv("QWEN3VL_PDL", raising=False)
     out = tmp_path / "profile.json"
     argv = ["--model", "random-weights:tiny", "--device", "cpu", "--precision", "fp32", "--steps", "4",
             "--max-batch", "2", "--prompt-tokens", "32", "--out", str(out)]  # fmt: skip
     assert step_profile.main(argv) == 0
     report = json.loads(out.read_text())
     assert report["recorded_steps"] >= 4 and report["step_us"] > 0 and report["precision"] == "fp32"
+    assert report["knobs"] == {"QWEN3VL_PREFETCH": "1"}
