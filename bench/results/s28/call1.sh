@@ -8,7 +8,7 @@ export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 GRADIO_ANALYTICS_ENABLED=False BE
 R=/tmp/c1; mkdir -p $R
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $R/gpu.txt
 pack() { tar czf $OUT/c1.tgz -C /tmp c1; }
-timeout 40 python3 bench/results/s28/attn_check.py > $R/attn_check.json 2> $R/attn_check.log; echo "== attn rc=$?"
+PYTHONPATH=$PYTHONPATH:$PWD timeout 40 python3 bench/results/s28/attn_check.py > $R/attn_check.json 2> $R/attn_check.log; echo "== attn rc=$?"
 cat $R/attn_check.json
 QWEN3VL_PDL=2 timeout 110 python3 -m bench.quant_check --sections sweep --rows 1 --formats int4 --int4-kernels 8,6 \
   --sweep-s ${SWEEP_S:-75} --out $R/quant.json > $R/quant.log 2>&1
