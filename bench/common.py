@@ -67,8 +67,7 @@ def environment(device: str) -> dict[str, Any]:
     )  # fmt: skip
 
 
-KNOBS = ("QWEN3VL_PDL", "QWEN3VL_PDL_SKIP", "QWEN3VL_PREFETCH", "QWEN3VL_NORM_HANDOFF", "QWEN3VL_LAST_COMBINES",
-         "QWEN3VL_KERNEL_TUNING")
+KNOBS = ("QWEN3VL_PDL", "QWEN3VL_PDL_SKIP", "QWEN3VL_NORM_HANDOFF", "QWEN3VL_KERNEL_TUNING")
 
 
 def knobs() -> dict[str, str]:

@@ -103,12 +103,8 @@ sys.path.insert(0, sys.argv[1])
 from tests.test_attention import slot_case
 from qwen3vl_webui.kernels.attention import decode_attention_reference, decode_attention_triton
 
-from qwen3vl_webui.kernels import attention
-
 results = []
-for last in ("1", "0"):  # the splits combined by each pair's last program, or by combine_splits
-  os.environ["QWEN3VL_LAST_COMBINES"] = last
-  for dtype in (torch.float32, torch.float16):
+for dtype in (torch.float32, torch.float16):
     for rows, heads, kv_heads, dim, max_len, splits in [
         (3, 8, 2, 16, 160, 1), (3, 8, 2, 16, 160, 3), (2, 4, 4, 32, 130, None), (2, 12, 2, 24, 200, 8),
     ]:
@@ -118,14 +114,10 @@ for last in ("1", "0"):  # the splits combined by each pair's last program, or b
             k[row, :, n:] = float("nan")
             v[row, :, n:] = float("nan")
         out = torch.full((rows, heads, 1, dim), float("nan"), dtype=dtype)  # poisoned: every element must be written
-        for _ in range(2):  # twice: the counters must be back at zero for the next launch
-            decode_attention_triton(q, k, v, lengths, dim**-0.5, splits=splits, out=out)
+        decode_attention_triton(q, k, v, lengths, dim**-0.5, splits=splits, out=out)
         err = float((out.double() - ref).norm() / ref.norm())
-        counters = attention._counters_of.get("cpu")
-        zeroed = counters is None or all(int(c.abs().sum()) == 0 for c in counters.streams.values())
-        results.append(dict(dtype=str(dtype), shape=[rows, heads, kv_heads, dim, max_len], splits=splits, last=last,
-                            nan=bool(out.isnan().any()), err=err, zeroed=zeroed,
-                            used=counters is not None and bool(counters.streams)))
+        results.append(dict(dtype=str(dtype), shape=[rows, heads, kv_heads, dim, max_len], splits=splits,
+                            nan=bool(out.isnan().any()), err=err))
 print("RESULTS " + json.dumps(results))
 """
 
@@ -134,42 +126,10 @@ print("RESULTS " + json.dumps(results))
 def test_triton_kernel_under_the_interpreter_matches_the_reference() -> None:
     """The real kernels on CPU through Triton's interpreter (fp32 and fp16; its bf16 tl.dot is broken in Triton 3.8)."""
     results = run_interpreted(INTERPRETER_SCRIPT, str(ROOT))
-    assert len(results) == 16
+    assert len(results) == 8
     for r in results:
         assert not r["nan"], r
         assert r["err"] < (1e-6 if r["dtype"] == "torch.float32" else 2e-3), r
-        assert r["zeroed"], r
-    assert results[1]["used"]  # the first split launch (3 splits) made the counters: the last program combined
-
-
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_the_last_program_combines_after_every_program_of_its_pair_released_its_parts() -> None:
-    """Compiled for sm_90: the program's stores, a barrier, the count's acq_rel atomic (one thread), the combine's
-    loads past L1 (`.cg`: other SMs wrote them), the count put back."""
-    import re
-
-    from bench.kernel_asm import compile_offline
-    from qwen3vl_webui.kernels import attention_triton
-
-    args = dict(Q="*bf16", K="*bf16", V="*bf16", Lens="*i32", Out="*bf16", Part="*fp32", Lse="*fp32", Count="*i32",
-                scale_log2=0.1275, num_splits=16, sq_r=4096, sq_h=128, sk_r=8 * 1280 * 128, sk_h=1280 * 128, sk_n=128,
-                sv_r=8 * 1280 * 128, sv_h=1280 * 128, sv_n=128, so_r=4096, so_h=128)  # fmt: skip
-    constexprs = dict(GROUP=4, BLOCK_H=16, BLOCK_N=64, BLOCK_D=128, DIM=128, DIRECT=False, IEEE=False, PDL=2)
-    lines = [line.strip() for line in compile_offline(attention_triton.split_kv_partials, args,
-             dict(constexprs, LAST_COMBINES=True, BLOCK_S=16), 4, 2).asm["ptx"].splitlines()]  # fmt: skip
-
-    def at(pattern: str) -> list[int]:
-        return [i for i, line in enumerate(lines) if re.search(pattern, line)]
-
-    count = at(r"\batom\.global\.gpu\.acq_rel\.add")
-    assert len(count) == 1, count
-    stores = at(r"\bst\.global")
-    assert any(i < count[0] for i in stores) and any(i > count[0] for i in stores)  # parts before, outputs after
-    assert any(i < count[0] for i in at(r"\bbar\.sync|\bbarrier\.sync"))
-    assert at(r"\bld\.global\.cg") and min(at(r"\bld\.global\.cg")) > count[0]
-    assert at(r"\batom\.global\..*exch")  # the count back to zero
-    without = compile_offline(attention_triton.split_kv_partials, args, dict(constexprs), 4, 2).asm["ptx"]
-    assert not re.search(r"\batom\.", without) and "ld.global.cg" not in without
 
 
 GREEDY = SamplingParams(max_new_tokens=40, temperature=0.0, repetition_penalty=1.0)
@@ -244,28 +204,3 @@ def test_dynamic_batch_compiles_twice_for_three_buckets(tiny_loaded: Any, kernel
         assert counters["stats"]["unique_graphs"] - before == 2  # bucket 1 static, buckets 2 and 4 share one
         streams = [engine.submit_tokens(p, GREEDY, threading.Event()) for p in prompts]
         assert [list(s) for s in streams] == expected
-
-
-def test_captured_launches_take_counters_of_their_own_and_eager_ones_their_streams(monkeypatch) -> None:
-    """Two launches that may run at once never share counters: each captured launch gets its own cut of the pool
-    (made zero before any capture), eager launches their stream's; a capture before the pool, or past it, gets
-    None (its splits then go to `combine_splits`)."""
-    from types import SimpleNamespace
-
-    counters = attention._Counters()
-    gpu = SimpleNamespace(type="cuda")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    assert counters.take(gpu, 256) is None  # no eager launch made the pool yet
-    counters.pool = torch.zeros(1000, dtype=torch.int32)  # as the first eager launch leaves it (CPU here)
-    first, second = counters.take(gpu, 256), counters.take(gpu, 100)
-    assert first.numel() == 256 and second.numel() == 100
-    assert second.data_ptr() - first.data_ptr() == 256 * 4  # disjoint, 256 bytes apart at least
-    assert counters.take(gpu, 700) is None  # past the pool
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: SimpleNamespace(cuda_stream=7))
-    monkeypatch.setattr(torch, "zeros", lambda n, **kwargs: torch.empty(n, dtype=torch.int32).fill_(0))
-    eager = counters.take(gpu, 64)
-    assert counters.take(gpu, 64) is eager and eager.data_ptr() != first.data_ptr()
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: SimpleNamespace(cuda_stream=8))
-    assert counters.take(gpu, 64) is not eager  # another stream (the compile thread's): its own

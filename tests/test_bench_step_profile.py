@@ -19,7 +19,7 @@ def test_kernels_are_put_in_their_kind_by_name() -> None:
 
 
 def test_plumbing_on_cpu(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("QWEN3VL_PREFETCH", "1")  # an A/B switch: the report says which side it ran
+    monkeypatch.setenv("QWEN3VL_NORM_HANDOFF", "0")  # an A/B switch: the report says which side it ran
     monkeypatch.delenv("QWEN3VL_PDL", raising=False)
     out = tmp_path / "profile.json"
     argv = ["--model", "random-weights:tiny", "--device", "cpu", "--precision", "fp32", "--steps", "4",
@@ -27,4 +27,4 @@ def test_plumbing_on_cpu(tmp_path: Path, monkeypatch) -> None:
     assert step_profile.main(argv) == 0
     report = json.loads(out.read_text())
     assert report["recorded_steps"] >= 4 and report["step_us"] > 0 and report["precision"] == "fp32"
-    assert report["knobs"] == {"QWEN3VL_PREFETCH": "1"}
+    assert report["knobs"] == {"QWEN3VL_NORM_HANDOFF": "0"}

@@ -65,13 +65,12 @@ def _decode_kernels(mode: int) -> dict[str, object]:
                                         dict(HAS_R=True, SPLIT=4, BLOCK=4096, **pdl), 8, 1),
         "attention": compile_offline(attention_triton.split_kv_partials,
                                      dict(Q="*bf16", K="*bf16", V="*bf16", Lens="*i32", Out="*bf16", Part="*fp32",
-                                          Lse="*fp32", Count="*i32", scale_log2=0.1275, num_splits=4,
-                                          sq_r=heads * dim, sq_h=dim,
+                                          Lse="*fp32", scale_log2=0.1275, num_splits=4, sq_r=heads * dim, sq_h=dim,
                                           sk_r=kv_heads * 1280 * dim, sk_h=1280 * dim, sk_n=dim,
                                           sv_r=kv_heads * 1280 * dim, sv_h=1280 * dim, sv_n=dim, so_r=heads * dim,
                                           so_h=dim),
                                      dict(GROUP=4, BLOCK_H=16, BLOCK_N=64, BLOCK_D=128, DIM=128, DIRECT=False,
-                                          IEEE=False, LAST_COMBINES=True, BLOCK_S=4, **pdl), 4, 2),
+                                          IEEE=False, **pdl), 4, 2),
         "split-K sum": compile_offline(splitk._reduce_kernel, dict(p_ptr="*fp32", y_ptr="*bf16", total=2560),
                                        dict(SPLIT=8, BLOCK=splitk.BLOCK, **pdl), 4, 1),
         "zero fill": compile_offline(splitk._zero_kernel, dict(y_ptr="*fp32", total=2560),
@@ -122,9 +121,8 @@ def test_each_decode_kernel_waits_for_the_one_before_before_touching_memory(mode
 
     modules = (attention_triton, fp8_triton, layer_triton, matmul_triton, splitk, wk)
     with_pdl = [
-        name for m in modules for name, fn in vars(m).items()
-        if isinstance(fn, JITFunction) and "PDL" in fn.arg_names and not name.startswith("_combine")
-    ]  # fmt: skip  (attention's `_combine` is a helper both attention kernels call, not a launch)
+        name for m in modules for name, fn in vars(m).items() if isinstance(fn, JITFunction) and "PDL" in fn.arg_names
+    ]
     kernels = _decode_kernels(mode)
     assert len(with_pdl) == 18 and len(kernels) == 19, (with_pdl, list(kernels))
     for name, kernel in kernels.items():
@@ -295,56 +293,3 @@ def test_the_engine_imports_triton_only_where_its_kernels_run() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parents[1])  # fmt: skip
     assert proc.returncode == 0 and proc.stdout.strip() == "False", (proc.stdout, proc.stderr[-2000:])
-
-
-@pytest.mark.parametrize("block_n, warps", [(64, 4), (256, 4), (8, 4)])
-def test_a_products_weights_go_to_l2_before_the_wait_each_row_from_one_thread(block_n: int, warps: int) -> None:
-    """QWEN3VL_PREFETCH=1: int4's swap kernel and the 16-bit GEMV send their program's weight rows to L2 before
-    `griddepcontrol.wait`. Each row's prefetch is issued by one thread (%tid.x + offset < rows): one asm block per
-    `warps * 32` rows, not one per element held (session 26's version: 16-128 per row)."""
-    from bench.kernel_asm import compile_offline, w4_args
-    from qwen3vl_webui.kernels import matmul_triton
-    from qwen3vl_webui.kernels import w4a16_triton as wk
-
-    threads = warps * 32
-    on = {"PDL": 1, "PREFETCH": threads}
-    if block_n >= 64:
-        cfg = wk.W4Config(16, block_n, 4, warps, 3, 6)
-        kernel = compile_offline(wk._swap_kernel, w4_args(1, 19456, 2560, split=4),
-                                 dict(BLOCK_M=16, BLOCK_N=block_n, G=128, **wk.swap_constexprs(cfg), **on), warps, 3)  # fmt: skip
-    else:
-        kernel = compile_offline(matmul_triton._gemv_kernel,
-                                 dict(x_ptr="*bf16", w_ptr="*bf16", s_ptr="*bf16", y_ptr="*bf16", N=6144, K=2560,
-                                      stride_xm=2560, stride_wn=2560, stride_ym=6144),
-                                 dict(BLOCK_N=block_n, BLOCK_K=512, EVEN_K=True, FAST_CVT=False, HAS_SCALE=False, **on),
-                                 warps, 1)  # fmt: skip
-    lines = [line.strip() for line in kernel.asm["ptx"].splitlines()]
-    prefetches = [i for i, line in enumerate(lines) if "cp.async.bulk.prefetch.L2.global" in line]
-    wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
-    assert len(prefetches) == -(-block_n // threads), prefetches
-    assert all(i < wait for i in prefetches) and all("%tid.x" in lines[i] for i in prefetches)
-    assert _order(kernel.asm["ptx"])["access"] > wait  # the weights' own loads still wait
-    off = compile_offline(matmul_triton._gemv_kernel,
-                          dict(x_ptr="*bf16", w_ptr="*bf16", s_ptr="*bf16", y_ptr="*bf16", N=6144, K=2560,
-                               stride_xm=2560, stride_wn=2560, stride_ym=6144),
-                          dict(BLOCK_N=8, BLOCK_K=512, EVEN_K=True, FAST_CVT=False, HAS_SCALE=False, PDL=1), 4, 1)  # fmt: skip
-    assert "prefetch" not in off.asm["ptx"]
-
-
-def test_the_prefetch_is_asked_for_only_with_pdl_when_set_and_on_aligned_rows(monkeypatch: pytest.MonkeyPatch) -> None:
-    import torch
-
-    from qwen3vl_webui.kernels import pdl
-
-    weight = torch.zeros(64, 320, dtype=torch.int32)  # rows of 1,280 bytes
-    launch = {"PDL": 1, "launch_pdl": True}
-    monkeypatch.delenv("QWEN3VL_PREFETCH", raising=False)
-    assert pdl.prefetch(launch, weight, 1280, 4) == {}  # off unless asked for
-    monkeypatch.setenv("QWEN3VL_PREFETCH", "1")
-    assert pdl.prefetch(launch, weight, 1280, 4) == {"PREFETCH": 128}
-    assert pdl.prefetch({}, weight, 1280, 4) == {}  # PDL off: no kernel before to overlap
-    assert pdl.prefetch(launch, weight, 1288, 4) == {}  # a row not a multiple of 16 bytes
-    assert pdl.prefetch(launch, torch.zeros(64, 322, dtype=torch.int32)[:, :320], 1280, 4) == {}  # rows 1,288 apart
-    assert pdl.prefetch(launch, weight.view(-1)[1:].view(-1)[: 63 * 320].view(63, 320), 1280, 4) == {}  # 4 bytes in
-    monkeypatch.setenv("QWEN3VL_PREFETCH", "0")
-    assert pdl.prefetch(launch, weight, 1280, 4) == {}

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -87,79 +85,26 @@ def decode_attention_triton(
     block_d = triton.next_power_of_2(dim)
     block_h = max(16, triton.next_power_of_2(group))  # tl.dot wants 16 rows at least: the pad heads are masked
     direct = splits == 1
-    counts = None if direct or not last_combines() else _counters(q.device, rows * kv_heads)
     if direct:
         part = lse = out  # unused
     else:
         part = torch.empty(rows, heads, splits, block_d, dtype=torch.float32, device=q.device)
         lse = torch.empty(rows, heads, splits, dtype=torch.float32, device=q.device)
     kernels.split_kv_partials[(rows, kv_heads, splits)](
-        q, k, v, lengths, out, part, lse, counts if counts is not None else lengths,
+        q, k, v, lengths, out, part, lse,
         scale * math.log2(math.e), splits,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1),
         GROUP=group, BLOCK_H=block_h, BLOCK_N=BLOCK_N, BLOCK_D=block_d, DIM=dim,
         DIRECT=direct, IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2, **pdl.args(q, "attention"),
-        LAST_COMBINES=counts is not None, BLOCK_S=triton.next_power_of_2(splits),
     )  # fmt: skip
-    if not direct and counts is None:
+    if not direct:
         kernels.combine_splits[(rows, heads)](
             part, lse, out, splits, out.stride(0), out.stride(1),
             HEADS=heads, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d, DIM=dim, num_warps=4,
             **pdl.args(q, "attention"),
         )  # fmt: skip
     return out
-
-
-POOL = 1 << 20  # int32 counters set aside for captured launches (4 MiB; a capture of every bucket of 1-32 rows takes ~30K)
-
-
-def last_combines() -> bool:
-    """Whether the splits are combined by each (row, KV head)'s last program (QWEN3VL_LAST_COMBINES, default on) or by
-    `combine_splits`, a launch of its own (0: an A/B)."""
-    return os.environ.get("QWEN3VL_LAST_COMBINES", "1").strip() != "0"
-
-
-class _Counters:
-    """`split_kv_partials`' counters on one device: int32 zeros between launches (each (row, KV head)'s last program
-    puts its count back). Two launches that may run at once must not share them, so:
-    - a launch captured into a CUDA graph takes counters of its own, cut from a pool made zero before any capture
-      (a graph replays its launches one after another, and nothing else uses them);
-    - a launch run eagerly takes its stream's (launches on one stream run one after another; the engine's compile
-      thread and its captures' warm-up runs use streams of their own).
-    None where the pool is spent (a capture then launches `combine_splits`), or where a capture comes before any
-    eager launch made the pool (the kernels' probe and the warm-up come first)."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.pool: Any = None
-        self.used = 0
-        self.streams: dict[int, Any] = {}
-
-    def take(self, device: Any, needed: int) -> Any:
-        import torch
-
-        with self.lock:
-            if torch.cuda.is_available() and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                if self.pool is None or self.used + needed > self.pool.numel():
-                    return None
-                cut = self.pool[self.used : self.used + needed]
-                self.used += -(-needed // 64) * 64  # 256-byte apart
-                return cut
-            if self.pool is None:
-                self.pool = torch.zeros(POOL, dtype=torch.int32, device=device)
-            stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-            mine = self.streams.get(stream)
-            if mine is None or mine.numel() < needed:
-                mine = self.streams[stream] = torch.zeros(max(needed, 4096), dtype=torch.int32, device=device)
-            return mine
-
-
-_counters_of: dict[str, _Counters] = {}
-
-
-def _counters(device: Any, needed: int) -> Any:
-    return _counters_of.setdefault(str(device), _Counters()).take(device, needed)
 
 
 @functools.cache

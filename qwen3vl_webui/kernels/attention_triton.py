@@ -10,22 +10,17 @@ from qwen3vl_webui.kernels import pdl
 
 @triton.jit
 def split_kv_partials(
-    Q, K, V, Lens, Out, Part, Lse, Count,
+    Q, K, V, Lens, Out, Part, Lse,
     scale_log2, num_splits,
     sq_r, sq_h, sk_r, sk_h, sk_n, sv_r, sv_h, sv_n, so_r, so_h,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DIM: tl.constexpr,
-    DIRECT: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0, LAST_COMBINES: tl.constexpr = False,
-    BLOCK_S: tl.constexpr = 1,
+    DIRECT: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0,
 ):  # fmt: skip
     """One program: one row, one KV head (its GROUP query heads packed), one split of the row's live keys.
 
     The split's range is derived from the row's length here, so one launch configuration serves any lengths
     (a CUDA graph replays it as positions grow). DIRECT (one split): writes the normalised output; otherwise
-    the split's normalised partial output and its log2-sum-exp, combined by `combine_splits`, or, LAST_COMBINES, by
-    the program of the (row, KV head) that finishes last: each program counts itself in `Count [rows * kv_heads]`
-    (int32 zeros; an atomic, released after the program's stores), and the one that reads num_splits - 1 combines
-    its GROUP heads (`_combine`, reading the parts past L1) and puts the count back to zero for the next launch. A
-    launch fewer a layer (36 a decode step).
+    the split's normalised partial output and its log2-sum-exp, combined by `combine_splits`.
     """
     pdl.start(PDL)
     row = tl.program_id(0).to(tl.int64)
@@ -78,34 +73,6 @@ def split_kv_partials(
         slot = (row * (GROUP * tl.num_programs(1)) + heads) * num_splits + split
         tl.store(Part + slot[:, None] * BLOCK_D + d[None, :], out, mask=out_mask)
         tl.store(Lse + slot, tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf")), mask=head_ok)
-        if LAST_COMBINES:
-            tl.debug_barrier()  # every thread's stores above come before the count's release
-            counter = Count + row * tl.num_programs(1) + kvh
-            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
-                heads_here = GROUP * tl.num_programs(1)
-                for g in tl.static_range(GROUP):
-                    _combine(Part, Lse, Out, row, kvh * GROUP + g, num_splits, heads_here, so_r, so_h, BLOCK_S,
-                             BLOCK_D, DIM, ".cg", 0)  # fmt: skip
-                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
-def _combine(Part, Lse, Out, row, head, num_splits, heads, so_r, so_h, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-             DIM: tl.constexpr, CACHE: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
-    """Head `head` of row `row`: the splits' partial outputs weighted by their share of the softmax mass (CACHE: the
-    loads' cache modifier; PDL: `finish` before the store)."""
-    s = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, BLOCK_D)
-    s_ok = s < num_splits
-    base = (row * heads + head) * num_splits
-    lse = tl.load(Lse + base + s, mask=s_ok, other=float("-inf"), cache_modifier=CACHE)
-    weight = tl.exp2(lse - tl.max(lse, 0))
-    weight = tl.where(s_ok, weight, 0.0)
-    part = tl.load(Part + (base + s)[:, None] * BLOCK_D + d[None, :], mask=s_ok[:, None], other=0.0,
-                   cache_modifier=CACHE)  # fmt: skip
-    out = tl.sum(part * weight[:, None], 0) / tl.sum(weight, 0)
-    pdl.finish(PDL)
-    tl.store(Out + row * so_r + head * so_h + d, out.to(Out.dtype.element_ty), mask=d < DIM)
 
 
 @triton.jit
@@ -117,4 +84,14 @@ def combine_splits(
     pdl.start(PDL)
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    _combine(Part, Lse, Out, row, head, num_splits, HEADS, so_r, so_h, BLOCK_S, BLOCK_D, DIM, "", PDL)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    s_ok = s < num_splits
+    base = (row * HEADS + head) * num_splits
+    lse = tl.load(Lse + base + s, mask=s_ok, other=float("-inf"))
+    weight = tl.exp2(lse - tl.max(lse, 0))
+    weight = tl.where(s_ok, weight, 0.0)
+    part = tl.load(Part + (base + s)[:, None] * BLOCK_D + d[None, :], mask=s_ok[:, None], other=0.0)
+    out = tl.sum(part * weight[:, None], 0) / tl.sum(weight, 0)
+    pdl.finish(PDL)
+    tl.store(Out + row * so_r + head * so_h + d, out.to(Out.dtype.element_ty), mask=d < DIM)

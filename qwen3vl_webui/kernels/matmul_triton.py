@@ -87,14 +87,8 @@ def _to_f32(w, FAST_CVT: tl.constexpr):
 def _gemv_kernel(
     x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_ym,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, FAST_CVT: tl.constexpr,
-    HAS_SCALE: tl.constexpr = True, PDL: tl.constexpr = 0, PREFETCH: tl.constexpr = 0,
+    HAS_SCALE: tl.constexpr = True, PDL: tl.constexpr = 0,
 ):  # fmt: skip
-    if PREFETCH and tl.program_id(1) == 0:  # this program's weight rows sent to L2 before the wait (kernels/pdl.py)
-        n0 = tl.program_id(0) * BLOCK_N
-        row_bytes = K * (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
-        step = stride_wn * (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
-        pdl.prefetch_rows(w_ptr + n0.to(tl.int64) * stride_wn, row_bytes, tl.minimum(BLOCK_N, N - n0), step, BLOCK_N,
-                          PREFETCH)  # fmt: skip
     pdl.start(PDL)
     pid_n = tl.program_id(0)
     row = tl.program_id(1)
@@ -174,12 +168,10 @@ def int8_matmul(x: Any, weight: Any, scale: Any, config: KernelConfig | None = N
     even_k = k % cfg.block_k == 0
     if cfg.block_m == 1:
         grid = (triton.cdiv(n, cfg.block_n), rows)
-        launch = pdl.args(x, "gemv")
-        launch.update(pdl.prefetch(launch, weight, k * weight.element_size(), cfg.warps))
         _gemv_kernel[grid](
             x, weight, weight if scale is None else scale, out, n, k, x.stride(0), weight.stride(0), out.stride(0),
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=even_k, FAST_CVT=cfg.fast_cvt, HAS_SCALE=scale is not None,
-            num_warps=cfg.warps, num_stages=cfg.stages, **launch,
+            num_warps=cfg.warps, num_stages=cfg.stages, **pdl.args(x, "gemv"),
         )  # fmt: skip
     else:
         if scale is None:

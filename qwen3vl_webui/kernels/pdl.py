@@ -64,26 +64,6 @@ def start(PDL: tl.constexpr):
             gdc_launch_dependents()
 
 
-# Thread t of the program sends rows t + $4 (one bulk prefetch of $2 bytes each, $5 bytes apart from $1) to L2, where
-# the row is below $3: every row is issued once, by one thread (session 26's version issued a row from each thread
-# holding a copy of its address, 16-128 times a row).
-_PREFETCH_ASM = tl.constexpr(
-    "{ .reg .u32 t; .reg .u64 a; .reg .pred p; mov.u32 t, %tid.x; add.u32 t, t, $4; setp.lt.u32 p, t, $3; "
-    "mad.wide.u32 a, t, $5, $1; @p cp.async.bulk.prefetch.L2.global [a], $2; mov.u32 $0, 0; }"
-)
-
-
-@triton.jit
-def prefetch_rows(first, row_bytes, rows, stride_bytes, BLOCK: tl.constexpr, THREADS: tl.constexpr):
-    """`rows` (at most BLOCK) rows of `row_bytes` each (a multiple of 16, as `first` and `stride_bytes`), the first at
-    pointer `first`, on their way to L2: a product's weights, before `start` (they do not depend on the kernel before,
-    which still runs). THREADS: the program's threads (num_warps * 32)."""
-    base = first.to(tl.int64, bitcast=True)
-    for j in tl.static_range(0, BLOCK, THREADS):
-        tl.inline_asm_elementwise(_PREFETCH_ASM, "=r,l,r,r,r,r", [base, row_bytes, rows, rows * 0 + j, stride_bytes],
-                                  dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
-
-
 @triton.jit
 def finish(PDL: tl.constexpr):
     """Before a kernel's stores (mode 2): the next kernel may launch now; it waits for this one's end to read."""
@@ -166,22 +146,3 @@ def args(tensor: Any, family: str = "") -> dict[str, Any]:
     if chosen == OFF or family in _skipped() or not available(tensor.get_device()):
         return {}
     return {"PDL": chosen, "launch_pdl": True}
-
-
-def _prefetch_on() -> bool:
-    """QWEN3VL_PREFETCH: 1 sends the products' weights to L2 before the wait (`prefetch`), 0 does not."""
-    return os.environ.get("QWEN3VL_PREFETCH", "0").strip() == "1"
-
-
-def prefetch(launch: dict[str, Any], weight: Any, row_bytes: int, warps: int) -> dict[str, Any]:
-    """`PREFETCH` (the program's thread count) for a product launched with `launch` (`args`' answer) on `weight`,
-    whose programs send their rows of `row_bytes` to L2 before the wait (`prefetch_rows`); none where PDL is off (no
-    kernel before to overlap), where QWEN3VL_PREFETCH turns it off, or where a row or its start is not 16-byte
-    aligned (a bulk prefetch needs both)."""
-    if not launch or not _prefetch_on():
-        return {}
-    step = weight.stride(0) * weight.element_size()
-    if row_bytes <= 0 or row_bytes % 16 or step % 16 or weight.data_ptr() % 16:
-        return {}
-    return {"PREFETCH": warps * 32}
-

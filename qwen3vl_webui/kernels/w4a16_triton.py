@@ -57,8 +57,8 @@ class W4Config(NamedTuple):
     (planes), 1 `_tile_kernel`, 2 `_swap_kernel` (weights as the dot's first operand), 3 the same with nibble pairs
     (inline PTX: CUDA only), 4 with pairs and the scales in the weights (one accumulator over K), 6 tile 3 with the
     activations read in k order and permuted to the pairs' order in the kernel, 8 tile 6 with each pair's mask and
-    merge in one lop3 (session 27; not yet swept on a GPU). 5 was session 21's atomic GEMV, removed: it lost every
-    one-row shape to tile 3, bench/results/h100/s21_quant_a.json. 7, session 26's tiles 4 and 6 together reading 2 or
+    merge in one lop3 (session 27; TUNED's one-row pick since session 28's sweep). 5 was session 21's atomic GEMV,
+    removed: it lost every one-row shape to tile 3, bench/results/h100/s21_quant_a.json. 7, session 26's tiles 4 and 6 together reading 2 or
     4 groups a loop step, lost every one-row shape to tile 6, 1.13-1.33x its time, bench/results/h100/s26/call1_quant.json."""
 
     block_m: int
@@ -76,18 +76,20 @@ class W4Config(NamedTuple):
 # activations in k order, won every shape at 16 and 32 rows (1.2-1.85x tile 3 at 32: gate/up 42.7 -> 23.0 us) and
 # qkv and gate/up at one row; the atomic GEMV (tile 5) lost everywhere (1.3-2.2x tile 3's time at one row). Session 26's
 # one-row sweep on an H100 with programmatic dependent launch (bench/results/h100/s26/call1_quant.json): tile 6 for
-# qkv and o with K whole, gate/up split 4 ways (17.9 us against 19.1).
+# qkv and o with K whole, gate/up split 4 ways (17.9 us against 19.1). Session 28's one-row sweep on an H100 (PDL late,
+# bench/results/h100/s28/c1/quant.json): tile 8 won all four shapes against tile 6, 3.8-14% less time (o: 6.27 us
+# against 7.28), and the engine gained 2.9% at one stream with these picks (bench/results/h100/s28/c3).
 TUNED: dict[tuple[int, int, int], W4Config] = {
-    (1, 6144, 2560): W4Config(16, 64, 0, 4, 3, 6),
+    (1, 6144, 2560): W4Config(16, 64, 0, 4, 3, 8),
     (16, 6144, 2560): W4Config(16, 64, 4, 4, 3, 6),
     (32, 6144, 2560): W4Config(32, 64, 4, 4, 3, 6),
-    (1, 2560, 4096): W4Config(16, 64, 0, 4, 3, 6),
+    (1, 2560, 4096): W4Config(16, 64, 0, 4, 3, 8),
     (16, 2560, 4096): W4Config(16, 64, 0, 4, 3, 6),
     (32, 2560, 4096): W4Config(32, 64, 0, 4, 3, 6),
-    (1, 19456, 2560): W4Config(16, 64, 4, 4, 3, 6),
+    (1, 19456, 2560): W4Config(16, 64, 4, 4, 3, 8),
     (16, 19456, 2560): W4Config(16, 64, 0, 4, 3, 6),
     (32, 19456, 2560): W4Config(32, 64, 0, 4, 3, 6),
-    (1, 2560, 9728): W4Config(16, 64, 16, 4, 3, 3),
+    (1, 2560, 9728): W4Config(16, 64, 16, 4, 3, 8),
     (16, 2560, 9728): W4Config(16, 64, 16, 4, 3, 6),
     (32, 2560, 9728): W4Config(32, 64, 0, 4, 3, 6),
 }
@@ -248,7 +250,6 @@ def _swap_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ys, stride_ym,
     groups_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr, PAIRS: tl.constexpr,
     SCALED: tl.constexpr, NATURAL: tl.constexpr = False, LOP3: tl.constexpr = False, PDL: tl.constexpr = 0,
-    PREFETCH: tl.constexpr = 0,
 ):  # fmt: skip
     """Yᵀ = W Xᵀ per group: the weights are the dot's first operand (BLOCK_N >= 64 rows, what Hopper's wgmma takes
     from registers), the rows the second (BLOCK_M = 16 or 32 columns). Each packed word is loaded once, 16 bytes a
@@ -264,14 +265,7 @@ def _swap_kernel(
     to the pairs' order on its way to shared memory (tile 3 gathers them one value at a time in the pairs' order).
     Putting the weights' pairs back in k order instead compiles to a shared-memory round trip of the larger tile
     (28 KB of shared memory against 20 KB, ~1.8x the PTX: bench/kernel_asm.py). LOP3 (with PAIRS and NATURAL, not
-    SCALED; tile 8): a pair's `& 0x000F000F` and `| magic` in one lop3 of the inline PTX (tile 6: two LOP3s in SASS).
-    PREFETCH (the program's thread count; 0 off): its packed weights sent to L2 before the wait (kernels/pdl.py)."""
-    if PREFETCH and tl.program_id(1) == 0:
-        n0 = tl.program_id(0) * BLOCK_N
-        g0 = tl.program_id(2) * groups_per_split
-        groups = tl.minimum(groups_per_split, K // G - g0)
-        first = w_ptr + n0.to(tl.int64) * stride_wn + g0 * (G // 8)
-        pdl.prefetch_rows(first, groups * (G // 2), tl.minimum(BLOCK_N, N - n0), stride_wn * 4, BLOCK_N, PREFETCH)
+    SCALED; tile 8): a pair's `& 0x000F000F` and `| magic` in one lop3 of the inline PTX (tile 6: two LOP3s in SASS)."""
     pdl.start(PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -416,13 +410,10 @@ def w4_partials(x: Any, qweight: Any, scales: Any, zeros: Any, group: int, confi
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m), split)
         kernel = (_skinny_kernel, _tile_kernel, *[_swap_kernel] * 3, None, _swap_kernel, None, _swap_kernel)[cfg.tile]
         extra = swap_constexprs(cfg) if cfg.tile >= 2 else {}
-        launch = pdl.args(x, "int4")
-        if cfg.tile >= 2:  # the swap kernel's rows: `per_split` groups of G // 2 bytes
-            extra.update(pdl.prefetch(launch, qweight, per_split * group // 2, cfg.warps))
         kernel[grid](
             x, qweight, scales, zeros, out, rows, n, k, x.stride(0), qweight.stride(0), scales.stride(0),
             out.stride(0), out.stride(1), per_split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, G=group,
-            num_warps=cfg.warps, num_stages=cfg.stages, **extra, **launch,
+            num_warps=cfg.warps, num_stages=cfg.stages, **extra, **pdl.args(x, "int4"),
         )  # fmt: skip
     return out
 
