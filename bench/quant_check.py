@@ -34,6 +34,34 @@ HIDDEN, HEADS_DIM, KV_DIM, INTER, LAYERS = 2560, 4096, 1024, 9728, 36
 SHAPES = [("qkv", HEADS_DIM + 2 * KV_DIM, HIDDEN), ("o", HIDDEN, HEADS_DIM), ("gate_up", 2 * INTER, HIDDEN),
           ("down", HIDDEN, INTER)]  # fmt: skip
 ROWS = (1, 16, 32)
+HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+
+
+def consumer(name: str, rows: int, device: Any, dtype: Any) -> Any:
+    """The kernel of the fused decode layer (kernels/layer.py) that takes shape `name`'s product as its parts in the
+    engine, as a function of those parts `[split, rows, n]`: q/k norm + RoPE + the KV write after qkv, the residual add
+    + RMSNorm after o and after down (which now also computes the next layer's norm), SiLU·up after gate/up. A split
+    product's parts are summed there, not by a launch of their own, so the sweep times each config with its consumer:
+    `w4_matmul`'s split-K sum (a launch the engine never makes) made K whole look better than it is."""
+    import torch
+
+    from qwen3vl_webui.kernels import layer
+
+    def rand(*shape: int) -> Any:
+        return torch.randn(*shape, device=device).to(dtype)
+
+    if name == "qkv":
+        weights, cos, sin = rand(HEAD_DIM), rand(rows, HEAD_DIM), rand(rows, HEAD_DIM)
+        keys, values = rand(2 * rows * KV_HEADS, HEAD_DIM), rand(2 * rows * KV_HEADS, HEAD_DIM)
+        index = torch.arange(rows * KV_HEADS, device=device)
+        return lambda parts: layer.qk_norm_rope_kv(parts, HEADS, KV_HEADS, weights, weights, cos, sin, 1e-6, keys,
+                                                   values, index)  # fmt: skip
+    if name in ("o", "down"):
+        residual, weight = rand(rows, HIDDEN), rand(HIDDEN)
+        return lambda parts: layer.add_rms_norm(parts, residual, weight, 1e-6)
+    if name == "gate_up":
+        return lambda parts: layer.silu_mul(parts, dtype)
+    raise ValueError(f"no consumer for {name!r}")
 TINYGEMM_TILES = (8, 4, 2)  # aten._convert_weight_to_int4pack's inner_k_tiles: the "configs" of tinygemm
 
 
@@ -137,16 +165,21 @@ def sweep_section(
         w8 = [fp8.quantize_weight(w) for w in ws]
         for rows in rows_swept:
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-            cublas_us = 1e3 * graph_ms(lambda ws=ws, x=x: [F.linear(x, w) for w in ws]) / LAYERS
-            row: dict[str, Any] = dict(name=name, n=n, k=k, rows=rows, bf16_cublas_us=round(cublas_us, 2),
-                                       bf16_gb_s=round(2 * n * k / cublas_us / 1e3))  # fmt: skip
-            for fmt, cfgs, run, weights, refw, bytes_per in (
-                ("tinygemm", TINYGEMM_TILES, lambda x, q, cfg: int4.tinygemm_linear(x, *q[cfg], 128), tiny, refw4,
-                 0.5 + 4 / 128),
-                ("int4", [w4a16_triton.pick_config(rows, n, k)] if defaults_only else int4_configs(rows, n, k, int4_kernels), lambda x, q, cfg: w4a16_triton.w4_matmul(x, *q, 128, cfg), w4,
-                 refw4, 0.5 + 3 / 128),
-                ("fp8", [fp8_triton.pick_config(rows, n, k)] if defaults_only else fp8_configs(rows), lambda x, q, cfg: fp8_triton.fp8_matmul(x, *q, 128, cfg), w8,
-                 fp8.dequantize_weight(*w8[0]), 1.0),
+            eat = consumer(name, rows, "cuda", torch.bfloat16)
+            cublas_us = 1e3 * graph_ms(lambda ws=ws, x=x: [eat(F.linear(x, w)[None]) for w in ws]) / LAYERS
+            row: dict[str, Any] = dict(name=name, n=n, k=k, rows=rows, timed="product + its consumer",
+                                       bf16_cublas_us=round(cublas_us, 2), bf16_gb_s=round(2 * n * k / cublas_us / 1e3))  # fmt: skip
+            # each format: its configs, its product as the engine launches it (the parts its consumer sums), the
+            # product summed (checked against the reference), the weights, the reference weight, bytes a weight
+            for fmt, cfgs, parts, run, weights, refw, bytes_per in (
+                ("tinygemm", TINYGEMM_TILES, lambda x, q, cfg: int4.tinygemm_linear(x, *q[cfg], 128)[None],
+                 lambda x, q, cfg: int4.tinygemm_linear(x, *q[cfg], 128), tiny, refw4, 0.5 + 4 / 128),
+                ("int4", [w4a16_triton.pick_config(rows, n, k)] if defaults_only else int4_configs(rows, n, k, int4_kernels),
+                 lambda x, q, cfg: w4a16_triton.w4_partials(x, *q, 128, cfg),
+                 lambda x, q, cfg: w4a16_triton.w4_matmul(x, *q, 128, cfg), w4, refw4, 0.5 + 3 / 128),
+                ("fp8", [fp8_triton.pick_config(rows, n, k)] if defaults_only else fp8_configs(rows),
+                 lambda x, q, cfg: fp8_triton.fp8_partials(x, *q, 128, cfg),
+                 lambda x, q, cfg: fp8_triton.fp8_matmul(x, *q, 128, cfg), w8, fp8.dequantize_weight(*w8[0]), 1.0),
             ):  # fmt: skip
                 if fmt not in formats:
                     continue
@@ -166,7 +199,8 @@ def sweep_section(
                         if not err < 1e-2:
                             print("wrong", fmt, name, rows, _as_list(cfg), err, flush=True)
                             continue
-                        us = 1e3 * graph_ms(lambda x=x, cfg=cfg, run=run, weights=weights: [run(x, q, cfg) for q in weights]) / LAYERS
+                        us = 1e3 * graph_ms(lambda x=x, cfg=cfg, parts=parts, weights=weights:
+                                            [eat(parts(x, q, cfg)) for q in weights]) / LAYERS  # fmt: skip
                     except Exception as exc:  # a config triton cannot build (registers, shared memory)
                         print("config failed", fmt, name, rows, _as_list(cfg), type(exc).__name__, str(exc)[:120], flush=True)
                         continue

@@ -447,6 +447,33 @@ def test_the_numerics_table_covers_every_quantized_precision(tiny_checkpoint: Pa
     assert rows["int8wo"]["rel_error"] < rows["int4"]["rel_error"] and rows["fp8"]["rel_error"] < rows["int4"]["rel_error"]
 
 
+def test_the_sweep_times_each_product_with_the_kernel_that_consumes_its_parts_in_the_engine() -> None:
+    """bench.quant_check's sweep (on the GPU) times a config as the engine runs it: its parts, then the fused layer's
+    kernel that sums them (no split-K launch of its own). On the CPU those kernels are their torch references: the
+    consumer of each shape takes `[split, rows, n]` parts and gives what the layer would."""
+    from bench.quant_check import HEAD_DIM, HEADS, HIDDEN, SHAPES, consumer
+    from qwen3vl_webui.kernels import layer
+
+    rows = 2
+    for name, n, _ in SHAPES:
+        eat = consumer(name, rows, "cpu", torch.bfloat16)
+        parts = torch.randn(3, rows, n)  # three fp32 partial sums
+        out = eat(parts)
+        whole = layer.product_reference(parts, torch.bfloat16)
+        if name == "qkv":
+            assert out.shape == (rows, HEADS, HEAD_DIM)
+        elif name == "gate_up":
+            gate, up = whole.chunk(2, dim=-1)
+            assert torch.equal(out, layer.silu_mul_reference(gate, up))
+        else:
+            normed, total = out
+            assert normed.shape == total.shape == (rows, HIDDEN)
+            _, other = eat(torch.zeros(3, rows, n))  # the residual alone: the difference is the product
+            assert torch.allclose(total.float() - other.float(), whole.float(), atol=0.1)
+    with pytest.raises(ValueError):
+        consumer("lm_head", rows, "cpu", torch.bfloat16)
+
+
 def test_cost_per_million_tokens_comes_from_the_measured_files() -> None:
     """bench.cost: the seed's cost table from the H200 matrix files, at a stated price."""
     import json

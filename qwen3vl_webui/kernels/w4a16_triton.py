@@ -76,9 +76,12 @@ class W4Config(NamedTuple):
 # activations in k order, won every shape at 16 and 32 rows (1.2-1.85x tile 3 at 32: gate/up 42.7 -> 23.0 us) and
 # qkv and gate/up at one row; the atomic GEMV (tile 5) lost everywhere (1.3-2.2x tile 3's time at one row). Session 26's
 # one-row sweep on an H100 with programmatic dependent launch (bench/results/h100/s26/call1_quant.json): tile 6 for
-# qkv and o with K whole, gate/up split 4 ways (17.9 us against 19.1). Session 28's one-row sweep on an H100 (PDL late,
+# qkv and o with K split the default ways (split_k 0: `tuning.default_split`, 4 and 8 ways at one row), gate/up
+# split 4 ways (17.9 us against 19.1). Session 28's one-row sweep on an H100 (PDL late,
 # bench/results/h100/s28/c1/quant.json): tile 8 won all four shapes against tile 6, 3.8-14% less time (o: 6.27 us
-# against 7.28), and the engine gained 2.9% at one stream with these picks (bench/results/h100/s28/c3).
+# against 7.28), and the engine gained 2.9% at one stream with these picks (bench/results/h100/s28/c3). Until then
+# the sweep timed a split config with the split-K sum's launch, which the engine never makes (the fused layer's next
+# kernel sums the parts); it now times each product with that kernel (bench/quant_check.py `consumer`).
 TUNED: dict[tuple[int, int, int], W4Config] = {
     (1, 6144, 2560): W4Config(16, 64, 0, 4, 3, 8),
     (16, 6144, 2560): W4Config(16, 64, 4, 4, 3, 6),
