@@ -6,9 +6,10 @@ numerics against bf16.
 
 1. sweep: every text matmul shape of the 4B's decode step (fused q/k/v 2560->6144, o 4096->2560, fused gate/up
    2560->19456, down 9728->2560) at 1, 16 and 32 rows, as 36 distinct weights in one CUDA graph (cold L2, back-to-back launches,
-   as inside the decode step): bf16 cuBLAS against each int4 and fp8 kernel config; the best per (rows, N, K) is
-   what w4a16_triton.TUNED / fp8_triton.TUNED hold (printed as Python to paste). Bytes per weight: bf16 2, fp8 1,
-   int4 0.5 + 3/128.
+   as inside the decode step): bf16 cuBLAS against each int4 and fp8 kernel config, each followed by the fused
+   layer's kernel that takes its output in the engine (`consumer`: a split product's parts are summed there); the
+   best per (rows, N, K) is what w4a16_triton.TUNED / fp8_triton.TUNED hold (printed as Python to paste). Bytes per
+   weight: bf16 2, fp8 1, int4 0.5 + 3/128 (the GB/s figures divide them by the product and its consumer's time).
 2. quality: random weights of the 4B (bf16), quantized to int8wo, int4 and fp8 in turn from the same bf16 weights;
    last-token logits on 8 prompts of 256 tokens against bf16: cosine similarity and top-1 agreement. Random
    weights are not the real checkpoint (see the README for measuring quality on it), but the rounding each format
