@@ -7,6 +7,7 @@ never touches a GPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -280,15 +281,23 @@ def run_generate(loaded: Any, prompts: list[Any], new_tokens: int) -> dict[str, 
 
 
 def run_engine(engine: Any, prompts: list[Any], new_tokens: int) -> dict[str, Any]:
-    """All streams submitted at once, each read by its own thread through `submit` (text, as the app reads it)."""
+    """All streams submitted at once, each read by its own thread through `submit` (text, as the app reads it).
+
+    "At once" for the engine too: they are submitted while it holds admission (`hold_admission`), so its first
+    prefill forward takes them all. Without the hold, whether the worker woke between two submits decided how the
+    burst was grouped (session 28, H100: 2 or ~5.5 prefill forwards a 32-stream run, one setting at 4,300 or 5,500
+    tok/s; `prefill_forwards` in each row says which)."""
     device = engine.loaded.device
     sampling = greedy(new_tokens)
     reset_peak(device)
     results: list[Any] = [None] * len(prompts)
     errors: list[BaseException] = []
-    steps0 = engine.snapshot().steps
+    before = engine.snapshot()
+    steps0 = before.steps
+    hold = getattr(engine, "hold_admission", None)
     started = time.perf_counter()
-    streams = [engine.submit(p, sampling, threading.Event()) for p in prompts]
+    with hold() if hold is not None else contextlib.nullcontext():
+        streams = [engine.submit(p, sampling, threading.Event()) for p in prompts]
 
     def read(i: int) -> None:
         try:
@@ -313,6 +322,7 @@ def run_engine(engine: Any, prompts: list[Any], new_tokens: int) -> dict[str, An
         ttft_p50_s=statistics.median(ttfts), ttft_p95_s=ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))],
         per_stream_tok_s=statistics.median(s.tokens_per_s for s in results), total_tok_s=made / wall,
         peak_gib=peak_gib(device), steps=engine.snapshot().steps - steps0,
+        prefill_forwards=engine.snapshot().prefill_forwards - before.prefill_forwards,
         # Decode-only rate: all streams decode together once the last prefill is done.
         decode_tok_s=len(prompts) * (new_tokens - 1) / max(decode_span, 1e-9),
     )  # fmt: skip

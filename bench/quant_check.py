@@ -35,6 +35,7 @@ HIDDEN, HEADS_DIM, KV_DIM, INTER, LAYERS = 2560, 4096, 1024, 9728, 36
 SHAPES = [("qkv", HEADS_DIM + 2 * KV_DIM, HIDDEN), ("o", HIDDEN, HEADS_DIM), ("gate_up", 2 * INTER, HIDDEN),
           ("down", HIDDEN, INTER)]  # fmt: skip
 ROWS = (1, 16, 32)
+TINYGEMM_TILES = (8, 4, 2)  # aten._convert_weight_to_int4pack's inner_k_tiles: the "configs" of tinygemm
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 
 
@@ -63,7 +64,7 @@ def consumer(name: str, rows: int, device: Any, dtype: Any) -> Any:
     if name == "gate_up":
         return lambda parts: layer.silu_mul(parts, dtype)
     raise ValueError(f"no consumer for {name!r}")
-TINYGEMM_TILES = (8, 4, 2)  # aten._convert_weight_to_int4pack's inner_k_tiles: the "configs" of tinygemm
+
 
 
 QUALITY = ("int8wo", "fp8", "int4", "int4-bnb", "int8")
@@ -167,7 +168,7 @@ def sweep_section(
         for rows in rows_swept:
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
             eat = consumer(name, rows, "cuda", torch.bfloat16)
-            cublas_us = 1e3 * graph_ms(lambda ws=ws, x=x: [eat(F.linear(x, w)[None]) for w in ws]) / LAYERS
+            cublas_us = 1e3 * graph_ms(lambda ws=ws, x=x, eat=eat: [eat(F.linear(x, w)[None]) for w in ws]) / LAYERS
             row: dict[str, Any] = dict(name=name, n=n, k=k, rows=rows, timed="product + its consumer",
                                        bf16_cublas_us=round(cublas_us, 2), bf16_gb_s=round(2 * n * k / cublas_us / 1e3))  # fmt: skip
             # each format: its configs, its product as the engine launches it (the parts its consumer sums), the
@@ -200,7 +201,7 @@ def sweep_section(
                         if not err < 1e-2:
                             print("wrong", fmt, name, rows, _as_list(cfg), err, flush=True)
                             continue
-                        us = 1e3 * graph_ms(lambda x=x, cfg=cfg, parts=parts, weights=weights:
+                        us = 1e3 * graph_ms(lambda x=x, cfg=cfg, parts=parts, weights=weights, eat=eat:
                                             [eat(parts(x, q, cfg)) for q in weights]) / LAYERS  # fmt: skip
                     except Exception as exc:  # a config triton cannot build (registers, shared memory)
                         print("config failed", fmt, name, rows, _as_list(cfg), type(exc).__name__, str(exc)[:120], flush=True)
