@@ -68,7 +68,9 @@ def environment(device: str) -> dict[str, Any]:
     )  # fmt: skip
 
 
-KNOBS = ("QWEN3VL_PDL", "QWEN3VL_PDL_SKIP", "QWEN3VL_NORM_HANDOFF", "QWEN3VL_KERNEL_TUNING")
+# The engine's switches (never all QWEN3VL_*: the keys and passwords are set that way too).
+KNOBS = ("QWEN3VL_PDL", "QWEN3VL_PDL_SKIP", "QWEN3VL_NORM_HANDOFF", "QWEN3VL_KERNEL_TUNING", "QWEN3VL_FUSED_LAYERS",
+         "QWEN3VL_PREFER_PREFILL_GRAPHS")
 
 
 def knobs() -> dict[str, str]:
@@ -322,7 +324,7 @@ def run_engine(engine: Any, prompts: list[Any], new_tokens: int) -> dict[str, An
         ttft_p50_s=statistics.median(ttfts), ttft_p95_s=ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))],
         per_stream_tok_s=statistics.median(s.tokens_per_s for s in results), total_tok_s=made / wall,
         peak_gib=peak_gib(device), steps=engine.snapshot().steps - steps0,
-        prefill_forwards=engine.snapshot().prefill_forwards - before.prefill_forwards,
+        prefill_forwards=getattr(engine.snapshot(), "prefill_forwards", 0) - getattr(before, "prefill_forwards", 0),
         # Decode-only rate: all streams decode together once the last prefill is done.
         decode_tok_s=len(prompts) * (new_tokens - 1) / max(decode_span, 1e-9),
     )  # fmt: skip

@@ -19,8 +19,11 @@ def test_kernels_are_put_in_their_kind_by_name() -> None:
 
 
 def test_plumbing_on_cpu(tmp_path: Path, monkeypatch) -> None:
+    from bench.common import KNOBS
+
+    for name in KNOBS:
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("QWEN3VL_NORM_HANDOFF", "0")  # an A/B switch: the report says which side it ran
-    monkeypatch.delenv("QWEN3VL_PDL", raising=False)
     out = tmp_path / "profile.json"
     argv = ["--model", "random-weights:tiny", "--device", "cpu", "--precision", "fp32", "--steps", "4",
             "--max-batch", "2", "--prompt-tokens", "32", "--out", str(out)]  # fmt: skip

@@ -162,8 +162,17 @@ def test_each_fused_layer_ends_in_the_next_norm_and_the_model_takes_its_final_no
     tiny_loaded: Any, monkeypatch
 ) -> None:
     """A decode step runs one `add_rms_norm` per layer boundary (the residual add and the next layer's input norm,
-    or the final norm): 2 per layer and the first layer's input norm, no `add_product`, no final-norm torch ops."""
+    or the final norm): 2 per layer and the first layer's input norm, no `add_product`, no final-norm torch ops.
+    Each norm gets weights of its own here (the tiny checkpoint's are all ones), so a layer handed another layer's
+    norm would change the tokens."""
+    monkeypatch.setenv("QWEN3VL_NORM_HANDOFF", "1")
     fused_route(monkeypatch)
+    text = tiny_loaded.model.model.language_model
+    gen = torch.Generator().manual_seed(5)
+    for norm in [layer.input_layernorm for layer in text.layers] + [text.norm]:
+        weight = norm.weight
+        monkeypatch.setattr(norm, "weight", torch.nn.Parameter(0.5 + torch.rand(weight.shape, generator=gen),
+                                                               requires_grad=False))  # fmt: skip
     counts = {"add_rms_norm": 0, "add_product": 0, "final norm": 0}
 
     def counted(name: str, fn: Any) -> Any:
@@ -175,7 +184,6 @@ def test_each_fused_layer_ends_in_the_next_norm_and_the_model_takes_its_final_no
 
     monkeypatch.setattr(fused, "add_rms_norm", counted("add_rms_norm", fused.add_rms_norm))
     monkeypatch.setattr(fused, "add_product", counted("add_product", fused.add_product))
-    text = tiny_loaded.model.model.language_model
     norm_class = type(text.norm)
     own = norm_class.forward
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -268,16 +269,18 @@ class Handoff:
     the very tensor the layer returned, unchanged since (its version counter): a clone, an in-place edit or another
     caller's tensor takes the norm's own path. (Inference tensors, the engine's, keep no version counter: there the
     identity decides. Between two layers transformers' model assigns the output, or clones it to add deepstack's
-    visual features.)"""
+    visual features.) What is held is the thread's own: a step run on another thread (the background compile's
+    warm-ups) neither takes nor clears it. The final norm's sum then runs in our kernel's order, as every layer's
+    input norm already did (kernels/layer_triton.py)."""
 
     def __init__(self) -> None:
-        self._held: tuple[Any, int | None, Any] | None = None
+        self._local = threading.local()
 
     def put(self, hidden: torch.Tensor, normed: torch.Tensor) -> None:
-        self._held = (hidden, _version(hidden), normed)
+        self._local.held = (hidden, _version(hidden), normed)
 
     def take(self, hidden: torch.Tensor | None) -> torch.Tensor | None:
-        held, self._held = self._held, None
+        held, self._local.held = getattr(self._local, "held", None), None
         if held is None or held[0] is not hidden or held[1] != _version(hidden):
             return None
         return held[2]
@@ -400,6 +403,7 @@ class FusedLayers:
         self.handoff.take(None)  # nothing held for a layer's own forward
 
     def restore(self) -> None:
+        self.handoff.take(None)  # a step that raised between a layer's put and the next take held tensors
         for layer, previous in self._changed:
             if previous is None:
                 vars(layer).pop("forward", None)
