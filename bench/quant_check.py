@@ -117,8 +117,11 @@ def int4_configs(rows: int, n: int = 0, k: int = 0, kernels: tuple[int, ...] = (
     # against 2.84 at 128 and 3.55 at 64 (bench/kernel_asm.py, one row; 5 register spills a trip at 256), K split to
     # keep every SM busy.
     wide = [(bm, 256, split, 4, s) for split in (4, 16) for s in (2, 3)] if rows <= 16 else []
+    # At one row tile 8 also takes 8 rows a program, the smallest the dot takes (wgmma's N = 8): 209 SASS instructions
+    # a K-loop trip against 225 at 16, and 14 KB of shared memory against 20 (bench/kernel_asm.py; session 28).
+    narrow = [(8, bn, split, 4, s) for bn in (64, 128) for split in (0, 4, 16) for s in (2, 3)] if rows == 1 else []
     by_kernel = {
-        8: [W4Config(*shape, 8) for shape in tile6 + wide],
+        8: [W4Config(*shape, 8) for shape in narrow + tile6 + wide],
         6: [W4Config(*shape, 6) for shape in tile6],
         4: [W4Config(bm, bn, split, w, s, 4) for bn in (64, 128) for split in (0, 2) for w in (4, 8) for s in (2, 3)],
         3: tile3,

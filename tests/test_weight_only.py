@@ -349,7 +349,8 @@ _PAIRS_INTERPRETED = textwrap.dedent(
     qweight, scales, zeros = int4.quantize_weight(torch.randn(72, 640, generator=gen), 128)  # 5 groups; N = 72
     reference = int4.dequantize_weight(qweight, scales, zeros).double()
     for tile in (3, 6, 8):  # tile 8 hands the pairs over unmasked (its lop3 masks them): the stand-in masks too
-        for rows, block_m, split in ((1, 16, 1), (5, 16, 2), (20, 32, 3), (33, 32, 0), (16, 16, 5)):
+        for rows, block_m, split in ((1, 16, 1), (5, 16, 2), (20, 32, 3), (33, 32, 0), (16, 16, 5), (1, 8, 2),
+                                     (7, 8, 0), (9, 8, 1)):  # fmt: skip
             x = torch.randn(rows, 640, generator=gen).to(torch.float16)
             cfg = wk.W4Config(block_m, 64, split, 4, 1, tile)
             parts = wk.w4_partials(x, qweight, scales, zeros, 128, cfg)
@@ -367,11 +368,11 @@ _PAIRS_INTERPRETED = textwrap.dedent(
 def test_the_pairs_kernels_indexing_in_the_interpreter() -> None:
     """Tiles 3, 6 and 8 (the activations gathered in the pairs' order, or read in k order and permuted) on the CPU, their
     inline PTX stood in for by the same arithmetic in plain Triton: the pairs' column order, K splits (uneven ones
-    included), N and row masks. The PTX itself is checked on the GPU by bench.quant_check's sweep."""
+    included), N and row masks, 8, 16 and 32 rows a program. The PTX itself is checked on the GPU by bench.quant_check's sweep."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-c", _PAIRS_INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("ok") == 15
+    assert proc.stdout.count("ok") == 24
 
 
 def test_a_config_naming_no_kernel_is_refused_with_a_sentence() -> None:

@@ -255,7 +255,7 @@ def _swap_kernel(
     SCALED: tl.constexpr, NATURAL: tl.constexpr = False, LOP3: tl.constexpr = False, PDL: tl.constexpr = 0,
 ):  # fmt: skip
     """Yᵀ = W Xᵀ per group: the weights are the dot's first operand (BLOCK_N >= 64 rows, what Hopper's wgmma takes
-    from registers), the rows the second (BLOCK_M = 16 or 32 columns). Each packed word is loaded once, 16 bytes a
+    from registers), the rows the second (BLOCK_M = 8, 16 or 32 columns). Each packed word is loaded once, 16 bytes a
     thread along K (row n's words for a group are contiguous), and unpacked in registers.
 
     PAIRS off: each nibble through fp32 (`[BLOCK_N, G // 8, 8]` merged into `[BLOCK_N, G]` in k order). PAIRS on
