@@ -58,8 +58,9 @@ class W4Config(NamedTuple):
     (inline PTX: CUDA only), 4 with pairs and the scales in the weights (one accumulator over K), 6 tile 3 with the
     activations read in k order and permuted to the pairs' order in the kernel, 8 tile 6 with each pair's mask and
     merge in one lop3 (session 27; TUNED's one-row pick since session 28's sweep). 5 was session 21's atomic GEMV,
-    removed: it lost every one-row shape to tile 3, bench/results/h100/s21_quant_a.json. 7, session 26's tiles 4 and 6 together reading 2 or
-    4 groups a loop step, lost every one-row shape to tile 6, 1.13-1.33x its time, bench/results/h100/s26/call1_quant.json."""
+    removed: it lost every one-row shape to tile 3, bench/results/h100/s21_quant_a.json. 7, session 26's tiles 4 and
+    6 together reading 2 or 4 groups a loop step, lost every one-row shape to tile 6, 1.13-1.33x its time,
+    bench/results/h100/s26/call1_quant.json."""
 
     block_m: int
     block_n: int

@@ -1,12 +1,10 @@
 # Session 28, call 2 (chained on call 1's machine): where a one-stream step's time goes now (step profile, int4 and bf16,
 # the engine's default PDL), then the whole app through its doors (bench.suite plan c: the engine, then gradio_client,
-# gradio-raw and /v1 at 32 and 1 chats). Env set by the caller (e.g. QWEN3VL_PREFETCH) reaches every process.
+# gradio-raw and /v1 at 32 and 1 chats). Env set by the caller (e.g. QWEN3VL_NORM_HANDOFF) reaches every process.
+# Not run in session 28 (no device time left): ready for session 29.
 set +e
-[ -d /tmp/site/gradio ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 GRADIO_ANALYTICS_ENABLED=False BENCH_COMMIT=${BENCH_COMMIT:-unknown}
-R=/tmp/c2; mkdir -p $R/suite
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $R/gpu.txt
-pack() { tar czf $OUT/c2.tgz -C /tmp c2; }
+. bench/device_setup.sh c2
+mkdir -p $R/suite
 for p in int4 bf16; do
   [ $SECONDS -gt ${PROFILE_S:-90} ] && break
   timeout 60 python3 -m bench.step_profile --model random-weights:4b --precision $p --compile off --out $R/sp_$p.json \

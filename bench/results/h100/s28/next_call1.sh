@@ -5,11 +5,7 @@
 #    together (`prefill_forwards` 2 a burst): three runs of int4 TUNED to see the spread left.
 # 3. Step profiles with PDL off (a kernel's own time), int4 and bf16 at one stream.
 set +e
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 GRADIO_ANALYTICS_ENABLED=False BENCH_COMMIT=${BENCH_COMMIT:-unknown}
-R=/tmp/n1; mkdir -p $R
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $R/gpu.txt
-pack() { tar czf $OUT/n1.tgz -C /tmp n1; }
+. bench/device_setup.sh n1
 QWEN3VL_PDL=2 timeout 130 python3 -m bench.quant_check --sections sweep --rows 1 --formats int4 --int4-kernels 8,6 \
   --sweep-s ${SWEEP_S:-100} --out $R/quant.json > $R/quant.log 2>&1
 echo "== sweep rc=$? $SECONDS"; grep -E "wrong|failed|^sweep|int4 TUNED" -A0 $R/quant.log | cut -c1-160; pack
