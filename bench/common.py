@@ -295,7 +295,6 @@ def run_engine(engine: Any, prompts: list[Any], new_tokens: int) -> dict[str, An
     results: list[Any] = [None] * len(prompts)
     errors: list[BaseException] = []
     before = engine.snapshot()
-    steps0 = before.steps
     hold = getattr(engine, "hold_admission", None)
     started = time.perf_counter()
     with hold() if hold is not None else contextlib.nullcontext():
@@ -316,6 +315,7 @@ def run_engine(engine: Any, prompts: list[Any], new_tokens: int) -> dict[str, An
     wall = time.perf_counter() - started
     if errors:
         raise errors[0]
+    after = engine.snapshot()
     ttfts = sorted(s.ttft_s for s in results)
     made = sum(s.new_tokens for s in results)
     decode_span = max(s.ttft_s + s.decode_s for s in results) - ttfts[-1]
@@ -323,8 +323,8 @@ def run_engine(engine: Any, prompts: list[Any], new_tokens: int) -> dict[str, An
         streams=len(prompts), new_tokens=results[0].new_tokens, wall_s=wall,
         ttft_p50_s=statistics.median(ttfts), ttft_p95_s=ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))],
         per_stream_tok_s=statistics.median(s.tokens_per_s for s in results), total_tok_s=made / wall,
-        peak_gib=peak_gib(device), steps=engine.snapshot().steps - steps0,
-        prefill_forwards=getattr(engine.snapshot(), "prefill_forwards", 0) - getattr(before, "prefill_forwards", 0),
+        peak_gib=peak_gib(device), steps=after.steps - before.steps,
+        prefill_forwards=getattr(after, "prefill_forwards", 0) - getattr(before, "prefill_forwards", 0),
         # Decode-only rate: all streams decode together once the last prefill is done.
         decode_tok_s=len(prompts) * (new_tokens - 1) / max(decode_span, 1e-9),
     )  # fmt: skip
