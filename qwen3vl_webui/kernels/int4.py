@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from qwen3vl_webui.kernels import w4_mma
 from qwen3vl_webui.kernels.parts import compiled_product, decode_kernels, rows_of
 
 OP_NAMESPACE = "qwen3vl_webui"
@@ -131,6 +132,11 @@ def int4_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     group = k // scales.shape[1]
     x2 = x.reshape(-1, k)
     rows = x2.shape[0]
+    if w4_mma.serves(x2, n, k, group):  # QWEN3VL_INT4_MMA=1: up to 8 rows in the CUDA kernel
+        parts = w4_mma.partials(rows_of(x2), qweight, scales, zeros)
+        if parts.shape[0] > 1 and x.is_cuda:
+            return _kernels().splitk.reduce_partials(parts, x.dtype).reshape(*x.shape[:-1], n)
+        return parts.sum(dim=0).to(x.dtype).reshape(*x.shape[:-1], n)
     kernels = _kernels() if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) else None
     if kernels is None:
         return F.linear(x2, dequantize_weight(qweight, scales, zeros, x.dtype)).reshape(*x.shape[:-1], n)
@@ -147,13 +153,27 @@ def parts_split(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
     kernels' K split for a decode-sized product on CUDA, else 1."""
     kernels = decode_kernels(x, _kernels, SKINNY_MAX_ROWS)
     k = x.shape[-1]
+    if w4_mma.serves(x, qweight.shape[0], k, k // scales.shape[1]):
+        return w4_mma.split_of(qweight.shape[0], k, k // scales.shape[1])[0]
     return 1 if kernels is None else kernels.w4_split(x.numel() // k, qweight.shape[0], k, k // scales.shape[1])
+
+
+def parts_dtype(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, split: int) -> torch.dtype:
+    """The dtype of `int4_parts_impl`'s parts: fp32 partial sums, or x's dtype for the Triton kernels' unsplit
+    product (the CUDA kernel's parts are fp32 even when it splits K in one)."""
+    k = x.shape[-1]
+    if split > 1 or w4_mma.serves(x, qweight.shape[0], k, k // scales.shape[1]):
+        return torch.float32
+    return x.dtype
 
 
 def int4_parts_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
     """`x [..., K] @ Wᵀ` as `[split, ..., N]` partial sums (`parts_split`): fp32 when split > 1, whose sum over the
     first dim is the product; the product itself in x's dtype when 1."""
     split = parts_split(x, qweight, scales)
+    if w4_mma.serves(x, qweight.shape[0], x.shape[-1], x.shape[-1] // scales.shape[1]):
+        parts = w4_mma.partials(rows_of(x), qweight, scales, zeros)  # fp32 even when split is 1
+        return parts.reshape(split, *x.shape[:-1], qweight.shape[0])
     if split == 1:
         return int4_linear_impl(x, qweight, scales, zeros)[None]
     parts = _kernels().w4_partials(rows_of(x), qweight, scales, zeros, x.shape[-1] // scales.shape[1])
@@ -181,7 +201,7 @@ def register_op() -> Any:
     @int4_linear_parts.register_fake
     def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
         split = parts_split(x, qweight, scales)  # one row, a static shape (Int4Linear.forward checks)
-        return x.new_empty((split, *x.shape[:-1], qweight.shape[0]), dtype=x.dtype if split == 1 else torch.float32)
+        return x.new_empty((split, *x.shape[:-1], qweight.shape[0]), dtype=parts_dtype(x, qweight, scales, split))
 
     return int4_linear
 

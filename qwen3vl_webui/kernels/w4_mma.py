@@ -1,0 +1,560 @@
+"""int4's decode product for up to 8 rows in CUDA C: the weights unpacked straight into tensor-core fragments.
+
+Why not Triton (docs/engine.md v20): at one row the Triton swap kernel reads packed weights at ~1.3 TB/s of the
+H100's ~3 TB/s, issuing ~3.5 SASS instructions a weight, and like every kernel of the step it waits for the kernel
+before (PDL) before its first load, weights included. Here:
+- **The layout is the fragment.** `repack` orders the 4-bit weights so that one 32-bit word a lane is the lane's
+  whole A fragment of one `mma.sync.m16n8k16` (16 weight rows x 16 k): nibbles j and j + 4 are register j's two
+  lanes, so one `lop3` (`(w >> 4j) & 0x000F000F | magic`) makes register j as 16-bit `magic + q` (exact), and a
+  warp reads 512 contiguous bytes a 16-byte load (4 k-tiles of 16 rows).
+- **The zero point after the dot.** `Σ (magic + q) x - (magic + z) Σ x` per row and group: Σ x comes from a second
+  mma with an all-ones A (one a k-tile, shared by the warp's rows), so a weight costs ~1 instruction (the lop3 and
+  a quarter of a shift) and no packed subtract. Each group's sum is scaled in fp32 (4 FFMAs a lane and group).
+- **The k order is ours.** Within a 64-k chunk, lane (g, q)'s fragments cover k = 16q + 4i + {0..3} for k-tile i, so
+  its activations for four k-tiles are 16 contiguous values (two 16-byte loads).
+- **Weights before the wait.** A program loads its first groups' weights and scales before `griddepcontrol.wait`
+  (they are constants; only the activations depend on the kernel before), so under PDL its first loads overlap the
+  kernel before. Its activation loads and stores come after the wait.
+
+The batch's rows are the mma's 8 columns (rows past M read zeros), so 1-8 rows cost the same. A program (CTA) of
+WARPS warps owns 16 output rows and a range of K's groups (the split), its warps taking every WARPS-th group; they
+add their sums in shared memory and write `[split, M, N]` fp32 partial sums, which the fused layer's next kernel adds
+(as the Triton kernels' parts). Compiled at first use with NVRTC (torch's CUDA wheels ship it), loaded and launched
+through the driver API (`cuLaunchKernelEx`, PDL as an attribute), so it is captured into CUDA graphs like any
+launch on the current stream. `emulate` is the same arithmetic in torch, fragment by fragment (the CPU tests).
+
+Off unless QWEN3VL_INT4_MMA=1 (an A/B until a device run measures it): then `prepare` repacks each Int4Linear's
+weights once beside its own (+~1.9 GiB for the 4B), and decode products of up to 8 rows on a GPU of compute
+capability 8.0+ run here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+import os
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+MAX_ROWS = 8  # the mma's N: the batch's rows are its columns
+ROWS_PER_TILE = 16
+CHUNK = 64  # k per 16-byte load of a lane (four k-tiles of 16)
+GROUPS = (64, 128)  # group sizes this kernel takes: one or two chunks (the 4B's 128; the tiny test model's 64)
+MAGIC = {torch.bfloat16: 128.0, torch.float16: 1024.0}  # `magic | q` read as a 16-bit float is magic + q
+
+
+def enabled() -> bool:
+    return os.environ.get("QWEN3VL_INT4_MMA", "").strip() == "1"
+
+
+@dataclass(frozen=True)
+class MmaConfig:
+    """A launch: `warps` a program, `unroll` groups' weights loaded ahead a warp, K split `split` ways."""
+
+    warps: int = 4
+    unroll: int = 2
+    split: int = 1
+
+
+# The 4B's one-row shapes (n, k) -> config; first guesses (docs/engine.md v20) until a device sweep picks.
+TUNED: dict[tuple[int, int], MmaConfig] = {
+    (6144, 2560): MmaConfig(4, 2, 2),
+    (2560, 4096): MmaConfig(4, 2, 4),
+    (19456, 2560): MmaConfig(4, 2, 1),
+    (2560, 9728): MmaConfig(4, 2, 4),
+}
+
+
+def pick_config(n: int, k: int) -> MmaConfig:
+    found = TUNED.get((n, k))
+    if found is not None:
+        return found
+    return MmaConfig(4, 2, max(1, min(4, k // 1024)))
+
+
+def split_of(n: int, k: int, group: int, config: MmaConfig | None = None) -> tuple[int, int]:
+    """(partial sums a launch writes, groups of K each): its K split, clipped so that each split has a group."""
+    cfg = config or pick_config(n, k)
+    groups = k // group
+    per = -(-groups // cfg.split)
+    return -(-groups // per), per
+
+
+def supports(n: int, k: int, group: int) -> bool:
+    return group in GROUPS and n % ROWS_PER_TILE == 0 and k % group == 0
+
+
+# ----------------------------------------------------------------------------------------------------- layout ---
+
+
+def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """kernels/int4.py's layout (int32 `[N, K/8]`, nibble j of word w = column 8w + j; 16-bit scales and uint8 zeros
+    `[N, K/128]`) -> (int32 words `[N/16, K/64, 32, 4]`, int32 scale-and-zero `[N/16, K/128, 16]`).
+
+    Word i of lane (g, q) = 4g + q in 64-k chunk c of row tile t holds, at nibble 4e + 2b + h, the weight at row
+    16t + g + 8h and k = 64c + 16q + 4i + 2b + e: register j = 2b + h of the lane's A fragment for k-tile i is
+    nibbles j (low lane) and j + 4 (high lane). Each scale-and-zero entry is the scale's 16 bits | zero << 16."""
+    from qwen3vl_webui.kernels.int4 import unpack
+
+    n, words = qweight.shape
+    k = words * 8
+    q = unpack(qweight).to(torch.int32)  # [N, K]
+    # row = 16t + 8h + g, k = 64c + 16q + 4i + 2b + e
+    q = q.reshape(n // 16, 2, 8, k // CHUNK, 4, 4, 2, 2)  # t, h, g, c, q, i, b, e
+    q = q.permute(0, 3, 2, 4, 5, 7, 6, 1)  # t, c, g, q, i, e, b, h: nibble 4e + 2b + h
+    q = q.reshape(n // 16, k // CHUNK, 32, 4, 8)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=q.device)
+    packed = (q << shifts).sum(dim=4, dtype=torch.int64).to(torch.uint32).view(torch.int32).contiguous()
+    bits = scales.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    table = bits | (zeros.to(torch.int32) << 16)  # [N, G]
+    table = table.reshape(n // 16, 16, -1).permute(0, 2, 1).contiguous()  # [N/16, G, 16]
+    return packed, table
+
+
+def emulate(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, dtype: torch.dtype, split: int = 1) -> torch.Tensor:
+    """The kernel's arithmetic in torch (fp32), fragment by fragment from the repacked buffers: `[split, M, N]`.
+
+    It reads the words as the kernel's lanes do (register j of lane (g, q) = nibbles j and j + 4; activations
+    k = 16q + 4i + {0, 1} for b0 b1 and + {2, 3} for b2 b3; rows g, g + 8 of the tile for a's registers j even,
+    odd), so a wrong index in `repack` or in this mapping fails the tests against the dequantized weight."""
+    magic = MAGIC[dtype]
+    tiles, chunks = packed.shape[0], packed.shape[1]
+    m, k = x.shape
+    groups = table.shape[1]
+    per_group = k // groups // CHUNK  # chunks a group
+    w = packed.to(torch.int64) & 0xFFFFFFFF  # [T, C, 32, 4]
+    nib = torch.stack([(w >> (4 * p)) & 0xF for p in range(8)], dim=-1).to(torch.float32) + magic  # [T, C, 32, 4, 8]
+    lane = torch.arange(32)
+    g, qq = lane // 4, lane % 4
+    # A[t, c, i, row, kl] for the m16n8k16 tile: register j = nibbles (j, j + 4) of word i; row g + 8 (j & 1),
+    # kl = 2q + 8 (j >> 1) + e.
+    a = torch.zeros(tiles, chunks, 4, 16, 16)
+    for j in range(4):
+        for e in range(2):
+            rows = g + 8 * (j & 1)
+            cols = 2 * qq + 8 * (j >> 1) + e
+            a[:, :, :, rows, cols] = nib[:, :, lane, :, 4 * e + j].permute(0, 1, 3, 2)
+    # B[c, i, kl, n]: b0 b1 at kl = 2q + e from k = 16q + 4i + e; b2 b3 at kl = 2q + 8 + e from k = 16q + 4i + 2 + e.
+    xs = torch.zeros(MAX_ROWS, k)
+    xs[:m] = x.to(torch.float32)
+    xc = xs.reshape(MAX_ROWS, chunks, 4, 16)  # n, c, q, 16 contiguous values
+    b = torch.zeros(chunks, 4, 16, MAX_ROWS)
+    for q in range(4):
+        for i in range(4):
+            for e in range(2):
+                b[:, i, 2 * q + e, :] = xc[:, :, q, 4 * i + e].T
+                b[:, i, 2 * q + 8 + e, :] = xc[:, :, q, 4 * i + 2 + e].T
+    t = torch.einsum("tcirk,cikn->tcrn", a, b)  # [T, C, 16, 8]: a chunk's four k-tiles summed
+    sx = b.sum(dim=2).sum(dim=1)  # [C, 8]: the all-ones mma's Σ x
+    t = t.reshape(tiles, groups, per_group, 16, MAX_ROWS).sum(dim=2)  # per group
+    sx = sx.reshape(groups, per_group, MAX_ROWS).sum(dim=1)
+    entry = table.to(torch.int64) & 0xFFFFFFFF  # [T, G, 16]
+    bits = entry & 0xFFFF
+    scale = (bits - ((bits & 0x8000) << 1)).to(torch.int16).view(dtype).to(torch.float32)
+    zero = (entry >> 16).to(torch.float32) + magic
+    per_group = scale[..., None] * (t - zero[..., None] * sx[None, :, None, :])  # [T, G, 16, 8]
+    per = -(-groups // split)
+    parts = [per_group[:, s * per : (s + 1) * per].sum(dim=1) for s in range(-(-groups // per))]
+    out = torch.stack(parts)  # [S, T, 16, 8]
+    return out.permute(0, 3, 1, 2).reshape(len(parts), MAX_ROWS, tiles * 16)[:, :m]
+
+
+# ------------------------------------------------------------------------------------------------------ CUDA ---
+
+SOURCE = r"""
+// CPG: 64-k chunks a group (1 or 2: groups of 64 or 128 k). A lane's chunk: one 16-byte word load (4 k-tiles of 16
+// rows), two 16-byte activation loads.
+#define GSIZE (64 * CPG)
+
+// Weights are streamed once, so not kept in L1 (the activations are).
+__device__ __forceinline__ uint4 load_weights(const uint4* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+// The activations, written by the kernel before: a coherent load in `asm volatile`, so that neither the compiler nor
+// ptxas moves it above the PDL wait (a `__ldg`, read-only in the compiler's eyes, was hoisted above it).
+__device__ __forceinline__ uint4 load_x(const uint4* p) {
+    uint4 v;
+    asm volatile("ld.global.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32." KIND "." KIND ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Groups gg, gg + WARPS, ... (UNROLL of them, those before `end`): their weights and scale-and-zero entries.
+__device__ __forceinline__ void load_group_weights(uint4 (&w)[UNROLL][CPG], unsigned (&sz)[UNROLL][2],
+                                                   const uint4* wg, const unsigned* sg, int gg, int end) {
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+        if (gg + u * WARPS < end) {
+#pragma unroll
+            for (int c = 0; c < CPG; ++c) w[u][c] = load_weights(wg + (u * WARPS * CPG + c) * 32);
+            sz[u][0] = __ldg(sg + u * WARPS * 16);
+            sz[u][1] = __ldg(sg + u * WARPS * 16 + 8);
+        }
+    }
+}
+
+// The same groups' activations: the lane's 16 values of each 64-k chunk (row g of the batch, values 16q..16q+15).
+__device__ __forceinline__ void load_group_x(uint4 (&x)[UNROLL][2 * CPG], const uint4* xg, int gg, int end) {
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+        if (gg + u * WARPS < end) {
+#pragma unroll
+            for (int c = 0; c < CPG; ++c) {  // a chunk is 64 values: 8 loads of 16 bytes
+                x[u][2 * c] = load_x(xg + u * WARPS * GSIZE / 8 + 8 * c);
+                x[u][2 * c + 1] = load_x(xg + u * WARPS * GSIZE / 8 + 8 * c + 1);
+            }
+        }
+    }
+}
+
+// One step's math: for each of its groups, the dot of magic + q with x and the all-ones dot (Σ x) in 2 mma's a
+// k-tile, then the group's scale and zero applied in fp32 to the lane's four sums.
+__device__ __forceinline__ void group_math(float (&acc)[4], const uint4 (&w)[UNROLL][CPG], const unsigned (&sz)[UNROLL][2],
+                                           const uint4 (&x)[UNROLL][2 * CPG], int gg, int end) {
+    const unsigned magic = MAGIC_BITS, nibbles = 0x000F000Fu;
+    const unsigned ones[4] = {ONES_BITS, ONES_BITS, ONES_BITS, ONES_BITS};
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+        if (gg + u * WARPS < end) {
+            float t[4] = {0.f, 0.f, 0.f, 0.f}, s[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int ch = 0; ch < CPG; ++ch) {
+                const unsigned wv[4] = {w[u][ch].x, w[u][ch].y, w[u][ch].z, w[u][ch].w};
+                const uint4 xl = x[u][2 * ch], xh = x[u][2 * ch + 1];
+                const unsigned xv[8] = {xl.x, xl.y, xl.z, xl.w, xh.x, xh.y, xh.z, xh.w};
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    unsigned a[4];
+#pragma unroll
+                    for (int j = 0; j < 4; ++j)  // register j: nibbles j and j + 4 as magic + q in each lane
+                        asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(a[j]) : "r"(wv[i] >> (4 * j)), "r"(nibbles), "r"(magic));
+                    mma(t, a, xv[2 * i], xv[2 * i + 1]);
+                    mma(s, ones, xv[2 * i], xv[2 * i + 1]);  // Σ x over the k-tile, per column
+                }
+            }
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {  // rows g (h 0: c0 c1) and g + 8 (h 1: c2 c3)
+                const unsigned e = sz[u][h];
+                const float scale = SCALE_OF(e);
+                const float zero = (float)(e >> 16) + MAGIC_F;
+                acc[2 * h] += scale * (t[2 * h] - zero * s[2 * h]);
+                acc[2 * h + 1] += scale * (t[2 * h + 1] - zero * s[2 * h + 1]);
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32) w4_mma(
+    const uint4* __restrict__ W, const unsigned* __restrict__ SZ, const unsigned short* X,
+    float* __restrict__ Y, int M, int N, int K, int sx, int per_split)
+{
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, q = lane & 3;
+    const int tile = blockIdx.x, split = blockIdx.y;
+    const int groups = K / GSIZE, chunks = K / 64;
+    const int first = split * per_split + warp;
+    const int end = min(split * per_split + per_split, groups);
+    constexpr int STEP = UNROLL * WARPS;
+    // Group gg's chunk c for this lane: wg[(gg * CPG + c) * 32]; its scale-and-zero for rows g, g + 8: sg[gg * 16],
+    // [+ 8]; its activations: xg[gg * GSIZE / 8] on. Rows of the batch past M read row M - 1 (never stored).
+    const uint4* wg = W + (size_t)tile * chunks * 32 + lane + (size_t)first * CPG * 32;
+    const unsigned* sg = SZ + (size_t)tile * groups * 16 + g + first * 16;
+    const uint4* xg = reinterpret_cast<const uint4*>(X + (size_t)min(g, M - 1) * sx + q * 16) + first * GSIZE / 8;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    uint4 wa[UNROLL][CPG], wb[UNROLL][CPG], xa[UNROLL][2 * CPG], xb[UNROLL][2 * CPG];
+    unsigned sa[UNROLL][2], sb[UNROLL][2];
+
+    // The first step's weights: constants, loaded before the wait so that they overlap the kernel before. ptxas
+    // schedules a wait as early as its block allows, above loads of the same block, so the loads sit in a loop of
+    // their own (run once: per_split is never 0, which the compiler cannot know). tests/test_w4_mma.py reads the
+    // order in SASS.
+#pragma unroll 1
+    for (int once = 0; once < 1 + (per_split == 0); ++once) load_group_weights(wa, sa, wg, sg, first, end);
+#if PDL
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#if PDL == 1
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+#endif
+    load_group_x(xa, xg, first, end);
+    // Two steps a trip, the buffers' roles swapped between them (no register copies): each step loads the next
+    // step's weights and activations, then does its own math on what the step before loaded.
+    for (int gg0 = first; gg0 < end; gg0 += 2 * STEP) {
+        wg += STEP * CPG * 32;
+        sg += STEP * 16;
+        xg += STEP * GSIZE / 8;
+        load_group_weights(wb, sb, wg, sg, gg0 + STEP, end);
+        load_group_x(xb, xg, gg0 + STEP, end);
+        group_math(acc, wa, sa, xa, gg0, end);
+        if (gg0 + STEP >= end) break;
+        wg += STEP * CPG * 32;
+        sg += STEP * 16;
+        xg += STEP * GSIZE / 8;
+        load_group_weights(wa, sa, wg, sg, gg0 + 2 * STEP, end);
+        load_group_x(xa, xg, gg0 + 2 * STEP, end);
+        group_math(acc, wb, sb, xb, gg0 + STEP, end);
+    }
+    __shared__ float red[WARPS][4][32];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) red[warp][c][lane] = acc[c];
+    __syncthreads();
+#if PDL == 2
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+    if (warp == 0) {
+#pragma unroll
+        for (int w = 1; w < WARPS; ++w)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[c] += red[w][c][lane];
+        float* yp = Y + (size_t)split * M * N + (size_t)tile * 16 + g;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            const int row = 2 * q + (c & 1);  // the batch's row: the mma's column
+            if (row < M) yp[(size_t)row * N + 8 * (c >> 1)] = acc[c];
+        }
+    }
+}
+"""
+
+_KINDS = {
+    torch.bfloat16: {
+        "KIND": '"bf16"',
+        "MAGIC_BITS": "0x43004300u",
+        "ONES_BITS": "0x3F803F80u",
+        "MAGIC_F": "128.f",
+        "SCALE_OF(e)": "__uint_as_float((e) << 16)",
+    },
+    torch.float16: {
+        "KIND": '"f16"',
+        "MAGIC_BITS": "0x64006400u",
+        "ONES_BITS": "0x3C003C00u",
+        "MAGIC_F": "1024.f",
+        "SCALE_OF(e)": "__half_bits_to_float(e)",
+    },
+}
+_HALF = r"""
+__device__ __forceinline__ float __half_bits_to_float(unsigned e) {
+    float f; unsigned short h = (unsigned short)(e & 0xFFFFu);
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+"""
+
+
+def source(dtype: torch.dtype, warps: int, unroll: int, pdl_mode: int, group: int = 128) -> str:
+    """The kernel's CUDA C for one variant (macros first)."""
+    defines = {**_KINDS[dtype], "WARPS": str(warps), "UNROLL": str(unroll), "PDL": str(pdl_mode),
+               "CPG": str(group // CHUNK)}  # fmt: skip
+    head = "".join(f"#define {name} {value}\n" for name, value in defines.items())
+    return head + (_HALF if dtype == torch.float16 else "") + SOURCE
+
+
+def _find_nvrtc() -> str:
+    """libnvrtc from torch's CUDA wheels (nvidia/cu13/lib, nvidia/cuda_nvrtc/lib) or the system's."""
+    import site
+
+    roots = [*site.getsitepackages(), site.getusersitepackages(), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+    for root in filter(None, roots):
+        for pattern in ("nvidia/cu1*/lib/libnvrtc.so.*", "nvidia/cuda_nvrtc/lib/libnvrtc.so.*"):
+            found = sorted(p for p in glob.glob(os.path.join(root, pattern)) if "builtins" not in p and "alt" not in p)
+            if found:
+                return found[-1]
+    return "libnvrtc.so"
+
+
+@functools.cache
+def _nvrtc() -> Any:
+    return ctypes.CDLL(_find_nvrtc())
+
+
+def compile_cubin(code: str, arch: str, name: str = "w4_mma") -> bytes:
+    """NVRTC: CUDA C -> a cubin for `arch` (e.g. "sm_90"). Needs no GPU (the tests compile for sm_90 on a CPU)."""
+    lib = _nvrtc()
+    prog = ctypes.c_void_p()
+
+    def check(result: int, what: str) -> None:
+        if result != 0:
+            lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+            raise RuntimeError(f"NVRTC {what}: {lib.nvrtcGetErrorString(result).decode()}")
+
+    check(lib.nvrtcCreateProgram(ctypes.byref(prog), code.encode(), f"{name}.cu".encode(), 0, None, None), "create")
+    try:
+        options = [f"--gpu-architecture={arch}".encode(), b"-default-device", b"--std=c++17", b"-lineinfo"]
+        array = (ctypes.c_char_p * len(options))(*options)
+        if lib.nvrtcCompileProgram(prog, len(options), array) != 0:
+            size = ctypes.c_size_t()
+            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetProgramLog(prog, log)
+            raise RuntimeError(f"NVRTC could not compile {name} for {arch}:\n{log.value.decode(errors='replace')}")
+        size = ctypes.c_size_t()
+        check(lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "cubin size")
+        cubin = ctypes.create_string_buffer(size.value)
+        check(lib.nvrtcGetCUBIN(prog, cubin), "cubin")
+        return cubin.raw
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+class _Attr(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_char * 64)]
+
+
+class _Config(ctypes.Structure):
+    _fields_ = [
+        ("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+        ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+        ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_Attr)),
+        ("numAttrs", ctypes.c_uint),
+    ]  # fmt: skip
+
+
+PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID
+
+
+@functools.cache
+def _driver() -> Any:
+    lib = ctypes.CDLL("libcuda.so.1")
+    lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_Config), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    return lib
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        name = ctypes.c_char_p()
+        _driver().cuGetErrorName(result, ctypes.byref(name))
+        raise RuntimeError(f"CUDA driver {what}: {result} {name.value.decode() if name.value else ''}")
+
+
+_lock = threading.Lock()
+
+
+@functools.cache
+def _function(device_index: int, dtype: torch.dtype, warps: int, unroll: int, pdl_mode: int, group: int) -> ctypes.c_void_p:
+    """The variant compiled and loaded into the device's primary context (torch's), once a process."""
+    with _lock:
+        major, minor = torch.cuda.get_device_capability(device_index)
+        cubin = compile_cubin(source(dtype, warps, unroll, pdl_mode, group), f"sm_{major}{minor}")
+        with torch.cuda.device(device_index):
+            torch.cuda.current_stream(device_index)  # the runtime makes torch's context current on this thread
+            torch.empty(1, device=f"cuda:{device_index}")
+            module, func = ctypes.c_void_p(), ctypes.c_void_p()
+            _check(_driver().cuModuleLoadData(ctypes.byref(module), cubin), "module load")
+            _check(_driver().cuModuleGetFunction(ctypes.byref(func), module, b"w4_mma"), "function")
+        return func
+
+
+@functools.cache
+def available(device_index: int) -> bool:
+    """Compute capability 8.0+ (mma.sync with bf16) and NVRTC and the driver found."""
+    try:
+        if torch.cuda.get_device_capability(device_index) < (8, 0):
+            return False
+        _nvrtc()
+        _driver()
+        return True
+    except Exception:
+        return False
+
+
+def launch(
+    x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, n: int, config: MmaConfig | None = None,
+    pdl_mode: int | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """`x [M <= 8, K]` (bf16/fp16, rows contiguous, 16-byte aligned) times the repacked weight ᵀ: `[split, M, N]`
+    fp32 partial sums on the current stream."""
+    from qwen3vl_webui.kernels import pdl
+
+    m, k = x.shape
+    if m > MAX_ROWS or x.stride(1) != 1 or x.data_ptr() % 16 or x.stride(0) % 8:
+        raise ValueError(f"w4_mma takes up to {MAX_ROWS} rows, contiguous and 16-byte aligned; got {tuple(x.shape)}")
+    cfg = config or pick_config(n, k)
+    group = k // table.shape[1]
+    split, per = split_of(n, k, group, cfg)
+    out = torch.empty((split, m, n), device=x.device, dtype=torch.float32)
+    if pdl_mode is None:
+        pdl_mode = pdl.args(x, "int4").get("PDL", 0)
+    index = x.get_device()
+    if pdl_mode and torch.cuda.get_device_capability(index) < (9, 0):
+        pdl_mode = 0
+    func = _function(index, x.dtype, cfg.warps, cfg.unroll, pdl_mode, group)
+    values = [
+        ctypes.c_void_p(packed.data_ptr()), ctypes.c_void_p(table.data_ptr()), ctypes.c_void_p(x.data_ptr()),
+        ctypes.c_void_p(out.data_ptr()), ctypes.c_int(m), ctypes.c_int(n), ctypes.c_int(k), ctypes.c_int(x.stride(0)),
+        ctypes.c_int(per),
+    ]  # fmt: skip
+    params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
+    attr = _Attr()
+    attr.id = PROGRAMMATIC_STREAM_SERIALIZATION
+    ctypes.memmove(attr.value, ctypes.byref(ctypes.c_int(1)), 4)
+    conf = _Config(n // ROWS_PER_TILE, split, 1, 32 * cfg.warps, 1, 1, 0, torch.cuda.current_stream(index).cuda_stream)
+    if pdl_mode:
+        conf.attrs, conf.numAttrs = ctypes.pointer(attr), 1
+    _check(_driver().cuLaunchKernelEx(ctypes.byref(conf), func, params, None), "launch")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the weights ---
+
+
+def serves(x: torch.Tensor, n: int, k: int, group: int) -> bool:
+    """Whether a product of `x [..., K]` by an `[N, K]` int4 weight runs here: enabled, a decode-sized 16-bit `x`
+    (1..MAX_ROWS rows) on a GPU that has the kernel, the 4B's group size. Shapes and devices only, so a fake tensor
+    (torch.compile's tracing) gets the same answer as the real one: the number of parts depends on it."""
+    rows = x.numel() // k if k else 0
+    if not (enabled() and x.is_cuda and x.dtype in MAGIC and 0 < rows <= MAX_ROWS and supports(n, k, group)):
+        return False
+    return available(x.get_device())
+
+
+# (data_ptr, shape) of a repacked qweight -> that tensor (held weakly): finds the repacked weight from an alias of it.
+_owners: weakref.WeakValueDictionary[tuple[int, tuple[int, ...]], torch.Tensor] = weakref.WeakValueDictionary()
+ATTR = "_qwen3vl_w4_mma"  # the repacked (packed, table), an attribute of the qweight tensor: they live and die together
+
+
+def buffers(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The repacked weight of `qweight`: made at its first decode product (a warm-up step, before any CUDA graph is
+    captured) and kept on the tensor. Fused layers (q/k/v, gate/up) are repacked as the one weight they run."""
+    made = getattr(qweight, ATTR, None)
+    if made is None:
+        owner = _owners.get((qweight.data_ptr(), tuple(qweight.shape)))
+        made = getattr(owner, ATTR, None) if owner is not None else None
+    if made is None:
+        if qweight.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("w4_mma: an int4 weight was first used inside a CUDA graph capture; run a step before")
+        with torch.inference_mode(False), torch.no_grad():  # kept past the engine's inference-mode worker
+            made = repack(qweight, scales, zeros)
+        setattr(qweight, ATTR, made)
+        _owners[(qweight.data_ptr(), tuple(qweight.shape))] = qweight
+    return made
+
+
+def partials(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """`x [rows, K]` times the int4 weight ᵀ as `[split_of(N, K), rows, N]` fp32 partial sums."""
+    packed, table = buffers(qweight, scales, zeros)
+    if x.data_ptr() % 16:
+        x = x.clone()
+    return launch(x, packed, table, qweight.shape[0])
+
+
+def forget() -> None:
+    """Drops every repacked weight now (they also go with their int4 weights)."""
+    for qweight in list(_owners.values()):
+        if hasattr(qweight, ATTR):
+            delattr(qweight, ATTR)
+    _owners.clear()
