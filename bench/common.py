@@ -70,7 +70,7 @@ def environment(device: str) -> dict[str, Any]:
 
 # The engine's switches (never all QWEN3VL_*: the keys and passwords are set that way too).
 KNOBS = ("QWEN3VL_PDL", "QWEN3VL_PDL_SKIP", "QWEN3VL_NORM_HANDOFF", "QWEN3VL_KERNEL_TUNING", "QWEN3VL_FUSED_LAYERS",
-         "QWEN3VL_PREFER_PREFILL_GRAPHS")
+         "QWEN3VL_PREFER_PREFILL_GRAPHS", "QWEN3VL_INT4_MMA")
 
 
 def knobs() -> dict[str, str]:

@@ -78,10 +78,8 @@ def ptx_counts(ptx: str) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def sass_loop(cubin: bytes) -> dict[str, int]:
-    """The kernel's longest loop in SASS (the machine code ptxas made: cuobjdump, bundled with Triton), instructions
-    by opcode: what one trip of the K loop issues per thread, where PTX shows what ptxas was asked for (session 27:
-    tile 6's `and` and `or` of each nibble pair stayed two LOP3s, a LOP3 taking one immediate). {} if not found."""
+def sass_code(cubin: bytes) -> list[tuple[int, str]]:
+    """A cubin's SASS (cuobjdump, bundled with Triton) as (address, instruction) in order."""
     import os
     import subprocess
     import tempfile
@@ -93,7 +91,14 @@ def sass_loop(cubin: bytes) -> dict[str, int]:
         path = os.path.join(folder, "kernel.cubin")
         Path(path).write_bytes(cubin)
         sass = subprocess.run([str(tool), "-sass", path], capture_output=True, text=True, check=True).stdout
-    code = [(int(at, 16), text) for at, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    return [(int(at, 16), text) for at, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+
+
+def sass_loop(cubin: bytes) -> dict[str, int]:
+    """The kernel's longest loop in SASS (the machine code ptxas made: cuobjdump, bundled with Triton), instructions
+    by opcode: what one trip of the K loop issues per thread, where PTX shows what ptxas was asked for (session 27:
+    tile 6's `and` and `or` of each nibble pair stayed two LOP3s, a LOP3 taking one immediate). {} if not found."""
+    code = sass_code(cubin)
     loops = [(int(m.group(1), 16), at) for at, text in code
              if (m := re.search(r"\bBRA(?:\.\w+)*\s+(?:!?U?P\w+,\s*)?(0x[0-9a-f]+)", text))
              and int(m.group(1), 16) < at]  # fmt: skip

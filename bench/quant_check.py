@@ -157,10 +157,10 @@ def sweep_section(
     import torch
     import torch.nn.functional as F
 
-    from qwen3vl_webui.kernels import builds, fp8, fp8_triton, int4, w4a16_triton
+    from qwen3vl_webui.kernels import builds, fp8, fp8_triton, int4, w4_mma, w4a16_triton
 
     rows_out = []
-    tuned: dict[str, dict[str, list[int]]] = {"int4": {}, "fp8": {}}
+    tuned: dict[str, dict[str, list[int]]] = {"int4": {}, "fp8": {}, "int4mma": {}}
     for name, n, k in [shape for shape in SHAPES if not shapes or shape[0] in shapes]:
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(LAYERS)]
         w4 = [int4.quantize_weight(w, 128) for w in ws]
@@ -168,6 +168,7 @@ def sweep_section(
         # torch's own W4A16 kernel (tinygemm) on the same quantized weights, one packing per inner_k_tiles
         tiny = [{t: int4.to_tinygemm(*q, t) for t in TINYGEMM_TILES} for q in w4] if "tinygemm" in formats else []
         w8 = [fp8.quantize_weight(w) for w in ws]
+        mma = [w4_mma.repack(*q) for q in w4] if "int4mma" in formats and w4_mma.available(0) else []
         for rows in rows_swept:
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
             eat = consumer(name, rows, "cuda", torch.bfloat16)
@@ -182,6 +183,9 @@ def sweep_section(
                 ("int4", [w4a16_triton.pick_config(rows, n, k)] if defaults_only else int4_configs(rows, n, k, int4_kernels),
                  lambda x, q, cfg: w4a16_triton.w4_partials(x, *q, 128, cfg),
                  lambda x, q, cfg: w4a16_triton.w4_matmul(x, *q, 128, cfg), w4, refw4, 0.5 + 3 / 128),
+                ("int4mma", ([w4_mma.pick_config(n, k)] if defaults_only else w4_mma.configs(n, k)) if mma and rows <= w4_mma.MAX_ROWS else [],
+                 lambda x, q, cfg, n=n: w4_mma.launch(x, *q, n, cfg),
+                 lambda x, q, cfg, n=n: w4_mma.launch(x, *q, n, cfg).sum(0).to(x.dtype), mma, refw4, 0.5 + 4 / 128),
                 ("fp8", [fp8_triton.pick_config(rows, n, k)] if defaults_only else fp8_configs(rows),
                  lambda x, q, cfg: fp8_triton.fp8_partials(x, *q, 128, cfg),
                  lambda x, q, cfg: fp8_triton.fp8_matmul(x, *q, 128, cfg), w8, fp8.dequantize_weight(*w8[0]), 1.0),
@@ -194,7 +198,7 @@ def sweep_section(
                         for cfg in cfgs:
                             with contextlib.suppress(Exception):  # one Triton cannot build fails again below
                                 run(x, weights[0], cfg)
-                tried = []
+                tried, worst = [], 0.0
                 for cfg in cfgs:
                     if time.monotonic() > deadline:
                         break
@@ -210,6 +214,7 @@ def sweep_section(
                         print("config failed", fmt, name, rows, _as_list(cfg), type(exc).__name__, str(exc)[:120], flush=True)
                         continue
                     tried.append((us, _as_list(cfg)))
+                    worst = max(worst, err)
                 tried.sort()
                 if fmt == "int4":  # the best of each kernel (W4Config.tile: 0-4; at one row 0 is the GEMV)
                     row["int4_best_by_kernel"] = {str(t): round(min(us for us, c in tried if c[5] == t), 2)
@@ -219,7 +224,13 @@ def sweep_section(
                     row[f"{fmt}_us"], row[f"{fmt}_cfg"] = round(us, 2), cfg
                     row[f"{fmt}_gb_s"] = round(bytes_per * n * k / us / 1e3)
                     row[f"{fmt}_vs_cublas"] = round(cublas_us / us, 2)
+                    row[f"{fmt}_worst_error"] = float(f"{worst:.2e}")  # relative (norm) against float64, every config
                     if fmt == "tinygemm":
+                        continue
+                    if fmt == "int4mma":  # one row class: up to 8 rows
+                        default = w4_mma.pick_config(n, k)
+                        row[f"{fmt}_default_us"] = next((round(t, 2) for t, c in tried if c == list(default)), None)
+                        tuned[fmt][f"1,{n},{k}"] = cfg
                         continue
                     default = (w4a16_triton if fmt == "int4" else fp8_triton).pick_config(rows, n, k)
                     row[f"{fmt}_default_us"] = next((round(t, 2) for t, c in tried if c == list(default)), None)
@@ -230,7 +241,7 @@ def sweep_section(
         torch.cuda.empty_cache()
     report["sweep"] = rows_out
     report["tuned"] = tuned
-    for fmt, cls in (("int4", "W4Config"), ("fp8", "Fp8Config")):
+    for fmt, cls in (("int4", "W4Config"), ("fp8", "Fp8Config"), ("int4mma", "MmaConfig")):
         print(f"{fmt} TUNED = {{")
         for key, cfg in tuned[fmt].items():
             m, n, k = key.split(",")
@@ -308,7 +319,7 @@ def main() -> None:
     ap.add_argument("--sections", default="sweep,quality")
     ap.add_argument("--sweep-s", type=float, default=200, help="time cap for the sweep")
     ap.add_argument("--rows", default="1,16,32", help="sweep: the row counts (1, 16, 32: the row classes)")
-    ap.add_argument("--formats", default="int4,fp8", help="sweep: int4, fp8, tinygemm (torch's own W4A16 kernel on the int4 weights), comma list")  # fmt: skip
+    ap.add_argument("--formats", default="int4,fp8", help="sweep: int4, fp8, tinygemm (torch's own W4A16 kernel on the int4 weights), int4mma (kernels/w4_mma.py: the CUDA kernel, up to 8 rows), comma list")  # fmt: skip
     ap.add_argument("--defaults-only", action="store_true", help="sweep: int4 and fp8 at their kernels' picks only")
     ap.add_argument("--int4-kernels", default="8,6,3,4,2,1,0", help="sweep: the int4 kernels, in order (8 tile 6 with one lop3 a pair, 6 swap with pairs, the activations read in k order, 4 swap with pairs and scaled weights, 3 swap with nibble pairs, 2 swap, 1 tile, 0 planes)")  # fmt: skip
     ap.add_argument("--shapes", default="", help="sweep: only these shapes (qkv, o, gate_up, down; default all)")

@@ -132,7 +132,7 @@ def int4_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     group = k // scales.shape[1]
     x2 = x.reshape(-1, k)
     rows = x2.shape[0]
-    if w4_mma.serves(x2, n, k, group):  # QWEN3VL_INT4_MMA=1: up to 8 rows in the CUDA kernel
+    if w4_mma.serves(x2, n, k, group, scales.dtype):  # QWEN3VL_INT4_MMA=1: up to 8 rows in the CUDA kernel
         parts = w4_mma.partials(rows_of(x2), qweight, scales, zeros)
         if parts.shape[0] > 1 and x.is_cuda:
             return _kernels().splitk.reduce_partials(parts, x.dtype).reshape(*x.shape[:-1], n)
@@ -153,7 +153,7 @@ def parts_split(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
     kernels' K split for a decode-sized product on CUDA, else 1."""
     kernels = decode_kernels(x, _kernels, SKINNY_MAX_ROWS)
     k = x.shape[-1]
-    if w4_mma.serves(x, qweight.shape[0], k, k // scales.shape[1]):
+    if w4_mma.serves(x, qweight.shape[0], k, k // scales.shape[1], scales.dtype):
         return w4_mma.split_of(qweight.shape[0], k, k // scales.shape[1])[0]
     return 1 if kernels is None else kernels.w4_split(x.numel() // k, qweight.shape[0], k, k // scales.shape[1])
 
@@ -162,7 +162,7 @@ def parts_dtype(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     """The dtype of `int4_parts_impl`'s parts: fp32 partial sums, or x's dtype for the Triton kernels' unsplit
     product (the CUDA kernel's parts are fp32 even when it splits K in one)."""
     k = x.shape[-1]
-    if split > 1 or w4_mma.serves(x, qweight.shape[0], k, k // scales.shape[1]):
+    if split > 1 or w4_mma.serves(x, qweight.shape[0], k, k // scales.shape[1], scales.dtype):
         return torch.float32
     return x.dtype
 
@@ -171,7 +171,7 @@ def int4_parts_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     """`x [..., K] @ Wᵀ` as `[split, ..., N]` partial sums (`parts_split`): fp32 when split > 1, whose sum over the
     first dim is the product; the product itself in x's dtype when 1."""
     split = parts_split(x, qweight, scales)
-    if w4_mma.serves(x, qweight.shape[0], x.shape[-1], x.shape[-1] // scales.shape[1]):
+    if w4_mma.serves(x, qweight.shape[0], x.shape[-1], x.shape[-1] // scales.shape[1], scales.dtype):
         parts = w4_mma.partials(rows_of(x), qweight, scales, zeros)  # fp32 even when split is 1
         return parts.reshape(split, *x.shape[:-1], qweight.shape[0])
     if split == 1:

@@ -36,8 +36,7 @@ import glob
 import os
 import threading
 import weakref
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -52,8 +51,7 @@ def enabled() -> bool:
     return os.environ.get("QWEN3VL_INT4_MMA", "").strip() == "1"
 
 
-@dataclass(frozen=True)
-class MmaConfig:
+class MmaConfig(NamedTuple):
     """A launch: `warps` a program, `unroll` groups' weights loaded ahead a warp, K split `split` ways."""
 
     warps: int = 4
@@ -61,20 +59,38 @@ class MmaConfig:
     split: int = 1
 
 
-# The 4B's one-row shapes (n, k) -> config; first guesses (docs/engine.md v20) until a device sweep picks.
-TUNED: dict[tuple[int, int], MmaConfig] = {
-    (6144, 2560): MmaConfig(4, 2, 2),
-    (2560, 4096): MmaConfig(4, 2, 4),
-    (19456, 2560): MmaConfig(4, 2, 1),
-    (2560, 9728): MmaConfig(4, 2, 4),
+# The 4B's shapes (row class 1: up to 8 rows, n, k) -> config. First guesses (docs/engine.md v20) until a device
+# sweep picks: `bench.quant_check --formats int4mma` (its report's "tuned" section, read at import from
+# $QWEN3VL_KERNEL_TUNING as the Triton kernels' are).
+TUNED: dict[tuple[int, int, int], MmaConfig] = {
+    (1, 6144, 2560): MmaConfig(4, 2, 1),
+    (1, 2560, 4096): MmaConfig(4, 2, 4),
+    (1, 19456, 2560): MmaConfig(4, 2, 1),
+    (1, 2560, 9728): MmaConfig(4, 2, 4),
 }
 
 
+def configs(n: int, k: int, group: int = 128) -> list[MmaConfig]:
+    """The sweep's launch configs for a shape, today's pick first: 4 or 8 warps a program, 1 or 2 groups loaded
+    ahead a warp, K split 1-16 ways (each split keeping a group for every warp at least)."""
+    groups = k // group
+    default = pick_config(n, k)
+    swept = [MmaConfig(w, u, s) for w in (4, 8) for u in (1, 2) for s in (1, 2, 4, 8, 16) if groups // s >= w]
+    return [default, *(c for c in swept if c != default)]
+
+
 def pick_config(n: int, k: int) -> MmaConfig:
-    found = TUNED.get((n, k))
+    found = TUNED.get((1, n, k))
     if found is not None:
         return found
     return MmaConfig(4, 2, max(1, min(4, k // 1024)))
+
+
+def load_tuning(path: str | None = None) -> int:
+    """A sweep's best configs into TUNED (kernels/tuning.py); read at import from $QWEN3VL_KERNEL_TUNING."""
+    from qwen3vl_webui.kernels import tuning
+
+    return tuning.load("int4mma", MmaConfig, TUNED, path)
 
 
 def split_of(n: int, k: int, group: int, config: MmaConfig | None = None) -> tuple[int, int]:
@@ -116,7 +132,9 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> 
     return packed, table
 
 
-def emulate(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, dtype: torch.dtype, split: int = 1) -> torch.Tensor:
+def emulate(
+    x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, dtype: torch.dtype, split: int = 1
+) -> torch.Tensor:
     """The kernel's arithmetic in torch (fp32), fragment by fragment from the repacked buffers: `[split, M, N]`.
 
     It reads the words as the kernel's lanes do (register j of lane (g, q) = nibbles j and j + 4; activations
@@ -445,7 +463,9 @@ _lock = threading.Lock()
 
 
 @functools.cache
-def _function(device_index: int, dtype: torch.dtype, warps: int, unroll: int, pdl_mode: int, group: int) -> ctypes.c_void_p:
+def _function(
+    device_index: int, dtype: torch.dtype, warps: int, unroll: int, pdl_mode: int, group: int
+) -> ctypes.c_void_p:
     """The variant compiled and loaded into the device's primary context (torch's), once a process."""
     with _lock:
         major, minor = torch.cuda.get_device_capability(device_index)
@@ -512,12 +532,15 @@ def launch(
 # ------------------------------------------------------------------------------------------------ the weights ---
 
 
-def serves(x: torch.Tensor, n: int, k: int, group: int) -> bool:
+def serves(x: torch.Tensor, n: int, k: int, group: int, scale_dtype: torch.dtype) -> bool:
     """Whether a product of `x [..., K]` by an `[N, K]` int4 weight runs here: enabled, a decode-sized 16-bit `x`
-    (1..MAX_ROWS rows) on a GPU that has the kernel, the 4B's group size. Shapes and devices only, so a fake tensor
-    (torch.compile's tracing) gets the same answer as the real one: the number of parts depends on it."""
+    (1..MAX_ROWS rows) with scales of its dtype (the kernel reads their bits as x's kind), on a GPU that has the
+    kernel, a group size it takes. Shapes, dtypes and devices only, so a fake tensor (torch.compile's tracing) gets
+    the same answer as the real one: the number of parts depends on it."""
     rows = x.numel() // k if k else 0
-    if not (enabled() and x.is_cuda and x.dtype in MAGIC and 0 < rows <= MAX_ROWS and supports(n, k, group)):
+    if not (enabled() and x.is_cuda and x.dtype in MAGIC and scale_dtype == x.dtype and 0 < rows <= MAX_ROWS):
+        return False
+    if not supports(n, k, group):
         return False
     return available(x.get_device())
 
@@ -558,3 +581,6 @@ def forget() -> None:
         if hasattr(qweight, ATTR):
             delattr(qweight, ATTR)
     _owners.clear()
+
+
+load_tuning()
