@@ -183,7 +183,7 @@ def sweep_section(
                 ("int4", [w4a16_triton.pick_config(rows, n, k)] if defaults_only else int4_configs(rows, n, k, int4_kernels),
                  lambda x, q, cfg: w4a16_triton.w4_partials(x, *q, 128, cfg),
                  lambda x, q, cfg: w4a16_triton.w4_matmul(x, *q, 128, cfg), w4, refw4, 0.5 + 3 / 128),
-                ("int4mma", ([w4_mma.pick_config(n, k)] if defaults_only else w4_mma.configs(n, k)) if mma and rows <= w4_mma.MAX_ROWS else [],
+                ("int4mma", ([w4_mma.pick_config(n, k, rows)] if defaults_only else w4_mma.configs(n, k, 128, rows)) if mma and rows <= w4_mma.MAX_ROWS else [],
                  lambda x, q, cfg, n=n: w4_mma.launch(x, *q, n, cfg),
                  lambda x, q, cfg, n=n: w4_mma.launch(x, *q, n, cfg).sum(0).to(x.dtype), mma, refw4, 0.5 + 4 / 128),
                 ("fp8", [fp8_triton.pick_config(rows, n, k)] if defaults_only else fp8_configs(rows),
@@ -227,17 +227,19 @@ def sweep_section(
                     row[f"{fmt}_worst_error"] = float(f"{worst:.2e}")  # relative (norm) against float64, every config
                     if fmt == "tinygemm":
                         continue
-                    if fmt == "int4mma":  # one row class: up to 8 rows
-                        default = w4_mma.pick_config(n, k)
+                    if fmt == "int4mma":  # row classes by n-tiles: 1 (up to 8 rows), 16, 32
+                        default = w4_mma.pick_config(n, k, rows)
                         row[f"{fmt}_default_us"] = next((round(t, 2) for t, c in tried if c == list(default)), None)
-                        tuned[fmt][f"1,{n},{k}"] = cfg
+                        key = f"{w4_mma.row_class(rows)},{n},{k}"
+                        if rows == 1 or key not in tuned[fmt]:  # the one-stream step's pick first
+                            tuned[fmt][key] = cfg
                         continue
                     default = (w4a16_triton if fmt == "int4" else fp8_triton).pick_config(rows, n, k)
                     row[f"{fmt}_default_us"] = next((round(t, 2) for t, c in tried if c == list(default)), None)
                     tuned[fmt][f"{w4a16_triton.row_class(rows)},{n},{k}"] = cfg
             print("sweep", json.dumps(row), flush=True)
             rows_out.append(row)
-        del ws, w4, w8, tiny
+        del ws, w4, w8, tiny, mma
         torch.cuda.empty_cache()
     report["sweep"] = rows_out
     report["tuned"] = tuned

@@ -154,7 +154,7 @@ def parts_split(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
     kernels = decode_kernels(x, _kernels, SKINNY_MAX_ROWS)
     k = x.shape[-1]
     if w4_mma.serves(x, qweight.shape[0], k, k // scales.shape[1], scales.dtype):
-        return w4_mma.split_of(qweight.shape[0], k, k // scales.shape[1])[0]
+        return w4_mma.split_of(qweight.shape[0], k, k // scales.shape[1], rows=x.numel() // k)[0]
     return 1 if kernels is None else kernels.w4_split(x.numel() // k, qweight.shape[0], k, k // scales.shape[1])
 
 

@@ -40,7 +40,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-MAX_ROWS = 8  # the mma's N: the batch's rows are its columns
+MAX_ROWS = 32  # the batch's rows are the mma's columns: 1, 2 or 4 n-tiles of 8
+DEFAULT_ROWS = 8  # served where QWEN3VL_INT4_MMA_ROWS names no other count (the one n-tile the kernel was built for)
 ROWS_PER_TILE = 16
 CHUNK = 64  # k per 16-byte load of a lane (four k-tiles of 16)
 GROUPS = (64, 128)  # group sizes this kernel takes: one or two chunks (the 4B's 128; the tiny test model's 64)
@@ -51,6 +52,21 @@ def enabled() -> bool:
     return os.environ.get("QWEN3VL_INT4_MMA", "").strip() == "1"
 
 
+def max_rows() -> int:
+    """The most rows a product serves here: QWEN3VL_INT4_MMA_ROWS (1-32), else DEFAULT_ROWS."""
+    value = os.environ.get("QWEN3VL_INT4_MMA_ROWS", "").strip()
+    return max(1, min(MAX_ROWS, int(value))) if value.isdigit() else DEFAULT_ROWS
+
+
+def n_tiles(rows: int) -> int:
+    """The launch's n-tiles of 8 batch rows: 1, 2 or 4 (the row classes 1, 16 and 32 of TUNED)."""
+    return 1 if rows <= 8 else 2 if rows <= 16 else 4
+
+
+def row_class(rows: int) -> int:
+    return (1, 16, 0, 32)[n_tiles(rows) - 1]
+
+
 class MmaConfig(NamedTuple):
     """A launch: `warps` a program, `unroll` groups' weights loaded ahead a warp, K split `split` ways."""
 
@@ -59,9 +75,9 @@ class MmaConfig(NamedTuple):
     split: int = 1
 
 
-# The 4B's shapes (row class 1: up to 8 rows, n, k) -> config. First guesses (docs/engine.md v20) until a device
-# sweep picks: `bench.quant_check --formats int4mma` (its report's "tuned" section, read at import from
-# $QWEN3VL_KERNEL_TUNING as the Triton kernels' are).
+# The 4B's shapes (row class: 1 up to 8 rows, 16, 32; n, k) -> config. First guesses (docs/engine.md v20) until a
+# device sweep picks: `bench.quant_check --formats int4mma` (its report's "tuned" section, read at import from
+# $QWEN3VL_KERNEL_TUNING as the Triton kernels' are). Four n-tiles take one group ahead (two spill registers).
 TUNED: dict[tuple[int, int, int], MmaConfig] = {
     (1, 6144, 2560): MmaConfig(4, 2, 1),
     (1, 2560, 4096): MmaConfig(4, 2, 4),
@@ -70,20 +86,21 @@ TUNED: dict[tuple[int, int, int], MmaConfig] = {
 }
 
 
-def configs(n: int, k: int, group: int = 128) -> list[MmaConfig]:
-    """The sweep's launch configs for a shape, today's pick first: 4 or 8 warps a program, 1 or 2 groups loaded
-    ahead a warp, K split 1-16 ways (each split keeping a group for every warp at least)."""
+def configs(n: int, k: int, group: int = 128, rows: int = 1) -> list[MmaConfig]:
+    """The sweep's launch configs for a shape and row count, today's pick first: 4 or 8 warps a program, 1 or 2
+    groups loaded ahead a warp (1 at four n-tiles), K split 1-16 ways (a group for every warp of a split at least)."""
     groups = k // group
-    default = pick_config(n, k)
-    swept = [MmaConfig(w, u, s) for w in (4, 8) for u in (1, 2) for s in (1, 2, 4, 8, 16) if groups // s >= w]
+    default = pick_config(n, k, rows)
+    unrolls = (1, 2) if n_tiles(rows) < 4 else (1,)
+    swept = [MmaConfig(w, u, s) for w in (4, 8) for u in unrolls for s in (1, 2, 4, 8, 16) if groups // s >= w]
     return [default, *(c for c in swept if c != default)]
 
 
-def pick_config(n: int, k: int) -> MmaConfig:
-    found = TUNED.get((1, n, k))
+def pick_config(n: int, k: int, rows: int = 1) -> MmaConfig:
+    found = TUNED.get((row_class(rows), n, k))
     if found is not None:
         return found
-    return MmaConfig(4, 2, max(1, min(4, k // 1024)))
+    return MmaConfig(4, 2 if n_tiles(rows) < 4 else 1, max(1, min(4, k // 1024)))
 
 
 def load_tuning(path: str | None = None) -> int:
@@ -93,9 +110,9 @@ def load_tuning(path: str | None = None) -> int:
     return tuning.load("int4mma", MmaConfig, TUNED, path)
 
 
-def split_of(n: int, k: int, group: int, config: MmaConfig | None = None) -> tuple[int, int]:
+def split_of(n: int, k: int, group: int, config: MmaConfig | None = None, rows: int = 1) -> tuple[int, int]:
     """(partial sums a launch writes, groups of K each): its K split, clipped so that each split has a group."""
-    cfg = config or pick_config(n, k)
+    cfg = config or pick_config(n, k, rows)
     groups = k // group
     per = -(-groups // cfg.split)
     return -(-groups // per), per
@@ -140,6 +157,8 @@ def emulate(
     It reads the words as the kernel's lanes do (register j of lane (g, q) = nibbles j and j + 4; activations
     k = 16q + 4i + {0, 1} for b0 b1 and + {2, 3} for b2 b3; rows g, g + 8 of the tile for a's registers j even,
     odd), so a wrong index in `repack` or in this mapping fails the tests against the dequantized weight."""
+    if x.shape[0] > 8:  # each n-tile of 8 rows is the same computation on its rows (the kernel's NT loop)
+        return torch.cat([emulate(x[r : r + 8], packed, table, dtype, split) for r in range(0, x.shape[0], 8)], dim=1)
     magic = MAGIC[dtype]
     tiles, chunks = packed.shape[0], packed.shape[1]
     m, k = x.shape
@@ -158,10 +177,10 @@ def emulate(
             cols = 2 * qq + 8 * (j >> 1) + e
             a[:, :, :, rows, cols] = nib[:, :, lane, :, 4 * e + j].permute(0, 1, 3, 2)
     # B[c, i, kl, n]: b0 b1 at kl = 2q + e from k = 16q + 4i + e; b2 b3 at kl = 2q + 8 + e from k = 16q + 4i + 2 + e.
-    xs = torch.zeros(MAX_ROWS, k)
+    xs = torch.zeros(8, k)
     xs[:m] = x.to(torch.float32)
-    xc = xs.reshape(MAX_ROWS, chunks, 4, 16)  # n, c, q, 16 contiguous values
-    b = torch.zeros(chunks, 4, 16, MAX_ROWS)
+    xc = xs.reshape(8, chunks, 4, 16)  # n, c, q, 16 contiguous values
+    b = torch.zeros(chunks, 4, 16, 8)
     for q in range(4):
         for i in range(4):
             for e in range(2):
@@ -169,8 +188,8 @@ def emulate(
                 b[:, i, 2 * q + 8 + e, :] = xc[:, :, q, 4 * i + 2 + e].T
     t = torch.einsum("tcirk,cikn->tcrn", a, b)  # [T, C, 16, 8]: a chunk's four k-tiles summed
     sx = b.sum(dim=2).sum(dim=1)  # [C, 8]: the all-ones mma's Σ x
-    t = t.reshape(tiles, groups, per_group, 16, MAX_ROWS).sum(dim=2)  # per group
-    sx = sx.reshape(groups, per_group, MAX_ROWS).sum(dim=1)
+    t = t.reshape(tiles, groups, per_group, 16, 8).sum(dim=2)  # per group
+    sx = sx.reshape(groups, per_group, 8).sum(dim=1)
     entry = table.to(torch.int64) & 0xFFFFFFFF  # [T, G, 16]
     bits = entry & 0xFFFF
     scale = (bits - ((bits & 0x8000) << 1)).to(torch.int16).view(dtype).to(torch.float32)
@@ -179,7 +198,7 @@ def emulate(
     per = -(-groups // split)
     parts = [per_group[:, s * per : (s + 1) * per].sum(dim=1) for s in range(-(-groups // per))]
     out = torch.stack(parts)  # [S, T, 16, 8]
-    return out.permute(0, 3, 1, 2).reshape(len(parts), MAX_ROWS, tiles * 16)[:, :m]
+    return out.permute(0, 3, 1, 2).reshape(len(parts), 8, tiles * 16)[:, :m]
 
 
 # ------------------------------------------------------------------------------------------------------ CUDA ---
@@ -226,43 +245,56 @@ __device__ __forceinline__ void load_group_weights(uint4 (&w)[UNROLL][CPG], unsi
     }
 }
 
-// The same groups' activations: the lane's 16 values of each 64-k chunk (row g of the batch, values 16q..16q+15).
-__device__ __forceinline__ void load_group_x(uint4 (&x)[UNROLL][2 * CPG], const uint4* xg, int gg, int end) {
+// The same groups' activations: the lane's 16 values of each 64-k chunk (values 16q..16q+15) for each n-tile's row
+// (8 nt + g of the batch: xg[nt] points at it).
+__device__ __forceinline__ void load_group_x(uint4 (&x)[UNROLL][NT][2 * CPG], const uint4* const (&xg)[NT], int gg,
+                                             int end) {
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
         if (gg + u * WARPS < end) {
 #pragma unroll
-            for (int c = 0; c < CPG; ++c) {  // a chunk is 64 values: 8 loads of 16 bytes
-                x[u][2 * c] = load_x(xg + u * WARPS * GSIZE / 8 + 8 * c);
-                x[u][2 * c + 1] = load_x(xg + u * WARPS * GSIZE / 8 + 8 * c + 1);
-            }
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int c = 0; c < CPG; ++c) {  // a chunk is 64 values: 8 loads of 16 bytes
+                    x[u][nt][2 * c] = load_x(xg[nt] + u * WARPS * GSIZE / 8 + 8 * c);
+                    x[u][nt][2 * c + 1] = load_x(xg[nt] + u * WARPS * GSIZE / 8 + 8 * c + 1);
+                }
         }
     }
 }
 
-// One step's math: for each of its groups, the dot of magic + q with x and the all-ones dot (Σ x) in 2 mma's a
-// k-tile, then the group's scale and zero applied in fp32 to the lane's four sums.
-__device__ __forceinline__ void group_math(float (&acc)[4], const uint4 (&w)[UNROLL][CPG], const unsigned (&sz)[UNROLL][2],
-                                           const uint4 (&x)[UNROLL][2 * CPG], int gg, int end) {
+// One step's math: for each of its groups and n-tiles, the dot of magic + q with x and the all-ones dot (Σ x) in
+// 2 mma's a k-tile (the weights' registers made once for all n-tiles), then the group's scale and zero applied in
+// fp32 to the lane's four sums of each n-tile.
+__device__ __forceinline__ void group_math(float (&acc)[NT][4], const uint4 (&w)[UNROLL][CPG],
+                                           const unsigned (&sz)[UNROLL][2], const uint4 (&x)[UNROLL][NT][2 * CPG],
+                                           int gg, int end) {
     const unsigned magic = MAGIC_BITS, nibbles = 0x000F000Fu;
     const unsigned ones[4] = {ONES_BITS, ONES_BITS, ONES_BITS, ONES_BITS};
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
         if (gg + u * WARPS < end) {
-            float t[4] = {0.f, 0.f, 0.f, 0.f}, s[4] = {0.f, 0.f, 0.f, 0.f};
+            float t[NT][4], s[NT][4];
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) t[nt][c] = s[nt][c] = 0.f;
 #pragma unroll
             for (int ch = 0; ch < CPG; ++ch) {
                 const unsigned wv[4] = {w[u][ch].x, w[u][ch].y, w[u][ch].z, w[u][ch].w};
-                const uint4 xl = x[u][2 * ch], xh = x[u][2 * ch + 1];
-                const unsigned xv[8] = {xl.x, xl.y, xl.z, xl.w, xh.x, xh.y, xh.z, xh.w};
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
                     unsigned a[4];
 #pragma unroll
                     for (int j = 0; j < 4; ++j)  // register j: nibbles j and j + 4 as magic + q in each lane
                         asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(a[j]) : "r"(wv[i] >> (4 * j)), "r"(nibbles), "r"(magic));
-                    mma(t, a, xv[2 * i], xv[2 * i + 1]);
-                    mma(s, ones, xv[2 * i], xv[2 * i + 1]);  // Σ x over the k-tile, per column
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt) {
+                        const uint4 xq = x[u][nt][2 * ch + (i >> 1)];  // values 4i..4i+3 of the lane's 16
+                        const unsigned b0 = (i & 1) ? xq.z : xq.x, b1 = (i & 1) ? xq.w : xq.y;
+                        mma(t[nt], a, b0, b1);
+                        mma(s[nt], ones, b0, b1);  // Σ x over the k-tile, per column
+                    }
                 }
             }
 #pragma unroll
@@ -270,8 +302,11 @@ __device__ __forceinline__ void group_math(float (&acc)[4], const uint4 (&w)[UNR
                 const unsigned e = sz[u][h];
                 const float scale = SCALE_OF(e);
                 const float zero = (float)(e >> 16) + MAGIC_F;
-                acc[2 * h] += scale * (t[2 * h] - zero * s[2 * h]);
-                acc[2 * h + 1] += scale * (t[2 * h + 1] - zero * s[2 * h + 1]);
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    acc[nt][2 * h] += scale * (t[nt][2 * h] - zero * s[nt][2 * h]);
+                    acc[nt][2 * h + 1] += scale * (t[nt][2 * h + 1] - zero * s[nt][2 * h + 1]);
+                }
             }
         }
     }
@@ -292,9 +327,16 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) w4_mma(
     // [+ 8]; its activations: xg[gg * GSIZE / 8] on. Rows of the batch past M read row M - 1 (never stored).
     const uint4* wg = W + (size_t)tile * chunks * 32 + lane + (size_t)first * CPG * 32;
     const unsigned* sg = SZ + (size_t)tile * groups * 16 + g + first * 16;
-    const uint4* xg = reinterpret_cast<const uint4*>(X + (size_t)min(g, M - 1) * sx + q * 16) + first * GSIZE / 8;
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    uint4 wa[UNROLL][CPG], wb[UNROLL][CPG], xa[UNROLL][2 * CPG], xb[UNROLL][2 * CPG];
+    const uint4* xg[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+        xg[nt] = reinterpret_cast<const uint4*>(X + (size_t)min(8 * nt + g, M - 1) * sx + q * 16) + first * GSIZE / 8;
+    float acc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[nt][c] = 0.f;
+    uint4 wa[UNROLL][CPG], wb[UNROLL][CPG], xa[UNROLL][NT][2 * CPG], xb[UNROLL][NT][2 * CPG];
     unsigned sa[UNROLL][2], sb[UNROLL][2];
 
     // The first step's weights: constants, loaded before the wait so that they overlap the kernel before. ptxas
@@ -315,36 +357,40 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) w4_mma(
     for (int gg0 = first; gg0 < end; gg0 += 2 * STEP) {
         wg += STEP * CPG * 32;
         sg += STEP * 16;
-        xg += STEP * GSIZE / 8;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) xg[nt] += STEP * GSIZE / 8;
         load_group_weights(wb, sb, wg, sg, gg0 + STEP, end);
         load_group_x(xb, xg, gg0 + STEP, end);
         group_math(acc, wa, sa, xa, gg0, end);
         if (gg0 + STEP >= end) break;
         wg += STEP * CPG * 32;
         sg += STEP * 16;
-        xg += STEP * GSIZE / 8;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) xg[nt] += STEP * GSIZE / 8;
         load_group_weights(wa, sa, wg, sg, gg0 + 2 * STEP, end);
         load_group_x(xa, xg, gg0 + 2 * STEP, end);
         group_math(acc, wb, sb, xb, gg0 + STEP, end);
     }
-    __shared__ float red[WARPS][4][32];
+    __shared__ float red[WARPS][NT * 4][32];
 #pragma unroll
-    for (int c = 0; c < 4; ++c) red[warp][c][lane] = acc[c];
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) red[warp][4 * nt + c][lane] = acc[nt][c];
     __syncthreads();
 #if PDL == 2
     asm volatile("griddepcontrol.launch_dependents;" :::);
 #endif
     if (warp == 0) {
-#pragma unroll
-        for (int w = 1; w < WARPS; ++w)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) acc[c] += red[w][c][lane];
         float* yp = Y + (size_t)split * M * N + (size_t)tile * 16 + g;
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-            const int row = 2 * q + (c & 1);  // the batch's row: the mma's column
-            if (row < M) yp[(size_t)row * N + 8 * (c >> 1)] = acc[c];
-        }
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+#pragma unroll
+                for (int w = 1; w < WARPS; ++w) acc[nt][c] += red[w][4 * nt + c][lane];
+                const int row = 8 * nt + 2 * q + (c & 1);  // the batch's row: the mma's column in n-tile nt
+                if (row < M) yp[(size_t)row * N + 8 * (c >> 1)] = acc[nt][c];
+            }
     }
 }
 """
@@ -374,10 +420,10 @@ __device__ __forceinline__ float __half_bits_to_float(unsigned e) {
 """
 
 
-def source(dtype: torch.dtype, warps: int, unroll: int, pdl_mode: int, group: int = 128) -> str:
-    """The kernel's CUDA C for one variant (macros first)."""
+def source(dtype: torch.dtype, warps: int, unroll: int, pdl_mode: int, group: int = 128, tiles: int = 1) -> str:
+    """The kernel's CUDA C for one variant (macros first): `tiles` n-tiles of 8 batch rows (1, 2 or 4)."""
     defines = {**_KINDS[dtype], "WARPS": str(warps), "UNROLL": str(unroll), "PDL": str(pdl_mode),
-               "CPG": str(group // CHUNK)}  # fmt: skip
+               "CPG": str(group // CHUNK), "NT": str(tiles)}  # fmt: skip
     head = "".join(f"#define {name} {value}\n" for name, value in defines.items())
     return head + (_HALF if dtype == torch.float16 else "") + SOURCE
 
@@ -464,12 +510,12 @@ _lock = threading.Lock()
 
 @functools.cache
 def _function(
-    device_index: int, dtype: torch.dtype, warps: int, unroll: int, pdl_mode: int, group: int
+    device_index: int, dtype: torch.dtype, warps: int, unroll: int, pdl_mode: int, group: int, tiles: int
 ) -> ctypes.c_void_p:
     """The variant compiled and loaded into the device's primary context (torch's), once a process."""
     with _lock:
         major, minor = torch.cuda.get_device_capability(device_index)
-        cubin = compile_cubin(source(dtype, warps, unroll, pdl_mode, group), f"sm_{major}{minor}")
+        cubin = compile_cubin(source(dtype, warps, unroll, pdl_mode, group, tiles), f"sm_{major}{minor}")
         with torch.cuda.device(device_index):
             torch.cuda.current_stream(device_index)  # the runtime makes torch's context current on this thread
             torch.empty(1, device=f"cuda:{device_index}")
@@ -496,14 +542,14 @@ def launch(
     x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, n: int, config: MmaConfig | None = None,
     pdl_mode: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """`x [M <= 8, K]` (bf16/fp16, rows contiguous, 16-byte aligned) times the repacked weight ᵀ: `[split, M, N]`
-    fp32 partial sums on the current stream."""
+    """`x [M <= 32, K]` (bf16/fp16, rows contiguous, 16-byte aligned) times the repacked weight ᵀ: `[split, M, N]`
+    fp32 partial sums on the current stream (config: `pick_config` for M's row class where none is given)."""
     from qwen3vl_webui.kernels import pdl
 
     m, k = x.shape
     if m > MAX_ROWS or x.stride(1) != 1 or x.data_ptr() % 16 or x.stride(0) % 8:
         raise ValueError(f"w4_mma takes up to {MAX_ROWS} rows, contiguous and 16-byte aligned; got {tuple(x.shape)}")
-    cfg = config or pick_config(n, k)
+    cfg = config or pick_config(n, k, m)
     group = k // table.shape[1]
     split, per = split_of(n, k, group, cfg)
     out = torch.empty((split, m, n), device=x.device, dtype=torch.float32)
@@ -512,7 +558,7 @@ def launch(
     index = x.get_device()
     if pdl_mode and torch.cuda.get_device_capability(index) < (9, 0):
         pdl_mode = 0
-    func = _function(index, x.dtype, cfg.warps, cfg.unroll, pdl_mode, group)
+    func = _function(index, x.dtype, cfg.warps, cfg.unroll, pdl_mode, group, n_tiles(m))
     values = [
         ctypes.c_void_p(packed.data_ptr()), ctypes.c_void_p(table.data_ptr()), ctypes.c_void_p(x.data_ptr()),
         ctypes.c_void_p(out.data_ptr()), ctypes.c_int(m), ctypes.c_int(n), ctypes.c_int(k), ctypes.c_int(x.stride(0)),
@@ -534,11 +580,11 @@ def launch(
 
 def serves(x: torch.Tensor, n: int, k: int, group: int, scale_dtype: torch.dtype) -> bool:
     """Whether a product of `x [..., K]` by an `[N, K]` int4 weight runs here: enabled, a decode-sized 16-bit `x`
-    (1..MAX_ROWS rows) with scales of its dtype (the kernel reads their bits as x's kind), on a GPU that has the
+    (1 to `max_rows()` rows) with scales of its dtype (the kernel reads their bits as x's kind), on a GPU that has the
     kernel, a group size it takes. Shapes, dtypes and devices only, so a fake tensor (torch.compile's tracing) gets
     the same answer as the real one: the number of parts depends on it."""
     rows = x.numel() // k if k else 0
-    if not (enabled() and x.is_cuda and x.dtype in MAGIC and scale_dtype == x.dtype and 0 < rows <= MAX_ROWS):
+    if not (enabled() and x.is_cuda and x.dtype in MAGIC and scale_dtype == x.dtype and 0 < rows <= max_rows()):
         return False
     if not supports(n, k, group):
         return False
@@ -568,7 +614,7 @@ def buffers(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) ->
 
 
 def partials(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """`x [rows, K]` times the int4 weight ᵀ as `[split_of(N, K), rows, N]` fp32 partial sums."""
+    """`x [rows, K]` times the int4 weight ᵀ as `[split_of(N, K, G, rows=rows), rows, N]` fp32 partial sums."""
     packed, table = buffers(qweight, scales, zeros)
     if x.data_ptr() % 16:
         x = x.clone()
