@@ -85,6 +85,19 @@ def test_it_serves_only_what_it_was_built_for(monkeypatch: pytest.MonkeyPatch) -
     assert w4_mma.max_rows() == 32
 
 
+def test_the_pdl_launch_attribute_holds_its_value() -> None:
+    """CUlaunchAttribute: a 4-byte id, 4 bytes of padding, a 64-byte value union whose first int is
+    `programmaticStreamSerializationAllowed`. (A c_char array field is handed out as a bytes copy: a write to it left
+    the value 0, and the launch silently without PDL.)"""
+    import ctypes
+
+    attr = w4_mma.pdl_attribute()
+    raw = bytes(attr)
+    assert ctypes.sizeof(attr) == 72 and ctypes.sizeof(w4_mma._Config) == 56
+    assert raw[:4] == (6).to_bytes(4, "little") and raw[8:12] == (1).to_bytes(4, "little") and raw[12:] == bytes(60)
+    assert w4_mma._Config.hStream.offset == 32 and w4_mma._Config.attrs.offset == 40
+
+
 @pytest.mark.parametrize("group", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_it_compiles_for_sm90_and_loads_weights_before_the_pdl_wait_and_activations_after(

@@ -16,16 +16,17 @@ before (PDL) before its first load, weights included. Here:
   (they are constants; only the activations depend on the kernel before), so under PDL its first loads overlap the
   kernel before. Its activation loads and stores come after the wait.
 
-The batch's rows are the mma's 8 columns (rows past M read zeros), so 1-8 rows cost the same. A program (CTA) of
+The batch's rows are the mma's 8 columns (columns past M read row M - 1 and are never stored), so 1-8 rows cost
+the same; 2 or 4 n-tiles of 8 take up to 32 rows, the weights unpacked once for all. A program (CTA) of
 WARPS warps owns 16 output rows and a range of K's groups (the split), its warps taking every WARPS-th group; they
 add their sums in shared memory and write `[split, M, N]` fp32 partial sums, which the fused layer's next kernel adds
 (as the Triton kernels' parts). Compiled at first use with NVRTC (torch's CUDA wheels ship it), loaded and launched
 through the driver API (`cuLaunchKernelEx`, PDL as an attribute), so it is captured into CUDA graphs like any
 launch on the current stream. `emulate` is the same arithmetic in torch, fragment by fragment (the CPU tests).
 
-Off unless QWEN3VL_INT4_MMA=1 (an A/B until a device run measures it): then `prepare` repacks each Int4Linear's
-weights once beside its own (+~1.9 GiB for the 4B), and decode products of up to 8 rows on a GPU of compute
-capability 8.0+ run here.
+Off unless QWEN3VL_INT4_MMA=1 (an A/B until a device run measures it): then decode products of up to 8 rows
+(QWEN3VL_INT4_MMA_ROWS: up to 32) on a GPU of compute capability 8.0+ run here, each int4 weight repacked at its first
+such product (`buffers`) and kept beside its own (+~1.9 GiB for the 4B).
 """
 
 from __future__ import annotations
@@ -429,16 +430,18 @@ def source(dtype: torch.dtype, warps: int, unroll: int, pdl_mode: int, group: in
 
 
 def _find_nvrtc() -> str:
-    """libnvrtc from torch's CUDA wheels (nvidia/cu13/lib, nvidia/cuda_nvrtc/lib) or the system's."""
+    """libnvrtc from torch's CUDA wheels (nvidia/cu13/lib, nvidia/cuda_nvrtc/lib), else the loader's search
+    (LD_LIBRARY_PATH, a CUDA toolkit's)."""
     import site
 
     roots = [*site.getsitepackages(), site.getusersitepackages(), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+    roots.append(os.path.dirname(os.path.dirname(torch.__file__)))  # torch's own site-packages
     for root in filter(None, roots):
         for pattern in ("nvidia/cu1*/lib/libnvrtc.so.*", "nvidia/cuda_nvrtc/lib/libnvrtc.so.*"):
             found = sorted(p for p in glob.glob(os.path.join(root, pattern)) if "builtins" not in p and "alt" not in p)
             if found:
                 return found[-1]
-    return "libnvrtc.so"
+    return "libnvrtc.so.13" if str(torch.version.cuda or "").startswith("13") else "libnvrtc.so.12"
 
 
 @functools.cache
@@ -476,7 +479,8 @@ def compile_cubin(code: str, arch: str, name: str = "w4_mma") -> bytes:
 
 
 class _Attr(ctypes.Structure):
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_char * 64)]
+    # c_ubyte, not c_char: ctypes hands a c_char array field out as a bytes copy (a write to it changes nothing)
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_ubyte * 4), ("value", ctypes.c_ubyte * 64)]
 
 
 class _Config(ctypes.Structure):
@@ -489,6 +493,18 @@ class _Config(ctypes.Structure):
 
 
 PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID
+
+
+def pdl_attribute() -> _Attr:
+    """The launch attribute that lets the kernel start before the one before it ends (its programs wait at
+    `griddepcontrol.wait`): CUDA's `programmaticStreamSerializationAllowed = 1`, the value union's first int."""
+    attr = _Attr()
+    attr.id = PROGRAMMATIC_STREAM_SERIALIZATION
+    ctypes.c_int.from_buffer(attr, _Attr.value.offset).value = 1
+    return attr
+
+
+_PDL = pdl_attribute()
 
 
 @functools.cache
@@ -506,23 +522,38 @@ def _check(result: int, what: str) -> None:
 
 
 _lock = threading.Lock()
+_repacking = threading.Lock()
 
 
 @functools.cache
 def _function(
     device_index: int, dtype: torch.dtype, warps: int, unroll: int, pdl_mode: int, group: int, tiles: int
 ) -> ctypes.c_void_p:
-    """The variant compiled and loaded into the device's primary context (torch's), once a process."""
+    """The variant compiled and loaded into the device's primary context (torch's), once a process. Not inside a
+    CUDA graph capture: a step of each batch size runs before its capture (so every variant is built then)."""
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("w4_mma: a kernel variant was first needed inside a CUDA graph capture; run a step before")
     with _lock:
         major, minor = torch.cuda.get_device_capability(device_index)
         cubin = compile_cubin(source(dtype, warps, unroll, pdl_mode, group, tiles), f"sm_{major}{minor}")
-        with torch.cuda.device(device_index):
-            torch.cuda.current_stream(device_index)  # the runtime makes torch's context current on this thread
-            torch.empty(1, device=f"cuda:{device_index}")
-            module, func = ctypes.c_void_p(), ctypes.c_void_p()
-            _check(_driver().cuModuleLoadData(ctypes.byref(module), cubin), "module load")
-            _check(_driver().cuModuleGetFunction(ctypes.byref(func), module, b"w4_mma"), "function")
+        _primary_context(device_index)
+        module, func = ctypes.c_void_p(), ctypes.c_void_p()
+        _check(_driver().cuModuleLoadData(ctypes.byref(module), cubin), "module load")
+        _check(_driver().cuModuleGetFunction(ctypes.byref(func), module, b"w4_mma"), "function")
         return func
+
+
+def _primary_context(device_index: int) -> None:
+    """Makes the device's primary context (the one torch's runtime uses) current on this thread if none is."""
+    lib = _driver()
+    current = ctypes.c_void_p()
+    _check(lib.cuCtxGetCurrent(ctypes.byref(current)), "current context")
+    if current.value:
+        return
+    device, context = ctypes.c_int(), ctypes.c_void_p()
+    _check(lib.cuDeviceGet(ctypes.byref(device), device_index), "device")
+    _check(lib.cuDevicePrimaryCtxRetain(ctypes.byref(context), device), "primary context")
+    _check(lib.cuCtxSetCurrent(context), "set context")
 
 
 @functools.cache
@@ -565,12 +596,9 @@ def launch(
         ctypes.c_int(per),
     ]  # fmt: skip
     params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
-    attr = _Attr()
-    attr.id = PROGRAMMATIC_STREAM_SERIALIZATION
-    ctypes.memmove(attr.value, ctypes.byref(ctypes.c_int(1)), 4)
     conf = _Config(n // ROWS_PER_TILE, split, 1, 32 * cfg.warps, 1, 1, 0, torch.cuda.current_stream(index).cuda_stream)
     if pdl_mode:
-        conf.attrs, conf.numAttrs = ctypes.pointer(attr), 1
+        conf.attrs, conf.numAttrs = ctypes.pointer(_PDL), 1
     _check(_driver().cuLaunchKernelEx(ctypes.byref(conf), func, params, None), "launch")
     return out
 
@@ -606,10 +634,17 @@ def buffers(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) ->
     if made is None:
         if qweight.is_cuda and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("w4_mma: an int4 weight was first used inside a CUDA graph capture; run a step before")
-        with torch.inference_mode(False), torch.no_grad():  # kept past the engine's inference-mode worker
-            made = repack(qweight, scales, zeros)
-        setattr(qweight, ATTR, made)
-        _owners[(qweight.data_ptr(), tuple(qweight.shape))] = qweight
+        with _repacking:  # the engine's thread and the background compile's may both get here first
+            made = getattr(qweight, ATTR, None)
+            if made is None:
+                with torch.inference_mode(False), torch.no_grad():  # kept past the engine's inference-mode worker
+                    made = repack(qweight, scales, zeros)
+                if qweight.is_cuda:
+                    # The kernel reads the table before its PDL wait, which alone makes the kernel before's writes
+                    # visible: the repack's last kernel must have finished.
+                    torch.cuda.current_stream(qweight.device).synchronize()
+                setattr(qweight, ATTR, made)
+                _owners[(qweight.data_ptr(), tuple(qweight.shape))] = qweight
     return made
 
 
