@@ -85,6 +85,17 @@ def test_it_serves_only_what_it_was_built_for(monkeypatch: pytest.MonkeyPatch) -
     assert w4_mma.max_rows() == 32
 
 
+def test_the_planner_counts_the_repacked_weights_while_it_is_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qwen3vl_webui import planner
+    from tests.test_planner import SHAPE
+
+    before = planner.weight_bytes(SHAPE, "int4")
+    monkeypatch.setenv("QWEN3VL_INT4_MMA", "1")
+    extra = planner.weight_bytes(SHAPE, "int4") - before
+    assert extra == pytest.approx(SHAPE.quantizable_params * (0.5 + 4 / 128), abs=1)
+    assert 1.7 < extra / 2**30 < 2.1  # the 4B: ~1.9 GiB beside its 3.27
+
+
 def test_the_pdl_launch_attribute_holds_its_value() -> None:
     """CUlaunchAttribute: a 4-byte id, 4 bytes of padding, a 64-byte value union whose first int is
     `programmaticStreamSerializationAllowed`. (A c_char array field is handed out as a bytes copy: a write to it left
