@@ -66,7 +66,6 @@ def consumer(name: str, rows: int, device: Any, dtype: Any) -> Any:
     raise ValueError(f"no consumer for {name!r}")
 
 
-
 QUALITY = ("int8wo", "fp8", "int4", "int4-bnb", "int8")
 # Real text for the quality section on a real checkpoint (random weights get random ids).
 PROMPTS = [
@@ -97,7 +96,9 @@ def int4_configs(rows: int, n: int = 0, k: int = 0, kernels: tuple[int, ...] = (
         default = pick_config(rows, n, k)
         return [default, *(c for c in int4_configs(rows, kernels=kernels) if c != default)]
 
-    gemv = [W4Config(1, bn, split, w, s) for bn in (16, 32, 64) for split in (0, 1, 2, 4) for w in (4, 8) for s in (2, 3)]
+    gemv = [
+        W4Config(1, bn, split, w, s) for bn in (16, 32, 64) for split in (0, 1, 2, 4) for w in (4, 8) for s in (2, 3)
+    ]
     bm = 16 if rows <= 16 else 32
     # Tile 3 at 16 rows and fewer: K split further and a deeper load pipeline (4 stages). There the products are
     # latency-bound, not compute-bound: session 19's H100 read 0.5-1.3 TB/s of packed weights at one row, where the
@@ -110,7 +111,8 @@ def int4_configs(rows: int, n: int = 0, k: int = 0, kernels: tuple[int, ...] = (
     # Tile 6 at 32 rows (session 21's first sweep: 1.2-1.85x tile 3): also 8 warps, 4 stages, K split 4 ways. Tile 8
     # (session 27) is tile 6 with 12% fewer instructions a loop trip (bench/kernel_asm.py): the same shapes.
     tile6 = (
-        [(bm, bn, split, 4, s) for bn in (64, 128) for split in (0, 4, 16) for s in (2, 3)] if rows <= 16
+        [(bm, bn, split, 4, s) for bn in (64, 128) for split in (0, 4, 16) for s in (2, 3)]
+        if rows <= 16
         else [(bm, bn, split, w, s) for bn in (64, 128) for split in (0, 2, 4) for w in (4, 8) for s in (2, 3, 4)]
     )
     # At 16 rows and fewer tile 8 also takes 256 weight rows a program: 2.65 SASS instructions a weight in its K loop
@@ -150,8 +152,13 @@ def fp8_configs(rows: int) -> list[Any]:
 
 
 def sweep_section(
-    report: dict[str, Any], deadline: float, rows_swept: tuple[int, ...] = ROWS, formats: tuple[str, ...] = ("int4", "fp8"),
-    defaults_only: bool = False, int4_kernels: tuple[int, ...] = (8, 6, 3, 4, 2, 1, 0), shapes: tuple[str, ...] = (),
+    report: dict[str, Any],
+    deadline: float,
+    rows_swept: tuple[int, ...] = ROWS,
+    formats: tuple[str, ...] = ("int4", "fp8"),
+    defaults_only: bool = False,
+    int4_kernels: tuple[int, ...] = (8, 6, 3, 4, 2, 1, 0),
+    shapes: tuple[str, ...] = (),
 ) -> None:
     """`defaults_only`: int4 and fp8 at the config their kernels pick today (no tuning: seconds, not minutes)."""
     import torch
@@ -211,7 +218,16 @@ def sweep_section(
                         us = 1e3 * graph_ms(lambda x=x, cfg=cfg, parts=parts, weights=weights, eat=eat:
                                             [eat(parts(x, q, cfg)) for q in weights]) / LAYERS  # fmt: skip
                     except Exception as exc:  # a config triton cannot build (registers, shared memory)
-                        print("config failed", fmt, name, rows, _as_list(cfg), type(exc).__name__, str(exc)[:120], flush=True)
+                        print(
+                            "config failed",
+                            fmt,
+                            name,
+                            rows,
+                            _as_list(cfg),
+                            type(exc).__name__,
+                            str(exc)[:120],
+                            flush=True,
+                        )
                         continue
                     tried.append((us, _as_list(cfg)))
                     worst = max(worst, err)
@@ -251,7 +267,43 @@ def sweep_section(
         print("}", flush=True)
 
 
-def quality_section(report: dict[str, Any], source: str, device: str = "cuda", names: tuple[str, ...] = QUALITY) -> None:
+def layout_section(report: dict[str, Any]) -> None:
+    """kernels/w4_mma.py's whole path on the GPU, each of the 4B's shapes: an Int4Linear converted to the kernel's
+    layout in place, its products at 1-64 rows (the kernel, in launches of 32) and at 100 (prefill: the Triton
+    dequantize from that layout, then cuBLAS) against the float64 product of the same weight, and its dequantized
+    weight against the original layout's, bit for bit."""
+    import torch
+
+    from qwen3vl_webui.kernels import int4, w4_mma
+
+    if not w4_mma.available(0):
+        report["layout"] = "kernels/w4_mma.py cannot run here (compute capability below 8.0, or no NVRTC)"
+        return
+    rows_out = []
+    for name, n, k in SHAPES:
+        linear = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            linear.weight.normal_(0, 0.02)
+        layer = int4.Int4Linear.from_linear(linear)
+        before = layer.dequantized(torch.bfloat16)
+        reference = layer.dequantized(torch.float64)
+        layer.use_mma_layout()
+        same = bool(torch.equal(layer.dequantized(torch.bfloat16), before))
+        row: dict[str, Any] = dict(name=name, n=n, k=k, dequantized_equal=same)
+        for rows in (1, 3, 8, 16, 32, 40, 64, 100):
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+            want = x.double() @ reference.T
+            parts = layer.partials(x)
+            row[f"rows_{rows}"] = float(f"{float((layer(x).double() - want).norm() / want.norm()):.2e}")
+            row[f"parts_{rows}"] = float(f"{float((parts.double().sum(0) - want).norm() / want.norm()):.2e}")
+        print("layout", json.dumps(row), flush=True)
+        rows_out.append(row)
+    report["layout"] = rows_out
+
+
+def quality_section(
+    report: dict[str, Any], source: str, device: str = "cuda", names: tuple[str, ...] = QUALITY
+) -> None:
     """Each precision loaded from `source` exactly as the app loads it, its last-token logits against bf16's (fp32 on a
     CPU). `source`: random-weights:4b (bitsandbytes precisions need a checkpoint: skipped), a checkpoint directory
     (the tiny one on a CPU, or random 4B weights written by bench.matrix --write), or a real checkpoint (a directory or
@@ -293,9 +345,13 @@ def quality_section(report: dict[str, Any], source: str, device: str = "cuda", n
         if precisions.needs_bitsandbytes(name) and (
             source.startswith("random-weights:") or importlib.util.find_spec("bitsandbytes") is None
         ):
-            rows.append(dict(precision=name, skipped="bitsandbytes quantizes while loading a checkpoint, and needs the package"))
+            rows.append(
+                dict(precision=name, skipped="bitsandbytes quantizes while loading a checkpoint, and needs the package")
+            )
             continue
-        if precisions.capability_blocker(name, torch.cuda.get_device_capability() if device.startswith("cuda") else None):
+        if precisions.capability_blocker(
+            name, torch.cuda.get_device_capability() if device.startswith("cuda") else None
+        ):
             rows.append(dict(precision=name, skipped="this GPU cannot run it"))
             continue
         other = load_model(source, name, device)
@@ -318,7 +374,11 @@ def quality_section(report: dict[str, Any], source: str, device: str = "cuda", n
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="quant_check.json")
-    ap.add_argument("--sections", default="sweep,quality")
+    ap.add_argument(
+        "--sections",
+        default="sweep,quality",
+        help="sweep, layout (kernels/w4_mma.py's whole path against float64), quality",
+    )
     ap.add_argument("--sweep-s", type=float, default=200, help="time cap for the sweep")
     ap.add_argument("--rows", default="1,16,32", help="sweep: the row counts (1, 16, 32: the row classes)")
     ap.add_argument("--formats", default="int4,fp8", help="sweep: int4, fp8, tinygemm (torch's own W4A16 kernel on the int4 weights), int4mma (kernels/w4_mma.py: the CUDA kernel, up to 8 rows), comma list")  # fmt: skip
@@ -338,6 +398,8 @@ def main() -> None:
         shapes = tuple(name for name in args.shapes.split(",") if name)
         sweep_section(report, started + args.sweep_s, rows, tuple(args.formats.split(",")), args.defaults_only, kernels,
                       shapes)  # fmt: skip
+    if "layout" in args.sections:
+        layout_section(report)
     if "quality" in args.sections:
         quality_section(report, args.model, args.device)
     report["seconds"] = round(time.monotonic() - started, 1)

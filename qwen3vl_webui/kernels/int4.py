@@ -132,11 +132,6 @@ def int4_linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     group = k // scales.shape[1]
     x2 = x.reshape(-1, k)
     rows = x2.shape[0]
-    if w4_mma.serves(x2, n, k, group, scales.dtype):  # QWEN3VL_INT4_MMA=1: up to 8 rows in the CUDA kernel
-        parts = w4_mma.partials(rows_of(x2), qweight, scales, zeros)
-        if parts.shape[0] > 1 and x.is_cuda:
-            return _kernels().splitk.reduce_partials(parts, x.dtype).reshape(*x.shape[:-1], n)
-        return parts.sum(dim=0).to(x.dtype).reshape(*x.shape[:-1], n)
     kernels = _kernels() if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) else None
     if kernels is None:
         return F.linear(x2, dequantize_weight(qweight, scales, zeros, x.dtype)).reshape(*x.shape[:-1], n)
@@ -153,27 +148,13 @@ def parts_split(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
     kernels' K split for a decode-sized product on CUDA, else 1."""
     kernels = decode_kernels(x, _kernels, SKINNY_MAX_ROWS)
     k = x.shape[-1]
-    if w4_mma.serves(x, qweight.shape[0], k, k // scales.shape[1], scales.dtype):
-        return w4_mma.split_of(qweight.shape[0], k, k // scales.shape[1], rows=x.numel() // k)[0]
     return 1 if kernels is None else kernels.w4_split(x.numel() // k, qweight.shape[0], k, k // scales.shape[1])
-
-
-def parts_dtype(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, split: int) -> torch.dtype:
-    """The dtype of `int4_parts_impl`'s parts: fp32 partial sums, or x's dtype for the Triton kernels' unsplit
-    product (the CUDA kernel's parts are fp32 even when it splits K in one)."""
-    k = x.shape[-1]
-    if split > 1 or w4_mma.serves(x, qweight.shape[0], k, k // scales.shape[1], scales.dtype):
-        return torch.float32
-    return x.dtype
 
 
 def int4_parts_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
     """`x [..., K] @ Wᵀ` as `[split, ..., N]` partial sums (`parts_split`): fp32 when split > 1, whose sum over the
     first dim is the product; the product itself in x's dtype when 1."""
     split = parts_split(x, qweight, scales)
-    if w4_mma.serves(x, qweight.shape[0], x.shape[-1], x.shape[-1] // scales.shape[1], scales.dtype):
-        parts = w4_mma.partials(rows_of(x), qweight, scales, zeros)  # fp32 even when split is 1
-        return parts.reshape(split, *x.shape[:-1], qweight.shape[0])
     if split == 1:
         return int4_linear_impl(x, qweight, scales, zeros)[None]
     parts = _kernels().w4_partials(rows_of(x), qweight, scales, zeros, x.shape[-1] // scales.shape[1])
@@ -201,7 +182,30 @@ def register_op() -> Any:
     @int4_linear_parts.register_fake
     def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
         split = parts_split(x, qweight, scales)  # one row, a static shape (Int4Linear.forward checks)
-        return x.new_empty((split, *x.shape[:-1], qweight.shape[0]), dtype=parts_dtype(x, qweight, scales, split))
+        return x.new_empty((split, *x.shape[:-1], qweight.shape[0]), dtype=x.dtype if split == 1 else torch.float32)
+
+    @torch.library.custom_op(f"{OP_NAMESPACE}::{OP_NAME}_mma", mutates_args=())
+    def int4_linear_mma(
+        x: torch.Tensor, words: torch.Tensor, table: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
+    ) -> torch.Tensor:
+        return w4_mma.linear(x, words, table, scales, zeros)
+
+    @int4_linear_mma.register_fake
+    def _(x: torch.Tensor, words: torch.Tensor, table: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
+        return x.new_empty((*x.shape[:-1], words.shape[0]))
+
+    @torch.library.custom_op(f"{OP_NAMESPACE}::{OP_NAME}_mma_parts", mutates_args=())
+    def int4_linear_mma_parts(
+        x: torch.Tensor, words: torch.Tensor, table: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
+    ) -> torch.Tensor:
+        return w4_mma.parts(x, words, table, scales, zeros)
+
+    @int4_linear_mma_parts.register_fake
+    def _(x: torch.Tensor, words: torch.Tensor, table: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
+        k, n = x.shape[-1], words.shape[0]
+        count = w4_mma.parts_count(x, n, k, k // scales.shape[1])  # one row, a static shape (compiled_product)
+        dtype = torch.float32 if w4_mma.decodes(x) else x.dtype
+        return x.new_empty((count, *x.shape[:-1], n), dtype=dtype)
 
     return int4_linear
 
@@ -228,6 +232,9 @@ class Int4Linear(nn.Module):
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
         self.register_buffer("zeros", zeros.to(torch.uint8))
+        # kernels/w4_mma.py's layout (`use_mma_layout`): qweight's words reordered in place, and each group's scale and
+        # zero in one 4-byte entry `[out/16, in/G, 16]`; None in this module's own layout
+        self.register_buffer("table", None)
         self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
 
     @classmethod
@@ -245,19 +252,54 @@ class Int4Linear(nn.Module):
         """One layer over the rows of `layers` (q/k/v, gate/up), sharing their buffers (kernels/fusion.py)."""
         from qwen3vl_webui.kernels.int8 import fuse_rows
 
+        mma = {layer.table is not None for layer in layers}
+        if len(mma) != 1:
+            return None
         fused = fuse_rows(layers, ("qweight", "scales", "zeros"))
-        return cls(*fused) if fused is not None else None
+        if fused is None:
+            return None
+        tables = fuse_rows(layers, ("table",), row_block=16) if mma == {True} else None  # a 16-row tile a row
+        if mma == {True} and tables is None:
+            return None
+        module = cls(*fused)
+        module.table = tables[0] if tables else None
+        return module
+
+    def use_mma_layout(self) -> None:
+        """Into kernels/w4_mma.py's layout, in place (its products then run there): the words reordered within the
+        memory they take, each group's scale and zero also as one 4-byte entry. Once; fused rows stay each layer's."""
+        if self.table is not None:
+            return
+        from qwen3vl_webui.kernels import w4_mma
+
+        with torch.no_grad():
+            words, table = w4_mma.repack(self.qweight, self.scales, self.zeros)
+            self.qweight.view(-1).copy_(words.view(-1))
+        self.table = table
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.table is not None:
+            return w4_mma.dequantize(self.qweight, self.scales, self.zeros, dtype)
         return dequantize_weight(self.qweight, self.scales, self.zeros, dtype)
 
     def partials(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The product as `[split, ..., N]` partial sums (`int4_parts_impl`) for a consumer that adds them itself
-        (the fused decode layer's kernels, kernels/layer.py); None with a bias."""
-        return None if self.bias is not None else int4_parts_impl(x, self.qweight, self.scales, self.zeros)
+        """The product as `[split, ..., N]` partial sums (`int4_parts_impl`, or w4_mma's) for a consumer that adds
+        them itself (the fused decode layer's kernels, kernels/layer.py); None with a bias."""
+        if self.bias is not None:
+            return None
+        if self.table is not None:
+            return w4_mma.parts(x, self.qweight, self.table, self.scales, self.zeros)
+        return int4_parts_impl(x, self.qweight, self.scales, self.zeros)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_dynamo_compiling():  # one row: the split-K partial sums added by the graph (parts.py)
+        if self.table is not None:  # kernels/w4_mma.py's layout
+            buffers = (self.qweight, self.table, self.scales, self.zeros)
+            if torch.compiler.is_dynamo_compiling():
+                ops = torch.ops.qwen3vl_webui
+                y = compiled_product(x, ops.int4_linear_mma, ops.int4_linear_mma_parts, *buffers)
+            else:
+                y = w4_mma.linear(x, *buffers)
+        elif torch.compiler.is_dynamo_compiling():  # one row: the split-K partial sums added by the graph (parts.py)
             ops = torch.ops.qwen3vl_webui
             y = compiled_product(x, ops.int4_linear, ops.int4_linear_parts, self.qweight, self.scales, self.zeros)
         else:  # eager: skip the custom ops' dispatch
@@ -267,7 +309,7 @@ class Int4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
-            f"bias={self.bias is not None}"
+            f"bias={self.bias is not None}" + (", layout=mma" if self.table is not None else "")
         )
 
 

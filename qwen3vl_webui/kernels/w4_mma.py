@@ -1,4 +1,4 @@
-"""int4's decode product for up to 8 rows in CUDA C: the weights unpacked straight into tensor-core fragments.
+"""int4's decode products (1-64 rows) in CUDA C: the weights unpacked straight into tensor-core fragments.
 
 Why not Triton (docs/engine.md v20): at one row the Triton swap kernel reads packed weights at ~1.3 TB/s of the
 H100's ~3 TB/s, issuing ~3.5 SASS instructions a weight, and like every kernel of the step it waits for the kernel
@@ -6,7 +6,8 @@ before (PDL) before its first load, weights included. Here:
 - **The layout is the fragment.** `repack` orders the 4-bit weights so that one 32-bit word a lane is the lane's
   whole A fragment of one `mma.sync.m16n8k16` (16 weight rows x 16 k): nibbles j and j + 4 are register j's two
   lanes, so one `lop3` (`(w >> 4j) & 0x000F000F | magic`) makes register j as 16-bit `magic + q` (exact), and a
-  warp reads 512 contiguous bytes a 16-byte load (4 k-tiles of 16 rows).
+  warp reads 512 contiguous bytes a 16-byte load (4 k-tiles of 16 rows). A 16-row tile's words take the memory of
+  those 16 rows in kernels/int4.py's layout, so a weight is repacked in place and fused rows stay each layer's own.
 - **The zero point after the dot.** `Σ (magic + q) x - (magic + z) Σ x` per row and group: Σ x comes from a second
   mma with an all-ones A (one a k-tile, shared by the warp's rows), so a weight costs ~1 instruction (the lop3 and
   a quarter of a shift) and no packed subtract. Each group's sum is scaled in fp32 (4 FFMAs a lane and group).
@@ -17,16 +18,16 @@ before (PDL) before its first load, weights included. Here:
   kernel before. Its activation loads and stores come after the wait.
 
 The batch's rows are the mma's 8 columns (columns past M read row M - 1 and are never stored), so 1-8 rows cost
-the same; 2 or 4 n-tiles of 8 take up to 32 rows, the weights unpacked once for all. A program (CTA) of
+the same; 2 or 4 n-tiles of 8 take up to 32 rows a launch, the weights unpacked once for all. A program (CTA) of
 WARPS warps owns 16 output rows and a range of K's groups (the split), its warps taking every WARPS-th group; they
 add their sums in shared memory and write `[split, M, N]` fp32 partial sums, which the fused layer's next kernel adds
 (as the Triton kernels' parts). Compiled at first use with NVRTC (torch's CUDA wheels ship it), loaded and launched
 through the driver API (`cuLaunchKernelEx`, PDL as an attribute), so it is captured into CUDA graphs like any
 launch on the current stream. `emulate` is the same arithmetic in torch, fragment by fragment (the CPU tests).
+Prefill dequantizes from this layout (`dequantize`: w4_mma_triton.py), then cuBLAS.
 
-Off unless QWEN3VL_INT4_MMA=1 (an A/B until a device run measures it): then decode products of up to 8 rows
-(QWEN3VL_INT4_MMA_ROWS: up to 32) on a GPU of compute capability 8.0+ run here, each int4 weight repacked at its first
-such product (`buffers`) and kept beside its own (+~1.9 GiB for the 4B).
+Off unless QWEN3VL_INT4_MMA=1 (an A/B until a device run measures it): then the loader converts each int4 weight
+(`convert_model`, on a GPU of compute capability 8.0+), and every product of it runs from this layout.
 """
 
 from __future__ import annotations
@@ -36,13 +37,14 @@ import functools
 import glob
 import os
 import threading
-import weakref
 from typing import Any, NamedTuple
 
 import torch
 
-MAX_ROWS = 32  # the batch's rows are the mma's columns: 1, 2 or 4 n-tiles of 8
-DEFAULT_ROWS = 8  # served where QWEN3VL_INT4_MMA_ROWS names no other count (the one n-tile the kernel was built for)
+MAX_ROWS = 32  # a launch's rows: the mma's columns, 1, 2 or 4 n-tiles of 8
+DECODE_ROWS = (
+    64  # a decode product's rows at most (the engine's buckets: kernels/int4.py SKINNY_MAX_ROWS), in launches of 32
+)
 ROWS_PER_TILE = 16
 CHUNK = 64  # k per 16-byte load of a lane (four k-tiles of 16)
 GROUPS = (64, 128)  # group sizes this kernel takes: one or two chunks (the 4B's 128; the tiny test model's 64)
@@ -51,12 +53,6 @@ MAGIC = {torch.bfloat16: 128.0, torch.float16: 1024.0}  # `magic | q` read as a 
 
 def enabled() -> bool:
     return os.environ.get("QWEN3VL_INT4_MMA", "").strip() == "1"
-
-
-def max_rows() -> int:
-    """The most rows a product serves here: QWEN3VL_INT4_MMA_ROWS (1-32), else DEFAULT_ROWS."""
-    value = os.environ.get("QWEN3VL_INT4_MMA_ROWS", "").strip()
-    return max(1, min(MAX_ROWS, int(value))) if value.isdigit() else DEFAULT_ROWS
 
 
 def n_tiles(rows: int) -> int:
@@ -315,7 +311,7 @@ __device__ __forceinline__ void group_math(float (&acc)[NT][4], const uint4 (&w)
 
 extern "C" __global__ void __launch_bounds__(WARPS * 32) w4_mma(
     const uint4* __restrict__ W, const unsigned* __restrict__ SZ, const unsigned short* X,
-    float* __restrict__ Y, int M, int N, int K, int sx, int per_split)
+    float* __restrict__ Y, int M, int N, int K, int sx, int per_split, long long ys)
 {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, q = lane & 3;
@@ -382,7 +378,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) w4_mma(
     asm volatile("griddepcontrol.launch_dependents;" :::);
 #endif
     if (warp == 0) {
-        float* yp = Y + (size_t)split * M * N + (size_t)tile * 16 + g;
+        float* yp = Y + (size_t)split * ys + (size_t)tile * 16 + g;  // ys: a part's stride (its rows x N)
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -522,7 +518,6 @@ def _check(result: int, what: str) -> None:
 
 
 _lock = threading.Lock()
-_repacking = threading.Lock()
 
 
 @functools.cache
@@ -573,13 +568,14 @@ def launch(
     x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, n: int, config: MmaConfig | None = None,
     pdl_mode: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """`x [M <= 32, K]` (bf16/fp16, rows contiguous, 16-byte aligned) times the repacked weight ᵀ: `[split, M, N]`
-    fp32 partial sums on the current stream (config: `pick_config` for M's row class where none is given)."""
+    """`x [M <= DECODE_ROWS, K]` (bf16/fp16, rows contiguous, 16-byte aligned) times the repacked weight ᵀ:
+    `[split, M, N]` fp32 partial sums on the current stream; more than 32 rows in launches of 32 (config:
+    `pick_config` for M's row class where none is given, the same for every launch)."""
     from qwen3vl_webui.kernels import pdl
 
     m, k = x.shape
-    if m > MAX_ROWS or x.stride(1) != 1 or x.data_ptr() % 16 or x.stride(0) % 8:
-        raise ValueError(f"w4_mma takes up to {MAX_ROWS} rows, contiguous and 16-byte aligned; got {tuple(x.shape)}")
+    if m > DECODE_ROWS or x.stride(1) != 1 or x.data_ptr() % 16 or x.stride(0) % 8:
+        raise ValueError(f"w4_mma takes up to {DECODE_ROWS} rows, contiguous and 16-byte aligned; got {tuple(x.shape)}")
     cfg = config or pick_config(n, k, m)
     group = k // table.shape[1]
     split, per = split_of(n, k, group, cfg)
@@ -589,79 +585,109 @@ def launch(
     index = x.get_device()
     if pdl_mode and torch.cuda.get_device_capability(index) < (9, 0):
         pdl_mode = 0
-    func = _function(index, x.dtype, cfg.warps, cfg.unroll, pdl_mode, group, n_tiles(m))
-    values = [
-        ctypes.c_void_p(packed.data_ptr()), ctypes.c_void_p(table.data_ptr()), ctypes.c_void_p(x.data_ptr()),
-        ctypes.c_void_p(out.data_ptr()), ctypes.c_int(m), ctypes.c_int(n), ctypes.c_int(k), ctypes.c_int(x.stride(0)),
-        ctypes.c_int(per),
-    ]  # fmt: skip
-    params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
-    conf = _Config(n // ROWS_PER_TILE, split, 1, 32 * cfg.warps, 1, 1, 0, torch.cuda.current_stream(index).cuda_stream)
-    if pdl_mode:
-        conf.attrs, conf.numAttrs = ctypes.pointer(_PDL), 1
-    _check(_driver().cuLaunchKernelEx(ctypes.byref(conf), func, params, None), "launch")
+    stream = torch.cuda.current_stream(index).cuda_stream
+    for start in range(0, m, MAX_ROWS):
+        rows = min(MAX_ROWS, m - start)
+        func = _function(index, x.dtype, cfg.warps, cfg.unroll, pdl_mode, group, n_tiles(rows))
+        values = [
+            ctypes.c_void_p(packed.data_ptr()), ctypes.c_void_p(table.data_ptr()),
+            ctypes.c_void_p(x[start].data_ptr()), ctypes.c_void_p(out[0, start].data_ptr()), ctypes.c_int(rows),
+            ctypes.c_int(n), ctypes.c_int(k), ctypes.c_int(x.stride(0)), ctypes.c_int(per), ctypes.c_longlong(m * n),
+        ]  # fmt: skip
+        params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
+        conf = _Config(n // ROWS_PER_TILE, split, 1, 32 * cfg.warps, 1, 1, 0, stream)
+        if pdl_mode:
+            conf.attrs, conf.numAttrs = ctypes.pointer(_PDL), 1
+        _check(_driver().cuLaunchKernelEx(ctypes.byref(conf), func, params, None), "launch")
     return out
 
 
 # ------------------------------------------------------------------------------------------------ the weights ---
 
 
-def serves(x: torch.Tensor, n: int, k: int, group: int, scale_dtype: torch.dtype) -> bool:
-    """Whether a product of `x [..., K]` by an `[N, K]` int4 weight runs here: enabled, a decode-sized 16-bit `x`
-    (1 to `max_rows()` rows) with scales of its dtype (the kernel reads their bits as x's kind), on a GPU that has the
-    kernel, a group size it takes. Shapes, dtypes and devices only, so a fake tensor (torch.compile's tracing) gets
-    the same answer as the real one: the number of parts depends on it."""
-    rows = x.numel() // k if k else 0
-    if not (enabled() and x.is_cuda and x.dtype in MAGIC and scale_dtype == x.dtype and 0 < rows <= max_rows()):
-        return False
-    if not supports(n, k, group):
-        return False
-    return available(x.get_device())
+def wanted(device: Any) -> bool:
+    """Whether int4 weights loaded onto `device` take this kernel's layout: QWEN3VL_INT4_MMA=1 and a GPU that runs
+    it (compute capability 8.0+, NVRTC and the driver found)."""
+    dev = torch.device(device)
+    return enabled() and dev.type == "cuda" and available(dev.index if dev.index is not None else 0)
 
 
-# (data_ptr, shape) of a repacked qweight -> that tensor (held weakly): finds the repacked weight from an alias of it.
-_owners: weakref.WeakValueDictionary[tuple[int, tuple[int, ...]], torch.Tensor] = weakref.WeakValueDictionary()
-ATTR = "_qwen3vl_w4_mma"  # the repacked (packed, table), an attribute of the qweight tensor: they live and die together
+def convert_model(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Every Int4Linear of `model` into this kernel's layout, in place (`Int4Linear.use_mma_layout`: no memory but a
+    4-byte scale-and-zero a group), where its shape and group fit and its scales are `dtype` (the activations'):
+    how many. Called by the loader where `wanted`."""
+    from qwen3vl_webui.kernels.int4 import Int4Linear
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Int4Linear) and module.scales.dtype == dtype and dtype in MAGIC:
+            if supports(module.out_features, module.in_features, module.group_size):
+                module.use_mma_layout()
+                count += 1
+    return count
 
 
-def buffers(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The repacked weight of `qweight`: made at its first decode product (a warm-up step, before any CUDA graph is
-    captured) and kept on the tensor. Fused layers (q/k/v, gate/up) are repacked as the one weight they run."""
-    made = getattr(qweight, ATTR, None)
-    if made is None:
-        owner = _owners.get((qweight.data_ptr(), tuple(qweight.shape)))
-        made = getattr(owner, ATTR, None) if owner is not None else None
-    if made is None:
-        if qweight.is_cuda and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("w4_mma: an int4 weight was first used inside a CUDA graph capture; run a step before")
-        with _repacking:  # the engine's thread and the background compile's may both get here first
-            made = getattr(qweight, ATTR, None)
-            if made is None:
-                with torch.inference_mode(False), torch.no_grad():  # kept past the engine's inference-mode worker
-                    made = repack(qweight, scales, zeros)
-                if qweight.is_cuda:
-                    # The kernel reads the table before its PDL wait, which alone makes the kernel before's writes
-                    # visible: the repack's last kernel must have finished.
-                    torch.cuda.current_stream(qweight.device).synchronize()
-                setattr(qweight, ATTR, made)
-                _owners[(qweight.data_ptr(), tuple(qweight.shape))] = qweight
-    return made
+def decodes(x: torch.Tensor) -> bool:
+    """A product this kernel runs: 1..DECODE_ROWS rows of 16-bit activations on a GPU (prefill's dequantizes)."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return x.is_cuda and x.dtype in MAGIC and 0 < rows <= DECODE_ROWS
 
 
-def partials(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """`x [rows, K]` times the int4 weight ᵀ as `[split_of(N, K, G, rows=rows), rows, N]` fp32 partial sums."""
-    packed, table = buffers(qweight, scales, zeros)
-    if x.data_ptr() % 16:
-        x = x.clone()
-    return launch(x, packed, table, qweight.shape[0])
+def parts_count(x: torch.Tensor, n: int, k: int, group: int) -> int:
+    """How many partial sums `parts` returns for `x` (shapes only: a fake tensor gets the same answer)."""
+    return split_of(n, k, group, rows=x.numel() // k)[0] if decodes(x) else 1
 
 
-def forget() -> None:
-    """Drops every repacked weight now (they also go with their int4 weights)."""
-    for qweight in list(_owners.values()):
-        if hasattr(qweight, ATTR):
-            delattr(qweight, ATTR)
-    _owners.clear()
+def parts(x: torch.Tensor, words: torch.Tensor, table: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
+    """`x [..., K]` times the weight in this layout ᵀ as `[parts_count(...), ..., N]` partial sums: fp32 from the
+    kernel for a decode product, else the product itself in x's dtype (dequantized, then cuBLAS), `[1, ..., N]`."""
+    k, n = x.shape[-1], words.shape[0]
+    if not decodes(x):
+        return linear(x, words, table, scales, zeros)[None]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1 or x2.stride(0) != k or x2.data_ptr() % 16:
+        x2 = x2.contiguous() if x2.data_ptr() % 16 == 0 else x2.clone()
+    out = launch(x2, words.view(n // 16, k // CHUNK, 32, 4), table, n)
+    return out.reshape(out.shape[0], *x.shape[:-1], n)
+
+
+def linear(x: torch.Tensor, words: torch.Tensor, table: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
+    """`x [..., K] @ Wᵀ` in x's dtype for a weight in this layout: the kernel's parts summed for a decode product,
+    else the weight dequantized to x's dtype and cuBLAS (torch's ops on a CPU)."""
+    n = words.shape[0]
+    if decodes(x):
+        out = parts(x, words, table, scales, zeros)
+        if out.shape[0] == 1:
+            return out[0].to(x.dtype)
+        from qwen3vl_webui.kernels import splitk
+
+        return splitk.reduce_partials(out.reshape(out.shape[0], -1, n), x.dtype).reshape(*x.shape[:-1], n)
+    weight = dequantize(words, scales, zeros, x.dtype)
+    return torch.nn.functional.linear(x, weight)
+
+
+def original_words(words: torch.Tensor) -> torch.Tensor:
+    """The inverse of `repack`'s words: int32 `[N, K/8]` in kernels/int4.py's layout (torch ops: tests, CPUs)."""
+    n, k = words.shape[0], words.shape[1] * 8
+    w = words.reshape(n // 16, k // CHUNK, 32, 4).to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(0, 32, 4, device=words.device)
+    q = ((w[..., None] >> shifts) & 0xF).reshape(n // 16, k // CHUNK, 8, 4, 4, 2, 2, 2)  # t, c, g, q, i, e, b, h
+    q = q.permute(0, 7, 2, 1, 3, 4, 6, 5).reshape(n, k)  # t, h, g, c, q, i, b, e: row 16t + 8h + g, k in order
+    from qwen3vl_webui.kernels.int4 import pack
+
+    return pack(q)
+
+
+def dequantize(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The `[N, K]` weight `(q - zero) * scale` from words in this layout, each value rounded once from fp32: a
+    Triton kernel on a GPU (prefill), torch's ops elsewhere."""
+    if words.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        from qwen3vl_webui.kernels import w4_mma_triton
+
+        return w4_mma_triton.dequantize(words, scales, zeros, dtype)
+    from qwen3vl_webui.kernels.int4 import dequantize_weight
+
+    return dequantize_weight(original_words(words), scales, zeros, dtype)
 
 
 load_tuning()

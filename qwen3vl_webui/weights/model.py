@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import gc
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from qwen3vl_webui import precisions
+
+log = logging.getLogger(__name__)
 
 
 class LoadRefused(RuntimeError):
@@ -69,6 +72,12 @@ def loaded(
     model: Any, processor: Any, precision: str, device: str, source: str, started: float, is_demo: bool
 ) -> LoadedModel:
     """The LoadedModel of a model now on `device` (`started`: perf_counter at the start of the load)."""
+    if precision == "int4" and device.startswith("cuda"):
+        from qwen3vl_webui.kernels import w4_mma
+
+        if w4_mma.wanted(device):  # QWEN3VL_INT4_MMA=1: int4's weights into the CUDA decode kernel's layout
+            dtype = model.get_input_embeddings().weight.dtype
+            log.info("int4: %d weights in the CUDA decode kernel's layout", w4_mma.convert_model(model, dtype))
     if device.startswith("cuda"):
         import torch
 
