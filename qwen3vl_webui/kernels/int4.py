@@ -272,7 +272,9 @@ class Int4Linear(nn.Module):
             return
         from qwen3vl_webui.kernels import w4_mma
 
-        with torch.no_grad():
+        # an inference tensor (a model built in inference mode) is written in that mode; others outside it, so that
+        # the table outlives it as the weights do
+        with torch.inference_mode(self.qweight.is_inference()), torch.no_grad():
             words, table = w4_mma.repack(self.qweight, self.scales, self.zeros)
             self.qweight.view(-1).copy_(words.view(-1))
         self.table = table
