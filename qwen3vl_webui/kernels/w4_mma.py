@@ -645,8 +645,8 @@ def parts(x: torch.Tensor, words: torch.Tensor, table: torch.Tensor, scales: tor
     if not decodes(x):
         return linear(x, words, table, scales, zeros)[None]
     x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1 or x2.stride(0) != k or x2.data_ptr() % 16:
-        x2 = x2.contiguous() if x2.data_ptr() % 16 == 0 else x2.clone()
+    if x2.stride(-1) != 1 or x2.stride(0) != k or x2.data_ptr() % 16:  # the kernel reads 16-byte-aligned rows
+        x2 = x2.clone(memory_format=torch.contiguous_format)
     out = launch(x2, words.view(n // 16, k // CHUNK, 32, 4), table, n)
     return out.reshape(out.shape[0], *x.shape[:-1], n)
 
