@@ -78,6 +78,13 @@ def knobs() -> dict[str, str]:
     return {name: os.environ[name] for name in KNOBS if os.environ.get(name)}
 
 
+def int4_mma_layers(loaded: Any) -> int:
+    """Int4Linears in kernels/w4_mma.py's layout (QWEN3VL_INT4_MMA=1): an A/B's report says which side it measured."""
+    from qwen3vl_webui.kernels.int4 import Int4Linear
+
+    return sum(1 for m in loaded.model.modules() if isinstance(m, Int4Linear) and m.table is not None)
+
+
 def git_commit() -> str | None:
     """$BENCH_COMMIT if set (a device's copy of the tree has no git history), else the checkout's commit (with
     '+dirty' when tracked files differ), else None."""

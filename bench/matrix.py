@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         decode_bytes_gib=round(decode_bytes(loaded) / common.GIB, 3), copy_gb_s=copy_gb_s,
         prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, warmup_tokens=args.warmup_tokens,
         runs=args.runs, generate_runs=args.generate_runs or args.runs, streams=args.streams,
-        sections=sorted(args.sections), errors={},
+        sections=sorted(args.sections), errors={}, int4_mma_layers=common.int4_mma_layers(loaded),
     )  # fmt: skip
     print(json.dumps(report), flush=True)
     vocab = common.ordinary_vocab(loaded)

@@ -278,6 +278,7 @@ def layout_section(report: dict[str, Any]) -> None:
 
     if not w4_mma.available(0):
         report["layout"] = "kernels/w4_mma.py cannot run here (compute capability below 8.0, or no NVRTC)"
+        print("layout", report["layout"], flush=True)
         return
     rows_out = []
     for name, n, k in SHAPES:

@@ -77,7 +77,8 @@ def test_configs_and_row_classes() -> None:
     assert {c.unroll for c in w4_mma.configs(6144, 2560, rows=32)} == {1}  # four n-tiles: two groups ahead spill
     assert [w4_mma.row_class(r) for r in (1, 8, 9, 16, 17, 32, 64)] == [1, 1, 16, 16, 32, 32, 32]
     x = torch.empty(1, 2560, dtype=torch.bfloat16)
-    assert not w4_mma.decodes(x) and w4_mma.parts_count(x, 6144, 2560, 128) == 1  # a CPU tensor: not the kernel
+    assert not w4_mma.decodes(x, torch.bfloat16)  # a CPU tensor: not the kernel
+    assert w4_mma.parts_count(x, 6144, 2560, 128, torch.bfloat16) == 1
     assert not w4_mma.wanted("cpu")
 
 
@@ -152,7 +153,7 @@ def _emulated_kernel(monkeypatch: pytest.MonkeyPatch, scale_dtype: torch.dtype) 
     returns the (rows, N) of every launch."""
     launches: list[tuple[int, int]] = []
 
-    def decodes(x: Any) -> bool:
+    def decodes(x: Any, dtype: torch.dtype) -> bool:  # any activations' dtype: the tiny model computes in fp32
         return 0 < x.numel() // x.shape[-1] <= w4_mma.DECODE_ROWS
 
     def launch(x: Any, packed: Any, table: Any, n: int, config: Any = None, pdl_mode: Any = None) -> Any:
@@ -191,7 +192,8 @@ def test_a_layer_in_the_kernels_layout_keeps_its_memory_and_its_function(monkeyp
     launches = _emulated_kernel(monkeypatch, layer.scales.dtype)
     assert float((layer(x).double() - reference).norm() / reference.norm()) < 1e-5  # the kernel's arithmetic
     parts = layer.partials(x[:1])
-    assert parts.dtype == torch.float32 and parts.shape == (w4_mma.parts_count(x[:1], 64, 1024, 128), 1, 64)
+    count = w4_mma.parts_count(x[:1], 64, 1024, 128, layer.scales.dtype)
+    assert parts.dtype == torch.float32 and parts.shape == (count, 1, 64)
     assert float((parts.sum(0).double() - reference[:1]).norm() / reference[:1].norm()) < 1e-5
     many = torch.randn(65, 1024, generator=gen)  # past the decode rows: dequantized, then the matmul
     assert float((layer(many).double() - many.double() @ want.T).norm() / (many.double() @ want.T).norm()) < 1e-5
@@ -212,6 +214,13 @@ def test_fused_layers_in_the_kernels_layout_keep_each_members_rows() -> None:
     assert all(torch.equal(m.dequantized(torch.float64), w) for m, w in zip(members, want, strict=True))
     plain = _int4_layer(7, 32)
     assert int4.Int4Linear.fuse([members[0], plain]) is None  # two layouts do not fuse
+    from qwen3vl_webui.kernels import fusion
+
+    group = [_int4_layer(8, 32), _int4_layer(9, 32)]
+    fusion._fuse_group(group, None, False)  # a fused group: its members' rows are the group's weight's
+    with pytest.raises(RuntimeError, match="before fusing"):
+        group[0].use_mma_layout()
+    fusion.unfuse(torch.nn.ModuleList(group))
 
 
 def test_the_dequantizing_kernel_for_prefill_under_the_interpreter() -> None:

@@ -203,8 +203,8 @@ def register_op() -> Any:
     @int4_linear_mma_parts.register_fake
     def _(x: torch.Tensor, words: torch.Tensor, table: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
         k, n = x.shape[-1], words.shape[0]
-        count = w4_mma.parts_count(x, n, k, k // scales.shape[1])  # one row, a static shape (compiled_product)
-        dtype = torch.float32 if w4_mma.decodes(x) else x.dtype
+        count = w4_mma.parts_count(x, n, k, k // scales.shape[1], scales.dtype)  # one row (compiled_product)
+        dtype = torch.float32 if w4_mma.decodes(x, scales.dtype) else x.dtype
         return x.new_empty((count, *x.shape[:-1], n), dtype=dtype)
 
     return int4_linear
@@ -270,7 +270,8 @@ class Int4Linear(nn.Module):
         memory they take, each group's scale and zero also as one 4-byte entry. Once; fused rows stay each layer's."""
         if self.table is not None:
             return
-        from qwen3vl_webui.kernels import w4_mma
+        if "_qwen3vl_group" in vars(self):  # a fused group's member: its rows would be reordered, the group's not
+            raise RuntimeError("convert int4 weights before fusing them (kernels/fusion.py)")
 
         # an inference tensor (a model built in inference mode) is written in that mode; others outside it, so that
         # the table outlives it as the weights do

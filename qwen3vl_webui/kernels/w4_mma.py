@@ -574,7 +574,7 @@ def launch(
     from qwen3vl_webui.kernels import pdl
 
     m, k = x.shape
-    if m > DECODE_ROWS or x.stride(1) != 1 or x.data_ptr() % 16 or x.stride(0) % 8:
+    if m > DECODE_ROWS or x.stride(1) != 1 or x.data_ptr() % 16 or (m > 1 and x.stride(0) % 8):
         raise ValueError(f"w4_mma takes up to {DECODE_ROWS} rows, contiguous and 16-byte aligned; got {tuple(x.shape)}")
     cfg = config or pick_config(n, k, m)
     group = k // table.shape[1]
@@ -627,26 +627,28 @@ def convert_model(model: torch.nn.Module, dtype: torch.dtype) -> int:
     return count
 
 
-def decodes(x: torch.Tensor) -> bool:
-    """A product this kernel runs: 1..DECODE_ROWS rows of 16-bit activations on a GPU (prefill's dequantizes)."""
+def decodes(x: torch.Tensor, scale_dtype: torch.dtype) -> bool:
+    """A product this kernel runs: 1..DECODE_ROWS rows of 16-bit activations on a GPU, with scales of their dtype
+    (the kernel reads the table's scale bits as x's kind); prefill's dequantizes. Shapes and dtypes only."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return x.is_cuda and x.dtype in MAGIC and 0 < rows <= DECODE_ROWS
+    return x.is_cuda and x.dtype in MAGIC and x.dtype == scale_dtype and 0 < rows <= DECODE_ROWS
 
 
-def parts_count(x: torch.Tensor, n: int, k: int, group: int) -> int:
+def parts_count(x: torch.Tensor, n: int, k: int, group: int, scale_dtype: torch.dtype) -> int:
     """How many partial sums `parts` returns for `x` (shapes only: a fake tensor gets the same answer)."""
-    return split_of(n, k, group, rows=x.numel() // k)[0] if decodes(x) else 1
+    return split_of(n, k, group, rows=x.numel() // k)[0] if decodes(x, scale_dtype) else 1
 
 
 def parts(x: torch.Tensor, words: torch.Tensor, table: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
     """`x [..., K]` times the weight in this layout ᵀ as `[parts_count(...), ..., N]` partial sums: fp32 from the
     kernel for a decode product, else the product itself in x's dtype (dequantized, then cuBLAS), `[1, ..., N]`."""
     k, n = x.shape[-1], words.shape[0]
-    if not decodes(x):
+    if not decodes(x, scales.dtype):
         return linear(x, words, table, scales, zeros)[None]
     x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1 or x2.stride(0) != k or x2.data_ptr() % 16:  # the kernel reads 16-byte-aligned rows
-        x2 = x2.clone(memory_format=torch.contiguous_format)
+    rows = x2.shape[0]
+    if x2.stride(-1) != 1 or (rows > 1 and x2.stride(0) != k) or x2.data_ptr() % 16:  # 16-byte-aligned rows
+        x2 = torch.empty((rows, k), dtype=x.dtype, device=x.device).copy_(x2)
     out = launch(x2, words.view(n // 16, k // CHUNK, 32, 4), table, n)
     return out.reshape(out.shape[0], *x.shape[:-1], n)
 
@@ -655,7 +657,7 @@ def linear(x: torch.Tensor, words: torch.Tensor, table: torch.Tensor, scales: to
     """`x [..., K] @ Wᵀ` in x's dtype for a weight in this layout: the kernel's parts summed for a decode product,
     else the weight dequantized to x's dtype and cuBLAS (torch's ops on a CPU)."""
     n = words.shape[0]
-    if decodes(x):
+    if decodes(x, scales.dtype):
         out = parts(x, words, table, scales, zeros)
         if out.shape[0] == 1:
             return out[0].to(x.dtype)
