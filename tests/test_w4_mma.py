@@ -254,8 +254,8 @@ def test_the_engine_decodes_int4_through_the_kernel_as_generate(tiny_checkpoint:
 
     loaded = load_model(str(tiny_checkpoint), "int4", "cpu")
     scale_dtype = next(m for m in loaded.model.modules() if isinstance(m, int4.Int4Linear)).scales.dtype
-    assert w4_mma.convert_model(loaded.model, torch.float32) == 0  # scales not of the activations' dtype: left
-    assert w4_mma.convert_model(loaded.model, scale_dtype) == 7 * loaded.model.config.text_config.num_hidden_layers
+    assert int4.use_mma_layout(loaded.model, torch.float32) == 0  # scales not of the activations' dtype: left
+    assert int4.use_mma_layout(loaded.model, scale_dtype) == 7 * loaded.model.config.text_config.num_hidden_layers
     launches = _emulated_kernel(monkeypatch, scale_dtype)
     fused_route(monkeypatch)  # the engine's decode route on CPU as on a GPU: the fused layers take the parts
     greedy = SamplingParams(max_new_tokens=24, temperature=0.0, repetition_penalty=1.0)

@@ -23,13 +23,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from qwen3vl_webui.kernels import w4_mma
+from qwen3vl_webui.kernels.int4_words import PACK, dequantize_weight, pack, unpack  # noqa: F401 (this module's API)
 from qwen3vl_webui.kernels.parts import compiled_product, decode_kernels, rows_of
 
 OP_NAMESPACE = "qwen3vl_webui"
 OP_NAME = "int4_linear"
 GROUP_SIZE = 128  # the 4B's K (2560, 4096, 9728) are multiples; smaller shapes take the largest power of 2 dividing K
 SKINNY_MAX_ROWS = 64  # the engine's decode buckets; prefill chunks go through dequantize + cuBLAS
-PACK = 8  # nibbles per int32 word
 
 
 def group_size_for(in_features: int, preferred: int = GROUP_SIZE) -> int:
@@ -40,21 +40,6 @@ def group_size_for(in_features: int, preferred: int = GROUP_SIZE) -> int:
     while in_features % group:
         group //= 2
     return group
-
-
-def pack(q: torch.Tensor) -> torch.Tensor:
-    """uint4 values `[N, K]` (any integer dtype, 0..15) -> int32 `[N, K // 8]`, nibble j of word w = column 8w + j."""
-    n, k = q.shape
-    q = q.to(torch.int32).reshape(n, k // PACK, PACK)
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=q.device)
-    return (q << shifts).sum(dim=2, dtype=torch.int64).to(torch.uint32).view(torch.int32)  # bit pattern kept
-
-
-def unpack(qweight: torch.Tensor) -> torch.Tensor:
-    """int32 `[N, K // 8]` -> uint8 `[N, K]` (0..15)."""
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qweight.device)
-    q = (qweight[:, :, None] >> shifts) & 0xF
-    return q.reshape(qweight.shape[0], -1).to(torch.uint8)
 
 
 def quantize_weight(
@@ -72,17 +57,6 @@ def quantize_weight(
     zero = torch.round(-lo / scale).clamp(0, 15)
     q = torch.round(w / scale[:, :, None] + zero[:, :, None]).clamp_(0, 15)
     return pack(q.reshape(n, k)), scale.to(scale_dtype), zero.to(torch.uint8)
-
-
-def dequantize_weight(
-    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """The `[N, K]` weight `(q - zero) * scale`, computed in fp32 and rounded once to `dtype`."""
-    q = unpack(qweight).to(torch.float32)
-    n, k = q.shape
-    group = k // scales.shape[1]
-    w = (q.reshape(n, k // group, group) - zeros.to(torch.float32)[:, :, None]) * scales.to(torch.float32)[:, :, None]
-    return w.reshape(n, k).to(dtype)
 
 
 def to_tinygemm(
@@ -314,6 +288,19 @@ class Int4Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
             f"bias={self.bias is not None}" + (", layout=mma" if self.table is not None else "")
         )
+
+
+def use_mma_layout(model: nn.Module, dtype: torch.dtype) -> int:
+    """Every Int4Linear of `model` into kernels/w4_mma.py's layout, in place (`Int4Linear.use_mma_layout`: no memory
+    but a 4-byte scale-and-zero a group), where its shape and group fit and its scales are `dtype` (the
+    activations'): how many. Called by the loader where `w4_mma.wanted`, before the engine fuses any."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Int4Linear) and module.scales.dtype == dtype and dtype in w4_mma.MAGIC:
+            if w4_mma.supports(module.out_features, module.in_features, module.group_size):
+                module.use_mma_layout()
+                count += 1
+    return count
 
 
 def quantize_text_linears(model: nn.Module, device: torch.device | str | None = None) -> int:

@@ -27,7 +27,7 @@ launch on the current stream. `emulate` is the same arithmetic in torch, fragmen
 Prefill dequantizes from this layout (`dequantize`: w4_mma_triton.py), then cuBLAS.
 
 Off unless QWEN3VL_INT4_MMA=1 (an A/B until a device run measures it): then the loader converts each int4 weight
-(`convert_model`, on a GPU of compute capability 8.0+), and every product of it runs from this layout.
+(`int4.use_mma_layout`, on a GPU of compute capability 8.0+), and every product of it runs from this layout.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ import threading
 from typing import Any, NamedTuple
 
 import torch
+
+from qwen3vl_webui.kernels.int4_words import dequantize_weight, pack, unpack
 
 MAX_ROWS = 32  # a launch's rows: the mma's columns, 1, 2 or 4 n-tiles of 8
 DECODE_ROWS = (
@@ -129,8 +131,6 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> 
     Word i of lane (g, q) = 4g + q in 64-k chunk c of row tile t holds, at nibble 4e + 2b + h, the weight at row
     16t + g + 8h and k = 64c + 16q + 4i + 2b + e: register j = 2b + h of the lane's A fragment for k-tile i is
     nibbles j (low lane) and j + 4 (high lane). Each scale-and-zero entry is the scale's 16 bits | zero << 16."""
-    from qwen3vl_webui.kernels.int4 import unpack
-
     n, words = qweight.shape
     k = words * 8
     q = unpack(qweight).to(torch.int32)  # [N, K]
@@ -612,21 +612,6 @@ def wanted(device: Any) -> bool:
     return enabled() and dev.type == "cuda" and available(dev.index if dev.index is not None else 0)
 
 
-def convert_model(model: torch.nn.Module, dtype: torch.dtype) -> int:
-    """Every Int4Linear of `model` into this kernel's layout, in place (`Int4Linear.use_mma_layout`: no memory but a
-    4-byte scale-and-zero a group), where its shape and group fit and its scales are `dtype` (the activations'):
-    how many. Called by the loader where `wanted`."""
-    from qwen3vl_webui.kernels.int4 import Int4Linear
-
-    count = 0
-    for module in model.modules():
-        if isinstance(module, Int4Linear) and module.scales.dtype == dtype and dtype in MAGIC:
-            if supports(module.out_features, module.in_features, module.group_size):
-                module.use_mma_layout()
-                count += 1
-    return count
-
-
 def decodes(x: torch.Tensor, scale_dtype: torch.dtype) -> bool:
     """A product this kernel runs: 1..DECODE_ROWS rows of 16-bit activations on a GPU, with scales of their dtype
     (the kernel reads the table's scale bits as x's kind); prefill's dequantizes. Shapes and dtypes only."""
@@ -675,8 +660,6 @@ def original_words(words: torch.Tensor) -> torch.Tensor:
     shifts = torch.arange(0, 32, 4, device=words.device)
     q = ((w[..., None] >> shifts) & 0xF).reshape(n // 16, k // CHUNK, 8, 4, 4, 2, 2, 2)  # t, c, g, q, i, e, b, h
     q = q.permute(0, 7, 2, 1, 3, 4, 6, 5).reshape(n, k)  # t, h, g, c, q, i, b, e: row 16t + 8h + g, k in order
-    from qwen3vl_webui.kernels.int4 import pack
-
     return pack(q)
 
 
@@ -687,8 +670,6 @@ def dequantize(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, d
         from qwen3vl_webui.kernels import w4_mma_triton
 
         return w4_mma_triton.dequantize(words, scales, zeros, dtype)
-    from qwen3vl_webui.kernels.int4 import dequantize_weight
-
     return dequantize_weight(original_words(words), scales, zeros, dtype)
 
 

@@ -73,11 +73,11 @@ def loaded(
 ) -> LoadedModel:
     """The LoadedModel of a model now on `device` (`started`: perf_counter at the start of the load)."""
     if precision == "int4" and device.startswith("cuda"):
-        from qwen3vl_webui.kernels import w4_mma
+        from qwen3vl_webui.kernels import int4, w4_mma
 
         if w4_mma.wanted(device):  # QWEN3VL_INT4_MMA=1: int4's weights into the CUDA decode kernel's layout
             dtype = model.get_input_embeddings().weight.dtype
-            log.info("int4: %d weights in the CUDA decode kernel's layout", w4_mma.convert_model(model, dtype))
+            log.info("int4: %d weights in the CUDA decode kernel's layout", int4.use_mma_layout(model, dtype))
     if device.startswith("cuda"):
         import torch
 
