@@ -77,11 +77,13 @@ class MmaConfig(NamedTuple):
 # The 4B's shapes (row class: 1 up to 8 rows, 16, 32; n, k) -> config. First guesses (docs/engine.md v20) until a
 # device sweep picks: `bench.quant_check --formats int4mma` (its report's "tuned" section, read at import from
 # $QWEN3VL_KERNEL_TUNING as the Triton kernels' are). Four n-tiles take one group ahead (two spill registers).
+# The guesses keep one wave of programs: 3 programs an SM at two groups ahead (139 registers), 6 at one (80); q/k/v
+# has 384 tiles, o and down 160 (K split 4 ways: 640 programs), gate/up 1,216 (1.5 waves at best).
 TUNED: dict[tuple[int, int, int], MmaConfig] = {
     (1, 6144, 2560): MmaConfig(4, 2, 1),
-    (1, 2560, 4096): MmaConfig(4, 2, 4),
-    (1, 19456, 2560): MmaConfig(4, 2, 1),
-    (1, 2560, 9728): MmaConfig(4, 2, 4),
+    (1, 2560, 4096): MmaConfig(4, 1, 4),
+    (1, 19456, 2560): MmaConfig(4, 1, 1),
+    (1, 2560, 9728): MmaConfig(4, 1, 4),
 }
 
 
