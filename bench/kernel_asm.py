@@ -191,7 +191,9 @@ def print_mma(capability: int = SM90) -> None:
     for tiles in (1, 2, 4):
         for warps in (4, 8):
             for unroll in (1, 2) if tiles < 4 else (1,):
-                cubin = w4_mma.compile_cubin(w4_mma.source(torch.bfloat16, warps, unroll, 1, 128, tiles), f"sm_{capability}")
+                cubin = w4_mma.compile_cubin(
+                    w4_mma.source(torch.bfloat16, warps, unroll, 1, 128, tiles), f"sm_{capability}"
+                )
                 code = [text for _, text in sass_code(cubin)]
                 spills = sum(1 for text in code if "STL" in text or "LDL" in text)
                 loop = sass_loop(cubin)
