@@ -44,9 +44,7 @@ import torch
 from qwen3vl_webui.kernels.int4_words import dequantize_weight, pack, unpack
 
 MAX_ROWS = 32  # a launch's rows: the mma's columns, 1, 2 or 4 n-tiles of 8
-DECODE_ROWS = (
-    64  # a decode product's rows at most (the engine's buckets: kernels/int4.py SKINNY_MAX_ROWS), in launches of 32
-)
+DECODE_ROWS = 64  # a decode product's rows at most (kernels/int4.py SKINNY_MAX_ROWS), in launches of 32
 ROWS_PER_TILE = 16
 CHUNK = 64  # k per 16-byte load of a lane (four k-tiles of 16)
 GROUPS = (64, 128)  # group sizes this kernel takes: one or two chunks (the 4B's 128; the tiny test model's 64)
@@ -76,7 +74,7 @@ class MmaConfig(NamedTuple):
 
 # The 4B's shapes (row class: 1 up to 8 rows, 16, 32; n, k) -> config. First guesses (docs/engine.md v20) until a
 # device sweep picks: `bench.quant_check --formats int4mma` (its report's "tuned" section, read at import from
-# $QWEN3VL_KERNEL_TUNING as the Triton kernels' are). Four n-tiles take one group ahead (two spill registers).
+# $QWEN3VL_KERNEL_TUNING as the Triton kernels' are). Four n-tiles take one group ahead (two spill).
 # The guesses keep one wave of programs: 3 programs an SM at two groups ahead (139 registers), 6 at one (80); q/k/v
 # has 384 tiles, o and down 160 (K split 4 ways: 640 programs), gate/up 1,216 (1.5 waves at best).
 TUNED: dict[tuple[int, int, int], MmaConfig] = {
