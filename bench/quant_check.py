@@ -10,7 +10,9 @@ numerics against bf16.
    layer's kernel that takes its output in the engine (`consumer`: a split product's parts are summed there); the
    best per (rows, N, K) is what w4a16_triton.TUNED / fp8_triton.TUNED hold (printed as Python to paste). Bytes per
    weight: bf16 2, fp8 1, int4 0.5 + 3/128 (the GB/s figures divide them by the product and its consumer's time).
-2. quality: random weights of the 4B (bf16), quantized to int8wo, int4 and fp8 in turn from the same bf16 weights;
+2. layout (`--sections layout`): kernels/w4_mma.py's whole path (a layer reordered in place, products at 1-64 rows
+   through the CUDA kernel and at 100 through the Triton dequantize) against float64, each of the four shapes.
+3. quality: random weights of the 4B (bf16), quantized to int8wo, int4 and fp8 in turn from the same bf16 weights;
    last-token logits on 8 prompts of 256 tokens against bf16: cosine similarity and top-1 agreement. Random
    weights are not the real checkpoint (see the README for measuring quality on it), but the rounding each format
    does to the same weights is comparable.
