@@ -36,10 +36,11 @@ def decode_bytes(loaded: Any) -> int:
     """Bytes one decode step must read once: the text model's weights and the output head (the vision tower
     and the embedding gather are not read per token; a tied head is counted once)."""
     model = loaded.model
-    seen: set[int] = set()
-    total = 0
     lm = model.model.language_model
     embed = lm.embed_tokens.weight
+    # int4 in kernels/w4_mma.py's layout decodes from its words and its table: its scales and zeros are not read
+    seen = {t.data_ptr() for m in lm.modules() if getattr(m, "table", None) is not None for t in (m.scales, m.zeros)}
+    total = 0
     for t in [*lm.parameters(), *lm.buffers(), *model.lm_head.parameters()]:
         if (t is embed and t is not model.lm_head.weight) or t.data_ptr() in seen:
             continue

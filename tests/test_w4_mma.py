@@ -279,3 +279,20 @@ def test_the_engine_decodes_int4_through_the_kernel_as_generate(tiny_checkpoint:
     # prefilled through the kernel too (as the Triton kernels took every product of up to 64 rows).
     decode = [rows for rows, _ in launches[generated:] if rows <= 2]
     assert len(decode) >= 4 * layers * steps
+
+
+def test_the_matrix_counts_what_the_kernels_layout_reads(tiny_checkpoint: Path) -> None:
+    """bench.matrix's bytes a decode step reads: in the kernel's layout the words and the table, not the scales and
+    zeros (its memory-limit figure divides by them)."""
+    from types import SimpleNamespace
+
+    from bench.matrix import decode_bytes
+    from qwen3vl_webui.weights.loading import load_model
+
+    loaded = load_model(str(tiny_checkpoint), "int4", "cpu")
+    layers = [m for m in loaded.model.modules() if isinstance(m, int4.Int4Linear)]
+    before = decode_bytes(SimpleNamespace(model=loaded.model))
+    int4.use_mma_layout(loaded.model, layers[0].scales.dtype)
+    size = lambda t: t.numel() * t.element_size()  # noqa: E731
+    change = sum(size(m.table) - size(m.scales) - size(m.zeros) for m in layers)
+    assert decode_bytes(SimpleNamespace(model=loaded.model)) == before + change
