@@ -186,12 +186,12 @@ def print_mma(capability: int = SM90) -> None:
     instructions a weight (a trip is two steps of `unroll` groups; 16 x 128 weights a group, over 32 lanes)."""
     import torch
 
-    from qwen3vl_webui.kernels import w4_mma
+    from qwen3vl_webui.kernels import cuda, w4_mma
 
     for tiles in (1, 2, 4):
         for warps in (4, 8):
             for unroll in (1, 2) if tiles < 4 else (1,):
-                cubin = w4_mma.compile_cubin(
+                cubin = cuda.compile_cubin(
                     w4_mma.source(torch.bfloat16, warps, unroll, 1, 128, tiles), f"sm_{capability}"
                 )
                 code = [text for _, text in sass_code(cubin)]

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from qwen3vl_webui.kernels import int4, w4_mma
+from qwen3vl_webui.kernels import cuda, int4, w4_mma
 
 
 def _quantized(n: int, k: int, group: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -99,11 +99,11 @@ def test_the_pdl_launch_attribute_holds_its_value() -> None:
     the value 0, and the launch silently without PDL.)"""
     import ctypes
 
-    attr = w4_mma.pdl_attribute()
+    attr = cuda.pdl_attribute()
     raw = bytes(attr)
-    assert ctypes.sizeof(attr) == 72 and ctypes.sizeof(w4_mma._Config) == 56
+    assert ctypes.sizeof(attr) == 72 and ctypes.sizeof(cuda._Config) == 56
     assert raw[:4] == (6).to_bytes(4, "little") and raw[8:12] == (1).to_bytes(4, "little") and raw[12:] == bytes(60)
-    assert w4_mma._Config.hStream.offset == 32 and w4_mma._Config.attrs.offset == 40
+    assert cuda._Config.hStream.offset == 32 and cuda._Config.attrs.offset == 40
 
 
 @pytest.mark.parametrize("group", [64, 128])
@@ -119,7 +119,7 @@ def test_it_compiles_for_sm90_and_loads_weights_before_the_pdl_wait_and_activati
     if dtype != torch.bfloat16 or group != 128:  # the 4B's every variant; the others at 4 warps a program
         variants = [v for v in variants if v[0] == 4]
     for warps, unroll, mode, tiles in variants:
-        cubin = w4_mma.compile_cubin(w4_mma.source(dtype, warps, unroll, mode, group, tiles), "sm_90")
+        cubin = cuda.compile_cubin(w4_mma.source(dtype, warps, unroll, mode, group, tiles), "sm_90")
         code = [text for _, text in sass_code(cubin)]
         where = (dtype, group, warps, unroll, mode, tiles)
         assert not [t for t in code if "STL" in t or "LDL" in t], where  # no register spills

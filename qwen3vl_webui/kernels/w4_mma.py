@@ -34,13 +34,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import glob
 import os
-import threading
 from typing import Any, NamedTuple
 
 import torch
 
+from qwen3vl_webui.kernels import cuda
+from qwen3vl_webui.kernels.cuda import available
 from qwen3vl_webui.kernels.int4_words import dequantize_weight, pack, unpack
 
 MAX_ROWS = 32  # a launch's rows: the mma's columns, 1, 2 or 4 n-tiles of 8
@@ -425,143 +425,9 @@ def source(dtype: torch.dtype, warps: int, unroll: int, pdl_mode: int, group: in
     return head + (_HALF if dtype == torch.float16 else "") + SOURCE
 
 
-def _find_nvrtc() -> str:
-    """libnvrtc from torch's CUDA wheels (nvidia/cu13/lib, nvidia/cuda_nvrtc/lib), else the loader's search
-    (LD_LIBRARY_PATH, a CUDA toolkit's)."""
-    import site
-
-    roots = [*site.getsitepackages(), site.getusersitepackages(), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
-    roots.append(os.path.dirname(os.path.dirname(torch.__file__)))  # torch's own site-packages
-    for root in filter(None, roots):
-        for pattern in ("nvidia/cu1*/lib/libnvrtc.so.*", "nvidia/cuda_nvrtc/lib/libnvrtc.so.*"):
-            found = sorted(p for p in glob.glob(os.path.join(root, pattern)) if "builtins" not in p and "alt" not in p)
-            if found:
-                return found[-1]
-    return "libnvrtc.so.13" if str(torch.version.cuda or "").startswith("13") else "libnvrtc.so.12"
-
-
 @functools.cache
-def _nvrtc() -> Any:
-    return ctypes.CDLL(_find_nvrtc())
-
-
-def compile_cubin(code: str, arch: str, name: str = "w4_mma") -> bytes:
-    """NVRTC: CUDA C -> a cubin for `arch` (e.g. "sm_90"). Needs no GPU (the tests compile for sm_90 on a CPU)."""
-    lib = _nvrtc()
-    prog = ctypes.c_void_p()
-
-    def check(result: int, what: str) -> None:
-        if result != 0:
-            lib.nvrtcGetErrorString.restype = ctypes.c_char_p
-            raise RuntimeError(f"NVRTC {what}: {lib.nvrtcGetErrorString(result).decode()}")
-
-    check(lib.nvrtcCreateProgram(ctypes.byref(prog), code.encode(), f"{name}.cu".encode(), 0, None, None), "create")
-    try:
-        options = [f"--gpu-architecture={arch}".encode(), b"-default-device", b"--std=c++17", b"-lineinfo"]
-        array = (ctypes.c_char_p * len(options))(*options)
-        if lib.nvrtcCompileProgram(prog, len(options), array) != 0:
-            size = ctypes.c_size_t()
-            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-            log = ctypes.create_string_buffer(size.value)
-            lib.nvrtcGetProgramLog(prog, log)
-            raise RuntimeError(f"NVRTC could not compile {name} for {arch}:\n{log.value.decode(errors='replace')}")
-        size = ctypes.c_size_t()
-        check(lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "cubin size")
-        cubin = ctypes.create_string_buffer(size.value)
-        check(lib.nvrtcGetCUBIN(prog, cubin), "cubin")
-        return cubin.raw
-    finally:
-        lib.nvrtcDestroyProgram(ctypes.byref(prog))
-
-
-class _Attr(ctypes.Structure):
-    # c_ubyte, not c_char: ctypes hands a c_char array field out as a bytes copy (a write to it changes nothing)
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_ubyte * 4), ("value", ctypes.c_ubyte * 64)]
-
-
-class _Config(ctypes.Structure):
-    _fields_ = [
-        ("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
-        ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
-        ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_Attr)),
-        ("numAttrs", ctypes.c_uint),
-    ]  # fmt: skip
-
-
-PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID
-
-
-def pdl_attribute() -> _Attr:
-    """The launch attribute that lets the kernel start before the one before it ends (its programs wait at
-    `griddepcontrol.wait`): CUDA's `programmaticStreamSerializationAllowed = 1`, the value union's first int."""
-    attr = _Attr()
-    attr.id = PROGRAMMATIC_STREAM_SERIALIZATION
-    ctypes.c_int.from_buffer(attr, _Attr.value.offset).value = 1
-    return attr
-
-
-_PDL = pdl_attribute()
-
-
-@functools.cache
-def _driver() -> Any:
-    lib = ctypes.CDLL("libcuda.so.1")
-    lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_Config), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-    return lib
-
-
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        name = ctypes.c_char_p()
-        _driver().cuGetErrorName(result, ctypes.byref(name))
-        raise RuntimeError(f"CUDA driver {what}: {result} {name.value.decode() if name.value else ''}")
-
-
-_lock = threading.Lock()
-
-
-@functools.cache
-def _function(
-    device_index: int, dtype: torch.dtype, warps: int, unroll: int, pdl_mode: int, group: int, tiles: int
-) -> ctypes.c_void_p:
-    """The variant compiled and loaded into the device's primary context (torch's), once a process. Not inside a
-    CUDA graph capture: a step of each batch size runs before its capture (so every variant is built then)."""
-    if torch.cuda.is_current_stream_capturing():
-        raise RuntimeError("w4_mma: a kernel variant was first needed inside a CUDA graph capture; run a step before")
-    with _lock:
-        major, minor = torch.cuda.get_device_capability(device_index)
-        cubin = compile_cubin(source(dtype, warps, unroll, pdl_mode, group, tiles), f"sm_{major}{minor}")
-        _primary_context(device_index)
-        module, func = ctypes.c_void_p(), ctypes.c_void_p()
-        _check(_driver().cuModuleLoadData(ctypes.byref(module), cubin), "module load")
-        _check(_driver().cuModuleGetFunction(ctypes.byref(func), module, b"w4_mma"), "function")
-        return func
-
-
-def _primary_context(device_index: int) -> None:
-    """Makes the device's primary context (the one torch's runtime uses) current on this thread if none is."""
-    lib = _driver()
-    current = ctypes.c_void_p()
-    _check(lib.cuCtxGetCurrent(ctypes.byref(current)), "current context")
-    if current.value:
-        return
-    device, context = ctypes.c_int(), ctypes.c_void_p()
-    _check(lib.cuDeviceGet(ctypes.byref(device), device_index), "device")
-    _check(lib.cuDevicePrimaryCtxRetain(ctypes.byref(context), device), "primary context")
-    _check(lib.cuCtxSetCurrent(context), "set context")
-
-
-@functools.cache
-def available(device_index: int) -> bool:
-    """Compute capability 8.0+ (mma.sync with bf16) and NVRTC and the driver found."""
-    try:
-        if torch.cuda.get_device_capability(device_index) < (8, 0):
-            return False
-        _nvrtc()
-        _driver()
-        return True
-    except Exception:
-        return False
+def _function(index: int, dtype: torch.dtype, warps: int, unroll: int, pdl_mode: int, group: int, tiles: int) -> Any:
+    return cuda.function(index, source(dtype, warps, unroll, pdl_mode, group, tiles), "w4_mma")
 
 
 def launch(
@@ -571,8 +437,6 @@ def launch(
     """`x [M <= DECODE_ROWS, K]` (bf16/fp16, rows contiguous, 16-byte aligned) times the repacked weight ᵀ:
     `[split, M, N]` fp32 partial sums on the current stream; more than 32 rows in launches of 32 (config:
     `pick_config` for M's row class where none is given, the same for every launch)."""
-    from qwen3vl_webui.kernels import pdl
-
     m, k = x.shape
     if m > DECODE_ROWS or x.stride(1) != 1 or x.data_ptr() % 16 or (m > 1 and x.stride(0) % 8):
         raise ValueError(f"w4_mma takes up to {DECODE_ROWS} rows, contiguous and 16-byte aligned; got {tuple(x.shape)}")
@@ -580,25 +444,17 @@ def launch(
     group = k // table.shape[1]
     split, per = split_of(n, k, group, cfg)
     out = torch.empty((split, m, n), device=x.device, dtype=torch.float32)
-    if pdl_mode is None:
-        pdl_mode = pdl.args(x, "int4").get("PDL", 0)
     index = x.get_device()
-    if pdl_mode and torch.cuda.get_device_capability(index) < (9, 0):
-        pdl_mode = 0
-    stream = torch.cuda.current_stream(index).cuda_stream
+    pdl_mode = cuda.pdl_mode_for(x, "int4", pdl_mode)
     for start in range(0, m, MAX_ROWS):
         rows = min(MAX_ROWS, m - start)
-        func = _function(index, x.dtype, cfg.warps, cfg.unroll, pdl_mode, group, n_tiles(rows))
         values = [
             ctypes.c_void_p(packed.data_ptr()), ctypes.c_void_p(table.data_ptr()),
             ctypes.c_void_p(x[start].data_ptr()), ctypes.c_void_p(out[0, start].data_ptr()), ctypes.c_int(rows),
             ctypes.c_int(n), ctypes.c_int(k), ctypes.c_int(x.stride(0)), ctypes.c_int(per), ctypes.c_longlong(m * n),
         ]  # fmt: skip
-        params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
-        conf = _Config(n // ROWS_PER_TILE, split, 1, 32 * cfg.warps, 1, 1, 0, stream)
-        if pdl_mode:
-            conf.attrs, conf.numAttrs = ctypes.pointer(_PDL), 1
-        _check(_driver().cuLaunchKernelEx(ctypes.byref(conf), func, params, None), "launch")
+        func = _function(index, x.dtype, cfg.warps, cfg.unroll, pdl_mode, group, n_tiles(rows))
+        cuda.launch(func, (n // ROWS_PER_TILE, split), 32 * cfg.warps, values, index, pdl_mode)
     return out
 
 

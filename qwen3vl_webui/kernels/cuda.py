@@ -1,0 +1,178 @@
+"""The CUDA C decode kernels' plumbing (kernels/w4_mma.py, kernels/fp8_mma.py): NVRTC compiles CUDA C to a cubin
+at first use (torch's CUDA wheels ship libnvrtc), the driver API loads it into torch's context and launches it with
+`cuLaunchKernelEx` on torch's current stream (so CUDA graphs capture it), programmatic dependent launch (PDL) as a
+launch attribute. ctypes only: no build step, no compiler at install time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+import os
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+
+def _find_nvrtc() -> str:
+    """libnvrtc from torch's CUDA wheels (nvidia/cu13/lib, nvidia/cuda_nvrtc/lib), else the loader's search
+    (LD_LIBRARY_PATH, a CUDA toolkit's)."""
+    import site
+
+    roots = [*site.getsitepackages(), site.getusersitepackages(), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+    roots.append(os.path.dirname(os.path.dirname(torch.__file__)))  # torch's own site-packages
+    for root in filter(None, roots):
+        for pattern in ("nvidia/cu1*/lib/libnvrtc.so.*", "nvidia/cuda_nvrtc/lib/libnvrtc.so.*"):
+            found = sorted(p for p in glob.glob(os.path.join(root, pattern)) if "builtins" not in p and "alt" not in p)
+            if found:
+                return found[-1]
+    return "libnvrtc.so.13" if str(torch.version.cuda or "").startswith("13") else "libnvrtc.so.12"
+
+
+@functools.cache
+def _nvrtc() -> Any:
+    return ctypes.CDLL(_find_nvrtc())
+
+
+def compile_cubin(code: str, arch: str, name: str = "kernel") -> bytes:
+    """NVRTC: CUDA C -> a cubin for `arch` (e.g. "sm_90"). Needs no GPU (the tests compile for sm_90 on a CPU)."""
+    lib = _nvrtc()
+    prog = ctypes.c_void_p()
+
+    def check(result: int, what: str) -> None:
+        if result != 0:
+            lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+            raise RuntimeError(f"NVRTC {what}: {lib.nvrtcGetErrorString(result).decode()}")
+
+    check(lib.nvrtcCreateProgram(ctypes.byref(prog), code.encode(), f"{name}.cu".encode(), 0, None, None), "create")
+    try:
+        options = [f"--gpu-architecture={arch}".encode(), b"-default-device", b"--std=c++17", b"-lineinfo"]
+        array = (ctypes.c_char_p * len(options))(*options)
+        if lib.nvrtcCompileProgram(prog, len(options), array) != 0:
+            size = ctypes.c_size_t()
+            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetProgramLog(prog, log)
+            raise RuntimeError(f"NVRTC could not compile {name} for {arch}:\n{log.value.decode(errors='replace')}")
+        size = ctypes.c_size_t()
+        check(lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "cubin size")
+        cubin = ctypes.create_string_buffer(size.value)
+        check(lib.nvrtcGetCUBIN(prog, cubin), "cubin")
+        return cubin.raw
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+class _Attr(ctypes.Structure):
+    # c_ubyte, not c_char: ctypes hands a c_char array field out as a bytes copy (a write to it changes nothing)
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_ubyte * 4), ("value", ctypes.c_ubyte * 64)]
+
+
+class _Config(ctypes.Structure):
+    _fields_ = [
+        ("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+        ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+        ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_Attr)),
+        ("numAttrs", ctypes.c_uint),
+    ]  # fmt: skip
+
+
+PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID
+
+
+def pdl_attribute() -> _Attr:
+    """The launch attribute that lets the kernel start before the one before it ends (its programs wait at
+    `griddepcontrol.wait`): CUDA's `programmaticStreamSerializationAllowed = 1`, the value union's first int."""
+    attr = _Attr()
+    attr.id = PROGRAMMATIC_STREAM_SERIALIZATION
+    ctypes.c_int.from_buffer(attr, _Attr.value.offset).value = 1
+    return attr
+
+
+_PDL = pdl_attribute()
+
+
+@functools.cache
+def _driver() -> Any:
+    lib = ctypes.CDLL("libcuda.so.1")
+    lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_Config), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    return lib
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        name = ctypes.c_char_p()
+        _driver().cuGetErrorName(result, ctypes.byref(name))
+        raise RuntimeError(f"CUDA driver {what}: {result} {name.value.decode() if name.value else ''}")
+
+
+_lock = threading.Lock()
+
+
+@functools.cache
+def function(device_index: int, code: str, name: str) -> ctypes.c_void_p:
+    """Kernel `name` of CUDA C `code` compiled for the device and loaded into its primary context (torch's), once a
+    process. Not inside a CUDA graph capture: a step of each batch size runs before its capture (so every variant a
+    step uses is built then)."""
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"{name}: a kernel variant was first needed inside a CUDA graph capture; run a step before")
+    with _lock:
+        major, minor = torch.cuda.get_device_capability(device_index)
+        cubin = compile_cubin(code, f"sm_{major}{minor}", name)
+        _primary_context(device_index)
+        module, func = ctypes.c_void_p(), ctypes.c_void_p()
+        _check(_driver().cuModuleLoadData(ctypes.byref(module), cubin), "module load")
+        _check(_driver().cuModuleGetFunction(ctypes.byref(func), module, name.encode()), "function")
+        return func
+
+
+def _primary_context(device_index: int) -> None:
+    """Makes the device's primary context (the one torch's runtime uses) current on this thread if none is."""
+    lib = _driver()
+    current = ctypes.c_void_p()
+    _check(lib.cuCtxGetCurrent(ctypes.byref(current)), "current context")
+    if current.value:
+        return
+    device, context = ctypes.c_int(), ctypes.c_void_p()
+    _check(lib.cuDeviceGet(ctypes.byref(device), device_index), "device")
+    _check(lib.cuDevicePrimaryCtxRetain(ctypes.byref(context), device), "primary context")
+    _check(lib.cuCtxSetCurrent(context), "set context")
+
+
+@functools.cache
+def available(device_index: int) -> bool:
+    """Compute capability 8.0+ (mma.sync with bf16) and NVRTC and the driver found."""
+    try:
+        if torch.cuda.get_device_capability(device_index) < (8, 0):
+            return False
+        _nvrtc()
+        _driver()
+        return True
+    except Exception:
+        return False
+
+
+def launch(
+    func: ctypes.c_void_p, grid: tuple[int, int], threads: int, values: Sequence[Any], device_index: int,
+    pdl_mode: int,
+) -> None:  # fmt: skip
+    """One launch of `func` on the device's current stream: `values` its arguments as ctypes scalars, in order; with
+    the PDL attribute where `pdl_mode` is not 0 (the kernel then waits at `griddepcontrol.wait`)."""
+    stream = torch.cuda.current_stream(device_index).cuda_stream
+    params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
+    conf = _Config(grid[0], grid[1], 1, threads, 1, 1, 0, stream)
+    if pdl_mode:
+        conf.attrs, conf.numAttrs = ctypes.pointer(_PDL), 1
+    _check(_driver().cuLaunchKernelEx(ctypes.byref(conf), func, params, None), "launch")
+
+
+def pdl_mode_for(x: torch.Tensor, kernel: str, pdl_mode: int | None) -> int:
+    """The PDL mode a launch on `x`'s device takes (kernels/pdl.py's for `kernel` where none is given): 0 before
+    Hopper (no `griddepcontrol`)."""
+    from qwen3vl_webui.kernels import pdl
+
+    mode = pdl.args(x, kernel).get("PDL", 0) if pdl_mode is None else pdl_mode
+    return 0 if mode and torch.cuda.get_device_capability(x.get_device()) < (9, 0) else mode
