@@ -16,6 +16,55 @@ from typing import Any
 
 import torch
 
+# The decode kernels' shared device code (kernels/w4_mma.py, kernels/fp8_mma.py). Each variant defines before it: KIND
+# ("bf16" or "f16", the mma's), WARPS (a program's), UNROLL (groups a warp loads ahead), NT (n-tiles of 8 batch rows)
+# and CPG (64-k chunks a group). A lane (g, q) reads, of each 64-k chunk, the 16 activations 16q..16q+15 of its batch
+# row (two 16-byte loads), so its fragments' k order is the kernels' own (their repacks follow it).
+DECODE_HELPERS = r"""
+#define GSIZE (64 * CPG)
+
+// Weights are streamed once, so not kept in L1 (the activations are).
+__device__ __forceinline__ uint4 load_weights(const uint4* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+// The activations, written by the kernel before: a coherent load in `asm volatile`, so that neither the compiler nor
+// ptxas moves it above the PDL wait (a `__ldg`, read-only in the compiler's eyes, was hoisted above it).
+__device__ __forceinline__ uint4 load_x(const uint4* p) {
+    uint4 v;
+    asm volatile("ld.global.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32." KIND "." KIND ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// The same groups' activations: the lane's 16 values of each 64-k chunk (values 16q..16q+15) for each n-tile's row
+// (8 nt + g of the batch: xg[nt] points at it).
+__device__ __forceinline__ void load_group_x(uint4 (&x)[UNROLL][NT][2 * CPG], const uint4* const (&xg)[NT], int gg,
+                                             int end) {
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+        if (gg + u * WARPS < end) {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int c = 0; c < CPG; ++c) {  // a chunk is 64 values: 8 loads of 16 bytes
+                    x[u][nt][2 * c] = load_x(xg[nt] + u * WARPS * GSIZE / 8 + 8 * c);
+                    x[u][nt][2 * c + 1] = load_x(xg[nt] + u * WARPS * GSIZE / 8 + 8 * c + 1);
+                }
+        }
+    }
+}
+"""
+
 
 def _find_nvrtc() -> str:
     """libnvrtc from torch's CUDA wheels (nvidia/cu13/lib, nvidia/cuda_nvrtc/lib), else the loader's search

@@ -202,32 +202,7 @@ def emulate(
 
 SOURCE = r"""
 // CPG: 64-k chunks a group (1 or 2: groups of 64 or 128 k). A lane's chunk: one 16-byte word load (4 k-tiles of 16
-// rows), two 16-byte activation loads.
-#define GSIZE (64 * CPG)
-
-// Weights are streamed once, so not kept in L1 (the activations are).
-__device__ __forceinline__ uint4 load_weights(const uint4* p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-}
-
-// The activations, written by the kernel before: a coherent load in `asm volatile`, so that neither the compiler nor
-// ptxas moves it above the PDL wait (a `__ldg`, read-only in the compiler's eyes, was hoisted above it).
-__device__ __forceinline__ uint4 load_x(const uint4* p) {
-    uint4 v;
-    asm volatile("ld.global.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
-    return v;
-}
-
-__device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32." KIND "." KIND ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
+// rows), two 16-byte activation loads (kernels/cuda.py's DECODE_HELPERS: load_weights, load_x, mma, load_group_x).
 // Groups gg, gg + WARPS, ... (UNROLL of them, those before `end`): their weights and scale-and-zero entries.
 __device__ __forceinline__ void load_group_weights(uint4 (&w)[UNROLL][CPG], unsigned (&sz)[UNROLL][2],
                                                    const uint4* wg, const unsigned* sg, int gg, int end) {
@@ -238,24 +213,6 @@ __device__ __forceinline__ void load_group_weights(uint4 (&w)[UNROLL][CPG], unsi
             for (int c = 0; c < CPG; ++c) w[u][c] = load_weights(wg + (u * WARPS * CPG + c) * 32);
             sz[u][0] = __ldg(sg + u * WARPS * 16);
             sz[u][1] = __ldg(sg + u * WARPS * 16 + 8);
-        }
-    }
-}
-
-// The same groups' activations: the lane's 16 values of each 64-k chunk (values 16q..16q+15) for each n-tile's row
-// (8 nt + g of the batch: xg[nt] points at it).
-__device__ __forceinline__ void load_group_x(uint4 (&x)[UNROLL][NT][2 * CPG], const uint4* const (&xg)[NT], int gg,
-                                             int end) {
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-        if (gg + u * WARPS < end) {
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                for (int c = 0; c < CPG; ++c) {  // a chunk is 64 values: 8 loads of 16 bytes
-                    x[u][nt][2 * c] = load_x(xg[nt] + u * WARPS * GSIZE / 8 + 8 * c);
-                    x[u][nt][2 * c + 1] = load_x(xg[nt] + u * WARPS * GSIZE / 8 + 8 * c + 1);
-                }
         }
     }
 }
@@ -422,7 +379,7 @@ def source(dtype: torch.dtype, warps: int, unroll: int, pdl_mode: int, group: in
     defines = {**_KINDS[dtype], "WARPS": str(warps), "UNROLL": str(unroll), "PDL": str(pdl_mode),
                "CPG": str(group // CHUNK), "NT": str(tiles)}  # fmt: skip
     head = "".join(f"#define {name} {value}\n" for name, value in defines.items())
-    return head + (_HALF if dtype == torch.float16 else "") + SOURCE
+    return head + (_HALF if dtype == torch.float16 else "") + cuda.DECODE_HELPERS + SOURCE
 
 
 @functools.cache
