@@ -173,16 +173,7 @@ def emulate(
             rows = g + 8 * (j & 1)
             cols = 2 * qq + 8 * (j >> 1) + e
             a[:, :, :, rows, cols] = nib[:, :, lane, :, 4 * e + j].permute(0, 1, 3, 2)
-    # B[c, i, kl, n]: b0 b1 at kl = 2q + e from k = 16q + 4i + e; b2 b3 at kl = 2q + 8 + e from k = 16q + 4i + 2 + e.
-    xs = torch.zeros(8, k)
-    xs[:m] = x.to(torch.float32)
-    xc = xs.reshape(8, chunks, 4, 16)  # n, c, q, 16 contiguous values
-    b = torch.zeros(chunks, 4, 16, 8)
-    for q in range(4):
-        for i in range(4):
-            for e in range(2):
-                b[:, i, 2 * q + e, :] = xc[:, :, q, 4 * i + e].T
-                b[:, i, 2 * q + 8 + e, :] = xc[:, :, q, 4 * i + 2 + e].T
+    b = activation_fragments(x)
     t = torch.einsum("tcirk,cikn->tcrn", a, b)  # [T, C, 16, 8]: a chunk's four k-tiles summed
     sx = b.sum(dim=2).sum(dim=1)  # [C, 8]: the all-ones mma's Σ x
     t = t.reshape(tiles, groups, per_group, 16, 8).sum(dim=2)  # per group
@@ -196,6 +187,24 @@ def emulate(
     parts = [per_group[:, s * per : (s + 1) * per].sum(dim=1) for s in range(-(-groups // per))]
     out = torch.stack(parts)  # [S, T, 16, 8]
     return out.permute(0, 3, 1, 2).reshape(len(parts), 8, tiles * 16)[:, :m]
+
+
+def activation_fragments(x: torch.Tensor) -> torch.Tensor:
+    """The B fragments of up to 8 batch rows `x [M, K]` as the decode kernels' lanes load them (kernels/cuda.py's
+    DECODE_HELPERS): `[K/64, 4, 16, 8]` (chunk, k-tile i, the tile's k, batch row), fp32, rows past M zero. Lane
+    (g, q)'s b0 b1 are kl = 2q + e from k = 16q + 4i + e; its b2 b3 kl = 2q + 8 + e from k = 16q + 4i + 2 + e."""
+    m, k = x.shape
+    chunks = k // CHUNK
+    xs = torch.zeros(8, k)
+    xs[:m] = x.to(torch.float32)
+    xc = xs.reshape(8, chunks, 4, 16)  # n, c, q, 16 contiguous values
+    b = torch.zeros(chunks, 4, 16, 8)
+    for q in range(4):
+        for i in range(4):
+            for e in range(2):
+                b[:, i, 2 * q + e, :] = xc[:, :, q, 4 * i + e].T
+                b[:, i, 2 * q + 8 + e, :] = xc[:, :, q, 4 * i + 2 + e].T
+    return b
 
 
 # ------------------------------------------------------------------------------------------------------ CUDA ---
