@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from qwen3vl_webui.kernels import fp8_mma
 from qwen3vl_webui.kernels.parts import compiled_product, decode_kernels, rows_of
 
 OP_NAMESPACE = "qwen3vl_webui"
@@ -109,6 +110,27 @@ def register_op() -> Any:
         split, fp32 = parts_layout(x, weight)  # one row, a static shape (parts.compiled_product checks)
         return x.new_empty((split, *x.shape[:-1], weight.shape[0]), dtype=torch.float32 if fp32 else x.dtype)
 
+    @torch.library.custom_op(f"{OP_NAMESPACE}::{OP_NAME}_mma", mutates_args=())
+    def fp8_linear_mma(x: torch.Tensor, words: torch.Tensor, scale_inv: torch.Tensor, kind: torch.dtype) -> torch.Tensor:
+        return fp8_mma.linear(x, words, scale_inv, kind)
+
+    @fp8_linear_mma.register_fake
+    def _(x: torch.Tensor, words: torch.Tensor, scale_inv: torch.Tensor, kind: torch.dtype) -> torch.Tensor:
+        return x.new_empty((*x.shape[:-1], words.shape[0]))
+
+    @torch.library.custom_op(f"{OP_NAMESPACE}::{OP_NAME}_mma_parts", mutates_args=())
+    def fp8_linear_mma_parts(
+        x: torch.Tensor, words: torch.Tensor, scale_inv: torch.Tensor, kind: torch.dtype
+    ) -> torch.Tensor:
+        return fp8_mma.parts(x, words, scale_inv, kind)
+
+    @fp8_linear_mma_parts.register_fake
+    def _(x: torch.Tensor, words: torch.Tensor, scale_inv: torch.Tensor, kind: torch.dtype) -> torch.Tensor:
+        k, n = x.shape[-1], words.shape[0]
+        count = fp8_mma.parts_count(x, n, k, kind)  # one row (compiled_product)
+        dtype = torch.float32 if fp8_mma.decodes(x, kind) else x.dtype
+        return x.new_empty((count, *x.shape[:-1], n), dtype=dtype)
+
     return fp8_linear
 
 
@@ -127,6 +149,9 @@ class Fp8Linear(nn.Module):
         self.register_buffer("weight", weight)
         self.register_buffer("weight_scale_inv", scale_inv.to(torch.float32))
         self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
+        # kernels/fp8_mma.py's layout (`use_mma_layout`): the 16-bit kind its words were repacked for (the weight's
+        # bytes reordered in place); None in this module's own layout
+        self.mma_kind: torch.dtype | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, device: torch.device | str | None = None) -> Fp8Linear:
@@ -142,19 +167,51 @@ class Fp8Linear(nn.Module):
         are whole 128-row blocks (the 4B's are; the tiny model's are not)."""
         from qwen3vl_webui.kernels.int8 import fuse_rows
 
-        fused = fuse_rows(layers, ("weight", "weight_scale_inv"), row_block=BLOCK)
-        return cls(*fused) if fused is not None else None
+        kinds = {layer.mma_kind for layer in layers}
+        if len(kinds) != 1:  # two layouts do not fuse
+            return None
+        fused = fuse_rows(layers, ("weight", "weight_scale_inv"), row_block=BLOCK)  # 16-row tiles: whole blocks too
+        if fused is None:
+            return None
+        module = cls(*fused)
+        module.mma_kind = kinds.pop()
+        return module
+
+    def use_mma_layout(self, kind: torch.dtype) -> None:
+        """Into kernels/fp8_mma.py's layout for 16-bit activations of `kind`, in place (its products then run
+        there): the weight's bytes reordered within the memory they take; the block scales as they are. Once."""
+        if self.mma_kind is not None:
+            return
+        if "_qwen3vl_group" in vars(self):  # a fused group's member: its rows would be reordered, the group's not
+            raise RuntimeError("convert fp8 weights before fusing them (kernels/fusion.py)")
+        with torch.inference_mode(self.weight.is_inference()), torch.no_grad():
+            words = fp8_mma.repack(self.weight, kind)
+            self.weight.view(torch.uint8).view(-1).copy_(words.view(torch.uint8).view(-1))
+        self.mma_kind = kind
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.mma_kind is not None:
+            return fp8_mma.dequantize(self.weight, self.weight_scale_inv, self.mma_kind, dtype)
         return dequantize_weight(self.weight, self.weight_scale_inv, dtype)
 
     def partials(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The product as `[split, ..., N]` partial sums (`fp8_parts_impl`: fp32, or the product in x's dtype) for a
-        consumer that adds them itself (kernels/layer.py); None with a bias."""
-        return None if self.bias is not None else fp8_parts_impl(x, self.weight, self.weight_scale_inv)
+        """The product as `[split, ..., N]` partial sums (`fp8_parts_impl`: fp32, or the product in x's dtype; or
+        fp8_mma's) for a consumer that adds them itself (kernels/layer.py); None with a bias."""
+        if self.bias is not None:
+            return None
+        if self.mma_kind is not None:
+            return fp8_mma.parts(x, self.weight, self.weight_scale_inv, self.mma_kind)
+        return fp8_parts_impl(x, self.weight, self.weight_scale_inv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_dynamo_compiling():  # one row: the partial sums added and cast by the graph (parts.py)
+        if self.mma_kind is not None:  # kernels/fp8_mma.py's layout
+            buffers = (self.weight, self.weight_scale_inv, self.mma_kind)
+            if torch.compiler.is_dynamo_compiling():
+                ops = torch.ops.qwen3vl_webui
+                y = compiled_product(x, ops.fp8_linear_mma, ops.fp8_linear_mma_parts, *buffers)
+            else:
+                y = fp8_mma.linear(x, *buffers)
+        elif torch.compiler.is_dynamo_compiling():  # one row: the partial sums added and cast by the graph (parts.py)
             ops = torch.ops.qwen3vl_webui
             y = compiled_product(x, ops.fp8_linear, ops.fp8_linear_parts, self.weight, self.weight_scale_inv)
         else:
@@ -162,7 +219,22 @@ class Fp8Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        layout = f", layout=mma ({self.mma_kind})" if self.mma_kind is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{layout}"
+
+
+def use_mma_layout(model: nn.Module, kind: torch.dtype) -> int:
+    """Every Fp8Linear of `model` whose shape fits into kernels/fp8_mma.py's layout for activations of `kind`, in
+    place (`Fp8Linear.use_mma_layout`: no memory): how many. Called by the loader where `fp8_mma.wanted`, before
+    the engine fuses any."""
+    if kind not in fp8_mma.BITS:
+        return 0
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Fp8Linear) and fp8_mma.supports(module.out_features, module.in_features):
+            module.use_mma_layout(kind)
+            count += 1
+    return count
 
 
 def quantize_text_linears(model: nn.Module, device: torch.device | str | None = None) -> int:

@@ -17,7 +17,7 @@ import torch
 
 
 def compiled_product(x: torch.Tensor, whole: Callable[..., torch.Tensor], parts: Callable[..., torch.Tensor],
-                     *buffers: torch.Tensor) -> torch.Tensor:  # fmt: skip
+                     *buffers: Any) -> torch.Tensor:  # fmt: skip
     """`x @ Wᵀ` in x's dtype while dynamo traces: `parts(x, *buffers)` (`[split, ..., N]`, fp32 unless it is the
     product itself in x's dtype) summed here for one row, `whole(x, *buffers)` for more."""
     if x.numel() != x.shape[-1]:
