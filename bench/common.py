@@ -70,7 +70,7 @@ def environment(device: str) -> dict[str, Any]:
 
 # The engine's switches (never all QWEN3VL_*: the keys and passwords are set that way too).
 KNOBS = ("QWEN3VL_PDL", "QWEN3VL_PDL_SKIP", "QWEN3VL_NORM_HANDOFF", "QWEN3VL_KERNEL_TUNING", "QWEN3VL_FUSED_LAYERS",
-         "QWEN3VL_PREFER_PREFILL_GRAPHS", "QWEN3VL_INT4_MMA")
+         "QWEN3VL_PREFER_PREFILL_GRAPHS", "QWEN3VL_INT4_MMA", "QWEN3VL_FP8_MMA")
 
 
 def knobs() -> dict[str, str]:
@@ -83,6 +83,13 @@ def int4_mma_layers(loaded: Any) -> int:
     from qwen3vl_webui.kernels.int4 import Int4Linear
 
     return sum(1 for m in loaded.model.modules() if isinstance(m, Int4Linear) and m.table is not None)
+
+
+def fp8_mma_layers(loaded: Any) -> int:
+    """Fp8Linears in kernels/fp8_mma.py's layout (QWEN3VL_FP8_MMA=1), as `int4_mma_layers`."""
+    from qwen3vl_webui.kernels.fp8 import Fp8Linear
+
+    return sum(1 for m in loaded.model.modules() if isinstance(m, Fp8Linear) and m.mma_kind is not None)
 
 
 def git_commit() -> str | None:

@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--capability", type=int, default=SM90, help="CUDA compute capability x10 (90: sm_90)")
     ap.add_argument("--ptx", type=Path, help="a folder to write each config's PTX into")
-    ap.add_argument("--mma", action="store_true", help="kernels/w4_mma.py's CUDA kernel instead (NVRTC), every variant")
+    ap.add_argument("--mma", action="store_true", help="kernels/w4_mma.py's and fp8_mma.py's CUDA kernels instead (NVRTC), every variant")
     args = ap.parse_args(argv)
     if args.mma:
         print_mma(args.capability)
@@ -182,26 +182,26 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def print_mma(capability: int = SM90) -> None:
-    """kernels/w4_mma.py's variants (bf16, groups of 128) compiled by NVRTC: registers, spills, and the K loop's
-    instructions a weight (a trip is two steps of `unroll` groups; 16 x 128 weights a group, over 32 lanes)."""
+    """kernels/w4_mma.py's and kernels/fp8_mma.py's variants (bf16, groups of 128) compiled by NVRTC: spills, and the
+    K loop's instructions a weight (a trip is two steps of `unroll` groups; 16 x 128 weights a group, over 32 lanes)."""
     import torch
 
-    from qwen3vl_webui.kernels import cuda, w4_mma
+    from qwen3vl_webui.kernels import cuda, fp8_mma, w4_mma
 
-    for tiles in (1, 2, 4):
-        for warps in (4, 8):
-            for unroll in (1, 2) if tiles < 4 else (1,):
-                cubin = cuda.compile_cubin(
-                    w4_mma.source(torch.bfloat16, warps, unroll, 1, 128, tiles), f"sm_{capability}"
-                )
-                code = [text for _, text in sass_code(cubin)]
-                spills = sum(1 for text in code if "STL" in text or "LDL" in text)
-                loop = sass_loop(cubin)
-                weights = 2 * unroll * 128 * 16 // 32
-                print(f"n-tiles {tiles} warps {warps} unroll {unroll}: {spills} spill instructions, K loop "
-                      f"{sum(loop.values())} instructions a trip = {sum(loop.values()) / weights:.2f} a weight "
-                      f"({tiles * 8} rows): " + ", ".join(f"{name} x{count}" for name, count in list(loop.items())[:8]))  # fmt: skip
-
+    for module in (w4_mma, fp8_mma):
+        name = module.__name__.rsplit(".", 1)[1]
+        for tiles in (1, 2, 4):
+            for warps in (4, 8):
+                for unroll in (1, 2) if tiles < 4 else (1,):
+                    code_c = module.source(torch.bfloat16, warps, unroll, 1, 128, tiles)
+                    cubin = cuda.compile_cubin(code_c, f"sm_{capability}", name)
+                    code = [text for _, text in sass_code(cubin)]
+                    spills = sum(1 for text in code if "STL" in text or "LDL" in text)
+                    loop = sass_loop(cubin)
+                    weights = 2 * unroll * 128 * 16 // 32
+                    print(f"{name} n-tiles {tiles} warps {warps} unroll {unroll}: {spills} spill instructions, K loop "
+                          f"{sum(loop.values())} instructions a trip = {sum(loop.values()) / weights:.2f} a weight "
+                          f"({tiles * 8} rows): " + ", ".join(f"{op} x{count}" for op, count in list(loop.items())[:8]))  # fmt: skip
 
 if __name__ == "__main__":
     main()

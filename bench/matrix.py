@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, warmup_tokens=args.warmup_tokens,
         runs=args.runs, generate_runs=args.generate_runs or args.runs, streams=args.streams,
         sections=sorted(args.sections), errors={}, int4_mma_layers=common.int4_mma_layers(loaded),
+        fp8_mma_layers=common.fp8_mma_layers(loaded),
     )  # fmt: skip
     print(json.dumps(report), flush=True)
     vocab = common.ordinary_vocab(loaded)

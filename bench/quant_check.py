@@ -10,8 +10,9 @@ numerics against bf16.
    layer's kernel that takes its output in the engine (`consumer`: a split product's parts are summed there); the
    best per (rows, N, K) is what w4a16_triton.TUNED / fp8_triton.TUNED hold (printed as Python to paste). Bytes per
    weight: bf16 2, fp8 1, int4 0.5 + 3/128 (the GB/s figures divide them by the product and its consumer's time).
-2. layout (`--sections layout`): kernels/w4_mma.py's whole path (a layer reordered in place, products at 1-64 rows
-   through the CUDA kernel and at 100 through the Triton dequantize) against float64, each of the four shapes.
+2. layout (`--sections layout`): kernels/w4_mma.py's and kernels/fp8_mma.py's whole paths (a layer reordered in
+   place, products at 1-64 rows through the CUDA kernel and at 100 through the Triton dequantize) against float64,
+   each of the four shapes.
 3. quality: random weights of the 4B (bf16), quantized to int8wo, int4 and fp8 in turn from the same bf16 weights;
    last-token logits on 8 prompts of 256 tokens against bf16: cosine similarity and top-1 agreement. Random
    weights are not the real checkpoint (see the README for measuring quality on it), but the rounding each format
@@ -166,10 +167,10 @@ def sweep_section(
     import torch
     import torch.nn.functional as F
 
-    from qwen3vl_webui.kernels import builds, fp8, fp8_triton, int4, w4_mma, w4a16_triton
+    from qwen3vl_webui.kernels import builds, fp8, fp8_mma, fp8_triton, int4, w4_mma, w4a16_triton
 
     rows_out = []
-    tuned: dict[str, dict[str, list[int]]] = {"int4": {}, "fp8": {}, "int4mma": {}}
+    tuned: dict[str, dict[str, list[int]]] = {"int4": {}, "fp8": {}, "int4mma": {}, "fp8mma": {}}
     for name, n, k in [shape for shape in SHAPES if not shapes or shape[0] in shapes]:
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(LAYERS)]
         w4 = [int4.quantize_weight(w, 128) for w in ws]
@@ -178,6 +179,7 @@ def sweep_section(
         tiny = [{t: int4.to_tinygemm(*q, t) for t in TINYGEMM_TILES} for q in w4] if "tinygemm" in formats else []
         w8 = [fp8.quantize_weight(w) for w in ws]
         mma = [w4_mma.repack(*q) for q in w4] if "int4mma" in formats and w4_mma.available(0) else []
+        mma8 = [(fp8_mma.repack(q, torch.bfloat16), s) for q, s in w8] if "fp8mma" in formats and fp8_mma.available(0) else []  # fmt: skip
         for rows in rows_swept:
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
             eat = consumer(name, rows, "cuda", torch.bfloat16)
@@ -195,6 +197,10 @@ def sweep_section(
                 ("int4mma", ([w4_mma.pick_config(n, k, rows)] if defaults_only else w4_mma.configs(n, k, 128, rows)) if mma and rows <= w4_mma.MAX_ROWS else [],
                  lambda x, q, cfg, n=n: w4_mma.launch(x, *q, n, cfg),
                  lambda x, q, cfg, n=n: w4_mma.launch(x, *q, n, cfg).sum(0).to(x.dtype), mma, refw4, 0.5 + 4 / 128),
+                ("fp8mma", ([fp8_mma.pick_config(n, k, rows)] if defaults_only else fp8_mma.configs(n, k, 128, rows)) if mma8 and rows <= fp8_mma.MAX_ROWS else [],
+                 lambda x, q, cfg, n=n: fp8_mma.launch(x, *q, n, cfg),
+                 lambda x, q, cfg, n=n: fp8_mma.launch(x, *q, n, cfg).sum(0).to(x.dtype), mma8,
+                 fp8.dequantize_weight(*w8[0]), 1.0),
                 ("fp8", [fp8_triton.pick_config(rows, n, k)] if defaults_only else fp8_configs(rows),
                  lambda x, q, cfg: fp8_triton.fp8_partials(x, *q, 128, cfg),
                  lambda x, q, cfg: fp8_triton.fp8_matmul(x, *q, 128, cfg), w8, fp8.dequantize_weight(*w8[0]), 1.0),
@@ -245,8 +251,8 @@ def sweep_section(
                     row[f"{fmt}_worst_error"] = float(f"{worst:.2e}")  # relative (norm) against float64, every config
                     if fmt == "tinygemm":
                         continue
-                    if fmt == "int4mma":  # row classes by n-tiles: 1 (up to 8 rows), 16, 32
-                        default = w4_mma.pick_config(n, k, rows)
+                    if fmt in ("int4mma", "fp8mma"):  # row classes by n-tiles: 1 (up to 8 rows), 16, 32
+                        default = (w4_mma if fmt == "int4mma" else fp8_mma).pick_config(n, k, rows)
                         row[f"{fmt}_default_us"] = next((round(t, 2) for t, c in tried if c == list(default)), None)
                         key = f"{w4_mma.row_class(rows)},{n},{k}"
                         if rows == 1 or key not in tuned[fmt]:  # the one-stream step's pick first
@@ -257,11 +263,11 @@ def sweep_section(
                     tuned[fmt][f"{w4a16_triton.row_class(rows)},{n},{k}"] = cfg
             print("sweep", json.dumps(row), flush=True)
             rows_out.append(row)
-        del ws, w4, w8, tiny, mma
+        del ws, w4, w8, tiny, mma, mma8
         torch.cuda.empty_cache()
     report["sweep"] = rows_out
     report["tuned"] = tuned
-    for fmt, cls in (("int4", "W4Config"), ("fp8", "Fp8Config"), ("int4mma", "MmaConfig")):
+    for fmt, cls in (("int4", "W4Config"), ("fp8", "Fp8Config"), ("int4mma", "MmaConfig"), ("fp8mma", "MmaConfig")):
         print(f"{fmt} TUNED = {{")
         for key, cfg in tuned[fmt].items():
             m, n, k = key.split(",")
@@ -269,39 +275,73 @@ def sweep_section(
         print("}", flush=True)
 
 
-def layout_section(report: dict[str, Any]) -> None:
-    """kernels/w4_mma.py's whole path on the GPU, each of the 4B's shapes: an Int4Linear converted to the kernel's
-    layout in place, its products at 1-64 rows (the kernel, in launches of 32) and at 100 (prefill: the Triton
-    dequantize from that layout, then cuBLAS) against the float64 product of the same weight, and its dequantized
-    weight against the original layout's, bit for bit."""
+def _layout_errors(layer: Any, reference: Any, row: dict[str, Any], scale: float = 1.0) -> None:
+    """A converted layer's products at 1-64 rows (the CUDA kernel) and 100 (prefill's dequantize, then cuBLAS) against
+    the float64 product of `reference` (its weight, dequantized before the conversion), and its partial sums summed:
+    relative errors into `row`."""
     import torch
 
-    from qwen3vl_webui.kernels import int4, w4_mma
+    k = reference.shape[1]
+    for rows in (1, 3, 8, 16, 32, 40, 64, 100):
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) * scale
+        want = x.double() @ reference.T
+        parts = layer.partials(x)
+        row[f"rows_{rows}"] = float(f"{float((layer(x).double() - want).norm() / want.norm()):.2e}")
+        row[f"parts_{rows}"] = float(f"{float((parts.double().sum(0) - want).norm() / want.norm()):.2e}")
+
+
+def layout_section(report: dict[str, Any]) -> None:
+    """The CUDA decode kernels' whole paths on the GPU (kernels/w4_mma.py for int4 into report["layout"],
+    kernels/fp8_mma.py for fp8 into report["layout_fp8"]), each of the 4B's shapes: a layer converted to the kernel's
+    layout in place, its products at 1-64 rows (the kernel, in launches of 32) and at 100 (prefill: the Triton
+    dequantize from that layout, then cuBLAS) against the float64 product of the same weight, and its dequantized
+    weight against the original layout's, bit for bit. fp8 also: a weight whose e4m3 values are nearly all
+    subnormal (bf16 subnormals in the kernel's registers) and activations of 1e-4 (fp32 sums near the subnormal
+    range: the bf16 bit move leaves the values 2^-120 small until the block scale), reported beside, not gated."""
+    import torch
+
+    from qwen3vl_webui.kernels import fp8, fp8_mma, int4, w4_mma
 
     if not w4_mma.available(0):
-        report["layout"] = "kernels/w4_mma.py cannot run here (compute capability below 8.0, or no NVRTC)"
+        report["layout"] = "the CUDA decode kernels cannot run here (compute capability below 8.0, or no NVRTC)"
         print("layout", report["layout"], flush=True)
         return
-    rows_out = []
-    for name, n, k in SHAPES:
-        linear = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
-        with torch.no_grad():
-            linear.weight.normal_(0, 0.02)
-        layer = int4.Int4Linear.from_linear(linear)
-        before = layer.dequantized(torch.bfloat16)
-        reference = layer.dequantized(torch.float64)
-        layer.use_mma_layout()
-        same = bool(torch.equal(layer.dequantized(torch.bfloat16), before))
-        row: dict[str, Any] = dict(name=name, n=n, k=k, dequantized_equal=same)
-        for rows in (1, 3, 8, 16, 32, 40, 64, 100):
-            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-            want = x.double() @ reference.T
-            parts = layer.partials(x)
-            row[f"rows_{rows}"] = float(f"{float((layer(x).double() - want).norm() / want.norm()):.2e}")
-            row[f"parts_{rows}"] = float(f"{float((parts.double().sum(0) - want).norm() / want.norm()):.2e}")
-        print("layout", json.dumps(row), flush=True)
-        rows_out.append(row)
-    report["layout"] = rows_out
+    for key, convert in (("layout", lambda lin: int4.Int4Linear.from_linear(lin)),
+                         ("layout_fp8", lambda lin: fp8.Fp8Linear.from_linear(lin))):  # fmt: skip
+        rows_out = []
+        for name, n, k in SHAPES:
+            linear = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+            with torch.no_grad():
+                linear.weight.normal_(0, 0.02)
+            layer = convert(linear)
+            before, reference = layer.dequantized(torch.bfloat16), layer.dequantized(torch.float64)
+            if key == "layout":
+                layer.use_mma_layout()
+            else:
+                layer.use_mma_layout(torch.bfloat16)
+            row: dict[str, Any] = dict(name=name, n=n, k=k)
+            row["dequantized_equal"] = bool(torch.equal(layer.dequantized(torch.bfloat16), before))
+            _layout_errors(layer, reference, row)
+            if key == "layout_fp8" and name == "o":
+                small: dict[str, Any] = {}
+                _layout_errors(layer, reference, small, scale=1e-4)
+                row["small_x"] = {r: v for r, v in small.items() if r in ("rows_1", "rows_32", "parts_1")}
+                with torch.no_grad():  # one value of 1000 a block in column 0 of each block: the rest subnormal
+                    linear.weight[:, ::128] = 1000.0
+                tiny = fp8.Fp8Linear.from_linear(linear)
+                values = tiny.weight.float().abs()
+                row["subnormal_share"] = round(float(((values < 2**-6) & (values > 0)).float().mean()), 3)
+                tiny_reference = tiny.dequantized(torch.float64)
+                tiny.use_mma_layout(torch.bfloat16)
+                x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+                x[:, ::128] = 0  # the large values' columns out: the product is the subnormal values' alone
+                want = x.double() @ tiny_reference.T
+                row["subnormal_rows_1"] = float(f"{float((tiny(x).double() - want).norm() / want.norm()):.2e}")
+            print(key, json.dumps(row), flush=True)
+            rows_out.append(row)
+        report[key] = rows_out
+        if not fp8_mma.available(0) or torch.cuda.get_device_capability(0) < (8, 9):
+            break  # fp8 weights need compute capability 8.9 (kernels/fp8.py)
 
 
 def quality_section(
@@ -380,11 +420,11 @@ def main() -> None:
     ap.add_argument(
         "--sections",
         default="sweep,quality",
-        help="sweep, layout (kernels/w4_mma.py's whole path against float64), quality",
+        help="sweep, layout (the CUDA decode kernels' whole paths against float64), quality",
     )
     ap.add_argument("--sweep-s", type=float, default=200, help="time cap for the sweep")
     ap.add_argument("--rows", default="1,16,32", help="sweep: the row counts (1, 16, 32: the row classes)")
-    ap.add_argument("--formats", default="int4,fp8", help="sweep: int4, fp8, tinygemm (torch's own W4A16 kernel on the int4 weights), int4mma (kernels/w4_mma.py: the CUDA kernel, up to 8 rows), comma list")  # fmt: skip
+    ap.add_argument("--formats", default="int4,fp8", help="sweep: int4, fp8, tinygemm (torch's own W4A16 kernel on the int4 weights), int4mma (kernels/w4_mma.py: the CUDA kernel, up to 32 rows), fp8mma (kernels/fp8_mma.py), comma list")  # fmt: skip
     ap.add_argument("--defaults-only", action="store_true", help="sweep: int4 and fp8 at their kernels' picks only")
     ap.add_argument("--int4-kernels", default="8,6,3,4,2,1,0", help="sweep: the int4 kernels, in order (8 tile 6 with one lop3 a pair, 6 swap with pairs, the activations read in k order, 4 swap with pairs and scaled weights, 3 swap with nibble pairs, 2 swap, 1 tile, 0 planes)")  # fmt: skip
     ap.add_argument("--shapes", default="", help="sweep: only these shapes (qkv, o, gate_up, down; default all)")

@@ -11,7 +11,7 @@ from bench import step_profile
 def test_kernels_are_put_in_their_kind_by_name() -> None:
     names = {
         "_swap_kernel": "our products (Triton)", "_atomic_gemv_kernel": "our products (Triton)",
-        "w4_mma": "our products (CUDA)",
+        "w4_mma": "our products (CUDA)", "fp8_mma": "our products (CUDA)",
         "_reduce_kernel": "split-K reduction", "split_kv_partials": "attention",
         "triton_per_fused_add_mean_mul_pow_rsqrt_0": "inductor fused", "nvjet_hsh_64x8_64x16_2x1_v_bz_TNT": "cuBLAS / GEMM",
         "Memcpy DtoD (Device -> Device)": "copy / fill", "void at::native::vectorized_elementwise_kernel": "other",
