@@ -265,3 +265,22 @@ def test_the_engine_decodes_fp8_through_the_kernel_as_generate(tiny_checkpoint: 
     assert got == expected
     decode = [rows for rows, _ in launches[generated:] if rows <= 2]
     assert len(decode) >= 4 * layers * steps
+
+
+def test_the_device_scripts_gate_passes_a_correct_kernels_rounding_and_nothing_worse() -> None:
+    """bench.quant_check.layout_ok: the kernel's fp32 parts within 1e-3 of float64 and bf16 products within 1e-2. A
+    correct kernel's bf16 output is ~1.1e-3 off by its rounding alone (session 29's first gate, every error under
+    1e-3, would have skipped every measurement of a correct kernel)."""
+    from bench.quant_check import SHAPES, layout_ok
+
+    def row(**changes: Any) -> dict[str, Any]:
+        errors = {f"{kind}_{r}": 1.1e-3 for kind in ("rows", "parts") for r in (1, 3, 8, 16, 32, 40, 64, 100)}
+        errors.update({f"parts_{r}": 2e-7 for r in (1, 3, 8, 16, 32, 40, 64)})
+        return {"name": "o", "dequantized_equal": True, **errors, **changes}
+
+    good = {"layout_fp8": [row() for _ in SHAPES]}
+    assert layout_ok(good, "layout_fp8") and not layout_ok(good, "layout")
+    for bad in (row(parts_8=2e-3), row(rows_100=0.02), row(dequantized_equal=False)):
+        assert not layout_ok({"layout_fp8": [*[row() for _ in SHAPES[1:]], bad]}, "layout_fp8")
+    assert not layout_ok({"layout_fp8": [row() for _ in SHAPES[1:]]}, "layout_fp8")  # a shape missing
+    assert not layout_ok({"layout_fp8": "RuntimeError: NVRTC could not compile"}, "layout_fp8")
