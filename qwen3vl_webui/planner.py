@@ -188,9 +188,10 @@ def weight_bytes(shape: ModelShape, precision: str, *, double_quant: bool = True
         rows = shape.quantizable_rows or q // shape.hidden_size
         return q + 4 * rows + 2 * other
     if precision == "int4":
-        # QWEN3VL_INT4_MMA=1 (kernels/w4_mma.py, an A/B): the words repacked in place, and a 4-byte scale-and-zero
-        # entry a group of 128 beside the scales and zeros
-        repacked = math.ceil(q * 4 / 128) if os.environ.get("QWEN3VL_INT4_MMA", "").strip() == "1" else 0
+        # kernels/w4_mma.py's layout (the loader's on a GPU that runs it, unless QWEN3VL_INT4_MMA=0): the words
+        # repacked in place, and a 4-byte scale-and-zero entry a group of 128 beside the scales and zeros (counted
+        # wherever it is not turned off: a GPU without NVRTC keeps 0.1 GiB spare)
+        repacked = math.ceil(q * 4 / 128) if os.environ.get("QWEN3VL_INT4_MMA", "").strip() != "0" else 0
         return math.ceil(q * _W4_BYTES) + repacked + 2 * other
     if precision == "fp8":
         return math.ceil(q * _FP8_BYTES) + 2 * other

@@ -82,12 +82,13 @@ def test_configs_and_row_classes() -> None:
     assert not w4_mma.wanted("cpu")
 
 
-def test_the_planner_counts_the_kernels_scale_table_while_it_is_on(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_planner_counts_the_kernels_scale_table_unless_it_is_off(monkeypatch: pytest.MonkeyPatch) -> None:
     from qwen3vl_webui import planner
     from tests.test_planner import SHAPE
 
+    monkeypatch.setenv("QWEN3VL_INT4_MMA", "0")  # off: int4's own layout
     before = planner.weight_bytes(SHAPE, "int4")
-    monkeypatch.setenv("QWEN3VL_INT4_MMA", "1")
+    monkeypatch.delenv("QWEN3VL_INT4_MMA")  # on by default
     extra = planner.weight_bytes(SHAPE, "int4") - before
     assert extra == pytest.approx(SHAPE.quantizable_params * 4 / 128, abs=1)
     assert 0.09 < extra / 2**30 < 0.12  # the 4B: ~0.1 GiB of scale-and-zero entries beside its 3.27 GiB

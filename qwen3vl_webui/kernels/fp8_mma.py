@@ -65,7 +65,8 @@ BITS = {
 
 
 def enabled() -> bool:
-    return os.environ.get("QWEN3VL_FP8_MMA", "").strip() == "1"
+    """On unless QWEN3VL_FP8_MMA=0 (then fp8 runs its Triton kernels in its own layout)."""
+    return os.environ.get("QWEN3VL_FP8_MMA", "").strip() != "0"
 
 
 def row_class(rows: int) -> int:
@@ -80,15 +81,24 @@ class MmaConfig(NamedTuple):
     split: int = 1
 
 
-# The 4B's shapes (row class, n, k) -> config. First guesses (docs/engine.md v21) until a device sweep picks:
-# `bench.quant_check --formats fp8mma` (its report's "tuned" section, read at import from $QWEN3VL_KERNEL_TUNING).
-# A group of 128 is 2 KB of weights a warp (twice int4's), so one group ahead keeps as many bytes in flight as
-# int4's two; o and down split K to fill the SMs (160 tiles).
+# The 4B's shapes (row class, n, k) -> config: session 30's sweep on one H100 (`bench.quant_check --sections sweep
+# --rows 1,32,8,16 --formats fp8mma`, QWEN3VL_PDL=2, commit 9f2849c; bench/results/h100/s30/f1_mma8.json). At one row,
+# us a layer's product with its consumer against fp8's Triton TUNED pick in the same call: q/k/v 7.92 (10.95), o 6.76
+# (8.61), gate/up 18.86 (21.67), down 11.64 (13.25); at 32 rows 13.03 (13.38), 9.48 (13.01), 26.61 (32.93), 17.67
+# (20.70). Shapes not here take `pick_config`'s guess.
 TUNED: dict[tuple[int, int, int], MmaConfig] = {
-    (1, 6144, 2560): MmaConfig(4, 1, 1),
-    (1, 2560, 4096): MmaConfig(4, 1, 4),
+    (1, 6144, 2560): MmaConfig(4, 2, 1),
+    (16, 6144, 2560): MmaConfig(4, 1, 1),
+    (32, 6144, 2560): MmaConfig(4, 1, 1),
+    (1, 2560, 4096): MmaConfig(8, 1, 1),
+    (16, 2560, 4096): MmaConfig(4, 1, 2),
+    (32, 2560, 4096): MmaConfig(4, 1, 1),
     (1, 19456, 2560): MmaConfig(4, 1, 1),
+    (16, 19456, 2560): MmaConfig(4, 1, 1),
+    (32, 19456, 2560): MmaConfig(4, 1, 1),
     (1, 2560, 9728): MmaConfig(4, 1, 4),
+    (16, 2560, 9728): MmaConfig(4, 1, 2),
+    (32, 2560, 9728): MmaConfig(4, 1, 1),
 }
 
 

@@ -76,9 +76,20 @@ def use_for(precision: str) -> int:
     """The engine loaded `precision`: PDL (DEFAULT's mode) where it was measured to gain, else off, unless
     QWEN3VL_PDL names a mode. Returns the mode its kernels launch with from now on."""
     global _default, _one_row
-    gained = str(precision) in MEASURED_GAIN
+    gained = str(precision) in MEASURED_GAIN or (str(precision) == "fp8" and _fp8_in_mma_layout())
     _default, _one_row = (DEFAULT, ONE_ROW) if gained else (OFF, OFF)
     return mode()
+
+
+def _fp8_in_mma_layout() -> bool:
+    """fp8's weights take kernels/fp8_mma.py's layout on this GPU (the loader's `fp8_mma.wanted`). Its kernel loads
+    its first weights before the wait, and with it fp8 gained from PDL (session 30, H100: 443.2 tok/s late against
+    409.6 off at one stream), where its Triton kernels had lost."""
+    import torch
+
+    from qwen3vl_webui.kernels import fp8_mma
+
+    return torch.cuda.is_available() and fp8_mma.wanted(torch.device("cuda", torch.cuda.current_device()))
 
 
 @contextlib.contextmanager

@@ -52,7 +52,8 @@ MAGIC = {torch.bfloat16: 128.0, torch.float16: 1024.0}  # `magic | q` read as a 
 
 
 def enabled() -> bool:
-    return os.environ.get("QWEN3VL_INT4_MMA", "").strip() == "1"
+    """On unless QWEN3VL_INT4_MMA=0 (then int4 runs its Triton kernels in their own layout)."""
+    return os.environ.get("QWEN3VL_INT4_MMA", "").strip() != "0"
 
 
 def n_tiles(rows: int) -> int:
@@ -72,16 +73,24 @@ class MmaConfig(NamedTuple):
     split: int = 1
 
 
-# The 4B's shapes (row class: 1 up to 8 rows, 16, 32; n, k) -> config. First guesses (docs/engine.md v20) until a
-# device sweep picks: `bench.quant_check --formats int4mma` (its report's "tuned" section, read at import from
-# $QWEN3VL_KERNEL_TUNING as the Triton kernels' are). Four n-tiles take one group ahead (two spill).
-# The guesses keep one wave of programs: 3 programs an SM at two groups ahead (139 registers), 6 at one (80); q/k/v
-# has 384 tiles, o and down 160 (K split 4 ways: 640 programs), gate/up 1,216 (1.5 waves at best).
+# The 4B's shapes (row class: 1 up to 8 rows, 16, 32; n, k) -> config: session 30's sweep on one H100
+# (`bench.quant_check --sections sweep --rows 1,32,8,16 --formats int4mma`, QWEN3VL_PDL=2, commit 9f2849c;
+# bench/results/h100/s30/n1_mma.json). At one row, us a layer's product with its consumer against Triton's TUNED pick
+# in the same call: q/k/v 5.57 (7.20), o 5.48 (8.48), gate/up 13.50 (17.44), down 8.26 (14.49); at 32 rows 13.13
+# (11.10), 9.27 (10.17), 25.62 (24.81), 17.42 (16.35). Shapes not here take `pick_config`'s guess.
 TUNED: dict[tuple[int, int, int], MmaConfig] = {
-    (1, 6144, 2560): MmaConfig(4, 2, 1),
-    (1, 2560, 4096): MmaConfig(4, 1, 4),
+    (1, 6144, 2560): MmaConfig(8, 1, 1),
+    (16, 6144, 2560): MmaConfig(4, 1, 1),
+    (32, 6144, 2560): MmaConfig(4, 1, 1),
+    (1, 2560, 4096): MmaConfig(8, 1, 1),
+    (16, 2560, 4096): MmaConfig(8, 1, 1),
+    (32, 2560, 4096): MmaConfig(4, 1, 1),
     (1, 19456, 2560): MmaConfig(4, 1, 1),
-    (1, 2560, 9728): MmaConfig(4, 1, 4),
+    (16, 19456, 2560): MmaConfig(8, 1, 1),
+    (32, 19456, 2560): MmaConfig(4, 1, 1),
+    (1, 2560, 9728): MmaConfig(8, 1, 2),
+    (16, 2560, 9728): MmaConfig(8, 1, 1),
+    (32, 2560, 9728): MmaConfig(4, 1, 4),
 }
 
 
