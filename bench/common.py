@@ -79,14 +79,14 @@ def knobs() -> dict[str, str]:
 
 
 def int4_mma_layers(loaded: Any) -> int:
-    """Int4Linears in kernels/w4_mma.py's layout (QWEN3VL_INT4_MMA=1): an A/B's report says which side it measured."""
+    """Int4Linears in kernels/w4_mma.py's layout (unless QWEN3VL_INT4_MMA=0): an A/B's report says which side it ran."""
     from qwen3vl_webui.kernels.int4 import Int4Linear
 
     return sum(1 for m in loaded.model.modules() if isinstance(m, Int4Linear) and m.table is not None)
 
 
 def fp8_mma_layers(loaded: Any) -> int:
-    """Fp8Linears in kernels/fp8_mma.py's layout (QWEN3VL_FP8_MMA=1), as `int4_mma_layers`."""
+    """Fp8Linears in kernels/fp8_mma.py's layout (unless QWEN3VL_FP8_MMA=0), as `int4_mma_layers`."""
     from qwen3vl_webui.kernels.fp8 import Fp8Linear
 
     return sum(1 for m in loaded.model.modules() if isinstance(m, Fp8Linear) and m.mma_kind is not None)

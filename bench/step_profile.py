@@ -24,7 +24,7 @@ KINDS = (
     ("split-K reduction", r"_reduce_kernel|splitk"),
     ("fused layer (ours)", r"add_rms_norm|qk_norm_rope_kv|silu_mul|add_product"),
     ("our products (Triton)", r"_swap_kernel|_skinny_kernel|_tile_kernel|_atomic_gemv|_gemv_kernel|_dequant"),
-    ("our products (CUDA)", r"^(w4|fp8)_mma$"),  # kernels/w4_mma.py, fp8_mma.py (QWEN3VL_INT4_MMA=1, _FP8_MMA=1)
+    ("our products (CUDA)", r"^(w4|fp8)_mma$"),  # kernels/w4_mma.py, kernels/fp8_mma.py
     ("attention", r"attn|attention|flash|split_kv|combine_splits|_decode_kernel"),
     ("cuBLAS / GEMM", r"gemm|gemv|cublas|cutlass|nvjet|xmma|sm90_"),
     ("inductor fused", r"^triton_"),

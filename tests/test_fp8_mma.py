@@ -5,7 +5,7 @@ loads and the activations', and the engine's decode through it (the arithmetic e
 gives `generate`'s tokens.
 
 The kernel itself runs on a GPU only: `bench.quant_check --formats fp8mma` checks every config's output against the
-float64 product there, and `bench.matrix` with QWEN3VL_FP8_MMA=1 measures the engine."""
+float64 product there, and `bench.matrix` measures the engine (QWEN3VL_FP8_MMA=0: the Triton kernels instead)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ for sm_90 with NVRTC and its machine code keeps the PDL wait between the weights
 engine's decode through it (the arithmetic emulated, the launch stood in for) gives `generate`'s tokens.
 
 The kernel itself runs on a GPU only: `bench.quant_check --formats int4mma` checks every config's output against the
-float64 product there, and `bench.matrix` with QWEN3VL_INT4_MMA=1 measures the engine."""
+float64 product there, and `bench.matrix` measures the engine (QWEN3VL_INT4_MMA=0: the Triton kernels instead)."""
 
 from __future__ import annotations
 

@@ -75,13 +75,13 @@ def loaded(
     if precision == "int4" and device.startswith("cuda"):
         from qwen3vl_webui.kernels import int4, w4_mma
 
-        if w4_mma.wanted(device):  # QWEN3VL_INT4_MMA=1: int4's weights into the CUDA decode kernel's layout
+        if w4_mma.wanted(device):  # int4's weights into the CUDA decode kernel's layout (QWEN3VL_INT4_MMA=0: not)
             dtype = model.get_input_embeddings().weight.dtype
             log.info("int4: %d weights in the CUDA decode kernel's layout", int4.use_mma_layout(model, dtype))
     if precision == "fp8" and device.startswith("cuda"):
         from qwen3vl_webui.kernels import fp8, fp8_mma
 
-        if fp8_mma.wanted(device):  # QWEN3VL_FP8_MMA=1: fp8's weights into the CUDA decode kernel's layout
+        if fp8_mma.wanted(device):  # fp8's weights into the CUDA decode kernel's layout (QWEN3VL_FP8_MMA=0: not)
             dtype = model.get_input_embeddings().weight.dtype
             log.info("fp8: %d weights in the CUDA decode kernel's layout", fp8.use_mma_layout(model, dtype))
     if device.startswith("cuda"):
