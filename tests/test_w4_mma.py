@@ -245,19 +245,18 @@ print("RESULTS " + json.dumps(out))
     assert results["torch.bfloat16"][0] <= results["torch.bfloat16"][1] * 2**-7
 
 
-def test_the_engine_decodes_int4_through_the_kernel_as_generate(tiny_checkpoint: Path, monkeypatch) -> None:
+def engine_against_generate(
+    loaded: Any, launches: list[tuple[int, int]], monkeypatch: pytest.MonkeyPatch
+) -> tuple[int, int]:
+    """Greedy tokens of two prompts from `generate` and from the batch engine's fused decode route (as on a GPU)
+    must be equal; `launches` (the stood-in kernel's) must count every decode product of `generate`'s 23 steps a
+    prompt, 7 a layer. Returns (launches by `generate`, the engine's decode steps)."""
     from qwen3vl_webui.conversation import UserMessage
     from qwen3vl_webui.engine.batch import BatchEngine, BatchOptions
     from qwen3vl_webui.engine.request import SamplingParams
     from qwen3vl_webui.service.prompt import ChatRequest, build_prompt
-    from qwen3vl_webui.weights.loading import load_model
     from tests.test_fused_layer import fused_route
 
-    loaded = load_model(str(tiny_checkpoint), "int4", "cpu")
-    scale_dtype = next(m for m in loaded.model.modules() if isinstance(m, int4.Int4Linear)).scales.dtype
-    assert int4.use_mma_layout(loaded.model, torch.float32) == 0  # scales not of the activations' dtype: left
-    assert int4.use_mma_layout(loaded.model, scale_dtype) == 7 * loaded.model.config.text_config.num_hidden_layers
-    launches = _emulated_kernel(monkeypatch, scale_dtype)
     fused_route(monkeypatch)  # the engine's decode route on CPU as on a GPU: the fused layers take the parts
     greedy = SamplingParams(max_new_tokens=24, temperature=0.0, repetition_penalty=1.0)
     prompts = [build_prompt(loaded, ChatRequest(UserMessage(t), sampling=greedy)) for t in ("hello", "Count them")]
@@ -266,8 +265,8 @@ def test_the_engine_decodes_int4_through_the_kernel_as_generate(tiny_checkpoint:
         with torch.inference_mode():
             out = loaded.model.generate(**prompt.inputs, do_sample=False, max_new_tokens=24, eos_token_id=None)
         expected.append(out[0, prompt.inputs["input_ids"].shape[1] :].tolist())
-    generated = len(launches)
     layers = loaded.model.config.text_config.num_hidden_layers
+    generated = len(launches)
     assert generated >= 7 * layers * 23 * 2  # every decode product of generate's steps (the prompts' prefill: not)
     options = BatchOptions(max_batch=2, token_budget=2 * 512, eos_token_ids=(), fused_layers=True)
     with BatchEngine(loaded, options) as engine:
@@ -276,10 +275,22 @@ def test_the_engine_decodes_int4_through_the_kernel_as_generate(tiny_checkpoint:
         got = [list(s) for s in streams]
         steps = engine.snapshot().steps
     assert got == expected
+    return generated, steps
+
+
+def test_the_engine_decodes_int4_through_the_kernel_as_generate(tiny_checkpoint: Path, monkeypatch) -> None:
+    from qwen3vl_webui.weights.loading import load_model
+
+    loaded = load_model(str(tiny_checkpoint), "int4", "cpu")
+    scale_dtype = next(m for m in loaded.model.modules() if isinstance(m, int4.Int4Linear)).scales.dtype
+    layers = loaded.model.config.text_config.num_hidden_layers
+    assert int4.use_mma_layout(loaded.model, torch.float32) == 0  # scales not of the activations' dtype: left
+    assert int4.use_mma_layout(loaded.model, scale_dtype) == 7 * layers
+    launches = _emulated_kernel(monkeypatch, scale_dtype)
+    generated, steps = engine_against_generate(loaded, launches, monkeypatch)
     # Every decode step's four products a layer (fused q/k/v and gate/up); a prompt of 64 tokens or fewer is
     # prefilled through the kernel too (as the Triton kernels took every product of up to 64 rows).
-    decode = [rows for rows, _ in launches[generated:] if rows <= 2]
-    assert len(decode) >= 4 * layers * steps
+    assert len([rows for rows, _ in launches[generated:] if rows <= 2]) >= 4 * layers * steps
 
 
 def test_the_matrix_counts_what_the_kernels_layout_reads(tiny_checkpoint: Path) -> None:

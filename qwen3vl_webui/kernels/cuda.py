@@ -63,6 +63,59 @@ __device__ __forceinline__ void load_group_x(uint4 (&x)[UNROLL][NT][2 * CPG], co
         }
     }
 }
+
+// After the wait for the kernel before (PDL): mode 1 ("early") lets the next kernel launch at once.
+#if PDL
+#define PDL_WAIT()                                                                                                    \
+    do {                                                                                                              \
+        asm volatile("griddepcontrol.wait;" ::: "memory");                                                            \
+        if (PDL == 1) asm volatile("griddepcontrol.launch_dependents;" :::);                                          \
+    } while (0)
+#else
+#define PDL_WAIT() do {} while (0)
+#endif
+
+// Lane (g, q)'s activation pointers, one an n-tile (batch row 8 nt + g; rows past M read row M - 1, never stored),
+// at the program's first group; and its sums, zeroed.
+__device__ __forceinline__ void start_rows(const uint4* (&xg)[NT], float (&acc)[NT][4], const unsigned short* X, int M,
+                                           int sx, int first) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        xg[nt] = reinterpret_cast<const uint4*>(X + (size_t)min(8 * nt + g, M - 1) * sx + q * 16) + first * GSIZE / 8;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[nt][c] = 0.f;
+    }
+}
+
+// The program's warps add their sums in shared memory and warp 0 writes the tile's 16 outputs of each batch row as
+// fp32 partial sums `[split, M, N]` (ys: a part's stride, its rows x N); in PDL mode 2 ("late") the next kernel may
+// launch once the sums are in shared memory.
+__device__ __forceinline__ void store_parts(float (&acc)[NT][4], float* __restrict__ Y, int M, int N, int tile,
+                                            int split, long long ys) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
+    __shared__ float red[WARPS][NT * 4][32];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) red[warp][4 * nt + c][lane] = acc[nt][c];
+    __syncthreads();
+#if PDL == 2
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+    if (warp == 0) {
+        float* yp = Y + (size_t)split * ys + (size_t)tile * 16 + g;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+#pragma unroll
+                for (int w = 1; w < WARPS; ++w) acc[nt][c] += red[w][4 * nt + c][lane];
+                const int row = 8 * nt + 2 * q + (c & 1);  // the batch's row: the mma's column in n-tile nt
+                if (row < M) yp[(size_t)row * N + 8 * (c >> 1)] = acc[nt][c];
+            }
+    }
+}
 """
 
 

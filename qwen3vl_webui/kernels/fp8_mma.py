@@ -316,26 +316,15 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) fp8_mma(
     const uint4* wg = W + (size_t)tile * chunks * 64 + lane + (size_t)first * CPG * 64;
     const float* sg = S + (size_t)(tile * 16 / 128) * ss;
     const uint4* xg[NT];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-        xg[nt] = reinterpret_cast<const uint4*>(X + (size_t)min(8 * nt + g, M - 1) * sx + q * 16) + first * GSIZE / 8;
     float acc[NT][4];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) acc[nt][c] = 0.f;
+    start_rows(xg, acc, X, M, sx, first);
     uint4 wa[UNROLL][CPG][2], wb[UNROLL][CPG][2], xa[UNROLL][NT][2 * CPG], xb[UNROLL][NT][2 * CPG];
     float sa[UNROLL], sb[UNROLL];
 
     // The first step's weights and scales before the wait, in a loop of their own (kernels/w4_mma.py says why).
 #pragma unroll 1
     for (int once = 0; once < 1 + (per_split == 0); ++once) load_group_weights(wa, sa, wg, sg, first, end);
-#if PDL
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#if PDL == 1
-    asm volatile("griddepcontrol.launch_dependents;" :::);
-#endif
-#endif
+    PDL_WAIT();
     load_group_x(xa, xg, first, end);
     for (int gg0 = first; gg0 < end; gg0 += 2 * STEP) {
         wg += STEP * CPG * 64;
@@ -352,27 +341,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) fp8_mma(
         load_group_x(xa, xg, gg0 + 2 * STEP, end);
         group_math(acc, wb, sb, xb, gg0 + STEP, end);
     }
-    __shared__ float red[WARPS][NT * 4][32];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) red[warp][4 * nt + c][lane] = acc[nt][c];
-    __syncthreads();
-#if PDL == 2
-    asm volatile("griddepcontrol.launch_dependents;" :::);
-#endif
-    if (warp == 0) {
-        float* yp = Y + (size_t)split * ys + (size_t)tile * 16 + g;  // ys: a part's stride (its rows x N)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-#pragma unroll
-                for (int w = 1; w < WARPS; ++w) acc[nt][c] += red[w][4 * nt + c][lane];
-                const int row = 8 * nt + 2 * q + (c & 1);  // the batch's row: the mma's column in n-tile nt
-                if (row < M) yp[(size_t)row * N + 8 * (c >> 1)] = acc[nt][c];
-            }
-    }
+    store_parts(acc, Y, M, N, tile, split, ys);
 }
 """
 

@@ -302,14 +302,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) w4_mma(
     const uint4* wg = W + (size_t)tile * chunks * 32 + lane + (size_t)first * CPG * 32;
     const unsigned* sg = SZ + (size_t)tile * groups * 16 + g + first * 16;
     const uint4* xg[NT];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-        xg[nt] = reinterpret_cast<const uint4*>(X + (size_t)min(8 * nt + g, M - 1) * sx + q * 16) + first * GSIZE / 8;
     float acc[NT][4];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) acc[nt][c] = 0.f;
+    start_rows(xg, acc, X, M, sx, first);
     uint4 wa[UNROLL][CPG], wb[UNROLL][CPG], xa[UNROLL][NT][2 * CPG], xb[UNROLL][NT][2 * CPG];
     unsigned sa[UNROLL][2], sb[UNROLL][2];
 
@@ -319,12 +313,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) w4_mma(
     // order in SASS.
 #pragma unroll 1
     for (int once = 0; once < 1 + (per_split == 0); ++once) load_group_weights(wa, sa, wg, sg, first, end);
-#if PDL
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#if PDL == 1
-    asm volatile("griddepcontrol.launch_dependents;" :::);
-#endif
-#endif
+    PDL_WAIT();
     load_group_x(xa, xg, first, end);
     // Two steps a trip, the buffers' roles swapped between them (no register copies): each step loads the next
     // step's weights and activations, then does its own math on what the step before loaded.
@@ -345,27 +334,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) w4_mma(
         load_group_x(xa, xg, gg0 + 2 * STEP, end);
         group_math(acc, wb, sb, xb, gg0 + STEP, end);
     }
-    __shared__ float red[WARPS][NT * 4][32];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) red[warp][4 * nt + c][lane] = acc[nt][c];
-    __syncthreads();
-#if PDL == 2
-    asm volatile("griddepcontrol.launch_dependents;" :::);
-#endif
-    if (warp == 0) {
-        float* yp = Y + (size_t)split * ys + (size_t)tile * 16 + g;  // ys: a part's stride (its rows x N)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-#pragma unroll
-                for (int w = 1; w < WARPS; ++w) acc[nt][c] += red[w][4 * nt + c][lane];
-                const int row = 8 * nt + 2 * q + (c & 1);  // the batch's row: the mma's column in n-tile nt
-                if (row < M) yp[(size_t)row * N + 8 * (c >> 1)] = acc[nt][c];
-            }
-    }
+    store_parts(acc, Y, M, N, tile, split, ys);
 }
 """
 
