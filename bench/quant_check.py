@@ -178,8 +178,8 @@ def sweep_section(
         # torch's own W4A16 kernel (tinygemm) on the same quantized weights, one packing per inner_k_tiles
         tiny = [{t: int4.to_tinygemm(*q, t) for t in TINYGEMM_TILES} for q in w4] if "tinygemm" in formats else []
         w8 = [fp8.quantize_weight(w) for w in ws]
-        mma = [w4_mma.repack(*q) for q in w4] if "int4mma" in formats and w4_mma.available(0) else []
-        mma8 = [(fp8_mma.repack(q, torch.bfloat16), s) for q, s in w8] if "fp8mma" in formats and fp8_mma.available(0) else []  # fmt: skip
+        mma = [w4_mma.repack(*q) for q in w4] if "int4mma" in formats and w4_mma.builds(0) else []
+        mma8 = [(fp8_mma.repack(q, torch.bfloat16), s) for q, s in w8] if "fp8mma" in formats and fp8_mma.builds(0) else []  # fmt: skip
         for rows in rows_swept:
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
             eat = consumer(name, rows, "cuda", torch.bfloat16)
@@ -302,7 +302,7 @@ def layout_section(report: dict[str, Any]) -> None:
 
     from qwen3vl_webui.kernels import fp8, fp8_mma, int4, w4_mma
 
-    if not w4_mma.available(0):
+    if not w4_mma.builds(0):
         report["layout"] = "the CUDA decode kernels cannot run here (compute capability below 8.0, or no NVRTC)"
         print("layout", report["layout"], flush=True)
         return
@@ -313,7 +313,7 @@ def layout_section(report: dict[str, Any]) -> None:
         except Exception as exc:  # one kernel's failure leaves the other's rows in the report
             report[key] = f"{type(exc).__name__}: {exc}"[:2000]
             print(key, report[key], flush=True)
-        if not fp8_mma.available(0) or torch.cuda.get_device_capability(0) < (8, 9):
+        if not fp8_mma.builds(0) or torch.cuda.get_device_capability(0) < (8, 9):
             break  # fp8 weights need compute capability 8.9 (kernels/fp8.py)
 
 

@@ -169,6 +169,9 @@ def test_a_layer_in_the_kernels_layout_keeps_its_memory_and_its_function(monkeyp
     want = layer.dequantized(torch.float64)
     words = fp8_mma.repack(layer.weight, torch.bfloat16)
     where, scales = layer.weight.data_ptr(), layer.weight_scale_inv.clone()
+    sliced = layer.weight.clone()
+    fp8_mma.repack_in_place(sliced, torch.bfloat16, rows=16)  # a slice of rows at a time: as all at once
+    assert torch.equal(sliced.view(torch.int32).view(-1), words.view(-1))
     layer.use_mma_layout(torch.bfloat16)
     assert layer.weight.data_ptr() == where and layer.weight.dtype == torch.float8_e4m3fn  # in place
     assert torch.equal(layer.weight.view(torch.int32).view(-1), words.view(-1))
@@ -263,3 +266,22 @@ def test_the_device_scripts_gate_passes_a_correct_kernels_rounding_and_nothing_w
         assert not layout_ok({"layout_fp8": [*[row() for _ in SHAPES[1:]], bad]}, "layout_fp8")
     assert not layout_ok({"layout_fp8": [row() for _ in SHAPES[1:]]}, "layout_fp8")  # a shape missing
     assert not layout_ok({"layout_fp8": "RuntimeError: NVRTC could not compile"}, "layout_fp8")
+
+
+def test_a_kernel_that_does_not_build_here_leaves_the_weights_to_the_triton_kernels(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On by default, so a GPU whose architecture this NVRTC does not know must keep the weights' own layout (the
+    loader asks `wanted`, which builds one variant first), not fail at the first product."""
+    monkeypatch.setattr(cuda, "available", lambda index: True)
+
+    def refuse() -> None:
+        raise RuntimeError("NVRTC could not compile fp8_mma for sm_130")
+
+    assert not cuda.builds(0, refuse, "fp8_mma") and "does not build on this GPU" in caplog.text
+    assert cuda.builds(0, lambda: None, "fp8_mma")
+    monkeypatch.delenv("QWEN3VL_FP8_MMA", raising=False)
+    monkeypatch.setattr(fp8_mma, "builds", lambda index: index == 1)
+    assert fp8_mma.wanted("cuda:1") and not fp8_mma.wanted("cuda:0") and not fp8_mma.wanted("cpu")
+    monkeypatch.setenv("QWEN3VL_FP8_MMA", "0")  # the operator's switch
+    assert not fp8_mma.wanted("cuda:1")

@@ -180,6 +180,7 @@ def test_a_layer_in_the_kernels_layout_keeps_its_memory_and_its_function(monkeyp
     want = layer.dequantized(torch.float64)
     words, table = w4_mma.repack(layer.qweight, layer.scales, layer.zeros)
     where = layer.qweight.data_ptr()
+    monkeypatch.setattr(w4_mma, "REPACK_ROWS", 32)  # in place a slice of rows at a time: the same as all at once
     layer.use_mma_layout()
     assert layer.qweight.data_ptr() == where and torch.equal(layer.qweight.view(-1), words.view(-1))  # in place
     assert torch.equal(layer.table, table) and "layout=mma" in repr(layer)

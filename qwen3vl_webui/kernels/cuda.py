@@ -219,11 +219,12 @@ def function(device_index: int, code: str, name: str) -> ctypes.c_void_p:
     """Kernel `name` of CUDA C `code` compiled for the device and loaded into its primary context (torch's), once a
     process. Not inside a CUDA graph capture: a step of each batch size runs before its capture (so every variant a
     step uses is built then)."""
-    if torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(f"{name}: a kernel variant was first needed inside a CUDA graph capture; run a step before")
-    with _lock:
-        major, minor = torch.cuda.get_device_capability(device_index)
-        cubin = compile_cubin(code, f"sm_{major}{minor}", name)
+    with torch.cuda.device(device_index):  # the device's primary context current on this thread (not another GPU's)
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"{name}: a kernel variant was first needed inside a CUDA graph capture; run a step first")
+    major, minor = torch.cuda.get_device_capability(device_index)
+    cubin = compile_cubin(code, f"sm_{major}{minor}", name)  # NVRTC: no lock, no CUDA call
+    with _lock, torch.cuda.device(device_index):
         _primary_context(device_index)
         module, func = ctypes.c_void_p(), ctypes.c_void_p()
         _check(_driver().cuModuleLoadData(ctypes.byref(module), cubin), "module load")
@@ -254,6 +255,22 @@ def available(device_index: int) -> bool:
         _driver()
         return True
     except Exception:
+        return False
+
+
+def builds(device_index: int, build: Any, name: str) -> bool:
+    """Whether a kernel serves on this GPU: `available`, and `build()` (compiling and loading one variant) succeeds.
+    An NVRTC older than the GPU's architecture refuses it: the weights then keep their own layout and kernels
+    instead of failing at the first product. A failure is logged."""
+    if not available(device_index):
+        return False
+    try:
+        build()
+        return True
+    except Exception as exc:  # noqa: BLE001 - any failure to build means: not this kernel
+        import logging
+
+        logging.getLogger(name).warning("%s does not build on this GPU (%s): the Triton kernels serve", name, exc)
         return False
 
 

@@ -185,8 +185,7 @@ class Fp8Linear(nn.Module):
         if "_qwen3vl_group" in vars(self):  # a fused group's member: its rows would be reordered, the group's not
             raise RuntimeError("convert fp8 weights before fusing them (kernels/fusion.py)")
         with torch.inference_mode(self.weight.is_inference()), torch.no_grad():
-            words = fp8_mma.repack(self.weight, kind)
-            self.weight.view(torch.uint8).view(-1).copy_(words.view(torch.uint8).view(-1))
+            fp8_mma.repack_in_place(self.weight, kind)
         self.mma_kind = kind
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

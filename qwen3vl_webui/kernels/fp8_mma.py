@@ -36,7 +36,6 @@ from typing import Any, NamedTuple
 import torch
 
 from qwen3vl_webui.kernels import cuda
-from qwen3vl_webui.kernels.cuda import available
 from qwen3vl_webui.kernels.w4_mma import CHUNK, DECODE_ROWS, MAX_ROWS, ROWS_PER_TILE, activation_fragments, n_tiles
 
 BLOCK = 128  # the block scales' rows and k (kernels/fp8.py)
@@ -172,6 +171,14 @@ def repack(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # register 2's bits go where the word's rotations bring them back from: the inverse rotations of its masks
     word = (first & bits.mask) | _rotl(second & bits.m1, 32 - bits.r1) | _rotl(second & bits.m2, 32 - bits.r2)
     return word.to(torch.uint32).view(torch.int32).contiguous()
+
+
+def repack_in_place(weight: torch.Tensor, kind: torch.dtype, rows: int = 1024) -> None:
+    """`weight` reordered into `repack`'s words within its own memory (a 16-row tile's words take those rows' bytes),
+    `rows` rows at a time: the repack's int64 work is ~40 bytes a weight, ~0.9 GB at once for the 4B's down."""
+    for r in range(0, weight.shape[0], rows):
+        part = weight[r : r + rows]
+        part.view(torch.uint8).view(-1).copy_(repack(part, kind).view(torch.uint8).view(-1))
 
 
 def unpack_bits(words: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -397,10 +404,24 @@ def launch(
 
 
 def wanted(device: Any) -> bool:
-    """Whether fp8 weights loaded onto `device` take this kernel's layout: not QWEN3VL_FP8_MMA=0, and a GPU that runs it
-    (compute capability 8.0+, NVRTC and the driver found)."""
+    """Whether fp8 weights loaded onto `device` take this kernel's layout: not QWEN3VL_FP8_MMA=0, and a GPU where it
+    builds (compute capability 8.0+, NVRTC and the driver found, one variant compiled and loaded: `builds`)."""
     dev = torch.device(device)
-    return enabled() and dev.type == "cuda" and available(dev.index if dev.index is not None else 0)
+    return enabled() and dev.type == "cuda" and builds(dev.index if dev.index is not None else 0)
+
+
+@functools.cache
+def builds(index: int) -> bool:
+    """The GPU runs the kernel and one variant compiles for it and loads (`cuda.builds`), once a process."""
+    return cuda.builds(index, lambda: _function(index, torch.bfloat16, 4, 1, 0, 128, 1), __name__)
+    try:
+        _function(index, torch.bfloat16, 4, 1, 0, 128, 1)
+        return True
+    except Exception as exc:  # noqa: BLE001 - any failure to build means: not this kernel
+        import logging
+
+        logging.getLogger(__name__).warning("%s: the CUDA kernel does not build here (%s); the Triton kernels serve", __name__, exc)
+        return False
 
 
 def decodes(x: torch.Tensor, dtype: torch.dtype) -> bool:

@@ -250,8 +250,7 @@ class Int4Linear(nn.Module):
         # an inference tensor (a model built in inference mode) is written in that mode; others outside it, so that
         # the table outlives it as the weights do
         with torch.inference_mode(self.qweight.is_inference()), torch.no_grad():
-            words, table = w4_mma.repack(self.qweight, self.scales, self.zeros)
-            self.qweight.view(-1).copy_(words.view(-1))
+            table = w4_mma.repack_in_place(self.qweight, self.scales, self.zeros)
         self.table = table
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -42,7 +42,6 @@ from typing import Any, NamedTuple
 import torch
 
 from qwen3vl_webui.kernels import cuda
-from qwen3vl_webui.kernels.cuda import available
 from qwen3vl_webui.kernels.int4_words import dequantize_weight, pack, unpack
 
 MAX_ROWS = 32  # a launch's rows: the mma's columns, 1, 2 or 4 n-tiles of 8
@@ -155,6 +154,21 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> 
     table = bits | (zeros.to(torch.int32) << 16)  # [N, G]
     table = table.reshape(n // 16, 16, -1).permute(0, 2, 1).contiguous()  # [N/16, G, 16]
     return packed, table
+
+
+REPACK_ROWS = 1024  # rows repacked at a time in place: the repack's int64 work stays ~40 MB for the 4B's widest K
+
+
+def repack_in_place(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """`qweight` reordered into `repack`'s words within its own memory (a 16-row tile's words take those rows'),
+    REPACK_ROWS rows at a time so that the transient memory stays small; returns the scale-and-zero table."""
+    n = qweight.shape[0]
+    table = torch.empty((n // 16, scales.shape[1], 16), dtype=torch.int32, device=qweight.device)
+    for r in range(0, n, REPACK_ROWS):
+        words, part = repack(qweight[r : r + REPACK_ROWS], scales[r : r + REPACK_ROWS], zeros[r : r + REPACK_ROWS])
+        qweight[r : r + REPACK_ROWS].view(-1).copy_(words.view(-1))
+        table[r // 16 : (r + REPACK_ROWS) // 16] = part
+    return table
 
 
 def emulate(
@@ -408,10 +422,24 @@ def launch(
 
 
 def wanted(device: Any) -> bool:
-    """Whether int4 weights loaded onto `device` take this kernel's layout: not QWEN3VL_INT4_MMA=0, and a GPU that
-    runs it (compute capability 8.0+, NVRTC and the driver found)."""
+    """Whether int4 weights loaded onto `device` take this kernel's layout: not QWEN3VL_INT4_MMA=0, and a GPU where it
+    builds (compute capability 8.0+, NVRTC and the driver found, one variant compiled and loaded: `builds`)."""
     dev = torch.device(device)
-    return enabled() and dev.type == "cuda" and available(dev.index if dev.index is not None else 0)
+    return enabled() and dev.type == "cuda" and builds(dev.index if dev.index is not None else 0)
+
+
+@functools.cache
+def builds(index: int) -> bool:
+    """The GPU runs the kernel and one variant compiles for it and loads (`cuda.builds`), once a process."""
+    return cuda.builds(index, lambda: _function(index, torch.bfloat16, 4, 1, 0, 128, 1), __name__)
+    try:
+        _function(index, torch.bfloat16, 4, 1, 0, 128, 1)
+        return True
+    except Exception as exc:  # noqa: BLE001 - any failure to build means: not this kernel
+        import logging
+
+        logging.getLogger(__name__).warning("%s: the CUDA kernel does not build here (%s); the Triton kernels serve", __name__, exc)
+        return False
 
 
 def decodes(x: torch.Tensor, scale_dtype: torch.dtype) -> bool:

@@ -29,14 +29,18 @@ SWITCH_INTERVAL_S = 0.00005
 PREFILL_CAPTURE_GAP_S = 0.3
 
 
-def _pdl_mode(precision: str, index: int | None) -> tuple[int, str]:
+def _pdl_mode(precision: str, index: int | None, model: Any = None) -> tuple[int, str]:
     """Our kernels' launch mode for this precision on this GPU and its name (kernels/pdl.py; imported here, on CUDA:
-    it imports Triton, which nothing imports at package import time)."""
+    it imports Triton, which nothing imports at package import time); whether `model`'s fp8 weights took
+    kernels/fp8_mma.py's layout decides fp8's."""
     from qwen3vl_webui.kernels import pdl
 
     if not pdl.available(index or 0):
         return pdl.OFF, pdl.NAMES[pdl.OFF]
-    return pdl.use_for(precision), pdl.describe()
+    mma = None
+    if precision == "fp8" and model is not None:
+        mma = any(getattr(m, "mma_kind", None) is not None for m in model.modules())
+    return pdl.use_for(precision, mma), pdl.describe()
 
 
 def cuda_index(device: Any) -> int:
@@ -137,7 +141,7 @@ class DecodeGraphs:
         self.cuda_graphs = on_cuda if options.cuda_graphs is None else (options.cuda_graphs and on_cuda)
         self.compile = compiled.should_compile(options.compile, loaded.device, loaded.precision)
         # our kernels' launches overlap (programmatic dependent launch) where this precision gained from it
-        self.pdl_mode, self.pdl_name = _pdl_mode(loaded.precision, self.cuda_index) if on_cuda else (0, "off")
+        self.pdl_mode, self.pdl_name = _pdl_mode(loaded.precision, self.cuda_index, loaded.model) if on_cuda else (0, "off")
         self.compile_error: str | None = None
         self.compile_skipped = ""  # why a compile that would have run did not (the fused layers serve at full speed)
         self.graph_error: str | None = None
