@@ -274,6 +274,28 @@ def builds(device_index: int, build: Any, name: str) -> bool:
         return False
 
 
+def kernel_rows(x: torch.Tensor) -> torch.Tensor:
+    """`x [..., K]` as the `[rows, K]` the decode kernels read: rows contiguous and 16-byte aligned (a view where it
+    already is, else a copy)."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    rows = x2.shape[0]
+    if x2.stride(-1) != 1 or (rows > 1 and x2.stride(0) != k) or x2.data_ptr() % 16:
+        x2 = torch.empty((rows, k), dtype=x.dtype, device=x.device).copy_(x2)
+    return x2
+
+
+def summed(parts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A decode kernel's `[split, ..., N]` fp32 partial sums for `x [..., K]` as the product in x's dtype (one
+    split: a cast; more: the split-K reduction kernel)."""
+    if parts.shape[0] == 1:
+        return parts[0].to(x.dtype)
+    from qwen3vl_webui.kernels import splitk
+
+    n = parts.shape[-1]
+    return splitk.reduce_partials(parts.reshape(parts.shape[0], -1, n), x.dtype).reshape(*x.shape[:-1], n)
+
+
 def launch(
     func: ctypes.c_void_p, grid: tuple[int, int], threads: int, values: Sequence[Any], device_index: int,
     pdl_mode: int,

@@ -36,7 +36,17 @@ from typing import Any, NamedTuple
 import torch
 
 from qwen3vl_webui.kernels import cuda
-from qwen3vl_webui.kernels.w4_mma import CHUNK, DECODE_ROWS, MAX_ROWS, ROWS_PER_TILE, activation_fragments, n_tiles
+from qwen3vl_webui.kernels.w4_mma import (
+    CHUNK,
+    DECODE_ROWS,
+    MAX_ROWS,
+    ROWS_PER_TILE,
+    MmaConfig,
+    activation_fragments,
+    n_tiles,
+    row_class,
+    swept,
+)
 
 BLOCK = 128  # the block scales' rows and k (kernels/fp8.py)
 GROUPS = (64, 128)  # a group of K (one or two 64-k chunks) shares a scale: 128 where K is whole blocks (the 4B)
@@ -69,18 +79,6 @@ def enabled() -> bool:
     return os.environ.get("QWEN3VL_FP8_MMA", "").strip() != "0"
 
 
-def row_class(rows: int) -> int:
-    return (1, 16, 0, 32)[n_tiles(rows) - 1]
-
-
-class MmaConfig(NamedTuple):
-    """A launch: `warps` a program, `unroll` groups' weights loaded ahead a warp, K split `split` ways."""
-
-    warps: int = 4
-    unroll: int = 1
-    split: int = 1
-
-
 # The 4B's shapes (row class, n, k) -> config: session 30's sweep on one H100 (`bench.quant_check --sections sweep
 # --rows 1,32,8,16 --formats fp8mma`, QWEN3VL_PDL=2, commit 9f2849c; bench/results/h100/s30/f1_mma8.json). At one row,
 # us a layer's product with its consumer against fp8's Triton TUNED pick in the same call: q/k/v 7.92 (10.95), o 6.76
@@ -103,13 +101,8 @@ TUNED: dict[tuple[int, int, int], MmaConfig] = {
 
 
 def configs(n: int, k: int, group: int = 128, rows: int = 1) -> list[MmaConfig]:
-    """The sweep's launch configs for a shape and row count, today's pick first: 4 or 8 warps a program, 1 or 2
-    groups loaded ahead a warp (1 at four n-tiles), K split 1-16 ways (a group for every warp of a split at least)."""
-    groups = k // group
-    default = pick_config(n, k, rows)
-    unrolls = (1, 2) if n_tiles(rows) < 4 else (1,)
-    swept = [MmaConfig(w, u, s) for w in (4, 8) for u in unrolls for s in (1, 2, 4, 8, 16) if groups // s >= w]
-    return [default, *(c for c in swept if c != default)]
+    """The sweep's launch configs for a shape and row count, today's pick first (w4_mma's `swept`)."""
+    return swept(pick_config(n, k, rows), k, group, rows)
 
 
 def pick_config(n: int, k: int, rows: int = 1) -> MmaConfig:
@@ -414,14 +407,6 @@ def wanted(device: Any) -> bool:
 def builds(index: int) -> bool:
     """The GPU runs the kernel and one variant compiles for it and loads (`cuda.builds`), once a process."""
     return cuda.builds(index, lambda: _function(index, torch.bfloat16, 4, 1, 0, 128, 1), __name__)
-    try:
-        _function(index, torch.bfloat16, 4, 1, 0, 128, 1)
-        return True
-    except Exception as exc:  # noqa: BLE001 - any failure to build means: not this kernel
-        import logging
-
-        logging.getLogger(__name__).warning("%s: the CUDA kernel does not build here (%s); the Triton kernels serve", __name__, exc)
-        return False
 
 
 def decodes(x: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -442,25 +427,15 @@ def parts(x: torch.Tensor, words: torch.Tensor, scale_inv: torch.Tensor, dtype: 
     k, n = x.shape[-1], words.shape[0]
     if not decodes(x, dtype):
         return linear(x, words, scale_inv, dtype)[None]
-    x2 = x.reshape(-1, k)
-    rows = x2.shape[0]
-    if x2.stride(-1) != 1 or (rows > 1 and x2.stride(0) != k) or x2.data_ptr() % 16:  # 16-byte-aligned rows
-        x2 = torch.empty((rows, k), dtype=x.dtype, device=x.device).copy_(x2)
-    out = launch(x2, words.view(torch.int32).view(n // 16, k // CHUNK, 2, 32, 4), scale_inv, n)
+    out = launch(cuda.kernel_rows(x), words.view(torch.int32).view(n // 16, k // CHUNK, 2, 32, 4), scale_inv, n)
     return out.reshape(out.shape[0], *x.shape[:-1], n)
 
 
 def linear(x: torch.Tensor, words: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`x [..., K] @ Wᵀ` in x's dtype for a weight in this layout: the kernel's parts summed for a decode product,
     else the weight dequantized to x's dtype and cuBLAS (torch's ops on a CPU)."""
-    n = words.shape[0]
     if decodes(x, dtype):
-        out = parts(x, words, scale_inv, dtype)
-        if out.shape[0] == 1:
-            return out[0].to(x.dtype)
-        from qwen3vl_webui.kernels import splitk
-
-        return splitk.reduce_partials(out.reshape(out.shape[0], -1, n), x.dtype).reshape(*x.shape[:-1], n)
+        return cuda.summed(parts(x, words, scale_inv, dtype), x)
     return torch.nn.functional.linear(x, dequantize(words, scale_inv, dtype, x.dtype))
 
 

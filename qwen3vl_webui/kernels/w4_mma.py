@@ -96,13 +96,17 @@ TUNED: dict[tuple[int, int, int], MmaConfig] = {
 
 
 def configs(n: int, k: int, group: int = 128, rows: int = 1) -> list[MmaConfig]:
-    """The sweep's launch configs for a shape and row count, today's pick first: 4 or 8 warps a program, 1 or 2
-    groups loaded ahead a warp (1 at four n-tiles), K split 1-16 ways (a group for every warp of a split at least)."""
+    """The sweep's launch configs for a shape and row count, today's pick first (`swept`)."""
+    return swept(pick_config(n, k, rows), k, group, rows)
+
+
+def swept(default: MmaConfig, k: int, group: int, rows: int) -> list[MmaConfig]:
+    """`default`, then 4 or 8 warps a program, 1 or 2 groups loaded ahead a warp (1 at four n-tiles), K split 1-16
+    ways (a group for every warp of a split at least): the configs a sweep of a decode kernel times."""
     groups = k // group
-    default = pick_config(n, k, rows)
     unrolls = (1, 2) if n_tiles(rows) < 4 else (1,)
-    swept = [MmaConfig(w, u, s) for w in (4, 8) for u in unrolls for s in (1, 2, 4, 8, 16) if groups // s >= w]
-    return [default, *(c for c in swept if c != default)]
+    configs = [MmaConfig(w, u, s) for w in (4, 8) for u in unrolls for s in (1, 2, 4, 8, 16) if groups // s >= w]
+    return [default, *(c for c in configs if c != default)]
 
 
 def pick_config(n: int, k: int, rows: int = 1) -> MmaConfig:
@@ -432,14 +436,6 @@ def wanted(device: Any) -> bool:
 def builds(index: int) -> bool:
     """The GPU runs the kernel and one variant compiles for it and loads (`cuda.builds`), once a process."""
     return cuda.builds(index, lambda: _function(index, torch.bfloat16, 4, 1, 0, 128, 1), __name__)
-    try:
-        _function(index, torch.bfloat16, 4, 1, 0, 128, 1)
-        return True
-    except Exception as exc:  # noqa: BLE001 - any failure to build means: not this kernel
-        import logging
-
-        logging.getLogger(__name__).warning("%s: the CUDA kernel does not build here (%s); the Triton kernels serve", __name__, exc)
-        return False
 
 
 def decodes(x: torch.Tensor, scale_dtype: torch.dtype) -> bool:
@@ -460,25 +456,15 @@ def parts(x: torch.Tensor, words: torch.Tensor, table: torch.Tensor, scales: tor
     k, n = x.shape[-1], words.shape[0]
     if not decodes(x, scales.dtype):
         return linear(x, words, table, scales, zeros)[None]
-    x2 = x.reshape(-1, k)
-    rows = x2.shape[0]
-    if x2.stride(-1) != 1 or (rows > 1 and x2.stride(0) != k) or x2.data_ptr() % 16:  # 16-byte-aligned rows
-        x2 = torch.empty((rows, k), dtype=x.dtype, device=x.device).copy_(x2)
-    out = launch(x2, words.view(n // 16, k // CHUNK, 32, 4), table, n)
+    out = launch(cuda.kernel_rows(x), words.view(n // 16, k // CHUNK, 32, 4), table, n)
     return out.reshape(out.shape[0], *x.shape[:-1], n)
 
 
 def linear(x: torch.Tensor, words: torch.Tensor, table: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
     """`x [..., K] @ Wᵀ` in x's dtype for a weight in this layout: the kernel's parts summed for a decode product,
     else the weight dequantized to x's dtype and cuBLAS (torch's ops on a CPU)."""
-    n = words.shape[0]
     if decodes(x, scales.dtype):
-        out = parts(x, words, table, scales, zeros)
-        if out.shape[0] == 1:
-            return out[0].to(x.dtype)
-        from qwen3vl_webui.kernels import splitk
-
-        return splitk.reduce_partials(out.reshape(out.shape[0], -1, n), x.dtype).reshape(*x.shape[:-1], n)
+        return cuda.summed(parts(x, words, table, scales, zeros), x)
     weight = dequantize(words, scales, zeros, x.dtype)
     return torch.nn.functional.linear(x, weight)
 
