@@ -227,7 +227,7 @@ for n, k, kind in ((32, 256, torch.bfloat16), (272, 320, torch.float16)):
     q, scale = fp8.quantize_weight(w)
     words = fp8_mma.repack(q, kind).reshape(n, k // 4)
     want = fp8.dequantize_weight(q, scale, torch.float32)
-    got = fp8_mma_triton.dequantize(words, scale, kind, torch.float32)
+    got = fp8_mma_triton.dequantize(words, scale, fp8_mma.BITS[kind], torch.float32)
     out[str(kind)] = float((got - want).abs().max())
 print("RESULTS " + json.dumps(out))
 """

@@ -197,15 +197,12 @@ def test_the_engine_launches_with_pdl_only_for_the_precisions_that_gained_unless
     monkeypatch.delenv("QWEN3VL_PDL", raising=False)
     monkeypatch.setattr(pdl, "available", lambda index: True)
     monkeypatch.setattr(pdl, "_default", pdl.DEFAULT)
-    monkeypatch.setattr(pdl, "_fp8_in_mma_layout", lambda: False)  # fp8 in its own layout (its Triton kernels)
     for precision, expected in (("bf16", pdl.LATE), ("int4", pdl.LATE), ("fp8", pdl.OFF), ("int8wo", pdl.OFF),
                                 ("int4-bnb", pdl.OFF), ("fp16", pdl.LATE)):  # fmt: skip
         assert pdl.use_for(precision) == expected, precision
         assert pdl.args(gpu, "layer") == ({"PDL": expected, "launch_pdl": True} if expected else {}), precision
     # fp8 in kernels/fp8_mma.py's layout gained (session 30): on where its weights took it, as the engine counts
     assert pdl.use_for("fp8", mma_layout=True) == pdl.LATE and pdl.use_for("fp8", mma_layout=False) == pdl.OFF
-    monkeypatch.setattr(pdl, "_fp8_in_mma_layout", lambda: True)  # the probes' guess before the weights load
-    assert pdl.use_for("fp8") == pdl.LATE and pdl.use_for("fp8", mma_layout=False) == pdl.OFF
     monkeypatch.setenv("QWEN3VL_PDL", "1")
     assert pdl.use_for("fp8") == pdl.EARLY and pdl.args(gpu, "fp8") == {"PDL": 1, "launch_pdl": True}
     monkeypatch.setenv("QWEN3VL_PDL", "0")

@@ -232,7 +232,7 @@ def test_fp8_is_refused_on_a_gpu_without_it(monkeypatch: pytest.MonkeyPatch) -> 
         load_model("random-weights:tiny", "fp8", "cuda")  # refused before anything is built on the GPU
 
 
-def test_new_precisions_are_offered_everywhere_a_precision_is_chosen() -> None:
+def test_new_precisions_are_offered_everywhere_a_precision_is_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
     from qwen3vl_webui.cli import parse_settings
     from qwen3vl_webui.engine.batch.compiled import should_compile
     from qwen3vl_webui.weights.loading import quantization_config
@@ -245,11 +245,19 @@ def test_new_precisions_are_offered_everywhere_a_precision_is_chosen() -> None:
     assert quantization_config("int4", "cuda") is None and quantization_config("fp8", "cuda") is None
     assert quantization_config("int4-bnb", "cuda").bnb_4bit_quant_type == "nf4"
     assert compute_dtype("int4", "cuda") == torch.bfloat16 and compute_dtype("fp8", "cpu") == torch.float32
-    # The planner's bytes are the layers' own buffers.
+    # The planner's bytes are the layers' own buffers: in their own layout (the CUDA decode kernels off), and in the
+    # kernels' (on by default where the GPU builds them: int4 adds its scale-and-zero table, fp8 nothing).
     one = planner.ModelShape(1, 1, 1, 2560, 1, quantizable_params=1024 * 2560, other_params=0, quantizable_rows=1024)
     for name in ("int4", "fp8"):
         layer = LAYERS[name].from_linear(torch.nn.Linear(2560, 1024, bias=False))
         held = sum(b.numel() * b.element_size() for b in layer.buffers())
+        monkeypatch.setenv("QWEN3VL_INT4_MMA", "0")
+        monkeypatch.setenv("QWEN3VL_FP8_MMA", "0")
+        assert planner.weight_bytes(one, name) == pytest.approx(held, rel=1e-3), name
+        layer.use_mma_layout() if name == "int4" else layer.use_mma_layout(torch.bfloat16)
+        held = sum(b.numel() * b.element_size() for b in layer.buffers())
+        monkeypatch.delenv("QWEN3VL_INT4_MMA")
+        monkeypatch.delenv("QWEN3VL_FP8_MMA")
         assert planner.weight_bytes(one, name) == pytest.approx(held, rel=1e-3), name
     shape = planner.ModelShape.qwen3vl_4b()
     sizes = {p: planner.weight_bytes(shape, p) for p in ("bf16", "fp8", "int8wo", "int4", "int4-bnb")}

@@ -19,34 +19,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from qwen3vl_webui.kernels import fp8_mma
+from qwen3vl_webui.kernels.fp8_blocks import BLOCK, FP8_MAX, dequantize_weight, quantize_weight  # noqa: F401 (API)
 from qwen3vl_webui.kernels.parts import compiled_product, decode_kernels, rows_of
 
 OP_NAMESPACE = "qwen3vl_webui"
 OP_NAME = "fp8_linear"
-BLOCK = 128
-FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 SKINNY_MAX_ROWS = 64
-
-
-def quantize_weight(weight: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """`weight [N, K]` -> (float8_e4m3fn `[N, K]`, fp32 scale_inv `[ceil(N/B), ceil(K/B)]`): absmax per block."""
-    n, k = weight.shape
-    nb, kb = -(-n // block), -(-k // block)
-    w = weight.detach().to(torch.float32)
-    padded = F.pad(w, (0, kb * block - k, 0, nb * block - n))
-    absmax = padded.reshape(nb, block, kb, block).abs().amax(dim=(1, 3))
-    scale = torch.where(absmax > 0, absmax / FP8_MAX, torch.ones_like(absmax))
-    full = scale.repeat_interleave(block, 0)[:n].repeat_interleave(block, 1)[:, :k]
-    q = (w / full).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q, scale
-
-
-def dequantize_weight(
-    weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.float32, block: int = BLOCK
-) -> torch.Tensor:
-    n, k = weight.shape
-    full = scale_inv.to(torch.float32).repeat_interleave(block, 0)[:n].repeat_interleave(block, 1)[:, :k]
-    return (weight.to(torch.float32) * full).to(dtype)
 
 
 @functools.cache

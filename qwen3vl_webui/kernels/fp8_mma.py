@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 import torch
 
 from qwen3vl_webui.kernels import cuda
+from qwen3vl_webui.kernels.fp8_blocks import BLOCK, dequantize_weight
 from qwen3vl_webui.kernels.w4_mma import (
     CHUNK,
     DECODE_ROWS,
@@ -48,7 +49,6 @@ from qwen3vl_webui.kernels.w4_mma import (
     swept,
 )
 
-BLOCK = 128  # the block scales' rows and k (kernels/fp8.py)
 GROUPS = (64, 128)  # a group of K (one or two 64-k chunks) shares a scale: 128 where K is whole blocks (the 4B)
 
 
@@ -445,9 +445,7 @@ def dequantize(words: torch.Tensor, scale_inv: torch.Tensor, kind: torch.dtype, 
     if words.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
         from qwen3vl_webui.kernels import fp8_mma_triton
 
-        return fp8_mma_triton.dequantize(words, scale_inv, kind, dtype)
-    from qwen3vl_webui.kernels.fp8 import dequantize_weight
-
+        return fp8_mma_triton.dequantize(words, scale_inv, BITS[kind], dtype)
     return dequantize_weight(original(words.view(torch.int32), kind), scale_inv, dtype)
 
 

@@ -45,14 +45,11 @@ def _dequant_kernel(
     tl.store(y_ptr + row.to(tl.int64) * stride_yn + kk, (value * scale).to(y_ptr.dtype.element_ty), mask=ok)
 
 
-def dequantize(words: Any, scale_inv: Any, kind: Any, dtype: Any) -> Any:
-    """words (the weight's `[N, K]` bytes) in fp8_mma's layout for 16-bit kind `kind`, fp32 block scales
-    `[N/128, K/128]` (rounded up) -> `[N, K]` in `dtype`."""
+def dequantize(words: Any, scale_inv: Any, bits: Any, dtype: Any) -> Any:
+    """words (the weight's `[N, K]` bytes) in fp8_mma's layout with its bit moves `bits` (an `fp8_mma.Bits`), fp32
+    block scales `[N/128, K/128]` (rounded up) -> `[N, K]` in `dtype`."""
     import torch
 
-    from qwen3vl_webui.kernels import fp8_mma
-
-    bits = fp8_mma.BITS[kind]
     w = words.view(torch.int32)
     n, k = w.shape[0], w.numel() * 4 // w.shape[0]
     scale_inv = scale_inv.to(torch.float32).contiguous()

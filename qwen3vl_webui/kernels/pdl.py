@@ -74,26 +74,14 @@ def finish(PDL: tl.constexpr):
 
 def use_for(precision: str, mma_layout: bool | None = None) -> int:
     """The engine loaded `precision`: PDL (DEFAULT's mode) where it was measured to gain, else off, unless
-    QWEN3VL_PDL names a mode. fp8 gained in kernels/fp8_mma.py's layout only: `mma_layout` says whether its weights
-    took it (the engine counts them; None: as the loader would decide here, for the probes that run before the
-    weights load). Returns the mode its kernels launch with from now on."""
+    QWEN3VL_PDL names a mode. fp8 gained in kernels/fp8_mma.py's layout only (session 30, H100: 443.2 tok/s with
+    PDL late against 409.6 off at one stream; its Triton kernels had lost): `mma_layout` says whether its weights
+    took it (the engine counts them; the worker's probes before the weights load ask `fp8_mma.wanted`). Returns the
+    mode its kernels launch with from now on."""
     global _default, _one_row
-    if str(precision) == "fp8" and mma_layout is None:
-        mma_layout = _fp8_in_mma_layout()
     gained = str(precision) in MEASURED_GAIN or (str(precision) == "fp8" and bool(mma_layout))
     _default, _one_row = (DEFAULT, ONE_ROW) if gained else (OFF, OFF)
     return mode()
-
-
-def _fp8_in_mma_layout() -> bool:
-    """fp8's weights would take kernels/fp8_mma.py's layout on this GPU (the loader's `fp8_mma.wanted`). Its kernel loads
-    its first weights before the wait, and with it fp8 gained from PDL (session 30, H100: 443.2 tok/s late against
-    409.6 off at one stream), where its Triton kernels had lost."""
-    import torch
-
-    from qwen3vl_webui.kernels import fp8_mma
-
-    return torch.cuda.is_available() and fp8_mma.wanted(torch.device("cuda", torch.cuda.current_device()))
 
 
 @contextlib.contextmanager

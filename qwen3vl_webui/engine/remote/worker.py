@@ -152,7 +152,12 @@ def _start_early_probes(spec: dict[str, Any]) -> None:
 
         options = BatchOptions(**spec["options"])
         prepare_kernels(options, device)
-        pdl.use_for(spec["precision"])  # the probes build the kernels the engine will launch (with PDL or without)
+        mma = None
+        if spec["precision"] == "fp8":  # whether fp8's weights will take kernels/fp8_mma.py's layout (PDL gains there)
+            from qwen3vl_webui.kernels import fp8_mma
+
+            mma = fp8_mma.wanted(device)
+        pdl.use_for(spec["precision"], mma)  # the probes build the kernels the engine will launch (with PDL or without)
         start_early_probes(device, compute_dtype(spec["precision"], device), *shape,
                            decode_kernel=options.decode_kernel, gemv_on=options.gemv is None or bool(options.gemv))  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - the engine probes (and sets up its cache) itself
