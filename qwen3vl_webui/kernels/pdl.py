@@ -12,7 +12,8 @@ that waits holds a program's registers and shared memory on an SM; early suits k
 Measured on H100s (bench/RESULTS.md, sessions 26 and 27; the engine at 1 / 32 streams, PDL off -> late): bf16 270 ->
 279 tok/s and 273 -> 285, int4 379 -> 410 and 393 -> 424 (5,298 -> 5,310 at 32), but fp8 365 -> 333 and 372 -> 353
 at one stream. fp8's loss is in its own kernels (0.99x with them launched without, `QWEN3VL_PDL_SKIP=fp8`), not in
-the zero fill of its atomic GEMV (`splitk.zeros`, ours where PDL is on: it stayed at 0.95x). Early mode gained more
+the zero fill of its atomic GEMV (`splitk.zeros`, ours where PDL is on: it stayed at 0.95x). In kernels/fp8_mma.py's
+layout (its CUDA kernel loads its first weights before the wait) fp8 gains instead: 1.08x at one stream (session 30). Early mode gained more
 at one stream (bf16 1.08x) and lost 1-2% at 32. So the engine turns it on for the precisions where it was measured
 to gain (`use_for`): early in the one-row decode graph, late in the others (`step_rows`: each batch size's graph
 keeps the mode it was captured with; session 28 measured the combination against late everywhere: 1.025x int4 and
