@@ -187,17 +187,24 @@ def test_the_engine_process_starts_the_probes_with_the_engines_own_settings(
     monkeypatch.setattr(graphs, "start_early_probes", lambda *args, **kwargs: order.append(("probes", args, kwargs)))
     from qwen3vl_webui.kernels import pdl
 
-    monkeypatch.setattr(pdl, "use_for", lambda precision: order.append(("pdl", precision)))  # what the probes build
+    monkeypatch.setattr(pdl, "use_for", lambda precision, mma=None: order.append(("pdl", precision, mma)))  # the probes' kernels
     text = AutoConfig.from_pretrained(tiny_checkpoint).text_config
     spec = {"device": "cuda:0", "source": str(tiny_checkpoint), "precision": "int4",
             "options": {"max_batch": 2, "kernel_cache_dir": tmp_path / "triton", "decode_kernel": False}}  # fmt: skip
     worker._start_early_probes(spec)
     assert order == [
         ("cache", tmp_path / "triton", "cuda:0"),
-        ("pdl", "int4"),
+        ("pdl", "int4", None),
         ("probes", ("cuda:0", torch.bfloat16, text.num_attention_heads, text.num_key_value_heads, text.head_dim),
          {"decode_kernel": False, "gemv_on": True}),
     ]  # fmt: skip
+    # fp8: whether its weights will take kernels/fp8_mma.py's layout decides its PDL (it gains there only)
+    from qwen3vl_webui.kernels import fp8_mma
+
+    monkeypatch.setattr(fp8_mma, "wanted", lambda device: device == "cuda:0")
+    order.clear()
+    worker._start_early_probes({**spec, "precision": "fp8"})
+    assert order[1] == ("pdl", "fp8", True)
     order.clear()
     worker._start_early_probes({**spec, "device": "cpu"})  # nothing to probe off CUDA
     worker._start_early_probes({**spec, "source": str(tmp_path / "elsewhere")})  # no config at hand: the engine probes
