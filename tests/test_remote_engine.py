@@ -151,3 +151,28 @@ def test_the_engine_process_imports_neither_scipy_nor_torchvision_unless_told(
     assert seen["1"][:2] == (False, False), seen
     assert seen["0"][:2] == (True, True), seen
     assert seen["1"][2:] == seen["0"][2:] and seen["1"][3] > 0  # the same greedy answer either way
+
+
+def test_a_stream_that_finds_the_engine_dead_reads_why_before_it_gives_up() -> None:
+    """The reader thread puts each stream's reason (`EngineDied`, "stopped unexpectedly") before it marks the
+    process dead; a stream whose wait ran out just then must still raise that reason, not the bare "The generation
+    engine stopped." (a server error at the API: CI saw one under load)."""
+    import queue
+
+    from qwen3vl_webui.engine.batch.requests import EngineClosed, RequestOutput, token_events
+    from qwen3vl_webui.engine.remote.protocol import EngineDied
+
+    mailbox: queue.SimpleQueue = queue.SimpleQueue()
+    seen = []
+
+    def alive() -> bool:  # the wait ran out with the queue empty; meanwhile the reason arrived and the flag went down
+        seen.append(True)
+        mailbox.put(RequestOutput(7, (5, 6), error=EngineDied("The engine stopped unexpectedly while answering")))
+        return False
+
+    events = token_events(mailbox, alive, 0.001)
+    with pytest.raises(EngineDied, match="stopped unexpectedly"):
+        next(events)
+    assert seen == [True]
+    with pytest.raises(EngineClosed):  # nothing in the mailbox and the engine gone: the bare error, as before
+        next(token_events(queue.SimpleQueue(), lambda: False, 0.001))

@@ -213,9 +213,12 @@ def token_events(
         try:
             item = mailbox.get(timeout=poll_s)
         except queue.Empty:
-            if not alive():
+            if alive():
+                continue
+            try:  # what the engine's side put before it was seen dead (the reason it stopped) comes first
+                item = mailbox.get_nowait()
+            except queue.Empty:
                 raise EngineClosed("The generation engine stopped.") from None
-            continue
         new: list[int] = []
         while True:  # drain: a slow reader decodes several tokens at once
             new.extend(item.new_token_ids)

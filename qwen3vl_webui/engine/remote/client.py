@@ -298,12 +298,15 @@ class EngineProcess:
             if proc.poll() is not None:
                 break
         code = proc.wait()
+        if not self._stopping.is_set():
+            # the streams in flight get the reason before they can see the process dead: one that woke in between
+            # ended with "The generation engine stopped." instead (a server error at the API; CI saw it under load)
+            self._fail_all("The engine stopped unexpectedly while answering; it is being restarted. Please send your "
+                           "message again.")  # fmt: skip
         self._dead.set()
         if self._stopping.is_set():
             return
         log.error("the engine process stopped unexpectedly (exit code %s)", code)
-        self._fail_all("The engine stopped unexpectedly while answering; it is being restarted. Please send your "
-                       "message again.")  # fmt: skip
         threading.Thread(target=self.on_death, args=(code,), name="engine-restart", daemon=True).start()
 
     def _handle(self, message: tuple[Any, ...]) -> None:
